@@ -1,0 +1,101 @@
+"""Kafka plumbing shared by the commands, the benchmarks and the tests (confluent-kafka)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    replication_factor: int = 1
+    config: tuple[tuple[str, str], ...] = ()
+
+
+def ensure_topics(
+    client_config: dict[str, Any], topics: Iterable[TopicSpec], timeout: float = 30
+) -> None:
+    """Create the topics that do not exist yet, with their final partition counts.
+
+    Partitions are never added afterwards (Tansu cannot, and adding them would move keys).
+    """
+    admin = AdminClient({**client_config, "log_level": 0})
+    existing = admin.list_topics(timeout=timeout).topics
+    wanted = [
+        NewTopic(t.name, t.partitions, t.replication_factor, config=dict(t.config))
+        for t in topics
+        if t.name not in existing
+    ]
+    if not wanted:
+        return
+    for name, future in admin.create_topics(wanted, operation_timeout=timeout).items():
+        try:
+            future.result(timeout)
+        except KafkaException as exc:
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                raise
+        _wait_for_topic(admin, name, timeout)
+
+
+def _wait_for_topic(admin: AdminClient, name: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        meta = admin.list_topics(topic=name, timeout=timeout).topics.get(name)
+        if meta is not None and meta.error is None and meta.partitions:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"topic {name} did not appear within {timeout} s")
+
+
+def partition_count(client_config: dict[str, Any], topic: str, timeout: float = 10) -> int:
+    admin = AdminClient({**client_config, "log_level": 0})
+    meta = admin.list_topics(topic=topic, timeout=timeout).topics[topic]
+    return len(meta.partitions)
+
+
+def read_topic(
+    client_config: dict[str, Any],
+    topic: str,
+    *,
+    idle_timeout: float = 3.0,
+    max_wait: float = 60.0,
+) -> list[Any]:
+    """Every record of ``topic`` from offset 0, read by a fresh consumer (no group commits).
+
+    Reading from the start once the producers are idle is the reliable way to verify a
+    topic's content on Tansu, whose tailing consumers can skip records under concurrent writes.
+    Returns confluent-kafka ``Message`` objects in (partition, offset) order.
+    """
+    consumer = Consumer(
+        {
+            **client_config,
+            "group.id": f"streamrec-reader-{time.monotonic_ns()}",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "fetch.wait.max.ms": 10,
+            "log_level": 0,
+        }
+    )
+    try:
+        n = partition_count(client_config, topic)
+        consumer.assign([TopicPartition(topic, p, 0) for p in range(n)])
+        records: list[Any] = []
+        start = last = time.monotonic()
+        while time.monotonic() - last < idle_timeout and time.monotonic() - start < max_wait:
+            batch = consumer.consume(num_messages=10_000, timeout=0.2)
+            for msg in batch:
+                if msg.error() is None:
+                    records.append(msg)
+            if batch:
+                last = time.monotonic()
+        records.sort(key=lambda m: (m.partition(), m.offset()))
+        return records
+    finally:
+        consumer.close()

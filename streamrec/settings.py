@@ -1,0 +1,194 @@
+"""One typed settings object for the whole service, grouped by subsystem.
+
+Values come from (highest first): explicit arguments, environment variables with the prefix
+``STREAMREC_`` and ``__`` between levels (``STREAMREC_KAFKA__BOOTSTRAP_SERVERS``), a ``.env``
+file in the working directory, then the defaults below. Invalid values fail at start with a
+message that names the setting (see :func:`load_settings`).
+"""
+
+from __future__ import annotations
+
+import ssl
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class SettingsError(ValueError):
+    """Raised when the configuration is invalid; the message names each bad setting."""
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class KafkaSettings(_Group):
+    """Connection to the Kafka cluster, passed through to confluent-kafka and to Faust."""
+
+    bootstrap_servers: str = Field("127.0.0.1:9092", min_length=1)
+    client_id: str = Field("streamrec", min_length=1, max_length=200)
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+
+    @model_validator(mode="after")
+    def _check_security(self) -> KafkaSettings:
+        uses_sasl = self.security_protocol.startswith("SASL")
+        if uses_sasl and not (self.sasl_mechanism and self.sasl_username and self.sasl_password):
+            raise ValueError(
+                f"security_protocol={self.security_protocol} needs sasl_mechanism, "
+                "sasl_username and sasl_password"
+            )
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: file not found: {path}")
+        return self
+
+    @property
+    def bootstrap_list(self) -> list[str]:
+        return [s.strip() for s in self.bootstrap_servers.split(",") if s.strip()]
+
+    def confluent_config(self) -> dict[str, Any]:
+        """Configuration for confluent-kafka producers, consumers and admin clients."""
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "client.id": self.client_id,
+            "security.protocol": self.security_protocol,
+        }
+        if self.sasl_mechanism:
+            conf["sasl.mechanism"] = self.sasl_mechanism
+            conf["sasl.username"] = self.sasl_username
+            conf["sasl.password"] = (
+                self.sasl_password.get_secret_value() if self.sasl_password else None
+            )
+        if self.ssl_cafile:
+            conf["ssl.ca.location"] = str(self.ssl_cafile)
+        if self.ssl_certfile:
+            conf["ssl.certificate.location"] = str(self.ssl_certfile)
+        if self.ssl_keyfile:
+            conf["ssl.key.location"] = str(self.ssl_keyfile)
+        return conf
+
+    def faust_broker_kwargs(self) -> dict[str, Any]:
+        """``broker`` and ``broker_credentials`` arguments for ``faust.App``."""
+        import faust  # imported lazily: the settings module must stay cheap to import
+
+        kwargs: dict[str, Any] = {
+            "broker": ",".join(f"kafka://{s}" for s in self.bootstrap_list),
+        }
+        ssl_context = None
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            ssl_context = ssl.create_default_context(
+                cafile=str(self.ssl_cafile) if self.ssl_cafile else None
+            )
+            if self.ssl_certfile:
+                ssl_context.load_cert_chain(
+                    str(self.ssl_certfile), str(self.ssl_keyfile) if self.ssl_keyfile else None
+                )
+        if self.sasl_mechanism:
+            password = self.sasl_password.get_secret_value() if self.sasl_password else ""
+            kwargs["broker_credentials"] = faust.SASLCredentials(
+                username=self.sasl_username,
+                password=password,
+                mechanism=self.sasl_mechanism,
+                ssl_context=ssl_context,
+            )
+        elif ssl_context is not None:
+            kwargs["broker_credentials"] = faust.SSLCredentials(ssl_context)
+        return kwargs
+
+
+class TopicSettings(_Group):
+    """Topic names and partition counts (create topics with their final partition count)."""
+
+    clicks: str = Field("streamrec-clicks", min_length=1, max_length=249)
+    recommendations: str = Field("streamrec-recommendations", min_length=1, max_length=249)
+    dead_letter: str = Field("streamrec-dead-letter", min_length=1, max_length=249)
+    partitions: int = Field(4, ge=1, le=1024)
+    replication_factor: int = Field(1, ge=1, le=16)
+
+
+class StateSettings(_Group):
+    """Where worker state lives and how long sessions stay open."""
+
+    directory: Path = Path("var/state")
+    session_gap_seconds: float = Field(1800.0, gt=0)
+    recent_items: int = Field(50, ge=1, le=10_000)
+    recent_sessions: int = Field(10, ge=0, le=1000)
+    sweep_interval_seconds: float = Field(30.0, gt=0)
+
+
+class BatchSettings(_Group):
+    """Micro-batching: up to ``max_events`` events or whatever came within ``max_wait_ms``."""
+
+    max_events: int = Field(256, ge=1, le=65_536)
+    max_wait_ms: float = Field(5.0, ge=0, le=60_000)
+
+
+class ModelSettings(_Group):
+    """Which checkpoint to serve and where to run it."""
+
+    path: Path | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    top_k: int = Field(20, ge=1, le=1000)
+    reload_interval_s: float = Field(30.0, ge=0)
+
+
+class WorkerSettings(_Group):
+    """Identity and ports of a worker process."""
+
+    app_id: str = Field("streamrec", min_length=1, max_length=200)
+    web_port: int = Field(6066, ge=0, le=65_535)
+    metrics_port: int = Field(9108, ge=0, le=65_535)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Settings(BaseSettings):
+    """All settings of a streamrec process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="STREAMREC_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        frozen=True,
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    topics: TopicSettings = TopicSettings()
+    state: StateSettings = StateSettings()
+    batching: BatchSettings = BatchSettings()
+    model: ModelSettings = ModelSettings()
+    worker: WorkerSettings = WorkerSettings()
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "settings"
+        env = "STREAMREC_" + "__".join(str(p) for p in item["loc"]).upper()
+        lines.append(f"{where} ({env}): {item['msg']}")
+    return "invalid settings:\n  " + "\n  ".join(lines)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings, raising :class:`SettingsError` that names every invalid setting."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (read once)."""
+    return load_settings()

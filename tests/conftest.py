@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from streamrec.testing import TEST_BOOTSTRAP_ENV, test_broker
+from streamrec.testing import unique_name as _unique_name
+
+try:
+    import torch
+
+    HAS_CUDA = torch.cuda.is_available()
+except ImportError:  # pragma: no cover - torch is a dependency
+    HAS_CUDA = False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip_gpu = pytest.mark.skip(reason="needs CUDA (runs on the GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    """One broker for the whole test session: the embedded Tansu, or $STREAMREC_TEST_BOOTSTRAP."""
+    with test_broker() as bootstrap:
+        yield bootstrap
+
+
+@pytest.fixture(scope="session")
+def external_broker() -> bool:
+    return bool(os.environ.get(TEST_BOOTSTRAP_ENV))
+
+
+@pytest.fixture
+def unique_name() -> Callable[[str], str]:
+    """Callable giving a unique topic or group name per call."""
+    return _unique_name
