@@ -1,0 +1,286 @@
+"""HRNN: hierarchical recurrent network for personalised session-based recommendation.
+
+Quadrana, Karatzoglou, Hidasi, Cremonesi: "Personalizing Session-based Recommendations with
+Hierarchical Recurrent Neural Networks", RecSys 2017 (official Theano code: mquad/hgru4rec).
+
+A session GRU (GRU4Rec) reads the clicks of a session. When the session ends, its final state
+updates a user-level GRU, ``c_m = GRU_user(s_m, c_{m-1})``, and the next session starts from
+``s_{m+1,0} = dropout(tanh(W_init c_m + b_init))``.
+
+Variants (``variant``):
+- ``init``: the user state only initialises the session state;
+- ``all``: the user state is also an input of the (first) session GRU layer at every step;
+- ``none``: the user path is disabled: sessions start from zeros and nothing reads the user
+  state, which makes the model exactly a GRU4Rec (used as the session-only control).
+
+Option ``user_to_output``: the user state also feeds the output layer (``c W_uy^T`` added to the
+scores).
+
+Deliberate differences from the official code, for the live service: a user's first session starts
+from the learnt initialisation of an empty (zero) user state, ``tanh(b_init)`` (the official code
+starts it from zeros), and every GRU layer of a new session is initialised (layer 0 from the user
+state, deeper layers from zeros, as GRU4Rec resets them).
+
+The session state is the concatenation of all session layers, the user state that of all user
+layers, both ``[B, dim]`` tensors, so the live service stores them as flat vectors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+VARIANTS = ("init", "all", "none")
+
+
+def _init_uniform(t: Tensor) -> None:
+    """Glorot-style uniform init as in the GRU4Rec/HGRU4Rec code: U(-s, s), s = sqrt(6/(in+out))."""
+    fan = t.shape[0] + (t.shape[1] if t.dim() > 1 else 1)
+    s = (6.0 / fan) ** 0.5
+    with torch.no_grad():
+        t.uniform_(-s, s)
+
+
+class HRNN(nn.Module):
+    """Session GRU + user GRU with the streamrec step API (see docs/architecture.md)."""
+
+    def __init__(
+        self,
+        n_items: int,
+        layers: Sequence[int] = (100,),
+        user_layers: Sequence[int] = (100,),
+        embedding: int = 0,
+        variant: str = "init",
+        user_to_output: bool = False,
+        constrained_embedding: bool = False,
+        final_act: str = "linear",
+        elu_param: float = 1.0,
+        dropout_p_embed: float = 0.0,
+        dropout_p_hidden: float = 0.0,
+        dropout_p_user: float = 0.0,
+        dropout_p_init: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        if not layers or not user_layers:
+            raise ValueError("layers and user_layers must be non-empty")
+        self.n_items = int(n_items)
+        self.layers = [int(x) for x in layers]
+        self.user_layers = [int(x) for x in user_layers]
+        self.embedding = int(embedding)
+        self.variant = variant
+        self.user_to_output = bool(user_to_output) and variant != "none"
+        self.dropout_p_embed = float(dropout_p_embed)
+        self.dropout_p_hidden = float(dropout_p_hidden)
+        self.dropout_p_user = float(dropout_p_user)
+        self.dropout_p_init = float(dropout_p_init)
+        self.constrained_embedding = bool(constrained_embedding)
+        if final_act not in ("linear", "tanh", "elu"):
+            raise ValueError(f"final_act must be linear, tanh or elu, got {final_act!r}")
+        self.final_act = final_act
+        self.elu_param = float(elu_param)
+
+        # Item input: the output matrix's rows (constrained), or an embedding table
+        # (embedding=0 means "as wide as the first layer": a one-hot input times W_ih is such a
+        # table, factorised).
+        if self.constrained_embedding:
+            emb_dim = self.layers[-1]
+        else:
+            emb_dim = self.embedding if self.embedding > 0 else self.layers[0]
+            self.E = nn.Parameter(torch.empty(self.n_items, emb_dim))
+        self.user_dim_total = sum(self.user_layers)
+        u_in = self.user_layers[-1] if variant == "all" else 0
+        self.G = nn.ModuleList()
+        for i, h in enumerate(self.layers):
+            in_dim = (emb_dim + u_in) if i == 0 else self.layers[i - 1]
+            self.G.append(nn.GRUCell(in_dim, h))
+        self.Wy = nn.Parameter(torch.empty(self.n_items, self.layers[-1]))
+        self.By = nn.Parameter(torch.zeros(self.n_items, 1))
+        # user level
+        self.U = nn.ModuleList()
+        for i, h in enumerate(self.user_layers):
+            in_dim = self.layers[-1] if i == 0 else self.user_layers[i - 1]
+            self.U.append(nn.GRUCell(in_dim, h))
+        self.W_init = nn.Linear(self.user_layers[-1], self.layers[0])
+        if self.user_to_output:
+            self.Wuy = nn.Parameter(torch.empty(self.n_items, self.user_layers[-1]))
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ setup
+    def reset_parameters(self) -> None:
+        for name, p in self.named_parameters():
+            if name.endswith("bias") or name == "By":
+                nn.init.zeros_(p)
+            else:
+                _init_uniform(p)
+
+    @property
+    def state_dim(self) -> int:
+        return sum(self.layers)
+
+    @property
+    def user_state_dim(self) -> int:
+        return self.user_dim_total
+
+    @property
+    def device(self) -> torch.device:
+        return self.By.device
+
+    def config_dict(self) -> dict[str, Any]:
+        """Arguments that rebuild this model (stored in checkpoints)."""
+        return {
+            "n_items": self.n_items,
+            "layers": list(self.layers),
+            "user_layers": list(self.user_layers),
+            "embedding": self.embedding,
+            "variant": self.variant,
+            "user_to_output": self.user_to_output,
+            "constrained_embedding": self.constrained_embedding,
+            "final_act": self.final_act,
+            "elu_param": self.elu_param,
+            "dropout_p_embed": self.dropout_p_embed,
+            "dropout_p_hidden": self.dropout_p_hidden,
+            "dropout_p_user": self.dropout_p_user,
+            "dropout_p_init": self.dropout_p_init,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> HRNN:
+        return cls(**config)
+
+    # ------------------------------------------------------------ user level
+    def _top_user(self, user_state: Tensor | None, batch_size: int) -> Tensor:
+        if user_state is None:
+            return torch.zeros(batch_size, self.user_layers[-1], device=self.device)
+        return user_state[:, self.user_dim_total - self.user_layers[-1] :]
+
+    def initial_user_state(self, batch_size: int) -> Tensor:
+        """The empty user state (a user with no finished session): zeros."""
+        return torch.zeros(batch_size, self.user_dim_total, device=self.device)
+
+    def initial_state(self, user_state: Tensor | None, batch_size: int) -> Tensor:
+        """Session state at session start: layer 0 = dropout(tanh(W_init c + b_init)), others 0."""
+        state = torch.zeros(batch_size, self.state_dim, device=self.device)
+        if self.variant == "none":
+            return state
+        c = self._top_user(user_state, batch_size)
+        s0 = torch.tanh(self.W_init(c))
+        s0 = nn.functional.dropout(s0, self.dropout_p_init, self.training)
+        if len(self.layers) == 1:
+            return s0
+        return torch.cat([s0, state[:, self.layers[0] :]], dim=1)
+
+    def end_session(self, user_state: Tensor | None, final_state: Tensor) -> Tensor:
+        """User state after a session whose final session state is ``final_state``."""
+        b = final_state.shape[0]
+        if user_state is None:
+            user_state = self.initial_user_state(b)
+        if self.variant == "none":
+            return user_state
+        x = final_state[:, self.state_dim - self.layers[-1] :]
+        out = []
+        off = 0
+        for cell, h in zip(self.U, self.user_layers, strict=True):
+            x = cell(x, user_state[:, off : off + h])
+            x = nn.functional.dropout(x, self.dropout_p_user, self.training)
+            out.append(x)
+            off += h
+        return torch.cat(out, dim=1)
+
+    # ---------------------------------------------------------- session level
+    def embed(self, item_rows: Tensor) -> Tensor:
+        table = self.Wy if self.constrained_embedding else self.E
+        x = table.index_select(0, item_rows)
+        return nn.functional.dropout(x, self.dropout_p_embed, self.training)
+
+    def hidden_step(self, x: Tensor, state: Tensor, user_state: Tensor | None) -> Tensor:
+        """One step of the session GRU stack; returns the new (concatenated) state."""
+        if self.variant == "all":
+            x = torch.cat([x, self._top_user(user_state, x.shape[0])], dim=1)
+        out = []
+        off = 0
+        for cell, h in zip(self.G, self.layers, strict=True):
+            x = cell(x, state[:, off : off + h])
+            x = nn.functional.dropout(x, self.dropout_p_hidden, self.training)
+            out.append(x)
+            off += h
+        return torch.cat(out, dim=1) if len(out) > 1 else out[0]
+
+    def output(self, state: Tensor) -> Tensor:
+        """The vector the output layer reads: the top session layer."""
+        return state[:, self.state_dim - self.layers[-1] :]
+
+    def score_items(
+        self, output: Tensor, user_state: Tensor | None = None, item_rows: Tensor | None = None
+    ) -> Tensor:
+        """Scores ``[B, n]`` of all items, or of ``item_rows`` (e.g. targets + negative samples)."""
+        if item_rows is None:
+            w, b = self.Wy, self.By
+        else:
+            w, b = self.Wy.index_select(0, item_rows), self.By.index_select(0, item_rows)
+        scores = torch.addmm(b.view(1, -1), output, w.T)
+        if self.user_to_output:
+            c = self._top_user(user_state, output.shape[0])
+            wu = self.Wuy if item_rows is None else self.Wuy.index_select(0, item_rows)
+            scores = scores + c @ wu.T
+        if self.final_act == "tanh":
+            return torch.tanh(scores)
+        if self.final_act == "elu":
+            return nn.functional.elu(scores, self.elu_param)
+        return scores
+
+    @classmethod
+    def from_gru4rec(cls, g: nn.Module, **kwargs: Any) -> HRNN:
+        """An HRNN whose session part carries the weights of GRU4Rec ``g`` (user path fresh).
+
+        With ``variant="none"`` the result scores exactly as ``g``. One-hot-input GRU4Rec models
+        (``embedding=0``, not constrained) have no factorised table to copy and are refused.
+        """
+        c = g.config_dict()  # type: ignore[operator]
+        if not c["constrained_embedding"] and not c["embedding"]:
+            raise ValueError("one-hot input GRU4Rec has no HRNN equivalent; use an embedding")
+        m = cls(
+            n_items=c["n_items"],
+            layers=c["layers"],
+            embedding=c["embedding"],
+            constrained_embedding=c["constrained_embedding"],
+            final_act=c["final_act"],
+            elu_param=c["elu_param"],
+            dropout_p_embed=c["dropout_p_embed"],
+            dropout_p_hidden=c["dropout_p_hidden"],
+            **kwargs,
+        )
+        with torch.no_grad():
+            src = dict(g.named_parameters())
+            for name, p in m.named_parameters():
+                if name in src and src[name].shape == p.shape and not name.startswith("G.0."):
+                    p.copy_(src[name])
+            g0 = g.G[0]  # type: ignore[index]
+            m.G[0].weight_hh.copy_(g0.weight_hh)
+            m.G[0].bias_ih.copy_(g0.bias_ih)
+            m.G[0].bias_hh.copy_(g0.bias_hh)
+            w = m.G[0].weight_ih
+            w.zero_()  # the user-state columns ("all") start at zero: no user influence yet
+            w[:, : g0.weight_ih.shape[1]].copy_(g0.weight_ih)
+        return m
+
+    def forward_step(
+        self, item_rows: Tensor, state: Tensor, user_state: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """Training step without scoring: (new_state, output vector); rows < 0 keep their state."""
+        known = item_rows >= 0
+        x = self.embed(item_rows.clamp(min=0))
+        new = self.hidden_step(x, state, user_state)
+        new = torch.where(known.unsqueeze(1), new, state)
+        return new, self.output(new)
+
+    def step(
+        self, item_rows: Tensor, state: Tensor, user_state: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """The step API: (new_state, scores over all items)."""
+        new, out = self.forward_step(item_rows, state, user_state)
+        return new, self.score_items(out, user_state)

@@ -1,0 +1,238 @@
+"""p-RNN: parallel recurrent networks over item ids and item features.
+
+Hidasi, Quadrana, Karatzoglou, Tikk: "Parallel Recurrent Neural Network Architectures for
+Feature-rich Session-based Recommendations", RecSys 2016.
+
+One GRU subnet reads the item-id input (an embedding), one more reads each item feature vector
+(the feature matrices are buffers of the model, looked up by item row, so a checkpoint carries
+them). The subnets' hidden states are concatenated, each optionally multiplied by a fixed weight,
+before the output layer. The output layer on the concatenation is kept as one block per subnet
+(``Wy.<k>``), so ``scores = sum_k w_k h_k Wy_k^T + By`` — the same function, and it lets the
+training schedules freeze one subnet together with its part of the output layer.
+
+Architectures (``arch``):
+- ``id``: the id subnet only (GRU4Rec);
+- ``feature``: the feature subnets only;
+- ``parallel``: id subnet + feature subnets;
+- ``concat``: the naive baseline, one GRU over ``[embedding(item); features(item)...]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from trainer.models.hrnn import _init_uniform
+
+ARCHS = ("id", "feature", "parallel", "concat")
+
+
+class PRNN(nn.Module):
+    """Parallel GRU subnets (id + features) with the streamrec step API."""
+
+    def __init__(
+        self,
+        n_items: int,
+        feature_dims: Sequence[int] = (),
+        arch: str = "parallel",
+        id_hidden: int = 100,
+        feature_hidden: int | Sequence[int] = 100,
+        embedding: int = 0,
+        subnet_weights: Sequence[float] | None = None,
+        feature_names: Sequence[str] | None = None,
+        dropout_p_embed: float = 0.0,
+        dropout_p_hidden: float = 0.0,
+        feature_values: Sequence[Tensor] | None = None,
+    ) -> None:
+        super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+        self.n_items = int(n_items)
+        self.arch = arch
+        self.feature_dims = [int(d) for d in feature_dims]
+        if arch != "id" and not self.feature_dims:
+            raise ValueError(f"arch {arch!r} needs at least one feature matrix")
+        if arch == "id":
+            self.feature_dims = []
+        nf = len(self.feature_dims)
+        self.feature_names = list(feature_names or [f"f{i}" for i in range(nf)])[:nf]
+        self.id_hidden = int(id_hidden)
+        fh = [int(feature_hidden)] * nf if isinstance(feature_hidden, int) else list(feature_hidden)
+        if len(fh) != nf:
+            raise ValueError("feature_hidden needs one size per feature matrix")
+        self.feature_hidden = fh
+        self.embedding = int(embedding)
+        self.dropout_p_embed = float(dropout_p_embed)
+        self.dropout_p_hidden = float(dropout_p_hidden)
+
+        for i, d in enumerate(self.feature_dims):
+            self.register_buffer(f"feat_{i}", torch.zeros(self.n_items, d))
+        if feature_values is not None and self.feature_dims:
+            self.set_features(feature_values)
+
+        emb_dim = self.embedding if self.embedding > 0 else self.id_hidden
+        # subnets: names and hidden sizes, in state order
+        self.subnets: list[str] = []
+        sizes: list[int] = []
+        self.G = nn.ModuleDict()
+        if arch in ("id", "parallel", "concat"):
+            self.E = nn.Embedding(self.n_items, emb_dim)
+        if arch in ("id", "parallel"):
+            self.subnets.append("id")
+            sizes.append(self.id_hidden)
+            self.G["id"] = nn.GRUCell(emb_dim, self.id_hidden)
+        if arch in ("feature", "parallel"):
+            for i, d in enumerate(self.feature_dims):
+                self.subnets.append(f"f{i}")
+                sizes.append(fh[i])
+                self.G[f"f{i}"] = nn.GRUCell(d, fh[i])
+        if arch == "concat":
+            self.subnets.append("concat")
+            sizes.append(self.id_hidden)
+            self.G["concat"] = nn.GRUCell(emb_dim + sum(self.feature_dims), self.id_hidden)
+        self.sizes = sizes
+        w = (
+            [1.0] * len(self.subnets)
+            if subnet_weights is None
+            else [float(x) for x in subnet_weights]
+        )
+        if len(w) != len(self.subnets):
+            raise ValueError(f"subnet_weights needs {len(self.subnets)} values ({self.subnets})")
+        self.subnet_weights = w
+        self.register_buffer("w", torch.tensor(w), persistent=False)
+        self.Wy = nn.ModuleDict(
+            {k: nn.Embedding(self.n_items, h) for k, h in zip(self.subnets, sizes, strict=True)}
+        )
+        self.By = nn.Embedding(self.n_items, 1)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for name, p in self.named_parameters():
+            if name.endswith("bias") or name == "By.weight":
+                nn.init.zeros_(p)
+            else:
+                _init_uniform(p)
+
+    def set_features(self, values: Sequence[Tensor]) -> None:
+        """Copy feature matrices (``[n_items, dim]`` each, in ``feature_dims`` order) in."""
+        if len(values) != len(self.feature_dims):
+            raise ValueError(
+                f"expected {len(self.feature_dims)} feature matrices, got {len(values)}"
+            )
+        for i, v in enumerate(values):
+            buf = getattr(self, f"feat_{i}")
+            v = torch.as_tensor(v, dtype=buf.dtype)
+            if tuple(v.shape) != tuple(buf.shape):
+                raise ValueError(f"feature {i}: shape {tuple(v.shape)} != {tuple(buf.shape)}")
+            buf.copy_(v)
+
+    # ------------------------------------------------------------- contract
+    @property
+    def state_dim(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def user_state_dim(self) -> int:
+        return 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.By.weight.device
+
+    def config_dict(self) -> dict[str, Any]:
+        return {
+            "n_items": self.n_items,
+            "feature_dims": list(self.feature_dims),
+            "arch": self.arch,
+            "id_hidden": self.id_hidden,
+            "feature_hidden": list(self.feature_hidden),
+            "embedding": self.embedding,
+            "subnet_weights": list(self.subnet_weights),
+            "feature_names": list(self.feature_names),
+            "dropout_p_embed": self.dropout_p_embed,
+            "dropout_p_hidden": self.dropout_p_hidden,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> PRNN:
+        return cls(**config)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters per subnet (its input, GRU and output block).
+
+        The shared output bias belongs to the id subnet where there is one, else to the first
+        subnet: the residual schedule fixes it with the id subnet.
+        """
+        groups: dict[str, list[nn.Parameter]] = {k: [] for k in self.subnets}
+        for k in self.subnets:
+            groups[k] += list(self.G[k].parameters()) + list(self.Wy[k].parameters())
+        if "id" in groups:
+            groups["id"].append(self.E.weight)
+        if "concat" in groups:
+            groups["concat"].append(self.E.weight)
+        groups[self.subnets[0]].append(self.By.weight)
+        return groups
+
+    def initial_user_state(self, batch_size: int) -> None:
+        return None
+
+    def initial_state(self, user_state: Tensor | None, batch_size: int) -> Tensor:
+        return torch.zeros(batch_size, self.state_dim, device=self.device)
+
+    def end_session(self, user_state: Tensor | None, final_state: Tensor) -> Tensor | None:
+        return user_state
+
+    # ------------------------------------------------------------- compute
+    def _inputs(self, rows: Tensor) -> dict[str, Tensor]:
+        drop = self.dropout_p_embed
+        feats = [getattr(self, f"feat_{i}")[rows] for i in range(len(self.feature_dims))]
+        xs: dict[str, Tensor] = {}
+        if "id" in self.subnets or "concat" in self.subnets:
+            e = self.E(rows)
+            if "concat" in self.subnets:
+                xs["concat"] = nn.functional.dropout(torch.cat([e, *feats], 1), drop, self.training)
+            else:
+                xs["id"] = nn.functional.dropout(e, drop, self.training)
+        for i, f in enumerate(feats):
+            if f"f{i}" in self.subnets:
+                xs[f"f{i}"] = nn.functional.dropout(f, drop, self.training)
+        return xs
+
+    def split_state(self, state: Tensor) -> dict[str, Tensor]:
+        return dict(zip(self.subnets, state.split(self.sizes, dim=1), strict=True))
+
+    def forward_step(
+        self, item_rows: Tensor, state: Tensor, user_state: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(new_state, output); rows < 0 keep their state. Output = the new state."""
+        known = item_rows >= 0
+        xs = self._inputs(item_rows.clamp(min=0))
+        hs = self.split_state(state)
+        new = []
+        for k in self.subnets:
+            h = self.G[k](xs[k], hs[k])
+            new.append(nn.functional.dropout(h, self.dropout_p_hidden, self.training))
+        out = torch.cat(new, 1) if len(new) > 1 else new[0]
+        out = torch.where(known.unsqueeze(1), out, state)
+        return out, out
+
+    def score_items(
+        self, output: Tensor, user_state: Tensor | None = None, item_rows: Tensor | None = None
+    ) -> Tensor:
+        """Scores of all items (or of ``item_rows``) from the concatenated hidden states."""
+        hs = self.split_state(output)
+        b = self.By.weight if item_rows is None else self.By(item_rows)
+        scores = b.T.expand(output.shape[0], -1)
+        for j, k in enumerate(self.subnets):
+            w = self.Wy[k].weight if item_rows is None else self.Wy[k](item_rows)
+            scores = scores + self.w[j] * (hs[k] @ w.T)
+        return scores
+
+    def step(
+        self, item_rows: Tensor, state: Tensor, user_state: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        new, out = self.forward_step(item_rows, state, user_state)
+        return new, self.score_items(out)
