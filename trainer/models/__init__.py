@@ -1,0 +1,26 @@
+"""Model registry: checkpoints name their model class here and are rebuilt through it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from trainer.models.gru4rec import GRU4Rec, GRU4RecConfig
+
+MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    "gru4rec": GRU4Rec,
+}
+
+
+def build_model(name: str, config: dict[str, Any]) -> nn.Module:
+    """Instantiate a registered model from its ``config_dict()``."""
+    try:
+        cls = MODEL_REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(MODEL_REGISTRY))
+        raise ValueError(f"unknown model {name!r} (known: {known})") from None
+    return cls.from_config(dict(config))  # type: ignore[attr-defined]
+
+
+__all__ = ["MODEL_REGISTRY", "GRU4Rec", "GRU4RecConfig", "build_model"]

@@ -1,0 +1,276 @@
+"""GRU4Rec (Hidasi et al. 2016; Hidasi & Karatzoglou 2018) as a plain ``nn.Module``.
+
+The structure follows the official PyTorch implementation (hidasib/GRU4Rec_PyTorch_Official):
+
+* input: one-hot (``embedding=0``: the first GRU layer reads an item row of its own
+  ``[n_items, 3*h]`` input matrix), a separate embedding (``embedding>0``), or the output
+  matrix itself (``constrained_embedding``: the input embedding of an item is its row of ``Wy``);
+* ``nn.GRUCell`` layers, dropout on the input (``dropout_p_embed``) and after every layer
+  (``dropout_p_hidden``); as in the official code the dropped-out output is the state that is
+  carried to the next step during training;
+* scores ``h @ Wy[items].T + By[items]`` followed by the final activation;
+* initialisation as the official code's default (compatibility) mode: every gate block
+  uniform in ``±sqrt(6 / (fan_in + fan_out))``, biases zero.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+FINAL_ACTS = ("linear", "tanh", "elu")
+
+
+@dataclass
+class GRU4RecConfig:
+    """Everything needed to rebuild a GRU4Rec model (stored in checkpoints)."""
+
+    n_items: int
+    layers: list[int] = field(default_factory=lambda: [100])
+    embedding: int = 0
+    constrained_embedding: bool = True
+    dropout_p_embed: float = 0.0
+    dropout_p_hidden: float = 0.0
+    final_act: str = "linear"
+    elu_param: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.layers = [int(x) for x in self.layers]
+        if self.n_items < 1:
+            raise ValueError(f"n_items must be >= 1, got {self.n_items}")
+        if not self.layers or any(h < 1 for h in self.layers):
+            raise ValueError(
+                f"layers must be a non-empty list of positive sizes, got {self.layers}"
+            )
+        if self.embedding < 0:
+            raise ValueError(f"embedding must be >= 0, got {self.embedding}")
+        for name in ("dropout_p_embed", "dropout_p_hidden"):
+            p = getattr(self, name)
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {p}")
+        if self.final_act not in FINAL_ACTS:
+            raise ValueError(f"final_act must be one of {FINAL_ACTS}, got {self.final_act!r}")
+
+
+def _uniform_blocks(t: Tensor, n_blocks: int, gen: torch.Generator | None, dim: int) -> None:
+    """Uniform init of ``n_blocks`` equal blocks along ``dim``, each with its own Glorot range."""
+    with torch.no_grad():
+        for block in t.chunk(n_blocks, dim=dim):
+            sigma = math.sqrt(6.0 / (block.shape[0] + block.shape[1]))
+            block.copy_(torch.rand(block.shape, generator=gen) * 2 * sigma - sigma)
+
+
+class OneHotGRU(nn.Module):
+    """First GRU layer reading one-hot items: an item's input projection is one row of ``Wx``.
+
+    Gate layout follows the official ``GRUEmbedding``: chunks (candidate, reset, update).
+    """
+
+    def __init__(self, n_items: int, hidden: int) -> None:
+        super().__init__()
+        self.Wx = nn.Parameter(torch.empty(n_items, 3 * hidden))
+        self.Wh = nn.Parameter(torch.empty(hidden, 3 * hidden))
+        self.Bh = nn.Parameter(torch.zeros(3 * hidden))
+
+    def cell(self, vx: Tensor, h: Tensor) -> Tensor:
+        """One step from the gathered input rows ``vx`` [B, 3h] and the state ``h`` [B, h]."""
+        vx = vx + self.Bh
+        vh = h @ self.Wh
+        vx_x, vx_r, vx_z = vx.chunk(3, 1)
+        vh_x, vh_r, vh_z = vh.chunk(3, 1)
+        r = torch.sigmoid(vx_r + vh_r)
+        z = torch.sigmoid(vx_z + vh_z)
+        cand = torch.tanh(r * vh_x + vx_x)
+        return (1.0 - z) * h + z * cand
+
+
+class GRU4Rec(nn.Module):
+    """Session-based GRU recommender with the serving step API of docs/architecture.md."""
+
+    user_state_dim = 0
+
+    def __init__(self, config: GRU4RecConfig | dict[str, Any], seed: int | None = None) -> None:
+        super().__init__()
+        if isinstance(config, dict):
+            config = GRU4RecConfig(**config)
+        self.config = config
+        c = config
+        self.n_items = c.n_items
+        self.layers = list(c.layers)
+        self.state_dim = sum(self.layers)
+        self.onehot = not c.constrained_embedding and c.embedding == 0
+        if c.constrained_embedding:
+            n_input = self.layers[-1]
+        elif c.embedding:
+            self.E = nn.Parameter(torch.empty(c.n_items, c.embedding))
+            n_input = c.embedding
+        else:
+            self.GE = OneHotGRU(c.n_items, self.layers[0])
+            n_input = 0
+        first = 1 if self.onehot else 0
+        cells = []
+        for i in range(first, len(self.layers)):
+            cells.append(nn.GRUCell(self.layers[i - 1] if i > 0 else n_input, self.layers[i]))
+        self.G = nn.ModuleList(cells)
+        self.Wy = nn.Parameter(torch.empty(c.n_items, self.layers[-1]))
+        self.By = nn.Parameter(torch.zeros(c.n_items, 1))
+        self.reset_parameters(seed)
+
+    # ------------------------------------------------------------------ construction
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Official (compatibility-mode) initialisation; seeded when ``seed`` is given."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        dev = self.Wy.device
+        with torch.no_grad():
+            if hasattr(self, "E"):
+                e = torch.empty(self.E.shape)
+                _uniform_blocks(e, 1, gen, 0)
+                self.E.copy_(e.to(dev))
+            if self.onehot:
+                for p, nb in ((self.GE.Wx, 3), (self.GE.Wh, 3)):
+                    t = torch.empty(p.shape)
+                    _uniform_blocks(t, nb, gen, 1)
+                    p.copy_(t.to(dev))
+                self.GE.Bh.zero_()
+            for g in self.G:
+                for p in (g.weight_ih, g.weight_hh):
+                    t = torch.empty(p.shape)
+                    _uniform_blocks(t, 3, gen, 0)
+                    p.copy_(t.to(dev))
+                g.bias_ih.zero_()
+                g.bias_hh.zero_()
+            w = torch.empty(self.Wy.shape)
+            _uniform_blocks(w, 1, gen, 0)
+            self.Wy.copy_(w.to(dev))
+            self.By.zero_()
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], seed: int | None = None) -> GRU4Rec:
+        return cls(GRU4RecConfig(**config), seed=seed)
+
+    def config_dict(self) -> dict[str, Any]:
+        return asdict(self.config)
+
+    def sparse_tables(self) -> list[nn.Parameter]:
+        """Item-indexed matrices that training updates row-wise (sparse)."""
+        tabs = [self.Wy, self.By]
+        if hasattr(self, "E"):
+            tabs.append(self.E)
+        if self.onehot:
+            tabs.append(self.GE.Wx)
+        return tabs
+
+    # ------------------------------------------------------------------ the split step
+    def embed(self, item_rows: Tensor) -> Tensor:
+        """Input representation of items: their embedding, or (one-hot) their ``Wx`` rows."""
+        if self.config.constrained_embedding:
+            return self.Wy.index_select(0, item_rows)
+        if self.config.embedding:
+            return self.E.index_select(0, item_rows)
+        return self.GE.Wx.index_select(0, item_rows)
+
+    def hidden_step(self, x: Tensor, hidden: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """Advance all GRU layers by one event; returns (last layer output, new hidden list).
+
+        ``x`` is what :meth:`embed` returned.  Dropout is applied in training mode only.
+        """
+        c = self.config
+        training = self.training
+        new: list[Tensor] = []
+        if self.onehot:
+            h = self.GE.cell(x, hidden[0])
+            if training and c.dropout_p_embed > 0:
+                h = F.dropout(h, c.dropout_p_embed, True)
+            new.append(h)
+            x = h
+        elif training and c.dropout_p_embed > 0:
+            x = F.dropout(x, c.dropout_p_embed, True)
+        offset = len(new)
+        for i, cell in enumerate(self.G):
+            x = cell(x, hidden[offset + i])
+            if training and c.dropout_p_hidden > 0:
+                x = F.dropout(x, c.dropout_p_hidden, True)
+            new.append(x)
+        return x, new
+
+    def final_activation(self, scores: Tensor) -> Tensor:
+        act = self.config.final_act
+        if act == "tanh":
+            return torch.tanh(scores)
+        if act == "elu":
+            return F.elu(scores, self.config.elu_param)
+        return scores
+
+    def score_items(self, output: Tensor, item_rows: Tensor | None = None) -> Tensor:
+        """Scores [B, n_items] of all items, or [B, len(item_rows)] of a subset."""
+        if item_rows is None:
+            scores = torch.addmm(self.By.view(1, -1), output, self.Wy.t())
+        else:
+            w = self.Wy.index_select(0, item_rows)
+            b = self.By.index_select(0, item_rows).view(1, -1)
+            scores = torch.addmm(b, output, w.t())
+        return self.final_activation(scores)
+
+    def forward(
+        self, item_rows: Tensor, hidden: list[Tensor], target_rows: Tensor | None = None
+    ) -> tuple[Tensor, list[Tensor]]:
+        out, hidden = self.hidden_step(self.embed(item_rows), hidden)
+        return self.score_items(out, target_rows), hidden
+
+    # ------------------------------------------------------------------ training forward
+    def train_forward(
+        self, in_rows: Tensor, out_rows: Tensor, hidden: list[Tensor]
+    ) -> tuple[Tensor, list[Tensor], list[tuple[nn.Parameter, Tensor, Tensor]]]:
+        """Forward for sampled training with row-sparse item matrices.
+
+        The needed item rows are gathered once into fresh leaf tensors so that their gradients
+        arrive per gathered row (no dense ``n_items``-sized gradient); the caller hands the
+        returned ``(table, rows, leaf)`` triples to the sparse optimiser after ``backward``.
+        """
+        leaves: list[tuple[nn.Parameter, Tensor, Tensor]] = []
+
+        def gather(table: nn.Parameter, rows: Tensor) -> Tensor:
+            leaf = table.detach().index_select(0, rows).requires_grad_(True)
+            leaves.append((table, rows, leaf))
+            return leaf
+
+        n_in = in_rows.shape[0]
+        if self.config.constrained_embedding:
+            both = gather(self.Wy, torch.cat([in_rows, out_rows]))
+            x, w = both[:n_in], both[n_in:]
+        else:
+            x = gather(self.E if self.config.embedding else self.GE.Wx, in_rows)
+            w = gather(self.Wy, out_rows)
+        b = gather(self.By, out_rows).view(1, -1)
+        out, hidden = self.hidden_step(x, hidden)
+        scores = self.final_activation(torch.addmm(b, out, w.t()))
+        return scores, hidden, leaves
+
+    # ------------------------------------------------------------------ step API
+    def split_state(self, state: Tensor) -> list[Tensor]:
+        return list(state.split(self.layers, dim=1))
+
+    def initial_user_state(self, batch_size: int) -> Tensor | None:
+        return None
+
+    def initial_state(self, user_state: Tensor | None, batch_size: int) -> Tensor:
+        return torch.zeros(batch_size, self.state_dim, device=self.Wy.device, dtype=self.Wy.dtype)
+
+    def step(
+        self, item_rows: Tensor, state: Tensor, user_state: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """One event for each of B sessions; ``item_rows < 0`` leaves that row's state as is."""
+        known = item_rows >= 0
+        rows = item_rows.clamp(min=0)
+        _, hidden = self.hidden_step(self.embed(rows), self.split_state(state))
+        new_state = torch.where(known.unsqueeze(1), torch.cat(hidden, dim=1), state)
+        out = new_state[:, self.state_dim - self.layers[-1] :]
+        return new_state, self.score_items(out)
+
+    def end_session(self, user_state: Tensor | None, final_state: Tensor) -> Tensor | None:
+        return user_state
