@@ -1,0 +1,425 @@
+"""The pipeline core: decode -> load states -> model step -> store -> emit. No Kafka here.
+
+The Faust agent, the replay harness and the tests all call :func:`process_batch` with a
+list of :class:`Record` and a :class:`~streamrec.state.StateStore` (Faust tables or dicts).
+
+Semantics (see docs/design notes):
+
+* Events are grouped by key (user id, else session id) and applied in arrival (offset)
+  order. The batch is cut into *rounds*: round r holds the r-th event of every key, so a key
+  appears at most once per model step and its events are never reordered.
+* A click ends the key's open session when its session id differs, or when its event time is
+  more than ``session_gap_seconds`` after the session's last event; a ``session_end`` event
+  ends it explicitly. Ending advances the user state (``end_session``; HRNN) and deletes the
+  session state.
+* Effectively-once: every state records the partition/offset of the last event applied to it
+  (the user state that of the event that last advanced it). An event at or below that offset
+  is a duplicate (a redelivery after a crash) and is not applied again.
+* Duplicates are still answered, so every click gets at least one recommendation after a
+  crash: the scores come from the current state without advancing it. When the duplicate is
+  the last event applied to the state (the usual case: the worker died after storing but
+  before its output was committed) that is exactly the original recommendation. The output
+  carries ``click_id`` and ``duplicate: true`` so consumers can drop repeats.
+* Unknown items leave the hidden state unchanged (row -1 in the step API), still get a
+  recommendation from the unchanged state, are appended to the session's recent items (so a
+  later model that knows them re-encodes them) and are reported in ``unknown_items``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter, deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .events import MAX_MESSAGE_BYTES, ClickEvent, DeadLetter, decode
+from .runtime import ServingModel
+from .state import SessionState, StateStore, UserState
+
+
+@dataclass(frozen=True)
+class CoreConfig:
+    """Knobs of the core (built from ``Settings`` by the worker)."""
+
+    session_gap_seconds: float = 1800.0
+    recent_items: int = 50
+    recent_sessions: int = 10
+    top_k: int = 20
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    #: Drop user states idle longer than this in the sweep (None: keep forever).
+    user_ttl_seconds: float | None = 90 * 24 * 3600.0
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> CoreConfig:
+        st = settings.state
+        return cls(
+            session_gap_seconds=st.session_gap_seconds,
+            recent_items=st.recent_items,
+            recent_sessions=getattr(st, "recent_sessions", 10),
+            top_k=settings.model.top_k,
+            user_ttl_seconds=getattr(st, "user_ttl_seconds", cls.user_ttl_seconds),
+        )
+
+
+@dataclass
+class Record:
+    """One consumed message. ``timestamp``/``received_at`` are epoch seconds."""
+
+    value: bytes | None
+    key: bytes | None = None
+    topic: str = ""
+    partition: int = 0
+    offset: int = -1
+    timestamp: float | None = None
+    received_at: float | None = None
+
+
+@dataclass
+class BatchResult:
+    recommendations: list[dict[str, Any]] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    #: (item_id, click_id) of clicks on items the model does not know.
+    unknown_items: list[tuple[str, str]] = field(default_factory=list)
+    stats: Counter[str] = field(default_factory=Counter)
+    model_seconds: float = 0.0
+    model_version: str = ""
+
+    def recommendation_values(self) -> list[tuple[bytes, bytes]]:
+        """(key, JSON value) pairs ready to publish."""
+        return [
+            ((r["user_id"] or r["session_id"]).encode(), json.dumps(r).encode())
+            for r in self.recommendations
+        ]
+
+
+class StreamClock:
+    """Event-time clock for the idle sweep: the newest event time seen, advanced by wall time
+    since it was seen (so historical replays sweep in their own time, live traffic in real
+    time)."""
+
+    def __init__(self) -> None:
+        self.event_time: float | None = None
+        self.wall_at: float = time.time()
+
+    def observe(self, t: float) -> None:
+        if self.event_time is None or t > self.now():
+            self.event_time = t
+            self.wall_at = time.time()
+
+    def now(self) -> float:
+        if self.event_time is None:
+            return time.time()
+        return self.event_time + (time.time() - self.wall_at)
+
+
+@dataclass
+class _Key:
+    """Working copy of one key's states during a batch."""
+
+    sess: SessionState | None
+    user: UserState | None
+    sess_dirty: bool = False
+    sess_deleted: bool = False
+    user_dirty: bool = False
+
+
+def _click_id(ev: ClickEvent, rec: Record) -> str:
+    return ev.event_id or f"{rec.topic}:{rec.partition}:{rec.offset}"
+
+
+def _is_dup(pos_partition: int, pos_offset: int, rec: Record) -> bool:
+    return rec.offset >= 0 and pos_partition == rec.partition and rec.offset <= pos_offset
+
+
+def _migrate(k: _Key, model: ServingModel, stats: Counter[str]) -> None:
+    """Re-encode states made under other weights from their stored item ids."""
+    if k.user is not None and (
+        k.user.version != model.version or k.user.context.size != model.user_state_dim
+    ):
+        k.user.context = model.encode_user(k.user.sessions)
+        k.user.version = model.version
+        k.user_dirty = True
+        stats["users_migrated"] += 1
+    if k.sess is not None and (
+        k.sess.version != model.version or k.sess.hidden.size != model.state_dim
+    ):
+        ctx = k.user.context if k.user is not None else None
+        if ctx is None and model.user_state_dim:
+            ctx = model.initial_user_states(1)[0]
+        k.sess.hidden = model.encode_session(k.sess.recent_items, ctx)
+        k.sess.version = model.version
+        k.sess_dirty = True
+        stats["sessions_migrated"] += 1
+
+
+def _user_ctx(keys: Sequence[_Key], model: ServingModel) -> np.ndarray:
+    out = np.zeros((len(keys), model.user_state_dim), dtype=np.float32)
+    if model.user_state_dim == 0:
+        return out
+    missing = [i for i, k in enumerate(keys) if k.user is None]
+    if missing:
+        out[missing] = model.initial_user_states(len(missing))
+    for i, k in enumerate(keys):
+        if k.user is not None:
+            out[i] = k.user.context
+    return out
+
+
+def _end_sessions(
+    ks: Sequence[tuple[str, _Key]],
+    model: ServingModel,
+    config: CoreConfig,
+    positions: Sequence[tuple[int, int]],
+    stats: Counter[str],
+) -> None:
+    """End the open session of each key: advance/record the user state, delete the session."""
+    if not ks:
+        return
+    keys = [k for _, k in ks]
+    finals = np.stack([k.sess.hidden for k in keys]).astype(np.float32, copy=False)
+    users = model.end_session(_user_ctx(keys, model), finals)
+    for i, (key, k) in enumerate(ks):
+        s = k.sess
+        assert s is not None
+        if s.user_id is not None:
+            if k.user is None:
+                k.user = UserState(s.user_id, users[i], model.version)
+            k.user.context = users[i].copy()
+            k.user.version = model.version
+            k.user.push_session(s.recent_items, config.recent_sessions)
+            part, off = positions[i]
+            if part == k.user.partition or k.user.offset < 0:
+                k.user.offset = max(k.user.offset, off)
+            else:
+                k.user.offset = off
+            k.user.partition = part
+            k.user.last_time = max(k.user.last_time, s.last_time)
+            k.user_dirty = True
+        del key
+        k.sess = None
+        k.sess_deleted = True
+        k.sess_dirty = False
+        stats["sessions_ended"] += 1
+
+
+def process_batch(
+    records: Sequence[Record],
+    store: StateStore,
+    model: ServingModel,
+    config: CoreConfig = CoreConfig(),
+    *,
+    clock: StreamClock | None = None,
+    now: float | None = None,
+) -> BatchResult:
+    """Apply a batch of raw click records to the states and return what to publish."""
+    t_start = time.time()
+    now = t_start if now is None else now
+    res = BatchResult(model_version=model.version)
+    stats = res.stats
+    stats["records"] += len(records)
+
+    # 1. decode; group by key keeping arrival order
+    queues: dict[str, deque[tuple[Record, ClickEvent, float]]] = {}
+    for rec in records:
+        ev = decode(
+            rec.value,
+            max_bytes=config.max_message_bytes,
+            topic=rec.topic,
+            partition=rec.partition,
+            offset=rec.offset,
+            key=rec.key,
+        )
+        if isinstance(ev, DeadLetter):
+            res.dead_letters.append(ev)
+            stats[f"dead_letter:{ev.reason}"] += 1
+            continue
+        t = ev.timestamp if ev.timestamp is not None else (rec.timestamp or now)
+        if clock is not None:
+            clock.observe(t)
+        queues.setdefault(ev.key, deque()).append((rec, ev, t))
+    stats["dead_letters"] += len(res.dead_letters)
+    if not queues:
+        return res
+
+    # 2. load states, one pass; re-encode those made by other weights
+    work: dict[str, _Key] = {}
+    for key in queues:
+        k = _Key(store.get_session(key), store.get_user(key))
+        _migrate(k, model, stats)
+        work[key] = k
+
+    # 3. rounds: each key at most once per model step
+    model_s = 0.0
+    while queues:
+        batch = [(key, q.popleft()) for key, q in queues.items()]
+        queues = {key: q for key, q in queues.items() if q}
+
+        to_end: list[tuple[str, _Key]] = []
+        end_pos: list[tuple[int, int]] = []
+        clicks: list[tuple[str, Record, ClickEvent, float, bool]] = []  # ..., duplicate
+        for key, (rec, ev, t) in batch:
+            k = work[key]
+            s, u = k.sess, k.user
+            stats["events"] += 1
+            dup = (s is not None and _is_dup(s.partition, s.offset, rec)) or (
+                s is None and u is not None and _is_dup(u.partition, u.offset, rec)
+            )
+            if ev.type == "session_end":
+                stats["session_end_events"] += 1
+                if dup:
+                    stats["duplicates"] += 1
+                elif s is not None and s.session_id == ev.session_id:
+                    to_end.append((key, k))
+                    end_pos.append((rec.partition, rec.offset))
+                continue
+            stats["clicks"] += 1
+            if dup:
+                stats["duplicates"] += 1
+            elif s is not None and (
+                s.session_id != ev.session_id or t - s.last_time > config.session_gap_seconds
+            ):
+                stats["sessions_ended_by_id" if s.session_id != ev.session_id else "gap_ends"] += 1
+                to_end.append((key, k))
+                end_pos.append((rec.partition, rec.offset))
+            clicks.append((key, rec, ev, t, dup))
+
+        t0 = time.perf_counter()
+        _end_sessions(to_end, model, config, end_pos, stats)
+        if not clicks:
+            model_s += time.perf_counter() - t0
+            continue
+
+        # sessions to start: clicks (not duplicates) with no open session, and duplicates
+        # of already-ended sessions (answered from a fresh state, never stored)
+        fresh = [i for i, c in enumerate(clicks) if work[c[0]].sess is None]
+        ks = [work[c[0]] for c in clicks]
+        users = _user_ctx(ks, model)
+        states = np.empty((len(clicks), model.state_dim), dtype=np.float32)
+        if fresh:
+            states[fresh] = model.initial_states(users[fresh], len(fresh))
+        for i, k in enumerate(ks):
+            if k.sess is not None:
+                states[i] = k.sess.hidden
+        item_ids = [c[2].item_id for c in clicks]
+        rows = model.rows(item_ids)
+        # an existing state's duplicate must not advance: ask for scores only
+        step_rows = rows.copy()
+        for i, c in enumerate(clicks):
+            if c[4] and ks[i].sess is not None:
+                step_rows[i] = -1
+        out = model.step(step_rows, states, users if model.user_state_dim else None, config.top_k)
+        model_s += time.perf_counter() - t0
+        top_ids = model.ids(out.top_rows)
+
+        emitted_at = time.time()
+        for i, (_key, rec, ev, t, dup) in enumerate(clicks):
+            k = ks[i]
+            unknown = rows[i] < 0
+            cid = _click_id(ev, rec)
+            if unknown and not dup:
+                stats["unknown_items"] += 1
+                res.unknown_items.append((ev.item_id or "", cid))
+            if not dup:
+                s = k.sess
+                if s is None:
+                    s = k.sess = SessionState(
+                        ev.session_id, out.states[i], model.version, ev.user_id, start_time=t
+                    )
+                    stats["sessions_started"] += 1
+                else:
+                    s.hidden = out.states[i]
+                s.push_item(ev.item_id or "", config.recent_items)
+                s.partition, s.offset = rec.partition, rec.offset
+                s.last_time = max(s.last_time, t)
+                s.n_events += 1
+                s.n_unknown += int(unknown)
+                k.sess_dirty = True
+            res.recommendations.append(
+                {
+                    "click_id": cid,
+                    "topic": rec.topic,
+                    "partition": rec.partition,
+                    "offset": rec.offset,
+                    "user_id": ev.user_id,
+                    "session_id": ev.session_id,
+                    "item_id": ev.item_id,
+                    "items": top_ids[i].tolist(),
+                    "scores": out.top_scores[i].tolist(),
+                    "model_version": model.version,
+                    "event_time": t,
+                    "produced_at": rec.timestamp,
+                    "received_at": rec.received_at,
+                    "emitted_at": emitted_at,
+                    "duplicate": dup,
+                    "unknown_item": bool(unknown),
+                }
+            )
+
+    # 4. store: one write per changed key
+    for key, k in work.items():
+        if k.sess is not None and k.sess_dirty:
+            store.put_session(key, k.sess)
+        elif k.sess is None and k.sess_deleted:
+            store.delete_session(key)
+        if k.user is not None and k.user_dirty:
+            store.put_user(key, k.user)
+    res.model_seconds = model_s
+    stats["recommendations"] += len(res.recommendations)
+    return res
+
+
+@dataclass
+class SweepResult:
+    sessions_ended: int = 0
+    users_expired: int = 0
+
+
+def sweep_idle(
+    store: StateStore,
+    model: ServingModel,
+    config: CoreConfig = CoreConfig(),
+    *,
+    now: float | None = None,
+    keys: Iterable[str] | None = None,
+    sweep_users: bool = True,
+    batch_size: int = 256,
+) -> SweepResult:
+    """Close sessions idle for longer than the gap (advancing user states) and delete them;
+    drop user states idle for longer than ``user_ttl_seconds``."""
+    now = time.time() if now is None else now
+    res = SweepResult()
+    stats: Counter[str] = Counter()
+    if keys is None:
+        items = store.iter_sessions()
+    else:
+        items = ((k, s) for k in keys if (s := store.get_session(k)) is not None)
+    idle = [(k, s) for k, s in items if now - s.last_time > config.session_gap_seconds]
+    for i in range(0, len(idle), batch_size):
+        chunk = idle[i : i + batch_size]
+        work = []
+        for key, s in chunk:
+            k = _Key(s, store.get_user(key) if s.user_id is not None else None)
+            _migrate(k, model, stats)
+            work.append((key, k))
+        positions = [(k.sess.partition, k.sess.offset) for _, k in work]  # type: ignore[union-attr]
+        _end_sessions(work, model, config, positions, stats)
+        for key, k in work:
+            store.delete_session(key)
+            if k.user is not None and k.user_dirty:
+                store.put_user(key, k.user)
+        res.sessions_ended += len(chunk)
+    if sweep_users and config.user_ttl_seconds is not None:
+        for key, raw in list(store.users.items()):
+            try:
+                u = UserState.from_bytes(raw)
+            except ValueError:
+                store.delete_user(key)
+                continue
+            if now - u.last_time > config.user_ttl_seconds and key not in store.sessions:
+                store.delete_user(key)
+                res.users_expired += 1
+    return res

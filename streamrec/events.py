@@ -1,0 +1,171 @@
+"""Click events: validation of raw Kafka values and dead-letter records.
+
+`decode()` never raises on bad input: it returns either a `ClickEvent` or a
+`DeadLetter` that carries the reason and the original bytes (base64).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MAX_MESSAGE_BYTES = 16 * 1024
+MAX_ID_LEN = 256
+#: Earliest accepted event time (2000-01-01T00:00:00Z); historical logs replay fine.
+MIN_TIMESTAMP = 946_684_800.0
+#: How far in the future (relative to the wall clock) an event time may lie.
+MAX_FUTURE_SECONDS = 24 * 3600.0
+
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_LEN, strict=True)]
+
+
+class ClickEvent(BaseModel):
+    """One click (or an explicit end of a session) as published on the clicks topic."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    session_id: Id
+    item_id: Id | None = None
+    user_id: Id | None = None
+    timestamp: float | None = None
+    event_id: Id | None = None
+    type: Literal["click", "session_end"] = "click"
+
+    @field_validator("timestamp", mode="before")
+    @classmethod
+    def _parse_time(cls, v: Any) -> float | None:
+        if v is None:
+            return None
+        if isinstance(v, bool):
+            raise ValueError("timestamp must be epoch seconds or an ISO 8601 string")
+        if isinstance(v, int | float):
+            t = float(v)
+        elif isinstance(v, str) and len(v) <= 64:
+            try:
+                t = float(v)
+            except ValueError:
+                try:
+                    dt = datetime.fromisoformat(v.replace("Z", "+00:00"))
+                except ValueError as exc:
+                    raise ValueError(f"unparseable timestamp {v[:40]!r}") from exc
+                if dt.tzinfo is None:  # naive ISO times are taken as UTC
+                    dt = dt.replace(tzinfo=UTC)
+                t = dt.timestamp()
+        else:
+            raise ValueError("timestamp must be epoch seconds or an ISO 8601 string")
+        if t != t or t < MIN_TIMESTAMP:
+            raise ValueError(f"timestamp {t!r} is before 2000-01-01 or not a number")
+        if t > time.time() + MAX_FUTURE_SECONDS:
+            raise ValueError(f"timestamp {t!r} is too far in the future")
+        return t
+
+    @model_validator(mode="after")
+    def _click_needs_item(self) -> ClickEvent:
+        if self.type == "click" and self.item_id is None:
+            raise ValueError("a click needs item_id")
+        return self
+
+    @property
+    def key(self) -> str:
+        """Partition key: the user id when present, else the session id."""
+        return self.user_id if self.user_id is not None else self.session_id
+
+
+class DeadLetter(BaseModel):
+    """A message that could not be used, with why and where it came from."""
+
+    reason: str
+    detail: str = ""
+    original_b64: str
+    original_size: int
+    topic: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+    key_b64: str | None = None
+    received_at: float = Field(default_factory=time.time)
+
+    @property
+    def original(self) -> bytes:
+        return base64.b64decode(self.original_b64)
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+def make_dead_letter(
+    raw: bytes | None,
+    reason: str,
+    detail: str = "",
+    *,
+    topic: str | None = None,
+    partition: int | None = None,
+    offset: int | None = None,
+    key: bytes | None = None,
+    keep_bytes: int = MAX_MESSAGE_BYTES * 4,
+) -> DeadLetter:
+    """Build a dead-letter record; originals above `keep_bytes` are truncated (size kept)."""
+    raw = raw or b""
+    return DeadLetter(
+        reason=reason,
+        detail=detail[:1000],
+        original_b64=base64.b64encode(raw[:keep_bytes]).decode(),
+        original_size=len(raw),
+        topic=topic,
+        partition=partition,
+        offset=offset,
+        key_b64=base64.b64encode(key).decode() if key else None,
+    )
+
+
+def decode(
+    raw: bytes | str | None,
+    *,
+    max_bytes: int = MAX_MESSAGE_BYTES,
+    topic: str | None = None,
+    partition: int | None = None,
+    offset: int | None = None,
+    key: bytes | None = None,
+) -> ClickEvent | DeadLetter:
+    """Validate one raw message. Never raises."""
+    where = {"topic": topic, "partition": partition, "offset": offset, "key": key}
+    try:
+        if raw is None:
+            return make_dead_letter(b"", "empty", "message has no value", **where)
+        if isinstance(raw, str):
+            raw = raw.encode("utf-8", "surrogateescape")
+        if not isinstance(raw, bytes | bytearray | memoryview):
+            return make_dead_letter(b"", "type", f"value is {type(raw).__name__}", **where)
+        raw = bytes(raw)
+        if len(raw) > max_bytes:
+            return make_dead_letter(raw, "oversized", f"{len(raw)} > {max_bytes} bytes", **where)
+        if not raw.strip():
+            return make_dead_letter(raw, "empty", "message is empty", **where)
+        try:
+            obj = json.loads(raw)
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            return make_dead_letter(raw, "unparseable", str(exc), **where)
+        if not isinstance(obj, dict):
+            return make_dead_letter(raw, "not_an_object", type(obj).__name__, **where)
+        try:
+            return ClickEvent.model_validate(obj)
+        except ValidationError as exc:
+            errs = exc.errors(include_url=False, include_input=False)
+            detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errs)
+            return make_dead_letter(raw, "invalid", detail, **where)
+    except Exception as exc:  # defensive: bad input must never stop a worker
+        data = raw if isinstance(raw, bytes) else b""
+        return make_dead_letter(data, "error", f"{type(exc).__name__}: {exc}", **where)
+
+
+def encode(event: ClickEvent) -> bytes:
+    """Serialise an event as the JSON value published on the clicks topic."""
+    return event.model_dump_json(exclude_none=True).encode()
+
+
+def event_key(event: ClickEvent) -> bytes:
+    return event.key.encode()

@@ -1,0 +1,307 @@
+"""The served model: a loaded checkpoint on its device, the batched step, hot swap.
+
+Arrays cross this boundary as numpy float32 (states live as bytes in tables); tensors stay
+inside. Every call runs under ``torch.inference_mode()``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class StepModel(Protocol):
+    """The step API of docs/architecture.md."""
+
+    n_items: int
+    state_dim: int
+    user_state_dim: int
+
+    def initial_user_state(self, batch_size: int) -> torch.Tensor | None: ...
+    def initial_state(self, user_state: torch.Tensor | None, batch_size: int) -> torch.Tensor: ...
+    def step(
+        self, item_rows: torch.Tensor, state: torch.Tensor, user_state: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def end_session(
+        self, user_state: torch.Tensor | None, final_state: torch.Tensor
+    ) -> torch.Tensor | None: ...
+
+
+class ModelLoadError(RuntimeError):
+    """A checkpoint could not be loaded or did not pass validation."""
+
+
+def pick_device(pref: str = "auto") -> torch.device:
+    """CUDA when asked for or available under ``auto``; CPU otherwise."""
+    if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ModelLoadError("device=cuda requested but CUDA is not available")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@dataclass
+class StepOutput:
+    states: np.ndarray  # [B, S] float32
+    top_rows: np.ndarray  # [B, k] int64
+    top_scores: np.ndarray  # [B, k] float32
+
+
+class ServingModel:
+    """A step-API model with its item index and version, ready for batched serving."""
+
+    def __init__(
+        self,
+        model: Any,
+        item_ids: Sequence[str],
+        version: str,
+        *,
+        device: torch.device | str | None = None,
+        top_k: int = 20,
+        name: str = "model",
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        self.device = torch.device(device) if device is not None else pick_device("auto")
+        self.model = model.to(self.device) if hasattr(model, "to") else model
+        if hasattr(self.model, "eval"):
+            self.model.eval()
+        self.item_ids = [str(i) for i in item_ids]
+        self.item_index = {s: i for i, s in enumerate(self.item_ids)}
+        self._item_ids_arr = np.array(self.item_ids, dtype=object)
+        self.version = str(version)
+        self.top_k = min(int(top_k), len(self.item_ids))
+        self.name = name
+        self.metadata = metadata or {}
+        self.n_items = int(model.n_items)
+        self.state_dim = int(model.state_dim)
+        self.user_state_dim = int(getattr(model, "user_state_dim", 0) or 0)
+        if self.n_items != len(self.item_ids):
+            raise ModelLoadError(f"model has {self.n_items} items, index has {len(self.item_ids)}")
+
+    # ---- loading ------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | os.PathLike[str], device: str = "auto", top_k: int = 20
+    ) -> ServingModel:
+        from trainer.checkpoint import load_checkpoint
+
+        dev = pick_device(device)
+        try:
+            ckpt = load_checkpoint(Path(path), dev)
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load checkpoint {path}: {exc}") from exc
+        meta = {
+            k: getattr(ckpt, k)
+            for k in ("metrics", "data_stats", "created_at", "train_params", "model_config")
+            if hasattr(ckpt, k)
+        }
+        meta["path"] = str(path)
+        return cls(
+            ckpt.model,
+            list(ckpt.item_ids),
+            str(ckpt.version),
+            device=dev,
+            top_k=top_k,
+            name=getattr(ckpt, "model_name", "model"),
+            metadata=meta,
+        )
+
+    # ---- helpers -------------------------------------------------------------------------
+    def rows(self, item_ids: Sequence[str | None]) -> np.ndarray:
+        get = self.item_index.get
+        return np.fromiter(
+            (-1 if i is None else get(i, -1) for i in item_ids), dtype=np.int64, count=len(item_ids)
+        )
+
+    def ids(self, rows: np.ndarray) -> np.ndarray:
+        return self._item_ids_arr[rows]
+
+    def _t(self, a: np.ndarray | None) -> torch.Tensor | None:
+        if a is None or (self.user_state_dim == 0 and a.ndim == 2 and a.shape[1] == 0):
+            return None
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(self.device)
+
+    @staticmethod
+    def _np(t: torch.Tensor | None, batch: int) -> np.ndarray:
+        if t is None:
+            return np.zeros((batch, 0), dtype=np.float32)
+        return t.detach().to("cpu", torch.float32).numpy()
+
+    # ---- batched step API (numpy in, numpy out) ------------------------------------------
+    def initial_user_states(self, batch: int) -> np.ndarray:
+        if self.user_state_dim == 0:
+            return np.zeros((batch, 0), dtype=np.float32)
+        with torch.inference_mode():
+            return self._np(self.model.initial_user_state(batch), batch)
+
+    def initial_states(self, users: np.ndarray | None, batch: int) -> np.ndarray:
+        with torch.inference_mode():
+            return self._np(self.model.initial_state(self._t(users), batch), batch)
+
+    def end_session(self, users: np.ndarray, finals: np.ndarray) -> np.ndarray:
+        if self.user_state_dim == 0:
+            return np.zeros((len(finals), 0), dtype=np.float32)
+        with torch.inference_mode():
+            out = self.model.end_session(self._t(users), self._t(finals))
+            return self._np(out, len(finals))
+
+    def step(
+        self, rows: np.ndarray, states: np.ndarray, users: np.ndarray | None, k: int | None = None
+    ) -> StepOutput:
+        """One model step for a batch; ``rows[i] < 0`` leaves state i unchanged."""
+        k = self.top_k if k is None else min(k, self.n_items)
+        b = len(rows)
+        with torch.inference_mode():
+            r = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.device)
+            new, scores = self.model.step(r, self._t(states), self._t(users))
+            top_s, top_i = torch.topk(scores, k, dim=1)
+            new_np = self._np(new, b)
+            return StepOutput(new_np, top_i.cpu().numpy(), top_s.float().cpu().numpy())
+
+    def encode_session(self, items: Sequence[str], user: np.ndarray | None) -> np.ndarray:
+        """Re-encode a session from its item ids (used after a model swap)."""
+        users = None if user is None else user.reshape(1, -1)
+        state = self.initial_states(users, 1)
+        rows = self.rows(items)
+        for r in rows:
+            state = self.step(np.array([r]), state, users, k=1).states
+        return state[0]
+
+    def encode_user(self, sessions: Sequence[Sequence[str]]) -> np.ndarray:
+        """Re-encode a user context from its recent session summaries."""
+        user = self.initial_user_states(1)
+        for items in sessions:
+            final = self.encode_session(items, user[0]).reshape(1, -1)
+            user = self.end_session(user, final)
+        return user[0]
+
+    # ---- validation ----------------------------------------------------------------------
+    def validate(self, holdout: Sequence[Sequence[str]] | None = None, min_recall: float = 0.0):
+        """Check the model runs and gives finite scores; with a holdout, a Recall@20 gate.
+
+        Returns the holdout Recall@20 (or None). Raises ModelLoadError on failure.
+        """
+        b = min(8, self.n_items)
+        users = self.initial_user_states(b)
+        states = self.initial_states(users, b)
+        if states.shape != (b, self.state_dim):
+            raise ModelLoadError(f"initial state shape {states.shape} != ({b}, {self.state_dim})")
+        rows = np.arange(b, dtype=np.int64)
+        out = self.step(rows, states, users)
+        if out.states.shape != (b, self.state_dim) or not np.isfinite(out.states).all():
+            raise ModelLoadError("step produced a bad state")
+        if not np.isfinite(out.top_scores).all():
+            raise ModelLoadError("step produced non-finite scores")
+        if not holdout:
+            return None
+        hits = n = 0
+        for sess in holdout:
+            if len(sess) < 2:
+                continue
+            u = self.initial_user_states(1)
+            st = self.initial_states(u, 1)
+            for cur, nxt in itertools.pairwise(sess):
+                o = self.step(self.rows([cur]), st, u, k=20)
+                st = o.states
+                hits += int(self.rows([nxt])[0] in set(o.top_rows[0].tolist()))
+                n += 1
+        recall = hits / n if n else math.nan
+        if n and recall < min_recall:
+            raise ModelLoadError(f"quality gate: holdout Recall@20 {recall:.4f} < {min_recall}")
+        return recall
+
+
+class ModelHolder:
+    """Holds the current ServingModel; swaps happen between batches under a lock.
+
+    ``current`` is read once per batch by the core, so a batch never mixes two versions.
+    With ``watch_dir`` set, :meth:`maybe_reload` loads the newest checkpoint directory in it
+    (``checkpoint.json`` present) whose version differs from the served one.
+    """
+
+    def __init__(
+        self,
+        model: ServingModel,
+        *,
+        watch_dir: str | os.PathLike[str] | None = None,
+        device: str = "auto",
+        top_k: int = 20,
+        holdout_key: str = "holdout_sessions",
+    ) -> None:
+        self._model = model
+        self._lock = threading.Lock()
+        self.watch_dir = Path(watch_dir) if watch_dir else None
+        self.device = device
+        self.top_k = top_k
+        self.holdout_key = holdout_key
+        self.rejected: dict[str, str] = {}
+        self.swaps = 0
+
+    @property
+    def current(self) -> ServingModel:
+        return self._model
+
+    def swap(self, new: ServingModel, holdout: Sequence[Sequence[str]] | None = None) -> bool:
+        """Validate and swap in a new model; returns False (and keeps the old) on failure."""
+        try:
+            new.validate(holdout)
+        except ModelLoadError as exc:
+            log.warning("model %s rejected: %s", new.version, exc)
+            self.rejected[new.version] = str(exc)
+            return False
+        with self._lock:
+            old = self._model
+            self._model = new
+            self.swaps += 1
+        log.info("model swapped: %s -> %s", old.version, new.version)
+        return True
+
+    def load_and_swap(self, path: str | os.PathLike[str]) -> bool:
+        try:
+            new = ServingModel.from_checkpoint(path, self.device, self.top_k)
+        except ModelLoadError as exc:
+            log.warning("checkpoint %s rejected: %s", path, exc)
+            self.rejected[str(path)] = str(exc)
+            return False
+        holdout = (new.metadata.get("data_stats") or {}).get(self.holdout_key)
+        return self.swap(new, holdout)
+
+    def newest_checkpoint(self) -> Path | None:
+        if self.watch_dir is None or not self.watch_dir.is_dir():
+            return None
+        cands = [p.parent for p in self.watch_dir.glob("*/checkpoint.json")]
+        if (self.watch_dir / "checkpoint.json").exists():
+            cands.append(self.watch_dir)
+        if not cands:
+            return None
+        return max(cands, key=lambda p: (p / "checkpoint.json").stat().st_mtime)
+
+    def maybe_reload(self) -> bool:
+        """Swap in the newest checkpoint of the watched directory if its version is new."""
+        path = self.newest_checkpoint()
+        if path is None:
+            return False
+        try:
+            version = str(json.loads((path / "checkpoint.json").read_text()).get("version"))
+        except (OSError, ValueError):
+            return False  # being written, or broken: try again next time
+        ident = f"{path}@{version}"
+        if version == self._model.version or ident in self.rejected:
+            return False
+        ok = self.load_and_swap(path)
+        if not ok:
+            self.rejected[ident] = "rejected"
+        return ok

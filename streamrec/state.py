@@ -1,0 +1,267 @@
+"""Per-session and per-user serving state with a compact binary encoding.
+
+Layout (little endian): a fixed ``struct`` header, then length-prefixed UTF-8 strings,
+then the float32 vector bytes. No JSON floats, no pickles.
+
+Both states are stored under the event key (user id when present, else session id), so a
+user's one open session and the user state live in the same partition.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, MutableMapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+_SESSION_MAGIC = b"S1"
+_USER_MAGIC = b"U1"
+# magic, partition, offset, last_time, start_time, n_events, n_unknown, dim
+_SESSION_HDR = struct.Struct("<2siqddIII")
+# magic, partition, offset, last_time, n_sessions, dim
+_USER_HDR = struct.Struct("<2siqdII")
+_LEN = struct.Struct("<H")
+
+
+class StateDecodeError(ValueError):
+    """Stored bytes are not a valid state."""
+
+
+def _put_str(out: list[bytes], s: str | None) -> None:
+    if s is None:
+        out.append(_LEN.pack(0xFFFF))
+        return
+    b = s.encode()[:0xFFFE]
+    out.append(_LEN.pack(len(b)))
+    out.append(b)
+
+
+def _get_str(buf: memoryview, pos: int) -> tuple[str | None, int]:
+    (n,) = _LEN.unpack_from(buf, pos)
+    pos += 2
+    if n == 0xFFFF:
+        return None, pos
+    return bytes(buf[pos : pos + n]).decode(), pos + n
+
+
+def _put_strs(out: list[bytes], items: Iterable[str]) -> None:
+    items = list(items)
+    out.append(_LEN.pack(len(items)))
+    for s in items:
+        _put_str(out, s)
+
+
+def _get_strs(buf: memoryview, pos: int) -> tuple[list[str], int]:
+    (n,) = _LEN.unpack_from(buf, pos)
+    pos += 2
+    out = []
+    for _ in range(n):
+        s, pos = _get_str(buf, pos)
+        out.append(s or "")
+    return out, pos
+
+
+def _vec(x: np.ndarray | None) -> np.ndarray:
+    if x is None:
+        return np.zeros(0, dtype=np.float32)
+    return np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+
+
+@dataclass
+class SessionState:
+    """The open session of one key: hidden state and where it came from."""
+
+    session_id: str
+    hidden: np.ndarray
+    version: str
+    user_id: str | None = None
+    recent_items: list[str] = field(default_factory=list)
+    partition: int = -1
+    offset: int = -1
+    last_time: float = 0.0
+    start_time: float = 0.0
+    n_events: int = 0
+    n_unknown: int = 0
+
+    def push_item(self, item_id: str, limit: int) -> None:
+        self.recent_items.append(item_id)
+        if len(self.recent_items) > limit:
+            del self.recent_items[: len(self.recent_items) - limit]
+
+    def to_bytes(self) -> bytes:
+        h = _vec(self.hidden)
+        out = [
+            _SESSION_HDR.pack(
+                _SESSION_MAGIC,
+                self.partition,
+                self.offset,
+                self.last_time,
+                self.start_time,
+                self.n_events,
+                self.n_unknown,
+                h.size,
+            )
+        ]
+        _put_str(out, self.version)
+        _put_str(out, self.session_id)
+        _put_str(out, self.user_id)
+        _put_strs(out, self.recent_items)
+        out.append(h.tobytes())
+        return b"".join(out)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SessionState:
+        try:
+            buf = memoryview(data)
+            magic, part, off, last, start, n, nu, dim = _SESSION_HDR.unpack_from(buf, 0)
+            if magic != _SESSION_MAGIC:
+                raise StateDecodeError(f"not a session state (magic {magic!r})")
+            pos = _SESSION_HDR.size
+            version, pos = _get_str(buf, pos)
+            sid, pos = _get_str(buf, pos)
+            uid, pos = _get_str(buf, pos)
+            items, pos = _get_strs(buf, pos)
+            if len(buf) - pos != 4 * dim:
+                raise StateDecodeError("hidden state length mismatch")
+            hidden = np.frombuffer(buf[pos:], dtype="<f4").copy()
+        except (struct.error, UnicodeDecodeError) as exc:
+            raise StateDecodeError(str(exc)) from exc
+        return cls(sid or "", hidden, version or "", uid, items, part, off, last, start, n, nu)
+
+    def same_as(self, other: SessionState, atol: float = 1e-5) -> bool:
+        """Equal up to float tolerance on the hidden state (for tests)."""
+        a, b = vars(self).copy(), vars(other).copy()
+        ha, hb = a.pop("hidden"), b.pop("hidden")
+        return a == b and ha.shape == hb.shape and bool(np.allclose(ha, hb, atol=atol))
+
+
+@dataclass
+class UserState:
+    """HRNN user context and the user's recent session summaries (item ids per session).
+
+    ``partition``/``offset`` are the position of the last event that advanced it (a session
+    end), so a replayed session end is not applied twice.
+    """
+
+    user_id: str
+    context: np.ndarray
+    version: str
+    sessions: list[list[str]] = field(default_factory=list)
+    partition: int = -1
+    offset: int = -1
+    last_time: float = 0.0
+
+    def push_session(self, items: list[str], limit: int) -> None:
+        if limit <= 0:
+            self.sessions.clear()
+            return
+        self.sessions.append(list(items))
+        if len(self.sessions) > limit:
+            del self.sessions[: len(self.sessions) - limit]
+
+    def to_bytes(self) -> bytes:
+        c = _vec(self.context)
+        out = [
+            _USER_HDR.pack(
+                _USER_MAGIC, self.partition, self.offset, self.last_time, len(self.sessions), c.size
+            )
+        ]
+        _put_str(out, self.version)
+        _put_str(out, self.user_id)
+        for s in self.sessions:
+            _put_strs(out, s)
+        out.append(c.tobytes())
+        return b"".join(out)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> UserState:
+        try:
+            buf = memoryview(data)
+            magic, part, off, last, ns, dim = _USER_HDR.unpack_from(buf, 0)
+            if magic != _USER_MAGIC:
+                raise StateDecodeError(f"not a user state (magic {magic!r})")
+            pos = _USER_HDR.size
+            version, pos = _get_str(buf, pos)
+            uid, pos = _get_str(buf, pos)
+            sessions = []
+            for _ in range(ns):
+                s, pos = _get_strs(buf, pos)
+                sessions.append(s)
+            if len(buf) - pos != 4 * dim:
+                raise StateDecodeError("context length mismatch")
+            ctx = np.frombuffer(buf[pos:], dtype="<f4").copy()
+        except (struct.error, UnicodeDecodeError) as exc:
+            raise StateDecodeError(str(exc)) from exc
+        return cls(uid or "", ctx, version or "", sessions, part, off, last)
+
+
+class StateStore:
+    """Typed access to session and user states over two byte mappings.
+
+    The mappings can be Faust tables (RocksDB + changelog) or plain dicts (the in-memory twin
+    used by tests and replay). A value that fails to decode is treated as absent (and counted)
+    rather than stopping the worker.
+    """
+
+    def __init__(
+        self,
+        sessions: MutableMapping[str, bytes] | None = None,
+        users: MutableMapping[str, bytes] | None = None,
+    ) -> None:
+        self.sessions: MutableMapping[str, bytes] = {} if sessions is None else sessions
+        self.users: MutableMapping[str, bytes] = {} if users is None else users
+        self.corrupt = 0
+
+    def _get(self, table: MutableMapping[str, bytes], key: str, cls):
+        raw = table.get(key)
+        if raw is None:
+            return None
+        try:
+            return cls.from_bytes(raw)
+        except StateDecodeError:
+            self.corrupt += 1
+            return None
+
+    def get_session(self, key: str) -> SessionState | None:
+        return self._get(self.sessions, key, SessionState)
+
+    def get_user(self, key: str) -> UserState | None:
+        return self._get(self.users, key, UserState)
+
+    def get_many(
+        self, keys: Iterable[str], with_users: bool = True
+    ) -> tuple[dict[str, SessionState], dict[str, UserState]]:
+        """One pass over the keys of a batch."""
+        sessions: dict[str, SessionState] = {}
+        users: dict[str, UserState] = {}
+        for k in keys:
+            s = self.get_session(k)
+            if s is not None:
+                sessions[k] = s
+            if with_users:
+                u = self.get_user(k)
+                if u is not None:
+                    users[k] = u
+        return sessions, users
+
+    def put_session(self, key: str, state: SessionState) -> None:
+        self.sessions[key] = state.to_bytes()
+
+    def put_user(self, key: str, state: UserState) -> None:
+        self.users[key] = state.to_bytes()
+
+    def delete_session(self, key: str) -> None:
+        if key in self.sessions:
+            del self.sessions[key]
+
+    def delete_user(self, key: str) -> None:
+        if key in self.users:
+            del self.users[key]
+
+    def iter_sessions(self) -> Iterable[tuple[str, SessionState]]:
+        for k, raw in list(self.sessions.items()):
+            try:
+                yield k, SessionState.from_bytes(raw)
+            except StateDecodeError:
+                self.corrupt += 1

@@ -1,0 +1,243 @@
+"""The pipeline core over the in-memory state twin (no Kafka)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from streamrec.core import CoreConfig, Record, StreamClock, process_batch, sweep_idle
+from streamrec.state import SessionState, StateStore, UserState
+from streamrec.testkit import click, offline_recommendations, tiny_serving_model
+
+T0 = 1.7e9
+CFG = CoreConfig(session_gap_seconds=100.0, recent_items=10, recent_sessions=3, top_k=5)
+
+
+def recs(values: list[bytes], start: int = 0, partition: int = 0) -> list[Record]:
+    return [
+        Record(v, topic="clicks", partition=partition, offset=start + i)
+        for i, v in enumerate(values)
+    ]
+
+
+def test_batch_with_several_keys_matches_offline_prefixes() -> None:
+    model = tiny_serving_model()
+    sessions = {"s1": ["i1", "i2", "i3"], "s2": ["i4", "i5"], "s3": ["i6", "i7", "i8", "i9"]}
+    # interleave the sessions in one stream and cut it into batches of 4
+    stream = []
+    for j in range(4):
+        for s, items in sessions.items():
+            if j < len(items):
+                stream.append(click(s, items[j], t=T0 + j))
+    store = StateStore()
+    out = []
+    records = recs(stream)
+    for i in range(0, len(records), 4):
+        out += process_batch(records[i : i + 4], store, model, CFG).recommendations
+    expected = dict(
+        zip(
+            [(s, j) for s, items in sessions.items() for j in range(len(items))],
+            offline_recommendations(model, sessions.values(), k=5),
+            strict=True,
+        )
+    )
+    pos: dict[str, int] = {}
+    for r in out:
+        j = pos.get(r["session_id"], 0)
+        pos[r["session_id"]] = j + 1
+        items, scores = expected[(r["session_id"], j)]
+        assert r["items"] == items
+        np.testing.assert_allclose(r["scores"], scores, rtol=1e-5, atol=1e-6)
+        assert r["model_version"] == "v1" and not r["duplicate"]
+    assert len(out) == len(stream)
+    assert {k: s.n_events for k, s in store.iter_sessions()} == {"s1": 3, "s2": 2, "s3": 4}
+
+
+def test_same_key_many_times_in_one_batch_keeps_order() -> None:
+    model = tiny_serving_model()
+    items = ["i1", "i2", "i3", "i4", "i5"]
+    values = [click("s", it, t=T0 + j) for j, it in enumerate(items)]
+    values.insert(2, click("other", "i9", t=T0))
+    res = process_batch(recs(values), StateStore(), model, CFG)
+    mine = [r for r in res.recommendations if r["session_id"] == "s"]
+    assert [r["item_id"] for r in mine] == items
+    assert [r["offset"] for r in mine] == sorted(r["offset"] for r in mine)
+    ref = offline_recommendations(model, [items], k=5)
+    assert [r["items"] for r in mine] == [x[0] for x in ref]
+    # the whole batch equals feeding it one event at a time
+    store1 = StateStore()
+    for rec in recs(values):
+        process_batch([rec], store1, model, CFG)
+    store2 = StateStore()
+    process_batch(recs(values), store2, model, CFG)
+    assert store1.sessions.keys() == store2.sessions.keys()
+    for key in store1.sessions:  # equal up to float rounding of different batch shapes
+        assert store1.get_session(key).same_as(store2.get_session(key))  # type: ignore[union-attr,arg-type]
+
+
+def test_session_change_mid_batch_by_id_gap_and_end_event() -> None:
+    model = tiny_serving_model()
+    u = "u1"
+    values = [
+        click("a", "i1", user=u, t=T0),
+        click("a", "i2", user=u, t=T0 + 1),
+        click("b", "i3", user=u, t=T0 + 2),  # new id: ends "a"
+        click("b", "i4", user=u, t=T0 + 500),  # gap > 100 s: ends "b", same id restarts
+        click("b", "", user=u, t=T0 + 501, type="session_end"),
+        click("c", "i5", user=u, t=T0 + 502),
+    ]
+    values[4] = json.dumps({"session_id": "b", "user_id": u, "type": "session_end"}).encode()
+    store = StateStore()
+    res = process_batch(recs(values), store, model, CFG)
+    assert len(res.recommendations) == 5
+    assert res.stats["sessions_ended"] == 3
+    s = store.get_session(u)
+    assert s is not None and s.session_id == "c" and s.recent_items == ["i5"]
+    user = store.get_user(u)
+    assert user is not None and user.sessions == [["i1", "i2"], ["i3"], ["i4"]]
+    assert user.offset == 4  # the session_end event that ended the last session
+    ref = offline_recommendations(model, [["i1", "i2"], ["i3"], ["i4"], ["i5"]], k=5)
+    assert [r["items"] for r in res.recommendations] == [x[0] for x in ref]
+
+
+def test_hrnn_user_state_advances_at_session_end() -> None:
+    model = tiny_serving_model(user_dim=8)
+    store = StateStore()
+    first = [click("a", "i1", user="u", t=T0), click("a", "i2", user="u", t=T0 + 1)]
+    process_batch(recs(first), store, model, CFG)
+    hidden_a = store.get_session("u").hidden  # type: ignore[union-attr]
+    assert store.get_user("u") is None
+    res = process_batch(recs([click("b", "i3", user="u", t=T0 + 2)], start=2), store, model, CFG)
+    user = store.get_user("u")
+    assert user is not None
+    expected_ctx = model.end_session(model.initial_user_states(1), hidden_a[None])[0]
+    np.testing.assert_allclose(user.context, expected_ctx, atol=1e-6)
+    assert np.abs(user.context).sum() > 0
+    # the new session starts from the advanced user context
+    init = model.initial_states(expected_ctx[None], 1)
+    ref = model.step(model.rows(["i3"]), init, expected_ctx[None], k=5)
+    assert res.recommendations[0]["items"] == model.ids(ref.top_rows[0]).tolist()
+    np.testing.assert_allclose(store.get_session("u").hidden, ref.states[0], atol=1e-6)  # type: ignore[union-attr]
+    # two users ending sessions in one batch (batched end_session)
+    more = [
+        click("x", "i1", user="v", t=T0),
+        click("y", "i2", user="u", t=T0 + 3),
+        click("z", "i2", user="v", t=T0 + 3),
+    ]
+    process_batch(recs(more, start=3), store, model, CFG)
+    assert len(store.get_user("u").sessions) == 2  # type: ignore[union-attr]
+    assert len(store.get_user("v").sessions) == 1  # type: ignore[union-attr]
+
+
+def test_unknown_items_do_not_advance_but_are_counted_and_recorded() -> None:
+    model = tiny_serving_model()
+    store = StateStore()
+    res = process_batch(
+        recs([click("s", "i1", t=T0), click("s", "NEW", t=T0 + 1), click("s", "i2", t=T0 + 2)]),
+        store,
+        model,
+        CFG,
+    )
+    assert res.stats["unknown_items"] == 1
+    assert res.unknown_items == [("NEW", "clicks:0:1")]
+    r = res.recommendations
+    assert r[1]["unknown_item"] and r[1]["items"] == r[0]["items"]
+    assert r[2]["items"] == offline_recommendations(model, [["i1", "i2"]], k=5)[1][0]
+    s = store.get_session("s")
+    assert s is not None and s.recent_items == ["i1", "NEW", "i2"] and s.n_unknown == 1
+
+
+def test_duplicates_not_applied_twice_but_answered() -> None:
+    model = tiny_serving_model(user_dim=4)
+    values = [click("a", f"i{j}", user="u", t=T0 + j) for j in range(1, 6)]
+    values.append(json.dumps({"session_id": "a", "user_id": "u", "type": "session_end"}).encode())
+    values += [click("b", f"i{j}", user="u", t=T0 + 10 + j) for j in range(6, 9)]
+    once = StateStore()
+    r_once = process_batch(recs(values), once, model, CFG)
+    # a worker that crashed: it applied the first 7 events, then everything is redelivered
+    crashed = StateStore()
+    process_batch(recs(values[:4]), crashed, model, CFG)
+    process_batch(recs(values[4:7], start=4), crashed, model, CFG)
+    again = process_batch(recs(values), crashed, model, CFG)
+    assert crashed.sessions == once.sessions and crashed.users == once.users
+    assert again.stats["duplicates"] == 7
+    # every click answered; a duplicate of the last applied click re-emits the original
+    assert len(again.recommendations) == len(r_once.recommendations) == 8
+    dup_last = [r for r in again.recommendations if r["offset"] == 6]
+    orig = [r for r in r_once.recommendations if r["offset"] == 6]
+    assert dup_last[0]["duplicate"] and dup_last[0]["items"] == orig[0]["items"]
+    assert [r["offset"] for r in again.recommendations if not r["duplicate"]] == [7, 8]
+
+
+def test_bad_records_become_dead_letters_and_valid_ones_pass() -> None:
+    model = tiny_serving_model()
+    values = [b"{oops", click("s", "i1", t=T0), b'{"session_id": 1}', b"x" * 100_000]
+    res = process_batch(recs(values), StateStore(), model, CFG)
+    assert [d.reason for d in res.dead_letters] == ["unparseable", "invalid", "oversized"]
+    assert [d.offset for d in res.dead_letters] == [0, 2, 3]
+    assert len(res.recommendations) == 1 and res.recommendations[0]["click_id"] == "clicks:0:1"
+
+
+def test_event_id_is_the_click_id_and_values_serialise() -> None:
+    model = tiny_serving_model()
+    res = process_batch(recs([click("s", "i1", t=T0, event_id="e-1")]), StateStore(), model, CFG)
+    ((key, value),) = res.recommendation_values()
+    assert key == b"s" and json.loads(value)["click_id"] == "e-1"
+
+
+def test_model_swap_reencodes_old_states_from_recent_items() -> None:
+    old = tiny_serving_model(version="v1", seed=1, user_dim=4)
+    new = tiny_serving_model(version="v2", seed=2, user_dim=4)
+    store = StateStore()
+    vals = [click("a", "i1", user="u", t=T0), click("b", "i2", user="u", t=T0 + 1)]
+    vals.append(click("b", "i3", user="u", t=T0 + 2))
+    process_batch(recs(vals), store, old, CFG)
+    res = process_batch(recs([click("b", "i4", user="u", t=T0 + 3)], start=3), store, new, CFG)
+    assert res.stats["sessions_migrated"] == 1 and res.stats["users_migrated"] == 1
+    assert store.get_session("u").version == "v2"  # type: ignore[union-attr]
+    # the same as if v2 had served the whole history
+    ref = StateStore()
+    process_batch(recs([*vals, click("b", "i4", user="u", t=T0 + 3)]), ref, new, CFG)
+    assert store.get_session("u").same_as(ref.get_session("u"))  # type: ignore[union-attr,arg-type]
+
+
+def test_idle_sweep_closes_sessions_and_advances_users() -> None:
+    model = tiny_serving_model(user_dim=4)
+    store = StateStore()
+    clock = StreamClock()
+    vals = [click("a", "i1", user="u", t=T0), click("s", "i2", t=T0 + 50)]
+    process_batch(recs(vals), store, model, CFG, clock=clock)
+    assert clock.now() >= T0 + 50
+    res = sweep_idle(store, model, CFG, now=T0 + 120)
+    assert res.sessions_ended == 1 and list(store.sessions) == ["s"]
+    u = store.get_user("u")
+    assert u is not None and u.sessions == [["i1"]] and u.offset == 0
+    # a redelivered click of the swept session is answered but does not resurrect it
+    again = process_batch(recs(vals[:1]), store, model, CFG)
+    assert again.recommendations[0]["duplicate"] and "u" not in store.sessions
+    assert sweep_idle(store, model, CFG, now=T0 + 1000).sessions_ended == 1
+    assert not store.sessions
+    cfg = CoreConfig(session_gap_seconds=100.0, user_ttl_seconds=10.0)
+    assert sweep_idle(store, model, cfg, now=T0 + 1000).users_expired == 1
+    assert not store.users
+
+
+def test_corrupt_state_is_replaced_not_fatal() -> None:
+    model = tiny_serving_model()
+    store = StateStore()
+    store.sessions["s"] = b"garbage"
+    res = process_batch(recs([click("s", "i1", t=T0)]), store, model, CFG)
+    assert len(res.recommendations) == 1 and store.corrupt == 1
+    assert isinstance(store.get_session("s"), SessionState)
+
+
+@pytest.mark.parametrize("user_dim", [0, 6])
+def test_user_state_types(user_dim: int) -> None:
+    model = tiny_serving_model(user_dim=user_dim)
+    store = StateStore()
+    vals = [click("a", "i1", user="u", t=T0), click("b", "i1", user="u", t=T0 + 1)]
+    process_batch(recs(vals), store, model, CFG)
+    u = store.get_user("u")
+    assert isinstance(u, UserState) and u.context.size == user_dim

@@ -1,0 +1,90 @@
+"""ClickEvent validation and dead letters: bad input never raises."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import pytest
+
+from streamrec.events import ClickEvent, DeadLetter, decode, encode
+
+
+def _ok(d: dict) -> ClickEvent:
+    ev = decode(json.dumps(d).encode())
+    assert isinstance(ev, ClickEvent), ev
+    return ev
+
+
+def test_valid_click_and_key() -> None:
+    now = time.time()
+    ev = _ok({"session_id": "s1", "item_id": "a", "timestamp": now})
+    assert ev.type == "click" and ev.key == "s1" and ev.timestamp == pytest.approx(now)
+    ev = _ok({"session_id": "s1", "item_id": "a", "user_id": "u9", "event_id": "e1"})
+    assert ev.key == "u9" and ev.event_id == "e1" and ev.timestamp is None
+
+
+def test_iso_timestamp_and_session_end() -> None:
+    ev = _ok({"session_id": "s", "item_id": "a", "timestamp": "2024-03-01T10:00:00Z"})
+    assert ev.timestamp == pytest.approx(1709287200.0)
+    ev = _ok({"session_id": "s", "item_id": "a", "timestamp": "2024-03-01T10:00:00"})
+    assert ev.timestamp == pytest.approx(1709287200.0)
+    ev = _ok({"session_id": "s", "type": "session_end"})
+    assert ev.type == "session_end" and ev.item_id is None
+
+
+def test_roundtrip_encode() -> None:
+    ev = _ok({"session_id": "s", "item_id": "a", "user_id": "u", "timestamp": 1.7e9})
+    assert decode(encode(ev)) == ev
+
+
+BAD = [
+    (b"", "empty"),
+    (b"   ", "empty"),
+    (b"{not json", "unparseable"),
+    (b"\xff\xfe\x00garbage", "unparseable"),
+    (b"[1, 2, 3]", "not_an_object"),
+    (b'"a string"', "not_an_object"),
+    (b"null", "not_an_object"),
+    (b'{"item_id": "a"}', "invalid"),
+    (b'{"session_id": "s"}', "invalid"),
+    (b'{"session_id": 5, "item_id": "a"}', "invalid"),
+    (b'{"session_id": "s", "item_id": 17}', "invalid"),
+    (b'{"session_id": "s", "item_id": ["a"]}', "invalid"),
+    (b'{"session_id": "", "item_id": "a"}', "invalid"),
+    (b'{"session_id": "s", "item_id": "a", "timestamp": true}', "invalid"),
+    (b'{"session_id": "s", "item_id": "a", "timestamp": 12}', "invalid"),
+    (b'{"session_id": "s", "item_id": "a", "timestamp": 9e15}', "invalid"),
+    (b'{"session_id": "s", "item_id": "a", "timestamp": "yesterday"}', "invalid"),
+    (b'{"session_id": "s", "item_id": "a", "timestamp": {"x": 1}}', "invalid"),
+    (b'{"session_id": "s", "item_id": "a", "type": "purchase"}', "invalid"),
+    (b'{"session_id": "s", "item_id": "a", "user_id": null, "timestamp": NaN}', "invalid"),
+    (json.dumps({"session_id": "s" * 300, "item_id": "a"}).encode(), "invalid"),
+    (b"[" * 50_000, "oversized"),
+    (b'{"session_id": "s", "item_id": "' + b"x" * 20_000 + b'"}', "oversized"),
+    (b"[" * 5000 + b"]" * 5000, "unparseable"),  # recursion bomb
+]
+
+
+@pytest.mark.parametrize(("raw", "reason"), BAD)
+def test_bad_input_is_dead_lettered(raw: bytes, reason: str) -> None:
+    dl = decode(raw, topic="t", partition=2, offset=7, key=b"k")
+    assert isinstance(dl, DeadLetter), dl
+    assert dl.reason == reason, dl
+    assert dl.original == raw[: len(dl.original)] and dl.original_size == len(raw)
+    assert (dl.topic, dl.partition, dl.offset) == ("t", 2, 7)
+    assert base64.b64decode(dl.key_b64 or "") == b"k"
+    again = DeadLetter.model_validate_json(dl.to_bytes())
+    assert again.reason == reason
+
+
+def test_none_and_non_bytes_never_raise() -> None:
+    assert isinstance(decode(None), DeadLetter)
+    assert isinstance(decode(123), DeadLetter)  # type: ignore[arg-type]
+    assert isinstance(decode('{"session_id": "s", "item_id": "a"}'), ClickEvent)
+
+
+def test_extra_fields_ignored() -> None:
+    ev = _ok({"session_id": "s", "item_id": "a", "price": 3.5})
+    assert ev.item_id == "a"
