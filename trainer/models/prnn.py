@@ -103,6 +103,8 @@ class PRNN(nn.Module):
             raise ValueError(f"subnet_weights needs {len(self.subnets)} values ({self.subnets})")
         self.subnet_weights = w
         self.register_buffer("w", torch.tensor(w), persistent=False)
+        # training schedules switch subnets off (residual: the id subnet alone first)
+        self.register_buffer("active", torch.ones(len(w)), persistent=False)
         self.Wy = nn.ModuleDict(
             {k: nn.Embedding(self.n_items, h) for k, h in zip(self.subnets, sizes, strict=True)}
         )
@@ -176,6 +178,11 @@ class PRNN(nn.Module):
         groups[self.subnets[0]].append(self.By.weight)
         return groups
 
+    def set_active(self, names: Sequence[str] | None) -> None:
+        """Only these subnets contribute to the scores (None: all of them)."""
+        on = [1.0 if names is None or k in names else 0.0 for k in self.subnets]
+        self.active.copy_(torch.tensor(on))
+
     def initial_user_state(self, batch_size: int) -> None:
         return None
 
@@ -228,7 +235,7 @@ class PRNN(nn.Module):
         scores = b.T.expand(output.shape[0], -1)
         for j, k in enumerate(self.subnets):
             w = self.Wy[k].weight if item_rows is None else self.Wy[k](item_rows)
-            scores = scores + self.w[j] * (hs[k] @ w.T)
+            scores = scores + (self.w[j] * self.active[j]) * (hs[k] @ w.T)
         return scores
 
     def step(

@@ -1,0 +1,458 @@
+"""Training and per-user evaluation of the user-aware models: HRNN and p-RNN.
+
+User-parallel mini-batches: each of the B slots follows one user through all of their sessions
+in time order. At the first event of a session the slot's user state is advanced with the
+previous session's final state (``end_session``) and the session state re-initialised from it
+(``initial_state``); at the first event of a new user both are reset (empty user state, then
+the initialisation from it). Every event of a session is an input (the last one with no target),
+so the state handed to ``end_session`` is the state after the whole session, as in the live
+service. Truncated BPTT of one step, as GRU4Rec: states are detached after every step; the user
+GRU and ``W_init`` get their gradient from the first prediction of the new session (and, in the
+``all`` variant / with ``user_to_output``, from every prediction that reads the user state).
+
+p-RNN trains on the same batches (its user state is empty; its session state resets at every
+session start) with one of four schedules over its subnets:
+``joint`` (all subnets at once), ``residual`` (the id subnet alone for ``n_epochs``, then the
+feature subnets for ``n_epochs`` on top of the frozen id subnet), ``alternating`` (one subnet
+per epoch, the others frozen; ``n_epochs`` per subnet) and ``interleaving`` (one subnet per
+mini-batch, cycling; ``n_epochs`` per subnet).
+
+Reused from the GRU4Rec trainer: losses (``trainer.losses``), popularity^alpha negative samples
+(``trainer.sampling``), Adagrad(+momentum) (``trainer.optim``), ranks and metrics
+(``trainer.metrics``), checkpoints (``trainer.checkpoint``).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from trainer.losses import get_loss, logq_correction
+from trainer.metrics import MetricAccumulator, ranks
+from trainer.optim import IndexedAdagradM
+from trainer.sampling import SampleBuffer
+
+SCHEDULES = ("joint", "residual", "alternating", "interleaving")
+_EVAL = "_eval"  # internal column: True for the events of a test session
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def build_item_index(df: pd.DataFrame) -> tuple[list[str], dict[str, int]]:
+    """Item ids in order of first appearance (row -> id) and the inverse map (id -> row)."""
+    ids = [str(i) for i in pd.unique(df["ItemId"])]
+    return ids, {iid: r for r, iid in enumerate(ids)}
+
+
+@dataclass
+class UserParallelBatches:
+    """Precomputed index arrays ``[T, B]`` of a user-parallel pass over a click log.
+
+    ``inputs``: item row fed at step t in slot b (-1: idle slot, or an item outside the index);
+    ``targets``: the next item of the same session (-1: none, i.e. last event of a session,
+    unknown item or idle); ``session_start``: a session starts at this step (the user state
+    advances first unless ``user_start``); ``user_start``: a new user takes the slot (both
+    states reset); ``flag``: the event belongs to an evaluated (test) session.
+    """
+
+    inputs: np.ndarray
+    targets: np.ndarray
+    session_start: np.ndarray
+    user_start: np.ndarray
+    flag: np.ndarray
+    slot_of_user: dict[str, int]
+    n_events: int
+
+    @property
+    def n_steps(self) -> int:
+        return int(self.inputs.shape[0])
+
+    @property
+    def any_start(self) -> np.ndarray:
+        return self.session_start.any(axis=1)
+
+
+def _ordered_events(df: pd.DataFrame) -> pd.DataFrame:
+    """Events sorted user by user (users by first event time, then id), sessions by their
+    first event time then SessionId (test sessions of ``_eval`` last), events by Time (stable)."""
+    d = df[["UserId", "SessionId", "ItemId", "Time"]].copy()
+    d["_flag"] = df[_EVAL].to_numpy(dtype=bool) if _EVAL in df.columns else False
+    d["_pos"] = np.arange(len(d))
+    d["_sstart"] = d.groupby("SessionId", sort=False)["Time"].transform("min")
+    d["_ustart"] = d.groupby("UserId", sort=False)["Time"].transform("min")
+    return d.sort_values(
+        ["_ustart", "UserId", "_flag", "_sstart", "SessionId", "Time", "_pos"], kind="stable"
+    )
+
+
+def user_parallel_batches(
+    df: pd.DataFrame,
+    item_index: Mapping[str, int],
+    batch_size: int,
+    shuffle_users: bool = False,
+    seed: int = 0,
+) -> UserParallelBatches:
+    """User-parallel mini-batch index arrays (see :class:`UserParallelBatches`).
+
+    A slot that finishes its user takes the next user in order (by first event time, or
+    shuffled with ``seed``); when no user is left the slot idles until the longest one ends.
+    """
+    if "UserId" not in df.columns:
+        raise ValueError("user-parallel batches need a UserId column")
+    if len(df) == 0:
+        raise ValueError("no events")
+    d = _ordered_events(df)
+    user = d["UserId"].astype(str).to_numpy()
+    sess = d["SessionId"].astype(str).to_numpy()
+    rows = np.fromiter((item_index.get(str(i), -1) for i in d["ItemId"]), np.int64, len(d))
+    flag = d["_flag"].to_numpy(dtype=bool)
+    n = len(d)
+    new_user = np.ones(n, dtype=bool)
+    new_user[1:] = user[1:] != user[:-1]
+    new_sess = new_user.copy()
+    new_sess[1:] |= sess[1:] != sess[:-1]
+    last_of_sess = np.ones(n, dtype=bool)
+    last_of_sess[:-1] = new_sess[1:]
+    tgt = np.full(n, -1, dtype=np.int64)
+    tgt[:-1] = np.where(last_of_sess[:-1], -1, rows[1:])
+    tgt[rows < 0] = -1  # an unknown input keeps the state: its prediction is not trained
+    ustarts = np.flatnonzero(new_user)
+    lengths = np.diff(np.r_[ustarts, n])
+    order = np.arange(len(ustarts))
+    if shuffle_users:
+        order = np.random.default_rng(seed).permutation(len(ustarts))
+    b = min(batch_size, len(ustarts))
+    heap = [(0, s) for s in range(b)]
+    offset = np.zeros(len(ustarts), dtype=np.int64)
+    slot = np.zeros(len(ustarts), dtype=np.int64)
+    for u in order:  # the slot that frees up first takes the next user
+        t0, s = heapq.heappop(heap)
+        offset[u], slot[u] = t0, s
+        heapq.heappush(heap, (t0 + int(lengths[u]), s))
+    n_steps = max(t for t, _ in heap)
+    user_of_event = np.repeat(np.arange(len(ustarts)), lengths)
+    pos_in_user = np.arange(n) - ustarts[user_of_event]
+    t_idx = offset[user_of_event] + pos_in_user
+    s_idx = slot[user_of_event]
+
+    def grid(values: np.ndarray, fill: Any, dtype: Any) -> np.ndarray:
+        g = np.full((n_steps, batch_size), fill, dtype=dtype)
+        g[t_idx, s_idx] = values
+        return g
+
+    return UserParallelBatches(
+        inputs=grid(rows, -1, np.int64),
+        targets=grid(tgt, -1, np.int64),
+        session_start=grid(new_sess, False, bool),
+        user_start=grid(new_user, False, bool),
+        flag=grid(flag, False, bool),
+        slot_of_user={str(user[ustarts[u]]): int(slot[u]) for u in range(len(ustarts))},
+        n_events=n,
+    )
+
+
+def advance_at_boundaries(
+    model: nn.Module,
+    state: Tensor,
+    user_state: Tensor | None,
+    session_start: Tensor,
+    user_start: Tensor,
+) -> tuple[Tensor, Tensor | None]:
+    """Apply session/user boundaries of one step to the slots' states.
+
+    ``session_start`` rows (not ``user_start``): user state <- end_session(user, state);
+    ``user_start`` rows: user state <- initial (empty); both: session state <- initial_state.
+    """
+    b = state.shape[0]
+    ss = session_start.unsqueeze(1)
+    if user_state is not None:
+        advanced = model.end_session(user_state, state)
+        empty = model.initial_user_state(b)
+        user_state = torch.where(
+            user_start.unsqueeze(1), empty, torch.where(ss, advanced, user_state)
+        )
+    init = model.initial_state(user_state, b)
+    return torch.where(ss, init, state), user_state
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class HierParams:
+    """Training parameters; names follow the official GRU4Rec implementation."""
+
+    loss: str = "cross-entropy"
+    batch_size: int = 64
+    n_epochs: int = 5
+    learning_rate: float = 0.05
+    momentum: float = 0.0
+    n_sample: int = 0
+    sample_alpha: float = 0.5
+    bpreg: float = 1.0
+    logq: float = 0.0
+    seed: int = 42
+    device: str = "auto"
+    schedule: str = "joint"
+    shuffle_users: bool = False
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.batch_size < 1 or self.n_epochs < 0:
+            raise ValueError("batch_size must be >= 1 and n_epochs >= 0")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def schedule_plan(model: nn.Module, schedule: str, n_epochs: int) -> list[dict[str, Any]]:
+    """Per-epoch plan: ``{"train": [group names] | None (all), "active": [...] | None,
+    "interleave": bool}``. Models without subnets (HRNN, GRU4Rec) always train everything."""
+    groups = list(model.param_groups()) if hasattr(model, "param_groups") else []
+    if schedule == "joint" or len(groups) <= 1:
+        return [{"train": None, "active": None, "interleave": False} for _ in range(n_epochs)]
+    if schedule == "residual":
+        first, rest = groups[:1], groups[1:]
+        return [{"train": first, "active": first, "interleave": False}] * n_epochs + [
+            {"train": rest, "active": None, "interleave": False}
+        ] * n_epochs
+    if schedule == "alternating":
+        return [
+            {"train": [groups[e % len(groups)]], "active": None, "interleave": False}
+            for e in range(n_epochs * len(groups))
+        ]
+    if schedule == "interleaving":
+        return [{"train": groups, "active": None, "interleave": True}] * (n_epochs * len(groups))
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def _set_trainable(model: nn.Module, names: Sequence[str] | None) -> None:
+    if not hasattr(model, "param_groups"):
+        return
+    groups = model.param_groups()
+    on = set(groups) if names is None else set(names)
+    for k, ps in groups.items():
+        for p in ps:
+            p.requires_grad_(k in on)
+
+
+def train_hier(
+    model: nn.Module,
+    train_df: pd.DataFrame,
+    item_index: Mapping[str, int],
+    params: HierParams | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Train ``model`` (HRNN, p-RNN, or any model with ``forward_step``/``score_items``) in place
+    on user-parallel mini-batches. Returns training statistics."""
+    p = params or HierParams()
+    dev = resolve_device(p.device)
+    torch.manual_seed(p.seed)
+    model.to(dev)
+    model.train()
+    loss_fn = get_loss(p.loss, p.bpreg)
+    opt = IndexedAdagradM(model.parameters(), [], lr=p.learning_rate, momentum=p.momentum)
+    n_items = int(model.n_items)
+    rows_all = train_df["ItemId"].astype(str).map(item_index).dropna().astype(np.int64)
+    counts = torch.bincount(torch.from_numpy(rows_all.to_numpy().copy()), minlength=n_items).float()
+    sampler = (
+        SampleBuffer(counts, p.n_sample, p.sample_alpha, dev, seed=p.seed)
+        if p.n_sample > 0
+        else None
+    )
+    counts_dev = counts.clamp(min=1.0).to(dev)
+    plan = schedule_plan(model, p.schedule, p.n_epochs)
+    groups = list(model.param_groups()) if hasattr(model, "param_groups") else []
+    batches = user_parallel_batches(train_df, item_index, p.batch_size, False, p.seed)
+    t_start = time.perf_counter()
+    n_trained = 0
+    epoch_losses: list[float] = []
+    for epoch, step_plan in enumerate(plan):
+        if p.shuffle_users and epoch > 0:
+            batches = user_parallel_batches(
+                train_df, item_index, p.batch_size, True, p.seed + epoch
+            )
+        if hasattr(model, "set_active"):
+            model.set_active(step_plan["active"])
+        if not step_plan["interleave"]:
+            _set_trainable(model, step_plan["train"])
+        loss_sum, n_ev = _run_epoch(
+            model,
+            batches,
+            opt,
+            loss_fn,
+            sampler,
+            counts_dev,
+            p,
+            dev,
+            interleave=groups if step_plan["interleave"] else None,
+        )
+        n_trained += n_ev
+        epoch_losses.append(loss_sum / max(n_ev, 1))
+        if log:
+            log(f"epoch {epoch + 1}/{len(plan)} loss {epoch_losses[-1]:.4f} events {n_ev}")
+    _set_trainable(model, None)
+    if hasattr(model, "set_active"):
+        model.set_active(None)
+    secs = time.perf_counter() - t_start
+    model.eval()
+    return {
+        "train_seconds": secs,
+        "train_events": n_trained,
+        "train_events_per_s": n_trained / secs if secs > 0 else 0.0,
+        "epochs": len(plan),
+        "epoch_losses": epoch_losses,
+        "params": asdict(p),
+        "n_steps_per_epoch": batches.n_steps,
+    }
+
+
+def _run_epoch(
+    model: nn.Module,
+    b: UserParallelBatches,
+    opt: IndexedAdagradM,
+    loss_fn: Callable[..., Tensor],
+    sampler: SampleBuffer | None,
+    counts: Tensor,
+    p: HierParams,
+    dev: torch.device,
+    interleave: list[str] | None,
+) -> tuple[float, int]:
+    bs = b.inputs.shape[1]
+    inputs = torch.from_numpy(b.inputs).to(dev)
+    targets = torch.from_numpy(b.targets).to(dev)
+    sstart = torch.from_numpy(b.session_start).to(dev)
+    ustart = torch.from_numpy(b.user_start).to(dev)
+    has_target = (b.targets >= 0).any(axis=1)
+    any_start = b.any_start
+    user = model.initial_user_state(bs)
+    state = model.initial_state(user, bs)
+    total = torch.zeros((), device=dev)
+    n_events = int((b.targets >= 0).sum())
+    k = 0
+    for t in range(b.n_steps):
+        if any_start[t]:
+            state, user = advance_at_boundaries(model, state, user, sstart[t], ustart[t])
+        if interleave is not None and has_target[t]:
+            _set_trainable(model, [interleave[k % len(interleave)]])
+            k += 1
+        state, out = model.forward_step(inputs[t], state, user)
+        if has_target[t]:
+            tgt = targets[t]
+            valid = tgt >= 0
+            out_rows = tgt.clamp(min=0)
+            if sampler is not None:
+                out_rows = torch.cat([out_rows, sampler.get()])
+            scores = model.score_items(out, user, out_rows)
+            if p.loss in ("cross-entropy", "xe") and p.logq > 0:
+                corr = logq_correction(counts, out_rows, bs, p.sample_alpha, p.logq)
+                loss = loss_fn(scores, valid, corr)
+            else:
+                loss = loss_fn(scores, valid)
+            loss = loss / bs
+            for q in model.parameters():
+                q.grad = None
+            loss.backward()
+            opt.step()
+            total += loss.detach() * bs
+        state = state.detach()
+        if user is not None:
+            user = user.detach()
+    return float(total), n_events
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.inference_mode()
+def evaluate_users(
+    model: nn.Module,
+    train_df: pd.DataFrame,
+    test_df: pd.DataFrame,
+    item_index: Mapping[str, int],
+    ks: Iterable[int] = (5, 20),
+    ties: str = "conservative",
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+) -> dict[str, float]:
+    """Per-user next-item evaluation of each user's test session(s).
+
+    The user's training sessions warm the user state in time order (no learning; skipped for
+    models without a user state), then every next item of the test session is ranked among all
+    items (``trainer.metrics.ranks`` with ``ties``). Test items outside ``item_index`` are
+    neither ranked nor fed (an unknown input keeps the state, as in the live service).
+    """
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(dev)
+    was_training = model.training
+    model.eval()
+    test = test_df.copy()
+    test[_EVAL] = True
+    users = set(test["UserId"].astype(str))
+    parts = [test]
+    if int(getattr(model, "user_state_dim", 0)) > 0:
+        hist = train_df[train_df["UserId"].astype(str).isin(users)].copy()
+        hist[_EVAL] = False
+        parts.insert(0, hist)
+    data = pd.concat(parts, ignore_index=True)
+    b = user_parallel_batches(data, item_index, batch_size)
+    acc = MetricAccumulator(ks)
+    bs = b.inputs.shape[1]
+    inputs = torch.from_numpy(b.inputs).to(dev)
+    targets = torch.from_numpy(b.targets).to(dev)
+    sstart = torch.from_numpy(b.session_start).to(dev)
+    ustart = torch.from_numpy(b.user_start).to(dev)
+    scored = (b.targets >= 0) & b.flag
+    any_scored = scored.any(axis=1)
+    scored_t = torch.from_numpy(scored).to(dev)
+    user = model.initial_user_state(bs)
+    state = model.initial_state(user, bs)
+    for t in range(b.n_steps):
+        if b.any_start[t]:
+            state, user = advance_at_boundaries(model, state, user, sstart[t], ustart[t])
+        if any_scored[t]:
+            state, scores = model.step(inputs[t], state, user)
+            sel = scored_t[t].nonzero().squeeze(1)
+            acc.add_ranks(ranks(scores.index_select(0, sel), targets[t].index_select(0, sel), ties))
+        elif hasattr(model, "forward_step"):
+            state, _ = model.forward_step(inputs[t], state, user)
+        else:
+            state, _ = model.step(inputs[t], state, user)
+    if was_training:
+        model.train()
+    res = acc.result()
+    res["n_users"] = len(users)
+    return res
+
+
+def split_stats(train_df: pd.DataFrame, test_df: pd.DataFrame) -> dict[str, float]:
+    """Sizes of a last-session-out split (for reports and checkpoints)."""
+
+    def one(d: pd.DataFrame) -> dict[str, float]:
+        n_s = d["SessionId"].nunique()
+        return {
+            "events": len(d),
+            "sessions": n_s,
+            "users": d["UserId"].nunique(),
+            "items": d["ItemId"].nunique(),
+            "mean_session_length": len(d) / n_s if n_s else math.nan,
+        }
+
+    tr, te = one(train_df), one(test_df)
+    out = {f"train_{k}": v for k, v in tr.items()} | {f"test_{k}": v for k, v in te.items()}
+    out["train_sessions_per_user"] = tr["sessions"] / tr["users"] if tr["users"] else math.nan
+    return out
