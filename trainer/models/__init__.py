@@ -7,9 +7,13 @@ from typing import Any
 from torch import nn
 
 from trainer.models.gru4rec import GRU4Rec, GRU4RecConfig
+from trainer.models.hrnn import HRNN
+from trainer.models.prnn import PRNN
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "gru4rec": GRU4Rec,
+    "hrnn": HRNN,
+    "prnn": PRNN,
 }
 
 
@@ -23,4 +27,4 @@ def build_model(name: str, config: dict[str, Any]) -> nn.Module:
     return cls.from_config(dict(config))  # type: ignore[attr-defined]
 
 
-__all__ = ["MODEL_REGISTRY", "GRU4Rec", "GRU4RecConfig", "build_model"]
+__all__ = ["HRNN", "MODEL_REGISTRY", "PRNN", "GRU4Rec", "GRU4RecConfig", "build_model"]
