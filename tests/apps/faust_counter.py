@@ -1,0 +1,47 @@
+"""A minimal Faust worker for the foundation tests: sums values per key in a RocksDB table.
+
+Run as a process: python tests/apps/faust_counter.py, configured by environment variables.
+Uses the settings the broker notes say Tansu needs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import faust
+
+from streamrec import tansu_compat
+
+tansu_compat.install({"bootstrap.servers": os.environ["COUNTER_BOOTSTRAP"]})
+
+app = faust.App(
+    os.environ["COUNTER_APP_ID"],
+    broker=f"kafka://{os.environ['COUNTER_BOOTSTRAP']}",
+    store="rocksdb://",
+    datadir=Path(os.environ["COUNTER_DATA_DIR"]),
+    processing_guarantee="at_least_once",
+    topic_partitions=2,
+    topic_replication_factor=1,
+    broker_session_timeout=6,
+    broker_heartbeat_interval=1,
+    recovery_consistency_check=False,
+    consumer_auto_offset_reset="earliest",
+    broker_commit_interval=0.5,
+    web_enabled=False,
+)
+
+source = app.topic(os.environ["COUNTER_IN"], key_type=str, value_type=int, partitions=2)
+sink = app.topic(os.environ["COUNTER_OUT"], key_type=str, value_type=int, partitions=2)
+totals = app.Table("totals", default=int, partitions=2)
+
+
+@app.agent(source)
+async def count(stream: faust.StreamT) -> None:
+    async for key, value in stream.items():
+        totals[key] += value
+        await sink.send(key=key, value=totals[key])
+
+
+if __name__ == "__main__":
+    faust.Worker(app, loglevel="WARNING").execute_from_commandline()

@@ -1,0 +1,118 @@
+"""A minimal Faust app on the broker: RocksDB table state survives a restart with its data
+directory kept, and is rebuilt from the changelog when the directory is wiped."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Producer
+
+from streamrec.kafka import TopicSpec, ensure_topics, read_topic
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+APP = Path(__file__).parent / "apps" / "faust_counter.py"
+KEYS = [f"user-{i}" for i in range(6)]
+
+
+def _produce(bootstrap: str, topic: str, values: list[tuple[str, int]]) -> None:
+    producer = Producer({"bootstrap.servers": bootstrap, "log_level": 0})
+    for key, value in values:
+        producer.produce(topic, key=json.dumps(key), value=json.dumps(value))
+    assert producer.flush(20) == 0
+
+
+def _wait_for_outputs(bootstrap: str, topic: str, n: int, log: Path, timeout: float = 90) -> list:
+    deadline = time.monotonic() + timeout
+    records: list = []
+    while time.monotonic() < deadline:
+        records = read_topic({"bootstrap.servers": bootstrap}, topic, idle_timeout=1.0)
+        if len(records) >= n:
+            return records
+        time.sleep(1.0)
+    got = sorted(
+        (m.partition(), m.offset(), json.loads(m.key()), json.loads(m.value())) for m in records
+    )
+    raise AssertionError(
+        f"expected {n} outputs on {topic}, got {len(records)}: {got[-70:]}\n"
+        + log.read_text()[-4000:]
+    )
+
+
+def _last_total_per_key(records: list) -> dict[str, int]:
+    # Per partition, outputs are in offset order, so the last one per key is the newest total.
+    last: dict[str, int] = {}
+    for msg in records:
+        last[json.loads(msg.key())] = json.loads(msg.value())
+    return last
+
+
+class Worker:
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self._log = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(APP), "worker", "-l", "warning"],
+            env=env,
+            stdout=self._log,
+            stderr=self._log,
+        )
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def test_table_survives_restart_and_rebuilds_from_changelog(
+    kafka_bootstrap: str, unique_name: Callable[[str], str], tmp_path: Path
+) -> None:
+    in_topic, out_topic, app_id = unique_name("in"), unique_name("out"), unique_name("app")
+    conf = {"bootstrap.servers": kafka_bootstrap}
+    ensure_topics(conf, [TopicSpec(in_topic, 2), TopicSpec(out_topic, 2)])
+    data_dir = tmp_path / "data"
+    env = {
+        **os.environ,
+        "COUNTER_APP_ID": app_id,
+        "COUNTER_BOOTSTRAP": kafka_bootstrap,
+        "COUNTER_DATA_DIR": str(data_dir),
+        "COUNTER_IN": in_topic,
+        "COUNTER_OUT": out_topic,
+    }
+    expected: dict[str, int] = defaultdict(int)
+    produced = 0
+    phases = ["fresh", "restart with data kept", "restart with data wiped"]
+    for phase_no, phase in enumerate(phases):
+        if phase == "restart with data wiped":
+            shutil.rmtree(data_dir)
+        values = [(KEYS[i % len(KEYS)], phase_no * 100 + i) for i in range(60)]
+        worker = Worker(env, tmp_path / "worker.log")
+        try:
+            _produce(kafka_bootstrap, in_topic, values)
+            produced += len(values)
+            for key, value in values:
+                expected[key] += value
+            records = _wait_for_outputs(
+                kafka_bootstrap, out_topic, produced, log=tmp_path / "worker.log"
+            )
+        finally:
+            worker.stop()
+        assert worker.proc.returncode == 0, (tmp_path / "worker.log").read_text()[-3000:]
+        assert len(records) == produced, phase
+        assert _last_total_per_key(records) == dict(expected), phase
+        if phase != "restart with data wiped":
+            assert any(data_dir.rglob("*")), "the RocksDB data directory was not written"
