@@ -1,0 +1,34 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   - embedded broker, synthetic clicks, a trained GRU4Rec, live recommendations
+#   make test   - ruff + the whole test suite
+# Both create .venv in the project on first use.
+
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+# The CPU build of torch (on this workplace it installs from local disk). A bare range would
+# pull a multi-GB CUDA build; the GPU machine brings its own torch 2.11 instead.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install test lint demo clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: lint
+	$(PY) -m pytest
+
+demo: install
+	$(VENV)/bin/streamrec demo
+
+clean:
+	rm -rf $(VENV) var runs .pytest_cache .ruff_cache
