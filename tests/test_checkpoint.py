@@ -1,0 +1,131 @@
+"""Checkpoint directories: round trip, and rejection of damaged ones."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
+from trainer.models.gru4rec import GRU4Rec, GRU4RecConfig
+
+IDS = [f"item{i}" for i in range(25)]
+
+
+@pytest.fixture
+def ckpt(tmp_path: Path) -> tuple[Path, GRU4Rec]:
+    m = GRU4Rec(
+        GRU4RecConfig(n_items=25, layers=[8, 6], embedding=4, constrained_embedding=False), seed=1
+    )
+    with torch.no_grad():
+        m.By.normal_()
+    path = save_checkpoint(
+        tmp_path / "ck", m, "gru4rec", IDS, train_params={"loss": "bpr-max"},
+        data_stats={"n_events": 10}, metrics={"recall@20": 0.5},
+    )  # fmt: skip
+    return path, m.eval()
+
+
+def _scores(m: torch.nn.Module) -> torch.Tensor:
+    with torch.inference_mode():
+        s = m.initial_state(None, 3)
+        for rows in ([1, 2, 3], [4, -1, 24]):
+            s, sc = m.step(torch.tensor(rows), s, None)
+    return sc
+
+
+def test_round_trip_identical_scores(ckpt: tuple[Path, GRU4Rec]) -> None:
+    path, m = ckpt
+    assert sorted(p.name for p in path.iterdir()) == ["checkpoint.json", "model.safetensors"]
+    c = load_checkpoint(path, "cpu")
+    assert not c.model.training
+    assert c.model_name == "gru4rec" and c.item_ids == IDS and c.item_index["item7"] == 7
+    assert c.train_params == {"loss": "bpr-max"} and c.metrics == {"recall@20": 0.5}
+    assert c.data_stats == {"n_events": 10} and c.version and c.created_at
+    assert torch.equal(_scores(c.model), _scores(m))
+    meta = read_metadata(path)
+    assert meta["version"] == c.version and meta["model_config"] == m.config_dict()
+
+
+def test_overwrite_is_atomic_rename(ckpt: tuple[Path, GRU4Rec], tmp_path: Path) -> None:
+    path, m = ckpt
+    v1 = load_checkpoint(path).version
+    save_checkpoint(path, m, "gru4rec", IDS)
+    assert load_checkpoint(path).metrics == {}
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temp dirs left behind
+    assert isinstance(v1, str)
+
+
+def test_truncated_tensor_file(ckpt: tuple[Path, GRU4Rec]) -> None:
+    path, _ = ckpt
+    f = path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_checkpoint(path)
+
+
+def test_corrupted_tensor_file_with_matching_hash(ckpt: tuple[Path, GRU4Rec]) -> None:
+    import hashlib
+
+    path, _ = ckpt
+    f = path / "model.safetensors"
+    data = f.read_bytes()[:50]
+    f.write_bytes(data)
+    meta = json.loads((path / "checkpoint.json").read_text())
+    meta["tensor_sha256"] = hashlib.sha256(data).hexdigest()
+    (path / "checkpoint.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="unreadable tensor file"):
+        load_checkpoint(path)
+
+
+def test_flipped_byte(ckpt: tuple[Path, GRU4Rec]) -> None:
+    path, _ = ckpt
+    f = path / "model.safetensors"
+    b = bytearray(f.read_bytes())
+    b[-5] ^= 0xFF
+    f.write_bytes(bytes(b))
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda m: m["model_config"].update(layers=[8, 7]), "shape"),
+        (lambda m: m["model_config"].update(n_items=26), "shape"),
+        (lambda m: m["model_config"].update(embedding=0), "tensor names"),
+        (lambda m: m["item_ids"].pop(), "item"),
+        (lambda m: m["model_config"].update(bogus=1), "config"),
+        (lambda m: m.update(model_name="nope"), "config"),
+        (lambda m: m.pop("tensor_sha256"), "lacks"),
+        (lambda m: m.update(format="pickle"), "format"),
+    ],
+)
+def test_edited_json_rejected(ckpt: tuple[Path, GRU4Rec], edit, match: str) -> None:
+    path, _ = ckpt
+    meta = json.loads((path / "checkpoint.json").read_text())
+    edit(meta)
+    (path / "checkpoint.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(path)
+
+
+def test_missing_files(ckpt: tuple[Path, GRU4Rec], tmp_path: Path) -> None:
+    path, _ = ckpt
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nowhere")
+    (path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"missing model\.safetensors"):
+        load_checkpoint(path)
+    (path / "checkpoint.json").unlink()
+    with pytest.raises(CheckpointError, match=r"missing checkpoint\.json"):
+        load_checkpoint(path)
+
+
+def test_bad_json(ckpt: tuple[Path, GRU4Rec]) -> None:
+    path, _ = ckpt
+    (path / "checkpoint.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_checkpoint(path)
