@@ -87,6 +87,8 @@ class BatchResult:
     stats: Counter[str] = field(default_factory=Counter)
     model_seconds: float = 0.0
     model_version: str = ""
+    #: partition of each state key touched (where its state writes belong)
+    key_partitions: dict[str, int] = field(default_factory=dict)
 
     def recommendation_values(self) -> list[tuple[bytes, bytes]]:
         """(key, JSON value) pairs ready to publish."""
@@ -241,6 +243,7 @@ def process_batch(
         if clock is not None:
             clock.observe(t)
         queues.setdefault(ev.key, deque()).append((rec, ev, t))
+        res.key_partitions[ev.key] = rec.partition
     stats["dead_letters"] += len(res.dead_letters)
     if not queues:
         return res
@@ -376,6 +379,9 @@ def process_batch(
 class SweepResult:
     sessions_ended: int = 0
     users_expired: int = 0
+    sessions_left: int = 0
+    users_left: int = 0
+    key_partitions: dict[str, int] = field(default_factory=dict)
 
 
 def sweep_idle(
@@ -406,20 +412,26 @@ def sweep_idle(
             _migrate(k, model, stats)
             work.append((key, k))
         positions = [(k.sess.partition, k.sess.offset) for _, k in work]  # type: ignore[union-attr]
+        for (key, _), (part, _) in zip(work, positions, strict=True):
+            res.key_partitions[key] = part
         _end_sessions(work, model, config, positions, stats)
         for key, k in work:
             store.delete_session(key)
             if k.user is not None and k.user_dirty:
                 store.put_user(key, k.user)
         res.sessions_ended += len(chunk)
-    if sweep_users and config.user_ttl_seconds is not None:
+    res.sessions_left = len(store.sessions)
+    if sweep_users:
         for key, raw in list(store.users.items()):
             try:
                 u = UserState.from_bytes(raw)
             except ValueError:
-                store.delete_user(key)
                 continue
-            if now - u.last_time > config.user_ttl_seconds and key not in store.sessions:
+            res.users_left += 1
+            ttl = config.user_ttl_seconds
+            if ttl is not None and now - u.last_time > ttl and key not in store.sessions:
+                res.key_partitions[key] = u.partition
                 store.delete_user(key)
                 res.users_expired += 1
+                res.users_left -= 1
     return res

@@ -1,0 +1,297 @@
+"""The Faust worker: topics, tables, one thin agent and two timers around ``core``.
+
+* The agent takes micro-batches (``stream.take_events(max_events, within=max_wait)``) and runs
+  :func:`streamrec.core.process_batch` in a one-thread executor, so neither the model step nor
+  the decoding blocks the event loop (heartbeats keep flowing). Reads of the RocksDB tables
+  happen in that thread; writes are buffered (:class:`_Overlay`) and applied on the event loop
+  afterwards, because Faust's changelog producer is not thread-safe.
+* Faust tables take the changelog partition from "the current event". A batch mixes
+  partitions, so each write is done under a stand-in event of the key's own partition.
+* Faust hard-codes ``fetch_max_wait_ms=1500`` for its consumer; Tansu holds an empty fetch
+  for that long even when data arrives, so one click took ~700 ms. :class:`StreamrecApp`
+  overrides ``_new_transport`` with a transport whose consumer thread lowers the fetcher's
+  wait (``StreamrecApp.fetch_max_wait_ms``, 10 ms by default) before the consumer starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import weakref
+from collections.abc import Iterator, Mapping, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import faust
+from faust.streams import _current_event
+from faust.transport.drivers import aiokafka as faust_aiokafka
+
+from .core import BatchResult, CoreConfig, Record, StreamClock, process_batch, sweep_idle
+from .metrics import Metrics
+from .runtime import ModelHolder
+from .settings import Settings
+from .state import StateStore
+
+log = logging.getLogger(__name__)
+
+FETCH_MAX_WAIT_MS = 10
+
+
+# ---- consumer fetch wait ----------------------------------------------------------------
+class _FastFetchConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        # read by AIOKafkaConsumer.start() when it builds its Fetcher
+        consumer._fetch_max_wait_ms = int(getattr(self.app, "fetch_max_wait_ms", FETCH_MAX_WAIT_MS))
+        return consumer
+
+
+class _FastFetchConsumer(faust_aiokafka.Consumer):
+    def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
+        return _FastFetchConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class _FastFetchTransport(faust_aiokafka.Transport):
+    Consumer = _FastFetchConsumer
+
+
+class StreamrecApp(faust.App):
+    """faust.App whose Kafka consumer waits at most ``fetch_max_wait_ms`` on an empty fetch."""
+
+    fetch_max_wait_ms: int = FETCH_MAX_WAIT_MS
+
+    def _new_transport(self) -> Any:
+        url = self.conf.broker_consumer[0]
+        if url.scheme not in ("kafka", "aiokafka"):
+            return super()._new_transport()
+        return _FastFetchTransport(self.conf.broker_consumer, self)
+
+
+# ---- table access from the batch ----------------------------------------------------------
+class _PartitionEvent:
+    """The minimum of an event that Faust tables read: ``message.topic``/``message.partition``."""
+
+    class _Msg:
+        __slots__ = ("partition", "topic")
+
+        def __init__(self, topic: str, partition: int) -> None:
+            self.topic, self.partition = topic, partition
+
+    __slots__ = ("__weakref__", "message")
+
+    def __init__(self, topic: str, partition: int) -> None:
+        self.message = self._Msg(topic, partition)
+
+
+@contextlib.contextmanager
+def _in_partition(event: _PartitionEvent) -> Iterator[None]:
+    token = _current_event.set(weakref.ref(event))  # type: ignore[arg-type]
+    try:
+        yield
+    finally:
+        _current_event.reset(token)
+
+
+class _Overlay(MutableMapping[str, bytes]):
+    """Reads through to a table's store, buffers writes (None = delete) for the event loop."""
+
+    def __init__(self, base: Mapping[str, bytes]) -> None:
+        self.base = base
+        self.writes: dict[str, bytes | None] = {}
+
+    def __getitem__(self, key: str) -> bytes:
+        if key in self.writes:
+            v = self.writes[key]
+            if v is None:
+                raise KeyError(key)
+            return v
+        return self.base[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def __contains__(self, key: object) -> bool:
+        return self.get(key) is not None  # type: ignore[arg-type]
+
+    def __setitem__(self, key: str, value: bytes) -> None:
+        self.writes[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        if key not in self:
+            raise KeyError(key)
+        self.writes[key] = None
+
+    def __iter__(self) -> Iterator[str]:
+        seen = set()
+        for k in list(self.base.keys()):
+            seen.add(k)
+            if self.writes.get(k, b"") is not None:
+                yield k
+        for k, v in list(self.writes.items()):
+            if k not in seen and v is not None:
+                yield k
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+class Worker:
+    """Everything one worker process holds: app, topics, tables, model, metrics."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        holder: ModelHolder,
+        *,
+        metrics: Metrics | None = None,
+        datadir: Path | None = None,
+        fetch_max_wait_ms: int = FETCH_MAX_WAIT_MS,
+    ) -> None:
+        self.settings = settings
+        self.holder = holder
+        self.metrics = metrics or Metrics()
+        self.config = CoreConfig.from_settings(settings)
+        self.clock = StreamClock()
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="streamrec-step")
+        self.lock = asyncio.Lock()
+        t = settings.topics
+        w = settings.worker
+        app = StreamrecApp(
+            w.app_id,
+            **settings.kafka.faust_broker_kwargs(),
+            store="rocksdb://",
+            datadir=str(datadir or settings.state.directory),
+            processing_guarantee="at_least_once",
+            broker_session_timeout=6,
+            broker_heartbeat_interval=1,
+            broker_commit_interval=1.0,
+            recovery_consistency_check=False,
+            consumer_auto_offset_reset="earliest",
+            topic_partitions=t.partitions,
+            topic_replication_factor=t.replication_factor,
+            topic_allow_declare=True,
+            web_enabled=False,
+            stream_buffer_maxsize=max(4096, 4 * settings.batching.max_events),
+            broker_max_poll_records=max(500, settings.batching.max_events),
+        )
+        app.fetch_max_wait_ms = fetch_max_wait_ms
+        self.app = app
+        raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw"}
+        raw["value_serializer"] = "raw"
+        self.clicks = app.topic(t.clicks, partitions=t.partitions, **raw)
+        self.recs = app.topic(t.recommendations, partitions=t.partitions, **raw)
+        self.dead = app.topic(t.dead_letter, partitions=t.partitions, **raw)
+        # bytes values are stored and logged raw; str keys as JSON strings
+        table = {"key_type": str, "value_type": bytes, "partitions": t.partitions}
+        self.sessions = app.Table("sessions", **table)
+        self.users = app.Table("users", **table)
+        app.agent(self.clicks, name="streamrec.clicks")(self._agent)
+        app.timer(settings.state.sweep_interval_seconds)(self._sweep)
+        if settings.model.reload_interval_s > 0 and holder.watch_dir is not None:
+            app.timer(settings.model.reload_interval_s)(self._reload)
+        m = holder.current
+        self.metrics.set_model(m.name, m.version, str(m.device))
+
+    # ---- agent -------------------------------------------------------------------------
+    async def _agent(self, stream: faust.StreamT) -> None:
+        b = self.settings.batching
+        async for events in stream.take_events(b.max_events, within=b.max_wait_ms / 1000.0):
+            await self.handle(events)
+
+    async def handle(self, events: list[Any]) -> BatchResult:
+        received = time.time()
+        records = [
+            Record(
+                e.message.value,
+                e.message.key,
+                e.message.topic,
+                e.message.partition,
+                e.message.offset,
+                e.message.timestamp,
+                received,
+            )
+            for e in events
+        ]
+        async with self.lock:
+            store = StateStore(_Overlay(self.sessions.data), _Overlay(self.users.data))
+            model = self.holder.current
+            loop = asyncio.get_running_loop()
+            res = await loop.run_in_executor(
+                self.executor,
+                lambda: process_batch(records, store, model, self.config, clock=self.clock),
+            )
+            self._apply(store, res.key_partitions)
+        for key, value in res.recommendation_values():
+            await self.recs.send(key=key, value=value)
+        for d in res.dead_letters:
+            await self.dead.send(key=None, value=d.to_bytes())
+        lat = [
+            r["emitted_at"] - r["produced_at"]
+            for r in res.recommendations
+            if r["produced_at"] and not r["duplicate"]
+        ]
+        self.metrics.observe_batch(len(records), res.stats, lat, res.model_seconds)
+        return res
+
+    def _apply(self, store: StateStore, partitions: Mapping[str, int]) -> None:
+        """Write buffered state changes, each under its key's partition (event loop only)."""
+        topic = self.clicks.get_topic_name()
+        for table, overlay in ((self.sessions, store.sessions), (self.users, store.users)):
+            assert isinstance(overlay, _Overlay)
+            for key, value in overlay.writes.items():
+                part = partitions.get(key)
+                if part is None:
+                    log.warning("no partition known for state key %r; write skipped", key)
+                    continue
+                with _in_partition(_PartitionEvent(topic, part)):
+                    if value is None:
+                        if key in table:
+                            del table[key]
+                    else:
+                        table[key] = value
+
+    # ---- timers ------------------------------------------------------------------------
+    async def _sweep(self) -> None:
+        async with self.lock:
+            store = StateStore(_Overlay(self.sessions.data), _Overlay(self.users.data))
+            model = self.holder.current
+            now = self.clock.now()
+            loop = asyncio.get_running_loop()
+            res = await loop.run_in_executor(
+                self.executor, lambda: sweep_idle(store, model, self.config, now=now)
+            )
+            self._apply(store, res.key_partitions)
+        self.metrics.sessions_ended.inc(res.sessions_ended)
+        if res.sessions_ended or res.users_expired:
+            log.info(
+                "idle sweep: closed %d sessions, expired %d users",
+                res.sessions_ended,
+                res.users_expired,
+            )
+        self.metrics.sessions.set(res.sessions_left)
+        self.metrics.users.set(res.users_left)
+
+    async def _reload(self) -> None:
+        loop = asyncio.get_running_loop()
+        async with self.lock:  # swaps happen between batches
+            swapped = await loop.run_in_executor(self.executor, self.holder.maybe_reload)
+        if swapped:
+            m = self.holder.current
+            self.metrics.set_model(m.name, m.version, str(m.device))
+            self.metrics.model_swaps.inc()
+
+    def run(self, loglevel: str = "info") -> None:
+        """Run until SIGINT/SIGTERM (Faust's worker handles the signals and shuts down)."""
+        from faust.worker import Worker as FaustWorker
+
+        self.metrics.serve(self.settings.worker.metrics_port)
+        try:
+            FaustWorker(self.app, loglevel=loglevel.lower(), quiet=True).execute_from_commandline()
+        finally:
+            self.executor.shutdown(wait=False, cancel_futures=True)
