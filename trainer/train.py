@@ -40,6 +40,7 @@ def build_item_index(df: pd.DataFrame) -> tuple[list[str], pd.Series]:
 def _progress(total: int, enabled: bool) -> Any:
     if not enabled:
         return nullcontext(None)
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -56,6 +57,7 @@ def _progress(total: int, enabled: bool) -> Any:
         TextColumn("{task.fields[eps]:>9,.0f} ev/s  loss {task.fields[loss]:.4f}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
+        console=Console(stderr=True),
         transient=False,
     )
 
