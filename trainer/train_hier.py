@@ -256,9 +256,13 @@ def train_hier(
     item_index: Mapping[str, int],
     params: HierParams | None = None,
     log: Callable[[str], None] | None = None,
+    on_epoch_end: Callable[[int, nn.Module], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` (HRNN, p-RNN, or any model with ``forward_step``/``score_items``) in place
-    on user-parallel mini-batches. Returns training statistics."""
+    on user-parallel mini-batches. Returns training statistics.
+
+    ``on_epoch_end(epoch, model)`` is called after every epoch of the schedule's plan.
+    """
     p = params or HierParams()
     dev = resolve_device(p.device)
     torch.manual_seed(p.seed)
@@ -269,18 +273,21 @@ def train_hier(
     n_items = int(model.n_items)
     rows_all = train_df["ItemId"].astype(str).map(item_index).dropna().astype(np.int64)
     counts = torch.bincount(torch.from_numpy(rows_all.to_numpy().copy()), minlength=n_items).float()
+    batches = user_parallel_batches(train_df, item_index, p.batch_size, False, p.seed)
+    # one epoch's worth of samples per refill (at most the official 10M)
+    cache = min(10_000_000, max(1, p.n_sample) * (batches.n_steps + 1))
     sampler = (
-        SampleBuffer(counts, p.n_sample, p.sample_alpha, dev, seed=p.seed)
+        SampleBuffer(counts, p.n_sample, p.sample_alpha, dev, seed=p.seed, max_size=cache)
         if p.n_sample > 0
         else None
     )
     counts_dev = counts.clamp(min=1.0).to(dev)
     plan = schedule_plan(model, p.schedule, p.n_epochs)
     groups = list(model.param_groups()) if hasattr(model, "param_groups") else []
-    batches = user_parallel_batches(train_df, item_index, p.batch_size, False, p.seed)
     t_start = time.perf_counter()
     n_trained = 0
     epoch_losses: list[float] = []
+    interleave_counter = [0]  # carried across epochs: the cycle never restarts at group 0
     for epoch, step_plan in enumerate(plan):
         if p.shuffle_users and epoch > 0:
             batches = user_parallel_batches(
@@ -300,11 +307,14 @@ def train_hier(
             p,
             dev,
             interleave=groups if step_plan["interleave"] else None,
+            counter=interleave_counter,
         )
         n_trained += n_ev
         epoch_losses.append(loss_sum / max(n_ev, 1))
         if log:
             log(f"epoch {epoch + 1}/{len(plan)} loss {epoch_losses[-1]:.4f} events {n_ev}")
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, model)
     _set_trainable(model, None)
     if hasattr(model, "set_active"):
         model.set_active(None)
@@ -331,6 +341,7 @@ def _run_epoch(
     p: HierParams,
     dev: torch.device,
     interleave: list[str] | None,
+    counter: list[int],
 ) -> tuple[float, int]:
     bs = b.inputs.shape[1]
     inputs = torch.from_numpy(b.inputs).to(dev)
@@ -343,13 +354,12 @@ def _run_epoch(
     state = model.initial_state(user, bs)
     total = torch.zeros((), device=dev)
     n_events = int((b.targets >= 0).sum())
-    k = 0
     for t in range(b.n_steps):
         if any_start[t]:
             state, user = advance_at_boundaries(model, state, user, sstart[t], ustart[t])
         if interleave is not None and has_target[t]:
-            _set_trainable(model, [interleave[k % len(interleave)]])
-            k += 1
+            _set_trainable(model, [interleave[counter[0] % len(interleave)]])
+            counter[0] += 1
         state, out = model.forward_step(inputs[t], state, user)
         if has_target[t]:
             tgt = targets[t]

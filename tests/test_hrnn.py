@@ -1,0 +1,249 @@
+"""HRNN: user-parallel batching, equivalence with GRU4Rec, init/all wiring, data protocol, and
+learning planted per-user preferences."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.data import filter_users, sessionize, split_last_session_out
+from trainer.models.gru4rec import GRU4Rec
+from trainer.models.hrnn import HRNN
+from trainer.synthetic import generate_clicks
+from trainer.train_hier import (
+    HierParams,
+    advance_at_boundaries,
+    build_item_index,
+    evaluate_users,
+    train_hier,
+    user_parallel_batches,
+)
+
+
+def _log(rows: list[tuple[str, str, str, float]]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=["UserId", "SessionId", "ItemId", "Time"])
+
+
+# user a: sessions a1 (3 events), a2 (2); user b: b1 (2); user c: c1 (2), c2 (2)
+TINY = _log(
+    [
+        ("a", "a1", "x", 1.0),
+        ("a", "a1", "y", 2.0),
+        ("a", "a1", "z", 3.0),
+        ("b", "b1", "y", 1.5),
+        ("b", "b1", "x", 2.5),
+        ("a", "a2", "z", 10.0),
+        ("a", "a2", "x", 11.0),
+        ("c", "c1", "x", 20.0),
+        ("c", "c1", "z", 21.0),
+        ("c", "c2", "y", 30.0),
+        ("c", "c2", "q", 31.0),  # q: unknown to the item index
+    ]
+)
+INDEX = {"x": 0, "y": 1, "z": 2}
+
+
+def test_user_parallel_batches_hand_made():
+    b = user_parallel_batches(TINY, INDEX, batch_size=2)
+    # users by first event: a (t=1), b (1.5), c (20); a -> slot 0, b -> slot 1, c takes slot 1
+    # when b ends after 2 steps
+    assert b.slot_of_user == {"a": 0, "b": 1, "c": 1}
+    assert b.n_steps == 6
+    np.testing.assert_array_equal(b.inputs[:, 0], [0, 1, 2, 2, 0, -1])
+    np.testing.assert_array_equal(b.inputs[:, 1], [1, 0, 0, 2, 1, -1])  # c2's q unknown
+    np.testing.assert_array_equal(b.targets[:, 0], [1, 2, -1, 0, -1, -1])
+    np.testing.assert_array_equal(b.targets[:, 1], [0, -1, 2, -1, -1, -1])
+    np.testing.assert_array_equal(b.session_start[:, 0], [1, 0, 0, 1, 0, 0])
+    np.testing.assert_array_equal(b.session_start[:, 1], [1, 0, 1, 0, 1, 0])
+    np.testing.assert_array_equal(b.user_start[:, 0], [1, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(b.user_start[:, 1], [1, 0, 1, 0, 0, 0])
+
+
+def test_user_state_advances_at_session_ends_and_resets_at_user_change():
+    torch.manual_seed(0)
+    m = HRNN(3, layers=[4], user_layers=[3], variant="init").eval()
+    b = user_parallel_batches(TINY, INDEX, batch_size=2)
+    user = m.initial_user_state(2)
+    state = m.initial_state(user, 2)
+    users, states = [], []
+    with torch.no_grad():
+        for t in range(b.n_steps):
+            prev_u, prev_s = user.clone(), state.clone()
+            state, user = advance_at_boundaries(
+                m,
+                state,
+                user,
+                torch.from_numpy(b.session_start[t]),
+                torch.from_numpy(b.user_start[t]),
+            )
+            users.append(user.clone())
+            # user state changes only at session starts; at a user start it is the empty one
+            for s in range(2):
+                if b.user_start[t, s]:
+                    assert torch.equal(user[s], torch.zeros(3))
+                elif b.session_start[t, s]:
+                    expect = m.end_session(prev_u[s : s + 1], prev_s[s : s + 1])[0]
+                    assert torch.allclose(user[s], expect)
+                    assert not torch.allclose(user[s], prev_u[s])
+                else:
+                    assert torch.equal(user[s], prev_u[s])
+            state, _ = m.step(torch.from_numpy(b.inputs[t]), state, user)
+            states.append(state.clone())
+    # reference: each user alone, session by session, through the step API
+    with torch.no_grad():
+        for uid, sessions, steps in (
+            ("a", [[0, 1, 2], [2, 0]], [0, 3]),
+            ("c", [[0, 2], [1, -1]], [2, 4]),
+        ):
+            slot = b.slot_of_user[uid]
+            u = m.initial_user_state(1)
+            for items, t0 in zip(sessions, steps, strict=True):
+                assert torch.allclose(users[t0][slot], u[0], atol=1e-6)
+                s = m.initial_state(u, 1)
+                for k, it in enumerate(items):
+                    s, _ = m.step(torch.tensor([it]), s, u)
+                    assert torch.allclose(states[t0 + k][slot], s[0], atol=1e-6)
+                u = m.end_session(u, s)
+    # an unknown item keeps the state (c2's "q" at step 5 of slot 1)
+    assert torch.equal(states[5][1], states[4][1])
+
+
+def test_hrnn_without_user_path_equals_gru4rec():
+    g = GRU4Rec.from_config({"n_items": 25, "layers": [12]}, seed=3).eval()
+    h = HRNN.from_gru4rec(g, variant="none").eval()
+    rows = torch.randint(-1, 25, (6, 5))
+    s_g, s_h = g.initial_state(None, 5), h.initial_state(h.initial_user_state(5), 5)
+    with torch.no_grad():
+        for r in rows:
+            s_g, a = g.step(r, s_g)
+            s_h, b = h.step(r, s_h, h.initial_user_state(5))
+            assert torch.equal(a, b)
+    # and the same per-user evaluation
+    df = generate_clicks(n_sessions=60, n_items=25, n_users=10, seed=1)
+    tr, te = split_last_session_out(df)
+    idx = {str(i): i for i in range(25)}
+    assert evaluate_users(g, tr, te, idx) == pytest.approx(evaluate_users(h, tr, te, idx))
+
+
+def test_hrnn_variant_none_user_path_really_off():
+    m = HRNN(10, layers=[6], user_layers=[5], variant="none").eval()
+    u = torch.randn(2, 5)
+    assert torch.equal(m.initial_state(u, 2), torch.zeros(2, 6))
+    assert torch.equal(m.end_session(u, torch.randn(2, 6)), u)
+
+
+@pytest.mark.parametrize("variant", ["init", "all"])
+def test_user_state_reaches_session_gru_only_in_all(variant):
+    torch.manual_seed(0)
+    m = HRNN(10, layers=[6], user_layers=[5], variant=variant).eval()
+    state = torch.randn(3, 6)
+    user = torch.randn(3, 5, requires_grad=True)
+    new, _ = m.forward_step(torch.tensor([1, 2, 3]), state, user)
+    (g,) = torch.autograd.grad(new.sum(), user, allow_unused=True)
+    reaches = g is not None and g.abs().sum() > 0
+    assert reaches == (variant == "all")
+    # perturbation: same session state, another user state
+    with torch.no_grad():
+        a, _ = m.step(torch.tensor([1, 2, 3]), state, user)
+        b, _ = m.step(torch.tensor([1, 2, 3]), state, user + 1.0)
+    assert torch.equal(a, b) == (variant == "init")
+    # both variants initialise the session from the user state
+    with torch.no_grad():
+        assert not torch.allclose(m.initial_state(user, 3), m.initial_state(user + 1.0, 3))
+
+
+def test_first_session_starts_from_learnt_init_of_empty_user():
+    m = HRNN(10, layers=[6], user_layers=[5]).eval()
+    with torch.no_grad():
+        m.W_init.bias.fill_(0.5)
+        s = m.initial_state(m.initial_user_state(2), 2)
+    assert torch.allclose(s, torch.full((2, 6), float(np.tanh(0.5))))
+
+
+def test_user_to_output_adds_user_term():
+    m = HRNN(10, layers=[6], user_layers=[5], user_to_output=True).eval()
+    out = torch.randn(2, 6)
+    u = torch.randn(2, 5)
+    with torch.no_grad():
+        diff = m.score_items(out, u) - m.score_items(out, torch.zeros(2, 5))
+    assert torch.allclose(diff, u @ m.Wuy.T, atol=1e-6)
+
+
+def test_sessionize_and_last_session_out_hand_made():
+    df = pd.DataFrame(
+        {
+            "UserId": ["u", "u", "u", "u", "v", "v", "v", "v"],
+            "ItemId": ["a", "b", "b", "a", "b", "a", "a", "c"],
+            "Time": [0.0, 100.0, 5000.0, 5050.0, 0.0, 10.0, 9000.0, 9001.0],
+        }
+    )
+    s = sessionize(df, gap_seconds=1800)
+    assert s["SessionId"].tolist() == ["u:0", "u:0", "u:1", "u:1", "v:0", "v:0", "v:1", "v:1"]
+    tr, te = split_last_session_out(s)
+    # v's last session (a, c) loses c, unseen in training, and with one event left is dropped
+    assert te["SessionId"].tolist() == ["u:1", "u:1"]
+    assert te["ItemId"].tolist() == ["b", "a"]
+    assert set(tr["SessionId"]) == {"u:0", "v:0"}
+
+
+def test_checkpoint_round_trip(tmp_path):
+    m = HRNN(6, layers=[4], user_layers=[3], variant="all", user_to_output=True).eval()
+    save_checkpoint(tmp_path / "ck", m, "hrnn", list("abcdef"))
+    ck = load_checkpoint(tmp_path / "ck")
+    assert ck.model.variant == "all" and ck.model.user_to_output
+    rows = torch.tensor([0, 3])
+    u = torch.randn(2, 3)
+    with torch.no_grad():
+        a = m.step(rows, m.initial_state(u, 2), u)[1]
+        b = ck.model.step(rows, ck.model.initial_state(u, 2), u)[1]
+    assert torch.equal(a, b)
+
+
+class Pop(torch.nn.Module):
+    """POP baseline in the step API (scores = training counts)."""
+
+    user_state_dim = 0
+
+    def __init__(self, counts: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("c", counts.float())
+        self.n_items = len(counts)
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def initial_user_state(self, b):
+        return None
+
+    def initial_state(self, u, b):
+        return torch.zeros(b, 1)
+
+    def end_session(self, u, s):
+        return u
+
+    def step(self, rows, state, u):
+        return state, self.c.expand(len(rows), -1)
+
+
+def _pop_for(tr: pd.DataFrame, idx: dict[str, int]) -> Pop:
+    rows = tr["ItemId"].map(idx).to_numpy()
+    return Pop(torch.bincount(torch.from_numpy(rows.copy()), minlength=len(idx)))
+
+
+def test_hrnn_beats_pop_on_planted_user_preferences():
+    df = generate_clicks(
+        n_sessions=800, n_items=120, n_users=100, n_topics=8, seed=5, user_concentration=0.1
+    )
+    df = filter_users(df, min_sessions=3, min_session_length=2, min_item_support=2)
+    tr, te = split_last_session_out(df)
+    _, idx = build_item_index(tr)
+    p = HierParams(n_epochs=3, batch_size=32, learning_rate=0.1, n_sample=32, seed=1)
+    m = HRNN(len(idx), layers=[48], user_layers=[48], variant="init")
+    stats = train_hier(m, tr, idx, p)
+    assert stats["epoch_losses"][-1] < stats["epoch_losses"][0]
+    res = evaluate_users(m, tr, te, idx, ks=(5, 20))
+    pop = evaluate_users(_pop_for(tr, idx), tr, te, idx, ks=(5, 20))
+    assert res["n_events"] == pop["n_events"] > 100
+    assert res["recall@20"] > pop["recall@20"] + 0.1, (res, pop)
+    assert res["mrr@20"] > 1.5 * pop["mrr@20"], (res, pop)
