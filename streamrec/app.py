@@ -162,6 +162,8 @@ class Worker:
         self.lock = asyncio.Lock()
         t = settings.topics
         w = settings.worker
+        # Tansu under-reports end offsets; without this, changelog recovery drops the last batch.
+        tansu_compat.install(settings.kafka.confluent_config())
         app = StreamrecApp(
             w.app_id,
             **settings.kafka.faust_broker_kwargs(),
