@@ -29,6 +29,7 @@ import faust
 from faust.streams import _current_event
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
+from . import tansu_compat
 from .core import BatchResult, CoreConfig, Record, StreamClock, process_batch, sweep_idle
 from .metrics import Metrics
 from .runtime import ModelHolder
