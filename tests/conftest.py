@@ -5,12 +5,17 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+# Tests run brokers and worker processes beside the model on a small machine: one intra-op
+# thread per process avoids OpenMP oversubscription (7x slower training when cores are busy).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 from streamrec.testing import TEST_BOOTSTRAP_ENV, test_broker
 from streamrec.testing import unique_name as _unique_name
 
 try:
     import torch
 
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     HAS_CUDA = torch.cuda.is_available()
 except ImportError:  # pragma: no cover - torch is a dependency
     HAS_CUDA = False
