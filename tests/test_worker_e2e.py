@@ -1,0 +1,371 @@
+"""The worker through a real broker (embedded Tansu, or $STREAMREC_TEST_BOOTSTRAP).
+
+Each test has its own topics and consumer group. Outputs are verified by a fresh read from
+offset 0 once the pipeline is idle (Tansu's tailing consumers can skip records), never by
+high watermarks or lag.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from confluent_kafka import Producer
+
+from streamrec.broker import EmbeddedBroker
+from streamrec.core import CoreConfig, Record, process_batch
+from streamrec.kafka import TopicSpec, ensure_topics, read_topic
+from streamrec.runtime import ServingModel
+from streamrec.state import SessionState, StateStore
+from streamrec.testkit import click, offline_recommendations
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+N_ITEMS = 40
+PARTITIONS = 3
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from trainer.checkpoint import save_checkpoint
+    from trainer.models.gru4rec import GRU4Rec, GRU4RecConfig
+
+    model = GRU4Rec(GRU4RecConfig(n_items=N_ITEMS, layers=[16]), seed=1)
+    path = tmp_path_factory.mktemp("model") / "ckpt"
+    return save_checkpoint(path, model, "gru4rec", [f"i{j}" for j in range(N_ITEMS)])
+
+
+class WorkerProc:
+    def __init__(self, env: dict[str, str], ckpt: Path, datadir: Path, log: Path) -> None:
+        self.log_path = log
+        self._log = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "streamrec", "worker", "--model", str(ckpt)),
+                *("--data-dir", str(datadir), "--loglevel", "WARNING"),
+            ],
+            env=env,
+            stdout=self._log,
+            stderr=self._log,
+        )
+
+    def kill9(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if not self._log.closed:
+            self._log.close()
+        return self.proc.returncode
+
+
+class Service:
+    """One test's topics, group and worker processes (all stopped at the end)."""
+
+    def __init__(self, bootstrap: str, name: Callable[[str], str], ckpt: Path, tmp: Path) -> None:
+        self.bootstrap, self.ckpt, self.tmp = bootstrap, ckpt, tmp
+        self.clicks, self.recs, self.dead = name("clicks"), name("recs"), name("dead")
+        self.app_id = name("app")
+        self.conf = {"bootstrap.servers": bootstrap}
+        ensure_topics(
+            self.conf, [TopicSpec(t, PARTITIONS) for t in (self.clicks, self.recs, self.dead)]
+        )
+        self.env = {
+            **os.environ,
+            "STREAMREC_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+            "STREAMREC_TOPICS__CLICKS": self.clicks,
+            "STREAMREC_TOPICS__RECOMMENDATIONS": self.recs,
+            "STREAMREC_TOPICS__DEAD_LETTER": self.dead,
+            "STREAMREC_TOPICS__PARTITIONS": str(PARTITIONS),
+            "STREAMREC_WORKER__APP_ID": self.app_id,
+            "STREAMREC_WORKER__METRICS_PORT": "0",
+            "STREAMREC_BATCHING__MAX_EVENTS": "64",
+            "STREAMREC_BATCHING__MAX_WAIT_MS": "5",
+            "STREAMREC_MODEL__RELOAD_INTERVAL_S": "0",
+        }
+        self.workers: list[WorkerProc] = []
+        self.producer = Producer({**self.conf, "linger.ms": 2})
+
+    def start_worker(self, datadir: Path | None = None) -> WorkerProc:
+        datadir = datadir or self.tmp / f"data{len(self.workers)}"
+        w = WorkerProc(self.env, self.ckpt, datadir, self.tmp / f"worker{len(self.workers)}.log")
+        self.workers.append(w)
+        return w
+
+    def produce(self, values: list[tuple[str, bytes]], rate: float | None = None) -> None:
+        for i, (key, value) in enumerate(values):
+            self.producer.produce(self.clicks, key=key.encode(), value=value)
+            if rate and i % 10 == 9:
+                self.producer.flush()
+                time.sleep(10 / rate)
+        assert self.producer.flush(30) == 0
+
+    def read(self, topic: str) -> list[Any]:
+        return read_topic(self.conf, topic, idle_timeout=1.0)
+
+    def recommendations(self) -> list[dict[str, Any]]:
+        return [json.loads(m.value()) for m in self.read(self.recs)]
+
+    def wait_answered(self, click_ids: set[str], timeout: float = 120) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        recs: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            recs = self.recommendations()
+            missing = click_ids - {r["click_id"] for r in recs}
+            if not missing:
+                return recs
+            for w in self.workers:
+                if w.proc.poll() is not None and w.proc.returncode not in (0, -9):
+                    pytest.fail(f"worker died: {w.log_path.read_text()[-3000:]}")
+            time.sleep(1.0)
+        logs = "\n".join(w.log_path.read_text()[-2000:] for w in self.workers)
+        raise AssertionError(
+            f"{len(missing)} clicks unanswered, e.g. {sorted(missing)[:5]}\n{logs}"
+        )
+
+    def clicks_in_log(self) -> list[Record]:
+        return [
+            Record(m.value(), m.key(), m.topic(), m.partition(), m.offset(), m.timestamp()[1] / 1e3)
+            for m in self.read(self.clicks)
+        ]
+
+    def changelog_sessions(self) -> dict[str, SessionState]:
+        """Final durable session states: the last changelog value per key."""
+        last: dict[str, bytes | None] = {}
+        for m in self.read(f"{self.app_id}-sessions-changelog"):
+            last[json.loads(m.key())] = m.value()
+        return {k: SessionState.from_bytes(v) for k, v in last.items() if v}
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.stop()
+
+
+@pytest.fixture
+def service(
+    kafka_bootstrap: str, unique_name: Callable[[str], str], checkpoint: Path, tmp_path: Path
+) -> Iterator[Service]:
+    svc = Service(kafka_bootstrap, unique_name, checkpoint, tmp_path)
+    try:
+        yield svc
+    finally:
+        svc.close()
+
+
+def make_sessions(n: int, length: int, seed: int = 0, users: bool = False) -> dict[str, list[str]]:
+    rng = random.Random(seed)
+    return {f"s{seed}-{j}": [f"i{rng.randrange(N_ITEMS)}" for _ in range(length)] for j in range(n)}
+
+
+def interleave(sessions: dict[str, list[str]], seed: int = 0) -> list[tuple[str, bytes]]:
+    """Clicks of all sessions, interleaved at random but in order within each session."""
+    rng = random.Random(seed)
+    pos = dict.fromkeys(sessions, 0)
+    out = []
+    live = list(sessions)
+    while live:
+        s = rng.choice(live)
+        out.append((s, click(s, sessions[s][pos[s]])))
+        pos[s] += 1
+        if pos[s] == len(sessions[s]):
+            live.remove(s)
+    return out
+
+
+def click_ids(svc: Service) -> set[str]:
+    return {f"{r.topic}:{r.partition}:{r.offset}" for r in svc.clicks_in_log()}
+
+
+def check_against_offline(recs: list[dict[str, Any]], sessions: dict[str, list[str]], ckpt: Path):
+    """First answer of each click == the model run offline over the session prefix."""
+    model = ServingModel.from_checkpoint(ckpt, "cpu", top_k=20)
+    ref = {}
+    for s, items in sessions.items():
+        for j, (ids, scores) in enumerate(offline_recommendations(model, [items], k=20)):
+            ref[(s, j)] = (ids, scores)
+    first: dict[str, dict[str, Any]] = {}
+    for r in sorted(recs, key=lambda r: (r["partition"], r["offset"])):
+        first.setdefault(r["click_id"], r)
+    by_session: dict[str, list[dict[str, Any]]] = {}
+    for r in first.values():
+        by_session.setdefault(r["session_id"], []).append(r)
+    assert by_session.keys() == sessions.keys()
+    for s, rs in by_session.items():
+        assert [r["item_id"] for r in rs] == sessions[s]
+        for j, r in enumerate(rs):
+            ids, scores = ref[(s, j)]
+            np.testing.assert_allclose(r["scores"], scores, rtol=1e-4, atol=1e-5)
+            # ids may differ only where scores tie within float tolerance
+            mismatch = [a for a, b in zip(r["items"], ids, strict=True) if a != b]
+            assert not mismatch or np.ptp(r["scores"]) == 0, (s, j, r["items"], ids)
+
+
+def reference_states(svc: Service) -> dict[str, SessionState]:
+    """Session states of a crash-free run: the clicks log through the core in-process."""
+    model = ServingModel.from_checkpoint(svc.ckpt, "cpu", top_k=20)
+    store = StateStore()
+    recs = svc.clicks_in_log()
+    for p in range(PARTITIONS):
+        part = [r for r in recs if r.partition == p]
+        for i in range(0, len(part), 50):
+            process_batch(part[i : i + 50], store, model, CoreConfig(top_k=20))
+    return dict(store.iter_sessions())
+
+
+def assert_states_equal(got: dict[str, SessionState], want: dict[str, SessionState]) -> None:
+    assert got.keys() == want.keys()
+    for k in want:
+        a, b = got[k], want[k]
+        assert (a.offset, a.n_events, a.recent_items) == (b.offset, b.n_events, b.recent_items), k
+        np.testing.assert_allclose(a.hidden, b.hidden, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+def test_equivalence_with_offline_model(service: Service) -> None:
+    sessions = make_sessions(30, 6, seed=1)
+    service.start_worker()
+    service.produce(interleave(sessions, seed=1))
+    recs = service.wait_answered(click_ids(service))
+    assert len({r["click_id"] for r in recs}) == 180
+    assert not any(r["duplicate"] for r in recs)
+    check_against_offline(recs, sessions, service.ckpt)
+    assert {r["model_version"] for r in recs} == {
+        ServingModel.from_checkpoint(service.ckpt, "cpu").version
+    }
+
+
+@pytest.mark.parametrize("wipe", [False, True], ids=["data-kept", "data-wiped"])
+def test_kill9_mid_stream_then_restart(service: Service, wipe: bool) -> None:
+    sessions = make_sessions(40, 10, seed=2)
+    values = interleave(sessions, seed=2)
+    datadir = service.tmp / "data"
+    w = service.start_worker(datadir)
+    service.produce(values[:250], rate=200)
+    # wait until the worker is answering, then kill it mid-stream
+    deadline = time.monotonic() + 90
+    while len(service.recommendations()) < 100 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    service.produce(values[250:300])
+    w.kill9()
+    if wipe:
+        shutil.rmtree(datadir)
+    service.produce(values[300:])
+    service.start_worker(datadir)
+    recs = service.wait_answered(click_ids(service), timeout=150)
+    # every click answered at least once; answers to first deliveries match the offline run
+    assert len({r["click_id"] for r in recs}) == len(values)
+    time.sleep(3)  # let the last changelog writes land
+    assert_states_equal(service.changelog_sessions(), reference_states(service))
+
+
+def test_bad_input_goes_to_dead_letters(service: Service) -> None:
+    rng = random.Random(3)
+    sessions = make_sessions(20, 5, seed=3)
+    good = interleave(sessions, seed=3)
+    bad_kinds: list[bytes] = [
+        b"",
+        b"{",
+        b"null",
+        b"[1,2]",
+        b'{"session_id": 5, "item_id": "i1"}',
+        b'{"session_id": "s", "item_id": ["i1"]}',
+        b'{"item_id": "i1"}',
+        b'{"session_id": "s", "item_id": "i1", "timestamp": 1e15}',
+        b'{"session_id": "s", "item_id": "i1", "timestamp": "noon"}',
+        b'{"session_id": "s", "item_id": "i1", "type": "buy"}',
+        b"\x00\xff" * 30,
+        b'{"session_id": "' + b"s" * 1000 + b'", "item_id": "i1"}',
+        b'{"session_id": "s", "item_id": "' + b"x" * 30_000 + b'"}',
+    ]
+    mixed: list[tuple[str, bytes]] = []
+    n_bad = 0
+    gi = 0
+    while gi < len(good) or n_bad < 2000:
+        if n_bad < 2000 and (gi >= len(good) or rng.random() < 0.95):
+            mixed.append((f"bad{n_bad % 7}", rng.choice(bad_kinds)))
+            n_bad += 1
+        else:
+            mixed.append(good[gi])
+            gi += 1
+    service.start_worker()
+    service.produce(mixed)
+    recs = service.wait_answered(click_ids_of(service, valid=True), timeout=150)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        dead = [json.loads(m.value()) for m in service.read(service.dead)]
+        if len({(d["partition"], d["offset"]) for d in dead}) >= n_bad:
+            break
+        time.sleep(1)
+    positions = {(d["partition"], d["offset"]) for d in dead}
+    assert len(positions) == n_bad
+    assert all(
+        d["reason"] in {"empty", "unparseable", "not_an_object", "invalid", "oversized"}
+        for d in dead
+    )
+    assert {r["click_id"] for r in recs} >= click_ids_of(service, valid=True)
+    assert all(w.proc.poll() is None for w in service.workers)
+    check_against_offline(recs, sessions, service.ckpt)
+
+
+def click_ids_of(svc: Service, valid: bool) -> set[str]:
+    from streamrec.events import ClickEvent, decode
+
+    out = set()
+    for r in svc.clicks_in_log():
+        if isinstance(decode(r.value), ClickEvent) == valid:
+            out.add(f"{r.topic}:{r.partition}:{r.offset}")
+    return out
+
+
+def test_two_workers_answer_as_one(service: Service) -> None:
+    sessions = make_sessions(40, 6, seed=4)
+    service.start_worker()
+    service.start_worker()
+    service.produce(interleave(sessions, seed=4), rate=300)
+    recs = service.wait_answered(click_ids(service), timeout=150)
+    check_against_offline(recs, sessions, service.ckpt)
+    time.sleep(3)
+    assert_states_equal(service.changelog_sessions(), reference_states(service))
+
+
+def test_broker_pause_longer_than_session_timeout(
+    unique_name: Callable[[str], str], checkpoint: Path, tmp_path: Path, external_broker: bool
+) -> None:
+    if external_broker:
+        pytest.skip("pauses its own embedded broker process")
+    with EmbeddedBroker(port=0) as broker:
+        svc = Service(broker.bootstrap, unique_name, checkpoint, tmp_path)
+        try:
+            sessions = make_sessions(20, 6, seed=5)
+            values = interleave(sessions, seed=5)
+            svc.start_worker()
+            svc.produce(values[:60])
+            svc.wait_answered(click_ids(svc), timeout=90)
+            broker.pause()
+            time.sleep(10)  # > session timeout (6 s)
+            broker.resume()
+            svc.produce(values[60:])
+            recs = svc.wait_answered(click_ids(svc), timeout=150)
+            check_against_offline(recs, sessions, checkpoint)
+            assert all(w.proc.poll() is None for w in svc.workers)
+        finally:
+            svc.close()
