@@ -87,14 +87,26 @@ def test_init_ranges_follow_official() -> None:
     assert wih.abs().max() <= np.sqrt(6.0 / 100)
 
 
-def test_sparse_segment_sum_and_update_match_dense() -> None:
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny ops on a shared 2-core machine: one intra-op thread is much faster."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_sparse_segment_sum_and_update_match_dense(scan: bool) -> None:
     rows = torch.tensor([3, 1, 3, 0, 3, 1])
     g = torch.randn(6, 4)
-    srt, is_last, summed = segment_sum_sorted(rows, g)
+    param_rows, state_rows, summed = segment_sum_sorted(rows, g, 5, scan)
     dense = torch.zeros(5, 4).index_add_(0, rows, g)
-    got = torch.zeros(5, 4).index_add_(0, srt, summed)
+    got = torch.zeros(5, 4).index_add_(0, param_rows, summed)
     torch.testing.assert_close(got, dense)
-    assert int(is_last.sum()) == 3
+    real = state_rows < 5
+    assert int(real.sum()) == 3 and sorted(state_rows[real].tolist()) == [0, 1, 3]
+    assert not summed[~real].any()
     # sparse Adagrad+momentum on the touched rows == dense Adagrad on the summed gradient
     for mom in (0.0, 0.5):
         p1 = torch.nn.Parameter(torch.ones(5, 4))

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from trainer.checkpoint import load_checkpoint
@@ -13,6 +14,15 @@ from trainer.cli import main
 from trainer.synthetic import generate_clicks
 
 FAST = ["layers=24", "n_epochs=1", "n_sample=16", "batch_size=16", "learning_rate=0.1"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny ops on a shared 2-core machine: one intra-op thread is much faster."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

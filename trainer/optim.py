@@ -20,35 +20,40 @@ import torch
 from torch import Tensor, nn
 
 
-def segment_sum_sorted(rows: Tensor, grads: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Sort ``rows`` and sum the gradients of equal rows.
+def segment_sum_sorted(
+    rows: Tensor, grads: Tensor, n_rows: int, scan: bool | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Sum the gradients of equal rows, with fixed output size ``K = len(rows)``.
 
-    Returns ``(sorted_rows, is_last, summed)``: ``summed[k]`` holds the total gradient of row
-    ``sorted_rows[k]`` where ``is_last[k]`` (the last of its run), zeros elsewhere.
+    Returns ``(param_rows, state_rows, summed)``: slot ``k`` either holds the total gradient of
+    row ``param_rows[k]`` (``state_rows[k] == param_rows[k]``) or is a filler slot with a zero
+    gradient whose ``state_rows[k]`` is the spare row ``n_rows``.  Each real row occurs in exactly
+    one non-filler slot.  ``scan`` (default: on CUDA) picks the atomics-free prefix-sum method.
     """
     k = rows.shape[0]
     srt, perm = torch.sort(rows, stable=True)
     g = grads.index_select(0, perm)
     change = srt[1:] != srt[:-1]
     true1 = torch.ones(1, dtype=torch.bool, device=rows.device)
-    is_last = torch.cat([change, true1])
-    if g.is_cuda:
-        # Deterministic on CUDA (no atomics): float64 running sums, differenced per run.
+    spare = torch.full_like(srt, n_rows)
+    if g.is_cuda if scan is None else scan:
+        # Deterministic on CUDA (no atomics): float64 running sums, differenced per run; the
+        # sum of a run lands on its last slot.
         is_first = torch.cat([true1, change])
+        is_last = torch.cat([change, true1])
         pos = torch.arange(k, device=rows.device)
         start = torch.cummax(torch.where(is_first, pos, 0), 0).values
         c = torch.cumsum(g.double(), 0)
         c0 = torch.cat([torch.zeros_like(c[:1]), c])
-        seg = (c - c0.index_select(0, start)).to(g.dtype)
-    else:
-        # CPU index_add_ is sequential, hence deterministic; sums land on each run's last slot.
-        group = torch.cumsum(torch.cat([true1, change]).long(), 0) - 1
-        last_pos = torch.zeros(k, dtype=torch.long).index_copy_(
-            0, group.masked_select(is_last), torch.arange(k).masked_select(is_last)
-        )
-        seg = torch.zeros_like(g).index_add_(0, last_pos.index_select(0, group), g)
-    summed = seg * is_last.unsqueeze(1).to(seg.dtype)
-    return srt, is_last, summed
+        summed = (c - c0.index_select(0, start)).to(g.dtype) * is_last.unsqueeze(1).to(g.dtype)
+        return srt, torch.where(is_last, srt, spare), summed
+    # CPU: index_add_ runs sequentially (deterministic); run r's sum lands on slot r.
+    group = torch.cumsum(torch.cat([true1, change]).long(), 0) - 1
+    summed = torch.zeros_like(g).index_add_(0, group, g)
+    # every member of a run writes the same row id, so duplicate writes agree
+    state_rows = spare.scatter(0, group, srt)
+    param_rows = torch.where(state_rows < n_rows, state_rows, 0)
+    return param_rows, state_rows, summed
 
 
 class IndexedAdagradM:
@@ -117,21 +122,19 @@ class IndexedAdagradM:
 
     def _sparse_step(self, p: nn.Parameter, rows: Tensor, grad: Tensor) -> None:
         grad = grad.reshape(rows.shape[0], *p.shape[1:])
-        srt, is_last, g = segment_sum_sorted(rows, grad)
-        spare = torch.full_like(srt, p.shape[0])
-        state_rows = torch.where(is_last, srt, spare)
+        param_rows, state_rows, g = segment_sum_sorted(rows, grad, p.shape[0])
         acc = self.acc[p]
-        acc_rows = acc.index_select(0, srt).addcmul_(g, g)
-        acc.index_copy_(0, state_rows, acc_rows)
-        step = g / (acc_rows + self.eps).sqrt_() * -self.lr  # zero on non-last rows
+        acc_rows = acc.index_select(0, state_rows).addcmul_(g, g)
+        acc.index_copy_(0, state_rows, acc_rows)  # filler slots only write the spare row
+        step = g / (acc_rows + self.eps).sqrt_() * -self.lr  # zero in filler slots
         if self.momentum > 0:
             mom = self.mom[p]
-            mom_rows = mom.index_select(0, srt).mul_(self.momentum).add_(step)
+            mom_rows = mom.index_select(0, state_rows).mul_(self.momentum).add_(step)
             mom.index_copy_(0, state_rows, mom_rows)
             step = step + self.momentum * mom_rows if self.nesterov else mom_rows
-            step = step * is_last.unsqueeze(1).to(step.dtype)
-        # non-last rows add exact zeros: order-independent, hence deterministic
-        p.index_add_(0, srt, step)
+            step = step * (state_rows < p.shape[0]).unsqueeze(1).to(step.dtype)
+        # filler slots add exact zeros: order-independent, hence deterministic
+        p.index_add_(0, param_rows, step)
 
     def state_tensors(self) -> dict[str, Tensor]:
         return {f"acc{i}": t for i, t in enumerate(self.acc.values())}
