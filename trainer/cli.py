@@ -212,10 +212,25 @@ def _eval_next_item(
     return evaluate_next_item(model, test_df, item_index, ks=ks, ties=ties, device=device)
 
 
+def _hier(name: str) -> Callable[..., Any]:
+    """Lazy entry points of trainer.train_hier (HRNN / p-RNN)."""
+    import importlib
+
+    return lambda *a, **kw: getattr(importlib.import_module("trainer.train_hier"), name)(*a, **kw)
+
+
 #: ``--model NAME`` -> trainer.  HRNN / p-RNN register here.
-TRAINERS: dict[str, Callable[[TrainJob], TrainOutcome]] = {"gru4rec": _train_gru4rec}
+TRAINERS: dict[str, Callable[[TrainJob], TrainOutcome]] = {
+    "gru4rec": _train_gru4rec,
+    "hrnn": _hier("train_hrnn_job"),
+    "prnn": _hier("train_prnn_job"),
+}
 #: checkpoint ``model_name`` -> evaluator (default: next-item through the step API).
-EVALUATORS: dict[str, Evaluator] = {"gru4rec": _eval_next_item}
+EVALUATORS: dict[str, Evaluator] = {
+    "gru4rec": _eval_next_item,
+    "hrnn": _hier("evaluate_users_job"),
+    "prnn": _hier("evaluate_users_job"),
+}
 
 
 def evaluator_for(model_name: str) -> Evaluator:

@@ -466,3 +466,183 @@ def split_stats(train_df: pd.DataFrame, test_df: pd.DataFrame) -> dict[str, floa
     out = {f"train_{k}": v for k, v in tr.items()} | {f"test_{k}": v for k, v in te.items()}
     out["train_sessions_per_user"] = tr["sessions"] / tr["users"] if tr["users"] else math.nan
     return out
+
+
+# ----------------------------------------------------------------------------- CLI wiring
+
+#: HRNN model options settable with ``--param key=value`` (besides the HierParams fields)
+HRNN_KEYS: dict[str, Any] = {
+    "layers": [100],
+    "user_layers": [100],
+    "embedding": 0,
+    "constrained_embedding": False,
+    "user_to_output": False,
+    "dropout_p_embed": 0.0,
+    "dropout_p_hidden": 0.0,
+    "dropout_p_user": 0.0,
+    "dropout_p_init": 0.0,
+    "final_act": "linear",
+    "elu_param": 1.0,
+}
+#: p-RNN model and feature options
+PRNN_KEYS: dict[str, Any] = {
+    "arch": "parallel",
+    "id_hidden": 100,
+    "feature_hidden": [100],
+    "embedding": 0,
+    "subnet_weights": [],
+    "dropout_p_embed": 0.0,
+    "dropout_p_hidden": 0.0,
+    "category_columns": ["Genres"],
+    "text_columns": ["Title"],
+    "tfidf_dim": 256,
+    "missing_flag": True,
+}
+_TRAIN_KEYS = {f: getattr(HierParams(), f) for f in HierParams.__dataclass_fields__}
+
+
+def _convert(key: str, value: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        v = str(value).strip().lower()
+        if v not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"{key}: expected true/false, got {value!r}")
+        return v in ("true", "1", "yes")
+    if isinstance(default, list):
+        parts = [x for x in str(value).replace(",", "/").strip("[] ").split("/") if x.strip()]
+        if (default and isinstance(default[0], str)) or key.endswith("_columns"):
+            return parts
+        conv = float if key == "subnet_weights" else int
+        return [conv(x) for x in parts]
+    if isinstance(default, int):
+        return int(float(value))
+    if isinstance(default, float):
+        return float(value)
+    return str(value)
+
+
+def parse_hier_params(
+    pairs: Iterable[str], model_keys: Mapping[str, Any], preset: str | None = None
+) -> tuple[HierParams, dict[str, Any]]:
+    """``key=value`` strings (and an optional GRU4Rec preset for the shared training keys) ->
+    (training parameters, model options). Unknown keys raise ValueError naming them."""
+    train: dict[str, Any] = {}
+    model: dict[str, Any] = dict(model_keys)
+    if preset:
+        from trainer.presets import make_params
+
+        pre = make_params(preset).to_dict()
+        train.update({k: v for k, v in pre.items() if k in _TRAIN_KEYS})
+        model.update({k: v for k, v in pre.items() if k in model_keys and k != "embedding"})
+    for kv in pairs:
+        if "=" not in kv:
+            raise ValueError(f"parameter {kv!r} is not of the form key=value")
+        k, v = (x.strip() for x in kv.split("=", 1))
+        if k in _TRAIN_KEYS:
+            train[k] = _convert(k, v, _TRAIN_KEYS[k])
+        elif k in model_keys:
+            model[k] = _convert(k, v, model_keys[k])
+        else:
+            known = ", ".join(sorted({*_TRAIN_KEYS, *model_keys}))
+            raise ValueError(f"unknown parameter {k!r} (known: {known})")
+    return HierParams(**train), model
+
+
+def _job_common(job: Any, model_keys: Mapping[str, Any], allowed: set[str]) -> Any:
+    import click
+
+    bad = [k for k, v in job.options.items() if v not in (None, (), []) and k not in allowed]
+    if bad:
+        raise click.UsageError(f"this model does not take {', '.join(bad)}")
+    try:
+        p, mopts = parse_hier_params(job.params, model_keys, job.preset)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--param") from None
+    if "UserId" not in job.train_df.columns:
+        raise click.UsageError("HRNN/p-RNN training needs a UserId column in --train")
+    return p, mopts
+
+
+def train_hrnn_job(job: Any) -> Any:
+    """``trainer train --model hrnn``: TrainJob -> TrainOutcome (see trainer.cli)."""
+    from trainer.cli import TrainOutcome
+    from trainer.models.hrnn import HRNN
+
+    p, mopts = _job_common(job, HRNN_KEYS, {"--variant"})
+    variant = job.options.get("--variant") or "init"
+    if variant not in ("init", "all"):
+        import click
+
+        raise click.BadParameter("--variant must be init or all", param_hint="--variant")
+    item_ids, index = build_item_index(job.train_df)
+    torch.manual_seed(p.seed)
+    model = HRNN(len(item_ids), variant=variant, **mopts)
+    log = (lambda s: print(s, flush=True)) if job.progress else None
+    stats = train_hier(model, job.train_df, index, p, log=log)
+    return TrainOutcome(model, "hrnn", item_ids, stats, {**asdict(p), **mopts, "variant": variant})
+
+
+def train_prnn_job(job: Any) -> Any:
+    """``trainer train --model prnn``: features from ``--features`` and/or ``--item-meta``."""
+    import click
+
+    from trainer.cli import TrainOutcome
+    from trainer.features import build_item_features
+    from trainer.models.prnn import PRNN
+
+    p, mopts = _job_common(job, PRNN_KEYS, {"--features", "--item-meta", "--schedule"})
+    p.schedule = job.options.get("--schedule") or "joint"
+    if p.schedule not in SCHEDULES:
+        raise click.BadParameter(f"one of {', '.join(SCHEDULES)}", param_hint="--schedule")
+    item_ids, index = build_item_index(job.train_df)
+    feats = []
+    if mopts["arch"] != "id":
+        try:
+            feats = build_item_features(
+                index,
+                len(item_ids),
+                features_path=job.options.get("--features"),
+                item_meta_path=job.options.get("--item-meta"),
+                category_columns=mopts["category_columns"],
+                text_columns=mopts["text_columns"],
+                tfidf_dim=mopts["tfidf_dim"],
+                missing_flag=mopts["missing_flag"],
+            )
+        except (OSError, ValueError) as e:
+            raise click.ClickException(f"item features: {e}") from None
+    fh = mopts["feature_hidden"]
+    fh = fh * len(feats) if len(fh) == 1 else fh
+    torch.manual_seed(p.seed)
+    model = PRNN(
+        len(item_ids),
+        [f.dim for f in feats],
+        arch=mopts["arch"],
+        id_hidden=mopts["id_hidden"],
+        feature_hidden=fh,
+        embedding=mopts["embedding"],
+        subnet_weights=mopts["subnet_weights"] or None,
+        feature_names=[f.name for f in feats],
+        dropout_p_embed=mopts["dropout_p_embed"],
+        dropout_p_hidden=mopts["dropout_p_hidden"],
+        feature_values=[torch.from_numpy(f.values) for f in feats],
+    )
+    log = (lambda s: print(s, flush=True)) if job.progress else None
+    stats = train_hier(model, job.train_df, index, p, log=log)
+    stats["feature_coverage"] = {f.name: f.coverage for f in feats}
+    return TrainOutcome(model, "prnn", item_ids, stats, {**asdict(p), **mopts})
+
+
+def evaluate_users_job(
+    model: nn.Module,
+    test_df: pd.DataFrame,
+    item_index: Mapping[str, int],
+    ks: Sequence[int],
+    ties: str,
+    device: Any = None,
+    train_df: pd.DataFrame | None = None,
+) -> dict[str, float]:
+    """The ``trainer`` evaluator for hrnn/prnn: per user, training sessions warm the state."""
+    if "UserId" not in test_df.columns:
+        raise ValueError("per-user evaluation needs a UserId column in --test")
+    if train_df is None:
+        train_df = test_df.iloc[:0]
+    return evaluate_users(model, train_df, test_df, item_index, ks, ties, device=device)
