@@ -271,3 +271,9 @@ def test_missing_columns_in_processing_functions() -> None:
         sessionize(pd.DataFrame({"ItemId": ["1"], "Time": [1.0]}), 10)
     with pytest.raises(DataError, match="SessionId"):
         preprocess(pd.DataFrame({"ItemId": ["1"], "Time": [1.0]}))
+
+
+def test_too_few_fields_reports_the_missing_time(tmp_path: Path) -> None:
+    text = "SessionId\tItemId\tTime\n1\t10\t1\n1\t11\n"
+    with pytest.raises(DataError, match=r"line 3: missing value for Time"):
+        load_clicks(_write(tmp_path / "a.tsv", text))

@@ -185,6 +185,8 @@ def _time_to_seconds(s: pd.Series, path: Path, line_based: bool) -> pd.Series:
     bad = ~np.isfinite(vals)
     if bad.any():
         idx = out.index[bad.argmax()]
+        if pd.isna(s.loc[idx]) or str(s.loc[idx]).strip() == "":
+            raise DataError(f"{path}: {_where(idx, line_based)}: missing value for {TIME}")
         raise DataError(
             f"{path}: {_where(idx, line_based)}: cannot parse Time value {s.loc[idx]!r} "
             "(expected a number or an ISO 8601 timestamp)"

@@ -56,6 +56,7 @@ class MetricAccumulator:
         self._hits: torch.Tensor | None = None
         self._rr: torch.Tensor | None = None
         self._n: torch.Tensor | None = None
+        self._k: torch.Tensor | None = None
 
     def _init(self, device: torch.device) -> None:
         # float64 sums keep MRR exact enough over millions of events; MPS has no float64
@@ -63,15 +64,16 @@ class MetricAccumulator:
         self._hits = torch.zeros(len(self.ks), dtype=dtype, device=device)
         self._rr = torch.zeros(len(self.ks), dtype=dtype, device=device)
         self._n = torch.zeros((), dtype=dtype, device=device)
+        self._k = torch.tensor(self.ks, dtype=dtype, device=device).unsqueeze(1)  # [K, 1]
 
     def add_ranks(self, r: torch.Tensor) -> None:
         """Add a batch of 1-based ranks (``[B]``, any device)."""
         if self._hits is None:
             self._init(r.device)
         assert self._hits is not None and self._rr is not None and self._n is not None
+        assert self._k is not None
         r = r.to(device=self._hits.device, dtype=self._hits.dtype)
-        k = torch.tensor(self.ks, dtype=r.dtype, device=r.device)
-        within = r.unsqueeze(0) <= k.unsqueeze(1)  # [K, B]
+        within = r.unsqueeze(0) <= self._k  # [K, B]
         self._hits += within.sum(dim=1).to(r.dtype)
         self._rr += torch.where(within, 1.0 / r.unsqueeze(0), 0.0).sum(dim=1)
         self._n += r.shape[0]
