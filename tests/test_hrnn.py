@@ -256,3 +256,38 @@ def test_hrnn_beats_pop_on_planted_user_preferences():
     assert res["n_events"] == pop["n_events"] > 100
     assert res["recall@20"] > pop["recall@20"] + 0.1, (res, pop)
     assert res["mrr@20"] > 1.5 * pop["mrr@20"], (res, pop)
+
+
+def test_cli_train_and_evaluate_hrnn_and_prnn(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from trainer.cli import main
+
+    df = generate_clicks(n_sessions=200, n_items=40, n_users=30, seed=2)
+    tr, te = split_last_session_out(df)
+    tr.to_csv(tmp_path / "train.tsv", sep="\t", index=False)
+    te.to_csv(tmp_path / "test.tsv", sep="\t", index=False)
+    items = pd.DataFrame({"ItemId": [str(i) for i in range(40)], "Genres": ["a b"] * 40})
+    items.to_csv(tmp_path / "items.tsv", sep="\t", index=False)
+    common = ["--train", str(tmp_path / "train.tsv"), "--test", str(tmp_path / "test.tsv")]
+    common += ["--k", "5", "20", "--no-progress"]
+    runner = CliRunner()
+    hrnn = ["--model", "hrnn", "--variant", "all", "--out", str(tmp_path / "h")]
+    r = runner.invoke(
+        main, ["train", *common, *hrnn, "--param", "n_epochs=1", "layers=16", "user_layers=8"]
+    )
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "h" / "metrics.json").read_text())
+    assert m["model"] == "hrnn" and m["n_events"] > 0 and "recall@20" in m
+    assert load_checkpoint(tmp_path / "h").model.variant == "all"
+    prnn = ["--model", "prnn", "--item-meta", str(tmp_path / "items.tsv")]
+    prnn += ["--schedule", "alternating", "--out", str(tmp_path / "p")]
+    prnn += ["--param", "n_epochs=1", "id_hidden=8", "feature_hidden=4"]
+    r = runner.invoke(main, ["train", *common, *prnn])
+    assert r.exit_code == 0, r.output
+    assert load_checkpoint(tmp_path / "p").model.arch == "parallel"
+    bad = ["--model", "hrnn", "--param", "nope=1", "--out", str(tmp_path / "x")]
+    r = runner.invoke(main, ["train", *common, *bad])
+    assert r.exit_code != 0 and "nope" in r.output
