@@ -34,15 +34,15 @@ def ranks(scores: torch.Tensor, targets: torch.Tensor, ties: str = "conservative
         )
     targets = targets.to(device=scores.device, dtype=torch.long)
     target_scores = scores.gather(1, targets.unsqueeze(1))
-    higher = (scores > target_scores).sum(dim=1)
+    # one full pass over the scores per comparison: only make the ones the mode needs
     if ties == "standard":
-        r = (higher + 1).to(torch.float32)
-    else:
+        r = ((scores > target_scores).sum(dim=1) + 1).to(torch.float32)
+    elif ties == "conservative":
+        r = (scores >= target_scores).sum(dim=1).to(torch.float32)
+    else:  # median: (higher + 1 + at_least) / 2 == higher + 1 + (tied others) / 2
+        higher = (scores > target_scores).sum(dim=1)
         at_least = (scores >= target_scores).sum(dim=1)
-        if ties == "conservative":
-            r = at_least.to(torch.float32)
-        else:  # median: (higher + 1 + at_least) / 2 == higher + 1 + (tied others) / 2
-            r = (higher + 1 + at_least).to(torch.float32) / 2
+        r = (higher + 1 + at_least).to(torch.float32) / 2
     return torch.where(torch.isnan(target_scores.squeeze(1)), float(scores.shape[1]), r)
 
 
