@@ -73,10 +73,9 @@ def generate_clicks(
 ) -> pd.DataFrame:
     """Generate a click log ``SessionId, ItemId, Time[, UserId]`` (see the module docstring).
 
-    Deterministic for a seed. Session lengths are 2 + a geometric number of extra clicks (mean
-    ``mean_session_length``),
-    capped at ``max_session_length``; clicks within a session are ``1 + Exp(mean_click_gap)``
-    seconds apart (capped at 20 minutes).
+    Deterministic for a seed. A session has 2 + a geometric number of clicks (mean
+    ``mean_session_length`` in all), capped at ``max_session_length``; clicks within a session
+    are ``1 + Exp(mean_click_gap)`` seconds apart (the exponential part capped at 20 minutes).
     """
     if n_sessions < 1 or n_items < 2 or n_topics < 1:
         raise ValueError("need n_sessions >= 1, n_items >= 2, n_topics >= 1")
