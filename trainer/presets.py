@@ -38,6 +38,7 @@ class TrainParams:
     # not in the official files
     final_act: str = ""  # "" = as the official code: ELU(elu_param) for bpr-max if elu_param > 0
     nesterov: bool = False
+    cuda_graph: bool = False  # capture the training step as a CUDA graph (CUDA only)
     seed: int = 42
     device: str = "auto"
     sample_cache_max_size: int = 10_000_000

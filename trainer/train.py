@@ -122,6 +122,45 @@ def train_gru4rec(
     events_per_epoch = plan_np.n_events if max_steps is None else int(plan_np.valid[:n_steps].sum())
     setup_seconds = time.perf_counter() - t_setup
 
+    # Static buffers: every step copies its slice of the plan in, then runs `body` (eagerly,
+    # or as a replay of a CUDA graph captured from it).
+    n_out = B + (p.n_sample if sampler is not None else 0)
+    x_buf = torch.zeros(B, dtype=torch.long, device=device)
+    y_buf = torch.zeros(n_out, dtype=torch.long, device=device)
+    valid_buf = torch.zeros(B, dtype=torch.bool, device=device)
+    keep_buf = torch.zeros(B, 1, device=device)
+    hidden = [torch.zeros(B, h, device=device) for h in p.layers]
+    loss_sum = torch.zeros((), device=device)
+
+    def fill(t: int) -> None:
+        x_buf.copy_(plan.inputs[t], non_blocking=True)
+        y_buf[:B].copy_(plan.targets[t], non_blocking=True)
+        if sampler is not None:
+            y_buf[B:].copy_(sampler.get(), non_blocking=True)
+        valid_buf.copy_(plan.valid[t], non_blocking=True)
+        keep_buf.copy_(keep[t], non_blocking=True)
+
+    def body() -> None:
+        hs = [h * keep_buf for h in hidden]
+        scores, new_hidden, leaves = model.train_forward(x_buf, y_buf, hs)
+        if use_logq:
+            corr = logq_correction(item_counts, y_buf, B, p.sample_alpha, p.logq)
+            loss = loss_fn(scores, valid_buf, corr) / B
+        else:
+            loss = loss_fn(scores, valid_buf) / B
+        for q in dense:
+            q.grad = None
+        loss.backward()
+        opt.step([(tab, rows, leaf.grad) for tab, rows, leaf in leaves])
+        with torch.no_grad():
+            for h, nh in zip(hidden, new_hidden, strict=True):
+                h.copy_(nh)
+            loss_sum.add_(loss.detach())
+
+    graph: torch.cuda.CUDAGraph | None = None
+    want_graph = p.cuda_graph and device.type == "cuda"
+    n_warm = 3  # eager steps on a side stream before capture (autograd/cuBLAS init)
+
     model.train()
     epoch_losses: list[float] = []
     t0 = time.perf_counter()
@@ -132,27 +171,25 @@ def train_gru4rec(
             else None
         )
         for epoch in range(p.n_epochs):
-            hidden = [torch.zeros(B, h, device=device) for h in p.layers]
-            loss_sum = torch.zeros((), device=device)
+            for h in hidden:
+                h.zero_()
+            loss_sum.zero_()
             last_t, last_step = time.perf_counter(), 0
             for t in range(n_steps):
-                hidden = [h * keep[t] for h in hidden]
-                y = plan.targets[t]
-                if sampler is not None:
-                    y = torch.cat([y, sampler.get()])
-                scores, hidden, leaves = model.train_forward(plan.inputs[t], y, hidden)
-                valid = plan.valid[t]
-                if use_logq:
-                    corr = logq_correction(item_counts, y, B, p.sample_alpha, p.logq)
-                    loss = loss_fn(scores, valid, corr) / B
+                fill(t)
+                if graph is not None:
+                    graph.replay()
+                elif want_graph and t == n_warm:
+                    graph = _capture(body, dense)
+                    graph.replay()
+                elif want_graph and t < n_warm:
+                    side = torch.cuda.Stream(device)
+                    side.wait_stream(torch.cuda.current_stream(device))
+                    with torch.cuda.stream(side):
+                        body()
+                    torch.cuda.current_stream(device).wait_stream(side)
                 else:
-                    loss = loss_fn(scores, valid) / B
-                for q in dense:
-                    q.grad = None
-                loss.backward()
-                opt.step([(tab, rows, leaf.grad) for tab, rows, leaf in leaves])
-                hidden = [h.detach() for h in hidden]
-                loss_sum += loss.detach()
+                    body()
                 if bar is not None and ((t + 1) % log_every == 0 or t + 1 == n_steps):
                     now = time.perf_counter()
                     ev = int(plan_np.valid[last_step : t + 1].sum())
@@ -164,7 +201,7 @@ def train_gru4rec(
                         description=f"epoch {epoch + 1}/{p.n_epochs}",
                     )
                     last_t, last_step = now, t + 1
-            # per-event mean loss of the epoch (the official log's figure)
+            # per-event mean loss of the epoch (the official log's figure); one sync per epoch
             epoch_losses.append(float(loss_sum) * B / max(1, events_per_epoch))
     train_seconds = time.perf_counter() - t0
     model.eval()
@@ -180,8 +217,20 @@ def train_gru4rec(
         "train_seconds": train_seconds,
         "train_events_per_s": n_events / max(train_seconds, 1e-9),
         "params": p.to_dict(),
+        "cuda_graph": graph is not None,
     }
     return model, item_ids, stats
+
+
+def _capture(body: Any, dense: list[torch.nn.Parameter]) -> torch.cuda.CUDAGraph:
+    """Capture one training step (forward, backward, optimiser) as a CUDA graph."""
+    torch.cuda.synchronize()
+    for q in dense:  # the graph's backward allocates them from its private pool
+        q.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    return graph
 
 
 def _sorted_for_index(df: pd.DataFrame) -> pd.DataFrame:
