@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from trainer.evaluate import model_device
 from trainer.losses import get_loss, logq_correction
 from trainer.metrics import MetricAccumulator, ranks
 from trainer.optim import IndexedAdagradM
@@ -406,7 +407,7 @@ def evaluate_users(
     items (``trainer.metrics.ranks`` with ``ties``). Test items outside ``item_index`` are
     neither ranked nor fed (an unknown input keeps the state, as in the live service).
     """
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    dev = torch.device(device) if device is not None else model_device(model)
     model.to(dev)
     was_training = model.training
     model.eval()
