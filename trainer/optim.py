@@ -106,19 +106,17 @@ class IndexedAdagradM:
         torch._foreach_addcmul_(accs, gs, gs)
         denom = torch._foreach_add(accs, self.eps)
         torch._foreach_sqrt_(denom)
-        upd = torch._foreach_div(gs, denom)
-        torch._foreach_mul_(upd, -self.lr)
         if self.momentum > 0:
             moms = [self.mom[p] for p in ps]
             torch._foreach_mul_(moms, self.momentum)
-            torch._foreach_add_(moms, upd)
+            torch._foreach_addcdiv_(moms, gs, denom, -self.lr)
             if self.nesterov:
-                torch._foreach_add_(upd, moms, alpha=self.momentum)
-                torch._foreach_add_(ps, upd)
+                torch._foreach_addcdiv_(ps, gs, denom, -self.lr)
+                torch._foreach_add_(ps, moms, alpha=self.momentum)
             else:
                 torch._foreach_add_(ps, moms)
         else:
-            torch._foreach_add_(ps, upd)
+            torch._foreach_addcdiv_(ps, gs, denom, -self.lr)
 
     def _sparse_step(self, p: nn.Parameter, rows: Tensor, grad: Tensor) -> None:
         grad = grad.reshape(rows.shape[0], *p.shape[1:])

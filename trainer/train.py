@@ -115,6 +115,8 @@ def train_gru4rec(
         if p.n_sample > 0
         else None
     )
+    if sampler is not None:
+        sampler.refill()  # the first bulk draw belongs to setup, as in the official code
     loss_fn = get_loss(p.loss, p.bpreg)
     use_logq = p.loss == "cross-entropy" and p.logq > 0
     B = p.batch_size

@@ -239,10 +239,9 @@ class GRU4Rec(nn.Module):
             leaves.append((table, rows, leaf))
             return leaf
 
-        n_in = in_rows.shape[0]
         if self.config.constrained_embedding:
-            both = gather(self.Wy, torch.cat([in_rows, out_rows]))
-            x, w = both[:n_in], both[n_in:]
+            x = gather(self.Wy, in_rows)
+            w = gather(self.Wy, out_rows)
         else:
             x = gather(self.E if self.config.embedding else self.GE.Wx, in_rows)
             w = gather(self.Wy, out_rows)
