@@ -62,8 +62,20 @@ def load_model_holder(path: Path | None, settings: Settings, wait_s: float = 0.0
 @click.option("--wait-for-model", default=0.0, help="Seconds to wait for a checkpoint to appear.")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="RocksDB state directory.")
 @click.option("--loglevel", default=None, help="Log level (default: settings).")
+@click.option(
+    "--threads",
+    default=1,
+    show_default=True,
+    help="torch intra-op threads on CPU (more than 1 stalls on shared cores).",
+)
+@click.option("--no-model-step", is_flag=True, hidden=True, help="Benchmark reference only.")
 def worker(
-    model_path: Path | None, wait_for_model: float, data_dir: Path | None, loglevel: str | None
+    model_path: Path | None,
+    wait_for_model: float,
+    data_dir: Path | None,
+    loglevel: str | None,
+    threads: int,
+    no_model_step: bool,
 ) -> None:
     """Run one worker: clicks in, recommendations out (Ctrl-C stops it cleanly)."""
     from .app import Worker
@@ -71,7 +83,14 @@ def worker(
     settings = get_settings()
     level = (loglevel or settings.worker.log_level).upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import torch
+
+    torch.set_num_threads(max(1, threads))
     holder = load_model_holder(model_path, settings, wait_for_model)
+    if no_model_step:
+        from .runtime import ModelHolder, NoStepServingModel
+
+        holder = ModelHolder(NoStepServingModel.wrap(holder.current))
     m = holder.current
     click.echo(
         f"serving {m.name} {m.version} ({m.n_items} items) on {m.device}; "

@@ -1,0 +1,325 @@
+"""Serving benchmark: end-to-end events/s and click-to-recommendation latency of one worker.
+
+All in one run, against the embedded broker (or --bootstrap):
+  (e2e)     click produced -> recommendation consumed, one worker, GRU4Rec sized like the
+            yoochoose-1_64 model (17,319 items, 100 units), clicks produced as fast as possible;
+  (nostep)  the same worker with the model step removed (``worker --no-model-step``);
+  (step)    the model step alone (ServingModel.step incl. top-k and host copies) at the
+            worker's batch size;
+  (500/s)   latency at a fixed offered load of 500 events/s.
+
+Latency = time the bench's consumer received the recommendation - the click's Kafka
+timestamp (producer create time, same clock). Throughput = answered clicks / (last
+recommendation received - first click sent).
+
+    .venv/bin/python bench/serve_bench.py [--events 20000] [--data PATH] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from confluent_kafka import Consumer, TopicPartition
+
+from streamrec.broker import EmbeddedBroker
+from streamrec.kafka import TopicSpec, ensure_topics, read_topic
+from streamrec.replay import click_values, latency_percentiles, produce
+from streamrec.runtime import ServingModel
+
+N_ITEMS = 17_319
+UNITS = 100
+PARTITIONS = 4
+
+
+def make_checkpoint(path: Path) -> Path:
+    from trainer.checkpoint import save_checkpoint
+    from trainer.models.gru4rec import GRU4Rec, GRU4RecConfig
+
+    model = GRU4Rec(GRU4RecConfig(n_items=N_ITEMS, layers=[UNITS]), seed=0)
+    return save_checkpoint(path, model, "gru4rec", [str(i) for i in range(N_ITEMS)])
+
+
+def load_values(data: Path | None, n: int) -> list[tuple[bytes, bytes, float]]:
+    """Clicks of real sessions (yoochoose-1_64 test) if given, else a synthetic stream."""
+    import pandas as pd
+
+    if data is not None and data.exists():
+        from trainer.data import load_clicks
+
+        df = load_clicks(data).head(n)
+        # the benchmark model indexes items 0..N-1; yoochoose ids are re-indexed integers
+        df = df.assign(ItemId=(df["ItemId"].astype(int) % N_ITEMS).astype(str))
+    else:
+        rng = np.random.default_rng(0)
+        sess = np.repeat(np.arange(n // 5 + 1), 5)[:n]
+        rng.shuffle(sess)
+        df = pd.DataFrame(
+            {
+                "SessionId": sess.astype(str),
+                "ItemId": rng.integers(0, N_ITEMS, n).astype(str),
+                "Time": np.arange(n, dtype=float),
+            }
+        )
+    return click_values(df)
+
+
+class Collector:
+    """Tails the recommendations topic (assigned, not subscribed) and stamps arrival times."""
+
+    def __init__(self, conf: dict[str, Any], topic: str) -> None:
+        self.c = Consumer(
+            {
+                **conf,
+                "group.id": f"bench-{time.time_ns()}",
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "fetch.wait.max.ms": 2,
+                "log_level": 0,
+            }
+        )
+        self.c.assign([TopicPartition(topic, p, 0) for p in range(PARTITIONS)])
+        self.arrivals: dict[str, tuple[float, float]] = {}  # click id -> (recv, produced_at)
+        self.stop = threading.Event()
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            for m in self.c.consume(num_messages=1000, timeout=0.05):
+                if m.error():
+                    continue
+                now = time.time()
+                r = json.loads(m.value())
+                self.arrivals.setdefault(r["click_id"], (now, r["produced_at"] or now))
+
+    def wait(self, n: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.arrivals) < n and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.t.join(5)
+        self.c.close()
+
+
+def scrape(port: int) -> dict[str, float]:
+    import urllib.request
+
+    out: dict[str, float] = {}
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+    except OSError:
+        return out
+    for line in text.decode().splitlines():
+        if line.startswith("streamrec_") and " " in line and "{" not in line:
+            k, v = line.rsplit(" ", 1)
+            out[k] = float(v)
+    return out
+
+
+def run_worker_phase(
+    bootstrap: str,
+    ckpt: Path,
+    values: list[tuple[bytes, bytes, float]],
+    *,
+    tag: str,
+    rate: float | None,
+    no_step: bool,
+    max_events: int,
+    tmp: Path,
+) -> dict[str, Any]:
+    from streamrec.broker import free_port
+
+    conf = {"bootstrap.servers": bootstrap}
+    clicks, recs, dead = f"{tag}-clicks", f"{tag}-recs", f"{tag}-dead"
+    ensure_topics(conf, [TopicSpec(t, PARTITIONS) for t in (clicks, recs, dead)])
+    mport = free_port()
+    env = {
+        **os.environ,
+        "STREAMREC_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+        "STREAMREC_TOPICS__CLICKS": clicks,
+        "STREAMREC_TOPICS__RECOMMENDATIONS": recs,
+        "STREAMREC_TOPICS__DEAD_LETTER": dead,
+        "STREAMREC_TOPICS__PARTITIONS": str(PARTITIONS),
+        "STREAMREC_WORKER__APP_ID": f"{tag}-app",
+        "STREAMREC_WORKER__METRICS_PORT": str(mport),
+        "STREAMREC_BATCHING__MAX_EVENTS": str(max_events),
+        "STREAMREC_BATCHING__MAX_WAIT_MS": "5",
+        "STREAMREC_MODEL__RELOAD_INTERVAL_S": "0",
+        "STREAMREC_MODEL__DEVICE": "auto",
+    }
+    cmd = [sys.executable, "-m", "streamrec", "worker", "--model", str(ckpt)]
+    if os.environ.get("SERVE_BENCH_PROFILE"):  # cProfile of the worker's main thread
+        cmd[1:1] = ["-m", "cProfile", "-o", os.environ["SERVE_BENCH_PROFILE"] + f".{tag}"]
+    cmd += ["--data-dir", str(tmp / tag), "--loglevel", "WARNING"]
+    if no_step:
+        cmd.append("--no-model-step")
+    log = open(tmp / f"{tag}.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
+    col = Collector(conf, recs)
+    try:
+        # warm up: the worker must have joined the group and answered before timing starts
+        warm = [(b"w", json.dumps({"session_id": "w", "item_id": "1"}).encode(), 0.0)]
+        produce(conf, clicks, warm * 20)
+        col.wait(20, 120)
+        if len(col.arrivals) < 20:
+            raise RuntimeError(f"worker not answering: {(tmp / f'{tag}.log').read_text()[-2000:]}")
+        base = set(col.arrivals)
+        before = scrape(mport)
+        t0 = time.time()
+        out = produce(conf, clicks, values, rate=rate)
+        col.wait(len(base) + len(values), 300)
+        arr = {k: v for k, v in col.arrivals.items() if k not in base}
+        after = scrape(mport)
+        if arr:
+            t_end = max(v[0] for v in arr.values())
+            t_first = min(out.sent_at.values()) if out.sent_at else t0
+        else:
+            t_end = t_first = t0
+        lat = latency_percentiles(recv - sent for recv, sent in arr.values())
+        # the tailing consumer may miss records on Tansu: count answers with a fresh read
+        answered = {
+            json.loads(m.value())["click_id"] for m in read_topic(conf, recs, idle_timeout=1.0)
+        } & out.click_ids
+        nb = after.get("streamrec_batch_size_count", 0) - before.get(
+            "streamrec_batch_size_count", 0
+        )
+        sb = after.get("streamrec_batch_size_sum", 0) - before.get("streamrec_batch_size_sum", 0)
+        ms = after.get("streamrec_model_step_seconds_sum", 0) - before.get(
+            "streamrec_model_step_seconds_sum", 0
+        )
+        return {
+            "events": len(values),
+            "answered": len(answered),
+            "seen_by_tail": len(arr),
+            "seconds": t_end - t_first,
+            "events_per_s": len(arr) / (t_end - t_first) if t_end > t_first else float("nan"),
+            "produce_events_per_s": len(values) / out.seconds,
+            "latency_ms": {k: v * 1e3 for k, v in lat.items()},
+            "mean_batch": sb / nb if nb else float("nan"),
+            "model_seconds_in_worker": ms,
+        }
+    finally:
+        col.close()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def model_step_alone(ckpt: Path, batch: int, seconds: float = 5.0) -> dict[str, Any]:
+    torch.set_num_threads(1)  # as the worker (``streamrec worker --threads 1``)
+    model = ServingModel.from_checkpoint(ckpt, "auto", top_k=20)
+    rng = np.random.default_rng(0)
+    states = np.zeros((batch, model.state_dim), np.float32)
+    n = 0
+    for _ in range(3):  # warm up
+        model.step(rng.integers(0, N_ITEMS, batch), states, None)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        ids = [str(i) for i in rng.integers(0, N_ITEMS, batch)]
+        out = model.step(model.rows(ids), states, None)
+        states = out.states
+        model.ids(out.top_rows)
+        n += batch
+    dt = time.perf_counter() - t0
+    return {"batch": batch, "events_per_s": n / dt, "device": str(model.device)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--events", type=int, default=20_000)
+    ap.add_argument("--latency-seconds", type=float, default=10.0)
+    ap.add_argument("--rate", type=float, default=500.0)
+    ap.add_argument("--max-events", type=int, default=256, help="worker micro-batch size")
+    ap.add_argument(
+        "--data", type=Path, default=Path("/work/shared/data/yoochoose-1_64/test.tsv.gz")
+    )
+    ap.add_argument("--bootstrap", default=None)
+    ap.add_argument("--out", type=Path, default=None, help="write the JSON results here")
+    a = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    ckpt = make_checkpoint(tmp / "model")
+    values = load_values(a.data if a.data.exists() else None, a.events)
+    n_lat = int(a.rate * a.latency_seconds)
+    results: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.node()} {os.cpu_count()} CPUs, "
+        f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}",
+        "load_avg_at_start": os.getloadavg(),
+        "model": f"GRU4Rec {N_ITEMS} items x {UNITS} units",
+        "data": str(a.data) if a.data.exists() else "synthetic",
+        "args": vars(a) | {"data": str(a.data), "out": str(a.out)},
+    }
+    broker = None
+    try:
+        if a.bootstrap:
+            bootstrap = a.bootstrap
+        else:
+            broker = EmbeddedBroker(port=0).start()
+            bootstrap = broker.bootstrap
+        run = f"b{time.time_ns() % 10**8}"
+        common = {"max_events": a.max_events, "tmp": tmp}
+        if os.environ.get("SERVE_BENCH_ONLY") == "nostep":
+            results["nostep"] = run_worker_phase(
+                bootstrap, ckpt, values, tag=f"{run}-nostep", rate=None, no_step=True, **common
+            )
+            print(results["nostep"], flush=True)
+            return
+        print("model step alone ...", flush=True)
+        results["step"] = model_step_alone(ckpt, a.max_events)
+        print(results["step"], flush=True)
+        print("end to end ...", flush=True)
+        results["e2e"] = run_worker_phase(
+            bootstrap, ckpt, values, tag=f"{run}-e2e", rate=None, no_step=False, **common
+        )
+        print(results["e2e"], flush=True)
+        print("without model step ...", flush=True)
+        results["nostep"] = run_worker_phase(
+            bootstrap, ckpt, values, tag=f"{run}-nostep", rate=None, no_step=True, **common
+        )
+        print(results["nostep"], flush=True)
+        print(f"latency at {a.rate:.0f}/s ...", flush=True)
+        results["fixed_rate"] = run_worker_phase(
+            bootstrap, ckpt, values[:n_lat], tag=f"{run}-rate", rate=a.rate, no_step=False, **common
+        )
+        print(results["fixed_rate"], flush=True)
+        step_eps = results["step"]["events_per_s"]
+        results["step_at_mean_batch"] = model_step_alone(
+            ckpt, max(1, round(results["e2e"]["mean_batch"])), seconds=3.0
+        )
+        results["ratios"] = {
+            "e2e_over_step": results["e2e"]["events_per_s"] / step_eps,
+            "e2e_over_nostep": results["e2e"]["events_per_s"] / results["nostep"]["events_per_s"],
+            "e2e_over_naive_1000": results["e2e"]["events_per_s"] / 1000.0,
+        }
+    finally:
+        if broker is not None:
+            broker.stop()
+    print(json.dumps(results, indent=1))
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
