@@ -1,0 +1,116 @@
+"""docker-compose.yml and deploy/: structure, and that their commands are the real CLI.
+
+There is no Docker engine here, so this checks the files rather than running them.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import click
+import pytest
+
+yaml = pytest.importorskip("yaml")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def _env(service: dict) -> dict[str, str]:
+    env = service.get("environment", {})
+    if isinstance(env, list):
+        env = dict(e.split("=", 1) for e in env)
+    return {k: str(v) for k, v in env.items()}
+
+
+def _cli() -> click.Group:
+    from streamrec.cli import main
+
+    return main
+
+
+def _check_cli_args(args: list[str]) -> None:
+    """The arguments parse with the real `streamrec` click group (no callback runs)."""
+    group = _cli()
+    cmd = group.get_command(click.Context(group), args[0])
+    assert cmd is not None, f"`streamrec {args[0]}` is not a command"
+    ctx = cmd.make_context(f"streamrec {args[0]}", list(args[1:]), resilient_parsing=False)
+    assert ctx.params is not None
+
+
+def test_services_and_kraft(compose: dict) -> None:
+    services = compose["services"]
+    assert {"kafka", "topic-init", "worker"} <= services.keys()
+    kafka = _env(services["kafka"])
+    assert "controller" in kafka["KAFKA_PROCESS_ROLES"] and "broker" in kafka["KAFKA_PROCESS_ROLES"]
+    assert "ZOOKEEPER" not in " ".join(kafka)
+    assert services["kafka"]["image"].startswith("apache/kafka")
+    assert "checkpoints" in compose["volumes"]
+
+
+def test_worker_is_scalable_and_runs_the_real_cli(compose: dict) -> None:
+    w = compose["services"]["worker"]
+    assert "ports" not in w, "fixed host ports would break --scale worker=N"
+    assert "container_name" not in w
+    assert w["build"]["dockerfile"] == "deploy/Dockerfile"
+    assert any(v.split(":")[1] == "/checkpoints" for v in w["volumes"])
+    assert w["depends_on"]["topic-init"]["condition"] == "service_completed_successfully"
+    _check_cli_args(w["command"])
+    assert w["command"][0] == "worker"
+
+
+def test_dockerfile_entrypoint_is_the_cli() -> None:
+    text = (ROOT / "deploy" / "Dockerfile").read_text()
+    entry = re.search(r"^ENTRYPOINT (.+)$", text, re.M)
+    cmd = re.search(r"^CMD (.+)$", text, re.M)
+    assert entry and cmd
+    import json
+
+    assert json.loads(entry.group(1)) == ["streamrec"]
+    _check_cli_args(json.loads(cmd.group(1)))
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'streamrec = "streamrec.cli:main"' in pyproject
+
+
+def test_environment_names_are_real_settings(
+    compose: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from streamrec.settings import load_settings
+
+    env = {}
+    for name in ("topic-init", "worker"):
+        env.update(_env(compose["services"][name]))
+    for k, v in env.items():
+        if k.startswith("STREAMREC_"):
+            monkeypatch.setenv(k, v)
+    s = load_settings()
+    assert s.kafka.bootstrap_servers == "kafka:9092"
+    assert s.topics.partitions == int(env["STREAMREC_TOPICS__PARTITIONS"])
+    assert str(s.model.path) == "/checkpoints"
+    # every STREAMREC_ variable names an existing field
+    for k in env:
+        if k.startswith("STREAMREC_"):
+            group, field = k.removeprefix("STREAMREC_").lower().split("__")
+            assert field in type(getattr(s, group)).model_fields, k
+
+
+def test_topic_init_creates_every_topic_with_partition_count(compose: dict) -> None:
+    init = compose["services"]["topic-init"]
+    script = (ROOT / "deploy" / "create-topics.sh").read_text()
+    assert any("create-topics.sh" in v for v in init["volumes"])
+    assert "--partitions" in script and "--if-not-exists" in script
+    for var in ("CLICKS", "RECOMMENDATIONS", "DEAD_LETTER"):
+        assert f"STREAMREC_TOPICS__{var}" in script
+    assert "cleanup.policy=compact" in script
+    assert shlex.split(" ".join(init["entrypoint"]))[-1] == "/create-topics.sh"
+
+
+def test_cli_has_every_service_command() -> None:
+    names = set(_cli().list_commands(click.Context(_cli())))
+    assert {"broker", "worker", "produce", "tail", "replay", "demo"} <= names
