@@ -323,9 +323,13 @@ class Worker:
 
     def run(self, loglevel: str = "info") -> None:
         """Run until SIGINT/SIGTERM (Faust's worker handles the signals and shuts down)."""
+        import gc
+
         from faust.worker import Worker as FaustWorker
 
         self.metrics.serve(self.settings.worker.metrics_port)
+        gc.collect()
+        gc.freeze()  # model, item index and imports: keep them out of every GC pass
         try:
             FaustWorker(self.app, loglevel=loglevel.lower(), quiet=True).execute_from_commandline()
         finally:
