@@ -56,7 +56,7 @@ def child(bootstrap: str, topic: str, n: int, batch: int, datadir: str) -> None:
                 sys.stdout.flush()
                 os._exit(0)
 
-    sys.argv = sys.argv[:1] + ["worker", "-l", "warn"]
+    sys.argv = [*sys.argv[:1], "worker", "-l", "warn"]
     app.main()
 
 
@@ -77,8 +77,17 @@ def main() -> None:
         produce(conf, "floor", [(str(i % 997).encode(), v, 0.0) for i in range(a.events)])
         with tempfile.TemporaryDirectory() as d:
             out = subprocess.run(
-                [sys.executable, __file__, "--batch", str(a.batch), "--child"]
-                + [broker.bootstrap, "floor", d, str(a.events)],
+                [
+                    sys.executable,
+                    __file__,
+                    "--batch",
+                    str(a.batch),
+                    "--child",
+                    broker.bootstrap,
+                    "floor",
+                    d,
+                    str(a.events),
+                ],
                 capture_output=True,
                 text=True,
                 timeout=300,
