@@ -8,6 +8,7 @@ sync-bound, and every step has the same shapes (CUDA-graph friendly).
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import nullcontext
 from typing import Any
 
@@ -182,8 +183,16 @@ def train_gru4rec(
                 if graph is not None:
                     graph.replay()
                 elif want_graph and t == n_warm:
-                    graph = _capture(body, dense)
-                    graph.replay()
+                    try:
+                        graph = _capture(body, dense)
+                    except RuntimeError as e:  # e.g. an op that cannot be captured
+                        warnings.warn(
+                            f"CUDA graph capture failed, training eagerly: {e}", stacklevel=2
+                        )
+                        want_graph = False
+                        body()
+                    else:
+                        graph.replay()
                 elif want_graph and t < n_warm:
                     side = torch.cuda.Stream(device)
                     side.wait_stream(torch.cuda.current_stream(device))
