@@ -1,0 +1,88 @@
+"""ServingModel on real GRU4Rec checkpoints: loading, device choice, hot swap and its gate."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from streamrec.runtime import (
+    ModelHolder,
+    ModelLoadError,
+    NoStepServingModel,
+    ServingModel,
+    pick_device,
+)
+
+N = 30
+
+
+def _save(path: Path, seed: int, *, nan: bool = False, holdout: list | None = None) -> Path:
+    from trainer.checkpoint import save_checkpoint
+    from trainer.models.gru4rec import GRU4Rec, GRU4RecConfig
+
+    model = GRU4Rec(GRU4RecConfig(n_items=N, layers=[8]), seed=seed)
+    if nan:
+        with torch.no_grad():
+            model.Wy.fill_(float("nan"))
+    stats = {"holdout_sessions": holdout} if holdout is not None else None
+    return save_checkpoint(path, model, "gru4rec", [f"i{j}" for j in range(N)], data_stats=stats)
+
+
+def test_device_choice() -> None:
+    assert pick_device("cpu").type == "cpu"
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelLoadError):
+            pick_device("cuda")
+
+
+def test_load_step_topk(tmp_path: Path) -> None:
+    m = ServingModel.from_checkpoint(_save(tmp_path / "a", 1), "cpu", top_k=5)
+    assert (m.n_items, m.state_dim, m.user_state_dim) == (N, 8, 0)
+    rows = m.rows(["i1", "nope", "i3"])
+    assert rows.tolist() == [1, -1, 3]
+    st = m.initial_states(None, 3)
+    out = m.step(rows, st, None)
+    assert out.top_rows.shape == (3, 5) and np.isfinite(out.top_scores).all()
+    assert np.array_equal(out.states[1], st[1])  # unknown item: state unchanged
+    assert m.validate() is None
+    ns = NoStepServingModel.wrap(m)
+    assert ns.step(rows, st, None).top_rows.shape == (3, 5)
+
+
+def test_hot_swap_from_watched_dir_and_rejections(tmp_path: Path) -> None:
+    watch = tmp_path / "ckpts"
+    first = ServingModel.from_checkpoint(_save(watch / "v1", 1), "cpu")
+    holder = ModelHolder(first, watch_dir=watch, device="cpu")
+    assert not holder.maybe_reload()  # nothing newer
+    time.sleep(0.01)
+    _save(watch / "v2", 2)
+    assert holder.maybe_reload() and holder.current.version != first.version
+    v2 = holder.current.version
+    # a checkpoint with NaN weights fails the finite-scores gate and is never swapped in
+    time.sleep(0.01)
+    _save(watch / "v3", 3, nan=True)
+    assert not holder.maybe_reload() and holder.current.version == v2
+    assert not holder.maybe_reload()  # remembered as rejected
+    # a truncated tensor file fails to load
+    bad = _save(tmp_path / "other" / "v4", 4)
+    tensors = bad / "model.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:100])
+    os.utime(bad / "checkpoint.json")
+    assert not holder.load_and_swap(bad) and holder.current.version == v2
+
+
+def test_quality_gate_on_holdout(tmp_path: Path) -> None:
+    sessions = [["i1", "i2", "i3"], ["i4", "i5"]]
+    m = ServingModel.from_checkpoint(_save(tmp_path / "a", 1), "cpu")
+    recall = m.validate(sessions)
+    assert recall is not None and 0.0 <= recall <= 1.0
+    with pytest.raises(ModelLoadError):
+        m.validate(sessions, min_recall=1.01)
+    holder = ModelHolder(m, device="cpu")
+    assert holder.load_and_swap(_save(tmp_path / "b", 2, holdout=sessions))
