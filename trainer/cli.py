@@ -193,7 +193,10 @@ def _train_gru4rec(job: TrainJob) -> TrainOutcome:
         params = make_params(job.preset, job.params)
     except ParamError as e:
         raise click.BadParameter(str(e), param_hint="--param/--preset") from None
-    model, item_ids, stats = train_gru4rec(job.train_df, params, progress=job.progress)
+    try:
+        model, item_ids, stats = train_gru4rec(job.train_df, params, progress=job.progress)
+    except ValueError as e:
+        raise click.ClickException(f"training failed: {e}") from None
     return TrainOutcome(model, "gru4rec", item_ids, stats, params.to_dict())
 
 

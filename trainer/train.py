@@ -87,6 +87,8 @@ def train_gru4rec(
     item_ids, index = build_item_index(_sorted_for_index(train_df))
     sessions = order_sessions(train_df, index)
     plan_np = session_parallel_plan(sessions, p.batch_size)
+    if plan_np.n_events == 0:
+        raise ValueError("training data has no session with 2 or more events")
     plan: BatchPlan = plan_np.to(device)
     keep = (~plan.reset).to(torch.float32).unsqueeze(2)  # [T, B, 1] multiplies the state
     counts = np.bincount(sessions.items, minlength=len(item_ids)).astype(np.float32)
