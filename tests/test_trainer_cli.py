@@ -128,3 +128,31 @@ def test_missing_file_and_bad_checkpoint(files: tuple[Path, Path], tmp_path: Pat
         main, ["evaluate", "--model", str(tmp_path / "broken"), "--test", str(test)]
     )
     assert res.exit_code != 0 and "checkpoint.json" in res.output
+
+
+def test_presets_and_param_parsing() -> None:
+    from trainer.presets import PRESETS, ParamError, make_params
+
+    p = make_params("yoochoose_xe_shared_best")
+    assert (p.loss, p.layers, p.batch_size, p.n_epochs, p.learning_rate) == (
+        "cross-entropy", [480], 48, 10, 0.07,
+    )  # fmt: skip
+    assert (p.n_sample, p.sample_alpha, p.dropout_p_hidden, p.logq, p.bpreg) == (
+        2048, 0.2, 0.2, 1.0, 0.0,
+    )  # fmt: skip
+    assert p.constrained_embedding and p.embedding == 0 and p.resolved_final_act() == "linear"
+    bm = make_params("coveo_bprmax_shared_best")
+    assert bm.loss == "bpr-max" and bm.bpreg == 1.85 and bm.resolved_final_act() == "elu"
+    assert len(PRESETS) == 6
+    q = make_params("yoochoose_xe_shared_best", ["layers=100/50", "constrained_embedding=False"])
+    assert q.layers == [100, 50] and q.constrained_embedding is False and q.batch_size == 48
+    bad_params = [
+        ("dropout_p_hidden=1.5", "dropout_p_hidden"),
+        ("loss=hinge", "loss"),
+        ("n_epochs=1.5", "n_epochs"),
+        ("nope=1", "nope"),
+        ("layers", "layers"),
+    ]
+    for bad, name in bad_params:
+        with pytest.raises(ParamError, match=name):
+            make_params(None, [bad])
