@@ -63,6 +63,7 @@ def main(
                     "date": datetime.now(UTC).isoformat(timespec="seconds"),
                     "host": platform.node(),
                     "device": st["device"],
+                    "cuda_graph": st["cuda_graph"],
                     "torch": torch.__version__,
                     "threads": torch.get_num_threads(),
                     "data": source,
