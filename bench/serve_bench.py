@@ -53,6 +53,30 @@ def make_checkpoint(path: Path) -> Path:
     return save_checkpoint(path, model, "gru4rec", [str(i) for i in range(N_ITEMS)])
 
 
+def _interleave(df: Any, concurrent: int, seed: int = 0) -> Any:
+    rng = np.random.default_rng(seed)
+    groups = [g.index.to_numpy() for _, g in df.groupby("SessionId", sort=False)]
+    pending = iter(groups)
+    open_: list[list[int]] = []
+    for g in pending:
+        open_.append(list(g))
+        if len(open_) == concurrent:
+            break
+    order: list[int] = []
+    while open_:
+        j = int(rng.integers(len(open_)))
+        order.append(open_[j].pop(0))
+        if not open_[j]:
+            nxt = next(pending, None)
+            if nxt is None:
+                open_.pop(j)
+            else:
+                open_[j] = list(nxt)
+    out = df.loc[order].reset_index(drop=True)
+    out["Time"] = np.arange(len(out), dtype=float)
+    return out
+
+
 def load_values(data: Path | None, n: int) -> list[tuple[bytes, bytes, float]]:
     """Clicks of real sessions (yoochoose-1_64 test) if given, else a synthetic stream."""
     import pandas as pd
@@ -60,9 +84,12 @@ def load_values(data: Path | None, n: int) -> list[tuple[bytes, bytes, float]]:
     if data is not None and data.exists():
         from trainer.data import load_clicks
 
-        df = load_clicks(data).head(n)
-        # the benchmark model indexes items 0..N-1; yoochoose ids are re-indexed integers
-        df = df.assign(ItemId=(df["ItemId"].astype(int) % N_ITEMS).astype(str))
+        df = load_clicks(data)
+        # The 1_64 split's Time is an ordinal in session order (no interleaving). A live stream
+        # interleaves many concurrent sessions: keep 1,000 sessions open, emit the next click
+        # of a random open one, open the next session when one ends (order within a session
+        # is kept).
+        df = _interleave(df, concurrent=1000).head(n)
     else:
         rng = np.random.default_rng(0)
         sess = np.repeat(np.arange(n // 5 + 1), 5)[:n]
@@ -244,6 +271,26 @@ def model_step_alone(ckpt: Path, batch: int, seconds: float = 5.0) -> dict[str, 
     return {"batch": batch, "events_per_s": n / dt, "device": str(model.device)}
 
 
+def core_alone(ckpt: Path, values: list, batch: int) -> dict[str, Any]:
+    """The pure core (decode, states, step, outputs as JSON) over an in-memory store."""
+    from streamrec.core import CoreConfig, Record, process_batch
+    from streamrec.runtime import NoStepServingModel
+
+    torch.set_num_threads(1)
+    model = ServingModel.from_checkpoint(ckpt, "auto", top_k=20)
+    from streamrec.state import StateStore
+
+    out = {}
+    recs = [Record(v, k, "c", 0, i, time.time()) for i, (k, v, _) in enumerate(values)]
+    for name, m in (("with_step", model), ("without_step", NoStepServingModel.wrap(model))):
+        store = StateStore()
+        t0 = time.perf_counter()
+        for i in range(0, len(recs), batch):
+            process_batch(recs[i : i + batch], store, m, CoreConfig()).recommendation_values()
+        out[name] = len(recs) / (time.perf_counter() - t0)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--events", type=int, default=20_000)
@@ -288,6 +335,8 @@ def main() -> None:
         print("model step alone ...", flush=True)
         results["step"] = model_step_alone(ckpt, a.max_events)
         print(results["step"], flush=True)
+        results["core_alone_events_per_s"] = core_alone(ckpt, values[:10_000], a.max_events)
+        print(results["core_alone_events_per_s"], flush=True)
         print("end to end ...", flush=True)
         results["e2e"] = run_worker_phase(
             bootstrap, ckpt, values, tag=f"{run}-e2e", rate=None, no_step=False, **common

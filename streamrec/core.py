@@ -257,6 +257,7 @@ def process_batch(
 
     # 3. rounds: each key at most once per model step
     model_s = 0.0
+    pending: list[np.ndarray] = []  # states to score at the end (split models)
     while queues:
         batch = [(key, q.popleft()) for key, q in queues.items()]
         queues = {key: q for key, q in queues.items() if q}
@@ -314,11 +315,16 @@ def process_batch(
         for i, c in enumerate(clicks):
             if c[4] and ks[i].sess is not None:
                 step_rows[i] = -1
-        out = model.step(step_rows, states, users if model.user_state_dim else None, config.top_k)
+        if model.split:  # advance now, score every click of the batch at the end at once
+            new_states = model.advance(step_rows, states)
+            top_ids = top_scores = None
+        else:
+            u_arg = users if model.user_state_dim else None
+            out = model.step(step_rows, states, u_arg, config.top_k)
+            new_states, top_scores = out.states, out.top_scores
+            top_ids = model.ids(out.top_rows)
         model_s += time.perf_counter() - t0
-        top_ids = model.ids(out.top_rows)
 
-        emitted_at = time.time()
         for i, (_key, rec, ev, t, dup) in enumerate(clicks):
             k = ks[i]
             unknown = rows[i] < 0
@@ -330,17 +336,19 @@ def process_batch(
                 s = k.sess
                 if s is None:
                     s = k.sess = SessionState(
-                        ev.session_id, out.states[i], model.version, ev.user_id, start_time=t
+                        ev.session_id, new_states[i], model.version, ev.user_id, start_time=t
                     )
                     stats["sessions_started"] += 1
                 else:
-                    s.hidden = out.states[i]
+                    s.hidden = new_states[i]
                 s.push_item(ev.item_id or "", config.recent_items)
                 s.partition, s.offset = rec.partition, rec.offset
                 s.last_time = max(s.last_time, t)
                 s.n_events += 1
                 s.n_unknown += int(unknown)
                 k.sess_dirty = True
+            if top_ids is None:
+                pending.append(new_states[i])
             res.recommendations.append(
                 {
                     "click_id": cid,
@@ -350,19 +358,32 @@ def process_batch(
                     "user_id": ev.user_id,
                     "session_id": ev.session_id,
                     "item_id": ev.item_id,
-                    "items": top_ids[i].tolist(),
-                    "scores": out.top_scores[i].tolist(),
+                    "items": None if top_ids is None else top_ids[i].tolist(),
+                    "scores": None if top_scores is None else top_scores[i].tolist(),
                     "model_version": model.version,
                     "event_time": t,
                     "produced_at": rec.timestamp,
                     "received_at": rec.received_at,
-                    "emitted_at": emitted_at,
+                    "emitted_at": 0.0,
                     "duplicate": dup,
                     "unknown_item": bool(unknown),
                 }
             )
 
-    # 4. store: one write per changed key
+    # 4. deferred scoring: one matmul + top-k for every click of the batch
+    if pending:
+        t0 = time.perf_counter()
+        top_rows, scores = model.score(np.stack(pending), config.top_k)
+        ids = model.ids(top_rows)
+        model_s += time.perf_counter() - t0
+        for r, row_ids, row_scores in zip(res.recommendations, ids, scores, strict=True):
+            r["items"] = row_ids.tolist()
+            r["scores"] = row_scores.tolist()
+    emitted_at = time.time()
+    for r in res.recommendations:
+        r["emitted_at"] = emitted_at
+
+    # 5. store: one write per changed key
     for key, k in work.items():
         if k.sess is not None and k.sess_dirty:
             store.put_session(key, k.sess)

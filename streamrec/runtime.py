@@ -90,6 +90,15 @@ class ServingModel:
         self.user_state_dim = int(getattr(model, "user_state_dim", 0) or 0)
         if self.n_items != len(self.item_ids):
             raise ModelLoadError(f"model has {self.n_items} items, index has {len(self.item_ids)}")
+        #: The model exposes GRU4Rec's split (embed / hidden_step / score_items), so the core
+        #: can advance states event by event and score a whole batch in one matmul + top-k.
+        self.split = (
+            self.user_state_dim == 0
+            and all(
+                hasattr(model, a) for a in ("embed", "hidden_step", "split_state", "score_items")
+            )
+            and isinstance(getattr(model, "layers", None), list)
+        )
 
     # ---- loading ------------------------------------------------------------------------
     @classmethod
@@ -170,6 +179,26 @@ class ServingModel:
             top_s, top_i = torch.topk(scores, k, dim=1)
             new_np = self._np(new, b)
             return StepOutput(new_np, top_i.cpu().numpy(), top_s.float().cpu().numpy())
+
+    def advance(self, rows: np.ndarray, states: np.ndarray) -> np.ndarray:
+        """New states only (no scores); ``rows[i] < 0`` keeps state i. Needs ``split``."""
+        m = self.model
+        with torch.inference_mode():
+            r = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.device)
+            st = self._t(states)
+            _, hidden = m.hidden_step(m.embed(r.clamp(min=0)), m.split_state(st))
+            new = torch.where((r >= 0).unsqueeze(1), torch.cat(hidden, dim=1), st)
+            return self._np(new, len(rows))
+
+    def score(self, states: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (rows, scores) of states made by :meth:`advance`, as ``step`` would give."""
+        k = self.top_k if k is None else min(k, self.n_items)
+        m = self.model
+        with torch.inference_mode():
+            st = self._t(states)
+            out = st[:, self.state_dim - m.layers[-1] :]
+            top_s, top_i = torch.topk(m.score_items(out), k, dim=1)
+            return top_i.cpu().numpy(), top_s.float().cpu().numpy()
 
     def encode_session(self, items: Sequence[str], user: np.ndarray | None) -> np.ndarray:
         """Re-encode a session from its item ids (used after a model swap)."""
@@ -324,4 +353,5 @@ class NoStepServingModel(ServingModel):
         out = cls.__new__(cls)
         out.__dict__.update(model.__dict__)
         out.version = f"{model.version}-nostep"
+        out.split = False
         return out

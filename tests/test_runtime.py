@@ -86,3 +86,33 @@ def test_quality_gate_on_holdout(tmp_path: Path) -> None:
         m.validate(sessions, min_recall=1.01)
     holder = ModelHolder(m, device="cpu")
     assert holder.load_and_swap(_save(tmp_path / "b", 2, holdout=sessions))
+
+
+def test_deferred_scoring_equals_per_round_step(tmp_path: Path) -> None:
+    import json
+
+    from streamrec.core import Record, process_batch
+    from streamrec.state import StateStore
+
+    fast = ServingModel.from_checkpoint(_save(tmp_path / "a", 5), "cpu", top_k=7)
+    slow = ServingModel.from_checkpoint(tmp_path / "a", "cpu", top_k=7)
+    slow.split = False
+    assert fast.split
+    vals = [("s1", "i1"), ("s2", "i2"), ("s1", "i3"), ("s1", "zz"), ("s2", "i4"), ("s1", "i5")]
+    recs = [
+        Record(
+            json.dumps({"session_id": s, "item_id": i, "timestamp": 1.7e9}).encode(),
+            None,
+            "c",
+            0,
+            n,
+        )
+        for n, (s, i) in enumerate(vals)
+    ]
+    a, b = StateStore(), StateStore()
+    ra = process_batch(recs, a, fast).recommendations
+    rb = process_batch(recs, b, slow).recommendations
+    assert [r["items"] for r in ra] == [r["items"] for r in rb]
+    np.testing.assert_allclose([r["scores"] for r in ra], [r["scores"] for r in rb], atol=1e-5)
+    for key in a.sessions:
+        assert a.get_session(key).same_as(b.get_session(key))  # type: ignore[union-attr,arg-type]
