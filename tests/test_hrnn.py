@@ -69,6 +69,8 @@ def test_user_parallel_batches_hand_made():
     np.testing.assert_array_equal(b.session_start[:, 1], [1, 0, 1, 0, 1, 0])
     np.testing.assert_array_equal(b.user_start[:, 0], [1, 0, 0, 0, 0, 0])
     np.testing.assert_array_equal(b.user_start[:, 1], [1, 0, 1, 0, 0, 0])
+    np.testing.assert_array_equal(b.position[:, 0], [0, 1, 2, 0, 1, -1])
+    np.testing.assert_array_equal(b.position[:, 1], [0, 1, 0, 1, 0, 1])
 
 
 def test_user_state_advances_at_session_ends_and_resets_at_user_change():
@@ -135,6 +137,8 @@ def test_hrnn_without_user_path_equals_gru4rec():
     tr, te = split_last_session_out(df)
     idx = {str(i): i for i in range(25)}
     assert evaluate_users(g, tr, te, idx) == pytest.approx(evaluate_users(h, tr, te, idx))
+    # first_n=1: one ranked event (the second click) per test session
+    assert evaluate_users(h, tr, te, idx, first_n=1)["n_events"] == te["SessionId"].nunique()
 
 
 def test_hrnn_variant_none_user_path_really_off():

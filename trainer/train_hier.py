@@ -63,7 +63,8 @@ class UserParallelBatches:
     ``targets``: the next item of the same session (-1: none, i.e. last event of a session,
     unknown item or idle); ``session_start``: a session starts at this step (the user state
     advances first unless ``user_start``); ``user_start``: a new user takes the slot (both
-    states reset); ``flag``: the event belongs to an evaluated (test) session.
+    states reset); ``flag``: the event belongs to an evaluated (test) session; ``position``:
+    0-based position of the event in its session (-1 where idle).
     """
 
     inputs: np.ndarray
@@ -71,6 +72,7 @@ class UserParallelBatches:
     session_start: np.ndarray
     user_start: np.ndarray
     flag: np.ndarray
+    position: np.ndarray
     slot_of_user: dict[str, int]
     n_events: int
 
@@ -127,6 +129,8 @@ def user_parallel_batches(
     tgt = np.full(n, -1, dtype=np.int64)
     tgt[:-1] = np.where(last_of_sess[:-1], -1, rows[1:])
     tgt[rows < 0] = -1  # an unknown input keeps the state: its prediction is not trained
+    sstarts = np.flatnonzero(new_sess)
+    pos_in_sess = np.arange(n) - sstarts[np.cumsum(new_sess) - 1]
     ustarts = np.flatnonzero(new_user)
     lengths = np.diff(np.r_[ustarts, n])
     order = np.arange(len(ustarts))
@@ -157,6 +161,7 @@ def user_parallel_batches(
         session_start=grid(new_sess, False, bool),
         user_start=grid(new_user, False, bool),
         flag=grid(flag, False, bool),
+        position=grid(pos_in_sess, -1, np.int64),
         slot_of_user={str(user[ustarts[u]]): int(slot[u]) for u in range(len(ustarts))},
         n_events=n,
     )
@@ -399,6 +404,7 @@ def evaluate_users(
     ties: str = "conservative",
     batch_size: int = 256,
     device: str | torch.device | None = None,
+    first_n: int | None = None,
 ) -> dict[str, float]:
     """Per-user next-item evaluation of each user's test session(s).
 
@@ -406,6 +412,8 @@ def evaluate_users(
     models without a user state), then every next item of the test session is ranked among all
     items (``trainer.metrics.ranks`` with ``ties``). Test items outside ``item_index`` are
     neither ranked nor fed (an unknown input keeps the state, as in the live service).
+    ``first_n`` ranks only the first ``first_n`` predictions of each test session (where the
+    user state matters most).
     """
     dev = torch.device(device) if device is not None else model_device(model)
     model.to(dev)
@@ -428,6 +436,8 @@ def evaluate_users(
     sstart = torch.from_numpy(b.session_start).to(dev)
     ustart = torch.from_numpy(b.user_start).to(dev)
     scored = (b.targets >= 0) & b.flag
+    if first_n is not None:
+        scored &= b.position < first_n
     any_scored = scored.any(axis=1)
     scored_t = torch.from_numpy(scored).to(dev)
     user = model.initial_user_state(bs)
