@@ -156,6 +156,11 @@ def run_one(name: str, args: argparse.Namespace, tr, te, ids, index, feats) -> d
     t0 = time.perf_counter()
     res = evaluate_users(model, tr, te, eval_index, ks=(5, 20), ties="conservative")
     res["eval_seconds"] = time.perf_counter() - t0
+    if args.first_n:
+        first = evaluate_users(
+            model, tr, te, eval_index, (5, 20), "conservative", first_n=args.first_n
+        )
+        res.update({f"first{args.first_n}_{k}": v for k, v in first.items() if k != "n_users"})
     res["train_seconds"] = stats.get("train_seconds", 0.0)
     res["epochs"] = stats.get("epochs", args.epochs if name != "pop" else 0)
     res["train_events_per_s"] = stats.get("train_events_per_s", 0.0)
@@ -180,8 +185,13 @@ def main() -> None:
     ap.add_argument("--feature-subnets", type=int, choices=(1, 2), default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument(
+        "--first-n", type=int, default=3, help="also rank only the first N predictions per session"
+    )
     ap.add_argument("--skip-done", action="store_true")
-    ap.add_argument("--report", type=Path, default=None, help="print a markdown table and exit")
+    ap.add_argument(
+        "--report", type=Path, nargs="+", default=None, help="print a markdown table and exit"
+    )
     args = ap.parse_args()
     if args.report:
         print(report(args.report))
@@ -217,8 +227,8 @@ def main() -> None:
             f.flush()
 
 
-def report(path: Path) -> str:
-    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+def report(paths: list[Path]) -> str:
+    lines = [json.loads(x) for p in paths for x in p.read_text().splitlines() if x.strip()]
     setups = [x for x in lines if x["kind"] == "setup"]
     rows = {x["model"]: x for x in lines if x["kind"] == "result"}  # last run wins
     out = []
