@@ -97,11 +97,19 @@ def _in_partition(event: _PartitionEvent) -> Iterator[None]:
 
 
 class _Overlay(MutableMapping[str, bytes]):
-    """Reads through to a table's store, buffers writes (None = delete) for the event loop."""
+    """Reads through to a table's store, buffers writes (None = delete) for the event loop.
 
-    def __init__(self, base: Mapping[str, bytes]) -> None:
+    ``partitions`` (key -> partition, from the Kafka message keys of the batch) lets a read
+    go to that partition's RocksDB only; without it Faust probes every partition's DB.
+    """
+
+    def __init__(
+        self, base: Mapping[str, bytes], partitions: Mapping[str, int] | None = None, topic=""
+    ) -> None:
         self.base = base
         self.writes: dict[str, bytes | None] = {}
+        self.partitions = partitions or {}
+        self.topic = topic
 
     def __getitem__(self, key: str) -> bytes:
         if key in self.writes:
@@ -109,7 +117,11 @@ class _Overlay(MutableMapping[str, bytes]):
             if v is None:
                 raise KeyError(key)
             return v
-        return self.base[key]
+        part = self.partitions.get(key)
+        if part is None:
+            return self.base[key]
+        with _in_partition(_PartitionEvent(self.topic, part)):
+            return self.base[key]
 
     def get(self, key: str, default: Any = None) -> Any:
         try:
@@ -235,8 +247,16 @@ class Worker:
             )
             for e in events
         ]
+        hint: dict[str, int] = {}
+        for r in records:
+            if r.key:
+                with contextlib.suppress(UnicodeDecodeError):
+                    hint[r.key.decode()] = r.partition
+        topic = self.clicks.get_topic_name()
         async with self.lock:
-            store = StateStore(_Overlay(self.sessions.data), _Overlay(self.users.data))
+            store = StateStore(
+                _Overlay(self.sessions.data, hint, topic), _Overlay(self.users.data, hint, topic)
+            )
             model = self.holder.current
             loop = asyncio.get_running_loop()
             res = await loop.run_in_executor(self.executor, self._step, records, store, model)

@@ -251,7 +251,9 @@ def process_batch(
     # 2. load states, one pass; re-encode those made by other weights
     work: dict[str, _Key] = {}
     for key in queues:
-        k = _Key(store.get_session(key), store.get_user(key))
+        # user states exist only for keys that are user ids: no lookup for anonymous sessions
+        has_user = any(ev.user_id is not None for _, ev, _ in queues[key])
+        k = _Key(store.get_session(key), store.get_user(key) if has_user else None)
         _migrate(k, model, stats)
         work[key] = k
 
