@@ -7,6 +7,10 @@
   afterwards, because Faust's changelog producer is not thread-safe.
 * Faust tables take the changelog partition from "the current event". A batch mixes
   partitions, so each write is done under a stand-in event of the key's own partition.
+* Recommendations and dead letters go out through a confluent-kafka producer from the
+  executor thread and are flushed before the batch returns, i.e. before its events are acked;
+  state writes go through the Faust tables (RocksDB + changelog), which Faust flushes before
+  it commits offsets. So a committed offset always has its outputs and changelog on the broker.
 * Faust hard-codes ``fetch_max_wait_ms=1500`` for its consumer; Tansu holds an empty fetch
   for that long even when data arrives, so one click took ~700 ms. :class:`StreamrecApp`
   overrides ``_new_transport`` with a transport whose consumer thread lowers the fetcher's
