@@ -116,3 +116,53 @@ def test_deferred_scoring_equals_per_round_step(tmp_path: Path) -> None:
     np.testing.assert_allclose([r["scores"] for r in ra], [r["scores"] for r in rb], atol=1e-5)
     for key in a.sessions:
         assert a.get_session(key).same_as(b.get_session(key))  # type: ignore[union-attr,arg-type]
+
+
+def test_hrnn_checkpoint_serves_with_user_state(tmp_path: Path) -> None:
+    import json
+
+    from streamrec.core import Record, process_batch
+    from streamrec.state import StateStore
+    from trainer.checkpoint import save_checkpoint
+    from trainer.models.hrnn import HRNN
+
+    torch.manual_seed(0)
+    hrnn = HRNN(N, layers=[8], user_layers=[6], variant="all")
+    path = save_checkpoint(tmp_path / "h", hrnn, "hrnn", [f"i{j}" for j in range(N)])
+    m = ServingModel.from_checkpoint(path, "cpu", top_k=5)
+    assert m.user_state_dim > 0 and not m.split
+    clicks = [("a", "i1"), ("a", "i2"), ("b", "i3"), ("b", "i4")]
+    recs = [
+        Record(
+            json.dumps(
+                {"session_id": s, "item_id": i, "user_id": "u", "timestamp": 1.7e9 + n}
+            ).encode(),
+            b"u",
+            "c",
+            0,
+            n,
+        )
+        for n, (s, i) in enumerate(clicks)
+    ]
+    from streamrec.core import CoreConfig
+
+    store = StateStore()
+    out = process_batch(recs, store, m, CoreConfig(top_k=5)).recommendations
+    # offline: session a from the empty user, session b from the user after a
+    u0 = m.initial_user_states(1)
+    st = m.initial_states(u0, 1)
+    ref = []
+    for it in ("i1", "i2"):
+        o = m.step(m.rows([it]), st, u0)
+        st = o.states
+        ref.append(o.top_rows[0])
+    u1 = m.end_session(u0, st)
+    st = m.initial_states(u1, 1)
+    for it in ("i3", "i4"):
+        o = m.step(m.rows([it]), st, u1)
+        st = o.states
+        ref.append(o.top_rows[0])
+    assert [r["items"] for r in out] == [m.ids(x).tolist() for x in ref]
+    user = store.get_user("u")
+    assert user is not None and user.sessions == [["i1", "i2"]]
+    np.testing.assert_allclose(user.context, u1[0], atol=1e-6)
