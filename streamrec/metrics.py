@@ -6,6 +6,7 @@ Each :class:`Metrics` owns its registry, so several apps (tests) can live in one
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -96,10 +97,12 @@ class Metrics:
     def set_model(self, name: str, version: str, device: str) -> None:
         self.model.info({"name": name, "version": version, "device": device})
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
-        """Serve /metrics on ``port`` (0 disables)."""
-        if port:
-            start_http_server(port, addr=addr, registry=self.registry)
+    def serve(self, port: int, addr: str = "0.0.0.0") -> Any:
+        """Serve /metrics on ``port`` (0 disables); returns the server (``.shutdown()``)."""
+        if not port:
+            return None
+        started = start_http_server(port, addr=addr, registry=self.registry)
+        return started[0] if isinstance(started, tuple) else started
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

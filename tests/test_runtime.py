@@ -166,3 +166,25 @@ def test_hrnn_checkpoint_serves_with_user_state(tmp_path: Path) -> None:
     user = store.get_user("u")
     assert user is not None and user.sessions == [["i1", "i2"]]
     np.testing.assert_allclose(user.context, u1[0], atol=1e-6)
+
+
+def test_metrics_render_and_serve() -> None:
+    import urllib.request
+
+    from streamrec.broker import free_port
+    from streamrec.metrics import Metrics
+
+    m = Metrics()
+    m.observe_batch(10, {"clicks": 8, "dead_letter:invalid": 2, "unknown_items": 1}, [0.01], 0.002)
+    m.set_model("gru4rec", "v1", "cpu")
+    port = free_port()
+    server = m.serve(port, addr="127.0.0.1")
+    try:
+        url = f"http://127.0.0.1:{port}/metrics"
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+    finally:
+        server.shutdown()
+    assert 'streamrec_dead_letters_total{reason="invalid"} 2.0' in text
+    assert "streamrec_click_to_recommendation_seconds_bucket" in text
+    assert 'streamrec_model_info{device="cpu",name="gru4rec",version="v1"} 1.0' in text
+    assert "streamrec_events_total 10.0" in text
