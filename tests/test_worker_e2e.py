@@ -369,3 +369,31 @@ def test_broker_pause_longer_than_session_timeout(
             assert all(w.proc.poll() is None for w in svc.workers)
         finally:
             svc.close()
+
+
+def _children() -> set[int]:
+    me = str(os.getpid())
+    out = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if (d / "stat").read_text().split(") ", 1)[1].split()[1] == me:
+                    out.add(int(d.name))
+            except (OSError, IndexError):
+                pass
+    return out
+
+
+def test_demo_runs_and_leaves_nothing_running() -> None:
+    from rich.console import Console
+
+    from streamrec.demo import DemoOptions, run_demo
+
+    before = _children()
+    summary = run_demo(
+        DemoOptions(sessions=300, items=60, epochs=1, units=16, rate=1000, show=2),
+        console=Console(quiet=True),
+    )
+    assert summary["answered"] == summary["events"] > 0
+    assert 0.0 <= summary["recall@20"] <= 1.0 and summary["latency_ms"]["p50"] > 0
+    assert _children() - before == set()
