@@ -169,6 +169,8 @@ def run_worker_phase(
     no_step: bool,
     max_events: int,
     tmp: Path,
+    max_wait_ms: float = 5.0,
+    fetch_wait_ms: int = 10,
 ) -> dict[str, Any]:
     from streamrec.broker import free_port
 
@@ -186,7 +188,7 @@ def run_worker_phase(
         "STREAMREC_WORKER__APP_ID": f"{tag}-app",
         "STREAMREC_WORKER__METRICS_PORT": str(mport),
         "STREAMREC_BATCHING__MAX_EVENTS": str(max_events),
-        "STREAMREC_BATCHING__MAX_WAIT_MS": "5",
+        "STREAMREC_BATCHING__MAX_WAIT_MS": str(max_wait_ms),
         "STREAMREC_MODEL__RELOAD_INTERVAL_S": "0",
         "STREAMREC_MODEL__DEVICE": "auto",
     }
@@ -194,6 +196,7 @@ def run_worker_phase(
     if os.environ.get("SERVE_BENCH_PROFILE"):  # cProfile of the worker's main thread
         cmd[1:1] = ["-m", "cProfile", "-o", os.environ["SERVE_BENCH_PROFILE"] + f".{tag}"]
     cmd += ["--data-dir", str(tmp / tag), "--loglevel", "WARNING"]
+    cmd += ["--fetch-wait-ms", str(fetch_wait_ms)]
     if no_step:
         cmd.append("--no-model-step")
     log = open(tmp / f"{tag}.log", "wb")  # noqa: SIM115
@@ -220,9 +223,19 @@ def run_worker_phase(
             t_end = t_first = t0
         lat = latency_percentiles(recv - sent for recv, sent in arr.values())
         # the tailing consumer may miss records on Tansu: count answers with a fresh read
-        answered = {
-            json.loads(m.value())["click_id"] for m in read_topic(conf, recs, idle_timeout=1.0)
-        } & out.click_ids
+        fresh = [json.loads(m.value()) for m in read_topic(conf, recs, idle_timeout=1.0)]
+        answered = {r["click_id"] for r in fresh} & out.click_ids
+        mine = [r for r in fresh if r["click_id"] in out.click_ids and r["produced_at"]]
+        # where a click's latency goes (medians, ms): to the worker's batch, inside the
+        # worker, and from the worker to the bench's consumer
+        stages = {
+            "click_to_worker_batch": [r["received_at"] - r["produced_at"] for r in mine],
+            "in_worker": [r["emitted_at"] - r["received_at"] for r in mine],
+            "worker_to_consumer": [
+                arr[r["click_id"]][0] - r["emitted_at"] for r in mine if r["click_id"] in arr
+            ],
+        }
+        breakdown = {k: float(np.median(v)) * 1e3 if v else None for k, v in stages.items()}
         nb = after.get("streamrec_batch_size_count", 0) - before.get(
             "streamrec_batch_size_count", 0
         )
@@ -239,6 +252,7 @@ def run_worker_phase(
             "produce_events_per_s": len(values) / out.seconds,
             "latency_ms": {k: v * 1e3 for k, v in lat.items()},
             "mean_batch": sb / nb if nb else float("nan"),
+            "latency_breakdown_p50_ms": breakdown,
             "model_seconds_in_worker": ms,
         }
     finally:
@@ -297,6 +311,8 @@ def main() -> None:
     ap.add_argument("--latency-seconds", type=float, default=10.0)
     ap.add_argument("--rate", type=float, default=500.0)
     ap.add_argument("--max-events", type=int, default=256, help="worker micro-batch size")
+    ap.add_argument("--rate-max-wait-ms", type=float, default=5.0, help="batch window at --rate")
+    ap.add_argument("--rate-fetch-wait-ms", type=int, default=10, help="fetch wait at --rate")
     ap.add_argument(
         "--data", type=Path, default=Path("/work/shared/data/yoochoose-1_64/test.tsv.gz")
     )
@@ -326,6 +342,20 @@ def main() -> None:
             bootstrap = broker.bootstrap
         run = f"b{time.time_ns() % 10**8}"
         common = {"max_events": a.max_events, "tmp": tmp}
+        rate_kw = {"max_wait_ms": a.rate_max_wait_ms, "fetch_wait_ms": a.rate_fetch_wait_ms}
+        if os.environ.get("SERVE_BENCH_ONLY") == "rate":
+            results["fixed_rate"] = run_worker_phase(
+                bootstrap,
+                ckpt,
+                values[:n_lat],
+                tag=f"{run}-rate",
+                rate=a.rate,
+                no_step=False,
+                **common,
+                **rate_kw,
+            )
+            print(results["fixed_rate"], flush=True)
+            return
         if os.environ.get("SERVE_BENCH_ONLY") == "nostep":
             results["nostep"] = run_worker_phase(
                 bootstrap, ckpt, values, tag=f"{run}-nostep", rate=None, no_step=True, **common
@@ -349,7 +379,14 @@ def main() -> None:
         print(results["nostep"], flush=True)
         print(f"latency at {a.rate:.0f}/s ...", flush=True)
         results["fixed_rate"] = run_worker_phase(
-            bootstrap, ckpt, values[:n_lat], tag=f"{run}-rate", rate=a.rate, no_step=False, **common
+            bootstrap,
+            ckpt,
+            values[:n_lat],
+            tag=f"{run}-rate",
+            rate=a.rate,
+            no_step=False,
+            **common,
+            **rate_kw,
         )
         print(results["fixed_rate"], flush=True)
         step_eps = results["step"]["events_per_s"]

@@ -68,6 +68,12 @@ def load_model_holder(path: Path | None, settings: Settings, wait_s: float = 0.0
     show_default=True,
     help="torch intra-op threads on CPU (more than 1 stalls on shared cores).",
 )
+@click.option(
+    "--fetch-wait-ms",
+    default=10,
+    show_default=True,
+    help="Longest wait of an empty consumer fetch (Faust's own is 1500 ms).",
+)
 @click.option("--no-model-step", is_flag=True, hidden=True, help="Benchmark reference only.")
 def worker(
     model_path: Path | None,
@@ -75,6 +81,7 @@ def worker(
     data_dir: Path | None,
     loglevel: str | None,
     threads: int,
+    fetch_wait_ms: int,
     no_model_step: bool,
 ) -> None:
     """Run one worker: clicks in, recommendations out (Ctrl-C stops it cleanly)."""
@@ -100,7 +107,7 @@ def worker(
     ensure_service_topics(settings)
     # Faust's worker parses sys.argv; give it only the program name.
     sys.argv = sys.argv[:1]
-    Worker(settings, holder, datadir=data_dir).run(loglevel=level)
+    Worker(settings, holder, datadir=data_dir, fetch_max_wait_ms=fetch_wait_ms).run(loglevel=level)
 
 
 @click.command()
