@@ -128,7 +128,15 @@ def tail(from_beginning: bool, max_n: int, raw: bool) -> None:
             "fetch.wait.max.ms": 10,
         }
     )
-    consumer.subscribe([settings.topics.recommendations])
+    from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, TopicPartition
+
+    from .kafka import partition_count
+
+    # assign rather than subscribe: no group join (Tansu holds a join for session.timeout/2)
+    topic = settings.topics.recommendations
+    start = OFFSET_BEGINNING if from_beginning else OFFSET_END
+    n_parts = partition_count(settings.kafka.confluent_config(), topic)
+    consumer.assign([TopicPartition(topic, p, start) for p in range(n_parts)])
     n = 0
     try:
         while not max_n or n < max_n:
