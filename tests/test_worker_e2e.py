@@ -397,3 +397,48 @@ def test_demo_runs_and_leaves_nothing_running() -> None:
     assert summary["answered"] == summary["events"] > 0
     assert 0.0 <= summary["recall@20"] <= 1.0 and summary["latency_ms"]["p50"] > 0
     assert _children() - before == set()
+
+
+def test_hot_swap_reencodes_live_sessions(service: Service) -> None:
+    from trainer.checkpoint import save_checkpoint
+    from trainer.models.gru4rec import GRU4Rec, GRU4RecConfig
+
+    watch = service.tmp / "ckpts"
+    shutil.copytree(service.ckpt, watch / "v1")
+    service.ckpt = watch
+    service.env["STREAMREC_MODEL__RELOAD_INTERVAL_S"] = "1"
+    old = ServingModel.from_checkpoint(watch / "v1", "cpu", top_k=20)
+    sessions = make_sessions(8, 6, seed=6)
+    first = {s: items[:3] for s, items in sessions.items()}
+    service.start_worker()
+    service.produce(interleave(first, seed=6))
+    recs = service.wait_answered(click_ids(service))
+    assert {r["model_version"] for r in recs} == {old.version}
+    model = GRU4Rec(GRU4RecConfig(n_items=N_ITEMS, layers=[16]), seed=99)
+    save_checkpoint(watch / "v2", model, "gru4rec", [f"i{j}" for j in range(N_ITEMS)])
+    new = ServingModel.from_checkpoint(watch / "v2", "cpu", top_k=20)
+    deadline = time.monotonic() + 60
+    probe = 0
+    while time.monotonic() < deadline:  # until the worker serves v2
+        service.produce([("probe", click(f"probe{probe}", "i1"))])
+        probe += 1
+        answered = service.wait_answered(click_ids(service))
+        if any(r["model_version"] == new.version for r in answered):
+            break
+        time.sleep(1)
+    rest = {s: items[3:] for s, items in sessions.items()}
+    service.produce(interleave(rest, seed=7))
+    recs = service.wait_answered(click_ids(service))
+    later = [r for r in recs if r["session_id"] in sessions and r["item_id"] is not None]
+    later = [r for r in later if r["model_version"] == new.version]
+    assert len(later) == sum(len(v) for v in rest.values())
+    # sessions begun under v1 continue as if v2 had served them from the start
+    ref = {}
+    for s, items in sessions.items():
+        for j, (ids, scores) in enumerate(offline_recommendations(new, [items], k=20)):
+            ref[(s, j + 1)] = (ids, scores)
+    for s in sessions:
+        mine = sorted((r for r in later if r["session_id"] == s), key=lambda r: r["offset"])
+        for j, r in enumerate(mine):
+            ids, scores = ref[(s, 4 + j)]
+            np.testing.assert_allclose(r["scores"], scores, rtol=1e-4, atol=1e-5)
