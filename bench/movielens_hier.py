@@ -243,15 +243,21 @@ def report(paths: list[Path]) -> str:
             f"{s['test_items']:,} | {s['test_mean_session_length']:.1f} |\n"
         )
     out.append(
-        "| model | Recall@5 | MRR@5 | Recall@20 | MRR@20 | epochs | train s | events/s |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|"
+        "| model | Recall@5 | MRR@5 | Recall@20 | MRR@20 | first-3 Recall@20 | first-3 MRR@20 "
+        "| epochs | train s | events/s |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     for name in MODELS:
         if name in rows:
             r = rows[name]
+            f3 = (
+                f"{r['first3_recall@20']:.4f} | {r['first3_mrr@20']:.4f}"
+                if "first3_recall@20" in r
+                else "– | –"
+            )
             out.append(
                 f"| {name} | {r['recall@5']:.4f} | {r['mrr@5']:.4f} | {r['recall@20']:.4f} | "
-                f"{r['mrr@20']:.4f} | {r['epochs']} | {r['train_seconds']:.0f} | "
+                f"{r['mrr@20']:.4f} | {f3} | {r['epochs']} | {r['train_seconds']:.0f} | "
                 f"{r['train_events_per_s']:,.0f} |"
             )
     return "\n".join(out)
