@@ -168,7 +168,7 @@ class Worker:
         *,
         metrics: Metrics | None = None,
         datadir: Path | None = None,
-        fetch_max_wait_ms: int = FETCH_MAX_WAIT_MS,
+        fetch_max_wait_ms: int | None = None,
     ) -> None:
         self.settings = settings
         self.holder = holder
@@ -213,7 +213,7 @@ class Worker:
             stream_buffer_maxsize=max(4096, 4 * settings.batching.max_events),
             broker_max_poll_records=max(500, settings.batching.max_events),
         )
-        app.fetch_max_wait_ms = fetch_max_wait_ms
+        app.fetch_max_wait_ms = fetch_max_wait_ms or settings.kafka.fetch_max_wait_ms
         self.app = app
         raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw"}
         raw["value_serializer"] = "raw"

@@ -64,15 +64,15 @@ def load_model_holder(path: Path | None, settings: Settings, wait_s: float = 0.0
 @click.option("--loglevel", default=None, help="Log level (default: settings).")
 @click.option(
     "--threads",
-    default=1,
-    show_default=True,
-    help="torch intra-op threads on CPU (more than 1 stalls on shared cores).",
+    type=int,
+    default=None,
+    help="torch intra-op threads on CPU (default: worker.torch_threads, 1).",
 )
 @click.option(
     "--fetch-wait-ms",
-    default=10,
-    show_default=True,
-    help="Longest wait of an empty consumer fetch (Faust's own is 1500 ms).",
+    type=int,
+    default=None,
+    help="Longest wait of an empty consumer fetch (default: kafka.fetch_max_wait_ms, 10).",
 )
 @click.option("--no-model-step", is_flag=True, hidden=True, help="Benchmark reference only.")
 def worker(
@@ -80,8 +80,8 @@ def worker(
     wait_for_model: float,
     data_dir: Path | None,
     loglevel: str | None,
-    threads: int,
-    fetch_wait_ms: int,
+    threads: int | None,
+    fetch_wait_ms: int | None,
     no_model_step: bool,
 ) -> None:
     """Run one worker: clicks in, recommendations out (Ctrl-C stops it cleanly)."""
@@ -92,7 +92,7 @@ def worker(
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
 
-    torch.set_num_threads(max(1, threads))
+    torch.set_num_threads(threads or settings.worker.torch_threads)
     holder = load_model_holder(model_path, settings, wait_for_model)
     if no_model_step:
         from .runtime import ModelHolder, NoStepServingModel
@@ -107,6 +107,7 @@ def worker(
     ensure_service_topics(settings)
     # Faust's worker parses sys.argv; give it only the program name.
     sys.argv = sys.argv[:1]
+    fetch_wait_ms = fetch_wait_ms or settings.kafka.fetch_max_wait_ms
     Worker(settings, holder, datadir=data_dir, fetch_max_wait_ms=fetch_wait_ms).run(loglevel=level)
 
 

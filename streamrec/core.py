@@ -59,9 +59,9 @@ class CoreConfig:
         return cls(
             session_gap_seconds=st.session_gap_seconds,
             recent_items=st.recent_items,
-            recent_sessions=getattr(st, "recent_sessions", 10),
+            recent_sessions=st.recent_sessions,
             top_k=settings.model.top_k,
-            user_ttl_seconds=getattr(st, "user_ttl_seconds", cls.user_ttl_seconds),
+            user_ttl_seconds=st.user_ttl_seconds,
         )
 
 

@@ -37,6 +37,9 @@ class KafkaSettings(_Group):
     ssl_cafile: Path | None = None
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
+    #: Longest wait of an empty fetch. Faust hard-codes 1500 ms; Tansu holds an empty fetch for
+    #: the whole wait even when data arrives, so this bounds click-to-recommendation latency.
+    fetch_max_wait_ms: int = Field(10, ge=1, le=60_000)
 
     @model_validator(mode="after")
     def _check_security(self) -> KafkaSettings:
@@ -124,6 +127,8 @@ class StateSettings(_Group):
     recent_items: int = Field(50, ge=1, le=10_000)
     recent_sessions: int = Field(10, ge=0, le=1000)
     sweep_interval_seconds: float = Field(30.0, gt=0)
+    #: User (HRNN) states idle longer than this are dropped by the sweep; None keeps them.
+    user_ttl_seconds: float | None = Field(90 * 24 * 3600.0, gt=0)
 
 
 class BatchSettings(_Group):
@@ -149,6 +154,9 @@ class WorkerSettings(_Group):
     web_port: int = Field(6066, ge=0, le=65_535)
     metrics_port: int = Field(9108, ge=0, le=65_535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    #: torch intra-op threads on CPU. One leaves the other cores to the event loop; more made
+    #: small GRU steps many times slower on busy cores (bench/results/serving-cpu.md).
+    torch_threads: int = Field(1, ge=1, le=256)
 
 
 class Settings(BaseSettings):

@@ -29,6 +29,9 @@ def test_defaults() -> None:
     assert s.batching.max_events == 256
     assert s.model.device == "auto"
     assert s.state.session_gap_seconds == 1800
+    assert s.state.user_ttl_seconds == 90 * 24 * 3600
+    assert s.kafka.fetch_max_wait_ms == 10
+    assert s.worker.torch_threads == 1
     assert s.kafka.confluent_config() == {
         "bootstrap.servers": "127.0.0.1:9092",
         "client.id": "streamrec",
