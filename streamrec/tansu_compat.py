@@ -23,7 +23,7 @@ _installed_config: dict[str, Any] | None = None
 def true_end_offsets(
     client_config: dict[str, Any],
     reported: Mapping[tuple[str, int], int],
-    idle_timeout: float = 0.3,
+    idle_timeout: float = 1.0,
     max_wait: float = 30.0,
 ) -> dict[tuple[str, int], int]:
     """End offsets found by reading past the reported ones; (topic, partition) -> offset."""
@@ -40,6 +40,9 @@ def true_end_offsets(
         }
     )
     try:
+        # Connect first: a fresh client's first fetch can take longer than the idle timeout on
+        # a busy machine, and stopping then would silently keep the under-reported offsets.
+        consumer.list_topics(timeout=max_wait)
         consumer.assign([TopicPartition(t, p, max(o, 0)) for (t, p), o in reported.items()])
         start = last = time.monotonic()
         while time.monotonic() - last < idle_timeout and time.monotonic() - start < max_wait:

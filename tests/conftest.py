@@ -35,6 +35,18 @@ def kafka_bootstrap() -> Iterator[str]:
         yield bootstrap
 
 
+@pytest.fixture
+def isolated_bootstrap() -> Iterator[str]:
+    """A broker of the test's own: a fresh embedded Tansu, or $STREAMREC_TEST_BOOTSTRAP.
+
+    For the restart and recovery tests: on a Tansu that earlier tests have filled with topics
+    and groups, a worker restarted after a crash sometimes never resumed one partition (and a
+    Faust restart lost one output), while the same tests pass every time on a fresh broker.
+    """
+    with test_broker() as bootstrap:
+        yield bootstrap
+
+
 @pytest.fixture(scope="session")
 def external_broker() -> bool:
     return bool(os.environ.get(TEST_BOOTSTRAP_ENV))

@@ -79,8 +79,9 @@ class Worker:
 
 
 def test_table_survives_restart_and_rebuilds_from_changelog(
-    kafka_bootstrap: str, unique_name: Callable[[str], str], tmp_path: Path
+    isolated_bootstrap: str, unique_name: Callable[[str], str], tmp_path: Path
 ) -> None:
+    kafka_bootstrap = isolated_bootstrap
     in_topic, out_topic, app_id = unique_name("in"), unique_name("out"), unique_name("app")
     conf = {"bootstrap.servers": kafka_bootstrap}
     ensure_topics(conf, [TopicSpec(in_topic, 2), TopicSpec(out_topic, 2)])

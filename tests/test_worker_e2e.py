@@ -53,7 +53,8 @@ class WorkerProc:
         self.proc = subprocess.Popen(
             [
                 *(sys.executable, "-m", "streamrec", "worker", "--model", str(ckpt)),
-                *("--data-dir", str(datadir), "--loglevel", "WARNING"),
+                *("--data-dir", str(datadir)),
+                *("--loglevel", os.environ.get("STREAMREC_TEST_WORKER_LOGLEVEL", "WARNING")),
             ],
             env=env,
             stdout=self._log,
@@ -171,6 +172,18 @@ def service(
         svc.close()
 
 
+@pytest.fixture
+def isolated_service(
+    isolated_bootstrap: str, unique_name: Callable[[str], str], checkpoint: Path, tmp_path: Path
+) -> Iterator[Service]:
+    """A service on a broker of its own (see conftest.isolated_bootstrap)."""
+    svc = Service(isolated_bootstrap, unique_name, checkpoint, tmp_path)
+    try:
+        yield svc
+    finally:
+        svc.close()
+
+
 def make_sessions(n: int, length: int, seed: int = 0, users: bool = False) -> dict[str, list[str]]:
     rng = random.Random(seed)
     return {f"s{seed}-{j}": [f"i{rng.randrange(N_ITEMS)}" for _ in range(length)] for j in range(n)}
@@ -254,7 +267,8 @@ def test_equivalence_with_offline_model(service: Service) -> None:
 
 
 @pytest.mark.parametrize("wipe", [False, True], ids=["data-kept", "data-wiped"])
-def test_kill9_mid_stream_then_restart(service: Service, wipe: bool) -> None:
+def test_kill9_mid_stream_then_restart(isolated_service: Service, wipe: bool) -> None:
+    service = isolated_service
     sessions = make_sessions(40, 10, seed=2)
     values = interleave(sessions, seed=2)
     datadir = service.tmp / "data"
