@@ -295,3 +295,25 @@ def test_cli_train_and_evaluate_hrnn_and_prnn(tmp_path):
     bad = ["--model", "hrnn", "--param", "nope=1", "--out", str(tmp_path / "x")]
     r = runner.invoke(main, ["train", *common, *bad])
     assert r.exit_code != 0 and "nope" in r.output
+
+
+def test_cli_holds_out_each_users_last_session(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from trainer.cli import main
+
+    df = generate_clicks(n_sessions=200, n_items=40, n_users=30, seed=4)
+    df.to_csv(tmp_path / "log.tsv", sep="\t", index=False)
+    _, expected_test = split_last_session_out(df)
+    args = ["train", "--train", str(tmp_path / "log.tsv"), "--split", "last-session"]
+    args += ["--model", "hrnn", "--k", "20", "--no-progress", "--out", str(tmp_path / "h")]
+    args += ["--param", "n_epochs=1", "layers=16", "user_layers=8"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "h" / "metrics.json").read_text())
+    # every event of a held-out session after its first is ranked
+    assert m["n_events"] == len(expected_test) - expected_test["SessionId"].nunique()
+    both = CliRunner().invoke(main, [*args[:5], "--test", str(tmp_path / "log.tsv"), *args[5:]])
+    assert both.exit_code != 0 and "either --test or --split" in both.output

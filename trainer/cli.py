@@ -298,6 +298,12 @@ def main() -> None:
 @click.option("--features", default=None, help="p-RNN item feature file(s)")
 @click.option("--item-meta", default=None, help="item metadata file (p-RNN features)")
 @click.option("--schedule", default=None, help="p-RNN training schedule")
+@click.option(
+    "--split",
+    type=click.Choice(["last-session"]),
+    default=None,
+    help="hold out each user's last session of --train as the test set (instead of --test)",
+)
 @click.option("--progress/--no-progress", default=True)
 def train(
     train_path: str,
@@ -315,6 +321,7 @@ def train(
     features: str | None,
     item_meta: str | None,
     schedule: str | None,
+    split: str | None,
     progress: bool,
 ) -> None:
     """Train a model, save the checkpoint to --out, evaluate on --test."""
@@ -337,6 +344,15 @@ def train(
             raise click.BadParameter(str(e), param_hint="--param") from None
     train_df = load(train_path, lopts)
     test_df = load(test_path, lopts) if test_path else None
+    if split == "last-session":
+        if test_df is not None:
+            raise click.UsageError("give either --test or --split, not both")
+        if "UserId" not in train_df.columns:
+            raise click.UsageError("--split last-session needs a UserId column in --train")
+        from trainer.data import split_last_session_out
+
+        train_df, test_df = split_last_session_out(train_df)
+        test_path = f"{train_path} (each user's last session)"
     job = TrainJob(
         train_df,
         preset,
