@@ -30,27 +30,14 @@ class SessionArrays:
 
 
 def order_sessions(df: pd.DataFrame, item_index: dict[str, int] | pd.Series) -> SessionArrays:
-    """Sort sessions by (first event time, SessionId) and events by Time (stable)."""
-    sess = df["SessionId"].astype(str).to_numpy()
-    time = df["Time"].to_numpy(dtype=np.float64)
-    codes, uniq = pd.factorize(sess)
-    first = np.full(len(uniq), np.inf)
-    np.minimum.at(first, codes, time)
-    # rank sessions by (first time, id)
-    sess_rank = np.empty(len(uniq), dtype=np.int64)
-    sess_rank[np.lexsort((uniq.astype(str), first))] = np.arange(len(uniq))
-    order = np.lexsort((np.arange(len(df)), time, sess_rank[codes]))
-    if isinstance(item_index, dict):
-        item_index = pd.Series(item_index)
-    rows = item_index.reindex(df["ItemId"].astype(str).to_numpy()[order]).to_numpy()
-    if np.isnan(rows.astype(np.float64)).any():
-        raise ValueError("order_sessions: items missing from the item index")
-    counts = np.bincount(sess_rank[codes], minlength=len(uniq))
-    offsets = np.zeros(len(uniq) + 1, dtype=np.int64)
-    np.cumsum(counts, out=offsets[1:])
-    ids = np.empty(len(uniq), dtype=object)
-    ids[sess_rank] = uniq
-    return SessionArrays(rows.astype(np.int64), offsets, ids)
+    """Sort sessions by (first event time, SessionId) and events by Time (stable).
+
+    The same order as the evaluation's (``trainer.evaluate.session_arrays``, which this calls).
+    """
+    from trainer.evaluate import session_arrays
+
+    items, offsets, ids = session_arrays(df, item_index)
+    return SessionArrays(items, offsets, ids)
 
 
 @dataclass

@@ -35,7 +35,7 @@ def model_device(model: Any) -> torch.device:
 
 
 def session_arrays(
-    df: pd.DataFrame, item_index: Mapping[str, int]
+    df: pd.DataFrame, item_index: Mapping[str, int] | pd.Series
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Encode a click frame as ``(item_rows, offsets, session_ids)``.
 
@@ -48,7 +48,7 @@ def session_arrays(
         raise ValueError(f"test frame lacks column(s) {missing_cols}")
     if len(df) == 0:
         return np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros(0, object)
-    rows = df[ITEM].map(item_index)
+    rows = df[ITEM].astype(str).map(item_index)
     if rows.isna().any():
         unknown = pd.unique(df.loc[rows.isna(), ITEM])
         raise ValueError(
