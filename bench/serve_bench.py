@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 from confluent_kafka import Consumer, TopicPartition
 
-from streamrec.broker import EmbeddedBroker
+from streamrec.broker import EmbeddedBroker, stop_process
 from streamrec.kafka import TopicSpec, ensure_topics, read_topic
 from streamrec.replay import click_values, latency_percentiles, produce
 from streamrec.runtime import ServingModel
@@ -257,12 +256,7 @@ def run_worker_phase(
         }
     finally:
         col.close()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.close()
 
 

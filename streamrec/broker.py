@@ -16,8 +16,23 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 DEFAULT_PORT = 9092
+
+
+def stop_process(process: subprocess.Popen[Any], timeout: float = 30.0) -> int | None:
+    """SIGTERM a child process, wait up to ``timeout`` seconds, then SIGKILL; its exit code."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGCONT)  # a stopped (SIGSTOP) process cannot handle SIGTERM
+            process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
 
 
 class BrokerError(RuntimeError):
@@ -165,15 +180,8 @@ class EmbeddedBroker:
 
     def stop(self, timeout: float = 10.0) -> None:
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGCONT)  # a paused broker cannot handle SIGTERM
-                process.terminate()
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        if process is not None:
+            stop_process(process, timeout)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None

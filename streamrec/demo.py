@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from typing import Any
 
 from rich.console import Console
 
-from .broker import EmbeddedBroker
+from .broker import EmbeddedBroker, stop_process
 from .kafka import TopicSpec, ensure_topics
 from .replay import click_values, latency_percentiles, live_metrics, produce, wait_for_answers
 
@@ -233,13 +232,8 @@ def run_demo(opts: DemoOptions | None = None, console: Console | None = None) ->
             stop_tail.set()
             if tail_thread is not None:
                 tail_thread.join(5)
-            if worker is not None and worker.poll() is None:
-                worker.send_signal(signal.SIGTERM)
-                try:
-                    worker.wait(30)
-                except subprocess.TimeoutExpired:
-                    worker.kill()
-                    worker.wait()
+            if worker is not None:
+                stop_process(worker)
             broker.stop()
             if log is not None:
                 log.close()

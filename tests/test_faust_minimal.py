@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
+from streamrec.broker import stop_process
 from streamrec.kafka import TopicSpec, ensure_topics, read_topic
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -68,13 +68,7 @@ class Worker:
         )
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self._log.close()
 
 

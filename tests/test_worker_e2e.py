@@ -11,7 +11,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import numpy as np
 import pytest
 from confluent_kafka import Producer
 
-from streamrec.broker import EmbeddedBroker
+from streamrec.broker import EmbeddedBroker, stop_process
 from streamrec.core import CoreConfig, Record, process_batch
 from streamrec.kafka import TopicSpec, ensure_topics, read_topic
 from streamrec.runtime import ServingModel
@@ -67,16 +66,10 @@ class WorkerProc:
             self.proc.wait()
 
     def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        returncode = stop_process(self.proc)
         if not self._log.closed:
             self._log.close()
-        return self.proc.returncode
+        return returncode
 
 
 class Service:
@@ -160,16 +153,19 @@ class Service:
         for w in self.workers:
             w.stop()
 
+    def __enter__(self) -> Service:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
 
 @pytest.fixture
 def service(
     kafka_bootstrap: str, unique_name: Callable[[str], str], checkpoint: Path, tmp_path: Path
 ) -> Iterator[Service]:
-    svc = Service(kafka_bootstrap, unique_name, checkpoint, tmp_path)
-    try:
+    with Service(kafka_bootstrap, unique_name, checkpoint, tmp_path) as svc:
         yield svc
-    finally:
-        svc.close()
 
 
 @pytest.fixture
@@ -177,11 +173,8 @@ def isolated_service(
     isolated_bootstrap: str, unique_name: Callable[[str], str], checkpoint: Path, tmp_path: Path
 ) -> Iterator[Service]:
     """A service on a broker of its own (see conftest.isolated_bootstrap)."""
-    svc = Service(isolated_bootstrap, unique_name, checkpoint, tmp_path)
-    try:
+    with Service(isolated_bootstrap, unique_name, checkpoint, tmp_path) as svc:
         yield svc
-    finally:
-        svc.close()
 
 
 def make_sessions(n: int, length: int, seed: int = 0, users: bool = False) -> dict[str, list[str]]:
@@ -366,23 +359,22 @@ def test_broker_pause_longer_than_session_timeout(
 ) -> None:
     if external_broker:
         pytest.skip("pauses its own embedded broker process")
-    with EmbeddedBroker(port=0) as broker:
-        svc = Service(broker.bootstrap, unique_name, checkpoint, tmp_path)
-        try:
-            sessions = make_sessions(20, 6, seed=5)
-            values = interleave(sessions, seed=5)
-            svc.start_worker()
-            svc.produce(values[:60])
-            svc.wait_answered(click_ids(svc), timeout=90)
-            broker.pause()
-            time.sleep(10)  # > session timeout (6 s)
-            broker.resume()
-            svc.produce(values[60:])
-            recs = svc.wait_answered(click_ids(svc), timeout=150)
-            check_against_offline(recs, sessions, checkpoint)
-            assert all(w.proc.poll() is None for w in svc.workers)
-        finally:
-            svc.close()
+    with (
+        EmbeddedBroker(port=0) as broker,
+        Service(broker.bootstrap, unique_name, checkpoint, tmp_path) as svc,
+    ):
+        sessions = make_sessions(20, 6, seed=5)
+        values = interleave(sessions, seed=5)
+        svc.start_worker()
+        svc.produce(values[:60])
+        svc.wait_answered(click_ids(svc), timeout=90)
+        broker.pause()
+        time.sleep(10)  # > session timeout (6 s)
+        broker.resume()
+        svc.produce(values[60:])
+        recs = svc.wait_answered(click_ids(svc), timeout=150)
+        check_against_offline(recs, sessions, checkpoint)
+        assert all(w.proc.poll() is None for w in svc.workers)
 
 
 def _children() -> set[int]:
