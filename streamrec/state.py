@@ -28,38 +28,62 @@ class StateDecodeError(ValueError):
     """Stored bytes are not a valid state."""
 
 
+_NONE = _LEN.pack(0xFFFF)  # the length that marks a None string
+
+# These run for every state read and written (once per event): plain loops over a bytes
+# object, no per-string helper calls.
+
+
 def _put_str(out: list[bytes], s: str | None) -> None:
     if s is None:
-        out.append(_LEN.pack(0xFFFF))
+        out.append(_NONE)
         return
     b = s.encode()[:0xFFFE]
     out.append(_LEN.pack(len(b)))
     out.append(b)
 
 
-def _get_str(buf: memoryview, pos: int) -> tuple[str | None, int]:
+def _get_str(buf: bytes, pos: int) -> tuple[str | None, int]:
     (n,) = _LEN.unpack_from(buf, pos)
     pos += 2
     if n == 0xFFFF:
         return None, pos
-    return bytes(buf[pos : pos + n]).decode(), pos + n
+    return buf[pos : pos + n].decode(), pos + n
 
 
 def _put_strs(out: list[bytes], items: Iterable[str]) -> None:
-    items = list(items)
-    out.append(_LEN.pack(len(items)))
+    if not isinstance(items, list):
+        items = list(items)
+    pack = _LEN.pack
+    out.append(pack(len(items)))
     for s in items:
-        _put_str(out, s)
+        if s is None:
+            out.append(_NONE)
+            continue
+        b = s.encode()[:0xFFFE]
+        out.append(pack(len(b)))
+        out.append(b)
 
 
-def _get_strs(buf: memoryview, pos: int) -> tuple[list[str], int]:
-    (n,) = _LEN.unpack_from(buf, pos)
+def _get_strs(buf: bytes, pos: int) -> tuple[list[str], int]:
+    unpack = _LEN.unpack_from
+    (n,) = unpack(buf, pos)
     pos += 2
     out = []
     for _ in range(n):
-        s, pos = _get_str(buf, pos)
-        out.append(s or "")
+        (m,) = unpack(buf, pos)
+        pos += 2
+        if m == 0xFFFF:  # a None: read back as ""
+            out.append("")
+        else:
+            out.append(buf[pos : pos + m].decode())
+            pos += m
     return out, pos
+
+
+def _as_bytes(data: bytes) -> bytes:
+    """Slices of bytes decode faster than those of a memoryview (any buffer is accepted)."""
+    return data if type(data) is bytes else bytes(memoryview(data))
 
 
 def _vec(x: np.ndarray | None) -> np.ndarray:
@@ -113,7 +137,7 @@ class SessionState:
     @classmethod
     def from_bytes(cls, data: bytes) -> SessionState:
         try:
-            buf = memoryview(data)
+            buf = _as_bytes(data)
             magic, part, off, last, start, n, nu, dim = _SESSION_HDR.unpack_from(buf, 0)
             if magic != _SESSION_MAGIC:
                 raise StateDecodeError(f"not a session state (magic {magic!r})")
@@ -124,7 +148,7 @@ class SessionState:
             items, pos = _get_strs(buf, pos)
             if len(buf) - pos != 4 * dim:
                 raise StateDecodeError("hidden state length mismatch")
-            hidden = np.frombuffer(buf[pos:], dtype="<f4").copy()
+            hidden = np.frombuffer(buf, dtype="<f4", offset=pos).copy()
         except (struct.error, UnicodeDecodeError) as exc:
             raise StateDecodeError(str(exc)) from exc
         return cls(sid or "", hidden, version or "", uid, items, part, off, last, start, n, nu)
@@ -177,7 +201,7 @@ class UserState:
     @classmethod
     def from_bytes(cls, data: bytes) -> UserState:
         try:
-            buf = memoryview(data)
+            buf = _as_bytes(data)
             magic, part, off, last, ns, dim = _USER_HDR.unpack_from(buf, 0)
             if magic != _USER_MAGIC:
                 raise StateDecodeError(f"not a user state (magic {magic!r})")
@@ -190,7 +214,7 @@ class UserState:
                 sessions.append(s)
             if len(buf) - pos != 4 * dim:
                 raise StateDecodeError("context length mismatch")
-            ctx = np.frombuffer(buf[pos:], dtype="<f4").copy()
+            ctx = np.frombuffer(buf, dtype="<f4", offset=pos).copy()
         except (struct.error, UnicodeDecodeError) as exc:
             raise StateDecodeError(str(exc)) from exc
         return cls(uid or "", ctx, version or "", sessions, part, off, last)
