@@ -74,6 +74,12 @@ def load_model_holder(path: Path | None, settings: Settings, wait_s: float = 0.0
     default=None,
     help="Longest wait of an empty consumer fetch (default: kafka.fetch_max_wait_ms, 10).",
 )
+@click.option(
+    "--engine",
+    type=click.Choice(["native", "faust"]),
+    default=None,
+    help="Consumer and state engine (default: worker.engine, native).",
+)
 @click.option("--no-model-step", is_flag=True, hidden=True, help="Benchmark reference only.")
 def worker(
     model_path: Path | None,
@@ -82,11 +88,10 @@ def worker(
     loglevel: str | None,
     threads: int | None,
     fetch_wait_ms: int | None,
+    engine: str | None,
     no_model_step: bool,
 ) -> None:
     """Run one worker: clicks in, recommendations out (Ctrl-C stops it cleanly)."""
-    from .app import Worker
-
     settings = get_settings()
     level = (loglevel or settings.worker.log_level).upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -105,10 +110,19 @@ def worker(
         err=True,
     )
     ensure_service_topics(settings)
-    # Faust's worker parses sys.argv; give it only the program name.
-    sys.argv = sys.argv[:1]
     fetch_wait_ms = fetch_wait_ms or settings.kafka.fetch_max_wait_ms
-    Worker(settings, holder, datadir=data_dir, fetch_max_wait_ms=fetch_wait_ms).run(loglevel=level)
+    if (engine or settings.worker.engine) == "faust":
+        from .app import Worker
+
+        # Faust's worker parses sys.argv; give it only the program name.
+        sys.argv = sys.argv[:1]
+        Worker(settings, holder, datadir=data_dir, fetch_max_wait_ms=fetch_wait_ms).run(
+            loglevel=level
+        )
+        return
+    from .native import NativeWorker
+
+    NativeWorker(settings, holder, datadir=data_dir, fetch_max_wait_ms=fetch_wait_ms).run()
 
 
 @click.command()

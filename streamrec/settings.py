@@ -157,6 +157,13 @@ class WorkerSettings(_Group):
     #: torch intra-op threads on CPU. One leaves the other cores to the event loop; more made
     #: small GRU steps many times slower on busy cores (bench/results/serving-cpu.md).
     torch_threads: int = Field(1, ge=1, le=256)
+    #: ``native``: confluent-kafka consumer, RocksDB per partition, changelog written at
+    #: checkpoints (streamrec/native.py). ``faust``: the same core as a Faust agent with Faust
+    #: tables (streamrec/app.py); about 3x slower per event (bench/results/serving-cpu.md).
+    engine: Literal["native", "faust"] = "native"
+    #: Native engine: seconds between checkpoints (outputs and changelog flushed, input
+    #: offsets committed, state written to RocksDB). Shorter: less to redo after a crash.
+    commit_interval_s: float = Field(1.0, gt=0, le=3600)
 
 
 class Settings(BaseSettings):

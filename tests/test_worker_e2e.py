@@ -33,6 +33,8 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 N_ITEMS = 40
 PARTITIONS = 3
+#: every test runs the default engine; the semantics tests also run the Faust engine
+ENGINES = ["native", "faust"]
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +77,15 @@ class WorkerProc:
 class Service:
     """One test's topics, group and worker processes (all stopped at the end)."""
 
-    def __init__(self, bootstrap: str, name: Callable[[str], str], ckpt: Path, tmp: Path) -> None:
-        self.bootstrap, self.ckpt, self.tmp = bootstrap, ckpt, tmp
+    def __init__(
+        self,
+        bootstrap: str,
+        name: Callable[[str], str],
+        ckpt: Path,
+        tmp: Path,
+        engine: str = "native",
+    ) -> None:
+        self.bootstrap, self.ckpt, self.tmp, self.engine = bootstrap, ckpt, tmp, engine
         self.clicks, self.recs, self.dead = name("clicks"), name("recs"), name("dead")
         self.app_id = name("app")
         self.conf = {"bootstrap.servers": bootstrap}
@@ -95,6 +104,7 @@ class Service:
             "STREAMREC_BATCHING__MAX_EVENTS": "64",
             "STREAMREC_BATCHING__MAX_WAIT_MS": "5",
             "STREAMREC_MODEL__RELOAD_INTERVAL_S": "0",
+            "STREAMREC_WORKER__ENGINE": engine,
         }
         self.workers: list[WorkerProc] = []
         self.producer = Producer({**self.conf, "linger.ms": 2})
@@ -145,8 +155,13 @@ class Service:
     def changelog_sessions(self) -> dict[str, SessionState]:
         """Final durable session states: the last changelog value per key."""
         last: dict[str, bytes | None] = {}
-        for m in self.read(f"{self.app_id}-sessions-changelog"):
-            last[json.loads(m.key())] = m.value()
+        if self.engine == "faust":
+            for m in self.read(f"{self.app_id}-sessions-changelog"):
+                last[json.loads(m.key())] = m.value()
+        else:
+            for m in self.read(f"{self.app_id}-state-changelog"):
+                if m.key().startswith(b"s/"):
+                    last[m.key()[2:].decode()] = m.value()
         return {k: SessionState.from_bytes(v) for k, v in last.items() if v}
 
     def close(self) -> None:
@@ -160,20 +175,30 @@ class Service:
         self.close()
 
 
-@pytest.fixture
+@pytest.fixture(params=["native"])
 def service(
-    kafka_bootstrap: str, unique_name: Callable[[str], str], checkpoint: Path, tmp_path: Path
+    request: pytest.FixtureRequest,
+    kafka_bootstrap: str,
+    unique_name: Callable[[str], str],
+    checkpoint: Path,
+    tmp_path: Path,
 ) -> Iterator[Service]:
-    with Service(kafka_bootstrap, unique_name, checkpoint, tmp_path) as svc:
+    """The default engine; ``@pytest.mark.parametrize("service", ENGINES, indirect=True)``
+    for both."""
+    with Service(kafka_bootstrap, unique_name, checkpoint, tmp_path, request.param) as svc:
         yield svc
 
 
-@pytest.fixture
+@pytest.fixture(params=["native"])
 def isolated_service(
-    isolated_bootstrap: str, unique_name: Callable[[str], str], checkpoint: Path, tmp_path: Path
+    request: pytest.FixtureRequest,
+    isolated_bootstrap: str,
+    unique_name: Callable[[str], str],
+    checkpoint: Path,
+    tmp_path: Path,
 ) -> Iterator[Service]:
     """A service on a broker of its own (see conftest.isolated_bootstrap)."""
-    with Service(isolated_bootstrap, unique_name, checkpoint, tmp_path) as svc:
+    with Service(isolated_bootstrap, unique_name, checkpoint, tmp_path, request.param) as svc:
         yield svc
 
 
@@ -246,6 +271,7 @@ def assert_states_equal(got: dict[str, SessionState], want: dict[str, SessionSta
 
 
 # ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("service", ENGINES, indirect=True)
 def test_equivalence_with_offline_model(service: Service) -> None:
     sessions = make_sessions(30, 6, seed=1)
     service.start_worker()
@@ -259,6 +285,7 @@ def test_equivalence_with_offline_model(service: Service) -> None:
     }
 
 
+@pytest.mark.parametrize("isolated_service", ENGINES, indirect=True)
 @pytest.mark.parametrize("wipe", [False, True], ids=["data-kept", "data-wiped"])
 def test_kill9_mid_stream_then_restart(isolated_service: Service, wipe: bool) -> None:
     service = isolated_service
@@ -343,6 +370,7 @@ def click_ids_of(svc: Service, valid: bool) -> set[str]:
     return out
 
 
+@pytest.mark.parametrize("service", ENGINES, indirect=True)
 def test_two_workers_answer_as_one(service: Service) -> None:
     sessions = make_sessions(40, 6, seed=4)
     service.start_worker()

@@ -1,0 +1,388 @@
+"""The native worker: the core driven by confluent-kafka, with RocksDB state per partition.
+
+The data path, one loop in one thread (librdkafka fetches, sends and heartbeats in its own
+C threads, so none of that waits for the model step):
+
+1. ``consumer.consume(max_events, max_wait)``: up to B clicks, or what came within T ms;
+2. :func:`streamrec.core.process_batch` over the partitions' states (:mod:`streamrec.store`);
+3. recommendations and dead letters handed to the C producer (asynchronous);
+4. the batch's state writes go to the partitions' pending sets.
+
+Every ``worker.commit_interval_s`` (and before partitions are revoked, and at shutdown) a
+checkpoint, in the order that makes a committed offset imply durable results:
+outputs and changelog flushed to the broker -> input offsets committed -> state written to
+RocksDB with the changelog offset it reached. A crash anywhere replays events from the last
+committed offset; the offsets kept in each state recognise the ones already applied.
+
+State follows partitions through the changelog topic ``{app_id}-state-changelog`` (one
+partition per clicks partition, keys ``s/<key>`` and ``u/<key>``, deletes as tombstones):
+a newly assigned partition replays the changelog from the offset its local database holds
+(everything, after a lost disk).
+
+Why not Faust here: the Faust agent path (aiokafka decoding, Faust events, acks, per-write
+changelog sends) costs ~250 µs per event in Python on this machine's cores, three times the
+whole model step; see bench/results/serving-cpu.md. ``worker.engine=faust`` keeps it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+
+from .core import BatchResult, CoreConfig, Record, StreamClock, process_batch, sweep_idle
+from .kafka import TopicSpec, ensure_topics
+from .metrics import Metrics
+from .runtime import ModelHolder
+from .settings import Settings
+from .state import StateStore
+from .store import SESSIONS, USERS, PartitionState, TableView
+
+log = logging.getLogger(__name__)
+
+#: after the reported end of a changelog partition, read on until it has been quiet this long
+#: (Tansu under-reports end offsets by up to one record batch; on Kafka this finds nothing)
+RECOVERY_IDLE_S = 0.5
+RECOVERY_MAX_S = 600.0
+
+
+def changelog_topic(settings: Settings) -> str:
+    return f"{settings.worker.app_id}-state-changelog"
+
+
+class DeliveryError(RuntimeError):
+    """The broker refused outputs or changelog records: stop without committing offsets."""
+
+
+class NativeWorker:
+    """One worker process: consumer group member, partition states, model, producer."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        holder: ModelHolder,
+        *,
+        metrics: Metrics | None = None,
+        datadir: Path | None = None,
+        fetch_max_wait_ms: int | None = None,
+    ) -> None:
+        self.settings = settings
+        self.holder = holder
+        self.metrics = metrics or Metrics()
+        self.config = CoreConfig.from_settings(settings)
+        self.clock = StreamClock()
+        self.datadir = Path(datadir or settings.state.directory) / settings.topics.clicks
+        self.clicks = settings.topics.clicks
+        self.changelog = changelog_topic(settings)
+        kafka = settings.kafka.confluent_config()
+        self.consumer = Consumer(
+            {
+                **kafka,
+                "group.id": settings.worker.app_id,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "fetch.wait.max.ms": fetch_max_wait_ms or settings.kafka.fetch_max_wait_ms,
+                "session.timeout.ms": 6000,
+                "heartbeat.interval.ms": 1000,
+                "log_level": 3,
+            }
+        )
+        self.producer = Producer(
+            {
+                **kafka,
+                "linger.ms": 1,
+                "acks": "all",
+                "enable.idempotence": False,  # not supported by every broker (Tansu)
+                "message.timeout.ms": 600_000,
+                "log_level": 3,
+            }
+        )
+        self._recovery_config = {
+            **kafka,
+            "group.id": f"{settings.worker.app_id}-recovery",  # never commits
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 10,
+            "log_level": 3,
+        }
+        self.partitions: dict[int, PartitionState] = {}
+        self._next_offsets: dict[int, int] = {}  # input partition -> offset to commit
+        self._changelog_end: dict[int, int] = {}  # changelog partition -> last offset delivered
+        self._delivery_errors: list[str] = []
+        self._stopping = False
+        self._failed = False
+        m = holder.current
+        self.metrics.set_model(m.name, m.version, str(m.device))
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def run(self) -> None:
+        """Consume until SIGINT/SIGTERM, then checkpoint and leave the group."""
+        import gc
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+        t = self.settings.topics
+        ensure_topics(
+            self.settings.kafka.confluent_config(),
+            [
+                TopicSpec(
+                    self.changelog,
+                    t.partitions,
+                    t.replication_factor,
+                    config=(("cleanup.policy", "compact"),),
+                )
+            ],
+        )
+        self.metrics.serve(self.settings.worker.metrics_port)
+        gc.collect()
+        gc.freeze()  # model, item index and imports: keep them out of every GC pass
+        b = self.settings.batching
+        commit_every = self.settings.worker.commit_interval_s
+        sweep_every = self.settings.state.sweep_interval_seconds
+        reload_every = self.settings.model.reload_interval_s
+        now = time.monotonic()
+        next_commit, next_sweep, next_reload = now + commit_every, now + sweep_every, now
+        self.consumer.subscribe(
+            [self.clicks],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+        try:
+            while not self._stopping:
+                messages = self.consumer.consume(b.max_events, b.max_wait_ms / 1000.0)
+                if messages:
+                    self.handle(self._records(messages))
+                self.producer.poll(0)  # delivery callbacks
+                now = time.monotonic()
+                if now >= next_commit:
+                    self.checkpoint()
+                    next_commit = now + commit_every
+                if now >= next_sweep:
+                    self.sweep()
+                    next_sweep = now + sweep_every
+                if reload_every > 0 and now >= next_reload:
+                    self.reload()
+                    next_reload = now + reload_every
+        except BaseException:
+            self._failed = True  # nothing more may be committed: the events will be redone
+            raise
+        finally:
+            self.close()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        log.info("signal %d: stopping after this batch", signum)
+        self._stopping = True
+
+    def _records(self, messages: list[Any]) -> list[Record]:
+        received = time.time()
+        records = []
+        for m in messages:
+            err = m.error()
+            if err is not None:
+                log.warning("consumer: %s", err)
+                continue
+            ts_type, ts_ms = m.timestamp()
+            records.append(
+                Record(
+                    m.value(),
+                    m.key(),
+                    m.topic(),
+                    m.partition(),
+                    m.offset(),
+                    ts_ms / 1000.0 if ts_type else None,  # 0: TIMESTAMP_NOT_AVAILABLE
+                    received,
+                )
+            )
+        return records
+
+    def handle(self, records: list[Record]) -> BatchResult:
+        """One micro-batch: core, outputs handed to the producer, state writes to pending."""
+        where: dict[str, int] = {}
+        for r in records:
+            if r.key:
+                with contextlib.suppress(UnicodeDecodeError):
+                    where[r.key.decode()] = r.partition
+        sessions = TableView(self.partitions, SESSIONS, where)
+        users = TableView(self.partitions, USERS, where)
+        res = process_batch(
+            records, StateStore(sessions, users), self.holder.current, self.config, clock=self.clock
+        )
+        recs_topic = self.settings.topics.recommendations
+        for key, value in res.recommendation_values():
+            self._produce(recs_topic, value, key)
+        for d in res.dead_letters:
+            self._produce(self.settings.topics.dead_letter, d.to_bytes())
+        sessions.route(res.key_partitions)
+        users.route(res.key_partitions)
+        for r in records:  # records are in offset order per partition
+            self._next_offsets[r.partition] = r.offset + 1
+        lat = [
+            r["emitted_at"] - r["produced_at"]
+            for r in res.recommendations
+            if r["produced_at"] and not r["duplicate"]
+        ]
+        self.metrics.observe_batch(len(records), res.stats, lat, res.model_seconds)
+        return res
+
+    # ---- output ------------------------------------------------------------------------------
+    def _produce(
+        self, topic: str, value: bytes | None, key: bytes | None = None, partition: int = -1
+    ) -> None:
+        while True:
+            try:
+                self.producer.produce(
+                    topic, value, key, partition=partition, on_delivery=self._on_delivery
+                )
+                return
+            except BufferError:  # local queue full: let librdkafka send, then retry
+                self.producer.poll(0.05)
+
+    def _on_delivery(self, err: Any, msg: Any) -> None:
+        if err is not None:
+            self._delivery_errors.append(f"{msg.topic()}: {err}")
+        elif msg.topic() == self.changelog:
+            p = msg.partition()
+            self._changelog_end[p] = max(self._changelog_end.get(p, -1), msg.offset())
+
+    # ---- checkpoint ----------------------------------------------------------------------------
+    def checkpoint(self) -> None:
+        """Outputs + changelog on the broker -> input offsets committed -> RocksDB written."""
+        for p, state in self.partitions.items():
+            for key, value in state.pending.items():
+                self._produce(self.changelog, value, key, p)
+        while (left := self.producer.flush(30)) > 0:  # broker away: keep trying, never drop
+            log.warning("%d outputs not yet delivered; retrying", left)
+        if self._delivery_errors:
+            errors, self._delivery_errors = self._delivery_errors, []
+            self._failed = True  # commit nothing from now on
+            raise DeliveryError(f"could not deliver {len(errors)} records: {errors[:3]}")
+        if self._next_offsets:
+            offsets = [TopicPartition(self.clicks, p, o) for p, o in self._next_offsets.items()]
+            try:
+                self.consumer.commit(offsets=offsets, asynchronous=False)
+            except KafkaException as exc:
+                # e.g. a rebalance under way. Outputs and states are on the broker already;
+                # whoever owns the partition next redoes these events and the offsets stored
+                # in the states mark them as applied.
+                log.warning("offset commit failed (%s); events will be re-read", exc)
+            self._next_offsets.clear()
+        for p, state in self.partitions.items():
+            state.commit(self._changelog_end.pop(p, None))
+
+    # ---- partitions come and go ------------------------------------------------------------
+    def _on_assign(self, consumer: Consumer, assigned: list[TopicPartition]) -> None:
+        wanted = {tp.partition for tp in assigned}
+        for p in [p for p in self.partitions if p not in wanted]:
+            self.partitions.pop(p).close()
+        # Partitions kept across the rebalance were checkpointed at the revoke and nobody else
+        # can have owned them in between (eager rebalancing): their local state is current.
+        new = [PartitionState(self.datadir / str(p), p) for p in wanted - set(self.partitions)]
+        if new:
+            t0 = time.monotonic()
+            n = self._recover(new)
+            log.info(
+                "recovered partitions %s: %d changelog records in %.2f s",
+                sorted(s.partition for s in new),
+                n,
+                time.monotonic() - t0,
+            )
+        self.partitions.update({s.partition: s for s in new})
+        log.info("ready: %s partitions %s", self.clicks, sorted(self.partitions))
+
+    def _on_revoke(self, consumer: Consumer, revoked: list[TopicPartition]) -> None:
+        if self._failed:
+            return
+        self.checkpoint()  # states stay open until the next assignment says whether they stay
+
+    def _on_lost(self, consumer: Consumer, lost: list[TopicPartition]) -> None:
+        # Someone else may own them now: forget what was not checkpointed and recover later.
+        log.warning("partitions lost: %s", sorted(tp.partition for tp in lost))
+        for tp in lost:
+            state = self.partitions.pop(tp.partition, None)
+            if state is not None:
+                state.discard_pending()
+                state.close()
+            self._next_offsets.pop(tp.partition, None)
+
+    def _recover(self, states: Iterable[PartitionState]) -> int:
+        """Replay each partition's changelog from the offset its database holds to the end."""
+        by_partition = {s.partition: s for s in states}
+        reader = Consumer(self._recovery_config)
+        try:
+            reader.list_topics(self.changelog, timeout=30)  # connect before timing anything
+            assign, ends = [], {}
+            for p, state in by_partition.items():
+                low, high = reader.get_watermark_offsets(
+                    TopicPartition(self.changelog, p), timeout=30
+                )
+                if high <= 0:
+                    continue  # empty changelog partition
+                start = max(state.changelog_offset + 1, low)
+                assign.append(TopicPartition(self.changelog, p, start))
+                ends[p] = high
+            if not assign:
+                return 0
+            reader.assign(assign)
+            reached = {tp.partition: tp.offset >= ends[tp.partition] for tp in assign}
+            total = 0
+            t0 = last = time.monotonic()
+            while not (all(reached.values()) and time.monotonic() - last >= RECOVERY_IDLE_S):
+                if time.monotonic() - t0 > RECOVERY_MAX_S:
+                    raise TimeoutError(f"changelog recovery took over {RECOVERY_MAX_S} s")
+                batch: dict[int, list[tuple[bytes, bytes | None, int]]] = defaultdict(list)
+                for m in reader.consume(10_000, 0.1):
+                    if m.error() is None:
+                        batch[m.partition()].append((m.key(), m.value(), m.offset()))
+                for p, records in batch.items():
+                    total += by_partition[p].apply_changelog(records)
+                    reached[p] = reached[p] or records[-1][2] + 1 >= ends[p]
+                    last = time.monotonic()
+            return total
+        finally:
+            reader.close()
+
+    # ---- timers ------------------------------------------------------------------------------
+    def sweep(self) -> None:
+        """Close idle sessions (advancing HRNN user states) and expire idle users."""
+        where: dict[str, int] = {}
+        sessions = TableView(self.partitions, SESSIONS, where)
+        users = TableView(self.partitions, USERS, where)
+        res = sweep_idle(
+            StateStore(sessions, users), self.holder.current, self.config, now=self.clock.now()
+        )
+        sessions.route(res.key_partitions)
+        users.route(res.key_partitions)
+        self.metrics.sessions_ended.inc(res.sessions_ended)
+        if res.sessions_ended or res.users_expired:
+            log.info(
+                "idle sweep: closed %d sessions, expired %d users",
+                res.sessions_ended,
+                res.users_expired,
+            )
+        self.metrics.sessions.set(res.sessions_left)
+        self.metrics.users.set(res.users_left)
+
+    def reload(self) -> None:
+        if self.holder.maybe_reload():
+            m = self.holder.current
+            self.metrics.set_model(m.name, m.version, str(m.device))
+            self.metrics.model_swaps.inc()
+
+    # ---- shutdown ----------------------------------------------------------------------------
+    def close(self) -> None:
+        try:
+            if not self._failed:
+                self.checkpoint()
+        finally:
+            self.consumer.close()  # leaves the group (on_revoke checkpoints what is left)
+            for state in self.partitions.values():
+                state.close()
+            self.partitions.clear()
+            self.producer.flush(10)

@@ -1,0 +1,197 @@
+"""State of the native worker: one RocksDB per assigned partition, written at checkpoints.
+
+The stack, smallest first:
+
+* :class:`PartitionState`: one input partition's RocksDB (rocksdict, raw bytes) holding both
+  tables under a prefix (``s/`` sessions, ``u/`` users), plus ``pending``: the writes since the
+  last checkpoint. Reads see ``pending`` first. At a checkpoint the worker sends ``pending`` to
+  the changelog, waits for the broker, commits the input offsets, and only then writes
+  ``pending`` to RocksDB together with the changelog offset it reached (one atomic batch).
+  So the local database is never ahead of the changelog: after a crash it is at most behind,
+  and recovery replays the changelog from the stored offset.
+* :class:`TableView`: one table (sessions or users) across all assigned partitions, as the
+  ``MutableMapping[str, bytes]`` that :class:`streamrec.state.StateStore` wants. Writes are
+  buffered and routed to their partition after the batch (:meth:`TableView.route`), because
+  a key's partition is known for sure only once the core has seen its event.
+
+The in-memory twin is a plain dict (``StateStore()``), which the tests and ``replay`` use.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from pathlib import Path
+
+from rocksdict import Options, Rdict, WriteBatch
+
+log = logging.getLogger(__name__)
+
+SESSIONS = b"s/"
+USERS = b"u/"
+#: the last changelog offset whose record is in this database (absent: none)
+_CHANGELOG_OFFSET = b"\x00changelog-offset"
+
+
+class PartitionState:
+    """One assigned partition's RocksDB and its writes not yet checkpointed."""
+
+    def __init__(self, path: Path, partition: int) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.partition = partition
+        self.db = Rdict(str(path), options=Options(raw_mode=True))
+        self.pending: dict[bytes, bytes | None] = {}  # None: delete
+
+    # ---- reads and writes of the current interval -----------------------------------------
+    def get(self, key: bytes) -> bytes | None:
+        if key in self.pending:
+            return self.pending[key]
+        return self.db.get(key)
+
+    def keys(self, prefix: bytes) -> Iterator[bytes]:
+        """Keys under ``prefix`` (pending writes included, pending deletes excluded)."""
+        for key in self.db.keys(from_key=prefix):
+            if not key.startswith(prefix):
+                break
+            if key not in self.pending:
+                yield key
+        for key, value in list(self.pending.items()):
+            if value is not None and key.startswith(prefix):
+                yield key
+
+    # ---- checkpoint and recovery ----------------------------------------------------------
+    @property
+    def changelog_offset(self) -> int:
+        """Offset of the last changelog record applied here; -1 if none."""
+        raw = self.db.get(_CHANGELOG_OFFSET)
+        return int(raw) if raw is not None else -1
+
+    def commit(self, changelog_offset: int | None) -> None:
+        """Write the pending changes (already on the changelog) durably, in one batch."""
+        if not self.pending and changelog_offset is None:
+            return
+        batch = WriteBatch(raw_mode=True)
+        for key, value in self.pending.items():
+            if value is None:
+                batch.delete(key)
+            else:
+                batch.put(key, value)
+        if changelog_offset is not None:
+            batch.put(_CHANGELOG_OFFSET, str(changelog_offset).encode())
+        self.db.write(batch)
+        self.pending.clear()
+
+    def apply_changelog(self, records: Iterable[tuple[bytes, bytes | None, int]]) -> int:
+        """Apply (key, value or None, offset) records read from the changelog; returns how many."""
+        batch = WriteBatch(raw_mode=True)
+        n, last = 0, None
+        for key, value, offset in records:
+            if value is None:
+                batch.delete(key)
+            else:
+                batch.put(key, value)
+            n, last = n + 1, offset
+        if last is not None:
+            batch.put(_CHANGELOG_OFFSET, str(last).encode())
+            self.db.write(batch)
+        return n
+
+    def discard_pending(self) -> None:
+        self.pending.clear()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def destroy(self) -> None:
+        """Close and delete the database (a partition whose local copy cannot be trusted)."""
+        self.close()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def count(self, prefix: bytes) -> int:
+        return sum(1 for _ in self.keys(prefix))
+
+
+class TableView(MutableMapping[str, bytes]):
+    """One table across the assigned partitions, with buffered writes.
+
+    ``where`` (key -> partition) is shared by the session and user views of one batch: it is
+    filled from the batch's message keys, and by every key found in a partition (reads and
+    iteration), so a key's writes go back to the partition it was read from.
+    """
+
+    def __init__(
+        self, partitions: Mapping[int, PartitionState], prefix: bytes, where: dict[str, int]
+    ) -> None:
+        self.partitions = partitions
+        self.prefix = prefix
+        self.where = where
+        self.writes: dict[str, bytes | None] = {}
+
+    def _read(self, key: str) -> bytes | None:
+        if key in self.writes:
+            return self.writes[key]
+        full = self.prefix + key.encode()
+        part = self.where.get(key)
+        if part is not None and part in self.partitions:
+            return self.partitions[part].get(full)
+        for p, state in self.partitions.items():
+            value = state.get(full)
+            if value is not None:
+                self.where[key] = p
+                return value
+        return None
+
+    def __getitem__(self, key: str) -> bytes:
+        value = self._read(key)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def get(self, key: str, default: bytes | None = None) -> bytes | None:  # type: ignore[override]
+        value = self._read(key)
+        return default if value is None else value
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self._read(key) is not None
+
+    def __setitem__(self, key: str, value: bytes) -> None:
+        self.writes[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        if key not in self:
+            raise KeyError(key)
+        self.writes[key] = None
+
+    def __iter__(self) -> Iterator[str]:
+        n = len(self.prefix)
+        seen: set[str] = set()
+        for p, state in list(self.partitions.items()):
+            for full in state.keys(self.prefix):
+                key = full[n:].decode()
+                self.where.setdefault(key, p)
+                seen.add(key)
+                if self.writes.get(key, b"") is not None:
+                    yield key
+        for key, value in list(self.writes.items()):
+            if key not in seen and value is not None:
+                yield key
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def route(self, partitions: Mapping[str, int]) -> int:
+        """Move the buffered writes into their partitions' pending sets; returns how many were
+        dropped because their partition is not (or no longer) assigned here."""
+        dropped = 0
+        for key, value in self.writes.items():
+            part = partitions.get(key, self.where.get(key))
+            state = self.partitions.get(part) if part is not None else None
+            if state is None:
+                dropped += 1
+                log.warning("state write for %r skipped: partition %s not assigned", key, part)
+                continue
+            state.pending[self.prefix + key.encode()] = value
+        self.writes.clear()
+        return dropped
