@@ -31,32 +31,13 @@ class StateDecodeError(ValueError):
 _NONE = _LEN.pack(0xFFFF)  # the length that marks a None string
 
 # These run for every state read and written (once per event): plain loops over a bytes
-# object, no per-string helper calls.
+# object, one helper call per run of strings rather than one per string.
 
 
-def _put_str(out: list[bytes], s: str | None) -> None:
-    if s is None:
-        out.append(_NONE)
-        return
-    b = s.encode()[:0xFFFE]
-    out.append(_LEN.pack(len(b)))
-    out.append(b)
-
-
-def _get_str(buf: bytes, pos: int) -> tuple[str | None, int]:
-    (n,) = _LEN.unpack_from(buf, pos)
-    pos += 2
-    if n == 0xFFFF:
-        return None, pos
-    return buf[pos : pos + n].decode(), pos + n
-
-
-def _put_strs(out: list[bytes], items: Iterable[str]) -> None:
-    if not isinstance(items, list):
-        items = list(items)
+def _put_each(out: list[bytes], strs: Iterable[str | None]) -> None:
+    """Length-prefixed strings (None as the length 0xFFFF), no count."""
     pack = _LEN.pack
-    out.append(pack(len(items)))
-    for s in items:
+    for s in strs:
         if s is None:
             out.append(_NONE)
             continue
@@ -65,20 +46,31 @@ def _put_strs(out: list[bytes], items: Iterable[str]) -> None:
         out.append(b)
 
 
-def _get_strs(buf: bytes, pos: int) -> tuple[list[str], int]:
+def _get_each(buf: bytes, pos: int, n: int, none: str | None) -> tuple[list[str | None], int]:
+    """``n`` strings written by :func:`_put_each`; a None reads back as ``none``."""
     unpack = _LEN.unpack_from
-    (n,) = unpack(buf, pos)
-    pos += 2
-    out = []
+    out: list[str | None] = []
     for _ in range(n):
         (m,) = unpack(buf, pos)
         pos += 2
-        if m == 0xFFFF:  # a None: read back as ""
-            out.append("")
+        if m == 0xFFFF:
+            out.append(none)
         else:
             out.append(buf[pos : pos + m].decode())
             pos += m
     return out, pos
+
+
+def _put_strs(out: list[bytes], items: Iterable[str]) -> None:
+    if not isinstance(items, list):
+        items = list(items)
+    out.append(_LEN.pack(len(items)))
+    _put_each(out, items)
+
+
+def _get_strs(buf: bytes, pos: int) -> tuple[list[str], int]:
+    (n,) = _LEN.unpack_from(buf, pos)
+    return _get_each(buf, pos + 2, n, "")  # type: ignore[return-value]
 
 
 def _as_bytes(data: bytes) -> bytes:
@@ -86,10 +78,15 @@ def _as_bytes(data: bytes) -> bytes:
     return data if type(data) is bytes else bytes(memoryview(data))
 
 
+_F4 = np.dtype("<f4")
+
+
 def _vec(x: np.ndarray | None) -> np.ndarray:
+    """float32 values to write with ``.tobytes()`` (which flattens in C order, copying only
+    where the array is not already float32 and contiguous)."""
     if x is None:
         return np.zeros(0, dtype=np.float32)
-    return np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    return np.asarray(x, dtype=np.float32)
 
 
 @dataclass
@@ -127,9 +124,7 @@ class SessionState:
                 h.size,
             )
         ]
-        _put_str(out, self.version)
-        _put_str(out, self.session_id)
-        _put_str(out, self.user_id)
+        _put_each(out, (self.version, self.session_id, self.user_id))
         _put_strs(out, self.recent_items)
         out.append(h.tobytes())
         return b"".join(out)
@@ -142,13 +137,11 @@ class SessionState:
             if magic != _SESSION_MAGIC:
                 raise StateDecodeError(f"not a session state (magic {magic!r})")
             pos = _SESSION_HDR.size
-            version, pos = _get_str(buf, pos)
-            sid, pos = _get_str(buf, pos)
-            uid, pos = _get_str(buf, pos)
+            (version, sid, uid), pos = _get_each(buf, pos, 3, None)
             items, pos = _get_strs(buf, pos)
             if len(buf) - pos != 4 * dim:
                 raise StateDecodeError("hidden state length mismatch")
-            hidden = np.frombuffer(buf, dtype="<f4", offset=pos).copy()
+            hidden = np.frombuffer(buf, dtype=_F4, offset=pos).copy()
         except (struct.error, UnicodeDecodeError) as exc:
             raise StateDecodeError(str(exc)) from exc
         return cls(sid or "", hidden, version or "", uid, items, part, off, last, start, n, nu)
@@ -191,8 +184,7 @@ class UserState:
                 _USER_MAGIC, self.partition, self.offset, self.last_time, len(self.sessions), c.size
             )
         ]
-        _put_str(out, self.version)
-        _put_str(out, self.user_id)
+        _put_each(out, (self.version, self.user_id))
         for s in self.sessions:
             _put_strs(out, s)
         out.append(c.tobytes())
@@ -206,15 +198,14 @@ class UserState:
             if magic != _USER_MAGIC:
                 raise StateDecodeError(f"not a user state (magic {magic!r})")
             pos = _USER_HDR.size
-            version, pos = _get_str(buf, pos)
-            uid, pos = _get_str(buf, pos)
+            (version, uid), pos = _get_each(buf, pos, 2, None)
             sessions = []
             for _ in range(ns):
                 s, pos = _get_strs(buf, pos)
                 sessions.append(s)
             if len(buf) - pos != 4 * dim:
                 raise StateDecodeError("context length mismatch")
-            ctx = np.frombuffer(buf, dtype="<f4", offset=pos).copy()
+            ctx = np.frombuffer(buf, dtype=_F4, offset=pos).copy()
         except (struct.error, UnicodeDecodeError) as exc:
             raise StateDecodeError(str(exc)) from exc
         return cls(uid or "", ctx, version or "", sessions, part, off, last)
