@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +78,24 @@ class Record:
     received_at: float | None = None
 
 
+def _make_json_encoder() -> Callable[[Any, int], Sequence[str]]:
+    """json.dumps' own C encoder with its default settings, built once: json.dumps builds
+    one per call. No circular-reference check (a recommendation holds no containers of its
+    own). Falls back to json.dumps where the C accelerator is missing."""
+    from json import encoder as je
+
+    if je.c_make_encoder is None:  # pragma: no cover - CPython always has it
+        return lambda obj, _level: (json.dumps(obj),)
+    d = json.JSONEncoder()
+    return je.c_make_encoder(
+        None, d.default, je.encode_basestring_ascii, None, ": ", ", ", False, False, True
+    )
+
+
+#: obj, 0 -> the chunks of ``json.dumps(obj)``
+_json_chunks = _make_json_encoder()
+
+
 @dataclass
 class BatchResult:
     recommendations: list[dict[str, Any]] = field(default_factory=list)
@@ -91,9 +109,10 @@ class BatchResult:
     key_partitions: dict[str, int] = field(default_factory=dict)
 
     def recommendation_values(self) -> list[tuple[bytes, bytes]]:
-        """(key, JSON value) pairs ready to publish."""
+        """(key, JSON value) pairs ready to publish (the bytes of ``json.dumps(r)``)."""
+        enc = _json_chunks
         return [
-            ((r["user_id"] or r["session_id"]).encode(), json.dumps(r).encode())
+            ((r["user_id"] or r["session_id"]).encode(), "".join(enc(r, 0)).encode())
             for r in self.recommendations
         ]
 
@@ -226,6 +245,8 @@ def process_batch(
 
     # 1. decode; group by key keeping arrival order
     queues: dict[str, deque[tuple[Record, ClickEvent, float]]] = {}
+    # user states exist only for keys that are user ids: no lookup for anonymous sessions
+    user_keys: set[str] = set()
     for rec in records:
         ev = decode(
             rec.value,
@@ -242,8 +263,14 @@ def process_batch(
         t = ev.timestamp if ev.timestamp is not None else (rec.timestamp or now)
         if clock is not None:
             clock.observe(t)
-        queues.setdefault(ev.key, deque()).append((rec, ev, t))
-        res.key_partitions[ev.key] = rec.partition
+        key = ev.key
+        q = queues.get(key)
+        if q is None:
+            q = queues[key] = deque()
+        q.append((rec, ev, t))
+        res.key_partitions[key] = rec.partition
+        if ev.user_id is not None:
+            user_keys.add(key)
     stats["dead_letters"] += len(res.dead_letters)
     if not queues:
         return res
@@ -251,18 +278,17 @@ def process_batch(
     # 2. load states, one pass; re-encode those made by other weights
     work: dict[str, _Key] = {}
     for key in queues:
-        # user states exist only for keys that are user ids: no lookup for anonymous sessions
-        has_user = any(ev.user_id is not None for _, ev, _ in queues[key])
-        k = _Key(store.get_session(key), store.get_user(key) if has_user else None)
+        k = _Key(store.get_session(key), store.get_user(key) if key in user_keys else None)
         _migrate(k, model, stats)
         work[key] = k
 
     # 3. rounds: each key at most once per model step
     model_s = 0.0
-    pending: list[np.ndarray] = []  # states to score at the end (split models)
+    pending: list[np.ndarray] = []  # states of every round's clicks, scored at the end (split)
     while queues:
         batch = [(key, q.popleft()) for key, q in queues.items()]
         queues = {key: q for key, q in queues.items() if q}
+        stats["events"] += len(batch)
 
         to_end: list[tuple[str, _Key]] = []
         end_pos: list[tuple[int, int]] = []
@@ -270,7 +296,6 @@ def process_batch(
         for key, (rec, ev, t) in batch:
             k = work[key]
             s, u = k.sess, k.user
-            stats["events"] += 1
             dup = (s is not None and _is_dup(s.partition, s.offset, rec)) or (
                 s is None and u is not None and _is_dup(u.partition, u.offset, rec)
             )
@@ -282,7 +307,6 @@ def process_batch(
                     to_end.append((key, k))
                     end_pos.append((rec.partition, rec.offset))
                 continue
-            stats["clicks"] += 1
             if dup:
                 stats["duplicates"] += 1
             elif s is not None and (
@@ -298,38 +322,45 @@ def process_batch(
         if not clicks:
             model_s += time.perf_counter() - t0
             continue
+        stats["clicks"] += len(clicks)
 
         # sessions to start: clicks (not duplicates) with no open session, and duplicates
         # of already-ended sessions (answered from a fresh state, never stored)
-        fresh = [i for i, c in enumerate(clicks) if work[c[0]].sess is None]
         ks = [work[c[0]] for c in clicks]
+        fresh = [i for i, k in enumerate(ks) if k.sess is None]
         users = _user_ctx(ks, model)
         states = np.empty((len(clicks), model.state_dim), dtype=np.float32)
         if fresh:
             states[fresh] = model.initial_states(users[fresh], len(fresh))
-        for i, k in enumerate(ks):
+        for i, k in enumerate(ks):  # (a row copy each is faster than np.stack of them)
             if k.sess is not None:
                 states[i] = k.sess.hidden
-        item_ids = [c[2].item_id for c in clicks]
-        rows = model.rows(item_ids)
+        rows = model.rows([c[2].item_id for c in clicks])
         # an existing state's duplicate must not advance: ask for scores only
-        step_rows = rows.copy()
-        for i, c in enumerate(clicks):
-            if c[4] and ks[i].sess is not None:
-                step_rows[i] = -1
+        held = [i for i, c in enumerate(clicks) if c[4] and ks[i].sess is not None]
+        step_rows = rows
+        if held:
+            step_rows = rows.copy()
+            step_rows[held] = -1
+        unknowns = (rows < 0).tolist()
+        top_ids: list[list[str]] | None = None
+        top_scores: list[list[float]] | None = None
         if model.split:  # advance now, score every click of the batch at the end at once
             new_states = model.advance(step_rows, states)
-            top_ids = top_scores = None
+            pending.append(new_states)
         else:
             u_arg = users if model.user_state_dim else None
             out = model.step(step_rows, states, u_arg, config.top_k)
-            new_states, top_scores = out.states, out.top_scores
-            top_ids = model.ids(out.top_rows)
+            new_states = out.states
+            top_ids = model.ids(out.top_rows).tolist()
+            top_scores = out.top_scores.tolist()
         model_s += time.perf_counter() - t0
 
+        version, limit = model.version, config.recent_items
+        add = res.recommendations.append
         for i, (_key, rec, ev, t, dup) in enumerate(clicks):
             k = ks[i]
-            unknown = rows[i] < 0
+            unknown = unknowns[i]
             cid = _click_id(ev, rec)
             if unknown and not dup:
                 stats["unknown_items"] += 1
@@ -338,20 +369,18 @@ def process_batch(
                 s = k.sess
                 if s is None:
                     s = k.sess = SessionState(
-                        ev.session_id, new_states[i], model.version, ev.user_id, start_time=t
+                        ev.session_id, new_states[i], version, ev.user_id, start_time=t
                     )
                     stats["sessions_started"] += 1
                 else:
                     s.hidden = new_states[i]
-                s.push_item(ev.item_id or "", config.recent_items)
+                s.push_item(ev.item_id or "", limit)
                 s.partition, s.offset = rec.partition, rec.offset
                 s.last_time = max(s.last_time, t)
                 s.n_events += 1
                 s.n_unknown += int(unknown)
                 k.sess_dirty = True
-            if top_ids is None:
-                pending.append(new_states[i])
-            res.recommendations.append(
+            add(
                 {
                     "click_id": cid,
                     "topic": rec.topic,
@@ -360,27 +389,29 @@ def process_batch(
                     "user_id": ev.user_id,
                     "session_id": ev.session_id,
                     "item_id": ev.item_id,
-                    "items": None if top_ids is None else top_ids[i].tolist(),
-                    "scores": None if top_scores is None else top_scores[i].tolist(),
-                    "model_version": model.version,
+                    "items": None if top_ids is None else top_ids[i],
+                    "scores": None if top_scores is None else top_scores[i],
+                    "model_version": version,
                     "event_time": t,
                     "produced_at": rec.timestamp,
                     "received_at": rec.received_at,
                     "emitted_at": 0.0,
                     "duplicate": dup,
-                    "unknown_item": bool(unknown),
+                    "unknown_item": unknown,
                 }
             )
 
     # 4. deferred scoring: one matmul + top-k for every click of the batch
     if pending:
         t0 = time.perf_counter()
-        top_rows, scores = model.score(np.stack(pending), config.top_k)
+        top_rows, scores = model.score(np.concatenate(pending), config.top_k)
         ids = model.ids(top_rows)
         model_s += time.perf_counter() - t0
-        for r, row_ids, row_scores in zip(res.recommendations, ids, scores, strict=True):
-            r["items"] = row_ids.tolist()
-            r["scores"] = row_scores.tolist()
+        for r, row_ids, row_scores in zip(
+            res.recommendations, ids.tolist(), scores.tolist(), strict=True
+        ):
+            r["items"] = row_ids
+            r["scores"] = row_scores
     emitted_at = time.time()
     for r in res.recommendations:
         r["emitted_at"] = emitted_at
