@@ -125,7 +125,13 @@ class Collector:
 
     def _run(self) -> None:
         while not self.stop.is_set():
-            for m in self.c.consume(num_messages=1000, timeout=0.05):
+            # poll returns on the first message; consume(n, timeout) would wait out its whole
+            # timeout unless n arrive, which added ~25 ms to every latency measured before
+            # (bench/results/kafka-hop.md). Then take what else is queued, without waiting.
+            first = self.c.poll(0.05)
+            if first is None:
+                continue
+            for m in [first, *self.c.consume(num_messages=1000, timeout=0)]:
                 if m.error():
                     continue
                 now = time.time()
@@ -170,6 +176,7 @@ def run_worker_phase(
     tmp: Path,
     max_wait_ms: float = 5.0,
     fetch_wait_ms: int = 10,
+    engine: str = "native",
 ) -> dict[str, Any]:
     from streamrec.broker import free_port
 
@@ -195,7 +202,7 @@ def run_worker_phase(
     if os.environ.get("SERVE_BENCH_PROFILE"):  # cProfile of the worker's main thread
         cmd[1:1] = ["-m", "cProfile", "-o", os.environ["SERVE_BENCH_PROFILE"] + f".{tag}"]
     cmd += ["--data-dir", str(tmp / tag), "--loglevel", "WARNING"]
-    cmd += ["--fetch-wait-ms", str(fetch_wait_ms)]
+    cmd += ["--fetch-wait-ms", str(fetch_wait_ms), "--engine", engine]
     if no_step:
         cmd.append("--no-model-step")
     log = open(tmp / f"{tag}.log", "wb")  # noqa: SIM115
@@ -350,6 +357,12 @@ def main() -> None:
             )
             print(results["fixed_rate"], flush=True)
             return
+        if os.environ.get("SERVE_BENCH_ONLY") == "e2e":
+            results["e2e"] = run_worker_phase(
+                bootstrap, ckpt, values, tag=f"{run}-e2e", rate=None, no_step=False, **common
+            )
+            print(results["e2e"], flush=True)
+            return
         if os.environ.get("SERVE_BENCH_ONLY") == "nostep":
             results["nostep"] = run_worker_phase(
                 bootstrap, ckpt, values, tag=f"{run}-nostep", rate=None, no_step=True, **common
@@ -371,6 +384,18 @@ def main() -> None:
             bootstrap, ckpt, values, tag=f"{run}-nostep", rate=None, no_step=True, **common
         )
         print(results["nostep"], flush=True)
+        print("end to end, Faust engine ...", flush=True)
+        results["e2e_faust"] = run_worker_phase(
+            bootstrap,
+            ckpt,
+            values,
+            tag=f"{run}-faust",
+            rate=None,
+            no_step=False,
+            engine="faust",
+            **common,
+        )
+        print(results["e2e_faust"], flush=True)
         print(f"latency at {a.rate:.0f}/s ...", flush=True)
         results["fixed_rate"] = run_worker_phase(
             bootstrap,
@@ -391,6 +416,8 @@ def main() -> None:
             "e2e_over_step": results["e2e"]["events_per_s"] / step_eps,
             "e2e_over_nostep": results["e2e"]["events_per_s"] / results["nostep"]["events_per_s"],
             "e2e_over_naive_1000": results["e2e"]["events_per_s"] / 1000.0,
+            "e2e_over_faust_engine": results["e2e"]["events_per_s"]
+            / results["e2e_faust"]["events_per_s"],
         }
     finally:
         if broker is not None:

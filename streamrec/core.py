@@ -107,6 +107,8 @@ class BatchResult:
     model_version: str = ""
     #: partition of each state key touched (where its state writes belong)
     key_partitions: dict[str, int] = field(default_factory=dict)
+    #: hidden states of the clicks still to be scored (``process_batch(score=False)``)
+    unscored: np.ndarray | None = None
 
     def recommendation_values(self) -> list[tuple[bytes, bytes]]:
         """(key, JSON value) pairs ready to publish (the bytes of ``json.dumps(r)``)."""
@@ -235,8 +237,14 @@ def process_batch(
     *,
     clock: StreamClock | None = None,
     now: float | None = None,
+    score: bool = True,
 ) -> BatchResult:
-    """Apply a batch of raw click records to the states and return what to publish."""
+    """Apply a batch of raw click records to the states and return what to publish.
+
+    With ``score=False`` the states are advanced and stored but the recommendations are not
+    scored yet: :func:`score_batch` does that (and may run in another thread while the next
+    batch is applied, since scoring reads no state).
+    """
     t_start = time.time()
     now = t_start if now is None else now
     res = BatchResult(model_version=model.version)
@@ -401,22 +409,7 @@ def process_batch(
                 }
             )
 
-    # 4. deferred scoring: one matmul + top-k for every click of the batch
-    if pending:
-        t0 = time.perf_counter()
-        top_rows, scores = model.score(np.concatenate(pending), config.top_k)
-        ids = model.ids(top_rows)
-        model_s += time.perf_counter() - t0
-        for r, row_ids, row_scores in zip(
-            res.recommendations, ids.tolist(), scores.tolist(), strict=True
-        ):
-            r["items"] = row_ids
-            r["scores"] = row_scores
-    emitted_at = time.time()
-    for r in res.recommendations:
-        r["emitted_at"] = emitted_at
-
-    # 5. store: one write per changed key
+    # 4. store: one write per changed key
     for key, k in work.items():
         if k.sess is not None and k.sess_dirty:
             store.put_session(key, k.sess)
@@ -426,6 +419,27 @@ def process_batch(
             store.put_user(key, k.user)
     res.model_seconds = model_s
     stats["recommendations"] += len(res.recommendations)
+    if pending:
+        res.unscored = np.concatenate(pending)
+    return score_batch(res, model, config) if score else res
+
+
+def score_batch(res: BatchResult, model: ServingModel, config: CoreConfig) -> BatchResult:
+    """Deferred scoring: one matmul + top-k for every click of the batch; stamps emitted_at."""
+    if res.unscored is not None:
+        t0 = time.perf_counter()
+        top_rows, scores = model.score(res.unscored, config.top_k)
+        ids = model.ids(top_rows)
+        res.model_seconds += time.perf_counter() - t0
+        for r, row_ids, row_scores in zip(
+            res.recommendations, ids.tolist(), scores.tolist(), strict=True
+        ):
+            r["items"] = row_ids
+            r["scores"] = row_scores
+        res.unscored = None
+    emitted_at = time.time()
+    for r in res.recommendations:
+        r["emitted_at"] = emitted_at
     return res
 
 

@@ -1,12 +1,16 @@
 """The native worker: the core driven by confluent-kafka, with RocksDB state per partition.
 
-The data path, one loop in one thread (librdkafka fetches, sends and heartbeats in its own
-C threads, so none of that waits for the model step):
+The data path (librdkafka fetches, sends and heartbeats in its own C threads):
 
 1. ``consumer.consume(max_events, max_wait)``: up to B clicks, or what came within T ms;
-2. :func:`streamrec.core.process_batch` over the partitions' states (:mod:`streamrec.store`);
-3. recommendations and dead letters handed to the C producer (asynchronous);
-4. the batch's state writes go to the partitions' pending sets.
+2. :func:`streamrec.core.process_batch` (without the scoring) over the partitions' states
+   (:mod:`streamrec.store`), in a state thread; its state writes go to the partitions'
+   pending sets;
+3. :func:`streamrec.core.score_batch` (one matmul + top-k for the batch) in a scoring thread;
+4. recommendations and dead letters handed to the C producer (asynchronous).
+
+The stages overlap across batches: torch releases the GIL, so batch N's scoring runs on one
+core while batch N+1 is applied and batch N-1 published on the other.
 
 Every ``worker.commit_interval_s`` (and before partitions are revoked, and at shutdown) a
 checkpoint, in the order that makes a committed offset imply durable results:
@@ -29,18 +33,29 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import sys
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
-from .core import BatchResult, CoreConfig, Record, StreamClock, process_batch, sweep_idle
+from .core import (
+    BatchResult,
+    CoreConfig,
+    Record,
+    StreamClock,
+    process_batch,
+    score_batch,
+    sweep_idle,
+)
 from .kafka import TopicSpec, ensure_topics
 from .metrics import Metrics
-from .runtime import ModelHolder
+from .runtime import ModelHolder, ServingModel
 from .settings import Settings
 from .state import StateStore
 from .store import SESSIONS, USERS, PartitionState, TableView
@@ -51,10 +66,22 @@ log = logging.getLogger(__name__)
 #: (Tansu under-reports end offsets by up to one record batch; on Kafka this finds nothing)
 RECOVERY_IDLE_S = 0.5
 RECOVERY_MAX_S = 600.0
+SWITCH_INTERVAL_S = 0.0005
 
 
 def changelog_topic(settings: Settings) -> str:
     return f"{settings.worker.app_id}-state-changelog"
+
+
+@dataclass
+class _InFlight:
+    """A batch whose core runs in the step thread."""
+
+    records: list[Record]
+    sessions: TableView
+    users: TableView
+    model: ServingModel  # the weights that advanced the states score them too
+    future: Future[BatchResult]
 
 
 class DeliveryError(RuntimeError):
@@ -117,6 +144,10 @@ class NativeWorker:
         self._delivery_errors: list[str] = []
         self._stopping = False
         self._failed = False
+        self.apply_thread = ThreadPoolExecutor(1, thread_name_prefix="streamrec-apply")
+        self.score_thread = ThreadPoolExecutor(1, thread_name_prefix="streamrec-score")
+        self._applying: _InFlight | None = None
+        self._scoring: deque[tuple[int, Future[BatchResult]]] = deque()
         m = holder.current
         self.metrics.set_model(m.name, m.version, str(m.device))
 
@@ -142,6 +173,9 @@ class NativeWorker:
         self.metrics.serve(self.settings.worker.metrics_port)
         gc.collect()
         gc.freeze()  # model, item index and imports: keep them out of every GC pass
+        # The scoring thread gets the GIL back after every torch op; with the default 5 ms
+        # switch interval it could wait that long behind the state thread's Python each time.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         b = self.settings.batching
         commit_every = self.settings.worker.commit_interval_s
         sweep_every = self.settings.state.sweep_interval_seconds
@@ -156,9 +190,19 @@ class NativeWorker:
         )
         try:
             while not self._stopping:
-                messages = self.consumer.consume(b.max_events, b.max_wait_ms / 1000.0)
-                if messages:
-                    self.handle(self._records(messages))
+                # Three stages, each batch in order through all of them (see _start):
+                # apply (state thread) -> score (scoring thread) -> publish (this thread).
+                # While batch N is scored, N+1 is applied and N-1 published; N+1 starts only
+                # after N's state writes are routed, so a key's events still apply in order.
+                busy = self._applying is not None or bool(self._scoring)
+                wait = 0.0 if busy else b.max_wait_ms / 1000.0
+                messages = self.consumer.consume(b.max_events, wait)
+                records = self._records(messages) if messages else []
+                if self._applying is not None:
+                    self._finish_apply()
+                if records:
+                    self._start(records)
+                self._publish_scored(block=not records)
                 self.producer.poll(0)  # delivery callbacks
                 now = time.monotonic()
                 if now >= next_commit:
@@ -202,8 +246,15 @@ class NativeWorker:
             )
         return records
 
-    def handle(self, records: list[Record]) -> BatchResult:
-        """One micro-batch: core, outputs handed to the producer, state writes to pending."""
+    def handle(self, records: list[Record]) -> None:
+        """One micro-batch through every stage (the loop overlaps the stages of batches)."""
+        self._start(records)
+        self._drain()
+
+    def _start(self, records: list[Record]) -> None:
+        """Stage 1 in the state thread: apply the batch to the states (the core without the
+        scoring); its state writes stay buffered in the views."""
+        assert self._applying is None
         where: dict[str, int] = {}
         for r in records:
             if r.key:
@@ -211,25 +262,59 @@ class NativeWorker:
                     where[r.key.decode()] = r.partition
         sessions = TableView(self.partitions, SESSIONS, where)
         users = TableView(self.partitions, USERS, where)
-        res = process_batch(
-            records, StateStore(sessions, users), self.holder.current, self.config, clock=self.clock
+        model = self.holder.current
+        future = self.apply_thread.submit(
+            process_batch,
+            records,
+            StateStore(sessions, users),
+            model,
+            self.config,
+            clock=self.clock,
+            score=False,
         )
+        self._applying = _InFlight(records, sessions, users, model, future)
+
+    def _finish_apply(self) -> None:
+        """Route stage 1's state writes, note the offsets, and queue stage 2 (scoring)."""
+        batch, self._applying = self._applying, None
+        assert batch is not None
+        res = batch.future.result()
+        batch.sessions.route(res.key_partitions)
+        batch.users.route(res.key_partitions)
+        for r in batch.records:  # records are in offset order per partition
+            self._next_offsets[r.partition] = r.offset + 1
+        scored = self.score_thread.submit(score_batch, res, batch.model, self.config)
+        self._scoring.append((len(batch.records), scored))
+
+    def _publish_scored(self, block: bool) -> None:
+        """Stage 3: hand scored batches to the producer, oldest first. Waits for the oldest
+        if ``block`` or if two are queued (bounds the pipeline)."""
+        while self._scoring and (block or len(self._scoring) > 1 or self._scoring[0][1].done()):
+            n_records, future = self._scoring.popleft()
+            res = future.result()
+            self._publish(res)
+            lat = [
+                r["emitted_at"] - r["produced_at"]
+                for r in res.recommendations
+                if r["produced_at"] and not r["duplicate"]
+            ]
+            self.metrics.observe_batch(n_records, res.stats, lat, res.model_seconds)
+
+    def _publish(self, res: BatchResult) -> None:
+        """Recommendations and dead letters to the producer (asynchronous; flushed at the
+        checkpoint, before the offsets are committed)."""
         recs_topic = self.settings.topics.recommendations
         for key, value in res.recommendation_values():
             self._produce(recs_topic, value, key)
         for d in res.dead_letters:
             self._produce(self.settings.topics.dead_letter, d.to_bytes())
-        sessions.route(res.key_partitions)
-        users.route(res.key_partitions)
-        for r in records:  # records are in offset order per partition
-            self._next_offsets[r.partition] = r.offset + 1
-        lat = [
-            r["emitted_at"] - r["produced_at"]
-            for r in res.recommendations
-            if r["produced_at"] and not r["duplicate"]
-        ]
-        self.metrics.observe_batch(len(records), res.stats, lat, res.model_seconds)
-        return res
+
+    def _drain(self) -> None:
+        """Take every batch in flight through all stages (before checkpoints, rebalances and
+        timers: they need every state write routed and every output handed over)."""
+        if self._applying is not None:
+            self._finish_apply()
+        self._publish_scored(block=True)
 
     # ---- output ------------------------------------------------------------------------------
     def _produce(
@@ -254,6 +339,7 @@ class NativeWorker:
     # ---- checkpoint ----------------------------------------------------------------------------
     def checkpoint(self) -> None:
         """Outputs + changelog on the broker -> input offsets committed -> RocksDB written."""
+        self._drain()
         for p, state in self.partitions.items():
             for key, value in state.pending.items():
                 self._produce(self.changelog, value, key, p)
@@ -304,6 +390,7 @@ class NativeWorker:
     def _on_lost(self, consumer: Consumer, lost: list[TopicPartition]) -> None:
         # Someone else may own them now: forget what was not checkpointed and recover later.
         log.warning("partitions lost: %s", sorted(tp.partition for tp in lost))
+        self._drain()
         for tp in lost:
             state = self.partitions.pop(tp.partition, None)
             if state is not None:
@@ -351,6 +438,7 @@ class NativeWorker:
     # ---- timers ------------------------------------------------------------------------------
     def sweep(self) -> None:
         """Close idle sessions (advancing HRNN user states) and expire idle users."""
+        self._drain()
         where: dict[str, int] = {}
         sessions = TableView(self.partitions, SESSIONS, where)
         users = TableView(self.partitions, USERS, where)
@@ -370,6 +458,7 @@ class NativeWorker:
         self.metrics.users.set(res.users_left)
 
     def reload(self) -> None:
+        self._drain()  # swaps happen between batches
         if self.holder.maybe_reload():
             m = self.holder.current
             self.metrics.set_model(m.name, m.version, str(m.device))
@@ -386,3 +475,5 @@ class NativeWorker:
                 state.close()
             self.partitions.clear()
             self.producer.flush(10)
+            self.apply_thread.shutdown(wait=False, cancel_futures=True)
+            self.score_thread.shutdown(wait=False, cancel_futures=True)

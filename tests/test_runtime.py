@@ -188,3 +188,19 @@ def test_metrics_render_and_serve() -> None:
     assert "streamrec_click_to_recommendation_seconds_bucket" in text
     assert 'streamrec_model_info{device="cpu",name="gru4rec",version="v1"} 1.0' in text
     assert "streamrec_events_total 10.0" in text
+
+
+@pytest.mark.parametrize("n", [4096, 5000, 17_319])
+@pytest.mark.parametrize("k", [1, 20, 50])
+def test_block_topk_equals_torch_topk(n: int, k: int) -> None:
+    from streamrec.runtime import block_topk
+
+    g = torch.Generator().manual_seed(n + k)
+    scores = torch.randn(33, n, generator=g)
+    scores[0, :] = scores[0, 0]  # ties everywhere: values must still match
+    scores[1, -k:] += 100.0  # the best items in the last (padded) block
+    got_v, got_i = block_topk(scores, k)
+    want_v, want_i = torch.topk(scores, k, dim=1)
+    assert torch.equal(got_v, want_v)
+    assert torch.equal(got_i[1:], want_i[1:])
+    assert torch.equal(scores.gather(1, got_i), got_v)  # indices point at those values

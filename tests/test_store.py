@@ -1,0 +1,114 @@
+"""The native worker's partition states (streamrec.store), without Kafka."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from streamrec.core import CoreConfig, process_batch
+from streamrec.state import StateStore
+from streamrec.store import SESSIONS, USERS, PartitionState, TableView
+from streamrec.testkit import click, tiny_serving_model
+
+
+@pytest.fixture
+def parts(tmp_path: Path):
+    states = {p: PartitionState(tmp_path / str(p), p) for p in range(3)}
+    yield states
+    for s in states.values():
+        s.close()
+
+
+def test_pending_is_read_first_and_durable_only_after_commit(tmp_path: Path) -> None:
+    st = PartitionState(tmp_path / "0", 0)
+    st.pending[b"s/a"] = b"1"
+    assert st.get(b"s/a") == b"1"
+    st.close()
+    st = PartitionState(tmp_path / "0", 0)  # reopened: the uncommitted write is gone
+    assert st.get(b"s/a") is None and st.changelog_offset == -1
+    st.pending[b"s/a"] = b"1"
+    st.pending[b"s/b"] = b"2"
+    st.commit(changelog_offset=41)
+    st.pending[b"s/b"] = None  # a pending delete hides the durable value
+    assert st.get(b"s/b") is None
+    assert sorted(st.keys(SESSIONS)) == [b"s/a"]
+    st.close()
+    st = PartitionState(tmp_path / "0", 0)
+    assert (st.get(b"s/a"), st.get(b"s/b"), st.changelog_offset) == (b"1", b"2", 41)
+    st.close()
+
+
+def test_apply_changelog_keeps_the_last_value_and_offset(tmp_path: Path) -> None:
+    st = PartitionState(tmp_path / "0", 0)
+    n = st.apply_changelog([(b"s/a", b"1", 5), (b"u/a", b"x", 6), (b"s/a", None, 7)])
+    assert n == 3 and st.get(b"s/a") is None and st.get(b"u/a") == b"x"
+    assert st.changelog_offset == 7
+    assert st.apply_changelog([]) == 0 and st.changelog_offset == 7
+    st.close()
+
+
+def test_table_view_routes_writes_to_the_partition_of_the_key(parts) -> None:
+    where = {"k1": 1}
+    view = TableView(parts, SESSIONS, where)
+    view["k1"] = b"v1"
+    view["k2"] = b"v2"  # partition learnt only from the batch result
+    assert view["k1"] == b"v1" and "k2" in view
+    assert parts[1].pending == {} and parts[2].pending == {}  # buffered until routed
+    dropped = view.route({"k2": 2, "k9": 0})
+    assert dropped == 0
+    assert parts[1].pending == {b"s/k1": b"v1"} and parts[2].pending == {b"s/k2": b"v2"}
+    # a fresh view finds keys in whatever partition holds them, and remembers where
+    where2: dict[str, int] = {}
+    view2 = TableView(parts, SESSIONS, where2)
+    assert view2["k2"] == b"v2" and where2 == {"k2": 2}
+    del view2["k2"]
+    assert "k2" not in view2
+    view2.route({})
+    assert parts[2].pending == {b"s/k2": None}
+    # a write whose partition is not assigned is dropped and counted, never misplaced
+    view3 = TableView(parts, USERS, {})
+    view3["lost"] = b"x"
+    assert view3.route({"lost": 7}) == 1
+    assert all(b"u/lost" not in s.pending for s in parts.values())
+
+
+def test_iteration_covers_every_partition_and_table_prefix(parts) -> None:
+    parts[0].pending[b"s/a"] = b"1"
+    parts[0].commit(None)
+    parts[2].pending[b"s/b"] = b"2"
+    parts[2].pending[b"u/b"] = b"3"
+    where: dict[str, int] = {}
+    assert sorted(TableView(parts, SESSIONS, where)) == ["a", "b"]
+    assert where == {"a": 0, "b": 2}
+    assert list(TableView(parts, USERS, {})) == ["b"]
+    assert len(TableView(parts, USERS, {})) == 1
+
+
+def test_core_over_partition_states_equals_the_in_memory_twin(parts) -> None:
+    model = tiny_serving_model(n_items=20)
+    values = [click(f"s{j % 4}", f"i{(3 * j) % 20}") for j in range(40)]
+    records = []
+    from streamrec.core import Record
+
+    for off, v in enumerate(values):
+        key = f"s{off % 4}"
+        records.append(Record(v, key.encode(), "c", hash(key) % 3, off, 1000.0 + off))
+    twin = StateStore()
+    for i in range(0, 40, 8):
+        batch = records[i : i + 8]
+        want = process_batch(batch, twin, model, CoreConfig())
+        where = {r.key.decode(): r.partition for r in batch}  # type: ignore[union-attr]
+        sessions, users = TableView(parts, SESSIONS, where), TableView(parts, USERS, where)
+        got = process_batch(batch, StateStore(sessions, users), model, CoreConfig())
+        assert sessions.route(got.key_partitions) == 0 and users.route(got.key_partitions) == 0
+        assert [r["items"] for r in got.recommendations] == [
+            r["items"] for r in want.recommendations
+        ]
+        if i == 16:  # a checkpoint in the middle changes nothing
+            for s in parts.values():
+                s.commit(None)
+    got_states = dict(StateStore(TableView(parts, SESSIONS, {}), {}).iter_sessions())
+    assert got_states.keys() == dict(twin.iter_sessions()).keys()
+    for k, s in twin.iter_sessions():
+        assert got_states[k].same_as(s)
