@@ -46,6 +46,8 @@ class ModelLoadError(RuntimeError):
 
 #: catalogue size from which :func:`block_topk` splits the scores into blocks
 BLOCK_TOPK_MIN_ITEMS = 4096
+#: rows scored at a time on CPU (64 x 17k scores stay in cache for the top-k)
+CPU_SCORE_CHUNK = 64
 
 
 def block_topk(scores: torch.Tensor, k: int, block: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,6 +128,13 @@ class ServingModel:
             )
             and isinstance(getattr(model, "layers", None), list)
         )
+
+        self._wy_t: torch.Tensor | None = None
+        if self.split and self.device.type == "cpu" and self.n_items >= BLOCK_TOPK_MIN_ITEMS:
+            from trainer.models.gru4rec import GRU4Rec
+
+            if isinstance(self.model, GRU4Rec):
+                self._wy_t = self.model.Wy.detach().t().contiguous()
 
     # ---- loading ------------------------------------------------------------------------
     @classmethod
@@ -224,8 +233,24 @@ class ServingModel:
         with torch.inference_mode():
             st = self._t(states)
             out = st[:, self.state_dim - m.layers[-1] :]
-            top_s, top_i = block_topk(m.score_items(out), k)
+            if self.device.type != "cpu" or self.n_items < BLOCK_TOPK_MIN_ITEMS:
+                top_s, top_i = block_topk(m.score_items(out), k)
+            else:  # rows in chunks: each chunk's scores stay in cache for its top-k
+                parts = [
+                    block_topk(self._score_items(out[i : i + CPU_SCORE_CHUNK]), k)
+                    for i in range(0, len(out), CPU_SCORE_CHUNK)
+                ]
+                top_s = torch.cat([p[0] for p in parts])
+                top_i = torch.cat([p[1] for p in parts])
             return top_i.cpu().numpy(), top_s.float().cpu().numpy()
+
+    def _score_items(self, out: torch.Tensor) -> torch.Tensor:
+        """``model.score_items(out)``; for GRU4Rec with a contiguous copy of ``Wy.T`` (the
+        CPU matmul is ~20% faster with it than with the transposed view)."""
+        if self._wy_t is None:
+            return self.model.score_items(out)
+        m = self.model
+        return m.final_activation(torch.addmm(m.By.view(1, -1), out, self._wy_t))
 
     def encode_session(self, items: Sequence[str], user: np.ndarray | None) -> np.ndarray:
         """Re-encode a session from its item ids (used after a model swap)."""
