@@ -32,6 +32,15 @@ def _produce(bootstrap: str, topic: str, values: list[tuple[str, int]]) -> None:
     assert producer.flush(20) == 0
 
 
+def _committed(bootstrap: str, group: str, topic: str) -> list[int]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "log_level": 0})
+    try:
+        parts = [TopicPartition(topic, p) for p in range(2)]
+        return [tp.offset for tp in consumer.committed(parts, timeout=10)]
+    finally:
+        consumer.close()
+
+
 def _wait_for_outputs(bootstrap: str, topic: str, n: int, log: Path, timeout: float = 90) -> list:
     deadline = time.monotonic() + timeout
     records: list = []
@@ -43,9 +52,10 @@ def _wait_for_outputs(bootstrap: str, topic: str, n: int, log: Path, timeout: fl
     got = sorted(
         (m.partition(), m.offset(), json.loads(m.key()), json.loads(m.value())) for m in records
     )
+    per_partition = [sum(1 for g in got if g[0] == p) for p in range(2)]
     raise AssertionError(
-        f"expected {n} outputs on {topic}, got {len(records)}: {got[-70:]}\n"
-        + log.read_text()[-4000:]
+        f"expected {n} outputs on {topic}, got {len(records)} {per_partition}: "
+        f"{got[-70:]}\n" + log.read_text()[-4000:]
     )
 
 
@@ -125,14 +135,33 @@ def test_table_survives_restart_and_rebuilds_from_changelog(
             produced += len(values)
             for key, value in values:
                 expected[key] += value
-            records = _wait_for_outputs(
-                kafka_bootstrap, out_topic, produced, log=tmp_path / "worker.log"
-            )
+            try:
+                records = _wait_for_outputs(
+                    kafka_bootstrap, out_topic, produced, log=tmp_path / "worker.log"
+                )
+            except AssertionError as exc:
+                inputs = read_topic(conf, in_topic, idle_timeout=1.0)
+                per_partition = [sum(1 for m in inputs if m.partition() == p) for p in range(2)]
+                committed = _committed(kafka_bootstrap, app_id, in_topic)
+                raise AssertionError(
+                    f"{phase}: inputs per partition {per_partition}, committed {committed}; {exc}"
+                ) from None
             _wait_committed(kafka_bootstrap, app_id, in_topic, produced)
         finally:
             worker.stop()
         assert worker.proc.returncode == 0, (tmp_path / "worker.log").read_text()[-3000:]
         assert len(records) == produced, phase
-        assert _last_total_per_key(records) == dict(expected), phase
+        totals = _last_total_per_key(records)
+        wrong = {k for k in expected if totals.get(k) != expected[k]}
+        assert not wrong, (
+            f"{phase}: totals {totals} != {dict(expected)}; outputs of those keys: "
+            + str(
+                [
+                    (m.partition(), m.offset(), json.loads(m.key()), json.loads(m.value()))
+                    for m in records
+                    if json.loads(m.key()) in wrong
+                ]
+            )
+        )
         if phase != "restart with data wiped":
             assert any(data_dir.rglob("*")), "the RocksDB data directory was not written"
