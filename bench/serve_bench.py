@@ -177,6 +177,7 @@ def run_worker_phase(
     max_wait_ms: float = 5.0,
     fetch_wait_ms: int = 10,
     engine: str = "native",
+    score_dtype: str = "float32",
 ) -> dict[str, Any]:
     from streamrec.broker import free_port
 
@@ -197,6 +198,7 @@ def run_worker_phase(
         "STREAMREC_BATCHING__MAX_WAIT_MS": str(max_wait_ms),
         "STREAMREC_MODEL__RELOAD_INTERVAL_S": "0",
         "STREAMREC_MODEL__DEVICE": "auto",
+        "STREAMREC_MODEL__SCORE_DTYPE": score_dtype,
     }
     cmd = [sys.executable, "-m", "streamrec", "worker", "--model", str(ckpt)]
     if os.environ.get("SERVE_BENCH_PROFILE"):  # cProfile of the worker's main thread
@@ -267,20 +269,25 @@ def run_worker_phase(
         log.close()
 
 
-def model_step_alone(ckpt: Path, batch: int, seconds: float = 5.0) -> dict[str, Any]:
+def model_step_alone(
+    ckpt: Path, batch: int, seconds: float = 5.0, score_dtype: str = "float32"
+) -> dict[str, Any]:
+    """The worker's model work for a batch: GRU step, scoring all items, top-k, host copies,
+    item ids (``ServingModel.advance`` + ``score``, as the core calls them)."""
     torch.set_num_threads(1)  # as the worker (``streamrec worker --threads 1``)
-    model = ServingModel.from_checkpoint(ckpt, "auto", top_k=20)
+    model = ServingModel.from_checkpoint(ckpt, "auto", top_k=20, score_dtype=score_dtype)
     rng = np.random.default_rng(0)
     states = np.zeros((batch, model.state_dim), np.float32)
     n = 0
+    assert model.split  # GRU4Rec: the core advances states, then scores the batch at once
     for _ in range(3):  # warm up
-        model.step(rng.integers(0, N_ITEMS, batch), states, None)
+        model.score(model.advance(rng.integers(0, N_ITEMS, batch), states), 20)
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         ids = [str(i) for i in rng.integers(0, N_ITEMS, batch)]
-        out = model.step(model.rows(ids), states, None)
-        states = out.states
-        model.ids(out.top_rows)
+        states = model.advance(model.rows(ids), states)
+        top_rows, _ = model.score(states, 20)
+        model.ids(top_rows)
         n += batch
     dt = time.perf_counter() - t0
     return {"batch": batch, "events_per_s": n / dt, "device": str(model.device)}
@@ -359,7 +366,14 @@ def main() -> None:
             return
         if os.environ.get("SERVE_BENCH_ONLY") == "e2e":
             results["e2e"] = run_worker_phase(
-                bootstrap, ckpt, values, tag=f"{run}-e2e", rate=None, no_step=False, **common
+                bootstrap,
+                ckpt,
+                values,
+                tag=f"{run}-e2e",
+                rate=None,
+                no_step=False,
+                score_dtype=os.environ.get("SERVE_BENCH_SCORE_DTYPE", "float32"),
+                **common,
             )
             print(results["e2e"], flush=True)
             return
@@ -396,6 +410,19 @@ def main() -> None:
             **common,
         )
         print(results["e2e_faust"], flush=True)
+        print("bfloat16 scoring: step alone, end to end ...", flush=True)
+        results["step_bf16"] = model_step_alone(ckpt, a.max_events, score_dtype="bfloat16")
+        results["e2e_bf16"] = run_worker_phase(
+            bootstrap,
+            ckpt,
+            values,
+            tag=f"{run}-bf16",
+            rate=None,
+            no_step=False,
+            score_dtype="bfloat16",
+            **common,
+        )
+        print(results["step_bf16"], results["e2e_bf16"], flush=True)
         print(f"latency at {a.rate:.0f}/s ...", flush=True)
         results["fixed_rate"] = run_worker_phase(
             bootstrap,
@@ -418,6 +445,9 @@ def main() -> None:
             "e2e_over_naive_1000": results["e2e"]["events_per_s"] / 1000.0,
             "e2e_over_faust_engine": results["e2e"]["events_per_s"]
             / results["e2e_faust"]["events_per_s"],
+            "bf16_e2e_over_bf16_step": results["e2e_bf16"]["events_per_s"]
+            / results["step_bf16"]["events_per_s"],
+            "bf16_e2e_over_naive_1000": results["e2e_bf16"]["events_per_s"] / 1000.0,
         }
     finally:
         if broker is not None:

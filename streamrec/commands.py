@@ -50,11 +50,13 @@ def load_model_holder(path: Path | None, settings: Settings, wait_s: float = 0.0
     if ckpt is None:
         raise click.ClickException(f"no checkpoint (checkpoint.json) found in {path}")
     try:
-        model = ServingModel.from_checkpoint(ckpt, m.device, m.top_k)
+        model = ServingModel.from_checkpoint(ckpt, m.device, m.top_k, m.score_dtype)
         model.validate()
     except ModelLoadError as exc:
         raise click.ClickException(str(exc)) from None
-    return ModelHolder(model, watch_dir=path, device=m.device, top_k=m.top_k)
+    return ModelHolder(
+        model, watch_dir=path, device=m.device, top_k=m.top_k, score_dtype=m.score_dtype
+    )
 
 
 @click.command()

@@ -204,3 +204,25 @@ def test_block_topk_equals_torch_topk(n: int, k: int) -> None:
     assert torch.equal(got_v, want_v)
     assert torch.equal(got_i[1:], want_i[1:])
     assert torch.equal(scores.gather(1, got_i), got_v)  # indices point at those values
+
+
+@pytest.mark.parametrize("n_items", [300, 5000])
+def test_bfloat16_scoring_agrees_with_float32(n_items: int) -> None:
+    from trainer.models.gru4rec import GRU4Rec, GRU4RecConfig
+
+    model = GRU4Rec(GRU4RecConfig(n_items=n_items, layers=[32]), seed=3)
+    ids = [f"i{j}" for j in range(n_items)]
+    fp32 = ServingModel(model, ids, "v", device="cpu", score_dtype="float32")
+    bf16 = ServingModel(model, ids, "v", device="cpu", score_dtype="bfloat16")
+    states = np.random.default_rng(0).uniform(-1, 1, (64, 32)).astype(np.float32)
+    rows32, scores32 = fp32.score(states, 20)
+    rows16, scores16 = bf16.score(states, 20)
+    assert scores16.dtype == np.float32 and rows16.shape == rows32.shape
+    overlap = np.mean([len(set(a) & set(b)) / 20 for a, b in zip(rows32, rows16, strict=True)])
+    assert overlap >= 0.9, overlap
+    # bf16 keeps 8 bits of mantissa: scores agree to about 1% of their scale
+    scale = np.abs(scores32).max()
+    assert np.abs(np.sort(scores16, 1) - np.sort(scores32, 1)).max() <= 0.02 * scale
+    assert not np.array_equal(scores16, scores32)  # it really scored in bf16
+    with pytest.raises(ValueError, match="score_dtype"):
+        ServingModel(model, ids, "v", device="cpu", score_dtype="float16")
