@@ -251,7 +251,14 @@ def run_worker_phase(
         ms = after.get("streamrec_model_step_seconds_sum", 0) - before.get(
             "streamrec_model_step_seconds_sum", 0
         )
+        ck = {
+            k: after.get(f"streamrec_checkpoint_seconds_{k}", 0)
+            - before.get(f"streamrec_checkpoint_seconds_{k}", 0)
+            for k in ("sum", "count")
+        }
         return {
+            "checkpoints": ck["count"],
+            "checkpoint_mean_ms": 1e3 * ck["sum"] / ck["count"] if ck["count"] else None,
             "events": len(values),
             "answered": len(answered),
             "seen_by_tail": len(arr),

@@ -62,6 +62,12 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.checkpoint_seconds = Histogram(
+            "streamrec_checkpoint_seconds",
+            "Checkpoint time (outputs and changelog flushed, offsets committed, state written)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.model_seconds = Histogram(
             "streamrec_model_step_seconds",
             "Model time per micro-batch",

@@ -14,9 +14,13 @@ core while batch N+1 is applied and batch N-1 published on the other.
 
 Every ``worker.commit_interval_s`` (and before partitions are revoked, and at shutdown) a
 checkpoint, in the order that makes a committed offset imply durable results:
-outputs and changelog flushed to the broker -> input offsets committed -> state written to
-RocksDB with the changelog offset it reached. A crash anywhere replays events from the last
-committed offset; the offsets kept in each state recognise the ones already applied.
+state writes so far frozen and sent to the changelog -> everything produced until then
+(outputs and changelog) acknowledged by the broker -> input offsets committed -> the frozen
+state written to RocksDB with the changelog offset it reached. In the loop the middle step
+does not block: processing goes on, and the checkpoint completes on the first loop turn that
+finds the producer empty (or blocks after a whole interval without one). A crash anywhere
+replays events from the last committed offset; the offsets kept in each state recognise the
+ones already applied.
 
 State follows partitions through the changelog topic ``{app_id}-state-changelog`` (one
 partition per clicks partition, keys ``s/<key>`` and ``u/<key>``, deletes as tombstones):
@@ -84,6 +88,14 @@ class _InFlight:
     future: Future[BatchResult]
 
 
+@dataclass
+class _Checkpoint:
+    """A checkpoint begun: the input offsets it covers, and when it began (monotonic)."""
+
+    offsets: dict[int, int]
+    started: float
+
+
 class DeliveryError(RuntimeError):
     """The broker refused outputs or changelog records: stop without committing offsets."""
 
@@ -147,6 +159,7 @@ class NativeWorker:
         self.apply_thread = ThreadPoolExecutor(1, thread_name_prefix="streamrec-apply")
         self.score_thread = ThreadPoolExecutor(1, thread_name_prefix="streamrec-score")
         self._applying: _InFlight | None = None
+        self._checkpoint: _Checkpoint | None = None
         self._scoring: deque[tuple[int, Future[BatchResult]]] = deque()
         m = holder.current
         self.metrics.set_model(m.name, m.version, str(m.device))
@@ -205,8 +218,11 @@ class NativeWorker:
                 self._publish_scored(block=not records)
                 self.producer.poll(0)  # delivery callbacks
                 now = time.monotonic()
-                if now >= next_commit:
-                    self.checkpoint()
+                if self._checkpoint is not None:
+                    # wait for the broker only if it has been slow for a whole interval
+                    self.finish_checkpoint(block=now - self._checkpoint.started > commit_every)
+                if self._checkpoint is None and now >= next_commit:
+                    self.begin_checkpoint()
                     next_commit = now + commit_every
                 if now >= next_sweep:
                     self.sweep()
@@ -338,29 +354,58 @@ class NativeWorker:
 
     # ---- checkpoint ----------------------------------------------------------------------------
     def checkpoint(self) -> None:
-        """Outputs + changelog on the broker -> input offsets committed -> RocksDB written."""
-        self._drain()
+        """A whole checkpoint, waiting for the broker (before a revoke, at shutdown)."""
+        self.begin_checkpoint()
+        self.finish_checkpoint(block=True)
+
+    def begin_checkpoint(self) -> None:
+        """Freeze the state writes so far, send them to the changelog, and note the input
+        offsets they cover; :meth:`finish_checkpoint` completes it once the broker has
+        acknowledged every record produced until now (outputs included)."""
+        if self._checkpoint is not None:
+            self.finish_checkpoint(block=True)
+        started = time.monotonic()
+        self._drain()  # every batch applied so far has its outputs handed to the producer
         for p, state in self.partitions.items():
-            for key, value in state.pending.items():
+            for key, value in state.begin_checkpoint().items():
                 self._produce(self.changelog, value, key, p)
-        while (left := self.producer.flush(30)) > 0:  # broker away: keep trying, never drop
-            log.warning("%d outputs not yet delivered; retrying", left)
+        self._checkpoint = _Checkpoint(dict(self._next_offsets), started)
+        self._next_offsets.clear()
+
+    def finish_checkpoint(self, block: bool) -> bool:
+        """Commit the input offsets and write the frozen states to RocksDB, once nothing
+        produced before the checkpoint began is still unacknowledged. Without ``block`` it
+        returns False instead of waiting (so the loop never stalls on the broker)."""
+        ck = self._checkpoint
+        if ck is None:
+            return True
+        if block:
+            while (left := self.producer.flush(30)) > 0:  # broker away: keep trying, never drop
+                log.warning("%d outputs not yet delivered; retrying", left)
+        else:
+            self.producer.poll(0)
+            if len(self.producer) > 0:  # queued, in flight, or delivery reports not yet served
+                return False
         if self._delivery_errors:
             errors, self._delivery_errors = self._delivery_errors, []
             self._failed = True  # commit nothing from now on
             raise DeliveryError(f"could not deliver {len(errors)} records: {errors[:3]}")
-        if self._next_offsets:
-            offsets = [TopicPartition(self.clicks, p, o) for p, o in self._next_offsets.items()]
+        if ck.offsets:
+            offsets = [TopicPartition(self.clicks, p, o) for p, o in ck.offsets.items()]
             try:
-                self.consumer.commit(offsets=offsets, asynchronous=False)
+                # Asynchronous in the loop: a commit that fails is harmless (below), and this
+                # thread should not wait a broker round trip every second.
+                self.consumer.commit(offsets=offsets, asynchronous=not block)
             except KafkaException as exc:
                 # e.g. a rebalance under way. Outputs and states are on the broker already;
                 # whoever owns the partition next redoes these events and the offsets stored
                 # in the states mark them as applied.
                 log.warning("offset commit failed (%s); events will be re-read", exc)
-            self._next_offsets.clear()
         for p, state in self.partitions.items():
             state.commit(self._changelog_end.pop(p, None))
+        self._checkpoint = None
+        self.metrics.checkpoint_seconds.observe(time.monotonic() - ck.started)
+        return True
 
     # ---- partitions come and go ------------------------------------------------------------
     def _on_assign(self, consumer: Consumer, assigned: list[TopicPartition]) -> None:
@@ -392,6 +437,9 @@ class NativeWorker:
         log.warning("partitions lost: %s", sorted(tp.partition for tp in lost))
         self._drain()
         for tp in lost:
+            if self._checkpoint is not None:
+                self._checkpoint.offsets.pop(tp.partition, None)
+            self._changelog_end.pop(tp.partition, None)
             state = self.partitions.pop(tp.partition, None)
             if state is not None:
                 state.discard_pending()

@@ -3,12 +3,15 @@
 The stack, smallest first:
 
 * :class:`PartitionState`: one input partition's RocksDB (rocksdict, raw bytes) holding both
-  tables under a prefix (``s/`` sessions, ``u/`` users), plus ``pending``: the writes since the
-  last checkpoint. Reads see ``pending`` first. At a checkpoint the worker sends ``pending`` to
-  the changelog, waits for the broker, commits the input offsets, and only then writes
-  ``pending`` to RocksDB together with the changelog offset it reached (one atomic batch).
-  So the local database is never ahead of the changelog: after a crash it is at most behind,
-  and recovery replays the changelog from the stored offset.
+  tables under a prefix (``s/`` sessions, ``u/`` users), plus two layers of writes not yet in
+  it: ``pending`` (since the last checkpoint began) and ``flushing`` (the checkpoint under way).
+  Reads see ``pending``, then ``flushing``, then the database. A checkpoint moves ``pending`` to
+  ``flushing`` (:meth:`PartitionState.begin_checkpoint`) and sends it to the changelog; once the
+  broker has acknowledged it and the input offsets are committed, ``flushing`` is written to
+  RocksDB together with the changelog offset it reached, in one atomic batch
+  (:meth:`PartitionState.commit`). So the local database is never ahead of the changelog:
+  after a crash it is at most behind, and recovery replays the changelog from the stored
+  offset.
 * :class:`TableView`: one table (sessions or users) across all assigned partitions, as the
   ``MutableMapping[str, bytes]`` that :class:`streamrec.state.StateStore` wants. Writes are
   buffered and routed to their partition after the batch (:meth:`TableView.route`), because
@@ -43,21 +46,28 @@ class PartitionState:
         self.partition = partition
         self.db = Rdict(str(path), options=Options(raw_mode=True))
         self.pending: dict[bytes, bytes | None] = {}  # None: delete
+        self.flushing: dict[bytes, bytes | None] = {}
 
     # ---- reads and writes of the current interval -----------------------------------------
     def get(self, key: bytes) -> bytes | None:
         if key in self.pending:
             return self.pending[key]
+        if key in self.flushing:
+            return self.flushing[key]
         return self.db.get(key)
 
     def keys(self, prefix: bytes) -> Iterator[bytes]:
-        """Keys under ``prefix`` (pending writes included, pending deletes excluded)."""
+        """Keys under ``prefix`` (writes not yet in the database included, deletes excluded)."""
+        pending, flushing = self.pending, self.flushing
         for key in self.db.keys(from_key=prefix):
             if not key.startswith(prefix):
                 break
-            if key not in self.pending:
+            if key not in pending and key not in flushing:
                 yield key
-        for key, value in list(self.pending.items()):
+        for key, value in list(flushing.items()):
+            if value is not None and key not in pending and key.startswith(prefix):
+                yield key
+        for key, value in list(pending.items()):
             if value is not None and key.startswith(prefix):
                 yield key
 
@@ -68,12 +78,18 @@ class PartitionState:
         raw = self.db.get(_CHANGELOG_OFFSET)
         return int(raw) if raw is not None else -1
 
+    def begin_checkpoint(self) -> dict[bytes, bytes | None]:
+        """Freeze the writes so far as the checkpoint's (returned, to send to the changelog)."""
+        assert not self.flushing, "the previous checkpoint has not been committed"
+        self.flushing, self.pending = self.pending, {}
+        return self.flushing
+
     def commit(self, changelog_offset: int | None) -> None:
-        """Write the pending changes (already on the changelog) durably, in one batch."""
-        if not self.pending and changelog_offset is None:
+        """Write the checkpoint's changes (on the changelog by now) durably, in one batch."""
+        if not self.flushing and changelog_offset is None:
             return
         batch = WriteBatch(raw_mode=True)
-        for key, value in self.pending.items():
+        for key, value in self.flushing.items():
             if value is None:
                 batch.delete(key)
             else:
@@ -81,7 +97,7 @@ class PartitionState:
         if changelog_offset is not None:
             batch.put(_CHANGELOG_OFFSET, str(changelog_offset).encode())
         self.db.write(batch)
-        self.pending.clear()
+        self.flushing = {}
 
     def apply_changelog(self, records: Iterable[tuple[bytes, bytes | None, int]]) -> int:
         """Apply (key, value or None, offset) records read from the changelog; returns how many."""
@@ -99,7 +115,9 @@ class PartitionState:
         return n
 
     def discard_pending(self) -> None:
+        """Forget every write not yet in the database (the partition went elsewhere)."""
         self.pending.clear()
+        self.flushing = {}
 
     def close(self) -> None:
         self.db.close()

@@ -29,6 +29,7 @@ def test_pending_is_read_first_and_durable_only_after_commit(tmp_path: Path) -> 
     assert st.get(b"s/a") is None and st.changelog_offset == -1
     st.pending[b"s/a"] = b"1"
     st.pending[b"s/b"] = b"2"
+    st.begin_checkpoint()
     st.commit(changelog_offset=41)
     st.pending[b"s/b"] = None  # a pending delete hides the durable value
     assert st.get(b"s/b") is None
@@ -36,6 +37,25 @@ def test_pending_is_read_first_and_durable_only_after_commit(tmp_path: Path) -> 
     st.close()
     st = PartitionState(tmp_path / "0", 0)
     assert (st.get(b"s/a"), st.get(b"s/b"), st.changelog_offset) == (b"1", b"2", 41)
+    st.close()
+
+
+def test_writes_during_a_checkpoint_stay_pending_and_win(tmp_path: Path) -> None:
+    st = PartitionState(tmp_path / "0", 0)
+    st.pending.update({b"s/a": b"1", b"s/b": b"1", b"s/c": b"1"})
+    assert st.begin_checkpoint() == {b"s/a": b"1", b"s/b": b"1", b"s/c": b"1"}
+    with pytest.raises(AssertionError):
+        st.begin_checkpoint()  # one checkpoint at a time
+    st.pending.update({b"s/a": b"2", b"s/c": None})  # while the checkpoint is under way
+    assert (st.get(b"s/a"), st.get(b"s/b"), st.get(b"s/c")) == (b"2", b"1", None)
+    assert sorted(st.keys(SESSIONS)) == [b"s/a", b"s/b"]
+    st.commit(changelog_offset=7)  # writes the checkpoint's values only
+    assert st.pending == {b"s/a": b"2", b"s/c": None} and st.flushing == {}
+    assert (st.db.get(b"s/a"), st.db.get(b"s/c"), st.changelog_offset) == (b"1", b"1", 7)
+    assert (st.get(b"s/a"), st.get(b"s/c")) == (b"2", None)
+    st.begin_checkpoint()
+    st.discard_pending()  # a lost partition forgets both layers
+    assert st.get(b"s/a") == b"1" and st.get(b"s/c") == b"1"
     st.close()
 
 
@@ -75,6 +95,7 @@ def test_table_view_routes_writes_to_the_partition_of_the_key(parts) -> None:
 
 def test_iteration_covers_every_partition_and_table_prefix(parts) -> None:
     parts[0].pending[b"s/a"] = b"1"
+    parts[0].begin_checkpoint()
     parts[0].commit(None)
     parts[2].pending[b"s/b"] = b"2"
     parts[2].pending[b"u/b"] = b"3"
@@ -107,6 +128,7 @@ def test_core_over_partition_states_equals_the_in_memory_twin(parts) -> None:
         ]
         if i == 16:  # a checkpoint in the middle changes nothing
             for s in parts.values():
+                s.begin_checkpoint()
                 s.commit(None)
     got_states = dict(StateStore(TableView(parts, SESSIONS, {}), {}).iter_sessions())
     assert got_states.keys() == dict(twin.iter_sessions()).keys()
