@@ -150,7 +150,9 @@ def test_table_survives_restart_and_rebuilds_from_changelog(
         finally:
             worker.stop()
         assert worker.proc.returncode == 0, (tmp_path / "worker.log").read_text()[-3000:]
-        assert len(records) == produced, phase
+        # at least once: every input answered; a redelivered one is answered again (with the
+        # unchanged total, the counter being idempotent)
+        assert len(records) >= produced, phase
         totals = _last_total_per_key(records)
         wrong = {k for k in expected if totals.get(k) != expected[k]}
         assert not wrong, (

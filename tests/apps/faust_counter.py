@@ -33,14 +33,21 @@ app = faust.App(
 
 source = app.topic(os.environ["COUNTER_IN"], key_type=str, value_type=int, partitions=2)
 sink = app.topic(os.environ["COUNTER_OUT"], key_type=str, value_type=int, partitions=2)
-totals = app.Table("totals", default=int, partitions=2)
+#: key -> [total, offset of the last input applied]. The offset makes the count idempotent:
+#: at-least-once delivery redelivers inputs after a rebalance or a restart, and a redelivered
+#: input must not be counted twice (the same rule as streamrec's session states).
+totals = app.Table("totals", default=lambda: [0, -1], partitions=2)
 
 
 @app.agent(source)
 async def count(stream: faust.StreamT) -> None:
-    async for key, value in stream.items():
-        totals[key] += value
-        await sink.send(key=key, value=totals[key])
+    async for event in stream.events():
+        key, value, offset = event.key, event.value, event.message.offset
+        total, last = totals[key]
+        if offset > last:  # a key's inputs all live in one partition
+            total += value
+            totals[key] = [total, offset]
+        await sink.send(key=key, value=total)
 
 
 if __name__ == "__main__":
