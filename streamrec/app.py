@@ -24,7 +24,7 @@ import contextlib
 import logging
 import time
 import weakref
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from .core import BatchResult, CoreConfig, Record, StreamClock, process_batch, s
 from .metrics import Metrics
 from .runtime import ModelHolder
 from .settings import Settings
-from .state import StateStore
+from .state import BufferedTable, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +100,8 @@ def _in_partition(event: _PartitionEvent) -> Iterator[None]:
         _current_event.reset(token)
 
 
-class _Overlay(MutableMapping[str, bytes]):
-    """Reads through to a table's store, buffers writes (None = delete) for the event loop.
+class _Overlay(BufferedTable):
+    """Reads through to a Faust table's store; writes are buffered for the event loop.
 
     ``partitions`` (key -> partition, from the Kafka message keys of the batch) lets a read
     go to that partition's RocksDB only; without it Faust probes every partition's DB.
@@ -110,52 +110,20 @@ class _Overlay(MutableMapping[str, bytes]):
     def __init__(
         self, base: Mapping[str, bytes], partitions: Mapping[str, int] | None = None, topic=""
     ) -> None:
+        super().__init__()
         self.base = base
-        self.writes: dict[str, bytes | None] = {}
         self.partitions = partitions or {}
         self.topic = topic
 
-    def __getitem__(self, key: str) -> bytes:
-        if key in self.writes:
-            v = self.writes[key]
-            if v is None:
-                raise KeyError(key)
-            return v
+    def _read_base(self, key: str) -> bytes | None:
         part = self.partitions.get(key)
         if part is None:
-            return self.base[key]
+            return self.base.get(key)
         with _in_partition(_PartitionEvent(self.topic, part)):
-            return self.base[key]
+            return self.base.get(key)
 
-    def get(self, key: str, default: Any = None) -> Any:
-        try:
-            return self[key]
-        except KeyError:
-            return default
-
-    def __contains__(self, key: object) -> bool:
-        return self.get(key) is not None  # type: ignore[arg-type]
-
-    def __setitem__(self, key: str, value: bytes) -> None:
-        self.writes[key] = value
-
-    def __delitem__(self, key: str) -> None:
-        if key not in self:
-            raise KeyError(key)
-        self.writes[key] = None
-
-    def __iter__(self) -> Iterator[str]:
-        seen = set()
-        for k in list(self.base.keys()):
-            seen.add(k)
-            if self.writes.get(k, b"") is not None:
-                yield k
-        for k, v in list(self.writes.items()):
-            if k not in seen and v is not None:
-                yield k
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
+    def _base_keys(self) -> Iterable[str]:
+        return list(self.base.keys())
 
 
 class Worker:

@@ -10,7 +10,7 @@ user's one open session and the user state live in the same partition.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -209,6 +209,65 @@ class UserState:
         except (struct.error, UnicodeDecodeError) as exc:
             raise StateDecodeError(str(exc)) from exc
         return cls(uid or "", ctx, version or "", sessions, part, off, last)
+
+
+class BufferedTable(MutableMapping[str, bytes]):
+    """A table whose writes are buffered in ``writes`` (None: delete) for the engine to apply
+    after the batch; reads see the buffer first, then the engine's storage.
+
+    Subclasses say how to read one key (:meth:`_read_base`) and list the stored keys
+    (:meth:`_base_keys`); both engines' views (Faust tables, partition RocksDBs) are this.
+    """
+
+    def __init__(self) -> None:
+        self.writes: dict[str, bytes | None] = {}
+
+    def _read_base(self, key: str) -> bytes | None:
+        raise NotImplementedError
+
+    def _base_keys(self) -> Iterable[str]:
+        raise NotImplementedError
+
+    def _read(self, key: str) -> bytes | None:
+        if key in self.writes:
+            return self.writes[key]
+        return self._read_base(key)
+
+    def __getitem__(self, key: str) -> bytes:
+        value = self._read(key)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def get(self, key: str, default: bytes | None = None) -> bytes | None:  # type: ignore[override]
+        value = self._read(key)
+        return default if value is None else value
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self._read(key) is not None
+
+    def __setitem__(self, key: str, value: bytes) -> None:
+        self.writes[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        if key not in self:
+            raise KeyError(key)
+        self.writes[key] = None
+
+    def __iter__(self) -> Iterator[str]:
+        seen: set[str] = set()
+        for key in self._base_keys():
+            if key in seen:
+                continue
+            seen.add(key)
+            if self.writes.get(key, b"") is not None:
+                yield key
+        for key, value in list(self.writes.items()):
+            if key not in seen and value is not None:
+                yield key
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 class StateStore:

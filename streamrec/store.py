@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from rocksdict import Options, Rdict, WriteBatch
+
+from .state import BufferedTable
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +133,7 @@ class PartitionState:
         return sum(1 for _ in self.keys(prefix))
 
 
-class TableView(MutableMapping[str, bytes]):
+class TableView(BufferedTable):
     """One table across the assigned partitions, with buffered writes.
 
     ``where`` (key -> partition) is shared by the session and user views of one batch: it is
@@ -142,14 +144,12 @@ class TableView(MutableMapping[str, bytes]):
     def __init__(
         self, partitions: Mapping[int, PartitionState], prefix: bytes, where: dict[str, int]
     ) -> None:
+        super().__init__()
         self.partitions = partitions
         self.prefix = prefix
         self.where = where
-        self.writes: dict[str, bytes | None] = {}
 
-    def _read(self, key: str) -> bytes | None:
-        if key in self.writes:
-            return self.writes[key]
+    def _read_base(self, key: str) -> bytes | None:
         full = self.prefix + key.encode()
         part = self.where.get(key)
         if part is not None and part in self.partitions:
@@ -161,43 +161,13 @@ class TableView(MutableMapping[str, bytes]):
                 return value
         return None
 
-    def __getitem__(self, key: str) -> bytes:
-        value = self._read(key)
-        if value is None:
-            raise KeyError(key)
-        return value
-
-    def get(self, key: str, default: bytes | None = None) -> bytes | None:  # type: ignore[override]
-        value = self._read(key)
-        return default if value is None else value
-
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and self._read(key) is not None
-
-    def __setitem__(self, key: str, value: bytes) -> None:
-        self.writes[key] = value
-
-    def __delitem__(self, key: str) -> None:
-        if key not in self:
-            raise KeyError(key)
-        self.writes[key] = None
-
-    def __iter__(self) -> Iterator[str]:
+    def _base_keys(self) -> Iterator[str]:
         n = len(self.prefix)
-        seen: set[str] = set()
         for p, state in list(self.partitions.items()):
             for full in state.keys(self.prefix):
                 key = full[n:].decode()
                 self.where.setdefault(key, p)
-                seen.add(key)
-                if self.writes.get(key, b"") is not None:
-                    yield key
-        for key, value in list(self.writes.items()):
-            if key not in seen and value is not None:
                 yield key
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
 
     def route(self, partitions: Mapping[str, int]) -> int:
         """Move the buffered writes into their partitions' pending sets; returns how many were
