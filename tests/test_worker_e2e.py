@@ -7,7 +7,6 @@ high watermarks or lag.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import random
@@ -21,12 +20,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from aiokafka import AIOKafkaConsumer
-from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
-from aiokafka.coordinator.protocol import (
-    ConsumerProtocolMemberAssignment,
-    ConsumerProtocolMemberMetadata,
-)
 from confluent_kafka import Producer
 
 from streamrec.broker import EmbeddedBroker, stop_process
@@ -307,8 +300,6 @@ def test_kill9_mid_stream_then_restart(isolated_service: Service, wipe: bool) ->
         time.sleep(0.5)
     service.produce(values[250:300])
     w.kill9()
-    if service.engine == "faust":
-        expel_dead_faust_member(service.bootstrap, service.app_id, service.clicks)
     if wipe:
         shutil.rmtree(datadir)
     service.produce(values[300:])
@@ -367,64 +358,6 @@ def test_bad_input_goes_to_dead_letters(service: Service) -> None:
     assert {r["click_id"] for r in recs} >= click_ids_of(service, valid=True)
     assert all(w.proc.poll() is None for w in service.workers)
     check_against_offline(recs, sessions, service.ckpt)
-
-
-class _TakeAllAssignor(AbstractPartitionAssignor):
-    """Joins under Faust's protocol name ("faust") and gives every partition to one member."""
-
-    name = "faust"
-    version = 0
-
-    @classmethod
-    def assign(cls, cluster: Any, members: Any) -> dict[str, Any]:
-        topics = sorted({t for m in members.values() for t in m.subscription})
-        parts = [(t, sorted(cluster.partitions_for_topic(t) or ())) for t in topics]
-        first = min(members)
-        return {
-            m: ConsumerProtocolMemberAssignment(cls.version, parts if m == first else [], b"")
-            for m in members
-        }
-
-    @classmethod
-    def metadata(cls, topics: Any) -> Any:
-        return ConsumerProtocolMemberMetadata(cls.version, list(topics), b"")
-
-    @classmethod
-    def on_assignment(cls, assignment: Any) -> None:
-        pass
-
-
-def expel_dead_faust_member(bootstrap: str, group: str, topic: str, timeout: float = 60) -> None:
-    """Clear the killed Faust worker's membership before the restart (a Tansu quirk).
-
-    On Tansu a dead aiokafka member is not expired on its own: a restarted Faust worker joins
-    at once beside it, and the partitions assigned to the dead member are never consumed
-    (seen in CI: one partition stuck at its committed offset after a data-wiped restart).
-    Apache Kafka expires it after the session timeout. A member joining under Faust's protocol
-    and leaving again clears it here. (librdkafka's join waits the dead member out, so the
-    native engine does not need this.)
-    """
-
-    async def join_and_leave() -> None:
-        consumer = AIOKafkaConsumer(
-            topic,
-            bootstrap_servers=bootstrap,
-            group_id=group,
-            enable_auto_commit=False,
-            session_timeout_ms=6000,
-            heartbeat_interval_ms=1000,
-            partition_assignment_strategy=(_TakeAllAssignor,),
-        )
-        await consumer.start()
-        try:
-            deadline = time.monotonic() + timeout
-            while not consumer.assignment():
-                assert time.monotonic() < deadline, f"could not join group {group}"
-                await consumer.getmany(timeout_ms=200)
-        finally:
-            await consumer.stop()
-
-    asyncio.run(join_and_leave())
 
 
 def click_ids_of(svc: Service, valid: bool) -> set[str]:
