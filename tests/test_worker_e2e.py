@@ -285,8 +285,8 @@ def test_equivalence_with_offline_model(service: Service) -> None:
     }
 
 
-# The Faust engine is not run with the data wiped: on Tansu its restarted worker often (2 of
-# 3 clean-clone CI runs) never consumed one partition past its committed offset, and the
+# The Faust engine is not run with the data wiped: on Tansu its restarted worker often (3 of
+# 4 clean-clone CI runs) never consumed one partition past its committed offset, and the
 # cause is not known (README, engines). Recovery from a lost disk is the native engine's.
 @pytest.mark.parametrize(
     ("isolated_service", "wipe"),
