@@ -34,7 +34,15 @@ from faust.streams import _current_event
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from . import tansu_compat
-from .core import BatchResult, CoreConfig, Record, StreamClock, process_batch, sweep_idle
+from .core import (
+    BatchResult,
+    CoreConfig,
+    Record,
+    StreamClock,
+    message_key_partitions,
+    process_batch,
+    sweep_idle,
+)
 from .metrics import Metrics
 from .runtime import ModelHolder
 from .settings import Settings
@@ -219,11 +227,7 @@ class Worker:
             )
             for e in events
         ]
-        hint: dict[str, int] = {}
-        for r in records:
-            if r.key:
-                with contextlib.suppress(UnicodeDecodeError):
-                    hint[r.key.decode()] = r.partition
+        hint = message_key_partitions(records)
         topic = self.clicks.get_topic_name()
         async with self.lock:
             store = StateStore(
@@ -233,12 +237,7 @@ class Worker:
             loop = asyncio.get_running_loop()
             res = await loop.run_in_executor(self.executor, self._step, records, store, model)
             self._apply(store, res.key_partitions)
-        lat = [
-            r["emitted_at"] - r["produced_at"]
-            for r in res.recommendations
-            if r["produced_at"] and not r["duplicate"]
-        ]
-        self.metrics.observe_batch(len(records), res.stats, lat, res.model_seconds)
+        self.metrics.observe_batch(len(records), res.stats, res.latencies(), res.model_seconds)
         return res
 
     def _step(self, records: list[Record], store: StateStore, model: Any) -> BatchResult:
@@ -294,15 +293,7 @@ class Worker:
                 self.executor, lambda: sweep_idle(store, model, self.config, now=now)
             )
             self._apply(store, res.key_partitions)
-        self.metrics.sessions_ended.inc(res.sessions_ended)
-        if res.sessions_ended or res.users_expired:
-            log.info(
-                "idle sweep: closed %d sessions, expired %d users",
-                res.sessions_ended,
-                res.users_expired,
-            )
-        self.metrics.sessions.set(res.sessions_left)
-        self.metrics.users.set(res.users_left)
+        self.metrics.observe_sweep(res)
 
     async def _reload(self) -> None:
         loop = asyncio.get_running_loop()

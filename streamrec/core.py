@@ -27,6 +27,7 @@ Semantics (see docs/design notes):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections import Counter, deque
@@ -110,6 +111,14 @@ class BatchResult:
     #: hidden states of the clicks still to be scored (``process_batch(score=False)``)
     unscored: np.ndarray | None = None
 
+    def latencies(self) -> list[float]:
+        """Click-to-recommendation seconds of first answers (Kafka timestamp to emitted)."""
+        return [
+            r["emitted_at"] - r["produced_at"]
+            for r in self.recommendations
+            if r["produced_at"] and not r["duplicate"]
+        ]
+
     def recommendation_values(self) -> list[tuple[bytes, bytes]]:
         """(key, JSON value) pairs ready to publish (the bytes of ``json.dumps(r)``)."""
         enc = _json_chunks
@@ -117,6 +126,17 @@ class BatchResult:
             ((r["user_id"] or r["session_id"]).encode(), "".join(enc(r, 0)).encode())
             for r in self.recommendations
         ]
+
+
+def message_key_partitions(records: Iterable[Record]) -> dict[str, int]:
+    """Partition of each (UTF-8) message key of a batch: where that key's states live, so a
+    read can go to that partition's store only."""
+    out: dict[str, int] = {}
+    for r in records:
+        if r.key:
+            with contextlib.suppress(UnicodeDecodeError):
+                out[r.key.decode()] = r.partition
+    return out
 
 
 class StreamClock:

@@ -5,6 +5,7 @@ Each :class:`Metrics` owns its registry, so several apps (tests) can live in one
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -17,6 +18,8 @@ from prometheus_client import (
     generate_latest,
     start_http_server,
 )
+
+log = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
@@ -78,6 +81,18 @@ class Metrics:
         self.users = Gauge("streamrec_user_states", "User states held", registry=r)
         self.model = Info("streamrec_model", "The model being served", registry=r)
         self.model_swaps = Counter("streamrec_model_swaps", "Models hot-swapped in", registry=r)
+
+    def observe_sweep(self, res: Any) -> None:
+        """An idle sweep's result (``core.SweepResult``): counters, gauges, one log line."""
+        self.sessions_ended.inc(res.sessions_ended)
+        if res.sessions_ended or res.users_expired:
+            log.info(
+                "idle sweep: closed %d sessions, expired %d users",
+                res.sessions_ended,
+                res.users_expired,
+            )
+        self.sessions.set(res.sessions_left)
+        self.users.set(res.users_left)
 
     def observe_batch(
         self,

@@ -34,7 +34,6 @@ whole model step; see bench/results/serving-cpu.md. ``worker.engine=faust`` keep
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import signal
 import sys
@@ -53,6 +52,7 @@ from .core import (
     CoreConfig,
     Record,
     StreamClock,
+    message_key_partitions,
     process_batch,
     score_batch,
     sweep_idle,
@@ -271,11 +271,7 @@ class NativeWorker:
         """Stage 1 in the state thread: apply the batch to the states (the core without the
         scoring); its state writes stay buffered in the views."""
         assert self._applying is None
-        where: dict[str, int] = {}
-        for r in records:
-            if r.key:
-                with contextlib.suppress(UnicodeDecodeError):
-                    where[r.key.decode()] = r.partition
+        where = message_key_partitions(records)
         sessions = TableView(self.partitions, SESSIONS, where)
         users = TableView(self.partitions, USERS, where)
         model = self.holder.current
@@ -309,12 +305,7 @@ class NativeWorker:
             n_records, future = self._scoring.popleft()
             res = future.result()
             self._publish(res)
-            lat = [
-                r["emitted_at"] - r["produced_at"]
-                for r in res.recommendations
-                if r["produced_at"] and not r["duplicate"]
-            ]
-            self.metrics.observe_batch(n_records, res.stats, lat, res.model_seconds)
+            self.metrics.observe_batch(n_records, res.stats, res.latencies(), res.model_seconds)
 
     def _publish(self, res: BatchResult) -> None:
         """Recommendations and dead letters to the producer (asynchronous; flushed at the
@@ -495,15 +486,7 @@ class NativeWorker:
         )
         sessions.route(res.key_partitions)
         users.route(res.key_partitions)
-        self.metrics.sessions_ended.inc(res.sessions_ended)
-        if res.sessions_ended or res.users_expired:
-            log.info(
-                "idle sweep: closed %d sessions, expired %d users",
-                res.sessions_ended,
-                res.users_expired,
-            )
-        self.metrics.sessions.set(res.sessions_left)
-        self.metrics.users.set(res.users_left)
+        self.metrics.observe_sweep(res)
 
     def reload(self) -> None:
         self._drain()  # swaps happen between batches
