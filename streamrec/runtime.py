@@ -61,7 +61,7 @@ def block_topk(scores: torch.Tensor, k: int, block: int = 64) -> tuple[torch.Ten
     returned may differ (as it may between torch versions).
     """
     b, n = scores.shape
-    if scores.device.type != "cpu" or n < BLOCK_TOPK_MIN_ITEMS or k * block >= n:
+    if scores.device.type != "cpu" or n < BLOCK_TOPK_MIN_ITEMS or k * block >= n or b == 0:
         return torch.topk(scores, k, dim=1)
     pad = -n % block
     if pad:
@@ -253,15 +253,15 @@ class ServingModel:
         with torch.inference_mode():
             st = self._t(states)
             out = st[:, self.state_dim - m.layers[-1] :]
-            if self.device.type != "cpu" or self.n_items < BLOCK_TOPK_MIN_ITEMS:
-                top_s, top_i = block_topk(self._score_items(out), k)
-            else:  # rows in chunks: each chunk's scores stay in cache for its top-k
-                parts = [
-                    block_topk(self._score_items(out[i : i + CPU_SCORE_CHUNK]), k)
-                    for i in range(0, len(out), CPU_SCORE_CHUNK)
-                ]
-                top_s = torch.cat([p[0] for p in parts])
-                top_i = torch.cat([p[1] for p in parts])
+            # on CPU, rows in chunks: each chunk's scores stay in cache for its top-k
+            big_cpu = self.device.type == "cpu" and self.n_items >= BLOCK_TOPK_MIN_ITEMS
+            chunk = CPU_SCORE_CHUNK if big_cpu else max(len(out), 1)
+            parts = [
+                block_topk(self._score_items(out[i : i + chunk]), k)
+                for i in range(0, max(len(out), 1), chunk)  # one (empty) part for no rows
+            ]
+            top_s = torch.cat([p[0] for p in parts])
+            top_i = torch.cat([p[1] for p in parts])
             return top_i.cpu().numpy(), top_s.float().cpu().numpy()
 
     def _score_items(self, out: torch.Tensor) -> torch.Tensor:

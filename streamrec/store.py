@@ -23,7 +23,6 @@ The in-memory twin is a plain dict (``StateStore()``), which the tests and ``rep
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -123,14 +122,6 @@ class PartitionState:
 
     def close(self) -> None:
         self.db.close()
-
-    def destroy(self) -> None:
-        """Close and delete the database (a partition whose local copy cannot be trusted)."""
-        self.close()
-        shutil.rmtree(self.path, ignore_errors=True)
-
-    def count(self, prefix: bytes) -> int:
-        return sum(1 for _ in self.keys(prefix))
 
 
 class TableView(BufferedTable):

@@ -204,6 +204,8 @@ def test_block_topk_equals_torch_topk(n: int, k: int) -> None:
     assert torch.equal(got_v, want_v)
     assert torch.equal(got_i[1:], want_i[1:])
     assert torch.equal(scores.gather(1, got_i), got_v)  # indices point at those values
+    empty_v, empty_i = block_topk(scores[:0], k)  # no rows: empty results, as torch.topk
+    assert empty_v.shape == empty_i.shape == (0, k)
 
 
 @pytest.mark.parametrize("n_items", [300, 5000])
