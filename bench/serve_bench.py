@@ -170,10 +170,10 @@ def run_worker_phase(
     values: list[tuple[bytes, bytes, float]],
     *,
     tag: str,
-    rate: float | None,
-    no_step: bool,
     max_events: int,
     tmp: Path,
+    rate: float | None = None,
+    no_step: bool = False,
     max_wait_ms: float = 5.0,
     fetch_wait_ms: int = 10,
     engine: str = "native",
@@ -356,92 +356,41 @@ def main() -> None:
             broker = EmbeddedBroker(port=0).start()
             bootstrap = broker.bootstrap
         run = f"b{time.time_ns() % 10**8}"
-        common = {"max_events": a.max_events, "tmp": tmp}
-        rate_kw = {"max_wait_ms": a.rate_max_wait_ms, "fetch_wait_ms": a.rate_fetch_wait_ms}
-        if os.environ.get("SERVE_BENCH_ONLY") == "rate":
-            results["fixed_rate"] = run_worker_phase(
-                bootstrap,
-                ckpt,
-                values[:n_lat],
-                tag=f"{run}-rate",
-                rate=a.rate,
-                no_step=False,
-                **common,
-                **rate_kw,
+        # the worker runs, each on the same clicks unless it says otherwise
+        phases: dict[str, dict[str, Any]] = {
+            "e2e": {},
+            "nostep": {"no_step": True},  # the same worker with the model step removed
+            "e2e_faust": {"engine": "faust"},
+            "e2e_bf16": {"score_dtype": "bfloat16"},
+            "fixed_rate": {
+                "values": values[:n_lat],
+                "rate": a.rate,
+                "max_wait_ms": a.rate_max_wait_ms,
+                "fetch_wait_ms": a.rate_fetch_wait_ms,
+            },
+        }
+
+        def phase(name: str) -> None:
+            print(f"{name} ...", flush=True)
+            kw = {"values": values, **phases[name]}
+            results[name] = run_worker_phase(
+                bootstrap, ckpt, tag=f"{run}-{name}", max_events=a.max_events, tmp=tmp, **kw
             )
-            print(results["fixed_rate"], flush=True)
-            return
-        if os.environ.get("SERVE_BENCH_ONLY") == "e2e":
-            results["e2e"] = run_worker_phase(
-                bootstrap,
-                ckpt,
-                values,
-                tag=f"{run}-e2e",
-                rate=None,
-                no_step=False,
-                score_dtype=os.environ.get("SERVE_BENCH_SCORE_DTYPE", "float32"),
-                **common,
-            )
-            print(results["e2e"], flush=True)
-            return
-        if os.environ.get("SERVE_BENCH_ONLY") == "nostep":
-            results["nostep"] = run_worker_phase(
-                bootstrap, ckpt, values, tag=f"{run}-nostep", rate=None, no_step=True, **common
-            )
-            print(results["nostep"], flush=True)
+            print(results[name], flush=True)
+
+        only = os.environ.get("SERVE_BENCH_ONLY")  # one phase, e.g. while profiling
+        if only:
+            phase({"rate": "fixed_rate"}.get(only, only))
             return
         print("model step alone ...", flush=True)
         results["step"] = model_step_alone(ckpt, a.max_events)
         print(results["step"], flush=True)
         results["core_alone_events_per_s"] = core_alone(ckpt, values[:10_000], a.max_events)
         print(results["core_alone_events_per_s"], flush=True)
-        print("end to end ...", flush=True)
-        results["e2e"] = run_worker_phase(
-            bootstrap, ckpt, values, tag=f"{run}-e2e", rate=None, no_step=False, **common
-        )
-        print(results["e2e"], flush=True)
-        print("without model step ...", flush=True)
-        results["nostep"] = run_worker_phase(
-            bootstrap, ckpt, values, tag=f"{run}-nostep", rate=None, no_step=True, **common
-        )
-        print(results["nostep"], flush=True)
-        print("end to end, Faust engine ...", flush=True)
-        results["e2e_faust"] = run_worker_phase(
-            bootstrap,
-            ckpt,
-            values,
-            tag=f"{run}-faust",
-            rate=None,
-            no_step=False,
-            engine="faust",
-            **common,
-        )
-        print(results["e2e_faust"], flush=True)
-        print("bfloat16 scoring: step alone, end to end ...", flush=True)
         results["step_bf16"] = model_step_alone(ckpt, a.max_events, score_dtype="bfloat16")
-        results["e2e_bf16"] = run_worker_phase(
-            bootstrap,
-            ckpt,
-            values,
-            tag=f"{run}-bf16",
-            rate=None,
-            no_step=False,
-            score_dtype="bfloat16",
-            **common,
-        )
-        print(results["step_bf16"], results["e2e_bf16"], flush=True)
-        print(f"latency at {a.rate:.0f}/s ...", flush=True)
-        results["fixed_rate"] = run_worker_phase(
-            bootstrap,
-            ckpt,
-            values[:n_lat],
-            tag=f"{run}-rate",
-            rate=a.rate,
-            no_step=False,
-            **common,
-            **rate_kw,
-        )
-        print(results["fixed_rate"], flush=True)
+        print(results["step_bf16"], flush=True)
+        for name in phases:
+            phase(name)
         step_eps = results["step"]["events_per_s"]
         results["step_at_mean_batch"] = model_step_alone(
             ckpt, max(1, round(results["e2e"]["mean_batch"])), seconds=3.0
