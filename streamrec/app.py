@@ -33,7 +33,7 @@ import faust
 from faust.streams import _current_event
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
-from . import tansu_compat
+from . import faust_compat
 from .core import (
     BatchResult,
     CoreConfig,
@@ -170,7 +170,7 @@ class Worker:
         t = settings.topics
         w = settings.worker
         # Tansu under-reports end offsets; without this, changelog recovery drops the last batch.
-        tansu_compat.install(settings.kafka.confluent_config())
+        faust_compat.install(settings.kafka.confluent_config())
         app = StreamrecApp(
             w.app_id,
             **settings.kafka.faust_broker_kwargs(),

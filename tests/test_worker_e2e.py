@@ -285,13 +285,10 @@ def test_equivalence_with_offline_model(service: Service) -> None:
     }
 
 
-# The Faust engine is not run with the data wiped: on Tansu its restarted worker often (3 of
-# 4 clean-clone CI runs) never consumed one partition past its committed offset, and the
-# cause is not known (README, engines). Recovery from a lost disk is the native engine's.
 @pytest.mark.parametrize(
     ("isolated_service", "wipe"),
-    [("native", False), ("native", True), ("faust", False)],
-    ids=["data-kept-native", "data-wiped-native", "data-kept-faust"],
+    [("native", False), ("native", True), ("faust", False), ("faust", True)],
+    ids=["data-kept-native", "data-wiped-native", "data-kept-faust", "data-wiped-faust"],
     indirect=["isolated_service"],
 )
 def test_kill9_mid_stream_then_restart(isolated_service: Service, wipe: bool) -> None:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import faust
 
-from streamrec import tansu_compat
+from streamrec import faust_compat
 
-tansu_compat.install({"bootstrap.servers": os.environ["COUNTER_BOOTSTRAP"]})
+faust_compat.install({"bootstrap.servers": os.environ["COUNTER_BOOTSTRAP"]})
 
 app = faust.App(
     os.environ["COUNTER_APP_ID"],
