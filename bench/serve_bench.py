@@ -106,14 +106,17 @@ def load_values(data: Path | None, n: int) -> list[tuple[bytes, bytes, float]]:
 class Collector:
     """Tails the recommendations topic (assigned, not subscribed) and stamps arrival times."""
 
-    def __init__(self, conf: dict[str, Any], topic: str) -> None:
+    def __init__(self, conf: dict[str, Any], topic: str, fetch_wait_ms: int) -> None:
+        # Tansu holds an empty fetch for the whole wait even when data arrives, and its cost per
+        # fetch grows with the log (results/tansu-fetch-cost.md): a shorter wait shortens the
+        # hop but loads the broker, which shares the 2 cores with the worker.
         self.c = Consumer(
             {
                 **conf,
                 "group.id": f"bench-{time.time_ns()}",
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
-                "fetch.wait.max.ms": 2,
+                "fetch.wait.max.ms": fetch_wait_ms,
                 "log_level": 0,
             }
         )
@@ -209,7 +212,7 @@ def run_worker_phase(
         cmd.append("--no-model-step")
     log = open(tmp / f"{tag}.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
-    col = Collector(conf, recs)
+    col = Collector(conf, recs, fetch_wait_ms)
     try:
         # warm up: the worker must have joined the group and answered before timing starts
         warm = [(b"w", json.dumps({"session_id": "w", "item_id": "1"}).encode(), 0.0)]
@@ -244,6 +247,25 @@ def run_worker_phase(
             ],
         }
         breakdown = {k: float(np.median(v)) * 1e3 if v else None for k, v in stages.items()}
+        # and where the slowest 1% of clicks lose their time (medians over those clicks)
+        total = {
+            r["click_id"]: arr[r["click_id"]][0] - r["produced_at"]
+            for r in mine
+            if r["click_id"] in arr
+        }
+        slow_ids = set()
+        if total:
+            cut = float(np.percentile(list(total.values()), 99))
+            slow_ids = {c for c, t in total.items() if t >= cut}
+        slow = [r for r in mine if r["click_id"] in slow_ids]
+        slow_breakdown = {
+            "click_to_worker_batch": [r["received_at"] - r["produced_at"] for r in slow],
+            "in_worker": [r["emitted_at"] - r["received_at"] for r in slow],
+            "worker_to_consumer": [arr[r["click_id"]][0] - r["emitted_at"] for r in slow],
+        }
+        slow_breakdown = {
+            k: float(np.median(v)) * 1e3 if v else None for k, v in slow_breakdown.items()
+        }
         nb = after.get("streamrec_batch_size_count", 0) - before.get(
             "streamrec_batch_size_count", 0
         )
@@ -268,6 +290,7 @@ def run_worker_phase(
             "latency_ms": {k: v * 1e3 for k, v in lat.items()},
             "mean_batch": sb / nb if nb else float("nan"),
             "latency_breakdown_p50_ms": breakdown,
+            "latency_breakdown_slowest_1pct_ms": slow_breakdown,
             "model_seconds_in_worker": ms,
         }
     finally:
@@ -327,7 +350,12 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=500.0)
     ap.add_argument("--max-events", type=int, default=256, help="worker micro-batch size")
     ap.add_argument("--rate-max-wait-ms", type=float, default=5.0, help="batch window at --rate")
-    ap.add_argument("--rate-fetch-wait-ms", type=int, default=10, help="fetch wait at --rate")
+    ap.add_argument(
+        "--rate-fetch-wait-ms",
+        type=int,
+        default=10,
+        help="fetch wait of the worker and of the bench consumer at --rate",
+    )
     ap.add_argument(
         "--data", type=Path, default=Path("/work/shared/data/yoochoose-1_64/test.tsv.gz")
     )
