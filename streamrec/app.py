@@ -169,7 +169,8 @@ class Worker:
         self.lock = asyncio.Lock()
         t = settings.topics
         w = settings.worker
-        # Tansu under-reports end offsets; without this, changelog recovery drops the last batch.
+        # Tansu under-reports end offsets, and Faust 0.15.3 resumes input partitions before it
+        # seeks them after a table recovery: both lose data without these patches.
         faust_compat.install(settings.kafka.confluent_config())
         app = StreamrecApp(
             w.app_id,
