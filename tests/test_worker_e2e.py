@@ -296,9 +296,10 @@ def test_equivalence_with_offline_model(service: Service) -> None:
 
 
 # The Faust engine is not run with the data wiped. One cause of its failures there, a Faust
-# recovery race, is fixed (streamrec/faust_compat.py); another is not understood: under CPU
-# load about 1 restart in 4 never consumes one input partition past its committed offset
-# (README, engines). Recovery from a lost disk is the native engine's.
+# recovery race, is fixed (streamrec/faust_compat.py); another is not: under CPU load about 1
+# restart in 4 skips one partition's inputs from its committed offset on (fetched and buffered
+# while Faust seeks the other partitions, then passed over; README, engines). Recovery from a
+# lost disk is the native engine's.
 @pytest.mark.parametrize(
     ("isolated_service", "wipe"),
     [("native", False), ("native", True), ("faust", False)],
