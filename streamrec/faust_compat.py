@@ -1,4 +1,4 @@
-"""Two fixes every Faust app here installs (``install``) before its worker starts.
+"""Three fixes every Faust app here installs (``install``) before its worker starts.
 
 1. Seek before resume (a Faust race, any broker). After a table was rebuilt from its changelog,
    faust-streaming 0.15.3's ``Recovery.on_recovery_completed`` resumes the stream partitions
@@ -11,7 +11,16 @@
    resumes the stream partitions after, so nothing is fetched from one before it sits at its
    committed offset.
 
-2. True end offsets (a Tansu gap). Tansu answers ListOffsets(LATEST) with the base offset of
+2. Fetch only active partitions (a Faust race, any broker). Faust hands its live set of active
+   partitions to aiokafka's ``fetched_records`` from another thread. While a table recovery
+   ends every partition is paused and that set is empty, and aiokafka reads an empty set as
+   "all partitions": it returned the records it had buffered for a paused input partition,
+   Faust's own filter dropped them, and the position had moved past them. In an aiokafka debug
+   log of a wiped-disk restart: partition 2 seeked to 79, 79..109 fetched and buffered, the
+   next fetch at 110, none of 79..109 processed. The patch passes a snapshot and never an
+   empty one.
+
+3. True end offsets (a Tansu gap). Tansu answers ListOffsets(LATEST) with the base offset of
    the last record batch + 1, not the end of the log. Faust reads a changelog only up to that
    "highwater" when it rebuilds a table, so on Tansu it silently drops the last batch of every
    changelog partition (tables recovered after a lost data directory come back stale). The
@@ -69,11 +78,39 @@ def true_end_offsets(
 
 
 def install(client_config: dict[str, Any]) -> None:
-    """Install both fixes (idempotent); ``client_config`` is a confluent-kafka config."""
+    """Install the fixes (idempotent); ``client_config`` is a confluent-kafka config."""
     global _installed_config
     _installed_config = dict(client_config)
     _patch_recovery_seek_before_resume()
+    _patch_fetch_only_active_partitions()
     _patch_true_highwaters()
+
+
+def _patch_fetch_only_active_partitions() -> None:
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    if getattr(AIOKafkaConsumerThread._fetch_records, "_streamrec_patched", False):
+        return
+    original = AIOKafkaConsumerThread._fetch_records
+
+    async def _fetch_records(
+        self: Any,
+        consumer: Any,
+        active_partitions: Any,
+        timeout: float | None = None,
+        max_records: int | None = None,
+    ) -> Any:
+        if active_partitions is None:  # a client-only app: every partition
+            return await original(self, consumer, None, timeout=timeout, max_records=max_records)
+        # A snapshot: the set is Faust's live one, changed by the event loop while this runs in
+        # the consumer thread. And never an empty one, which aiokafka reads as "all partitions".
+        partitions = frozenset(active_partitions)
+        if not partitions:
+            return {}
+        return await original(self, consumer, partitions, timeout=timeout, max_records=max_records)
+
+    _fetch_records._streamrec_patched = True  # type: ignore[attr-defined]
+    AIOKafkaConsumerThread._fetch_records = _fetch_records
 
 
 def _patch_true_highwaters() -> None:

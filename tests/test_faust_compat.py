@@ -48,3 +48,42 @@ def test_a_newer_generation_leaves_partitions_paused() -> None:
     asyncio.run(Recovery.on_recovery_completed(rec, generation_id=6))
     assert calls == []
     rec.completed.set.assert_not_called()
+
+
+def _fake_consumer_thread(buffered: dict[str, list[int]]) -> tuple[MagicMock, MagicMock]:
+    """A Faust consumer thread and an aiokafka consumer whose fetcher behaves like aiokafka's
+    ``fetched_records``: an empty (falsy) partition set returns every buffered partition."""
+    thread, consumer = MagicMock(), MagicMock()
+    thread.consumer.flow_active = True
+    consumer._closed = consumer._fetcher._closed = False
+
+    async def fetched_records(
+        partitions: set[str], timeout: float = 0, max_records: int | None = None
+    ) -> dict[str, list[int]]:
+        return {tp: r for tp, r in buffered.items() if not partitions or tp in partitions}
+
+    consumer._fetcher.fetched_records = AsyncMock(side_effect=fetched_records)
+    return thread, consumer
+
+
+def test_no_records_of_paused_partitions_while_every_partition_is_paused() -> None:
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    faust_compat.install({"bootstrap.servers": "127.0.0.1:1"})
+    thread, consumer = _fake_consumer_thread({"clicks-2": [79, 80, 81]})
+    active: set[str] = set()  # Faust's live set, empty between recovery and resume
+    got = asyncio.run(AIOKafkaConsumerThread._fetch_records(thread, consumer, active, timeout=1))
+    assert got == {}
+    consumer._fetcher.fetched_records.assert_not_awaited()
+
+
+def test_fetch_gets_a_snapshot_of_the_active_partitions() -> None:
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    faust_compat.install({"bootstrap.servers": "127.0.0.1:1"})
+    thread, consumer = _fake_consumer_thread({"clicks-0": [1], "clicks-2": [79]})
+    active = {"clicks-0"}
+    got = asyncio.run(AIOKafkaConsumerThread._fetch_records(thread, consumer, active, timeout=1))
+    assert got == {"clicks-0": [1]}
+    passed = consumer._fetcher.fetched_records.await_args.args[0]
+    assert passed == {"clicks-0"} and passed is not active

@@ -295,15 +295,10 @@ def test_equivalence_with_offline_model(service: Service) -> None:
     }
 
 
-# The Faust engine is not run with the data wiped. One cause of its failures there, a Faust
-# recovery race, is fixed (streamrec/faust_compat.py); another is not: under CPU load about 1
-# restart in 4 skips one partition's inputs from its committed offset on (fetched and buffered
-# while Faust seeks the other partitions, then passed over; README, engines). Recovery from a
-# lost disk is the native engine's.
 @pytest.mark.parametrize(
     ("isolated_service", "wipe"),
-    [("native", False), ("native", True), ("faust", False)],
-    ids=["data-kept-native", "data-wiped-native", "data-kept-faust"],
+    [("native", False), ("native", True), ("faust", False), ("faust", True)],
+    ids=["data-kept-native", "data-wiped-native", "data-kept-faust", "data-wiped-faust"],
     indirect=["isolated_service"],
 )
 def test_kill9_mid_stream_then_restart(isolated_service: Service, wipe: bool) -> None:
