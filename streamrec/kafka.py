@@ -60,6 +60,18 @@ def partition_count(client_config: dict[str, Any], topic: str, timeout: float = 
     return len(meta.partitions)
 
 
+def committed_offsets(
+    client_config: dict[str, Any], group: str, topic: str, timeout: float = 10
+) -> list[int]:
+    """The offsets ``group`` has committed on each partition of ``topic`` (negative: none)."""
+    consumer = Consumer({**client_config, "group.id": group, "log_level": 0})
+    try:
+        parts = [TopicPartition(topic, p) for p in range(partition_count(client_config, topic))]
+        return [tp.offset for tp in consumer.committed(parts, timeout=timeout)]
+    finally:
+        consumer.close()
+
+
 def read_topic(
     client_config: dict[str, Any],
     topic: str,

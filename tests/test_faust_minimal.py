@@ -14,10 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 
 from streamrec.broker import stop_process
-from streamrec.kafka import TopicSpec, ensure_topics, read_topic
+from streamrec.kafka import TopicSpec, committed_offsets, ensure_topics, read_topic
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -30,15 +30,6 @@ def _produce(bootstrap: str, topic: str, values: list[tuple[str, int]]) -> None:
     for key, value in values:
         producer.produce(topic, key=json.dumps(key), value=json.dumps(value))
     assert producer.flush(20) == 0
-
-
-def _committed(bootstrap: str, group: str, topic: str) -> list[int]:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "log_level": 0})
-    try:
-        parts = [TopicPartition(topic, p) for p in range(2)]
-        return [tp.offset for tp in consumer.committed(parts, timeout=10)]
-    finally:
-        consumer.close()
 
 
 def _wait_for_outputs(bootstrap: str, topic: str, n: int, log: Path, timeout: float = 90) -> list:
@@ -66,18 +57,14 @@ def _wait_committed(bootstrap: str, group: str, topic: str, n: int, timeout: flo
     after the restart and count them twice. This test is about table recovery, so it stops the
     worker only once everything it read is committed.
     """
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "log_level": 0})
-    try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            parts = [TopicPartition(topic, p) for p in range(2)]
-            done = sum(max(tp.offset, 0) for tp in consumer.committed(parts, timeout=10))
-            if done >= n:
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"group {group} committed {done} of {n} offsets on {topic}")
-    finally:
-        consumer.close()
+    conf = {"bootstrap.servers": bootstrap}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = sum(max(o, 0) for o in committed_offsets(conf, group, topic))
+        if done >= n:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"group {group} committed {done} of {n} offsets on {topic}")
 
 
 def _last_total_per_key(records: list) -> dict[str, int]:
@@ -142,7 +129,7 @@ def test_table_survives_restart_and_rebuilds_from_changelog(
             except AssertionError as exc:
                 inputs = read_topic(conf, in_topic, idle_timeout=1.0)
                 per_partition = [sum(1 for m in inputs if m.partition() == p) for p in range(2)]
-                committed = _committed(kafka_bootstrap, app_id, in_topic)
+                committed = committed_offsets(conf, app_id, in_topic)
                 raise AssertionError(
                     f"{phase}: inputs per partition {per_partition}, committed {committed}; {exc}"
                 ) from None

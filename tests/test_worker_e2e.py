@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 
 from streamrec.broker import EmbeddedBroker, stop_process
 from streamrec.core import CoreConfig, Record, process_batch
-from streamrec.kafka import TopicSpec, ensure_topics, read_topic
+from streamrec.kafka import TopicSpec, committed_offsets, ensure_topics, read_topic
 from streamrec.runtime import ServingModel
 from streamrec.state import SessionState, StateStore
 from streamrec.testkit import click, offline_recommendations
@@ -144,17 +144,8 @@ class Service:
         logs = "\n".join(w.log_path.read_text()[-2000:] for w in self.workers)
         raise AssertionError(
             f"{len(missing)} clicks unanswered, e.g. {sorted(missing)[:5]}; group committed "
-            f"{self.committed()}\n{logs}"
+            f"{committed_offsets(self.conf, self.app_id, self.clicks)}\n{logs}"
         )
-
-    def committed(self) -> list[int]:
-        """The worker group's committed input offsets, per partition (for failure messages)."""
-        consumer = Consumer({**self.conf, "group.id": self.app_id, "log_level": 0})
-        try:
-            parts = [TopicPartition(self.clicks, p) for p in range(PARTITIONS)]
-            return [tp.offset for tp in consumer.committed(parts, timeout=10)]
-        finally:
-            consumer.close()
 
     def clicks_in_log(self) -> list[Record]:
         return [
