@@ -169,8 +169,8 @@ class Worker:
         self.lock = asyncio.Lock()
         t = settings.topics
         w = settings.worker
-        # Tansu under-reports end offsets, and Faust 0.15.3 resumes input partitions before it
-        # seeks them after a table recovery: both lose data without these patches.
+        # Tansu under-reports end offsets, and Faust 0.15.3 loses inputs in two ways after a
+        # table recovery: each loses data without its patch (faust_compat's docstring).
         faust_compat.install(settings.kafka.confluent_config())
         app = StreamrecApp(
             w.app_id,

@@ -145,8 +145,9 @@ class ServingModel:
         if score_dtype == "bfloat16" and not gru4rec:
             log.warning("bfloat16 scoring is implemented for GRU4Rec only; scoring in float32")
             self.score_dtype = "float32"
-        big_cpu = self.device.type == "cpu" and self.n_items >= BLOCK_TOPK_MIN_ITEMS
-        if gru4rec and (big_cpu or self.score_dtype == "bfloat16"):
+        #: a large catalogue on CPU: scored in row chunks (see :meth:`score`)
+        self._big_cpu = self.device.type == "cpu" and self.n_items >= BLOCK_TOPK_MIN_ITEMS
+        if gru4rec and (self._big_cpu or self.score_dtype == "bfloat16"):
             dtype = getattr(torch, self.score_dtype)
             self._wy_t = self.model.Wy.detach().t().contiguous().to(dtype)
             self._by = self.model.By.detach().view(1, -1).to(dtype)
@@ -254,8 +255,7 @@ class ServingModel:
             st = self._t(states)
             out = st[:, self.state_dim - m.layers[-1] :]
             # on CPU, rows in chunks: each chunk's scores stay in cache for its top-k
-            big_cpu = self.device.type == "cpu" and self.n_items >= BLOCK_TOPK_MIN_ITEMS
-            chunk = CPU_SCORE_CHUNK if big_cpu else max(len(out), 1)
+            chunk = CPU_SCORE_CHUNK if self._big_cpu else max(len(out), 1)
             parts = [
                 block_topk(self._score_items(out[i : i + chunk]), k)
                 for i in range(0, max(len(out), 1), chunk)  # one (empty) part for no rows
