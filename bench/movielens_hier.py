@@ -33,14 +33,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from streamrec.model.hrnn import HRNN
+from streamrec.model.items import build_item_index
+from streamrec.model.prnn import PRNN
 from trainer.data import filter_users, sessionize, split_last_session_out
 from trainer.features import FeatureMatrix, hashed_tfidf, load_item_meta, multi_hot
-from trainer.models.hrnn import HRNN
-from trainer.models.prnn import PRNN
 from trainer.train import train_gru4rec
 from trainer.train_hier import (
     HierParams,
-    build_item_index,
     evaluate_users,
     split_stats,
     train_hier,
@@ -198,7 +198,7 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     tr, te = load_split(args)
-    ids, index = build_item_index(tr)
+    ids, index = build_item_index(tr["ItemId"])
     feats = features(args, index)
     setup = {
         "kind": "setup",

@@ -45,8 +45,8 @@ PARTITIONS = 4
 
 
 def make_checkpoint(path: Path) -> Path:
-    from trainer.checkpoint import save_checkpoint
-    from trainer.models.gru4rec import GRU4Rec, GRU4RecConfig
+    from streamrec.model.checkpoint import save_checkpoint
+    from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
 
     model = GRU4Rec(GRU4RecConfig(n_items=N_ITEMS, layers=[UNITS]), seed=0)
     return save_checkpoint(path, model, "gru4rec", [str(i) for i in range(N_ITEMS)])
@@ -81,7 +81,7 @@ def load_values(data: Path | None, n: int) -> list[tuple[bytes, bytes, float]]:
     import pandas as pd
 
     if data is not None and data.exists():
-        from trainer.data import load_clicks
+        from streamrec.clicklog import load_clicks
 
         df = load_clicks(data)
         # The 1_64 split's Time is an ordinal in session order (no interleaving). A live stream

@@ -177,7 +177,7 @@ def tail(from_beginning: bool, max_n: int, raw: bool) -> None:
 
 
 def _load_log(path: Path, fmt: str | None, limit: int):
-    from trainer.data import load_clicks
+    from streamrec.clicklog import load_clicks
 
     df = load_clicks(path, fmt=fmt)
     df = df.sort_values("Time", kind="stable")  # a stream arrives in time order

@@ -100,8 +100,8 @@ def run_demo(opts: DemoOptions | None = None, console: Console | None = None) ->
     """Run the demo; returns the summary figures."""
     import torch
 
-    from trainer.checkpoint import save_checkpoint
-    from trainer.synthetic import generate_clicks
+    from streamrec.model.checkpoint import save_checkpoint
+    from streamrec.synthetic import generate_clicks
     from trainer.train import train_gru4rec
 
     opts = opts or DemoOptions()

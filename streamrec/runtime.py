@@ -12,32 +12,19 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
+from .model.api import SplitStepModel, StepModel
+from .model.checkpoint import load_checkpoint
+from .model.device import resolve_device
+
 log = logging.getLogger(__name__)
-
-
-class StepModel(Protocol):
-    """The step API of docs/architecture.md."""
-
-    n_items: int
-    state_dim: int
-    user_state_dim: int
-
-    def initial_user_state(self, batch_size: int) -> torch.Tensor | None: ...
-    def initial_state(self, user_state: torch.Tensor | None, batch_size: int) -> torch.Tensor: ...
-    def step(
-        self, item_rows: torch.Tensor, state: torch.Tensor, user_state: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
-    def end_session(
-        self, user_state: torch.Tensor | None, final_state: torch.Tensor
-    ) -> torch.Tensor | None: ...
 
 
 class ModelLoadError(RuntimeError):
@@ -73,15 +60,6 @@ def block_topk(scores: torch.Tensor, k: int, block: int = 64) -> tuple[torch.Ten
     return values, best.gather(1, pos // block) * block + pos % block
 
 
-def pick_device(pref: str = "auto") -> torch.device:
-    """CUDA when asked for or available under ``auto``; CPU otherwise."""
-    if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ModelLoadError("device=cuda requested but CUDA is not available")
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
 @dataclass
 class StepOutput:
     states: np.ndarray  # [B, S] float32
@@ -94,7 +72,7 @@ class ServingModel:
 
     def __init__(
         self,
-        model: Any,
+        model: StepModel,
         item_ids: Sequence[str],
         version: str,
         *,
@@ -104,10 +82,9 @@ class ServingModel:
         metadata: dict[str, Any] | None = None,
         score_dtype: str = "float32",
     ) -> None:
-        self.device = torch.device(device) if device is not None else pick_device("auto")
-        self.model = model.to(self.device) if hasattr(model, "to") else model
-        if hasattr(self.model, "eval"):
-            self.model.eval()
+        self.device = resolve_device(device)
+        self.model = model.to(self.device)
+        self.model.eval()
         self.item_ids = [str(i) for i in item_ids]
         self.item_index = {s: i for i, s in enumerate(self.item_ids)}
         self._item_ids_arr = np.array(self.item_ids, dtype=object)
@@ -117,40 +94,26 @@ class ServingModel:
         self.metadata = metadata or {}
         self.n_items = int(model.n_items)
         self.state_dim = int(model.state_dim)
-        self.user_state_dim = int(getattr(model, "user_state_dim", 0) or 0)
+        self.user_state_dim = int(model.user_state_dim)
         if self.n_items != len(self.item_ids):
             raise ModelLoadError(f"model has {self.n_items} items, index has {len(self.item_ids)}")
-        #: The model exposes GRU4Rec's split (embed / hidden_step / score_items), so the core
-        #: can advance states event by event and score a whole batch in one matmul + top-k.
-        self.split = (
-            self.user_state_dim == 0
-            and all(
-                hasattr(model, a) for a in ("embed", "hidden_step", "split_state", "score_items")
-            )
-            and isinstance(getattr(model, "layers", None), list)
-        )
-
-        # Scoring all items is the step's big matmul. For GRU4Rec it is done here with a
-        # contiguous copy of Wy.T (faster on CPU than the transposed view) and, if asked, in
-        # bfloat16 (several times faster on CPUs with bf16 dot products and on GPUs; scores
-        # then differ from fp32 in the third significant digit, which can reorder near-ties).
-        self.score_dtype = score_dtype
-        self._wy_t: torch.Tensor | None = None
-        self._by: torch.Tensor | None = None
+        #: The model splits its step (advance / score), so the core can advance states
+        #: event by event and score a whole batch in one matmul + top-k.
+        self.split = isinstance(model, SplitStepModel)
         if score_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"score_dtype must be float32 or bfloat16, not {score_dtype!r}")
-        from trainer.models.gru4rec import GRU4Rec
-
-        gru4rec = self.split and isinstance(self.model, GRU4Rec)
-        if score_dtype == "bfloat16" and not gru4rec:
-            log.warning("bfloat16 scoring is implemented for GRU4Rec only; scoring in float32")
-            self.score_dtype = "float32"
+        if score_dtype == "bfloat16" and not self.split:
+            log.warning("bfloat16 scoring needs a split-step model (GRU4Rec); scoring in float32")
+            score_dtype = "float32"
+        self.score_dtype = score_dtype
         #: a large catalogue on CPU: scored in row chunks (see :meth:`score`)
         self._big_cpu = self.device.type == "cpu" and self.n_items >= BLOCK_TOPK_MIN_ITEMS
-        if gru4rec and (self._big_cpu or self.score_dtype == "bfloat16"):
-            dtype = getattr(torch, self.score_dtype)
-            self._wy_t = self.model.Wy.detach().t().contiguous().to(dtype)
-            self._by = self.model.By.detach().view(1, -1).to(dtype)
+        self._score_states: Callable[[torch.Tensor], torch.Tensor] | None = None
+        if isinstance(model, SplitStepModel):
+            # a frozen copy of the output weights where it pays (see state_scorer)
+            self._score_states = model.state_scorer(
+                getattr(torch, score_dtype), copy=self._big_cpu
+            )
 
     # ---- loading ------------------------------------------------------------------------
     @classmethod
@@ -161,10 +124,8 @@ class ServingModel:
         top_k: int = 20,
         score_dtype: str = "float32",
     ) -> ServingModel:
-        from trainer.checkpoint import load_checkpoint
-
-        dev = pick_device(device)
         try:
+            dev = resolve_device(device)
             ckpt = load_checkpoint(Path(path), dev)
         except Exception as exc:
             raise ModelLoadError(f"cannot load checkpoint {path}: {exc}") from exc
@@ -239,37 +200,28 @@ class ServingModel:
 
     def advance(self, rows: np.ndarray, states: np.ndarray) -> np.ndarray:
         """New states only (no scores); ``rows[i] < 0`` keeps state i. Needs ``split``."""
-        m = self.model
+        assert isinstance(self.model, SplitStepModel)
         with torch.inference_mode():
             r = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.device)
-            st = self._t(states)
-            _, hidden = m.hidden_step(m.embed(r.clamp(min=0)), m.split_state(st))
-            new = torch.where((r >= 0).unsqueeze(1), torch.cat(hidden, dim=1), st)
-            return self._np(new, len(rows))
+            return self._np(self.model.advance(r, self._t(states)), len(rows))
 
     def score(self, states: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (rows, scores) of states made by :meth:`advance`, as ``step`` would give."""
         k = self.top_k if k is None else min(k, self.n_items)
-        m = self.model
+        score_states = self._score_states
+        assert score_states is not None, "score() needs a split-step model"
         with torch.inference_mode():
             st = self._t(states)
-            out = st[:, self.state_dim - m.layers[-1] :]
+            assert st is not None
             # on CPU, rows in chunks: each chunk's scores stay in cache for its top-k
-            chunk = CPU_SCORE_CHUNK if self._big_cpu else max(len(out), 1)
+            chunk = CPU_SCORE_CHUNK if self._big_cpu else max(len(st), 1)
             parts = [
-                block_topk(self._score_items(out[i : i + chunk]), k)
-                for i in range(0, max(len(out), 1), chunk)  # one (empty) part for no rows
+                block_topk(score_states(st[i : i + chunk]), k)
+                for i in range(0, max(len(st), 1), chunk)  # one (empty) part for no rows
             ]
             top_s = torch.cat([p[0] for p in parts])
             top_i = torch.cat([p[1] for p in parts])
             return top_i.cpu().numpy(), top_s.float().cpu().numpy()
-
-    def _score_items(self, out: torch.Tensor) -> torch.Tensor:
-        """``model.score_items(out)``, through the GRU4Rec copies made in ``__init__``."""
-        if self._wy_t is None:
-            return self.model.score_items(out)
-        scores = torch.addmm(self._by, out.to(self._wy_t.dtype), self._wy_t)
-        return self.model.final_activation(scores)
 
     def encode_session(self, items: Sequence[str], user: np.ndarray | None) -> np.ndarray:
         """Re-encode a session from its item ids (used after a model swap)."""

@@ -6,18 +6,18 @@ import pandas as pd
 import pytest
 import torch
 
+from streamrec.synthetic import generate_clicks
 from trainer.baselines import (
     BPRMF,
     ItemKNN,
     Pop,
     SessionPop,
     build_baseline,
-    build_item_index,
     item_similarities,
     run_baseline,
+    sorted_item_rows,
 )
 from trainer.data import split_by_time
-from trainer.synthetic import generate_clicks
 
 # Toy log. Event counts: A 6 (twice in s5), B 4, C 6, D 1, E 3.
 # Co-occurrence (sum over sessions of count_i * count_j):
@@ -51,7 +51,7 @@ def _sim(co: float, si: float, sj: float, lam: float) -> float:
 @pytest.mark.parametrize("lam", [0.0, 20.0])
 def test_item_knn_similarities_by_hand(lam: float) -> None:
     df = _frame(TOY)
-    index = build_item_index(df)  # A..E -> 0..4
+    index = sorted_item_rows(df)  # A..E -> 0..4
     assert index == {"A": 0, "B": 1, "C": 2, "D": 3, "E": 4}
     rows = df["ItemId"].map(index).to_numpy()
     sess = pd.factorize(df["SessionId"])[0]
@@ -73,7 +73,7 @@ def test_regularisation_demotes_the_rare_item() -> None:
     # without lambda, rare D (1 event) outranks C among A's neighbours: 1/sqrt(6) > 2/sqrt(36);
     # with lambda = 20: 1/sqrt(26*21) = 0.0428 < 2/sqrt(26*26) = 0.0769
     df = _frame(TOY)
-    index = build_item_index(df)
+    index = sorted_item_rows(df)
     rows = df["ItemId"].map(index).to_numpy()
     sess = pd.factorize(df["SessionId"])[0]
     nb0, _ = item_similarities(rows, sess, 5, n_sims=3, lmbd=0.0)
@@ -146,7 +146,7 @@ def test_session_pop_matches_the_official_formula() -> None:
 
 def test_session_pop_ring_buffer_forgets_the_oldest_clicks() -> None:
     train = _frame(TOY)
-    index = build_item_index(train)
+    index = sorted_item_rows(train)
     spop = SessionPop(history=2, device="cpu").fit(train, index)
     state = spop.initial_state(None, 1)
     for item in (3, 3, 4):  # D, D, E
@@ -160,7 +160,7 @@ def test_session_pop_ring_buffer_forgets_the_oldest_clicks() -> None:
 
 def test_bpr_state_is_the_mean_of_item_vectors_and_is_seeded() -> None:
     train = _frame(TOY)
-    index = build_item_index(train)
+    index = sorted_item_rows(train)
     a = BPRMF(n_factors=4, n_epochs=3, batch_size=4, seed=5, device="cpu").fit(train, index)
     b = BPRMF(n_factors=4, n_epochs=3, batch_size=4, seed=5, device="cpu").fit(train, index)
     assert torch.equal(a.item_vectors, b.item_vectors)

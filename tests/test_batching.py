@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
 from trainer.batching import order_sessions, session_parallel_plan
-from trainer.models.gru4rec import GRU4Rec, GRU4RecConfig
 
 # sessions (ordered by first time, then id): c(4 events) a(3) b(2) e(1: no pairs) d(2)
 LOG = pd.DataFrame(

@@ -8,8 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
-from trainer.models.gru4rec import GRU4Rec, GRU4RecConfig
+from streamrec.model.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    read_metadata,
+    save_checkpoint,
+)
+from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
 
 IDS = [f"item{i}" for i in range(25)]
 

@@ -9,7 +9,7 @@ import pytest
 
 from streamrec.core import CoreConfig, Record, StreamClock, process_batch, sweep_idle
 from streamrec.state import SessionState, StateStore, UserState
-from streamrec.testkit import click, offline_recommendations, tiny_serving_model
+from streamrec.testing import click, offline_recommendations, tiny_serving_model
 
 T0 = 1.7e9
 CFG = CoreConfig(session_gap_seconds=100.0, recent_items=10, recent_sessions=3, top_k=5)

@@ -5,10 +5,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from streamrec.clicklog import DataError, load_clicks
 from trainer.data import (
-    DataError,
     filter_users,
-    load_clicks,
     preprocess,
     sessionize,
     split_by_time,

@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 import torch
 
-from trainer.evaluate import evaluate_next_item, evaluate_sessions, session_arrays
+from trainer.batching import session_arrays
+from trainer.evaluate import evaluate_next_item, evaluate_sessions
 from trainer.metrics import MetricAccumulator
 
 

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from streamrec.runtime import ServingModel, pick_device
+from streamrec.model.device import resolve_device
+from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
+from streamrec.runtime import ServingModel
+from streamrec.synthetic import generate_clicks
 from trainer.data import split_by_time
 from trainer.evaluate import evaluate_next_item
-from trainer.models.gru4rec import GRU4Rec, GRU4RecConfig
-from trainer.synthetic import generate_clicks
 from trainer.train import train_gru4rec
 
 pytestmark = pytest.mark.gpu
@@ -22,7 +23,7 @@ def _params(device: str) -> dict[str, str]:
 
 
 def test_auto_device_is_cuda() -> None:
-    assert pick_device("auto").type == "cuda"
+    assert resolve_device("auto").type == "cuda"
 
 
 def test_step_on_cuda_matches_cpu() -> None:

@@ -8,15 +8,15 @@ import pandas as pd
 import pytest
 import torch
 
-from trainer.checkpoint import load_checkpoint, save_checkpoint
+from streamrec.model.checkpoint import load_checkpoint, save_checkpoint
+from streamrec.model.gru4rec import GRU4Rec
+from streamrec.model.hrnn import HRNN
+from streamrec.model.items import build_item_index
+from streamrec.synthetic import generate_clicks
 from trainer.data import filter_users, sessionize, split_last_session_out
-from trainer.models.gru4rec import GRU4Rec
-from trainer.models.hrnn import HRNN
-from trainer.synthetic import generate_clicks
 from trainer.train_hier import (
     HierParams,
     advance_at_boundaries,
-    build_item_index,
     evaluate_users,
     train_hier,
     user_parallel_batches,
@@ -250,7 +250,7 @@ def test_hrnn_beats_pop_on_planted_user_preferences():
     )
     df = filter_users(df, min_sessions=3, min_session_length=2, min_item_support=2)
     tr, te = split_last_session_out(df)
-    _, idx = build_item_index(tr)
+    _, idx = build_item_index(tr["ItemId"])
     p = HierParams(n_epochs=3, batch_size=32, learning_rate=0.1, n_sample=32, seed=1)
     m = HRNN(len(idx), layers=[48], user_layers=[48], variant="init")
     stats = train_hier(m, tr, idx, p)

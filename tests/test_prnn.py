@@ -10,7 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-from trainer.checkpoint import load_checkpoint, save_checkpoint
+from streamrec.model.checkpoint import load_checkpoint, save_checkpoint
+from streamrec.model.items import build_item_index
+from streamrec.model.prnn import PRNN
+from streamrec.synthetic import generate_clicks
 from trainer.data import split_last_session_out
 from trainer.features import (
     build_item_features,
@@ -18,11 +21,8 @@ from trainer.features import (
     load_feature_file,
     multi_hot,
 )
-from trainer.models.prnn import PRNN
-from trainer.synthetic import generate_clicks
 from trainer.train_hier import (
     HierParams,
-    build_item_index,
     evaluate_users,
     schedule_plan,
     train_hier,
@@ -101,7 +101,7 @@ def test_interleaving_one_subnet_per_minibatch():
 
 
 def test_schedules_leave_non_prnn_models_alone():
-    from trainer.models.hrnn import HRNN
+    from streamrec.model.hrnn import HRNN
 
     plan = schedule_plan(HRNN(3, [4], [4]), "alternating", 2)
     assert plan == [{"train": None, "active": None, "interleave": False}] * 2
@@ -206,7 +206,7 @@ def test_prnn_beats_pop_with_informative_features():
     n_items, n_topics = 150, 10
     df = generate_clicks(n_sessions=900, n_items=n_items, n_users=90, n_topics=n_topics, seed=3)
     tr, te = split_last_session_out(df)
-    ids, idx = build_item_index(tr)
+    ids, idx = build_item_index(tr["ItemId"])
     # informative features: the planted topic of each item (item i is in topic i % n_topics)
     topic = np.zeros((len(ids), n_topics), dtype=np.float32)
     topic[np.arange(len(ids)), np.array([int(i) % n_topics for i in ids])] = 1.0

@@ -10,20 +10,20 @@ import numpy as np
 import pytest
 import torch
 
+from streamrec.model.device import DeviceError, resolve_device
 from streamrec.runtime import (
     ModelHolder,
     ModelLoadError,
     NoStepServingModel,
     ServingModel,
-    pick_device,
 )
 
 N = 30
 
 
 def _save(path: Path, seed: int, *, nan: bool = False, holdout: list | None = None) -> Path:
-    from trainer.checkpoint import save_checkpoint
-    from trainer.models.gru4rec import GRU4Rec, GRU4RecConfig
+    from streamrec.model.checkpoint import save_checkpoint
+    from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
 
     model = GRU4Rec(GRU4RecConfig(n_items=N, layers=[8]), seed=seed)
     if nan:
@@ -34,11 +34,11 @@ def _save(path: Path, seed: int, *, nan: bool = False, holdout: list | None = No
 
 
 def test_device_choice() -> None:
-    assert pick_device("cpu").type == "cpu"
-    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(ModelLoadError):
-            pick_device("cuda")
+        with pytest.raises(DeviceError):
+            resolve_device("cuda")
 
 
 def test_load_step_topk(tmp_path: Path) -> None:
@@ -122,9 +122,9 @@ def test_hrnn_checkpoint_serves_with_user_state(tmp_path: Path) -> None:
     import json
 
     from streamrec.core import Record, process_batch
+    from streamrec.model.checkpoint import save_checkpoint
+    from streamrec.model.hrnn import HRNN
     from streamrec.state import StateStore
-    from trainer.checkpoint import save_checkpoint
-    from trainer.models.hrnn import HRNN
 
     torch.manual_seed(0)
     hrnn = HRNN(N, layers=[8], user_layers=[6], variant="all")
@@ -210,7 +210,7 @@ def test_block_topk_equals_torch_topk(n: int, k: int) -> None:
 
 @pytest.mark.parametrize("n_items", [300, 5000])
 def test_bfloat16_scoring_agrees_with_float32(n_items: int) -> None:
-    from trainer.models.gru4rec import GRU4Rec, GRU4RecConfig
+    from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
 
     model = GRU4Rec(GRU4RecConfig(n_items=n_items, layers=[32]), seed=3)
     ids = [f"i{j}" for j in range(n_items)]

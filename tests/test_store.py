@@ -9,7 +9,7 @@ import pytest
 from streamrec.core import CoreConfig, process_batch
 from streamrec.state import StateStore
 from streamrec.store import SESSIONS, USERS, PartitionState, TableView
-from streamrec.testkit import click, tiny_serving_model
+from streamrec.testing import click, tiny_serving_model
 
 
 @pytest.fixture

@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from streamrec.synthetic import generate_clicks
 from trainer.data import preprocess, sessionize
-from trainer.synthetic import generate_clicks
 
 
 def _sessions(df: pd.DataFrame) -> list[np.ndarray]:

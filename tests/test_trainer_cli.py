@@ -9,9 +9,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from trainer.checkpoint import load_checkpoint
+from streamrec.model.checkpoint import load_checkpoint
+from streamrec.synthetic import generate_clicks
 from trainer.cli import main
-from trainer.synthetic import generate_clicks
 
 FAST = ["layers=24", "n_epochs=1", "n_sample=16", "batch_size=16", "learning_rate=0.1"]
 

@@ -27,7 +27,7 @@ from streamrec.core import CoreConfig, Record, process_batch
 from streamrec.kafka import TopicSpec, committed_offsets, ensure_topics, read_topic
 from streamrec.runtime import ServingModel
 from streamrec.state import SessionState, StateStore
-from streamrec.testkit import click, offline_recommendations
+from streamrec.testing import click, offline_recommendations
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -39,8 +39,8 @@ ENGINES = ["native", "faust"]
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from trainer.checkpoint import save_checkpoint
-    from trainer.models.gru4rec import GRU4Rec, GRU4RecConfig
+    from streamrec.model.checkpoint import save_checkpoint
+    from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
 
     model = GRU4Rec(GRU4RecConfig(n_items=N_ITEMS, layers=[16]), seed=1)
     path = tmp_path_factory.mktemp("model") / "ckpt"
@@ -439,8 +439,8 @@ def test_demo_runs_and_leaves_nothing_running() -> None:
 
 
 def test_hot_swap_reencodes_live_sessions(service: Service) -> None:
-    from trainer.checkpoint import save_checkpoint
-    from trainer.models.gru4rec import GRU4Rec, GRU4RecConfig
+    from streamrec.model.checkpoint import save_checkpoint
+    from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
 
     watch = service.tmp / "ckpts"
     shutil.copytree(service.ckpt, watch / "v1")

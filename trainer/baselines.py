@@ -29,7 +29,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from trainer.evaluate import evaluate_next_item, session_arrays
+from streamrec.model.items import build_item_index
+from trainer.batching import session_arrays
+from trainer.evaluate import evaluate_next_item
 
 SESSION, ITEM, TIME = "SessionId", "ItemId", "Time"
 
@@ -38,9 +40,9 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def build_item_index(train_df: pd.DataFrame) -> dict[str, int]:
-    """Item id -> row, rows in sorted id order (deterministic)."""
-    return {item: row for row, item in enumerate(sorted(pd.unique(train_df[ITEM].astype(str))))}
+def sorted_item_rows(train_df: pd.DataFrame) -> dict[str, int]:
+    """Item id -> row, rows in sorted id order (deterministic, independent of row order)."""
+    return build_item_index(sorted(pd.unique(train_df[ITEM].astype(str))))[1]
 
 
 def _dense_pop_score(pop: np.ndarray) -> np.ndarray:
@@ -358,7 +360,7 @@ def build_baseline(
     key = _ALIASES.get(name.lower(), name.lower())
     if key not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; expected one of {sorted(BASELINES)}")
-    item_index = item_index if item_index is not None else build_item_index(train_df)
+    item_index = item_index if item_index is not None else sorted_item_rows(train_df)
     model = BASELINES[key](device=device, **params)
     return model.fit(train_df, item_index)  # type: ignore[attr-defined]
 
@@ -377,7 +379,7 @@ def run_baseline(
     """Fit a baseline on ``train_df`` and evaluate it next-item on ``test_df`` (which must only
     contain training items). Returns the metrics of ``evaluate_next_item`` plus ``fit_seconds``
     and ``eval_seconds``."""
-    item_index = build_item_index(train_df)
+    item_index = sorted_item_rows(train_df)
     key = _ALIASES.get(name.lower(), name.lower())
     if key == "s-pop" and "history" not in params:
         _, offsets, _ = session_arrays(test_df, item_index)

@@ -1,4 +1,4 @@
-"""``trainer train|evaluate|baseline``: the offline command line (see docs and issue 3).
+"""``trainer train|evaluate|baseline``: the offline command line.
 
 Models plug in through two small tables: :data:`TRAINERS` (``--model NAME`` -> a function
 ``TrainJob -> TrainOutcome``) and :data:`EVALUATORS` (checkpoint ``model_name`` -> an
@@ -13,12 +13,15 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 import pandas as pd
+
+from trainer import train_hier
+from trainer.jobs import Evaluator, TrainJob, TrainOutcome
 
 # ----------------------------------------------------------------------------- option helpers
 
@@ -95,8 +98,9 @@ class LoadOptions:
 
 
 def load(path: str, opts: LoadOptions) -> pd.DataFrame:
-    """Load a click file (``trainer.data.load_clicks``), sessionizing by a gap when asked."""
-    from trainer.data import DataError, load_clicks, sessionize
+    """Load a click file (``streamrec.clicklog.load_clicks``), sessionizing by a gap when asked."""
+    from streamrec.clicklog import DataError, load_clicks
+    from trainer.data import sessionize
 
     try:
         df = load_clicks(path, column_map=opts.column_map, fmt=opts.fmt)
@@ -159,27 +163,6 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- model tables
 
 
-@dataclass
-class TrainJob:
-    """Everything ``trainer train`` knows; a model's trainer takes what it needs."""
-
-    train_df: pd.DataFrame
-    preset: str | None
-    params: list[str]
-    options: dict[str, Any] = field(default_factory=dict)  # --variant, --features, ...
-    progress: bool = True
-
-
-@dataclass
-class TrainOutcome:
-    model: Any
-    model_name: str
-    item_ids: list[str]
-    stats: dict[str, Any]
-    train_params: dict[str, Any]
-
-
-Evaluator = Callable[..., dict[str, float]]
 
 
 def _train_gru4rec(job: TrainJob) -> TrainOutcome:
@@ -215,24 +198,17 @@ def _eval_next_item(
     return evaluate_next_item(model, test_df, item_index, ks=ks, ties=ties, device=device)
 
 
-def _hier(name: str) -> Callable[..., Any]:
-    """Lazy entry points of trainer.train_hier (HRNN / p-RNN)."""
-    import importlib
-
-    return lambda *a, **kw: getattr(importlib.import_module("trainer.train_hier"), name)(*a, **kw)
-
-
 #: ``--model NAME`` -> trainer.  HRNN / p-RNN register here.
 TRAINERS: dict[str, Callable[[TrainJob], TrainOutcome]] = {
     "gru4rec": _train_gru4rec,
-    "hrnn": _hier("train_hrnn_job"),
-    "prnn": _hier("train_prnn_job"),
+    "hrnn": train_hier.train_hrnn_job,
+    "prnn": train_hier.train_prnn_job,
 }
 #: checkpoint ``model_name`` -> evaluator (default: next-item through the step API).
 EVALUATORS: dict[str, Evaluator] = {
     "gru4rec": _eval_next_item,
-    "hrnn": _hier("evaluate_users_job"),
-    "prnn": _hier("evaluate_users_job"),
+    "hrnn": train_hier.evaluate_users_job,
+    "prnn": train_hier.evaluate_users_job,
 }
 
 
@@ -325,7 +301,7 @@ def train(
     progress: bool,
 ) -> None:
     """Train a model, save the checkpoint to --out, evaluate on --test."""
-    from trainer.checkpoint import save_checkpoint
+    from streamrec.model.checkpoint import save_checkpoint
     from trainer.presets import ParamError, parse_kv
 
     if model_name not in TRAINERS:
@@ -423,8 +399,8 @@ def evaluate(
     session_gap: float | None,
 ) -> None:
     """Evaluate a saved checkpoint next-item on --test."""
-    from trainer.checkpoint import CheckpointError, load_checkpoint
-    from trainer.train import resolve_device
+    from streamrec.model.checkpoint import CheckpointError, load_checkpoint
+    from streamrec.model.device import resolve_device
 
     cut = parse_ks(ks)
     dev = resolve_device(device)

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from trainer.batching import session_arrays
 from trainer.metrics import MetricAccumulator
 
 SESSION, ITEM, TIME = "SessionId", "ItemId", "Time"
@@ -32,45 +33,6 @@ def model_device(model: Any) -> torch.device:
             return t.device
     dev = getattr(model, "device", None)
     return torch.device(dev) if dev is not None else torch.device("cpu")
-
-
-def session_arrays(
-    df: pd.DataFrame, item_index: Mapping[str, int] | pd.Series
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Encode a click frame as ``(item_rows, offsets, session_ids)``.
-
-    Sessions are ordered by first event time, then SessionId; events by Time (stable).
-    Session ``j`` is ``item_rows[offsets[j]:offsets[j + 1]]``. Raises ValueError if an item is
-    not in ``item_index`` (test data must be restricted to the training items).
-    """
-    missing_cols = [c for c in (SESSION, ITEM, TIME) if c not in df.columns]
-    if missing_cols:
-        raise ValueError(f"test frame lacks column(s) {missing_cols}")
-    if len(df) == 0:
-        return np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros(0, object)
-    rows = df[ITEM].astype(str).map(item_index)
-    if rows.isna().any():
-        unknown = pd.unique(df.loc[rows.isna(), ITEM])
-        raise ValueError(
-            f"{len(unknown)} test item(s) are not in the item index (restrict the test set to "
-            f"training items first), e.g. {list(unknown[:5])}"
-        )
-    sess = df[SESSION].astype(str).to_numpy()
-    time = df[TIME].to_numpy(dtype=np.float64)
-    codes, uniques = pd.factorize(sess)
-    first = np.full(len(uniques), np.inf)
-    np.minimum.at(first, codes, time)
-    # rank sessions by (first time, SessionId)
-    sess_rank = np.empty(len(uniques), dtype=np.int64)
-    sess_rank[np.lexsort((uniques.astype(str), first))] = np.arange(len(uniques))
-    order = np.lexsort((np.arange(len(df)), time, sess_rank[codes]))
-    item_rows = rows.to_numpy(dtype=np.int64)[order]
-    counts = np.bincount(sess_rank[codes], minlength=len(uniques))
-    offsets = np.zeros(len(uniques) + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum(counts)
-    ids = np.empty(len(uniques), dtype=object)
-    ids[sess_rank] = uniques
-    return item_rows, offsets, ids
 
 
 @torch.inference_mode()

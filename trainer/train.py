@@ -16,26 +16,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from streamrec.model.device import resolve_device
+from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
+from streamrec.model.items import build_item_index
 from trainer.batching import BatchPlan, order_sessions, session_parallel_plan
 from trainer.losses import get_loss, logq_correction
-from trainer.models.gru4rec import GRU4Rec, GRU4RecConfig
 from trainer.optim import IndexedAdagradM
 from trainer.presets import TrainParams, make_params
 from trainer.sampling import SampleBuffer
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``auto``/None -> CUDA when present, else CPU."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def build_item_index(df: pd.DataFrame) -> tuple[list[str], pd.Series]:
-    """Item rows in order of first appearance in ``df`` (ids as strings)."""
-    ids = pd.unique(df["ItemId"].astype(str).to_numpy())
-    item_ids = [str(x) for x in ids]
-    return item_ids, pd.Series(np.arange(len(item_ids)), index=item_ids)
 
 
 def _progress(total: int, enabled: bool) -> Any:
@@ -84,7 +72,7 @@ def train_gru4rec(
     torch.manual_seed(p.seed)  # dropout draws from the global generators
     t_setup = time.perf_counter()
 
-    item_ids, index = build_item_index(_sorted_for_index(train_df))
+    item_ids, index = build_item_index(_sorted_for_index(train_df)["ItemId"])
     sessions = order_sessions(train_df, index)
     plan_np = session_parallel_plan(sessions, p.batch_size)
     if plan_np.n_events == 0:

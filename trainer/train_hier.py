@@ -19,7 +19,7 @@ mini-batch, cycling; ``n_epochs`` per subnet).
 
 Reused from the GRU4Rec trainer: losses (``trainer.losses``), popularity^alpha negative samples
 (``trainer.sampling``), Adagrad(+momentum) (``trainer.optim``), ranks and metrics
-(``trainer.metrics``), checkpoints (``trainer.checkpoint``).
+(``trainer.metrics``), checkpoints (``streamrec.model.checkpoint``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,10 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from streamrec.model.device import resolve_device
+from streamrec.model.items import build_item_index
 from trainer.evaluate import model_device
+from trainer.jobs import TrainOutcome
 from trainer.losses import get_loss, logq_correction
 from trainer.metrics import MetricAccumulator, ranks
 from trainer.optim import IndexedAdagradM
@@ -47,12 +50,6 @@ _EVAL = "_eval"  # internal column: True for the events of a test session
 
 
 # ----------------------------------------------------------------------------- batching
-
-
-def build_item_index(df: pd.DataFrame) -> tuple[list[str], dict[str, int]]:
-    """Item ids in order of first appearance (row -> id) and the inverse map (id -> row)."""
-    ids = [str(i) for i in pd.unique(df["ItemId"])]
-    return ids, {iid: r for r, iid in enumerate(ids)}
 
 
 @dataclass
@@ -217,12 +214,6 @@ class HierParams:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.batch_size < 1 or self.n_epochs < 0:
             raise ValueError("batch_size must be >= 1 and n_epochs >= 0")
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def schedule_plan(model: nn.Module, schedule: str, n_epochs: int) -> list[dict[str, Any]]:
@@ -575,8 +566,7 @@ def _job_common(job: Any, model_keys: Mapping[str, Any], allowed: set[str]) -> A
 
 def train_hrnn_job(job: Any) -> Any:
     """``trainer train --model hrnn``: TrainJob -> TrainOutcome (see trainer.cli)."""
-    from trainer.cli import TrainOutcome
-    from trainer.models.hrnn import HRNN
+    from streamrec.model.hrnn import HRNN
 
     p, mopts = _job_common(job, HRNN_KEYS, {"--variant"})
     variant = job.options.get("--variant") or "init"
@@ -584,7 +574,7 @@ def train_hrnn_job(job: Any) -> Any:
         import click
 
         raise click.BadParameter("--variant must be init or all", param_hint="--variant")
-    item_ids, index = build_item_index(job.train_df)
+    item_ids, index = build_item_index(job.train_df["ItemId"])
     torch.manual_seed(p.seed)
     model = HRNN(len(item_ids), variant=variant, **mopts)
     log = (lambda s: print(s, flush=True)) if job.progress else None
@@ -596,15 +586,14 @@ def train_prnn_job(job: Any) -> Any:
     """``trainer train --model prnn``: features from ``--features`` and/or ``--item-meta``."""
     import click
 
-    from trainer.cli import TrainOutcome
+    from streamrec.model.prnn import PRNN
     from trainer.features import build_item_features
-    from trainer.models.prnn import PRNN
 
     p, mopts = _job_common(job, PRNN_KEYS, {"--features", "--item-meta", "--schedule"})
     p.schedule = job.options.get("--schedule") or "joint"
     if p.schedule not in SCHEDULES:
         raise click.BadParameter(f"one of {', '.join(SCHEDULES)}", param_hint="--schedule")
-    item_ids, index = build_item_index(job.train_df)
+    item_ids, index = build_item_index(job.train_df["ItemId"])
     feats = []
     if mopts["arch"] != "id":
         try:

@@ -16,12 +16,15 @@ The structure follows the official PyTorch implementation (hidasib/GRU4Rec_PyTor
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from streamrec.model.api import SplitStepModel
 
 FINAL_ACTS = ("linear", "tanh", "elu")
 
@@ -89,7 +92,7 @@ class OneHotGRU(nn.Module):
         return (1.0 - z) * h + z * cand
 
 
-class GRU4Rec(nn.Module):
+class GRU4Rec(SplitStepModel, nn.Module):
     """Session-based GRU recommender with the serving step API of docs/architecture.md."""
 
     user_state_dim = 0
@@ -260,16 +263,35 @@ class GRU4Rec(nn.Module):
     def initial_state(self, user_state: Tensor | None, batch_size: int) -> Tensor:
         return torch.zeros(batch_size, self.state_dim, device=self.Wy.device, dtype=self.Wy.dtype)
 
+    def advance(self, item_rows: Tensor, state: Tensor) -> Tensor:
+        """New states for one event of each of B sessions; ``item_rows < 0`` keeps a state."""
+        known = item_rows >= 0
+        _, hidden = self.hidden_step(self.embed(item_rows.clamp(min=0)), self.split_state(state))
+        return torch.where(known.unsqueeze(1), torch.cat(hidden, dim=1), state)
+
+    def output(self, state: Tensor) -> Tensor:
+        """The last GRU layer's part of a state (what the output layer reads)."""
+        return state[:, self.state_dim - self.layers[-1] :]
+
+    def state_scorer(
+        self, dtype: torch.dtype = torch.float32, *, copy: bool = False
+    ) -> Callable[[Tensor], Tensor]:
+        if not copy and dtype == self.Wy.dtype:
+            return lambda state: self.score_items(self.output(state))
+        wy_t = self.Wy.detach().t().contiguous().to(dtype)
+        by = self.By.detach().view(1, -1).to(dtype)
+
+        def score(state: Tensor) -> Tensor:
+            return self.final_activation(torch.addmm(by, self.output(state).to(dtype), wy_t))
+
+        return score
+
     def step(
         self, item_rows: Tensor, state: Tensor, user_state: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """One event for each of B sessions; ``item_rows < 0`` leaves that row's state as is."""
-        known = item_rows >= 0
-        rows = item_rows.clamp(min=0)
-        _, hidden = self.hidden_step(self.embed(rows), self.split_state(state))
-        new_state = torch.where(known.unsqueeze(1), torch.cat(hidden, dim=1), state)
-        out = new_state[:, self.state_dim - self.layers[-1] :]
-        return new_state, self.score_items(out)
+        new_state = self.advance(item_rows, state)
+        return new_state, self.score_items(self.output(new_state))
 
     def end_session(self, user_state: Tensor | None, final_state: Tensor) -> Tensor | None:
         return user_state

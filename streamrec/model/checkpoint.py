@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from trainer.models import build_model
+from streamrec.model import build_model
 
 FORMAT = "streamrec-checkpoint"
 FORMAT_VERSION = 1

@@ -6,9 +6,9 @@ from typing import Any
 
 from torch import nn
 
-from trainer.models.gru4rec import GRU4Rec, GRU4RecConfig
-from trainer.models.hrnn import HRNN
-from trainer.models.prnn import PRNN
+from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
+from streamrec.model.hrnn import HRNN
+from streamrec.model.prnn import PRNN
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "gru4rec": GRU4Rec,

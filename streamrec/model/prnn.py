@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from trainer.models.hrnn import _init_uniform
+from streamrec.model.hrnn import _init_uniform
 
 ARCHS = ("id", "feature", "parallel", "concat")
 
