@@ -25,7 +25,7 @@ from streamrec.replay import produce
 def child(bootstrap: str, topic: str, n: int, batch: int, datadir: str) -> None:
     import faust
 
-    from streamrec.app import StreamrecApp
+    from streamrec.engines.faust.app import StreamrecApp
 
     app = StreamrecApp(
         f"floor-{topic}",

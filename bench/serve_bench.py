@@ -21,8 +21,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -34,10 +32,14 @@ import numpy as np
 import torch
 from confluent_kafka import Consumer, TopicPartition
 
-from streamrec.broker import EmbeddedBroker, stop_process
+from streamrec.broker import EmbeddedBroker
 from streamrec.kafka import TopicSpec, ensure_topics, read_topic
+from streamrec.launch import WorkerProcess
 from streamrec.replay import click_values, latency_percentiles, produce
 from streamrec.runtime import ServingModel
+
+#: ``streamrec worker`` serving the model with its step removed (the "nostep" reference)
+NOSTEP_WORKER = Path(__file__).with_name("nostep.py")
 
 N_ITEMS = 17_319
 UNITS = 100
@@ -188,30 +190,32 @@ def run_worker_phase(
     clicks, recs, dead = f"{tag}-clicks", f"{tag}-recs", f"{tag}-dead"
     ensure_topics(conf, [TopicSpec(t, PARTITIONS) for t in (clicks, recs, dead)])
     mport = free_port()
-    env = {
-        **os.environ,
-        "STREAMREC_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
-        "STREAMREC_TOPICS__CLICKS": clicks,
-        "STREAMREC_TOPICS__RECOMMENDATIONS": recs,
-        "STREAMREC_TOPICS__DEAD_LETTER": dead,
-        "STREAMREC_TOPICS__PARTITIONS": str(PARTITIONS),
-        "STREAMREC_WORKER__APP_ID": f"{tag}-app",
-        "STREAMREC_WORKER__METRICS_PORT": str(mport),
-        "STREAMREC_BATCHING__MAX_EVENTS": str(max_events),
-        "STREAMREC_BATCHING__MAX_WAIT_MS": str(max_wait_ms),
-        "STREAMREC_MODEL__RELOAD_INTERVAL_S": "0",
-        "STREAMREC_MODEL__DEVICE": "auto",
-        "STREAMREC_MODEL__SCORE_DTYPE": score_dtype,
+    settings = {
+        "kafka.bootstrap_servers": bootstrap,
+        "topics.clicks": clicks,
+        "topics.recommendations": recs,
+        "topics.dead_letter": dead,
+        "topics.partitions": PARTITIONS,
+        "worker.app_id": f"{tag}-app",
+        "worker.metrics_port": mport,
+        "batching.max_events": max_events,
+        "batching.max_wait_ms": max_wait_ms,
+        "model.reload_interval_s": 0,
+        "model.device": "auto",
+        "model.score_dtype": score_dtype,
     }
-    cmd = [sys.executable, "-m", "streamrec", "worker", "--model", str(ckpt)]
-    if os.environ.get("SERVE_BENCH_PROFILE"):  # cProfile of the worker's main thread
-        cmd[1:1] = ["-m", "cProfile", "-o", os.environ["SERVE_BENCH_PROFILE"] + f".{tag}"]
-    cmd += ["--data-dir", str(tmp / tag), "--loglevel", "WARNING"]
-    cmd += ["--fetch-wait-ms", str(fetch_wait_ms), "--engine", engine]
-    if no_step:
-        cmd.append("--no-model-step")
-    log = open(tmp / f"{tag}.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
+    profile = os.environ.get("SERVE_BENCH_PROFILE")  # cProfile of the worker's main thread
+    proc = WorkerProcess(
+        ckpt,
+        settings=settings,
+        data_dir=tmp / tag,
+        log_path=tmp / f"{tag}.log",
+        args=["--fetch-wait-ms", str(fetch_wait_ms), "--engine", engine],
+        python_args=["-m", "cProfile", "-o", f"{profile}.{tag}"] if profile else [],
+        entry=[str(Path(__file__).with_name("nostep.py"))]
+        if no_step
+        else ("-m", "streamrec", "worker"),
+    )
     col = Collector(conf, recs, fetch_wait_ms)
     try:
         # warm up: the worker must have joined the group and answered before timing starts
@@ -295,8 +299,7 @@ def run_worker_phase(
         }
     finally:
         col.close()
-        stop_process(proc)
-        log.close()
+        proc.stop()
 
 
 def model_step_alone(
@@ -325,8 +328,9 @@ def model_step_alone(
 
 def core_alone(ckpt: Path, values: list, batch: int) -> dict[str, Any]:
     """The pure core (decode, states, step, outputs as JSON) over an in-memory store."""
+    from nostep import NoStepServingModel
+
     from streamrec.core import CoreConfig, Record, process_batch
-    from streamrec.runtime import NoStepServingModel
 
     torch.set_num_threads(1)
     model = ServingModel.from_checkpoint(ckpt, "auto", top_k=20)

@@ -82,7 +82,6 @@ def load_model_holder(path: Path | None, settings: Settings, wait_s: float = 0.0
     default=None,
     help="Consumer and state engine (default: worker.engine, native).",
 )
-@click.option("--no-model-step", is_flag=True, hidden=True, help="Benchmark reference only.")
 def worker(
     model_path: Path | None,
     wait_for_model: float,
@@ -91,7 +90,6 @@ def worker(
     threads: int | None,
     fetch_wait_ms: int | None,
     engine: str | None,
-    no_model_step: bool,
 ) -> None:
     """Run one worker: clicks in, recommendations out (Ctrl-C stops it cleanly)."""
     settings = get_settings()
@@ -101,10 +99,6 @@ def worker(
 
     torch.set_num_threads(threads or settings.worker.torch_threads)
     holder = load_model_holder(model_path, settings, wait_for_model)
-    if no_model_step:
-        from .runtime import ModelHolder, NoStepServingModel
-
-        holder = ModelHolder(NoStepServingModel.wrap(holder.current))
     m = holder.current
     click.echo(
         f"serving {m.name} {m.version} ({m.n_items} items) on {m.device}; "
@@ -114,7 +108,7 @@ def worker(
     ensure_service_topics(settings)
     fetch_wait_ms = fetch_wait_ms or settings.kafka.fetch_max_wait_ms
     if (engine or settings.worker.engine) == "faust":
-        from .app import Worker
+        from .engines.faust.app import Worker
 
         # Faust's worker parses sys.argv; give it only the program name.
         sys.argv = sys.argv[:1]
@@ -122,7 +116,7 @@ def worker(
             loglevel=level
         )
         return
-    from .native import NativeWorker
+    from .engines.native.worker import NativeWorker
 
     NativeWorker(settings, holder, datadir=data_dir, fetch_max_wait_ms=fetch_wait_ms).run()
 
@@ -133,47 +127,29 @@ def worker(
 @click.option("--raw", is_flag=True, help="Print the JSON values unchanged.")
 def tail(from_beginning: bool, max_n: int, raw: bool) -> None:
     """Print recommendations as they arrive."""
-    from confluent_kafka import Consumer
+    from .kafka import tail as tail_topic
 
     settings = get_settings()
-    consumer = Consumer(
-        {
-            **settings.kafka.confluent_config(),
-            "group.id": f"streamrec-tail-{time.time_ns()}",
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest" if from_beginning else "latest",
-            "fetch.wait.max.ms": 10,
-        }
-    )
-    from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, TopicPartition
-
-    from .kafka import partition_count
-
-    # assign rather than subscribe: no group join (Tansu holds a join for session.timeout/2)
+    conf = settings.kafka.confluent_config()
     topic = settings.topics.recommendations
-    start = OFFSET_BEGINNING if from_beginning else OFFSET_END
-    n_parts = partition_count(settings.kafka.confluent_config(), topic)
-    consumer.assign([TopicPartition(topic, p, start) for p in range(n_parts)])
     n = 0
     try:
-        while not max_n or n < max_n:
-            msg = consumer.poll(0.5)
-            if msg is None or msg.error():
-                continue
+        for msg in tail_topic(conf, topic, from_beginning=from_beginning):
             n += 1
             if raw:
                 click.echo(msg.value().decode())
-                continue
-            r = json.loads(msg.value())
-            top = ", ".join(r["items"][:5])
-            click.echo(
-                f"{r['click_id']:<24} user={r['user_id'] or '-':<10} session={r['session_id']:<10} "
-                f"clicked={r['item_id']:<10} -> [{top}, ...] ({r['model_version'][:20]})"
-            )
+            else:
+                r = json.loads(msg.value())
+                top = ", ".join(r["items"][:5])
+                click.echo(
+                    f"{r['click_id']:<24} user={r['user_id'] or '-':<10} "
+                    f"session={r['session_id']:<10} clicked={r['item_id']:<10} -> [{top}, ...] "
+                    f"({r['model_version'][:20]})"
+                )
+            if max_n and n >= max_n:
+                break
     except KeyboardInterrupt:
         pass
-    finally:
-        consumer.close()
 
 
 def _load_log(path: Path, fmt: str | None, limit: int):

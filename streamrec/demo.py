@@ -21,9 +21,11 @@ from typing import Any
 
 from rich.console import Console
 
-from .broker import EmbeddedBroker, stop_process
-from .kafka import TopicSpec, ensure_topics
+from .broker import EmbeddedBroker
+from .kafka import TopicSpec, ensure_topics, tail
+from .launch import WorkerProcess
 from .replay import click_values, latency_percentiles, live_metrics, produce, wait_for_answers
+from .synthetic import generate_clicks
 
 _WARMUP = json.dumps({"session_id": "warmup", "item_id": "0"}).encode()
 
@@ -56,62 +58,64 @@ def _tail(
     conf: dict[str, Any], topic: str, stop: threading.Event, console: Console, show: int
 ) -> None:
     """Print a few recommendations as they arrive (display only: figures use fresh reads)."""
-    from confluent_kafka import Consumer
-
-    c = Consumer(
-        {
-            **conf,
-            "group.id": f"demo-tail-{time.time_ns()}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-            "fetch.wait.max.ms": 10,
-            "log_level": 0,
-        }
-    )
-    from confluent_kafka import TopicPartition
-
-    from .kafka import partition_count
-
-    # assign, not subscribe: a group join waits for the session timeout on some brokers
-    c.assign([TopicPartition(topic, p, 0) for p in range(partition_count(conf, topic))])
     shown = 0
     last = 0.0
+    for msg in tail(conf, topic, from_beginning=True, stopped=stop.is_set):
+        now = time.time()
+        r = json.loads(msg.value())
+        if shown < show and now - last > 0.4 and r["session_id"] != "warmup":
+            top = " ".join(r["items"][:5])
+            lat = (now - r["produced_at"]) * 1e3 if r.get("produced_at") else float("nan")
+            console.print(
+                f"  session [cyan]{r['session_id']:>6}[/] clicked [bold]{r['item_id']:>4}[/]"
+                f" -> next: [green]{top}[/] …  ({lat:.0f} ms)"
+            )
+            shown += 1
+            last = now
+
+
+def _train(train: Any, work: Path, opts: DemoOptions) -> tuple[Path, float]:
+    """Train the demo's GRU4Rec with the trainer's own command, in a child process: the
+    serving package never imports training code (the worker image has none)."""
+    train_path = work / "train.tsv"
+    train.to_csv(train_path, sep="\t", index=False)
+    params = {
+        "layers": opts.units,
+        "n_epochs": opts.epochs,
+        "batch_size": 64,
+        "n_sample": 0,
+        "learning_rate": 0.1,
+        "device": "cpu",
+    }
+    out = work / "model"
+    cmd = [sys.executable, "-m", "trainer", "train", "--train", str(train_path)]
+    cmd += ["--out", str(out), "--no-progress"]
+    for k, v in params.items():
+        cmd += ["--param", f"{k}={v}"]
+    threads = str(max(1, min(2, os.cpu_count() or 1)))
     try:
-        while not stop.is_set():
-            msg = c.poll(0.2)
-            if msg is None or msg.error():
-                continue
-            now = time.time()
-            r = json.loads(msg.value())
-            if shown < show and now - last > 0.4 and r["session_id"] != "warmup":
-                top = " ".join(r["items"][:5])
-                lat = (now - r["produced_at"]) * 1e3 if r.get("produced_at") else float("nan")
-                console.print(
-                    f"  session [cyan]{r['session_id']:>6}[/] clicked [bold]{r['item_id']:>4}[/]"
-                    f" -> next: [green]{top}[/] …  ({lat:.0f} ms)"
-                )
-                shown += 1
-                last = now
-    finally:
-        c.close()
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": threads}
+        )
+    except FileNotFoundError as exc:  # pragma: no cover - no Python?
+        raise RuntimeError(f"cannot run the trainer: {exc}") from exc
+    if done.returncode != 0:
+        hint = ""
+        if "No module named trainer" in done.stderr:
+            hint = " (the demo trains with the trainer package, which is not installed)"
+        raise RuntimeError(f"trainer train failed{hint}:\n{done.stderr[-3000:]}")
+    metrics = json.loads((out / "metrics.json").read_text())
+    return out, float(metrics.get("train_seconds") or 0.0)
 
 
 def run_demo(opts: DemoOptions | None = None, console: Console | None = None) -> dict[str, Any]:
     """Run the demo; returns the summary figures."""
-    import torch
-
-    from streamrec.model.checkpoint import save_checkpoint
-    from streamrec.synthetic import generate_clicks
-    from trainer.train import train_gru4rec
-
     opts = opts or DemoOptions()
     console = console or Console()
     work = Path(tempfile.mkdtemp(prefix="streamrec-demo-"))
-    worker: subprocess.Popen[bytes] | None = None
-    log = None
+    worker: WorkerProcess | None = None
     stop_tail = threading.Event()
     tail_thread: threading.Thread | None = None
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     try:
         with console.status("starting the embedded Kafka broker"):
             broker = EmbeddedBroker(port=0).start()
@@ -126,24 +130,11 @@ def run_demo(opts: DemoOptions | None = None, console: Console | None = None) ->
                 f"({len(test):,} clicks)"
             )
             t0 = time.perf_counter()
-            with console.status("training GRU4Rec on CPU"):
-                model, item_ids, stats = train_gru4rec(
-                    train,
-                    {
-                        "layers": [opts.units],
-                        "n_epochs": opts.epochs,
-                        "batch_size": 64,
-                        "n_sample": 0,
-                        "learning_rate": 0.1,
-                        "device": "cpu",
-                    },
-                    progress=False,
-                )
-                ckpt = save_checkpoint(
-                    work / "model", model, "gru4rec", item_ids, data_stats={"demo": True}
-                )
+            with console.status("training GRU4Rec on CPU (trainer train)"):
+                ckpt, train_seconds = _train(train, work, opts)
+            n_items = len(json.loads((ckpt / "checkpoint.json").read_text())["item_ids"])
             console.print(
-                f"[bold]model[/] GRU4Rec {opts.units} units, {len(item_ids)} items, "
+                f"[bold]model[/] GRU4Rec {opts.units} units, {n_items} items, "
                 f"trained in {time.perf_counter() - t0:.1f} s"
             )
             topics = {"clicks": "demo-clicks", "recs": "demo-recommendations"}
@@ -151,34 +142,25 @@ def run_demo(opts: DemoOptions | None = None, console: Console | None = None) ->
                 conf,
                 [TopicSpec(t, opts.partitions) for t in (*topics.values(), "demo-dead-letter")],
             )
-            env = {
-                **os.environ,
-                "STREAMREC_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap,
-                "STREAMREC_TOPICS__CLICKS": topics["clicks"],
-                "STREAMREC_TOPICS__RECOMMENDATIONS": topics["recs"],
-                "STREAMREC_TOPICS__DEAD_LETTER": "demo-dead-letter",
-                "STREAMREC_TOPICS__PARTITIONS": str(opts.partitions),
-                "STREAMREC_WORKER__APP_ID": "streamrec-demo",
-                "STREAMREC_WORKER__METRICS_PORT": "0",
-                "STREAMREC_MODEL__RELOAD_INTERVAL_S": "0",
-            }
-            log = open(work / "worker.log", "wb")  # noqa: SIM115 - closed below
-            worker = subprocess.Popen(
-                [
-                    *(sys.executable, "-m", "streamrec", "worker", "--model", str(ckpt)),
-                    *("--data-dir", str(work / "state"), "--loglevel", "WARNING"),
-                ],
-                env=env,
-                stdout=log,
-                stderr=log,
+            worker = WorkerProcess(
+                ckpt,
+                settings={
+                    "kafka.bootstrap_servers": broker.bootstrap,
+                    "topics.clicks": topics["clicks"],
+                    "topics.recommendations": topics["recs"],
+                    "topics.dead_letter": "demo-dead-letter",
+                    "topics.partitions": opts.partitions,
+                    "worker.app_id": "streamrec-demo",
+                    "worker.metrics_port": 0,
+                    "model.reload_interval_s": 0,
+                },
+                data_dir=work / "state",
+                log_path=work / "worker.log",
             )
             with console.status("waiting for the worker to join and answer a first click"):
                 warm = produce(conf, topics["clicks"], [(b"warmup", _WARMUP, 0.0)])
                 if len(wait_for_answers(conf, topics["recs"], warm.click_ids, 120)) < 1:
-                    raise RuntimeError(
-                        "worker did not answer; its log:\n"
-                        + (work / "worker.log").read_text()[-3000:]
-                    )
+                    raise RuntimeError(f"worker did not answer; its log:\n{worker.log_tail()}")
             console.print(f"[bold]worker[/] ready (pid {worker.pid}); streaming clicks:")
             tail_thread = threading.Thread(
                 target=_tail,
@@ -192,10 +174,7 @@ def run_demo(opts: DemoOptions | None = None, console: Console | None = None) ->
             stop_tail.set()
             recs = list(answers.values())
             if not recs:
-                raise RuntimeError(
-                    "no recommendations came back; worker log:\n"
-                    + (work / "worker.log").read_text()[-3000:]
-                )
+                raise RuntimeError(f"no recommendations came back; log:\n{worker.log_tail()}")
             lat = latency_percentiles(
                 r["emitted_at"] - produced.sent_at.get(r["click_id"], r["produced_at"])
                 for r in recs
@@ -212,7 +191,7 @@ def run_demo(opts: DemoOptions | None = None, console: Console | None = None) ->
                 "latency_ms": {k: v * 1e3 for k, v in lat.items()},
                 "recall@20": metrics.recall,
                 "mrr@20": metrics.mrr,
-                "train_seconds": stats.get("train_seconds"),
+                "train_seconds": train_seconds,
             }
             console.print()
             console.print("[bold]summary[/]")
@@ -233,10 +212,8 @@ def run_demo(opts: DemoOptions | None = None, console: Console | None = None) ->
             if tail_thread is not None:
                 tail_thread.join(5)
             if worker is not None:
-                stop_process(worker)
+                worker.stop()
             broker.stop()
-            if log is not None:
-                log.close()
     finally:
         if opts.keep_dir is None:
             shutil.rmtree(work, ignore_errors=True)

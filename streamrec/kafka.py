@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 
@@ -109,5 +109,39 @@ def read_topic(
                 last = time.monotonic()
         records.sort(key=lambda m: (m.partition(), m.offset()))
         return records
+    finally:
+        consumer.close()
+
+
+def tail(
+    client_config: dict[str, Any],
+    topic: str,
+    *,
+    from_beginning: bool = False,
+    stopped: Callable[[], bool] = lambda: False,
+) -> Iterator[Any]:
+    """Records of ``topic`` as they arrive (confluent-kafka ``Message``s), until ``stopped()``.
+
+    For display: a tailing consumer can skip records on the embedded broker, so figures come
+    from :func:`read_topic`. Joins no group (see :func:`streamrec.tansu.assign_all`).
+    """
+    from streamrec import tansu
+
+    consumer = Consumer(
+        {
+            **client_config,
+            "group.id": f"streamrec-tail-{time.time_ns()}",
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 10,
+            "log_level": 0,
+        }
+    )
+    try:
+        start = OFFSET_BEGINNING if from_beginning else OFFSET_END
+        tansu.assign_all(consumer, client_config, topic, start)
+        while not stopped():
+            msg = consumer.poll(0.2)
+            if msg is not None and msg.error() is None:
+                yield msg
     finally:
         consumer.close()

@@ -359,24 +359,3 @@ class ModelHolder:
         if not ok:
             self.rejected[ident] = "rejected"
         return ok
-
-
-class NoStepServingModel(ServingModel):
-    """Benchmark reference: the same pipeline with the model step removed (states pass
-    through, the top-k is the first k items with zero scores)."""
-
-    def step(
-        self, rows: np.ndarray, states: np.ndarray, users: np.ndarray | None, k: int | None = None
-    ) -> StepOutput:
-        k = self.top_k if k is None else min(k, self.n_items)
-        b = len(rows)
-        top = np.broadcast_to(np.arange(k, dtype=np.int64), (b, k))
-        return StepOutput(states, top, np.zeros((b, k), dtype=np.float32))
-
-    @classmethod
-    def wrap(cls, model: ServingModel) -> NoStepServingModel:
-        out = cls.__new__(cls)
-        out.__dict__.update(model.__dict__)
-        out.version = f"{model.version}-nostep"
-        out.split = False
-        return out

@@ -7,7 +7,7 @@ from unittest.mock import AsyncMock, MagicMock
 
 from faust.tables.recovery import Recovery
 
-from streamrec import faust_compat
+from streamrec.engines.faust import compat as faust_compat
 
 
 def _fake_recovery(calls: list[str]) -> MagicMock:

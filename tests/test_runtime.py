@@ -14,7 +14,6 @@ from streamrec.model.device import DeviceError, resolve_device
 from streamrec.runtime import (
     ModelHolder,
     ModelLoadError,
-    NoStepServingModel,
     ServingModel,
 )
 
@@ -51,8 +50,6 @@ def test_load_step_topk(tmp_path: Path) -> None:
     assert out.top_rows.shape == (3, 5) and np.isfinite(out.top_scores).all()
     assert np.array_equal(out.states[1], st[1])  # unknown item: state unchanged
     assert m.validate() is None
-    ns = NoStepServingModel.wrap(m)
-    assert ns.step(rows, st, None).top_rows.shape == (3, 5)
 
 
 def test_hot_swap_from_watched_dir_and_rejections(tmp_path: Path) -> None:

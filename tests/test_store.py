@@ -1,4 +1,4 @@
-"""The native worker's partition states (streamrec.store), without Kafka."""
+"""The native worker's partition states (streamrec.engines.native.store), without Kafka."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from streamrec.core import CoreConfig, process_batch
+from streamrec.engines.native.store import SESSIONS, USERS, PartitionState, TableView
 from streamrec.state import StateStore
-from streamrec.store import SESSIONS, USERS, PartitionState, TableView
 from streamrec.testing import click, tiny_serving_model
 
 

@@ -11,8 +11,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,9 +20,10 @@ import numpy as np
 import pytest
 from confluent_kafka import Producer
 
-from streamrec.broker import EmbeddedBroker, stop_process
+from streamrec.broker import EmbeddedBroker
 from streamrec.core import CoreConfig, Record, process_batch
 from streamrec.kafka import TopicSpec, committed_offsets, ensure_topics, read_topic
+from streamrec.launch import WorkerProcess
 from streamrec.runtime import ServingModel
 from streamrec.state import SessionState, StateStore
 from streamrec.testing import click, offline_recommendations
@@ -47,33 +46,6 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_checkpoint(path, model, "gru4rec", [f"i{j}" for j in range(N_ITEMS)])
 
 
-class WorkerProc:
-    def __init__(self, env: dict[str, str], ckpt: Path, datadir: Path, log: Path) -> None:
-        self.log_path = log
-        self._log = open(log, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "streamrec", "worker", "--model", str(ckpt)),
-                *("--data-dir", str(datadir)),
-                *("--loglevel", os.environ.get("STREAMREC_TEST_WORKER_LOGLEVEL", "WARNING")),
-            ],
-            env=env,
-            stdout=self._log,
-            stderr=self._log,
-        )
-
-    def kill9(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def stop(self) -> int | None:
-        returncode = stop_process(self.proc)
-        if not self._log.closed:
-            self._log.close()
-        return returncode
-
-
 class Service:
     """One test's topics, group and worker processes (all stopped at the end)."""
 
@@ -92,26 +64,31 @@ class Service:
         ensure_topics(
             self.conf, [TopicSpec(t, PARTITIONS) for t in (self.clicks, self.recs, self.dead)]
         )
-        self.env = {
-            **os.environ,
-            "STREAMREC_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
-            "STREAMREC_TOPICS__CLICKS": self.clicks,
-            "STREAMREC_TOPICS__RECOMMENDATIONS": self.recs,
-            "STREAMREC_TOPICS__DEAD_LETTER": self.dead,
-            "STREAMREC_TOPICS__PARTITIONS": str(PARTITIONS),
-            "STREAMREC_WORKER__APP_ID": self.app_id,
-            "STREAMREC_WORKER__METRICS_PORT": "0",
-            "STREAMREC_BATCHING__MAX_EVENTS": "64",
-            "STREAMREC_BATCHING__MAX_WAIT_MS": "5",
-            "STREAMREC_MODEL__RELOAD_INTERVAL_S": "0",
-            "STREAMREC_WORKER__ENGINE": engine,
+        self.settings: dict[str, object] = {
+            "kafka.bootstrap_servers": bootstrap,
+            "topics.clicks": self.clicks,
+            "topics.recommendations": self.recs,
+            "topics.dead_letter": self.dead,
+            "topics.partitions": PARTITIONS,
+            "worker.app_id": self.app_id,
+            "worker.metrics_port": 0,
+            "batching.max_events": 64,
+            "batching.max_wait_ms": 5,
+            "model.reload_interval_s": 0,
+            "worker.engine": engine,
         }
-        self.workers: list[WorkerProc] = []
+        self.workers: list[WorkerProcess] = []
         self.producer = Producer({**self.conf, "linger.ms": 2})
 
-    def start_worker(self, datadir: Path | None = None) -> WorkerProc:
+    def start_worker(self, datadir: Path | None = None) -> WorkerProcess:
         datadir = datadir or self.tmp / f"data{len(self.workers)}"
-        w = WorkerProc(self.env, self.ckpt, datadir, self.tmp / f"worker{len(self.workers)}.log")
+        w = WorkerProcess(
+            self.ckpt,
+            settings=self.settings,
+            data_dir=datadir,
+            log_path=self.tmp / f"worker{len(self.workers)}.log",
+            loglevel=os.environ.get("STREAMREC_TEST_WORKER_LOGLEVEL", "WARNING"),
+        )
         self.workers.append(w)
         return w
 
@@ -445,7 +422,7 @@ def test_hot_swap_reencodes_live_sessions(service: Service) -> None:
     watch = service.tmp / "ckpts"
     shutil.copytree(service.ckpt, watch / "v1")
     service.ckpt = watch
-    service.env["STREAMREC_MODEL__RELOAD_INTERVAL_S"] = "1"
+    service.settings["model.reload_interval_s"] = 1
     old = ServingModel.from_checkpoint(watch / "v1", "cpu", top_k=20)
     sessions = make_sessions(8, 6, seed=6)
     first = {s: items[:3] for s, items in sessions.items()}

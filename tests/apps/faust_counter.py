@@ -11,7 +11,7 @@ from pathlib import Path
 
 import faust
 
-from streamrec import faust_compat
+from streamrec.engines.faust import compat as faust_compat
 
 faust_compat.install({"bootstrap.servers": os.environ["COUNTER_BOOTSTRAP"]})
 

@@ -1,4 +1,7 @@
-"""Three fixes every Faust app here installs (``install``) before its worker starts.
+"""Fixes every Faust app here installs (``install``) before its worker starts.
+
+Two are Faust bugs (any broker); the third is the embedded broker's, kept with the other
+broker workarounds in :mod:`streamrec.tansu`.
 
 1. Seek before resume (a Faust race, any broker). After a table was rebuilt from its changelog,
    faust-streaming 0.15.3's ``Recovery.on_recovery_completed`` resumes the stream partitions
@@ -20,70 +23,22 @@
    next fetch at 110, none of 79..109 processed. The patch passes a snapshot and never an
    empty one.
 
-3. True end offsets (a Tansu gap). Tansu answers ListOffsets(LATEST) with the base offset of
-   the last record batch + 1, not the end of the log. Faust reads a changelog only up to that
-   "highwater" when it rebuilds a table, so on Tansu it silently drops the last batch of every
-   changelog partition (tables recovered after a lost data directory come back stale). The
-   patch reads forward from each reported end with a short-lived consumer and returns the
-   true end. On Apache Kafka the read finds nothing and the offsets are returned unchanged.
+3. True end offsets (a gap of the embedded broker): :func:`streamrec.tansu.patch_faust_highwaters`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Mapping
 from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
-
-_installed_config: dict[str, Any] | None = None
-
-
-def true_end_offsets(
-    client_config: dict[str, Any],
-    reported: Mapping[tuple[str, int], int],
-    idle_timeout: float = 1.0,
-    max_wait: float = 30.0,
-) -> dict[tuple[str, int], int]:
-    """End offsets found by reading past the reported ones; (topic, partition) -> offset."""
-    result = dict(reported)
-    if not reported:
-        return result
-    consumer = Consumer(
-        {
-            **client_config,
-            "group.id": f"streamrec-endcheck-{time.monotonic_ns()}",
-            "enable.auto.commit": False,
-            "fetch.wait.max.ms": 10,
-            "log_level": 0,
-        }
-    )
-    try:
-        # Connect first: a fresh client's first fetch can take longer than the idle timeout on
-        # a busy machine, and stopping then would silently keep the under-reported offsets.
-        consumer.list_topics(timeout=max_wait)
-        consumer.assign([TopicPartition(t, p, max(o, 0)) for (t, p), o in reported.items()])
-        start = last = time.monotonic()
-        while time.monotonic() - last < idle_timeout and time.monotonic() - start < max_wait:
-            for msg in consumer.consume(num_messages=10_000, timeout=0.1):
-                if msg.error() is not None:
-                    continue
-                key = (msg.topic(), msg.partition())
-                result[key] = max(result[key], msg.offset() + 1)
-                last = time.monotonic()
-    finally:
-        consumer.close()
-    return result
+from streamrec import tansu
 
 
 def install(client_config: dict[str, Any]) -> None:
     """Install the fixes (idempotent); ``client_config`` is a confluent-kafka config."""
-    global _installed_config
-    _installed_config = dict(client_config)
     _patch_recovery_seek_before_resume()
     _patch_fetch_only_active_partitions()
-    _patch_true_highwaters()
+    tansu.patch_faust_highwaters(client_config)
 
 
 def _patch_fetch_only_active_partitions() -> None:
@@ -113,25 +68,6 @@ def _patch_fetch_only_active_partitions() -> None:
     AIOKafkaConsumerThread._fetch_records = _fetch_records
 
 
-def _patch_true_highwaters() -> None:
-    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
-
-    if getattr(AIOKafkaConsumerThread, "_streamrec_patched", False):
-        return
-    original = AIOKafkaConsumerThread._highwaters
-
-    async def _highwaters(self: Any, partitions: Any) -> Mapping[Any, int]:
-        reported = await original(self, partitions)
-        if _installed_config is None or self.consumer.in_transaction:
-            return reported
-        by_key = {(tp.topic, tp.partition): int(o) for tp, o in reported.items() if o is not None}
-        corrected = await asyncio.to_thread(true_end_offsets, _installed_config, by_key)
-        return {tp: corrected.get((tp.topic, tp.partition), o) for tp, o in reported.items()}
-
-    AIOKafkaConsumerThread._highwaters = _highwaters
-    AIOKafkaConsumerThread._streamrec_patched = True
-
-
 def _patch_recovery_seek_before_resume() -> None:
     import faust
     from faust.tables.recovery import Recovery
@@ -142,7 +78,8 @@ def _patch_recovery_seek_before_resume() -> None:
         # The method below is faust-streaming 0.15.3's with two lines swapped; another version
         # must be checked against its own source before this is allowed to replace it.
         raise RuntimeError(
-            f"faust_compat was written for faust-streaming 0.15.3, not {faust.__version__}"
+            "streamrec.engines.faust.compat was written for faust-streaming 0.15.3, "
+            f"not {faust.__version__}"
         )
 
     async def on_recovery_completed(self: Any, generation_id: int = 0) -> None:

@@ -45,30 +45,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from .core import (
+from streamrec import tansu
+from streamrec.core import (
     BatchResult,
-    CoreConfig,
     Record,
-    StreamClock,
     message_key_partitions,
     process_batch,
     score_batch,
     sweep_idle,
 )
-from .kafka import TopicSpec, ensure_topics
-from .metrics import Metrics
-from .runtime import ModelHolder, ServingModel
-from .settings import Settings
-from .state import StateStore
+from streamrec.engines.common import DeliveryError, EngineBase, Outputs
+from streamrec.kafka import TopicSpec, ensure_topics
+from streamrec.metrics import Metrics
+from streamrec.runtime import ModelHolder, ServingModel
+from streamrec.settings import Settings
+from streamrec.state import StateStore
+
 from .store import SESSIONS, USERS, PartitionState, TableView
 
 log = logging.getLogger(__name__)
 
-#: after the reported end of a changelog partition, read on until it has been quiet this long
-#: (Tansu under-reports end offsets by up to one record batch; on Kafka this finds nothing)
-RECOVERY_IDLE_S = 0.5
 RECOVERY_MAX_S = 600.0
 SWITCH_INTERVAL_S = 0.0005
 
@@ -96,11 +94,7 @@ class _Checkpoint:
     started: float
 
 
-class DeliveryError(RuntimeError):
-    """The broker refused outputs or changelog records: stop without committing offsets."""
-
-
-class NativeWorker:
+class NativeWorker(EngineBase):
     """One worker process: consumer group member, partition states, model, producer."""
 
     def __init__(
@@ -112,11 +106,7 @@ class NativeWorker:
         datadir: Path | None = None,
         fetch_max_wait_ms: int | None = None,
     ) -> None:
-        self.settings = settings
-        self.holder = holder
-        self.metrics = metrics or Metrics()
-        self.config = CoreConfig.from_settings(settings)
-        self.clock = StreamClock()
+        super().__init__(settings, holder, metrics)
         self.datadir = Path(datadir or settings.state.directory) / settings.topics.clicks
         self.clicks = settings.topics.clicks
         self.changelog = changelog_topic(settings)
@@ -128,21 +118,12 @@ class NativeWorker:
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
                 "fetch.wait.max.ms": fetch_max_wait_ms or settings.kafka.fetch_max_wait_ms,
-                "session.timeout.ms": 6000,
-                "heartbeat.interval.ms": 1000,
+                **tansu.GROUP_TIMEOUTS,
                 "log_level": 3,
             }
         )
-        self.producer = Producer(
-            {
-                **kafka,
-                "linger.ms": 1,
-                "acks": "all",
-                "enable.idempotence": False,  # not supported by every broker (Tansu)
-                "message.timeout.ms": 600_000,
-                "log_level": 3,
-            }
-        )
+        self.outputs = Outputs(settings, on_delivered=self._on_delivered)
+        self.producer = self.outputs.producer
         self._recovery_config = {
             **kafka,
             "group.id": f"{settings.worker.app_id}-recovery",  # never commits
@@ -153,7 +134,6 @@ class NativeWorker:
         self.partitions: dict[int, PartitionState] = {}
         self._next_offsets: dict[int, int] = {}  # input partition -> offset to commit
         self._changelog_end: dict[int, int] = {}  # changelog partition -> last offset delivered
-        self._delivery_errors: list[str] = []
         self._stopping = False
         self._failed = False
         self.apply_thread = ThreadPoolExecutor(1, thread_name_prefix="streamrec-apply")
@@ -161,8 +141,6 @@ class NativeWorker:
         self._applying: _InFlight | None = None
         self._checkpoint: _Checkpoint | None = None
         self._scoring: deque[tuple[int, Future[BatchResult]]] = deque()
-        m = holder.current
-        self.metrics.set_model(m.name, m.version, str(m.device))
 
     # ---- the loop ----------------------------------------------------------------------------
     def run(self) -> None:
@@ -308,13 +286,9 @@ class NativeWorker:
             self.metrics.observe_batch(n_records, res.stats, res.latencies(), res.model_seconds)
 
     def _publish(self, res: BatchResult) -> None:
-        """Recommendations and dead letters to the producer (asynchronous; flushed at the
-        checkpoint, before the offsets are committed)."""
-        recs_topic = self.settings.topics.recommendations
-        for key, value in res.recommendation_values():
-            self._produce(recs_topic, value, key)
-        for d in res.dead_letters:
-            self._produce(self.settings.topics.dead_letter, d.to_bytes())
+        """Outputs to the producer (asynchronous; delivered before the offsets are committed,
+        at the checkpoint)."""
+        self.outputs.publish(res)
 
     def _drain(self) -> None:
         """Take every batch in flight through all stages (before checkpoints, rebalances and
@@ -324,22 +298,8 @@ class NativeWorker:
         self._publish_scored(block=True)
 
     # ---- output ------------------------------------------------------------------------------
-    def _produce(
-        self, topic: str, value: bytes | None, key: bytes | None = None, partition: int = -1
-    ) -> None:
-        while True:
-            try:
-                self.producer.produce(
-                    topic, value, key, partition=partition, on_delivery=self._on_delivery
-                )
-                return
-            except BufferError:  # local queue full: let librdkafka send, then retry
-                self.producer.poll(0.05)
-
-    def _on_delivery(self, err: Any, msg: Any) -> None:
-        if err is not None:
-            self._delivery_errors.append(f"{msg.topic()}: {err}")
-        elif msg.topic() == self.changelog:
+    def _on_delivered(self, msg: Any) -> None:
+        if msg.topic() == self.changelog:
             p = msg.partition()
             self._changelog_end[p] = max(self._changelog_end.get(p, -1), msg.offset())
 
@@ -359,7 +319,7 @@ class NativeWorker:
         self._drain()  # every batch applied so far has its outputs handed to the producer
         for p, state in self.partitions.items():
             for key, value in state.begin_checkpoint().items():
-                self._produce(self.changelog, value, key, p)
+                self.outputs.produce(self.changelog, value, key, p)
         self._checkpoint = _Checkpoint(dict(self._next_offsets), started)
         self._next_offsets.clear()
 
@@ -371,16 +331,16 @@ class NativeWorker:
         if ck is None:
             return True
         if block:
-            while (left := self.producer.flush(30)) > 0:  # broker away: keep trying, never drop
-                log.warning("%d outputs not yet delivered; retrying", left)
+            self.outputs.wait()
         else:
             self.producer.poll(0)
             if len(self.producer) > 0:  # queued, in flight, or delivery reports not yet served
                 return False
-        if self._delivery_errors:
-            errors, self._delivery_errors = self._delivery_errors, []
+        try:
+            self.outputs.raise_errors()
+        except DeliveryError:
             self._failed = True  # commit nothing from now on
-            raise DeliveryError(f"could not deliver {len(errors)} records: {errors[:3]}")
+            raise
         if ck.offsets:
             offsets = [TopicPartition(self.clicks, p, o) for p, o in ck.offsets.items()]
             try:
@@ -455,11 +415,16 @@ class NativeWorker:
                 ends[p] = high
             if not assign:
                 return 0
+            # the reported ends can be short of the log's end on the embedded broker
+            true_ends = tansu.true_end_offsets(
+                self._recovery_config, {(self.changelog, p): e for p, e in ends.items()}
+            )
+            ends = {p: true_ends[(self.changelog, p)] for p in ends}
             reader.assign(assign)
             reached = {tp.partition: tp.offset >= ends[tp.partition] for tp in assign}
             total = 0
-            t0 = last = time.monotonic()
-            while not (all(reached.values()) and time.monotonic() - last >= RECOVERY_IDLE_S):
+            t0 = time.monotonic()
+            while not all(reached.values()):
                 if time.monotonic() - t0 > RECOVERY_MAX_S:
                     raise TimeoutError(f"changelog recovery took over {RECOVERY_MAX_S} s")
                 batch: dict[int, list[tuple[bytes, bytes | None, int]]] = defaultdict(list)
@@ -469,7 +434,6 @@ class NativeWorker:
                 for p, records in batch.items():
                     total += by_partition[p].apply_changelog(records)
                     reached[p] = reached[p] or records[-1][2] + 1 >= ends[p]
-                    last = time.monotonic()
             return total
         finally:
             reader.close()
@@ -490,10 +454,7 @@ class NativeWorker:
 
     def reload(self) -> None:
         self._drain()  # swaps happen between batches
-        if self.holder.maybe_reload():
-            m = self.holder.current
-            self.metrics.set_model(m.name, m.version, str(m.device))
-            self.metrics.model_swaps.inc()
+        self.swap_if_newer()
 
     # ---- shutdown ----------------------------------------------------------------------------
     def close(self) -> None:

@@ -11,10 +11,9 @@
   executor thread and are flushed before the batch returns, i.e. before its events are acked;
   state writes go through the Faust tables (RocksDB + changelog), which Faust flushes before
   it commits offsets. So a committed offset always has its outputs and changelog on the broker.
-* Faust hard-codes ``fetch_max_wait_ms=1500`` for its consumer; Tansu holds an empty fetch
-  for that long even when data arrives, so one click took ~700 ms. :class:`StreamrecApp`
-  overrides ``_new_transport`` with a transport whose consumer thread lowers the fetcher's
-  wait (``StreamrecApp.fetch_max_wait_ms``, 10 ms by default) before the consumer starts.
+* :class:`StreamrecApp` uses the transport of :func:`streamrec.tansu.faust_fast_fetch_transport`,
+  whose consumer waits ``StreamrecApp.fetch_max_wait_ms`` (10 ms by default) on an empty fetch
+  instead of Faust's hard-coded 1500 ms.
 """
 
 from __future__ import annotations
@@ -31,44 +30,26 @@ from typing import Any
 
 import faust
 from faust.streams import _current_event
-from faust.transport.drivers import aiokafka as faust_aiokafka
 
-from . import faust_compat
-from .core import (
+from streamrec import tansu
+from streamrec.core import (
     BatchResult,
-    CoreConfig,
     Record,
-    StreamClock,
     message_key_partitions,
     process_batch,
     sweep_idle,
 )
-from .metrics import Metrics
-from .runtime import ModelHolder
-from .settings import Settings
-from .state import BufferedTable, StateStore
+from streamrec.engines.common import EngineBase, Outputs
+from streamrec.metrics import Metrics
+from streamrec.runtime import ModelHolder
+from streamrec.settings import Settings
+from streamrec.state import BufferedTable, StateStore
+
+from . import compat
 
 log = logging.getLogger(__name__)
 
 FETCH_MAX_WAIT_MS = 10
-
-
-# ---- consumer fetch wait ----------------------------------------------------------------
-class _FastFetchConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
-    def _create_worker_consumer(self, transport: Any) -> Any:
-        consumer = super()._create_worker_consumer(transport)
-        # read by AIOKafkaConsumer.start() when it builds its Fetcher
-        consumer._fetch_max_wait_ms = int(getattr(self.app, "fetch_max_wait_ms", FETCH_MAX_WAIT_MS))
-        return consumer
-
-
-class _FastFetchConsumer(faust_aiokafka.Consumer):
-    def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
-        return _FastFetchConsumerThread(self, loop=self.loop, beacon=self.beacon)
-
-
-class _FastFetchTransport(faust_aiokafka.Transport):
-    Consumer = _FastFetchConsumer
 
 
 class StreamrecApp(faust.App):
@@ -80,7 +61,7 @@ class StreamrecApp(faust.App):
         url = self.conf.broker_consumer[0]
         if url.scheme not in ("kafka", "aiokafka"):
             return super()._new_transport()
-        return _FastFetchTransport(self.conf.broker_consumer, self)
+        return tansu.faust_fast_fetch_transport()(self.conf.broker_consumer, self)
 
 
 # ---- table access from the batch ----------------------------------------------------------
@@ -134,7 +115,7 @@ class _Overlay(BufferedTable):
         return list(self.base.keys())
 
 
-class Worker:
+class Worker(EngineBase):
     """Everything one worker process holds: app, topics, tables, model, metrics."""
 
     def __init__(
@@ -146,42 +127,23 @@ class Worker:
         datadir: Path | None = None,
         fetch_max_wait_ms: int | None = None,
     ) -> None:
-        self.settings = settings
-        self.holder = holder
-        self.metrics = metrics or Metrics()
-        self.config = CoreConfig.from_settings(settings)
-        self.clock = StreamClock()
+        super().__init__(settings, holder, metrics)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="streamrec-step")
-        from confluent_kafka import Producer
-
-        self._delivery_errors: list[str] = []
-        self.producer = Producer(
-            {
-                **settings.kafka.confluent_config(),
-                "linger.ms": 1,
-                "acks": "all",
-                "enable.idempotence": False,  # not supported by every broker (Tansu)
-                "message.timeout.ms": 600_000,
-                "on_delivery": self._on_delivery,
-                "log_level": 3,
-            }
-        )
+        self.outputs = Outputs(settings)
         self.lock = asyncio.Lock()
         t = settings.topics
         w = settings.worker
-        # Tansu under-reports end offsets, and Faust 0.15.3 loses inputs in two ways after a
-        # table recovery: each loses data without its patch (faust_compat's docstring).
-        faust_compat.install(settings.kafka.confluent_config())
+        # Faust 0.15.3 loses inputs in two ways after a table recovery, and the embedded broker
+        # under-reports end offsets: each loses data without its patch (compat's docstring).
+        compat.install(settings.kafka.confluent_config())
         app = StreamrecApp(
             w.app_id,
             **settings.kafka.faust_broker_kwargs(),
             store="rocksdb://",
             datadir=str(datadir or settings.state.directory),
             processing_guarantee="at_least_once",
-            broker_session_timeout=6,
-            broker_heartbeat_interval=1,
+            **tansu.FAUST_APP_SETTINGS,
             broker_commit_interval=1.0,
-            recovery_consistency_check=False,
             consumer_auto_offset_reset="earliest",
             topic_partitions=t.partitions,
             topic_replication_factor=t.replication_factor,
@@ -205,8 +167,6 @@ class Worker:
         app.timer(settings.state.sweep_interval_seconds)(self._sweep)
         if settings.model.reload_interval_s > 0 and holder.watch_dir is not None:
             app.timer(settings.model.reload_interval_s)(self._reload)
-        m = holder.current
-        self.metrics.set_model(m.name, m.version, str(m.device))
 
     # ---- agent -------------------------------------------------------------------------
     async def _agent(self, stream: faust.StreamT) -> None:
@@ -249,22 +209,9 @@ class Worker:
         their offsets later committed) only after its recommendations are on the broker.
         """
         res = process_batch(records, store, model, self.config, clock=self.clock)
-        produce = self.producer.produce
-        recs_topic = self.settings.topics.recommendations
-        for key, value in res.recommendation_values():
-            produce(recs_topic, value, key)
-        for d in res.dead_letters:
-            produce(self.settings.topics.dead_letter, d.to_bytes())
-        while (left := self.producer.flush(30)) > 0:  # broker away: keep trying, never drop
-            log.warning("%d outputs not yet delivered; retrying", left)
-        if self._delivery_errors:
-            err, self._delivery_errors = self._delivery_errors, []
-            raise RuntimeError(f"could not deliver outputs: {err[:3]}")
+        self.outputs.publish(res)
+        self.outputs.flush()
         return res
-
-    def _on_delivery(self, err: Any, msg: Any) -> None:
-        if err is not None:
-            self._delivery_errors.append(str(err))
 
     def _apply(self, store: StateStore, partitions: Mapping[str, int]) -> None:
         """Write buffered state changes, each under its key's partition (event loop only)."""
@@ -299,11 +246,7 @@ class Worker:
     async def _reload(self) -> None:
         loop = asyncio.get_running_loop()
         async with self.lock:  # swaps happen between batches
-            swapped = await loop.run_in_executor(self.executor, self.holder.maybe_reload)
-        if swapped:
-            m = self.holder.current
-            self.metrics.set_model(m.name, m.version, str(m.device))
-            self.metrics.model_swaps.inc()
+            await loop.run_in_executor(self.executor, self.swap_if_newer)
 
     def run(self, loglevel: str = "info") -> None:
         """Run until SIGINT/SIGTERM (Faust's worker handles the signals and shuts down)."""
@@ -318,4 +261,4 @@ class Worker:
             FaustWorker(self.app, loglevel=loglevel.lower(), quiet=True).execute_from_commandline()
         finally:
             self.executor.shutdown(wait=False, cancel_futures=True)
-            self.producer.flush(10)
+            self.outputs.producer.flush(10)

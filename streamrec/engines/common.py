@@ -1,0 +1,112 @@
+"""What both worker engines share: the output producer and publishing, the model swap and
+the metrics of a swap. The engines differ only in how they consume and keep state."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from confluent_kafka import Producer
+
+from streamrec import tansu
+from streamrec.core import BatchResult, CoreConfig, StreamClock
+from streamrec.metrics import Metrics
+from streamrec.runtime import ModelHolder
+from streamrec.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class DeliveryError(RuntimeError):
+    """The broker refused outputs or changelog records: stop without committing offsets."""
+
+
+class Outputs:
+    """The worker's producer: recommendations, dead letters (and the native changelog).
+
+    Sends are asynchronous; an engine flushes before it commits the input offsets, so a click
+    is committed only after its answer is on the broker. A refused record is kept in
+    :attr:`errors` for the engine to stop on (nothing is dropped silently).
+    """
+
+    def __init__(
+        self, settings: Settings, on_delivered: Callable[[Any], None] | None = None
+    ) -> None:
+        self.topics = settings.topics
+        self.errors: list[str] = []
+        self._on_delivered = on_delivered
+        self.producer = Producer(
+            {
+                **settings.kafka.confluent_config(),
+                **tansu.PRODUCER_SETTINGS,
+                "linger.ms": 1,
+                "acks": "all",
+                "message.timeout.ms": 600_000,  # a broker away for minutes: keep trying
+                "log_level": 3,
+            }
+        )
+
+    def produce(
+        self, topic: str, value: bytes | None, key: bytes | None = None, partition: int = -1
+    ) -> None:
+        while True:
+            try:
+                self.producer.produce(
+                    topic, value, key, partition=partition, on_delivery=self._on_delivery
+                )
+                return
+            except BufferError:  # local queue full: let librdkafka send, then retry
+                self.producer.poll(0.05)
+
+    def publish(self, res: BatchResult) -> None:
+        """A batch's recommendations and dead letters."""
+        for key, value in res.recommendation_values():
+            self.produce(self.topics.recommendations, value, key)
+        for d in res.dead_letters:
+            self.produce(self.topics.dead_letter, d.to_bytes())
+
+    def wait(self) -> None:
+        """Wait until every output is acknowledged (a broker away: keep waiting, never drop)."""
+        while (left := self.producer.flush(30)) > 0:
+            log.warning("%d outputs not yet delivered; retrying", left)
+
+    def flush(self) -> None:
+        """:meth:`wait`, then raise :class:`DeliveryError` if an output was refused."""
+        self.wait()
+        self.raise_errors()
+
+    def raise_errors(self) -> None:
+        if self.errors:
+            err, self.errors = self.errors, []
+            raise DeliveryError(f"could not deliver outputs: {err[:3]}")
+
+    def _on_delivery(self, err: Any, msg: Any) -> None:
+        if err is not None:
+            self.errors.append(f"{msg.topic()}: {err}")
+        elif self._on_delivered is not None:
+            self._on_delivered(msg)
+
+
+class EngineBase:
+    """The state every engine holds beside its consumer: settings, model, metrics, clock."""
+
+    def __init__(self, settings: Settings, holder: ModelHolder, metrics: Metrics | None) -> None:
+        self.settings = settings
+        self.holder = holder
+        self.metrics = metrics or Metrics()
+        self.config = CoreConfig.from_settings(settings)
+        self.clock = StreamClock()
+        self._model_to_metrics()
+
+    def _model_to_metrics(self) -> None:
+        m = self.holder.current
+        self.metrics.set_model(m.name, m.version, str(m.device))
+
+    def swap_if_newer(self) -> bool:
+        """Swap in a newer checkpoint of the watched directory (call between batches)."""
+        if not self.holder.maybe_reload():
+            return False
+        self._model_to_metrics()
+        self.metrics.model_swaps.inc()
+        return True

@@ -1,0 +1,1 @@
+"""The native engine: a confluent-kafka consumer group member, RocksDB per partition."""
