@@ -1,9 +1,10 @@
 """The pipeline core: decode -> load states -> model step -> store -> emit. No Kafka here.
 
-The Faust agent, the replay harness and the tests all call :func:`process_batch` with a
-list of :class:`Record` and a :class:`~streamrec.state.StateStore` (Faust tables or dicts).
+Both worker engines and the tests call :func:`process_batch` with a list of :class:`Record`
+and a :class:`~streamrec.state.StateStore` (RocksDB partitions, Faust tables or dicts); replay
+drives it through a real worker.
 
-Semantics (see docs/design notes):
+Semantics (docs/architecture.md states them as the core's contract):
 
 * Events are grouped by key (user id, else session id) and applied in arrival (offset)
   order. The batch is cut into *rounds*: round r holds the r-th event of every key, so a key
@@ -160,7 +161,7 @@ class StreamClock:
 
 
 @dataclass
-class _Key:
+class KeyStates:
     """Working copy of one key's states during a batch."""
 
     sess: SessionState | None
@@ -178,7 +179,7 @@ def _is_dup(pos_partition: int, pos_offset: int, rec: Record) -> bool:
     return rec.offset >= 0 and pos_partition == rec.partition and rec.offset <= pos_offset
 
 
-def _migrate(k: _Key, model: ServingModel, stats: Counter[str]) -> None:
+def _migrate(k: KeyStates, model: ServingModel, stats: Counter[str]) -> None:
     """Re-encode states made under other weights from their stored item ids."""
     if k.user is not None and (
         k.user.version != model.version or k.user.context.size != model.user_state_dim
@@ -199,7 +200,7 @@ def _migrate(k: _Key, model: ServingModel, stats: Counter[str]) -> None:
         stats["sessions_migrated"] += 1
 
 
-def _user_ctx(keys: Sequence[_Key], model: ServingModel) -> np.ndarray:
+def _user_ctx(keys: Sequence[KeyStates], model: ServingModel) -> np.ndarray:
     out = np.zeros((len(keys), model.user_state_dim), dtype=np.float32)
     if model.user_state_dim == 0:
         return out
@@ -213,7 +214,7 @@ def _user_ctx(keys: Sequence[_Key], model: ServingModel) -> np.ndarray:
 
 
 def _end_sessions(
-    ks: Sequence[tuple[str, _Key]],
+    ks: Sequence[tuple[str, KeyStates]],
     model: ServingModel,
     config: CoreConfig,
     positions: Sequence[tuple[int, int]],
@@ -249,6 +250,230 @@ def _end_sessions(
         stats["sessions_ended"] += 1
 
 
+@dataclass
+class Click:
+    """One decoded event of a batch: the record it came in, the event, its event time."""
+
+    record: Record
+    event: ClickEvent
+    time: float
+
+
+@dataclass
+class RoundClick:
+    """A click of one round, and whether it is a redelivery of an event already applied."""
+
+    key: str
+    click: Click
+    duplicate: bool
+
+
+def decode_and_group(
+    records: Sequence[Record],
+    res: BatchResult,
+    config: CoreConfig,
+    clock: StreamClock | None,
+    now: float,
+) -> tuple[dict[str, deque[Click]], set[str]]:
+    """Phase 1: decode every record (bad ones become dead letters in ``res``) and queue the
+    clicks by key in arrival order. Also returns the keys that are user ids."""
+    queues: dict[str, deque[Click]] = {}
+    user_keys: set[str] = set()  # only these have user states: no lookup for anonymous keys
+    for rec in records:
+        ev = decode(
+            rec.value,
+            max_bytes=config.max_message_bytes,
+            topic=rec.topic,
+            partition=rec.partition,
+            offset=rec.offset,
+            key=rec.key,
+        )
+        if isinstance(ev, DeadLetter):
+            res.dead_letters.append(ev)
+            res.stats[f"dead_letter:{ev.reason}"] += 1
+            continue
+        t = ev.timestamp if ev.timestamp is not None else (rec.timestamp or now)
+        if clock is not None:
+            clock.observe(t)
+        key = ev.key
+        q = queues.get(key)
+        if q is None:
+            q = queues[key] = deque()
+        q.append(Click(rec, ev, t))
+        res.key_partitions[key] = rec.partition
+        if ev.user_id is not None:
+            user_keys.add(key)
+    res.stats["dead_letters"] += len(res.dead_letters)
+    return queues, user_keys
+
+
+def load_states(
+    keys: Iterable[str],
+    user_keys: set[str],
+    store: StateStore,
+    model: ServingModel,
+    stats: Counter[str],
+) -> dict[str, KeyStates]:
+    """Phase 2: each key's states, read once; those made under other weights re-encoded."""
+    work: dict[str, KeyStates] = {}
+    for key in keys:
+        k = KeyStates(store.get_session(key), store.get_user(key) if key in user_keys else None)
+        _migrate(k, model, stats)
+        work[key] = k
+    return work
+
+
+def plan_round(
+    batch: Sequence[tuple[str, Click]],
+    work: dict[str, KeyStates],
+    config: CoreConfig,
+    stats: Counter[str],
+) -> tuple[list[tuple[str, KeyStates]], list[tuple[int, int]], list[RoundClick]]:
+    """Phase 3a: for one round (each key at most once), the sessions to end first (with the
+    position of the event that ends each) and the clicks to step."""
+    to_end: list[tuple[str, KeyStates]] = []
+    end_pos: list[tuple[int, int]] = []
+    clicks: list[RoundClick] = []
+    for key, c in batch:
+        k = work[key]
+        s, u, rec, ev = k.sess, k.user, c.record, c.event
+        dup = (s is not None and _is_dup(s.partition, s.offset, rec)) or (
+            s is None and u is not None and _is_dup(u.partition, u.offset, rec)
+        )
+        if ev.type == "session_end":
+            stats["session_end_events"] += 1
+            if dup:
+                stats["duplicates"] += 1
+            elif s is not None and s.session_id == ev.session_id:
+                to_end.append((key, k))
+                end_pos.append((rec.partition, rec.offset))
+            continue
+        if dup:
+            stats["duplicates"] += 1
+        elif s is not None and (
+            s.session_id != ev.session_id or c.time - s.last_time > config.session_gap_seconds
+        ):
+            stats["sessions_ended_by_id" if s.session_id != ev.session_id else "gap_ends"] += 1
+            to_end.append((key, k))
+            end_pos.append((rec.partition, rec.offset))
+        clicks.append(RoundClick(key, c, dup))
+    return to_end, end_pos, clicks
+
+
+@dataclass
+class RoundStep:
+    """Phase 3b's result: the new state of each click, and its answer where already scored."""
+
+    states: np.ndarray  # [n, state_dim]
+    unknown: list[bool]  # the clicked item is not in the model
+    top_ids: list[list[str]] | None = None  # None: scored later, with the whole batch
+    top_scores: list[list[float]] | None = None
+
+
+def advance_round(
+    clicks: Sequence[RoundClick],
+    ks: Sequence[KeyStates],
+    model: ServingModel,
+    config: CoreConfig,
+    pending: list[np.ndarray],
+) -> RoundStep:
+    """Phase 3b: one model step for the round's clicks. A split-step model only advances
+    here (its states are queued in ``pending`` and scored with the whole batch); others
+    step and score at once."""
+    # sessions to start: clicks (not duplicates) with no open session, and duplicates of
+    # already-ended sessions (answered from a fresh state, never stored)
+    fresh = [i for i, k in enumerate(ks) if k.sess is None]
+    users = _user_ctx(ks, model)
+    states = np.empty((len(clicks), model.state_dim), dtype=np.float32)
+    if fresh:
+        states[fresh] = model.initial_states(users[fresh], len(fresh))
+    for i, k in enumerate(ks):  # (a row copy each is faster than np.stack of them)
+        if k.sess is not None:
+            states[i] = k.sess.hidden
+    rows = model.rows([c.click.event.item_id for c in clicks])
+    # an existing state's duplicate must not advance: ask for scores only
+    held = [i for i, c in enumerate(clicks) if c.duplicate and ks[i].sess is not None]
+    step_rows = rows
+    if held:
+        step_rows = rows.copy()
+        step_rows[held] = -1
+    unknown = (rows < 0).tolist()
+    if model.split:
+        new_states = model.advance(step_rows, states)
+        pending.append(new_states)
+        return RoundStep(new_states, unknown)
+    out = model.step(step_rows, states, users if model.user_state_dim else None, config.top_k)
+    return RoundStep(out.states, unknown, model.ids(out.top_rows).tolist(), out.top_scores.tolist())
+
+
+def emit_round(
+    clicks: Sequence[RoundClick],
+    ks: Sequence[KeyStates],
+    step: RoundStep,
+    res: BatchResult,
+    config: CoreConfig,
+) -> None:
+    """Phase 3c: write the new session states into the working copies and add one
+    recommendation per click to ``res``."""
+    stats = res.stats
+    version, limit = res.model_version, config.recent_items
+    add = res.recommendations.append
+    for i, rc in enumerate(clicks):
+        k = ks[i]
+        rec, ev, t, dup = rc.click.record, rc.click.event, rc.click.time, rc.duplicate
+        unknown = step.unknown[i]
+        cid = _click_id(ev, rec)
+        if unknown and not dup:
+            stats["unknown_items"] += 1
+            res.unknown_items.append((ev.item_id or "", cid))
+        if not dup:
+            s = k.sess
+            if s is None:
+                s = k.sess = SessionState(
+                    ev.session_id, step.states[i], version, ev.user_id, start_time=t
+                )
+                stats["sessions_started"] += 1
+            else:
+                s.hidden = step.states[i]
+            s.push_item(ev.item_id or "", limit)
+            s.partition, s.offset = rec.partition, rec.offset
+            s.last_time = max(s.last_time, t)
+            s.n_events += 1
+            s.n_unknown += int(unknown)
+            k.sess_dirty = True
+        add(
+            {
+                "click_id": cid,
+                "topic": rec.topic,
+                "partition": rec.partition,
+                "offset": rec.offset,
+                "user_id": ev.user_id,
+                "session_id": ev.session_id,
+                "item_id": ev.item_id,
+                "items": None if step.top_ids is None else step.top_ids[i],
+                "scores": None if step.top_scores is None else step.top_scores[i],
+                "model_version": version,
+                "event_time": t,
+                "produced_at": rec.timestamp,
+                "received_at": rec.received_at,
+                "emitted_at": 0.0,
+                "duplicate": dup,
+                "unknown_item": unknown,
+            }
+        )
+
+
+def store_states(work: dict[str, KeyStates], store: StateStore) -> None:
+    """Phase 4: one write (or delete) per changed key."""
+    for key, k in work.items():
+        if k.sess is not None and k.sess_dirty:
+            store.put_session(key, k.sess)
+        elif k.sess is None and k.sess_deleted:
+            store.delete_session(key)
+        if k.user is not None and k.user_dirty:
+            store.put_user(key, k.user)
+
+
 def process_batch(
     records: Sequence[Record],
     store: StateStore,
@@ -261,182 +486,40 @@ def process_batch(
 ) -> BatchResult:
     """Apply a batch of raw click records to the states and return what to publish.
 
-    With ``score=False`` the states are advanced and stored but the recommendations are not
-    scored yet: :func:`score_batch` does that (and may run in another thread while the next
-    batch is applied, since scoring reads no state).
+    Phases: decode and group -> load (and migrate) states -> rounds of (end sessions,
+    advance, emit) -> store -> score. With ``score=False`` the states are advanced and stored
+    but the recommendations are not scored yet: :func:`score_batch` does that (and may run in
+    another thread while the next batch is applied, since scoring reads no state).
     """
-    t_start = time.time()
-    now = t_start if now is None else now
+    now = time.time() if now is None else now
     res = BatchResult(model_version=model.version)
     stats = res.stats
     stats["records"] += len(records)
-
-    # 1. decode; group by key keeping arrival order
-    queues: dict[str, deque[tuple[Record, ClickEvent, float]]] = {}
-    # user states exist only for keys that are user ids: no lookup for anonymous sessions
-    user_keys: set[str] = set()
-    for rec in records:
-        ev = decode(
-            rec.value,
-            max_bytes=config.max_message_bytes,
-            topic=rec.topic,
-            partition=rec.partition,
-            offset=rec.offset,
-            key=rec.key,
-        )
-        if isinstance(ev, DeadLetter):
-            res.dead_letters.append(ev)
-            stats[f"dead_letter:{ev.reason}"] += 1
-            continue
-        t = ev.timestamp if ev.timestamp is not None else (rec.timestamp or now)
-        if clock is not None:
-            clock.observe(t)
-        key = ev.key
-        q = queues.get(key)
-        if q is None:
-            q = queues[key] = deque()
-        q.append((rec, ev, t))
-        res.key_partitions[key] = rec.partition
-        if ev.user_id is not None:
-            user_keys.add(key)
-    stats["dead_letters"] += len(res.dead_letters)
+    queues, user_keys = decode_and_group(records, res, config, clock, now)
     if not queues:
         return res
+    work = load_states(queues, user_keys, store, model, stats)
 
-    # 2. load states, one pass; re-encode those made by other weights
-    work: dict[str, _Key] = {}
-    for key in queues:
-        k = _Key(store.get_session(key), store.get_user(key) if key in user_keys else None)
-        _migrate(k, model, stats)
-        work[key] = k
-
-    # 3. rounds: each key at most once per model step
+    # rounds: round r holds the r-th event of every key, so a key is stepped at most once
     model_s = 0.0
     pending: list[np.ndarray] = []  # states of every round's clicks, scored at the end (split)
     while queues:
         batch = [(key, q.popleft()) for key, q in queues.items()]
         queues = {key: q for key, q in queues.items() if q}
         stats["events"] += len(batch)
-
-        to_end: list[tuple[str, _Key]] = []
-        end_pos: list[tuple[int, int]] = []
-        clicks: list[tuple[str, Record, ClickEvent, float, bool]] = []  # ..., duplicate
-        for key, (rec, ev, t) in batch:
-            k = work[key]
-            s, u = k.sess, k.user
-            dup = (s is not None and _is_dup(s.partition, s.offset, rec)) or (
-                s is None and u is not None and _is_dup(u.partition, u.offset, rec)
-            )
-            if ev.type == "session_end":
-                stats["session_end_events"] += 1
-                if dup:
-                    stats["duplicates"] += 1
-                elif s is not None and s.session_id == ev.session_id:
-                    to_end.append((key, k))
-                    end_pos.append((rec.partition, rec.offset))
-                continue
-            if dup:
-                stats["duplicates"] += 1
-            elif s is not None and (
-                s.session_id != ev.session_id or t - s.last_time > config.session_gap_seconds
-            ):
-                stats["sessions_ended_by_id" if s.session_id != ev.session_id else "gap_ends"] += 1
-                to_end.append((key, k))
-                end_pos.append((rec.partition, rec.offset))
-            clicks.append((key, rec, ev, t, dup))
-
+        to_end, end_pos, clicks = plan_round(batch, work, config, stats)
         t0 = time.perf_counter()
         _end_sessions(to_end, model, config, end_pos, stats)
         if not clicks:
             model_s += time.perf_counter() - t0
             continue
         stats["clicks"] += len(clicks)
-
-        # sessions to start: clicks (not duplicates) with no open session, and duplicates
-        # of already-ended sessions (answered from a fresh state, never stored)
-        ks = [work[c[0]] for c in clicks]
-        fresh = [i for i, k in enumerate(ks) if k.sess is None]
-        users = _user_ctx(ks, model)
-        states = np.empty((len(clicks), model.state_dim), dtype=np.float32)
-        if fresh:
-            states[fresh] = model.initial_states(users[fresh], len(fresh))
-        for i, k in enumerate(ks):  # (a row copy each is faster than np.stack of them)
-            if k.sess is not None:
-                states[i] = k.sess.hidden
-        rows = model.rows([c[2].item_id for c in clicks])
-        # an existing state's duplicate must not advance: ask for scores only
-        held = [i for i, c in enumerate(clicks) if c[4] and ks[i].sess is not None]
-        step_rows = rows
-        if held:
-            step_rows = rows.copy()
-            step_rows[held] = -1
-        unknowns = (rows < 0).tolist()
-        top_ids: list[list[str]] | None = None
-        top_scores: list[list[float]] | None = None
-        if model.split:  # advance now, score every click of the batch at the end at once
-            new_states = model.advance(step_rows, states)
-            pending.append(new_states)
-        else:
-            u_arg = users if model.user_state_dim else None
-            out = model.step(step_rows, states, u_arg, config.top_k)
-            new_states = out.states
-            top_ids = model.ids(out.top_rows).tolist()
-            top_scores = out.top_scores.tolist()
+        ks = [work[c.key] for c in clicks]
+        step = advance_round(clicks, ks, model, config, pending)
         model_s += time.perf_counter() - t0
+        emit_round(clicks, ks, step, res, config)
 
-        version, limit = model.version, config.recent_items
-        add = res.recommendations.append
-        for i, (_key, rec, ev, t, dup) in enumerate(clicks):
-            k = ks[i]
-            unknown = unknowns[i]
-            cid = _click_id(ev, rec)
-            if unknown and not dup:
-                stats["unknown_items"] += 1
-                res.unknown_items.append((ev.item_id or "", cid))
-            if not dup:
-                s = k.sess
-                if s is None:
-                    s = k.sess = SessionState(
-                        ev.session_id, new_states[i], version, ev.user_id, start_time=t
-                    )
-                    stats["sessions_started"] += 1
-                else:
-                    s.hidden = new_states[i]
-                s.push_item(ev.item_id or "", limit)
-                s.partition, s.offset = rec.partition, rec.offset
-                s.last_time = max(s.last_time, t)
-                s.n_events += 1
-                s.n_unknown += int(unknown)
-                k.sess_dirty = True
-            add(
-                {
-                    "click_id": cid,
-                    "topic": rec.topic,
-                    "partition": rec.partition,
-                    "offset": rec.offset,
-                    "user_id": ev.user_id,
-                    "session_id": ev.session_id,
-                    "item_id": ev.item_id,
-                    "items": None if top_ids is None else top_ids[i],
-                    "scores": None if top_scores is None else top_scores[i],
-                    "model_version": version,
-                    "event_time": t,
-                    "produced_at": rec.timestamp,
-                    "received_at": rec.received_at,
-                    "emitted_at": 0.0,
-                    "duplicate": dup,
-                    "unknown_item": unknown,
-                }
-            )
-
-    # 4. store: one write per changed key
-    for key, k in work.items():
-        if k.sess is not None and k.sess_dirty:
-            store.put_session(key, k.sess)
-        elif k.sess is None and k.sess_deleted:
-            store.delete_session(key)
-        if k.user is not None and k.user_dirty:
-            store.put_user(key, k.user)
+    store_states(work, store)
     res.model_seconds = model_s
     stats["recommendations"] += len(res.recommendations)
     if pending:
@@ -496,7 +579,7 @@ def sweep_idle(
         chunk = idle[i : i + batch_size]
         work = []
         for key, s in chunk:
-            k = _Key(s, store.get_user(key) if s.user_id is not None else None)
+            k = KeyStates(s, store.get_user(key) if s.user_id is not None else None)
             _migrate(k, model, stats)
             work.append((key, k))
         positions = [(k.sess.partition, k.sess.offset) for _, k in work]  # type: ignore[union-attr]

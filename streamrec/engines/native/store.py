@@ -28,7 +28,7 @@ from pathlib import Path
 
 from rocksdict import Options, Rdict, WriteBatch
 
-from .state import BufferedTable
+from streamrec.state import BufferedTable
 
 log = logging.getLogger(__name__)
 
