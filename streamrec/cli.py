@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
 import signal
 import sys
 import threading
 
 import click
 
+from streamrec import commands
 from streamrec.broker import DEFAULT_PORT, BrokerError, EmbeddedBroker
 from streamrec.settings import SettingsError, get_settings
 
@@ -58,18 +58,7 @@ def broker(port: int, host: str) -> None:
         click.echo("broker stopped", err=True)
 
 
-def _register_optional_commands() -> None:
-    # The service commands live in their own module so this one stays small.
-    try:
-        module = importlib.import_module("streamrec.commands")
-    except ModuleNotFoundError as exc:
-        if exc.name != "streamrec.commands":
-            raise
-        return
-    module.register(main)
-
-
-_register_optional_commands()
+commands.register(main)
 
 if __name__ == "__main__":
     main()

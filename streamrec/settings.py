@@ -155,7 +155,6 @@ class WorkerSettings(_Group):
     """Identity and ports of a worker process."""
 
     app_id: str = Field("streamrec", min_length=1, max_length=200)
-    web_port: int = Field(6066, ge=0, le=65_535)
     metrics_port: int = Field(9108, ge=0, le=65_535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     #: torch intra-op threads on CPU. One leaves the other cores to the event loop; more made

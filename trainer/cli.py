@@ -26,32 +26,28 @@ from trainer.jobs import Evaluator, TrainJob, TrainOutcome
 # ----------------------------------------------------------------------------- option helpers
 
 
-class MultiValueOption(click.Option):
-    """An option that takes one or more values: ``--k 1 5 10 20`` (also ``--k 1 --k 5``)."""
+#: options that take one or more values: ``--k 1 5 10 20`` (also ``--k 1 --k 5``)
+MULTI_VALUE_OPTIONS = ("--k", "--param", "--column-map")
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("multiple", True)
-        super().__init__(*args, **kwargs)
 
-    def add_to_parser(self, parser: Any, ctx: click.Context) -> Any:
-        result = super().add_to_parser(parser, ctx)
-        for name in self.opts:
-            opt = parser._long_opt.get(name) or parser._short_opt.get(name)
-            if opt is None:
-                continue
-            original = opt.process
-            prefixes = parser._opt_prefixes
+class MultiValueCommand(click.Command):
+    """A command whose :data:`MULTI_VALUE_OPTIONS` take every plain value that follows them:
+    the arguments are rewritten to click's repeated form before click parses them."""
 
-            def process(
-                value: Any, state: Any, _orig: Any = original, prefixes: Any = prefixes
-            ) -> None:
-                _orig(value, state)
-                # keep eating plain values up to the next option
-                while state.rargs and not any(state.rargs[0].startswith(p) for p in prefixes):
-                    _orig(state.rargs.pop(0), state)
-
-            opt.process = process
-        return result
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        out: list[str] = []
+        current: str | None = None  # the multi-value option being filled
+        filled = False
+        for arg in args:
+            if arg.startswith("-"):
+                current, filled = (arg, False) if arg in MULTI_VALUE_OPTIONS else (None, False)
+                out.append(arg)
+            elif current is not None and filled:
+                out += [current, arg]  # a further value: repeat the option
+            else:
+                out.append(arg)
+                filled = current is not None
+        return super().parse_args(ctx, out)
 
 
 def _split_values(values: Sequence[str]) -> list[str]:
@@ -219,7 +215,7 @@ def evaluator_for(model_name: str) -> Evaluator:
 # ----------------------------------------------------------------------------- commands
 
 _k_option = click.option(
-    "--k", "ks", cls=MultiValueOption, help="cut-offs, e.g. --k 1 5 10 20 (default)"
+    "--k", "ks", multiple=True, help="cut-offs, e.g. --k 1 5 10 20 (default)"
 )
 _ties_option = click.option(
     "--ties",
@@ -234,7 +230,7 @@ def _load_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option(
         "--column-map",
         "column_map",
-        cls=MultiValueOption,
+        multiple=True,
         help="OURS=THEIRS column names, e.g. SessionId=sess ItemId=product Time=ts",
     )(f)
     f = click.option(
@@ -258,14 +254,14 @@ def main() -> None:
     """Offline GRU4Rec / HRNN / p-RNN: train, evaluate, baselines."""
 
 
-@main.command()
+@main.command(cls=MultiValueCommand)
 @click.option("--train", "train_path", required=True, type=click.Path(dir_okay=False))
 @click.option("--test", "test_path", type=click.Path(dir_okay=False), default=None)
 @click.option("--model", "model_name", default="gru4rec", show_default=True)
 @click.option(
     "--preset", default=None, help="published parameter set, e.g. yoochoose_xe_shared_best"
 )
-@click.option("--param", "params", cls=MultiValueOption, help="key=value (official names)")
+@click.option("--param", "params", multiple=True, help="key=value (official names)")
 @_k_option
 @_ties_option
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
@@ -377,7 +373,7 @@ def train(
     )
 
 
-@main.command()
+@main.command(cls=MultiValueCommand)
 @click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--test", "test_path", required=True, type=click.Path(dir_okay=False))
 @click.option("--train", "train_path", default=None, help="training log (models with user state)")
@@ -420,7 +416,7 @@ def evaluate(
         print_metrics(dict(metrics), f"{ck.model_name} {ck.version} (ties={ties})", cut)
 
 
-@main.command()
+@main.command(cls=MultiValueCommand)
 @click.option("--name", required=True, help="pop, spop, item-knn, bpr-mf")
 @click.option("--train", "train_path", required=True, type=click.Path(dir_okay=False))
 @click.option("--test", "test_path", required=True, type=click.Path(dir_okay=False))

@@ -17,7 +17,7 @@ The stack, smallest first:
   buffered and routed to their partition after the batch (:meth:`TableView.route`), because
   a key's partition is known for sure only once the core has seen its event.
 
-The in-memory twin is a plain dict (``StateStore()``), which the tests and ``replay`` use.
+The in-memory twin is a plain dict (``StateStore()``), which the core's tests use.
 """
 
 from __future__ import annotations

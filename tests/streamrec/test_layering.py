@@ -12,7 +12,7 @@ from pathlib import Path
 import streamrec
 import trainer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _modules(package: object) -> list[str]:

@@ -1,6 +1,6 @@
 """A minimal Faust worker for the foundation tests: sums values per key in a RocksDB table.
 
-Run as a process: python tests/apps/faust_counter.py, configured by environment variables.
+Run as a process: python tests/streamrec/apps/faust_counter.py, configured by environment variables.
 Uses the settings the broker notes say Tansu needs.
 """
 
