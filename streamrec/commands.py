@@ -1,4 +1,4 @@
-"""Service commands of the `streamrec` CLI: worker, produce, tail, replay, demo."""
+"""Service commands of the `streamrec` CLI: worker, produce, tail, replay, backtest, demo."""
 
 from __future__ import annotations
 
@@ -242,6 +242,119 @@ def replay(
         sys.exit(1)
 
 
+@click.command(context_settings={"show_default": True})
+@click.argument("log", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Report dir."
+)
+@click.option("--every", default=None, help="Period of event time, e.g. 1d, 7d, 30d, 12h.")
+@click.option(
+    "--warmup-until",
+    default=None,
+    help="Warm-up end: a fraction of the log's time span (0-1), epoch seconds or ISO time.",
+)
+@click.option("--model", "model_name", default="gru4rec", help="gru4rec, hrnn or prnn.")
+@click.option("--param", "params", multiple=True, help="key=value for the trainer (repeatable).")
+@click.option(
+    "--init",
+    "init_model",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Initial checkpoint (instead of training one on the warm-up clicks).",
+)
+@click.option(
+    "--compare",
+    nargs=2,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Two fixed checkpoints scored side by side on the same replay.",
+)
+@click.option("--frozen/--no-frozen", default=True, help="Run the arm with the initial model.")
+@click.option("--retrain/--no-retrain", default=True, help="Run the periodically retrained arm.")
+@click.option(
+    "--kafka/--embedded",
+    "use_kafka",
+    default=False,
+    help="The configured Kafka (settings) instead of an embedded broker.",
+)
+@click.option("--partitions", default=2, help="Partitions of the backtest's topics.")
+@click.option(
+    "--session-gap", type=float, default=None, help="Sessionise a log without sessions (s)."
+)
+@click.option("--state-gap", type=float, default=None, help="Workers' session inactivity gap (s).")
+@click.option("--format", "fmt", default=None, help="Log format (default: from the file).")
+@click.option("--timeout", default=600.0, help="Longest wait for one step (s).")
+@click.option("--progress/--no-progress", default=True)
+def backtest(
+    log: Path,
+    out_dir: Path,
+    every: str | None,
+    warmup_until: str | None,
+    model_name: str,
+    params: tuple[str, ...],
+    init_model: Path | None,
+    compare: tuple[Path, Path] | None,
+    frozen: bool,
+    retrain: bool,
+    use_kafka: bool,
+    partitions: int,
+    session_gap: float | None,
+    state_gap: float | None,
+    fmt: str | None,
+    timeout: float,
+    progress: bool,
+) -> None:
+    """Replay LOG through the live path, retrained arm against frozen; report.json + report.html."""
+    from .backtest import BacktestError, BacktestOptions, parse_every, run_backtest
+
+    try:
+        period = parse_every(every)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--every") from None
+    if model_name not in ("gru4rec", "hrnn", "prnn"):
+        raise click.BadParameter(f"unknown model {model_name!r}", param_hint="--model")
+    train_args: list[str] = []
+    if session_gap is not None:
+        train_args += ["--session-gap", str(session_gap)]
+    opts = BacktestOptions(
+        log=log,
+        out=out_dir,
+        every=period,
+        warmup_until=warmup_until,
+        model=model_name,
+        params=list(params),
+        init=init_model,
+        compare=compare or None,
+        frozen=frozen,
+        retrain=retrain,
+        kafka_conf=get_settings().kafka.confluent_config() if use_kafka else None,
+        partitions=partitions,
+        session_gap=session_gap,
+        state_gap=state_gap,
+        fmt=fmt,
+        timeout=timeout,
+        progress=progress,
+        command=" ".join(["streamrec", *sys.argv[1:]]),
+    )
+    try:
+        report = run_backtest(opts)
+    except BacktestError as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        click.echo("interrupted: workers and broker stopped", err=True)
+        sys.exit(130)
+    for arm, fig in report["overall"].items():
+        recall, mrr = fig.get("recall@20") or 0.0, fig.get("mrr@20") or 0.0
+        click.echo(
+            f"{arm:>10}: Recall@20 {recall:.4f}  MRR@20 {mrr:.4f}"
+            f"  (n={fig.get('n_scored', 0):,}, swaps {fig.get('swaps', 0)})"
+        )
+    html = out_dir / "report.html"
+    click.echo(f"lost {report['lost']}, duplicated {report['duplicates']}; report: {html}")
+    if report["lost"] or report["duplicates"]:
+        sys.exit(1)
+
+
 @click.command()
 @click.option("--sessions", default=2000, show_default=True, help="Synthetic sessions.")
 @click.option("--items", default=300, show_default=True, help="Synthetic items.")
@@ -257,5 +370,5 @@ def demo(sessions: int, items: int, rate: float, epochs: int, keep: Path | None)
 
 def register(main: click.Group) -> None:
     """Add the service commands to the `streamrec` group."""
-    for cmd in (worker, produce, tail, replay, demo):
+    for cmd in (worker, produce, tail, replay, backtest, demo):
         main.add_command(cmd)
