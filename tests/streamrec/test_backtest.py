@@ -1,0 +1,230 @@
+"""`streamrec backtest`: its pure parts, and the whole live path against `trainer evaluate`.
+
+The end-to-end tests run the CLIs as a user would (``python -m trainer train|evaluate``,
+``python -m streamrec backtest``) on a tiny synthetic log: each backtest starts its own
+embedded broker (or uses $STREAMREC_TEST_BOOTSTRAP through ``--kafka``) and worker processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import torch
+
+from streamrec.backtest import parse_every, parse_warmup
+from streamrec.backtest_metrics import live_rank, make_periods
+from streamrec.synthetic import generate_clicks
+from streamrec.testing import TEST_BOOTSTRAP_ENV
+from trainer.metrics import ranks
+
+KS = (1, 5, 10, 20)
+TINY = ["layers=16", "n_epochs=2", "batch_size=16", "n_sample=0", "device=cpu"]
+
+
+# ----------------------------------------------------------------------------- pure parts
+
+
+def test_parse_every_and_warmup() -> None:
+    assert parse_every("1d") == 86400.0
+    assert parse_every("12h") == 43200.0
+    assert parse_every("90") == 90.0
+    assert parse_every(None) is None
+    with pytest.raises(ValueError):
+        parse_every("soon")
+    assert parse_warmup("0.5", 100.0, 300.0) == 200.0
+    assert parse_warmup(None, 100.0, 300.0) == 100.0
+    assert parse_warmup("0", 100.0, 300.0) == 100.0
+    assert parse_warmup("1700000000", 0.0, 1.0) == 1.7e9
+    assert parse_warmup("2023-11-14T22:13:20Z", 0.0, 1.0) == 1.7e9
+
+
+def test_periods_cover_the_scored_span() -> None:
+    ps = make_periods(0.0, 25.0, 10.0)
+    assert [(p.start, p.end) for p in ps] == [(0.0, 10.0), (10.0, 20.0), (20.0, 25.0)]
+    assert [(p.start, p.end) for p in make_periods(0.0, 25.0, None)] == [(0.0, 25.0)]
+
+
+def test_live_rank_from_top_k_plus_one_equals_the_conservative_rank() -> None:
+    """Scores on a coarse grid make many ties, also at the list's border: for every cut-off
+    k <= 20 the hit and the reciprocal rank read from a top-21 answer equal the offline
+    conservative rank's (trainer.metrics.ranks)."""
+    gen = torch.Generator().manual_seed(0)
+    n_items, trials = 60, 3000
+    scores = torch.randint(0, 12, (trials, n_items), generator=gen).to(torch.float32) / 4
+    targets = torch.randint(0, n_items, (trials,), generator=gen)
+    offline = ranks(scores, targets, "conservative").tolist()
+    border_ties = 0
+    for i in range(trials):
+        top_scores, top_rows = torch.topk(scores[i], 21)
+        items = [str(r) for r in top_rows.tolist()]
+        live = live_rank(items, top_scores.tolist(), str(int(targets[i])), 20)
+        t_score = float(scores[i, targets[i]])
+        border_ties += int(t_score == float(top_scores[-1]) and str(int(targets[i])) in items)
+        for k in KS:
+            assert (live <= k) == (offline[i] <= k), (i, live, offline[i])
+            if offline[i] <= k:
+                assert live == offline[i]
+    assert border_ties > 0  # the case that needs the 21st item did occur
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _py() -> list[str]:
+    return [sys.executable, "-m"]
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if os.environ.get(TEST_BOOTSTRAP_ENV):
+        env["STREAMREC_KAFKA__BOOTSTRAP_SERVERS"] = os.environ[TEST_BOOTSTRAP_ENV]
+    return env
+
+
+def _broker_args() -> list[str]:
+    return ["--kafka"] if os.environ.get(TEST_BOOTSTRAP_ENV) else []
+
+
+def _run(args: list[str], timeout: float = 240) -> str:
+    done = subprocess.run(_py() + args, capture_output=True, text=True, env=_env(), timeout=timeout)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """~900 clicks of 20 users over four weeks, 60 items."""
+    df = generate_clicks(150, 60, 20, seed=3, span_days=28)
+    path = tmp_path_factory.mktemp("backtest") / "log.tsv"
+    df.to_csv(path, sep="\t", index=False)
+    return path
+
+
+def _train(log: Path, out: Path, model: str, seed: int = 42) -> Path:
+    args = ["trainer", "train", "--train", str(log), "--out", str(out), "--model", model]
+    params = TINY if model == "gru4rec" else ["layers=16", "n_epochs=2", "batch_size=8"]
+    for kv in [*params, f"seed={seed}"] if model == "gru4rec" else params:
+        args += ["--param", kv]
+    _run([*args, "--no-progress"])
+    return out
+
+
+def _evaluate(model: Path, log: Path) -> dict[str, Any]:
+    out = json.loads(_run(["trainer", "evaluate", "--model", str(model), "--test", str(log),
+                           "--json"]))  # fmt: skip
+    return dict(out)
+
+
+def _backtest(log: Path, out: Path, *args: str) -> dict[str, Any]:
+    _run(["streamrec", "backtest", str(log), "--out", str(out), "--no-progress",
+          *_broker_args(), *args])  # fmt: skip
+    return dict(json.loads((out / "report.json").read_text()))
+
+
+def _assert_equal_to_offline(live: dict[str, Any], offline: dict[str, Any]) -> None:
+    """Same predictions scored, the same hits at every cut-off (so the same ranks up to 20);
+    MRR sums the same reciprocal ranks in another order (float64, 1e-12)."""
+    assert live["n_scored"] == offline["n_events"]
+    for k in KS:
+        assert live[f"recall@{k}"] == offline[f"recall@{k}"], k
+        assert live[f"mrr@{k}"] == pytest.approx(offline[f"mrr@{k}"], abs=1e-12), k
+
+
+def _assert_complete(report: dict[str, Any], out: Path) -> None:
+    assert report["lost"] == 0 and report["duplicates"] == 0
+    page = (out / "report.html").read_text()
+    pngs = [p for p in ("recall.png", "mrr.png", "coverage_new_items.png", "latency_cdf.png",
+                        "throughput.png")]  # fmt: skip
+    for name in pngs:
+        assert f'src="{name}"' in page
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["gru4rec", "hrnn"])
+def test_replay_without_retraining_or_warmup_equals_trainer_evaluate(
+    log: Path, tmp_path: Path, model: str
+) -> None:
+    ckpt = _train(log, tmp_path / "m", model)
+    offline = _evaluate(ckpt, log)
+    report = _backtest(log, tmp_path / "bt", "--init", str(ckpt), "--no-retrain",
+                       "--warmup-until", "0", "--every", "7d", "--model", model)  # fmt: skip
+    assert list(report["overall"]) == ["frozen"]
+    _assert_equal_to_offline(report["overall"]["frozen"], offline)
+    # the periods split the same clicks
+    assert sum(p["events"] for p in report["periods"]) == report["events"]
+    assert sum(p["frozen"]["n_scored"] for p in report["periods"]) == offline["n_events"]
+    assert len(report["periods"]) >= 4
+    _assert_complete(report, tmp_path / "bt")
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_compare_scores_two_checkpoints_on_the_same_replay(log: Path, tmp_path: Path) -> None:
+    """Shadow scoring: each arm's figures are its own checkpoint's offline figures."""
+    a = _train(log, tmp_path / "a", "gru4rec", seed=1)
+    b = _train(log, tmp_path / "b", "gru4rec", seed=2)
+    report = _backtest(log, tmp_path / "bt", "--compare", str(a), str(b), "--every", "14d")
+    assert set(report["overall"]) == {"A", "B"}
+    _assert_equal_to_offline(report["overall"]["A"], _evaluate(a, log))
+    _assert_equal_to_offline(report["overall"]["B"], _evaluate(b, log))
+    assert report["overall"]["A"]["mrr@20"] != report["overall"]["B"]["mrr@20"]
+    assert report["lost"] == 0 and report["duplicates"] == 0
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_warmup_trains_the_initial_model_and_is_not_scored(log: Path, tmp_path: Path) -> None:
+    import pandas as pd
+
+    params = [x for kv in TINY for x in ("--param", kv)]
+    report = _backtest(log, tmp_path / "bt", "--no-retrain", "--warmup-until", "0.5",
+                       "--every", "7d", *params)  # fmt: skip
+    df = pd.read_csv(log, sep="\t", dtype={"SessionId": str, "ItemId": str})
+    df = df.sort_values("Time", kind="stable").reset_index(drop=True)
+    t_warm = df["Time"].min() + 0.5 * (df["Time"].max() - df["Time"].min())
+    assert report["warmup_until"] == pytest.approx(t_warm)
+    after = df["Time"] >= t_warm
+    has_next = df.groupby("SessionId").cumcount(ascending=False) > 0
+    fig = report["overall"]["frozen"]
+    assert report["warmup_events"] == int((~after).sum())
+    assert fig["n_scored"] == int((after & has_next).sum())
+    assert fig["answers"] == int(after.sum())  # warm-up clicks are answered but not scored
+    assert (tmp_path / "bt" / "work" / "models" / "initial" / "checkpoint.json").exists()
+    _assert_complete(report, tmp_path / "bt")
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_ctrl_c_leaves_nothing_running(log: Path, tmp_path: Path) -> None:
+    ckpt = _train(log, tmp_path / "m", "gru4rec")
+    cmd = [*_py(), "streamrec", "backtest", str(log), "--out", str(tmp_path / "bt"),
+           "--init", str(ckpt), "--no-retrain", "--no-progress", *_broker_args()]  # fmt: skip
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen(cmd, env=_env(), stderr=err)
+    parent = psutil.Process(proc.pid)
+    deadline = time.monotonic() + 120
+    workers: list[psutil.Process] = []
+    while not workers and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        with contextlib.suppress(psutil.Error):
+            workers = [c for c in parent.children(recursive=True) if "worker" in c.cmdline()]
+    assert workers, (tmp_path / "stderr.txt").read_text()[-2000:]
+    children = parent.children(recursive=True)  # the broker and the worker(s)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=90)
+    assert proc.returncode == 130, (tmp_path / "stderr.txt").read_text()[-2000:]
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]
