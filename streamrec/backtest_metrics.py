@@ -15,6 +15,20 @@ equal the offline ones for every cut-off, as long as the scores themselves are e
 What is scored. The prediction made at click i (the answer to click i) is scored against the
 next click of the same session in the log (sessions as the log names them, events in time
 order), when click i is at or after the warm-up time; the period is the one holding click i.
+
+The other figures, per period and overall, for each arm:
+
+* ``coverage@20``: distinct items in the top 20 of the answers / distinct items in the log;
+* new items: an item is new in the period in which the log first clicks it (warm-up items
+  are not new). ``new_item_click_share`` (per period, the same for all arms): clicks on new
+  items / clicks; ``new_item_rec_share@20``: top-20 slots given to new items / all slots;
+  ``new_item_recall@20``: Recall@20 over the next clicks whose item is new;
+* ``latency_p50_ms`` ...: an answer's ``emitted_at`` minus its click's producer timestamp.
+  The replay is compressed (a period is published as fast as possible), so this includes
+  queueing and is not the latency at a live rate; ``throughput_eps``: answers / (last answer
+  minus first click sent);
+* ``lost``: published clicks never answered; ``duplicates``: clicks answered more than once
+  or answered as redeliveries. Both must be 0.
 """
 
 from __future__ import annotations
@@ -202,9 +216,9 @@ def score_arm(
     per = [Acc(ks) for _ in range(n_periods)]
     overall = Acc(ks)
     items = view.df["ItemId"].astype(str).to_numpy()
-    # catalogue: distinct items of the log up to each period's end (warm-up included)
+    # catalogue: the distinct items of the whole log
     first_per = view.first_seen_period
-    known_by_period = [int((np.unique(items[first_per <= p])).size) for p in range(n_periods)]
+    catalogue = int(np.unique(items).size)
     new_in_period: list[set[str]] = [set() for _ in range(n_periods)]
     for it, p in zip(items, first_per, strict=True):
         if p >= 0:
@@ -241,8 +255,8 @@ def score_arm(
             if is_new:
                 acc.new_targets += 1
                 acc.new_hits += int(rank <= cov_k)
-    periods_out = [acc.result(known_by_period[p]) for p, acc in enumerate(per)]
-    overall_out = overall.result(known_by_period[-1] if known_by_period else 0)
+    periods_out = [acc.result(catalogue) for acc in per]
+    overall_out = overall.result(catalogue)
     series = {
         "latencies_ms": sorted(x * 1e3 for x in overall.latencies),
         "emitted": sorted(overall.emitted),

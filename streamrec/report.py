@@ -19,8 +19,8 @@ from .events import MIN_TIMESTAMP
 
 #: the per-period metrics drawn, each with its axis label
 _PERIOD_METRICS: list[tuple[str, str, str]] = [
-    ("recall", "Recall@k per period", "Recall@k (share of next clicks in the top k)"),
-    ("mrr", "MRR@k per period", "MRR@k (mean reciprocal rank, 0 outside the top k)"),
+    ("recall", "Recall@k per period", "Recall@k (share of next clicks, 0-1)"),
+    ("mrr", "MRR@k per period", "MRR@k (mean 1/rank, 0-1)"),
 ]
 
 
@@ -81,8 +81,12 @@ def make_plots(
         files.append((name, caption))
 
     for family, title, ylabel in _PERIOD_METRICS:
-        fig, axes = plt.subplots(1, len(ks), figsize=(4.2 * len(ks), 3.6), squeeze=False)
-        for ax, k in zip(axes[0], ks, strict=True):
+        cols = 2 if len(ks) > 1 else 1
+        rows = (len(ks) + cols - 1) // cols
+        fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.8 * rows), squeeze=False)
+        for ax in axes.flat[len(ks) :]:
+            ax.set_visible(False)
+        for ax, k in zip(axes.flat, ks, strict=False):
             for arm in arms:
                 ax.plot(x, _values(report, arm, f"{family}@{k}"), marker=marker, label=arm)
             ax.set_title(f"{title.replace('@k', f'@{k}')}")
@@ -98,7 +102,7 @@ def make_plots(
         ax.plot(x, _values(report, arm, "coverage@20"), marker=marker, label=arm)
     ax.set_title("Catalogue coverage per period")
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("share of known items in some top 20 (0-1)")
+    ax.set_ylabel("share of the log's items in some top 20 (0-1)")
     ax.legend()
     ax.tick_params(axis="x", labelrotation=30)
     ax = axes[0][1]
