@@ -107,8 +107,11 @@ class BacktestOptions:
     progress: bool = True
     engine: str | None = None
     command: str = ""
-    train_args: Sequence[str] = ()  # extra `trainer train` / `trainer retrain` options
+    train_args: Sequence[str] = ()  # extra `trainer train` options
     on_event: Callable[[str], None] | None = None
+    #: one retrain cycle (label) in place of issue #11's commands: must publish a new
+    #: checkpoint that a worker watching ``Backtest.registry`` swaps in (tests use a stand-in)
+    retrain_cycle: Callable[[Backtest, str], None] | None = None
 
 
 @dataclass
@@ -226,6 +229,8 @@ class Backtest:
         self._progress: Any = None
         self._task: Any = None
         self._t0 = 0.0
+        self.n_published = 0
+        self.df = pd.DataFrame()
         self.series: dict[str, Any] = {}
 
     # -- plumbing
@@ -316,6 +321,7 @@ class Backtest:
         if out.failed:
             raise BacktestError(f"{out.failed} clicks could not be published")
         self.sent_at.update(out.sent_at)
+        self.n_published += len(values)
 
     def wait_answered(self, upto: int, t_upto: float) -> None:
         """Until every arm answered the first ``upto`` clicks (fresh reads of its topic)."""
@@ -347,19 +353,32 @@ class Backtest:
             self._progress.update(self._task, completed=t_upto - self._t0)
 
     # -- retraining (issue #11's commands, as child processes)
+    @property
+    def registry(self) -> Path:
+        return self.work / "models" / "registry"
+
     def archive_and_retrain(self, label: str) -> dict[str, Any]:
+        """One retrain cycle on the clicks published so far (``self.n_published``)."""
+        t0 = time.perf_counter()
+        if self.opts.retrain_cycle is not None:
+            self.opts.retrain_cycle(self, label)
+        else:
+            self._archive_and_retrain_issue11(label)
+        return {"label": label, "seconds": time.perf_counter() - t0}
+
+    def _archive_and_retrain_issue11(self, label: str) -> None:
+        """``streamrec archive --until-caught-up`` then ``trainer retrain --once``, which
+        publishes into the registry that the retrained arm's workers follow."""
         archive = self.work / "archive"
-        registry = self.work / "models" / "registry"
+        registry = self.registry
         env_cmd = [sys.executable, "-m", "streamrec", "archive", "--dir", str(archive)]
         env_cmd += ["--until-caught-up"]
-        t0 = time.perf_counter()
         self._child_with_settings(env_cmd, "streamrec archive", f"archive-{label}")
         cmd = [sys.executable, "-m", "trainer", "retrain", "--archive", str(archive)]
         cmd += ["--models", str(registry), "--once", "--model", self.opts.model]
         for kv in self.opts.params:
             cmd += ["--param", kv]
         self._child_with_settings(cmd, "trainer retrain --once", f"retrain-{label}")
-        return {"label": label, "seconds": time.perf_counter() - t0}
 
     def _child_with_settings(self, cmd: list[str], what: str, label: str) -> str:
         from .launch import settings_env
@@ -407,7 +426,7 @@ class Backtest:
 
         opts = self.opts
         t_wall0 = time.time()
-        df = load_log(opts)
+        df = self.df = load_log(opts)
         if len(df) == 0:
             raise BacktestError("the log is empty")
         t_first, t_last = float(df["Time"].iloc[0]), float(df["Time"].iloc[-1])

@@ -313,9 +313,6 @@ def backtest(
         raise click.BadParameter(str(exc), param_hint="--every") from None
     if model_name not in ("gru4rec", "hrnn", "prnn"):
         raise click.BadParameter(f"unknown model {model_name!r}", param_hint="--model")
-    train_args: list[str] = []
-    if session_gap is not None:
-        train_args += ["--session-gap", str(session_gap)]
     opts = BacktestOptions(
         log=log,
         out=out_dir,

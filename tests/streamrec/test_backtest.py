@@ -228,3 +228,58 @@ def test_ctrl_c_leaves_nothing_running(log: Path, tmp_path: Path) -> None:
     assert proc.returncode == 130, (tmp_path / "stderr.txt").read_text()[-2000:]
     _, alive = psutil.wait_procs(children, timeout=30)
     assert not alive, [p.cmdline() for p in alive]
+
+
+def _stand_in_retrain(bt: Any, label: str) -> None:
+    """A stand-in for issue #11's ``archive`` + ``trainer retrain --once`` (not in this
+    branch): ``trainer train`` on the clicks published so far, written as a new checkpoint
+    directory into the registry folder, whose newest checkpoint the workers swap in. It tests
+    the backtest's side of the cycle (barrier, swap wait, swaps, per-arm figures), not #11."""
+    path = bt.work / f"published-{label}.tsv"
+    bt.df.iloc[: bt.n_published].to_csv(path, sep="\t", index=False)
+    out = bt.registry / f"v-{label}"
+    args = ["trainer", "train", "--train", str(path), "--out", str(out), "--no-progress"]
+    for kv in TINY:
+        args += ["--param", kv]
+    _run(args)
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_retrained_arm_swaps_after_every_period_beside_the_frozen_arm(
+    log: Path, tmp_path: Path
+) -> None:
+    from streamrec.backtest import BacktestOptions, parse_every, run_backtest
+
+    bootstrap = os.environ.get(TEST_BOOTSTRAP_ENV) or None
+    opts = BacktestOptions(
+        log=log,
+        out=tmp_path / "bt",
+        every=parse_every("7d"),
+        warmup_until="0.3",
+        params=TINY,
+        bootstrap=bootstrap,
+        progress=False,
+        retrain_cycle=_stand_in_retrain,
+    )
+    report = run_backtest(opts)
+    assert list(report["overall"]) == ["retrained", "frozen"]
+    n_periods = len(report["periods"])
+    assert n_periods >= 3
+    swaps = [s for s in report["swaps"] if s["arm"] == "retrained"]
+    # one swap after every period but the last, each at or after that period's end
+    assert len(swaps) == n_periods - 1
+    for p, sw in enumerate(swaps):
+        assert sw["event_time"] >= report["periods"][p]["end"]
+        assert sw["event_time"] < report["periods"][p + 1]["end"] or p + 2 == n_periods
+    assert report["overall"]["frozen"]["swaps"] == 0
+    assert report["overall"]["retrained"]["swaps"] == n_periods - 1
+    assert [r["label"] for r in report["retrains"]] == ["warmup"] + [
+        f"p{p}" for p in range(n_periods - 1)
+    ]
+    # both arms answered the same clicks; until the first retrain they serve models trained
+    # the same way on the same warm-up clicks
+    first = report["periods"][0]
+    assert first["retrained"]["n_scored"] == first["frozen"]["n_scored"] > 0
+    assert first["retrained"]["recall@20"] == first["frozen"]["recall@20"]
+    _assert_complete(report, tmp_path / "bt")
