@@ -112,6 +112,7 @@ class BacktestOptions:
     #: one retrain cycle (label) in place of issue #11's commands: must publish a new
     #: checkpoint that a worker watching ``Backtest.registry`` swaps in (tests use a stand-in)
     retrain_cycle: Callable[[Backtest, str], None] | None = None
+    retrainer: str = "streamrec archive --until-caught-up; trainer retrain --once"
 
 
 @dataclass
@@ -213,6 +214,65 @@ def train_initial(opts: BacktestOptions, warm: pd.DataFrame, work: Path) -> Path
 # ----------------------------------------------------------------------------- the run
 
 
+class _AnswerReader:
+    """The click ids answered on a recommendations topic, read as they arrive."""
+
+    def __init__(self, conf: dict[str, Any], topic: str) -> None:
+        self.conf = conf
+        self.topic = topic
+        self.seen: set[str] = set()
+        self._consumer: Any = None
+        self._open()
+
+    def _open(self) -> None:
+        from confluent_kafka import Consumer, TopicPartition
+
+        from .kafka import partition_count
+
+        self._consumer = Consumer(
+            {
+                **self.conf,
+                "group.id": f"streamrec-backtest-{uuid.uuid4().hex}",
+                "enable.auto.commit": False,
+                "fetch.wait.max.ms": 10,
+                "log_level": 0,
+            }
+        )
+        n = partition_count(self.conf, self.topic)
+        self._consumer.assign([TopicPartition(self.topic, p, 0) for p in range(n)])
+
+    def poll(self, seconds: float) -> bool:
+        """Read for up to ``seconds``; True when something new arrived."""
+        before = len(self.seen)
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            batch = self._consumer.consume(num_messages=10_000, timeout=0.1)
+            for msg in batch:
+                if msg.error() is None:
+                    self.seen.add(_click_id(msg.value()))
+            if not batch and len(self.seen) > before:
+                break
+        return len(self.seen) > before
+
+    def reread(self) -> None:
+        """A fresh read from offset 0 (what the broker holds), then tail from there again."""
+        from .kafka import read_topic
+
+        for msg in read_topic(self.conf, self.topic, idle_timeout=1.0):
+            self.seen.add(_click_id(msg.value()))
+        self.close()
+        self._open()
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None
+
+
+def _click_id(value: bytes) -> str:
+    return str(json.loads(value)["click_id"])
+
+
 class Backtest:
     def __init__(self, opts: BacktestOptions) -> None:
         self.opts = opts
@@ -230,6 +290,7 @@ class Backtest:
         self._task: Any = None
         self._t0 = 0.0
         self.n_published = 0
+        self._readers: dict[str, _AnswerReader] = {}
         self.df = pd.DataFrame()
         self.series: dict[str, Any] = {}
 
@@ -324,31 +385,42 @@ class Backtest:
         self.n_published += len(values)
 
     def wait_answered(self, upto: int, t_upto: float) -> None:
-        """Until every arm answered the first ``upto`` clicks (fresh reads of its topic)."""
-        from .replay import read_recommendations
+        """Until every arm answered the first ``upto`` clicks.
 
+        Each arm's recommendations are read incrementally (a consumer assigned to every
+        partition, no group); a tailing read can skip records on the embedded broker, so when
+        it stalls short of the target a fresh read from offset 0 decides (and restarts it).
+        """
         want = set(self.click_ids[:upto])
         deadline = time.monotonic() + self.opts.timeout
-        pending = list(self.arms)
-        while pending:
-            arm = pending[0]
-            got = {r["click_id"] for r in read_recommendations(self.conf, arm.recs_topic, 0.5)}
-            missing = len(want - got)
-            if self._progress is not None and self._task is not None:
-                self._progress.update(
-                    self._task, description=f"{arm.name}: {missing:,} clicks to go"
-                )
-            if missing == 0:
-                pending.pop(0)
-                continue
-            if not arm.worker.alive():
-                raise BacktestError(f"worker {arm.name} exited:\n{arm.worker.log_tail()}")
-            if time.monotonic() > deadline:
-                raise BacktestError(
-                    f"arm {arm.name}: {missing} of {len(want)} clicks unanswered after "
-                    f"{self.opts.timeout:.0f} s; worker log:\n{arm.worker.log_tail()}"
-                )
-            time.sleep(0.5)
+        for arm in self.arms:
+            reader = self._readers.get(arm.name)
+            if reader is None:
+                reader = self._readers[arm.name] = _AnswerReader(self.conf, arm.recs_topic)
+                self._stack.callback(reader.close)
+            last_new = time.monotonic()
+            while True:
+                if reader.poll(0.5):
+                    last_new = time.monotonic()
+                missing = len(want - reader.seen)
+                if self._progress is not None and self._task is not None:
+                    self._progress.update(
+                        self._task, description=f"{arm.name}: {missing:,} clicks to go"
+                    )
+                if missing == 0:
+                    break
+                if time.monotonic() - last_new > 3.0:
+                    reader.reread()
+                    last_new = time.monotonic()
+                    if not want - reader.seen:
+                        break
+                if not arm.worker.alive():
+                    raise BacktestError(f"worker {arm.name} exited:\n{arm.worker.log_tail()}")
+                if time.monotonic() > deadline:
+                    raise BacktestError(
+                        f"arm {arm.name}: {missing} of {len(want)} clicks unanswered after "
+                        f"{self.opts.timeout:.0f} s; worker log:\n{arm.worker.log_tail()}"
+                    )
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, completed=t_upto - self._t0)
 
@@ -538,6 +610,7 @@ class Backtest:
             "periods": [],
             "overall": {},
             "swaps": [],
+            "retrainer": opts.retrainer if any(a.retrain for a in self.arms) else None,
             "retrains": self.retrains,
             "lost": 0,
             "duplicates": 0,

@@ -333,6 +333,12 @@ def backtest(
         progress=progress,
         command=" ".join(["streamrec", *sys.argv[1:]]),
     )
+    def _terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM cleans up as Ctrl-C does
+
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         report = run_backtest(opts)
     except BacktestError as exc:

@@ -207,7 +207,8 @@ def test_warmup_trains_the_initial_model_and_is_not_scored(log: Path, tmp_path: 
 
 @pytest.mark.broker
 @pytest.mark.slow
-def test_ctrl_c_leaves_nothing_running(log: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_leaves_nothing_running(log: Path, tmp_path: Path, signum: int) -> None:
     ckpt = _train(log, tmp_path / "m", "gru4rec")
     cmd = [*_py(), "streamrec", "backtest", str(log), "--out", str(tmp_path / "bt"),
            "--init", str(ckpt), "--no-retrain", "--no-progress", *_broker_args()]  # fmt: skip
@@ -223,7 +224,7 @@ def test_ctrl_c_leaves_nothing_running(log: Path, tmp_path: Path) -> None:
     assert workers, (tmp_path / "stderr.txt").read_text()[-2000:]
     children = parent.children(recursive=True)  # the broker and the worker(s)
     time.sleep(1.0)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     proc.wait(timeout=90)
     assert proc.returncode == 130, (tmp_path / "stderr.txt").read_text()[-2000:]
     _, alive = psutil.wait_procs(children, timeout=30)
