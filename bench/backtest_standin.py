@@ -14,6 +14,7 @@ checkpoint there is swapped in). Results made with it say so.
 from __future__ import annotations
 
 import argparse
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +68,10 @@ def main() -> None:
         retrain_cycle=make_cycle(a.model, a.param),
         retrainer="stand-in: trainer train from scratch on every click published so far",
     )
+    def _terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # clean up as on Ctrl-C
+
+    signal.signal(signal.SIGTERM, _terminate)
     report = run_backtest(opts)
     report_note = "retrained arm: stand-in cycle (trainer train on all clicks so far), not #11"
     for arm, fig in report["overall"].items():

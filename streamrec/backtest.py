@@ -44,6 +44,7 @@ from .backtest_metrics import (
     make_periods,
     model_swaps,
     new_item_click_share,
+    plot_series,
     score_arm,
 )
 
@@ -641,6 +642,10 @@ class Backtest:
             report["duplicates"] += ans.duplicates
             series[arm.name] = s
         self.series = series
+        t0 = min((s["emitted"][0] for s in series.values() if s["emitted"]), default=0.0)
+        report["series"] = {
+            name: plot_series(s["latencies_ms"], s["emitted"], t0) for name, s in series.items()
+        }
         return report
 
 
@@ -650,5 +655,5 @@ def run_backtest(opts: BacktestOptions) -> dict[str, Any]:
 
     bt = Backtest(opts)
     report = bt.run()
-    write_report(opts.out, report, bt.series)
+    write_report(opts.out, report)
     return report

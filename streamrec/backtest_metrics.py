@@ -265,6 +265,24 @@ def score_arm(
     return periods_out, overall_out, series
 
 
+def plot_series(
+    latencies_ms: Sequence[float], emitted: Sequence[float], t0: float
+) -> dict[str, Any]:
+    """What the latency CDF and throughput plots need, small enough for report.json: the
+    latency at 201 evenly spaced quantiles, and answers per wall-clock bin since ``t0``."""
+    out: dict[str, Any] = {"latency_ms_quantiles": [], "throughput": None}
+    if len(latencies_ms):
+        q = np.quantile(np.asarray(latencies_ms, dtype=np.float64), np.linspace(0, 1, 201))
+        out["latency_ms_quantiles"] = [float(x) for x in q]
+    if len(emitted):
+        em = np.asarray(emitted, dtype=np.float64) - t0
+        span = float(em.max())
+        width = max(1.0, span / 200)
+        counts = np.bincount(np.floor(em / width).astype(np.int64))
+        out["throughput"] = {"bin_s": width, "counts": counts.tolist()}
+    return out
+
+
 def model_swaps(versions: Sequence[tuple[float, str]]) -> list[dict[str, Any]]:
     """Where the model version of the answers changes, in event-time order."""
     out: list[dict[str, Any]] = []

@@ -59,9 +59,7 @@ def _values(report: Mapping[str, Any], arm: str, key: str) -> list[float]:
     return out
 
 
-def make_plots(
-    out: Path, report: Mapping[str, Any], series: Mapping[str, Any]
-) -> list[tuple[str, str]]:
+def make_plots(out: Path, report: Mapping[str, Any]) -> list[tuple[str, str]]:
     """Write the PNGs into ``out``; returns (file name, caption) pairs."""
     import matplotlib
 
@@ -69,6 +67,7 @@ def make_plots(
     import matplotlib.pyplot as plt
 
     arms = _arms(report)
+    series = report.get("series", {})
     ks = list(report.get("ks", [1, 5, 10, 20]))
     x, xlabel = _period_x(report)
     marker = "o" if len(x) <= 60 else None
@@ -100,9 +99,9 @@ def make_plots(
     ax = axes[0][0]
     for arm in arms:
         ax.plot(x, _values(report, arm, "coverage@20"), marker=marker, label=arm)
-    ax.set_title("Catalogue coverage per period")
+    ax.set_title("Catalogue coverage@20 per period")
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("share of the log's items in some top 20 (0-1)")
+    ax.set_ylabel("share of the log's items (0-1)")
     ax.legend()
     ax.tick_params(axis="x", labelrotation=30)
     ax = axes[0][1]
@@ -120,10 +119,9 @@ def make_plots(
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for arm in arms:
-        lat = series.get(arm, {}).get("latencies_ms") or []
-        if lat:
-            n = len(lat)
-            ax.plot(lat, [(i + 1) / n for i in range(n)], label=f"{arm} (n={n:,})")
+        q = series.get(arm, {}).get("latency_ms_quantiles") or []
+        if q:
+            ax.plot(q, [i / (len(q) - 1) for i in range(len(q))], label=arm)
     ax.set_xscale("log")
     ax.set_title("Click-to-recommendation latency (CDF)")
     ax.set_xlabel("latency (ms, log scale)")
@@ -132,20 +130,15 @@ def make_plots(
     save(fig, "latency_cdf.png", "Latency CDF (compressed replay: queueing included)")
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    t0 = min((s["emitted"][0] for s in series.values() if s.get("emitted")), default=0.0)
     for arm in arms:
-        em = series.get(arm, {}).get("emitted") or []
-        if not em:
+        tp = series.get(arm, {}).get("throughput")
+        if not tp:
             continue
-        width = max(1.0, (em[-1] - t0) / 100)
-        bins: dict[int, int] = {}
-        for t in em:
-            b = int((t - t0) / width)
-            bins[b] = bins.get(b, 0) + 1
-        xs = sorted(bins)
-        ax.plot([b * width for b in xs], [bins[b] / width for b in xs], label=arm)
-    ax.set_title("Throughput over the run")
-    ax.set_xlabel("wall time since the first answer (s)")
+        width, counts = float(tp["bin_s"]), tp["counts"]
+        xs = [i * width for i in range(len(counts) + 1)]
+        ax.stairs([c / width for c in counts], xs, label=arm)
+    ax.set_title("Throughput over the run (scored periods; gaps: retraining)")
+    ax.set_xlabel("wall time since the first scored answer (s)")
     ax.set_ylabel("recommendations published (events/s)")
     ax.legend()
     save(fig, "throughput.png", "Throughput over time (wall clock)")
@@ -201,14 +194,29 @@ period(s); lost {report.get("lost")}, duplicated {report.get("duplicates")}.</p>
     (out / "report.html").write_text(page)
 
 
-def write_report(out: Path, report: Mapping[str, Any], series: Mapping[str, Any]) -> None:
+def write_report(out: Path, report: Mapping[str, Any]) -> None:
     """``out/report.json``, the PNG plots and ``out/report.html``."""
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "report.json", report)
     note = ""
     try:
-        plots = make_plots(out, report, series)
+        plots = make_plots(out, report)
     except ImportError:
         plots = []
         note = "<p>matplotlib is not installed: pip install 'streamrec[report]' for the plots.</p>"
     write_html(out, report, plots, note)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m streamrec.report DIR``: redraw DIR's plots and page from its report.json."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        raise SystemExit("usage: python -m streamrec.report DIR")
+    out = Path(args[0])
+    write_report(out, json.loads((out / "report.json").read_text()))
+
+
+if __name__ == "__main__":
+    main()
