@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -109,6 +110,7 @@ class BacktestOptions:
     engine: str | None = None
     command: str = ""
     train_args: Sequence[str] = ()  # extra `trainer train` options
+    retrain_args: Sequence[str] = ()  # extra `trainer retrain` options, e.g. --window=60d
     on_event: Callable[[str], None] | None = None
     #: one retrain cycle (label) in place of issue #11's commands: must publish a new
     #: checkpoint that a worker watching ``Backtest.registry`` swaps in (tests use a stand-in)
@@ -172,6 +174,17 @@ def click_messages(df: pd.DataFrame, ids: Sequence[str]) -> list[tuple[bytes, by
         body["event_id"] = eid
         out.append((key, json.dumps(body).encode(), t))
     return out
+
+
+def registry_current(models: Path) -> Path | None:
+    """The published checkpoint of an issue #11 model registry (``MODELS/CURRENT`` names a
+    directory of ``MODELS/versions``), or None (no registry, nothing published)."""
+    try:
+        name = (models / "CURRENT").read_text().strip()
+    except OSError:
+        return None
+    path = models / "versions" / name
+    return path if name and (path / "checkpoint.json").exists() else None
 
 
 # ----------------------------------------------------------------------------- child processes
@@ -448,9 +461,10 @@ class Backtest:
         env_cmd += ["--until-caught-up"]
         self._child_with_settings(env_cmd, "streamrec archive", f"archive-{label}")
         cmd = [sys.executable, "-m", "trainer", "retrain", "--archive", str(archive)]
-        cmd += ["--models", str(registry), "--once", "--model", self.opts.model]
+        cmd += ["--models", str(registry), "--once", "--model", self.opts.model, "--no-progress"]
         for kv in self.opts.params:
             cmd += ["--param", kv]
+        cmd += list(self.opts.retrain_args)
         self._child_with_settings(cmd, "trainer retrain --once", f"retrain-{label}")
 
     def _child_with_settings(self, cmd: list[str], what: str, label: str) -> str:
@@ -524,25 +538,31 @@ class Backtest:
         # arms and their initial models
         if opts.compare is not None:
             self.arms = [Arm("A", opts.compare[0]), Arm("B", opts.compare[1])]
-        else:
-            initial = opts.init
-            if initial is None:
-                self.say(f"training the initial {opts.model} on {n_warm:,} warm-up clicks")
-                initial = train_initial(opts, df.iloc[:n_warm], self.work)
-            if retrain:
-                self.arms.append(Arm("retrained", self.work / "models" / "registry", retrain=True))
-            if opts.frozen:
-                self.arms.append(Arm("frozen", initial))
-        if not self.arms:
+        elif not retrain and not opts.frozen:
             raise BacktestError("no arm left to run (--no-frozen and --no-retrain)")
         self._start_broker()
         ensure_topics(self.conf, [TopicSpec(self.clicks_topic, opts.partitions)])
-        self._start_progress(t_warm, t_last)
         # warm-up clicks first: the retrained arm's first model is one retrain cycle on them
         self.publish(values[:n_warm])
-        if retrain:
-            self.say("retrain cycle 0 (the retrained arm's first model) on the warm-up archive")
-            self.retrains.append(self.archive_and_retrain("warmup"))
+        if opts.compare is None:
+            # the retrained arm's first model is one retrain cycle on the warm-up clicks; the
+            # frozen arm serves a copy of what that cycle published (the registry may prune
+            # it later), else (no registry) `trainer train` on the same clicks
+            initial = opts.init
+            if retrain:
+                self.say("retrain cycle 0 (the retrained arm's first model) on the warm-up")
+                self.retrains.append(self.archive_and_retrain("warmup"))
+                published = registry_current(self.registry)
+                if initial is None and published is not None:
+                    initial = self.work / "models" / "initial"
+                    shutil.copytree(published, initial)
+                self.arms.append(Arm("retrained", self.registry, retrain=True))
+            if opts.frozen:
+                if initial is None:
+                    self.say(f"training the initial {opts.model} on {n_warm:,} warm-up clicks")
+                    initial = train_initial(opts, df.iloc[:n_warm], self.work)
+                self.arms.append(Arm("frozen", initial))
+        self._start_progress(t_warm, t_last)
         for arm in self.arms:
             self._start_worker(arm)
         self._wait_ready()
@@ -558,13 +578,22 @@ class Backtest:
             if retrain and p < len(periods) - 1 and hi > lo:
                 arm = self.arms[0]
                 before = self.served_version(arm)
+                pointer = registry_current(self.registry)
                 info = self.archive_and_retrain(f"p{p}")
-                info["version"] = self.wait_swapped(arm, before)
+                # trainer retrain's gate may refuse the candidate: then nothing is published
+                # and the workers keep their model (the stand-in cycles always publish)
+                now = registry_current(self.registry)
+                info["published"] = self.opts.retrain_cycle is not None or now != pointer
+                if info["published"]:
+                    info["version"] = self.wait_swapped(arm, before)
+                    arm.versions.append(info["version"])
+                else:
+                    info["version"] = before
                 info["after_period"] = p
                 info["event_time"] = period.end
                 self.retrains.append(info)
-                arm.versions.append(info["version"])
-                self.say(f"period {p + 1}/{len(periods)}: retrained, serving {info['version']}")
+                what = "swapped to" if info["published"] else "not published (gate), still"
+                self.say(f"period {p + 1}/{len(periods)}: retrained, {what} {info['version']}")
         self._stop_progress()
         return self._report(view, periods, t_warm, time.time() - t_wall0)
 

@@ -277,6 +277,12 @@ def replay(
     default=False,
     help="The configured Kafka (settings) instead of an embedded broker.",
 )
+@click.option(
+    "--retrain-option",
+    "retrain_options",
+    multiple=True,
+    help="An option for `trainer retrain`, e.g. --retrain-option=--window=60d (repeatable).",
+)
 @click.option("--partitions", default=2, help="Partitions of the backtest's topics.")
 @click.option(
     "--session-gap", type=float, default=None, help="Sessionise a log without sessions (s)."
@@ -297,6 +303,7 @@ def backtest(
     frozen: bool,
     retrain: bool,
     use_kafka: bool,
+    retrain_options: tuple[str, ...],
     partitions: int,
     session_gap: float | None,
     state_gap: float | None,
@@ -324,6 +331,7 @@ def backtest(
         compare=compare or None,
         frozen=frozen,
         retrain=retrain,
+        retrain_args=list(retrain_options),
         kafka_conf=get_settings().kafka.confluent_config() if use_kafka else None,
         partitions=partitions,
         session_gap=session_gap,
@@ -333,6 +341,7 @@ def backtest(
         progress=progress,
         command=" ".join(["streamrec", *sys.argv[1:]]),
     )
+
     def _terminate(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # SIGTERM cleans up as Ctrl-C does
 
