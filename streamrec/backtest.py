@@ -12,9 +12,11 @@ published model before the next period starts. All arms' workers read the same c
 (one consumer group each) and publish to their own recommendations topic, so they score
 exactly the same clicks.
 
-Warm-up: clicks before ``--warmup-until`` train the initial model (``trainer train`` in a
-child process) and are replayed first, which builds session and user states; they are not
-scored. Figures: :mod:`streamrec.backtest_metrics`; the report: :mod:`streamrec.report`.
+Warm-up: clicks before ``--warmup-until`` give the initial model (with the retrained arm:
+retrain cycle 0 on them, and the frozen arm serves a copy of it; else ``trainer train`` in a
+child process, or ``--init``) and are replayed first, which builds session and user states;
+they are not scored. Figures: :mod:`streamrec.backtest_metrics`; the report:
+:mod:`streamrec.report`.
 """
 
 from __future__ import annotations
