@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, BinaryIO
 
 DEFAULT_PORT = 9092
 
@@ -97,7 +97,7 @@ class EmbeddedBroker:
         self.startup_timeout = startup_timeout
         self.log_path = log_path
         self._process: subprocess.Popen[bytes] | None = None
-        self._log_file = None
+        self._log_file: BinaryIO | None = None
 
     @property
     def bootstrap(self) -> str:

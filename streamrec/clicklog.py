@@ -109,7 +109,7 @@ def _resolve_columns(
         )
     src = {c: cmap.get(c, c) for c in (*REQUIRED, USER)}
     # a per-user log without sessions (to be split by sessionize) may lack SessionId
-    required = REQUIRED
+    required: tuple[str, ...] = REQUIRED
     if src[USER] in df.columns and SESSION not in cmap and src[SESSION] not in df.columns:
         required = (ITEM, TIME)
     missing = [

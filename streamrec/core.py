@@ -34,7 +34,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -86,10 +86,11 @@ def _make_json_encoder() -> Callable[[Any, int], Sequence[str]]:
     own). Falls back to json.dumps where the C accelerator is missing."""
     from json import encoder as je
 
-    if je.c_make_encoder is None:  # pragma: no cover - CPython always has it
+    # CPython always has the C accelerator; typeshed does not declare c_make_encoder
+    if je.c_make_encoder is None:  # type: ignore[attr-defined]  # pragma: no cover
         return lambda obj, _level: (json.dumps(obj),)
     d = json.JSONEncoder()
-    return je.c_make_encoder(
+    return je.c_make_encoder(  # type: ignore[attr-defined]  # not in typeshed, as above
         None, d.default, je.encode_basestring_ascii, None, ": ", ", ", False, False, True
     )
 
@@ -224,7 +225,9 @@ def _end_sessions(
     if not ks:
         return
     keys = [k for _, k in ks]
-    finals = np.stack([k.sess.hidden for k in keys]).astype(np.float32, copy=False)
+    finals = np.stack([cast(SessionState, k.sess).hidden for k in keys]).astype(
+        np.float32, copy=False
+    )
     users = model.end_session(_user_ctx(keys, model), finals)
     for i, (key, k) in enumerate(ks):
         s = k.sess

@@ -183,7 +183,7 @@ def run_demo(opts: DemoOptions | None = None, console: Console | None = None) ->
                 produced.sent_at.get(r["click_id"], r["produced_at"]) for r in recs
             )
             metrics = live_metrics(recs, k=20)
-            summary = {
+            summary: dict[str, Any] = {
                 "events": produced.n,
                 "answered": len(recs),
                 "throughput_eps": len(recs) / span if span > 0 else float("nan"),

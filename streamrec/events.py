@@ -10,7 +10,7 @@ import base64
 import json
 import time
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -150,6 +150,13 @@ def decode(
     )
 
 
+class _Where(TypedDict):
+    topic: str | None
+    partition: int | None
+    offset: int | None
+    key: bytes | None
+
+
 def _decode_slow(
     raw: bytes | str | None,
     *,
@@ -159,7 +166,7 @@ def _decode_slow(
     offset: int | None,
     key: bytes | None,
 ) -> ClickEvent | DeadLetter:
-    where = {"topic": topic, "partition": partition, "offset": offset, "key": key}
+    where: _Where = {"topic": topic, "partition": partition, "offset": offset, "key": key}
     try:
         if raw is None:
             return make_dead_letter(b"", "empty", "message has no value", **where)

@@ -195,6 +195,7 @@ def item_similarities(
         keep = a != b
         pair_keys.append(a[keep] * n_items + b[keep])
         pair_vals.append((cnt[first] * cnt[second])[keep].astype(np.float64))
+    co: np.ndarray
     if pair_keys:
         pk, inv = np.unique(np.concatenate(pair_keys), return_inverse=True)
         co = np.bincount(inv, weights=np.concatenate(pair_vals))

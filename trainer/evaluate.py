@@ -27,6 +27,7 @@ SESSION, ITEM, TIME = "SessionId", "ItemId", "Time"
 def model_device(model: Any) -> torch.device:
     """The device of a model's parameters/buffers (or its ``device`` attribute; else CPU)."""
     if isinstance(model, torch.nn.Module):
+        t: torch.Tensor
         for t in model.parameters():
             return t.device
         for t in model.buffers():
