@@ -68,6 +68,7 @@ def main() -> None:
         retrain_cycle=make_cycle(a.model, a.param),
         retrainer="stand-in: trainer train from scratch on every click published so far",
     )
+
     def _terminate(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # clean up as on Ctrl-C
 
