@@ -209,7 +209,9 @@ def test_idle_sweep_closes_sessions_and_advances_users() -> None:
     clock = StreamClock()
     vals = [click("a", "i1", user="u", t=T0), click("s", "i2", t=T0 + 50)]
     process_batch(recs(vals), store, model, CFG, clock=clock)
-    assert clock.now() >= T0 + 50
+    # the clock runs in event time: years behind the wall clock, a sweep at its time keeps both
+    assert sweep_idle(store, model, CFG, now=clock.now()).sessions_ended == 0
+    assert sorted(store.sessions) == ["s", "u"]
     res = sweep_idle(store, model, CFG, now=T0 + 120)
     assert res.sessions_ended == 1 and list(store.sessions) == ["s"]
     u = store.get_user("u")
@@ -241,3 +243,33 @@ def test_user_state_types(user_dim: int) -> None:
     process_batch(recs(vals), store, model, CFG)
     u = store.get_user("u")
     assert isinstance(u, UserState) and u.context.size == user_dim
+
+
+def test_stream_clock_follows_event_time_not_wall_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweep's clock is the newest event time plus the wall time since it was seen; an
+    older event never moves it back. Wall time is frozen here, so every value is exact."""
+    import streamrec.core
+
+    wall = [2.0e9]
+    monkeypatch.setattr(streamrec.core.time, "time", lambda: wall[0])
+    model = tiny_serving_model()
+    store = StateStore()
+    clock = StreamClock()
+    process_batch(
+        recs([click("a", "i1", t=T0), click("b", "i2", t=T0 + 50)]), store, model, CFG, clock=clock
+    )
+    assert clock.now() == T0 + 50  # not the wall time (2e9), not the first event's time
+    wall[0] += 30  # 30 s of wall time with no events: the clock moves on with it
+    assert clock.now() == T0 + 80
+    # a late event (older than the clock) leaves it where it is
+    process_batch(recs([click("c", "i3", t=T0 + 10)], start=2), store, model, CFG, clock=clock)
+    assert clock.now() == T0 + 80
+    # the sweep at the clock's time ends exactly the sessions idle for longer than the gap
+    wall[0] += 30  # clock: T0 + 110; a idle 110 s > 100, b 60 s, c 100 s (not more)
+    res = sweep_idle(store, model, CFG, now=clock.now())
+    assert res.sessions_ended == 1 and sorted(store.sessions) == ["b", "c"]
+    # a newer event moves it to that event's time
+    process_batch(recs([click("b", "i4", t=T0 + 500)], start=3), store, model, CFG, clock=clock)
+    assert clock.now() == T0 + 500
+    assert sweep_idle(store, model, CFG, now=clock.now()).sessions_ended == 1
+    assert sorted(store.sessions) == ["b"]

@@ -74,13 +74,35 @@ def test_hot_swap_from_watched_dir_and_rejections(tmp_path: Path) -> None:
     assert not holder.load_and_swap(bad) and holder.current.version == v2
 
 
+def _brute_force_recall20(path: Path, sessions: list[list[str]]) -> float:
+    """Recall@20 by hand: the raw module, full score vectors, rank = items scored higher."""
+    from streamrec.model.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(path, "cpu")
+    hits = n = 0
+    with torch.inference_mode():
+        for sess in sessions:
+            state = ck.model.initial_state(None, 1)
+            for cur, nxt in zip(sess, sess[1:], strict=False):
+                state, scores = ck.model.step(torch.tensor([ck.item_index[cur]]), state, None)
+                target = scores[0, ck.item_index[nxt]]
+                hits += int((scores[0] > target).sum().item() < 20)
+                n += 1
+    return hits / n
+
+
 def test_quality_gate_on_holdout(tmp_path: Path) -> None:
-    sessions = [["i1", "i2", "i3"], ["i4", "i5"]]
-    m = ServingModel.from_checkpoint(_save(tmp_path / "a", 1), "cpu")
+    rng = np.random.default_rng(0)
+    sessions = [[f"i{j}" for j in rng.integers(0, N, 6)] for _ in range(40)]
+    path = _save(tmp_path / "a", 1)
+    m = ServingModel.from_checkpoint(path, "cpu")
     recall = m.validate(sessions)
-    assert recall is not None and 0.0 <= recall <= 1.0
-    with pytest.raises(ModelLoadError):
-        m.validate(sessions, min_recall=1.01)
+    expected = _brute_force_recall20(path, sessions)
+    assert recall == pytest.approx(expected) and 0.0 < expected < 1.0
+    # the gate passes at exactly the model's recall and rejects just above it
+    assert m.validate(sessions, min_recall=expected) == pytest.approx(expected)
+    with pytest.raises(ModelLoadError, match="quality gate"):
+        m.validate(sessions, min_recall=expected + 1e-6)
     holder = ModelHolder(m, device="cpu")
     assert holder.load_and_swap(_save(tmp_path / "b", 2, holdout=sessions))
 
