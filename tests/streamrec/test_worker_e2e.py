@@ -458,3 +458,214 @@ def test_hot_swap_reencodes_live_sessions(service: Service) -> None:
         for j, r in enumerate(mine):
             ids, scores = ref[(s, 4 + j)]
             np.testing.assert_allclose(r["scores"], scores, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# HRNN and p-RNN through the broker: user ids, explicit session ends, a SIGKILL mid-stream
+
+
+def _hier_checkpoint(kind: str, path: Path) -> Path:
+    import torch
+
+    from streamrec.model.checkpoint import save_checkpoint
+
+    torch.manual_seed(11)
+    model: torch.nn.Module
+    if kind == "hrnn":
+        from streamrec.model.hrnn import HRNN
+
+        model = HRNN(N_ITEMS, layers=[16], user_layers=[8], variant="all")
+    else:
+        from streamrec.model.prnn import PRNN
+
+        model = PRNN(
+            N_ITEMS, [5], id_hidden=12, feature_hidden=6, feature_values=[torch.rand(N_ITEMS, 5)]
+        )
+    return save_checkpoint(path, model.eval(), kind, [str(j) for j in range(N_ITEMS)])
+
+
+def _hier_log() -> tuple[Any, Any, list[tuple[str, bytes]]]:
+    """Train/test split (each user's last session held out) and the stream a producer sends:
+    every click keyed by its user in event-time order, every other session closed by an
+    explicit ``session_end``, the others by the next session's id (or the gap)."""
+    from streamrec.synthetic import generate_clicks
+    from trainer.data import split_last_session_out
+
+    df = generate_clicks(n_sessions=60, n_items=N_ITEMS, n_users=12, seed=3)
+    train, test = split_last_session_out(df)
+    values: list[tuple[str, bytes]] = []
+    ordered = df.sort_values(["Time", "SessionId"], kind="stable").reset_index(drop=True)
+    last = ordered.groupby("SessionId")["Time"].transform("max")
+    n_session = 0
+    for row, t_last in zip(ordered.itertuples(), last, strict=True):
+        values.append((row.UserId, click(row.SessionId, row.ItemId, user=row.UserId, t=row.Time)))
+        if row.Time == t_last and (n_session := n_session + 1) % 2 == 0:
+            end = click(row.SessionId, None, user=row.UserId, t=row.Time, type="session_end")
+            values.append((row.UserId, end))
+    return train, test, values
+
+
+def _hier_reference(model: ServingModel, values: list[tuple[str, bytes]], gap: float) -> list[Any]:
+    """Top-20 after every click, by the model's step API one click at a time: each user's
+    sessions in order, the user state advanced (end_session) whenever a session ends."""
+    users: dict[str, Any] = {}
+    open_: dict[str, tuple[str, Any, float]] = {}
+    out: list[Any] = []
+    for user, value in values:
+        ev = json.loads(value)
+        u = users.setdefault(user, model.initial_user_states(1))
+        cur = open_.get(user)
+        ended = cur is not None and (
+            ev["type"] == "session_end"
+            or cur[0] != ev["session_id"]
+            or ev["timestamp"] - cur[2] > gap
+        )
+        if ended and cur is not None:
+            users[user] = u = model.end_session(u, cur[1])
+            del open_[user]
+        if ev["type"] == "session_end":
+            continue
+        state = open_[user][1] if user in open_ else model.initial_states(u, 1)
+        o = model.step(model.rows([ev["item_id"]]), state, u if model.user_state_dim else None, 20)
+        open_[user] = (ev["session_id"], o.states, ev["timestamp"])
+        out.append((model.ids(o.top_rows[0]).tolist(), o.top_scores[0].tolist()))
+    return out
+
+
+def _rewind_group(svc: Service) -> None:
+    """Commit offset 0 on every clicks partition for the worker group: every click is
+    delivered again, as after a crash that lost its commits. The broker takes commits only
+    from a member, so this joins the group (once the killed worker's session has expired and
+    all partitions come to it), commits and leaves."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer(
+        {**svc.conf, "group.id": svc.app_id, "log_level": 0, "enable.auto.commit": False,
+         "session.timeout.ms": 6000, "heartbeat.interval.ms": 1000}
+    )  # fmt: skip
+    try:
+        consumer.subscribe([svc.clicks])
+        deadline = time.monotonic() + 90
+        while len(consumer.assignment()) < PARTITIONS:
+            assert time.monotonic() < deadline, "never got the group's partitions"
+            consumer.poll(0.2)
+        consumer.commit(
+            offsets=[TopicPartition(svc.clicks, p, 0) for p in range(PARTITIONS)],
+            asynchronous=False,
+        )
+    finally:
+        consumer.close()
+    assert committed_offsets(svc.conf, svc.app_id, svc.clicks) == [0] * PARTITIONS
+
+
+@pytest.mark.parametrize("kind", ["hrnn", "prnn"])
+@pytest.mark.parametrize("isolated_service", ENGINES, indirect=True)
+def test_hier_models_served_with_kill9_and_redelivery(isolated_service: Service, kind: str) -> None:
+    from trainer.train_hier import evaluate_users
+
+    svc = isolated_service
+    svc.ckpt = _hier_checkpoint(kind, svc.tmp / kind)
+    model = ServingModel.from_checkpoint(svc.ckpt, "cpu", top_k=20)
+    assert (model.user_state_dim > 0) == (kind == "hrnn")
+    train, test, values = _hier_log()
+    gap = 1800.0
+    svc.settings["state.session_gap_seconds"] = gap
+    svc.settings["model.top_k"] = 20
+    cut = len(values) * 2 // 5
+    datadir = svc.tmp / "data"
+    w = svc.start_worker(datadir)
+    svc.produce(values[:cut])
+    # kill -9 once some answers are durable (their offsets committed) and before the rest of
+    # the stream is produced: sessions are open across the crash
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if sum(max(o, 0) for o in committed_offsets(svc.conf, svc.app_id, svc.clicks)) > 0:
+            break
+        time.sleep(0.5)
+    w.kill9()
+    before = {r["click_id"]: r for r in svc.recommendations()}
+    assert before, "killed before any answer"
+    assert sum(max(o, 0) for o in committed_offsets(svc.conf, svc.app_id, svc.clicks)) > 0
+    log = svc.clicks_in_log()
+    key_of = {f"{r.topic}:{r.partition}:{r.offset}": r.key.decode() for r in log if r.key}
+    open_users = {key_of[c] for c in before}
+    later_users = {u for u, _ in values[cut:]}
+    assert open_users & later_users, "no session spans the crash"
+    # Every click comes again: the answered ones whose states were durable must be flagged.
+    # Faust: the broker takes commits only from group members, and a killed Faust (aiokafka)
+    # member stays listed in its group on Tansu (docs/architecture.md), so no outside client
+    # gets to rewind its group; there only the clicks the crash left uncommitted come again.
+    rewound = svc.engine == "native"
+    if rewound:
+        _rewind_group(svc)
+    svc.produce(values[cut:])
+    svc.start_worker(datadir)
+    clicks = {
+        f"{r.topic}:{r.partition}:{r.offset}"
+        for r in svc.clicks_in_log()
+        if json.loads(r.value)["type"] == "click"
+    }
+    recs = svc.wait_answered(clicks, timeout=150)
+    key_of = {f"{r.topic}:{r.partition}:{r.offset}": r.key.decode() for r in svc.clicks_in_log()}
+    # answers by click, in stream order (position of the click in `values`)
+    position = {}
+    n = 0
+    for r in svc.clicks_in_log():
+        ev = json.loads(r.value)
+        if ev["type"] == "click":
+            position[f"{r.topic}:{r.partition}:{r.offset}"] = (ev["session_id"], ev["timestamp"])
+    stream_clicks = [json.loads(v) for _, v in values]
+    index = {}
+    for ev in stream_clicks:
+        if ev["type"] == "click":
+            index[(ev["session_id"], ev["timestamp"], ev["item_id"])] = n
+            n += 1
+    ref = _hier_reference(model, values, gap)
+    first: dict[str, dict[str, Any]] = {}
+    for r in recs:
+        first.setdefault(r["click_id"], r)
+        j = index[(r["session_id"], position[r["click_id"]][1], r["item_id"])]
+        ids, scores = ref[j]
+        if not r["duplicate"]:  # every answer not flagged is the model's, state applied once
+            np.testing.assert_allclose(r["scores"], scores, rtol=1e-4, atol=1e-5)
+            assert r["items"] == ids or np.ptp(r["scores"]) == 0
+        assert r["user_id"] == key_of[r["click_id"]]
+    assert first.keys() == clicks
+    for c, r in first.items():  # first answers, the answers before the crash among them
+        ids, scores = ref[index[(r["session_id"], position[c][1], r["item_id"])]]
+        np.testing.assert_allclose(r["scores"], scores, rtol=1e-4, atol=1e-5)
+        if c in before:
+            assert before[c]["scores"] == r["scores"]
+    # redelivered clicks whose states were durable are answered again, flagged; nothing else is
+    flagged = {r["click_id"] for r in recs if r["duplicate"]}
+    assert flagged <= before.keys()
+    if rewound:
+        assert flagged
+    # the metrics of the held-out last sessions equal the offline per-user evaluation
+    test_ids = set(test["SessionId"])
+    click_events = [e for e in stream_clicks if e["type"] == "click"]
+    rank = []
+    for c, r in first.items():
+        if r["session_id"] in test_ids:
+            j = index[(r["session_id"], position[c][1], r["item_id"])]
+            nxt = next(
+                (e for e in click_events[j + 1 :] if e["session_id"] == r["session_id"]),
+                None,
+            )
+            if nxt is not None:
+                rank.append(
+                    r["items"].index(nxt["item_id"]) + 1 if nxt["item_id"] in r["items"] else 0
+                )
+    offline = evaluate_users(
+        load_checkpoint_model(svc.ckpt), train, test, model.item_index, ks=(20,)
+    )
+    assert len(rank) == offline["n_events"]
+    assert np.mean([x > 0 for x in rank]) == pytest.approx(offline["recall@20"], abs=1e-9)
+    mrr = np.mean([1 / x if x else 0.0 for x in rank])
+    assert mrr == pytest.approx(offline["mrr@20"], abs=1e-6)
+
+
+def load_checkpoint_model(path: Path) -> Any:
+    from streamrec.model.checkpoint import load_checkpoint
+
+    return load_checkpoint(path, "cpu").model
