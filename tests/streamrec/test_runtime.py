@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from pathlib import Path
@@ -83,7 +84,7 @@ def _brute_force_recall20(path: Path, sessions: list[list[str]]) -> float:
     with torch.inference_mode():
         for sess in sessions:
             state = ck.model.initial_state(None, 1)
-            for cur, nxt in zip(sess, sess[1:], strict=False):
+            for cur, nxt in itertools.pairwise(sess):
                 state, scores = ck.model.step(torch.tensor([ck.item_index[cur]]), state, None)
                 target = scores[0, ck.item_index[nxt]]
                 hits += int((scores[0] > target).sum().item() < 20)
