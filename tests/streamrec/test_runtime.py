@@ -6,6 +6,7 @@ import itertools
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -80,12 +81,13 @@ def _brute_force_recall20(path: Path, sessions: list[list[str]]) -> float:
     from streamrec.model.checkpoint import load_checkpoint
 
     ck = load_checkpoint(path, "cpu")
+    net: Any = ck.model  # the step API (docs/architecture.md)
     hits = n = 0
     with torch.inference_mode():
         for sess in sessions:
-            state = ck.model.initial_state(None, 1)
+            state = net.initial_state(None, 1)
             for cur, nxt in itertools.pairwise(sess):
-                state, scores = ck.model.step(torch.tensor([ck.item_index[cur]]), state, None)
+                state, scores = net.step(torch.tensor([ck.item_index[cur]]), state, None)
                 target = scores[0, ck.item_index[nxt]]
                 hits += int((scores[0] > target).sum().item() < 20)
                 n += 1

@@ -650,12 +650,10 @@ def test_hier_models_served_with_kill9_and_redelivery(isolated_service: Service,
             break
         time.sleep(0.5)
     w.kill9()
-    before = {r["click_id"]: r for r in svc.recommendations()}
+    before = {a["click_id"]: a for a in svc.recommendations()}
     assert before, "killed before any answer"
     assert sum(max(o, 0) for o in committed_offsets(svc.conf, svc.app_id, svc.clicks)) > 0
-    log = svc.clicks_in_log()
-    key_of = {f"{r.topic}:{r.partition}:{r.offset}": r.key.decode() for r in log if r.key}
-    open_users = {key_of[c] for c in before}
+    open_users = {a["user_id"] for a in before.values()}
     later_users = {u for u, _ in values[cut:]}
     assert open_users & later_users, "no session spans the crash"
     # Every click comes again: the answered ones whose states were durable must be flagged.
@@ -667,62 +665,55 @@ def test_hier_models_served_with_kill9_and_redelivery(isolated_service: Service,
         _rewind_group(svc)
     svc.produce(values[cut:])
     svc.start_worker(datadir)
-    clicks = {
-        f"{r.topic}:{r.partition}:{r.offset}"
-        for r in svc.clicks_in_log()
-        if json.loads(r.value)["type"] == "click"
-    }
-    recs = svc.wait_answered(clicks, timeout=150)
-    key_of = {f"{r.topic}:{r.partition}:{r.offset}": r.key.decode() for r in svc.clicks_in_log()}
-    # answers by click, in stream order (position of the click in `values`)
-    position = {}
-    n = 0
-    for r in svc.clicks_in_log():
-        ev = json.loads(r.value)
+    log_records = svc.clicks_in_log()
+    key_of: dict[str, str] = {}
+    time_of: dict[str, float] = {}  # click id -> the click's event time
+    for m in log_records:
+        cid = f"{m.topic}:{m.partition}:{m.offset}"
+        key_of[cid] = (m.key or b"").decode()
+        ev = json.loads(m.value or b"null")
         if ev["type"] == "click":
-            position[f"{r.topic}:{r.partition}:{r.offset}"] = (ev["session_id"], ev["timestamp"])
-    stream_clicks = [json.loads(v) for _, v in values]
-    index = {}
-    for ev in stream_clicks:
-        if ev["type"] == "click":
-            index[(ev["session_id"], ev["timestamp"], ev["item_id"])] = n
-            n += 1
+            time_of[cid] = ev["timestamp"]
+    recs = svc.wait_answered(set(time_of), timeout=150)
+    # the reference: top-20 after each click in stream order
+    click_events = [e for _, v in values if (e := json.loads(v))["type"] == "click"]
+    index = {(e["session_id"], e["timestamp"], e["item_id"]): n for n, e in enumerate(click_events)}
     ref = _hier_reference(model, values, gap)
+
+    def ref_index(answer: dict[str, Any]) -> int:
+        return index[(answer["session_id"], time_of[answer["click_id"]], answer["item_id"])]
+
     first: dict[str, dict[str, Any]] = {}
-    for r in recs:
-        first.setdefault(r["click_id"], r)
-        j = index[(r["session_id"], position[r["click_id"]][1], r["item_id"])]
-        ids, scores = ref[j]
-        if not r["duplicate"]:  # every answer not flagged is the model's, state applied once
-            np.testing.assert_allclose(r["scores"], scores, rtol=1e-4, atol=1e-5)
-            assert r["items"] == ids or np.ptp(r["scores"]) == 0
-        assert r["user_id"] == key_of[r["click_id"]]
-    assert first.keys() == clicks
-    for c, r in first.items():  # first answers, the answers before the crash among them
-        ids, scores = ref[index[(r["session_id"], position[c][1], r["item_id"])]]
-        np.testing.assert_allclose(r["scores"], scores, rtol=1e-4, atol=1e-5)
+    for a in recs:
+        first.setdefault(a["click_id"], a)
+        ids, scores = ref[ref_index(a)]
+        if not a["duplicate"]:  # every answer not flagged is the model's, state applied once
+            np.testing.assert_allclose(a["scores"], scores, rtol=1e-4, atol=1e-5)
+            assert a["items"] == ids or np.ptp(a["scores"]) == 0
+        assert a["user_id"] == key_of[a["click_id"]]
+    assert first.keys() == set(time_of)
+    for c, a in first.items():  # first answers, the answers before the crash among them
+        ids, scores = ref[ref_index(a)]
+        np.testing.assert_allclose(a["scores"], scores, rtol=1e-4, atol=1e-5)
         if c in before:
-            assert before[c]["scores"] == r["scores"]
+            assert before[c]["scores"] == a["scores"]
     # redelivered clicks whose states were durable are answered again, flagged; nothing else is
-    flagged = {r["click_id"] for r in recs if r["duplicate"]}
+    flagged = {a["click_id"] for a in recs if a["duplicate"]}
     assert flagged <= before.keys()
     if rewound:
         assert flagged
     # the metrics of the held-out last sessions equal the offline per-user evaluation
     test_ids = set(test["SessionId"])
-    click_events = [e for e in stream_clicks if e["type"] == "click"]
-    rank = []
-    for c, r in first.items():
-        if r["session_id"] in test_ids:
-            j = index[(r["session_id"], position[c][1], r["item_id"])]
+    rank: list[int] = []  # 1-based position of the next item in the answer, 0: not in it
+    for a in first.values():
+        if a["session_id"] in test_ids:
+            j = ref_index(a)
             nxt = next(
-                (e for e in click_events[j + 1 :] if e["session_id"] == r["session_id"]),
-                None,
+                (e for e in click_events[j + 1 :] if e["session_id"] == a["session_id"]), None
             )
             if nxt is not None:
-                rank.append(
-                    r["items"].index(nxt["item_id"]) + 1 if nxt["item_id"] in r["items"] else 0
-                )
+                items = a["items"]
+                rank.append(items.index(nxt["item_id"]) + 1 if nxt["item_id"] in items else 0)
     offline = evaluate_users(
         load_checkpoint_model(svc.ckpt), train, test, model.item_index, ks=(20,)
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -80,7 +81,7 @@ def _brute_force(
                 )
             )
     r = np.array(ranks, dtype=float)
-    out = {"n_events": len(r)}
+    out: dict[str, float] = {"n_events": len(r)}
     for k in KS:
         out[f"recall@{k}"] = float((r <= k).mean())
         out[f"mrr@{k}"] = float(np.where(r <= k, 1 / r, 0).mean())
@@ -89,12 +90,13 @@ def _brute_force(
 
 def _model_scores(ckpt: Path) -> Callable[[list[str]], dict[str, float]]:
     ck = load_checkpoint(ckpt, "cpu")
+    net: Any = ck.model  # the step API (docs/architecture.md)
 
     def scores_after(prefix: list[str]) -> dict[str, float]:
         with torch.inference_mode():
-            state = ck.model.initial_state(None, 1)
+            state = net.initial_state(None, 1)
             for it in prefix:
-                state, sc = ck.model.step(torch.tensor([ck.item_index[it]]), state, None)
+                state, sc = net.step(torch.tensor([ck.item_index[it]]), state, None)
         return dict(zip(ck.item_ids, sc[0].tolist(), strict=True))
 
     return scores_after
