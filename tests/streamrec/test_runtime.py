@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,13 @@ def _save(path: Path, seed: int, *, nan: bool = False, holdout: list | None = No
     return save_checkpoint(path, model, "gru4rec", [f"i{j}" for j in range(N)], data_stats=stats)
 
 
+def _newer(path: Path, than: Path) -> None:
+    """Give ``path`` a checkpoint.json newer than ``than``'s (file systems with coarse mtimes
+    would otherwise tie two checkpoints written in a row)."""
+    t = (than / "checkpoint.json").stat().st_mtime + 1
+    os.utime(path / "checkpoint.json", (t, t))
+
+
 def test_device_choice() -> None:
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -59,13 +65,11 @@ def test_hot_swap_from_watched_dir_and_rejections(tmp_path: Path) -> None:
     first = ServingModel.from_checkpoint(_save(watch / "v1", 1), "cpu")
     holder = ModelHolder(first, watch_dir=watch, device="cpu")
     assert not holder.maybe_reload()  # nothing newer
-    time.sleep(0.01)
-    _save(watch / "v2", 2)
+    _newer(_save(watch / "v2", 2), than=watch / "v1")
     assert holder.maybe_reload() and holder.current.version != first.version
     v2 = holder.current.version
     # a checkpoint with NaN weights fails the finite-scores gate and is never swapped in
-    time.sleep(0.01)
-    _save(watch / "v3", 3, nan=True)
+    _newer(_save(watch / "v3", 3, nan=True), than=watch / "v2")
     assert not holder.maybe_reload() and holder.current.version == v2
     assert not holder.maybe_reload()  # remembered as rejected
     # a truncated tensor file fails to load
