@@ -26,7 +26,7 @@ from streamrec.core import CoreConfig, Record, process_batch
 from streamrec.kafka import TopicSpec, committed_offsets, ensure_topics, read_topic
 from streamrec.launch import WorkerProcess
 from streamrec.runtime import ServingModel
-from streamrec.state import SessionState, StateStore
+from streamrec.state import SessionState, StateStore, UserState
 from streamrec.testing import click, offline_recommendations
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -153,6 +153,18 @@ class Service:
                 if m.key().startswith(b"s/"):
                     last[m.key()[2:].decode()] = m.value()
         return {k: SessionState.from_bytes(v) for k, v in last.items() if v}
+
+    def changelog_users(self) -> dict[str, UserState]:
+        """Final durable user states: the last changelog value per key."""
+        last: dict[str, bytes | None] = {}
+        if self.engine == "faust":
+            for m in self.read(f"{self.app_id}-users-changelog"):
+                last[json.loads(m.key())] = m.value()
+        else:
+            for m in self.read(f"{self.app_id}-state-changelog"):
+                if m.key().startswith(b"u/"):
+                    last[m.key()[2:].decode()] = m.value()
+        return {k: UserState.from_bytes(v) for k, v in last.items() if v}
 
     def close(self) -> None:
         for w in self.workers:
@@ -748,3 +760,52 @@ def load_checkpoint_model(path: Path) -> Any:
     from streamrec.model.checkpoint import load_checkpoint
 
     return load_checkpoint(path, "cpu").model
+
+
+@pytest.mark.parametrize("service", ENGINES, indirect=True)
+def test_idle_sweep_and_user_ttl_in_a_running_worker(service: Service) -> None:
+    """In event time: sessions idle past the gap are closed (their clicks recorded in the user
+    state), users idle past the TTL are dropped; durable in the changelog, counted in
+    /metrics. Nothing but the timestamps of later clicks moves the clock."""
+    t0 = 1.7e9
+    service.settings.update(
+        {
+            "state.session_gap_seconds": 100,
+            "state.user_ttl_seconds": 1000,
+            "state.sweep_interval_seconds": 0.5,
+        }
+    )
+    w = service.start_worker()
+    service.produce(
+        [
+            ("u1", click("a", "i1", user="u1", t=t0)),
+            ("u1", click("a", "i2", user="u1", t=t0 + 10)),
+            ("u2", click("b", "i3", user="u2", t=t0 + 20)),
+        ]
+    )
+    service.wait_answered(click_ids(service))
+    # the sessions stay open while no later event time is seen (wall time does not end them)
+    wait_for(lambda: set(service.changelog_sessions()) == {"u1", "u2"}, 60, "states not stored")
+    tick1 = tick(service, "tick1", t0 + 200)
+    wait_for(lambda: set(service.changelog_sessions()) == tick1, 60, "idle sessions never closed")
+    users = service.changelog_users()
+    assert users["u1"].sessions == [["i1", "i2"]] and users["u2"].sessions == [["i3"]]
+    assert metric(service, w, "streamrec_sessions_ended_total") == 2
+    # 1000 s after their last click the users expire (and the tick session closes)
+    tick2 = tick(service, "tick2", t0 + 1500)
+    wait_for(lambda: not service.changelog_users(), 60, "idle users never expired")
+    wait_for(lambda: set(service.changelog_sessions()) == tick2, 60, "tick1 never closed")
+    assert metric(service, w, "streamrec_sessions_ended_total") == 2 + len(tick1)
+
+
+def tick(svc: Service, name: str, t: float) -> set[str]:
+    """A few clicks at event time ``t`` on every partition (whatever the clock is per), each
+    partition its own session; returns the session ids."""
+    out = set()
+    for p in range(PARTITIONS):
+        sid = f"{name}-{p}"
+        for j in range(3):
+            svc.producer.produce(svc.clicks, click(sid, "i4", t=t + j), sid.encode(), partition=p)
+        out.add(sid)
+    assert svc.producer.flush(30) == 0
+    return out
