@@ -809,3 +809,48 @@ def tick(svc: Service, name: str, t: float) -> set[str]:
         out.add(sid)
     assert svc.producer.flush(30) == 0
     return out
+
+
+@pytest.mark.parametrize("service", ENGINES, indirect=True)
+def test_partly_written_checkpoint_is_not_swapped_in(service: Service) -> None:
+    """A checkpoint directory copied in non-atomically (tensor file cut short) is rejected:
+    the worker keeps serving the old model and stays up; a complete one written after it is
+    swapped in."""
+    from streamrec.model.checkpoint import save_checkpoint
+    from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
+
+    watch = service.tmp / "ckpts"
+    shutil.copytree(service.ckpt, watch / "v1")
+    service.ckpt = watch
+    service.settings["model.reload_interval_s"] = 0.5
+    old = ServingModel.from_checkpoint(watch / "v1", "cpu", top_k=20)
+    w = service.start_worker()
+    probes = iter(range(1000))
+
+    def probe_version() -> str:
+        sid = f"probe{next(probes)}"
+        service.produce([("probe", click(sid, "i1"))])
+        answers = service.wait_answered(click_ids(service))
+        return str(next(a["model_version"] for a in answers if a["session_id"] == sid))
+
+    assert probe_version() == old.version
+    ids = [f"i{j}" for j in range(N_ITEMS)]
+    full = save_checkpoint(
+        service.tmp / "v2",
+        GRU4Rec(GRU4RecConfig(n_items=N_ITEMS, layers=[16]), seed=5),
+        "gru4rec",
+        ids,
+    )
+    partial = watch / "v2"
+    partial.mkdir()
+    tensors = (full / "model.safetensors").read_bytes()
+    (partial / "model.safetensors").write_bytes(tensors[: len(tensors) // 2])
+    shutil.copy(full / "checkpoint.json", partial / "checkpoint.json")
+    wait_for(lambda: "rejected" in w.log_tail(100_000), 60, "partial checkpoint never looked at")
+    assert probe_version() == old.version and w.alive()
+    new = save_checkpoint(
+        watch / "v3", GRU4Rec(GRU4RecConfig(n_items=N_ITEMS, layers=[16]), seed=6), "gru4rec", ids
+    )
+    version = ServingModel.from_checkpoint(new, "cpu").version
+    wait_for(lambda: probe_version() == version, 90, "complete checkpoint never swapped in")
+    assert w.alive()
