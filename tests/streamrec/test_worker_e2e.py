@@ -12,6 +12,8 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,7 +26,7 @@ from confluent_kafka import Producer
 from streamrec.broker import EmbeddedBroker
 from streamrec.core import CoreConfig, Record, process_batch
 from streamrec.kafka import TopicSpec, committed_offsets, ensure_topics, read_topic
-from streamrec.launch import WorkerProcess
+from streamrec.launch import WorkerProcess, settings_env
 from streamrec.runtime import ServingModel
 from streamrec.state import SessionState, StateStore, UserState
 from streamrec.testing import click, offline_recommendations
@@ -854,3 +856,74 @@ def test_partly_written_checkpoint_is_not_swapped_in(service: Service) -> None:
     version = ServingModel.from_checkpoint(new, "cpu").version
     wait_for(lambda: probe_version() == version, 90, "complete checkpoint never swapped in")
     assert w.alive()
+
+
+def _streamrec_cli(
+    svc: Service, *args: str, timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
+    """``streamrec ARGS`` in a child process, configured like the service's workers."""
+    return subprocess.run(
+        [sys.executable, "-m", "streamrec", *args],
+        env={**os.environ, **settings_env(svc.settings)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _log_file(path: Path, sessions: dict[str, list[str]], t0: float) -> Path:
+    rows = [
+        (s, item, t0 + 1000 * n + j)
+        for n, (s, items) in enumerate(sessions.items())
+        for j, item in enumerate(items)
+    ]
+    with open(path, "w") as f:
+        f.write("SessionId\tItemId\tTime\n")
+        f.writelines(f"{s}\t{i}\t{t}\n" for s, i, t in rows)
+    return path
+
+
+def test_streamrec_cli_produce_tail_replay_and_engine_flag(service: Service) -> None:
+    """``streamrec worker --engine faust`` (settings say native) serves through Faust tables;
+    ``streamrec produce`` publishes a log whose answers match the offline run; ``streamrec tail``
+    prints them; ``streamrec replay`` reports the live Recall/MRR of the offline model."""
+    t0 = 1.7e9
+    service.settings["worker.engine"] = "native"
+    w = WorkerProcess(
+        service.ckpt,
+        settings=service.settings,
+        data_dir=service.tmp / "data",
+        log_path=service.tmp / "worker.log",
+        args=["--engine", "faust"],
+    )
+    service.workers.append(w)
+    first = make_sessions(10, 5, seed=8)
+    res = _streamrec_cli(service, "produce", str(_log_file(service.tmp / "a.tsv", first, t0)))
+    assert res.returncode == 0, res.stderr
+    recs = service.wait_answered(click_ids(service), timeout=150)
+    check_against_offline(recs, first, service.ckpt)
+    # the Faust engine ran: its table changelog exists, the native one does not
+    topics = set(service.producer.list_topics(timeout=10).topics)
+    assert f"{service.app_id}-sessions-changelog" in topics
+    assert f"{service.app_id}-state-changelog" not in topics
+    res = _streamrec_cli(service, "tail", "--from-beginning", "--raw", "--max", str(len(recs)))
+    assert res.returncode == 0, res.stderr
+    tailed = [json.loads(line) for line in res.stdout.splitlines()]
+    assert sorted(r["click_id"] for r in tailed) == sorted(r["click_id"] for r in recs)
+    second = make_sessions(10, 5, seed=9)
+    res = _streamrec_cli(
+        service, "replay", str(_log_file(service.tmp / "b.tsv", second, t0 + 1e5)), "-k", "20"
+    )
+    assert res.returncode == 0, res.stderr
+    model = ServingModel.from_checkpoint(service.ckpt, "cpu", top_k=20)
+    hits, rr, n = 0, 0.0, 0
+    for items in second.values():
+        for (top, _), nxt in zip(
+            offline_recommendations(model, [items], k=20), items[1:], strict=False
+        ):
+            n += 1
+            if nxt in top:
+                hits += 1
+                rr += 1 / (top.index(nxt) + 1)
+    assert f"answered {n + len(second)}/{n + len(second)} clicks" in res.stdout
+    assert f"live Recall@20={hits / n:.4f} MRR@20={rr / n:.4f} (n={n})" in res.stdout
