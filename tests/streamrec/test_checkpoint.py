@@ -186,3 +186,45 @@ def test_bad_json(ckpt: tuple[Path, GRU4Rec]) -> None:
     (path / "checkpoint.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="unreadable"):
         load_checkpoint(path)
+
+
+def test_checkpoint_replaced_between_hash_and_load_is_not_mixed(
+    ckpt: tuple[Path, GRU4Rec], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replacement lands right after the loader has hashed the tensor file (the race the
+    concurrent-reader test hits now and then, made certain): the loader returns the old
+    checkpoint whole or raises, never the old metadata with the new weights."""
+    import hashlib
+
+    import streamrec.model.checkpoint as cp
+
+    path, m = ckpt
+    old_version = load_checkpoint(path).version
+    other = GRU4Rec(
+        GRU4RecConfig(n_items=25, layers=[8, 6], embedding=4, constrained_embedding=False), seed=2
+    ).eval()
+    replaced = []
+    real = hashlib.sha256
+
+    class Sha256:
+        def __init__(self, *args: bytes) -> None:
+            self.h = real(*args)
+
+        def update(self, data: bytes) -> None:
+            self.h.update(data)
+
+        def hexdigest(self) -> str:
+            out = self.h.hexdigest()
+            if not replaced:
+                replaced.append(True)
+                monkeypatch.setattr(cp.hashlib, "sha256", real)
+                save_checkpoint(path, other, "gru4rec", IDS)
+            return out
+
+    monkeypatch.setattr(cp.hashlib, "sha256", Sha256)
+    try:
+        c = load_checkpoint(path)
+    except CheckpointError:
+        return
+    assert replaced and c.version == old_version
+    assert torch.equal(_scores(c.model), _scores(m))
