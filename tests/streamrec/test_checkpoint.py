@@ -203,7 +203,7 @@ def test_checkpoint_replaced_between_hash_and_load_is_not_mixed(
     other = GRU4Rec(
         GRU4RecConfig(n_items=25, layers=[8, 6], embedding=4, constrained_embedding=False), seed=2
     ).eval()
-    replaced = []
+    replaced: list[bool] = []
     real = hashlib.sha256
 
     class Sha256:
