@@ -111,9 +111,7 @@ class ServingModel:
         self._score_states: Callable[[torch.Tensor], torch.Tensor] | None = None
         if isinstance(model, SplitStepModel):
             # a frozen copy of the output weights where it pays (see state_scorer)
-            self._score_states = model.state_scorer(
-                getattr(torch, score_dtype), copy=self._big_cpu
-            )
+            self._score_states = model.state_scorer(getattr(torch, score_dtype), copy=self._big_cpu)
 
     # ---- loading ------------------------------------------------------------------------
     @classmethod

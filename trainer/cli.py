@@ -159,8 +159,6 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- model tables
 
 
-
-
 def _train_gru4rec(job: TrainJob) -> TrainOutcome:
     from trainer.presets import ParamError, make_params
     from trainer.train import train_gru4rec
@@ -214,9 +212,7 @@ def evaluator_for(model_name: str) -> Evaluator:
 
 # ----------------------------------------------------------------------------- commands
 
-_k_option = click.option(
-    "--k", "ks", multiple=True, help="cut-offs, e.g. --k 1 5 10 20 (default)"
-)
+_k_option = click.option("--k", "ks", multiple=True, help="cut-offs, e.g. --k 1 5 10 20 (default)")
 _ties_option = click.option(
     "--ties",
     type=click.Choice(["standard", "conservative", "median"]),
