@@ -336,7 +336,11 @@ def train_hier(
     model.to(dev)
     model.train()
     loss_fn = get_loss(p.loss, p.bpreg)
-    opt = IndexedAdagradM(model.parameters(), [], lr=p.learning_rate, momentum=p.momentum)
+    # item matrices row-sparse where the model can (HRNN): only touched rows are updated
+    sparse = list(model.sparse_tables()) if hasattr(model, "train_step") else []
+    sparse_ids = {id(t) for t in sparse}
+    dense = [q for q in model.parameters() if id(q) not in sparse_ids]
+    opt = IndexedAdagradM(dense, sparse, lr=p.learning_rate, momentum=p.momentum)
     n_items = int(model.n_items)
     rows_all = train_df["ItemId"].astype(str).map(item_index).dropna().astype(np.int64)
     counts = torch.bincount(torch.from_numpy(rows_all.to_numpy().copy()), minlength=n_items).float()
@@ -417,6 +421,7 @@ def _run_epoch(
     ustart = torch.from_numpy(b.user_start).to(dev)
     has_target = (b.targets >= 0).any(axis=1)
     any_start = b.any_start
+    sparse_model = hasattr(model, "train_step")
     user = model.initial_user_state(bs)
     state = model.initial_state(user, bs)
     total = torch.zeros((), device=dev)
@@ -427,14 +432,18 @@ def _run_epoch(
         if interleave is not None and has_target[t]:
             _set_trainable(model, [interleave[counter[0] % len(interleave)]])
             counter[0] += 1
-        state, out = model.forward_step(inputs[t], state, user)
         if has_target[t]:
             tgt = targets[t]
             valid = tgt >= 0
             out_rows = tgt.clamp(min=0)
             if sampler is not None:
                 out_rows = torch.cat([out_rows, sampler.get()])
-            scores = model.score_items(out, user, out_rows)
+            leaves: list[Any] = []
+            if sparse_model:
+                state, scores, leaves = model.train_step(inputs[t], state, user, out_rows)
+            else:
+                state, out = model.forward_step(inputs[t], state, user)
+                scores = model.score_items(out, user, out_rows)
             if p.loss in ("cross-entropy", "xe") and p.logq > 0:
                 corr = logq_correction(counts, out_rows, bs, p.sample_alpha, p.logq)
                 loss = loss_fn(scores, valid, corr)
@@ -444,8 +453,11 @@ def _run_epoch(
             for q in model.parameters():
                 q.grad = None
             loss.backward()
-            opt.step()
+            opt.step([(tab, rows, leaf.grad) for tab, rows, leaf in leaves])
             total += loss.detach() * bs
+        else:  # no prediction to train at this step: only advance the states
+            with torch.no_grad():
+                state, _ = model.forward_step(inputs[t], state, user)
         state = state.detach()
         if user is not None:
             user = user.detach()
