@@ -8,7 +8,8 @@ HRNN user state in time order first):
   and users < 3 sessions dropped (as bench/movielens_hier.py). ``--users N`` keeps a random
   sample of N users (fixed by ``--sample-seed``, not by the training seed) to fit CPU budgets.
 * ``synthetic``: ``streamrec.synthetic.generate_clicks`` with planted persistent user tastes
-  (each user draws the topic of every session from a concentrated Dirichlet preference).
+  (each user draws the topic of every session from a concentrated Dirichlet preference, and
+  each next click is one of the user's 10 favourite items with probability ``--syn-favourite``).
 
 Every model is trained with its trainer's defaults (``TrainParams()`` for GRU4Rec,
 ``HRNNParams()`` for HRNN) plus the same ``--param key=value`` overrides, so "defaults" and
@@ -77,6 +78,7 @@ def load(args: argparse.Namespace) -> tuple[pd.DataFrame, pd.DataFrame]:
         df = generate_clicks(
             n_sessions=args.syn_sessions, n_items=args.syn_items, n_users=args.syn_users,
             n_topics=20, seed=args.sample_seed, user_concentration=0.1,
+            p_user_favourite=args.syn_favourite, n_user_favourites=10,
         )  # fmt: skip
         df["UserId"] = df["UserId"].astype(str)
         df = filter_users(df, 3, 2, 2)
@@ -142,6 +144,7 @@ def main() -> None:
     ap.add_argument("--syn-sessions", type=int, default=6000)
     ap.add_argument("--syn-items", type=int, default=1000)
     ap.add_argument("--syn-users", type=int, default=600)
+    ap.add_argument("--syn-favourite", type=float, default=0.2, help="p_user_favourite")
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     ap.add_argument("--losses", nargs="*", default=None, choices=list(LOSS_RUNS))
     ap.add_argument("--param", action="append", default=[], help="key=value for every model")

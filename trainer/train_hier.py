@@ -172,22 +172,29 @@ def advance_at_boundaries(
     user_state: Tensor | None,
     session_start: Tensor,
     user_start: Tensor,
+    rows: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Apply session/user boundaries of one step to the slots' states.
 
     ``session_start`` rows (not ``user_start``): user state <- end_session(user, state);
     ``user_start`` rows: user state <- initial (empty); both: session state <- initial_state.
+    Only the starting slots are computed (``rows``: their indices, from the host where the
+    caller has them; default: found on the device), so the user GRU costs per session, not
+    per slot and step.
     """
-    b = state.shape[0]
-    ss = session_start.unsqueeze(1)
+    if rows is None:
+        rows = session_start.nonzero().squeeze(1)
+    n = int(rows.shape[0])
+    if n == 0:
+        return state, user_state
+    us = None
     if user_state is not None:
-        advanced = model.end_session(user_state, state)
-        empty = model.initial_user_state(b)
-        user_state = torch.where(
-            user_start.unsqueeze(1), empty, torch.where(ss, advanced, user_state)
-        )
-    init = model.initial_state(user_state, b)
-    return torch.where(ss, init, state), user_state
+        us = user_state.index_select(0, rows)
+        advanced = model.end_session(us, state.index_select(0, rows))
+        new_user = user_start.index_select(0, rows).unsqueeze(1)
+        us = torch.where(new_user, model.initial_user_state(n), advanced)
+        user_state = user_state.index_copy(0, rows, us)
+    return state.index_copy(0, rows, model.initial_state(us, n)), user_state
 
 
 # ----------------------------------------------------------------------------- training
@@ -428,7 +435,8 @@ def _run_epoch(
     n_events = int((b.targets >= 0).sum())
     for t in range(b.n_steps):
         if any_start[t]:
-            state, user = advance_at_boundaries(model, state, user, sstart[t], ustart[t])
+            rows = torch.from_numpy(np.flatnonzero(b.session_start[t])).to(dev)
+            state, user = advance_at_boundaries(model, state, user, sstart[t], ustart[t], rows)
         if interleave is not None and has_target[t]:
             _set_trainable(model, [interleave[counter[0] % len(interleave)]])
             counter[0] += 1
@@ -517,7 +525,8 @@ def evaluate_users(
     state = model.initial_state(user, bs)
     for t in range(b.n_steps):
         if b.any_start[t]:
-            state, user = advance_at_boundaries(model, state, user, sstart[t], ustart[t])
+            rows = torch.from_numpy(np.flatnonzero(b.session_start[t])).to(dev)
+            state, user = advance_at_boundaries(model, state, user, sstart[t], ustart[t], rows)
         if any_scored[t]:
             state, scores = model.step(inputs[t], state, user)
             sel = scored_t[t].nonzero().squeeze(1)
