@@ -80,10 +80,11 @@ def generate_clicks(
     are ``1 + Exp(mean_click_gap)`` seconds apart (the exponential part capped at 20 minutes).
 
     ``p_user_favourite`` (with ``n_users``): every user also has ``n_user_favourites`` persistent
-    favourite items (drawn from their preferred topics); each next click is one of them with this
-    probability. This is a taste a session-only model cannot know at a session's start, while a
-    model with a user state can carry it over from earlier sessions. It draws from its own
-    random stream, so 0 (the default) leaves every other output of a seed unchanged.
+    favourite items (drawn uniformly from their preferred topics); each next click is one of
+    them with this probability. This is a taste a session-only model cannot know at a
+    session's start, while a model with a user state can carry it over from earlier sessions.
+    It draws from its own random stream, so 0 (the default) leaves every other output of a
+    seed unchanged.
     """
     if n_sessions < 1 or n_items < 2 or n_topics < 1:
         raise ValueError("need n_sessions >= 1, n_items >= 2, n_topics >= 1")
@@ -141,7 +142,10 @@ def generate_clicks(
         fav_rng = np.random.default_rng([seed, 1])
         k = max(1, int(n_user_favourites))
         u_topics = (fav_rng.random((n_users, k, 1)) >= cdf[:, None, :]).sum(axis=2)
-        favs = _sample_in_topic(fav_rng, u_topics.ravel(), order, keys).reshape(n_users, k)
+        # uniform within the topic, not by popularity: a popular item of the session's topic is
+        # no favourite, so the taste is not readable from the session's own clicks
+        in_topic = (n_items - u_topics + n_topics - 1) // n_topics
+        favs = u_topics + n_topics * (fav_rng.random(u_topics.shape) * in_topic).astype(np.int64)
 
     # --- the clicks, one time step for all live sessions at once
     max_len = int(lengths.max())
