@@ -141,7 +141,7 @@ def generate_clicks(
     if users is not None and p_user_favourite > 0:
         fav_rng = np.random.default_rng([seed, 1])
         k = max(1, int(n_user_favourites))
-        u_topics = (fav_rng.random((n_users, k, 1)) >= cdf[:, None, :]).sum(axis=2)
+        u_topics = (fav_rng.random((len(cdf), k, 1)) >= cdf[:, None, :]).sum(axis=2)
         # uniform within the topic, not by popularity: a popular item of the session's topic is
         # no favourite, so the taste is not readable from the session's own clicks
         in_topic = (n_items - u_topics + n_topics - 1) // n_topics

@@ -125,4 +125,4 @@ def test_no_nan_when_a_row_has_no_negative(name):
     loss = get_loss(name)(scores, valid)
     loss.backward()
     assert torch.isfinite(loss)
-    assert torch.isfinite(scores.grad).all()
+    assert scores.grad is not None and torch.isfinite(scores.grad).all()
