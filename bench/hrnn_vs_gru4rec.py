@@ -89,6 +89,7 @@ def run(model_name: str, params: list[str], tr: pd.DataFrame, te: pd.DataFrame, 
     ov = [*params, f"seed={seed}", "device=cpu"]
     t0 = time.perf_counter()
     stats: dict = {}
+    model: torch.nn.Module
     if model_name == "pop":
         ids, index = build_item_index(tr["ItemId"])
         model = _Pop(tr, index)

@@ -29,7 +29,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -567,9 +567,10 @@ def split_stats(train_df: pd.DataFrame, test_df: pd.DataFrame) -> dict[str, floa
 # ----------------------------------------------------------------------------- CLI wiring
 
 
-def parse_hier_params(
-    pairs: Iterable[str], cls: type[HierParams] = HRNNParams, preset: str | None = None
-) -> HierParams:
+_P = TypeVar("_P", bound=HierParams)
+
+
+def parse_hier_params(pairs: Iterable[str], cls: type[_P], preset: str | None = None) -> _P:
     """``key=value`` strings (and an optional preset) -> ``cls`` parameters.
 
     Unknown keys and invalid values raise :class:`~trainer.presets.ParamError` (a ValueError)
@@ -577,7 +578,7 @@ def parse_hier_params(
     return cls.make(preset, list(pairs))
 
 
-def _job_common(job: Any, cls: type[HierParams], allowed: set[str]) -> Any:
+def _job_common(job: Any, cls: type[_P], allowed: set[str]) -> _P:
     import click
 
     bad = [k for k, v in job.options.items() if v not in (None, (), []) and k not in allowed]

@@ -5,6 +5,8 @@ tastes."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -17,7 +19,7 @@ from streamrec.synthetic import generate_clicks
 from trainer.data import filter_users, split_last_session_out
 from trainer.train_hier import HRNNParams, PRNNParams, evaluate_users, train_hier
 
-LOSSES = {
+LOSSES: dict[str, dict[str, Any]] = {
     "xe": dict(loss="cross-entropy", logq=0.0),
     "xe-logq": dict(loss="cross-entropy", logq=1.0),
     "bpr-max": dict(loss="bpr-max"),
