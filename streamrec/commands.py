@@ -257,5 +257,7 @@ def demo(sessions: int, items: int, rate: float, epochs: int, keep: Path | None)
 
 def register(main: click.Group) -> None:
     """Add the service commands to the `streamrec` group."""
-    for cmd in (worker, produce, tail, replay, demo):
+    from .archive import archive_command
+
+    for cmd in (worker, produce, tail, replay, demo, archive_command()):
         main.add_command(cmd)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import registry
 from .model.api import SplitStepModel, StepModel
 from .model.checkpoint import load_checkpoint
 from .model.device import resolve_device
@@ -279,7 +280,8 @@ class ModelHolder:
 
     ``current`` is read once per batch by the core, so a batch never mixes two versions.
     With ``watch_dir`` set, :meth:`maybe_reload` loads the newest checkpoint directory in it
-    (``checkpoint.json`` present) whose version differs from the served one.
+    (``checkpoint.json`` present) whose version differs from the served one; when
+    ``watch_dir`` is a model registry (:mod:`streamrec.registry`), the published version.
     """
 
     def __init__(
@@ -334,6 +336,13 @@ class ModelHolder:
     def newest_checkpoint(self) -> Path | None:
         if self.watch_dir is None or not self.watch_dir.is_dir():
             return None
+        if registry.is_registry(self.watch_dir):
+            # a model registry: follow its pointer (a rollback is followed too)
+            try:
+                return registry.resolve(self.watch_dir)
+            except registry.RegistryError as exc:
+                log.warning("%s", exc)
+                return None
         cands = [p.parent for p in self.watch_dir.glob("*/checkpoint.json")]
         if (self.watch_dir / "checkpoint.json").exists():
             cands.append(self.watch_dir)
