@@ -173,7 +173,8 @@ def test_first_cycle_publishes_then_gate_refuses_degenerate(tmp_path: Path) -> N
     df3.loc[df3.index[::5], "ItemId"] = "brand-new"
     df3["SessionId"] = "n" + df3["SessionId"].astype(str)
     write_archive(archive, df3, start=len(df))
-    r3 = run_cycle(RetrainConfig(**{**cfg.__dict__, "tolerance": 1.0, "holdout": "2h"}), echo=lambda s: None)
+    warm = RetrainConfig(**{**cfg.__dict__, "tolerance": 1.0, "holdout": "2h"})
+    r3 = run_cycle(warm, echo=lambda s: None)
     assert r3["decision"]["published"] and r3["warm_start"] and r3["new_items"] == 1
     assert holder.maybe_reload()
     assert holder.current.version == r3["decision"]["version"]
