@@ -217,6 +217,7 @@ class Archiver:
         self.on_flush = on_flush
         self.buffers: dict[int, _Buffer] = {}
         self.stats = ArchiveStats()
+        self._failed = False
         self._clean_temporaries()
         self.consumer = Consumer(
             {
@@ -260,7 +261,8 @@ class Archiver:
 
     def _on_revoke(self, consumer: Any, parts: list[Any]) -> None:
         for tp in parts:
-            self.flush(tp.partition)
+            if not self._failed:  # after a failure, leave the rest to the next owner
+                self.flush(tp.partition)
             self.buffers.pop(tp.partition, None)
         consumer.unassign()
 
@@ -353,6 +355,9 @@ class Archiver:
                 if max_s is not None and now - t0 >= max_s:
                     break
             self.flush_all()
+        except BaseException:
+            self._failed = True
+            raise
         finally:
             self.stats.seconds = time.monotonic() - t0
             self.consumer.close()
