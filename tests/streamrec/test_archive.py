@@ -34,7 +34,9 @@ def archived_rows(directory: Path) -> list[tuple[int, int]]:
     for f in list_archive(storage):
         t = pq.read_table(storage.join(f.path), columns=["partition", "offset", "Time"])
         parts, offs = t["partition"].to_pylist(), t["offset"].to_pylist()
-        assert all(p == f.partition and f.first <= o <= f.last for p, o in zip(parts, offs))
+        assert all(
+            p == f.partition and f.first <= o <= f.last for p, o in zip(parts, offs, strict=True)
+        )
         rows += zip(parts, offs, strict=True)
     return rows
 
@@ -73,7 +75,7 @@ def start_archiver(bootstrap: str, topic: str, directory: Path, log: Path, *args
         ),
     }
     cmd = [sys.executable, "-m", "streamrec", "archive", "--dir", str(directory), *args]
-    return subprocess.Popen(cmd, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    return subprocess.Popen(cmd, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
 
 
 def test_kill9_mid_file_then_restart_archives_each_click_once(
