@@ -109,7 +109,7 @@ def _service(broker: str, work: Path, tag: str) -> dict[str, Any]:
     }
     ensure_topics(
         {"bootstrap.servers": broker},
-        [TopicSpec(s[f"topics.{t}"], 4) for t in ("clicks", "recommendations", "dead_letter")],
+        [TopicSpec(str(s[f"topics.{t}"]), 4) for t in ("clicks", "recommendations", "dead_letter")],
     )
     return s
 

@@ -119,7 +119,10 @@ def _train(
         warm = (
             not cfg.cold and current is not None and current.model_name == "gru4rec"
         )  # fmt: skip
-        init = (current.model.to("cpu"), current.item_ids) if warm and current else None
+        init = None
+        if warm and current is not None:
+            assert isinstance(current.model, GRU4Rec)
+            init = (current.model.to("cpu"), current.item_ids)
         model, ids, stats = train_gru4rec(train, params, progress=cfg.progress, init=init)
         return model, ids, stats, params.to_dict(), warm
     from trainer.cli import TRAINERS

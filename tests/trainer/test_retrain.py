@@ -151,9 +151,7 @@ def test_first_cycle_publishes_then_gate_refuses_degenerate(tmp_path: Path) -> N
     assert r1["decision"]["published"], r1
     v1 = registry.current_version(models)
     assert v1 == r1["decision"]["version"] and r1["current_version"] is None
-    holder = ModelHolder(
-        ServingModel.from_checkpoint(registry.resolve(models), "cpu"), watch_dir=models
-    )
+    holder = ModelHolder(ServingModel.from_checkpoint(_published(models), "cpu"), watch_dir=models)
     assert holder.current.version == v1
     # a candidate trained on shuffled items: refused, the pointer and the worker stay on v1
     bad = RetrainConfig(**{**cfg.__dict__, "corrupt": shuffled_items})
@@ -184,6 +182,12 @@ def test_first_cycle_publishes_then_gate_refuses_degenerate(tmp_path: Path) -> N
     )
 
 
+def _published(models: Path) -> Path:
+    path = registry.resolve(models)
+    assert path is not None
+    return path
+
+
 def _ckpt(path: Path, seed: int) -> Path:
     model = GRU4Rec(GRU4RecConfig(n_items=5, layers=[4]), seed=seed)
     return save_checkpoint(path, model, "gru4rec", [f"i{j}" for j in range(5)])
@@ -212,9 +216,7 @@ def test_registry_keeps_k_rolls_back_and_cli(tmp_path: Path) -> None:
     out = run.invoke(main, ["models", "show", "--models", str(models)])
     assert json.loads(out.output)["version"] == versions[-2]
     # a worker's holder follows the pointer, rollbacks included
-    holder = ModelHolder(
-        ServingModel.from_checkpoint(registry.resolve(models), "cpu"), watch_dir=models
-    )
+    holder = ModelHolder(ServingModel.from_checkpoint(_published(models), "cpu"), watch_dir=models)
     registry.rollback(models, versions[-1])
     assert holder.maybe_reload() and holder.current.version == versions[-1]
     assert list_archive(Storage(str(tmp_path / "empty"))) == []
