@@ -220,3 +220,40 @@ def test_registry_keeps_k_rolls_back_and_cli(tmp_path: Path) -> None:
     registry.rollback(models, versions[-1])
     assert holder.maybe_reload() and holder.current.version == versions[-1]
     assert list_archive(Storage(str(tmp_path / "empty"))) == []
+
+
+def test_fsspec_memory_archive_and_clear_errors(tmp_path: Path) -> None:
+    from trainer.cli import main
+
+    df = generate_clicks(100, 20, seed=6, span_days=2)
+    table = pa.table(
+        {
+            "SessionId": df["SessionId"].astype(str).tolist(),
+            "ItemId": df["ItemId"].astype(str).tolist(),
+            "Time": df["Time"].tolist(),
+            "UserId": [None] * len(df),
+            "event_id": [None] * len(df),
+            "partition": [0] * len(df),
+            "offset": list(range(len(df))),
+        },
+        schema=SCHEMA,
+    )
+    url = f"memory://archive-{tmp_path.name}"
+    Storage(url).write_atomic(file_name(0, 0, len(df) - 1, hour_of(df["Time"].iloc[0])), table)
+    got = read_archive(url).df
+    assert len(got) == len(df) and set(got["ItemId"]) == set(df["ItemId"].astype(str))
+    # an fsspec protocol without its package installed, an empty archive: clear messages
+    from streamrec.archive import ArchiveError
+
+    with pytest.raises(ArchiveError, match="no fsspec implementation"):
+        Storage("nosuchproto://bucket/archive")
+    out = CliRunner().invoke(
+        main,
+        ["retrain", "--archive", str(tmp_path / "empty"), "--models", str(tmp_path / "m"),
+         "--once", "--no-progress"],
+    )  # fmt: skip
+    assert out.exit_code == 1 and "holds no files" in out.output
+    out = CliRunner().invoke(
+        main, ["retrain", "--archive", "a", "--models", "m", "--once", "--every", "1h"]
+    )
+    assert out.exit_code == 2 and "exactly one of --once and --every" in out.output
