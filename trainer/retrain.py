@@ -230,7 +230,7 @@ def run_cycle(cfg: RetrainConfig, echo: Callable[[str], None] = print) -> dict[s
         save_checkpoint(
             staging,
             model,
-            cfg.model_name if cfg.model_name != "gru4rec" else "gru4rec",
+            cfg.model_name,
             item_ids,
             train_params=train_params,
             data_stats={
@@ -330,6 +330,8 @@ def commands() -> list[Any]:
                 run_cycle(cfg, echo)
             except RetrainError as e:  # unattended: say why, try again next period
                 echo(f"cycle skipped: {e}")
+            except Exception as e:  # a failed cycle must not stop the loop
+                echo(f"cycle failed: {type(e).__name__}: {e}")
             time.sleep(max(0.0, period - (time.monotonic() - start)))
 
     @click.group("models")

@@ -41,7 +41,9 @@ def write_archive(directory: Path, df: pd.DataFrame, partition: int = 0, start: 
                 "SessionId": sub["SessionId"].astype(str).tolist(),
                 "ItemId": sub["ItemId"].astype(str).tolist(),
                 "Time": sub["Time"].astype(float).tolist(),
-                "UserId": [None] * len(sub),
+                "UserId": sub["UserId"].astype(str).tolist()
+                if "UserId" in sub
+                else [None] * len(sub),
                 "event_id": [f"e{o}" for o in offs],
                 "partition": [partition] * len(sub),
                 "offset": offs.tolist(),
@@ -257,3 +259,15 @@ def test_fsspec_memory_archive_and_clear_errors(tmp_path: Path) -> None:
         main, ["retrain", "--archive", "a", "--models", "m", "--once", "--every", "1h"]
     )
     assert out.exit_code == 2 and "exactly one of --once and --every" in out.output
+
+
+def test_hrnn_retrains_cold_through_the_same_cycle(tmp_path: Path) -> None:
+    df = generate_clicks(600, 40, n_users=60, seed=1, span_days=10)
+    write_archive(tmp_path / "a", df)
+    cfg = RetrainConfig(
+        str(tmp_path / "a"), str(tmp_path / "m"), "60d", "1d", model_name="hrnn",
+        params=["n_epochs=1"], progress=False,
+    )  # fmt: skip
+    r = run_cycle(cfg, echo=lambda s: None)
+    assert r["decision"]["published"] and not r["warm_start"]
+    assert load_checkpoint(_published(tmp_path / "m")).model_name == "hrnn"
