@@ -227,6 +227,12 @@ class ServingModel:
         users = None if user is None else user.reshape(1, -1)
         state = self.initial_states(users, 1)
         rows = self.rows(items)
+        if self.split:
+            # advance only: scoring every item at each step is wasted here, and after a swap
+            # it made each re-encoded session cost (recent items) x (catalogue) multiply-adds
+            for r in rows:
+                state = self.advance(np.array([r]), state)
+            return state[0]
         for r in rows:
             state = self.step(np.array([r]), state, users, k=1).states
         return state[0]
