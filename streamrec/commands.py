@@ -248,14 +248,22 @@ def replay(
 @click.option("--rate", default=400.0, show_default=True, help="Clicks per second streamed.")
 @click.option("--epochs", default=3, show_default=True, help="Training epochs.")
 @click.option("--keep", type=click.Path(path_type=Path), help="Keep model and logs here.")
-def demo(sessions: int, items: int, rate: float, epochs: int, keep: Path | None) -> None:
+@click.option(
+    "--retrain", is_flag=True, help="The retraining loop: archive, retrain, publish, swap."
+)
+def demo(
+    sessions: int, items: int, rate: float, epochs: int, keep: Path | None, retrain: bool
+) -> None:
     """Broker, synthetic clicks, a GRU4Rec trained in seconds, a worker, live recommendations."""
-    from .demo import DemoOptions, run_demo
+    from .demo import DemoOptions, run_demo, run_retrain_demo
 
-    run_demo(DemoOptions(sessions=sessions, items=items, rate=rate, epochs=epochs, keep_dir=keep))
+    opts = DemoOptions(sessions=sessions, items=items, rate=rate, epochs=epochs, keep_dir=keep)
+    (run_retrain_demo if retrain else run_demo)(opts)
 
 
 def register(main: click.Group) -> None:
     """Add the service commands to the `streamrec` group."""
-    for cmd in (worker, produce, tail, replay, demo):
+    from .archive import archive_command
+
+    for cmd in (worker, produce, tail, replay, demo, archive_command()):
         main.add_command(cmd)

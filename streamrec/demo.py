@@ -219,3 +219,164 @@ def run_demo(opts: DemoOptions | None = None, console: Console | None = None) ->
             shutil.rmtree(work, ignore_errors=True)
         else:
             shutil.move(str(work), opts.keep_dir)
+
+
+# ----------------------------------------------------------------------------- demo --retrain
+
+
+def _archived_rows(directory: Path) -> int:
+    import pyarrow.parquet as pq
+
+    from .archive import Storage, list_archive
+
+    storage = Storage(str(directory))
+    return sum(pq.read_metadata(storage.join(f.path)).num_rows for f in list_archive(storage))
+
+
+def _retrain_once(work: Path, opts: DemoOptions, env: dict[str, str]) -> dict[str, Any]:
+    """``trainer retrain --once`` in a child process (the serving package imports no trainer)."""
+    from . import registry
+
+    cmd = [sys.executable, "-m", "trainer", "retrain", "--archive", str(work / "archive")]
+    cmd += ["--models", str(work / "models"), "--once", "--window", "60d", "--holdout", "1d"]
+    cmd += ["--no-progress", "--param", f"layers={opts.units}", f"n_epochs={opts.epochs}"]
+    cmd += ["batch_size=64", "n_sample=0", "learning_rate=0.1", "device=cpu"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"trainer retrain failed:\n{done.stderr[-3000:]}")
+    return registry.read_log(work / "models")[-1]
+
+
+def run_retrain_demo(
+    opts: DemoOptions | None = None, console: Console | None = None
+) -> dict[str, Any]:
+    """The continuous-retraining loop on the embedded broker: clicks stream, the archiver
+    fills the archive, ``trainer retrain --once`` publishes v1, the worker (waiting on the
+    registry) serves it; clicks with items new to the catalogue follow, a second retrain
+    publishes v2, the worker swaps, and the new items appear in the recommendations."""
+    from .launch import settings_env
+
+    opts = opts or DemoOptions()
+    console = console or Console()
+    work = Path(tempfile.mkdtemp(prefix="streamrec-demo-retrain-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    worker: WorkerProcess | None = None
+    try:
+        with console.status("starting the embedded Kafka broker"):
+            broker = EmbeddedBroker(port=0).start()
+        try:
+            conf = {"bootstrap.servers": broker.bootstrap}
+            settings = {
+                "kafka.bootstrap_servers": broker.bootstrap,
+                "topics.clicks": "demo-clicks",
+                "topics.recommendations": "demo-recommendations",
+                "topics.dead_letter": "demo-dead-letter",
+                "topics.partitions": opts.partitions,
+                "worker.app_id": "streamrec-demo",
+                "worker.metrics_port": 0,
+                "worker.log_level": "WARNING",
+            }
+            env = {**os.environ, **settings_env(settings), "OMP_NUM_THREADS": "1"}
+            ensure_topics(
+                conf,
+                [TopicSpec(t, opts.partitions) for t in ("demo-clicks", "demo-recommendations",
+                                                          "demo-dead-letter")],
+            )  # fmt: skip
+            log = open(work / "archiver.log", "ab")  # noqa: SIM115 - closed with the process
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "streamrec",
+                        "archive",
+                        "--dir",
+                        str(work / "archive"),
+                        "--flush-interval",
+                        "1",
+                    ],
+                    env=env,
+                    stdout=log,
+                    stderr=log,
+                )
+            )
+            worker = WorkerProcess(
+                work / "models",
+                settings=settings,
+                data_dir=work / "state",
+                log_path=work / "worker.log",
+                args=["--wait-for-model", "600"],
+            )
+            console.print(f"[bold]broker[/] {broker.bootstrap}; archiver and worker started")
+            # phase A: the catalogue's first 90 %; phase B adds the last 10 % as new items
+            a = generate_clicks(opts.sessions, opts.items, seed=opts.seed, span_days=20)
+            new_from = int(opts.items * 0.9)
+            a = a[a["ItemId"].astype(int) < new_from]
+            b = generate_clicks(
+                opts.sessions // 2, opts.items, seed=opts.seed + 1,
+                start_time=float(a["Time"].max()) + 60, span_days=5,
+            )  # fmt: skip
+            b["SessionId"] = "b" + b["SessionId"].astype(str)
+            sent = 0
+            for phase, df in (("A", a), ("B", b)):
+                with console.status(f"streaming {len(df):,} clicks (phase {phase})"):
+                    produce(conf, "demo-clicks", click_values(df))
+                    sent += len(df)
+                with console.status("waiting for the archive to hold every click"):
+                    deadline = time.monotonic() + 120
+                    while _archived_rows(work / "archive") < sent:
+                        if time.monotonic() > deadline:
+                            raise RuntimeError("the archiver fell behind; see archiver.log")
+                        time.sleep(0.5)
+                console.print(f"[bold]archive[/] {sent:,} clicks in {work / 'archive'}")
+                with console.status("trainer retrain --once"):
+                    rec = _retrain_once(work, opts, env)
+                d = rec["decision"]
+                console.print(
+                    f"[bold]retrain[/] {rec['events']['train']:,} train events, "
+                    f"{rec['new_items']} new items, candidate recall@20 "
+                    f"{rec['metrics']['candidate'].get('recall@20', float('nan')):.3f} vs "
+                    f"current {rec['metrics']['current'].get('recall@20', float('nan')):.3f}: "
+                    + (f"published {d['version']}" if d["published"] else f"kept ({d['reason']})")
+                )
+            version = rec["decision"]["version"]
+            published_at = (work / "models" / "CURRENT").stat().st_mtime  # the pointer moved
+            new_items = sorted(set(b["ItemId"]) - set(a["ItemId"]))
+            # probe until the worker answers with the new version, then show new items
+            first_new: float | None = None
+            with console.status("waiting for the worker to swap"):
+                for j in range(600):
+                    probe = {"session_id": f"probe{j}", "item_id": new_items[j % len(new_items)]}
+                    p = produce(
+                        conf,
+                        "demo-clicks",
+                        [(f"probe{j}".encode(), json.dumps(probe).encode(), 0.0)],
+                    )
+                    got = wait_for_answers(conf, "demo-recommendations", p.click_ids, 30)
+                    r = next(iter(got.values()), None)
+                    if r is not None and r["model_version"] == version:
+                        first_new = r["emitted_at"] - published_at
+                        shown = [i for i in r["items"] if i in set(new_items)]
+                        console.print(
+                            f"[bold]swap[/] worker serves {version} "
+                            f"({first_new:.1f} s after publish); after clicking new item "
+                            f"{r['item_id']}: next [green]{' '.join(r['items'][:8])}[/] "
+                            f"({len(shown)} new items in the top {len(r['items'])})"
+                        )
+                        break
+                    time.sleep(0.2)
+            if first_new is None:
+                raise RuntimeError(f"the worker never served {version}:\n{worker.log_tail()}")
+            return {"version": version, "swap_seconds": first_new, "new_items": len(new_items)}
+        finally:
+            if worker is not None:
+                worker.stop()
+            for proc in procs:
+                proc.terminate()
+                proc.wait(30)
+            broker.stop()
+    finally:
+        if opts.keep_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            shutil.move(str(work), opts.keep_dir)

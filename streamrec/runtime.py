@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import registry
 from .model.api import SplitStepModel, StepModel
 from .model.checkpoint import load_checkpoint
 from .model.device import resolve_device
@@ -226,6 +227,12 @@ class ServingModel:
         users = None if user is None else user.reshape(1, -1)
         state = self.initial_states(users, 1)
         rows = self.rows(items)
+        if self.split:
+            # advance only: scoring every item at each step is wasted here, and after a swap
+            # it made each re-encoded session cost (recent items) x (catalogue) multiply-adds
+            for r in rows:
+                state = self.advance(np.array([r]), state)
+            return state[0]
         for r in rows:
             state = self.step(np.array([r]), state, users, k=1).states
         return state[0]
@@ -279,7 +286,8 @@ class ModelHolder:
 
     ``current`` is read once per batch by the core, so a batch never mixes two versions.
     With ``watch_dir`` set, :meth:`maybe_reload` loads the newest checkpoint directory in it
-    (``checkpoint.json`` present) whose version differs from the served one.
+    (``checkpoint.json`` present) whose version differs from the served one; when
+    ``watch_dir`` is a model registry (:mod:`streamrec.registry`), the published version.
     """
 
     def __init__(
@@ -334,6 +342,13 @@ class ModelHolder:
     def newest_checkpoint(self) -> Path | None:
         if self.watch_dir is None or not self.watch_dir.is_dir():
             return None
+        if registry.is_registry(self.watch_dir):
+            # a model registry: follow its pointer (a rollback is followed too)
+            try:
+                return registry.resolve(self.watch_dir)
+            except registry.RegistryError as exc:
+                log.warning("%s", exc)
+                return None
         cands = [p.parent for p in self.watch_dir.glob("*/checkpoint.json")]
         if (self.watch_dir / "checkpoint.json").exists():
             cands.append(self.watch_dir)

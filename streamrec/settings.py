@@ -144,7 +144,7 @@ class ModelSettings(_Group):
     path: Path | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     top_k: int = Field(20, ge=1, le=1000)
-    reload_interval_s: float = Field(30.0, ge=0)
+    reload_interval_s: float = Field(1.0, ge=0)
     #: Precision of the all-items scoring matmul (GRU4Rec). bfloat16 is several times faster on
     #: CPUs with bf16 dot products and on GPUs; its scores differ from float32 in the third
     #: significant digit, so near-ties can swap places in the top-k.

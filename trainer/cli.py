@@ -91,15 +91,26 @@ class LoadOptions:
     fmt: str | None = None
     column_map: dict[str, str] | None = None
     session_gap: float | None = None
+    # event-time window of an ``archive:DIR`` source (trainer.archive_source)
+    since: str | None = None
+    until: str | None = None
+    window: str | None = None
 
 
 def load(path: str, opts: LoadOptions) -> pd.DataFrame:
-    """Load a click file (``streamrec.clicklog.load_clicks``), sessionizing by a gap when asked."""
+    """Load a click file (``streamrec.clicklog.load_clicks``) or ``archive:DIR``
+    (``trainer.archive_source``), sessionizing by a gap when asked."""
     from streamrec.clicklog import DataError, load_clicks
+    from trainer.archive_source import PREFIX, load_archive
     from trainer.data import sessionize
 
     try:
-        df = load_clicks(path, column_map=opts.column_map, fmt=opts.fmt)
+        if path.startswith(PREFIX):
+            df = load_archive(path, since=opts.since, until=opts.until, window=opts.window)
+        elif opts.since or opts.until or opts.window:
+            raise DataError("--since/--until/--window apply to an archive:DIR source only")
+        else:
+            df = load_clicks(path, column_map=opts.column_map, fmt=opts.fmt)
         if opts.session_gap is not None:
             df = sessionize(df, opts.session_gap)
     except DataError as e:
@@ -272,6 +283,11 @@ def main() -> None:
     default=None,
     help="hold out each user's last session of --train as the test set (instead of --test)",
 )
+@click.option("--since", default=None, help="archive:DIR: first event time (epoch s or ISO)")
+@click.option("--until", default=None, help="archive:DIR: end event time (exclusive)")
+@click.option(
+    "--window", default=None, help="archive:DIR: e.g. 14d, back from the newest archived event"
+)
 @click.option("--progress/--no-progress", default=True)
 def train(
     train_path: str,
@@ -290,6 +306,9 @@ def train(
     item_meta: str | None,
     schedule: str | None,
     split: str | None,
+    since: str | None,
+    until: str | None,
+    window: str | None,
     progress: bool,
 ) -> None:
     """Train a model, save the checkpoint to --out, evaluate on --test."""
@@ -302,7 +321,7 @@ def train(
             param_hint="--model",
         )
     cut = parse_ks(ks)
-    lopts = LoadOptions(fmt, parse_column_map(column_map), session_gap)
+    lopts = LoadOptions(fmt, parse_column_map(column_map), session_gap, since, until, window)
     param_list = _split_values(params)
     if model_name == "gru4rec":
         try:  # fail on a bad key before loading data
@@ -311,7 +330,8 @@ def train(
         except ParamError as e:
             raise click.BadParameter(str(e), param_hint="--param") from None
     train_df = load(train_path, lopts)
-    test_df = load(test_path, lopts) if test_path else None
+    test_opts = LoadOptions(fmt, lopts.column_map, session_gap)
+    test_df = load(test_path, test_opts) if test_path else None
     if split == "last-session":
         if test_df is not None:
             raise click.UsageError("give either --test or --split, not both")
@@ -451,6 +471,15 @@ def baseline(
     else:
         print_metrics(dict(metrics), f"{name} on {test_path} (ties={ties})", cut)
 
+
+def _register_retrain() -> None:
+    from trainer.retrain import commands
+
+    for cmd in commands():
+        main.add_command(cmd)
+
+
+_register_retrain()
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

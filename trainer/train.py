@@ -58,10 +58,14 @@ def train_gru4rec(
     progress: bool = True,
     log_every: int = 100,
     max_steps: int | None = None,
+    init: tuple[GRU4Rec, list[str]] | None = None,
 ) -> tuple[GRU4Rec, list[str], dict[str, Any]]:
     """Train GRU4Rec on a click frame; returns ``(model in eval mode, item_ids, stats)``.
 
     ``max_steps`` stops each epoch early (benchmarks).  Same seed + same device: same result.
+    ``init = (model, item_ids)`` warm-starts (trainer.retrain.grow_gru4rec): the old items
+    keep their rows and weights, new items get new rows after them, the architecture is the
+    old model's.
     """
     if params is None:
         params = TrainParams()
@@ -73,6 +77,10 @@ def train_gru4rec(
     t_setup = time.perf_counter()
 
     item_ids, index = build_item_index(_sorted_for_index(train_df)["ItemId"])
+    if init is not None:
+        known = set(init[1])
+        item_ids = [*init[1], *(i for i in item_ids if i not in known)]
+        index = {iid: r for r, iid in enumerate(item_ids)}
     sessions = order_sessions(train_df, index)
     plan_np = session_parallel_plan(sessions, p.batch_size)
     if plan_np.n_events == 0:
@@ -94,7 +102,12 @@ def train_gru4rec(
             elu_param=p.elu_param if p.elu_param > 0 else 1.0,
         ),
         seed=p.seed,
-    ).to(device)
+    )
+    if init is not None:
+        from trainer.retrain import grow_gru4rec
+
+        model = grow_gru4rec(init[0], len(item_ids), p.seed)
+    model = model.to(device)
     sparse = model.sparse_tables()
     sparse_ids = {id(t) for t in sparse}
     dense = [q for q in model.parameters() if id(q) not in sparse_ids]

@@ -1,0 +1,174 @@
+"""``streamrec archive`` against a real broker: exactly once across crashes.
+
+Every check compares the archive with a fresh read of the clicks topic from offset 0 (never
+high watermarks), by (partition, offset).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from confluent_kafka import Producer
+
+from streamrec.archive import TMP_PREFIX, Archiver, Storage, list_archive
+from streamrec.events import ClickEvent, decode
+from streamrec.kafka import TopicSpec, ensure_topics, read_topic
+from streamrec.launch import settings_env
+from streamrec.testing import click
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+PARTITIONS = 3
+T0 = 1_767_225_600.0  # 2026-01-01T00:00Z
+
+
+def archived_rows(directory: Path) -> list[tuple[int, int]]:
+    storage = Storage(str(directory))
+    rows: list[tuple[int, int]] = []
+    for f in list_archive(storage):
+        t = pq.read_table(storage.join(f.path), columns=["partition", "offset", "Time"])
+        parts, offs = t["partition"].to_pylist(), t["offset"].to_pylist()
+        assert all(
+            p == f.partition and f.first <= o <= f.last for p, o in zip(parts, offs, strict=True)
+        )
+        rows += zip(parts, offs, strict=True)
+    return rows
+
+
+def valid_clicks(conf: dict, topic: str) -> set[tuple[int, int]]:
+    out = set()
+    for m in read_topic(conf, topic, idle_timeout=1.0):
+        ev = decode(m.value())
+        if isinstance(ev, ClickEvent) and ev.type == "click":
+            out.add((m.partition(), m.offset()))
+    return out
+
+
+def produce(conf: dict, topic: str, start: int, n: int, bad_every: int = 0) -> None:
+    p = Producer({**conf, "linger.ms": 5})
+    for j in range(start, start + n):
+        if bad_every and j % bad_every == 0:
+            value = b"{not json" if j % 2 else click(f"s{j % 50}", None)  # both dead-lettered
+        else:
+            # event times span several hours, so files are cut at hour boundaries too
+            value = click(f"s{j % 50}", f"i{j % 37}", t=T0 + j * 7.0, event_id=f"e{j}")
+        p.produce(topic, key=f"s{j % 50}".encode(), value=value)
+    assert p.flush(30) == 0
+
+
+def start_archiver(bootstrap: str, topic: str, directory: Path, log: Path, *args: str):
+    env = {
+        **os.environ,
+        **settings_env(
+            {
+                "kafka.bootstrap_servers": bootstrap,
+                "topics.clicks": topic,
+                "topics.partitions": PARTITIONS,
+                "worker.app_id": topic,
+            }
+        ),
+    }
+    cmd = [sys.executable, "-m", "streamrec", "archive", "--dir", str(directory), *args]
+    return subprocess.Popen(cmd, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+
+
+def test_kill9_mid_file_then_restart_archives_each_click_once(
+    isolated_bootstrap: str, unique_name: Callable[[str], str], tmp_path: Path
+) -> None:
+    conf = {"bootstrap.servers": isolated_bootstrap}
+    topic = unique_name("clicks")
+    ensure_topics(conf, [TopicSpec(topic, PARTITIONS)])
+    arch = tmp_path / "archive"
+    produce(conf, topic, 0, 3000, bad_every=23)
+    a = start_archiver(isolated_bootstrap, topic, arch, tmp_path / "a1.log", "--flush-events", "97")
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and len(list_archive(Storage(str(arch)))) < 4:
+            assert a.poll() is None, (tmp_path / "a1.log").read_text()
+            time.sleep(0.05)
+        produce(conf, topic, 3000, 500, bad_every=23)  # the archiver is mid-stream
+        a.kill()  # SIGKILL: buffers half full, maybe a file half written
+        a.wait()
+    finally:
+        if a.poll() is None:
+            a.kill()
+    first = archived_rows(arch)
+    assert 0 < len(first) < 3500
+    # a temporary file left by a crash is ignored and removed on restart
+    leftover = arch / "date=2026-01-01" / "hour=00" / f"{TMP_PREFIX}dead-p0-000000000000-1.parquet"
+    leftover.parent.mkdir(parents=True, exist_ok=True)
+    leftover.write_bytes(b"half a file")
+    produce(conf, topic, 3500, 500, bad_every=23)
+    b = start_archiver(isolated_bootstrap, topic, arch, tmp_path / "a2.log", "--until-caught-up")
+    assert b.wait(180) == 0, (tmp_path / "a2.log").read_text()
+    rows = archived_rows(arch)
+    want = valid_clicks(conf, topic)
+    assert len(want) == 4000 - len(range(0, 4000, 23))  # dead letters are not clicks
+    assert len(rows) == len(set(rows)), "a click archived twice"
+    assert set(rows) == want, "a click missing, or a dead letter archived"
+    assert not leftover.exists()
+
+
+def test_crash_between_rename_and_commit_is_not_written_twice(
+    kafka_bootstrap: str, unique_name: Callable[[str], str], tmp_path: Path
+) -> None:
+    conf = {"bootstrap.servers": kafka_bootstrap}
+    topic = unique_name("clicks")
+    ensure_topics(conf, [TopicSpec(topic, PARTITIONS)])
+    produce(conf, topic, 0, 600)
+    arch = str(tmp_path / "archive")
+
+    class Crash(Exception):
+        pass
+
+    def crash(_f: object) -> None:  # after the rename, before the commit
+        raise Crash
+
+    a = Archiver(conf, topic, arch, group=topic, flush_events=50, on_flush=crash)
+    with pytest.raises(Crash):
+        a.run(max_s=120)
+    written = archived_rows(tmp_path / "archive")
+    assert len(written) == 50  # one file renamed, its offsets never committed
+    b = Archiver(conf, topic, arch, group=topic, flush_events=50)
+    b.run(until_caught_up=True, idle_s=1.5, max_s=120)
+    rows = archived_rows(tmp_path / "archive")
+    assert len(rows) == len(set(rows)) == 600
+    assert set(rows) == valid_clicks(conf, topic)
+
+
+def test_two_archivers_share_the_partitions(
+    kafka_bootstrap: str, unique_name: Callable[[str], str], tmp_path: Path
+) -> None:
+    conf = {"bootstrap.servers": kafka_bootstrap}
+    topic = unique_name("clicks")
+    ensure_topics(conf, [TopicSpec(topic, PARTITIONS)])
+    arch = tmp_path / "archive"
+    a = start_archiver(kafka_bootstrap, topic, arch, tmp_path / "a.log", "--flush-events", "50")
+    b = start_archiver(kafka_bootstrap, topic, arch, tmp_path / "b.log", "--flush-events", "50")
+    try:
+        time.sleep(4)  # both join the group (about session.timeout / 2 on Tansu)
+        produce(conf, topic, 0, 2000, bad_every=31)
+        want = valid_clicks(conf, topic)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(archived_rows(arch)) < len(want):
+            time.sleep(0.5)
+    finally:
+        for p in (a, b):
+            p.terminate()
+            p.wait(30)
+    rows = archived_rows(arch)
+    assert len(rows) == len(set(rows)) and set(rows) == want
+    # both took part: each reports what it archived when it stops
+    counts = []
+    for log in ("a.log", "b.log"):
+        m = re.search(r"archived ([\d,]+) clicks", (tmp_path / log).read_text())
+        assert m is not None, (tmp_path / log).read_text()[-2000:]
+        counts.append(int(m[1].replace(",", "")))
+    assert sum(counts) == len(want) and min(counts) > 0, counts
