@@ -225,25 +225,57 @@ class ServingModel:
     def encode_session(self, items: Sequence[str], user: np.ndarray | None) -> np.ndarray:
         """Re-encode a session from its item ids (used after a model swap)."""
         users = None if user is None else user.reshape(1, -1)
-        state = self.initial_states(users, 1)
-        rows = self.rows(items)
-        if self.split:
-            # advance only: scoring every item at each step is wasted here, and after a swap
-            # it made each re-encoded session cost (recent items) x (catalogue) multiply-adds
-            for r in rows:
-                state = self.advance(np.array([r]), state)
-            return state[0]
-        for r in rows:
-            state = self.step(np.array([r]), state, users, k=1).states
-        return state[0]
+        return self.encode_sessions([items], users)[0]
 
     def encode_user(self, sessions: Sequence[Sequence[str]]) -> np.ndarray:
         """Re-encode a user context from its recent session summaries."""
-        user = self.initial_user_states(1)
-        for items in sessions:
-            final = self.encode_session(items, user[0]).reshape(1, -1)
-            user = self.end_session(user, final)
-        return user[0]
+        return self.encode_users([sessions])[0]
+
+    #: sessions advanced together when re-encoding
+    ENCODE_BATCH = 512
+
+    def encode_sessions(
+        self, sessions: Sequence[Sequence[str]], users: np.ndarray | None
+    ) -> np.ndarray:
+        """Re-encode many sessions from their item ids, position by position in batches of
+        :attr:`ENCODE_BATCH`. States are advanced only: a split-step model never scores; a
+        model without a split step scores only the top-1 (its step computes the scores).
+        Unknown items (and positions past a session's end) leave that state unchanged."""
+        n = len(sessions)
+        out = np.empty((n, self.state_dim), dtype=np.float32)
+        for lo in range(0, n, self.ENCODE_BATCH):
+            chunk = sessions[lo : lo + self.ENCODE_BATCH]
+            u = None if users is None or self.user_state_dim == 0 else users[lo : lo + len(chunk)]
+            states = self.initial_states(u, len(chunk))
+            longest = max((len(s) for s in chunk), default=0)
+            rows = np.full((len(chunk), longest), -1, dtype=np.int64)
+            for i, items in enumerate(chunk):
+                rows[i, : len(items)] = self.rows(items)
+            for j in range(longest):
+                col = rows[:, j]
+                live = np.flatnonzero(col >= 0)
+                if live.size == 0:
+                    continue
+                if self.split:
+                    states[live] = self.advance(col[live], states[live])
+                else:
+                    uu = None if u is None else u[live]
+                    states[live] = self.step(col[live], states[live], uu, k=1).states
+            out[lo : lo + len(chunk)] = states
+        return out
+
+    def encode_users(self, users: Sequence[Sequence[Sequence[str]]]) -> np.ndarray:
+        """Re-encode many user contexts from their recent session summaries, batched: the
+        j-th session of every user that has one at a time."""
+        ctx = self.initial_user_states(len(users))
+        if self.user_state_dim == 0:
+            return ctx
+        longest = max((len(s) for s in users), default=0)
+        for j in range(longest):
+            idx = [i for i, s in enumerate(users) if len(s) > j]
+            finals = self.encode_sessions([users[i][j] for i in idx], ctx[idx])
+            ctx[idx] = self.end_session(ctx[idx], finals)
+        return ctx
 
     # ---- validation ----------------------------------------------------------------------
     def validate(self, holdout: Sequence[Sequence[str]] | None = None, min_recall: float = 0.0):

@@ -96,7 +96,7 @@ class EngineBase:
         self.holder = holder
         self.metrics = metrics or Metrics()
         self.config = CoreConfig.from_settings(settings)
-        self.clock = StreamClock()
+        self.clock = StreamClock.from_config(self.config)
         self._model_to_metrics()
 
     def _model_to_metrics(self) -> None:

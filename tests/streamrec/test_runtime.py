@@ -189,7 +189,7 @@ def test_hrnn_checkpoint_serves_with_user_state(tmp_path: Path) -> None:
         st = o.states
         ref.append(o.top_rows[0])
     assert [r["items"] for r in out] == [m.ids(x).tolist() for x in ref]
-    user = store.get_user("u")
+    user = store.get_user("u:u")
     assert user is not None and user.sessions == [["i1", "i2"]]
     np.testing.assert_allclose(user.context, u1[0], atol=1e-6)
 

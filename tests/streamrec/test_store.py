@@ -6,8 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from streamrec.core import CoreConfig, process_batch
-from streamrec.engines.native.store import SESSIONS, USERS, PartitionState, TableView
+from streamrec.core import CoreConfig, message_key_partitions, process_batch
+from streamrec.engines.native.store import (
+    SESSIONS,
+    USERS,
+    PartitionState,
+    StateLayoutError,
+    TableView,
+)
 from streamrec.state import StateStore
 from streamrec.testing import click, tiny_serving_model
 
@@ -61,8 +67,8 @@ def test_writes_during_a_checkpoint_stay_pending_and_win(tmp_path: Path) -> None
 
 def test_apply_changelog_keeps_the_last_value_and_offset(tmp_path: Path) -> None:
     st = PartitionState(tmp_path / "0", 0)
-    n = st.apply_changelog([(b"s/a", b"1", 5), (b"u/a", b"x", 6), (b"s/a", None, 7)])
-    assert n == 3 and st.get(b"s/a") is None and st.get(b"u/a") == b"x"
+    n = st.apply_changelog([(b"s/u:a", b"1", 5), (b"u/u:a", b"x", 6), (b"s/u:a", None, 7)])
+    assert n == 3 and st.get(b"s/u:a") is None and st.get(b"u/u:a") == b"x"
     assert st.changelog_offset == 7
     assert st.apply_changelog([]) == 0 and st.changelog_offset == 7
     st.close()
@@ -119,7 +125,7 @@ def test_core_over_partition_states_equals_the_in_memory_twin(parts) -> None:
     for i in range(0, 40, 8):
         batch = records[i : i + 8]
         want = process_batch(batch, twin, model, CoreConfig())
-        where = {r.key.decode(): r.partition for r in batch}  # type: ignore[union-attr]
+        where = message_key_partitions(batch)
         sessions, users = TableView(parts, SESSIONS, where), TableView(parts, USERS, where)
         got = process_batch(batch, StateStore(sessions, users), model, CoreConfig())
         assert sessions.route(got.key_partitions) == 0 and users.route(got.key_partitions) == 0
@@ -134,3 +140,25 @@ def test_core_over_partition_states_equals_the_in_memory_twin(parts) -> None:
     assert got_states.keys() == dict(twin.iter_sessions()).keys()
     for k, s in twin.iter_sessions():
         assert got_states[k].same_as(s)
+
+
+def test_a_database_of_the_old_key_layout_is_refused_with_a_clear_message(
+    tmp_path: Path,
+) -> None:
+    st = PartitionState(tmp_path / "0", 0)  # a new database is marked with the layout
+    st.close()
+    PartitionState(tmp_path / "0", 0).close()  # and opens again
+    # layout 1: keys without namespace, no layout marker
+    from rocksdict import Options, Rdict
+
+    db = Rdict(str(tmp_path / "old"), options=Options(raw_mode=True))
+    db.put(b"s/alice", b"state")
+    db.close()
+    with pytest.raises(StateLayoutError, match="layout 1.*app_id"):
+        PartitionState(tmp_path / "old", 0)
+    # a changelog of the old layout is refused during recovery, before anything is applied
+    st = PartitionState(tmp_path / "1", 1)
+    with pytest.raises(StateLayoutError, match="changelog"):
+        st.apply_changelog([(b"s/alice", b"x", 0)])
+    assert st.get(b"s/alice") is None and st.changelog_offset == -1
+    st.close()

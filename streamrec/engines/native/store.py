@@ -28,7 +28,7 @@ from pathlib import Path
 
 from rocksdict import Options, Rdict, WriteBatch
 
-from streamrec.state import BufferedTable
+from streamrec.state import ANON_NS, STATE_LAYOUT, USER_NS, BufferedTable
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,28 @@ SESSIONS = b"s/"
 USERS = b"u/"
 #: the last changelog offset whose record is in this database (absent: none)
 _CHANGELOG_OFFSET = b"\x00changelog-offset"
+#: the state key layout of this database (absent in layout 1: keys without namespace)
+_LAYOUT = b"\x00layout"
+#: the key prefixes of layout 2: sessions of users and of anonymous keys, users
+_VALID_PREFIXES = (
+    SESSIONS + USER_NS.encode(),
+    SESSIONS + ANON_NS.encode(),
+    USERS + USER_NS.encode(),
+)
+
+
+class StateLayoutError(RuntimeError):
+    """A state database or changelog written under another state key layout."""
+
+
+def _refuse(where: str, found: str) -> StateLayoutError:
+    return StateLayoutError(
+        f"{where} holds state of layout {found}; this streamrec writes layout {STATE_LAYOUT} "
+        "(users under u:<user id>, anonymous sessions under a:<session id>) and does not "
+        "read older layouts. Start from empty state: delete the state directory and the "
+        "changelog topic, or use a new worker.app_id (open sessions restart; user histories "
+        "are lost)."
+    )
 
 
 class PartitionState:
@@ -48,6 +70,23 @@ class PartitionState:
         self.db = Rdict(str(path), options=Options(raw_mode=True))
         self.pending: dict[bytes, bytes | None] = {}  # None: delete
         self.flushing: dict[bytes, bytes | None] = {}
+        layout = self.db.get(_LAYOUT)
+        if layout is None:
+            if any(True for _ in self._db_keys(SESSIONS)) or any(
+                True for _ in self._db_keys(USERS)
+            ):
+                self.db.close()
+                raise _refuse(f"state directory {path}", "1")
+            self.db.put(_LAYOUT, str(STATE_LAYOUT).encode())
+        elif layout != str(STATE_LAYOUT).encode():
+            self.db.close()
+            raise _refuse(f"state directory {path}", layout.decode(errors="replace"))
+
+    def _db_keys(self, prefix: bytes) -> Iterator[bytes]:
+        for key in self.db.keys(from_key=prefix):
+            if not key.startswith(prefix):
+                break
+            yield key
 
     # ---- reads and writes of the current interval -----------------------------------------
     def get(self, key: bytes) -> bytes | None:
@@ -105,6 +144,8 @@ class PartitionState:
         batch = WriteBatch(raw_mode=True)
         n, last = 0, None
         for key, value, offset in records:
+            if not key.startswith(_VALID_PREFIXES):
+                raise _refuse(f"changelog record at offset {offset} (key {key[:60]!r})", "1")
             if value is None:
                 batch.delete(key)
             else:

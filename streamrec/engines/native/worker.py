@@ -161,7 +161,7 @@ class NativeWorker(EngineBase):
                 )
             ],
         )
-        self.metrics.serve(self.settings.worker.metrics_port)
+        self.metrics.serve(self.settings.worker.metrics_port, self.settings.worker.metrics_host)
         gc.collect()
         gc.freeze()  # model, item index and imports: keep them out of every GC pass
         # The scoring thread gets the GIL back after every torch op; with the default 5 ms
@@ -446,7 +446,7 @@ class NativeWorker(EngineBase):
         sessions = TableView(self.partitions, SESSIONS, where)
         users = TableView(self.partitions, USERS, where)
         res = sweep_idle(
-            StateStore(sessions, users), self.holder.current, self.config, now=self.clock.now()
+            StateStore(sessions, users), self.holder.current, self.config, clock=self.clock
         )
         sessions.route(res.key_partitions)
         users.route(res.key_partitions)
