@@ -55,7 +55,12 @@ def load_model_holder(path: Path | None, settings: Settings, wait_s: float = 0.0
     except ModelLoadError as exc:
         raise click.ClickException(str(exc)) from None
     return ModelHolder(
-        model, watch_dir=path, device=m.device, top_k=m.top_k, score_dtype=m.score_dtype
+        model,
+        watch_dir=path,
+        device=m.device,
+        top_k=m.top_k,
+        score_dtype=m.score_dtype,
+        gate_ratio=m.gate_ratio,
     )
 
 

@@ -6,6 +6,7 @@ inside. Every call runs under ``torch.inference_mode()``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -30,6 +31,42 @@ log = logging.getLogger(__name__)
 
 class ModelLoadError(RuntimeError):
     """A checkpoint could not be loaded or did not pass validation."""
+
+
+#: the checkpoint metric the live gate compares against (the trainer's Recall@20 on the
+#: checkpoint's own held-out slice, ``data_stats["holdout_sessions"]``)
+HOLDOUT_METRIC = "holdout_recall@20"
+#: default share of that metric a new model must reach on the slice to be swapped in
+GATE_RATIO = 0.8
+#: item rows stepped at a time when validating a model
+VALIDATE_CHUNK = 1024
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bfloat16 dot products (x86 AVX512_BF16/AMX-BF16, Arm BF16)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set()
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags.update(line.split(":", 1)[1].split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def _fingerprint(path: Path) -> str:
+    """What changes when a checkpoint directory is (re)written: so a checkpoint rejected
+    while half-written is tried again once its files change."""
+    parts = []
+    for name in ("checkpoint.json", "model.safetensors"):
+        try:
+            st = (path / name).stat()
+            parts.append(f"{st.st_mtime_ns}:{st.st_size}")
+        except OSError:
+            parts.append("-")
+    return "|".join(parts)
 
 
 #: catalogue size from which :func:`block_topk` splits the scores into blocks
@@ -105,6 +142,12 @@ class ServingModel:
             raise ValueError(f"score_dtype must be float32 or bfloat16, not {score_dtype!r}")
         if score_dtype == "bfloat16" and not self.split:
             log.warning("bfloat16 scoring needs a split-step model (GRU4Rec); scoring in float32")
+            score_dtype = "float32"
+        if score_dtype == "bfloat16" and self.device.type == "cpu" and not cpu_has_bf16():
+            log.warning(
+                "model.score_dtype=bfloat16, but this CPU has no bfloat16 instructions "
+                "(bf16 there is emulated, about 10x slower than float32); scoring in float32"
+            )
             score_dtype = "float32"
         self.score_dtype = score_dtype
         #: a large catalogue on CPU: scored in row chunks (see :meth:`score`)
@@ -278,22 +321,52 @@ class ServingModel:
         return ctx
 
     # ---- validation ----------------------------------------------------------------------
-    def validate(self, holdout: Sequence[Sequence[str]] | None = None, min_recall: float = 0.0):
-        """Check the model runs and gives finite scores; with a holdout, a Recall@20 gate.
+    def validate(
+        self,
+        holdout: Sequence[Sequence[str]] | None = None,
+        min_recall: float = 0.0,
+        *,
+        reference_recall: float | None = None,
+        gate_ratio: float = GATE_RATIO,
+    ) -> float | None:
+        """Check the model before it serves; returns the holdout Recall@20 (or None).
 
-        Returns the holdout Recall@20 (or None). Raises ModelLoadError on failure.
+        * every weight and buffer is finite;
+        * every item row, stepped from the initial state, gives a finite state and finite
+          scores for every item, and the scores are not all equal (an all-zero model);
+        * with a holdout slice, Recall@20 on it is at least ``min_recall`` and at least
+          ``gate_ratio`` times ``reference_recall`` (the checkpoint's own offline figure).
+
+        Raises ModelLoadError on failure.
         """
-        b = min(8, self.n_items)
-        users = self.initial_user_states(b)
-        states = self.initial_states(users, b)
-        if states.shape != (b, self.state_dim):
-            raise ModelLoadError(f"initial state shape {states.shape} != ({b}, {self.state_dim})")
-        rows = np.arange(b, dtype=np.int64)
-        out = self.step(rows, states, users)
-        if out.states.shape != (b, self.state_dim) or not np.isfinite(out.states).all():
-            raise ModelLoadError("step produced a bad state")
-        if not np.isfinite(out.top_scores).all():
-            raise ModelLoadError("step produced non-finite scores")
+        for name, t in itertools.chain(self.model.named_parameters(), self.model.named_buffers()):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ModelLoadError(f"weights {name!r} hold NaN or infinite values")
+        varied = False
+        with torch.inference_mode():
+            for lo in range(0, self.n_items, VALIDATE_CHUNK):
+                rows = np.arange(lo, min(lo + VALIDATE_CHUNK, self.n_items), dtype=np.int64)
+                b = len(rows)
+                users = self.initial_user_states(b)
+                states = self.initial_states(users, b)
+                if states.shape != (b, self.state_dim):
+                    raise ModelLoadError(
+                        f"initial state shape {states.shape} != ({b}, {self.state_dim})"
+                    )
+                r = torch.from_numpy(rows).to(self.device)
+                new, scores = self.model.step(r, self._t(states), self._t(users))
+                new_np = self._np(new, b)
+                if new_np.shape != (b, self.state_dim) or not np.isfinite(new_np).all():
+                    raise ModelLoadError(f"step of item rows {lo}..{lo + b - 1} gave a bad state")
+                if not bool(torch.isfinite(scores).all()):
+                    raise ModelLoadError(
+                        f"step of item rows {lo}..{lo + b - 1} gave non-finite scores"
+                    )
+                varied = varied or bool((scores.amax(dim=1) > scores.amin(dim=1)).any())
+        if not varied and self.n_items > 1:
+            raise ModelLoadError("the model scores every item the same (all-zero weights?)")
+        if reference_recall is not None and reference_recall == reference_recall:
+            min_recall = max(min_recall, gate_ratio * float(reference_recall))
         if not holdout:
             return None
         hits = n = 0
@@ -331,8 +404,10 @@ class ModelHolder:
         top_k: int = 20,
         holdout_key: str = "holdout_sessions",
         score_dtype: str = "float32",
+        gate_ratio: float = GATE_RATIO,
     ) -> None:
         self._model = model
+        self.gate_ratio = gate_ratio
         self.score_dtype = score_dtype
         self._lock = threading.Lock()
         self.watch_dir = Path(watch_dir) if watch_dir else None
@@ -346,10 +421,15 @@ class ModelHolder:
     def current(self) -> ServingModel:
         return self._model
 
-    def swap(self, new: ServingModel, holdout: Sequence[Sequence[str]] | None = None) -> bool:
+    def swap(
+        self,
+        new: ServingModel,
+        holdout: Sequence[Sequence[str]] | None = None,
+        reference_recall: float | None = None,
+    ) -> bool:
         """Validate and swap in a new model; returns False (and keeps the old) on failure."""
         try:
-            new.validate(holdout)
+            new.validate(holdout, reference_recall=reference_recall, gate_ratio=self.gate_ratio)
         except ModelLoadError as exc:
             log.warning("model %s rejected: %s", new.version, exc)
             self.rejected[new.version] = str(exc)
@@ -369,7 +449,14 @@ class ModelHolder:
             self.rejected[str(path)] = str(exc)
             return False
         holdout = (new.metadata.get("data_stats") or {}).get(self.holdout_key)
-        return self.swap(new, holdout)
+        reference = (new.metadata.get("metrics") or {}).get(HOLDOUT_METRIC)
+        if holdout and reference is None:
+            log.warning(
+                "checkpoint %s has a holdout slice but no %s metric: no relative gate",
+                path,
+                HOLDOUT_METRIC,
+            )
+        return self.swap(new, holdout, reference)
 
     def newest_checkpoint(self) -> Path | None:
         if self.watch_dir is None or not self.watch_dir.is_dir():
@@ -397,7 +484,7 @@ class ModelHolder:
             version = str(json.loads((path / "checkpoint.json").read_text()).get("version"))
         except (OSError, ValueError):
             return False  # being written, or broken: try again next time
-        ident = f"{path}@{version}"
+        ident = f"{path}@{version}@{_fingerprint(path)}"
         if version == self._model.version or ident in self.rejected:
             return False
         ok = self.load_and_swap(path)

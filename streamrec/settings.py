@@ -192,6 +192,10 @@ class ModelSettings(_Group):
     #: CPUs with bf16 dot products and on GPUs; its scores differ from float32 in the third
     #: significant digit, so near-ties can swap places in the top-k.
     score_dtype: Literal["float32", "bfloat16"] = "float32"
+    #: Quality gate of a hot swap: on the held-out slice stored in the checkpoint
+    #: (data_stats.holdout_sessions), Recall@20 must reach this share of the checkpoint's
+    #: own offline figure (metrics["holdout_recall@20"]).
+    gate_ratio: float = Field(0.8, ge=0, le=1)
 
 
 class WorkerSettings(_Group):

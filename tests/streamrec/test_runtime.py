@@ -235,8 +235,11 @@ def test_block_topk_equals_torch_topk(n: int, k: int) -> None:
 
 
 @pytest.mark.parametrize("n_items", [300, 5000])
-def test_bfloat16_scoring_agrees_with_float32(n_items: int) -> None:
+def test_bfloat16_scoring_agrees_with_float32(n_items: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    import streamrec.runtime as rt
     from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
+
+    monkeypatch.setattr(rt, "cpu_has_bf16", lambda: True)  # bf16 math even where emulated
 
     model = GRU4Rec(GRU4RecConfig(n_items=n_items, layers=[32]), seed=3)
     ids = [f"i{j}" for j in range(n_items)]
@@ -254,3 +257,92 @@ def test_bfloat16_scoring_agrees_with_float32(n_items: int) -> None:
     assert not np.array_equal(scores16, scores32)  # it really scored in bf16
     with pytest.raises(ValueError, match="score_dtype"):
         ServingModel(model, ids, "v", device="cpu", score_dtype="float16")
+
+
+def _save_weights(path: Path, seed: int, edit: str, **kw: object) -> Path:
+    from streamrec.model.checkpoint import save_checkpoint
+    from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
+
+    model = GRU4Rec(GRU4RecConfig(n_items=N, layers=[8]), seed=seed)
+    with torch.no_grad():
+        if edit == "nan_row":  # NaN in one input row only (the last, past the first few)
+            for p in model.parameters():
+                if p.dim() == 2 and p.shape[0] == N:
+                    p[N - 1, 0] = float("nan")
+                    break
+        elif edit == "zero":
+            for p in model.parameters():
+                p.zero_()
+    return save_checkpoint(path, model, "gru4rec", [f"i{j}" for j in range(N)], **kw)  # type: ignore[arg-type]
+
+
+def test_weights_must_be_finite_and_every_row_is_validated(tmp_path: Path) -> None:
+    good = ServingModel.from_checkpoint(_save(tmp_path / "a", 1), "cpu")
+    holder = ModelHolder(good, device="cpu")
+    assert not holder.load_and_swap(_save_weights(tmp_path / "nan", 2, "nan_row"))
+    assert "NaN" in next(iter(holder.rejected.values()))
+    # an all-zero model scores every item the same: refused even without a holdout
+    assert not holder.load_and_swap(_save_weights(tmp_path / "zero", 3, "zero"))
+    assert "same" in list(holder.rejected.values())[-1]
+    assert holder.current is good
+
+
+def test_gate_is_relative_to_the_checkpoints_own_holdout_metric(tmp_path: Path) -> None:
+    sessions = [[f"i{j}", f"i{(j * 7 + 3) % N}", f"i{(j * 11 + 5) % N}"] for j in range(N)]
+    probe = ServingModel.from_checkpoint(_save(tmp_path / "p", 4, holdout=sessions), "cpu")
+    live = probe.validate(sessions)
+    assert live is not None
+    holder = ModelHolder(probe, device="cpu", gate_ratio=0.8)
+    # the checkpoint claims an offline recall far above what it reaches live: refused
+    claim = _save_weights(
+        tmp_path / "claim",
+        4,
+        "",
+        data_stats={"holdout_sessions": sessions},
+        metrics={"holdout_recall@20": (live + 0.01) / 0.5},
+    )
+    assert not holder.load_and_swap(claim)
+    assert any("quality gate" in v for v in holder.rejected.values())
+    honest = _save_weights(
+        tmp_path / "honest",
+        4,
+        "",
+        data_stats={"holdout_sessions": sessions},
+        metrics={"holdout_recall@20": live},
+    )
+    assert holder.load_and_swap(honest)
+
+
+def test_a_checkpoint_rejected_half_written_is_retried_once_it_changes(tmp_path: Path) -> None:
+    watch = tmp_path / "ckpts"
+    first = ServingModel.from_checkpoint(_save(watch / "v1", 1), "cpu")
+    holder = ModelHolder(first, watch_dir=watch, device="cpu")
+    time.sleep(0.01)
+    full = _save(tmp_path / "staging", 2)
+    target = watch / "v2"
+    target.mkdir()
+    (target / "checkpoint.json").write_bytes((full / "checkpoint.json").read_bytes())
+    blob = (full / "model.safetensors").read_bytes()
+    (target / "model.safetensors").write_bytes(blob[: len(blob) // 2])  # seen half-written
+    assert not holder.maybe_reload() and holder.current is first
+    assert not holder.maybe_reload()  # unchanged: not tried again
+    time.sleep(0.01)
+    (target / "model.safetensors").write_bytes(blob)  # the write completes
+    assert holder.maybe_reload() and holder.current.version != first.version
+
+
+def test_bfloat16_falls_back_to_float32_on_a_cpu_without_bf16(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import streamrec.runtime as rt
+    from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
+
+    monkeypatch.setattr(rt, "cpu_has_bf16", lambda: False)
+    model = GRU4Rec(GRU4RecConfig(n_items=N, layers=[8]), seed=1)
+    ids = [f"i{j}" for j in range(N)]
+    m = ServingModel(model, ids, "v", device="cpu", score_dtype="bfloat16")
+    assert m.score_dtype == "float32" and "no bfloat16 instructions" in caplog.text
+    monkeypatch.setattr(rt, "cpu_has_bf16", lambda: True)
+    assert ServingModel(model, ids, "v", device="cpu", score_dtype="bfloat16").score_dtype == (
+        "bfloat16"
+    )
