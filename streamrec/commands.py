@@ -121,9 +121,15 @@ def worker(
             loglevel=level
         )
         return
+    from .engines.common import DeliveryError
+    from .engines.native.store import StateLayoutError
     from .engines.native.worker import NativeWorker
 
-    NativeWorker(settings, holder, datadir=data_dir, fetch_max_wait_ms=fetch_wait_ms).run()
+    try:
+        NativeWorker(settings, holder, datadir=data_dir, fetch_max_wait_ms=fetch_wait_ms).run()
+    except (DeliveryError, StateLayoutError) as exc:
+        # a clear message and a non-zero exit, no traceback: nothing was committed
+        raise click.ClickException(str(exc)) from None
 
 
 @click.command()

@@ -32,6 +32,7 @@ REASONS = (
     "invalid",  # an object that is not a click (missing/wrong fields, ids too long, ...)
     "timestamp_out_of_range",  # before 2000, NaN/inf, overflowing, or far from the partition's
     "key_mismatch",  # the Kafka key is not the key the body implies (see core)
+    "output_too_large",  # (engines) a recommendation the broker refused as too large
     "error",  # anything unexpected (a bug): never seen on the hostile corpus
 )
 
