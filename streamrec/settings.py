@@ -168,6 +168,7 @@ class StateSettings(_Group):
         if self.clock_min_events > self.clock_window:
             raise ValueError("clock_min_events must not exceed clock_window")
         return self
+
     recent_sessions: int = Field(10, ge=0, le=1000)
     sweep_interval_seconds: float = Field(30.0, gt=0)
     #: User (HRNN) states idle longer than this are dropped by the sweep; None keeps them.

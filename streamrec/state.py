@@ -43,6 +43,7 @@ def state_key(user_id: str | None, session_id: str) -> str:
 class StateTooLarge(ValueError):
     """A state does not fit ``max_bytes`` even with every droppable list emptied."""
 
+
 # magic, partition, offset, last_time, start_time, n_events, n_unknown, dim
 _SESSION_HDR = struct.Struct("<2siqddIII")
 # magic, partition, offset, last_time, n_sessions, dim

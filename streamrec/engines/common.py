@@ -68,11 +68,18 @@ class Outputs:
                 code = err.code() if isinstance(err, KafkaError) else None
                 outputs = (self.topics.recommendations, self.topics.dead_letter)
                 if code == KafkaError.MSG_SIZE_TOO_LARGE and topic in outputs and value:
-                    log.error("output of %d bytes to %s too large; dead-lettered", len(value), topic)
+                    log.error(
+                        "output of %d bytes to %s too large; dead-lettered", len(value), topic
+                    )
                     dead = make_dead_letter(
                         value[:4096], "output_too_large", f"{len(value)} bytes to {topic}", key=key
                     )
-                    topic, value, key, partition = self.topics.dead_letter, dead.to_bytes(), None, -1
+                    topic, value, key, partition = (
+                        self.topics.dead_letter,
+                        dead.to_bytes(),
+                        None,
+                        -1,
+                    )
                     continue
                 msg = f"cannot produce to {topic}: {exc}"
                 self.errors.append(msg)

@@ -59,7 +59,10 @@ BAD = [
     (b'{"session_id": "s", "item_id": "a", "timestamp": "yesterday"}', "invalid"),
     (b'{"session_id": "s", "item_id": "a", "timestamp": {"x": 1}}', "invalid"),
     (b'{"session_id": "s", "item_id": "a", "type": "purchase"}', "invalid"),
-    (b'{"session_id": "s", "item_id": "a", "user_id": null, "timestamp": NaN}', "timestamp_out_of_range"),
+    (
+        b'{"session_id": "s", "item_id": "a", "user_id": null, "timestamp": NaN}',
+        "timestamp_out_of_range",
+    ),
     (json.dumps({"session_id": "s" * 300, "item_id": "a"}).encode(), "invalid"),
     (b"[" * 50_000, "oversized"),
     (b'{"session_id": "s", "item_id": "' + b"x" * 20_000 + b'"}', "oversized"),

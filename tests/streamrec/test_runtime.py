@@ -235,7 +235,9 @@ def test_block_topk_equals_torch_topk(n: int, k: int) -> None:
 
 
 @pytest.mark.parametrize("n_items", [300, 5000])
-def test_bfloat16_scoring_agrees_with_float32(n_items: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bfloat16_scoring_agrees_with_float32(
+    n_items: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import streamrec.runtime as rt
     from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
 

@@ -166,9 +166,7 @@ def test_users_and_anonymous_sessions_never_share_a_key() -> None:
 def test_the_same_event_id_at_two_offsets_is_answered_once() -> None:
     model = tiny_serving_model()
     store = StateStore()
-    first = process_batch(
-        [rec(click("s", "i1", t=T0, event_id="e1"), "s", 0)], store, model, CFG
-    )
+    first = process_batch([rec(click("s", "i1", t=T0, event_id="e1"), "s", 0)], store, model, CFG)
     state = store.sessions["a:s"]
     again = process_batch(
         [
@@ -209,7 +207,8 @@ def test_state_is_capped_in_bytes_dropping_the_oldest_items() -> None:
     ids = [f"i{j % 50}" for j in range(2000)]
     for lo in range(0, 2000, 500):
         batch = [
-            rec(click("s", it, t=T0 + lo + j), "s", lo + j) for j, it in enumerate(ids[lo : lo + 500])
+            rec(click("s", it, t=T0 + lo + j), "s", lo + j)
+            for j, it in enumerate(ids[lo : lo + 500])
         ]
         process_batch(batch, store, model, cfg)
     assert len(store.sessions["a:s"]) <= 64 * 1024

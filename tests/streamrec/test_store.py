@@ -154,7 +154,7 @@ def test_a_database_of_the_old_key_layout_is_refused_with_a_clear_message(
     db = Rdict(str(tmp_path / "old"), options=Options(raw_mode=True))
     db.put(b"s/alice", b"state")
     db.close()
-    with pytest.raises(StateLayoutError, match="layout 1.*app_id"):
+    with pytest.raises(StateLayoutError, match=r"layout 1.*app_id"):
         PartitionState(tmp_path / "old", 0)
     # a changelog of the old layout is refused during recovery, before anything is applied
     st = PartitionState(tmp_path / "1", 1)

@@ -43,7 +43,7 @@ from streamrec.engines.common import EngineBase, Outputs
 from streamrec.metrics import Metrics
 from streamrec.runtime import ModelHolder
 from streamrec.settings import Settings
-from streamrec.state import BufferedTable, StateStore
+from streamrec.state import STATE_LAYOUT, BufferedTable, StateStore
 
 from . import compat
 
