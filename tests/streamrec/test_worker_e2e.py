@@ -28,7 +28,7 @@ from streamrec.core import CoreConfig, Record, process_batch
 from streamrec.kafka import TopicSpec, committed_offsets, ensure_topics, read_topic
 from streamrec.launch import WorkerProcess, settings_env
 from streamrec.runtime import ServingModel
-from streamrec.state import SessionState, StateStore, UserState
+from streamrec.state import STATE_LAYOUT, SessionState, StateStore, UserState
 from streamrec.testing import click, offline_recommendations
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -145,27 +145,29 @@ class Service:
         ]
 
     def changelog_sessions(self) -> dict[str, SessionState]:
-        """Final durable session states: the last changelog value per key."""
+        """Final durable session states: the last changelog value per key (the Kafka key:
+        the state key without its namespace, u: or a:)."""
         last: dict[str, bytes | None] = {}
         if self.engine == "faust":
-            for m in self.read(f"{self.app_id}-sessions-changelog"):
-                last[json.loads(m.key())] = m.value()
+            for m in self.read(f"{self.app_id}-sessions-v{STATE_LAYOUT}-changelog"):
+                last[json.loads(m.key())[2:]] = m.value()
         else:
             for m in self.read(f"{self.app_id}-state-changelog"):
                 if m.key().startswith(b"s/"):
-                    last[m.key()[2:].decode()] = m.value()
+                    last[m.key()[4:].decode()] = m.value()
         return {k: SessionState.from_bytes(v) for k, v in last.items() if v}
 
     def changelog_users(self) -> dict[str, UserState]:
-        """Final durable user states: the last changelog value per key."""
+        """Final durable user states: the last changelog value per key (the user id: the
+        state key without its namespace u:)."""
         last: dict[str, bytes | None] = {}
         if self.engine == "faust":
-            for m in self.read(f"{self.app_id}-users-changelog"):
-                last[json.loads(m.key())] = m.value()
+            for m in self.read(f"{self.app_id}-users-v{STATE_LAYOUT}-changelog"):
+                last[json.loads(m.key())[2:]] = m.value()
         else:
             for m in self.read(f"{self.app_id}-state-changelog"):
                 if m.key().startswith(b"u/"):
-                    last[m.key()[2:].decode()] = m.value()
+                    last[m.key()[4:].decode()] = m.value()
         return {k: UserState.from_bytes(v) for k, v in last.items() if v}
 
     def close(self) -> None:
@@ -263,7 +265,7 @@ def reference_states(svc: Service) -> dict[str, SessionState]:
         part = [r for r in recs if r.partition == p]
         for i in range(0, len(part), 50):
             process_batch(part[i : i + 50], store, model, CoreConfig(top_k=20))
-    return dict(store.iter_sessions())
+    return {k[2:]: s for k, s in store.iter_sessions()}  # without the namespace
 
 
 def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
@@ -411,7 +413,8 @@ def test_bad_input_goes_to_dead_letters(service: Service) -> None:
     positions = {(d["partition"], d["offset"]) for d in dead}
     assert len(positions) == n_bad
     assert all(
-        d["reason"] in {"empty", "unparseable", "not_an_object", "invalid", "oversized"}
+        d["reason"]
+        in {"empty", "unparseable", "not_an_object", "invalid", "oversized", "timestamp_out_of_range"}
         for d in dead
     )
     assert {r["click_id"] for r in recs} >= click_ids_of(service, valid=True)
@@ -542,7 +545,7 @@ def test_hot_swap_reencodes_live_sessions(service: Service) -> None:
     deadline = time.monotonic() + 60
     probe = 0
     while time.monotonic() < deadline:  # until the worker serves v2
-        service.produce([("probe", click(f"probe{probe}", "i1"))])
+        service.produce([(f"probe{probe}", click(f"probe{probe}", "i1"))])
         probe += 1
         answered = service.wait_answered(click_ids(service))
         if any(r["model_version"] == new.version for r in answered):
@@ -798,19 +801,21 @@ def test_idle_sweep_and_user_ttl_in_a_running_worker(service: Service) -> None:
     assert users["u1"].sessions == [["i1", "i2"]] and users["u2"].sessions == [["i3"]]
     assert metric(service, w, "streamrec_sessions_ended_total") == 2
     # 1000 s after their last click the users expire (and the tick session closes)
-    tick2 = tick(service, "tick2", t0 + 1500)
+    tick2 = tick(service, "tick2", t0 + 1500, n=40)
     wait_for(lambda: not service.changelog_users(), 60, "idle users never expired")
     wait_for(lambda: set(service.changelog_sessions()) == tick2, 60, "tick1 never closed")
     assert metric(service, w, "streamrec_sessions_ended_total") == 2 + len(tick1)
 
 
-def tick(svc: Service, name: str, t: float) -> set[str]:
-    """A few clicks at event time ``t`` on every partition (whatever the clock is per), each
-    partition its own session; returns the session ids."""
+def tick(svc: Service, name: str, t: float, n: int = 12) -> set[str]:
+    """``n`` clicks from event time ``t`` on every partition, each partition its own session;
+    returns the session ids. Each partition has its own clock, the median of its recent
+    events' skews, trusted after 8 events (issue 13): the stream, not a single message, moves
+    it, so ``n`` must outnumber the partition's earlier events."""
     out = set()
     for p in range(PARTITIONS):
         sid = f"{name}-{p}"
-        for j in range(3):
+        for j in range(n):
             svc.producer.produce(svc.clicks, click(sid, "i4", t=t + j), sid.encode(), partition=p)
         out.add(sid)
     assert svc.producer.flush(30) == 0
@@ -835,7 +840,7 @@ def test_partly_written_checkpoint_is_not_swapped_in(service: Service) -> None:
 
     def probe_version() -> str:
         sid = f"probe{next(probes)}"
-        service.produce([("probe", click(sid, "i1"))])
+        service.produce([(sid, click(sid, "i1"))])
         answers = service.wait_answered(click_ids(service))
         return str(next(a["model_version"] for a in answers if a["session_id"] == sid))
 
@@ -908,7 +913,7 @@ def test_streamrec_cli_produce_tail_replay_and_engine_flag(service: Service) -> 
     check_against_offline(recs, first, service.ckpt)
     # the Faust engine ran: its table changelog exists, the native one does not
     topics = set(service.producer.list_topics(timeout=10).topics)
-    assert f"{service.app_id}-sessions-changelog" in topics
+    assert f"{service.app_id}-sessions-v{STATE_LAYOUT}-changelog" in topics
     assert f"{service.app_id}-state-changelog" not in topics
     res = _streamrec_cli(service, "tail", "--from-beginning", "--raw", "--max", str(len(recs)))
     assert res.returncode == 0, res.stderr
