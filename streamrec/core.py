@@ -759,6 +759,8 @@ class SweepResult:
     users_expired: int = 0
     sessions_left: int = 0
     users_left: int = 0
+    #: whether sessions_left / users_left were counted (the full sweep only)
+    counted: bool = True
     key_partitions: dict[str, int] = field(default_factory=dict)
 
 
@@ -813,7 +815,8 @@ def sweep_idle(
             if k.user is not None and k.user_dirty:
                 store.put_user(key, k.user, config.max_state_bytes)
         res.sessions_ended += len(chunk)
-    res.sessions_left = len(store.sessions)
+    if keys is None:  # counting is a full scan: only for the full sweep
+        res.sessions_left = len(store.sessions)
     if sweep_users:
         for key, raw in list(store.users.items()):
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from streamrec.core import CoreConfig, message_key_partitions, process_batch
@@ -162,3 +163,51 @@ def test_a_database_of_the_old_key_layout_is_refused_with_a_clear_message(
         st.apply_changelog([(b"s/alice", b"x", 0)])
     assert st.get(b"s/alice") is None and st.changelog_offset == -1
     st.close()
+
+
+def test_last_activity_index_lists_idle_states_oldest_first_in_bounded_steps(
+    tmp_path: Path,
+) -> None:
+    from streamrec.engines.native.store import BUCKET_SECONDS, INDEX_SESSIONS, INDEX_USERS
+    from streamrec.state import SessionState, UserState
+
+    st = PartitionState(tmp_path / "0", 0)
+    t0 = 1.7e9
+    for j in range(1000):  # one state per 10 s
+        s = SessionState(f"s{j}", np.zeros(4, np.float32), "v", last_time=t0 + 10 * j)
+        st.pending[b"s/a:" + f"s{j}".encode()] = s.to_bytes()
+    st.pending[b"u/u:x"] = UserState("x", np.zeros(2, np.float32), "v", last_time=t0).to_bytes()
+    st.begin_checkpoint()
+    st.commit(0)
+    # nothing idle before the first bucket ends
+    assert st.idle_candidates(INDEX_SESSIONS, t0, 100) == ([], False)
+    cutoff = t0 + 3000  # states older than 3000 s: at most 300 of them, whole buckets only
+    seen: list[str] = []
+    steps = 0
+    while True:
+        keys, more = st.idle_candidates(INDEX_SESSIONS, cutoff, 64)
+        assert len(keys) <= 64
+        seen += keys
+        steps += 1
+        if not more:
+            break
+    assert steps >= 4 and len(seen) == len(set(seen))
+    times = sorted(10 * int(k[3:]) for k in seen)
+    assert times == [10 * j for j in range(len(seen))]  # oldest first, none skipped
+    assert cutoff - BUCKET_SECONDS - 10 <= t0 + times[-1] < cutoff
+    # examined entries are dropped with the next checkpoint; a state written since (here
+    # s0, active again) keeps an entry of its own and is listed when it is idle again
+    again = SessionState("s0", np.zeros(4, np.float32), "v", last_time=t0 + 20_000)
+    st.pending[b"s/a:s0"] = again.to_bytes()
+    st.begin_checkpoint()
+    st.commit(1)
+    assert st.idle_candidates(INDEX_SESSIONS, cutoff, 1000) == ([], False)
+    keys, _ = st.idle_candidates(INDEX_SESSIONS, t0 + 30_000, 2000)
+    assert "a:s0" in keys and len(keys) == 1000 - len(seen) + 1
+    assert st.idle_candidates(INDEX_USERS, t0 + 120, 10) == (["u:x"], False)
+    st.close()
+    # recovery from the changelog rebuilds the index
+    st2 = PartitionState(tmp_path / "r", 0)
+    st2.apply_changelog([(b"s/a:s0", again.to_bytes(), 0)])
+    assert st2.idle_candidates(INDEX_SESSIONS, t0 + 30_000, 10) == (["a:s0"], False)
+    st2.close()
