@@ -211,3 +211,52 @@ def test_last_activity_index_lists_idle_states_oldest_first_in_bounded_steps(
     st2.apply_changelog([(b"s/a:s0", again.to_bytes(), 0)])
     assert st2.idle_candidates(INDEX_SESSIONS, t0 + 30_000, 10) == (["a:s0"], False)
     st2.close()
+
+
+def test_native_sweep_steps_are_bounded_and_cost_what_expires(tmp_path: Path) -> None:
+    import time as _time
+
+    from streamrec.core import StreamClock
+    from streamrec.engines.native.worker import NativeWorker
+    from streamrec.runtime import ModelHolder
+    from streamrec.settings import load_settings
+    from streamrec.state import SessionState, UserState
+
+    settings = load_settings(
+        kafka={"bootstrap_servers": "127.0.0.1:9"},
+        state={"directory": str(tmp_path), "session_gap_seconds": 100.0},
+    )
+    model = tiny_serving_model(user_dim=4)
+    worker = NativeWorker(settings, ModelHolder(model))
+    try:
+        st = PartitionState(tmp_path / "p0", 0)
+        worker.partitions[0] = st
+        wall = _time.time()
+        h = np.zeros(16, np.float32)
+        for j in range(3000):  # 3000 idle sessions of users, 2000 live anonymous ones
+            s = SessionState("s", h, "v1", f"user{j}", ["i1"], 0, j, wall - 1000, wall - 1000, 1)
+            st.pending[f"s/u:user{j}".encode()] = s.to_bytes()
+        for j in range(2000):
+            s = SessionState(f"a{j}", h, "v1", None, ["i2"], 0, 5000 + j, wall - 5, wall - 5, 1)
+            st.pending[f"s/a:a{j}".encode()] = s.to_bytes()
+        st.pending[b"u/u:old"] = UserState(
+            "old", np.zeros(4, np.float32), "v1", [["i1"]], 0, 1, wall - 10**8
+        ).to_bytes()
+        st.begin_checkpoint()
+        st.commit(0)
+        worker.clock = StreamClock(min_events=1)
+        worker.clock.observe(wall, 0, wall)
+        steps = 0
+        while worker.sweep(budget_s=0.05):
+            steps += 1
+            assert steps < 1000
+        assert steps >= 1  # 3000 sessions to end did not fit one step
+        left = dict(StateStore(TableView(worker.partitions, SESSIONS, {}), {}).iter_sessions())
+        assert set(left) == {f"a:a{j}" for j in range(2000)}
+        users = TableView(worker.partitions, USERS, {})
+        assert "u:user7" in users and "u:old" not in users
+        assert UserState.from_bytes(users["u:user7"]).sessions == [["i1"]]
+    finally:
+        for s in worker.partitions.values():
+            s.close()
+        worker.partitions.clear()

@@ -414,7 +414,14 @@ def test_bad_input_goes_to_dead_letters(service: Service) -> None:
     assert len(positions) == n_bad
     assert all(
         d["reason"]
-        in {"empty", "unparseable", "not_an_object", "invalid", "oversized", "timestamp_out_of_range"}
+        in {
+            "empty",
+            "unparseable",
+            "not_an_object",
+            "invalid",
+            "oversized",
+            "timestamp_out_of_range",
+        }
         for d in dead
     )
     assert {r["click_id"] for r in recs} >= click_ids_of(service, valid=True)

@@ -51,9 +51,9 @@ from streamrec import tansu
 from streamrec.core import (
     BatchResult,
     Record,
+    SweepResult,
     message_key_partitions,
     process_batch,
-    SweepResult,
     score_batch,
     sweep_idle,
 )
@@ -470,7 +470,9 @@ class NativeWorker(EngineBase):
                     INDEX_SESSIONS, now - cfg.session_gap_seconds, SWEEP_STEP_KEYS
                 )
                 if keys:
-                    res = sweep_idle(store, model, cfg, clock=self.clock, keys=keys, sweep_users=False)
+                    res = sweep_idle(
+                        store, model, cfg, clock=self.clock, keys=keys, sweep_users=False
+                    )
                     ended += res.sessions_ended
                 m2 = False
                 if cfg.user_ttl_seconds is not None:
