@@ -71,8 +71,8 @@ log = logging.getLogger(__name__)
 RECOVERY_MAX_S = 600.0
 #: the idle sweep's work per loop turn: at most this many candidate keys per partition and
 #: table per step, and steps until this many seconds have passed (then the loop polls again)
-SWEEP_STEP_KEYS = 256
-SWEEP_STEP_S = 0.05
+SWEEP_STEP_KEYS = 128
+SWEEP_STEP_S = 0.03
 SWITCH_INTERVAL_S = 0.0005
 
 
