@@ -247,6 +247,21 @@ class ServingModel:
             r = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.device)
             return self._np(self.model.advance(r, self._t(states)), len(rows))
 
+    def advance_only(
+        self, rows: np.ndarray, states: np.ndarray, users: np.ndarray | None
+    ) -> np.ndarray:
+        """New states without scores, whatever the model: ``advance`` (split step), else
+        ``forward_step`` (HRNN, p-RNN), else ``step`` with its scores dropped."""
+        if self.split:
+            return self.advance(rows, states)
+        forward = getattr(self.model, "forward_step", None)
+        if forward is None:
+            return self.step(rows, states, users, k=1).states
+        with torch.inference_mode():
+            r = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.device)
+            new, _ = forward(r, self._t(states), self._t(users))
+            return self._np(new, len(rows))
+
     def score(self, states: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (rows, scores) of states made by :meth:`advance`, as ``step`` would give."""
         k = self.top_k if k is None else min(k, self.n_items)
@@ -283,7 +298,10 @@ class ServingModel:
         """Re-encode many sessions from their item ids, position by position in batches of
         :attr:`ENCODE_BATCH`. States are advanced only: a split-step model never scores; a
         model without a split step scores only the top-1 (its step computes the scores).
-        Unknown items (and positions past a session's end) leave that state unchanged."""
+        Unknown items (and positions past a session's end) leave that state unchanged.
+        Models with a ``forward_step`` (HRNN, p-RNN: the training step without scoring) are
+        advanced through it, so they never score either; only a model with neither (the
+        tests' tiny model) goes through ``step``."""
         n = len(sessions)
         out = np.empty((n, self.state_dim), dtype=np.float32)
         for lo in range(0, n, self.ENCODE_BATCH):
@@ -299,11 +317,8 @@ class ServingModel:
                 live = np.flatnonzero(col >= 0)
                 if live.size == 0:
                     continue
-                if self.split:
-                    states[live] = self.advance(col[live], states[live])
-                else:
-                    uu = None if u is None else u[live]
-                    states[live] = self.step(col[live], states[live], uu, k=1).states
+                uu = None if u is None else u[live]
+                states[live] = self.advance_only(col[live], states[live], uu)
             out[lo : lo + len(chunk)] = states
         return out
 

@@ -253,3 +253,29 @@ def test_batched_reencoding_equals_one_at_a_time(split: bool) -> None:
         ctx = model.encode_users(hist)
         for i, h in enumerate(hist):
             np.testing.assert_allclose(ctx[i], model.encode_user(h), atol=1e-5)
+
+
+def test_hrnn_reencoding_advances_without_scoring(monkeypatch: pytest.MonkeyPatch) -> None:
+    from streamrec.model.hrnn import HRNN
+    from streamrec.runtime import ServingModel
+
+    net = HRNN(n_items=30, layers=[8], user_layers=[6], variant="all")
+    model = ServingModel(net, [f"i{j}" for j in range(30)], "v", device="cpu")
+    hist = [[["i1", "i2", "x"], ["i3"]], [["i4"]]]
+    want = np.stack([model.encode_user(h) for h in hist])  # (through encode_users too)
+    ref = []
+    for h in hist:  # the step API, one click at a time
+        user = model.initial_user_states(1)
+        for items in h:
+            st = model.initial_states(user, 1)
+            for r in model.rows(items):
+                st = model.step(np.array([r]), st, user, k=1).states
+            user = model.end_session(user, st)
+        ref.append(user[0])
+    np.testing.assert_allclose(want, np.stack(ref), atol=1e-5)
+
+    def no_scoring(*a: object, **k: object) -> None:
+        raise AssertionError("re-encoding scored the catalogue")
+
+    monkeypatch.setattr(net, "score_items", no_scoring)
+    model.encode_users(hist)

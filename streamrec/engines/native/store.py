@@ -27,6 +27,7 @@ import math
 import struct
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import cast
 
 from rocksdict import Options, Rdict, WriteBatch
 
@@ -109,7 +110,7 @@ class PartitionState:
         self.index_drops: set[bytes] = set()
         self._flushing_drops: set[bytes] = set()
         self._cursor: dict[bytes, bytes] = {}  # index prefix -> where the sweep goes on
-        layout = self.db.get(_LAYOUT)
+        layout = cast(bytes | None, self.db.get(_LAYOUT))
         if layout is None:
             if any(True for _ in self._db_keys(SESSIONS)) or any(
                 True for _ in self._db_keys(USERS)
@@ -122,7 +123,8 @@ class PartitionState:
             raise _refuse(f"state directory {path}", layout.decode(errors="replace"))
 
     def _db_keys(self, prefix: bytes) -> Iterator[bytes]:
-        for key in self.db.keys(from_key=prefix):
+        for raw in self.db.keys(from_key=prefix):
+            key = cast(bytes, raw)  # raw mode: keys are bytes
             if not key.startswith(prefix):
                 break
             yield key
@@ -228,7 +230,8 @@ class PartitionState:
         keys: list[str] = []
         n = len(prefix) + _BUCKET.size
         more = False
-        for entry in self.db.keys(from_key=start):
+        for raw in self.db.keys(from_key=start):
+            entry = cast(bytes, raw)  # raw mode: keys are bytes
             if not entry.startswith(prefix) or entry >= stop:
                 break
             if entry in self.index_drops or entry in self._flushing_drops:
