@@ -795,10 +795,10 @@ def sweep_idle(
     else:
         items = ((k, s) for k in keys if (s := store.get_session(k)) is not None)
     idle = []
-    for k, s in items:
+    for skey, s in items:
         t = now_of(s.partition)
         if t is not None and t - s.last_time > config.session_gap_seconds:
-            idle.append((k, s))
+            idle.append((skey, s))
     for i in range(0, len(idle), batch_size):
         chunk = idle[i : i + batch_size]
         work = []

@@ -38,7 +38,7 @@ REASONS = (
 
 
 def _time_error(msg: str) -> PydanticCustomError:
-    return PydanticCustomError("timestamp_out_of_range", msg)  # type: ignore[arg-type]
+    return PydanticCustomError("timestamp_out_of_range", msg)
 
 
 Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_LEN, strict=True)]

@@ -217,7 +217,7 @@ def test_state_is_capped_in_bytes_dropping_the_oldest_items() -> None:
 def test_nonfinite_scores_never_reach_the_output() -> None:
     model = tiny_serving_model()
     with torch.no_grad():
-        model.model.emb[7, 0] = float("nan")  # type: ignore[index,union-attr]
+        model.model.emb[7, 0] = float("nan")
     res = process_batch([rec(click("s", "i1", t=T0), "s", 0)], StateStore(), model, CFG)
     ((_, value),) = res.recommendation_values()
 

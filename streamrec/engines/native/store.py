@@ -179,9 +179,9 @@ class PartitionState:
                 batch.delete(key)
             else:
                 batch.put(key, value)
-                entry = index_entry(key, value)
-                if entry is not None:
-                    batch.put(entry, b"")
+                idx = index_entry(key, value)
+                if idx is not None:
+                    batch.put(idx, b"")
         if changelog_offset is not None:
             batch.put(_CHANGELOG_OFFSET, str(changelog_offset).encode())
         self.db.write(batch)
