@@ -55,6 +55,8 @@ _VALID_PREFIXES = (
 INDEX_SESSIONS = b"ts/"
 INDEX_USERS = b"tu/"
 BUCKET_SECONDS = 60.0
+#: full passes of the sweep over an index before it scans again from the start
+FLOOR_RESET = 64
 _BUCKET = struct.Struct(">Q")
 #: last_time sits at this byte offset in both state encodings (streamrec.state headers)
 _LAST_TIME = struct.Struct("<d")
@@ -110,6 +112,12 @@ class PartitionState:
         self.index_drops: set[bytes] = set()
         self._flushing_drops: set[bytes] = set()
         self._cursor: dict[bytes, bytes] = {}  # index prefix -> where the sweep goes on
+        # index prefix -> below this, every entry was examined by a finished pass (a scan
+        # starts there instead of wading through the tombstones of dropped entries); reset
+        # every FLOOR_RESET passes, so an entry written later below it (an old event time)
+        # is still found
+        self._floor: dict[bytes, bytes] = {}
+        self._passes = 0
         layout = cast(bytes | None, self.db.get(_LAYOUT))
         if layout is None:
             if any(True for _ in self._db_keys(SESSIONS)) or any(
@@ -226,7 +234,7 @@ class PartitionState:
         end_bucket = _bucket(before) if before > 0 else 0
         # buckets b with (b + 1) * BUCKET_SECONDS <= before, i.e. b < floor(before / W)
         stop = prefix + _BUCKET.pack(end_bucket)
-        start = self._cursor.get(prefix, prefix)
+        start = self._cursor.get(prefix) or self._floor.get(prefix, prefix)
         keys: list[str] = []
         n = len(prefix) + _BUCKET.size
         more = False
@@ -247,6 +255,11 @@ class PartitionState:
                 continue
         if not more:
             self._cursor.pop(prefix, None)
+            self._passes += 1
+            if self._passes % FLOOR_RESET == 0:
+                self._floor.pop(prefix, None)
+            else:
+                self._floor[prefix] = max(self._floor.get(prefix, prefix), stop)
         return keys, more
 
     def close(self) -> None:

@@ -458,6 +458,9 @@ class NativeWorker(EngineBase):
         ended = expired = 0
         more = False
         for p, state in list(self.partitions.items()):
+            if time.monotonic() - t0 >= budget_s:
+                more = True  # partitions not visited this turn: the next turn goes on
+                break
             now = self.clock.now(p)
             if now is None:
                 continue  # this partition's clock has not seen enough events yet
@@ -465,7 +468,7 @@ class NativeWorker(EngineBase):
             where: dict[str, int] = {}
             sessions, users = TableView(one, SESSIONS, where), TableView(one, USERS, where)
             store = StateStore(sessions, users)
-            while time.monotonic() - t0 < budget_s:
+            while True:
                 keys, m1 = state.idle_candidates(
                     INDEX_SESSIONS, now - cfg.session_gap_seconds, SWEEP_STEP_KEYS
                 )
@@ -488,15 +491,13 @@ class NativeWorker(EngineBase):
                         store.delete_user(key)
                         expired += 1
                 if not (m1 or m2):
+                    break  # this partition is done
+                if time.monotonic() - t0 >= budget_s:
+                    more = True  # only when there is work left
                     break
-            else:
-                more = True
             routed = {k: p for k in (*sessions.writes, *users.writes)}
             sessions.route(routed)
             users.route(routed)
-            if time.monotonic() - t0 >= budget_s:
-                more = True
-                break
         self.metrics.observe_sweep(
             SweepResult(sessions_ended=ended, users_expired=expired, counted=False)
         )
