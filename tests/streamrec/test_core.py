@@ -249,30 +249,34 @@ def test_user_state_types(user_dim: int) -> None:
 
 
 def test_stream_clock_follows_event_time_not_wall_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The sweep's clock is the newest event time plus the wall time since it was seen; an
-    older event never moves it back. Wall time is frozen here, so every value is exact."""
+    """The sweep's clock (per partition, issue 13): the arrival wall time plus the median skew
+    (event time - arrival) of the partition's recent events, so it reads event time, moves on
+    with the wall clock between events, and no single event (late or early) moves it. Wall
+    time is frozen here, so every value is exact."""
     import streamrec.core
 
     wall = [2.0e9]
     monkeypatch.setattr(streamrec.core.time, "time", lambda: wall[0])
     model = tiny_serving_model()
     store = StateStore()
-    clock = StreamClock()
-    process_batch(
-        recs([click("a", "i1", t=T0), click("b", "i2", t=T0 + 50)]), store, model, CFG, clock=clock
-    )
-    assert clock.now() == T0 + 50  # not the wall time (2e9), not the first event's time
+    clock = StreamClock(min_events=3)
+    vals = [click("a", "i1", t=T0), click("b", "i2", t=T0 + 50), click("b", "i3", t=T0 + 50)]
+    process_batch(recs(vals), store, model, CFG, clock=clock)
+    assert clock.now(0) == T0 + 50  # the median event time, not the wall time (2e9)
+    assert clock.now(1) is None  # another partition has a clock of its own, not trusted yet
     wall[0] += 30  # 30 s of wall time with no events: the clock moves on with it
-    assert clock.now() == T0 + 80
-    # a late event (older than the clock) leaves it where it is
-    process_batch(recs([click("c", "i3", t=T0 + 10)], start=2), store, model, CFG, clock=clock)
-    assert clock.now() == T0 + 80
+    assert clock.now(0) == T0 + 80
+    # one late event does not move it back (nor would one early event move it on)
+    process_batch(recs([click("c", "i3", t=T0 + 10)], start=3), store, model, CFG, clock=clock)
+    assert clock.now(0) == T0 + 80
     # the sweep at the clock's time ends exactly the sessions idle for longer than the gap
     wall[0] += 30  # clock: T0 + 110; a idle 110 s > 100, b 60 s, c 100 s (not more)
-    res = sweep_idle(store, model, CFG, now=clock.now())
-    assert res.sessions_ended == 1 and sorted(store.sessions) == ["b", "c"]
-    # a newer event moves it to that event's time
-    process_batch(recs([click("b", "i4", t=T0 + 500)], start=3), store, model, CFG, clock=clock)
-    assert clock.now() == T0 + 500
-    assert sweep_idle(store, model, CFG, now=clock.now()).sessions_ended == 1
-    assert sorted(store.sessions) == ["b"]
+    res = sweep_idle(store, model, CFG, clock=clock)
+    assert res.sessions_ended == 1 and sorted(store.sessions) == ["a:b", "a:c"]
+    # the stream moving on (most of the window; the median is refreshed every 16 events) does
+    later = [click("b", f"i{j}", t=T0 + 500) for j in range(4, 24)]
+    process_batch(recs(later, start=4), store, model, CFG, clock=clock)
+    now = clock.now(0)
+    assert now is not None and now >= T0 + 500
+    assert sweep_idle(store, model, CFG, clock=clock).sessions_ended == 1
+    assert sorted(store.sessions) == ["a:b"]
