@@ -344,7 +344,9 @@ class Archiver:
                 for m in msgs:
                     if m.error() is not None:
                         continue
-                    self.add(m.partition(), m.offset(), m.value(), m.key())
+                    p, o = m.partition(), m.offset()
+                    if p is not None and o is not None:
+                        self.add(p, o, m.value(), m.key())
                 if msgs:
                     last_msg = now
                 for p, buf in list(self.buffers.items()):

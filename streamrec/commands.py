@@ -55,7 +55,12 @@ def load_model_holder(path: Path | None, settings: Settings, wait_s: float = 0.0
     except ModelLoadError as exc:
         raise click.ClickException(str(exc)) from None
     return ModelHolder(
-        model, watch_dir=path, device=m.device, top_k=m.top_k, score_dtype=m.score_dtype
+        model,
+        watch_dir=path,
+        device=m.device,
+        top_k=m.top_k,
+        score_dtype=m.score_dtype,
+        gate_ratio=m.gate_ratio,
     )
 
 
@@ -116,9 +121,15 @@ def worker(
             loglevel=level
         )
         return
+    from .engines.common import DeliveryError
+    from .engines.native.store import StateLayoutError
     from .engines.native.worker import NativeWorker
 
-    NativeWorker(settings, holder, datadir=data_dir, fetch_max_wait_ms=fetch_wait_ms).run()
+    try:
+        NativeWorker(settings, holder, datadir=data_dir, fetch_max_wait_ms=fetch_wait_ms).run()
+    except (DeliveryError, StateLayoutError) as exc:
+        # a clear message and a non-zero exit, no traceback: nothing was committed
+        raise click.ClickException(str(exc)) from None
 
 
 @click.command()

@@ -6,7 +6,12 @@ drives it through a real worker.
 
 Semantics (docs/architecture.md states them as the core's contract):
 
-* Events are grouped by key (user id, else session id) and applied in arrival (offset)
+* Input checks beyond decoding (each a dead letter, see README "Input contract"): the Kafka
+  key must be the key the body implies (user id, else session id; ``key_mismatch``), and the
+  event time must lie within the partition's bounds (``timestamp_out_of_range``, see
+  :class:`StreamClock`).
+* Events are grouped by their namespaced state key (``u:<user id>``, else
+  ``a:<session id>``; :func:`streamrec.state.state_key`) and applied in arrival (offset)
   order. The batch is cut into *rounds*: round r holds the r-th event of every key, so a key
   appears at most once per model step and its events are never reordered.
 * A click ends the key's open session when its session id differs, or when its event time is
@@ -15,7 +20,9 @@ Semantics (docs/architecture.md states them as the core's contract):
   session state.
 * Effectively-once: every state records the partition/offset of the last event applied to it
   (the user state that of the event that last advanced it). An event at or below that offset
-  is a duplicate (a redelivery after a crash) and is not applied again.
+  is a duplicate (a redelivery after a crash) and is not applied again. So is an event whose
+  ``event_id`` is among the last ``dedup_event_ids`` ids applied to the open session (the same
+  event produced twice, at two offsets).
 * Duplicates are still answered, so every click gets at least one recommendation after a
   crash: the scores come from the current state without advancing it. When the duplicate is
   the last event applied to the state (the usual case: the worker died after storing but
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
@@ -38,9 +46,17 @@ from typing import Any, cast
 
 import numpy as np
 
-from .events import MAX_MESSAGE_BYTES, ClickEvent, DeadLetter, decode
+from .events import MAX_MESSAGE_BYTES, ClickEvent, DeadLetter, decode, make_dead_letter
 from .runtime import ServingModel
-from .state import SessionState, StateStore, UserState
+from .state import (
+    ANON_NS,
+    MAX_STATE_BYTES,
+    USER_NS,
+    SessionState,
+    StateStore,
+    UserState,
+    state_key,
+)
 
 
 @dataclass(frozen=True)
@@ -54,6 +70,22 @@ class CoreConfig:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     #: Drop user states idle longer than this in the sweep (None: keep forever).
     user_ttl_seconds: float | None = 90 * 24 * 3600.0
+    #: Cap on one encoded state (oldest items dropped to fit).
+    max_state_bytes: int = MAX_STATE_BYTES
+    #: Event ids remembered per open session for duplicate detection (0: offsets only).
+    dedup_event_ids: int = 32
+    #: An event time more than this ahead of the record's arrival is out of range.
+    max_ahead_seconds: float = 3600.0
+    #: An event time whose skew (event time - arrival time) is more than this away from the
+    #: median skew of its partition's recent events is out of range.
+    max_skew_seconds: float = 30 * 24 * 3600.0
+    #: Recent events per partition whose skews make the clock (a median of them).
+    clock_window: int = 101
+    #: A partition's clock is trusted (for checks and the sweep) after this many events.
+    clock_min_events: int = 8
+    #: A record without a Kafka key is a ``key_mismatch`` (the engines; the core's tests feed
+    #: records without keys).
+    require_key: bool = False
 
     @classmethod
     def from_settings(cls, settings: Any) -> CoreConfig:
@@ -64,6 +96,13 @@ class CoreConfig:
             recent_sessions=st.recent_sessions,
             top_k=settings.model.top_k,
             user_ttl_seconds=st.user_ttl_seconds,
+            max_state_bytes=st.max_state_bytes,
+            dedup_event_ids=st.dedup_event_ids,
+            max_ahead_seconds=st.max_ahead_seconds,
+            max_skew_seconds=st.max_skew_seconds,
+            clock_window=st.clock_window,
+            clock_min_events=st.clock_min_events,
+            require_key=True,
         )
 
 
@@ -131,34 +170,120 @@ class BatchResult:
 
 
 def message_key_partitions(records: Iterable[Record]) -> dict[str, int]:
-    """Partition of each (UTF-8) message key of a batch: where that key's states live, so a
+    """Partition of the state keys each (UTF-8) message key of a batch may stand for (the
+    user ``u:<key>`` or the anonymous session ``a:<key>``): where those states live, so a
     read can go to that partition's store only."""
     out: dict[str, int] = {}
     for r in records:
         if r.key:
             with contextlib.suppress(UnicodeDecodeError):
-                out[r.key.decode()] = r.partition
+                k = r.key.decode()
+                out[USER_NS + k] = out[ANON_NS + k] = r.partition
     return out
 
 
+class PartitionClock:
+    """Event time of one partition, robust to outliers.
+
+    It keeps the *skew* (event time minus arrival wall time) of the partition's last
+    ``window`` events; its time is the wall clock plus the median skew. So live traffic reads
+    about the wall clock, a replay of an old log reads the log's own time (its skew is years,
+    and steady), a partition that lags behind others keeps its own time, and no single
+    message (nor any minority of the window) moves it. Between events it advances with the
+    wall clock, so idle sessions still expire when traffic stops.
+    """
+
+    #: the median is recomputed after this many new events (a sort of <= window floats):
+    #: one stale by a few events is as robust, and per event it costs ~0.2 µs, not ~10
+    RECOMPUTE_EVERY = 16
+
+    def __init__(self, window: int = 101) -> None:
+        self.skews: deque[float] = deque(maxlen=window)
+        self._median: float | None = None
+        self._since = 0
+
+    def median_skew(self) -> float | None:
+        if self.skews and (self._median is None or self._since >= self.RECOMPUTE_EVERY):
+            s = sorted(self.skews)
+            n = len(s)
+            self._median = s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+            self._since = 0
+        return self._median
+
+    def push(self, skew: float) -> None:
+        self.skews.append(skew)
+        self._since += 1
+
+
 class StreamClock:
-    """Event-time clock for the idle sweep: the newest event time seen, advanced by wall time
-    since it was seen (so historical replays sweep in their own time, live traffic in real
-    time)."""
+    """One :class:`PartitionClock` per input partition, and the event-time checks.
 
-    def __init__(self) -> None:
-        self.event_time: float | None = None
-        self.wall_at: float = time.time()
+    :meth:`check` decides whether an event time is in range for its partition: not more than
+    ``max_ahead_seconds`` ahead of its arrival (a client clock hours fast, a CreateTime in
+    2286), and, once the partition has seen ``min_events`` events, with a skew within
+    ``max_skew_seconds`` of the partition's median skew. Every event checked (in range or not)
+    enters the window, so a real, lasting change of skew (a new log replayed into the same
+    partition) re-centres the clock after half a window; until then such events are
+    dead-lettered with their bytes, to be replayed if wanted.
+    """
 
-    def observe(self, t: float) -> None:
-        if self.event_time is None or t > self.now():
-            self.event_time = t
-            self.wall_at = time.time()
+    def __init__(
+        self,
+        window: int = 101,
+        min_events: int = 8,
+        max_ahead_seconds: float = 3600.0,
+        max_skew_seconds: float = 30 * 24 * 3600.0,
+    ) -> None:
+        self.window = window
+        self.min_events = min_events
+        self.max_ahead = max_ahead_seconds
+        self.max_skew = max_skew_seconds
+        self.partitions: dict[int, PartitionClock] = {}
 
-    def now(self) -> float:
-        if self.event_time is None:
-            return time.time()
-        return self.event_time + (time.time() - self.wall_at)
+    @classmethod
+    def from_config(cls, config: CoreConfig) -> StreamClock:
+        return cls(
+            config.clock_window,
+            config.clock_min_events,
+            config.max_ahead_seconds,
+            config.max_skew_seconds,
+        )
+
+    def _clock(self, partition: int) -> PartitionClock:
+        c = self.partitions.get(partition)
+        if c is None:
+            c = self.partitions[partition] = PartitionClock(self.window)
+        return c
+
+    def check(self, partition: int, t: float, arrival: float) -> str | None:
+        """None if ``t`` is in range for ``partition`` (then observed), else why not."""
+        c = self._clock(partition)
+        skew = t - arrival
+        median = c.median_skew() if len(c.skews) >= self.min_events else None
+        c.push(skew)
+        if skew > self.max_ahead:
+            return f"event time {t:.3f} is {skew:.0f} s ahead of its arrival"
+        if median is not None and abs(skew - median) > self.max_skew:
+            return (
+                f"event time {t:.3f} is {skew - median:+.0f} s away from partition "
+                f"{partition}'s clock"
+            )
+        return None
+
+    def observe(self, t: float, partition: int = 0, arrival: float | None = None) -> None:
+        """Record an event time without checking it."""
+        self._clock(partition).push(t - (time.time() if arrival is None else arrival))
+
+    def now(self, partition: int = 0, wall: float | None = None) -> float | None:
+        """The partition's event time now; None until it has seen ``min_events`` events
+        (the sweep leaves such a partition alone: after a restart, the first few messages
+        alone never decide what expires)."""
+        c = self.partitions.get(partition)
+        if c is None or len(c.skews) < self.min_events:
+            return None
+        median = c.median_skew()
+        assert median is not None
+        return (time.time() if wall is None else wall) + median
 
 
 @dataclass
@@ -182,23 +307,41 @@ def _is_dup(pos_partition: int, pos_offset: int, rec: Record) -> bool:
 
 def _migrate(k: KeyStates, model: ServingModel, stats: Counter[str]) -> None:
     """Re-encode states made under other weights from their stored item ids."""
-    if k.user is not None and (
-        k.user.version != model.version or k.user.context.size != model.user_state_dim
-    ):
-        k.user.context = model.encode_user(k.user.sessions)
-        k.user.version = model.version
-        k.user_dirty = True
-        stats["users_migrated"] += 1
-    if k.sess is not None and (
-        k.sess.version != model.version or k.sess.hidden.size != model.state_dim
-    ):
-        ctx = k.user.context if k.user is not None else None
-        if ctx is None and model.user_state_dim:
-            ctx = model.initial_user_states(1)[0]
-        k.sess.hidden = model.encode_session(k.sess.recent_items, ctx)
-        k.sess.version = model.version
-        k.sess_dirty = True
-        stats["sessions_migrated"] += 1
+    _migrate_all([k], model, stats)
+
+
+def _migrate_all(ks: Sequence[KeyStates], model: ServingModel, stats: Counter[str]) -> None:
+    """Re-encode the states made under other weights, batched: the users first (advance
+    only, no scoring), then the sessions from their (new) user contexts."""
+    old_users = [
+        k
+        for k in ks
+        if k.user is not None
+        and (k.user.version != model.version or k.user.context.size != model.user_state_dim)
+    ]
+    if old_users:
+        ctxs = model.encode_users([k.user.sessions for k in old_users])  # type: ignore[union-attr]
+        for k, ctx in zip(old_users, ctxs, strict=True):
+            assert k.user is not None
+            k.user.context = ctx.copy()
+            k.user.version = model.version
+            k.user_dirty = True
+        stats["users_migrated"] += len(old_users)
+    old_sess = [
+        k
+        for k in ks
+        if k.sess is not None
+        and (k.sess.version != model.version or k.sess.hidden.size != model.state_dim)
+    ]
+    if old_sess:
+        users = _user_ctx(old_sess, model) if model.user_state_dim else None
+        hidden = model.encode_sessions([k.sess.recent_items for k in old_sess], users)  # type: ignore[union-attr]
+        for k, h in zip(old_sess, hidden, strict=True):
+            assert k.sess is not None
+            k.sess.hidden = h.copy()
+            k.sess.version = model.version
+            k.sess_dirty = True
+        stats["sessions_migrated"] += len(old_sess)
 
 
 def _user_ctx(keys: Sequence[KeyStates], model: ServingModel) -> np.ndarray:
@@ -278,10 +421,28 @@ def decode_and_group(
     clock: StreamClock | None,
     now: float,
 ) -> tuple[dict[str, deque[Click]], set[str]]:
-    """Phase 1: decode every record (bad ones become dead letters in ``res``) and queue the
-    clicks by key in arrival order. Also returns the keys that are user ids."""
+    """Phase 1: decode every record (bad ones become dead letters in ``res``), check its key
+    and event time, and queue the clicks by state key in arrival order. Also returns the
+    state keys that are users'."""
     queues: dict[str, deque[Click]] = {}
     user_keys: set[str] = set()  # only these have user states: no lookup for anonymous keys
+    if clock is None:  # the checks still run, against this batch alone
+        clock = StreamClock.from_config(config)
+
+    def reject(rec: Record, reason: str, detail: str) -> None:
+        res.dead_letters.append(
+            make_dead_letter(
+                rec.value,
+                reason,
+                detail,
+                topic=rec.topic,
+                partition=rec.partition,
+                offset=rec.offset,
+                key=rec.key,
+            )
+        )
+        res.stats[f"dead_letter:{reason}"] += 1
+
     for rec in records:
         ev = decode(
             rec.value,
@@ -295,10 +456,29 @@ def decode_and_group(
             res.dead_letters.append(ev)
             res.stats[f"dead_letter:{ev.reason}"] += 1
             continue
-        t = ev.timestamp if ev.timestamp is not None else (rec.timestamp or now)
-        if clock is not None:
-            clock.observe(t)
-        key = ev.key
+        body_key = ev.user_id if ev.user_id is not None else ev.session_id
+        if rec.key is None:
+            if config.require_key:
+                reject(rec, "key_mismatch", f"message has no key; the body implies {body_key!r}")
+                continue
+        elif rec.key != body_key.encode():
+            reject(rec, "key_mismatch", f"key {rec.key[:80]!r} is not the body's {body_key!r}")
+            continue
+        arrival = rec.received_at if rec.received_at is not None else now
+        if ev.timestamp is not None:
+            t = ev.timestamp
+        elif rec.timestamp is not None and rec.timestamp > 0:
+            t = rec.timestamp  # Kafka CreateTime: checked the same way
+        else:
+            t = arrival
+        if not (t == t and abs(t) < 1e15):  # a CreateTime can be anything
+            reject(rec, "timestamp_out_of_range", f"record time {t!r}")
+            continue
+        why = clock.check(rec.partition, t, arrival)
+        if why is not None:
+            reject(rec, "timestamp_out_of_range", why)
+            continue
+        key = state_key(ev.user_id, ev.session_id)
         q = queues.get(key)
         if q is None:
             q = queues[key] = deque()
@@ -317,12 +497,13 @@ def load_states(
     model: ServingModel,
     stats: Counter[str],
 ) -> dict[str, KeyStates]:
-    """Phase 2: each key's states, read once; those made under other weights re-encoded."""
+    """Phase 2: each key's states, read once; those made under other weights re-encoded
+    (all of the batch's at once)."""
     work: dict[str, KeyStates] = {}
     for key in keys:
         k = KeyStates(store.get_session(key), store.get_user(key) if key in user_keys else None)
-        _migrate(k, model, stats)
         work[key] = k
+    _migrate_all(list(work.values()), model, stats)
     return work
 
 
@@ -343,6 +524,15 @@ def plan_round(
         dup = (s is not None and _is_dup(s.partition, s.offset, rec)) or (
             s is None and u is not None and _is_dup(u.partition, u.offset, rec)
         )
+        if (
+            not dup
+            and s is not None
+            and ev.event_id is not None
+            and s.session_id == ev.session_id
+            and ev.event_id in s.event_ids
+        ):
+            dup = True  # the same event produced again (at another offset)
+            stats["duplicate_event_ids"] += 1
         if ev.type == "session_end":
             stats["session_end_events"] += 1
             if dup:
@@ -421,6 +611,7 @@ def emit_round(
     stats = res.stats
     version, limit = res.model_version, config.recent_items
     add = res.recommendations.append
+    first = len(res.recommendations)
     for i, rc in enumerate(clicks):
         k = ks[i]
         rec, ev, t, dup = rc.click.record, rc.click.event, rc.click.time, rc.duplicate
@@ -439,6 +630,8 @@ def emit_round(
             else:
                 s.hidden = step.states[i]
             s.push_item(ev.item_id or "", limit)
+            if ev.event_id is not None and config.dedup_event_ids > 0:
+                s.push_event_id(ev.event_id, config.dedup_event_ids)
             s.partition, s.offset = rec.partition, rec.offset
             s.last_time = max(s.last_time, t)
             s.n_events += 1
@@ -453,8 +646,8 @@ def emit_round(
                 "user_id": ev.user_id,
                 "session_id": ev.session_id,
                 "item_id": ev.item_id,
-                "items": None if step.top_ids is None else step.top_ids[i],
-                "scores": None if step.top_scores is None else step.top_scores[i],
+                "items": None,
+                "scores": None,
                 "model_version": version,
                 "event_time": t,
                 "produced_at": rec.timestamp,
@@ -464,17 +657,40 @@ def emit_round(
                 "unknown_item": unknown,
             }
         )
+    if step.top_ids is not None and step.top_scores is not None:
+        _fill_answers(res.recommendations[first:], step.top_ids, step.top_scores, stats)
 
 
-def store_states(work: dict[str, KeyStates], store: StateStore) -> None:
-    """Phase 4: one write (or delete) per changed key."""
+def _fill_answers(
+    recs: Sequence[dict[str, Any]],
+    ids: Sequence[list[str]],
+    scores: Sequence[list[float]],
+    stats: Counter[str],
+) -> None:
+    """Put the top-k into the recommendations; a non-finite score never reaches the output:
+    its item is left out and counted (``nonfinite_scores``)."""
+    for r, row_ids, row_scores in zip(recs, ids, scores, strict=True):
+        if not all(map(math.isfinite, row_scores)):
+            keep = [i for i, x in enumerate(row_scores) if math.isfinite(x)]
+            stats["nonfinite_scores"] += len(row_scores) - len(keep)
+            stats["nonfinite_answers"] += 1
+            row_ids = [row_ids[i] for i in keep]
+            row_scores = [row_scores[i] for i in keep]
+        r["items"] = row_ids
+        r["scores"] = row_scores
+
+
+def store_states(
+    work: dict[str, KeyStates], store: StateStore, max_bytes: int = MAX_STATE_BYTES
+) -> None:
+    """Phase 4: one write (or delete) per changed key, each capped at ``max_bytes``."""
     for key, k in work.items():
         if k.sess is not None and k.sess_dirty:
-            store.put_session(key, k.sess)
+            store.put_session(key, k.sess, max_bytes)
         elif k.sess is None and k.sess_deleted:
             store.delete_session(key)
         if k.user is not None and k.user_dirty:
-            store.put_user(key, k.user)
+            store.put_user(key, k.user, max_bytes)
 
 
 def process_batch(
@@ -522,7 +738,7 @@ def process_batch(
         model_s += time.perf_counter() - t0
         emit_round(clicks, ks, step, res, config)
 
-    store_states(work, store)
+    store_states(work, store, config.max_state_bytes)
     res.model_seconds = model_s
     stats["recommendations"] += len(res.recommendations)
     if pending:
@@ -537,11 +753,7 @@ def score_batch(res: BatchResult, model: ServingModel, config: CoreConfig) -> Ba
         top_rows, scores = model.score(res.unscored, config.top_k)
         ids = model.ids(top_rows)
         res.model_seconds += time.perf_counter() - t0
-        for r, row_ids, row_scores in zip(
-            res.recommendations, ids.tolist(), scores.tolist(), strict=True
-        ):
-            r["items"] = row_ids
-            r["scores"] = row_scores
+        _fill_answers(res.recommendations, ids.tolist(), scores.tolist(), res.stats)
         res.unscored = None
     emitted_at = time.time()
     for r in res.recommendations:
@@ -555,6 +767,8 @@ class SweepResult:
     users_expired: int = 0
     sessions_left: int = 0
     users_left: int = 0
+    #: whether sessions_left / users_left were counted (the full sweep only)
+    counted: bool = True
     key_partitions: dict[str, int] = field(default_factory=dict)
 
 
@@ -564,20 +778,35 @@ def sweep_idle(
     config: CoreConfig = CoreConfig(),
     *,
     now: float | None = None,
+    clock: StreamClock | None = None,
     keys: Iterable[str] | None = None,
     sweep_users: bool = True,
     batch_size: int = 256,
 ) -> SweepResult:
     """Close sessions idle for longer than the gap (advancing user states) and delete them;
-    drop user states idle for longer than ``user_ttl_seconds``."""
-    now = time.time() if now is None else now
+    drop user states idle for longer than ``user_ttl_seconds``.
+
+    Idle is judged against the clock of the partition each state was last written from
+    (``clock.now(partition)``); a partition whose clock is not yet trusted is left alone.
+    Without a clock, ``now`` (default: the wall clock) is every partition's time."""
+    fixed = time.time() if now is None and clock is None else now
+
+    def now_of(partition: int) -> float | None:
+        if clock is None:
+            return fixed
+        return clock.now(partition)
+
     res = SweepResult()
     stats: Counter[str] = Counter()
     if keys is None:
         items = store.iter_sessions()
     else:
         items = ((k, s) for k in keys if (s := store.get_session(k)) is not None)
-    idle = [(k, s) for k, s in items if now - s.last_time > config.session_gap_seconds]
+    idle = []
+    for skey, s in items:
+        t = now_of(s.partition)
+        if t is not None and t - s.last_time > config.session_gap_seconds:
+            idle.append((skey, s))
     for i in range(0, len(idle), batch_size):
         chunk = idle[i : i + batch_size]
         work = []
@@ -592,9 +821,10 @@ def sweep_idle(
         for key, k in work:
             store.delete_session(key)
             if k.user is not None and k.user_dirty:
-                store.put_user(key, k.user)
+                store.put_user(key, k.user, config.max_state_bytes)
         res.sessions_ended += len(chunk)
-    res.sessions_left = len(store.sessions)
+    if keys is None:  # counting is a full scan: only for the full sweep
+        res.sessions_left = len(store.sessions)
     if sweep_users:
         for key, raw in list(store.users.items()):
             try:
@@ -603,7 +833,13 @@ def sweep_idle(
                 continue
             res.users_left += 1
             ttl = config.user_ttl_seconds
-            if ttl is not None and now - u.last_time > ttl and key not in store.sessions:
+            t = now_of(u.partition)
+            if (
+                ttl is not None
+                and t is not None
+                and t - u.last_time > ttl
+                and key not in store.sessions
+            ):
                 res.key_partitions[key] = u.partition
                 store.delete_user(key)
                 res.users_expired += 1

@@ -371,9 +371,9 @@ def run_retrain_demo(
         finally:
             if worker is not None:
                 worker.stop()
-            for p in procs:
-                p.terminate()
-                p.wait(30)
+            for proc in procs:
+                proc.terminate()
+                proc.wait(30)
             broker.stop()
     finally:
         if opts.keep_dir is None:

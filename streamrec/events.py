@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_MESSAGE_BYTES = 16 * 1024
 MAX_ID_LEN = 256
@@ -20,6 +21,25 @@ MAX_ID_LEN = 256
 MIN_TIMESTAMP = 946_684_800.0
 #: How far in the future (relative to the wall clock) an event time may lie.
 MAX_FUTURE_SECONDS = 24 * 3600.0
+
+#: Dead-letter reasons (the input contract; README "Input contract" lists them).
+REASONS = (
+    "empty",  # no value, or only whitespace
+    "type",  # the value is not bytes
+    "oversized",  # more than max_message_bytes
+    "unparseable",  # not JSON (or not UTF-8)
+    "not_an_object",  # JSON, but not an object
+    "invalid",  # an object that is not a click (missing/wrong fields, ids too long, ...)
+    "timestamp_out_of_range",  # before 2000, NaN/inf, overflowing, or far from the partition's
+    "key_mismatch",  # the Kafka key is not the key the body implies (see core)
+    "output_too_large",  # (engines) a recommendation the broker refused as too large
+    "error",  # anything unexpected (a bug): never seen on the hostile corpus
+)
+
+
+def _time_error(msg: str) -> PydanticCustomError:
+    return PydanticCustomError("timestamp_out_of_range", msg)
+
 
 Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_LEN, strict=True)]
 
@@ -44,7 +64,10 @@ class ClickEvent(BaseModel):
         if isinstance(v, bool):
             raise ValueError("timestamp must be epoch seconds or an ISO 8601 string")
         if isinstance(v, int | float):
-            t = float(v)
+            try:
+                t = float(v)
+            except OverflowError:
+                raise _time_error("timestamp does not fit a float (overflow)") from None
         elif isinstance(v, str) and len(v) <= 64:
             try:
                 t = float(v)
@@ -58,10 +81,10 @@ class ClickEvent(BaseModel):
                 t = dt.timestamp()
         else:
             raise ValueError("timestamp must be epoch seconds or an ISO 8601 string")
-        if t != t or t < MIN_TIMESTAMP:
-            raise ValueError(f"timestamp {t!r} is before 2000-01-01 or not a number")
+        if t != t or t < MIN_TIMESTAMP or t == float("inf"):
+            raise _time_error(f"timestamp {t!r} is before 2000-01-01 or not a finite number")
         if t > time.time() + MAX_FUTURE_SECONDS:
-            raise ValueError(f"timestamp {t!r} is too far in the future")
+            raise _time_error(f"timestamp {t!r} is too far in the future")
         return t
 
     @model_validator(mode="after")
@@ -190,7 +213,9 @@ def _decode_slow(
         except ValidationError as exc:
             errs = exc.errors(include_url=False, include_input=False)
             detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errs)
-            return make_dead_letter(raw, "invalid", detail, **where)
+            timed = any(e["type"] == "timestamp_out_of_range" for e in errs)
+            reason = "timestamp_out_of_range" if timed else "invalid"
+            return make_dead_letter(raw, reason, detail, **where)
     except Exception as exc:  # defensive: bad input must never stop a worker
         data = raw if isinstance(raw, bytes) else b""
         return make_dead_letter(data, "error", f"{type(exc).__name__}: {exc}", **where)

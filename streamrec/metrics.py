@@ -71,6 +71,12 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.sweep_seconds = Histogram(
+            "streamrec_sweep_step_seconds",
+            "One bounded step of the idle sweep (the poll loop waits for it)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.model_seconds = Histogram(
             "streamrec_model_step_seconds",
             "Model time per micro-batch",
@@ -91,8 +97,9 @@ class Metrics:
                 res.sessions_ended,
                 res.users_expired,
             )
-        self.sessions.set(res.sessions_left)
-        self.users.set(res.users_left)
+        if getattr(res, "counted", True):  # the bounded sweep steps do not count states
+            self.sessions.set(res.sessions_left)
+            self.users.set(res.users_left)
 
     def observe_batch(
         self,

@@ -6,6 +6,7 @@ inside. Every call runs under ``torch.inference_mode()``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -30,6 +31,42 @@ log = logging.getLogger(__name__)
 
 class ModelLoadError(RuntimeError):
     """A checkpoint could not be loaded or did not pass validation."""
+
+
+#: the checkpoint metric the live gate compares against (the trainer's Recall@20 on the
+#: checkpoint's own held-out slice, ``data_stats["holdout_sessions"]``)
+HOLDOUT_METRIC = "holdout_recall@20"
+#: default share of that metric a new model must reach on the slice to be swapped in
+GATE_RATIO = 0.8
+#: item rows stepped at a time when validating a model
+VALIDATE_CHUNK = 1024
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bfloat16 dot products (x86 AVX512_BF16/AMX-BF16, Arm BF16)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set()
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags.update(line.split(":", 1)[1].split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def _fingerprint(path: Path) -> str:
+    """What changes when a checkpoint directory is (re)written: so a checkpoint rejected
+    while half-written is tried again once its files change."""
+    parts = []
+    for name in ("checkpoint.json", "model.safetensors"):
+        try:
+            st = (path / name).stat()
+            parts.append(f"{st.st_mtime_ns}:{st.st_size}")
+        except OSError:
+            parts.append("-")
+    return "|".join(parts)
 
 
 #: catalogue size from which :func:`block_topk` splits the scores into blocks
@@ -105,6 +142,12 @@ class ServingModel:
             raise ValueError(f"score_dtype must be float32 or bfloat16, not {score_dtype!r}")
         if score_dtype == "bfloat16" and not self.split:
             log.warning("bfloat16 scoring needs a split-step model (GRU4Rec); scoring in float32")
+            score_dtype = "float32"
+        if score_dtype == "bfloat16" and self.device.type == "cpu" and not cpu_has_bf16():
+            log.warning(
+                "model.score_dtype=bfloat16, but this CPU has no bfloat16 instructions "
+                "(bf16 there is emulated, about 10x slower than float32); scoring in float32"
+            )
             score_dtype = "float32"
         self.score_dtype = score_dtype
         #: a large catalogue on CPU: scored in row chunks (see :meth:`score`)
@@ -204,6 +247,21 @@ class ServingModel:
             r = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.device)
             return self._np(self.model.advance(r, self._t(states)), len(rows))
 
+    def advance_only(
+        self, rows: np.ndarray, states: np.ndarray, users: np.ndarray | None
+    ) -> np.ndarray:
+        """New states without scores, whatever the model: ``advance`` (split step), else
+        ``forward_step`` (HRNN, p-RNN), else ``step`` with its scores dropped."""
+        if self.split:
+            return self.advance(rows, states)
+        forward = getattr(self.model, "forward_step", None)
+        if forward is None:
+            return self.step(rows, states, users, k=1).states
+        with torch.inference_mode():
+            r = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.device)
+            new, _ = forward(r, self._t(states), self._t(users))
+            return self._np(new, len(rows))
+
     def score(self, states: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (rows, scores) of states made by :meth:`advance`, as ``step`` would give."""
         k = self.top_k if k is None else min(k, self.n_items)
@@ -225,37 +283,105 @@ class ServingModel:
     def encode_session(self, items: Sequence[str], user: np.ndarray | None) -> np.ndarray:
         """Re-encode a session from its item ids (used after a model swap)."""
         users = None if user is None else user.reshape(1, -1)
-        state = self.initial_states(users, 1)
-        rows = self.rows(items)
-        for r in rows:
-            state = self.step(np.array([r]), state, users, k=1).states
-        return state[0]
+        return self.encode_sessions([items], users)[0]
 
     def encode_user(self, sessions: Sequence[Sequence[str]]) -> np.ndarray:
         """Re-encode a user context from its recent session summaries."""
-        user = self.initial_user_states(1)
-        for items in sessions:
-            final = self.encode_session(items, user[0]).reshape(1, -1)
-            user = self.end_session(user, final)
-        return user[0]
+        return self.encode_users([sessions])[0]
+
+    #: sessions advanced together when re-encoding
+    ENCODE_BATCH = 512
+
+    def encode_sessions(
+        self, sessions: Sequence[Sequence[str]], users: np.ndarray | None
+    ) -> np.ndarray:
+        """Re-encode many sessions from their item ids, position by position in batches of
+        :attr:`ENCODE_BATCH`. States are advanced only: a split-step model never scores; a
+        model without a split step scores only the top-1 (its step computes the scores).
+        Unknown items (and positions past a session's end) leave that state unchanged.
+        Models with a ``forward_step`` (HRNN, p-RNN: the training step without scoring) are
+        advanced through it, so they never score either; only a model with neither (the
+        tests' tiny model) goes through ``step``."""
+        n = len(sessions)
+        out = np.empty((n, self.state_dim), dtype=np.float32)
+        for lo in range(0, n, self.ENCODE_BATCH):
+            chunk = sessions[lo : lo + self.ENCODE_BATCH]
+            u = None if users is None or self.user_state_dim == 0 else users[lo : lo + len(chunk)]
+            states = self.initial_states(u, len(chunk))
+            longest = max((len(s) for s in chunk), default=0)
+            rows = np.full((len(chunk), longest), -1, dtype=np.int64)
+            for i, items in enumerate(chunk):
+                rows[i, : len(items)] = self.rows(items)
+            for j in range(longest):
+                col = rows[:, j]
+                live = np.flatnonzero(col >= 0)
+                if live.size == 0:
+                    continue
+                uu = None if u is None else u[live]
+                states[live] = self.advance_only(col[live], states[live], uu)
+            out[lo : lo + len(chunk)] = states
+        return out
+
+    def encode_users(self, users: Sequence[Sequence[Sequence[str]]]) -> np.ndarray:
+        """Re-encode many user contexts from their recent session summaries, batched: the
+        j-th session of every user that has one at a time."""
+        ctx = self.initial_user_states(len(users))
+        if self.user_state_dim == 0:
+            return ctx
+        longest = max((len(s) for s in users), default=0)
+        for j in range(longest):
+            idx = [i for i, s in enumerate(users) if len(s) > j]
+            finals = self.encode_sessions([users[i][j] for i in idx], ctx[idx])
+            ctx[idx] = self.end_session(ctx[idx], finals)
+        return ctx
 
     # ---- validation ----------------------------------------------------------------------
-    def validate(self, holdout: Sequence[Sequence[str]] | None = None, min_recall: float = 0.0):
-        """Check the model runs and gives finite scores; with a holdout, a Recall@20 gate.
+    def validate(
+        self,
+        holdout: Sequence[Sequence[str]] | None = None,
+        min_recall: float = 0.0,
+        *,
+        reference_recall: float | None = None,
+        gate_ratio: float = GATE_RATIO,
+    ) -> float | None:
+        """Check the model before it serves; returns the holdout Recall@20 (or None).
 
-        Returns the holdout Recall@20 (or None). Raises ModelLoadError on failure.
+        * every weight and buffer is finite;
+        * every item row, stepped from the initial state, gives a finite state and finite
+          scores for every item, and the scores are not all equal (an all-zero model);
+        * with a holdout slice, Recall@20 on it is at least ``min_recall`` and at least
+          ``gate_ratio`` times ``reference_recall`` (the checkpoint's own offline figure).
+
+        Raises ModelLoadError on failure.
         """
-        b = min(8, self.n_items)
-        users = self.initial_user_states(b)
-        states = self.initial_states(users, b)
-        if states.shape != (b, self.state_dim):
-            raise ModelLoadError(f"initial state shape {states.shape} != ({b}, {self.state_dim})")
-        rows = np.arange(b, dtype=np.int64)
-        out = self.step(rows, states, users)
-        if out.states.shape != (b, self.state_dim) or not np.isfinite(out.states).all():
-            raise ModelLoadError("step produced a bad state")
-        if not np.isfinite(out.top_scores).all():
-            raise ModelLoadError("step produced non-finite scores")
+        for name, t in itertools.chain(self.model.named_parameters(), self.model.named_buffers()):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ModelLoadError(f"weights {name!r} hold NaN or infinite values")
+        varied = False
+        with torch.inference_mode():
+            for lo in range(0, self.n_items, VALIDATE_CHUNK):
+                rows = np.arange(lo, min(lo + VALIDATE_CHUNK, self.n_items), dtype=np.int64)
+                b = len(rows)
+                users = self.initial_user_states(b)
+                states = self.initial_states(users, b)
+                if states.shape != (b, self.state_dim):
+                    raise ModelLoadError(
+                        f"initial state shape {states.shape} != ({b}, {self.state_dim})"
+                    )
+                r = torch.from_numpy(rows).to(self.device)
+                new, scores = self.model.step(r, self._t(states), self._t(users))
+                new_np = self._np(new, b)
+                if new_np.shape != (b, self.state_dim) or not np.isfinite(new_np).all():
+                    raise ModelLoadError(f"step of item rows {lo}..{lo + b - 1} gave a bad state")
+                if not bool(torch.isfinite(scores).all()):
+                    raise ModelLoadError(
+                        f"step of item rows {lo}..{lo + b - 1} gave non-finite scores"
+                    )
+                varied = varied or bool((scores.amax(dim=1) > scores.amin(dim=1)).any())
+        if not varied and self.n_items > 1:
+            raise ModelLoadError("the model scores every item the same (all-zero weights?)")
+        if reference_recall is not None and reference_recall == reference_recall:
+            min_recall = max(min_recall, gate_ratio * float(reference_recall))
         if not holdout:
             return None
         hits = n = 0
@@ -293,8 +419,10 @@ class ModelHolder:
         top_k: int = 20,
         holdout_key: str = "holdout_sessions",
         score_dtype: str = "float32",
+        gate_ratio: float = GATE_RATIO,
     ) -> None:
         self._model = model
+        self.gate_ratio = gate_ratio
         self.score_dtype = score_dtype
         self._lock = threading.Lock()
         self.watch_dir = Path(watch_dir) if watch_dir else None
@@ -308,10 +436,15 @@ class ModelHolder:
     def current(self) -> ServingModel:
         return self._model
 
-    def swap(self, new: ServingModel, holdout: Sequence[Sequence[str]] | None = None) -> bool:
+    def swap(
+        self,
+        new: ServingModel,
+        holdout: Sequence[Sequence[str]] | None = None,
+        reference_recall: float | None = None,
+    ) -> bool:
         """Validate and swap in a new model; returns False (and keeps the old) on failure."""
         try:
-            new.validate(holdout)
+            new.validate(holdout, reference_recall=reference_recall, gate_ratio=self.gate_ratio)
         except ModelLoadError as exc:
             log.warning("model %s rejected: %s", new.version, exc)
             self.rejected[new.version] = str(exc)
@@ -331,7 +464,14 @@ class ModelHolder:
             self.rejected[str(path)] = str(exc)
             return False
         holdout = (new.metadata.get("data_stats") or {}).get(self.holdout_key)
-        return self.swap(new, holdout)
+        reference = (new.metadata.get("metrics") or {}).get(HOLDOUT_METRIC)
+        if holdout and reference is None:
+            log.warning(
+                "checkpoint %s has a holdout slice but no %s metric: no relative gate",
+                path,
+                HOLDOUT_METRIC,
+            )
+        return self.swap(new, holdout, reference)
 
     def newest_checkpoint(self) -> Path | None:
         if self.watch_dir is None or not self.watch_dir.is_dir():
@@ -359,7 +499,7 @@ class ModelHolder:
             version = str(json.loads((path / "checkpoint.json").read_text()).get("version"))
         except (OSError, ValueError):
             return False  # being written, or broken: try again next time
-        ident = f"{path}@{version}"
+        ident = f"{path}@{version}@{_fingerprint(path)}"
         if version == self._model.version or ident in self.rejected:
             return False
         ok = self.load_and_swap(path)

@@ -9,6 +9,7 @@ message that names the setting (see :func:`load_settings`).
 from __future__ import annotations
 
 import ssl
+import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +20,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 class SettingsError(ValueError):
     """Raised when the configuration is invalid; the message names each bad setting."""
+
+
+class InsecureSettingWarning(UserWarning):
+    """A setting that works but exposes credentials or data (logged at start)."""
 
 
 class _Group(BaseModel):
@@ -48,6 +53,21 @@ class KafkaSettings(_Group):
             raise ValueError(
                 f"security_protocol={self.security_protocol} needs sasl_mechanism, "
                 "sasl_username and sasl_password"
+            )
+        if self.security_protocol == "PLAINTEXT" and (self.sasl_username or self.sasl_password):
+            warnings.warn(
+                "kafka.security_protocol=PLAINTEXT with SASL credentials: the credentials are "
+                "not used, and a protocol change to SASL_PLAINTEXT would send them unencrypted; "
+                "use SASL_SSL",
+                InsecureSettingWarning,
+                stacklevel=2,
+            )
+        if self.security_protocol == "SASL_PLAINTEXT" and self.sasl_mechanism == "PLAIN":
+            warnings.warn(
+                "kafka.security_protocol=SASL_PLAINTEXT with sasl_mechanism=PLAIN sends the "
+                "password unencrypted over the network; use SASL_SSL (or a SCRAM mechanism)",
+                InsecureSettingWarning,
+                stacklevel=2,
             )
         for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
             path = getattr(self, name)
@@ -125,6 +145,30 @@ class StateSettings(_Group):
     directory: Path = Path("var/state")
     session_gap_seconds: float = Field(1800.0, gt=0)
     recent_items: int = Field(50, ge=1, le=10_000)
+    #: Cap on one encoded state in bytes: the oldest recent items (users: the oldest session
+    #: summaries) are dropped to fit, so no changelog record exceeds the producer's limit
+    #: (message.max.bytes, 1 MB by default).
+    max_state_bytes: int = Field(512 * 1024, ge=4096, le=900_000)
+    #: Event ids remembered per open session: a click whose event_id is among them is a
+    #: duplicate (answered, flagged, not applied).
+    dedup_event_ids: int = Field(32, ge=0, le=1000)
+    #: An event time more than this ahead of the record's arrival is dead-lettered as
+    #: timestamp_out_of_range (a client clock hours fast, a CreateTime in 2286).
+    max_ahead_seconds: float = Field(3600.0, gt=0)
+    #: An event time whose skew (event time - arrival) is more than this away from the median
+    #: skew of its partition's recent events is dead-lettered as timestamp_out_of_range.
+    max_skew_seconds: float = Field(30 * 24 * 3600.0, gt=0)
+    #: Recent events per partition whose median skew is the partition's clock.
+    clock_window: int = Field(101, ge=1, le=100_000)
+    #: Events a partition must have seen before its clock is used (checks, sweep).
+    clock_min_events: int = Field(8, ge=1, le=100_000)
+
+    @model_validator(mode="after")
+    def _check_clock(self) -> StateSettings:
+        if self.clock_min_events > self.clock_window:
+            raise ValueError("clock_min_events must not exceed clock_window")
+        return self
+
     recent_sessions: int = Field(10, ge=0, le=1000)
     sweep_interval_seconds: float = Field(30.0, gt=0)
     #: User (HRNN) states idle longer than this are dropped by the sweep; None keeps them.
@@ -149,6 +193,10 @@ class ModelSettings(_Group):
     #: CPUs with bf16 dot products and on GPUs; its scores differ from float32 in the third
     #: significant digit, so near-ties can swap places in the top-k.
     score_dtype: Literal["float32", "bfloat16"] = "float32"
+    #: Quality gate of a hot swap: on the held-out slice stored in the checkpoint
+    #: (data_stats.holdout_sessions), Recall@20 must reach this share of the checkpoint's
+    #: own offline figure (metrics["holdout_recall@20"]).
+    gate_ratio: float = Field(0.8, ge=0, le=1)
 
 
 class WorkerSettings(_Group):
@@ -156,6 +204,9 @@ class WorkerSettings(_Group):
 
     app_id: str = Field("streamrec", min_length=1, max_length=200)
     metrics_port: int = Field(9108, ge=0, le=65_535)
+    #: Address the /metrics endpoint listens on (0.0.0.0: every interface, as a container
+    #: needs; 127.0.0.1 keeps it local).
+    metrics_host: str = Field("0.0.0.0", min_length=1, max_length=255)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     #: torch intra-op threads on CPU. One leaves the other cores to the event loop; more made
     #: small GRU steps many times slower on busy cores (bench/results/serving-cpu.md).

@@ -3,8 +3,16 @@
 Layout (little endian): a fixed ``struct`` header, then length-prefixed UTF-8 strings,
 then the float32 vector bytes. No JSON floats, no pickles.
 
-Both states are stored under the event key (user id when present, else session id), so a
-user's one open session and the user state live in the same partition.
+Both states are stored under a namespaced *state key* (:func:`state_key`): ``u:<user id>``
+for users (their open session and their user state), ``a:<session id>`` for anonymous
+sessions, so an anonymous session whose id equals a user id never touches that user's
+states. A user's one open session and the user state live in the same partition (the Kafka
+key is the user id).
+
+Every encoded state is capped at ``max_bytes`` (:data:`MAX_STATE_BYTES` by default): the
+oldest recent items (sessions: also the oldest remembered event ids; users: the oldest
+session summaries first) are dropped until it fits, so no state record exceeds the
+producer's message size.
 """
 
 from __future__ import annotations
@@ -15,8 +23,27 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-_SESSION_MAGIC = b"S1"
+_SESSION_MAGIC = b"S2"  # S2 adds the recent event ids; S1 states still decode
+_SESSION_MAGIC_V1 = b"S1"
 _USER_MAGIC = b"U1"
+#: Layout of state keys (namespaces) in stores and changelogs; stores written under an
+#: older layout are refused (see streamrec.engines.native.store).
+STATE_LAYOUT = 2
+USER_NS = "u:"
+ANON_NS = "a:"
+#: Default cap on one encoded state (the producer's default message.max.bytes is 1 MB).
+MAX_STATE_BYTES = 512 * 1024
+
+
+def state_key(user_id: str | None, session_id: str) -> str:
+    """The namespaced key of a click's states: ``u:<user id>``, else ``a:<session id>``."""
+    return USER_NS + user_id if user_id is not None else ANON_NS + session_id
+
+
+class StateTooLarge(ValueError):
+    """A state does not fit ``max_bytes`` even with every droppable list emptied."""
+
+
 # magic, partition, offset, last_time, start_time, n_events, n_unknown, dim
 _SESSION_HDR = struct.Struct("<2siqddIII")
 # magic, partition, offset, last_time, n_sessions, dim
@@ -104,13 +131,37 @@ class SessionState:
     start_time: float = 0.0
     n_events: int = 0
     n_unknown: int = 0
+    #: ids of the last events applied (bounded): a redelivery at another offset is a duplicate
+    event_ids: list[str] = field(default_factory=list)
 
     def push_item(self, item_id: str, limit: int) -> None:
         self.recent_items.append(item_id)
         if len(self.recent_items) > limit:
             del self.recent_items[: len(self.recent_items) - limit]
 
-    def to_bytes(self) -> bytes:
+    def push_event_id(self, event_id: str, limit: int) -> None:
+        self.event_ids.append(event_id)
+        if len(self.event_ids) > limit:
+            del self.event_ids[: len(self.event_ids) - limit]
+
+    def to_bytes(self, max_bytes: int = MAX_STATE_BYTES) -> bytes:
+        """The encoded state; over ``max_bytes``, the oldest event ids and recent items are
+        dropped (from this object too) until it fits."""
+        data = self._encode()
+        if len(data) <= max_bytes:
+            return data
+        excess = len(data) - max_bytes
+        for lst in (self.event_ids, self.recent_items):
+            drop = 0
+            while excess > 0 and drop < len(lst):
+                excess -= 2 + len(lst[drop].encode()[:0xFFFE])
+                drop += 1
+            del lst[:drop]
+        if excess > 0:
+            raise StateTooLarge(f"session state of {len(data)} bytes cannot fit {max_bytes}")
+        return self._encode()
+
+    def _encode(self) -> bytes:
         h = _vec(self.hidden)
         out = [
             _SESSION_HDR.pack(
@@ -126,6 +177,7 @@ class SessionState:
         ]
         _put_each(out, (self.version, self.session_id, self.user_id))
         _put_strs(out, self.recent_items)
+        _put_strs(out, self.event_ids)
         out.append(h.tobytes())
         return b"".join(out)
 
@@ -134,17 +186,22 @@ class SessionState:
         try:
             buf = _as_bytes(data)
             magic, part, off, last, start, n, nu, dim = _SESSION_HDR.unpack_from(buf, 0)
-            if magic != _SESSION_MAGIC:
+            if magic != _SESSION_MAGIC and magic != _SESSION_MAGIC_V1:
                 raise StateDecodeError(f"not a session state (magic {magic!r})")
             pos = _SESSION_HDR.size
             (version, sid, uid), pos = _get_each(buf, pos, 3, None)
             items, pos = _get_strs(buf, pos)
+            event_ids: list[str] = []
+            if magic == _SESSION_MAGIC:
+                event_ids, pos = _get_strs(buf, pos)
             if len(buf) - pos != 4 * dim:
                 raise StateDecodeError("hidden state length mismatch")
             hidden = np.frombuffer(buf, dtype=_F4, offset=pos).copy()
         except (struct.error, UnicodeDecodeError) as exc:
             raise StateDecodeError(str(exc)) from exc
-        return cls(sid or "", hidden, version or "", uid, items, part, off, last, start, n, nu)
+        return cls(
+            sid or "", hidden, version or "", uid, items, part, off, last, start, n, nu, event_ids
+        )
 
     def same_as(self, other: SessionState, atol: float = 1e-5) -> bool:
         """Equal up to float tolerance on the hidden state (for tests)."""
@@ -177,7 +234,27 @@ class UserState:
         if len(self.sessions) > limit:
             del self.sessions[: len(self.sessions) - limit]
 
-    def to_bytes(self) -> bytes:
+    def to_bytes(self, max_bytes: int = MAX_STATE_BYTES) -> bytes:
+        """The encoded state; over ``max_bytes``, the oldest session summaries are dropped
+        (from this object too), then the oldest items of the last one, until it fits."""
+        data = self._encode()
+        if len(data) <= max_bytes:
+            return data
+        excess = len(data) - max_bytes
+        while excess > 0 and len(self.sessions) > 1:
+            first = self.sessions.pop(0)
+            excess -= 2 + sum(2 + len(i.encode()[:0xFFFE]) for i in first)
+        if excess > 0 and self.sessions:
+            last, drop = self.sessions[0], 0
+            while excess > 0 and drop < len(last):
+                excess -= 2 + len(last[drop].encode()[:0xFFFE])
+                drop += 1
+            del last[:drop]
+        if excess > 0:
+            raise StateTooLarge(f"user state of {len(data)} bytes cannot fit {max_bytes}")
+        return self._encode()
+
+    def _encode(self) -> bytes:
         c = _vec(self.context)
         out = [
             _USER_HDR.pack(
@@ -319,11 +396,11 @@ class StateStore:
                     users[k] = u
         return sessions, users
 
-    def put_session(self, key: str, state: SessionState) -> None:
-        self.sessions[key] = state.to_bytes()
+    def put_session(self, key: str, state: SessionState, max_bytes: int = MAX_STATE_BYTES) -> None:
+        self.sessions[key] = state.to_bytes(max_bytes)
 
-    def put_user(self, key: str, state: UserState) -> None:
-        self.users[key] = state.to_bytes()
+    def put_user(self, key: str, state: UserState, max_bytes: int = MAX_STATE_BYTES) -> None:
+        self.users[key] = state.to_bytes(max_bytes)
 
     def delete_session(self, key: str) -> None:
         if key in self.sessions:

@@ -70,12 +70,21 @@ def generate_clicks(
     span_days: float = 30.0,
     mean_click_gap: float = 40.0,
     min_session_gap: float = 3 * 3600.0,
+    p_user_favourite: float = 0.0,
+    n_user_favourites: int = 10,
 ) -> pd.DataFrame:
     """Generate a click log ``SessionId, ItemId, Time[, UserId]`` (see the module docstring).
 
     Deterministic for a seed. A session has 2 + a geometric number of clicks (mean
     ``mean_session_length`` in all), capped at ``max_session_length``; clicks within a session
     are ``1 + Exp(mean_click_gap)`` seconds apart (the exponential part capped at 20 minutes).
+
+    ``p_user_favourite`` (with ``n_users``): every user also has ``n_user_favourites`` persistent
+    favourite items (drawn uniformly from their preferred topics); each next click is one of
+    them with this probability. This is a taste a session-only model cannot know at a
+    session's start, while a model with a user state can carry it over from earlier sessions.
+    It draws from its own random stream, so 0 (the default) leaves every other output of a
+    seed unchanged.
     """
     if n_sessions < 1 or n_items < 2 or n_topics < 1:
         raise ValueError("need n_sessions >= 1, n_items >= 2, n_topics >= 1")
@@ -128,6 +137,16 @@ def generate_clicks(
     lengths = 2 + extra
     lengths = np.minimum(lengths, max_session_length)
 
+    favs = None
+    if users is not None and p_user_favourite > 0:
+        fav_rng = np.random.default_rng([seed, 1])
+        k = max(1, int(n_user_favourites))
+        u_topics = (fav_rng.random((len(cdf), k, 1)) >= cdf[:, None, :]).sum(axis=2)
+        # uniform within the topic, not by popularity: a popular item of the session's topic is
+        # no favourite, so the taste is not readable from the session's own clicks
+        in_topic = (n_items - u_topics + n_topics - 1) // n_topics
+        favs = u_topics + n_topics * (fav_rng.random(u_topics.shape) * in_topic).astype(np.int64)
+
     # --- the clicks, one time step for all live sessions at once
     max_len = int(lengths.max())
     items = np.full((n_sessions, max_len), -1, dtype=np.int64)
@@ -150,6 +169,10 @@ def generate_clicks(
         # a topic draw equal to the current item would be a repeat: take its first successor
         via_topic = np.where(via_topic == c, successors[c, 0], via_topic)
         nxt = np.where(follow, via_succ, via_topic)
+        if favs is not None and users is not None:
+            fav = fav_rng.random(len(live)) < p_user_favourite
+            pick = favs[users[live], fav_rng.integers(0, favs.shape[1], len(live))]
+            nxt = np.where(fav & (pick != c), pick, nxt)
         cur[live] = nxt
         items[live, step] = nxt
 

@@ -113,7 +113,6 @@ def patch_faust_highwaters(client_config: dict[str, Any]) -> None:
     AIOKafkaConsumerThread._streamrec_patched = True
 
 
-
 def assign_all(consumer: Consumer, client_config: dict[str, Any], topic: str, start: int) -> None:
     """Read every partition of ``topic`` from ``start`` without joining a group (a join waits
     for half the session timeout here); for tools that only read."""

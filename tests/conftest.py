@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -21,11 +22,57 @@ except ImportError:  # pragma: no cover - torch is a dependency
     HAS_CUDA = False
 
 
+GPU_SKIP_REASON = "needs CUDA (runs on the GPU machine)"
+#: set to 1 to report unexpected skips without failing (e.g. against another broker)
+ALLOW_SKIPS_ENV = "STREAMREC_TEST_ALLOW_SKIPS"
+_skips: list[tuple[str, str, bool]] = []  # (test id, reason, expected)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    skip_gpu = pytest.mark.skip(reason="needs CUDA (runs on the GPU machine)")
+    skip_gpu = pytest.mark.skip(reason=GPU_SKIP_REASON)
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Remember every skip with its reason; only the GPU tests' skip (no CUDA) is expected."""
+    if not report.skipped or report.when == "teardown":
+        return
+    if hasattr(report, "wasxfail"):
+        reason = f"xfail: {report.wasxfail}"
+    elif isinstance(report.longrepr, tuple):
+        reason = str(report.longrepr[2]).removeprefix("Skipped: ")
+    else:
+        reason = str(report.longrepr)
+    expected = "gpu" in report.keywords and reason == GPU_SKIP_REASON and not HAS_CUDA
+    _skips.append((report.nodeid, reason, expected))
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    """Print the reason of every skip; say which ones fail the run."""
+    if not _skips:
+        return
+    terminalreporter.section("skips")
+    for nodeid, reason, expected in _skips:
+        mark = "expected" if expected else "UNEXPECTED"
+        terminalreporter.write_line(f"{mark}: {nodeid}: {reason}")
+    bad = sum(not e for _, _, e in _skips)
+    if bad and not os.environ.get(ALLOW_SKIPS_ENV):
+        terminalreporter.write_line(
+            f"{bad} unexpected skip(s) fail the run (only GPU tests may skip; "
+            f"{ALLOW_SKIPS_ENV}=1 allows them)",
+            red=True,
+        )
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if (
+        exitstatus == pytest.ExitCode.OK
+        and any(not e for _, _, e in _skips)
+        and not os.environ.get(ALLOW_SKIPS_ENV)
+    ):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,8 @@ BPR-max and cross-entropy) and Hidasi & Karatzoglou, CIKM 2018:
 * XE:        -log softmax(r - logq·log p)_i, with p = the target's count for in-batch columns
              and count^alpha for sampled ones (logQ correction of the sampling distribution)
 
-where s = softmax over the negatives only (the positive's own column excluded).
+where s = softmax over the negatives only (the positive's own column excluded; all zeros
+for a row that has no negative, instead of the NaN of 0/0).
 
 ``valid`` (bool [B], optional) marks slots that hold a session; an empty slot's row adds nothing
 and its column is not a negative for anyone (the official code shrinks the batch instead; a
@@ -29,6 +30,7 @@ from torch import Tensor
 
 LOSSES = ("top1", "bpr", "top1-max", "bpr-max", "cross-entropy")
 _EPS = 1e-24
+_TINY = 1e-30
 
 
 def _neg_weights(scores: Tensor, valid: Tensor | None) -> Tensor:
@@ -43,15 +45,29 @@ def _neg_weights(scores: Tensor, valid: Tensor | None) -> Tensor:
 
 def _row_sum(per_row: Tensor, valid: Tensor | None) -> Tensor:
     if valid is not None:
-        per_row = per_row * valid.to(per_row.dtype)
+        # select, not multiply: an empty slot's row must add exactly 0 (0 * NaN is NaN)
+        per_row = torch.where(valid, per_row, torch.zeros_like(per_row))
     return per_row.sum()
 
 
+def _with_negatives(w: Tensor, valid: Tensor | None) -> Tensor:
+    """Rows that have at least one negative (a max-loss is undefined without one)."""
+    has = w.sum(dim=1) > 0
+    return has if valid is None else has & valid
+
+
 def _softmax_neg(scores: Tensor, w: Tensor) -> Tensor:
-    """Softmax over the negatives of each row (weights ``w`` select them)."""
-    x = scores * w
-    e = torch.exp(x - x.max(dim=1, keepdim=True).values) * w
-    return e / e.sum(dim=1, keepdim=True)
+    """Softmax over the negatives of each row (weights ``w`` select them).
+
+    A row with no negative at all (one live slot and no extra samples, which user-parallel
+    batches produce at the end of the data) gets all-zero weights instead of 0/0 = NaN, so its
+    loss is the positive-only term and no NaN reaches the parameters.
+    """
+    x = scores.masked_fill(w == 0, float("-inf"))
+    m = x.max(dim=1, keepdim=True).values
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(x - m)  # exactly 0 where w == 0
+    return e / e.sum(dim=1, keepdim=True).clamp_min(_TINY)
 
 
 def top1(scores: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -79,7 +95,7 @@ def top1_max(scores: Tensor, valid: Tensor | None = None) -> Tensor:
     w = _neg_weights(scores, valid)
     s = _softmax_neg(scores, w)
     per_row = (s * (torch.sigmoid(scores - diag) + torch.sigmoid(scores**2))).sum(dim=1)
-    return _row_sum(per_row, valid)
+    return _row_sum(per_row, _with_negatives(w, valid))
 
 
 def bpr_max(scores: Tensor, valid: Tensor | None = None, bpreg: float = 1.0) -> Tensor:
@@ -88,7 +104,7 @@ def bpr_max(scores: Tensor, valid: Tensor | None = None, bpreg: float = 1.0) -> 
     s = _softmax_neg(scores, w)
     per_row = -torch.log((torch.sigmoid(diag - scores) * s).sum(dim=1) + _EPS)
     per_row = per_row + bpreg * (scores**2 * s).sum(dim=1)
-    return _row_sum(per_row, valid)
+    return _row_sum(per_row, _with_negatives(w, valid))
 
 
 def cross_entropy(

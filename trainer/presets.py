@@ -7,7 +7,7 @@ The presets are the published best parameter files of the official PyTorch imple
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar, Self
 
 from trainer.losses import LOSSES
 
@@ -16,54 +16,62 @@ class ParamError(ValueError):
     """An unknown training parameter or an invalid value (the message names it)."""
 
 
+_BOOL = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+_FINAL_ACTS = ("", "linear", "tanh", "elu")
+
+
 @dataclass
-class TrainParams:
-    """GRU4Rec training parameters (official names, official class defaults)."""
+class BaseParams:
+    """Training parameters shared by GRU4Rec, HRNN and p-RNN (official GRU4Rec names).
+
+    Per-model subclasses (:class:`TrainParams` here, ``HRNNParams`` / ``PRNNParams`` in
+    ``trainer.train_hier``) only add fields or override defaults. One validation path
+    (:meth:`validate`, which checks every field by its name) and one ``key=value`` parser
+    (:meth:`make`) serve all of them.
+    """
 
     loss: str = "cross-entropy"
-    layers: list[int] = field(default_factory=lambda: [100])
     batch_size: int = 64
     n_epochs: int = 10
-    dropout_p_embed: float = 0.0
-    dropout_p_hidden: float = 0.0
     learning_rate: float = 0.05
     momentum: float = 0.0
     n_sample: int = 2048
     sample_alpha: float = 0.5
     bpreg: float = 1.0
     logq: float = 0.0
-    constrained_embedding: bool = True
-    embedding: int = 0
+    seed: int = 42
+    device: str = "auto"
     elu_param: float = 0.5
     # not in the official files
     final_act: str = ""  # "" = as the official code: ELU(elu_param) for bpr-max if elu_param > 0
-    nesterov: bool = False
-    cuda_graph: bool = False  # capture the training step as a CUDA graph (CUDA only)
-    seed: int = 42
-    device: str = "auto"
-    sample_cache_max_size: int = 10_000_000
 
-    def validate(self) -> TrainParams:
-        if self.loss not in LOSSES:
-            raise ParamError(f"loss={self.loss!r}: must be one of {', '.join(LOSSES)}")
-        if not self.layers or any(h < 1 for h in self.layers):
-            raise ParamError(f"layers={self.layers}: need one or more positive sizes")
-        for name in ("batch_size", "n_epochs"):
-            if getattr(self, name) < 1:
-                raise ParamError(f"{name}={getattr(self, name)}: must be >= 1")
-        for name in ("n_sample", "embedding", "sample_cache_max_size"):
-            if getattr(self, name) < 0:
-                raise ParamError(f"{name}={getattr(self, name)}: must be >= 0")
-        for name in ("dropout_p_embed", "dropout_p_hidden"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ParamError(f"{name}={getattr(self, name)}: must be in [0, 1)")
-        if self.learning_rate <= 0:
-            raise ParamError(f"learning_rate={self.learning_rate}: must be > 0")
-        for name in ("momentum", "bpreg", "logq", "elu_param", "sample_alpha"):
-            if getattr(self, name) < 0:
-                raise ParamError(f"{name}={getattr(self, name)}: must be >= 0")
-        if self.final_act not in ("", "linear", "tanh", "elu"):
-            raise ParamError(f"final_act={self.final_act!r}: must be linear, tanh or elu")
+    #: field -> allowed values (subclasses extend it)
+    CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {"loss": LOSSES, "final_act": _FINAL_ACTS}
+    #: presets this class accepts (name -> values; keys the class lacks are skipped)
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+    MIN_EPOCHS: ClassVar[int] = 1
+
+    def validate(self) -> Self:
+        """Check every field by its name; raises ParamError naming the first bad one."""
+        for f in fields(self):
+            name, v = f.name, getattr(self, f.name)
+            if name in self.CHOICES and v not in self.CHOICES[name]:
+                allowed = ", ".join(repr(c) for c in self.CHOICES[name])
+                raise ParamError(f"{name}={v!r}: must be one of {allowed}")
+            if name == "batch_size" and v < 1:
+                raise ParamError(f"{name}={v}: must be >= 1")
+            if name == "n_epochs" and v < self.MIN_EPOCHS:
+                raise ParamError(f"{name}={v}: must be >= {self.MIN_EPOCHS}")
+            if name == "learning_rate" and v <= 0:
+                raise ParamError(f"learning_rate={v}: must be > 0")
+            if name.startswith("dropout_p_") and not 0.0 <= v < 1.0:
+                raise ParamError(f"{name}={v}: must be in [0, 1)")
+            if name in ("layers", "user_layers") and (not v or any(h < 1 for h in v)):
+                raise ParamError(f"{name}={v}: need one or more positive sizes")
+            if isinstance(v, bool) or name == "seed":
+                continue
+            if isinstance(v, (int, float)) and v < 0:
+                raise ParamError(f"{name}={v}: must be >= 0")
         return self
 
     def resolved_final_act(self) -> str:
@@ -71,8 +79,57 @@ class TrainParams:
             return self.final_act
         return "elu" if self.loss == "bpr-max" and self.elu_param > 0 else "linear"
 
+    def resolved_elu_param(self) -> float:
+        return self.elu_param if self.elu_param > 0 else 1.0
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def make(
+        cls,
+        preset: str | None = None,
+        overrides: dict[str, Any] | list[str] | tuple[str, ...] | None = None,
+    ) -> Self:
+        """Defaults <- preset <- overrides (``{"key": value}`` or ``["key=value", ...]``)."""
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        if preset:
+            if preset not in cls.PRESETS:
+                raise ParamError(
+                    f"unknown preset {preset!r} (known: {', '.join(sorted(cls.PRESETS))})"
+                )
+            values.update({k: v for k, v in cls.PRESETS[preset].items() if k in known})
+        if overrides:
+            if isinstance(overrides, dict):
+                items = list(overrides.items())
+            else:
+                items = [parse_kv(s, known) for s in overrides]
+            for k, v in items:
+                if k not in known:
+                    raise ParamError(f"unknown parameter {k!r} (known: {', '.join(sorted(known))})")
+                values[k] = v
+        converted = {k: _convert(k, v, str(known[k].type)) for k, v in values.items()}
+        return cls(**converted).validate()
+
+
+@dataclass
+class TrainParams(BaseParams):
+    """GRU4Rec training parameters (official names, official class defaults)."""
+
+    layers: list[int] = field(default_factory=lambda: [100])
+    dropout_p_embed: float = 0.0
+    dropout_p_hidden: float = 0.0
+    constrained_embedding: bool = True
+    embedding: int = 0
+    # not in the official files
+    nesterov: bool = False
+    cuda_graph: bool = False  # capture the training step as a CUDA graph (CUDA only)
+    sample_cache_max_size: int = 10_000_000
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -108,67 +165,61 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }  # fmt: skip
 
-_FIELDS = {f.name: f for f in fields(TrainParams)}
-_BOOL = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+TrainParams.PRESETS = PRESETS
 
 
-def _convert(key: str, value: Any) -> Any:
-    default = getattr(TrainParams(), key)
+def _convert(key: str, value: Any, typ: str) -> Any:
+    """``value`` (a string from the command line, or already typed) as the field's type."""
     try:
-        if isinstance(default, bool):
+        if typ == "bool":
             if isinstance(value, bool):
                 return value
             v = _BOOL.get(str(value).strip().lower())
             if v is None:
                 raise ValueError("expected True/False/1/0")
             return v
-        if isinstance(default, list):
+        if typ.startswith("list["):
+            elem = {"list[int]": int, "list[float]": float}.get(typ, str)
             if isinstance(value, (list, tuple)):
-                return [int(x) for x in value]
-            # official syntax "100/100"; commas accepted too
-            parts = str(value).replace(",", "/").strip("[] ").split("/")
-            return [int(x) for x in parts if x.strip()]
-        if isinstance(default, int):
-            f = float(value)
-            if f != int(f):
-                raise ValueError("expected an integer")
-            return int(f)
-        if isinstance(default, float):
+                parts = list(value)
+            else:  # official syntax "100/100"; commas accepted too
+                parts = [x for x in str(value).replace(",", "/").strip("[] ").split("/")]
+            parts = [x.strip() if isinstance(x, str) else x for x in parts]
+            parts = [x for x in parts if x != ""]
+            if elem is int:
+                return [_as_int(x) for x in parts]
+            return [elem(x) for x in parts]
+        if typ == "int":
+            return _as_int(value)
+        if typ == "float":
             return float(value)
         return str(value)
     except (TypeError, ValueError) as e:
         raise ParamError(f"invalid value for parameter {key!r}: {value!r} ({e})") from None
 
 
+def _as_int(value: Any) -> int:
+    f = float(value)
+    if f != int(f):
+        raise ValueError("expected an integer")
+    return int(f)
+
+
 def make_params(
     preset: str | None = None,
     overrides: dict[str, Any] | list[str] | tuple[str, ...] | None = None,
 ) -> TrainParams:
-    """Defaults <- preset <- overrides (``{"key": value}`` or ``["key=value", ...]``)."""
-    values: dict[str, Any] = {}
-    if preset:
-        if preset not in PRESETS:
-            raise ParamError(f"unknown preset {preset!r} (known: {', '.join(sorted(PRESETS))})")
-        values.update(PRESETS[preset])
-    if overrides:
-        if isinstance(overrides, dict):
-            items = list(overrides.items())
-        else:
-            items = [parse_kv(s) for s in overrides]
-        for k, v in items:
-            if k not in _FIELDS:
-                raise ParamError(f"unknown parameter {k!r} (known: {', '.join(sorted(_FIELDS))})")
-            values[k] = v
-    converted = {k: _convert(k, v) for k, v in values.items()}
-    return TrainParams(**converted).validate()
+    """GRU4Rec parameters: defaults <- preset <- overrides (see :meth:`BaseParams.make`)."""
+    return TrainParams.make(preset, overrides)
 
 
-def parse_kv(text: str) -> tuple[str, str]:
-    """``"key=value"`` -> ``(key, value)``."""
+def parse_kv(text: str, known: Any = None) -> tuple[str, str]:
+    """``"key=value"`` -> ``(key, value)`` (``known``: the accepted keys, default GRU4Rec's)."""
+    known = TrainParams.field_names() if known is None else known
     if "=" not in text:
         raise ParamError(f"parameter {text!r} is not of the form key=value")
     k, v = text.split("=", 1)
     k = k.strip()
-    if k not in _FIELDS:
-        raise ParamError(f"unknown parameter {k!r} (known: {', '.join(sorted(_FIELDS))})")
+    if k not in known:
+        raise ParamError(f"unknown parameter {k!r} (known: {', '.join(sorted(known))})")
     return k, v.strip()

@@ -119,7 +119,10 @@ def _train(
         warm = (
             not cfg.cold and current is not None and current.model_name == "gru4rec"
         )  # fmt: skip
-        init = (current.model.to("cpu"), current.item_ids) if warm and current else None
+        init = None
+        if warm and current is not None:
+            assert isinstance(current.model, GRU4Rec)
+            init = (current.model.to("cpu"), current.item_ids)
         model, ids, stats = train_gru4rec(train, params, progress=cfg.progress, init=init)
         return model, ids, stats, params.to_dict(), warm
     from trainer.cli import TRAINERS
@@ -227,7 +230,7 @@ def run_cycle(cfg: RetrainConfig, echo: Callable[[str], None] = print) -> dict[s
         save_checkpoint(
             staging,
             model,
-            cfg.model_name if cfg.model_name != "gru4rec" else "gru4rec",
+            cfg.model_name,
             item_ids,
             train_params=train_params,
             data_stats={
@@ -327,6 +330,8 @@ def commands() -> list[Any]:
                 run_cycle(cfg, echo)
             except RetrainError as e:  # unattended: say why, try again next period
                 echo(f"cycle skipped: {e}")
+            except Exception as e:  # a failed cycle must not stop the loop
+                echo(f"cycle failed: {type(e).__name__}: {e}")
             time.sleep(max(0.0, period - (time.monotonic() - start)))
 
     @click.group("models")

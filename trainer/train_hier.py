@@ -28,8 +28,8 @@ import heapq
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -43,6 +43,8 @@ from trainer.jobs import TrainOutcome
 from trainer.losses import get_loss, logq_correction
 from trainer.metrics import MetricAccumulator, ranks
 from trainer.optim import IndexedAdagradM
+from trainer.presets import PRESETS as GRU4REC_PRESETS
+from trainer.presets import BaseParams
 from trainer.sampling import SampleBuffer
 
 SCHEDULES = ("joint", "residual", "alternating", "interleaving")
@@ -170,50 +172,128 @@ def advance_at_boundaries(
     user_state: Tensor | None,
     session_start: Tensor,
     user_start: Tensor,
+    rows: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Apply session/user boundaries of one step to the slots' states.
 
     ``session_start`` rows (not ``user_start``): user state <- end_session(user, state);
     ``user_start`` rows: user state <- initial (empty); both: session state <- initial_state.
+    Only the starting slots are computed (``rows``: their indices, from the host where the
+    caller has them; default: found on the device), so the user GRU costs per session, not
+    per slot and step.
     """
-    b = state.shape[0]
-    ss = session_start.unsqueeze(1)
+    if rows is None:
+        rows = session_start.nonzero().squeeze(1)
+    n = int(rows.shape[0])
+    if n == 0:
+        return state, user_state
+    us = None
     if user_state is not None:
-        advanced = model.end_session(user_state, state)
-        empty = model.initial_user_state(b)
-        user_state = torch.where(
-            user_start.unsqueeze(1), empty, torch.where(ss, advanced, user_state)
-        )
-    init = model.initial_state(user_state, b)
-    return torch.where(ss, init, state), user_state
+        us = user_state.index_select(0, rows)
+        advanced = model.end_session(us, state.index_select(0, rows))
+        new_user = user_start.index_select(0, rows).unsqueeze(1)
+        us = torch.where(new_user, model.initial_user_state(n), advanced)
+        user_state = user_state.index_copy(0, rows, us)
+    return state.index_copy(0, rows, model.initial_state(us, n)), user_state
 
 
 # ----------------------------------------------------------------------------- training
 
 
 @dataclass
-class HierParams:
-    """Training parameters; names follow the official GRU4Rec implementation."""
+class HierParams(BaseParams):
+    """Training parameters of the user-parallel loop (HRNN, p-RNN): the shared
+    :class:`~trainer.presets.BaseParams` (same names and defaults as GRU4Rec's) plus the loop's
+    own options. The models' options are in the subclasses :class:`HRNNParams` and
+    :class:`PRNNParams`."""
 
-    loss: str = "cross-entropy"
-    batch_size: int = 64
-    n_epochs: int = 5
-    learning_rate: float = 0.05
-    momentum: float = 0.0
-    n_sample: int = 0
-    sample_alpha: float = 0.5
-    bpreg: float = 1.0
-    logq: float = 0.0
-    seed: int = 42
-    device: str = "auto"
     schedule: str = "joint"
     shuffle_users: bool = False
 
+    CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {
+        **BaseParams.CHOICES,
+        "schedule": SCHEDULES,
+    }
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = GRU4REC_PRESETS
+    MIN_EPOCHS: ClassVar[int] = 0
+
     def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.batch_size < 1 or self.n_epochs < 0:
-            raise ValueError("batch_size must be >= 1 and n_epochs >= 0")
+        self.validate()
+
+
+@dataclass
+class HRNNParams(HierParams):
+    """HRNN: training parameters plus the model's options (``--param key=value``).
+
+    Defaults: GRU4Rec's for everything the two share (so that ``--model hrnn`` and ``--model
+    gru4rec`` at their defaults differ only by the user path), a user GRU as wide as the session
+    GRU, and dropout 0.5 on the user state and on the session initialisation made from it: the
+    user path otherwise memorises each user's training items over the epochs (lower training
+    loss, worse held-out last sessions). ``user_to_output`` (on in the authors' training
+    script) is off: it memorised even more. Chosen on sessionised MovieLens-1M and a synthetic
+    log with planted user tastes; see bench/results/hrnn-issue10.md.
+    """
+
+    layers: list[int] = field(default_factory=lambda: [100])
+    user_layers: list[int] = field(default_factory=lambda: [100])
+    embedding: int = 0
+    constrained_embedding: bool = True
+    user_to_output: bool = False
+    dropout_p_embed: float = 0.0
+    dropout_p_hidden: float = 0.0
+    dropout_p_user: float = 0.5
+    dropout_p_init: float = 0.5
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        **GRU4REC_PRESETS,
+        # Quadrana et al. 2017, small networks: 100 units per layer, TOP1, Adagrad lr 0.1,
+        # batch 50, session dropout 0.1, 10 epochs, no extra samples; the authors' code
+        # (mquad/hgru4rec) applies tanh to the scores for TOP1 when no final activation is given
+        "hrnn_paper_small": dict(
+            loss="top1", final_act="tanh", layers=[100], user_layers=[100], embedding=0,
+            constrained_embedding=False, batch_size=50, learning_rate=0.1, momentum=0.0,
+            n_epochs=10, n_sample=0, dropout_p_hidden=0.1, dropout_p_user=0.0,
+            dropout_p_init=0.0, dropout_p_embed=0.0, user_to_output=False,
+        ),
+    }  # fmt: skip
+
+    def model_options(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`streamrec.model.hrnn.HRNN` (besides n_items, variant)."""
+        return {
+            "layers": self.layers,
+            "user_layers": self.user_layers,
+            "embedding": self.embedding,
+            "constrained_embedding": self.constrained_embedding,
+            "user_to_output": self.user_to_output,
+            "final_act": self.resolved_final_act(),
+            "elu_param": self.resolved_elu_param(),
+            "dropout_p_embed": self.dropout_p_embed,
+            "dropout_p_hidden": self.dropout_p_hidden,
+            "dropout_p_user": self.dropout_p_user,
+            "dropout_p_init": self.dropout_p_init,
+        }
+
+
+@dataclass
+class PRNNParams(HierParams):
+    """p-RNN: training parameters plus the model and item-feature options."""
+
+    arch: str = "parallel"
+    id_hidden: int = 100
+    feature_hidden: list[int] = field(default_factory=lambda: [100])
+    embedding: int = 0
+    subnet_weights: list[float] = field(default_factory=list)
+    dropout_p_embed: float = 0.0
+    dropout_p_hidden: float = 0.0
+    category_columns: list[str] = field(default_factory=lambda: ["Genres"])
+    text_columns: list[str] = field(default_factory=lambda: ["Title"])
+    tfidf_dim: int = 256
+    missing_flag: bool = True
+
+    CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {
+        **HierParams.CHOICES,
+        "arch": ("parallel", "id", "feature", "concat"),
+    }
 
 
 def schedule_plan(model: nn.Module, schedule: str, n_epochs: int) -> list[dict[str, Any]]:
@@ -266,7 +346,11 @@ def train_hier(
     model.to(dev)
     model.train()
     loss_fn = get_loss(p.loss, p.bpreg)
-    opt = IndexedAdagradM(model.parameters(), [], lr=p.learning_rate, momentum=p.momentum)
+    # item matrices row-sparse where the model can (HRNN): only touched rows are updated
+    sparse = list(model.sparse_tables()) if hasattr(model, "train_step") else []
+    sparse_ids = {id(t) for t in sparse}
+    dense = [q for q in model.parameters() if id(q) not in sparse_ids]
+    opt = IndexedAdagradM(dense, sparse, lr=p.learning_rate, momentum=p.momentum)
     n_items = int(model.n_items)
     rows_all = train_df["ItemId"].astype(str).map(item_index).dropna().astype(np.int64)
     counts = torch.bincount(torch.from_numpy(rows_all.to_numpy().copy()), minlength=n_items).float()
@@ -347,24 +431,30 @@ def _run_epoch(
     ustart = torch.from_numpy(b.user_start).to(dev)
     has_target = (b.targets >= 0).any(axis=1)
     any_start = b.any_start
+    sparse_model = hasattr(model, "train_step")
     user = model.initial_user_state(bs)
     state = model.initial_state(user, bs)
     total = torch.zeros((), device=dev)
     n_events = int((b.targets >= 0).sum())
     for t in range(b.n_steps):
         if any_start[t]:
-            state, user = advance_at_boundaries(model, state, user, sstart[t], ustart[t])
+            rows = torch.from_numpy(np.flatnonzero(b.session_start[t])).to(dev)
+            state, user = advance_at_boundaries(model, state, user, sstart[t], ustart[t], rows)
         if interleave is not None and has_target[t]:
             _set_trainable(model, [interleave[counter[0] % len(interleave)]])
             counter[0] += 1
-        state, out = model.forward_step(inputs[t], state, user)
         if has_target[t]:
             tgt = targets[t]
             valid = tgt >= 0
             out_rows = tgt.clamp(min=0)
             if sampler is not None:
                 out_rows = torch.cat([out_rows, sampler.get()])
-            scores = model.score_items(out, user, out_rows)
+            leaves: list[Any] = []
+            if sparse_model:
+                state, scores, leaves = model.train_step(inputs[t], state, user, out_rows)
+            else:
+                state, out = model.forward_step(inputs[t], state, user)
+                scores = model.score_items(out, user, out_rows)
             if p.loss in ("cross-entropy", "xe") and p.logq > 0:
                 corr = logq_correction(counts, out_rows, bs, p.sample_alpha, p.logq)
                 loss = loss_fn(scores, valid, corr)
@@ -374,8 +464,11 @@ def _run_epoch(
             for q in model.parameters():
                 q.grad = None
             loss.backward()
-            opt.step()
+            opt.step([(tab, rows, leaf.grad) for tab, rows, leaf in leaves])
             total += loss.detach() * bs
+        else:  # no prediction to train at this step: only advance the states
+            with torch.no_grad():
+                state, _ = model.forward_step(inputs[t], state, user)
         state = state.detach()
         if user is not None:
             user = user.detach()
@@ -435,7 +528,8 @@ def evaluate_users(
     state = model.initial_state(user, bs)
     for t in range(b.n_steps):
         if b.any_start[t]:
-            state, user = advance_at_boundaries(model, state, user, sstart[t], ustart[t])
+            rows = torch.from_numpy(np.flatnonzero(b.session_start[t])).to(dev)
+            state, user = advance_at_boundaries(model, state, user, sstart[t], ustart[t], rows)
         if any_scored[t]:
             state, scores = model.step(inputs[t], state, user)
             sel = scored_t[t].nonzero().squeeze(1)
@@ -472,103 +566,38 @@ def split_stats(train_df: pd.DataFrame, test_df: pd.DataFrame) -> dict[str, floa
 
 # ----------------------------------------------------------------------------- CLI wiring
 
-#: HRNN model options settable with ``--param key=value`` (besides the HierParams fields)
-HRNN_KEYS: dict[str, Any] = {
-    "layers": [100],
-    "user_layers": [100],
-    "embedding": 0,
-    "constrained_embedding": False,
-    "user_to_output": False,
-    "dropout_p_embed": 0.0,
-    "dropout_p_hidden": 0.0,
-    "dropout_p_user": 0.0,
-    "dropout_p_init": 0.0,
-    "final_act": "linear",
-    "elu_param": 1.0,
-}
-#: p-RNN model and feature options
-PRNN_KEYS: dict[str, Any] = {
-    "arch": "parallel",
-    "id_hidden": 100,
-    "feature_hidden": [100],
-    "embedding": 0,
-    "subnet_weights": [],
-    "dropout_p_embed": 0.0,
-    "dropout_p_hidden": 0.0,
-    "category_columns": ["Genres"],
-    "text_columns": ["Title"],
-    "tfidf_dim": 256,
-    "missing_flag": True,
-}
-_TRAIN_KEYS = {f: getattr(HierParams(), f) for f in HierParams.__dataclass_fields__}
+
+_P = TypeVar("_P", bound=HierParams)
 
 
-def _convert(key: str, value: str, default: Any) -> Any:
-    if isinstance(default, bool):
-        v = str(value).strip().lower()
-        if v not in ("true", "false", "1", "0", "yes", "no"):
-            raise ValueError(f"{key}: expected true/false, got {value!r}")
-        return v in ("true", "1", "yes")
-    if isinstance(default, list):
-        parts = [x for x in str(value).replace(",", "/").strip("[] ").split("/") if x.strip()]
-        if (default and isinstance(default[0], str)) or key.endswith("_columns"):
-            return parts
-        conv = float if key == "subnet_weights" else int
-        return [conv(x) for x in parts]
-    if isinstance(default, int):
-        return int(float(value))
-    if isinstance(default, float):
-        return float(value)
-    return str(value)
+def parse_hier_params(pairs: Iterable[str], cls: type[_P], preset: str | None = None) -> _P:
+    """``key=value`` strings (and an optional preset) -> ``cls`` parameters.
+
+    Unknown keys and invalid values raise :class:`~trainer.presets.ParamError` (a ValueError)
+    naming them."""
+    return cls.make(preset, list(pairs))
 
 
-def parse_hier_params(
-    pairs: Iterable[str], model_keys: Mapping[str, Any], preset: str | None = None
-) -> tuple[HierParams, dict[str, Any]]:
-    """``key=value`` strings (and an optional GRU4Rec preset for the shared training keys) ->
-    (training parameters, model options). Unknown keys raise ValueError naming them."""
-    train: dict[str, Any] = {}
-    model: dict[str, Any] = dict(model_keys)
-    if preset:
-        from trainer.presets import make_params
-
-        pre = make_params(preset).to_dict()
-        train.update({k: v for k, v in pre.items() if k in _TRAIN_KEYS})
-        model.update({k: v for k, v in pre.items() if k in model_keys and k != "embedding"})
-    for kv in pairs:
-        if "=" not in kv:
-            raise ValueError(f"parameter {kv!r} is not of the form key=value")
-        k, v = (x.strip() for x in kv.split("=", 1))
-        if k in _TRAIN_KEYS:
-            train[k] = _convert(k, v, _TRAIN_KEYS[k])
-        elif k in model_keys:
-            model[k] = _convert(k, v, model_keys[k])
-        else:
-            known = ", ".join(sorted({*_TRAIN_KEYS, *model_keys}))
-            raise ValueError(f"unknown parameter {k!r} (known: {known})")
-    return HierParams(**train), model
-
-
-def _job_common(job: Any, model_keys: Mapping[str, Any], allowed: set[str]) -> Any:
+def _job_common(job: Any, cls: type[_P], allowed: set[str]) -> _P:
     import click
 
     bad = [k for k, v in job.options.items() if v not in (None, (), []) and k not in allowed]
     if bad:
         raise click.UsageError(f"this model does not take {', '.join(bad)}")
     try:
-        p, mopts = parse_hier_params(job.params, model_keys, job.preset)
+        p = parse_hier_params(job.params, cls, job.preset)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--param") from None
     if "UserId" not in job.train_df.columns:
         raise click.UsageError("HRNN/p-RNN training needs a UserId column in --train")
-    return p, mopts
+    return p
 
 
 def train_hrnn_job(job: Any) -> Any:
     """``trainer train --model hrnn``: TrainJob -> TrainOutcome (see trainer.cli)."""
     from streamrec.model.hrnn import HRNN
 
-    p, mopts = _job_common(job, HRNN_KEYS, {"--variant"})
+    p = _job_common(job, HRNNParams, {"--variant"})
     variant = job.options.get("--variant") or "init"
     if variant not in ("init", "all"):
         import click
@@ -576,10 +605,10 @@ def train_hrnn_job(job: Any) -> Any:
         raise click.BadParameter("--variant must be init or all", param_hint="--variant")
     item_ids, index = build_item_index(job.train_df["ItemId"])
     torch.manual_seed(p.seed)
-    model = HRNN(len(item_ids), variant=variant, **mopts)
+    model = HRNN(len(item_ids), variant=variant, **p.model_options())
     log = (lambda s: print(s, flush=True)) if job.progress else None
     stats = train_hier(model, job.train_df, index, p, log=log)
-    return TrainOutcome(model, "hrnn", item_ids, stats, {**asdict(p), **mopts, "variant": variant})
+    return TrainOutcome(model, "hrnn", item_ids, stats, {**asdict(p), "variant": variant})
 
 
 def train_prnn_job(job: Any) -> Any:
@@ -589,7 +618,8 @@ def train_prnn_job(job: Any) -> Any:
     from streamrec.model.prnn import PRNN
     from trainer.features import build_item_features
 
-    p, mopts = _job_common(job, PRNN_KEYS, {"--features", "--item-meta", "--schedule"})
+    p = _job_common(job, PRNNParams, {"--features", "--item-meta", "--schedule"})
+    mopts = asdict(p)
     p.schedule = job.options.get("--schedule") or "joint"
     if p.schedule not in SCHEDULES:
         raise click.BadParameter(f"one of {', '.join(SCHEDULES)}", param_hint="--schedule")
@@ -624,11 +654,13 @@ def train_prnn_job(job: Any) -> Any:
         dropout_p_embed=mopts["dropout_p_embed"],
         dropout_p_hidden=mopts["dropout_p_hidden"],
         feature_values=[torch.from_numpy(f.values) for f in feats],
+        final_act=p.resolved_final_act(),
+        elu_param=p.resolved_elu_param(),
     )
     log = (lambda s: print(s, flush=True)) if job.progress else None
     stats = train_hier(model, job.train_df, index, p, log=log)
     stats["feature_coverage"] = {f.name: f.coverage for f in feats}
-    return TrainOutcome(model, "prnn", item_ids, stats, {**asdict(p), **mopts})
+    return TrainOutcome(model, "prnn", item_ids, stats, asdict(p))
 
 
 def evaluate_users_job(

@@ -7,10 +7,11 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 
 from streamrec import tansu
 from streamrec.core import BatchResult, CoreConfig, StreamClock
+from streamrec.events import make_dead_letter
 from streamrec.metrics import Metrics
 from streamrec.runtime import ModelHolder
 from streamrec.settings import Settings
@@ -50,6 +51,10 @@ class Outputs:
     def produce(
         self, topic: str, value: bytes | None, key: bytes | None = None, partition: int = -1
     ) -> None:
+        """Hand one record to the producer. A full local queue is waited out. Any other
+        refusal never drops data silently: an output (recommendation, dead letter) too large
+        for the broker is replaced by a dead letter ``output_too_large`` that says so;
+        anything else raises :class:`DeliveryError` (the engine stops without committing)."""
         while True:
             try:
                 self.producer.produce(
@@ -58,6 +63,30 @@ class Outputs:
                 return
             except BufferError:  # local queue full: let librdkafka send, then retry
                 self.producer.poll(0.05)
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args else None
+                code = err.code() if isinstance(err, KafkaError) else None
+                outputs = (self.topics.recommendations, self.topics.dead_letter)
+                if code == KafkaError.MSG_SIZE_TOO_LARGE and topic in outputs and value:
+                    log.error(
+                        "output of %d bytes to %s too large; dead-lettered", len(value), topic
+                    )
+                    dead = make_dead_letter(
+                        value[:4096], "output_too_large", f"{len(value)} bytes to {topic}", key=key
+                    )
+                    topic, value, key, partition = (
+                        self.topics.dead_letter,
+                        dead.to_bytes(),
+                        None,
+                        -1,
+                    )
+                    continue
+                msg = f"cannot produce to {topic}: {exc}"
+                self.errors.append(msg)
+                raise DeliveryError(
+                    f"{msg}; stopping without committing (nothing is lost: the input is "
+                    "consumed again from the last committed offset)"
+                ) from exc
 
     def publish(self, res: BatchResult) -> None:
         """A batch's recommendations and dead letters."""
@@ -96,7 +125,7 @@ class EngineBase:
         self.holder = holder
         self.metrics = metrics or Metrics()
         self.config = CoreConfig.from_settings(settings)
-        self.clock = StreamClock()
+        self.clock = StreamClock.from_config(self.config)
         self._model_to_metrics()
 
     def _model_to_metrics(self) -> None:

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save_file
 from torch import nn
 
 from streamrec.model import build_model
@@ -160,14 +161,21 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
     tpath = p / TENSORS
     if not tpath.is_file():
         raise CheckpointError(f"missing {TENSORS} in {p}")
-    digest = _sha256(tpath)
+    # One read: the bytes hashed are the bytes loaded. Hashing the file and then loading it
+    # by name again let a checkpoint replaced in between load the new weights under the old
+    # metadata (tests/streamrec/test_checkpoint.py::test_reader_sees_old_or_new_never_a_mix).
+    try:
+        data = tpath.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{tpath}: unreadable tensor file: {e}") from e
+    digest = hashlib.sha256(data).hexdigest()
     if digest != meta["tensor_sha256"]:
         raise CheckpointError(
             f"{tpath}: sha256 mismatch (file {digest[:12]}…, recorded "
             f"{str(meta['tensor_sha256'])[:12]}…): corrupted or truncated"
         )
     try:
-        tensors = load_file(str(tpath), device="cpu")
+        tensors = load_tensors(data)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{tpath}: unreadable tensor file: {e}") from e
     try:

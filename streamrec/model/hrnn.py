@@ -227,11 +227,7 @@ class HRNN(nn.Module):
             c = self._top_user(user_state, output.shape[0])
             wu = self.Wuy if item_rows is None else self.Wuy.index_select(0, item_rows)
             scores = scores + c @ wu.T
-        if self.final_act == "tanh":
-            return torch.tanh(scores)
-        if self.final_act == "elu":
-            return nn.functional.elu(scores, self.elu_param)
-        return scores
+        return self._final(scores)
 
     @classmethod
     def from_gru4rec(cls, g: nn.Module, **kwargs: Any) -> HRNN:
@@ -267,6 +263,51 @@ class HRNN(nn.Module):
             w.zero_()  # the user-state columns ("all") start at zero: no user influence yet
             w[:, : g0.weight_ih.shape[1]].copy_(g0.weight_ih)
         return m
+
+    def sparse_tables(self) -> list[nn.Parameter]:
+        """The item-indexed matrices (updated row-sparsely in training)."""
+        tabs = [self.Wy, self.By]
+        if not self.constrained_embedding:
+            tabs.append(self.E)
+        if self.user_to_output:
+            tabs.append(self.Wuy)
+        return tabs
+
+    def train_step(
+        self, item_rows: Tensor, state: Tensor, user_state: Tensor | None, out_rows: Tensor
+    ) -> tuple[Tensor, Tensor, list[tuple[nn.Parameter, Tensor, Tensor]]]:
+        """Training step with row-sparse item matrices, as ``GRU4Rec.train_forward``.
+
+        The input and output item rows are gathered into fresh leaf tensors, so backward
+        produces gradients for those rows only (no ``n_items``-sized dense gradient); returns
+        ``(new_state, scores of out_rows, [(table, rows, leaf)])`` for the sparse optimiser.
+        """
+        leaves: list[tuple[nn.Parameter, Tensor, Tensor]] = []
+
+        def gather(table: nn.Parameter, rows: Tensor) -> Tensor:
+            leaf = table.detach().index_select(0, rows).requires_grad_(True)
+            leaves.append((table, rows, leaf))
+            return leaf
+
+        known = item_rows >= 0
+        rows = item_rows.clamp(min=0)
+        x = gather(self.Wy if self.constrained_embedding else self.E, rows)
+        x = nn.functional.dropout(x, self.dropout_p_embed, self.training)
+        new = self.hidden_step(x, state, user_state)
+        new = torch.where(known.unsqueeze(1), new, state)
+        w, b = gather(self.Wy, out_rows), gather(self.By, out_rows)
+        scores = torch.addmm(b.view(1, -1), self.output(new), w.T)
+        if self.user_to_output:
+            c = self._top_user(user_state, new.shape[0])
+            scores = scores + c @ gather(self.Wuy, out_rows).T
+        return new, self._final(scores), leaves
+
+    def _final(self, scores: Tensor) -> Tensor:
+        if self.final_act == "tanh":
+            return torch.tanh(scores)
+        if self.final_act == "elu":
+            return nn.functional.elu(scores, self.elu_param)
+        return scores
 
     def forward_step(
         self, item_rows: Tensor, state: Tensor, user_state: Tensor | None

@@ -46,6 +46,8 @@ class PRNN(nn.Module):
         dropout_p_embed: float = 0.0,
         dropout_p_hidden: float = 0.0,
         feature_values: Sequence[Tensor] | None = None,
+        final_act: str = "linear",
+        elu_param: float = 1.0,
     ) -> None:
         super().__init__()
         if arch not in ARCHS:
@@ -67,6 +69,10 @@ class PRNN(nn.Module):
         self.embedding = int(embedding)
         self.dropout_p_embed = float(dropout_p_embed)
         self.dropout_p_hidden = float(dropout_p_hidden)
+        if final_act not in ("linear", "tanh", "elu"):
+            raise ValueError(f"final_act must be linear, tanh or elu, got {final_act!r}")
+        self.final_act = final_act  # on the scores; the trainer picks ELU for bpr-max
+        self.elu_param = float(elu_param)
 
         for i, d in enumerate(self.feature_dims):
             self.register_buffer(f"feat_{i}", torch.zeros(self.n_items, d))
@@ -156,6 +162,8 @@ class PRNN(nn.Module):
             "feature_names": list(self.feature_names),
             "dropout_p_embed": self.dropout_p_embed,
             "dropout_p_hidden": self.dropout_p_hidden,
+            "final_act": self.final_act,
+            "elu_param": self.elu_param,
         }
 
     @classmethod
@@ -236,6 +244,10 @@ class PRNN(nn.Module):
         for j, k in enumerate(self.subnets):
             w = self.Wy[k].weight if item_rows is None else self.Wy[k](item_rows)
             scores = scores + (self.w[j] * self.active[j]) * (hs[k] @ w.T)
+        if self.final_act == "tanh":
+            return torch.tanh(scores)
+        if self.final_act == "elu":
+            return nn.functional.elu(scores, self.elu_param)
         return scores
 
     def step(

@@ -7,6 +7,7 @@ high watermarks), by (partition, offset).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -140,3 +141,34 @@ def test_crash_between_rename_and_commit_is_not_written_twice(
     rows = archived_rows(tmp_path / "archive")
     assert len(rows) == len(set(rows)) == 600
     assert set(rows) == valid_clicks(conf, topic)
+
+
+def test_two_archivers_share_the_partitions(
+    kafka_bootstrap: str, unique_name: Callable[[str], str], tmp_path: Path
+) -> None:
+    conf = {"bootstrap.servers": kafka_bootstrap}
+    topic = unique_name("clicks")
+    ensure_topics(conf, [TopicSpec(topic, PARTITIONS)])
+    arch = tmp_path / "archive"
+    a = start_archiver(kafka_bootstrap, topic, arch, tmp_path / "a.log", "--flush-events", "50")
+    b = start_archiver(kafka_bootstrap, topic, arch, tmp_path / "b.log", "--flush-events", "50")
+    try:
+        time.sleep(4)  # both join the group (about session.timeout / 2 on Tansu)
+        produce(conf, topic, 0, 2000, bad_every=31)
+        want = valid_clicks(conf, topic)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(archived_rows(arch)) < len(want):
+            time.sleep(0.5)
+    finally:
+        for p in (a, b):
+            p.terminate()
+            p.wait(30)
+    rows = archived_rows(arch)
+    assert len(rows) == len(set(rows)) and set(rows) == want
+    # both took part: each reports what it archived when it stops
+    counts = []
+    for log in ("a.log", "b.log"):
+        m = re.search(r"archived ([\d,]+) clicks", (tmp_path / log).read_text())
+        assert m is not None, (tmp_path / log).read_text()[-2000:]
+        counts.append(int(m[1].replace(",", "")))
+    assert sum(counts) == len(want) and min(counts) > 0, counts

@@ -57,10 +57,62 @@ def test_round_trip_identical_scores(ckpt: tuple[Path, GRU4Rec]) -> None:
 def test_overwrite_is_atomic_rename(ckpt: tuple[Path, GRU4Rec], tmp_path: Path) -> None:
     path, m = ckpt
     v1 = load_checkpoint(path).version
-    save_checkpoint(path, m, "gru4rec", IDS)
-    assert load_checkpoint(path).metrics == {}
+    other = GRU4Rec(
+        GRU4RecConfig(n_items=25, layers=[8, 6], embedding=4, constrained_embedding=False), seed=2
+    ).eval()
+    save_checkpoint(path, other, "gru4rec", IDS)
+    c = load_checkpoint(path)
+    assert c.version != v1 and c.metrics == {}
+    assert torch.equal(_scores(c.model), _scores(other))
+    assert not torch.equal(_scores(c.model), _scores(m))
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temp dirs left behind
-    assert isinstance(v1, str)
+
+
+def test_reader_sees_old_or_new_never_a_mix(ckpt: tuple[Path, GRU4Rec]) -> None:
+    """A reader loading while a writer overwrites the checkpoint again and again gets one of
+    the written checkpoints whole (its version and its weights) or a clean CheckpointError."""
+    import threading
+
+    path, m = ckpt
+    models = [m]
+    for seed in (2, 3):
+        mod = GRU4Rec(
+            GRU4RecConfig(n_items=25, layers=[8, 6], embedding=4, constrained_embedding=False),
+            seed=seed,
+        )
+        models.append(mod.eval())
+    expected = {}  # tensor digest prefix (the version's suffix) -> scores
+    for j, mod in enumerate(models):
+        probe = save_checkpoint(path.parent / f"probe{j}", mod, "gru4rec", IDS)
+        expected[load_checkpoint(probe).version.rsplit("-", 1)[1]] = _scores(mod)
+    assert len(expected) == 3
+    done = threading.Event()
+
+    def writer() -> None:
+        try:
+            for n in range(30):
+                save_checkpoint(path, models[n % 3], "gru4rec", IDS)
+        finally:
+            done.set()
+
+    seen: set[str] = set()
+    errors = 0
+    t = threading.Thread(target=writer)
+    t.start()
+    while not done.is_set() or not seen:
+        try:
+            c = load_checkpoint(path)
+        except CheckpointError:
+            errors += 1
+            continue
+        digest = c.version.rsplit("-", 1)[1]
+        assert digest in expected, c.version
+        assert torch.equal(_scores(c.model), expected[digest]), "weights of another version"
+        seen.add(digest)
+    t.join()
+    assert seen  # at least one load succeeded while the writer ran
+    c = load_checkpoint(path)
+    assert torch.equal(_scores(c.model), expected[c.version.rsplit("-", 1)[1]])
 
 
 def test_truncated_tensor_file(ckpt: tuple[Path, GRU4Rec]) -> None:
@@ -134,3 +186,45 @@ def test_bad_json(ckpt: tuple[Path, GRU4Rec]) -> None:
     (path / "checkpoint.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="unreadable"):
         load_checkpoint(path)
+
+
+def test_checkpoint_replaced_between_hash_and_load_is_not_mixed(
+    ckpt: tuple[Path, GRU4Rec], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replacement lands right after the loader has hashed the tensor file (the race the
+    concurrent-reader test hits now and then, made certain): the loader returns the old
+    checkpoint whole or raises, never the old metadata with the new weights."""
+    import hashlib
+
+    import streamrec.model.checkpoint as cp
+
+    path, m = ckpt
+    old_version = load_checkpoint(path).version
+    other = GRU4Rec(
+        GRU4RecConfig(n_items=25, layers=[8, 6], embedding=4, constrained_embedding=False), seed=2
+    ).eval()
+    replaced: list[bool] = []
+    real = hashlib.sha256
+
+    class Sha256:
+        def __init__(self, *args: bytes) -> None:
+            self.h = real(*args)
+
+        def update(self, data: bytes) -> None:
+            self.h.update(data)
+
+        def hexdigest(self) -> str:
+            out = self.h.hexdigest()
+            if not replaced:
+                replaced.append(True)
+                monkeypatch.setattr(cp.hashlib, "sha256", real)
+                save_checkpoint(path, other, "gru4rec", IDS)
+            return out
+
+    monkeypatch.setattr(cp.hashlib, "sha256", Sha256)
+    try:
+        c = load_checkpoint(path)
+    except CheckpointError:
+        return
+    assert replaced and c.version == old_version
+    assert torch.equal(_scores(c.model), _scores(m))

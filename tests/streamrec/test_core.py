@@ -52,7 +52,7 @@ def test_batch_with_several_keys_matches_offline_prefixes() -> None:
         np.testing.assert_allclose(r["scores"], scores, rtol=1e-5, atol=1e-6)
         assert r["model_version"] == "v1" and not r["duplicate"]
     assert len(out) == len(stream)
-    assert {k: s.n_events for k, s in store.iter_sessions()} == {"s1": 3, "s2": 2, "s3": 4}
+    assert {k: s.n_events for k, s in store.iter_sessions()} == {"a:s1": 3, "a:s2": 2, "a:s3": 4}
 
 
 def test_same_key_many_times_in_one_batch_keeps_order() -> None:
@@ -80,6 +80,7 @@ def test_same_key_many_times_in_one_batch_keeps_order() -> None:
 def test_session_change_mid_batch_by_id_gap_and_end_event() -> None:
     model = tiny_serving_model()
     u = "u1"
+    uk = "u:u1"
     values = [
         click("a", "i1", user=u, t=T0),
         click("a", "i2", user=u, t=T0 + 1),
@@ -93,9 +94,9 @@ def test_session_change_mid_batch_by_id_gap_and_end_event() -> None:
     res = process_batch(recs(values), store, model, CFG)
     assert len(res.recommendations) == 5
     assert res.stats["sessions_ended"] == 3
-    s = store.get_session(u)
+    s = store.get_session(uk)
     assert s is not None and s.session_id == "c" and s.recent_items == ["i5"]
-    user = store.get_user(u)
+    user = store.get_user(uk)
     assert user is not None and user.sessions == [["i1", "i2"], ["i3"], ["i4"]]
     assert user.offset == 4  # the session_end event that ended the last session
     ref = offline_recommendations(model, [["i1", "i2"], ["i3"], ["i4"], ["i5"]], k=5)
@@ -107,10 +108,10 @@ def test_hrnn_user_state_advances_at_session_end() -> None:
     store = StateStore()
     first = [click("a", "i1", user="u", t=T0), click("a", "i2", user="u", t=T0 + 1)]
     process_batch(recs(first), store, model, CFG)
-    hidden_a = store.get_session("u").hidden  # type: ignore[union-attr]
-    assert store.get_user("u") is None
+    hidden_a = store.get_session("u:u").hidden  # type: ignore[union-attr]
+    assert store.get_user("u:u") is None
     res = process_batch(recs([click("b", "i3", user="u", t=T0 + 2)], start=2), store, model, CFG)
-    user = store.get_user("u")
+    user = store.get_user("u:u")
     assert user is not None
     expected_ctx = model.end_session(model.initial_user_states(1), hidden_a[None])[0]
     np.testing.assert_allclose(user.context, expected_ctx, atol=1e-6)
@@ -119,7 +120,7 @@ def test_hrnn_user_state_advances_at_session_end() -> None:
     init = model.initial_states(expected_ctx[None], 1)
     ref = model.step(model.rows(["i3"]), init, expected_ctx[None], k=5)
     assert res.recommendations[0]["items"] == model.ids(ref.top_rows[0]).tolist()
-    np.testing.assert_allclose(store.get_session("u").hidden, ref.states[0], atol=1e-6)  # type: ignore[union-attr]
+    np.testing.assert_allclose(store.get_session("u:u").hidden, ref.states[0], atol=1e-6)  # type: ignore[union-attr]
     # two users ending sessions in one batch (batched end_session)
     more = [
         click("x", "i1", user="v", t=T0),
@@ -127,8 +128,8 @@ def test_hrnn_user_state_advances_at_session_end() -> None:
         click("z", "i2", user="v", t=T0 + 3),
     ]
     process_batch(recs(more, start=3), store, model, CFG)
-    assert len(store.get_user("u").sessions) == 2  # type: ignore[union-attr]
-    assert len(store.get_user("v").sessions) == 1  # type: ignore[union-attr]
+    assert len(store.get_user("u:u").sessions) == 2  # type: ignore[union-attr]
+    assert len(store.get_user("u:v").sessions) == 1  # type: ignore[union-attr]
 
 
 def test_unknown_items_do_not_advance_but_are_counted_and_recorded() -> None:
@@ -145,7 +146,7 @@ def test_unknown_items_do_not_advance_but_are_counted_and_recorded() -> None:
     r = res.recommendations
     assert r[1]["unknown_item"] and r[1]["items"] == r[0]["items"]
     assert r[2]["items"] == offline_recommendations(model, [["i1", "i2"]], k=5)[1][0]
-    s = store.get_session("s")
+    s = store.get_session("a:s")
     assert s is not None and s.recent_items == ["i1", "NEW", "i2"] and s.n_unknown == 1
 
 
@@ -196,27 +197,31 @@ def test_model_swap_reencodes_old_states_from_recent_items() -> None:
     process_batch(recs(vals), store, old, CFG)
     res = process_batch(recs([click("b", "i4", user="u", t=T0 + 3)], start=3), store, new, CFG)
     assert res.stats["sessions_migrated"] == 1 and res.stats["users_migrated"] == 1
-    assert store.get_session("u").version == "v2"  # type: ignore[union-attr]
+    assert store.get_session("u:u").version == "v2"  # type: ignore[union-attr]
     # the same as if v2 had served the whole history
     ref = StateStore()
     process_batch(recs([*vals, click("b", "i4", user="u", t=T0 + 3)]), ref, new, CFG)
-    assert store.get_session("u").same_as(ref.get_session("u"))  # type: ignore[union-attr,arg-type]
+    assert store.get_session("u:u").same_as(ref.get_session("u:u"))  # type: ignore[union-attr,arg-type]
 
 
 def test_idle_sweep_closes_sessions_and_advances_users() -> None:
     model = tiny_serving_model(user_dim=4)
     store = StateStore()
-    clock = StreamClock()
+    clock = StreamClock(min_events=2)
     vals = [click("a", "i1", user="u", t=T0), click("s", "i2", t=T0 + 50)]
     process_batch(recs(vals), store, model, CFG, clock=clock)
-    assert clock.now() >= T0 + 50
+    # the clock runs in event time: years behind the wall clock, a sweep at its time keeps both
+    now = clock.now(0)
+    assert now is not None and T0 <= now <= T0 + 50 + 60
+    assert sweep_idle(store, model, CFG, clock=clock).sessions_ended == 0
+    assert sorted(store.sessions) == ["a:s", "u:u"]
     res = sweep_idle(store, model, CFG, now=T0 + 120)
-    assert res.sessions_ended == 1 and list(store.sessions) == ["s"]
-    u = store.get_user("u")
+    assert res.sessions_ended == 1 and list(store.sessions) == ["a:s"]
+    u = store.get_user("u:u")
     assert u is not None and u.sessions == [["i1"]] and u.offset == 0
     # a redelivered click of the swept session is answered but does not resurrect it
     again = process_batch(recs(vals[:1]), store, model, CFG)
-    assert again.recommendations[0]["duplicate"] and "u" not in store.sessions
+    assert again.recommendations[0]["duplicate"] and "u:u" not in store.sessions
     assert sweep_idle(store, model, CFG, now=T0 + 1000).sessions_ended == 1
     assert not store.sessions
     cfg = CoreConfig(session_gap_seconds=100.0, user_ttl_seconds=10.0)
@@ -227,10 +232,10 @@ def test_idle_sweep_closes_sessions_and_advances_users() -> None:
 def test_corrupt_state_is_replaced_not_fatal() -> None:
     model = tiny_serving_model()
     store = StateStore()
-    store.sessions["s"] = b"garbage"
+    store.sessions["a:s"] = b"garbage"
     res = process_batch(recs([click("s", "i1", t=T0)]), store, model, CFG)
     assert len(res.recommendations) == 1 and store.corrupt == 1
-    assert isinstance(store.get_session("s"), SessionState)
+    assert isinstance(store.get_session("a:s"), SessionState)
 
 
 @pytest.mark.parametrize("user_dim", [0, 6])
@@ -239,5 +244,39 @@ def test_user_state_types(user_dim: int) -> None:
     store = StateStore()
     vals = [click("a", "i1", user="u", t=T0), click("b", "i1", user="u", t=T0 + 1)]
     process_batch(recs(vals), store, model, CFG)
-    u = store.get_user("u")
+    u = store.get_user("u:u")
     assert isinstance(u, UserState) and u.context.size == user_dim
+
+
+def test_stream_clock_follows_event_time_not_wall_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweep's clock (per partition, issue 13): the arrival wall time plus the median skew
+    (event time - arrival) of the partition's recent events, so it reads event time, moves on
+    with the wall clock between events, and no single event (late or early) moves it. Wall
+    time is frozen here, so every value is exact."""
+    import streamrec.core
+
+    wall = [2.0e9]
+    monkeypatch.setattr(streamrec.core.time, "time", lambda: wall[0])
+    model = tiny_serving_model()
+    store = StateStore()
+    clock = StreamClock(min_events=3)
+    vals = [click("a", "i1", t=T0), click("b", "i2", t=T0 + 50), click("b", "i3", t=T0 + 50)]
+    process_batch(recs(vals), store, model, CFG, clock=clock)
+    assert clock.now(0) == T0 + 50  # the median event time, not the wall time (2e9)
+    assert clock.now(1) is None  # another partition has a clock of its own, not trusted yet
+    wall[0] += 30  # 30 s of wall time with no events: the clock moves on with it
+    assert clock.now(0) == T0 + 80
+    # one late event does not move it back (nor would one early event move it on)
+    process_batch(recs([click("c", "i3", t=T0 + 10)], start=3), store, model, CFG, clock=clock)
+    assert clock.now(0) == T0 + 80
+    # the sweep at the clock's time ends exactly the sessions idle for longer than the gap
+    wall[0] += 30  # clock: T0 + 110; a idle 110 s > 100, b 60 s, c 100 s (not more)
+    res = sweep_idle(store, model, CFG, clock=clock)
+    assert res.sessions_ended == 1 and sorted(store.sessions) == ["a:b", "a:c"]
+    # the stream moving on (most of the window; the median is refreshed every 16 events) does
+    later = [click("b", f"i{j}", t=T0 + 500) for j in range(4, 24)]
+    process_batch(recs(later, start=4), store, model, CFG, clock=clock)
+    now = clock.now(0)
+    assert now is not None and now >= T0 + 500
+    assert sweep_idle(store, model, CFG, clock=clock).sessions_ended == 1
+    assert sorted(store.sessions) == ["a:b"]

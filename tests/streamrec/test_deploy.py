@@ -114,3 +114,19 @@ def test_topic_init_creates_every_topic_with_partition_count(compose: dict) -> N
 def test_cli_has_every_service_command() -> None:
     names = set(_cli().list_commands(click.Context(_cli())))
     assert {"broker", "worker", "produce", "tail", "replay", "demo"} <= names
+
+
+def test_archiver_and_retrainer_share_the_volumes(compose: dict) -> None:
+    from trainer.cli import main as trainer_main
+
+    s = compose["services"]
+    mounts = {n: {v.split(":")[1]: v.split(":")[0] for v in s[n]["volumes"]} for n in s}
+    assert mounts["archiver"]["/archive"] == mounts["retrainer"]["/archive"] == "archive"
+    assert mounts["retrainer"]["/checkpoints"] == mounts["worker"]["/checkpoints"]
+    assert s["archiver"]["image"] == s["worker"]["image"]  # the serving image
+    _check_cli_args(s["archiver"]["command"])
+    assert s["archiver"]["command"][0] == "archive"
+    cmd = trainer_main.get_command(click.Context(trainer_main), s["retrainer"]["command"][0])
+    assert cmd is not None
+    cmd.make_context("trainer retrain", list(s["retrainer"]["command"][1:]))
+    assert "COPY trainer" in (ROOT / "deploy" / "Dockerfile.trainer").read_text()

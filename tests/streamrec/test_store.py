@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from streamrec.core import CoreConfig, process_batch
-from streamrec.engines.native.store import SESSIONS, USERS, PartitionState, TableView
+from streamrec.core import CoreConfig, message_key_partitions, process_batch
+from streamrec.engines.native.store import (
+    SESSIONS,
+    USERS,
+    PartitionState,
+    StateLayoutError,
+    TableView,
+)
 from streamrec.state import StateStore
 from streamrec.testing import click, tiny_serving_model
 
@@ -61,8 +68,8 @@ def test_writes_during_a_checkpoint_stay_pending_and_win(tmp_path: Path) -> None
 
 def test_apply_changelog_keeps_the_last_value_and_offset(tmp_path: Path) -> None:
     st = PartitionState(tmp_path / "0", 0)
-    n = st.apply_changelog([(b"s/a", b"1", 5), (b"u/a", b"x", 6), (b"s/a", None, 7)])
-    assert n == 3 and st.get(b"s/a") is None and st.get(b"u/a") == b"x"
+    n = st.apply_changelog([(b"s/u:a", b"1", 5), (b"u/u:a", b"x", 6), (b"s/u:a", None, 7)])
+    assert n == 3 and st.get(b"s/u:a") is None and st.get(b"u/u:a") == b"x"
     assert st.changelog_offset == 7
     assert st.apply_changelog([]) == 0 and st.changelog_offset == 7
     st.close()
@@ -119,7 +126,7 @@ def test_core_over_partition_states_equals_the_in_memory_twin(parts) -> None:
     for i in range(0, 40, 8):
         batch = records[i : i + 8]
         want = process_batch(batch, twin, model, CoreConfig())
-        where = {r.key.decode(): r.partition for r in batch}  # type: ignore[union-attr]
+        where = message_key_partitions(batch)
         sessions, users = TableView(parts, SESSIONS, where), TableView(parts, USERS, where)
         got = process_batch(batch, StateStore(sessions, users), model, CoreConfig())
         assert sessions.route(got.key_partitions) == 0 and users.route(got.key_partitions) == 0
@@ -134,3 +141,122 @@ def test_core_over_partition_states_equals_the_in_memory_twin(parts) -> None:
     assert got_states.keys() == dict(twin.iter_sessions()).keys()
     for k, s in twin.iter_sessions():
         assert got_states[k].same_as(s)
+
+
+def test_a_database_of_the_old_key_layout_is_refused_with_a_clear_message(
+    tmp_path: Path,
+) -> None:
+    st = PartitionState(tmp_path / "0", 0)  # a new database is marked with the layout
+    st.close()
+    PartitionState(tmp_path / "0", 0).close()  # and opens again
+    # layout 1: keys without namespace, no layout marker
+    from rocksdict import Options, Rdict
+
+    db = Rdict(str(tmp_path / "old"), options=Options(raw_mode=True))
+    db.put(b"s/alice", b"state")
+    db.close()
+    with pytest.raises(StateLayoutError, match=r"layout 1.*app_id"):
+        PartitionState(tmp_path / "old", 0)
+    # a changelog of the old layout is refused during recovery, before anything is applied
+    st = PartitionState(tmp_path / "1", 1)
+    with pytest.raises(StateLayoutError, match="changelog"):
+        st.apply_changelog([(b"s/alice", b"x", 0)])
+    assert st.get(b"s/alice") is None and st.changelog_offset == -1
+    st.close()
+
+
+def test_last_activity_index_lists_idle_states_oldest_first_in_bounded_steps(
+    tmp_path: Path,
+) -> None:
+    from streamrec.engines.native.store import BUCKET_SECONDS, INDEX_SESSIONS, INDEX_USERS
+    from streamrec.state import SessionState, UserState
+
+    st = PartitionState(tmp_path / "0", 0)
+    t0 = 1.7e9
+    for j in range(1000):  # one state per 10 s
+        s = SessionState(f"s{j}", np.zeros(4, np.float32), "v", last_time=t0 + 10 * j)
+        st.pending[b"s/a:" + f"s{j}".encode()] = s.to_bytes()
+    st.pending[b"u/u:x"] = UserState("x", np.zeros(2, np.float32), "v", last_time=t0).to_bytes()
+    st.begin_checkpoint()
+    st.commit(0)
+    # nothing idle before the first bucket ends
+    assert st.idle_candidates(INDEX_SESSIONS, t0, 100) == ([], False)
+    cutoff = t0 + 3000  # states older than 3000 s: at most 300 of them, whole buckets only
+    seen: list[str] = []
+    steps = 0
+    while True:
+        keys, more = st.idle_candidates(INDEX_SESSIONS, cutoff, 64)
+        assert len(keys) <= 64
+        seen += keys
+        steps += 1
+        if not more:
+            break
+    assert steps >= 4 and len(seen) == len(set(seen))
+    times = sorted(10 * int(k[3:]) for k in seen)
+    assert times == [10 * j for j in range(len(seen))]  # oldest first, none skipped
+    assert cutoff - BUCKET_SECONDS - 10 <= t0 + times[-1] < cutoff
+    # examined entries are dropped with the next checkpoint; a state written since (here
+    # s0, active again) keeps an entry of its own and is listed when it is idle again
+    again = SessionState("s0", np.zeros(4, np.float32), "v", last_time=t0 + 20_000)
+    st.pending[b"s/a:s0"] = again.to_bytes()
+    st.begin_checkpoint()
+    st.commit(1)
+    assert st.idle_candidates(INDEX_SESSIONS, cutoff, 1000) == ([], False)
+    keys, _ = st.idle_candidates(INDEX_SESSIONS, t0 + 30_000, 2000)
+    assert "a:s0" in keys and len(keys) == 1000 - len(seen) + 1
+    assert st.idle_candidates(INDEX_USERS, t0 + 120, 10) == (["u:x"], False)
+    st.close()
+    # recovery from the changelog rebuilds the index
+    st2 = PartitionState(tmp_path / "r", 0)
+    st2.apply_changelog([(b"s/a:s0", again.to_bytes(), 0)])
+    assert st2.idle_candidates(INDEX_SESSIONS, t0 + 30_000, 10) == (["a:s0"], False)
+    st2.close()
+
+
+def test_native_sweep_steps_are_bounded_and_cost_what_expires(tmp_path: Path) -> None:
+    import time as _time
+
+    from streamrec.core import StreamClock
+    from streamrec.engines.native.worker import NativeWorker
+    from streamrec.runtime import ModelHolder
+    from streamrec.settings import load_settings
+    from streamrec.state import SessionState, UserState
+
+    settings = load_settings(
+        kafka={"bootstrap_servers": "127.0.0.1:9"},
+        state={"directory": str(tmp_path), "session_gap_seconds": 100.0},
+    )
+    model = tiny_serving_model(user_dim=4)
+    worker = NativeWorker(settings, ModelHolder(model))
+    try:
+        st = PartitionState(tmp_path / "p0", 0)
+        worker.partitions[0] = st
+        wall = _time.time()
+        h = np.zeros(16, np.float32)
+        for j in range(3000):  # 3000 idle sessions of users, 2000 live anonymous ones
+            s = SessionState("s", h, "v1", f"user{j}", ["i1"], 0, j, wall - 1000, wall - 1000, 1)
+            st.pending[f"s/u:user{j}".encode()] = s.to_bytes()
+        for j in range(2000):
+            s = SessionState(f"a{j}", h, "v1", None, ["i2"], 0, 5000 + j, wall - 5, wall - 5, 1)
+            st.pending[f"s/a:a{j}".encode()] = s.to_bytes()
+        st.pending[b"u/u:old"] = UserState(
+            "old", np.zeros(4, np.float32), "v1", [["i1"]], 0, 1, wall - 10**8
+        ).to_bytes()
+        st.begin_checkpoint()
+        st.commit(0)
+        worker.clock = StreamClock(min_events=1)
+        worker.clock.observe(wall, 0, wall)
+        steps = 0
+        while worker.sweep(budget_s=0.05):
+            steps += 1
+            assert steps < 1000
+        assert steps >= 1  # 3000 sessions to end did not fit one step
+        left = dict(StateStore(TableView(worker.partitions, SESSIONS, {}), {}).iter_sessions())
+        assert set(left) == {f"a:a{j}" for j in range(2000)}
+        users = TableView(worker.partitions, USERS, {})
+        assert "u:user7" in users and "u:old" not in users
+        assert UserState.from_bytes(users["u:user7"]).sessions == [["i1"]]
+    finally:
+        for s in worker.partitions.values():
+            s.close()
+        worker.partitions.clear()

@@ -109,3 +109,19 @@ def test_large_log_keeps_its_invariants() -> None:
     assert df["SessionId"].nunique() == 20000 and df["UserId"].nunique() == 500
     assert df["ItemId"].astype(int).between(0, 1999).all()
     assert df.groupby("SessionId")["UserId"].nunique().max() == 1
+
+
+def test_user_favourites_planted_and_off_by_default():
+    kw = dict(n_sessions=600, n_items=200, n_users=40, seed=3)
+    base = generate_clicks(**kw)
+    assert base.equals(generate_clicks(**kw, p_user_favourite=0.0))
+    fav = generate_clicks(**kw, p_user_favourite=0.4, n_user_favourites=5)
+
+    def share_of_top5(df):
+        def top5(x):
+            return x.value_counts().iloc[:5].sum() / len(x)
+
+        return df.groupby("UserId")["ItemId"].agg(top5).mean()
+
+    # a user's five most clicked items take a much larger share with planted favourites
+    assert share_of_top5(fav) > share_of_top5(base) + 0.05

@@ -7,10 +7,13 @@ high watermarks or lag.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,9 +26,9 @@ from confluent_kafka import Producer
 from streamrec.broker import EmbeddedBroker
 from streamrec.core import CoreConfig, Record, process_batch
 from streamrec.kafka import TopicSpec, committed_offsets, ensure_topics, read_topic
-from streamrec.launch import WorkerProcess
+from streamrec.launch import WorkerProcess, settings_env
 from streamrec.runtime import ServingModel
-from streamrec.state import SessionState, StateStore
+from streamrec.state import STATE_LAYOUT, SessionState, StateStore, UserState
 from streamrec.testing import click, offline_recommendations
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -44,6 +47,14 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = GRU4Rec(GRU4RecConfig(n_items=N_ITEMS, layers=[16]), seed=1)
     path = tmp_path_factory.mktemp("model") / "ckpt"
     return save_checkpoint(path, model, "gru4rec", [f"i{j}" for j in range(N_ITEMS)])
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 class Service:
@@ -78,17 +89,20 @@ class Service:
             "worker.engine": engine,
         }
         self.workers: list[WorkerProcess] = []
+        self.metrics_ports: dict[int, int] = {}  # worker pid -> its /metrics port
         self.producer = Producer({**self.conf, "linger.ms": 2})
 
     def start_worker(self, datadir: Path | None = None) -> WorkerProcess:
         datadir = datadir or self.tmp / f"data{len(self.workers)}"
+        port = free_port()
         w = WorkerProcess(
             self.ckpt,
-            settings=self.settings,
+            settings={**self.settings, "worker.metrics_port": port},
             data_dir=datadir,
             log_path=self.tmp / f"worker{len(self.workers)}.log",
             loglevel=os.environ.get("STREAMREC_TEST_WORKER_LOGLEVEL", "WARNING"),
         )
+        self.metrics_ports[w.pid] = port
         self.workers.append(w)
         return w
 
@@ -131,16 +145,30 @@ class Service:
         ]
 
     def changelog_sessions(self) -> dict[str, SessionState]:
-        """Final durable session states: the last changelog value per key."""
+        """Final durable session states: the last changelog value per key (the Kafka key:
+        the state key without its namespace, u: or a:)."""
         last: dict[str, bytes | None] = {}
         if self.engine == "faust":
-            for m in self.read(f"{self.app_id}-sessions-changelog"):
-                last[json.loads(m.key())] = m.value()
+            for m in self.read(f"{self.app_id}-sessions-v{STATE_LAYOUT}-changelog"):
+                last[json.loads(m.key())[2:]] = m.value()
         else:
             for m in self.read(f"{self.app_id}-state-changelog"):
                 if m.key().startswith(b"s/"):
-                    last[m.key()[2:].decode()] = m.value()
+                    last[m.key()[4:].decode()] = m.value()
         return {k: SessionState.from_bytes(v) for k, v in last.items() if v}
+
+    def changelog_users(self) -> dict[str, UserState]:
+        """Final durable user states: the last changelog value per key (the user id: the
+        state key without its namespace u:)."""
+        last: dict[str, bytes | None] = {}
+        if self.engine == "faust":
+            for m in self.read(f"{self.app_id}-users-v{STATE_LAYOUT}-changelog"):
+                last[json.loads(m.key())[2:]] = m.value()
+        else:
+            for m in self.read(f"{self.app_id}-state-changelog"):
+                if m.key().startswith(b"u/"):
+                    last[m.key()[4:].decode()] = m.value()
+        return {k: UserState.from_bytes(v) for k, v in last.items() if v}
 
     def close(self) -> None:
         for w in self.workers:
@@ -237,7 +265,50 @@ def reference_states(svc: Service) -> dict[str, SessionState]:
         part = [r for r in recs if r.partition == p]
         for i in range(0, len(part), 50):
             process_batch(part[i : i + 50], store, model, CoreConfig(top_k=20))
-    return dict(store.iter_sessions())
+    return {k[2:]: s for k, s in store.iter_sessions()}  # without the namespace
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``cond`` until it holds; fail with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.5)
+
+
+def wait_states_equal(svc: Service, timeout: float = 60) -> None:
+    """The durable session states (changelog) reach those of a crash-free run."""
+    want = reference_states(svc)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            assert_states_equal(svc.changelog_sessions(), want)
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
+def metric(svc: Service, w: WorkerProcess, name: str) -> float:
+    """Sum of a metric's samples on a running worker's /metrics endpoint."""
+    import urllib.request
+
+    port = svc.metrics_ports[w.pid]
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as f:
+                text = f.read().decode()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, f"no metrics endpoint on {port}"
+            time.sleep(0.5)
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name) and line[len(name)] in " {"
+    )
 
 
 def assert_states_equal(got: dict[str, SessionState], want: dict[str, SessionState]) -> None:
@@ -282,6 +353,11 @@ def test_kill9_mid_stream_then_restart(isolated_service: Service, wipe: bool) ->
         time.sleep(0.5)
     service.produce(values[250:300])
     w.kill9()
+    # mid-stream: clicks were answered before the kill, and sessions with answered clicks
+    # go on in the clicks produced only after it
+    before = {r["click_id"]: r for r in service.recommendations()}
+    answered_sessions = {r["session_id"] for r in before.values()}
+    assert before and answered_sessions & {s for s, _ in values[300:]}
     if wipe:
         shutil.rmtree(datadir)
     service.produce(values[300:])
@@ -289,10 +365,13 @@ def test_kill9_mid_stream_then_restart(isolated_service: Service, wipe: bool) ->
     recs = service.wait_answered(click_ids(service), timeout=150)
     # every click answered at least once; answers to first deliveries match the offline run
     assert len({r["click_id"] for r in recs}) == len(values)
-    time.sleep(3)  # let the last changelog writes land
-    assert_states_equal(service.changelog_sessions(), reference_states(service))
+    check_against_offline(recs, sessions, service.ckpt)
+    flagged = {r["click_id"] for r in recs if r["duplicate"]}
+    assert flagged <= before.keys()  # only clicks answered before the crash come again
+    wait_states_equal(service)
 
 
+@pytest.mark.parametrize("service", ENGINES, indirect=True)
 def test_bad_input_goes_to_dead_letters(service: Service) -> None:
     rng = random.Random(3)
     sessions = make_sessions(20, 5, seed=3)
@@ -334,7 +413,15 @@ def test_bad_input_goes_to_dead_letters(service: Service) -> None:
     positions = {(d["partition"], d["offset"]) for d in dead}
     assert len(positions) == n_bad
     assert all(
-        d["reason"] in {"empty", "unparseable", "not_an_object", "invalid", "oversized"}
+        d["reason"]
+        in {
+            "empty",
+            "unparseable",
+            "not_an_object",
+            "invalid",
+            "oversized",
+            "timestamp_out_of_range",
+        }
         for d in dead
     )
     assert {r["click_id"] for r in recs} >= click_ids_of(service, valid=True)
@@ -360,13 +447,19 @@ def test_two_workers_answer_as_one(service: Service) -> None:
     service.produce(interleave(sessions, seed=4), rate=300)
     recs = service.wait_answered(click_ids(service), timeout=150)
     check_against_offline(recs, sessions, service.ckpt)
-    time.sleep(3)
-    assert_states_equal(service.changelog_sessions(), reference_states(service))
+    wait_states_equal(service)
+    # both workers took part: each served clicks, and together all of them
+    served = [metric(service, w, "streamrec_clicks_total") for w in service.workers]
+    assert all(n > 0 for n in served) and sum(served) >= len(click_ids(service)), served
 
 
 def test_broker_pause_longer_than_session_timeout(
     unique_name: Callable[[str], str], checkpoint: Path, tmp_path: Path, external_broker: bool
 ) -> None:
+    """Native engine only: the test waits, broker paused, until the worker's group session
+    has expired, which librdkafka reports ("partitions lost"); the Faust worker (aiokafka)
+    logs no sign of it at WARNING, so for Faust the expiry could not be asserted, only slept
+    for, and a fixed sleep is what this test must not rely on."""
     if external_broker:
         pytest.skip("pauses its own embedded broker process")
     with (
@@ -375,11 +468,13 @@ def test_broker_pause_longer_than_session_timeout(
     ):
         sessions = make_sessions(20, 6, seed=5)
         values = interleave(sessions, seed=5)
-        svc.start_worker()
+        w = svc.start_worker()
         svc.produce(values[:60])
         svc.wait_answered(click_ids(svc), timeout=90)
         broker.pause()
-        time.sleep(10)  # > session timeout (6 s)
+        # paused until the worker's group session has expired (librdkafka declares its
+        # partitions lost once no heartbeat got through for session.timeout.ms)
+        wait_for(lambda: "partitions lost" in w.log_tail(100_000), 90, "session never expired")
         broker.resume()
         svc.produce(values[60:])
         recs = svc.wait_answered(click_ids(svc), timeout=150)
@@ -400,21 +495,42 @@ def _children() -> set[int]:
     return out
 
 
-def test_demo_runs_and_leaves_nothing_running() -> None:
+def test_demo_runs_and_leaves_nothing_running(tmp_path: Path) -> None:
+    """The demo (as ``streamrec demo --keep DIR``): every held-out click answered, the live
+    Recall@20/MRR@20 it reports equal to the kept model run offline over the same sessions,
+    the model and the worker log kept, and no process left behind."""
     from rich.console import Console
 
-    from streamrec.demo import DemoOptions, run_demo
+    from streamrec.demo import DemoOptions, _split, run_demo
+    from streamrec.synthetic import generate_clicks
 
     before = _children()
+    opts = DemoOptions(sessions=300, items=60, epochs=1, units=16, rate=1000, show=2)
     summary = run_demo(
-        DemoOptions(sessions=300, items=60, epochs=1, units=16, rate=1000, show=2),
+        dataclasses.replace(opts, keep_dir=tmp_path / "kept"),
         console=Console(quiet=True),
     )
-    assert summary["answered"] == summary["events"] > 0
-    assert 0.0 <= summary["recall@20"] <= 1.0 and summary["latency_ms"]["p50"] > 0
     assert _children() - before == set()
+    _, test = _split(generate_clicks(opts.sessions, opts.items, opts.users, seed=opts.seed), 0.1)
+    assert summary["answered"] == summary["events"] == len(test)
+    assert (tmp_path / "kept" / "worker.log").is_file()
+    model = ServingModel.from_checkpoint(tmp_path / "kept" / "model", "cpu", top_k=20)
+    hits, rr, n = 0, 0.0, 0
+    for _, g in test.groupby("SessionId", sort=False):
+        items = g.sort_values("Time", kind="stable")["ItemId"].astype(str).tolist()
+        answers = offline_recommendations(model, [items], k=20)
+        for (top, _scores), nxt in zip(answers, items[1:], strict=False):
+            n += 1
+            if nxt in top:
+                hits += 1
+                rr += 1 / (top.index(nxt) + 1)
+    assert summary["recall@20"] == pytest.approx(hits / n, abs=1e-12)
+    assert summary["mrr@20"] == pytest.approx(rr / n, abs=1e-9)
+    lat = summary["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
 
 
+@pytest.mark.parametrize("service", ENGINES, indirect=True)
 def test_hot_swap_reencodes_live_sessions(service: Service) -> None:
     from streamrec.model.checkpoint import save_checkpoint
     from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
@@ -436,7 +552,7 @@ def test_hot_swap_reencodes_live_sessions(service: Service) -> None:
     deadline = time.monotonic() + 60
     probe = 0
     while time.monotonic() < deadline:  # until the worker serves v2
-        service.produce([("probe", click(f"probe{probe}", "i1"))])
+        service.produce([(f"probe{probe}", click(f"probe{probe}", "i1"))])
         probe += 1
         answered = service.wait_answered(click_ids(service))
         if any(r["model_version"] == new.version for r in answered):
@@ -458,3 +574,372 @@ def test_hot_swap_reencodes_live_sessions(service: Service) -> None:
         for j, r in enumerate(mine):
             ids, scores = ref[(s, 4 + j)]
             np.testing.assert_allclose(r["scores"], scores, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# HRNN and p-RNN through the broker: user ids, explicit session ends, a SIGKILL mid-stream
+
+
+def _hier_checkpoint(kind: str, path: Path) -> Path:
+    import torch
+
+    from streamrec.model.checkpoint import save_checkpoint
+
+    torch.manual_seed(11)
+    model: torch.nn.Module
+    if kind == "hrnn":
+        from streamrec.model.hrnn import HRNN
+
+        model = HRNN(N_ITEMS, layers=[16], user_layers=[8], variant="all")
+    else:
+        from streamrec.model.prnn import PRNN
+
+        model = PRNN(
+            N_ITEMS, [5], id_hidden=12, feature_hidden=6, feature_values=[torch.rand(N_ITEMS, 5)]
+        )
+    return save_checkpoint(path, model.eval(), kind, [str(j) for j in range(N_ITEMS)])
+
+
+def _hier_log() -> tuple[Any, Any, list[tuple[str, bytes]]]:
+    """Train/test split (each user's last session held out) and the stream a producer sends:
+    every click keyed by its user in event-time order, every other session closed by an
+    explicit ``session_end``, the others by the next session's id (or the gap)."""
+    from streamrec.synthetic import generate_clicks
+    from trainer.data import split_last_session_out
+
+    df = generate_clicks(n_sessions=60, n_items=N_ITEMS, n_users=12, seed=3)
+    train, test = split_last_session_out(df)
+    values: list[tuple[str, bytes]] = []
+    ordered = df.sort_values(["Time", "SessionId"], kind="stable").reset_index(drop=True)
+    last = ordered.groupby("SessionId")["Time"].transform("max")
+    n_session = 0
+    for row, t_last in zip(ordered.itertuples(), last, strict=True):
+        values.append((row.UserId, click(row.SessionId, row.ItemId, user=row.UserId, t=row.Time)))
+        if row.Time == t_last and (n_session := n_session + 1) % 2 == 0:
+            end = click(row.SessionId, None, user=row.UserId, t=row.Time, type="session_end")
+            values.append((row.UserId, end))
+    return train, test, values
+
+
+def _hier_reference(model: ServingModel, values: list[tuple[str, bytes]], gap: float) -> list[Any]:
+    """Top-20 after every click, by the model's step API one click at a time: each user's
+    sessions in order, the user state advanced (end_session) whenever a session ends."""
+    users: dict[str, Any] = {}
+    open_: dict[str, tuple[str, Any, float]] = {}
+    out: list[Any] = []
+    for user, value in values:
+        ev = json.loads(value)
+        u = users.setdefault(user, model.initial_user_states(1))
+        cur = open_.get(user)
+        ended = cur is not None and (
+            ev["type"] == "session_end"
+            or cur[0] != ev["session_id"]
+            or ev["timestamp"] - cur[2] > gap
+        )
+        if ended and cur is not None:
+            users[user] = u = model.end_session(u, cur[1])
+            del open_[user]
+        if ev["type"] == "session_end":
+            continue
+        state = open_[user][1] if user in open_ else model.initial_states(u, 1)
+        o = model.step(model.rows([ev["item_id"]]), state, u if model.user_state_dim else None, 20)
+        open_[user] = (ev["session_id"], o.states, ev["timestamp"])
+        out.append((model.ids(o.top_rows[0]).tolist(), o.top_scores[0].tolist()))
+    return out
+
+
+def _rewind_group(svc: Service) -> None:
+    """Commit offset 0 on every clicks partition for the worker group: every click is
+    delivered again, as after a crash that lost its commits. The broker takes commits only
+    from a member, so this joins the group (once the killed worker's session has expired and
+    all partitions come to it), commits and leaves."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer(
+        {**svc.conf, "group.id": svc.app_id, "log_level": 0, "enable.auto.commit": False,
+         "session.timeout.ms": 6000, "heartbeat.interval.ms": 1000}
+    )  # fmt: skip
+    try:
+        consumer.subscribe([svc.clicks])
+        deadline = time.monotonic() + 90
+        while len(consumer.assignment()) < PARTITIONS:
+            assert time.monotonic() < deadline, "never got the group's partitions"
+            consumer.poll(0.2)
+        consumer.commit(
+            offsets=[TopicPartition(svc.clicks, p, 0) for p in range(PARTITIONS)],
+            asynchronous=False,
+        )
+    finally:
+        consumer.close()
+    assert committed_offsets(svc.conf, svc.app_id, svc.clicks) == [0] * PARTITIONS
+
+
+@pytest.mark.parametrize("kind", ["hrnn", "prnn"])
+@pytest.mark.parametrize("isolated_service", ENGINES, indirect=True)
+def test_hier_models_served_with_kill9_and_redelivery(isolated_service: Service, kind: str) -> None:
+    from trainer.train_hier import evaluate_users
+
+    svc = isolated_service
+    svc.ckpt = _hier_checkpoint(kind, svc.tmp / kind)
+    model = ServingModel.from_checkpoint(svc.ckpt, "cpu", top_k=20)
+    assert (model.user_state_dim > 0) == (kind == "hrnn")
+    train, test, values = _hier_log()
+    gap = 1800.0
+    svc.settings["state.session_gap_seconds"] = gap
+    svc.settings["model.top_k"] = 20
+    cut = len(values) * 2 // 5
+    datadir = svc.tmp / "data"
+    w = svc.start_worker(datadir)
+    svc.produce(values[:cut])
+    # kill -9 once some answers are durable (their offsets committed) and before the rest of
+    # the stream is produced: sessions are open across the crash
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if sum(max(o, 0) for o in committed_offsets(svc.conf, svc.app_id, svc.clicks)) > 0:
+            break
+        time.sleep(0.5)
+    w.kill9()
+    before = {a["click_id"]: a for a in svc.recommendations()}
+    assert before, "killed before any answer"
+    assert sum(max(o, 0) for o in committed_offsets(svc.conf, svc.app_id, svc.clicks)) > 0
+    open_users = {a["user_id"] for a in before.values()}
+    later_users = {u for u, _ in values[cut:]}
+    assert open_users & later_users, "no session spans the crash"
+    # Every click comes again: the answered ones whose states were durable must be flagged.
+    # Faust: the broker takes commits only from group members, and a killed Faust (aiokafka)
+    # member stays listed in its group on Tansu (docs/architecture.md), so no outside client
+    # gets to rewind its group; there only the clicks the crash left uncommitted come again.
+    rewound = svc.engine == "native"
+    if rewound:
+        _rewind_group(svc)
+    svc.produce(values[cut:])
+    svc.start_worker(datadir)
+    log_records = svc.clicks_in_log()
+    key_of: dict[str, str] = {}
+    time_of: dict[str, float] = {}  # click id -> the click's event time
+    for m in log_records:
+        cid = f"{m.topic}:{m.partition}:{m.offset}"
+        key_of[cid] = (m.key or b"").decode()
+        ev = json.loads(m.value or b"null")
+        if ev["type"] == "click":
+            time_of[cid] = ev["timestamp"]
+    recs = svc.wait_answered(set(time_of), timeout=150)
+    # the reference: top-20 after each click in stream order
+    click_events = [e for _, v in values if (e := json.loads(v))["type"] == "click"]
+    index = {(e["session_id"], e["timestamp"], e["item_id"]): n for n, e in enumerate(click_events)}
+    ref = _hier_reference(model, values, gap)
+
+    def ref_index(answer: dict[str, Any]) -> int:
+        return index[(answer["session_id"], time_of[answer["click_id"]], answer["item_id"])]
+
+    first: dict[str, dict[str, Any]] = {}
+    for a in recs:
+        first.setdefault(a["click_id"], a)
+        ids, scores = ref[ref_index(a)]
+        if not a["duplicate"]:  # every answer not flagged is the model's, state applied once
+            np.testing.assert_allclose(a["scores"], scores, rtol=1e-4, atol=1e-5)
+            assert a["items"] == ids or np.ptp(a["scores"]) == 0
+        assert a["user_id"] == key_of[a["click_id"]]
+    assert first.keys() == set(time_of)
+    for c, a in first.items():  # first answers, the answers before the crash among them
+        ids, scores = ref[ref_index(a)]
+        np.testing.assert_allclose(a["scores"], scores, rtol=1e-4, atol=1e-5)
+        if c in before:
+            assert before[c]["scores"] == a["scores"]
+    # redelivered clicks whose states were durable are answered again, flagged; nothing else is
+    flagged = {a["click_id"] for a in recs if a["duplicate"]}
+    assert flagged <= before.keys()
+    if rewound:
+        assert flagged
+    # the metrics of the held-out last sessions equal the offline per-user evaluation
+    test_ids = set(test["SessionId"])
+    rank: list[int] = []  # 1-based position of the next item in the answer, 0: not in it
+    for a in first.values():
+        if a["session_id"] in test_ids:
+            j = ref_index(a)
+            nxt = next(
+                (e for e in click_events[j + 1 :] if e["session_id"] == a["session_id"]), None
+            )
+            if nxt is not None:
+                items = a["items"]
+                rank.append(items.index(nxt["item_id"]) + 1 if nxt["item_id"] in items else 0)
+    offline = evaluate_users(
+        load_checkpoint_model(svc.ckpt), train, test, model.item_index, ks=(20,)
+    )
+    assert len(rank) == offline["n_events"]
+    assert np.mean([x > 0 for x in rank]) == pytest.approx(offline["recall@20"], abs=1e-9)
+    mrr = np.mean([1 / x if x else 0.0 for x in rank])
+    assert mrr == pytest.approx(offline["mrr@20"], abs=1e-6)
+
+
+def load_checkpoint_model(path: Path) -> Any:
+    from streamrec.model.checkpoint import load_checkpoint
+
+    return load_checkpoint(path, "cpu").model
+
+
+@pytest.mark.parametrize("service", ENGINES, indirect=True)
+def test_idle_sweep_and_user_ttl_in_a_running_worker(service: Service) -> None:
+    """In event time: sessions idle past the gap are closed (their clicks recorded in the user
+    state), users idle past the TTL are dropped; durable in the changelog, counted in
+    /metrics. Nothing but the timestamps of later clicks moves the clock."""
+    t0 = 1.7e9
+    service.settings.update(
+        {
+            "state.session_gap_seconds": 100,
+            "state.user_ttl_seconds": 1000,
+            "state.sweep_interval_seconds": 0.5,
+        }
+    )
+    w = service.start_worker()
+    service.produce(
+        [
+            ("u1", click("a", "i1", user="u1", t=t0)),
+            ("u1", click("a", "i2", user="u1", t=t0 + 10)),
+            ("u2", click("b", "i3", user="u2", t=t0 + 20)),
+        ]
+    )
+    service.wait_answered(click_ids(service))
+    # the sessions stay open while no later event time is seen (wall time does not end them)
+    wait_for(lambda: set(service.changelog_sessions()) == {"u1", "u2"}, 60, "states not stored")
+    tick1 = tick(service, "tick1", t0 + 200)
+    wait_for(lambda: set(service.changelog_sessions()) == tick1, 60, "idle sessions never closed")
+    users = service.changelog_users()
+    assert users["u1"].sessions == [["i1", "i2"]] and users["u2"].sessions == [["i3"]]
+    assert metric(service, w, "streamrec_sessions_ended_total") == 2
+    # 1000 s after their last click the users expire (and the tick session closes)
+    tick2 = tick(service, "tick2", t0 + 1500, n=40)
+    wait_for(lambda: not service.changelog_users(), 60, "idle users never expired")
+    wait_for(lambda: set(service.changelog_sessions()) == tick2, 60, "tick1 never closed")
+    assert metric(service, w, "streamrec_sessions_ended_total") == 2 + len(tick1)
+
+
+def tick(svc: Service, name: str, t: float, n: int = 12) -> set[str]:
+    """``n`` clicks from event time ``t`` on every partition, each partition its own session;
+    returns the session ids. Each partition has its own clock, the median of its recent
+    events' skews, trusted after 8 events (issue 13): the stream, not a single message, moves
+    it, so ``n`` must outnumber the partition's earlier events."""
+    out = set()
+    for p in range(PARTITIONS):
+        sid = f"{name}-{p}"
+        for j in range(n):
+            svc.producer.produce(svc.clicks, click(sid, "i4", t=t + j), sid.encode(), partition=p)
+        out.add(sid)
+    assert svc.producer.flush(30) == 0
+    return out
+
+
+@pytest.mark.parametrize("service", ENGINES, indirect=True)
+def test_partly_written_checkpoint_is_not_swapped_in(service: Service) -> None:
+    """A checkpoint directory copied in non-atomically (tensor file cut short) is rejected:
+    the worker keeps serving the old model and stays up; a complete one written after it is
+    swapped in."""
+    from streamrec.model.checkpoint import save_checkpoint
+    from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
+
+    watch = service.tmp / "ckpts"
+    shutil.copytree(service.ckpt, watch / "v1")
+    service.ckpt = watch
+    service.settings["model.reload_interval_s"] = 0.5
+    old = ServingModel.from_checkpoint(watch / "v1", "cpu", top_k=20)
+    w = service.start_worker()
+    probes = iter(range(1000))
+
+    def probe_version() -> str:
+        sid = f"probe{next(probes)}"
+        service.produce([(sid, click(sid, "i1"))])
+        answers = service.wait_answered(click_ids(service))
+        return str(next(a["model_version"] for a in answers if a["session_id"] == sid))
+
+    assert probe_version() == old.version
+    ids = [f"i{j}" for j in range(N_ITEMS)]
+    full = save_checkpoint(
+        service.tmp / "v2",
+        GRU4Rec(GRU4RecConfig(n_items=N_ITEMS, layers=[16]), seed=5),
+        "gru4rec",
+        ids,
+    )
+    partial = watch / "v2"
+    partial.mkdir()
+    tensors = (full / "model.safetensors").read_bytes()
+    (partial / "model.safetensors").write_bytes(tensors[: len(tensors) // 2])
+    shutil.copy(full / "checkpoint.json", partial / "checkpoint.json")
+    wait_for(lambda: "rejected" in w.log_tail(100_000), 60, "partial checkpoint never looked at")
+    assert probe_version() == old.version and w.alive()
+    new = save_checkpoint(
+        watch / "v3", GRU4Rec(GRU4RecConfig(n_items=N_ITEMS, layers=[16]), seed=6), "gru4rec", ids
+    )
+    version = ServingModel.from_checkpoint(new, "cpu").version
+    wait_for(lambda: probe_version() == version, 90, "complete checkpoint never swapped in")
+    assert w.alive()
+
+
+def _streamrec_cli(
+    svc: Service, *args: str, timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
+    """``streamrec ARGS`` in a child process, configured like the service's workers."""
+    return subprocess.run(
+        [sys.executable, "-m", "streamrec", *args],
+        env={**os.environ, **settings_env(svc.settings)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _log_file(path: Path, sessions: dict[str, list[str]], t0: float) -> Path:
+    rows = [
+        (s, item, t0 + 1000 * n + j)
+        for n, (s, items) in enumerate(sessions.items())
+        for j, item in enumerate(items)
+    ]
+    with open(path, "w") as f:
+        f.write("SessionId\tItemId\tTime\n")
+        f.writelines(f"{s}\t{i}\t{t}\n" for s, i, t in rows)
+    return path
+
+
+def test_streamrec_cli_produce_tail_replay_and_engine_flag(service: Service) -> None:
+    """``streamrec worker --engine faust`` (settings say native) serves through Faust tables;
+    ``streamrec produce`` publishes a log whose answers match the offline run; ``streamrec tail``
+    prints them; ``streamrec replay`` reports the live Recall/MRR of the offline model."""
+    t0 = 1.7e9
+    service.settings["worker.engine"] = "native"
+    w = WorkerProcess(
+        service.ckpt,
+        settings=service.settings,
+        data_dir=service.tmp / "data",
+        log_path=service.tmp / "worker.log",
+        args=["--engine", "faust"],
+    )
+    service.workers.append(w)
+    first = make_sessions(10, 5, seed=8)
+    res = _streamrec_cli(service, "produce", str(_log_file(service.tmp / "a.tsv", first, t0)))
+    assert res.returncode == 0, res.stderr
+    recs = service.wait_answered(click_ids(service), timeout=150)
+    check_against_offline(recs, first, service.ckpt)
+    # the Faust engine ran: its table changelog exists, the native one does not
+    topics = set(service.producer.list_topics(timeout=10).topics)
+    assert f"{service.app_id}-sessions-v{STATE_LAYOUT}-changelog" in topics
+    assert f"{service.app_id}-state-changelog" not in topics
+    res = _streamrec_cli(service, "tail", "--from-beginning", "--raw", "--max", str(len(recs)))
+    assert res.returncode == 0, res.stderr
+    tailed = [json.loads(line) for line in res.stdout.splitlines()]
+    assert sorted(r["click_id"] for r in tailed) == sorted(r["click_id"] for r in recs)
+    second = make_sessions(10, 5, seed=9)
+    res = _streamrec_cli(
+        service, "replay", str(_log_file(service.tmp / "b.tsv", second, t0 + 1e5)), "-k", "20"
+    )
+    assert res.returncode == 0, res.stderr
+    model = ServingModel.from_checkpoint(service.ckpt, "cpu", top_k=20)
+    hits, rr, n = 0, 0.0, 0
+    for items in second.values():
+        for (top, _), nxt in zip(
+            offline_recommendations(model, [items], k=20), items[1:], strict=False
+        ):
+            n += 1
+            if nxt in top:
+                hits += 1
+                rr += 1 / (top.index(nxt) + 1)
+    assert f"answered {n + len(second)}/{n + len(second)} clicks" in res.stdout
+    assert f"live Recall@20={hits / n:.4f} MRR@20={rr / n:.4f} (n={n})" in res.stdout

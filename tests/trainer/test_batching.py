@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
+from collections import Counter
+from typing import Any
+
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
-from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
+from streamrec.model.gru4rec import GRU4Rec
 from trainer.batching import order_sessions, session_parallel_plan
+from trainer.train import train_gru4rec
 
 # sessions (ordered by first time, then id): c(4 events) a(3) b(2) e(1: no pairs) d(2)
 LOG = pd.DataFrame(
@@ -45,22 +51,33 @@ def test_slots_refill_and_reset_at_boundaries() -> None:
 
 
 def test_every_pair_once() -> None:
+    """Every (event, next event) pair of every session is in the plan exactly once."""
     rng = np.random.default_rng(0)
     n = 60
     lengths = rng.integers(1, 8, n)
+    total = int(lengths.sum())
+    # each event its own item, so a pair of items names one position in one session
     df = pd.DataFrame(
         {
             "SessionId": np.repeat([f"s{i:02d}" for i in range(n)], lengths),
-            "ItemId": rng.integers(0, 5, lengths.sum()).astype(str),
+            "ItemId": np.arange(total).astype(str),
             "Time": np.concatenate([np.arange(k) + i for i, k in enumerate(lengths)]).astype(float),
         }
     )
-    idx = {str(i): i for i in range(5)}
+    idx = {str(i): i for i in range(total)}
     s = order_sessions(df, idx)
     plan = session_parallel_plan(s, 7)
-    pairs = {(a, b) for a, b in zip(plan.inputs[plan.valid], plan.targets[plan.valid], strict=True)}
-    assert plan.n_events == int((lengths - 1).sum())
-    assert len(pairs) <= plan.n_events
+    got = Counter(
+        (int(a), int(b))
+        for a, b in zip(plan.inputs[plan.valid], plan.targets[plan.valid], strict=True)
+    )
+    expected = Counter(
+        (int(a), int(b))
+        for _, g in df.groupby("SessionId")
+        for a, b in itertools.pairwise(g["ItemId"].astype(int))
+    )
+    assert got == expected and set(got.values()) == {1}
+    assert plan.n_events == int((lengths - 1).sum()) == sum(expected.values())
     # each slot: once reset, its inputs continue the previous step's target inside a session
     for b in range(7):
         for t in range(1, plan.n_steps):
@@ -68,15 +85,18 @@ def test_every_pair_once() -> None:
                 assert plan.inputs[t, b] == plan.targets[t - 1, b]
 
 
-def test_hidden_state_reset_in_training_step() -> None:
-    """The training loop's state update zeroes exactly the slots that start a session."""
-    plan = session_parallel_plan(order_sessions(LOG, IDX), batch_size=2).to("cpu")
-    m = GRU4Rec(GRU4RecConfig(n_items=3, layers=[4]), seed=0).eval()
-    keep = (~plan.reset).float().unsqueeze(2)
-    h = [torch.ones(2, 4)]
-    seen = []
-    for t in range(plan.n_steps):
-        h = [x * keep[t] for x in h]
-        seen.append([bool((h[0][b] == 0).all()) for b in range(2)])
-        _, h = m.hidden_step(m.embed(plan.inputs[t]), h)
-    assert seen == [[True, True], [False, False], [False, True], [True, False]]
+def test_hidden_state_reset_in_training_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The training loop (train_gru4rec itself) hands the model a zero state in exactly the
+    slots that start a session, and the carried state everywhere else."""
+    seen: list[list[bool]] = []
+    real = GRU4Rec.train_forward
+
+    def spy(self: GRU4Rec, x: torch.Tensor, y: torch.Tensor, hidden: list[torch.Tensor]) -> Any:
+        seen.append([bool((hidden[0][b] == 0).all()) for b in range(hidden[0].shape[0])])
+        return real(self, x, y, hidden)
+
+    monkeypatch.setattr(GRU4Rec, "train_forward", spy)
+    params = {"batch_size": 2, "layers": [4], "n_epochs": 2, "n_sample": 0, "device": "cpu"}
+    train_gru4rec(LOG, params, progress=False)
+    one_epoch = [[True, True], [False, False], [False, True], [True, False]]
+    assert seen == one_epoch + one_epoch  # each epoch starts from zero states

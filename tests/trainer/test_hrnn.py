@@ -284,8 +284,16 @@ def test_cli_train_and_evaluate_hrnn_and_prnn(tmp_path):
     )
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "h" / "metrics.json").read_text())
-    assert m["model"] == "hrnn" and m["n_events"] > 0 and "recall@20" in m
-    assert load_checkpoint(tmp_path / "h").model.variant == "all"
+    assert m["model"] == "hrnn"
+    ck = load_checkpoint(tmp_path / "h")
+    assert ck.model.variant == "all"
+    # the reported metrics are the kept model's, evaluated afresh per user
+    want = evaluate_users(ck.model, tr, te, ck.item_index, ks=(5, 20))
+    known = te[te["ItemId"].isin(ck.item_index)]
+    assert m["n_events"] == want["n_events"] > 0
+    assert want["n_events"] <= len(known) - known["SessionId"].nunique()
+    for key in ("recall@5", "mrr@5", "recall@20", "mrr@20"):
+        assert m[key] == pytest.approx(want[key], abs=1e-9), key
     prnn = ["--model", "prnn", "--item-meta", str(tmp_path / "items.tsv")]
     prnn += ["--schedule", "alternating", "--out", str(tmp_path / "p")]
     prnn += ["--param", "n_epochs=1", "id_hidden=8", "feature_hidden=4"]

@@ -7,7 +7,16 @@ import math
 import pytest
 import torch
 
-from trainer.losses import bpr, bpr_max, cross_entropy, get_loss, logq_correction, top1, top1_max
+from trainer.losses import (
+    LOSSES,
+    bpr,
+    bpr_max,
+    cross_entropy,
+    get_loss,
+    logq_correction,
+    top1,
+    top1_max,
+)
 
 S = [[1.0, 0.5, -0.5], [0.2, 0.0, 1.0]]  # B=2 rows, columns: 2 in-batch targets + 1 sample
 
@@ -104,3 +113,16 @@ def test_gradcheck_logq() -> None:
 def test_unknown_loss() -> None:
     with pytest.raises(ValueError, match="unknown loss"):
         get_loss("hinge")
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_no_nan_when_a_row_has_no_negative(name):
+    """User-parallel batches end with a single live slot; with no extra samples its row has no
+    negative at all. The max-losses used to return 0/0 = NaN there (HRNN's bpr-max/top1-max
+    collapse to Recall 0); every loss must stay finite, with finite gradients."""
+    scores = torch.randn(4, 4, requires_grad=True)
+    valid = torch.tensor([False, True, False, False])
+    loss = get_loss(name)(scores, valid)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert scores.grad is not None and torch.isfinite(scores.grad).all()

@@ -41,7 +41,9 @@ def write_archive(directory: Path, df: pd.DataFrame, partition: int = 0, start: 
                 "SessionId": sub["SessionId"].astype(str).tolist(),
                 "ItemId": sub["ItemId"].astype(str).tolist(),
                 "Time": sub["Time"].astype(float).tolist(),
-                "UserId": [None] * len(sub),
+                "UserId": sub["UserId"].astype(str).tolist()
+                if "UserId" in sub
+                else [None] * len(sub),
                 "event_id": [f"e{o}" for o in offs],
                 "partition": [partition] * len(sub),
                 "offset": offs.tolist(),
@@ -151,9 +153,7 @@ def test_first_cycle_publishes_then_gate_refuses_degenerate(tmp_path: Path) -> N
     assert r1["decision"]["published"], r1
     v1 = registry.current_version(models)
     assert v1 == r1["decision"]["version"] and r1["current_version"] is None
-    holder = ModelHolder(
-        ServingModel.from_checkpoint(registry.resolve(models), "cpu"), watch_dir=models
-    )
+    holder = ModelHolder(ServingModel.from_checkpoint(_published(models), "cpu"), watch_dir=models)
     assert holder.current.version == v1
     # a candidate trained on shuffled items: refused, the pointer and the worker stay on v1
     bad = RetrainConfig(**{**cfg.__dict__, "corrupt": shuffled_items})
@@ -184,6 +184,12 @@ def test_first_cycle_publishes_then_gate_refuses_degenerate(tmp_path: Path) -> N
     )
 
 
+def _published(models: Path) -> Path:
+    path = registry.resolve(models)
+    assert path is not None
+    return path
+
+
 def _ckpt(path: Path, seed: int) -> Path:
     model = GRU4Rec(GRU4RecConfig(n_items=5, layers=[4]), seed=seed)
     return save_checkpoint(path, model, "gru4rec", [f"i{j}" for j in range(5)])
@@ -212,9 +218,56 @@ def test_registry_keeps_k_rolls_back_and_cli(tmp_path: Path) -> None:
     out = run.invoke(main, ["models", "show", "--models", str(models)])
     assert json.loads(out.output)["version"] == versions[-2]
     # a worker's holder follows the pointer, rollbacks included
-    holder = ModelHolder(
-        ServingModel.from_checkpoint(registry.resolve(models), "cpu"), watch_dir=models
-    )
+    holder = ModelHolder(ServingModel.from_checkpoint(_published(models), "cpu"), watch_dir=models)
     registry.rollback(models, versions[-1])
     assert holder.maybe_reload() and holder.current.version == versions[-1]
     assert list_archive(Storage(str(tmp_path / "empty"))) == []
+
+
+def test_fsspec_memory_archive_and_clear_errors(tmp_path: Path) -> None:
+    from trainer.cli import main
+
+    df = generate_clicks(100, 20, seed=6, span_days=2)
+    table = pa.table(
+        {
+            "SessionId": df["SessionId"].astype(str).tolist(),
+            "ItemId": df["ItemId"].astype(str).tolist(),
+            "Time": df["Time"].tolist(),
+            "UserId": [None] * len(df),
+            "event_id": [None] * len(df),
+            "partition": [0] * len(df),
+            "offset": list(range(len(df))),
+        },
+        schema=SCHEMA,
+    )
+    url = f"memory://archive-{tmp_path.name}"
+    Storage(url).write_atomic(file_name(0, 0, len(df) - 1, hour_of(df["Time"].iloc[0])), table)
+    got = read_archive(url).df
+    assert len(got) == len(df) and set(got["ItemId"]) == set(df["ItemId"].astype(str))
+    # an fsspec protocol without its package installed, an empty archive: clear messages
+    from streamrec.archive import ArchiveError
+
+    with pytest.raises(ArchiveError, match="no fsspec implementation"):
+        Storage("nosuchproto://bucket/archive")
+    out = CliRunner().invoke(
+        main,
+        ["retrain", "--archive", str(tmp_path / "empty"), "--models", str(tmp_path / "m"),
+         "--once", "--no-progress"],
+    )  # fmt: skip
+    assert out.exit_code == 1 and "holds no files" in out.output
+    out = CliRunner().invoke(
+        main, ["retrain", "--archive", "a", "--models", "m", "--once", "--every", "1h"]
+    )
+    assert out.exit_code == 2 and "exactly one of --once and --every" in out.output
+
+
+def test_hrnn_retrains_cold_through_the_same_cycle(tmp_path: Path) -> None:
+    df = generate_clicks(600, 40, n_users=60, seed=1, span_days=10)
+    write_archive(tmp_path / "a", df)
+    cfg = RetrainConfig(
+        str(tmp_path / "a"), str(tmp_path / "m"), "60d", "1d", model_name="hrnn",
+        params=["n_epochs=1"], progress=False,
+    )  # fmt: skip
+    r = run_cycle(cfg, echo=lambda s: None)
+    assert r["decision"]["published"] and not r["warm_start"]
+    assert load_checkpoint(_published(tmp_path / "m")).model_name == "hrnn"

@@ -43,7 +43,7 @@ from streamrec.engines.common import EngineBase, Outputs
 from streamrec.metrics import Metrics
 from streamrec.runtime import ModelHolder
 from streamrec.settings import Settings
-from streamrec.state import BufferedTable, StateStore
+from streamrec.state import STATE_LAYOUT, BufferedTable, StateStore
 
 from . import compat
 
@@ -161,8 +161,10 @@ class Worker(EngineBase):
         self.dead = app.topic(t.dead_letter, partitions=t.partitions, **raw)
         # bytes values are stored and logged raw; str keys as JSON strings
         table = {"key_type": str, "value_type": bytes, "partitions": t.partitions}
-        self.sessions = app.Table("sessions", **table)
-        self.users = app.Table("users", **table)
+        # state layout 2 (namespaced keys, streamrec.state.STATE_LAYOUT): new table names, so
+        # the tables (and changelogs) of layout 1 are never read as if they were namespaced
+        self.sessions = app.Table(f"sessions-v{STATE_LAYOUT}", **table)
+        self.users = app.Table(f"users-v{STATE_LAYOUT}", **table)
         app.agent(self.clicks, name="streamrec.clicks")(self._agent)
         app.timer(settings.state.sweep_interval_seconds)(self._sweep)
         if settings.model.reload_interval_s > 0 and holder.watch_dir is not None:
@@ -235,10 +237,10 @@ class Worker(EngineBase):
         async with self.lock:
             store = StateStore(_Overlay(self.sessions.data), _Overlay(self.users.data))
             model = self.holder.current
-            now = self.clock.now()
+            clock = self.clock
             loop = asyncio.get_running_loop()
             res = await loop.run_in_executor(
-                self.executor, lambda: sweep_idle(store, model, self.config, now=now)
+                self.executor, lambda: sweep_idle(store, model, self.config, clock=clock)
             )
             self._apply(store, res.key_partitions)
         self.metrics.observe_sweep(res)
@@ -254,7 +256,7 @@ class Worker(EngineBase):
 
         from faust.worker import Worker as FaustWorker
 
-        self.metrics.serve(self.settings.worker.metrics_port)
+        self.metrics.serve(self.settings.worker.metrics_port, self.settings.worker.metrics_host)
         gc.collect()
         gc.freeze()  # model, item index and imports: keep them out of every GC pass
         try:

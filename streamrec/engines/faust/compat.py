@@ -9,8 +9,8 @@ broker workarounds in :mod:`streamrec.tansu`.
    changelog read) is running and the flow is on. Records fetched in between are handed to
    the agents and then the seek moves the position under them: some inputs are never
    processed, and Faust's commit either stalls at the hole or steps over it (upstream issue
-   faust-streaming/faust#596, open). Seen in ``tests/streamrec/test_faust_minimal.py``: about half of
-   the restarts with a wiped data directory lost inputs. The patched method seeks first and
+   faust-streaming/faust#596, open). Seen in ``tests/streamrec/test_faust_minimal.py``: about
+   half of the restarts with a wiped data directory lost inputs. The patched method seeks first and
    resumes the stream partitions after, so nothing is fetched from one before it sits at its
    committed offset.
 

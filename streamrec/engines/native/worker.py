@@ -51,6 +51,7 @@ from streamrec import tansu
 from streamrec.core import (
     BatchResult,
     Record,
+    SweepResult,
     message_key_partitions,
     process_batch,
     score_batch,
@@ -63,11 +64,15 @@ from streamrec.runtime import ModelHolder, ServingModel
 from streamrec.settings import Settings
 from streamrec.state import StateStore
 
-from .store import SESSIONS, USERS, PartitionState, TableView
+from .store import INDEX_SESSIONS, INDEX_USERS, SESSIONS, USERS, PartitionState, TableView
 
 log = logging.getLogger(__name__)
 
 RECOVERY_MAX_S = 600.0
+#: the idle sweep's work per loop turn: at most this many candidate keys per partition and
+#: table per step, and steps until this many seconds have passed (then the loop polls again)
+SWEEP_STEP_KEYS = 128
+SWEEP_STEP_S = 0.03
 SWITCH_INTERVAL_S = 0.0005
 
 
@@ -161,7 +166,7 @@ class NativeWorker(EngineBase):
                 )
             ],
         )
-        self.metrics.serve(self.settings.worker.metrics_port)
+        self.metrics.serve(self.settings.worker.metrics_port, self.settings.worker.metrics_host)
         gc.collect()
         gc.freeze()  # model, item index and imports: keep them out of every GC pass
         # The scoring thread gets the GIL back after every torch op; with the default 5 ms
@@ -173,6 +178,7 @@ class NativeWorker(EngineBase):
         reload_every = self.settings.model.reload_interval_s
         now = time.monotonic()
         next_commit, next_sweep, next_reload = now + commit_every, now + sweep_every, now
+        sweep_more = False
         self.consumer.subscribe(
             [self.clicks],
             on_assign=self._on_assign,
@@ -202,9 +208,11 @@ class NativeWorker(EngineBase):
                 if self._checkpoint is None and now >= next_commit:
                     self.begin_checkpoint()
                     next_commit = now + commit_every
-                if now >= next_sweep:
-                    self.sweep()
-                    next_sweep = now + sweep_every
+                if now >= next_sweep or sweep_more:
+                    # bounded: ~50 ms of work per loop turn, the rest on the next turns
+                    sweep_more = self.sweep()
+                    if now >= next_sweep:
+                        next_sweep = now + sweep_every
                 if reload_every > 0 and now >= next_reload:
                     self.reload()
                     next_reload = now + reload_every
@@ -439,18 +447,62 @@ class NativeWorker(EngineBase):
             reader.close()
 
     # ---- timers ------------------------------------------------------------------------------
-    def sweep(self) -> None:
-        """Close idle sessions (advancing HRNN user states) and expire idle users."""
+    def sweep(self, budget_s: float = SWEEP_STEP_S) -> bool:
+        """One bounded step of the idle sweep: close idle sessions (advancing HRNN user
+        states) and expire idle users, found through each partition's last-activity index
+        (oldest first, :meth:`PartitionState.idle_candidates`), so the work is what expires,
+        not what is stored. Returns whether more may remain (the loop calls again)."""
         self._drain()
-        where: dict[str, int] = {}
-        sessions = TableView(self.partitions, SESSIONS, where)
-        users = TableView(self.partitions, USERS, where)
-        res = sweep_idle(
-            StateStore(sessions, users), self.holder.current, self.config, now=self.clock.now()
+        t0 = time.monotonic()
+        model, cfg = self.holder.current, self.config
+        ended = expired = 0
+        more = False
+        for p, state in list(self.partitions.items()):
+            if time.monotonic() - t0 >= budget_s:
+                more = True  # partitions not visited this turn: the next turn goes on
+                break
+            now = self.clock.now(p)
+            if now is None:
+                continue  # this partition's clock has not seen enough events yet
+            one = {p: state}
+            where: dict[str, int] = {}
+            sessions, users = TableView(one, SESSIONS, where), TableView(one, USERS, where)
+            store = StateStore(sessions, users)
+            while True:
+                keys, m1 = state.idle_candidates(
+                    INDEX_SESSIONS, now - cfg.session_gap_seconds, SWEEP_STEP_KEYS
+                )
+                if keys:
+                    res = sweep_idle(
+                        store, model, cfg, clock=self.clock, keys=keys, sweep_users=False
+                    )
+                    ended += res.sessions_ended
+                m2 = False
+                if cfg.user_ttl_seconds is not None:
+                    ukeys, m2 = state.idle_candidates(
+                        INDEX_USERS, now - cfg.user_ttl_seconds, SWEEP_STEP_KEYS
+                    )
+                    for key in ukeys:
+                        u = store.get_user(key)
+                        if u is None or now - u.last_time <= cfg.user_ttl_seconds:
+                            continue
+                        if key in store.sessions:
+                            continue  # its session's end rewrites (and re-indexes) it
+                        store.delete_user(key)
+                        expired += 1
+                if not (m1 or m2):
+                    break  # this partition is done
+                if time.monotonic() - t0 >= budget_s:
+                    more = True  # only when there is work left
+                    break
+            routed = {k: p for k in (*sessions.writes, *users.writes)}
+            sessions.route(routed)
+            users.route(routed)
+        self.metrics.observe_sweep(
+            SweepResult(sessions_ended=ended, users_expired=expired, counted=False)
         )
-        sessions.route(res.key_partitions)
-        users.route(res.key_partitions)
-        self.metrics.observe_sweep(res)
+        self.metrics.sweep_seconds.observe(time.monotonic() - t0)
+        return more
 
     def reload(self) -> None:
         self._drain()  # swaps happen between batches

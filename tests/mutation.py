@@ -1,0 +1,181 @@
+"""Mutation check: plant deliberate bugs in a copy of the code and run the tests that should
+catch each one. Every mutant must make its tests fail ("killed").
+
+    python tests/mutation.py            # all mutants; exit 1 unless every one is killed
+    python tests/mutation.py --list
+    python tests/mutation.py logq mrr   # some of them, by name
+
+The copy is the working tree (tracked and untracked, not ignored files) in a temporary
+directory, run with ``PYTHONPATH`` pointing at it, so an installed streamrec never interferes.
+The unmutated copy is run first: its tests must pass, or a kill would mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    what: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+MUTANTS = [
+    Mutant(
+        "dedup",
+        "skip offset deduplication (a redelivered click is applied again)",
+        "streamrec/core.py",
+        "    return rec.offset >= 0 and pos_partition == rec.partition"
+        " and rec.offset <= pos_offset",
+        "    return False",
+        ("tests/streamrec/test_core.py",),
+    ),
+    Mutant(
+        "idle",
+        "never end idle sessions",
+        "streamrec/core.py",
+        "    idle = [(k, s) for k, s in items if now - s.last_time > config.session_gap_seconds]",
+        "    idle = [(k, s) for k, s in items if False]",
+        ("tests/streamrec/test_core.py",),
+    ),
+    Mutant(
+        "swap",
+        "swap a new model in without validating it",
+        "streamrec/runtime.py",
+        "            new.validate(holdout)\n",
+        "            pass\n",
+        ("tests/streamrec/test_runtime.py",),
+    ),
+    Mutant(
+        "logq",
+        "drop the logQ correction from the training loop",
+        "trainer/train.py",
+        '    use_logq = p.loss == "cross-entropy" and p.logq > 0',
+        "    use_logq = False",
+        ("tests/trainer/test_training_parts.py",),
+    ),
+    Mutant(
+        "mrr",
+        "off-by-one in the MRR rank (1 / (rank + 1))",
+        "trainer/metrics.py",
+        "torch.where(within, 1.0 / r.unsqueeze(0), 0.0)",
+        "torch.where(within, 1.0 / (r.unsqueeze(0) + 1), 0.0)",
+        ("tests/trainer/test_evaluate.py", "tests/trainer/test_trainer_cli.py"),
+    ),
+    Mutant(
+        "rank",
+        "conservative rank counts only strictly higher items",
+        "trainer/metrics.py",
+        "        r = (scores >= target_scores).sum(dim=1).to(torch.float32)",
+        "        r = (scores > target_scores).sum(dim=1).to(torch.float32)",
+        ("tests/trainer/test_evaluate.py", "tests/trainer/test_trainer_cli.py"),
+    ),
+    Mutant(
+        "reset",
+        "training carries the hidden state across session boundaries",
+        "trainer/train.py",
+        "        hs = [h * keep_buf for h in hidden]",
+        "        hs = list(hidden)",
+        ("tests/trainer/test_batching.py",),
+    ),
+    Mutant(
+        "clock",
+        "the stream clock runs on wall time",
+        "streamrec/core.py",
+        "        return self.event_time + (time.time() - self.wall_at)",
+        "        return time.time()",
+        ("tests/streamrec/test_core.py",),
+    ),
+]
+
+
+def copy_tree(dest: Path) -> None:
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    ).stdout.split(b"\0")
+    for f in files:
+        if not f:
+            continue
+        src = ROOT / f.decode()
+        if src.is_file():
+            (dest / f.decode()).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / f.decode())
+
+
+def run_tests(tree: Path, tests: tuple[str, ...]) -> tuple[int, str, float]:
+    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=900)
+    return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - t0
+
+
+def failed_tests(output: str) -> list[str]:
+    return [line.split(" ")[1] for line in output.splitlines() if line.startswith("FAILED ")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Plant bugs in a copy; each must fail its tests.")
+    ap.add_argument("names", nargs="*", help="mutants to run (default: all)")
+    ap.add_argument("--list", action="store_true")
+    args = ap.parse_args(argv)
+    if args.list:
+        for m in MUTANTS:
+            print(f"{m.name:8s} {m.what}  [{m.path}; {' '.join(m.tests)}]")
+        return 0
+    chosen = [m for m in MUTANTS if not args.names or m.name in args.names]
+    unknown = set(args.names) - {m.name for m in MUTANTS}
+    if unknown:
+        ap.error(f"unknown mutants: {sorted(unknown)}")
+    with tempfile.TemporaryDirectory(prefix="streamrec-mutants-") as tmp:
+        tree = Path(tmp) / "tree"
+        tree.mkdir()
+        copy_tree(tree)
+        tests = tuple(sorted({t for m in chosen for t in m.tests}))
+        rc, out, secs = run_tests(tree, tests)
+        if rc != 0:
+            print(out[-3000:])
+            print("the unmutated code fails its tests: no mutant can be judged")
+            return 2
+        print(f"unmutated: {len(tests)} test files pass ({secs:.0f} s)")
+        killed = 0
+        for m in chosen:
+            target = tree / m.path
+            original = target.read_text()
+            if original.count(m.old) != 1:
+                print(f"{m.name}: the code to mutate is not in {m.path} exactly once (stale?)")
+                return 2
+            target.write_text(original.replace(m.old, m.new))
+            try:
+                rc, out, secs = run_tests(tree, m.tests)
+            finally:
+                target.write_text(original)
+            caught = rc != 0
+            killed += caught
+            by = ", ".join(failed_tests(out)) or (out.strip().splitlines() or ["?"])[-1]
+            verdict = f"KILLED by {by}" if caught else "SURVIVED"
+            print(f"{m.name:8s} {m.what}: {verdict} ({secs:.0f} s)")
+        print(f"kill rate: {killed}/{len(chosen)} = {killed / len(chosen):.0%}")
+        return 0 if killed == len(chosen) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
