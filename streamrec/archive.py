@@ -216,6 +216,8 @@ class Archiver:
         self.flush_interval_s = flush_interval_s
         self.on_flush = on_flush
         self.buffers: dict[int, _Buffer] = {}
+        #: next offset to archive per assigned partition (known before any message arrives)
+        self.next_offsets: dict[int, int] = {}
         self.stats = ArchiveStats()
         self._failed = False
         self._clean_temporaries()
@@ -256,6 +258,7 @@ class Archiver:
                     start,
                 )
             tp.offset = start if start > 0 else OFFSET_BEGINNING
+            self.next_offsets[tp.partition] = start
             self.buffers.pop(tp.partition, None)
         consumer.assign(parts)
 
@@ -264,6 +267,7 @@ class Archiver:
             if not self._failed:  # after a failure, leave the rest to the next owner
                 self.flush(tp.partition)
             self.buffers.pop(tp.partition, None)
+            self.next_offsets.pop(tp.partition, None)
         consumer.unassign()
 
     # -- records ----------------------------------------------------------------------------
@@ -347,6 +351,7 @@ class Archiver:
                     p, o = m.partition(), m.offset()
                     if p is not None and o is not None:
                         self.add(p, o, m.value(), m.key())
+                        self.next_offsets[p] = o + 1
                 if msgs:
                     last_msg = now
                 for p, buf in list(self.buffers.items()):
@@ -369,9 +374,12 @@ class Archiver:
         parts = self.consumer.assignment()
         if not parts:
             return False
-        for tp in self.consumer.position(parts):
+        for tp in parts:
+            # our own count, not consumer.position(): the position is unknown until a message
+            # of the partition arrives in this run, and a partition with nothing new may get
+            # none (it stalled --until-caught-up for minutes)
             _, high = self.consumer.get_watermark_offsets(tp, timeout=5, cached=False)
-            if (tp.offset < 0 and high > 0) or (tp.offset >= 0 and tp.offset < high):
+            if self.next_offsets.get(tp.partition, 0) < high:
                 return False
         return True
 

@@ -172,3 +172,25 @@ def test_two_archivers_share_the_partitions(
         assert m is not None, (tmp_path / log).read_text()[-2000:]
         counts.append(int(m[1].replace(",", "")))
     assert sum(counts) == len(want) and min(counts) > 0, counts
+
+
+def test_until_caught_up_with_a_partition_that_gets_nothing_new(
+    kafka_bootstrap: str, unique_name: Callable[[str], str], tmp_path: Path
+) -> None:
+    """A second run where only one partition has new clicks exits once the others are
+    known to be archived to their end (it used to wait for a message from every partition)."""
+    conf = {"bootstrap.servers": kafka_bootstrap}
+    topic = unique_name("clicks")
+    ensure_topics(conf, [TopicSpec(topic, PARTITIONS)])
+    produce(conf, topic, 0, 300)
+    arch = str(tmp_path / "archive")
+    Archiver(conf, topic, arch, group=topic).run(until_caught_up=True, idle_s=1.0, max_s=120)
+    p = Producer({**conf, "log_level": 0})
+    for j in range(300, 320):  # all into partition 0
+        p.produce(topic, click(f"s{j}", "i1", t=T0 + j, event_id=f"e{j}"), f"s{j}", partition=0)
+    assert p.flush(30) == 0
+    second = Archiver(conf, topic, arch, group=topic)
+    stats = second.run(until_caught_up=True, idle_s=1.0, max_s=90)
+    assert stats.seconds < 90  # stopped by being caught up, not by max_s
+    rows = archived_rows(tmp_path / "archive")
+    assert len(rows) == len(set(rows)) == len(valid_clicks(conf, topic)) == 320
