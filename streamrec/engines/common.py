@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
@@ -118,15 +119,32 @@ class Outputs:
 
 
 class EngineBase:
-    """The state every engine holds beside its consumer: settings, model, metrics, clock."""
+    """The state every engine holds beside its consumer: settings, model, metrics, clock,
+    where its state lives and how long an empty fetch waits. An engine builds the rest in
+    :meth:`_build`."""
 
-    def __init__(self, settings: Settings, holder: ModelHolder, metrics: Metrics | None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        holder: ModelHolder,
+        *,
+        metrics: Metrics | None = None,
+        datadir: Path | None = None,
+        fetch_max_wait_ms: int | None = None,
+    ) -> None:
         self.settings = settings
         self.holder = holder
         self.metrics = metrics or Metrics()
         self.config = CoreConfig.from_settings(settings)
         self.clock = StreamClock.from_config(self.config)
+        self.state_dir = Path(datadir or settings.state.directory)
+        self.fetch_max_wait_ms = fetch_max_wait_ms or settings.kafka.fetch_max_wait_ms
         self._model_to_metrics()
+        self._build()
+
+    def _build(self) -> None:
+        """The engine's own consumer, state and timers."""
+        raise NotImplementedError
 
     def _model_to_metrics(self) -> None:
         m = self.holder.current

@@ -25,7 +25,6 @@ import time
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import faust
@@ -40,9 +39,6 @@ from streamrec.core import (
     sweep_idle,
 )
 from streamrec.engines.common import EngineBase, Outputs
-from streamrec.metrics import Metrics
-from streamrec.runtime import ModelHolder
-from streamrec.settings import Settings
 from streamrec.state import STATE_LAYOUT, BufferedTable, StateStore
 
 from . import compat
@@ -118,16 +114,8 @@ class _Overlay(BufferedTable):
 class Worker(EngineBase):
     """Everything one worker process holds: app, topics, tables, model, metrics."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        holder: ModelHolder,
-        *,
-        metrics: Metrics | None = None,
-        datadir: Path | None = None,
-        fetch_max_wait_ms: int | None = None,
-    ) -> None:
-        super().__init__(settings, holder, metrics)
+    def _build(self) -> None:
+        settings, holder = self.settings, self.holder
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="streamrec-step")
         self.outputs = Outputs(settings)
         self.lock = asyncio.Lock()
@@ -140,7 +128,7 @@ class Worker(EngineBase):
             w.app_id,
             **settings.kafka.faust_broker_kwargs(),
             store="rocksdb://",
-            datadir=str(datadir or settings.state.directory),
+            datadir=str(self.state_dir),
             processing_guarantee="at_least_once",
             **tansu.FAUST_APP_SETTINGS,
             broker_commit_interval=1.0,
@@ -152,7 +140,7 @@ class Worker(EngineBase):
             stream_buffer_maxsize=max(4096, 4 * settings.batching.max_events),
             broker_max_poll_records=max(500, settings.batching.max_events),
         )
-        app.fetch_max_wait_ms = fetch_max_wait_ms or settings.kafka.fetch_max_wait_ms
+        app.fetch_max_wait_ms = self.fetch_max_wait_ms
         self.app = app
         raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw"}
         raw["value_serializer"] = "raw"

@@ -42,7 +42,6 @@ from collections import defaultdict, deque
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
@@ -59,8 +58,7 @@ from streamrec.core import (
 )
 from streamrec.engines.common import DeliveryError, EngineBase, Outputs
 from streamrec.kafka import TopicSpec, ensure_topics
-from streamrec.metrics import Metrics
-from streamrec.runtime import ModelHolder, ServingModel
+from streamrec.runtime import ServingModel
 from streamrec.settings import Settings
 from streamrec.state import StateStore
 
@@ -102,17 +100,9 @@ class _Checkpoint:
 class NativeWorker(EngineBase):
     """One worker process: consumer group member, partition states, model, producer."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        holder: ModelHolder,
-        *,
-        metrics: Metrics | None = None,
-        datadir: Path | None = None,
-        fetch_max_wait_ms: int | None = None,
-    ) -> None:
-        super().__init__(settings, holder, metrics)
-        self.datadir = Path(datadir or settings.state.directory) / settings.topics.clicks
+    def _build(self) -> None:
+        settings = self.settings
+        self.datadir = self.state_dir / settings.topics.clicks
         self.clicks = settings.topics.clicks
         self.changelog = changelog_topic(settings)
         kafka = settings.kafka.confluent_config()
@@ -122,7 +112,7 @@ class NativeWorker(EngineBase):
                 "group.id": settings.worker.app_id,
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
-                "fetch.wait.max.ms": fetch_max_wait_ms or settings.kafka.fetch_max_wait_ms,
+                "fetch.wait.max.ms": self.fetch_max_wait_ms,
                 **tansu.GROUP_TIMEOUTS,
                 "log_level": 3,
             }
