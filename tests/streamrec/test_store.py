@@ -217,7 +217,7 @@ def test_native_sweep_steps_are_bounded_and_cost_what_expires(tmp_path: Path) ->
     import time as _time
 
     from streamrec.core import StreamClock
-    from streamrec.engines.native.worker import NativeWorker
+    from streamrec.engines.native.worker import SWEEP_STEP_KEYS, NativeWorker
     from streamrec.runtime import ModelHolder
     from streamrec.settings import load_settings
     from streamrec.state import SessionState, UserState
@@ -247,10 +247,12 @@ def test_native_sweep_steps_are_bounded_and_cost_what_expires(tmp_path: Path) ->
         worker.clock = StreamClock(min_events=1)
         worker.clock.observe(wall, 0, wall)
         steps = 0
-        while worker.sweep(budget_s=0.05):
+        # a zero budget: each step does one chunk of keys and stops (deterministic, unlike a
+        # time budget, which a fast machine can finish in one step)
+        while worker.sweep(budget_s=0.0):
             steps += 1
             assert steps < 1000
-        assert steps >= 1  # 3000 sessions to end did not fit one step
+        assert steps >= 3000 // SWEEP_STEP_KEYS  # bounded: at most one chunk per step
         left = dict(StateStore(TableView(worker.partitions, SESSIONS, {}), {}).iter_sessions())
         assert set(left) == {f"a:a{j}" for j in range(2000)}
         users = TableView(worker.partitions, USERS, {})

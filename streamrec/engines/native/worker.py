@@ -447,8 +447,9 @@ class NativeWorker(EngineBase):
         model, cfg = self.holder.current, self.config
         ended = expired = 0
         more = False
-        for p, state in list(self.partitions.items()):
-            if time.monotonic() - t0 >= budget_s:
+        for i, (p, state) in enumerate(list(self.partitions.items())):
+            # every call gets through at least one chunk, however small the budget
+            if i and time.monotonic() - t0 >= budget_s:
                 more = True  # partitions not visited this turn: the next turn goes on
                 break
             now = self.clock.now(p)
