@@ -128,6 +128,9 @@ def test_archive_retrain_publish_swap(
         r1 = loop.retrain()
         assert r1["decision"]["published"] and r1["current_version"] is None
         v1 = r1["decision"]["version"]
+        # the worker must serve v1 before v2 can exist: otherwise a worker slow to join its
+        # group swaps to v2 before its first batch and v1 never answers (seen on a quiet CI run)
+        loop.wait_answered(lambda recs: any(r["model_version"] == v1 for r in recs))
         # clicks with new items: new0 -> new1 -> new2 -> new3, many times, after phase A
         t = float(a["Time"].max()) + 60
         b = generate_clicks(300, 40, seed=2, start_time=t, span_days=0.5)
