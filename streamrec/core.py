@@ -42,6 +42,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any, cast
 
 import numpy as np
@@ -214,6 +215,12 @@ class PartitionClock:
         self.skews.append(skew)
         self._since += 1
 
+    def recent_median(self, n: int) -> float:
+        """Median skew of the last ``n`` events (fresh, not cached: ``n`` is small)."""
+        s = sorted(islice(reversed(self.skews), n))
+        k = len(s)
+        return s[k // 2] if k % 2 else (s[k // 2 - 1] + s[k // 2]) / 2
+
 
 class StreamClock:
     """One :class:`PartitionClock` per input partition, and the event-time checks.
@@ -221,10 +228,13 @@ class StreamClock:
     :meth:`check` decides whether an event time is in range for its partition: not more than
     ``max_ahead_seconds`` ahead of its arrival (a client clock hours fast, a CreateTime in
     2286), and, once the partition has seen ``min_events`` events, with a skew within
-    ``max_skew_seconds`` of the partition's median skew. Every event checked (in range or not)
-    enters the window, so a real, lasting change of skew (a new log replayed into the same
-    partition) re-centres the clock after half a window; until then such events are
-    dead-lettered with their bytes, to be replayed if wanted.
+    ``max_skew_seconds`` of the partition's median skew, or of the median of the last
+    ``min_events`` events before it. The second reference follows a fast replay of a sparse
+    log, whose skew drifts by days per event (the window's median lags half a window behind
+    it); a single odd event, or any minority of the last ``min_events``, moves neither.
+    Every event checked (in range or not) enters the window, so a real, lasting change of
+    skew (a new log replayed into the same partition) re-centres the clock; until then such
+    events are dead-lettered with their bytes, to be replayed if wanted.
     """
 
     def __init__(
@@ -259,11 +269,18 @@ class StreamClock:
         """None if ``t`` is in range for ``partition`` (then observed), else why not."""
         c = self._clock(partition)
         skew = t - arrival
-        median = c.median_skew() if len(c.skews) >= self.min_events else None
+        trusted = len(c.skews) >= self.min_events
+        median = c.median_skew() if trusted else None
+        far = (
+            median is not None
+            and abs(skew - median) > self.max_skew
+            and abs(skew - c.recent_median(self.min_events)) > self.max_skew
+        )
         c.push(skew)
         if skew > self.max_ahead:
             return f"event time {t:.3f} is {skew:.0f} s ahead of its arrival"
-        if median is not None and abs(skew - median) > self.max_skew:
+        if far:
+            assert median is not None
             return (
                 f"event time {t:.3f} is {skew - median:+.0f} s away from partition "
                 f"{partition}'s clock"

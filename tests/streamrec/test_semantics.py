@@ -280,3 +280,22 @@ def test_hrnn_reencoding_advances_without_scoring(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(net, "score_items", no_scoring)
     model.encode_users(hist)
+
+
+def test_a_fast_replay_of_a_sparse_log_is_accepted_and_an_odd_time_in_it_is_not() -> None:
+    """82 events over 54 days replayed in one second: the skew drifts past max_skew within
+    half a window, so the window's median alone would dead-letter the later, good events
+    (the kill -9 HRNN e2e test lost two clicks so). One event a year off is still refused."""
+    clock = StreamClock()  # window 101, trusted after 8, max skew 30 days
+    wall = time.time()
+    day = 86400.0
+    for j in range(82):
+        assert clock.check(1, T0 + j * 0.66 * day, wall + j / 82) is None, j
+        if j == 40:
+            why = clock.check(1, T0 + j * 0.66 * day + 365 * day, wall + j / 82)
+            assert why is not None and "partition 1's clock" in why
+    # two odd events in a row (a minority of the last 8) are refused as well
+    t = T0 + 82 * 0.66 * day
+    assert clock.check(1, t - 400 * day, wall + 1) is not None
+    assert clock.check(1, t - 400 * day, wall + 1) is not None
+    assert clock.check(1, t, wall + 1) is None

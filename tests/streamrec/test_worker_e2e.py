@@ -133,9 +133,11 @@ class Service:
                     pytest.fail(f"worker died: {w.log_path.read_text()[-3000:]}")
             time.sleep(1.0)
         logs = "\n".join(w.log_path.read_text()[-2000:] for w in self.workers)
+        dead = [json.loads(m.value()) for m in self.read(self.dead)]
         raise AssertionError(
             f"{len(missing)} clicks unanswered, e.g. {sorted(missing)[:5]}; group committed "
-            f"{committed_offsets(self.conf, self.app_id, self.clicks)}\n{logs}"
+            f"{committed_offsets(self.conf, self.app_id, self.clicks)}; dead letters "
+            f"{[(d.get('partition'), d.get('offset'), d.get('reason')) for d in dead][:10]}\n{logs}"
         )
 
     def clicks_in_log(self) -> list[Record]:
