@@ -52,7 +52,7 @@ def main() -> None:
     ids = [str(i) for i in range(N_ITEMS)]
     gru = ServingModel(GRU4Rec(GRU4RecConfig(n_items=N_ITEMS, layers=[100]), seed=1), ids, "v2")
     hrnn_net = HRNN(N_ITEMS, layers=[100], user_layers=[100])
-    hrnn = ServingModel(hrnn_net, ids, "v2")  # type: ignore[arg-type]  # HRNN is a StepModel at run time
+    hrnn = ServingModel(hrnn_net, ids, "v2")
     sessions = [[str(x) for x in rng.integers(N_ITEMS, size=LEN)] for _ in range(args.n)]
     users = [
         [[str(x) for x in rng.integers(N_ITEMS, size=LEN)] for _ in range(10)]

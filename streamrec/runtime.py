@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import registry
-from .model.api import SplitStepModel, StepModel
+from .model.api import SplitStepModel, StepModule
 from .model.checkpoint import load_checkpoint
 from .model.device import resolve_device
 
@@ -110,7 +110,7 @@ class ServingModel:
 
     def __init__(
         self,
-        model: StepModel,
+        model: StepModule,
         item_ids: Sequence[str],
         version: str,
         *,
@@ -198,10 +198,14 @@ class ServingModel:
     def ids(self, rows: np.ndarray) -> np.ndarray:
         return self._item_ids_arr[rows]
 
+    def _tensor(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(self.device)
+
     def _t(self, a: np.ndarray | None) -> torch.Tensor | None:
+        """User states: None where the model has none (or none were given)."""
         if a is None or (self.user_state_dim == 0 and a.ndim == 2 and a.shape[1] == 0):
             return None
-        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(self.device)
+        return self._tensor(a)
 
     @staticmethod
     def _np(t: torch.Tensor | None, batch: int) -> np.ndarray:
@@ -224,7 +228,7 @@ class ServingModel:
         if self.user_state_dim == 0:
             return np.zeros((len(finals), 0), dtype=np.float32)
         with torch.inference_mode():
-            out = self.model.end_session(self._t(users), self._t(finals))
+            out = self.model.end_session(self._t(users), self._tensor(finals))
             return self._np(out, len(finals))
 
     def step(
@@ -235,7 +239,7 @@ class ServingModel:
         b = len(rows)
         with torch.inference_mode():
             r = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.device)
-            new, scores = self.model.step(r, self._t(states), self._t(users))
+            new, scores = self.model.step(r, self._tensor(states), self._t(users))
             top_s, top_i = torch.topk(scores, k, dim=1)
             new_np = self._np(new, b)
             return StepOutput(new_np, top_i.cpu().numpy(), top_s.float().cpu().numpy())
@@ -245,7 +249,7 @@ class ServingModel:
         assert isinstance(self.model, SplitStepModel)
         with torch.inference_mode():
             r = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.device)
-            return self._np(self.model.advance(r, self._t(states)), len(rows))
+            return self._np(self.model.advance(r, self._tensor(states)), len(rows))
 
     def advance_only(
         self, rows: np.ndarray, states: np.ndarray, users: np.ndarray | None
@@ -259,7 +263,7 @@ class ServingModel:
             return self.step(rows, states, users, k=1).states
         with torch.inference_mode():
             r = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.device)
-            new, _ = forward(r, self._t(states), self._t(users))
+            new, _ = forward(r, self._tensor(states), self._t(users))
             return self._np(new, len(rows))
 
     def score(self, states: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -268,8 +272,7 @@ class ServingModel:
         score_states = self._score_states
         assert score_states is not None, "score() needs a split-step model"
         with torch.inference_mode():
-            st = self._t(states)
-            assert st is not None
+            st = self._tensor(states)
             # on CPU, rows in chunks: each chunk's scores stay in cache for its top-k
             chunk = CPU_SCORE_CHUNK if self._big_cpu else max(len(st), 1)
             parts = [
@@ -369,7 +372,7 @@ class ServingModel:
                         f"initial state shape {states.shape} != ({b}, {self.state_dim})"
                     )
                 r = torch.from_numpy(rows).to(self.device)
-                new, scores = self.model.step(r, self._t(states), self._t(users))
+                new, scores = self.model.step(r, self._tensor(states), self._t(users))
                 new_np = self._np(new, b)
                 if new_np.shape != (b, self.state_dim) or not np.isfinite(new_np).all():
                     raise ModelLoadError(f"step of item rows {lo}..{lo + b - 1} gave a bad state")

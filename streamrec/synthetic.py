@@ -98,8 +98,8 @@ def generate_clicks(
     # --- items: topics, popularity, successors
     item_topic = np.arange(n_items) % n_topics
     rank_in_topic = np.empty(n_items, dtype=np.int64)
-    for t in range(n_topics):  # n_topics is small; per-topic shuffle of popularity ranks
-        members = np.flatnonzero(item_topic == t)
+    for topic_id in range(n_topics):  # n_topics is small; per-topic shuffle of popularity ranks
+        members = np.flatnonzero(item_topic == topic_id)
         rank_in_topic[members] = rng.permutation(len(members))
     pop = 1.0 / (1.0 + rank_in_topic) ** zipf_a
     order, keys = _topic_sampler(item_topic, pop, n_topics)
@@ -186,6 +186,7 @@ def generate_clicks(
         starts = np.sort(rng.random(n_sessions)) * span
     else:
         # a user's sessions follow each other: start_{k+1} = end_k + gap
+        assert n_users is not None  # users are drawn only with n_users
         per_user = np.bincount(users, minlength=n_users)
         mean_gap = max(span / max(per_user.mean(), 1.0) - min_session_gap, 60.0)
         between = min_session_gap + rng.exponential(mean_gap, n_sessions)
@@ -216,8 +217,8 @@ def generate_clicks(
     df = pd.DataFrame(out)
     order_rows = np.lexsort((cols, sess_rank[rows], time))
     df = df.iloc[order_rows].reset_index(drop=True)
-    for c in ("SessionId", "ItemId", "UserId"):
-        if c in df.columns:
-            df[c] = df[c].astype(str)
+    for name in ("SessionId", "ItemId", "UserId"):
+        if name in df.columns:
+            df[name] = df[name].astype(str)
     df["Time"] = df["Time"].astype(np.float64)
     return df

@@ -26,7 +26,7 @@ import asyncio
 import functools
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol, cast
 
 from confluent_kafka import Consumer, TopicPartition
 
@@ -77,12 +77,23 @@ def true_end_offsets(
             for msg in consumer.consume(num_messages=10_000, timeout=0.1):
                 if msg.error() is not None:
                     continue
-                key = (msg.topic(), msg.partition())
-                result[key] = max(result[key], msg.offset() + 1)
+                topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+                # set on every record consume() returns without an error
+                assert topic is not None and partition is not None and offset is not None
+                key = (topic, partition)
+                result[key] = max(result[key], offset + 1)
                 last = time.monotonic()
     finally:
         consumer.close()
     return result
+
+
+def monkeypatch(target: object, **attributes: Any) -> None:
+    """Set ``attributes`` on a third-party class or function: the Faust patches here and in
+    :mod:`streamrec.engines.faust.compat`. Dynamic on purpose: assigning to a method of a
+    class is what a type checker rightly refuses everywhere else."""
+    for name, value in attributes.items():
+        setattr(target, name, value)
 
 
 def patch_faust_highwaters(client_config: dict[str, Any]) -> None:
@@ -109,8 +120,7 @@ def patch_faust_highwaters(client_config: dict[str, Any]) -> None:
         corrected = await asyncio.to_thread(true_end_offsets, _faust_client_config, by_key)
         return {tp: corrected.get((tp.topic, tp.partition), o) for tp, o in reported.items()}
 
-    AIOKafkaConsumerThread._highwaters = _highwaters
-    AIOKafkaConsumerThread._streamrec_patched = True
+    monkeypatch(AIOKafkaConsumerThread, _highwaters=_highwaters, _streamrec_patched=True)
 
 
 def assign_all(consumer: Consumer, client_config: dict[str, Any], topic: str, start: int) -> None:
@@ -120,6 +130,10 @@ def assign_all(consumer: Consumer, client_config: dict[str, Any], topic: str, st
 
     n = partition_count(client_config, topic)
     consumer.assign([TopicPartition(topic, p, start) for p in range(n)])
+
+
+class _FastFetchApp(Protocol):
+    fetch_max_wait_ms: int
 
 
 @functools.cache
@@ -133,7 +147,9 @@ def faust_fast_fetch_transport() -> type:
         def _create_worker_consumer(self, transport: Any) -> Any:
             consumer = super()._create_worker_consumer(transport)
             # read by AIOKafkaConsumer.start() when it builds its Fetcher
-            consumer._fetch_max_wait_ms = int(self.app.fetch_max_wait_ms)
+            # the app is a StreamrecApp (streamrec.engines.faust.app, a layer above this one)
+            app = cast(_FastFetchApp, self.app)
+            consumer._fetch_max_wait_ms = int(app.fetch_max_wait_ms)
             return consumer
 
     class FastFetchConsumer(faust_aiokafka.Consumer):

@@ -9,8 +9,8 @@ attributes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol, Self
 
 import torch
 from torch import Tensor
@@ -19,9 +19,13 @@ from torch import Tensor
 class StepModel(Protocol):
     """The step API. All tensors on the model's device; callers use ``inference_mode``."""
 
-    n_items: int
-    state_dim: int
-    user_state_dim: int
+    # read-only properties, so that a model may declare them as attributes or properties
+    @property
+    def n_items(self) -> int: ...
+    @property
+    def state_dim(self) -> int: ...
+    @property
+    def user_state_dim(self) -> int: ...
 
     def initial_user_state(self, batch_size: int) -> Tensor | None: ...
     def initial_state(self, user_state: Tensor | None, batch_size: int) -> Tensor: ...
@@ -29,6 +33,33 @@ class StepModel(Protocol):
         self, item_rows: Tensor, state: Tensor, user_state: Tensor | None
     ) -> tuple[Tensor, Tensor]: ...
     def end_session(self, user_state: Tensor | None, final_state: Tensor) -> Tensor | None: ...
+
+
+class StepModule(StepModel, Protocol):
+    """A step-API ``torch.nn.Module``: what :class:`streamrec.runtime.ServingModel` serves.
+
+    Python has no intersection type, so the module methods serving calls are listed here.
+    """
+
+    def to(self, device: torch.device | str) -> Self: ...
+    def eval(self) -> Self: ...
+    def named_parameters(self) -> Iterator[tuple[str, Tensor]]: ...
+    def named_buffers(self) -> Iterator[tuple[str, Tensor]]: ...
+
+
+class RegisteredModel(StepModule, Protocol):
+    """A model class of ``streamrec.model.MODEL_REGISTRY``: a step module with a JSON config,
+    saved and loaded through its ``state_dict`` (see ``streamrec.model.checkpoint``)."""
+
+    def config_dict(self) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> Any: ...
+
+
+class ModelClass(Protocol):
+    """A registered model class, seen through the constructor the registry calls."""
+
+    def from_config(self, config: dict[str, Any]) -> RegisteredModel: ...
 
 
 class SplitStepModel:

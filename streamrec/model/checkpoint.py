@@ -17,9 +17,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save_file
-from torch import nn
 
 from streamrec.model import build_model
+from streamrec.model.api import RegisteredModel
 
 FORMAT = "streamrec-checkpoint"
 FORMAT_VERSION = 1
@@ -36,7 +36,7 @@ class CheckpointError(Exception):
 class Checkpoint:
     """A loaded checkpoint: the model (eval mode, on the requested device) and its metadata."""
 
-    model: nn.Module
+    model: RegisteredModel
     model_name: str
     version: str
     item_ids: list[str]
@@ -60,7 +60,7 @@ def _sha256(path: Path) -> str:
 
 def save_checkpoint(
     path: str | os.PathLike[str],
-    model: nn.Module,
+    model: RegisteredModel,
     model_name: str,
     item_ids: list[str],
     train_params: dict[str, Any] | None = None,
@@ -92,7 +92,7 @@ def save_checkpoint(
             "format_version": FORMAT_VERSION,
             "version": f"{created.strftime('%Y%m%dT%H%M%SZ')}-{digest[:12]}",
             "model_name": model_name,
-            "model_config": model.config_dict(),  # type: ignore[operator]
+            "model_config": model.config_dict(),
             "train_params": train_params or {},
             "item_ids": [str(i) for i in item_ids],
             "data_stats": data_stats or {},

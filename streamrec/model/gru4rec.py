@@ -141,10 +141,11 @@ class GRU4Rec(SplitStepModel, nn.Module):
                     p.copy_(t.to(dev))
                 self.GE.Bh.zero_()
             for g in self.G:
-                for p in (g.weight_ih, g.weight_hh):
-                    t = torch.empty(p.shape)
+                assert isinstance(g, nn.GRUCell)  # self.G holds GRU cells only
+                for weight in (g.weight_ih, g.weight_hh):
+                    t = torch.empty(weight.shape)
                     _uniform_blocks(t, 3, gen, 0)
-                    p.copy_(t.to(dev))
+                    weight.copy_(t.to(dev))
                 g.bias_ih.zero_()
                 g.bias_hh.zero_()
             w = torch.empty(self.Wy.shape)

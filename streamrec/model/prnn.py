@@ -33,6 +33,10 @@ ARCHS = ("id", "feature", "parallel", "concat")
 class PRNN(nn.Module):
     """Parallel GRU subnets (id + features) with the streamrec step API."""
 
+    # buffers (register_buffer), declared for the type checker
+    w: Tensor
+    active: Tensor
+
     def __init__(
         self,
         n_items: int,
@@ -170,13 +174,13 @@ class PRNN(nn.Module):
     def from_config(cls, config: dict[str, Any]) -> PRNN:
         return cls(**config)
 
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+    def param_groups(self) -> dict[str, list[Tensor]]:
         """Trainable parameters per subnet (its input, GRU and output block).
 
         The shared output bias belongs to the id subnet where there is one, else to the first
         subnet: the residual schedule fixes it with the id subnet.
         """
-        groups: dict[str, list[nn.Parameter]] = {k: [] for k in self.subnets}
+        groups: dict[str, list[Tensor]] = {k: [] for k in self.subnets}
         for k in self.subnets:
             groups[k] += list(self.G[k].parameters()) + list(self.Wy[k].parameters())
         if "id" in groups:
@@ -242,7 +246,9 @@ class PRNN(nn.Module):
         b = self.By.weight if item_rows is None else self.By(item_rows)
         scores = b.T.expand(output.shape[0], -1)
         for j, k in enumerate(self.subnets):
-            w = self.Wy[k].weight if item_rows is None else self.Wy[k](item_rows)
+            wy = self.Wy[k]
+            assert isinstance(wy, nn.Embedding)  # self.Wy holds embeddings only
+            w = wy.weight if item_rows is None else wy(item_rows)
             scores = scores + (self.w[j] * self.active[j]) * (hs[k] @ w.T)
         if self.final_act == "tanh":
             return torch.tanh(scores)

@@ -261,7 +261,7 @@ def test_hrnn_reencoding_advances_without_scoring(monkeypatch: pytest.MonkeyPatc
 
     net = HRNN(n_items=30, layers=[8], user_layers=[6], variant="all")
     # HRNN meets the step API at run time; mypy cannot see it through its nn.Module attributes
-    model = ServingModel(net, [f"i{j}" for j in range(30)], "v", device="cpu")  # type: ignore[arg-type]
+    model = ServingModel(net, [f"i{j}" for j in range(30)], "v", device="cpu")
     hist = [[["i1", "i2", "x"], ["i3"]], [["i4"]]]
     want = np.stack([model.encode_user(h) for h in hist])  # (through encode_users too)
     ref = []

@@ -23,7 +23,7 @@ import contextlib
 import logging
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -142,13 +142,13 @@ class Worker(EngineBase):
         )
         app.fetch_max_wait_ms = self.fetch_max_wait_ms
         self.app = app
-        raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw"}
+        raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw"}
         raw["value_serializer"] = "raw"
         self.clicks = app.topic(t.clicks, partitions=t.partitions, **raw)
         self.recs = app.topic(t.recommendations, partitions=t.partitions, **raw)
         self.dead = app.topic(t.dead_letter, partitions=t.partitions, **raw)
         # bytes values are stored and logged raw; str keys as JSON strings
-        table = {"key_type": str, "value_type": bytes, "partitions": t.partitions}
+        table: dict[str, Any] = {"key_type": str, "value_type": bytes, "partitions": t.partitions}
         # state layout 2 (namespaced keys, streamrec.state.STATE_LAYOUT): new table names, so
         # the tables (and changelogs) of layout 1 are never read as if they were namespaced
         self.sessions = app.Table(f"sessions-v{STATE_LAYOUT}", **table)
@@ -161,10 +161,13 @@ class Worker(EngineBase):
     # ---- agent -------------------------------------------------------------------------
     async def _agent(self, stream: faust.StreamT) -> None:
         b = self.settings.batching
-        async for events in stream.take_events(b.max_events, within=b.max_wait_ms / 1000.0):
+        within = b.max_wait_ms / 1000.0
+        # faust's StreamT lacks take_events, which the Stream an agent is given has
+        batches = stream.take_events(b.max_events, within=within)  # type: ignore[attr-defined]
+        async for events in batches:
             await self.handle(events)
 
-    async def handle(self, events: list[Any]) -> BatchResult:
+    async def handle(self, events: Sequence[faust.EventT]) -> BatchResult:
         received = time.time()
         records = [
             Record(

@@ -29,6 +29,7 @@ broker workarounds in :mod:`streamrec.tansu`.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from streamrec import tansu
@@ -46,7 +47,9 @@ def _patch_fetch_only_active_partitions() -> None:
 
     if getattr(AIOKafkaConsumerThread._fetch_records, "_streamrec_patched", False):
         return
-    original = AIOKafkaConsumerThread._fetch_records
+    # Called loosely: Faust annotates active_partitions as Set[TP], yet passes None itself
+    # (AIOKafkaConsumerThread.getmany) and aiokafka only iterates it (a frozenset will do).
+    original: Callable[..., Awaitable[Any]] = AIOKafkaConsumerThread._fetch_records
 
     async def _fetch_records(
         self: Any,
@@ -64,8 +67,8 @@ def _patch_fetch_only_active_partitions() -> None:
             return {}
         return await original(self, consumer, partitions, timeout=timeout, max_records=max_records)
 
-    _fetch_records._streamrec_patched = True  # type: ignore[attr-defined]
-    AIOKafkaConsumerThread._fetch_records = _fetch_records
+    tansu.monkeypatch(_fetch_records, _streamrec_patched=True)
+    tansu.monkeypatch(AIOKafkaConsumerThread, _fetch_records=_fetch_records)
 
 
 def _patch_recovery_seek_before_resume() -> None:
@@ -120,5 +123,6 @@ def _patch_recovery_seek_before_resume() -> None:
         self.app.on_rebalance_end()
         self.log.info("Worker ready")
 
-    Recovery.on_recovery_completed = on_recovery_completed
-    Recovery._streamrec_patched = True
+    tansu.monkeypatch(
+        Recovery, on_recovery_completed=on_recovery_completed, _streamrec_patched=True
+    )

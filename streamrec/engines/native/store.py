@@ -148,9 +148,7 @@ class PartitionState:
     def keys(self, prefix: bytes) -> Iterator[bytes]:
         """Keys under ``prefix`` (writes not yet in the database included, deletes excluded)."""
         pending, flushing = self.pending, self.flushing
-        for key in self.db.keys(from_key=prefix):
-            if not key.startswith(prefix):
-                break
+        for key in self._db_keys(prefix):
             if key not in pending and key not in flushing:
                 yield key
         for key, value in list(flushing.items()):

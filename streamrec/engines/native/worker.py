@@ -344,7 +344,10 @@ class NativeWorker(EngineBase):
             try:
                 # Asynchronous in the loop: a commit that fails is harmless (below), and this
                 # thread should not wait a broker round trip every second.
-                self.consumer.commit(offsets=offsets, asynchronous=not block)
+                if block:
+                    self.consumer.commit(offsets=offsets, asynchronous=False)
+                else:
+                    self.consumer.commit(offsets=offsets, asynchronous=True)
             except KafkaException as exc:
                 # e.g. a rebalance under way. Outputs and states are on the broker already;
                 # whoever owns the partition next redoes these events and the offsets stored
@@ -427,8 +430,16 @@ class NativeWorker(EngineBase):
                     raise TimeoutError(f"changelog recovery took over {RECOVERY_MAX_S} s")
                 batch: dict[int, list[tuple[bytes, bytes | None, int]]] = defaultdict(list)
                 for m in reader.consume(10_000, 0.1):
-                    if m.error() is None:
-                        batch[m.partition()].append((m.key(), m.value(), m.offset()))
+                    if m.error() is not None:
+                        continue
+                    key, part, offset = m.key(), m.partition(), m.offset()
+                    assert part is not None and offset is not None  # set on consumed records
+                    if key is None:  # this worker writes every changelog record with a key
+                        raise ValueError(
+                            f"changelog {self.changelog} partition {part} offset {offset}: "
+                            "a record without a key"
+                        )
+                    batch[part].append((key, m.value(), offset))
                 for p, records in batch.items():
                     total += by_partition[p].apply_changelog(records)
                     reached[p] = reached[p] or records[-1][2] + 1 >= ends[p]
