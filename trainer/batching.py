@@ -14,6 +14,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -80,21 +81,25 @@ def order_sessions(df: pd.DataFrame, item_index: dict[str, int] | pd.Series) -> 
     return SessionArrays(items, offsets, ids)
 
 
+#: the array type of a plan: numpy arrays as planned, device tensors after ``BatchPlan.to``
+A = TypeVar("A", np.ndarray, Tensor)
+
+
 @dataclass
-class BatchPlan:
+class BatchPlan(Generic[A]):
     """Per-step index arrays, ``[T, B]`` each (numpy or device tensors)."""
 
-    inputs: np.ndarray | Tensor  # item row fed at this step (0 in empty slots)
-    targets: np.ndarray | Tensor  # item row to predict (0 in empty slots)
-    reset: np.ndarray | Tensor  # True: the slot starts a new session here (zero its state first)
-    valid: np.ndarray | Tensor  # True: the slot holds a session at this step
+    inputs: A  # item row fed at this step (0 in empty slots)
+    targets: A  # item row to predict (0 in empty slots)
+    reset: A  # True: the slot starts a new session here (zero its state first)
+    valid: A  # True: the slot holds a session at this step
     n_events: int  # number of (input, target) pairs = valid.sum()
 
     @property
     def n_steps(self) -> int:
         return int(self.inputs.shape[0])
 
-    def to(self, device: torch.device | str) -> BatchPlan:
+    def to(self, device: torch.device | str) -> BatchPlan[Tensor]:
         def t(a: np.ndarray | Tensor) -> Tensor:
             return torch.as_tensor(a).to(device)
 
@@ -103,7 +108,7 @@ class BatchPlan:
         )
 
 
-def session_parallel_plan(sessions: SessionArrays, batch_size: int) -> BatchPlan:
+def session_parallel_plan(sessions: SessionArrays, batch_size: int) -> BatchPlan[np.ndarray]:
     """Assign sessions to slots and lay out every step's inputs, targets, resets, valid mask."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -75,8 +75,11 @@ class IndexedAdagradM:
         self.lr, self.momentum, self.eps, self.nesterov = float(lr), float(momentum), eps, nesterov
         self.dense = list(dense)
         self.sparse = list(sparse)
-        self.acc = {p: torch.zeros_like(p) for p in self.dense}
-        self.mom = {p: torch.zeros_like(p) for p in self.dense} if momentum > 0 else {}
+        # keyed by the parameters themselves (tensors hash by identity)
+        self.acc: dict[Tensor, Tensor] = {p: torch.zeros_like(p) for p in self.dense}
+        self.mom: dict[Tensor, Tensor] = (
+            {p: torch.zeros_like(p) for p in self.dense} if momentum > 0 else {}
+        )
         # one spare row at the end takes the writes of duplicate rows
         for p in self.sparse:
             self.acc[p] = torch.zeros(p.shape[0] + 1, *p.shape[1:], device=p.device, dtype=p.dtype)
@@ -98,10 +101,14 @@ class IndexedAdagradM:
             self._sparse_step(table, rows, grad)
 
     def _dense_step(self) -> None:
-        ps = [p for p in self.dense if p.grad is not None]
+        ps: list[Tensor] = []
+        gs: list[Tensor] = []
+        for p in self.dense:
+            if p.grad is not None:
+                ps.append(p)
+                gs.append(p.grad)
         if not ps:
             return
-        gs = [p.grad for p in ps]
         accs = [self.acc[p] for p in ps]
         torch._foreach_addcmul_(accs, gs, gs)
         denom = torch._foreach_add(accs, self.eps)

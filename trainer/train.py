@@ -85,7 +85,7 @@ def train_gru4rec(
     plan_np = session_parallel_plan(sessions, p.batch_size)
     if plan_np.n_events == 0:
         raise ValueError("training data has no session with 2 or more events")
-    plan: BatchPlan = plan_np.to(device)
+    plan: BatchPlan[torch.Tensor] = plan_np.to(device)
     keep = (~plan.reset).to(torch.float32).unsqueeze(2)  # [T, B, 1] multiplies the state
     counts = np.bincount(sessions.items, minlength=len(item_ids)).astype(np.float32)
     item_counts = torch.as_tensor(counts, device=device)
@@ -157,7 +157,11 @@ def train_gru4rec(
         for q in dense:
             q.grad = None
         loss.backward()
-        opt.step([(tab, rows, leaf.grad) for tab, rows, leaf in leaves])
+        sparse_grads = []
+        for tab, rows, leaf in leaves:
+            assert leaf.grad is not None  # every gathered row is in the loss
+            sparse_grads.append((tab, rows, leaf.grad))
+        opt.step(sparse_grads)
         with torch.no_grad():
             for h, nh in zip(hidden, new_hidden, strict=True):
                 h.copy_(nh)
