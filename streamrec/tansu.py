@@ -26,9 +26,12 @@ import asyncio
 import functools
 import time
 from collections.abc import Mapping
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from confluent_kafka import Consumer, TopicPartition
+
+if TYPE_CHECKING:  # faust is imported only where a Faust app is made
+    from faust.transport.drivers.aiokafka import Transport as AIOKafkaTransport
 
 #: consumer group timeouts: a join completes in about half the session timeout
 GROUP_TIMEOUTS: dict[str, Any] = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000}
@@ -137,7 +140,7 @@ class _FastFetchApp(Protocol):
 
 
 @functools.cache
-def faust_fast_fetch_transport() -> type:
+def faust_fast_fetch_transport() -> type[AIOKafkaTransport]:
     """A Faust aiokafka transport whose consumer waits at most ``app.fetch_max_wait_ms`` on an
     empty fetch (Faust hard-codes 1500 ms, which the embedded broker holds in full: one click
     took ~700 ms end to end; with ~10 ms it took ~12 ms)."""
