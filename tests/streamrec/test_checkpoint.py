@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from streamrec.model.api import StepModel
 from streamrec.model.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -33,7 +34,7 @@ def ckpt(tmp_path: Path) -> tuple[Path, GRU4Rec]:
     return path, m.eval()
 
 
-def _scores(m: torch.nn.Module) -> torch.Tensor:
+def _scores(m: StepModel) -> torch.Tensor:
     with torch.inference_mode():
         s = m.initial_state(None, 3)
         for rows in ([1, 2, 3], [4, -1, 24]):
@@ -45,7 +46,7 @@ def test_round_trip_identical_scores(ckpt: tuple[Path, GRU4Rec]) -> None:
     path, m = ckpt
     assert sorted(p.name for p in path.iterdir()) == ["checkpoint.json", "model.safetensors"]
     c = load_checkpoint(path, "cpu")
-    assert not c.model.training
+    assert isinstance(c.model, GRU4Rec) and not c.model.training
     assert c.model_name == "gru4rec" and c.item_ids == IDS and c.item_index["item7"] == 7
     assert c.train_params == {"loss": "bpr-max"} and c.metrics == {"recall@20": 0.5}
     assert c.data_stats == {"n_events": 10} and c.version and c.created_at

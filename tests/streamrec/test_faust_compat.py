@@ -6,6 +6,7 @@ import asyncio
 from unittest.mock import AsyncMock, MagicMock
 
 from faust.tables.recovery import Recovery
+from faust.types import TP
 
 from streamrec.engines.faust import compat as faust_compat
 
@@ -50,7 +51,7 @@ def test_a_newer_generation_leaves_partitions_paused() -> None:
     rec.completed.set.assert_not_called()
 
 
-def _fake_consumer_thread(buffered: dict[str, list[int]]) -> tuple[MagicMock, MagicMock]:
+def _fake_consumer_thread(buffered: dict[TP, list[int]]) -> tuple[MagicMock, MagicMock]:
     """A Faust consumer thread and an aiokafka consumer whose fetcher behaves like aiokafka's
     ``fetched_records``: an empty (falsy) partition set returns every buffered partition."""
     thread, consumer = MagicMock(), MagicMock()
@@ -58,8 +59,8 @@ def _fake_consumer_thread(buffered: dict[str, list[int]]) -> tuple[MagicMock, Ma
     consumer._closed = consumer._fetcher._closed = False
 
     async def fetched_records(
-        partitions: set[str], timeout: float = 0, max_records: int | None = None
-    ) -> dict[str, list[int]]:
+        partitions: set[TP], timeout: float = 0, max_records: int | None = None
+    ) -> dict[TP, list[int]]:
         return {tp: r for tp, r in buffered.items() if not partitions or tp in partitions}
 
     consumer._fetcher.fetched_records = AsyncMock(side_effect=fetched_records)
@@ -70,8 +71,8 @@ def test_no_records_of_paused_partitions_while_every_partition_is_paused() -> No
     from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
     faust_compat.install({"bootstrap.servers": "127.0.0.1:1"})
-    thread, consumer = _fake_consumer_thread({"clicks-2": [79, 80, 81]})
-    active: set[str] = set()  # Faust's live set, empty between recovery and resume
+    thread, consumer = _fake_consumer_thread({TP("clicks", 2): [79, 80, 81]})
+    active: set[TP] = set()  # Faust's live set, empty between recovery and resume
     got = asyncio.run(AIOKafkaConsumerThread._fetch_records(thread, consumer, active, timeout=1))
     assert got == {}
     consumer._fetcher.fetched_records.assert_not_awaited()
@@ -81,9 +82,9 @@ def test_fetch_gets_a_snapshot_of_the_active_partitions() -> None:
     from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
     faust_compat.install({"bootstrap.servers": "127.0.0.1:1"})
-    thread, consumer = _fake_consumer_thread({"clicks-0": [1], "clicks-2": [79]})
-    active = {"clicks-0"}
+    thread, consumer = _fake_consumer_thread({TP("clicks", 0): [1], TP("clicks", 2): [79]})
+    active = {TP("clicks", 0)}
     got = asyncio.run(AIOKafkaConsumerThread._fetch_records(thread, consumer, active, timeout=1))
-    assert got == {"clicks-0": [1]}
+    assert got == {TP("clicks", 0): [1]}
     passed = consumer._fetcher.fetched_records.await_args.args[0]
-    assert passed == {"clicks-0"} and passed is not active
+    assert passed == {TP("clicks", 0)} and passed is not active

@@ -13,7 +13,7 @@ import torch
 
 from streamrec.core import CoreConfig, Record, StreamClock, process_batch, sweep_idle
 from streamrec.state import MAX_STATE_BYTES, SessionState, StateStore, UserState
-from streamrec.testing import click, tiny_serving_model
+from streamrec.testing import TinyStepModel, click, tiny_serving_model
 
 CFG = CoreConfig(session_gap_seconds=100.0, recent_items=10, recent_sessions=3, top_k=5)
 T0 = 1.7e9  # a replayed log: years behind the wall clock
@@ -216,6 +216,7 @@ def test_state_is_capped_in_bytes_dropping_the_oldest_items() -> None:
 
 def test_nonfinite_scores_never_reach_the_output() -> None:
     model = tiny_serving_model()
+    assert isinstance(model.model, TinyStepModel)
     with torch.no_grad():
         model.model.emb[7, 0] = float("nan")
     res = process_batch([rec(click("s", "i1", t=T0), "s", 0)], StateStore(), model, CFG)

@@ -259,6 +259,6 @@ def test_native_sweep_steps_are_bounded_and_cost_what_expires(tmp_path: Path) ->
         assert "u:user7" in users and "u:old" not in users
         assert UserState.from_bytes(users["u:user7"]).sessions == [["i1"]]
     finally:
-        for s in worker.partitions.values():
-            s.close()
+        for part in worker.partitions.values():
+            part.close()
         worker.partitions.clear()

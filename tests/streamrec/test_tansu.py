@@ -80,7 +80,7 @@ def test_tail_reads_without_joining_a_group(
     kafka_bootstrap: str, unique_name: Callable[[str], str]
 ) -> None:
     topic = unique_name("tail")
-    conf = {"bootstrap.servers": kafka_bootstrap}
+    conf: dict[str, str | int | float | bool] = {"bootstrap.servers": kafka_bootstrap}
     ensure_topics(conf, [TopicSpec(topic, 3)])
     producer = Producer({**conf, "log_level": 0})
     for i in range(30):
@@ -100,6 +100,8 @@ def test_tail_reads_without_joining_a_group(
 def test_faust_app_consumer_waits_the_configured_fetch_time() -> None:
     """Faust hard-codes a 1500 ms fetch wait, which the embedded broker holds in full on an
     empty fetch; the app's transport hands its consumer ``fetch_max_wait_ms`` instead."""
+    from faust.transport.drivers import aiokafka as faust_aiokafka
+
     from streamrec.engines.faust.app import StreamrecApp
 
     app = StreamrecApp(
@@ -110,7 +112,9 @@ def test_faust_app_consumer_waits_the_configured_fetch_time() -> None:
     assert isinstance(transport, tansu.faust_fast_fetch_transport())
 
     async def build() -> int:  # aiokafka objects are made inside a running loop
-        thread = app.consumer._new_consumer_thread()
+        consumer = app.consumer
+        assert isinstance(consumer, faust_aiokafka.Consumer)
+        thread = consumer._new_consumer_thread()
         worker_consumer = thread._create_worker_consumer(transport)  # not started
         return int(worker_consumer._fetch_max_wait_ms)
 

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
+from streamrec.model import HRNN
 from streamrec.model.checkpoint import load_checkpoint
 from streamrec.synthetic import generate_clicks
 from trainer.cli import main
@@ -47,6 +48,7 @@ def test_hrnn_with_session_gap_on_a_log_without_sessions(tmp_path: Path) -> None
     assert m["n_events"] == len(test) - test["SessionId"].nunique()
     # and the reported metrics are the kept model's, evaluated afresh on that split
     ck = load_checkpoint(tmp_path / "h", "cpu")
+    assert isinstance(ck.model, HRNN)
     known = test[test["ItemId"].isin(ck.item_index)]
     want = evaluate_users(ck.model, train, known, ck.item_index, ks=(20,))
     assert m["recall@20"] == pytest.approx(want["recall@20"], abs=1e-9)

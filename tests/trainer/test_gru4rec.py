@@ -23,9 +23,16 @@ CONFIGS = [
 ]
 
 
+def _built(cfg: dict) -> GRU4Rec:
+    """A GRU4Rec built through the registry (as checkpoints are), in eval mode."""
+    m = build_model("gru4rec", cfg)
+    assert isinstance(m, GRU4Rec)
+    return m.eval()
+
+
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_step_api_shapes_and_unknown_item(cfg: dict) -> None:
-    m = build_model("gru4rec", cfg).eval()
+    m = _built(cfg)
     assert m.n_items == 30 and m.state_dim == sum(cfg["layers"]) and m.user_state_dim == 0
     assert m.initial_user_state(3) is None
     with torch.inference_mode():
@@ -44,7 +51,7 @@ def test_step_api_shapes_and_unknown_item(cfg: dict) -> None:
 
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_step_equals_split(cfg: dict) -> None:
-    m = build_model("gru4rec", cfg).eval()
+    m = _built(cfg)
     rows = torch.tensor([0, 7, 29])
     with torch.inference_mode():
         state = m.initial_state(None, 3)
@@ -59,7 +66,7 @@ def test_step_equals_split(cfg: dict) -> None:
 
 def test_train_forward_matches_forward() -> None:
     for cfg in CONFIGS:
-        m = build_model("gru4rec", cfg).eval()
+        m = _built(cfg)
         x, y = torch.tensor([1, 2]), torch.tensor([3, 4, 5, 3])
         h = m.split_state(torch.rand(2, m.state_dim))
         ref, _ = m(x, h, y)
@@ -82,8 +89,10 @@ def test_init_ranges_follow_official() -> None:
     m = GRU4Rec(GRU4RecConfig(n_items=1000, layers=[50]), seed=1)
     bound = np.sqrt(6.0 / (1000 + 50))
     assert m.Wy.abs().max() <= bound and m.Wy.abs().max() > 0.9 * bound
-    assert not m.By.any() and not m.G[0].bias_ih.any()
-    wih = m.G[0].weight_ih  # each gate block: ±sqrt(6 / (in + out))
+    g0 = m.G[0]
+    assert isinstance(g0, torch.nn.GRUCell)
+    assert not m.By.any() and not g0.bias_ih.any()
+    wih = g0.weight_ih  # each gate block: ±sqrt(6 / (in + out))
     assert wih.abs().max() <= np.sqrt(6.0 / 100)
 
 
@@ -143,12 +152,13 @@ def test_determinism_same_seed() -> None:
 
 def _recall_mrr(model: GRU4Rec | None, pop: torch.Tensor, test: pd.DataFrame, index: dict) -> tuple:
     """Next-item Recall@20 / MRR@20 (conservative ties) of the model, or POP if model is None."""
-    hits = rr = n = 0
+    hits, rr, n = 0, 0.0, 0
     for _, g in test.groupby("SessionId", sort=False):
         rows = torch.tensor([index[i] for i in g.sort_values("Time")["ItemId"]])
         state = model.initial_state(None, 1) if model is not None else None
         for a, b in itertools.pairwise(rows):
             if model is not None:
+                assert state is not None  # set with the model
                 with torch.inference_mode():
                     state, sc = model.step(a.view(1), state, None)
                 sc = sc[0]

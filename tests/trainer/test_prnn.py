@@ -67,7 +67,12 @@ def _run(schedule: str, n_epochs: int = 1) -> list[set[str]]:
     p = HierParams(
         n_epochs=n_epochs, batch_size=1, learning_rate=0.5, schedule=schedule, n_sample=2
     )
-    train_hier(m, ONE_BATCH, IDX, p, on_epoch_end=lambda e, mm: snaps.append(_snapshot(mm)))
+
+    def on_epoch_end(epoch: int, model: torch.nn.Module) -> None:
+        assert isinstance(model, PRNN)
+        snaps.append(_snapshot(model))
+
+    train_hier(m, ONE_BATCH, IDX, p, on_epoch_end=on_epoch_end)
     return [_changed(a, b) for a, b in itertools.pairwise(snaps)]
 
 
@@ -135,7 +140,8 @@ def test_checkpoint_carries_features(tmp_path):
     m = _model().eval()
     save_checkpoint(tmp_path / "p", m, "prnn", ["a", "b", "c"])
     ck = load_checkpoint(tmp_path / "p")
-    assert torch.equal(ck.model.feat_1, m.feat_1)
+    assert isinstance(ck.model, PRNN)
+    assert torch.equal(ck.model.get_buffer("feat_1"), m.get_buffer("feat_1"))
     with torch.no_grad():
         s = m.initial_state(None, 1)
         assert torch.equal(m.step(torch.tensor([2]), s)[1], ck.model.step(torch.tensor([2]), s)[1])
