@@ -115,8 +115,8 @@ def digest(recs: list[Record], model: ServingModel, batch: int) -> str:
             put(d.model_dump_json(exclude={"received_at"}).encode())
         put(repr((res.unknown_items, sorted(res.stats.items()), res.key_partitions)).encode())
     for table in (store.sessions, store.users):
-        for key in sorted(table):
-            put(key.encode() + table[key])
+        for state_key in sorted(table):
+            put(state_key.encode() + table[state_key])
     return sha.hexdigest()
 
 

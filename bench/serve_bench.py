@@ -140,7 +140,9 @@ class Collector:
                 if m.error():
                     continue
                 now = time.time()
-                r = json.loads(m.value())
+                value = m.value()
+                assert value is not None  # every recommendation record has a value
+                r = json.loads(value)
                 self.arrivals.setdefault(r["click_id"], (now, r["produced_at"] or now))
 
     def wait(self, n: int, timeout: float) -> None:
@@ -262,13 +264,13 @@ def run_worker_phase(
             cut = float(np.percentile(list(total.values()), 99))
             slow_ids = {c for c, t in total.items() if t >= cut}
         slow = [r for r in mine if r["click_id"] in slow_ids]
-        slow_breakdown = {
+        slow_parts = {
             "click_to_worker_batch": [r["received_at"] - r["produced_at"] for r in slow],
             "in_worker": [r["emitted_at"] - r["received_at"] for r in slow],
             "worker_to_consumer": [arr[r["click_id"]][0] - r["emitted_at"] for r in slow],
         }
         slow_breakdown = {
-            k: float(np.median(v)) * 1e3 if v else None for k, v in slow_breakdown.items()
+            k: float(np.median(v)) * 1e3 if v else None for k, v in slow_parts.items()
         }
         nb = after.get("streamrec_batch_size_count", 0) - before.get(
             "streamrec_batch_size_count", 0

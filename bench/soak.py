@@ -94,7 +94,9 @@ def main() -> None:
                 for m in c.consume(500, 0.2):
                     if m.error() is None:
                         now = time.time()
-                        r = json.loads(m.value())
+                        value = m.value()
+                        assert value is not None  # every recommendation record has a value
+                        r = json.loads(value)
                         if r.get("produced_at"):
                             lat.append((now, now - r["produced_at"]))
             c.close()
