@@ -83,6 +83,18 @@ def index_entry(key: bytes, value: bytes) -> bytes | None:
     return prefix + _BUCKET.pack(_bucket(t)) + key[n:]
 
 
+def _write(batch: WriteBatch, key: bytes, value: bytes | None) -> None:
+    """One state write into ``batch``: a delete (``None``), or the value and its
+    last-activity index entry (checkpoint commits and changelog recovery write alike)."""
+    if value is None:
+        batch.delete(key)
+        return
+    batch.put(key, value)
+    entry = index_entry(key, value)
+    if entry is not None:
+        batch.put(entry, b"")
+
+
 class StateLayoutError(RuntimeError):
     """A state database or changelog written under another state key layout."""
 
@@ -181,13 +193,7 @@ class PartitionState:
         for entry in self._flushing_drops:
             batch.delete(entry)
         for key, value in self.flushing.items():
-            if value is None:
-                batch.delete(key)
-            else:
-                batch.put(key, value)
-                idx = index_entry(key, value)
-                if idx is not None:
-                    batch.put(idx, b"")
+            _write(batch, key, value)
         if changelog_offset is not None:
             batch.put(_CHANGELOG_OFFSET, str(changelog_offset).encode())
         self.db.write(batch)
@@ -201,13 +207,7 @@ class PartitionState:
         for key, value, offset in records:
             if not key.startswith(_VALID_PREFIXES):
                 raise _refuse(f"changelog record at offset {offset} (key {key[:60]!r})", "1")
-            if value is None:
-                batch.delete(key)
-            else:
-                batch.put(key, value)
-                entry = index_entry(key, value)
-                if entry is not None:
-                    batch.put(entry, b"")
+            _write(batch, key, value)
             n, last = n + 1, offset
         if last is not None:
             batch.put(_CHANGELOG_OFFSET, str(last).encode())
