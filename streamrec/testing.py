@@ -13,14 +13,16 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from streamrec.broker import EmbeddedBroker
+from streamrec.kafka import TopicSpec, ensure_topics
 from streamrec.runtime import ServingModel
 
 TEST_BOOTSTRAP_ENV = "STREAMREC_TEST_BOOTSTRAP"
@@ -108,6 +110,44 @@ def tiny_serving_model(
     return ServingModel(
         model, [f"i{j}" for j in range(n_items)], version, device=device, top_k=top_k
     )
+
+
+@dataclass(frozen=True)
+class WorkerTopics:
+    """A test's own clicks, recommendations and dead-letter topics and worker app id."""
+
+    bootstrap: str
+    clicks: str
+    recs: str
+    dead: str
+    app_id: str
+    partitions: int
+
+    @property
+    def conf(self) -> dict[str, Any]:
+        """confluent-kafka client config for the broker."""
+        return {"bootstrap.servers": self.bootstrap}
+
+    def settings(self) -> dict[str, object]:
+        """Worker settings (dotted keys, as ``streamrec.launch.settings_env`` takes them) for
+        these topics and app id; metrics on a port the system picks."""
+        return {
+            "kafka.bootstrap_servers": self.bootstrap,
+            "topics.clicks": self.clicks,
+            "topics.recommendations": self.recs,
+            "topics.dead_letter": self.dead,
+            "topics.partitions": self.partitions,
+            "worker.app_id": self.app_id,
+            "worker.metrics_port": 0,
+        }
+
+
+def worker_topics(bootstrap: str, name: Callable[[str], str], partitions: int) -> WorkerTopics:
+    """New topic and app names from ``name`` (:func:`unique_name`, or the fixture of that
+    name); the three topics are created with ``partitions`` partitions each."""
+    t = WorkerTopics(bootstrap, name("clicks"), name("recs"), name("dead"), name("app"), partitions)
+    ensure_topics(t.conf, [TopicSpec(x, partitions) for x in (t.clicks, t.recs, t.dead)])
+    return t
 
 
 def click(

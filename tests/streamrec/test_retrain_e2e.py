@@ -21,10 +21,10 @@ import pytest
 from confluent_kafka import Producer
 
 from streamrec import registry
-from streamrec.kafka import TopicSpec, ensure_topics, read_topic
+from streamrec.kafka import read_topic
 from streamrec.launch import WorkerProcess, settings_env
 from streamrec.synthetic import generate_clicks
-from streamrec.testing import click
+from streamrec.testing import click, worker_topics
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 PARTITIONS = 2
@@ -36,21 +36,10 @@ PARAMS = ["--param", "layers=32", "n_epochs=4", "batch_size=32", "n_sample=0"]
 class Loop:
     def __init__(self, bootstrap: str, name: Callable[[str], str], tmp: Path) -> None:
         self.tmp = tmp
-        self.conf = {"bootstrap.servers": bootstrap}
-        self.clicks, self.recs, self.dead = name("clicks"), name("recs"), name("dead")
-        ensure_topics(
-            self.conf, [TopicSpec(t, PARTITIONS) for t in (self.clicks, self.recs, self.dead)]
-        )
-        self.settings: dict[str, object] = {
-            "kafka.bootstrap_servers": bootstrap,
-            "topics.clicks": self.clicks,
-            "topics.recommendations": self.recs,
-            "topics.dead_letter": self.dead,
-            "topics.partitions": PARTITIONS,
-            "worker.app_id": name("app"),
-            "worker.metrics_port": 0,
-            "model.reload_interval_s": 1,
-        }
+        topics = worker_topics(bootstrap, name, PARTITIONS)
+        self.conf = topics.conf
+        self.clicks, self.recs, self.dead = topics.clicks, topics.recs, topics.dead
+        self.settings = {**topics.settings(), "model.reload_interval_s": 1}
         self.env = {**os.environ, **settings_env(self.settings)}
         self.archive, self.models = tmp / "archive", tmp / "models"
         self.producer = Producer({**self.conf, "linger.ms": 2})

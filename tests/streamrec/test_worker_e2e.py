@@ -25,11 +25,11 @@ from confluent_kafka import Producer
 
 from streamrec.broker import EmbeddedBroker
 from streamrec.core import CoreConfig, Record, process_batch
-from streamrec.kafka import TopicSpec, committed_offsets, ensure_topics, read_topic
+from streamrec.kafka import committed_offsets, read_topic
 from streamrec.launch import WorkerProcess, settings_env
 from streamrec.runtime import ServingModel
 from streamrec.state import STATE_LAYOUT, SessionState, StateStore, UserState
-from streamrec.testing import click, offline_recommendations
+from streamrec.testing import click, offline_recommendations, worker_topics
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -69,20 +69,12 @@ class Service:
         engine: str = "native",
     ) -> None:
         self.bootstrap, self.ckpt, self.tmp, self.engine = bootstrap, ckpt, tmp, engine
-        self.clicks, self.recs, self.dead = name("clicks"), name("recs"), name("dead")
-        self.app_id = name("app")
-        self.conf = {"bootstrap.servers": bootstrap}
-        ensure_topics(
-            self.conf, [TopicSpec(t, PARTITIONS) for t in (self.clicks, self.recs, self.dead)]
-        )
-        self.settings: dict[str, object] = {
-            "kafka.bootstrap_servers": bootstrap,
-            "topics.clicks": self.clicks,
-            "topics.recommendations": self.recs,
-            "topics.dead_letter": self.dead,
-            "topics.partitions": PARTITIONS,
-            "worker.app_id": self.app_id,
-            "worker.metrics_port": 0,
+        topics = worker_topics(bootstrap, name, PARTITIONS)
+        self.clicks, self.recs, self.dead = topics.clicks, topics.recs, topics.dead
+        self.app_id = topics.app_id
+        self.conf = topics.conf
+        self.settings = {
+            **topics.settings(),
             "batching.max_events": 64,
             "batching.max_wait_ms": 5,
             "model.reload_interval_s": 0,
