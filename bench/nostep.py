@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -43,8 +44,8 @@ def main() -> None:
 
     load = commands.load_model_holder
 
-    def load_without_step(*args: object, **kwargs: object) -> ModelHolder:
-        return ModelHolder(NoStepServingModel.wrap(load(*args, **kwargs).current))  # type: ignore[arg-type]
+    def load_without_step(*args: Any, **kwargs: Any) -> ModelHolder:
+        return ModelHolder(NoStepServingModel.wrap(load(*args, **kwargs).current))
 
     commands.load_model_holder = load_without_step  # the worker command, with this model
     commands.worker.main(prog_name="nostep-worker")

@@ -331,32 +331,30 @@ def _migrate_all(ks: Sequence[KeyStates], model: ServingModel, stats: Counter[st
     """Re-encode the states made under other weights, batched: the users first (advance
     only, no scoring), then the sessions from their (new) user contexts."""
     old_users = [
-        k
+        (k, k.user)
         for k in ks
         if k.user is not None
         and (k.user.version != model.version or k.user.context.size != model.user_state_dim)
     ]
     if old_users:
-        ctxs = model.encode_users([k.user.sessions for k in old_users])  # type: ignore[union-attr]
-        for k, ctx in zip(old_users, ctxs, strict=True):
-            assert k.user is not None
-            k.user.context = ctx.copy()
-            k.user.version = model.version
+        ctxs = model.encode_users([u.sessions for _, u in old_users])
+        for (k, u), ctx in zip(old_users, ctxs, strict=True):
+            u.context = ctx.copy()
+            u.version = model.version
             k.user_dirty = True
         stats["users_migrated"] += len(old_users)
     old_sess = [
-        k
+        (k, k.sess)
         for k in ks
         if k.sess is not None
         and (k.sess.version != model.version or k.sess.hidden.size != model.state_dim)
     ]
     if old_sess:
-        users = _user_ctx(old_sess, model) if model.user_state_dim else None
-        hidden = model.encode_sessions([k.sess.recent_items for k in old_sess], users)  # type: ignore[union-attr]
-        for k, h in zip(old_sess, hidden, strict=True):
-            assert k.sess is not None
-            k.sess.hidden = h.copy()
-            k.sess.version = model.version
+        users = _user_ctx([k for k, _ in old_sess], model) if model.user_state_dim else None
+        hidden = model.encode_sessions([s.recent_items for _, s in old_sess], users)
+        for (k, s), h in zip(old_sess, hidden, strict=True):
+            s.hidden = h.copy()
+            s.version = model.version
             k.sess_dirty = True
         stats["sessions_migrated"] += len(old_sess)
 
@@ -827,11 +825,12 @@ def sweep_idle(
     for i in range(0, len(idle), batch_size):
         chunk = idle[i : i + batch_size]
         work = []
+        positions = []
         for key, s in chunk:
             k = KeyStates(s, store.get_user(key) if s.user_id is not None else None)
-            _migrate(k, model, stats)
+            _migrate(k, model, stats)  # re-encodes s in place
             work.append((key, k))
-        positions = [(k.sess.partition, k.sess.offset) for _, k in work]  # type: ignore[union-attr]
+            positions.append((s.partition, s.offset))
         for (key, _), (part, _) in zip(work, positions, strict=True):
             res.key_partitions[key] = part
         _end_sessions(work, model, config, positions, stats)

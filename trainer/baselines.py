@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import pandas as pd
@@ -80,6 +80,10 @@ class _Baseline:
         return state
 
     def _scores(self, state: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def fit(self, train_df: pd.DataFrame, item_index: Mapping[str, int]) -> Self:
+        """Learn from a click log (``item_index``: item id -> row); returns the model."""
         raise NotImplementedError
 
     def step(
@@ -363,7 +367,7 @@ def build_baseline(
         raise ValueError(f"unknown baseline {name!r}; expected one of {sorted(BASELINES)}")
     item_index = item_index if item_index is not None else sorted_item_rows(train_df)
     model = BASELINES[key](device=device, **params)
-    return model.fit(train_df, item_index)  # type: ignore[attr-defined]
+    return model.fit(train_df, item_index)
 
 
 def run_baseline(
