@@ -74,7 +74,8 @@ def test_same_key_many_times_in_one_batch_keeps_order() -> None:
     process_batch(recs(values), store2, model, CFG)
     assert store1.sessions.keys() == store2.sessions.keys()
     for key in store1.sessions:  # equal up to float rounding of different batch shapes
-        assert store1.get_session(key).same_as(store2.get_session(key))  # type: ignore[union-attr,arg-type]
+        s1, s2 = store1.get_session(key), store2.get_session(key)
+        assert s1 is not None and s2 is not None and s1.same_as(s2)
 
 
 def test_session_change_mid_batch_by_id_gap_and_end_event() -> None:
@@ -108,7 +109,9 @@ def test_hrnn_user_state_advances_at_session_end() -> None:
     store = StateStore()
     first = [click("a", "i1", user="u", t=T0), click("a", "i2", user="u", t=T0 + 1)]
     process_batch(recs(first), store, model, CFG)
-    hidden_a = store.get_session("u:u").hidden  # type: ignore[union-attr]
+    sess_a = store.get_session("u:u")
+    assert sess_a is not None
+    hidden_a = sess_a.hidden
     assert store.get_user("u:u") is None
     res = process_batch(recs([click("b", "i3", user="u", t=T0 + 2)], start=2), store, model, CFG)
     user = store.get_user("u:u")
@@ -120,7 +123,9 @@ def test_hrnn_user_state_advances_at_session_end() -> None:
     init = model.initial_states(expected_ctx[None], 1)
     ref = model.step(model.rows(["i3"]), init, expected_ctx[None], k=5)
     assert res.recommendations[0]["items"] == model.ids(ref.top_rows[0]).tolist()
-    np.testing.assert_allclose(store.get_session("u:u").hidden, ref.states[0], atol=1e-6)  # type: ignore[union-attr]
+    sess_b = store.get_session("u:u")
+    assert sess_b is not None
+    np.testing.assert_allclose(sess_b.hidden, ref.states[0], atol=1e-6)
     # two users ending sessions in one batch (batched end_session)
     more = [
         click("x", "i1", user="v", t=T0),
@@ -128,8 +133,9 @@ def test_hrnn_user_state_advances_at_session_end() -> None:
         click("z", "i2", user="v", t=T0 + 3),
     ]
     process_batch(recs(more, start=3), store, model, CFG)
-    assert len(store.get_user("u:u").sessions) == 2  # type: ignore[union-attr]
-    assert len(store.get_user("u:v").sessions) == 1  # type: ignore[union-attr]
+    user_u, user_v = store.get_user("u:u"), store.get_user("u:v")
+    assert user_u is not None and len(user_u.sessions) == 2
+    assert user_v is not None and len(user_v.sessions) == 1
 
 
 def test_unknown_items_do_not_advance_but_are_counted_and_recorded() -> None:
@@ -197,11 +203,13 @@ def test_model_swap_reencodes_old_states_from_recent_items() -> None:
     process_batch(recs(vals), store, old, CFG)
     res = process_batch(recs([click("b", "i4", user="u", t=T0 + 3)], start=3), store, new, CFG)
     assert res.stats["sessions_migrated"] == 1 and res.stats["users_migrated"] == 1
-    assert store.get_session("u:u").version == "v2"  # type: ignore[union-attr]
+    migrated = store.get_session("u:u")
+    assert migrated is not None and migrated.version == "v2"
     # the same as if v2 had served the whole history
     ref = StateStore()
     process_batch(recs([*vals, click("b", "i4", user="u", t=T0 + 3)]), ref, new, CFG)
-    assert store.get_session("u:u").same_as(ref.get_session("u:u"))  # type: ignore[union-attr,arg-type]
+    want = ref.get_session("u:u")
+    assert want is not None and migrated.same_as(want)
 
 
 def test_idle_sweep_closes_sessions_and_advances_users() -> None:

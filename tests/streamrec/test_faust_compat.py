@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from unittest.mock import AsyncMock, MagicMock
 
 from faust.tables.recovery import Recovery
@@ -25,8 +26,8 @@ def _fake_recovery(calls: list[str]) -> MagicMock:
     rec.tables.values.return_value = []
     rec._is_changelog_tp = lambda tp: "changelog" in tp
 
-    async def wait(coro: object, timeout: float | None = None) -> object:
-        return await coro  # type: ignore[misc]
+    async def wait(coro: Awaitable[object], timeout: float | None = None) -> object:
+        return await coro
 
     rec._wait = wait
     return rec

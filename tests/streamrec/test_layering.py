@@ -8,6 +8,7 @@ import pkgutil
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import streamrec
 import trainer
@@ -15,9 +16,9 @@ import trainer
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _modules(package: object) -> list[str]:
-    path = package.__path__  # type: ignore[attr-defined]
-    prefix = package.__name__ + "."  # type: ignore[attr-defined]
+def _modules(package: ModuleType) -> list[str]:
+    path = package.__path__
+    prefix = package.__name__ + "."
     names = (m.name for m in pkgutil.walk_packages(path, prefix))
     return sorted(n for n in names if not n.endswith(".__main__"))  # __main__ runs the CLI
 

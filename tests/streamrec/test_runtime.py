@@ -142,7 +142,8 @@ def test_deferred_scoring_equals_per_round_step(tmp_path: Path) -> None:
     assert [r["items"] for r in ra] == [r["items"] for r in rb]
     np.testing.assert_allclose([r["scores"] for r in ra], [r["scores"] for r in rb], atol=1e-5)
     for key in a.sessions:
-        assert a.get_session(key).same_as(b.get_session(key))  # type: ignore[union-attr,arg-type]
+        sa, sb = a.get_session(key), b.get_session(key)
+        assert sa is not None and sb is not None and sa.same_as(sb)
 
 
 def test_hrnn_checkpoint_serves_with_user_state(tmp_path: Path) -> None:
@@ -262,7 +263,7 @@ def test_bfloat16_scoring_agrees_with_float32(
         ServingModel(model, ids, "v", device="cpu", score_dtype="float16")
 
 
-def _save_weights(path: Path, seed: int, edit: str, **kw: object) -> Path:
+def _save_weights(path: Path, seed: int, edit: str, **kw: Any) -> Path:
     from streamrec.model.checkpoint import save_checkpoint
     from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
 
@@ -276,7 +277,7 @@ def _save_weights(path: Path, seed: int, edit: str, **kw: object) -> Path:
         elif edit == "zero":
             for p in model.parameters():
                 p.zero_()
-    return save_checkpoint(path, model, "gru4rec", [f"i{j}" for j in range(N)], **kw)  # type: ignore[arg-type]
+    return save_checkpoint(path, model, "gru4rec", [f"i{j}" for j in range(N)], **kw)
 
 
 def test_weights_must_be_finite_and_every_row_is_validated(tmp_path: Path) -> None:

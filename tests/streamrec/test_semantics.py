@@ -153,8 +153,10 @@ def test_users_and_anonymous_sessions_never_share_a_key() -> None:
     assert user is not None and user.sessions == [["i1", "i2"]]
     # an anonymous session whose id is the user's id
     res = process_batch([rec(click("x", "i3", t=T0 + 3), "x", 3)], store, model, CFG)
-    assert store.get_user("u:x").sessions == [["i1", "i2"]]  # type: ignore[union-attr]
-    assert store.get_session("u:x").session_id == "b"  # type: ignore[union-attr]
+    user = store.get_user("u:x")
+    assert user is not None and user.sessions == [["i1", "i2"]]
+    sess = store.get_session("u:x")
+    assert sess is not None and sess.session_id == "b"
     anon = store.get_session("a:x")
     assert anon is not None and anon.recent_items == ["i3"] and anon.user_id is None
     # it started from the initial state, not from the user's context
