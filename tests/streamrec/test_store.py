@@ -162,6 +162,10 @@ def test_a_database_of_the_old_key_layout_is_refused_with_a_clear_message(
     with pytest.raises(StateLayoutError, match="changelog"):
         st.apply_changelog([(b"s/alice", b"x", 0)])
     assert st.get(b"s/alice") is None and st.changelog_offset == -1
+    # so is a record without a key (no streamrec worker writes one)
+    with pytest.raises(StateLayoutError, match=r"offset 1 \(key None\)"):
+        st.apply_changelog([(b"s/a:x", b"x", 0), (None, b"x", 1)])
+    assert st.get(b"s/a:x") is None and st.changelog_offset == -1
     st.close()
 
 

@@ -200,13 +200,15 @@ class PartitionState:
         self.flushing = {}
         self._flushing_drops = set()
 
-    def apply_changelog(self, records: Iterable[tuple[bytes, bytes | None, int]]) -> int:
-        """Apply (key, value or None, offset) records read from the changelog; returns how many."""
+    def apply_changelog(self, records: Iterable[tuple[bytes | None, bytes | None, int]]) -> int:
+        """Apply (key, value or None, offset) records read from the changelog; returns how many.
+        A record without a key, or with a key of no state namespace, is refused."""
         batch = WriteBatch(raw_mode=True)
         n, last = 0, None
         for key, value, offset in records:
-            if not key.startswith(_VALID_PREFIXES):
-                raise _refuse(f"changelog record at offset {offset} (key {key[:60]!r})", "1")
+            if key is None or not key.startswith(_VALID_PREFIXES):
+                shown = key if key is None else key[:60]
+                raise _refuse(f"changelog record at offset {offset} (key {shown!r})", "1")
             _write(batch, key, value)
             n, last = n + 1, offset
         if last is not None:

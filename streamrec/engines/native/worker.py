@@ -428,18 +428,13 @@ class NativeWorker(EngineBase):
             while not all(reached.values()):
                 if time.monotonic() - t0 > RECOVERY_MAX_S:
                     raise TimeoutError(f"changelog recovery took over {RECOVERY_MAX_S} s")
-                batch: dict[int, list[tuple[bytes, bytes | None, int]]] = defaultdict(list)
+                batch: dict[int, list[tuple[bytes | None, bytes | None, int]]] = defaultdict(list)
                 for m in reader.consume(10_000, 0.1):
                     if m.error() is not None:
                         continue
-                    key, part, offset = m.key(), m.partition(), m.offset()
+                    part, offset = m.partition(), m.offset()
                     assert part is not None and offset is not None  # set on consumed records
-                    if key is None:  # this worker writes every changelog record with a key
-                        raise ValueError(
-                            f"changelog {self.changelog} partition {part} offset {offset}: "
-                            "a record without a key"
-                        )
-                    batch[part].append((key, m.value(), offset))
+                    batch[part].append((m.key(), m.value(), offset))
                 for p, records in batch.items():
                     total += by_partition[p].apply_changelog(records)
                     reached[p] = reached[p] or records[-1][2] + 1 >= ends[p]
