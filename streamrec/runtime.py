@@ -387,6 +387,16 @@ class ServingModel:
             min_recall = max(min_recall, gate_ratio * float(reference_recall))
         if not holdout:
             return None
+        recall = self.holdout_recall(holdout)
+        if recall == recall and recall < min_recall:
+            raise ModelLoadError(f"quality gate: holdout Recall@20 {recall:.4f} < {min_recall}")
+        return recall
+
+    def holdout_recall(self, holdout: Sequence[Sequence[str]], k: int = 20) -> float:
+        """Recall@k of next-item prediction on a holdout slice (lists of item ids), each
+        session stepped from the initial state: the figure the gate compares (the trainer
+        stores its own, computed by this method, as ``metrics["holdout_recall@20"]``).
+        NaN when no session has two events."""
         hits = n = 0
         for sess in holdout:
             if len(sess) < 2:
@@ -394,14 +404,11 @@ class ServingModel:
             u = self.initial_user_states(1)
             st = self.initial_states(u, 1)
             for cur, nxt in itertools.pairwise(sess):
-                o = self.step(self.rows([cur]), st, u, k=20)
+                o = self.step(self.rows([cur]), st, u, k=k)
                 st = o.states
                 hits += int(self.rows([nxt])[0] in set(o.top_rows[0].tolist()))
                 n += 1
-        recall = hits / n if n else math.nan
-        if n and recall < min_recall:
-            raise ModelLoadError(f"quality gate: holdout Recall@20 {recall:.4f} < {min_recall}")
-        return recall
+        return hits / n if n else math.nan
 
 
 class ModelHolder:

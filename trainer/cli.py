@@ -369,7 +369,13 @@ def train(
         "n_items": len(outcome.item_ids),
     }
     if test_df is not None:
+        from trainer.holdout import gate_figures
+
         data_stats["test_path"] = str(test_path)
+        # a bounded slice of the test set and its Recall@20: the workers' relative gate
+        slice_stats, slice_metrics = gate_figures(outcome.model, outcome.item_ids, test_df)
+        data_stats.update(slice_stats)
+        metrics.update(slice_metrics)
     out = save_checkpoint(
         out_dir,
         outcome.model,
