@@ -8,6 +8,7 @@ outside the window are not read.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -81,7 +82,9 @@ def _hour_start(hour: str) -> float:
     return datetime.strptime(hour, "%Y-%m-%d/%H").replace(tzinfo=UTC).timestamp()
 
 
-def _read(storage: Storage, files: list[ArchiveFile]) -> pd.DataFrame:
+def _read(
+    storage: Storage, files: list[ArchiveFile], advance: Callable[[int], None] | None = None
+) -> pd.DataFrame:
     tables = []
     for f in files:
         try:
@@ -89,6 +92,8 @@ def _read(storage: Storage, files: list[ArchiveFile]) -> pd.DataFrame:
                 tables.append(pq.read_table(fh))
         except (OSError, pa.ArrowException) as e:
             raise DataError(f"{storage.url}/{f.path}: unreadable archive file: {e}") from None
+        if advance is not None:
+            advance(1)
     if not tables:
         return pd.DataFrame(
             {
@@ -117,13 +122,15 @@ def read_archive(
     until: float | None = None,
     window: float | None = None,
     with_meta: bool = False,
+    progress: Callable[[int], Callable[[int], None]] | None = None,
 ) -> ArchiveSlice:
     """Clicks with ``since <= Time < until`` (``until`` defaults to just after the newest
     event); ``window`` seconds back from ``until`` (or the newest event) sets ``since``.
 
     Rows are in event-time order (ties by partition, offset), deduplicated by (partition,
     offset). ``UserId`` is kept when any row has one. ``with_meta`` keeps ``event_id``,
-    ``partition``, ``offset``.
+    ``partition``, ``offset``. ``progress(n_files)`` returns a function called with 1 after
+    every file read (a progress bar).
     """
     storage = Storage(directory)
     files = list_archive(storage)
@@ -139,7 +146,7 @@ def read_archive(
         if (since is None or _hour_start(f.hour) + 3600 > since)
         and (end is None or _hour_start(f.hour) < end)
     ]
-    df = _read(storage, chosen)
+    df = _read(storage, chosen, progress(len(chosen)) if progress is not None else None)
     if len(df):
         keep = np.ones(len(df), dtype=bool)
         if since is not None:

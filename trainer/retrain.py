@@ -13,6 +13,7 @@ published model by more than ``tolerance``. Every cycle appends one line to
 from __future__ import annotations
 
 import math
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -22,38 +23,20 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from streamrec import registry
 from streamrec.clicklog import DAY, DataError
 from streamrec.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from streamrec.model.gru4rec import GRU4Rec
 from trainer.archive_source import parse_duration, read_archive
+from trainer.holdout import HOLDOUT_KEY, gate_figures
+from trainer.warmstart import FeatureMismatch, grow_gru4rec, train_hier_warm, warm_epochs
+
+__all__ = ["RetrainConfig", "RetrainError", "compare", "degenerate", "grow_gru4rec", "run_cycle"]
 
 
 class RetrainError(RuntimeError):
     """A cycle that cannot run (no data, bad options); the message says why."""
-
-
-def grow_gru4rec(old: GRU4Rec, n_items: int, seed: int | None = None) -> GRU4Rec:
-    """A GRU4Rec with ``n_items >= old.n_items`` rows: every old tensor copied bit for bit
-    (item tables into their first rows), the new rows initialised as a fresh model's."""
-    if n_items < old.n_items:
-        raise ValueError(f"the item index only grows: {n_items} < {old.n_items}")
-    cfg = dict(old.config_dict())
-    cfg["n_items"] = n_items
-    new = GRU4Rec(cfg, seed=seed)
-    old_sd = old.state_dict()
-    with torch.no_grad():
-        for k, v in new.state_dict().items():
-            o = old_sd[k].detach().to("cpu")
-            if o.shape == v.shape:
-                v.copy_(o)
-            elif o.shape[1:] == v.shape[1:] and o.shape[0] <= v.shape[0]:
-                v[: o.shape[0]].copy_(o)  # an item table: old rows first
-            else:
-                raise ValueError(f"tensor {k}: shape {tuple(o.shape)} cannot grow to {v.shape}")
-    return new
 
 
 @dataclass
@@ -66,13 +49,24 @@ class RetrainConfig:
     preset: str | None = None
     params: list[str] = field(default_factory=list)
     cold: bool = False
-    tolerance: float = 0.02  # relative: candidate >= current * (1 - tolerance)
+    tolerance: float = 0.02  # relative: candidate >= current * (1 - tolerance) ...
     metric: str = "recall@20"
     keep: int = registry.DEFAULT_KEEP
     min_item_support: int = 1
     progress: bool = True
     #: test hook: transform the training frame (e.g. shuffle items for a degenerate model)
     corrupt: Callable[[pd.DataFrame], pd.DataFrame] | None = None
+    #: ... at this one-sided confidence (z score; 0: the point estimates alone)
+    gate_z: float = 1.645
+    #: with a published model, fewer holdout predictions than this: keep it, do not decide
+    min_holdout_events: int = 500
+    #: epochs of a warm-start cycle; None: the new events' share (trainer.warmstart)
+    warm_epochs: int | None = None
+    # the model's own options, as ``trainer train`` takes them
+    variant: str | None = None
+    features: str | None = None
+    item_meta: str | None = None
+    schedule: str | None = None
 
 
 def _now() -> str:
@@ -104,10 +98,52 @@ def _evaluate(
     return {k: float(v) for k, v in m.items()}
 
 
+def _new_events(train: pd.DataFrame, current: Checkpoint | None) -> int | None:
+    """Training events newer than the parent's training data (None: the parent lacks it)."""
+    if current is None:
+        return None
+    stats = current.data_stats or {}
+    last = stats.get("train_last_event")
+    if last is None:  # an older retrain checkpoint: its whole window (holdout included)
+        last = (stats.get("window") or {}).get("last_event")
+    if last is None:
+        return None
+    return int((train["Time"].to_numpy() > float(last)).sum())
+
+
+def _feature_builder(cfg: RetrainConfig, params: Any) -> Callable[..., list[Any]] | None:
+    if cfg.features is None and cfg.item_meta is None:
+        return None
+    from trainer.features import build_item_features
+
+    def build(index: dict[str, int], n: int) -> list[Any]:
+        return build_item_features(
+            index, n, features_path=cfg.features, item_meta_path=cfg.item_meta,
+            category_columns=params.category_columns, text_columns=params.text_columns,
+            tfidf_dim=params.tfidf_dim, missing_flag=params.missing_flag,
+        )  # fmt: skip
+
+    return build
+
+
+@dataclass
+class Trained:
+    model: Any
+    item_ids: list[str]
+    stats: dict[str, Any]
+    train_params: dict[str, Any]
+    warm: bool
+    epochs: int | None = None
+    note: str | None = None  # why a warm start fell back to cold
+
+
 def _train(
-    cfg: RetrainConfig, train: pd.DataFrame, current: Checkpoint | None
-) -> tuple[Any, list[str], dict[str, Any], dict[str, Any], bool]:
-    """(model, item_ids, stats, train_params, warm)."""
+    cfg: RetrainConfig, train: pd.DataFrame, current: Checkpoint | None, echo: Callable[[str], None]
+) -> Trained:
+    """Train the candidate: warm from ``current`` (same model kind, unless ``cfg.cold``), else
+    from scratch through the model's ``trainer train`` job."""
+    warm = not cfg.cold and current is not None and current.model_name == cfg.model_name
+    epochs: int | None = None
     if cfg.model_name == "gru4rec":
         from trainer.presets import ParamError, make_params
         from trainer.train import train_gru4rec
@@ -116,23 +152,59 @@ def _train(
             params = make_params(cfg.preset, cfg.params)
         except ParamError as e:
             raise RetrainError(f"--param/--preset: {e}") from None
-        warm = (
-            not cfg.cold and current is not None and current.model_name == "gru4rec"
-        )  # fmt: skip
         init = None
         if warm and current is not None:
             assert isinstance(current.model, GRU4Rec)
             init = (current.model.to("cpu"), current.item_ids)
+            epochs = cfg.warm_epochs or warm_epochs(
+                params.n_epochs, _new_events(train, current), len(train)
+            )
+            params.n_epochs = epochs
         model, ids, stats = train_gru4rec(train, params, progress=cfg.progress, init=init)
-        return model, ids, stats, params.to_dict(), warm
+        return Trained(model, ids, stats, params.to_dict(), warm, epochs)
     from trainer.cli import TRAINERS
     from trainer.jobs import TrainJob
 
     if cfg.model_name not in TRAINERS:
         raise RetrainError(f"unknown model {cfg.model_name!r} (known: {', '.join(TRAINERS)})")
-    # HRNN / p-RNN: cold start each cycle (warm start is implemented for GRU4Rec)
-    out = TRAINERS[cfg.model_name](TrainJob(train, cfg.preset, cfg.params, {}, cfg.progress))
-    return out.model, out.item_ids, out.stats, out.train_params, False
+    note = None
+    if warm and current is not None:
+        from trainer.train_hier import HRNNParams, PRNNParams, parse_hier_params
+
+        cls = HRNNParams if cfg.model_name == "hrnn" else PRNNParams
+        try:
+            p = parse_hier_params(cfg.params, cls, cfg.preset)
+        except ValueError as e:
+            raise RetrainError(f"--param/--preset: {e}") from None
+        if cfg.model_name == "prnn":
+            p.schedule = cfg.schedule or "joint"
+        epochs = cfg.warm_epochs or warm_epochs(p.n_epochs, _new_events(train, current), len(train))
+        p.n_epochs = epochs
+        log = (lambda s: echo("      " + s)) if cfg.progress else None
+        try:
+            grown, ids, stats, tp = train_hier_warm(
+                cfg.model_name, current.model, current.item_ids, train, p,
+                variant=getattr(current.model, "variant", None),
+                features=_feature_builder(cfg, p), log=log,
+            )  # fmt: skip
+            return Trained(grown, ids, stats, tp, True, epochs)
+        except FeatureMismatch as e:
+            # the item features changed shape: the old input layers do not apply
+            note = f"warm start impossible, trained cold: {e}"
+            echo("      " + note)
+        except ValueError as e:
+            raise RetrainError(f"warm start: {e}") from None
+            epochs = None
+    import click
+
+    opts = {"--variant": cfg.variant, "--features": cfg.features, "--item-meta": cfg.item_meta,
+            "--schedule": cfg.schedule}  # fmt: skip
+    opts = {k: v for k, v in opts.items() if v is not None}
+    try:
+        out = TRAINERS[cfg.model_name](TrainJob(train, cfg.preset, cfg.params, opts, cfg.progress))
+    except click.ClickException as e:  # the model's trainer refuses an option or the data
+        raise RetrainError(f"--model {cfg.model_name}: {e.format_message()}") from None
+    return Trained(out.model, out.item_ids, out.stats, out.train_params, False, None, note)
 
 
 def degenerate(metrics: dict[str, float], metric: str, n_items: int) -> str | None:
@@ -145,6 +217,64 @@ def degenerate(metrics: dict[str, float], metric: str, n_items: int) -> str | No
     if v <= chance:
         return f"{metric} {v:.4f} is no better than chance ({chance:.4f})"
     return None
+
+
+def compare(
+    cand: float, cur: float, n: int, tolerance: float, z: float
+) -> tuple[bool, float, float]:
+    """Non-inferiority of the candidate on ``n`` holdout predictions:
+    ``(passes, lower bound of cand - cur, margin)``.
+
+    The candidate passes when the one-sided lower confidence bound of ``cand - cur`` (at
+    ``z`` standard errors) is at least ``-tolerance * cur``: the data must show it is not
+    worse beyond the tolerance, so a small holdout, whose differences are noise, keeps the
+    current model. The standard error is that of two independent proportions,
+    ``sqrt((c(1-c) + o(1-o)) / n)``: the two models are scored on the same events, whose
+    hits are positively correlated, so the paired error is smaller and this one errs toward
+    keeping the current model.
+    """
+    se = math.sqrt(max(cand * (1 - cand) + cur * (1 - cur), 0.0) / max(n, 1))
+    lower = (cand - cur) - z * se
+    margin = -tolerance * cur
+    return lower >= margin, lower, margin
+
+
+class _Bars:
+    """Progress bars for the read and evaluate phases (rich, on stderr); nothing when off or
+    stderr is not a terminal."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.progress: Any = None
+        if enabled and sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), console=Console(stderr=True),
+            )  # fmt: skip
+
+    def __enter__(self) -> _Bars:
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def task(self, description: str, total: int) -> Callable[[int], None]:
+        """A bar; the returned function advances it by n."""
+        if self.progress is None:
+            return lambda n: None
+        tid = self.progress.add_task(description, total=total)
+        return lambda n: self.progress.advance(tid, n)
 
 
 def run_cycle(cfg: RetrainConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
@@ -160,7 +290,10 @@ def run_cycle(cfg: RetrainConfig, echo: Callable[[str], None] = print) -> dict[s
     echo("[1/4] reading the archive")
     t = time.perf_counter()
     try:
-        sl = read_archive(cfg.archive, window=window_s)
+        with _Bars(cfg.progress) as bars:
+            sl = read_archive(
+                cfg.archive, window=window_s, progress=lambda total: bars.task("read", total)
+            )
     except DataError as e:
         raise RetrainError(str(e)) from None
     from trainer.data import preprocess
@@ -187,10 +320,15 @@ def run_cycle(cfg: RetrainConfig, echo: Callable[[str], None] = print) -> dict[s
 
     echo("[2/4] training the candidate" + (" (warm start)" if current and not cfg.cold else ""))
     t = time.perf_counter()
-    model, item_ids, stats, train_params, warm = _train(cfg, train, current)
+    tr = _train(cfg, train, current, echo)
+    model, item_ids, stats, warm = tr.model, tr.item_ids, tr.stats, tr.warm
     phases["train"] = time.perf_counter() - t
     old_ids = set(current.item_ids) if current else set()
     rec["warm_start"] = warm
+    rec["warm_epochs"] = tr.epochs
+    rec["new_train_events"] = _new_events(train, current)
+    if tr.note:
+        rec["note"] = tr.note
     rec["items"] = len(item_ids)
     rec["new_items"] = sum(1 for i in item_ids if i not in old_ids)
 
@@ -201,12 +339,26 @@ def run_cycle(cfg: RetrainConfig, echo: Callable[[str], None] = print) -> dict[s
     gate_test = _restrict(test, cand_index, *([cur_index] if current else []))
     cand_m: dict[str, float] = {}
     cur_m: dict[str, float] = {}
-    if len(gate_test):
-        cand_m = _evaluate(cfg.model_name, model, gate_test, cand_index, train)
-        if current is not None:
-            cur_m = _evaluate(current.model_name, current.model, gate_test, cur_index, train)
+    with _Bars(cfg.progress) as bars:
+        advance = bars.task("evaluate", 3 if current is not None else 2)
+        if len(gate_test):
+            cand_m = _evaluate(cfg.model_name, model, gate_test, cand_index, train)
+            advance(1)
+            if current is not None:
+                cur_m = _evaluate(current.model_name, current.model, gate_test, cur_index, train)
+                advance(1)
+        # the slice and figure a worker's relative gate checks this checkpoint against
+        slice_stats, slice_metrics = gate_figures(model, item_ids, test)
+        advance(1)
     phases["evaluate"] = time.perf_counter() - t
-    rec["metrics"] = {"candidate": cand_m, "current": cur_m, "holdout_events": len(gate_test)}
+    n_gate = int(min(cand_m.get("n_events", 0), cur_m.get("n_events", 0) if cur_m else 1 << 62))
+    rec["metrics"] = {
+        "candidate": cand_m,
+        "current": cur_m,
+        "holdout_events": len(gate_test),
+        "holdout_predictions": n_gate,
+        "slice": {"sessions": len(slice_stats.get(HOLDOUT_KEY, [])), **slice_metrics},
+    }
 
     # ---- the gate
     reason: str | None
@@ -214,12 +366,20 @@ def run_cycle(cfg: RetrainConfig, echo: Callable[[str], None] = print) -> dict[s
         reason = "no holdout events with items both models know: nothing to gate on"
     else:
         reason = degenerate(cand_m, cfg.metric, len(item_ids))
-        if reason is None and current is not None:
+        if reason is None and current is not None and n_gate < cfg.min_holdout_events:
+            reason = (
+                f"the holdout has {n_gate} predictions (items both models know), fewer than "
+                f"{cfg.min_holdout_events}: too few to compare, not deciding"
+            )
+        elif reason is None and current is not None:
             c, o = cand_m[cfg.metric], cur_m.get(cfg.metric, 0.0)
-            if c < o * (1.0 - cfg.tolerance):
+            ok, lower, margin = compare(c, o, n_gate, cfg.tolerance, cfg.gate_z)
+            rec["metrics"]["gate"] = {"lower_bound": lower, "margin": margin, "z": cfg.gate_z}
+            if not ok:
                 reason = (
-                    f"candidate {cfg.metric} {c:.4f} < current {o:.4f} beyond the "
-                    f"tolerance {cfg.tolerance:.0%}"
+                    f"candidate {cfg.metric} {c:.4f} vs current {o:.4f} on {n_gate} "
+                    f"predictions: not shown within the tolerance {cfg.tolerance:.0%} "
+                    f"(lower bound of the difference {lower:+.4f} < {margin:+.4f})"
                 )
 
     echo("[4/4] " + ("publishing" if reason is None else f"keeping the current model: {reason}"))
@@ -232,17 +392,20 @@ def run_cycle(cfg: RetrainConfig, echo: Callable[[str], None] = print) -> dict[s
             model,
             cfg.model_name,
             item_ids,
-            train_params=train_params,
+            train_params=tr.train_params,
             data_stats={
                 "source": f"archive:{cfg.archive}",
                 "window": sl.summary(),
                 "train_events": len(train),
+                "train_last_event": float(train["Time"].max()),
                 "n_items": len(item_ids),
                 "new_items": rec["new_items"],
                 "warm_start": warm,
+                "warm_epochs": tr.epochs,
                 "parent": current.version if current else None,
+                **slice_stats,
             },
-            metrics={f"holdout_{k}": v for k, v in cand_m.items()},
+            metrics={**{f"gate_{k}": v for k, v in cand_m.items()}, **slice_metrics},
         )
         version = registry.add_version(cfg.models, staging)
         rec["pruned"] = registry.publish(cfg.models, version, cfg.keep)
@@ -250,7 +413,9 @@ def run_cycle(cfg: RetrainConfig, echo: Callable[[str], None] = print) -> dict[s
     rec["decision"] = {"published": reason is None, "version": version, "reason": reason}
     rec["seconds"] = {k: round(v, 4) for k, v in phases.items()}
     rec["train_stats"] = {
-        k: stats.get(k) for k in ("train_seconds", "train_events_per_s", "n_items") if k in stats
+        k: stats.get(k)
+        for k in ("train_seconds", "train_events_per_s", "n_items", "epoch_losses")
+        if k in stats
     }
     registry.append_log(cfg.models, rec)
     echo(
@@ -286,7 +451,30 @@ def commands() -> list[Any]:
     @click.option("--tolerance", default=0.02, show_default=True, help="Relative gate tolerance.")
     @click.option("--metric", default="recall@20", show_default=True)
     @click.option("--keep", default=registry.DEFAULT_KEEP, show_default=True, help="Versions kept.")
+    @click.option(
+        "--gate-z",
+        default=1.645,
+        show_default=True,
+        help="Confidence of the gate: the candidate must be shown within the tolerance at "
+        "this one-sided z (0: compare the point estimates).",
+    )
+    @click.option(
+        "--min-holdout-events",
+        default=500,
+        show_default=True,
+        help="With a published model, fewer holdout predictions than this keep it.",
+    )
+    @click.option(
+        "--warm-epochs",
+        default="auto",
+        show_default=True,
+        help="Epochs of a warm start: N, or auto (the new events' share of n_epochs).",
+    )
     @click.option("--min-item-support", default=1, show_default=True)
+    @click.option("--variant", default=None, help="HRNN variant (init, all), as trainer train")
+    @click.option("--features", default=None, help="p-RNN item feature file, as trainer train")
+    @click.option("--item-meta", default=None, help="p-RNN item metadata, as trainer train")
+    @click.option("--schedule", default=None, help="p-RNN training schedule")
     @click.option("--progress/--no-progress", default=True)
     def retrain(
         archive: str,
@@ -302,15 +490,28 @@ def commands() -> list[Any]:
         tolerance: float,
         metric: str,
         keep: int,
+        gate_z: float,
+        min_holdout_events: int,
+        warm_epochs: str,
         min_item_support: int,
+        variant: str | None,
+        features: str | None,
+        item_meta: str | None,
+        schedule: str | None,
         progress: bool,
     ) -> None:
         """Retrain from the click archive; publish the candidate if it passes the gate."""
         if once == bool(every):
             raise click.UsageError("give exactly one of --once and --every")
+        if warm_epochs != "auto" and not (warm_epochs.isdigit() and int(warm_epochs) > 0):
+            raise click.BadParameter("a positive integer or auto", param_hint="--warm-epochs")
+        if gate_z < 0 or min_holdout_events < 0 or not 0 <= tolerance <= 1:
+            raise click.UsageError("--gate-z, --min-holdout-events >= 0; --tolerance in [0, 1]")
         cfg = RetrainConfig(
             archive, models, window, holdout, model_name, preset, _split_values(params), cold,
-            tolerance, metric, keep, min_item_support, progress,
+            tolerance, metric, keep, min_item_support, progress, None, gate_z,
+            min_holdout_events, None if warm_epochs == "auto" else int(warm_epochs), variant,
+            features, item_meta, schedule,
         )  # fmt: skip
         echo = lambda s: click.echo(s, err=True)  # noqa: E731
         if once:

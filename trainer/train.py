@@ -63,7 +63,7 @@ def train_gru4rec(
     """Train GRU4Rec on a click frame; returns ``(model in eval mode, item_ids, stats)``.
 
     ``max_steps`` stops each epoch early (benchmarks).  Same seed + same device: same result.
-    ``init = (model, item_ids)`` warm-starts (trainer.retrain.grow_gru4rec): the old items
+    ``init = (model, item_ids)`` warm-starts (trainer.warmstart.grow_gru4rec): the old items
     keep their rows and weights, new items get new rows after them, the architecture is the
     old model's.
     """
@@ -78,8 +78,9 @@ def train_gru4rec(
 
     item_ids, index = build_item_index(_sorted_for_index(train_df)["ItemId"])
     if init is not None:
-        known = set(init[1])
-        item_ids = [*init[1], *(i for i in item_ids if i not in known)]
+        from trainer.warmstart import extend_index
+
+        item_ids = extend_index(init[1], item_ids)
         index = {iid: r for r, iid in enumerate(item_ids)}
     sessions = order_sessions(train_df, index)
     plan_np = session_parallel_plan(sessions, p.batch_size)
@@ -104,7 +105,7 @@ def train_gru4rec(
         seed=p.seed,
     )
     if init is not None:
-        from trainer.retrain import grow_gru4rec
+        from trainer.warmstart import grow_gru4rec
 
         model = grow_gru4rec(init[0], len(item_ids), p.seed)
     model = model.to(device)

@@ -17,11 +17,14 @@ from streamrec.archive import SCHEMA, Storage, file_name, hour_of, list_archive
 from streamrec.clicklog import DataError
 from streamrec.model.checkpoint import load_checkpoint, save_checkpoint
 from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
+from streamrec.model.hrnn import HRNN
+from streamrec.model.prnn import PRNN
 from streamrec.runtime import ModelHolder, ServingModel
 from streamrec.synthetic import generate_clicks
 from trainer.archive_source import parse_duration, read_archive
-from trainer.retrain import RetrainConfig, grow_gru4rec, run_cycle
+from trainer.retrain import RetrainConfig, compare, grow_gru4rec, run_cycle
 from trainer.train import train_gru4rec
+from trainer.warmstart import grow_model, warm_epochs
 
 PARAMS = ["layers=32", "n_epochs=3", "batch_size=32", "n_sample=0", "loss=cross-entropy"]
 SMALL = {"layers": [16], "n_epochs": 1, "batch_size": 16, "n_sample": 0}
@@ -112,6 +115,61 @@ def test_grow_keeps_every_old_tensor_bit_equal() -> None:
         grow_gru4rec(old, 10)
 
 
+def _models() -> dict[str, torch.nn.Module]:
+    torch.manual_seed(0)
+    return {
+        "gru4rec-onehot": GRU4Rec(GRU4RecConfig(n_items=20, layers=[8, 6]), seed=1),
+        "hrnn": HRNN(20, [8], [6], embedding=5, variant="all", user_to_output=True),
+        "prnn": PRNN(
+            20,
+            [3, 4],
+            feature_values=[torch.rand(20, 3), torch.rand(20, 4)],
+            id_hidden=8,
+            feature_hidden=[5, 6],
+            embedding=4,
+        ),
+        "prnn-concat": PRNN(20, [3], arch="concat", feature_values=[torch.rand(20, 3)]),
+    }
+
+
+@pytest.mark.parametrize("name", ["gru4rec-onehot", "hrnn", "prnn", "prnn-concat"])
+def test_grow_model_keeps_every_old_tensor_bit_equal(name: str) -> None:
+    """One function for every model: item tables (any tensor with a row per item: embeddings,
+    outputs, HRNN's Wuy, p-RNN's feature buffers) keep their old rows bit-equal and grow;
+    every other tensor is copied as it is."""
+    old = _models()[name]
+    snap = {k: v.clone() for k, v in old.state_dict().items()}
+    new = grow_model(old, 27, seed=3)
+    assert type(new) is type(old) and new.n_items == 27
+    assert new.config_dict() == {**old.config_dict(), "n_items": 27}
+    grown = 0
+    for k, v in snap.items():
+        w = new.state_dict()[k]
+        if w.shape == v.shape:
+            assert torch.equal(w, v), k
+        else:
+            assert w.shape[0] == 27 and v.shape[0] == 20 and w.shape[1:] == v.shape[1:], k
+            assert torch.equal(w[:20], v), k
+            grown += 1
+    assert grown >= (2 if name.startswith("gru4rec") else 3)
+    assert all(torch.equal(v, snap[k]) for k, v in old.state_dict().items())  # old untouched
+    x = torch.tensor([3, 7])  # known items score the same way after growing
+    u = old.initial_user_state(2)
+    s_old, sc_old = old.eval().step(x, old.initial_state(u, 2), u)
+    s_new, sc_new = new.eval().step(x, new.initial_state(u, 2), u)
+    assert torch.equal(s_old, s_new) and torch.equal(sc_old, sc_new[:, :20])
+    with pytest.raises(ValueError, match="only grows"):
+        grow_model(old, 10)
+
+
+def test_warm_epochs_are_the_new_events_share() -> None:
+    assert warm_epochs(10, None, 1000) == 10  # unknown: as configured
+    assert warm_epochs(10, 1000, 1000) == 10
+    assert warm_epochs(10, 250, 1000) == 3  # ceil(2.5)
+    assert warm_epochs(3, 300, 96_000) == 1  # a barely grown window: one epoch
+    assert warm_epochs(3, 0, 96_000) == 1
+
+
 def test_warm_start_keeps_old_rows_and_grows_the_index() -> None:
     df = generate_clicks(400, 30, seed=3)
     old, old_ids, _ = train_gru4rec(df, SMALL, progress=False)
@@ -165,6 +223,12 @@ def test_first_cycle_publishes_then_gate_refuses_degenerate(tmp_path: Path) -> N
     assert not holder.maybe_reload() and holder.current.version == v1
     log = registry.read_log(models)
     assert [r["decision"]["published"] for r in log] == [True, False]
+    # the published checkpoint carries the slice and figure of the workers' relative gate
+    meta = holder.current.metadata
+    sessions = meta["data_stats"]["holdout_sessions"]
+    assert 0 < len(sessions) <= 200 and all(len(x) >= 2 for x in sessions)
+    assert meta["metrics"]["holdout_recall@20"] == log[0]["metrics"]["slice"]["holdout_recall@20"]
+    assert holder.current.holdout_recall(sessions) == meta["metrics"]["holdout_recall@20"]
     for r in log:
         assert set(r["seconds"]) == {"read", "train", "evaluate", "publish"}
         assert r["window"]["offsets"]["0"][0] == 0 and r["events"]["train"] > 0
@@ -174,6 +238,12 @@ def test_first_cycle_publishes_then_gate_refuses_degenerate(tmp_path: Path) -> N
     df3["SessionId"] = "n" + df3["SessionId"].astype(str)
     write_archive(archive, df3, start=len(df))
     warm = RetrainConfig(**{**cfg.__dict__, "tolerance": 1.0, "holdout": "2h"})
+    kept = run_cycle(warm, echo=lambda s: None)  # 2h of holdout: too few events to decide
+    assert not kept["decision"]["published"] and kept["warm_start"]
+    assert f"fewer than {warm.min_holdout_events}" in kept["decision"]["reason"]
+    assert kept["metrics"]["holdout_predictions"] < warm.min_holdout_events
+    assert registry.current_version(models) == v1
+    warm.min_holdout_events = 100
     r3 = run_cycle(warm, echo=lambda s: None)
     assert r3["decision"]["published"] and r3["warm_start"] and r3["new_items"] == 1
     assert holder.maybe_reload()
@@ -271,3 +341,135 @@ def test_hrnn_retrains_cold_through_the_same_cycle(tmp_path: Path) -> None:
     r = run_cycle(cfg, echo=lambda s: None)
     assert r["decision"]["published"] and not r["warm_start"]
     assert load_checkpoint(_published(tmp_path / "m")).model_name == "hrnn"
+
+
+HIER_PARAMS = {
+    "hrnn": ["layers=16", "user_layers=16", "n_epochs=2", "batch_size=16", "n_sample=0"],
+    "prnn": ["id_hidden=16", "feature_hidden=8", "n_epochs=2", "batch_size=16", "n_sample=0"],
+}
+
+
+@pytest.mark.parametrize("name", ["hrnn", "prnn"])
+def test_retrain_cli_warm_starts_hrnn_and_prnn(tmp_path: Path, name: str) -> None:
+    """``trainer retrain --once --model hrnn|prnn``: a cold first cycle publishes; the next
+    cycle warm-starts from it: the index grows, rows of items the window no longer has stay
+    bit-equal, p-RNN's new items get their features, and the candidate trains (loss falls)."""
+    from trainer.cli import main
+
+    archive, models = tmp_path / "a", tmp_path / "m"
+    df = generate_clicks(600, 40, n_users=60, seed=1, span_days=10)
+    n = write_archive(archive, df)
+    new_items = [f"new{j}" for j in range(4)]
+    rng = np.random.default_rng(0)
+    all_items = sorted(set(df["ItemId"].astype(str))) + new_items
+    vectors = {i: rng.random(3).round(4) for i in all_items}
+    feats = tmp_path / "features.tsv"
+    pd.DataFrame([[i, *v] for i, v in vectors.items()], columns=["ItemId", "a", "b", "c"]).to_csv(
+        feats, sep="\t", index=False
+    )
+    base = ["retrain", "--archive", str(archive), "--models", str(models), "--once",
+            "--model", name, "--no-progress", "--param", *HIER_PARAMS[name]]  # fmt: skip
+    if name == "prnn":
+        out = CliRunner().invoke(main, base)
+        assert out.exit_code == 1 and "item features" in out.output, out.output
+        base += ["--features", str(feats)]
+    out = CliRunner().invoke(main, [*base, "--window", "60d", "--holdout", "1d"])
+    assert out.exit_code == 0, out.output
+    v1 = load_checkpoint(_published(models))
+    # a day later: 4 new items, 5 old items gone; the window holds only the new day
+    t0 = float(df["Time"].max()) + 2 * 86400
+    df2 = generate_clicks(300, 40, n_users=60, seed=2, start_time=t0, span_days=0.9)
+    gone = set(v1.item_ids[:5])
+    df2 = df2[~df2["ItemId"].astype(str).isin(gone)].copy()
+    df2.loc[df2.index[::6], "ItemId"] = np.resize(new_items, len(df2.index[::6]))
+    df2["SessionId"] = "b" + df2["SessionId"].astype(str)
+    write_archive(archive, df2, start=n)
+    out = CliRunner().invoke(
+        main,
+        [*base, "--window", "1d", "--holdout", "3h", "--warm-epochs", "3", "--tolerance", "1",
+         "--min-holdout-events", "0"],
+    )  # fmt: skip
+    assert out.exit_code == 0, out.output
+    r = registry.read_log(models)[-1]
+    assert r["warm_start"] and r["warm_epochs"] == 3 and r["new_items"] == len(new_items), r
+    assert r["decision"]["published"], r
+    losses = r["train_stats"]["epoch_losses"]
+    assert len(losses) >= 3 and losses[-1] < losses[0], losses  # it trains from the weights
+    v2 = load_checkpoint(_published(models))
+    assert v2.version != v1.version and v2.model_name == name
+    assert v2.item_ids[: len(v1.item_ids)] == v1.item_ids  # old items keep their rows
+    assert sorted(v2.item_ids[len(v1.item_ids) :]) == new_items  # the index grows
+    old_sd, new_sd = v1.model.state_dict(), v2.model.state_dict()
+    rows = [v1.item_ids.index(i) for i in gone]
+    tables = [k for k, v in old_sd.items() if v.shape[0] == len(v1.item_ids)]
+    assert tables
+    for k in tables:
+        assert new_sd[k].shape[0] == len(v2.item_ids)
+        assert torch.equal(new_sd[k][rows], old_sd[k][rows]), k  # untrained rows: bit-equal
+    if name == "prnn":
+        feat = new_sd["feat_0"]
+        assert torch.equal(feat[: len(v1.item_ids)], old_sd["feat_0"])
+        for i in new_items:  # the new items' features, then the missing flag (0: present)
+            want = torch.tensor([*vectors[i], 0.0], dtype=feat.dtype)
+            assert torch.equal(feat[v2.item_index[i]], want)
+    else:
+        assert v2.model.config_dict() == {**v1.model.config_dict(), "n_items": len(v2.item_ids)}
+
+
+def test_gate_is_non_inferiority_at_a_confidence() -> None:
+    # a half-point drop on 100,000 predictions is shown to be within the 2 % tolerance ...
+    assert compare(0.505, 0.51, 100_000, 0.02, 1.645)[0]
+    # ... on 300 it is noise: not shown, the current model stays
+    assert not compare(0.505, 0.51, 300, 0.02, 1.645)[0]
+    # z = 0: the point estimates alone (the old rule)
+    assert compare(0.505, 0.51, 300, 0.02, 0.0)[0]
+    assert not compare(0.45, 0.51, 100_000, 0.02, 1.645)[0]  # clearly worse
+    ok, lower, margin = compare(0.60, 0.50, 1000, 0.02, 1.645)
+    assert ok and lower < 0.10 and margin == pytest.approx(-0.01)
+
+
+def _shuffle_item_rows(model: torch.nn.Module, n_items: int) -> None:
+    """Scramble which row belongs to which item (every item table the same way)."""
+    perm = torch.randperm(n_items, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.dim() >= 1 and t.shape[0] == n_items:
+                t.copy_(t[perm])
+
+
+def test_train_writes_gate_figures_and_worker_refuses_a_scrambled_model(tmp_path: Path) -> None:
+    from streamrec.runtime import HOLDOUT_METRIC
+    from trainer.cli import main
+
+    df = generate_clicks(900, 60, seed=7, span_days=9)
+    cut = df["Time"].quantile(0.8)
+    first = df.groupby("SessionId")["Time"].transform("min")
+    df[first < cut].to_csv(tmp_path / "train.tsv", sep="\t", index=False)
+    df[first >= cut].to_csv(tmp_path / "test.tsv", sep="\t", index=False)
+    out = CliRunner().invoke(
+        main,
+        ["train", "--train", str(tmp_path / "train.tsv"), "--test", str(tmp_path / "test.tsv"),
+         "--out", str(tmp_path / "m"), "--no-progress", "--param", *PARAMS],
+    )  # fmt: skip
+    assert out.exit_code == 0, out.output
+    ck = load_checkpoint(tmp_path / "m")
+    sessions = ck.data_stats["holdout_sessions"]
+    ref = ck.metrics[HOLDOUT_METRIC]
+    assert 0 < len(sessions) <= 200 and all(2 <= len(x) <= 50 for x in sessions)
+    assert all(i in ck.item_index for x in sessions for i in x)  # known items only
+    assert ref > 0.3  # a learnt model: far above chance (20 / 60 items)
+    holder = ModelHolder(ServingModel.from_checkpoint(_ckpt(tmp_path / "p", 0), "cpu"))
+    assert holder.load_and_swap(tmp_path / "m")  # the model itself passes its own gate
+    # the same model with its item rows scrambled: finite, varied scores, but far below the
+    # checkpoint's own figure on the slice: the relative gate refuses it
+    _shuffle_item_rows(ck.model, len(ck.item_ids))
+    for path, metrics in (("bad", ck.metrics), ("bad-no-figure", {})):
+        save_checkpoint(
+            tmp_path / path, ck.model, "gru4rec", ck.item_ids,
+            data_stats=ck.data_stats, metrics=metrics,
+        )  # fmt: skip
+    assert not holder.load_and_swap(tmp_path / "bad")
+    assert holder.current.version == ck.version
+    assert "quality gate" in next(iter(holder.rejected.values()))
+    # without the figure there is no relative gate: the scrambled model would serve
+    assert holder.load_and_swap(tmp_path / "bad-no-figure")
