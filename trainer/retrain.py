@@ -160,7 +160,8 @@ def _train(
                 params.n_epochs, _new_events(train, current), len(train)
             )
             params.n_epochs = epochs
-        model, ids, stats = train_gru4rec(train, params, progress=cfg.progress, init=init)
+        bar = cfg.progress and sys.stderr.isatty()
+        model, ids, stats = train_gru4rec(train, params, progress=bar, init=init)
         return Trained(model, ids, stats, params.to_dict(), warm, epochs)
     from trainer.cli import TRAINERS
     from trainer.jobs import TrainJob

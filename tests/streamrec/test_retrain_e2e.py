@@ -75,7 +75,10 @@ class Loop:
     def retrain(self) -> dict[str, Any]:
         cmd = ["-m", "trainer", "retrain", "--archive", str(self.archive), "--models"]
         cmd += [str(self.models), "--once", "--window", "30d", "--holdout", "1h", *PARAMS]
-        p = self.spawn("retrain.log", *cmd, "--tolerance", "1.0", "--no-progress")
+        # tolerance 1 and no holdout floor: the 1h holdout of this short stream is too small
+        # for the gate to decide; this test is about the loop, the gate has its own tests
+        cmd += ["--tolerance", "1.0", "--min-holdout-events", "0", "--no-progress"]
+        p = self.spawn("retrain.log", *cmd)
         assert p.wait(300) == 0, (self.tmp / "retrain.log").read_text()[-3000:]
         return registry.read_log(self.models)[-1]
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -473,3 +475,41 @@ def test_train_writes_gate_figures_and_worker_refuses_a_scrambled_model(tmp_path
     assert "quality gate" in next(iter(holder.rejected.values()))
     # without the figure there is no relative gate: the scrambled model would serve
     assert holder.load_and_swap(tmp_path / "bad-no-figure")
+
+
+def test_progress_bars_count_archive_files_and_hide_without_a_terminal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    from trainer.retrain import _Bars
+
+    df = generate_clicks(100, 20, seed=8, span_days=1)
+    write_archive(tmp_path / "a", df)
+    n_files = len(list_archive(Storage(str(tmp_path / "a"))))
+    seen: list[int] = []
+    calls = []
+
+    def bar(total: int) -> Any:
+        seen.append(total)
+        return calls.append
+
+    sl = read_archive(str(tmp_path / "a"), progress=bar)
+    assert seen == [sl.files] == [n_files] and sum(calls) == n_files > 1
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal: no bar, no output
+    with _Bars(True) as bars:
+        bars.task("read", 3)(1)
+    assert bars.progress is None and sys.stderr.getvalue() == ""
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Tty())
+    with _Bars(True) as bars:
+        advance = bars.task("evaluate", 2)
+        advance(1)
+        advance(1)
+    assert bars.progress is not None and bars.progress.tasks[0].completed == 2
+    with _Bars(False) as bars:  # --no-progress
+        assert bars.progress is None
