@@ -24,12 +24,13 @@ import pandas as pd
 import torch
 from torch import nn
 
+from streamrec.model.api import RegisteredModel
 from streamrec.model.gru4rec import GRU4Rec
 from streamrec.model.items import build_item_index
 
 
-def _fresh(old: nn.Module, n_items: int, seed: int | None) -> nn.Module:
-    cfg = {**old.config_dict(), "n_items": n_items}  # type: ignore[operator]
+def _fresh(old: RegisteredModel, n_items: int, seed: int | None) -> nn.Module:
+    cfg = {**old.config_dict(), "n_items": n_items}
     if isinstance(old, GRU4Rec):
         return GRU4Rec.from_config(cfg, seed=seed)
     if seed is not None:
@@ -41,9 +42,9 @@ def _fresh(old: nn.Module, n_items: int, seed: int | None) -> nn.Module:
     return new
 
 
-def grow_model(old: nn.Module, n_items: int, seed: int | None = None) -> nn.Module:
+def grow_model(old: RegisteredModel, n_items: int, seed: int | None = None) -> nn.Module:
     """A model like ``old`` with ``n_items >= old.n_items`` item rows (see the module doc)."""
-    m = int(old.n_items)  # type: ignore[arg-type]
+    m = int(old.n_items)
     if n_items < m:
         raise ValueError(f"the item index only grows: {n_items} < {m}")
     new = _fresh(old, n_items, seed)
@@ -127,7 +128,7 @@ def new_feature_rows(
 
 def train_hier_warm(
     model_name: str,
-    parent: nn.Module,
+    parent: RegisteredModel,
     parent_ids: list[str],
     train_df: pd.DataFrame,
     params: Any,

@@ -117,7 +117,7 @@ def test_grow_keeps_every_old_tensor_bit_equal() -> None:
         grow_gru4rec(old, 10)
 
 
-def _models() -> dict[str, torch.nn.Module]:
+def _models() -> dict[str, Any]:
     torch.manual_seed(0)
     return {
         "gru4rec-onehot": GRU4Rec(GRU4RecConfig(n_items=20, layers=[8, 6]), seed=1),
@@ -141,7 +141,7 @@ def test_grow_model_keeps_every_old_tensor_bit_equal(name: str) -> None:
     every other tensor is copied as it is."""
     old = _models()[name]
     snap = {k: v.clone() for k, v in old.state_dict().items()}
-    new = grow_model(old, 27, seed=3)
+    new: Any = grow_model(old, 27, seed=3)
     assert type(new) is type(old) and new.n_items == 27
     assert new.config_dict() == {**old.config_dict(), "n_items": 27}
     grown = 0
@@ -430,7 +430,7 @@ def test_gate_is_non_inferiority_at_a_confidence() -> None:
     assert ok and lower < 0.10 and margin == pytest.approx(-0.01)
 
 
-def _shuffle_item_rows(model: torch.nn.Module, n_items: int) -> None:
+def _shuffle_item_rows(model: Any, n_items: int) -> None:
     """Scramble which row belongs to which item (every item table the same way)."""
     perm = torch.randperm(n_items, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -488,7 +488,7 @@ def test_progress_bars_count_archive_files_and_hide_without_a_terminal(
     write_archive(tmp_path / "a", df)
     n_files = len(list_archive(Storage(str(tmp_path / "a"))))
     seen: list[int] = []
-    calls = []
+    calls: list[int] = []
 
     def bar(total: int) -> Any:
         seen.append(total)
@@ -496,10 +496,11 @@ def test_progress_bars_count_archive_files_and_hide_without_a_terminal(
 
     sl = read_archive(str(tmp_path / "a"), progress=bar)
     assert seen == [sl.files] == [n_files] and sum(calls) == n_files > 1
-    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal: no bar, no output
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)  # not a terminal: no bar, no output
     with _Bars(True) as bars:
         bars.task("read", 3)(1)
-    assert bars.progress is None and sys.stderr.getvalue() == ""
+    assert bars.progress is None and err.getvalue() == ""
 
     class Tty(io.StringIO):
         def isatty(self) -> bool:
