@@ -44,6 +44,7 @@ def _header(kind: str) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "loadavg_at_start": os.getloadavg(),  # the host is shared
     }
 
 
@@ -71,18 +72,19 @@ def bench_cycle(args: argparse.Namespace) -> dict[str, Any]:
         str(work / "archive"), str(work / "models"), "14d", "1d", params=params,
         preset=args.preset, progress=False,
     )  # fmt: skip
+    header = _header("cycle")
     first = run_cycle(cfg, echo=lambda s: print(s, file=sys.stderr))
     second = run_cycle(cfg, echo=lambda s: print(s, file=sys.stderr))
+    keys = ("seconds", "events", "decision", "metrics", "train_stats")
     return {
-        **_header("cycle"),
+        **header,
+        "loadavg_at_end": os.getloadavg(),
         "events": len(df),
         "archive_write_seconds": write_s,
         "preset": args.preset,
         "params": params,
-        "first_cycle": {k: first[k] for k in ("seconds", "events", "decision", "metrics")},
-        "second_cycle_warm": {
-            k: second[k] for k in ("seconds", "events", "decision", "metrics", "warm_start")
-        },
+        "first_cycle": {k: first[k] for k in keys},
+        "second_cycle_warm": {k: second[k] for k in (*keys, "warm_start", "warm_epochs")},
     }
 
 

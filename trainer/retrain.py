@@ -2,13 +2,15 @@
 
 One cycle: read the event-time window of the archive (``trainer.archive_source``), hold out
 the sessions that start in its newest ``holdout`` slice, train a candidate on the rest
-(GRU4Rec warm-starts from the published model unless ``cold``: known items keep their rows,
-new items get new rows after them), evaluate candidate and published model on the same
-holdout events (items both know), and publish through the registry
-(``streamrec.registry``) only if the candidate is not degenerate and not worse than the
-published model by more than ``tolerance``. Every cycle appends one line to
-``MODELS/retrain-log.jsonl``.
-"""
+(GRU4Rec, HRNN and p-RNN warm-start from the published model of the same kind unless
+``cold``: known items keep their rows, new items get new rows after them, and the epochs are
+the new events' share, ``trainer.warmstart``), evaluate candidate and published model on the
+same holdout events (items both know), and publish through the registry
+(``streamrec.registry``) only if the candidate is not degenerate and, with a published model,
+the holdout is large enough to decide (``min_holdout_events``) and shows the candidate no
+worse than the published model beyond ``tolerance`` at confidence ``gate_z`` (:func:`compare`).
+A published checkpoint carries a held-out slice and its Recall@20 for the workers' own gate
+(``trainer.holdout``). Every cycle appends one line to ``MODELS/retrain-log.jsonl``."""
 
 from __future__ import annotations
 
@@ -195,7 +197,6 @@ def _train(
             echo("      " + note)
         except ValueError as e:
             raise RetrainError(f"warm start: {e}") from None
-            epochs = None
     import click
 
     opts = {"--variant": cfg.variant, "--features": cfg.features, "--item-meta": cfg.item_meta,

@@ -514,3 +514,36 @@ def test_progress_bars_count_archive_files_and_hide_without_a_terminal(
     assert bars.progress is not None and bars.progress.tasks[0].completed == 2
     with _Bars(False) as bars:  # --no-progress
         assert bars.progress is None
+
+
+def test_prnn_feature_rows_of_new_items_and_a_changed_feature_file() -> None:
+    from trainer.features import FeatureMatrix
+    from trainer.warmstart import FeatureMismatch, new_feature_rows
+
+    old = _models()["prnn"]
+    snap = old.feat_0.clone()
+    grown: Any = grow_model(old, 23, seed=0)
+    index = {f"i{j}": j for j in range(23)}
+
+    def build(dims: list[int]) -> Any:
+        def f(ix: dict[str, int], n: int) -> list[FeatureMatrix]:
+            return [FeatureMatrix(f"f{d}", np.full((n, d), 7.0, np.float32), np.ones(n, bool))
+                    for d in dims]  # fmt: skip
+
+        return f
+
+    new_feature_rows(grown, index, 20, build([3, 4]))
+    assert torch.equal(grown.feat_0[:20], snap)  # old rows as they were
+    assert bool((grown.feat_0[20:] == 7.0).all()) and bool((grown.feat_1[20:] == 7.0).all())
+    with pytest.raises(FeatureMismatch, match="--cold"):
+        new_feature_rows(grown, index, 20, build([3, 5]))
+
+
+def test_retrain_cli_refuses_bad_gate_options(tmp_path: Path) -> None:
+    from trainer.cli import main
+
+    base = ["retrain", "--archive", "a", "--models", "m", "--once"]
+    out = CliRunner().invoke(main, [*base, "--warm-epochs", "zero"])
+    assert out.exit_code == 2 and "--warm-epochs" in out.output
+    out = CliRunner().invoke(main, [*base, "--tolerance", "1.5"])
+    assert out.exit_code == 2 and "--tolerance" in out.output
