@@ -84,7 +84,9 @@ def bench_cycle(args: argparse.Namespace) -> dict[str, Any]:
         "preset": args.preset,
         "params": params,
         "first_cycle": {k: first[k] for k in keys},
-        "second_cycle_warm": {k: second[k] for k in (*keys, "warm_start", "warm_epochs")},
+        "second_cycle_warm": {
+            k: second[k] for k in (*keys, "warm_start", "warm_epochs", "optimizer_continued")
+        },
     }
 
 

@@ -86,6 +86,38 @@ class IndexedAdagradM:
             if momentum > 0:
                 self.mom[p] = torch.zeros_like(self.acc[p])
 
+    def export_state(self, names: dict[str, nn.Parameter]) -> dict[str, Tensor]:
+        """The accumulators (and momenta) by parameter name, ``acc.<name>`` / ``mom.<name>``,
+        on the CPU; a sparse table's spare row is left out."""
+        out: dict[str, Tensor] = {}
+        for name, p in names.items():
+            for kind, state in (("acc", self.acc), ("mom", self.mom)):
+                if p in state:
+                    out[f"{kind}.{name}"] = state[p][: p.shape[0]].detach().to("cpu").clone()
+        return out
+
+    @torch.no_grad()
+    def import_state(self, names: dict[str, nn.Parameter], state: dict[str, Tensor]) -> int:
+        """Continue from :meth:`export_state` of a model with fewer (or as many) item rows:
+        an item table's old rows take their saved state, new rows start at zero (a fresh row).
+        Entries that do not fit (another architecture) are refused. Returns tensors loaded."""
+        loaded = 0
+        for name, p in names.items():
+            for kind, mine in (("acc", self.acc), ("mom", self.mom)):
+                saved = state.get(f"{kind}.{name}")
+                if saved is None or p not in mine:
+                    continue
+                cur = mine[p]
+                n = saved.shape[0]
+                if saved.shape[1:] != p.shape[1:] or n > p.shape[0]:
+                    raise ValueError(
+                        f"optimiser state {kind}.{name}: {tuple(saved.shape)} does not fit "
+                        f"{tuple(p.shape)}"
+                    )
+                cur[:n].copy_(saved.to(cur.device, cur.dtype))
+                loaded += 1
+        return loaded
+
     @torch.no_grad()
     def step(self, sparse_grads: Sequence[tuple[nn.Parameter, Tensor, Tensor]] = ()) -> None:
         self._dense_step()

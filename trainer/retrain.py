@@ -21,10 +21,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from streamrec import registry
 from streamrec.clicklog import DAY, DataError
@@ -137,10 +139,34 @@ class Trained:
     warm: bool
     epochs: int | None = None
     note: str | None = None  # why a warm start fell back to cold
+    #: the optimiser's accumulators after training (GRU4Rec), saved beside the checkpoint
+    optimizer_state: dict[str, torch.Tensor] | None = None
+    optimizer_continued: bool = False
+
+
+#: the Adagrad accumulators of a published GRU4Rec, in its checkpoint directory
+OPTIMIZER_FILE = "optimizer.safetensors"
+
+
+def _saved_optimizer(path: Path | None) -> dict[str, torch.Tensor] | None:
+    """A published model's optimiser state, or None (absent or unreadable: a fresh one)."""
+    if path is None or not (path / OPTIMIZER_FILE).is_file():
+        return None
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path / OPTIMIZER_FILE))
+    except (OSError, SafetensorError):
+        return None
 
 
 def _train(
-    cfg: RetrainConfig, train: pd.DataFrame, current: Checkpoint | None, echo: Callable[[str], None]
+    cfg: RetrainConfig,
+    train: pd.DataFrame,
+    current: Checkpoint | None,
+    echo: Callable[[str], None],
+    current_path: Path | None = None,
 ) -> Trained:
     """Train the candidate: warm from ``current`` (same model kind, unless ``cfg.cold``), else
     from scratch through the model's ``trainer train`` job."""
@@ -155,6 +181,7 @@ def _train(
         except ParamError as e:
             raise RetrainError(f"--param/--preset: {e}") from None
         init = None
+        saved = None
         if warm and current is not None:
             assert isinstance(current.model, GRU4Rec)
             init = (current.model.to("cpu"), current.item_ids)
@@ -162,9 +189,16 @@ def _train(
                 params.n_epochs, _new_events(train, current), len(train)
             )
             params.n_epochs = epochs
+            saved = _saved_optimizer(current_path)
         bar = cfg.progress and sys.stderr.isatty()
-        model, ids, stats = train_gru4rec(train, params, progress=bar, init=init)
-        return Trained(model, ids, stats, params.to_dict(), warm, epochs)
+        try:
+            model, ids, stats = train_gru4rec(
+                train, params, progress=bar, init=init, init_optimizer=saved, keep_optimizer=True
+            )
+        except ValueError as e:
+            raise RetrainError(f"training failed: {e}") from None
+        state = stats.pop("optimizer_state", None)
+        return Trained(model, ids, stats, params.to_dict(), warm, epochs, None, state, bool(saved))
     from trainer.cli import TRAINERS
     from trainer.jobs import TrainJob
 
@@ -322,12 +356,13 @@ def run_cycle(cfg: RetrainConfig, echo: Callable[[str], None] = print) -> dict[s
 
     echo("[2/4] training the candidate" + (" (warm start)" if current and not cfg.cold else ""))
     t = time.perf_counter()
-    tr = _train(cfg, train, current, echo)
+    tr = _train(cfg, train, current, echo, current_path)
     model, item_ids, stats, warm = tr.model, tr.item_ids, tr.stats, tr.warm
     phases["train"] = time.perf_counter() - t
     old_ids = set(current.item_ids) if current else set()
     rec["warm_start"] = warm
     rec["warm_epochs"] = tr.epochs
+    rec["optimizer_continued"] = tr.optimizer_continued
     rec["new_train_events"] = _new_events(train, current)
     if tr.note:
         rec["note"] = tr.note
@@ -409,6 +444,11 @@ def run_cycle(cfg: RetrainConfig, echo: Callable[[str], None] = print) -> dict[s
             },
             metrics={**{f"gate_{k}": v for k, v in cand_m.items()}, **slice_metrics},
         )
+        if tr.optimizer_state:
+            from safetensors.torch import save_file
+
+            # beside the checkpoint (workers never read it): the next warm start continues it
+            save_file(tr.optimizer_state, str(staging / OPTIMIZER_FILE))
         version = registry.add_version(cfg.models, staging)
         rec["pruned"] = registry.publish(cfg.models, version, cfg.keep)
     phases["publish"] = time.perf_counter() - t

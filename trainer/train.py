@@ -59,13 +59,17 @@ def train_gru4rec(
     log_every: int = 100,
     max_steps: int | None = None,
     init: tuple[GRU4Rec, list[str]] | None = None,
+    init_optimizer: dict[str, torch.Tensor] | None = None,
+    keep_optimizer: bool = False,
 ) -> tuple[GRU4Rec, list[str], dict[str, Any]]:
     """Train GRU4Rec on a click frame; returns ``(model in eval mode, item_ids, stats)``.
 
     ``max_steps`` stops each epoch early (benchmarks).  Same seed + same device: same result.
     ``init = (model, item_ids)`` warm-starts (trainer.warmstart.grow_gru4rec): the old items
     keep their rows and weights, new items get new rows after them, the architecture is the
-    old model's.
+    old model's. ``init_optimizer`` (a warm start's) continues the Adagrad accumulators saved
+    by an earlier run (``stats["optimizer_state"]`` of a run with ``keep_optimizer``): without
+    them the first steps of a warm start are as large as a fresh model's.
     """
     if params is None:
         params = TrainParams()
@@ -113,6 +117,9 @@ def train_gru4rec(
     sparse_ids = {id(t) for t in sparse}
     dense = [q for q in model.parameters() if id(q) not in sparse_ids]
     opt = IndexedAdagradM(dense, sparse, p.learning_rate, p.momentum, nesterov=p.nesterov)
+    named = dict(model.named_parameters())
+    if init_optimizer is not None:
+        opt.import_state(named, init_optimizer)
     sampler = (
         SampleBuffer(
             item_counts, p.n_sample, p.sample_alpha, device, p.seed, p.sample_cache_max_size
@@ -238,6 +245,8 @@ def train_gru4rec(
         "params": p.to_dict(),
         "cuda_graph": graph is not None,
     }
+    if keep_optimizer:
+        stats["optimizer_state"] = opt.export_state(named)
     return model, item_ids, stats
 
 

@@ -248,6 +248,9 @@ def test_first_cycle_publishes_then_gate_refuses_degenerate(tmp_path: Path) -> N
     warm.min_holdout_events = 100
     r3 = run_cycle(warm, echo=lambda s: None)
     assert r3["decision"]["published"] and r3["warm_start"] and r3["new_items"] == 1
+    # the warm start continued the parent's Adagrad state, saved beside its checkpoint
+    assert (models / "versions" / v1 / "optimizer.safetensors").is_file()
+    assert r3["optimizer_continued"] and not r1["optimizer_continued"]
     assert holder.maybe_reload()
     assert holder.current.version == r3["decision"]["version"]
     assert "brand-new" in holder.current.item_index
@@ -547,3 +550,36 @@ def test_retrain_cli_refuses_bad_gate_options(tmp_path: Path) -> None:
     assert out.exit_code == 2 and "--warm-epochs" in out.output
     out = CliRunner().invoke(main, [*base, "--tolerance", "1.5"])
     assert out.exit_code == 2 and "--tolerance" in out.output
+
+
+def test_warm_start_continues_the_optimiser_state() -> None:
+    """A warm start that continues the saved Adagrad accumulators takes small steps on what
+    the parent learnt; with fresh accumulators its first epoch undoes part of the fit (higher
+    loss than the parent's last epoch, on the same data)."""
+    from trainer.optim import IndexedAdagradM
+
+    df = generate_clicks(600, 40, seed=9)
+    params = {"layers": [32], "n_epochs": 4, "batch_size": 16, "n_sample": 0,
+              "loss": "cross-entropy", "learning_rate": 0.2}  # fmt: skip
+    old, ids, st = train_gru4rec(df, params, progress=False, keep_optimizer=True)
+    state = st["optimizer_state"]
+    assert {"acc.Wy", "acc.By"} <= set(state) and state["acc.Wy"].shape == old.Wy.shape
+    one = {**params, "n_epochs": 1}
+    _, _, fresh = train_gru4rec(df, one, progress=False, init=(old, ids))
+    _, _, cont = train_gru4rec(df, one, progress=False, init=(old, ids), init_optimizer=state)
+    last = st["epoch_losses"][-1]
+    assert fresh["epoch_losses"][0] > last  # the fresh optimiser's big first steps
+    assert cont["epoch_losses"][0] < fresh["epoch_losses"][0]
+    assert cont["epoch_losses"][0] < last * 1.02
+    # grown tables: old rows take the saved state, new rows start fresh (zero)
+    big = GRU4Rec(GRU4RecConfig(n_items=len(ids) + 3, layers=[32]), seed=0)
+    opt = IndexedAdagradM(
+        [q for n, q in big.named_parameters() if n not in ("Wy", "By")], [big.Wy, big.By]
+    )
+    assert opt.import_state(dict(big.named_parameters()), state) == len(state)
+    assert torch.equal(opt.acc[big.Wy][: len(ids)], state["acc.Wy"])
+    assert not opt.acc[big.Wy][len(ids) :].any()
+    small = GRU4Rec(GRU4RecConfig(n_items=len(ids) - 1, layers=[32]), seed=0)
+    opt2 = IndexedAdagradM([], [small.Wy])
+    with pytest.raises(ValueError, match="does not fit"):
+        opt2.import_state({"Wy": small.Wy}, state)
