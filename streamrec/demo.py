@@ -309,7 +309,12 @@ def run_retrain_demo(
             )
             console.print(f"[bold]broker[/] {broker.bootstrap}; archiver and worker started")
             # phase A: the catalogue's first 90 %; phase B adds the last 10 % as new items
-            a = generate_clicks(opts.sessions, opts.items, seed=opts.seed, span_days=20)
+            # event times end about now: the worker's per-partition clock reads the stream's
+            # time, and the probes below continue the log's time
+            start = time.time() - 26 * 86400.0
+            a = generate_clicks(
+                opts.sessions, opts.items, seed=opts.seed, start_time=start, span_days=20
+            )
             new_from = int(opts.items * 0.9)
             a = a[a["ItemId"].astype(int) < new_from]
             b = generate_clicks(
@@ -340,13 +345,21 @@ def run_retrain_demo(
                     + (f"published {d['version']}" if d["published"] else f"kept ({d['reason']})")
                 )
             version = rec["decision"]["version"]
+            if version is None:
+                # the gate kept v1: the worker goes on serving it, nothing to swap to
+                console.print("[bold]gate[/] kept the published model; the worker keeps it")
+                return {"version": None, "reason": rec["decision"]["reason"]}
             published_at = (work / "models" / "CURRENT").stat().st_mtime  # the pointer moved
             new_items = sorted(set(b["ItemId"]) - set(a["ItemId"]))
             # probe until the worker answers with the new version, then show new items
             first_new: float | None = None
             with console.status("waiting for the worker to swap"):
                 for j in range(600):
-                    probe = {"session_id": f"probe{j}", "item_id": new_items[j % len(new_items)]}
+                    probe = {
+                        "session_id": f"probe{j}",
+                        "item_id": new_items[j % len(new_items)],
+                        "timestamp": float(b["Time"].max()) + 60.0 + j,
+                    }
                     p = produce(
                         conf,
                         "demo-clicks",
@@ -367,7 +380,12 @@ def run_retrain_demo(
                     time.sleep(0.2)
             if first_new is None:
                 raise RuntimeError(f"the worker never served {version}:\n{worker.log_tail()}")
-            return {"version": version, "swap_seconds": first_new, "new_items": len(new_items)}
+            return {
+                "version": version,
+                "swap_seconds": first_new,
+                "new_items": len(new_items),
+                "new_items_shown": len(shown),
+            }
         finally:
             if worker is not None:
                 worker.stop()

@@ -63,7 +63,9 @@ class RetrainConfig:
     #: ... at this one-sided confidence (z score; 0: the point estimates alone)
     gate_z: float = 1.645
     #: with a published model, fewer holdout predictions than this: keep it, do not decide
-    min_holdout_events: int = 500
+    #: (below ~100 the normal bound of ``compare`` is not to be trusted; above it the bound
+    #: itself weighs the holdout's size against the difference)
+    min_holdout_events: int = 100
     #: epochs of a warm-start cycle; None: the new events' share (trainer.warmstart)
     warm_epochs: int | None = None
     # the model's own options, as ``trainer train`` takes them
@@ -502,7 +504,7 @@ def commands() -> list[Any]:
     )
     @click.option(
         "--min-holdout-events",
-        default=500,
+        default=100,
         show_default=True,
         help="With a published model, fewer holdout predictions than this keep it.",
     )

@@ -524,6 +524,27 @@ def test_demo_runs_and_leaves_nothing_running(tmp_path: Path) -> None:
     assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
 
 
+def test_demo_retrain_publishes_swaps_and_shows_new_items(tmp_path: Path) -> None:
+    """README: ``streamrec demo --retrain``: the archive fills, a retrain publishes, the
+    worker swaps to the second version and new items appear in its recommendations. (It
+    hung once: its probes had no event time and were dead-lettered by the partition clock,
+    the log's times lying months back; and a gate that kept v1 left it waiting forever.)"""
+    from rich.console import Console
+
+    from streamrec import registry
+    from streamrec.demo import DemoOptions, run_retrain_demo
+
+    before = _children()
+    opts = DemoOptions(sessions=600, epochs=1, keep_dir=tmp_path / "kept")
+    out = run_retrain_demo(opts, console=Console(quiet=True))
+    assert _children() - before == set()
+    versions = [r["decision"]["version"] for r in registry.read_log(tmp_path / "kept" / "models")]
+    assert len(versions) == 2 and all(versions), versions  # both cycles published
+    assert out["version"] == versions[1]
+    assert out["new_items"] > 0 and out["new_items_shown"] > 0
+    assert 0 <= out["swap_seconds"] < 60
+
+
 @pytest.mark.parametrize("service", ENGINES, indirect=True)
 def test_hot_swap_reencodes_live_sessions(service: Service) -> None:
     from streamrec.model.checkpoint import save_checkpoint

@@ -239,7 +239,9 @@ def test_first_cycle_publishes_then_gate_refuses_degenerate(tmp_path: Path) -> N
     df3.loc[df3.index[::5], "ItemId"] = "brand-new"
     df3["SessionId"] = "n" + df3["SessionId"].astype(str)
     write_archive(archive, df3, start=len(df))
-    warm = RetrainConfig(**{**cfg.__dict__, "tolerance": 1.0, "holdout": "2h"})
+    warm = RetrainConfig(
+        **{**cfg.__dict__, "tolerance": 1.0, "holdout": "2h", "min_holdout_events": 10_000}
+    )
     kept = run_cycle(warm, echo=lambda s: None)  # 2h of holdout: too few events to decide
     assert not kept["decision"]["published"] and kept["warm_start"]
     assert f"fewer than {warm.min_holdout_events}" in kept["decision"]["reason"]
