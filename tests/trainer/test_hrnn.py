@@ -16,8 +16,10 @@ from streamrec.synthetic import generate_clicks
 from trainer.data import filter_users, sessionize, split_last_session_out
 from trainer.train_hier import (
     HierParams,
+    HRNNParams,
     advance_at_boundaries,
     evaluate_users,
+    session_parallel_batches,
     train_hier,
     user_parallel_batches,
 )
@@ -148,10 +150,57 @@ def test_hrnn_variant_none_user_path_really_off():
     assert torch.equal(m.end_session(u, torch.randn(2, 6)), u)
 
 
+def _wake_user_path(m: HRNN) -> HRNN:
+    """Random weights where the user state enters (they start at zero: HRNN == GRU4Rec)."""
+    with torch.no_grad():
+        for name, q in m.named_parameters():
+            if name.startswith("W_init") or name in ("G.0.weight_ih", "Wuy"):
+                q.uniform_(-0.5, 0.5)
+    return m
+
+
+@pytest.mark.parametrize("variant", ["init", "all"])
+def test_user_path_is_silent_at_init(variant):
+    """At initialisation HRNN scores as the GRU4Rec with its session weights, whatever the
+    user state: the user path can only add what training finds useful."""
+    g = GRU4Rec.from_config({"n_items": 20, "layers": [8]}, seed=4).eval()
+    torch.manual_seed(2)
+    h = HRNN.from_gru4rec(g, variant=variant, user_layers=[5], user_to_output=True).eval()
+    fresh = HRNN(20, layers=[8], user_layers=[5], variant=variant, user_to_output=True).eval()
+    rows = torch.randint(0, 20, (4, 3))
+    with torch.no_grad():
+        for m in (h, fresh):
+            for u in (torch.randn(3, 5), torch.randn(3, 5) * 3):
+                assert torch.equal(m.initial_state(u, 3), torch.zeros(3, 8))
+        s_g, s_h = g.initial_state(None, 3), h.initial_state(torch.randn(3, 5), 3)
+        u = torch.randn(3, 5)
+        for r in rows:
+            s_g, a = g.step(r, s_g)
+            s_h, b = h.step(r, s_h, u)
+            assert torch.allclose(a, b, atol=1e-6)
+        # and training moves it: a woken user path changes the scores
+        _wake_user_path(h)
+        a = h.step(rows[0], h.initial_state(u, 3), u)[1]
+        b = h.step(rows[0], h.initial_state(u + 1, 3), u + 1)[1]
+        assert not torch.allclose(a, b)
+
+
+def test_session_gru_init_is_gru4recs():
+    """Each gate block of the session GRU has GRU4Rec's own Glorot range (not one range over
+    the stacked [3h, in] matrix); the user GRU likewise."""
+    torch.manual_seed(0)
+    m = HRNN(50, layers=[64], user_layers=[32], variant="init")
+    for w, fan in ((m.G[0].weight_ih, 64 + 64), (m.U[0].weight_ih, 32 + 64)):
+        bound = (6.0 / fan) ** 0.5
+        for block in w.detach().chunk(3, 0):
+            assert block.abs().max() <= bound
+            assert block.abs().max() > 0.9 * bound  # the full range, not sqrt(6/(3h+in))
+
+
 @pytest.mark.parametrize("variant", ["init", "all"])
 def test_user_state_reaches_session_gru_only_in_all(variant):
     torch.manual_seed(0)
-    m = HRNN(10, layers=[6], user_layers=[5], variant=variant).eval()
+    m = _wake_user_path(HRNN(10, layers=[6], user_layers=[5], variant=variant)).eval()
     state = torch.randn(3, 6)
     user = torch.randn(3, 5, requires_grad=True)
     new, _ = m.forward_step(torch.tensor([1, 2, 3]), state, user)
@@ -325,3 +374,68 @@ def test_cli_holds_out_each_users_last_session(tmp_path):
     assert m["n_events"] == len(expected_test) - expected_test["SessionId"].nunique()
     both = CliRunner().invoke(main, [*args[:5], "--test", str(tmp_path / "log.tsv"), *args[5:]])
     assert both.exit_code != 0 and "either --test or --split" in both.output
+
+
+def test_session_parallel_batches_hand_made():
+    # sessions by start: a1 (t=1), b1 (1.5), a2 (10), c1 (20), c2 (30)
+    b = session_parallel_batches(TINY, INDEX, batch_size=2)
+    np.testing.assert_array_equal(b.user, [0, 1, 0, 2, 2])
+    np.testing.assert_array_equal(b.tail, [2, 0, 0, 2, -1])  # c2 ends with the unknown q
+    # slot 1 frees at step 1; a2's user is busy in slot 0 until step 2, so c1 goes first
+    np.testing.assert_array_equal(b.session, [[0, 1], [0, 3], [2, 4]])
+    np.testing.assert_array_equal(b.inputs, [[0, 1], [1, 0], [2, 1]])
+    np.testing.assert_array_equal(b.targets, [[1, 0], [2, 2], [0, -1]])
+    np.testing.assert_array_equal(b.start, [[1, 1], [0, 1], [1, 1]])
+    np.testing.assert_array_equal(b.end, [[0, 1], [1, 1], [1, 1]])
+
+
+def test_session_parallel_batches_keep_each_user_sequential():
+    df = generate_clicks(n_sessions=400, n_items=40, n_users=15, seed=3)
+    idx = {str(i): i for i in range(40)}
+    b = session_parallel_batches(df, idx, batch_size=8)
+    n_sess = len(b.user)
+    t_of, s_of = np.nonzero(b.start)
+    start = np.empty(n_sess, dtype=np.int64)
+    start[b.session[t_of, s_of]] = t_of
+    t_end, s_end = np.nonzero(b.end)
+    end = np.empty(n_sess, dtype=np.int64)
+    end[b.session[t_end, s_end]] = t_end
+    for u in np.unique(b.user):
+        j = np.flatnonzero(b.user == u)  # the user's sessions, in time order
+        assert (start[j[1:]] > end[j[:-1]]).all()  # next starts after the previous ended
+    # every next-item pair of the log is trained exactly once
+    pairs = sum(len(g) - 1 for _, g in df.groupby("SessionId"))
+    assert int((b.targets >= 0).sum()) == pairs
+    # in time order, up to the deferrals of busy users; and the slots are kept busy
+    assert np.corrcoef(np.arange(n_sess), start)[0, 1] > 0.95
+    assert (b.session >= 0).mean() > 0.8
+
+
+@pytest.mark.parametrize("variant", ["init", "all"])
+def test_session_parallel_training_equals_user_parallel_for_sequential_users(variant):
+    """With one slot and users one after the other, both batchings present the same events in
+    the same order, so they must train the same weights (user state, lazy ``end_session``,
+    tail input, sampling, dropout draws)."""
+    rows = []
+    for u, t0 in (("a", 0.0), ("b", 1000.0)):
+        for s in range(3):
+            for e in range(3 + s):
+                rows.append((u, f"{u}{s}", str((e * 3 + s + ord(u)) % 7), t0 + 100 * s + e))
+    df = _log(rows)
+    _, idx = build_item_index(df["ItemId"])
+    weights = []
+    for batching in ("user", "session"):
+        p = HRNNParams(
+            batching=batching, n_epochs=2, batch_size=1, n_sample=4, layers=[6],
+            user_layers=[5], seed=3, dropout_p_user=0.3, dropout_p_init=0.3,
+        )  # fmt: skip
+        torch.manual_seed(3)
+        m = HRNN(len(idx), variant=variant, **p.model_options())
+        stats = train_hier(m, df, idx, p)
+        weights.append((stats["epoch_losses"], {k: v.clone() for k, v in m.state_dict().items()}))
+    (la, wa), (lb, wb) = weights
+    assert la == pytest.approx(lb, rel=1e-6)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
+    # the user path was trained (it starts at zero)
+    assert wb["W_init.weight"].abs().sum() > 0
