@@ -44,7 +44,13 @@ from streamrec.synthetic import generate_clicks
 from trainer.data import filter_users, sessionize, split_last_session_out
 from trainer.presets import TrainParams
 from trainer.train import train_gru4rec
-from trainer.train_hier import HRNNParams, evaluate_users, split_stats, train_hier
+from trainer.train_hier import (
+    HRNNParams,
+    PopStepModel,
+    evaluate_users,
+    split_stats,
+    train_hier,
+)
 
 ML1M = Path("/work/shared/data/movielens-1m/ratings.tsv.gz")
 MODELS = ("pop", "gru4rec", "hrnn-none", "hrnn-init", "hrnn-all")
@@ -92,7 +98,7 @@ def run(model_name: str, params: list[str], tr: pd.DataFrame, te: pd.DataFrame, 
     model: torch.nn.Module
     if model_name == "pop":
         ids, index = build_item_index(tr["ItemId"])
-        model = _Pop(tr, index)
+        model = PopStepModel.from_log(tr, index)
     elif model_name == "gru4rec":
         keys = set(TrainParams.field_names())
         p = TrainParams.make(None, [kv for kv in ov if kv.split("=")[0] in keys])
@@ -113,28 +119,6 @@ def run(model_name: str, params: list[str], tr: pd.DataFrame, te: pd.DataFrame, 
     res["epoch_losses"] = stats.get("epoch_losses", [])
     res["wall_seconds"] = time.perf_counter() - t0
     return res
-
-
-class _Pop(torch.nn.Module):
-    user_state_dim = 0
-
-    def __init__(self, tr: pd.DataFrame, index: dict[str, int]) -> None:
-        super().__init__()
-        rows = torch.from_numpy(tr["ItemId"].map(index).to_numpy().copy())
-        self.register_buffer("c", torch.bincount(rows, minlength=len(index)).float())
-        self.n_items = len(index)
-
-    def initial_user_state(self, b: int) -> None:
-        return None
-
-    def initial_state(self, u: object, b: int) -> torch.Tensor:
-        return torch.zeros(b, 1)
-
-    def end_session(self, u: object, s: torch.Tensor) -> None:
-        return None
-
-    def step(self, rows: torch.Tensor, s: torch.Tensor, u: object) -> tuple:
-        return s, self.c.expand(len(rows), -1)
 
 
 def main() -> None:

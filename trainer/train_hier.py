@@ -511,6 +511,8 @@ def train_hier(
     rows_all = train_df["ItemId"].astype(str).map(item_index).dropna().astype(np.int64)
     counts = torch.bincount(torch.from_numpy(rows_all.to_numpy().copy()), minlength=n_items).float()
     batches: UserParallelBatches | SessionParallelBatches
+    if p.shuffle_users and p.batching != "user":
+        raise ValueError("shuffle_users needs batching=user (session batches follow time order)")
     if p.batching == "session":
         batches = session_parallel_batches(train_df, item_index, p.batch_size)
     else:
@@ -528,7 +530,7 @@ def train_hier(
     t_start = time.perf_counter()
     n_trained = 0
     epoch_losses: list[float] = []
-    interleave_counter = [0]  # carried across epochs: the cycle never restarts at group 0
+    trainer = _Trainer(opt, loss_fn, sampler, counts_dev, p, None, [0])
     for epoch, step_plan in enumerate(plan):
         if p.shuffle_users and epoch > 0 and p.batching == "user":
             batches = user_parallel_batches(
@@ -536,23 +538,13 @@ def train_hier(
             )
         if hasattr(model, "set_active"):
             model.set_active(step_plan["active"])
+        trainer.interleave = groups if step_plan["interleave"] else None
         if not step_plan["interleave"]:
             _set_trainable(model, step_plan["train"])
         run: Callable[..., tuple[float, int]] = (
             _run_epoch if isinstance(batches, UserParallelBatches) else _run_epoch_sessions
         )
-        loss_sum, n_ev = run(
-            model,
-            batches,
-            opt,
-            loss_fn,
-            sampler,
-            counts_dev,
-            p,
-            dev,
-            interleave=groups if step_plan["interleave"] else None,
-            counter=interleave_counter,
-        )
+        loss_sum, n_ev = run(model, batches, trainer, dev)
         n_trained += n_ev
         epoch_losses.append(loss_sum / max(n_ev, 1))
         if log:
@@ -575,55 +567,66 @@ def train_hier(
     }
 
 
-def _train_step(
-    model: StepModel,
-    inputs: Tensor,
-    targets: Tensor,
-    state: Tensor,
-    user: Tensor | None,
-    opt: IndexedAdagradM,
-    loss_fn: Callable[..., Tensor],
-    sampler: SampleBuffer | None,
-    counts: Tensor,
-    p: HierParams,
-) -> tuple[Tensor, Tensor]:
-    """One optimiser step on the slots' next-item predictions; returns (new state, loss sum)."""
-    bs = int(inputs.shape[0])
-    valid = targets >= 0
-    out_rows = targets.clamp(min=0)
-    if sampler is not None:
-        out_rows = torch.cat([out_rows, sampler.get()])
-    leaves: list[Any] = []
-    if hasattr(model, "train_step"):
-        state, scores, leaves = model.train_step(inputs, state, user, out_rows)
-    else:
-        state, out = model.forward_step(inputs, state, user)
-        scores = model.score_items(out, user, out_rows)
-    if p.loss in ("cross-entropy", "xe") and p.logq > 0:
-        corr = logq_correction(counts, out_rows, bs, p.sample_alpha, p.logq)
-        loss = loss_fn(scores, valid, corr)
-    else:
-        loss = loss_fn(scores, valid)
-    loss = loss / bs
-    for q in model.parameters():
-        q.grad = None
-    loss.backward()
-    opt.step([(tab, rows, leaf.grad) for tab, rows, leaf in leaves])
-    return state, loss.detach() * bs
+@dataclass
+class _Trainer:
+    """What one training step needs besides the model and the batch (shared by both loops)."""
+
+    opt: IndexedAdagradM
+    loss_fn: Callable[..., Tensor]
+    sampler: SampleBuffer | None
+    counts: Tensor
+    p: HierParams
+    interleave: list[str] | None
+    counter: list[int]  # carried across epochs: the interleaving cycle never restarts
+
+    def step(
+        self,
+        model: StepModel,
+        inputs: Tensor,
+        targets: Tensor,
+        state: Tensor,
+        user: Tensor | None,
+        train: bool,
+    ) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Advance the slots by one event, with an optimiser step on their next-item
+        predictions when ``train`` (some slot has a target); returns the detached (state,
+        user state) and the step's loss sum (0 without training)."""
+        if not train:  # no prediction to train at this step: only advance the states
+            with torch.no_grad():
+                state, _ = model.forward_step(inputs, state, user)
+            return state, user, torch.zeros((), device=state.device)
+        if self.interleave is not None:
+            _set_trainable(model, [self.interleave[self.counter[0] % len(self.interleave)]])
+            self.counter[0] += 1
+        p = self.p
+        bs = int(inputs.shape[0])
+        valid = targets >= 0
+        out_rows = targets.clamp(min=0)
+        if self.sampler is not None:
+            out_rows = torch.cat([out_rows, self.sampler.get()])
+        leaves: list[Any] = []
+        if hasattr(model, "train_step"):
+            state, scores, leaves = model.train_step(inputs, state, user, out_rows)
+        else:
+            state, out = model.forward_step(inputs, state, user)
+            scores = model.score_items(out, user, out_rows)
+        if p.loss in ("cross-entropy", "xe") and p.logq > 0:
+            corr = logq_correction(self.counts, out_rows, bs, p.sample_alpha, p.logq)
+            loss = self.loss_fn(scores, valid, corr)
+        else:
+            loss = self.loss_fn(scores, valid)
+        loss = loss / bs
+        for q in model.parameters():
+            q.grad = None
+        loss.backward()
+        self.opt.step([(tab, rows, leaf.grad) for tab, rows, leaf in leaves])
+        return state.detach(), None if user is None else user.detach(), loss.detach() * bs
 
 
 def _run_epoch(
-    model: StepModel,
-    b: UserParallelBatches,
-    opt: IndexedAdagradM,
-    loss_fn: Callable[..., Tensor],
-    sampler: SampleBuffer | None,
-    counts: Tensor,
-    p: HierParams,
-    dev: torch.device,
-    interleave: list[str] | None,
-    counter: list[int],
+    model: StepModel, b: UserParallelBatches, tr: _Trainer, dev: torch.device
 ) -> tuple[float, int]:
+    """One epoch of user-parallel training (see the module docstring)."""
     bs = b.inputs.shape[1]
     inputs = torch.from_numpy(b.inputs).to(dev)
     targets = torch.from_numpy(b.targets).to(dev)
@@ -634,39 +637,17 @@ def _run_epoch(
     user = model.initial_user_state(bs)
     state = model.initial_state(user, bs)
     total = torch.zeros((), device=dev)
-    n_events = int((b.targets >= 0).sum())
     for t in range(b.n_steps):
         if any_start[t]:
             rows = torch.from_numpy(np.flatnonzero(b.session_start[t])).to(dev)
             state, user = advance_at_boundaries(model, state, user, sstart[t], ustart[t], rows)
-        if interleave is not None and has_target[t]:
-            _set_trainable(model, [interleave[counter[0] % len(interleave)]])
-            counter[0] += 1
-        if has_target[t]:
-            state, loss = _train_step(
-                model, inputs[t], targets[t], state, user, opt, loss_fn, sampler, counts, p
-            )
-            total += loss
-        else:  # no prediction to train at this step: only advance the states
-            with torch.no_grad():
-                state, _ = model.forward_step(inputs[t], state, user)
-        state = state.detach()
-        if user is not None:
-            user = user.detach()
-    return float(total), n_events
+        state, user, loss = tr.step(model, inputs[t], targets[t], state, user, has_target[t])
+        total += loss
+    return float(total), int((b.targets >= 0).sum())
 
 
 def _run_epoch_sessions(
-    model: StepModel,
-    b: SessionParallelBatches,
-    opt: IndexedAdagradM,
-    loss_fn: Callable[..., Tensor],
-    sampler: SampleBuffer | None,
-    counts: Tensor,
-    p: HierParams,
-    dev: torch.device,
-    interleave: list[str] | None,
-    counter: list[int],
+    model: StepModel, b: SessionParallelBatches, tr: _Trainer, dev: torch.device
 ) -> tuple[float, int]:
     """One epoch of time-ordered session-parallel training (see the module docstring).
 
@@ -689,7 +670,6 @@ def _run_epoch_sessions(
         final = torch.zeros(b.n_users, state.shape[1], device=dev)
         pending = torch.zeros(b.n_users, dtype=torch.bool, device=dev)
     total = torch.zeros((), device=dev)
-    n_events = int((b.targets >= 0).sum())
     for t in range(b.n_steps):
         if t > 0 and any_end[t - 1] and final is not None and pending is not None:
             slots = np.flatnonzero(b.end[t - 1])
@@ -718,21 +698,9 @@ def _run_epoch_sessions(
                 assert user is not None
                 user = user.index_copy(0, rows, us)
             state = state.index_copy(0, rows, model.initial_state(us, len(slots)))
-        if interleave is not None and has_target[t]:
-            _set_trainable(model, [interleave[counter[0] % len(interleave)]])
-            counter[0] += 1
-        if has_target[t]:
-            state, loss = _train_step(
-                model, inputs[t], targets[t], state, user, opt, loss_fn, sampler, counts, p
-            )
-            total += loss
-        else:
-            with torch.no_grad():
-                state, _ = model.forward_step(inputs[t], state, user)
-        state = state.detach()
-        if user is not None:
-            user = user.detach()
-    return float(total), n_events
+        state, user, loss = tr.step(model, inputs[t], targets[t], state, user, has_target[t])
+        total += loss
+    return float(total), int((b.targets >= 0).sum())
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -803,6 +771,38 @@ def evaluate_users(
     res = acc.result()
     res["n_users"] = len(users)
     return res
+
+
+class PopStepModel(nn.Module):
+    """POP in the step API (every step scores items by their training count): the baseline
+    that :func:`evaluate_users` compares the user-aware models with."""
+
+    user_state_dim = 0
+    counts: Tensor
+
+    def __init__(self, counts: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("counts", counts.float())
+        self.n_items = len(counts)
+
+    @classmethod
+    def from_log(cls, train_df: pd.DataFrame, item_index: Mapping[str, int]) -> PopStepModel:
+        rows = np.array(train_df["ItemId"].astype(str).map(item_index).dropna(), dtype=np.int64)
+        return cls(torch.bincount(torch.from_numpy(rows), minlength=len(item_index)))
+
+    def initial_user_state(self, batch_size: int) -> None:
+        return None
+
+    def initial_state(self, user_state: Tensor | None, batch_size: int) -> Tensor:
+        return torch.zeros(batch_size, 1, device=self.counts.device)
+
+    def end_session(self, user_state: Tensor | None, final_state: Tensor) -> None:
+        return None
+
+    def step(
+        self, item_rows: Tensor, state: Tensor, user_state: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        return state, self.counts.expand(len(item_rows), -1)
 
 
 def split_stats(train_df: pd.DataFrame, test_df: pd.DataFrame) -> dict[str, float]:

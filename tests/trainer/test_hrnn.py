@@ -3,6 +3,8 @@ learning planted per-user preferences."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -17,6 +19,7 @@ from trainer.data import filter_users, sessionize, split_last_session_out
 from trainer.train_hier import (
     HierParams,
     HRNNParams,
+    PopStepModel,
     advance_at_boundaries,
     evaluate_users,
     session_parallel_batches,
@@ -77,13 +80,14 @@ def test_user_parallel_batches_hand_made():
 
 def test_user_state_advances_at_session_ends_and_resets_at_user_change():
     torch.manual_seed(0)
-    m = HRNN(3, layers=[4], user_layers=[3], variant="init").eval()
+    m = _wake_user_path(HRNN(3, layers=[4], user_layers=[3], variant="init")).eval()
     b = user_parallel_batches(TINY, INDEX, batch_size=2)
-    user = m.initial_user_state(2)
+    user: torch.Tensor | None = m.initial_user_state(2)
     state = m.initial_state(user, 2)
     users, states = [], []
     with torch.no_grad():
         for t in range(b.n_steps):
+            assert user is not None
             prev_u, prev_s = user.clone(), state.clone()
             state, user = advance_at_boundaries(
                 m,
@@ -92,6 +96,7 @@ def test_user_state_advances_at_session_ends_and_resets_at_user_change():
                 torch.from_numpy(b.session_start[t]),
                 torch.from_numpy(b.user_start[t]),
             )
+            assert user is not None
             users.append(user.clone())
             # user state changes only at session starts; at a user start it is the empty one
             for s in range(2):
@@ -112,14 +117,14 @@ def test_user_state_advances_at_session_ends_and_resets_at_user_change():
             ("c", [[0, 2], [1, -1]], [2, 4]),
         ):
             slot = b.slot_of_user[uid]
-            u = m.initial_user_state(1)
+            us = m.initial_user_state(1)
             for items, t0 in zip(sessions, steps, strict=True):
-                assert torch.allclose(users[t0][slot], u[0], atol=1e-6)
-                s = m.initial_state(u, 1)
+                assert torch.allclose(users[t0][slot], us[0], atol=1e-6)
+                st = m.initial_state(us, 1)
                 for k, it in enumerate(items):
-                    s, _ = m.step(torch.tensor([it]), s, u)
-                    assert torch.allclose(states[t0 + k][slot], s[0], atol=1e-6)
-                u = m.end_session(u, s)
+                    st, _ = m.step(torch.tensor([it]), st, us)
+                    assert torch.allclose(states[t0 + k][slot], st[0], atol=1e-6)
+                us = m.end_session(us, st)
     # an unknown item keeps the state (c2's "q" at step 5 of slot 1)
     assert torch.equal(states[5][1], states[4][1])
 
@@ -190,7 +195,8 @@ def test_session_gru_init_is_gru4recs():
     the stacked [3h, in] matrix); the user GRU likewise."""
     torch.manual_seed(0)
     m = HRNN(50, layers=[64], user_layers=[32], variant="init")
-    for w, fan in ((m.G[0].weight_ih, 64 + 64), (m.U[0].weight_ih, 32 + 64)):
+    ws = dict(m.named_parameters())
+    for w, fan in ((ws["G.0.weight_ih"], 64 + 64), (ws["U.0.weight_ih"], 32 + 64)):
         bound = (6.0 / fan) ** 0.5
         for block in w.detach().chunk(3, 0):
             assert block.abs().max() <= bound
@@ -255,6 +261,7 @@ def test_checkpoint_round_trip(tmp_path):
     m = HRNN(6, layers=[4], user_layers=[3], variant="all", user_to_output=True).eval()
     save_checkpoint(tmp_path / "ck", m, "hrnn", list("abcdef"))
     ck = load_checkpoint(tmp_path / "ck")
+    assert isinstance(ck.model, HRNN)
     assert ck.model.variant == "all" and ck.model.user_to_output
     rows = torch.tensor([0, 3])
     u = torch.randn(2, 3)
@@ -262,35 +269,6 @@ def test_checkpoint_round_trip(tmp_path):
         a = m.step(rows, m.initial_state(u, 2), u)[1]
         b = ck.model.step(rows, ck.model.initial_state(u, 2), u)[1]
     assert torch.equal(a, b)
-
-
-class Pop(torch.nn.Module):
-    """POP baseline in the step API (scores = training counts)."""
-
-    user_state_dim = 0
-
-    def __init__(self, counts: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("c", counts.float())
-        self.n_items = len(counts)
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
-
-    def initial_user_state(self, b):
-        return None
-
-    def initial_state(self, u, b):
-        return torch.zeros(b, 1)
-
-    def end_session(self, u, s):
-        return u
-
-    def step(self, rows, state, u):
-        return state, self.c.expand(len(rows), -1)
-
-
-def _pop_for(tr: pd.DataFrame, idx: dict[str, int]) -> Pop:
-    rows = tr["ItemId"].map(idx).to_numpy()
-    return Pop(torch.bincount(torch.from_numpy(rows.copy()), minlength=len(idx)))
 
 
 def test_hrnn_beats_pop_on_planted_user_preferences():
@@ -305,7 +283,7 @@ def test_hrnn_beats_pop_on_planted_user_preferences():
     stats = train_hier(m, tr, idx, p)
     assert stats["epoch_losses"][-1] < stats["epoch_losses"][0]
     res = evaluate_users(m, tr, te, idx, ks=(5, 20))
-    pop = evaluate_users(_pop_for(tr, idx), tr, te, idx, ks=(5, 20))
+    pop = evaluate_users(PopStepModel.from_log(tr, idx), tr, te, idx, ks=(5, 20))
     assert res["n_events"] == pop["n_events"] > 100
     assert res["recall@20"] > pop["recall@20"] + 0.1, (res, pop)
     assert res["mrr@20"] > 1.5 * pop["mrr@20"], (res, pop)
@@ -439,3 +417,27 @@ def test_session_parallel_training_equals_user_parallel_for_sequential_users(var
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
     # the user path was trained (it starts at zero)
     assert wb["W_init.weight"].abs().sum() > 0
+
+
+def test_hrnn_none_trains_exactly_as_the_gru4rec_trainer():
+    """Session batching without a user path is GRU4Rec's own training: from the same weights,
+    on a log where every user has one session (no scheduling constraint), one epoch gives the
+    same loss and the same weights as ``train_gru4rec``."""
+    from trainer.presets import TrainParams
+    from trainer.train import train_gru4rec
+
+    df = generate_clicks(n_sessions=120, n_items=30, n_users=120, seed=1)
+    df = df[df.groupby("SessionId")["ItemId"].transform("size") >= 2].copy()
+    df["UserId"] = df["SessionId"].astype(str)
+    kw: dict[str, Any] = dict(
+        n_epochs=1, batch_size=8, n_sample=16, layers=[10], seed=5, device="cpu"
+    )
+    g, ids, st = train_gru4rec(df, TrainParams(**kw), progress=False)
+    h = HRNN.from_gru4rec(GRU4Rec.from_config(g.config_dict(), seed=5), variant="none")
+    idx = {i: r for r, i in enumerate(ids)}
+    hs = train_hier(h, df, idx, HRNNParams(**kw))
+    assert hs["epoch_losses"] == pytest.approx(st["epoch_losses"], rel=1e-6)
+    assert hs["n_steps_per_epoch"] == st["n_steps_per_epoch"]
+    hw = h.state_dict()
+    for k, v in g.state_dict().items():
+        torch.testing.assert_close(hw[k], v, msg=k)
