@@ -200,6 +200,20 @@ def report(paths: list[Path]) -> str:
             f"{_ms(col['recall@5'])} | {_ms(col['mrr@5'])} | {_ms(col['first3_recall@20'])} | "
             f"{_ms(col['first3_mrr@20'])} | {eps:,.0f} |"
         )
+    base = {r["seed"]: r for r in res if r["label"] == "gru4rec"}
+    if base:
+        out += ["", "Paired per seed, model − gru4rec (mean ± spread over the shared seeds):", "",
+                "| | seeds | Recall@20 | MRR@20 |", "|---|---:|---:|---:|"]  # fmt: skip
+        for lab in labels:
+            rs = [r for r in res if r["label"] == lab and r["seed"] in base and lab != "gru4rec"]
+            if not rs or lab == "pop":
+                continue
+            cells = []
+            for k in ("recall@20", "mrr@20"):
+                d = [r[k] - base[r["seed"]][k] for r in rs]
+                rel = statistics.mean(d) / statistics.mean(base[r["seed"]][k] for r in rs)
+                cells.append(f"{_ms(d)} ({rel:+.1%})")
+            out.append(f"| {lab} − gru4rec | {len(rs)} | {cells[0]} | {cells[1]} |")
     return "\n".join(out)
 
 
