@@ -386,7 +386,9 @@ class HRNNParams(HierParams):
     user path otherwise memorises each user's training items over the epochs (lower training
     loss, worse held-out last sessions). ``user_to_output`` (on in the authors' training
     script) is off: it memorised even more. Chosen on sessionised MovieLens-1M and a synthetic
-    log with planted user tastes; see bench/results/hrnn-issue10.md.
+    log with planted user tastes; see bench/results/hrnn-issue10.md. Batches are GRU4Rec's
+    time-ordered session-parallel ones (``batching="session"``): without its user path HRNN
+    then trains exactly as GRU4Rec (bench/results/hrnn-issue10-v2.md).
     """
 
     batching: str = "session"
