@@ -244,13 +244,18 @@ class SessionParallelBatches:
 
 
 def _schedule_sessions(
-    n_steps_each: np.ndarray, user: np.ndarray, batch_size: int, lookahead: int
+    n_steps_each: np.ndarray,
+    user: np.ndarray,
+    batch_size: int,
+    lookahead: int,
+    wait_for_user: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Start step and slot of every session (given in time order), GRU4Rec-style list
-    scheduling (the slot that frees up first takes the next session) with one constraint: a
-    session starts only after its user's previous session has ended. A free slot takes the
-    first of the next ``lookahead`` unscheduled sessions whose user is free (and whose earlier
-    sessions are all scheduled); if none is, it idles until the earliest such user is free."""
+    scheduling (the slot that frees up first takes the next session) with one constraint
+    (``wait_for_user``): a session starts only after its user's previous session has ended. A
+    free slot takes the first of the next ``lookahead`` unscheduled sessions whose user is free
+    (and whose earlier sessions are all scheduled); if none is, it idles until the earliest such
+    user is free. Without the constraint this is exactly GRU4Rec's schedule."""
     n = len(n_steps_each)
     start = np.full(n, -1, dtype=np.int64)
     slot = np.full(n, -1, dtype=np.int64)
@@ -267,6 +272,9 @@ def _schedule_sessions(
         pick, wait = -1, None
         for k, j in enumerate(pending):
             u = int(user[j])
+            if not wait_for_user:
+                pick = k
+                break
             if u in seen:  # an earlier session of this user is still unscheduled
                 continue
             seen.add(u)
@@ -286,12 +294,19 @@ def _schedule_sessions(
 
 
 def session_parallel_batches(
-    df: pd.DataFrame, item_index: Mapping[str, int], batch_size: int, lookahead: int = 0
+    df: pd.DataFrame,
+    item_index: Mapping[str, int],
+    batch_size: int,
+    lookahead: int = 0,
+    wait_for_user: bool = True,
 ) -> SessionParallelBatches:
     """Time-ordered session-parallel batches for user-aware models (see the module docstring).
 
     ``lookahead`` (default ``4 * batch_size``) bounds how far past a busy user's session the
-    scheduler looks for a free one."""
+    scheduler looks for a free one. ``wait_for_user=False`` keeps GRU4Rec's schedule exactly:
+    a session may then start while its user's previous one still runs in another slot, and
+    starts from the user state of the sessions finished by then (training only; evaluation and
+    serving always see every earlier session)."""
     if "UserId" not in df.columns:
         raise ValueError("session-parallel user batches need a UserId column")
     if len(df) == 0:
@@ -312,7 +327,7 @@ def session_parallel_batches(
     user_codes, _ = pd.factorize(d["UserId"].astype(str).to_numpy()[first])
     n_steps_each = np.maximum(lengths - 1, 1)
     start, slot = _schedule_sessions(
-        n_steps_each, user_codes, batch_size, lookahead or 4 * batch_size
+        n_steps_each, user_codes, batch_size, lookahead or 4 * batch_size, wait_for_user
     )
     n_steps = int((start + n_steps_each).max())
     inputs = np.full((n_steps, batch_size), -1, dtype=np.int64)
@@ -363,6 +378,9 @@ class HierParams(BaseParams):
     # "user": user-parallel mini-batches; "session": time-ordered session-parallel ones with a
     # per-user state table (see the module docstring)
     batching: str = "user"
+    # session batching only: a user's next session waits until their previous one has ended
+    # (False: GRU4Rec's schedule exactly, sessions of one user may overlap in training)
+    wait_for_user: bool = True
 
     CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {
         **BaseParams.CHOICES,
@@ -516,7 +534,9 @@ def train_hier(
     if p.shuffle_users and p.batching != "user":
         raise ValueError("shuffle_users needs batching=user (session batches follow time order)")
     if p.batching == "session":
-        batches = session_parallel_batches(train_df, item_index, p.batch_size)
+        batches = session_parallel_batches(
+            train_df, item_index, p.batch_size, wait_for_user=p.wait_for_user
+        )
     else:
         batches = user_parallel_batches(train_df, item_index, p.batch_size, False, p.seed)
     # one epoch's worth of samples per refill (at most the official 10M)
@@ -659,44 +679,64 @@ def _run_epoch_sessions(
     bs = b.inputs.shape[1]
     inputs = torch.from_numpy(b.inputs).to(dev)
     targets = torch.from_numpy(b.targets).to(dev)
-    users_dev = torch.from_numpy(b.user).to(dev)
     tails_dev = torch.from_numpy(b.tail).to(dev)
     has_target = np.asarray((b.targets >= 0).any(axis=1))
     any_start = np.asarray(b.start.any(axis=1))
     any_end = np.asarray(b.end.any(axis=1))
     user = model.initial_user_state(bs)
     state = model.initial_state(user, bs)
-    table = final = pending = None
+    table = final = None
+    pending = np.zeros(b.n_users, dtype=bool)  # host side: no device sync in the loop
     if user is not None:
         table = model.initial_user_state(b.n_users)
         final = torch.zeros(b.n_users, state.shape[1], device=dev)
-        pending = torch.zeros(b.n_users, dtype=torch.bool, device=dev)
     total = torch.zeros((), device=dev)
     for t in range(b.n_steps):
-        if t > 0 and any_end[t - 1] and final is not None and pending is not None:
+        if t > 0 and any_end[t - 1] and table is not None and final is not None:
             slots = np.flatnonzero(b.end[t - 1])
             rows = torch.from_numpy(slots).to(dev)
-            sess = torch.from_numpy(b.session[t - 1, slots]).to(dev)
+            sess_np = b.session[t - 1, slots]
+            sess = torch.from_numpy(sess_np).to(dev)
             with torch.no_grad():  # the tail input (no target): the state after the session
                 fin, _ = model.forward_step(
                     tails_dev.index_select(0, sess),
                     state.index_select(0, rows),
                     None if user is None else user.index_select(0, rows),
                 )
-            u = users_dev.index_select(0, sess)
-            final.index_copy_(0, u, fin)
-            pending.index_fill_(0, u, True)
+            # A user with a final state not yet consumed (only without wait_for_user: two of
+            # their sessions ran at once) has it folded into the table first, in rounds of
+            # distinct users, earlier sessions first.
+            left = np.argsort(sess_np, kind="stable")
+            while left.size:
+                _, first = np.unique(b.user[sess_np[left]], return_index=True)
+                now, left = left[first], np.delete(left, first)
+                u_np = b.user[sess_np[now]]
+                u = torch.from_numpy(u_np).to(dev)
+                if pending[u_np].any():
+                    with torch.no_grad():
+                        folded = model.end_session(
+                            table.index_select(0, u), final.index_select(0, u)
+                        )
+                        keep = torch.from_numpy(pending[u_np]).to(dev).unsqueeze(1)
+                        table.index_copy_(0, u, torch.where(keep, folded, table.index_select(0, u)))
+                final.index_copy_(0, u, fin.index_select(0, torch.from_numpy(now).to(dev)))
+                pending[u_np] = True
         if any_start[t]:
             slots = np.flatnonzero(b.start[t])
             rows = torch.from_numpy(slots).to(dev)
             us = None
-            if table is not None and final is not None and pending is not None:
-                u = users_dev.index_select(0, torch.from_numpy(b.session[t, slots]).to(dev))
+            if table is not None and final is not None:
+                # once per user (two slots may start sessions of one user without
+                # wait_for_user), then one row per slot
+                uniq, inv = np.unique(b.user[b.session[t, slots]], return_inverse=True)
+                u = torch.from_numpy(uniq).to(dev)
                 prev = table.index_select(0, u)
                 advanced = model.end_session(prev, final.index_select(0, u))
-                us = torch.where(pending.index_select(0, u).unsqueeze(1), advanced, prev)
-                table.index_copy_(0, u, us.detach())
-                pending.index_fill_(0, u, False)
+                was = torch.from_numpy(pending[uniq]).to(dev).unsqueeze(1)
+                us_u = torch.where(was, advanced, prev)
+                table.index_copy_(0, u, us_u.detach())
+                pending[uniq] = False
+                us = us_u.index_select(0, torch.from_numpy(inv).to(dev))
                 assert user is not None
                 user = user.index_copy(0, rows, us)
             state = state.index_copy(0, rows, model.initial_state(us, len(slots)))

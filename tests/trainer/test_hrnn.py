@@ -441,3 +441,42 @@ def test_hrnn_none_trains_exactly_as_the_gru4rec_trainer():
     hw = h.state_dict()
     for k, v in g.state_dict().items():
         torch.testing.assert_close(hw[k], v, msg=k)
+
+
+@pytest.mark.parametrize("variant", ["none", "init"])
+def test_without_waiting_for_users_the_schedule_is_gru4recs(variant):
+    """``wait_for_user=False``: GRU4Rec's schedule on a log where users have many sessions that
+    overlap in the batch, so HRNN without its user path trains exactly as ``train_gru4rec``;
+    with the user path, overlapping sessions fold their final states into the user table."""
+    from trainer.presets import TrainParams
+    from trainer.train import train_gru4rec
+
+    df = generate_clicks(n_sessions=150, n_items=30, n_users=6, seed=2)
+    df = df[df.groupby("SessionId")["ItemId"].transform("size") >= 2].copy()
+    kw: dict[str, Any] = dict(
+        n_epochs=1, batch_size=8, n_sample=16, layers=[10], seed=5, device="cpu"
+    )
+    g, ids, st = train_gru4rec(df, TrainParams(**kw), progress=False)
+    idx = {i: r for r, i in enumerate(ids)}
+    b = session_parallel_batches(df, idx, 8, wait_for_user=False)
+    assert b.n_steps == st["n_steps_per_epoch"]
+    strict = session_parallel_batches(df, idx, 8)
+    assert strict.n_steps > b.n_steps  # 6 users in 8 slots: waiting costs steps
+    t_s, s_s = np.nonzero(b.start)
+    t_e, s_e = np.nonzero(b.end)
+    start, end = np.empty(len(b.user), np.int64), np.empty(len(b.user), np.int64)
+    start[b.session[t_s, s_s]], end[b.session[t_e, s_e]] = t_s, t_e
+    overlap = [
+        (start[j[1:]] <= end[j[:-1]]).any() for j in (np.flatnonzero(b.user == u) for u in range(6))
+    ]
+    assert any(overlap)  # a user's sessions run at once: the folding path is exercised
+    h = HRNN.from_gru4rec(GRU4Rec.from_config(g.config_dict(), seed=5), variant=variant)
+    hs = train_hier(h, df, idx, HRNNParams(**kw, wait_for_user=False))
+    assert all(np.isfinite(hs["epoch_losses"]))
+    if variant == "none":
+        assert hs["epoch_losses"] == pytest.approx(st["epoch_losses"], rel=1e-6)
+        hw = h.state_dict()
+        for k, v in g.state_dict().items():
+            torch.testing.assert_close(hw[k], v, msg=k)
+    else:
+        assert h.W_init.weight.abs().sum() > 0  # the user path trained
