@@ -44,7 +44,13 @@ from streamrec.synthetic import generate_clicks
 from trainer.data import filter_users, sessionize, split_last_session_out
 from trainer.presets import TrainParams
 from trainer.train import train_gru4rec
-from trainer.train_hier import HRNNParams, evaluate_users, split_stats, train_hier
+from trainer.train_hier import (
+    HRNNParams,
+    PopStepModel,
+    evaluate_users,
+    split_stats,
+    train_hier,
+)
 
 ML1M = Path("/work/shared/data/movielens-1m/ratings.tsv.gz")
 MODELS = ("pop", "gru4rec", "hrnn-none", "hrnn-init", "hrnn-all")
@@ -92,7 +98,7 @@ def run(model_name: str, params: list[str], tr: pd.DataFrame, te: pd.DataFrame, 
     model: torch.nn.Module
     if model_name == "pop":
         ids, index = build_item_index(tr["ItemId"])
-        model = _Pop(tr, index)
+        model = PopStepModel.from_log(tr, index)
     elif model_name == "gru4rec":
         keys = set(TrainParams.field_names())
         p = TrainParams.make(None, [kv for kv in ov if kv.split("=")[0] in keys])
@@ -113,28 +119,6 @@ def run(model_name: str, params: list[str], tr: pd.DataFrame, te: pd.DataFrame, 
     res["epoch_losses"] = stats.get("epoch_losses", [])
     res["wall_seconds"] = time.perf_counter() - t0
     return res
-
-
-class _Pop(torch.nn.Module):
-    user_state_dim = 0
-
-    def __init__(self, tr: pd.DataFrame, index: dict[str, int]) -> None:
-        super().__init__()
-        rows = torch.from_numpy(tr["ItemId"].map(index).to_numpy().copy())
-        self.register_buffer("c", torch.bincount(rows, minlength=len(index)).float())
-        self.n_items = len(index)
-
-    def initial_user_state(self, b: int) -> None:
-        return None
-
-    def initial_state(self, u: object, b: int) -> torch.Tensor:
-        return torch.zeros(b, 1)
-
-    def end_session(self, u: object, s: torch.Tensor) -> None:
-        return None
-
-    def step(self, rows: torch.Tensor, s: torch.Tensor, u: object) -> tuple:
-        return s, self.c.expand(len(rows), -1)
 
 
 def main() -> None:
@@ -216,6 +200,20 @@ def report(paths: list[Path]) -> str:
             f"{_ms(col['recall@5'])} | {_ms(col['mrr@5'])} | {_ms(col['first3_recall@20'])} | "
             f"{_ms(col['first3_mrr@20'])} | {eps:,.0f} |"
         )
+    base = {r["seed"]: r for r in res if r["label"] == "gru4rec"}
+    if base:
+        out += ["", "Paired per seed, model − gru4rec (mean ± spread over the shared seeds):", "",
+                "| | seeds | Recall@20 | MRR@20 |", "|---|---:|---:|---:|"]  # fmt: skip
+        for lab in labels:
+            rs = [r for r in res if r["label"] == lab and r["seed"] in base and lab != "gru4rec"]
+            if not rs or lab == "pop":
+                continue
+            cells = []
+            for k in ("recall@20", "mrr@20"):
+                d = [r[k] - base[r["seed"]][k] for r in rs]
+                rel = statistics.mean(d) / statistics.mean(base[r["seed"]][k] for r in rs)
+                cells.append(f"{_ms(d)} ({rel:+.1%})")
+            out.append(f"| {lab} − gru4rec | {len(rs)} | {cells[0]} | {cells[1]} |")
     return "\n".join(out)
 
 

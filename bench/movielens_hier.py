@@ -41,6 +41,7 @@ from trainer.features import FeatureMatrix, hashed_tfidf, load_item_meta, multi_
 from trainer.train import train_gru4rec
 from trainer.train_hier import (
     HierParams,
+    PopStepModel,
     evaluate_users,
     split_stats,
     train_hier,
@@ -81,27 +82,6 @@ def features(args: argparse.Namespace, index: dict[str, int]) -> list[FeatureMat
     return [FeatureMatrix("genres+title", both, g.has_features | t.has_features)]
 
 
-class _Pop(torch.nn.Module):
-    user_state_dim = 0
-
-    def __init__(self, counts: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("c", counts.float())
-        self.n_items = len(counts)
-
-    def initial_user_state(self, b: int) -> None:
-        return None
-
-    def initial_state(self, u: object, b: int) -> torch.Tensor:
-        return torch.zeros(b, 1)
-
-    def end_session(self, u: object, s: torch.Tensor) -> None:
-        return None
-
-    def step(self, rows: torch.Tensor, s: torch.Tensor, u: object) -> tuple:
-        return s, self.c.expand(len(rows), -1)
-
-
 def run_one(name: str, args: argparse.Namespace, tr, te, ids, index, feats) -> dict:
     p = HierParams(
         loss="cross-entropy",
@@ -117,9 +97,10 @@ def run_one(name: str, args: argparse.Namespace, tr, te, ids, index, feats) -> d
     h = args.hidden
     torch.manual_seed(args.seed)
     stats: dict = {}
+    model: torch.nn.Module
     if name == "pop":
         rows = torch.from_numpy(tr["ItemId"].map(index).to_numpy().copy())
-        model = _Pop(torch.bincount(rows, minlength=len(ids)))
+        model = PopStepModel(torch.bincount(rows, minlength=len(ids)))
         eval_index = index
     elif name == "gru4rec":
         # the GRU4Rec trainer itself (session-parallel), same settings

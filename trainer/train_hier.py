@@ -1,14 +1,29 @@
 """Training and per-user evaluation of the user-aware models: HRNN and p-RNN.
 
-User-parallel mini-batches: each of the B slots follows one user through all of their sessions
-in time order. At the first event of a session the slot's user state is advanced with the
-previous session's final state (``end_session``) and the session state re-initialised from it
-(``initial_state``); at the first event of a new user both are reset (empty user state, then
-the initialisation from it). Every event of a session is an input (the last one with no target),
-so the state handed to ``end_session`` is the state after the whole session, as in the live
-service. Truncated BPTT of one step, as GRU4Rec: states are detached after every step; the user
-GRU and ``W_init`` get their gradient from the first prediction of the new session (and, in the
-``all`` variant / with ``user_to_output``, from every prediction that reads the user state).
+Two batchings (``HierParams.batching``):
+
+``session`` (HRNN's default): GRU4Rec's session-parallel mini-batches in time order (sessions
+by first event), so training sees the log as GRU4Rec does and its last updates are about the
+latest sessions (the test sessions are each user's latest). Each user's state lives in a table;
+a session starts from its user's current state, and a user's next session is scheduled only
+after the previous one has ended in the batch (the scheduler skips, in time order, to the next
+session whose user is free). As with user-parallel batches the user GRU is advanced lazily, at
+the first step of the user's next session, so it gets the gradient of that session's first
+prediction; every event is an input (the last one of a session with no target), so the state
+handed to ``end_session`` is the state after the whole session, as in the live service.
+User-parallel batches spend the end of every epoch on the few users with the longest histories
+(on a 228-user MovieLens-1M sample the last 20 % of the steps had at most 7 live slots).
+
+``user`` (p-RNN's default) -- user-parallel mini-batches: each of the B slots follows one user
+through all of their sessions in time order. At the first event of a session the slot's user state
+is advanced with the previous session's final state (``end_session``) and the session state
+re-initialised from it (``initial_state``); at the first event of a new user both are reset (empty
+user state, then the initialisation from it). Every event of a session is an input (the last one
+with no target), so the state handed to ``end_session`` is the state after the whole session, as
+in the live service. Truncated BPTT of one step, as GRU4Rec: states are detached after every step;
+the user GRU and ``W_init`` get their gradient from the first prediction of the new session (and,
+in the ``all`` variant / with ``user_to_output``, from every prediction that reads the user
+state).
 
 p-RNN trains on the same batches (its user state is empty; its session state resets at every
 session start) with one of four schedules over its subnets:
@@ -50,6 +65,11 @@ from trainer.sampling import SampleBuffer
 SCHEDULES = ("joint", "residual", "alternating", "interleaving")
 _EVAL = "_eval"  # internal column: True for the events of a test session
 
+# HRNN, p-RNN, GRU4Rec or any nn.Module with the step API (docs/architecture.md); optional
+# methods (forward_step, train_step, sparse_tables, param_groups, set_active) are looked up
+# with hasattr, so the models are duck-typed here.
+StepModel = Any
+
 
 # ----------------------------------------------------------------------------- batching
 
@@ -81,7 +101,7 @@ class UserParallelBatches:
 
     @property
     def any_start(self) -> np.ndarray:
-        return self.session_start.any(axis=1)
+        return np.asarray(self.session_start.any(axis=1))
 
 
 def _ordered_events(df: pd.DataFrame) -> pd.DataFrame:
@@ -167,7 +187,7 @@ def user_parallel_batches(
 
 
 def advance_at_boundaries(
-    model: nn.Module,
+    model: StepModel,
     state: Tensor,
     user_state: Tensor | None,
     session_start: Tensor,
@@ -197,6 +217,152 @@ def advance_at_boundaries(
     return state.index_copy(0, rows, model.initial_state(us, n)), user_state
 
 
+@dataclass
+class SessionParallelBatches:
+    """Precomputed ``[T, B]`` index arrays of a time-ordered, session-parallel pass.
+
+    ``inputs``/``targets`` as in :class:`UserParallelBatches`; ``session``: the session (index
+    into the per-session arrays) in the slot at step t (-1: idle); ``start``/``end``: the
+    session starts / has its last step here. Per session: ``user`` (0..n_users-1) and ``tail``
+    (its last item, fed after its last step so that ``end_session`` sees the whole session;
+    -1 when the session has a single event, which is its only step).
+    """
+
+    inputs: np.ndarray
+    targets: np.ndarray
+    session: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+    user: np.ndarray
+    tail: np.ndarray
+    n_users: int
+    n_events: int
+
+    @property
+    def n_steps(self) -> int:
+        return int(self.inputs.shape[0])
+
+
+def _schedule_sessions(
+    n_steps_each: np.ndarray,
+    user: np.ndarray,
+    batch_size: int,
+    lookahead: int,
+    wait_for_user: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Start step and slot of every session (given in time order), GRU4Rec-style list
+    scheduling (the slot that frees up first takes the next session) with one constraint
+    (``wait_for_user``): a session starts only after its user's previous session has ended. A
+    free slot takes the first of the next ``lookahead`` unscheduled sessions whose user is free
+    (and whose earlier sessions are all scheduled); if none is, it idles until the earliest such
+    user is free. Without the constraint this is exactly GRU4Rec's schedule."""
+    n = len(n_steps_each)
+    start = np.full(n, -1, dtype=np.int64)
+    slot = np.full(n, -1, dtype=np.int64)
+    free_at: dict[int, int] = {}  # user -> first step after their last scheduled session
+    heap = [(0, s) for s in range(batch_size)]
+    pending: list[int] = []  # unscheduled sessions, in time order
+    nxt = 0
+    while nxt < n or pending:
+        t, s = heapq.heappop(heap)
+        while nxt < n and len(pending) < lookahead:
+            pending.append(nxt)
+            nxt += 1
+        seen: set[int] = set()
+        pick, wait = -1, None
+        for k, j in enumerate(pending):
+            u = int(user[j])
+            if not wait_for_user:
+                pick = k
+                break
+            if u in seen:  # an earlier session of this user is still unscheduled
+                continue
+            seen.add(u)
+            ready = free_at.get(u, 0)
+            if ready <= t:
+                pick = k
+                break
+            wait = ready if wait is None else min(wait, ready)
+        if pick < 0:  # nobody free among the candidates: the slot idles
+            heapq.heappush(heap, (int(wait if wait is not None else t + 1), s))
+            continue
+        j = pending.pop(pick)
+        start[j], slot[j] = t, s
+        free_at[int(user[j])] = t + int(n_steps_each[j])
+        heapq.heappush(heap, (t + int(n_steps_each[j]), s))
+    return start, slot
+
+
+def session_parallel_batches(
+    df: pd.DataFrame,
+    item_index: Mapping[str, int],
+    batch_size: int,
+    lookahead: int = 0,
+    wait_for_user: bool = True,
+) -> SessionParallelBatches:
+    """Time-ordered session-parallel batches for user-aware models (see the module docstring).
+
+    ``lookahead`` (default ``4 * batch_size``) bounds how far past a busy user's session the
+    scheduler looks for a free one. ``wait_for_user=False`` keeps GRU4Rec's schedule exactly:
+    a session may then start while its user's previous one still runs in another slot, and
+    starts from the user state of the sessions finished by then (training only; evaluation and
+    serving always see every earlier session)."""
+    if "UserId" not in df.columns:
+        raise ValueError("session-parallel user batches need a UserId column")
+    if len(df) == 0:
+        raise ValueError("no events")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    d = df[["UserId", "SessionId", "ItemId", "Time"]].copy()
+    d["_pos"] = np.arange(len(d))
+    d["_sstart"] = d.groupby("SessionId", sort=False)["Time"].transform("min")
+    d = d.sort_values(["_sstart", "SessionId", "Time", "_pos"], kind="stable")
+    rows = np.fromiter((item_index.get(str(i), -1) for i in d["ItemId"]), np.int64, len(d))
+    sess = d["SessionId"].astype(str).to_numpy()
+    n = len(d)
+    new_sess = np.ones(n, dtype=bool)
+    new_sess[1:] = sess[1:] != sess[:-1]
+    first = np.flatnonzero(new_sess)
+    lengths = np.diff(np.r_[first, n])
+    user_codes, _ = pd.factorize(d["UserId"].astype(str).to_numpy()[first])
+    n_steps_each = np.maximum(lengths - 1, 1)
+    start, slot = _schedule_sessions(
+        n_steps_each, user_codes, batch_size, lookahead or 4 * batch_size, wait_for_user
+    )
+    n_steps = int((start + n_steps_each).max())
+    inputs = np.full((n_steps, batch_size), -1, dtype=np.int64)
+    targets = np.full((n_steps, batch_size), -1, dtype=np.int64)
+    session = np.full((n_steps, batch_size), -1, dtype=np.int64)
+    st = np.zeros((n_steps, batch_size), dtype=bool)
+    en = np.zeros((n_steps, batch_size), dtype=bool)
+    # event e of session j sits at step start[j] + (e - first[j]); the last event of a session
+    # of 2+ events is not a step of its own (it is the last target, then the tail input)
+    sid = np.repeat(np.arange(len(first)), lengths)
+    k = np.arange(n) - first[sid]
+    step_ev = k < n_steps_each[sid]
+    t_idx, s_idx = start[sid][step_ev] + k[step_ev], slot[sid][step_ev]
+    inputs[t_idx, s_idx] = rows[step_ev]
+    nxt = np.full(n, -1, dtype=np.int64)
+    nxt[:-1] = np.where(new_sess[1:], -1, rows[1:])
+    nxt[rows < 0] = -1  # an unknown input keeps the state: its prediction is not trained
+    targets[t_idx, s_idx] = nxt[step_ev]
+    session[t_idx, s_idx] = sid[step_ev]
+    st[start, slot] = True
+    en[start + n_steps_each - 1, slot] = True
+    tail = np.where(lengths >= 2, rows[first + lengths - 1], -1)
+    return SessionParallelBatches(
+        inputs=inputs,
+        targets=targets,
+        session=session,
+        start=st,
+        end=en,
+        user=user_codes.astype(np.int64),
+        tail=tail,
+        n_users=int(user_codes.max()) + 1,
+        n_events=n,
+    )
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -209,10 +375,17 @@ class HierParams(BaseParams):
 
     schedule: str = "joint"
     shuffle_users: bool = False
+    # "user": user-parallel mini-batches; "session": time-ordered session-parallel ones with a
+    # per-user state table (see the module docstring)
+    batching: str = "user"
+    # session batching only: a user's next session waits until their previous one has ended
+    # (False: GRU4Rec's schedule exactly, sessions of one user may overlap in training)
+    wait_for_user: bool = True
 
     CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {
         **BaseParams.CHOICES,
         "schedule": SCHEDULES,
+        "batching": ("session", "user"),
     }
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = GRU4REC_PRESETS
     MIN_EPOCHS: ClassVar[int] = 0
@@ -231,9 +404,12 @@ class HRNNParams(HierParams):
     user path otherwise memorises each user's training items over the epochs (lower training
     loss, worse held-out last sessions). ``user_to_output`` (on in the authors' training
     script) is off: it memorised even more. Chosen on sessionised MovieLens-1M and a synthetic
-    log with planted user tastes; see bench/results/hrnn-issue10.md.
+    log with planted user tastes; see bench/results/hrnn-issue10.md. Batches are GRU4Rec's
+    time-ordered session-parallel ones (``batching="session"``): without its user path HRNN
+    then trains exactly as GRU4Rec (bench/results/hrnn-issue10-v2.md).
     """
 
+    batching: str = "session"
     layers: list[int] = field(default_factory=lambda: [100])
     user_layers: list[int] = field(default_factory=lambda: [100])
     embedding: int = 0
@@ -296,7 +472,7 @@ class PRNNParams(HierParams):
     }
 
 
-def schedule_plan(model: nn.Module, schedule: str, n_epochs: int) -> list[dict[str, Any]]:
+def schedule_plan(model: StepModel, schedule: str, n_epochs: int) -> list[dict[str, Any]]:
     """Per-epoch plan: ``{"train": [group names] | None (all), "active": [...] | None,
     "interleave": bool}``. Models without subnets (HRNN, GRU4Rec) always train everything."""
     groups = list(model.param_groups()) if hasattr(model, "param_groups") else []
@@ -317,7 +493,7 @@ def schedule_plan(model: nn.Module, schedule: str, n_epochs: int) -> list[dict[s
     raise ValueError(f"unknown schedule {schedule!r}")
 
 
-def _set_trainable(model: nn.Module, names: Sequence[str] | None) -> None:
+def _set_trainable(model: StepModel, names: Sequence[str] | None) -> None:
     if not hasattr(model, "param_groups"):
         return
     groups = model.param_groups()
@@ -328,7 +504,7 @@ def _set_trainable(model: nn.Module, names: Sequence[str] | None) -> None:
 
 
 def train_hier(
-    model: nn.Module,
+    model: StepModel,
     train_df: pd.DataFrame,
     item_index: Mapping[str, int],
     params: HierParams | None = None,
@@ -354,7 +530,15 @@ def train_hier(
     n_items = int(model.n_items)
     rows_all = train_df["ItemId"].astype(str).map(item_index).dropna().astype(np.int64)
     counts = torch.bincount(torch.from_numpy(rows_all.to_numpy().copy()), minlength=n_items).float()
-    batches = user_parallel_batches(train_df, item_index, p.batch_size, False, p.seed)
+    batches: UserParallelBatches | SessionParallelBatches
+    if p.shuffle_users and p.batching != "user":
+        raise ValueError("shuffle_users needs batching=user (session batches follow time order)")
+    if p.batching == "session":
+        batches = session_parallel_batches(
+            train_df, item_index, p.batch_size, wait_for_user=p.wait_for_user
+        )
+    else:
+        batches = user_parallel_batches(train_df, item_index, p.batch_size, False, p.seed)
     # one epoch's worth of samples per refill (at most the official 10M)
     cache = min(10_000_000, max(1, p.n_sample) * (batches.n_steps + 1))
     sampler = (
@@ -368,28 +552,21 @@ def train_hier(
     t_start = time.perf_counter()
     n_trained = 0
     epoch_losses: list[float] = []
-    interleave_counter = [0]  # carried across epochs: the cycle never restarts at group 0
+    trainer = _Trainer(opt, loss_fn, sampler, counts_dev, p, None, [0])
     for epoch, step_plan in enumerate(plan):
-        if p.shuffle_users and epoch > 0:
+        if p.shuffle_users and epoch > 0 and p.batching == "user":
             batches = user_parallel_batches(
                 train_df, item_index, p.batch_size, True, p.seed + epoch
             )
         if hasattr(model, "set_active"):
             model.set_active(step_plan["active"])
+        trainer.interleave = groups if step_plan["interleave"] else None
         if not step_plan["interleave"]:
             _set_trainable(model, step_plan["train"])
-        loss_sum, n_ev = _run_epoch(
-            model,
-            batches,
-            opt,
-            loss_fn,
-            sampler,
-            counts_dev,
-            p,
-            dev,
-            interleave=groups if step_plan["interleave"] else None,
-            counter=interleave_counter,
+        run: Callable[..., tuple[float, int]] = (
+            _run_epoch if isinstance(batches, UserParallelBatches) else _run_epoch_sessions
         )
+        loss_sum, n_ev = run(model, batches, trainer, dev)
         n_trained += n_ev
         epoch_losses.append(loss_sum / max(n_ev, 1))
         if log:
@@ -412,67 +589,160 @@ def train_hier(
     }
 
 
+@dataclass
+class _Trainer:
+    """What one training step needs besides the model and the batch (shared by both loops)."""
+
+    opt: IndexedAdagradM
+    loss_fn: Callable[..., Tensor]
+    sampler: SampleBuffer | None
+    counts: Tensor
+    p: HierParams
+    interleave: list[str] | None
+    counter: list[int]  # carried across epochs: the interleaving cycle never restarts
+
+    def step(
+        self,
+        model: StepModel,
+        inputs: Tensor,
+        targets: Tensor,
+        state: Tensor,
+        user: Tensor | None,
+        train: bool,
+    ) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Advance the slots by one event, with an optimiser step on their next-item
+        predictions when ``train`` (some slot has a target); returns the detached (state,
+        user state) and the step's loss sum (0 without training)."""
+        if not train:  # no prediction to train at this step: only advance the states
+            with torch.no_grad():
+                state, _ = model.forward_step(inputs, state, user)
+            return state, user, torch.zeros((), device=state.device)
+        if self.interleave is not None:
+            _set_trainable(model, [self.interleave[self.counter[0] % len(self.interleave)]])
+            self.counter[0] += 1
+        p = self.p
+        bs = int(inputs.shape[0])
+        valid = targets >= 0
+        out_rows = targets.clamp(min=0)
+        if self.sampler is not None:
+            out_rows = torch.cat([out_rows, self.sampler.get()])
+        leaves: list[Any] = []
+        if hasattr(model, "train_step"):
+            state, scores, leaves = model.train_step(inputs, state, user, out_rows)
+        else:
+            state, out = model.forward_step(inputs, state, user)
+            scores = model.score_items(out, user, out_rows)
+        if p.loss in ("cross-entropy", "xe") and p.logq > 0:
+            corr = logq_correction(self.counts, out_rows, bs, p.sample_alpha, p.logq)
+            loss = self.loss_fn(scores, valid, corr)
+        else:
+            loss = self.loss_fn(scores, valid)
+        loss = loss / bs
+        for q in model.parameters():
+            q.grad = None
+        loss.backward()
+        self.opt.step([(tab, rows, leaf.grad) for tab, rows, leaf in leaves])
+        return state.detach(), None if user is None else user.detach(), loss.detach() * bs
+
+
 def _run_epoch(
-    model: nn.Module,
-    b: UserParallelBatches,
-    opt: IndexedAdagradM,
-    loss_fn: Callable[..., Tensor],
-    sampler: SampleBuffer | None,
-    counts: Tensor,
-    p: HierParams,
-    dev: torch.device,
-    interleave: list[str] | None,
-    counter: list[int],
+    model: StepModel, b: UserParallelBatches, tr: _Trainer, dev: torch.device
 ) -> tuple[float, int]:
+    """One epoch of user-parallel training (see the module docstring)."""
     bs = b.inputs.shape[1]
     inputs = torch.from_numpy(b.inputs).to(dev)
     targets = torch.from_numpy(b.targets).to(dev)
     sstart = torch.from_numpy(b.session_start).to(dev)
     ustart = torch.from_numpy(b.user_start).to(dev)
-    has_target = (b.targets >= 0).any(axis=1)
+    has_target = np.asarray((b.targets >= 0).any(axis=1))
     any_start = b.any_start
-    sparse_model = hasattr(model, "train_step")
     user = model.initial_user_state(bs)
     state = model.initial_state(user, bs)
     total = torch.zeros((), device=dev)
-    n_events = int((b.targets >= 0).sum())
     for t in range(b.n_steps):
         if any_start[t]:
             rows = torch.from_numpy(np.flatnonzero(b.session_start[t])).to(dev)
             state, user = advance_at_boundaries(model, state, user, sstart[t], ustart[t], rows)
-        if interleave is not None and has_target[t]:
-            _set_trainable(model, [interleave[counter[0] % len(interleave)]])
-            counter[0] += 1
-        if has_target[t]:
-            tgt = targets[t]
-            valid = tgt >= 0
-            out_rows = tgt.clamp(min=0)
-            if sampler is not None:
-                out_rows = torch.cat([out_rows, sampler.get()])
-            leaves: list[Any] = []
-            if sparse_model:
-                state, scores, leaves = model.train_step(inputs[t], state, user, out_rows)
-            else:
-                state, out = model.forward_step(inputs[t], state, user)
-                scores = model.score_items(out, user, out_rows)
-            if p.loss in ("cross-entropy", "xe") and p.logq > 0:
-                corr = logq_correction(counts, out_rows, bs, p.sample_alpha, p.logq)
-                loss = loss_fn(scores, valid, corr)
-            else:
-                loss = loss_fn(scores, valid)
-            loss = loss / bs
-            for q in model.parameters():
-                q.grad = None
-            loss.backward()
-            opt.step([(tab, rows, leaf.grad) for tab, rows, leaf in leaves])
-            total += loss.detach() * bs
-        else:  # no prediction to train at this step: only advance the states
-            with torch.no_grad():
-                state, _ = model.forward_step(inputs[t], state, user)
-        state = state.detach()
-        if user is not None:
-            user = user.detach()
-    return float(total), n_events
+        state, user, loss = tr.step(model, inputs[t], targets[t], state, user, has_target[t])
+        total += loss
+    return float(total), int((b.targets >= 0).sum())
+
+
+def _run_epoch_sessions(
+    model: StepModel, b: SessionParallelBatches, tr: _Trainer, dev: torch.device
+) -> tuple[float, int]:
+    """One epoch of time-ordered session-parallel training (see the module docstring).
+
+    Per user: ``table`` holds the user state, ``final`` the final state of the user's last
+    finished session while ``pending`` (its ``end_session`` is applied, with gradient, at the
+    first step of the user's next session, as ``advance_at_boundaries`` does)."""
+    bs = b.inputs.shape[1]
+    inputs = torch.from_numpy(b.inputs).to(dev)
+    targets = torch.from_numpy(b.targets).to(dev)
+    tails_dev = torch.from_numpy(b.tail).to(dev)
+    has_target = np.asarray((b.targets >= 0).any(axis=1))
+    any_start = np.asarray(b.start.any(axis=1))
+    any_end = np.asarray(b.end.any(axis=1))
+    user = model.initial_user_state(bs)
+    state = model.initial_state(user, bs)
+    table = final = None
+    pending = np.zeros(b.n_users, dtype=bool)  # host side: no device sync in the loop
+    if user is not None:
+        table = model.initial_user_state(b.n_users)
+        final = torch.zeros(b.n_users, state.shape[1], device=dev)
+    total = torch.zeros((), device=dev)
+    for t in range(b.n_steps):
+        if t > 0 and any_end[t - 1] and table is not None and final is not None:
+            slots = np.flatnonzero(b.end[t - 1])
+            rows = torch.from_numpy(slots).to(dev)
+            sess_np = b.session[t - 1, slots]
+            sess = torch.from_numpy(sess_np).to(dev)
+            with torch.no_grad():  # the tail input (no target): the state after the session
+                fin, _ = model.forward_step(
+                    tails_dev.index_select(0, sess),
+                    state.index_select(0, rows),
+                    None if user is None else user.index_select(0, rows),
+                )
+            # A user with a final state not yet consumed (only without wait_for_user: two of
+            # their sessions ran at once) has it folded into the table first, in rounds of
+            # distinct users, earlier sessions first.
+            left = np.argsort(sess_np, kind="stable")
+            while left.size:
+                _, first = np.unique(b.user[sess_np[left]], return_index=True)
+                now, left = left[first], np.delete(left, first)
+                u_np = b.user[sess_np[now]]
+                u = torch.from_numpy(u_np).to(dev)
+                if pending[u_np].any():
+                    with torch.no_grad():
+                        folded = model.end_session(
+                            table.index_select(0, u), final.index_select(0, u)
+                        )
+                        keep = torch.from_numpy(pending[u_np]).to(dev).unsqueeze(1)
+                        table.index_copy_(0, u, torch.where(keep, folded, table.index_select(0, u)))
+                final.index_copy_(0, u, fin.index_select(0, torch.from_numpy(now).to(dev)))
+                pending[u_np] = True
+        if any_start[t]:
+            slots = np.flatnonzero(b.start[t])
+            rows = torch.from_numpy(slots).to(dev)
+            us = None
+            if table is not None and final is not None:
+                # once per user (two slots may start sessions of one user without
+                # wait_for_user), then one row per slot
+                uniq, inv = np.unique(b.user[b.session[t, slots]], return_inverse=True)
+                u = torch.from_numpy(uniq).to(dev)
+                prev = table.index_select(0, u)
+                advanced = model.end_session(prev, final.index_select(0, u))
+                was = torch.from_numpy(pending[uniq]).to(dev).unsqueeze(1)
+                us_u = torch.where(was, advanced, prev)
+                table.index_copy_(0, u, us_u.detach())
+                pending[uniq] = False
+                us = us_u.index_select(0, torch.from_numpy(inv).to(dev))
+                assert user is not None
+                user = user.index_copy(0, rows, us)
+            state = state.index_copy(0, rows, model.initial_state(us, len(slots)))
+        state, user, loss = tr.step(model, inputs[t], targets[t], state, user, has_target[t])
+        total += loss
+    return float(total), int((b.targets >= 0).sum())
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -480,7 +750,7 @@ def _run_epoch(
 
 @torch.inference_mode()
 def evaluate_users(
-    model: nn.Module,
+    model: StepModel,
     train_df: pd.DataFrame,
     test_df: pd.DataFrame,
     item_index: Mapping[str, int],
@@ -522,7 +792,7 @@ def evaluate_users(
     scored = (b.targets >= 0) & b.flag
     if first_n is not None:
         scored &= b.position < first_n
-    any_scored = scored.any(axis=1)
+    any_scored = np.asarray(scored.any(axis=1))
     scored_t = torch.from_numpy(scored).to(dev)
     user = model.initial_user_state(bs)
     state = model.initial_state(user, bs)
@@ -543,6 +813,38 @@ def evaluate_users(
     res = acc.result()
     res["n_users"] = len(users)
     return res
+
+
+class PopStepModel(nn.Module):
+    """POP in the step API (every step scores items by their training count): the baseline
+    that :func:`evaluate_users` compares the user-aware models with."""
+
+    user_state_dim = 0
+    counts: Tensor
+
+    def __init__(self, counts: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("counts", counts.float())
+        self.n_items = len(counts)
+
+    @classmethod
+    def from_log(cls, train_df: pd.DataFrame, item_index: Mapping[str, int]) -> PopStepModel:
+        rows = np.array(train_df["ItemId"].astype(str).map(item_index).dropna(), dtype=np.int64)
+        return cls(torch.bincount(torch.from_numpy(rows), minlength=len(item_index)))
+
+    def initial_user_state(self, batch_size: int) -> None:
+        return None
+
+    def initial_state(self, user_state: Tensor | None, batch_size: int) -> Tensor:
+        return torch.zeros(batch_size, 1, device=self.counts.device)
+
+    def end_session(self, user_state: Tensor | None, final_state: Tensor) -> None:
+        return None
+
+    def step(
+        self, item_rows: Tensor, state: Tensor, user_state: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        return state, self.counts.expand(len(item_rows), -1)
 
 
 def split_stats(train_df: pd.DataFrame, test_df: pd.DataFrame) -> dict[str, float]:
@@ -664,7 +966,7 @@ def train_prnn_job(job: Any) -> Any:
 
 
 def evaluate_users_job(
-    model: nn.Module,
+    model: StepModel,
     test_df: pd.DataFrame,
     item_index: Mapping[str, int],
     ks: Sequence[int],

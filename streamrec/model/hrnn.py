@@ -16,6 +16,13 @@ Variants (``variant``):
 Option ``user_to_output``: the user state also feeds the output layer (``c W_uy^T`` added to the
 scores).
 
+Initialisation: the session GRU as GRU4Rec's (``streamrec.model.gru4rec``: every gate block
+uniform in its own Glorot range, biases zero), and every weight through which the user state
+reaches the session or the scores (``W_init``, the user columns of the first session layer in
+``all``, ``Wuy``) starts at **zero**: at initialisation HRNN scores exactly as the GRU4Rec with
+the same session weights, whatever the user state, and training moves the user path away from
+zero only where it lowers the loss (a useless user signal cannot start by hurting).
+
 Deliberate differences from the official code, for the live service: a user's first session starts
 from the learnt initialisation of an empty (zero) user state, ``tanh(b_init)`` (the official code
 starts it from zeros), and every GRU layer of a new session is initialised (layer 0 from the user
@@ -33,15 +40,34 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from streamrec.model.gru4rec import _uniform_blocks
+
 VARIANTS = ("init", "all", "none")
 
 
 def _init_uniform(t: Tensor) -> None:
-    """Glorot-style uniform init as in the GRU4Rec/HGRU4Rec code: U(-s, s), s = sqrt(6/(in+out))."""
+    """Glorot-style uniform init over a whole matrix: U(-s, s), s = sqrt(6/(in+out)) (p-RNN)."""
     fan = t.shape[0] + (t.shape[1] if t.dim() > 1 else 1)
     s = (6.0 / fan) ** 0.5
     with torch.no_grad():
         t.uniform_(-s, s)
+
+
+def _run_stack(
+    cells: nn.ModuleList, sizes: Sequence[int], x: Tensor, state: Tensor, p: float, training: bool
+) -> list[Tensor]:
+    """Advance a stack of GRU cells by one input; ``state`` is their concatenated states.
+
+    Dropout ``p`` after every layer (training only); the dropped-out output is the carried
+    state, as in GRU4Rec."""
+    out = []
+    off = 0
+    for cell, h in zip(cells, sizes, strict=True):
+        x = cell(x, state[:, off : off + h])
+        x = nn.functional.dropout(x, p, training)
+        out.append(x)
+        off += h
+    return out
 
 
 class HRNN(nn.Module):
@@ -112,11 +138,35 @@ class HRNN(nn.Module):
 
     # ------------------------------------------------------------------ setup
     def reset_parameters(self) -> None:
-        for name, p in self.named_parameters():
-            if name.endswith("bias") or name == "By":
-                nn.init.zeros_(p)
-            else:
-                _init_uniform(p)
+        """GRU4Rec's initialisation for the session part, zeros where the user state enters.
+
+        Draws from the global torch generator (seed it with ``torch.manual_seed``)."""
+        with torch.no_grad():
+            for cells in (self.G, self.U):
+                for i in range(len(cells)):
+                    cell = self._cell(cells, i)
+                    for w in (cell.weight_ih, cell.weight_hh):
+                        _uniform_blocks(w, 3, None, 0)  # one Glorot range per gate (r, z, n)
+                    cell.bias_ih.zero_()
+                    cell.bias_hh.zero_()
+            for table in (self.Wy, getattr(self, "E", None)):
+                if table is not None:
+                    _uniform_blocks(table, 1, None, 0)
+            self.By.zero_()
+            # the user path starts silent: HRNN == GRU4Rec at init (see the module docstring)
+            nn.init.zeros_(self.W_init.weight)
+            nn.init.zeros_(self.W_init.bias)
+            if self.variant == "all":
+                g0 = self._cell(self.G, 0)
+                g0.weight_ih[:, g0.input_size - self.user_layers[-1] :].zero_()
+            if self.user_to_output:
+                self.Wuy.zero_()
+
+    @staticmethod
+    def _cell(cells: nn.ModuleList, i: int) -> nn.GRUCell:
+        cell = cells[i]
+        assert isinstance(cell, nn.GRUCell)
+        return cell
 
     @property
     def state_dim(self) -> int:
@@ -182,13 +232,9 @@ class HRNN(nn.Module):
         if self.variant == "none":
             return user_state
         x = final_state[:, self.state_dim - self.layers[-1] :]
-        out = []
-        off = 0
-        for cell, h in zip(self.U, self.user_layers, strict=True):
-            x = cell(x, user_state[:, off : off + h])
-            x = nn.functional.dropout(x, self.dropout_p_user, self.training)
-            out.append(x)
-            off += h
+        out = _run_stack(
+            self.U, self.user_layers, x, user_state, self.dropout_p_user, self.training
+        )
         return torch.cat(out, dim=1)
 
     # ---------------------------------------------------------- session level
@@ -201,13 +247,7 @@ class HRNN(nn.Module):
         """One step of the session GRU stack; returns the new (concatenated) state."""
         if self.variant == "all":
             x = torch.cat([x, self._top_user(user_state, x.shape[0])], dim=1)
-        out = []
-        off = 0
-        for cell, h in zip(self.G, self.layers, strict=True):
-            x = cell(x, state[:, off : off + h])
-            x = nn.functional.dropout(x, self.dropout_p_hidden, self.training)
-            out.append(x)
-            off += h
+        out = _run_stack(self.G, self.layers, x, state, self.dropout_p_hidden, self.training)
         return torch.cat(out, dim=1) if len(out) > 1 else out[0]
 
     def output(self, state: Tensor) -> Tensor:
@@ -218,9 +258,9 @@ class HRNN(nn.Module):
         self, output: Tensor, user_state: Tensor | None = None, item_rows: Tensor | None = None
     ) -> Tensor:
         """Scores ``[B, n]`` of all items, or of ``item_rows`` (e.g. targets + negative samples)."""
-        if item_rows is None:
-            w, b = self.Wy, self.By
-        else:
+        w: Tensor = self.Wy
+        b: Tensor = self.By
+        if item_rows is not None:
             w, b = self.Wy.index_select(0, item_rows), self.By.index_select(0, item_rows)
         scores = torch.addmm(b.view(1, -1), output, w.T)
         if self.user_to_output:
@@ -255,11 +295,14 @@ class HRNN(nn.Module):
             for name, p in m.named_parameters():
                 if name in src and src[name].shape == p.shape and not name.startswith("G.0."):
                     p.copy_(src[name])
-            g0 = g.G[0]  # type: ignore[index]
-            m.G[0].weight_hh.copy_(g0.weight_hh)
-            m.G[0].bias_ih.copy_(g0.bias_ih)
-            m.G[0].bias_hh.copy_(g0.bias_hh)
-            w = m.G[0].weight_ih
+            g_cells = g.G
+            assert isinstance(g_cells, nn.ModuleList)
+            g0 = cls._cell(g_cells, 0)
+            h0 = m._cell(m.G, 0)
+            h0.weight_hh.copy_(g0.weight_hh)
+            h0.bias_ih.copy_(g0.bias_ih)
+            h0.bias_hh.copy_(g0.bias_hh)
+            w = h0.weight_ih
             w.zero_()  # the user-state columns ("all") start at zero: no user influence yet
             w[:, : g0.weight_ih.shape[1]].copy_(g0.weight_ih)
         return m

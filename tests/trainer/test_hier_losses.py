@@ -17,7 +17,13 @@ from streamrec.model.items import build_item_index
 from streamrec.model.prnn import PRNN
 from streamrec.synthetic import generate_clicks
 from trainer.data import filter_users, split_last_session_out
-from trainer.train_hier import HRNNParams, PRNNParams, evaluate_users, train_hier
+from trainer.train_hier import (
+    HRNNParams,
+    PopStepModel,
+    PRNNParams,
+    evaluate_users,
+    train_hier,
+)
 
 LOSSES: dict[str, dict[str, Any]] = {
     "xe": dict(loss="cross-entropy", logq=0.0),
@@ -47,30 +53,9 @@ def log() -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int], dict[str, float]]
     df = filter_users(df, min_sessions=3, min_session_length=2, min_item_support=2)
     tr, te = split_last_session_out(df)
     _, idx = build_item_index(tr["ItemId"])
-    pop = evaluate_users(_Pop(tr, idx), tr, te, idx, ks=(20,))
+    pop = evaluate_users(PopStepModel.from_log(tr, idx), tr, te, idx, ks=(20,))
     assert pop["n_events"] > 200
     return tr, te, idx, pop
-
-
-class _Pop(torch.nn.Module):
-    user_state_dim = 0
-
-    def __init__(self, tr: pd.DataFrame, idx: dict[str, int]) -> None:
-        super().__init__()
-        rows = torch.from_numpy(tr["ItemId"].map(idx).to_numpy().copy())
-        self.register_buffer("c", torch.bincount(rows, minlength=len(idx)).float())
-
-    def initial_user_state(self, b):
-        return None
-
-    def initial_state(self, u, b):
-        return torch.zeros(b, 1)
-
-    def end_session(self, u, s):
-        return u
-
-    def step(self, rows, state, u):
-        return state, self.c.expand(len(rows), -1)
 
 
 def _check(stats, res, pop) -> None:

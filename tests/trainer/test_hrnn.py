@@ -3,6 +3,8 @@ learning planted per-user preferences."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -16,8 +18,11 @@ from streamrec.synthetic import generate_clicks
 from trainer.data import filter_users, sessionize, split_last_session_out
 from trainer.train_hier import (
     HierParams,
+    HRNNParams,
+    PopStepModel,
     advance_at_boundaries,
     evaluate_users,
+    session_parallel_batches,
     train_hier,
     user_parallel_batches,
 )
@@ -75,13 +80,14 @@ def test_user_parallel_batches_hand_made():
 
 def test_user_state_advances_at_session_ends_and_resets_at_user_change():
     torch.manual_seed(0)
-    m = HRNN(3, layers=[4], user_layers=[3], variant="init").eval()
+    m = _wake_user_path(HRNN(3, layers=[4], user_layers=[3], variant="init")).eval()
     b = user_parallel_batches(TINY, INDEX, batch_size=2)
-    user = m.initial_user_state(2)
+    user: torch.Tensor | None = m.initial_user_state(2)
     state = m.initial_state(user, 2)
     users, states = [], []
     with torch.no_grad():
         for t in range(b.n_steps):
+            assert user is not None
             prev_u, prev_s = user.clone(), state.clone()
             state, user = advance_at_boundaries(
                 m,
@@ -90,6 +96,7 @@ def test_user_state_advances_at_session_ends_and_resets_at_user_change():
                 torch.from_numpy(b.session_start[t]),
                 torch.from_numpy(b.user_start[t]),
             )
+            assert user is not None
             users.append(user.clone())
             # user state changes only at session starts; at a user start it is the empty one
             for s in range(2):
@@ -110,14 +117,14 @@ def test_user_state_advances_at_session_ends_and_resets_at_user_change():
             ("c", [[0, 2], [1, -1]], [2, 4]),
         ):
             slot = b.slot_of_user[uid]
-            u = m.initial_user_state(1)
+            us = m.initial_user_state(1)
             for items, t0 in zip(sessions, steps, strict=True):
-                assert torch.allclose(users[t0][slot], u[0], atol=1e-6)
-                s = m.initial_state(u, 1)
+                assert torch.allclose(users[t0][slot], us[0], atol=1e-6)
+                st = m.initial_state(us, 1)
                 for k, it in enumerate(items):
-                    s, _ = m.step(torch.tensor([it]), s, u)
-                    assert torch.allclose(states[t0 + k][slot], s[0], atol=1e-6)
-                u = m.end_session(u, s)
+                    st, _ = m.step(torch.tensor([it]), st, us)
+                    assert torch.allclose(states[t0 + k][slot], st[0], atol=1e-6)
+                us = m.end_session(us, st)
     # an unknown item keeps the state (c2's "q" at step 5 of slot 1)
     assert torch.equal(states[5][1], states[4][1])
 
@@ -148,10 +155,58 @@ def test_hrnn_variant_none_user_path_really_off():
     assert torch.equal(m.end_session(u, torch.randn(2, 6)), u)
 
 
+def _wake_user_path(m: HRNN) -> HRNN:
+    """Random weights where the user state enters (they start at zero: HRNN == GRU4Rec)."""
+    with torch.no_grad():
+        for name, q in m.named_parameters():
+            if name.startswith("W_init") or name in ("G.0.weight_ih", "Wuy"):
+                q.uniform_(-0.5, 0.5)
+    return m
+
+
+@pytest.mark.parametrize("variant", ["init", "all"])
+def test_user_path_is_silent_at_init(variant):
+    """At initialisation HRNN scores as the GRU4Rec with its session weights, whatever the
+    user state: the user path can only add what training finds useful."""
+    g = GRU4Rec.from_config({"n_items": 20, "layers": [8]}, seed=4).eval()
+    torch.manual_seed(2)
+    h = HRNN.from_gru4rec(g, variant=variant, user_layers=[5], user_to_output=True).eval()
+    fresh = HRNN(20, layers=[8], user_layers=[5], variant=variant, user_to_output=True).eval()
+    rows = torch.randint(0, 20, (4, 3))
+    with torch.no_grad():
+        for m in (h, fresh):
+            for u in (torch.randn(3, 5), torch.randn(3, 5) * 3):
+                assert torch.equal(m.initial_state(u, 3), torch.zeros(3, 8))
+        s_g, s_h = g.initial_state(None, 3), h.initial_state(torch.randn(3, 5), 3)
+        u = torch.randn(3, 5)
+        for r in rows:
+            s_g, a = g.step(r, s_g)
+            s_h, b = h.step(r, s_h, u)
+            assert torch.allclose(a, b, atol=1e-6)
+        # and training moves it: a woken user path changes the scores
+        _wake_user_path(h)
+        a = h.step(rows[0], h.initial_state(u, 3), u)[1]
+        b = h.step(rows[0], h.initial_state(u + 1, 3), u + 1)[1]
+        assert not torch.allclose(a, b)
+
+
+def test_session_gru_init_is_gru4recs():
+    """Each gate block of the session GRU has GRU4Rec's own Glorot range (not one range over
+    the stacked [3h, in] matrix); the user GRU likewise."""
+    torch.manual_seed(0)
+    m = HRNN(50, layers=[64], user_layers=[32], variant="init")
+    ws = dict(m.named_parameters())
+    for w, fan in ((ws["G.0.weight_ih"], 64 + 64), (ws["U.0.weight_ih"], 32 + 64)):
+        bound = (6.0 / fan) ** 0.5
+        for block in w.detach().chunk(3, 0):
+            assert block.abs().max() <= bound
+            assert block.abs().max() > 0.9 * bound  # the full range, not sqrt(6/(3h+in))
+
+
 @pytest.mark.parametrize("variant", ["init", "all"])
 def test_user_state_reaches_session_gru_only_in_all(variant):
     torch.manual_seed(0)
-    m = HRNN(10, layers=[6], user_layers=[5], variant=variant).eval()
+    m = _wake_user_path(HRNN(10, layers=[6], user_layers=[5], variant=variant)).eval()
     state = torch.randn(3, 6)
     user = torch.randn(3, 5, requires_grad=True)
     new, _ = m.forward_step(torch.tensor([1, 2, 3]), state, user)
@@ -206,6 +261,7 @@ def test_checkpoint_round_trip(tmp_path):
     m = HRNN(6, layers=[4], user_layers=[3], variant="all", user_to_output=True).eval()
     save_checkpoint(tmp_path / "ck", m, "hrnn", list("abcdef"))
     ck = load_checkpoint(tmp_path / "ck")
+    assert isinstance(ck.model, HRNN)
     assert ck.model.variant == "all" and ck.model.user_to_output
     rows = torch.tensor([0, 3])
     u = torch.randn(2, 3)
@@ -213,35 +269,6 @@ def test_checkpoint_round_trip(tmp_path):
         a = m.step(rows, m.initial_state(u, 2), u)[1]
         b = ck.model.step(rows, ck.model.initial_state(u, 2), u)[1]
     assert torch.equal(a, b)
-
-
-class Pop(torch.nn.Module):
-    """POP baseline in the step API (scores = training counts)."""
-
-    user_state_dim = 0
-
-    def __init__(self, counts: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("c", counts.float())
-        self.n_items = len(counts)
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
-
-    def initial_user_state(self, b):
-        return None
-
-    def initial_state(self, u, b):
-        return torch.zeros(b, 1)
-
-    def end_session(self, u, s):
-        return u
-
-    def step(self, rows, state, u):
-        return state, self.c.expand(len(rows), -1)
-
-
-def _pop_for(tr: pd.DataFrame, idx: dict[str, int]) -> Pop:
-    rows = tr["ItemId"].map(idx).to_numpy()
-    return Pop(torch.bincount(torch.from_numpy(rows.copy()), minlength=len(idx)))
 
 
 def test_hrnn_beats_pop_on_planted_user_preferences():
@@ -256,7 +283,7 @@ def test_hrnn_beats_pop_on_planted_user_preferences():
     stats = train_hier(m, tr, idx, p)
     assert stats["epoch_losses"][-1] < stats["epoch_losses"][0]
     res = evaluate_users(m, tr, te, idx, ks=(5, 20))
-    pop = evaluate_users(_pop_for(tr, idx), tr, te, idx, ks=(5, 20))
+    pop = evaluate_users(PopStepModel.from_log(tr, idx), tr, te, idx, ks=(5, 20))
     assert res["n_events"] == pop["n_events"] > 100
     assert res["recall@20"] > pop["recall@20"] + 0.1, (res, pop)
     assert res["mrr@20"] > 1.5 * pop["mrr@20"], (res, pop)
@@ -325,3 +352,131 @@ def test_cli_holds_out_each_users_last_session(tmp_path):
     assert m["n_events"] == len(expected_test) - expected_test["SessionId"].nunique()
     both = CliRunner().invoke(main, [*args[:5], "--test", str(tmp_path / "log.tsv"), *args[5:]])
     assert both.exit_code != 0 and "either --test or --split" in both.output
+
+
+def test_session_parallel_batches_hand_made():
+    # sessions by start: a1 (t=1), b1 (1.5), a2 (10), c1 (20), c2 (30)
+    b = session_parallel_batches(TINY, INDEX, batch_size=2)
+    np.testing.assert_array_equal(b.user, [0, 1, 0, 2, 2])
+    np.testing.assert_array_equal(b.tail, [2, 0, 0, 2, -1])  # c2 ends with the unknown q
+    # slot 1 frees at step 1; a2's user is busy in slot 0 until step 2, so c1 goes first
+    np.testing.assert_array_equal(b.session, [[0, 1], [0, 3], [2, 4]])
+    np.testing.assert_array_equal(b.inputs, [[0, 1], [1, 0], [2, 1]])
+    np.testing.assert_array_equal(b.targets, [[1, 0], [2, 2], [0, -1]])
+    np.testing.assert_array_equal(b.start, [[1, 1], [0, 1], [1, 1]])
+    np.testing.assert_array_equal(b.end, [[0, 1], [1, 1], [1, 1]])
+
+
+def test_session_parallel_batches_keep_each_user_sequential():
+    df = generate_clicks(n_sessions=400, n_items=40, n_users=15, seed=3)
+    idx = {str(i): i for i in range(40)}
+    b = session_parallel_batches(df, idx, batch_size=8)
+    n_sess = len(b.user)
+    t_of, s_of = np.nonzero(b.start)
+    start = np.empty(n_sess, dtype=np.int64)
+    start[b.session[t_of, s_of]] = t_of
+    t_end, s_end = np.nonzero(b.end)
+    end = np.empty(n_sess, dtype=np.int64)
+    end[b.session[t_end, s_end]] = t_end
+    for u in np.unique(b.user):
+        j = np.flatnonzero(b.user == u)  # the user's sessions, in time order
+        assert (start[j[1:]] > end[j[:-1]]).all()  # next starts after the previous ended
+    # every next-item pair of the log is trained exactly once
+    pairs = sum(len(g) - 1 for _, g in df.groupby("SessionId"))
+    assert int((b.targets >= 0).sum()) == pairs
+    # in time order, up to the deferrals of busy users; and the slots are kept busy
+    assert np.corrcoef(np.arange(n_sess), start)[0, 1] > 0.95
+    assert (b.session >= 0).mean() > 0.8
+
+
+@pytest.mark.parametrize("variant", ["init", "all"])
+def test_session_parallel_training_equals_user_parallel_for_sequential_users(variant):
+    """With one slot and users one after the other, both batchings present the same events in
+    the same order, so they must train the same weights (user state, lazy ``end_session``,
+    tail input, sampling, dropout draws)."""
+    rows = []
+    for u, t0 in (("a", 0.0), ("b", 1000.0)):
+        for s in range(3):
+            for e in range(3 + s):
+                rows.append((u, f"{u}{s}", str((e * 3 + s + ord(u)) % 7), t0 + 100 * s + e))
+    df = _log(rows)
+    _, idx = build_item_index(df["ItemId"])
+    weights = []
+    for batching in ("user", "session"):
+        p = HRNNParams(
+            batching=batching, n_epochs=2, batch_size=1, n_sample=4, layers=[6],
+            user_layers=[5], seed=3, dropout_p_user=0.3, dropout_p_init=0.3,
+        )  # fmt: skip
+        torch.manual_seed(3)
+        m = HRNN(len(idx), variant=variant, **p.model_options())
+        stats = train_hier(m, df, idx, p)
+        weights.append((stats["epoch_losses"], {k: v.clone() for k, v in m.state_dict().items()}))
+    (la, wa), (lb, wb) = weights
+    assert la == pytest.approx(lb, rel=1e-6)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
+    # the user path was trained (it starts at zero)
+    assert wb["W_init.weight"].abs().sum() > 0
+
+
+def test_hrnn_none_trains_exactly_as_the_gru4rec_trainer():
+    """Session batching without a user path is GRU4Rec's own training: from the same weights,
+    on a log where every user has one session (no scheduling constraint), one epoch gives the
+    same loss and the same weights as ``train_gru4rec``."""
+    from trainer.presets import TrainParams
+    from trainer.train import train_gru4rec
+
+    df = generate_clicks(n_sessions=120, n_items=30, n_users=120, seed=1)
+    df = df[df.groupby("SessionId")["ItemId"].transform("size") >= 2].copy()
+    df["UserId"] = df["SessionId"].astype(str)
+    kw: dict[str, Any] = dict(
+        n_epochs=1, batch_size=8, n_sample=16, layers=[10], seed=5, device="cpu"
+    )
+    g, ids, st = train_gru4rec(df, TrainParams(**kw), progress=False)
+    h = HRNN.from_gru4rec(GRU4Rec.from_config(g.config_dict(), seed=5), variant="none")
+    idx = {i: r for r, i in enumerate(ids)}
+    hs = train_hier(h, df, idx, HRNNParams(**kw))
+    assert hs["epoch_losses"] == pytest.approx(st["epoch_losses"], rel=1e-6)
+    assert hs["n_steps_per_epoch"] == st["n_steps_per_epoch"]
+    hw = h.state_dict()
+    for k, v in g.state_dict().items():
+        torch.testing.assert_close(hw[k], v, msg=k)
+
+
+@pytest.mark.parametrize("variant", ["none", "init"])
+def test_without_waiting_for_users_the_schedule_is_gru4recs(variant):
+    """``wait_for_user=False``: GRU4Rec's schedule on a log where users have many sessions that
+    overlap in the batch, so HRNN without its user path trains exactly as ``train_gru4rec``;
+    with the user path, overlapping sessions fold their final states into the user table."""
+    from trainer.presets import TrainParams
+    from trainer.train import train_gru4rec
+
+    df = generate_clicks(n_sessions=150, n_items=30, n_users=6, seed=2)
+    df = df[df.groupby("SessionId")["ItemId"].transform("size") >= 2].copy()
+    kw: dict[str, Any] = dict(
+        n_epochs=1, batch_size=8, n_sample=16, layers=[10], seed=5, device="cpu"
+    )
+    g, ids, st = train_gru4rec(df, TrainParams(**kw), progress=False)
+    idx = {i: r for r, i in enumerate(ids)}
+    b = session_parallel_batches(df, idx, 8, wait_for_user=False)
+    assert b.n_steps == st["n_steps_per_epoch"]
+    strict = session_parallel_batches(df, idx, 8)
+    assert strict.n_steps > b.n_steps  # 6 users in 8 slots: waiting costs steps
+    t_s, s_s = np.nonzero(b.start)
+    t_e, s_e = np.nonzero(b.end)
+    start, end = np.empty(len(b.user), np.int64), np.empty(len(b.user), np.int64)
+    start[b.session[t_s, s_s]], end[b.session[t_e, s_e]] = t_s, t_e
+    overlap = [
+        (start[j[1:]] <= end[j[:-1]]).any() for j in (np.flatnonzero(b.user == u) for u in range(6))
+    ]
+    assert any(overlap)  # a user's sessions run at once: the folding path is exercised
+    h = HRNN.from_gru4rec(GRU4Rec.from_config(g.config_dict(), seed=5), variant=variant)
+    hs = train_hier(h, df, idx, HRNNParams(**kw, wait_for_user=False))
+    assert all(np.isfinite(hs["epoch_losses"]))
+    if variant == "none":
+        assert hs["epoch_losses"] == pytest.approx(st["epoch_losses"], rel=1e-6)
+        hw = h.state_dict()
+        for k, v in g.state_dict().items():
+            torch.testing.assert_close(hw[k], v, msg=k)
+    else:
+        assert h.W_init.weight.abs().sum() > 0  # the user path trained
