@@ -14,6 +14,7 @@ from streamrec.model.checkpoint import load_checkpoint, save_checkpoint
 from streamrec.model.gru4rec import GRU4Rec
 from streamrec.model.hrnn import HRNN
 from streamrec.model.items import build_item_index
+from streamrec.model.prnn import PRNN
 from streamrec.synthetic import generate_clicks
 from trainer.data import filter_users, sessionize, split_last_session_out
 from trainer.train_hier import (
@@ -313,7 +314,7 @@ def test_cli_train_and_evaluate_hrnn_and_prnn(tmp_path):
     m = json.loads((tmp_path / "h" / "metrics.json").read_text())
     assert m["model"] == "hrnn"
     ck = load_checkpoint(tmp_path / "h")
-    assert ck.model.variant == "all"
+    assert isinstance(ck.model, HRNN) and ck.model.variant == "all"
     # the reported metrics are the kept model's, evaluated afresh per user
     want = evaluate_users(ck.model, tr, te, ck.item_index, ks=(5, 20))
     known = te[te["ItemId"].isin(ck.item_index)]
@@ -326,7 +327,8 @@ def test_cli_train_and_evaluate_hrnn_and_prnn(tmp_path):
     prnn += ["--param", "n_epochs=1", "id_hidden=8", "feature_hidden=4"]
     r = runner.invoke(main, ["train", *common, *prnn])
     assert r.exit_code == 0, r.output
-    assert load_checkpoint(tmp_path / "p").model.arch == "parallel"
+    prnn_model = load_checkpoint(tmp_path / "p").model
+    assert isinstance(prnn_model, PRNN) and prnn_model.arch == "parallel"
     bad = ["--model", "hrnn", "--param", "nope=1", "--out", str(tmp_path / "x")]
     r = runner.invoke(main, ["train", *common, *bad])
     assert r.exit_code != 0 and "nope" in r.output
