@@ -141,7 +141,7 @@ class Trained:
     warm: bool
     epochs: int | None = None
     note: str | None = None  # why a warm start fell back to cold
-    #: the optimiser's accumulators after training (GRU4Rec), saved beside the checkpoint
+    #: the optimiser's accumulators after training, saved beside the checkpoint
     optimizer_state: dict[str, torch.Tensor] | None = None
     optimizer_continued: bool = False
 
@@ -220,13 +220,15 @@ def _train(
         epochs = cfg.warm_epochs or warm_epochs(p.n_epochs, _new_events(train, current), len(train))
         p.n_epochs = epochs
         log = (lambda s: echo("      " + s)) if cfg.progress else None
+        saved = _saved_optimizer(current_path)
         try:
             grown, ids, stats, tp = train_hier_warm(
                 cfg.model_name, current.model, current.item_ids, train, p,
                 variant=getattr(current.model, "variant", None),
-                features=_feature_builder(cfg, p), log=log,
+                features=_feature_builder(cfg, p), log=log, init_optimizer=saved,
             )  # fmt: skip
-            return Trained(grown, ids, stats, tp, True, epochs)
+            state = stats.pop("optimizer_state", None)
+            return Trained(grown, ids, stats, tp, True, epochs, None, state, bool(saved))
         except FeatureMismatch as e:
             # the item features changed shape: the old input layers do not apply
             note = f"warm start impossible, trained cold: {e}"

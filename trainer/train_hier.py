@@ -510,11 +510,15 @@ def train_hier(
     params: HierParams | None = None,
     log: Callable[[str], None] | None = None,
     on_epoch_end: Callable[[int, nn.Module], None] | None = None,
+    init_optimizer: dict[str, torch.Tensor] | None = None,
+    keep_optimizer: bool = False,
 ) -> dict[str, Any]:
     """Train ``model`` (HRNN, p-RNN, or any model with ``forward_step``/``score_items``) in place
     on user-parallel mini-batches. Returns training statistics.
 
     ``on_epoch_end(epoch, model)`` is called after every epoch of the schedule's plan.
+    ``init_optimizer`` continues the Adagrad state of an earlier run (a warm start's; as
+    ``train_gru4rec``), ``keep_optimizer`` returns this run's as ``stats["optimizer_state"]``.
     """
     p = params or HierParams()
     dev = resolve_device(p.device)
@@ -527,6 +531,9 @@ def train_hier(
     sparse_ids = {id(t) for t in sparse}
     dense = [q for q in model.parameters() if id(q) not in sparse_ids]
     opt = IndexedAdagradM(dense, sparse, lr=p.learning_rate, momentum=p.momentum)
+    named = dict(model.named_parameters())
+    if init_optimizer is not None:
+        opt.import_state(named, init_optimizer)
     n_items = int(model.n_items)
     rows_all = train_df["ItemId"].astype(str).map(item_index).dropna().astype(np.int64)
     counts = torch.bincount(torch.from_numpy(rows_all.to_numpy().copy()), minlength=n_items).float()
@@ -578,7 +585,7 @@ def train_hier(
         model.set_active(None)
     secs = time.perf_counter() - t_start
     model.eval()
-    return {
+    stats: dict[str, Any] = {
         "train_seconds": secs,
         "train_events": n_trained,
         "train_events_per_s": n_trained / secs if secs > 0 else 0.0,
@@ -587,6 +594,9 @@ def train_hier(
         "params": asdict(p),
         "n_steps_per_epoch": batches.n_steps,
     }
+    if keep_optimizer:
+        stats["optimizer_state"] = opt.export_state(named)
+    return stats
 
 
 @dataclass

@@ -136,10 +136,13 @@ def train_hier_warm(
     variant: str | None = None,
     features: Callable[..., list[Any]] | None = None,
     log: Callable[[str], None] | None = None,
+    init_optimizer: dict[str, torch.Tensor] | None = None,
 ) -> tuple[nn.Module, list[str], dict[str, Any], dict[str, Any]]:
     """Warm-start HRNN / p-RNN: grow ``parent`` to the window's items and continue training
     it with ``trainer.train_hier.train_hier`` (``params``: HRNNParams / PRNNParams; the
-    architecture is the parent's). Returns ``(model, item_ids, stats, train_params)``."""
+    architecture is the parent's), continuing ``init_optimizer`` (the parent's Adagrad state)
+    when given. Returns ``(model, item_ids, stats, train_params)``; ``stats`` carries this
+    run's optimiser state as ``optimizer_state``."""
     from trainer.train_hier import train_hier
 
     if "UserId" not in train_df.columns:
@@ -152,6 +155,8 @@ def train_hier_warm(
         if features is None:
             raise ValueError("p-RNN warm start needs the item features (--features/--item-meta)")
         new_feature_rows(model, index, len(parent_ids), features)
-    stats = train_hier(model, train_df, index, params, log=log)
+    stats = train_hier(
+        model, train_df, index, params, log=log, init_optimizer=init_optimizer, keep_optimizer=True
+    )
     tp = {**asdict(params), **({"variant": variant} if variant else {})}
     return model, item_ids, stats, tp

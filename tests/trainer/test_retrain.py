@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -421,6 +423,16 @@ def test_retrain_cli_warm_starts_hrnn_and_prnn(tmp_path: Path, name: str) -> Non
             assert torch.equal(feat[v2.item_index[i]], want)
     else:
         assert v2.model.config_dict() == {**v1.model.config_dict(), "n_items": len(v2.item_ids)}
+    # the warm cycle saved its Adagrad state beside its checkpoint; the next one continues it
+    assert (_published(models) / "optimizer.safetensors").is_file()
+    assert not r["optimizer_continued"]  # v1 was trained cold by `trainer train`'s job
+    out = CliRunner().invoke(
+        main,
+        [*base, "--window", "1d", "--holdout", "3h", "--warm-epochs", "1", "--tolerance", "1",
+         "--min-holdout-events", "0"],
+    )  # fmt: skip
+    assert out.exit_code == 0, out.output
+    assert registry.read_log(models)[-1]["optimizer_continued"]
 
 
 def test_gate_is_non_inferiority_at_a_confidence() -> None:
@@ -585,3 +597,32 @@ def test_warm_start_continues_the_optimiser_state() -> None:
     opt2 = IndexedAdagradM([], [small.Wy])
     with pytest.raises(ValueError, match="does not fit"):
         opt2.import_state({"Wy": small.Wy}, state)
+
+
+@pytest.mark.parametrize("name", ["hrnn", "prnn"])
+def test_hier_warm_start_continues_the_optimiser_state(name: str) -> None:
+    """As GRU4Rec's: HRNN / p-RNN continued with the parent's Adagrad accumulators take
+    smaller first steps than with fresh ones (a lower first-epoch loss on the same data)."""
+    from trainer.train_hier import HRNNParams, PRNNParams, train_hier
+
+    df = generate_clicks(400, 40, n_users=40, seed=9)
+    ids = sorted(set(df["ItemId"].astype(str)))
+    index = {i: r for r, i in enumerate(ids)}
+    kw: dict[str, Any] = {"n_epochs": 4, "batch_size": 16, "n_sample": 0,
+                          "loss": "cross-entropy", "learning_rate": 0.2}  # fmt: skip
+    model: HRNN | PRNN
+    if name == "hrnn":
+        params: Any = HRNNParams(layers=[16], user_layers=[16], **kw)
+        torch.manual_seed(0)
+        model = HRNN(len(ids), [16], [16])
+    else:
+        params = PRNNParams(id_hidden=16, **kw)
+        torch.manual_seed(0)
+        model = PRNN(len(ids), arch="id", id_hidden=16)
+    st = train_hier(model, df, index, params, keep_optimizer=True)
+    state = st["optimizer_state"]
+    assert state and all(k.startswith(("acc.", "mom.")) for k in state)
+    one = dataclasses.replace(params, n_epochs=1)
+    fresh = train_hier(copy.deepcopy(model), df, index, one)
+    cont = train_hier(copy.deepcopy(model), df, index, one, init_optimizer=state)
+    assert cont["epoch_losses"][0] < fresh["epoch_losses"][0]
