@@ -328,3 +328,49 @@ def test_native_sweep_step_fits_its_budget_when_keys_are_slow_and_partitions_tak
         for s in worker.partitions.values():
             s.close()
         worker.partitions.clear()
+
+
+def test_native_reload_loads_in_the_background_and_swaps_between_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loading and validating a checkpoint takes seconds; the poll loop must not wait for it:
+    ``reload`` starts the load in the loader thread and returns at once, and a later call
+    swaps the loaded model in (before, the loop was held for the whole load: ~3 s of no
+    answers after each swap in bench/results/reencode-serving.md)."""
+    import threading
+    import time as _time
+
+    from streamrec.engines.native.worker import NativeWorker
+    from streamrec.runtime import ModelHolder
+    from streamrec.settings import load_settings
+
+    settings = load_settings(
+        kafka={"bootstrap_servers": "127.0.0.1:9"}, state={"directory": str(tmp_path)}
+    )
+    holder = ModelHolder(tiny_serving_model())
+    worker = NativeWorker(settings, holder)
+    new = tiny_serving_model()
+    new.version = "v-next"
+    release = threading.Event()
+
+    def slow_prepare() -> object:
+        release.wait(10)  # a load that takes as long as the test wants
+        return new
+
+    monkeypatch.setattr(holder, "prepare_reload", slow_prepare)
+    try:
+        t = _time.monotonic()
+        worker.reload()
+        assert _time.monotonic() - t < 1.0
+        worker.reload()  # still loading: nothing changes, nothing waits
+        assert holder.current is not new and _time.monotonic() - t < 1.0
+        release.set()
+        deadline = _time.monotonic() + 10
+        while holder.current is not new and _time.monotonic() < deadline:
+            worker.reload()
+            _time.sleep(0.01)
+        assert holder.current is new
+        assert worker.metrics.model_swaps._value.get() == 1
+    finally:
+        release.set()
+        worker.close()
