@@ -346,8 +346,15 @@ class Worker(EngineBase):
 
     async def _reload(self) -> None:
         loop = asyncio.get_running_loop()
+        # loading and validating take seconds: in a thread of their own, without the lock (the
+        # batches go on); only the swap itself waits for the batch in progress
+        new = await loop.run_in_executor(None, self.holder.prepare_reload)
+        if new is None:
+            return
         async with self.lock:  # swaps happen between batches
-            await loop.run_in_executor(self.executor, self.swap_if_newer)
+            self.holder.install(new)
+            self._model_to_metrics()
+            self.metrics.model_swaps.inc()
 
     def run(self, loglevel: str = "info") -> None:
         """Run until SIGINT/SIGTERM (Faust's worker handles the signals and shuts down)."""

@@ -213,9 +213,11 @@ class NativeWorker(EngineBase):
                     sweep_more = self.sweep()
                     if now >= next_sweep:
                         next_sweep = now + sweep_every
-                if reload_every > 0 and now >= next_reload:
-                    self.reload()
-                    next_reload = now + reload_every
+                loaded = self._loading is not None and self._loading.done()
+                if reload_every > 0 and (now >= next_reload or loaded):
+                    self.reload()  # a loaded model is swapped in at once, not a tick later
+                    if now >= next_reload:
+                        next_reload = now + reload_every
         except BaseException:
             self._failed = True  # nothing more may be committed: the events will be redone
             raise
