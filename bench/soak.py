@@ -293,10 +293,15 @@ def main() -> None:
                     "",
                     "One native worker, embedded broker, GRU4Rec 17,319 items x 100 units; "
                     f"sessions of {args.clicks} clicks go quiet and are ended by the sweep "
-                    f"(gap {args.gap:g} s, sweep every 5 s). Per window: what the bench's "
-                    "tailing reader received (latency = received - click time), the worker's "
-                    "own click-to-emit latency of those records, the worker's /metrics "
-                    "(recommendations, latency histogram bucket holding p99, sweep steps), "
+                    f"(gap {args.gap:g} s, sweep every 5 s). Per window: "
+                    + (
+                        "what the bench's tailing reader received (latency = received - "
+                        "click time), the worker's own click-to-emit latency of those records, "
+                        if args.tail_reader
+                        else ""
+                    )
+                    + "the worker's /metrics (recommendations, the latency histogram buckets "
+                    "holding p50 and p99, sessions ended, sweep steps and their p99 bucket), "
                     "CPU and RSS of the worker and the broker:",
                     "",
                     "```",
