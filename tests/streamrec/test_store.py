@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -260,8 +261,8 @@ def test_native_sweep_steps_are_bounded_and_cost_what_expires(tmp_path: Path) ->
         assert "u:user7" in users and "u:old" not in users
         assert UserState.from_bytes(users["u:user7"]).sessions == [["i1"]]
     finally:
-        for s in worker.partitions.values():
-            s.close()
+        for part in worker.partitions.values():
+            part.close()
         worker.partitions.clear()
 
 
@@ -283,7 +284,7 @@ def test_native_sweep_step_fits_its_budget_when_keys_are_slow_and_partitions_tak
     real = native.sweep_idle
     per_key = 0.002
 
-    def slow_sweep_idle(store, model, config, **kw):  # type: ignore[no-untyped-def]
+    def slow_sweep_idle(store: Any, model: Any, config: Any, **kw: Any) -> Any:
         keys = list(kw.pop("keys"))
         _time.sleep(per_key * len(keys))
         return real(store, model, config, keys=keys, **kw)
@@ -325,8 +326,8 @@ def test_native_sweep_step_fits_its_budget_when_keys_are_slow_and_partitions_tak
         assert left(0) == left(1) == 0
         assert 0 < max(per_step) <= int(budget / per_key) + native.SWEEP_MIN_KEYS, per_step
     finally:
-        for s in worker.partitions.values():
-            s.close()
+        for part in worker.partitions.values():
+            part.close()
         worker.partitions.clear()
 
 
