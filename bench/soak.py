@@ -7,6 +7,13 @@ Embedded broker, the serve bench's GRU4Rec (17,319 items x 100 units). Each sess
 all the time. Latency = time the bench's consumer received the recommendation - the click's
 Kafka create time (same clock).
 
+Per window it also reports what tells the worker, the broker and the bench's reader apart:
+the worker's own click-to-emit latency (``emitted_at - produced_at`` in the records read),
+the worker's and the broker's CPU and RSS from /proc, and the worker's /metrics (events,
+recommendations, sweep steps). At the end the output topic is read again from offset 0 by a
+fresh consumer (the tailing reader can skip records on the embedded broker) and the answers
+are counted per window of their click time.
+
     OMP_NUM_THREADS=1 .venv/bin/python bench/soak.py --minutes 10 --rate 200 \\
         [--window 60] [--out bench/results/soak.md]
 """
@@ -14,19 +21,62 @@ Kafka create time (same clock).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 from confluent_kafka import Consumer, Producer
 
 from streamrec import tansu
-from streamrec.broker import EmbeddedBroker
-from streamrec.kafka import TopicSpec, ensure_topics
+from streamrec.broker import EmbeddedBroker, free_port
+from streamrec.kafka import TopicSpec, ensure_topics, read_topic
 from streamrec.launch import WorkerProcess
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc (NaN once it has gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The worker's /metrics as {name{labels}: value} (empty if it does not answer)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            with contextlib.suppress(ValueError):
+                out[name] = float(value)
+    return out
+
+
+def hist_quantile(now: dict[str, float], before: dict[str, float], name: str, q: float) -> float:
+    """Upper bucket bound holding quantile ``q`` of a histogram's observations in a window."""
+    buckets = sorted(
+        (float(k.split('le="')[1].rstrip('"}')), v - before.get(k, 0.0))
+        for k, v in now.items()
+        if k.startswith(name + "_bucket{")
+    )
+    total = buckets[-1][1] if buckets else 0.0
+    for le, n in buckets:
+        if total and n >= q * total:
+            return le
+    return float("nan")
 
 
 def rss_mb(pid: int) -> float:
@@ -54,11 +104,23 @@ def main() -> None:
     ap.add_argument("--gap", type=float, default=20.0, help="session gap (s)")
     ap.add_argument("--window", type=float, default=60.0)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--tail-reader",
+        action="store_true",
+        help="also read the answers with a tailing consumer during the run (as the first "
+        "version of this bench did: on the embedded broker its fetches add to the broker's "
+        "cost, which grows with the log, see bench/results/soak.md)",
+    )
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="soak-"))
     ckpt = make_checkpoint(tmp / "ckpt")
     rows: list[str] = []
-    with EmbeddedBroker() as broker:
+    fresh_rows: list[str] = []
+    metrics_port = free_port()
+    load_start = os.getloadavg()
+    with EmbeddedBroker(port=0, log_path=tmp / "broker.log") as broker:
+        assert broker.pid is not None
+        broker_pid = broker.pid
         conf = {"bootstrap.servers": broker.bootstrap}
         topics = ("soak-clicks", "soak-recs", "soak-dead")
         ensure_topics(conf, [TopicSpec(t, 4) for t in topics])
@@ -69,7 +131,8 @@ def main() -> None:
             "topics.dead_letter": topics[2],
             "topics.partitions": 4,
             "worker.app_id": "soak",
-            "worker.metrics_port": 0,
+            "worker.metrics_port": metrics_port,
+            "worker.metrics_host": "127.0.0.1",
             "state.session_gap_seconds": args.gap,
             "state.sweep_interval_seconds": 5.0,
             "model.reload_interval_s": 0,
@@ -77,7 +140,8 @@ def main() -> None:
         worker = WorkerProcess(
             ckpt, settings=settings, data_dir=tmp / "data", log_path=tmp / "worker.log"
         )
-        lat: list[tuple[float, float]] = []  # (received, latency)
+        # (received, latency as the reader sees it, the worker's own click-to-emit latency)
+        lat: list[tuple[float, float, float]] = []
         stop = threading.Event()
 
         def consume() -> None:
@@ -94,23 +158,29 @@ def main() -> None:
                 for m in c.consume(500, 0.2):
                     if m.error() is None:
                         now = time.time()
-                        value = m.value()
-                        assert value is not None  # every recommendation record has a value
-                        r = json.loads(value)
+                        r = json.loads(m.value() or b"{}")
                         if r.get("produced_at"):
-                            lat.append((now, now - r["produced_at"]))
+                            lat.append(
+                                (now, now - r["produced_at"], r["emitted_at"] - r["produced_at"])
+                            )
             c.close()
 
         reader = threading.Thread(target=consume, daemon=True)
-        reader.start()
+        if args.tail_reader:
+            reader.start()
         prod = Producer({**conf, "linger.ms": 1})
-        # warm up: the worker up and answering, the reader in its group
+
+        def warm() -> bool:
+            answered = scrape(metrics_port).get("streamrec_recommendations_total", 0.0) > 0
+            return bool(lat) if args.tail_reader else answered
+
+        # warm up: the worker up and answering (and the reader in its group)
         deadline = time.time() + 180
-        while not lat and time.time() < deadline:
+        while not warm() and time.time() < deadline:
             prod.produce(topics[0], b'{"session_id": "probe", "item_id": "1"}', b"probe")
             prod.flush(5)
             time.sleep(1.0)
-        assert lat, "the worker never answered"
+        assert warm(), "the worker never answered"
         rng = np.random.default_rng(0)
         live: dict[str, int] = {}
         next_sid = 0
@@ -119,6 +189,8 @@ def main() -> None:
         sent = 0
         next_window = t0 + args.window
         w_start = t0
+        cpu_w, cpu_b = cpu_seconds(worker.pid), cpu_seconds(broker_pid)
+        m_before = scrape(metrics_port)
         while time.time() < end:
             while len(live) < args.live:
                 live[f"s{next_sid}"] = 0
@@ -137,22 +209,72 @@ def main() -> None:
                 time.sleep(pause)
             if time.time() >= next_window:
                 now = time.time()
-                win = [x for t, x in lat if w_start <= t < now]
-                a = np.array(win) * 1e3 if win else np.array([np.nan])
+                win = [(x, y) for t, x, y in lat if w_start <= t < now]
+                a = np.array([x for x, _ in win]) * 1e3 if win else np.array([np.nan])
+                w = np.array([y for _, y in win]) * 1e3 if win else np.array([np.nan])
+                c_w, c_b = cpu_seconds(worker.pid), cpu_seconds(broker_pid)
+                lat_name = "streamrec_click_to_recommendation_seconds"
+                m_now = scrape(metrics_port)
+
+                def delta(
+                    name: str, m_now: dict[str, float] = m_now, m_b: dict[str, float] = m_before
+                ) -> float:
+                    return m_now.get(name, np.nan) - m_b.get(name, 0.0)
+
+                read = (
+                    f"read {len(win):6,} p50 {np.nanpercentile(a, 50):7.1f} "
+                    f"p99 {np.nanpercentile(a, 99):7.1f} ms | emit-lat of read p50 "
+                    f"{np.nanpercentile(w, 50):6.1f} p99 {np.nanpercentile(w, 99):7.1f} ms | "
+                    if args.tail_reader
+                    else ""
+                )
+                sweep_p99 = hist_quantile(m_now, m_before, "streamrec_sweep_step_seconds", 0.99)
                 row = (
-                    f"{(now - t0) / 60:5.1f} min  sent {sent:7,}  answered {len(win):6,}  "
-                    f"p50 {np.nanpercentile(a, 50):6.1f} ms  p99 {np.nanpercentile(a, 99):7.1f} ms"
-                    f"  worker RSS {rss_mb(worker.pid):6.0f} MB  sessions started {next_sid:,}"
+                    f"{(now - t0) / 60:5.1f} min  sent {sent:7,}  {read}"
+                    f"worker: recs {delta('streamrec_recommendations_total'):6.0f} "
+                    f"lat p50<= {hist_quantile(m_now, m_before, lat_name, 0.5) * 1e3:4.0f} "
+                    f"p99<= {hist_quantile(m_now, m_before, lat_name, 0.99) * 1e3:5.0f} ms "
+                    f"sessions ended {delta('streamrec_sessions_ended_total'):5.0f} "
+                    f"sweep steps {delta('streamrec_sweep_step_seconds_count'):4.0f} "
+                    f"p99<= {sweep_p99 * 1e3:3.0f} ms "
+                    f"CPU {100 * (c_w - cpu_w) / (now - w_start):3.0f}% "
+                    f"RSS {rss_mb(worker.pid):4.0f} MB | broker: CPU "
+                    f"{100 * (c_b - cpu_b) / (now - w_start):3.0f}% "
+                    f"RSS {rss_mb(broker_pid):5.0f} MB | load {os.getloadavg()[0]:4.1f}"
                 )
                 print(row, flush=True)
                 rows.append(row)
+                cpu_w, cpu_b, m_before = c_w, c_b, m_now
                 w_start, next_window = now, now + args.window
         prod.flush(30)
         time.sleep(3)
         stop.set()
-        reader.join(5)
+        if args.tail_reader:
+            reader.join(5)
+        # the answers as written: a fresh read from offset 0, by the click's time, once the
+        # worker has stopped (on the embedded broker the read competes with it for the broker)
         worker.stop()
+        recs = [
+            json.loads(m.value() or b"{}")
+            for m in read_topic(conf, topics[1], idle_timeout=10.0, max_wait=300)
+        ]
+        answered = [r for r in recs if r.get("produced_at") and r.get("session_id") != "probe"]
+        n_windows = int(np.ceil(args.minutes * 60 / args.window))
+        for i in range(n_windows):
+            lo, hi = t0 + i * args.window, t0 + (i + 1) * args.window
+            win2 = [
+                r["emitted_at"] - r["produced_at"] for r in answered if lo <= r["produced_at"] < hi
+            ]
+            e = np.array(win2) * 1e3 if win2 else np.array([np.nan])
+            fresh_rows.append(
+                f"clicks of {i * args.window / 60:4.1f}-{(i + 1) * args.window / 60:4.1f} min: "
+                f"answered {len(win2):6,}  click-to-emit p50 {np.nanpercentile(e, 50):6.1f} ms  "
+                f"p99 {np.nanpercentile(e, 99):7.1f} ms"
+            )
+        fresh_rows.append(f"total: sent {sent:,}, answered {len(answered):,} (fresh read)")
+        print("\n".join(fresh_rows), flush=True)
         log_tail = (tmp / "worker.log").read_text()[-1500:]
+    load_end = os.getloadavg()
     if args.out:
         args.out.write_text(
             "\n".join(
@@ -161,16 +283,35 @@ def main() -> None:
                     "",
                     f"Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/soak.py --minutes "
                     f"{args.minutes:g} --rate {args.rate:g} --clicks {args.clicks} --live "
-                    f"{args.live} --gap {args.gap:g} --window {args.window:g}`",
+                    f"{args.live} --gap {args.gap:g} --window {args.window:g}"
+                    f"{' --tail-reader' if args.tail_reader else ''}`",
                     "Machine: 2-vCPU dev VM, no GPU, torch 2.13.0+cpu (shared with other work). "
-                    f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+                    f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Load average "
+                    f"(1/5/15 min) at start {load_start[0]:.1f}/{load_start[1]:.1f}/"
+                    f"{load_start[2]:.1f}, at end {load_end[0]:.1f}/{load_end[1]:.1f}/"
+                    f"{load_end[2]:.1f}",
                     "",
                     "One native worker, embedded broker, GRU4Rec 17,319 items x 100 units; "
                     f"sessions of {args.clicks} clicks go quiet and are ended by the sweep "
-                    f"(gap {args.gap:g} s, sweep every 5 s). Per window:",
+                    f"(gap {args.gap:g} s, sweep every 5 s). Per window: "
+                    + (
+                        "what the bench's tailing reader received (latency = received - "
+                        "click time), the worker's own click-to-emit latency of those records, "
+                        if args.tail_reader
+                        else ""
+                    )
+                    + "the worker's /metrics (recommendations, the latency histogram buckets "
+                    "holding p50 and p99, sessions ended, sweep steps and their p99 bucket), "
+                    "CPU and RSS of the worker and the broker:",
                     "",
                     "```",
                     *rows,
+                    "```",
+                    "",
+                    "The output topic read again from offset 0 after the run, by click time:",
+                    "",
+                    "```",
+                    *fresh_rows,
                     "```",
                     "",
                     "Worker log tail:",

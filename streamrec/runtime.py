@@ -453,26 +453,49 @@ class ModelHolder:
         reference_recall: float | None = None,
     ) -> bool:
         """Validate and swap in a new model; returns False (and keeps the old) on failure."""
+        if not self.check(new, holdout, reference_recall):
+            return False
+        self.install(new)
+        return True
+
+    def check(
+        self,
+        new: ServingModel,
+        holdout: Sequence[Sequence[str]] | None = None,
+        reference_recall: float | None = None,
+    ) -> bool:
+        """Validate a new model (weights, held-out gate) without swapping it in."""
         try:
             new.validate(holdout, reference_recall=reference_recall, gate_ratio=self.gate_ratio)
         except ModelLoadError as exc:
             log.warning("model %s rejected: %s", new.version, exc)
             self.rejected[new.version] = str(exc)
             return False
+        return True
+
+    def install(self, new: ServingModel) -> None:
+        """Swap in a model already validated (:meth:`check`, :meth:`prepare_reload`)."""
         with self._lock:
             old = self._model
             self._model = new
             self.swaps += 1
         log.info("model swapped: %s -> %s", old.version, new.version)
-        return True
 
     def load_and_swap(self, path: str | os.PathLike[str]) -> bool:
+        new = self.load_checked(path)
+        if new is None:
+            return False
+        self.install(new)
+        return True
+
+    def load_checked(self, path: str | os.PathLike[str]) -> ServingModel | None:
+        """Load and validate a checkpoint (None if it is rejected); nothing is swapped."""
         try:
             new = ServingModel.from_checkpoint(path, self.device, self.top_k, self.score_dtype)
         except ModelLoadError as exc:
             log.warning("checkpoint %s rejected: %s", path, exc)
             self.rejected[str(path)] = str(exc)
-            return False
+            return None
         holdout = (new.metadata.get("data_stats") or {}).get(self.holdout_key)
         reference = (new.metadata.get("metrics") or {}).get(HOLDOUT_METRIC)
         if holdout and reference is None:
@@ -481,7 +504,7 @@ class ModelHolder:
                 path,
                 HOLDOUT_METRIC,
             )
-        return self.swap(new, holdout, reference)
+        return new if self.check(new, holdout, reference) else None
 
     def newest_checkpoint(self) -> Path | None:
         if self.watch_dir is None or not self.watch_dir.is_dir():
@@ -502,17 +525,27 @@ class ModelHolder:
 
     def maybe_reload(self) -> bool:
         """Swap in the newest checkpoint of the watched directory if its version is new."""
+        new = self.prepare_reload()
+        if new is None:
+            return False
+        self.install(new)
+        return True
+
+    def prepare_reload(self) -> ServingModel | None:
+        """The newest checkpoint of the watched directory, loaded and validated, if its
+        version is new (else None); not swapped in: :meth:`install` does that. Safe to run in
+        a thread of its own while batches are served (it only reads ``current``)."""
         path = self.newest_checkpoint()
         if path is None:
-            return False
+            return None
         try:
             version = str(json.loads((path / "checkpoint.json").read_text()).get("version"))
         except (OSError, ValueError):
-            return False  # being written, or broken: try again next time
+            return None  # being written, or broken: try again next time
         ident = f"{path}@{version}@{_fingerprint(path)}"
         if version == self._model.version or ident in self.rejected:
-            return False
-        ok = self.load_and_swap(path)
-        if not ok:
+            return None
+        new = self.load_checked(path)
+        if new is None:
             self.rejected[ident] = "rejected"
-        return ok
+        return new

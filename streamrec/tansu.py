@@ -18,6 +18,14 @@ on Apache Kafka each one is harmless (it changes nothing, or only shortens a wai
   offset 0 (``streamrec.kafka.read_topic``).
 * A group join costs seconds: read-only tools assign partitions instead of subscribing
   (:func:`assign_all`).
+* Not worked around, only measured: every record batch is one object of its in-memory store,
+  and every fetch that has data to return first lists every batch object of the partition,
+  with no retention (DeleteRecords is unimplemented). A consumer tailing a log at a steady
+  rate costs the broker in proportion to the batches written so far: at 100 records/s it
+  used 6% of a core with 1k batches in the log and 92% with 43k
+  (``bench/results/tansu-tail-cost.md``), and long soaks saturate it
+  (``bench/results/soak.md``). Benchmarks on it stay short, or low-rate, or batch their
+  producers.
 """
 
 from __future__ import annotations

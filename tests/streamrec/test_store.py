@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -221,7 +222,7 @@ def test_native_sweep_steps_are_bounded_and_cost_what_expires(tmp_path: Path) ->
     import time as _time
 
     from streamrec.core import StreamClock
-    from streamrec.engines.native.worker import SWEEP_STEP_KEYS, NativeWorker
+    from streamrec.engines.native.worker import SWEEP_MIN_KEYS, NativeWorker
     from streamrec.runtime import ModelHolder
     from streamrec.settings import load_settings
     from streamrec.state import SessionState, UserState
@@ -255,8 +256,9 @@ def test_native_sweep_steps_are_bounded_and_cost_what_expires(tmp_path: Path) ->
         # time budget, which a fast machine can finish in one step)
         while worker.sweep(budget_s=0.0):
             steps += 1
-            assert steps < 1000
-        assert steps >= 3000 // SWEEP_STEP_KEYS  # bounded: at most one chunk per step
+            assert steps < 2000
+        # bounded: one chunk of at most SWEEP_MIN_KEYS keys per step when no budget is left
+        assert steps + 1 >= 3000 // SWEEP_MIN_KEYS  # calls: the last one returned False
         left = dict(StateStore(TableView(worker.partitions, SESSIONS, {}), {}).iter_sessions())
         assert set(left) == {f"a:a{j}" for j in range(2000)}
         users = TableView(worker.partitions, USERS, {})
@@ -266,3 +268,114 @@ def test_native_sweep_steps_are_bounded_and_cost_what_expires(tmp_path: Path) ->
         for part in worker.partitions.values():
             part.close()
         worker.partitions.clear()
+
+
+def test_native_sweep_step_fits_its_budget_when_keys_are_slow_and_partitions_take_turns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step sizes its chunks to the budget left at the measured cost per key: with session
+    ends of >= 2 ms a key and a 20 ms budget, no step ends more than 10 + SWEEP_MIN_KEYS
+    sessions (a fixed chunk of 128 keys made one step take 128 x 2 ms); and two partitions
+    with much to expire are both worked on from the first steps."""
+    import time as _time
+
+    from streamrec.core import StreamClock
+    from streamrec.engines.native import worker as native
+    from streamrec.runtime import ModelHolder
+    from streamrec.settings import load_settings
+    from streamrec.state import SessionState
+
+    real = native.sweep_idle
+    per_key = 0.002
+
+    def slow_sweep_idle(store: Any, model: Any, config: Any, **kw: Any) -> Any:
+        keys = list(kw.pop("keys"))
+        _time.sleep(per_key * len(keys))
+        return real(store, model, config, keys=keys, **kw)
+
+    monkeypatch.setattr(native, "sweep_idle", slow_sweep_idle)
+    settings = load_settings(
+        kafka={"bootstrap_servers": "127.0.0.1:9"},
+        state={"directory": str(tmp_path), "session_gap_seconds": 100.0},
+    )
+    worker = native.NativeWorker(settings, ModelHolder(tiny_serving_model(user_dim=4)))
+    try:
+        wall = _time.time()
+        h = np.zeros(16, np.float32)
+        worker.clock = StreamClock(min_events=1)
+        for p in (0, 1):
+            st = PartitionState(tmp_path / f"p{p}", p)
+            worker.partitions[p] = st
+            for j in range(150):
+                s = SessionState(f"a{p}-{j}", h, "v1", None, ["i1"], p, j, wall - 1000, wall, 1)
+                st.pending[f"s/a:a{p}-{j}".encode()] = s.to_bytes()
+            st.begin_checkpoint()
+            st.commit(0)
+            worker.clock.observe(wall, p, wall)
+        sessions = TableView(worker.partitions, SESSIONS, {})
+
+        def left(p: int) -> int:
+            return sum(1 for k in sessions if k.startswith(f"a:a{p}-"))
+
+        budget = 10 * per_key
+        per_step: list[int] = []
+        more = True
+        while more:
+            before = left(0) + left(1)
+            more = worker.sweep(budget_s=budget)
+            per_step.append(before - left(0) - left(1))
+            if len(per_step) == 2:
+                assert left(0) < 150 and left(1) < 150  # both partitions had a turn
+            assert len(per_step) < 300
+        assert left(0) == left(1) == 0
+        assert 0 < max(per_step) <= int(budget / per_key) + native.SWEEP_MIN_KEYS, per_step
+    finally:
+        for part in worker.partitions.values():
+            part.close()
+        worker.partitions.clear()
+
+
+def test_native_reload_loads_in_the_background_and_swaps_between_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loading and validating a checkpoint takes seconds; the poll loop must not wait for it:
+    ``reload`` starts the load in the loader thread and returns at once, and a later call
+    swaps the loaded model in (before, the loop was held for the whole load: ~3 s of no
+    answers after each swap in bench/results/reencode-serving.md)."""
+    import threading
+    import time as _time
+
+    from streamrec.engines.native.worker import NativeWorker
+    from streamrec.runtime import ModelHolder
+    from streamrec.settings import load_settings
+
+    settings = load_settings(
+        kafka={"bootstrap_servers": "127.0.0.1:9"}, state={"directory": str(tmp_path)}
+    )
+    holder = ModelHolder(tiny_serving_model())
+    worker = NativeWorker(settings, holder)
+    new = tiny_serving_model()
+    new.version = "v-next"
+    release = threading.Event()
+
+    def slow_prepare() -> object:
+        release.wait(10)  # a load that takes as long as the test wants
+        return new
+
+    monkeypatch.setattr(holder, "prepare_reload", slow_prepare)
+    try:
+        t = _time.monotonic()
+        worker.reload()
+        assert _time.monotonic() - t < 1.0
+        worker.reload()  # still loading: nothing changes, nothing waits
+        assert holder.current is not new and _time.monotonic() - t < 1.0
+        release.set()
+        deadline = _time.monotonic() + 10
+        while holder.current is not new and _time.monotonic() < deadline:
+            worker.reload()
+            _time.sleep(0.01)
+        assert holder.current is new
+        assert worker.metrics.model_swaps._value.get() == 1
+    finally:
+        release.set()
+        worker.close()

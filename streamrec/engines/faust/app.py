@@ -34,6 +34,7 @@ from streamrec import tansu
 from streamrec.core import (
     BatchResult,
     Record,
+    SweepResult,
     message_key_partitions,
     process_batch,
     sweep_idle,
@@ -42,10 +43,16 @@ from streamrec.engines.common import EngineBase, Outputs
 from streamrec.state import STATE_LAYOUT, BufferedTable, StateStore
 
 from . import compat
+from .idle import IdleIndex, encoded_last_time
 
 log = logging.getLogger(__name__)
 
 FETCH_MAX_WAIT_MS = 10
+#: the idle sweep's work per step, while it holds the lock that batches wait for: chunks of
+#: SWEEP_CHUNK_KEYS keys (index seeding: SWEEP_SEED_RECORDS records) until SWEEP_STEP_S is spent
+SWEEP_STEP_S = 0.03
+SWEEP_CHUNK_KEYS = 16
+SWEEP_SEED_RECORDS = 2000
 
 
 class StreamrecApp(faust.App):
@@ -97,7 +104,8 @@ class _Overlay(BufferedTable):
     ) -> None:
         super().__init__()
         self.base = base
-        self.partitions = partitions or {}
+        # the caller's mapping itself (the sweep fills it as it goes), not a copy
+        self.partitions = partitions if partitions is not None else {}
         self.topic = topic
 
     def _read_base(self, key: str) -> bytes | None:
@@ -153,6 +161,10 @@ class Worker(EngineBase):
         # the tables (and changelogs) of layout 1 are never read as if they were namespaced
         self.sessions = app.Table(f"sessions-v{STATE_LAYOUT}", **table)
         self.users = app.Table(f"users-v{STATE_LAYOUT}", **table)
+        # last-activity indexes for the sweep (idle.py), rebuilt after every rebalance
+        self.idle_sessions = IdleIndex()
+        self.idle_users = IdleIndex()
+        self._idle_generation: int | None = None
         app.agent(self.clicks, name="streamrec.clicks")(self._agent)
         app.timer(settings.state.sweep_interval_seconds)(self._sweep)
         if settings.model.reload_interval_s > 0 and holder.watch_dir is not None:
@@ -209,7 +221,10 @@ class Worker(EngineBase):
     def _apply(self, store: StateStore, partitions: Mapping[str, int]) -> None:
         """Write buffered state changes, each under its key's partition (event loop only)."""
         topic = self.clicks.get_topic_name()
-        for table, overlay in ((self.sessions, store.sessions), (self.users, store.users)):
+        for table, overlay, index in (
+            (self.sessions, store.sessions, self.idle_sessions),
+            (self.users, store.users, self.idle_users),
+        ):
             assert isinstance(overlay, _Overlay)
             for key, value in overlay.writes.items():
                 part = partitions.get(key)
@@ -220,26 +235,129 @@ class Worker(EngineBase):
                     if value is None:
                         if key in table:
                             del table[key]
+                        index.forget(key, part)
                     else:
                         table[key] = value
+                        t = encoded_last_time(value)
+                        if t is not None:
+                            index.note(part, key, t)
 
     # ---- timers ------------------------------------------------------------------------
     async def _sweep(self) -> None:
-        async with self.lock:
-            store = StateStore(_Overlay(self.sessions.data), _Overlay(self.users.data))
-            model = self.holder.current
-            clock = self.clock
-            loop = asyncio.get_running_loop()
-            res = await loop.run_in_executor(
-                self.executor, lambda: sweep_idle(store, model, self.config, clock=clock)
-            )
-            self._apply(store, res.key_partitions)
-        self.metrics.observe_sweep(res)
+        """The idle sweep in bounded steps (:meth:`_sweep_step`), through the last-activity
+        indexes: the lock is released between steps, so a batch waits at most one step."""
+        loop = asyncio.get_running_loop()
+        while True:
+            async with self.lock:
+                if self.app.rebalancing or not self.app.tables.actives_ready:
+                    return  # the tables are being restored: the next tick goes on
+                clicks = self.clicks.get_topic_name()
+                actives = {
+                    tp.partition
+                    for tp in self.app.assignor.assigned_actives()
+                    if tp.topic == clicks
+                }
+                generation = self.app.consumer_generation_id
+                if generation != self._idle_generation:
+                    # new assignment: what the local databases hold is read into the indexes
+                    self.idle_sessions.reset(actives)
+                    self.idle_users.reset(actives)
+                    self._idle_generation = generation
+                # faust.stores.rocksdb.Store: one rocksdict per partition in ``_dbs``
+                rocks: tuple[Any, Any] = (self.sessions.data, self.users.data)
+                dbs = tuple({p: db for p, db in r._dbs.items() if p in actives} for r in rocks)
+                where: dict[str, int] = {}
+                store = StateStore(
+                    _Overlay(self.sessions.data, where, clicks),
+                    _Overlay(self.users.data, where, clicks),
+                )
+                model = self.holder.current
+                t0 = time.monotonic()
+                res, more = await loop.run_in_executor(
+                    self.executor, self._sweep_step, store, model, sorted(actives), dbs, where
+                )
+                self._apply(store, res.key_partitions)
+                self.metrics.sweep_seconds.observe(time.monotonic() - t0)
+            self.metrics.observe_sweep(res)
+            if not more:
+                return
+            await asyncio.sleep(0)
+
+    def _sweep_step(
+        self,
+        store: StateStore,
+        model: Any,
+        partitions: list[int],
+        dbs: tuple[Mapping[int, Any], ...],
+        where: dict[str, int],
+    ) -> tuple[SweepResult, bool]:
+        """Executor thread, under the lock: one step of seeding and sweeping, chunk by chunk
+        until :data:`SWEEP_STEP_S` is spent. Returns (result, whether more is due)."""
+        t0 = time.monotonic()
+        cfg = self.config
+        res = SweepResult(counted=False)
+
+        def spent() -> bool:
+            return time.monotonic() - t0 >= SWEEP_STEP_S
+
+        for index, table_dbs, table in (
+            (self.idle_sessions, dbs[0], self.sessions),
+            (self.idle_users, dbs[1], self.users),
+        ):
+            rocks: Any = table.data  # faust.stores.rocksdb.Store
+            decode, skip = rocks._decode_key, (rocks.offset_key,)
+            while index.seeding:
+                if not index.seed(table_dbs, decode, SWEEP_SEED_RECORDS, skip) or spent():
+                    break
+        more = self.idle_sessions.seeding or self.idle_users.seeding
+        for p in partitions:
+            now = self.clock.now(p)
+            if now is None:
+                continue  # this partition's clock has not seen enough events yet
+            while True:
+                if spent():
+                    return res, True
+                keys, m1 = self.idle_sessions.idle(
+                    p, now - cfg.session_gap_seconds, SWEEP_CHUNK_KEYS
+                )
+                for key in keys:
+                    where[key] = p
+                if keys:
+                    r = sweep_idle(
+                        store, model, cfg, clock=self.clock, keys=keys, sweep_users=False
+                    )
+                    res.sessions_ended += r.sessions_ended
+                    res.key_partitions.update(r.key_partitions)
+                m2 = False
+                if cfg.user_ttl_seconds is not None:
+                    ukeys, m2 = self.idle_users.idle(
+                        p, now - cfg.user_ttl_seconds, SWEEP_CHUNK_KEYS
+                    )
+                    for key in ukeys:
+                        where[key] = p
+                        u = store.get_user(key)
+                        if u is None or now - u.last_time <= cfg.user_ttl_seconds:
+                            continue
+                        if key in store.sessions:
+                            continue  # its session's end rewrites (and re-notes) it
+                        store.delete_user(key)
+                        res.key_partitions[key] = p
+                        res.users_expired += 1
+                if not (m1 or m2):
+                    break
+        return res, more
 
     async def _reload(self) -> None:
         loop = asyncio.get_running_loop()
+        # loading and validating take seconds: in a thread of their own, without the lock (the
+        # batches go on); only the swap itself waits for the batch in progress
+        new = await loop.run_in_executor(None, self.holder.prepare_reload)
+        if new is None:
+            return
         async with self.lock:  # swaps happen between batches
-            await loop.run_in_executor(self.executor, self.swap_if_newer)
+            self.holder.install(new)
+            self._model_to_metrics()
+            self.metrics.model_swaps.inc()
 
     def run(self, loglevel: str = "info") -> None:
         """Run until SIGINT/SIGTERM (Faust's worker handles the signals and shuts down)."""
