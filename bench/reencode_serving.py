@@ -152,9 +152,13 @@ def main() -> None:
         recs = [json.loads(m.value() or b"{}") for m in read_topic(conf, topics["recommendations"])]
     load_end = os.getloadavg()
     loaded = [r for r in recs if r.get("produced_at", 0) >= t_load]
+    # exact: every click (fill and load) answered once, by click id (topic:partition:offset)
+    answered = {r["click_id"] for r in recs if "click_id" in r}
     say(
         f"load: {sent[0]:,} clicks at {args.rate:g}/s on random live sessions, "
-        f"{len(loaded):,} answered; pointer switched to v2 {t_swap - t_load:.0f} s in"
+        f"{len(loaded):,} answers after the load's start; pointer switched to v2 "
+        f"{t_swap - t_load:.0f} s in; all clicks: {want:,} sent, {len(answered):,} answered, "
+        f"{len(recs) - len(answered):,} answered twice"
     )
     first_v2: dict[str, float] = {}
     for r in sorted(loaded, key=lambda r: r["emitted_at"]):
