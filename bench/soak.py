@@ -32,21 +32,12 @@ from pathlib import Path
 
 import numpy as np
 from confluent_kafka import Consumer, Producer
+from procstats import cpu_seconds, rss_mb
 
 from streamrec import tansu
 from streamrec.broker import EmbeddedBroker, free_port
 from streamrec.kafka import TopicSpec, ensure_topics, read_topic
 from streamrec.launch import WorkerProcess
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc (NaN once it has gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -76,17 +67,6 @@ def hist_quantile(now: dict[str, float], before: dict[str, float], name: str, q:
     for le, n in buckets:
         if total and n >= q * total:
             return le
-    return float("nan")
-
-
-def rss_mb(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
     return float("nan")
 
 

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from procstats import rss_mb
 
 from streamrec.core import StreamClock
 from streamrec.engines.native.store import PartitionState, TableView
@@ -39,14 +40,6 @@ from streamrec.testing import tiny_serving_model
 
 DIM = 100  # GRU4Rec's 100 units (the serve bench's model)
 CHUNK = 50_000
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def build(

@@ -11,22 +11,16 @@ written. On Apache Kafka an idle fetch costs next to nothing whatever the log si
 from __future__ import annotations
 
 import argparse
-import os
 import threading
 import time
 
 from confluent_kafka import Consumer, Producer, TopicPartition
+from procstats import cpu_seconds
 
 from streamrec.broker import EmbeddedBroker
 from streamrec.kafka import TopicSpec, ensure_topics
 
 TOPIC, PARTITIONS = "fetch-cost", 4
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def main() -> None:

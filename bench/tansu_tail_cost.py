@@ -26,17 +26,12 @@ import time
 
 import numpy as np
 from confluent_kafka import Consumer, Producer, TopicPartition
+from procstats import cpu_seconds
 
 from streamrec.broker import EmbeddedBroker
 from streamrec.kafka import TopicSpec, ensure_topics
 
 TOPIC, PARTITIONS = "tail-cost", 4
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def main() -> None:
