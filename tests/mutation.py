@@ -49,15 +49,16 @@ MUTANTS = [
         "idle",
         "never end idle sessions",
         "streamrec/core.py",
-        "    idle = [(k, s) for k, s in items if now - s.last_time > config.session_gap_seconds]",
-        "    idle = [(k, s) for k, s in items if False]",
-        ("tests/streamrec/test_core.py",),
+        "        if t is not None and t - s.last_time > config.session_gap_seconds:",
+        "        if False:",
+        ("tests/streamrec/test_core.py", "tests/streamrec/test_semantics.py"),
     ),
     Mutant(
         "swap",
         "swap a new model in without validating it",
         "streamrec/runtime.py",
-        "            new.validate(holdout)\n",
+        "            new.validate(holdout, reference_recall=reference_recall,"
+        " gate_ratio=self.gate_ratio)\n",
         "            pass\n",
         ("tests/streamrec/test_runtime.py",),
     ),
@@ -97,9 +98,9 @@ MUTANTS = [
         "clock",
         "the stream clock runs on wall time",
         "streamrec/core.py",
-        "        return self.event_time + (time.time() - self.wall_at)",
-        "        return time.time()",
-        ("tests/streamrec/test_core.py",),
+        "        return (time.time() if wall is None else wall) + median",
+        "        return time.time() if wall is None else wall",
+        ("tests/streamrec/test_core.py", "tests/streamrec/test_semantics.py"),
     ),
 ]
 
