@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from procstats import machine_line
 
 from streamrec.core import CoreConfig, Record, process_batch
 from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
@@ -132,8 +133,7 @@ def main() -> None:
                     "# Re-encoding after a swap (issue 13)",
                     "",
                     f"Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/reencode.py --n {args.n}`",
-                    "Machine: 2-vCPU dev VM, no GPU, torch 2.13.0+cpu (shared with other work). "
-                    f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+                    machine_line(),
                     "",
                     "```",
                     *lines,

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 from confluent_kafka import Producer
+from procstats import machine_line
 
 from streamrec import registry
 from streamrec.broker import EmbeddedBroker, free_port
@@ -192,11 +193,7 @@ def main() -> None:
                     f"Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/reencode_serving.py "
                     f"--sessions {args.sessions} --clicks {args.clicks} --rate {args.rate:g} "
                     f"--before {args.before:g} --after {args.after:g}`",
-                    "Machine: 2-vCPU dev VM, no GPU, torch 2.13.0+cpu (shared with other "
-                    f"work). Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Load "
-                    f"average (1/5/15 min) at start {load_start[0]:.1f}/{load_start[1]:.1f}/"
-                    f"{load_start[2]:.1f}, at end {load_end[0]:.1f}/{load_end[1]:.1f}/"
-                    f"{load_end[2]:.1f}",
+                    machine_line(load_start, load_end),
                     "",
                     "One native worker, embedded broker, GRU4Rec 17,319 items x 100 units, "
                     "registry polled every 1 s; windows by time since the pointer switch "

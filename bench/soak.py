@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 from confluent_kafka import Consumer, Producer
-from procstats import cpu_seconds, rss_mb
+from procstats import cpu_seconds, machine_line, rss_mb
 
 from streamrec import tansu
 from streamrec.broker import EmbeddedBroker, free_port
@@ -265,11 +265,7 @@ def main() -> None:
                     f"{args.minutes:g} --rate {args.rate:g} --clicks {args.clicks} --live "
                     f"{args.live} --gap {args.gap:g} --window {args.window:g}"
                     f"{' --tail-reader' if args.tail_reader else ''}`",
-                    "Machine: 2-vCPU dev VM, no GPU, torch 2.13.0+cpu (shared with other work). "
-                    f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Load average "
-                    f"(1/5/15 min) at start {load_start[0]:.1f}/{load_start[1]:.1f}/"
-                    f"{load_start[2]:.1f}, at end {load_end[0]:.1f}/{load_end[1]:.1f}/"
-                    f"{load_end[2]:.1f}",
+                    machine_line(load_start, load_end),
                     "",
                     "One native worker, embedded broker, GRU4Rec 17,319 items x 100 units; "
                     f"sessions of {args.clicks} clicks go quiet and are ended by the sweep "

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from procstats import rss_mb
+from procstats import machine_line, rss_mb
 
 from streamrec.core import StreamClock
 from streamrec.engines.native.store import PartitionState, TableView
@@ -199,8 +199,7 @@ def main() -> None:
             f"Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/state_scale.py --sessions "
             f"{args.sessions} --users {args.users} --partitions {args.partitions}"
             f"{f' --recovery {args.recovery}' if args.recovery else ''}`",
-            f"Machine: 2-vCPU dev VM, no GPU, torch 2.13.0+cpu (shared with other work). "
-            f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+            machine_line(),
             "",
             "```",
         ]
