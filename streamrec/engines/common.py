@@ -14,7 +14,7 @@ from streamrec import tansu
 from streamrec.core import BatchResult, CoreConfig, StreamClock
 from streamrec.events import make_dead_letter
 from streamrec.metrics import Metrics
-from streamrec.runtime import ModelHolder
+from streamrec.runtime import ModelHolder, ServingModel
 from streamrec.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -150,10 +150,9 @@ class EngineBase:
         m = self.holder.current
         self.metrics.set_model(m.name, m.version, str(m.device))
 
-    def swap_if_newer(self) -> bool:
-        """Swap in a newer checkpoint of the watched directory (call between batches)."""
-        if not self.holder.maybe_reload():
-            return False
+    def install_model(self, new: ServingModel) -> None:
+        """Swap in a model already loaded and validated (``ModelHolder.prepare_reload``, run
+        off the serving path); call between batches."""
+        self.holder.install(new)
         self._model_to_metrics()
         self.metrics.model_swaps.inc()
-        return True

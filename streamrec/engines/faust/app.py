@@ -355,9 +355,7 @@ class Worker(EngineBase):
         if new is None:
             return
         async with self.lock:  # swaps happen between batches
-            self.holder.install(new)
-            self._model_to_metrics()
-            self.metrics.model_swaps.inc()
+            self.install_model(new)
 
     def run(self, loglevel: str = "info") -> None:
         """Run until SIGINT/SIGTERM (Faust's worker handles the signals and shuts down)."""

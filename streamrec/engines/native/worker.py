@@ -545,9 +545,7 @@ class NativeWorker(EngineBase):
         if new is None:
             return
         self._drain()  # swaps happen between batches
-        self.holder.install(new)
-        self._model_to_metrics()
-        self.metrics.model_swaps.inc()
+        self.install_model(new)
 
     # ---- shutdown ----------------------------------------------------------------------------
     def close(self) -> None:
