@@ -36,6 +36,8 @@ class ModelLoadError(RuntimeError):
 #: the checkpoint metric the live gate compares against (the trainer's Recall@20 on the
 #: checkpoint's own held-out slice, ``data_stats["holdout_sessions"]``)
 HOLDOUT_METRIC = "holdout_recall@20"
+#: where a checkpoint keeps that slice: ``data_stats[HOLDOUT_KEY]`` (lists of item ids)
+HOLDOUT_KEY = "holdout_sessions"
 #: default share of that metric a new model must reach on the slice to be swapped in
 GATE_RATIO = 0.8
 #: item rows stepped at a time when validating a model
@@ -435,7 +437,7 @@ class ModelHolder:
         watch_dir: str | os.PathLike[str] | None = None,
         device: str = "auto",
         top_k: int = 20,
-        holdout_key: str = "holdout_sessions",
+        holdout_key: str = HOLDOUT_KEY,
         score_dtype: str = "float32",
         gate_ratio: float = GATE_RATIO,
     ) -> None:

@@ -16,14 +16,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from streamrec.runtime import HOLDOUT_METRIC, ServingModel
+from streamrec.runtime import HOLDOUT_KEY, HOLDOUT_METRIC, ServingModel
 from trainer.evaluate import model_device
 
 #: sessions stored (a worker steps each one item by item on every swap)
 MAX_SESSIONS = 200
 #: events kept per session (its first ones): bounds the checkpoint's metadata
 MAX_SESSION_EVENTS = 50
-HOLDOUT_KEY = "holdout_sessions"
 
 
 def holdout_slice(
