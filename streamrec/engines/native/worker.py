@@ -355,7 +355,8 @@ class NativeWorker(EngineBase):
             offsets = [TopicPartition(self.clicks, p, o) for p, o in ck.offsets.items()]
             try:
                 # Asynchronous in the loop: a commit that fails is harmless (below), and this
-                # thread should not wait a broker round trip every second.
+                # thread should not wait a broker round trip every second. (Two calls: the
+                # stub types `commit` by the literal value of `asynchronous`.)
                 if block:
                     self.consumer.commit(offsets=offsets, asynchronous=False)
                 else:
