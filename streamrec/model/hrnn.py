@@ -16,6 +16,15 @@ Variants (``variant``):
 Option ``user_to_output``: the user state also feeds the output layer (``c W_uy^T`` added to the
 scores).
 
+Option ``memory`` (K > 0; not in the paper): the user path also remembers the user's last K
+distinct items of earlier sessions, and one learnt score offset (``memory_bias``, starting at 0)
+is added to those items' scores. A GRU state of 100 numbers cannot say which of thousands of
+items a user has already consumed; the offset learns from the log whether they come back (it
+grows, e.g. favourite products) or do not (it falls, e.g. films rated once). The session state
+carries the items of the session (the last K distinct), folded into the user's memory by
+``end_session``; both memories are item rows stored as floats after the GRU states (exact below
+2^24 items), -1 for an empty slot.
+
 Initialisation: the session GRU as GRU4Rec's (``streamrec.model.gru4rec``: every gate block
 uniform in its own Glorot range, biases zero), and every weight through which the user state
 reaches the session or the scores (``W_init``, the user columns of the first session layer in
@@ -29,7 +38,8 @@ starts it from zeros), and every GRU layer of a new session is initialised (laye
 state, deeper layers from zeros, as GRU4Rec resets them).
 
 The session state is the concatenation of all session layers, the user state that of all user
-layers, both ``[B, dim]`` tensors, so the live service stores them as flat vectors.
+layers (each followed by its item memory when ``memory`` > 0), both ``[B, dim]`` tensors, so the
+live service stores them as flat vectors.
 """
 
 from __future__ import annotations
@@ -51,6 +61,30 @@ def _init_uniform(t: Tensor) -> None:
     s = (6.0 / fan) ** 0.5
     with torch.no_grad():
         t.uniform_(-s, s)
+
+
+def push_distinct(memory: Tensor, rows: Tensor) -> Tensor:
+    """``memory`` ``[B, K]`` (item rows as floats, -1 empty, newest last) after each row of
+    ``rows`` ``[B]`` is remembered: appended (the oldest dropped) unless it is already there or
+    unknown (< 0)."""
+    r = rows.to(memory.dtype).unsqueeze(1)
+    push = (rows >= 0).unsqueeze(1) & ~(memory == r).any(dim=1, keepdim=True)
+    return torch.where(push, torch.cat([memory[:, 1:], r], dim=1), memory)
+
+
+def merge_distinct(older: Tensor, newer: Tensor) -> Tensor:
+    """The last ``K`` distinct rows of ``older`` followed by ``newer`` (both ``[B, K]``, -1
+    empty, newest last); a row in both counts at its newer place."""
+    k = older.shape[1]
+    both = torch.cat([older, newer], dim=1)
+    n = both.shape[1]
+    later = torch.triu(torch.ones(n, n, dtype=torch.bool, device=both.device), diagonal=1)
+    dup = ((both.unsqueeze(2) == both.unsqueeze(1)) & later).any(dim=2)  # seen again later
+    keep = (both >= 0) & ~dup
+    # stable sort puts the dropped entries first and keeps the kept ones in order
+    order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices[:, n - k :]
+    kept = both.gather(1, order)
+    return torch.where(keep.gather(1, order), kept, torch.full_like(kept, -1.0))
 
 
 def _run_stack(
@@ -88,6 +122,7 @@ class HRNN(nn.Module):
         dropout_p_hidden: float = 0.0,
         dropout_p_user: float = 0.0,
         dropout_p_init: float = 0.0,
+        memory: int = 0,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -100,6 +135,9 @@ class HRNN(nn.Module):
         self.embedding = int(embedding)
         self.variant = variant
         self.user_to_output = bool(user_to_output) and variant != "none"
+        self.memory = int(memory) if variant != "none" else 0
+        if self.memory < 0:
+            raise ValueError(f"memory must be >= 0, got {memory}")
         self.dropout_p_embed = float(dropout_p_embed)
         self.dropout_p_hidden = float(dropout_p_hidden)
         self.dropout_p_user = float(dropout_p_user)
@@ -134,6 +172,10 @@ class HRNN(nn.Module):
         self.W_init = nn.Linear(self.user_layers[-1], self.layers[0])
         if self.user_to_output:
             self.Wuy = nn.Parameter(torch.empty(self.n_items, self.user_layers[-1]))
+        if self.memory:
+            self.memory_bias = nn.Parameter(torch.zeros(1))
+        # off while a staged schedule trains the session network alone (set_active)
+        self.user_path_on = True
         self.reset_parameters()
 
     # ------------------------------------------------------------------ setup
@@ -161,6 +203,8 @@ class HRNN(nn.Module):
                 g0.weight_ih[:, g0.input_size - self.user_layers[-1] :].zero_()
             if self.user_to_output:
                 self.Wuy.zero_()
+            if self.memory:
+                self.memory_bias.zero_()
 
     @staticmethod
     def _cell(cells: nn.ModuleList, i: int) -> nn.GRUCell:
@@ -169,12 +213,17 @@ class HRNN(nn.Module):
         return cell
 
     @property
-    def state_dim(self) -> int:
+    def hidden_dim(self) -> int:
+        """Width of the session GRU states (the session state without its item memory)."""
         return sum(self.layers)
 
     @property
+    def state_dim(self) -> int:
+        return self.hidden_dim + self.memory
+
+    @property
     def user_state_dim(self) -> int:
-        return self.user_dim_total
+        return self.user_dim_total + self.memory
 
     @property
     def device(self) -> torch.device:
@@ -196,6 +245,7 @@ class HRNN(nn.Module):
             "dropout_p_hidden": self.dropout_p_hidden,
             "dropout_p_user": self.dropout_p_user,
             "dropout_p_init": self.dropout_p_init,
+            "memory": self.memory,
         }
 
     @classmethod
@@ -204,37 +254,47 @@ class HRNN(nn.Module):
 
     # ------------------------------------------------------------ user level
     def _top_user(self, user_state: Tensor | None, batch_size: int) -> Tensor:
-        if user_state is None:
+        if user_state is None or not self.user_path_on:
             return torch.zeros(batch_size, self.user_layers[-1], device=self.device)
-        return user_state[:, self.user_dim_total - self.user_layers[-1] :]
+        return user_state[:, self.user_dim_total - self.user_layers[-1] : self.user_dim_total]
+
+    def _empty_memory(self, batch_size: int) -> Tensor:
+        return torch.full((batch_size, self.memory), -1.0, device=self.device)
 
     def initial_user_state(self, batch_size: int) -> Tensor:
-        """The empty user state (a user with no finished session): zeros."""
-        return torch.zeros(batch_size, self.user_dim_total, device=self.device)
+        """The empty user state (a user with no finished session): zeros, memory empty."""
+        zeros = torch.zeros(batch_size, self.user_dim_total, device=self.device)
+        return torch.cat([zeros, self._empty_memory(batch_size)], dim=1) if self.memory else zeros
 
     def initial_state(self, user_state: Tensor | None, batch_size: int) -> Tensor:
         """Session state at session start: layer 0 = dropout(tanh(W_init c + b_init)), others 0."""
-        state = torch.zeros(batch_size, self.state_dim, device=self.device)
-        if self.variant == "none":
-            return state
+        state = torch.zeros(batch_size, self.hidden_dim, device=self.device)
+        if self.variant == "none" or not self.user_path_on:
+            parts = [state, self._empty_memory(batch_size)] if self.memory else [state]
+            return torch.cat(parts, dim=1)
         c = self._top_user(user_state, batch_size)
         s0 = torch.tanh(self.W_init(c))
         s0 = nn.functional.dropout(s0, self.dropout_p_init, self.training)
-        if len(self.layers) == 1:
-            return s0
-        return torch.cat([s0, state[:, self.layers[0] :]], dim=1)
+        parts = [s0, state[:, self.layers[0] :]] if len(self.layers) > 1 else [s0]
+        if self.memory:
+            parts.append(self._empty_memory(batch_size))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else s0
 
     def end_session(self, user_state: Tensor | None, final_state: Tensor) -> Tensor:
         """User state after a session whose final session state is ``final_state``."""
         b = final_state.shape[0]
         if user_state is None:
             user_state = self.initial_user_state(b)
-        if self.variant == "none":
+        if self.variant == "none" or not self.user_path_on:
             return user_state
-        x = final_state[:, self.state_dim - self.layers[-1] :]
+        x = self.output(final_state)
+        d = self.user_dim_total
         out = _run_stack(
-            self.U, self.user_layers, x, user_state, self.dropout_p_user, self.training
+            self.U, self.user_layers, x, user_state[:, :d], self.dropout_p_user, self.training
         )
+        if self.memory:
+            h = self.hidden_dim
+            out.append(merge_distinct(user_state[:, d:], final_state[:, h:]))
         return torch.cat(out, dim=1)
 
     # ---------------------------------------------------------- session level
@@ -252,7 +312,28 @@ class HRNN(nn.Module):
 
     def output(self, state: Tensor) -> Tensor:
         """The vector the output layer reads: the top session layer."""
-        return state[:, self.state_dim - self.layers[-1] :]
+        return state[:, self.hidden_dim - self.layers[-1] : self.hidden_dim]
+
+    def _advance(self, item_rows: Tensor, x: Tensor, state: Tensor, user: Tensor | None) -> Tensor:
+        """New session state from the embedded input ``x``; rows < 0 keep their state."""
+        h = self.hidden_dim
+        new = self.hidden_step(x, state[:, :h], user)
+        if self.memory:
+            new = torch.cat([new, push_distinct(state[:, h:], item_rows)], dim=1)
+        return torch.where((item_rows >= 0).unsqueeze(1), new, state)
+
+    def _memory_offset(self, user_state: Tensor | None, item_rows: Tensor | None) -> Tensor | None:
+        """``memory_bias`` where an item (all, or ``item_rows``) is in the user's memory."""
+        if not self.memory or user_state is None or not self.user_path_on:
+            return None
+        mem = user_state[:, self.user_dim_total :]
+        n = self.n_items
+        # empty slots write to a spare column n, cut off below
+        idx = torch.where(mem >= 0, mem, torch.full_like(mem, float(n))).long()
+        hit = torch.zeros(mem.shape[0], n + 1, device=mem.device, dtype=mem.dtype)
+        hit.scatter_(1, idx, 1.0)
+        hit = hit[:, :n] if item_rows is None else hit.index_select(1, item_rows)
+        return hit * self.memory_bias
 
     def score_items(
         self, output: Tensor, user_state: Tensor | None = None, item_rows: Tensor | None = None
@@ -267,6 +348,9 @@ class HRNN(nn.Module):
             c = self._top_user(user_state, output.shape[0])
             wu = self.Wuy if item_rows is None else self.Wuy.index_select(0, item_rows)
             scores = scores + c @ wu.T
+        offset = self._memory_offset(user_state, item_rows)
+        if offset is not None:
+            scores = scores + offset
         return self._final(scores)
 
     @classmethod
@@ -307,6 +391,36 @@ class HRNN(nn.Module):
             w[:, : g0.weight_ih.shape[1]].copy_(g0.weight_ih)
         return m
 
+    # ------------------------------------------------------ staged training
+    def param_groups(self) -> dict[str, list[Tensor]]:
+        """The two parts a staged schedule trains one after the other: ``session`` (GRU4Rec's
+        network: session GRU, item tables, output) and ``user`` (user GRU, ``W_init``,
+        ``Wuy``, ``memory_bias``; and, in ``all``, the user columns of the first session layer,
+        see :meth:`grad_masks`)."""
+        if self.variant == "none":  # no user path: one part, so every schedule is joint
+            return {"session": list(self.parameters())}
+        groups: dict[str, list[Tensor]] = {"session": [], "user": []}
+        for name, p in self.named_parameters():
+            user = name.startswith(("U.", "W_init.", "Wuy", "memory_bias"))
+            groups["user" if user else "session"].append(p)
+        return groups
+
+    def grad_masks(self, groups: Sequence[str]) -> list[tuple[Tensor, Tensor]]:
+        """Parameters trained only in part when just ``groups`` train: ``(parameter, 0/1 mask
+        of its trained entries)``. In ``all`` the user columns of the first session layer's
+        input weights belong to the user path, the rest to the session network."""
+        if self.variant != "all" or "user" not in groups or "session" in groups:
+            return []
+        w = self._cell(self.G, 0).weight_ih
+        mask = torch.zeros_like(w)
+        mask[:, w.shape[1] - self.user_layers[-1] :] = 1.0
+        return [(w, mask)]
+
+    def set_active(self, names: Sequence[str] | None) -> None:
+        """``None`` or with ``"user"``: the whole model; ``["session"]``: the user path is off
+        (sessions start from zeros, nothing reads the user state): the model is its GRU4Rec."""
+        self.user_path_on = names is None or "user" in names
+
     def sparse_tables(self) -> list[nn.Parameter]:
         """The item-indexed matrices (updated row-sparsely in training)."""
         tabs = [self.Wy, self.By]
@@ -332,17 +446,18 @@ class HRNN(nn.Module):
             leaves.append((table, rows, leaf))
             return leaf
 
-        known = item_rows >= 0
         rows = item_rows.clamp(min=0)
         x = gather(self.Wy if self.constrained_embedding else self.E, rows)
         x = nn.functional.dropout(x, self.dropout_p_embed, self.training)
-        new = self.hidden_step(x, state, user_state)
-        new = torch.where(known.unsqueeze(1), new, state)
+        new = self._advance(item_rows, x, state, user_state)
         w, b = gather(self.Wy, out_rows), gather(self.By, out_rows)
         scores = torch.addmm(b.view(1, -1), self.output(new), w.T)
         if self.user_to_output:
             c = self._top_user(user_state, new.shape[0])
             scores = scores + c @ gather(self.Wuy, out_rows).T
+        offset = self._memory_offset(user_state, out_rows)
+        if offset is not None:
+            scores = scores + offset
         return new, self._final(scores), leaves
 
     def _final(self, scores: Tensor) -> Tensor:
@@ -356,10 +471,8 @@ class HRNN(nn.Module):
         self, item_rows: Tensor, state: Tensor, user_state: Tensor | None
     ) -> tuple[Tensor, Tensor]:
         """Training step without scoring: (new_state, output vector); rows < 0 keep their state."""
-        known = item_rows >= 0
         x = self.embed(item_rows.clamp(min=0))
-        new = self.hidden_step(x, state, user_state)
-        new = torch.where(known.unsqueeze(1), new, state)
+        new = self._advance(item_rows, x, state, user_state)
         return new, self.output(new)
 
     def step(
