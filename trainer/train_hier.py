@@ -4,15 +4,25 @@ Two batchings (``HierParams.batching``):
 
 ``session`` (HRNN's default): GRU4Rec's session-parallel mini-batches in time order (sessions
 by first event), so training sees the log as GRU4Rec does and its last updates are about the
-latest sessions (the test sessions are each user's latest). Each user's state lives in a table;
-a session starts from its user's current state, and a user's next session is scheduled only
-after the previous one has ended in the batch (the scheduler skips, in time order, to the next
-session whose user is free). As with user-parallel batches the user GRU is advanced lazily, at
-the first step of the user's next session, so it gets the gradient of that session's first
-prediction; every event is an input (the last one of a session with no target), so the state
-handed to ``end_session`` is the state after the whole session, as in the live service.
+latest sessions (the test sessions are each user's latest). A session starts from its user's
+state made from the user's previous session (``_UserChain``: the user state that session started
+from and its final state, stored when it ends; the user GRU is applied, with gradient, at the
+first step of the next session, so it learns from that session's first prediction, as in the
+authors' code). By default (``wait_for_user=False``) the schedule is exactly GRU4Rec's: a
+session whose predecessor still runs in another slot starts from the pair stored in the
+previous epoch (complete in content, one epoch old in weights). ``wait_for_user=True`` instead
+schedules a user's next session only after the previous one has ended, which pushes heavy
+users' sessions towards the end of the epoch (measured in bench/results/hrnn-issue10-v2.md).
+Every event is an input (the last one of a session with no target), so the state handed to
+``end_session`` is the state after the whole session, as in the live service.
 User-parallel batches spend the end of every epoch on the few users with the longest histories
 (on a 228-user MovieLens-1M sample the last 20 % of the steps had at most 7 live slots).
+
+HRNN's default schedule is ``residual`` (staged): its session network (GRU4Rec's) trains alone
+for ``n_epochs`` with the user path off, exactly as ``train_gru4rec``; then the user path (user
+GRU, ``W_init``, the item memory's offset, in ``all`` the user columns of the first layer) trains
+for ``n_epochs`` on top of it, frozen. The user path can then only add to GRU4Rec what it learns
+(bench/results/hrnn-issue10-v3.md); ``joint`` trains everything at once, as the paper.
 
 ``user`` (p-RNN's default) -- user-parallel mini-batches: each of the B slots follows one user
 through all of their sessions in time order. At the first event of a session the slot's user state
@@ -223,9 +233,10 @@ class SessionParallelBatches:
 
     ``inputs``/``targets`` as in :class:`UserParallelBatches`; ``session``: the session (index
     into the per-session arrays) in the slot at step t (-1: idle); ``start``/``end``: the
-    session starts / has its last step here. Per session: ``user`` (0..n_users-1) and ``tail``
+    session starts / has its last step here. Per session: ``user`` (0..n_users-1), ``tail``
     (its last item, fed after its last step so that ``end_session`` sees the whole session;
-    -1 when the session has a single event, which is its only step).
+    -1 when the session has a single event, which is its only step) and ``prev`` (the user's
+    previous session, -1 for their first).
     """
 
     inputs: np.ndarray
@@ -235,6 +246,7 @@ class SessionParallelBatches:
     end: np.ndarray
     user: np.ndarray
     tail: np.ndarray
+    prev: np.ndarray
     n_users: int
     n_events: int
 
@@ -350,6 +362,7 @@ def session_parallel_batches(
     st[start, slot] = True
     en[start + n_steps_each - 1, slot] = True
     tail = np.where(lengths >= 2, rows[first + lengths - 1], -1)
+    prev = pd.Series(np.arange(len(first))).groupby(user_codes).shift(1).fillna(-1)
     return SessionParallelBatches(
         inputs=inputs,
         targets=targets,
@@ -358,6 +371,7 @@ def session_parallel_batches(
         end=en,
         user=user_codes.astype(np.int64),
         tail=tail,
+        prev=prev.to_numpy(dtype=np.int64),
         n_users=int(user_codes.max()) + 1,
         n_events=n,
     )
@@ -405,11 +419,19 @@ class HRNNParams(HierParams):
     loss, worse held-out last sessions). ``user_to_output`` (on in the authors' training
     script) is off: it memorised even more. Chosen on sessionised MovieLens-1M and a synthetic
     log with planted user tastes; see bench/results/hrnn-issue10.md. Batches are GRU4Rec's
-    time-ordered session-parallel ones (``batching="session"``): without its user path HRNN
-    then trains exactly as GRU4Rec (bench/results/hrnn-issue10-v2.md).
+    time-ordered session-parallel ones with GRU4Rec's own schedule (``batching="session"``,
+    ``wait_for_user=False``), and the schedule is staged (``schedule="residual"``): the session
+    network trains first exactly as GRU4Rec, then the user path on top of it. The user path
+    includes an item memory of the user's last 200 distinct items of earlier sessions
+    (``memory``; 800 bytes in each user and session state) with a learnt score offset, which
+    a 100-number user state cannot replace (bench/results/hrnn-issue10-v3.md). The preset
+    ``hrnn_paper_small`` is the paper's model and training: no memory, joint schedule,
+    user-parallel batches.
     """
 
     batching: str = "session"
+    wait_for_user: bool = False
+    schedule: str = "residual"
     layers: list[int] = field(default_factory=lambda: [100])
     user_layers: list[int] = field(default_factory=lambda: [100])
     embedding: int = 0
@@ -419,6 +441,9 @@ class HRNNParams(HierParams):
     dropout_p_hidden: float = 0.0
     dropout_p_user: float = 0.5
     dropout_p_init: float = 0.5
+    # the user's last `memory` distinct items of earlier sessions and a learnt score offset
+    # for them (streamrec.model.hrnn); 0: the paper's HRNN
+    memory: int = 200
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         **GRU4REC_PRESETS,
@@ -430,6 +455,7 @@ class HRNNParams(HierParams):
             constrained_embedding=False, batch_size=50, learning_rate=0.1, momentum=0.0,
             n_epochs=10, n_sample=0, dropout_p_hidden=0.1, dropout_p_user=0.0,
             dropout_p_init=0.0, dropout_p_embed=0.0, user_to_output=False,
+            memory=0, schedule="joint", batching="user",
         ),
     }  # fmt: skip
 
@@ -447,6 +473,7 @@ class HRNNParams(HierParams):
             "dropout_p_hidden": self.dropout_p_hidden,
             "dropout_p_user": self.dropout_p_user,
             "dropout_p_init": self.dropout_p_init,
+            "memory": self.memory,
         }
 
 
@@ -493,14 +520,22 @@ def schedule_plan(model: StepModel, schedule: str, n_epochs: int) -> list[dict[s
     raise ValueError(f"unknown schedule {schedule!r}")
 
 
-def _set_trainable(model: StepModel, names: Sequence[str] | None) -> None:
+def _set_trainable(model: StepModel, names: Sequence[str] | None) -> list[tuple[Tensor, Tensor]]:
+    """Train only the parameter groups ``names`` (None: all); returns the gradient masks of
+    parameters the model trains in part for them (``grad_masks``: HRNN-all's first layer)."""
     if not hasattr(model, "param_groups"):
-        return
+        return []
     groups = model.param_groups()
     on = set(groups) if names is None else set(names)
     for k, ps in groups.items():
         for p in ps:
             p.requires_grad_(k in on)
+    masks: list[tuple[Tensor, Tensor]] = []
+    if names is not None and hasattr(model, "grad_masks"):
+        masks = model.grad_masks(list(names))
+        for p, _ in masks:
+            p.requires_grad_(True)
+    return masks
 
 
 def train_hier(
@@ -560,6 +595,9 @@ def train_hier(
     n_trained = 0
     epoch_losses: list[float] = []
     trainer = _Trainer(opt, loss_fn, sampler, counts_dev, p, None, [0])
+    chain = None
+    if isinstance(batches, SessionParallelBatches) and int(model.user_state_dim) > 0:
+        chain = _UserChain.make(model, batches, dev)
     for epoch, step_plan in enumerate(plan):
         if p.shuffle_users and epoch > 0 and p.batching == "user":
             batches = user_parallel_batches(
@@ -569,11 +607,11 @@ def train_hier(
             model.set_active(step_plan["active"])
         trainer.interleave = groups if step_plan["interleave"] else None
         if not step_plan["interleave"]:
-            _set_trainable(model, step_plan["train"])
-        run: Callable[..., tuple[float, int]] = (
-            _run_epoch if isinstance(batches, UserParallelBatches) else _run_epoch_sessions
-        )
-        loss_sum, n_ev = run(model, batches, trainer, dev)
+            trainer.grad_masks = _set_trainable(model, step_plan["train"])
+        if isinstance(batches, UserParallelBatches):
+            loss_sum, n_ev = _run_epoch(model, batches, trainer, dev)
+        else:
+            loss_sum, n_ev = _run_epoch_sessions(model, batches, trainer, dev, chain)
         n_trained += n_ev
         epoch_losses.append(loss_sum / max(n_ev, 1))
         if log:
@@ -610,6 +648,7 @@ class _Trainer:
     p: HierParams
     interleave: list[str] | None
     counter: list[int]  # carried across epochs: the interleaving cycle never restarts
+    grad_masks: list[tuple[Tensor, Tensor]] = field(default_factory=list)
 
     def step(
         self,
@@ -628,7 +667,9 @@ class _Trainer:
                 state, _ = model.forward_step(inputs, state, user)
             return state, user, torch.zeros((), device=state.device)
         if self.interleave is not None:
-            _set_trainable(model, [self.interleave[self.counter[0] % len(self.interleave)]])
+            self.grad_masks = _set_trainable(
+                model, [self.interleave[self.counter[0] % len(self.interleave)]]
+            )
             self.counter[0] += 1
         p = self.p
         bs = int(inputs.shape[0])
@@ -651,7 +692,11 @@ class _Trainer:
         for q in model.parameters():
             q.grad = None
         loss.backward()
-        self.opt.step([(tab, rows, leaf.grad) for tab, rows, leaf in leaves])
+        for q, mask in self.grad_masks:
+            if q.grad is not None:
+                q.grad.mul_(mask)
+        # an item table frozen by the schedule (requires_grad off) is not updated
+        self.opt.step([(tab, rows, leaf.grad) for tab, rows, leaf in leaves if tab.requires_grad])
         return state.detach(), None if user is None else user.detach(), loss.detach() * bs
 
 
@@ -678,14 +723,50 @@ def _run_epoch(
     return float(total), int((b.targets >= 0).sum())
 
 
-def _run_epoch_sessions(
-    model: StepModel, b: SessionParallelBatches, tr: _Trainer, dev: torch.device
-) -> tuple[float, int]:
-    """One epoch of time-ordered session-parallel training (see the module docstring).
+@dataclass
+class _UserChain:
+    """How each session's user state is made in session-parallel training: from the pair of
+    the user's previous session, ``end_session(user_in, final)`` (the user state that session
+    started from and its final state), stored when that session ends and applied, with
+    gradient, when the next one starts (the user GRU learns from the next session's first
+    prediction, as in the authors' code).
 
-    Per user: ``table`` holds the user state, ``final`` the final state of the user's last
-    finished session while ``pending`` (its ``end_session`` is applied, with gradient, at the
-    first step of the user's next session, as ``advance_at_boundaries`` does)."""
+    Kept across epochs: a session whose predecessor is still running in another slot (only
+    without ``wait_for_user``) starts from the pair stored in the previous epoch, complete in
+    content and one epoch old in weights; in the first epoch, from the state its predecessor
+    started from (missing that one session)."""
+
+    start_user: Tensor  # [n_sessions, user_dim]: the user state each session started from
+    pair_user: Tensor  # [n_sessions, user_dim]
+    pair_final: Tensor  # [n_sessions, state_dim]
+    ready: np.ndarray  # [n_sessions] (host): the session's pair is stored
+    next: np.ndarray  # [n_sessions]: the user's next session, -1 for their last
+
+    @classmethod
+    def make(cls, model: StepModel, b: SessionParallelBatches, dev: torch.device) -> _UserChain:
+        n = len(b.prev)
+        nxt = np.full(n, -1, dtype=np.int64)
+        has = b.prev >= 0
+        nxt[b.prev[has]] = np.flatnonzero(has)
+        start = model.initial_user_state(n)
+        return cls(
+            start_user=start,
+            pair_user=start.clone(),
+            pair_final=torch.zeros(n, int(model.state_dim), device=dev),
+            ready=np.zeros(n, dtype=bool),
+            next=nxt,
+        )
+
+
+def _run_epoch_sessions(
+    model: StepModel,
+    b: SessionParallelBatches,
+    tr: _Trainer,
+    dev: torch.device,
+    chain: _UserChain | None,
+) -> tuple[float, int]:
+    """One epoch of time-ordered session-parallel training (see the module docstring and
+    :class:`_UserChain`; ``chain`` is None for models without a user state)."""
     bs = b.inputs.shape[1]
     inputs = torch.from_numpy(b.inputs).to(dev)
     targets = torch.from_numpy(b.targets).to(dev)
@@ -695,59 +776,50 @@ def _run_epoch_sessions(
     any_end = np.asarray(b.end.any(axis=1))
     user = model.initial_user_state(bs)
     state = model.initial_state(user, bs)
-    table = final = None
-    pending = np.zeros(b.n_users, dtype=bool)  # host side: no device sync in the loop
-    if user is not None:
-        table = model.initial_user_state(b.n_users)
-        final = torch.zeros(b.n_users, state.shape[1], device=dev)
     total = torch.zeros((), device=dev)
+
+    def to_dev(a: np.ndarray) -> Tensor:
+        return torch.from_numpy(a).to(dev)
+
     for t in range(b.n_steps):
-        if t > 0 and any_end[t - 1] and table is not None and final is not None:
+        if t > 0 and any_end[t - 1] and chain is not None:
             slots = np.flatnonzero(b.end[t - 1])
-            rows = torch.from_numpy(slots).to(dev)
-            sess_np = b.session[t - 1, slots]
-            sess = torch.from_numpy(sess_np).to(dev)
+            sess = b.session[t - 1, slots]
             with torch.no_grad():  # the tail input (no target): the state after the session
                 fin, _ = model.forward_step(
-                    tails_dev.index_select(0, sess),
-                    state.index_select(0, rows),
-                    None if user is None else user.index_select(0, rows),
+                    tails_dev.index_select(0, to_dev(sess)),
+                    state.index_select(0, to_dev(slots)),
+                    None if user is None else user.index_select(0, to_dev(slots)),
                 )
-            # A user with a final state not yet consumed (only without wait_for_user: two of
-            # their sessions ran at once) has it folded into the table first, in rounds of
-            # distinct users, earlier sessions first.
-            left = np.argsort(sess_np, kind="stable")
-            while left.size:
-                _, first = np.unique(b.user[sess_np[left]], return_index=True)
-                now, left = left[first], np.delete(left, first)
-                u_np = b.user[sess_np[now]]
-                u = torch.from_numpy(u_np).to(dev)
-                if pending[u_np].any():
-                    with torch.no_grad():
-                        folded = model.end_session(
-                            table.index_select(0, u), final.index_select(0, u)
-                        )
-                        keep = torch.from_numpy(pending[u_np]).to(dev).unsqueeze(1)
-                        table.index_copy_(0, u, torch.where(keep, folded, table.index_select(0, u)))
-                final.index_copy_(0, u, fin.index_select(0, torch.from_numpy(now).to(dev)))
-                pending[u_np] = True
+            has = chain.next[sess] >= 0
+            if has.any():
+                nxt = to_dev(chain.next[sess[has]])
+                chain.pair_final.index_copy_(
+                    0, nxt, fin.index_select(0, to_dev(np.flatnonzero(has)))
+                )
+                chain.pair_user.index_copy_(
+                    0, nxt, chain.start_user.index_select(0, to_dev(sess[has]))
+                )
+                chain.ready[chain.next[sess[has]]] = True
         if any_start[t]:
             slots = np.flatnonzero(b.start[t])
-            rows = torch.from_numpy(slots).to(dev)
+            rows = to_dev(slots)
             us = None
-            if table is not None and final is not None:
-                # once per user (two slots may start sessions of one user without
-                # wait_for_user), then one row per slot
-                uniq, inv = np.unique(b.user[b.session[t, slots]], return_inverse=True)
-                u = torch.from_numpy(uniq).to(dev)
-                prev = table.index_select(0, u)
-                advanced = model.end_session(prev, final.index_select(0, u))
-                was = torch.from_numpy(pending[uniq]).to(dev).unsqueeze(1)
-                us_u = torch.where(was, advanced, prev)
-                table.index_copy_(0, u, us_u.detach())
-                pending[uniq] = False
-                us = us_u.index_select(0, torch.from_numpy(inv).to(dev))
-                assert user is not None
+            if chain is not None and user is not None:
+                sess = b.session[t, slots]
+                # end_session for every starting slot (so that the dropout draws are those of
+                # the user-parallel loop), kept where the session's pair is stored
+                j = to_dev(sess)
+                advanced = model.end_session(
+                    chain.pair_user.index_select(0, j), chain.pair_final.index_select(0, j)
+                )
+                ready = to_dev(chain.ready[sess]).unsqueeze(1)
+                us = torch.where(ready, advanced, model.initial_user_state(len(slots)))
+                stale = np.flatnonzero(~chain.ready[sess] & (b.prev[sess] >= 0))
+                if stale.size:  # first epoch, the predecessor still running
+                    pred = to_dev(b.prev[sess[stale]])
+                    us = us.index_copy(0, to_dev(stale), chain.start_user.index_select(0, pred))
+                chain.start_user.index_copy_(0, to_dev(sess), us.detach())
                 user = user.index_copy(0, rows, us)
             state = state.index_copy(0, rows, model.initial_state(us, len(slots)))
         state, user, loss = tr.step(model, inputs[t], targets[t], state, user, has_target[t])

@@ -407,7 +407,7 @@ def test_session_parallel_training_equals_user_parallel_for_sequential_users(var
     for batching in ("user", "session"):
         p = HRNNParams(
             batching=batching, n_epochs=2, batch_size=1, n_sample=4, layers=[6],
-            user_layers=[5], seed=3, dropout_p_user=0.3, dropout_p_init=0.3,
+            user_layers=[5], seed=3, dropout_p_user=0.3, dropout_p_init=0.3, schedule="joint",
         )  # fmt: skip
         torch.manual_seed(3)
         m = HRNN(len(idx), variant=variant, **p.model_options())
@@ -449,7 +449,7 @@ def test_hrnn_none_trains_exactly_as_the_gru4rec_trainer():
 def test_without_waiting_for_users_the_schedule_is_gru4recs(variant):
     """``wait_for_user=False``: GRU4Rec's schedule on a log where users have many sessions that
     overlap in the batch, so HRNN without its user path trains exactly as ``train_gru4rec``;
-    with the user path, overlapping sessions fold their final states into the user table."""
+    with the user path, a session whose predecessor still runs starts from its stored pair."""
     from trainer.presets import TrainParams
     from trainer.train import train_gru4rec
 
@@ -473,7 +473,7 @@ def test_without_waiting_for_users_the_schedule_is_gru4recs(variant):
     ]
     assert any(overlap)  # a user's sessions run at once: the folding path is exercised
     h = HRNN.from_gru4rec(GRU4Rec.from_config(g.config_dict(), seed=5), variant=variant)
-    hs = train_hier(h, df, idx, HRNNParams(**kw, wait_for_user=False))
+    hs = train_hier(h, df, idx, HRNNParams(**kw, wait_for_user=False, schedule="joint"))
     assert all(np.isfinite(hs["epoch_losses"]))
     if variant == "none":
         assert hs["epoch_losses"] == pytest.approx(st["epoch_losses"], rel=1e-6)
@@ -482,3 +482,47 @@ def test_without_waiting_for_users_the_schedule_is_gru4recs(variant):
             torch.testing.assert_close(hw[k], v, msg=k)
     else:
         assert h.W_init.weight.abs().sum() > 0  # the user path trained
+
+
+@pytest.mark.parametrize("variant", ["init", "all"])
+def test_staged_schedule_trains_gru4rec_first_then_only_the_user_path(variant):
+    """``schedule=residual``: the session network trains alone, user path off, exactly as
+    ``train_gru4rec`` (GRU4Rec's schedule without ``wait_for_user``); then the user path
+    (user GRU, ``W_init``, memory offset, in ``all`` the user columns of the first layer)
+    trains on top of it, which does not move."""
+    from trainer.presets import TrainParams
+    from trainer.train import train_gru4rec
+
+    df = generate_clicks(n_sessions=150, n_items=30, n_users=6, seed=2)
+    df = df[df.groupby("SessionId")["ItemId"].transform("size") >= 2].copy()
+    kw: dict[str, Any] = dict(
+        n_epochs=1, batch_size=8, n_sample=16, layers=[10], seed=5, device="cpu"
+    )
+    g, ids, st = train_gru4rec(df, TrainParams(**kw), progress=False)
+    idx = {i: r for r, i in enumerate(ids)}
+    h = HRNN.from_gru4rec(
+        GRU4Rec.from_config(g.config_dict(), seed=5), variant=variant, user_layers=[4], memory=5
+    )
+    p = HRNNParams(**kw, schedule="residual", wait_for_user=False, memory=5)
+    hs = train_hier(h, df, idx, p)
+    assert hs["epochs"] == 2
+    assert hs["epoch_losses"][0] == pytest.approx(st["epoch_losses"][0], rel=1e-6)
+    hw = h.state_dict()
+    for k, v in g.state_dict().items():
+        if k == "G.0.weight_ih":
+            torch.testing.assert_close(hw[k][:, : v.shape[1]], v, msg=k)
+        else:
+            torch.testing.assert_close(hw[k], v, msg=k)
+    assert h.W_init.weight.abs().sum() > 0 and float(h.memory_bias.detach()) != 0.0
+    if variant == "all":
+        assert hw["G.0.weight_ih"][:, 10:].abs().sum() > 0  # the user columns trained
+    assert all(q.requires_grad for q in h.parameters()) and h.user_path_on
+    # with the user path off the trained HRNN is its GRU4Rec, whatever the user state
+    h.eval().set_active(["session"])
+    u = torch.randn(3, h.user_state_dim)
+    with torch.no_grad():
+        s_g, s_h = g.initial_state(None, 3), h.initial_state(u, 3)
+        for r in torch.randint(0, len(idx), (3, 3)):
+            s_g, a = g.step(r, s_g)
+            s_h, b = h.step(r, s_h, u)
+            torch.testing.assert_close(a, b)

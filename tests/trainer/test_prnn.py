@@ -105,10 +105,15 @@ def test_interleaving_one_subnet_per_minibatch():
     assert _run("interleaving") == [{"id"}, {"f0"}, {"f1"}]
 
 
-def test_schedules_leave_non_prnn_models_alone():
+def test_schedules_stage_hrnns_session_network_and_user_path():
     from streamrec.model.hrnn import HRNN
 
-    plan = schedule_plan(HRNN(3, [4], [4]), "alternating", 2)
+    plan = schedule_plan(HRNN(3, [4], [4]), "residual", 2)
+    assert [(s["train"], s["active"]) for s in plan] == [(["session"], ["session"])] * 2 + [
+        (["user"], None)
+    ] * 2
+    # without a user path HRNN is one part: every schedule is joint
+    plan = schedule_plan(HRNN(3, [4], [4], variant="none"), "alternating", 2)
     assert plan == [{"train": None, "active": None, "interleave": False}] * 2
 
 
