@@ -538,6 +538,18 @@ def _set_trainable(model: StepModel, names: Sequence[str] | None) -> list[tuple[
     return masks
 
 
+def _stage(
+    model: StepModel, names: Sequence[str] | None, opt: IndexedAdagradM
+) -> list[tuple[Tensor, Tensor]]:
+    """Train only the groups ``names`` from now on; returns the gradient masks. The frozen
+    entries of a partly trained parameter also lose their momentum, or it would move them."""
+    masks = _set_trainable(model, names)
+    for q, mask in masks:
+        if q in opt.mom:
+            opt.mom[q].mul_(mask)
+    return masks
+
+
 def train_hier(
     model: StepModel,
     train_df: pd.DataFrame,
@@ -607,7 +619,7 @@ def train_hier(
             model.set_active(step_plan["active"])
         trainer.interleave = groups if step_plan["interleave"] else None
         if not step_plan["interleave"]:
-            trainer.grad_masks = _set_trainable(model, step_plan["train"])
+            trainer.grad_masks = _stage(model, step_plan["train"], opt)
         if isinstance(batches, UserParallelBatches):
             loss_sum, n_ev = _run_epoch(model, batches, trainer, dev)
         else:
@@ -667,8 +679,8 @@ class _Trainer:
                 state, _ = model.forward_step(inputs, state, user)
             return state, user, torch.zeros((), device=state.device)
         if self.interleave is not None:
-            self.grad_masks = _set_trainable(
-                model, [self.interleave[self.counter[0] % len(self.interleave)]]
+            self.grad_masks = _stage(
+                model, [self.interleave[self.counter[0] % len(self.interleave)]], self.opt
             )
             self.counter[0] += 1
         p = self.p

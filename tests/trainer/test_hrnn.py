@@ -496,8 +496,8 @@ def test_staged_schedule_trains_gru4rec_first_then_only_the_user_path(variant):
     df = generate_clicks(n_sessions=150, n_items=30, n_users=6, seed=2)
     df = df[df.groupby("SessionId")["ItemId"].transform("size") >= 2].copy()
     kw: dict[str, Any] = dict(
-        n_epochs=1, batch_size=8, n_sample=16, layers=[10], seed=5, device="cpu"
-    )
+        n_epochs=1, batch_size=8, n_sample=16, layers=[10], seed=5, device="cpu", momentum=0.5
+    )  # momentum: the frozen entries must not coast on the first stage's momentum
     g, ids, st = train_gru4rec(df, TrainParams(**kw), progress=False)
     idx = {i: r for r, i in enumerate(ids)}
     h = HRNN.from_gru4rec(
