@@ -743,15 +743,20 @@ class _UserChain:
     gradient, when the next one starts (the user GRU learns from the next session's first
     prediction, as in the authors' code).
 
-    Kept across epochs: a session whose predecessor is still running in another slot (only
-    without ``wait_for_user``) starts from the pair stored in the previous epoch, complete in
-    content and one epoch old in weights; in the first epoch, from the state its predecessor
-    started from (missing that one session)."""
+    A session that starts after its predecessor has ended (every one with ``wait_for_user``)
+    finds the pair in a per-user table: sessions start in time order, so a user has at most one
+    such pair waiting. A session that starts while its predecessor still runs in another slot
+    (only without ``wait_for_user``; fixed by the schedule, so the same ones every epoch) uses
+    the pair stored for it in the previous epoch, complete in content and one epoch old in
+    weights; in the first epoch, the state its user's latest session started from."""
 
-    start_user: Tensor  # [n_sessions, user_dim]: the user state each session started from
-    pair_user: Tensor  # [n_sessions, user_dim]
-    pair_final: Tensor  # [n_sessions, state_dim]
-    ready: np.ndarray  # [n_sessions] (host): the session's pair is stored
+    user_pair_in: Tensor  # [n_users, user_dim]: the pair waiting for the user's next session
+    user_pair_final: Tensor  # [n_users, state_dim]
+    last_start: Tensor  # [n_users, user_dim]: the user state of the user's latest session start
+    ov_in: Tensor  # [n_overlapping, user_dim]: the pairs of the overlapping sessions
+    ov_final: Tensor  # [n_overlapping, state_dim]
+    ov_ready: np.ndarray  # [n_overlapping] (host): stored (from the second epoch on)
+    ov_id: np.ndarray  # [n_sessions]: index into ov_* of an overlapping session, else -1
     next: np.ndarray  # [n_sessions]: the user's next session, -1 for their last
 
     @classmethod
@@ -760,14 +765,81 @@ class _UserChain:
         nxt = np.full(n, -1, dtype=np.int64)
         has = b.prev >= 0
         nxt[b.prev[has]] = np.flatnonzero(has)
-        start = model.initial_user_state(n)
+        start, end = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        t, s = np.nonzero(b.start)
+        start[b.session[t, s]] = t
+        t, s = np.nonzero(b.end)
+        end[b.session[t, s]] = t
+        overlap = has & (start <= end[np.where(has, b.prev, 0)])
+        ov_id = np.where(overlap, np.cumsum(overlap) - 1, -1)
+        n_ov = int(overlap.sum())
         return cls(
-            start_user=start,
-            pair_user=start.clone(),
-            pair_final=torch.zeros(n, int(model.state_dim), device=dev),
-            ready=np.zeros(n, dtype=bool),
+            user_pair_in=model.initial_user_state(b.n_users),
+            user_pair_final=torch.zeros(b.n_users, int(model.state_dim), device=dev),
+            last_start=model.initial_user_state(b.n_users),
+            ov_in=model.initial_user_state(n_ov),
+            ov_final=torch.zeros(n_ov, int(model.state_dim), device=dev),
+            ov_ready=np.zeros(n_ov, dtype=bool),
+            ov_id=ov_id,
             next=nxt,
         )
+
+    def store(self, sess: np.ndarray, user_in: Tensor, final: Tensor, users: np.ndarray) -> None:
+        """Sessions ``sess`` ended with these starting user states and final states."""
+        dev = final.device
+        nxt = self.next[sess]
+        ov = np.flatnonzero((nxt >= 0) & (self.ov_id[np.maximum(nxt, 0)] >= 0))
+        if ov.size:
+            k = self.ov_id[nxt[ov]]
+            sel = torch.from_numpy(ov).to(dev)
+            self.ov_in.index_copy_(0, torch.from_numpy(k).to(dev), user_in.index_select(0, sel))
+            self.ov_final.index_copy_(0, torch.from_numpy(k).to(dev), final.index_select(0, sel))
+            self.ov_ready[k] = True
+        wait = np.flatnonzero((nxt >= 0) & (self.ov_id[np.maximum(nxt, 0)] < 0))
+        if wait.size:  # at most one per user (see the class docstring)
+            u = torch.from_numpy(users[wait]).to(dev)
+            sel = torch.from_numpy(wait).to(dev)
+            self.user_pair_in.index_copy_(0, u, user_in.index_select(0, sel))
+            self.user_pair_final.index_copy_(0, u, final.index_select(0, sel))
+
+    def start(
+        self, model: StepModel, sess: np.ndarray, users: np.ndarray, prev: np.ndarray
+    ) -> Tensor:
+        """The user states sessions ``sess`` start from (with gradient through the user GRU)."""
+        dev = self.user_pair_final.device
+        k = self.ov_id[sess]
+        ov = np.flatnonzero(k >= 0)
+        u = torch.from_numpy(users).to(dev)
+        pair_in = self.user_pair_in.index_select(0, u)
+        pair_final = self.user_pair_final.index_select(0, u)
+        if ov.size:
+            sel, kk = torch.from_numpy(ov).to(dev), torch.from_numpy(k[ov]).to(dev)
+            pair_in = pair_in.index_copy(0, sel, self.ov_in.index_select(0, kk))
+            pair_final = pair_final.index_copy(0, sel, self.ov_final.index_select(0, kk))
+        # end_session for every starting slot (so that the dropout draws are those of the
+        # user-parallel loop), kept where the session has a stored pair
+        advanced = model.end_session(pair_in, pair_final)
+        ov_ready = np.zeros(len(sess), dtype=bool)
+        ov_ready[ov] = self.ov_ready[k[ov]]
+        ready = (prev >= 0) & ((k < 0) | ov_ready)
+        us = torch.where(
+            torch.from_numpy(ready).to(dev).unsqueeze(1),
+            advanced,
+            model.initial_user_state(len(sess)),
+        )
+        stale = np.flatnonzero((prev >= 0) & ~ready)
+        if stale.size:  # first epoch, the predecessor still running
+            sel = torch.from_numpy(stale).to(dev)
+            last = self.last_start.index_select(0, torch.from_numpy(users[stale]).to(dev))
+            us = us.index_copy(0, sel, last)
+        # the latest session of each user (two may start at once without wait_for_user)
+        order = np.argsort(sess, kind="stable")[::-1]
+        uniq, first = np.unique(users[order], return_index=True)
+        latest = torch.from_numpy(order[first].copy()).to(dev)
+        self.last_start.index_copy_(
+            0, torch.from_numpy(uniq).to(dev), us.detach().index_select(0, latest)
+        )
+        return us
 
 
 def _run_epoch_sessions(
@@ -789,49 +861,26 @@ def _run_epoch_sessions(
     user = model.initial_user_state(bs)
     state = model.initial_state(user, bs)
     total = torch.zeros((), device=dev)
-
-    def to_dev(a: np.ndarray) -> Tensor:
-        return torch.from_numpy(a).to(dev)
-
     for t in range(b.n_steps):
-        if t > 0 and any_end[t - 1] and chain is not None:
+        if t > 0 and any_end[t - 1] and chain is not None and user is not None:
             slots = np.flatnonzero(b.end[t - 1])
             sess = b.session[t - 1, slots]
+            rows = torch.from_numpy(slots).to(dev)
+            user_in = user.index_select(0, rows)  # what the session started from
             with torch.no_grad():  # the tail input (no target): the state after the session
                 fin, _ = model.forward_step(
-                    tails_dev.index_select(0, to_dev(sess)),
-                    state.index_select(0, to_dev(slots)),
-                    None if user is None else user.index_select(0, to_dev(slots)),
+                    tails_dev.index_select(0, torch.from_numpy(sess).to(dev)),
+                    state.index_select(0, rows),
+                    user_in,
                 )
-            has = chain.next[sess] >= 0
-            if has.any():
-                nxt = to_dev(chain.next[sess[has]])
-                chain.pair_final.index_copy_(
-                    0, nxt, fin.index_select(0, to_dev(np.flatnonzero(has)))
-                )
-                chain.pair_user.index_copy_(
-                    0, nxt, chain.start_user.index_select(0, to_dev(sess[has]))
-                )
-                chain.ready[chain.next[sess[has]]] = True
+            chain.store(sess, user_in, fin, b.user[sess])
         if any_start[t]:
             slots = np.flatnonzero(b.start[t])
-            rows = to_dev(slots)
+            rows = torch.from_numpy(slots).to(dev)
             us = None
             if chain is not None and user is not None:
                 sess = b.session[t, slots]
-                # end_session for every starting slot (so that the dropout draws are those of
-                # the user-parallel loop), kept where the session's pair is stored
-                j = to_dev(sess)
-                advanced = model.end_session(
-                    chain.pair_user.index_select(0, j), chain.pair_final.index_select(0, j)
-                )
-                ready = to_dev(chain.ready[sess]).unsqueeze(1)
-                us = torch.where(ready, advanced, model.initial_user_state(len(slots)))
-                stale = np.flatnonzero(~chain.ready[sess] & (b.prev[sess] >= 0))
-                if stale.size:  # first epoch, the predecessor still running
-                    pred = to_dev(b.prev[sess[stale]])
-                    us = us.index_copy(0, to_dev(stale), chain.start_user.index_select(0, pred))
-                chain.start_user.index_copy_(0, to_dev(sess), us.detach())
+                us = chain.start(model, sess, b.user[sess], b.prev[sess])
                 user = user.index_copy(0, rows, us)
             state = state.index_copy(0, rows, model.initial_state(us, len(slots)))
         state, user, loss = tr.step(model, inputs[t], targets[t], state, user, has_target[t])
