@@ -269,16 +269,14 @@ class HRNN(nn.Module):
     def initial_state(self, user_state: Tensor | None, batch_size: int) -> Tensor:
         """Session state at session start: layer 0 = dropout(tanh(W_init c + b_init)), others 0."""
         state = torch.zeros(batch_size, self.hidden_dim, device=self.device)
-        if self.variant == "none" or not self.user_path_on:
-            parts = [state, self._empty_memory(batch_size)] if self.memory else [state]
-            return torch.cat(parts, dim=1)
-        c = self._top_user(user_state, batch_size)
-        s0 = torch.tanh(self.W_init(c))
-        s0 = nn.functional.dropout(s0, self.dropout_p_init, self.training)
-        parts = [s0, state[:, self.layers[0] :]] if len(self.layers) > 1 else [s0]
+        if self.variant != "none" and self.user_path_on:
+            c = self._top_user(user_state, batch_size)
+            s0 = torch.tanh(self.W_init(c))
+            s0 = nn.functional.dropout(s0, self.dropout_p_init, self.training)
+            state = torch.cat([s0, state[:, self.layers[0] :]], dim=1)
         if self.memory:
-            parts.append(self._empty_memory(batch_size))
-        return torch.cat(parts, dim=1) if len(parts) > 1 else s0
+            state = torch.cat([state, self._empty_memory(batch_size)], dim=1)
+        return state
 
     def end_session(self, user_state: Tensor | None, final_state: Tensor) -> Tensor:
         """User state after a session whose final session state is ``final_state``."""
@@ -327,12 +325,16 @@ class HRNN(nn.Module):
         if not self.memory or user_state is None or not self.user_path_on:
             return None
         mem = user_state[:, self.user_dim_total :]
-        n = self.n_items
-        # empty slots write to a spare column n, cut off below
-        idx = torch.where(mem >= 0, mem, torch.full_like(mem, float(n))).long()
-        hit = torch.zeros(mem.shape[0], n + 1, device=mem.device, dtype=mem.dtype)
-        hit.scatter_(1, idx, 1.0)
-        hit = hit[:, :n] if item_rows is None else hit.index_select(1, item_rows)
+        if item_rows is None:  # all items: scatter, empty slots write to a spare column
+            n = self.n_items
+            idx = torch.where(mem >= 0, mem, torch.full_like(mem, float(n))).long()
+            hit = torch.zeros(mem.shape[0], n + 1, device=mem.device, dtype=mem.dtype)
+            hit = hit.scatter_(1, idx, 1.0)[:, :n]
+        else:  # a few rows (training): look them up in each sorted memory, no n_items buffer
+            srt = mem.sort(dim=1).values
+            q = item_rows.to(mem.dtype).unsqueeze(0).expand(mem.shape[0], -1).contiguous()
+            pos = torch.searchsorted(srt, q).clamp(max=mem.shape[1] - 1)
+            hit = (srt.gather(1, pos) == q).to(mem.dtype)  # rows >= 0 never match an empty -1
         return hit * self.memory_bias
 
     def score_items(
