@@ -757,7 +757,10 @@ class _UserChain:
     ov_final: Tensor  # [n_overlapping, state_dim]
     ov_ready: np.ndarray  # [n_overlapping] (host): stored (from the second epoch on)
     ov_id: np.ndarray  # [n_sessions]: index into ov_* of an overlapping session, else -1
-    next: np.ndarray  # [n_sessions]: the user's next session, -1 for their last
+    next_ov: np.ndarray  # [n_sessions]: ov_id of the user's next session (-1: none or waits)
+    next_waits: np.ndarray  # [n_sessions]: the user's next session starts after this one ends
+    user: np.ndarray  # [n_sessions]: the session's user (SessionParallelBatches.user)
+    has_prev: np.ndarray  # [n_sessions]: the user had an earlier session
 
     @classmethod
     def make(cls, model: StepModel, b: SessionParallelBatches, dev: torch.device) -> _UserChain:
@@ -773,6 +776,7 @@ class _UserChain:
         overlap = has & (start <= end[np.where(has, b.prev, 0)])
         ov_id = np.where(overlap, np.cumsum(overlap) - 1, -1)
         n_ov = int(overlap.sum())
+        nxt_ov = np.where(nxt >= 0, ov_id[np.maximum(nxt, 0)], -1)
         return cls(
             user_pair_in=model.initial_user_state(b.n_users),
             user_pair_final=torch.zeros(b.n_users, int(model.state_dim), device=dev),
@@ -781,32 +785,34 @@ class _UserChain:
             ov_final=torch.zeros(n_ov, int(model.state_dim), device=dev),
             ov_ready=np.zeros(n_ov, dtype=bool),
             ov_id=ov_id,
-            next=nxt,
+            next_ov=nxt_ov,
+            next_waits=(nxt >= 0) & (nxt_ov < 0),
+            user=b.user,
+            has_prev=has,
         )
 
-    def store(self, sess: np.ndarray, user_in: Tensor, final: Tensor, users: np.ndarray) -> None:
+    def store(self, sess: np.ndarray, user_in: Tensor, final: Tensor) -> None:
         """Sessions ``sess`` ended with these starting user states and final states."""
         dev = final.device
-        nxt = self.next[sess]
-        ov = np.flatnonzero((nxt >= 0) & (self.ov_id[np.maximum(nxt, 0)] >= 0))
+        k_all = self.next_ov[sess]
+        ov = np.flatnonzero(k_all >= 0)
         if ov.size:
-            k = self.ov_id[nxt[ov]]
+            k = k_all[ov]
             sel = torch.from_numpy(ov).to(dev)
             self.ov_in.index_copy_(0, torch.from_numpy(k).to(dev), user_in.index_select(0, sel))
             self.ov_final.index_copy_(0, torch.from_numpy(k).to(dev), final.index_select(0, sel))
             self.ov_ready[k] = True
-        wait = np.flatnonzero((nxt >= 0) & (self.ov_id[np.maximum(nxt, 0)] < 0))
+        wait = np.flatnonzero(self.next_waits[sess])
         if wait.size:  # at most one per user (see the class docstring)
-            u = torch.from_numpy(users[wait]).to(dev)
+            u = torch.from_numpy(self.user[sess[wait]]).to(dev)
             sel = torch.from_numpy(wait).to(dev)
             self.user_pair_in.index_copy_(0, u, user_in.index_select(0, sel))
             self.user_pair_final.index_copy_(0, u, final.index_select(0, sel))
 
-    def start(
-        self, model: StepModel, sess: np.ndarray, users: np.ndarray, prev: np.ndarray
-    ) -> Tensor:
+    def start(self, model: StepModel, sess: np.ndarray) -> Tensor:
         """The user states sessions ``sess`` start from (with gradient through the user GRU)."""
         dev = self.user_pair_final.device
+        users, has_prev = self.user[sess], self.has_prev[sess]
         k = self.ov_id[sess]
         ov = np.flatnonzero(k >= 0)
         u = torch.from_numpy(users).to(dev)
@@ -821,13 +827,13 @@ class _UserChain:
         advanced = model.end_session(pair_in, pair_final)
         ov_ready = np.zeros(len(sess), dtype=bool)
         ov_ready[ov] = self.ov_ready[k[ov]]
-        ready = (prev >= 0) & ((k < 0) | ov_ready)
+        ready = has_prev & ((k < 0) | ov_ready)
         us = torch.where(
             torch.from_numpy(ready).to(dev).unsqueeze(1),
             advanced,
             model.initial_user_state(len(sess)),
         )
-        stale = np.flatnonzero((prev >= 0) & ~ready)
+        stale = np.flatnonzero(has_prev & ~ready)
         if stale.size:  # first epoch, the predecessor still running
             sel = torch.from_numpy(stale).to(dev)
             last = self.last_start.index_select(0, torch.from_numpy(users[stale]).to(dev))
@@ -873,14 +879,14 @@ def _run_epoch_sessions(
                     state.index_select(0, rows),
                     user_in,
                 )
-            chain.store(sess, user_in, fin, b.user[sess])
+            chain.store(sess, user_in, fin)
         if any_start[t]:
             slots = np.flatnonzero(b.start[t])
             rows = torch.from_numpy(slots).to(dev)
             us = None
             if chain is not None and user is not None:
                 sess = b.session[t, slots]
-                us = chain.start(model, sess, b.user[sess], b.prev[sess])
+                us = chain.start(model, sess)
                 user = user.index_copy(0, rows, us)
             state = state.index_copy(0, rows, model.initial_state(us, len(slots)))
         state, user, loss = tr.step(model, inputs[t], targets[t], state, user, has_target[t])
