@@ -103,3 +103,13 @@ def external_broker() -> bool:
 def unique_name() -> Callable[[str], str]:
     """Callable giving a unique topic or group name per call."""
     return _unique_name
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for a test of tiny models, even when OMP_NUM_THREADS asks for more
+    than the suite's default: threads only add contention on a small machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

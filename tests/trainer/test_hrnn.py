@@ -29,14 +29,7 @@ from trainer.train_hier import (
     user_parallel_batches,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add contention on the shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _log(rows: list[tuple[str, str, str, float]]) -> pd.DataFrame:

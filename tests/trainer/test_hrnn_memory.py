@@ -13,13 +13,7 @@ from streamrec.model.hrnn import HRNN, merge_distinct, push_distinct
 from streamrec.model.items import build_item_index
 from trainer.train_hier import HRNNParams, train_hier
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _t(rows: list[list[float]]) -> torch.Tensor:

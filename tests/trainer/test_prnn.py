@@ -35,13 +35,7 @@ ONE_BATCH = pd.DataFrame(
 IDX = {"a": 0, "b": 1, "c": 2}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add contention on the shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(arch: str = "parallel") -> PRNN:
