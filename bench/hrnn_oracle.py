@@ -24,7 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.hrnn_vs_gru4rec import load
+from hrnn_vs_gru4rec import load
+
 from trainer.presets import TrainParams
 from trainer.train import train_gru4rec
 
