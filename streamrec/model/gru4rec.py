@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from streamrec.model.api import SplitStepModel
+from streamrec.model.api import InnerProductScores, SplitStepModel
 
 FINAL_ACTS = ("linear", "tanh", "elu")
 
@@ -92,7 +92,7 @@ class OneHotGRU(nn.Module):
         return (1.0 - z) * h + z * cand
 
 
-class GRU4Rec(SplitStepModel, nn.Module):
+class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
     """Session-based GRU recommender with the serving step API of docs/architecture.md."""
 
     user_state_dim = 0
@@ -286,6 +286,19 @@ class GRU4Rec(SplitStepModel, nn.Module):
             return self.final_activation(torch.addmm(by, self.output(state).to(dtype), wy_t))
 
         return score
+
+    # ------------------------------------------------------------------ inner-product split
+    def item_vectors(self) -> Tensor:
+        return torch.cat([self.Wy.detach(), self.By.detach()], dim=1).float()
+
+    def query_vectors(self, state: Tensor, user_state: Tensor | None = None) -> Tensor:
+        out = self.output(state)
+        return torch.cat([out, out.new_ones(out.shape[0], 1)], dim=1)
+
+    def score_rows(self, state: Tensor, user_state: Tensor | None, rows: Tensor) -> Tensor:
+        out = self.output(state).unsqueeze(2)
+        scores = torch.bmm(self.Wy[rows], out).squeeze(2) + self.By[rows].squeeze(2)
+        return self.final_activation(scores)
 
     def step(
         self, item_rows: Tensor, state: Tensor, user_state: Tensor | None = None
