@@ -196,11 +196,14 @@ def _eval_next_item(
     ties: str,
     device: Any = None,
     train_df: pd.DataFrame | None = None,
+    retriever: Any = None,
 ) -> dict[str, float]:
     from trainer.evaluate import evaluate_next_item
 
     test_df = restrict_to_items(test_df, item_index)
-    return evaluate_next_item(model, test_df, item_index, ks=ks, ties=ties, device=device)
+    return evaluate_next_item(
+        model, test_df, item_index, ks=ks, ties=ties, device=device, retriever=retriever
+    )
 
 
 #: ``--model NAME`` -> trainer.  HRNN / p-RNN register here.
@@ -403,6 +406,15 @@ def train(
 @_ties_option
 @click.option("--json", "as_json", is_flag=True, help="print the metrics as JSON")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA if present)")
+@click.option(
+    "--retrieval",
+    type=click.Choice(["all", "exact", "ann", "auto"]),
+    default="all",
+    show_default=True,
+    help="all: rank the target among every item; exact / ann / auto: rank it within the "
+    "top-k the worker would answer with that model.retrieval (ann: the index beside the "
+    "checkpoint, built and saved there when missing or stale)",
+)
 @_load_options
 def evaluate(
     model_dir: str,
@@ -412,6 +424,7 @@ def evaluate(
     ties: str,
     as_json: bool,
     device: str | None,
+    retrieval: str,
     column_map: tuple[str, ...],
     fmt: str | None,
     session_gap: float | None,
@@ -429,13 +442,48 @@ def evaluate(
     lopts = LoadOptions(fmt, parse_column_map(column_map), session_gap)
     test_df = load(test_path, lopts)
     train_df = load(train_path, lopts) if train_path else None
+    extra: dict[str, Any] = {}
+    retriever = None
+    if retrieval != "all":
+        retriever, extra = _retriever(ck.model, Path(model_dir), retrieval, dev)
+    t0 = time.perf_counter()
     metrics = evaluator_for(ck.model_name)(
-        ck.model, test_df, ck.item_index, cut, ties, dev, train_df
+        ck.model, test_df, ck.item_index, cut, ties, dev, train_df, retriever=retriever
     )
+    metrics = {**metrics, **extra, "evaluate_seconds": round(time.perf_counter() - t0, 2)}
     if as_json:
         click.echo(json.dumps(_json_safe(dict(metrics)), indent=2))
     else:
         print_metrics(dict(metrics), f"{ck.model_name} {ck.version} (ties={ties})", cut)
+
+
+def _retriever(
+    model: Any, ckpt_dir: Path, retrieval: str, device: Any
+) -> tuple[Any, dict[str, Any]]:
+    """The retrieval ``trainer evaluate --retrieval`` ranks through, and what it cost."""
+    import torch
+
+    from streamrec.model.ann import AnnParams, load_or_build
+    from streamrec.model.retrieval import Retriever, choose_retrieval
+
+    try:
+        mode = choose_retrieval(retrieval, int(model.n_items), device, model)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    extra: dict[str, Any] = {"retrieval": mode}
+    if mode == "exact":
+        return Retriever(model), extra
+    params = AnnParams()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        index = load_or_build(ckpt_dir, model.item_vectors(), params)
+    extra.update(
+        index_seconds=round(time.perf_counter() - t0, 2),
+        index_built_seconds=index.meta["build_seconds"],
+        index_bytes=index.nbytes,
+        index_params=index.meta["params"],
+    )
+    return Retriever(model, mode="ann", index=index, candidates=params.candidates), extra
 
 
 @main.command(cls=MultiValueCommand)

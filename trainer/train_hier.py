@@ -63,10 +63,11 @@ from torch import Tensor, nn
 
 from streamrec.model.device import resolve_device
 from streamrec.model.items import build_item_index
-from trainer.evaluate import model_device
+from streamrec.model.retrieval import Retriever
+from trainer.evaluate import model_device, step_ranks
 from trainer.jobs import TrainOutcome
 from trainer.losses import get_loss, logq_correction
-from trainer.metrics import MetricAccumulator, ranks
+from trainer.metrics import MetricAccumulator
 from trainer.optim import IndexedAdagradM
 from trainer.presets import PRESETS as GRU4REC_PRESETS
 from trainer.presets import BaseParams
@@ -908,6 +909,7 @@ def evaluate_users(
     batch_size: int = 256,
     device: str | torch.device | None = None,
     first_n: int | None = None,
+    retriever: Retriever | None = None,
 ) -> dict[str, float]:
     """Per-user next-item evaluation of each user's test session(s).
 
@@ -916,7 +918,8 @@ def evaluate_users(
     items (``trainer.metrics.ranks`` with ``ties``). Test items outside ``item_index`` are
     neither ranked nor fed (an unknown input keeps the state, as in the live service).
     ``first_n`` ranks only the first ``first_n`` predictions of each test session (where the
-    user state matters most).
+    user state matters most). ``retriever``: ranks within its top-k answers (ANN retrieval),
+    see :func:`trainer.evaluate.step_ranks`, which also scores large catalogues in blocks.
     """
     dev = torch.device(device) if device is not None else model_device(model)
     model.to(dev)
@@ -950,9 +953,18 @@ def evaluate_users(
             rows = torch.from_numpy(np.flatnonzero(b.session_start[t])).to(dev)
             state, user = advance_at_boundaries(model, state, user, sstart[t], ustart[t], rows)
         if any_scored[t]:
-            state, scores = model.step(inputs[t], state, user)
-            sel = scored_t[t].nonzero().squeeze(1)
-            acc.add_ranks(ranks(scores.index_select(0, sel), targets[t].index_select(0, sel), ties))
+            # unscored rows rank a stand-in target 0, dropped below
+            state, r = step_ranks(
+                model,
+                inputs[t],
+                state,
+                user,
+                targets[t].clamp(min=0),
+                ties,
+                retriever=retriever,
+                k=max(acc.ks),
+            )
+            acc.add_ranks(r.index_select(0, scored_t[t].nonzero().squeeze(1)))
         elif hasattr(model, "forward_step"):
             state, _ = model.forward_step(inputs[t], state, user)
         else:
@@ -1122,10 +1134,13 @@ def evaluate_users_job(
     ties: str,
     device: Any = None,
     train_df: pd.DataFrame | None = None,
+    retriever: Retriever | None = None,
 ) -> dict[str, float]:
     """The ``trainer`` evaluator for hrnn/prnn: per user, training sessions warm the state."""
     if "UserId" not in test_df.columns:
         raise ValueError("per-user evaluation needs a UserId column in --test")
     if train_df is None:
         train_df = test_df.iloc[:0]
-    return evaluate_users(model, train_df, test_df, item_index, ks, ties, device=device)
+    return evaluate_users(
+        model, train_df, test_df, item_index, ks, ties, device=device, retriever=retriever
+    )

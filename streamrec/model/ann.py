@@ -56,8 +56,11 @@ class AnnParams:
     def build_key(self) -> dict[str, Any]:
         """What an index file must have been built with to be reused (search-time settings
         can change without a rebuild)."""
-        return {"connectivity": self.connectivity, "expansion_add": self.expansion_add,
-                "dtype": self.dtype}  # fmt: skip
+        return {
+            "connectivity": self.connectivity,
+            "expansion_add": self.expansion_add,
+            "dtype": self.dtype,
+        }
 
 
 class AnnIndexError(RuntimeError):

@@ -112,6 +112,10 @@ class InnerProductScores:
         """``[B, K]`` item rows whose score the inner product does not give (-1: none), or None."""
         return None
 
+    def score_all(self, state: Tensor, user_state: Tensor | None) -> Tensor:
+        """The model's scores ``[B, n_items]`` of every item (what ``step`` returns)."""
+        raise NotImplementedError
+
     def final_activation(self, scores: Tensor) -> Tensor:
         """The increasing function applied to the inner products (identity by default)."""
         return scores

@@ -295,6 +295,9 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
         out = self.output(state)
         return torch.cat([out, out.new_ones(out.shape[0], 1)], dim=1)
 
+    def score_all(self, state: Tensor, user_state: Tensor | None = None) -> Tensor:
+        return self.score_items(self.output(state))
+
     def score_rows(self, state: Tensor, user_state: Tensor | None, rows: Tensor) -> Tensor:
         out = self.output(state).unsqueeze(2)
         scores = torch.bmm(self.Wy[rows], out).squeeze(2) + self.By[rows].squeeze(2)

@@ -377,6 +377,9 @@ class HRNN(InnerProductScores, nn.Module):
             return None
         return user_state[:, self.user_dim_total :].long()  # empty slots are -1
 
+    def score_all(self, state: Tensor, user_state: Tensor | None) -> Tensor:
+        return self.score_items(self.output(state), user_state)
+
     def score_rows(self, state: Tensor, user_state: Tensor | None, rows: Tensor) -> Tensor:
         out = self.output(state)
         scores = torch.bmm(self.Wy[rows], out.unsqueeze(2)).squeeze(2) + self.By[rows].squeeze(2)

@@ -268,6 +268,9 @@ class PRNN(InnerProductScores, nn.Module):
         parts = [(self.w[j] * self.active[j]) * hs[k] for j, k in enumerate(self.subnets)]
         return torch.cat([*parts, state.new_ones(state.shape[0], 1)], dim=1)
 
+    def score_all(self, state: Tensor, user_state: Tensor | None = None) -> Tensor:
+        return self.score_items(state)
+
     def score_rows(self, state: Tensor, user_state: Tensor | None, rows: Tensor) -> Tensor:
         hs = self.split_state(state)
         scores = self.By.weight[rows].squeeze(2)

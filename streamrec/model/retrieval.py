@@ -66,12 +66,16 @@ def unique_rows(rows: Tensor) -> Tensor:
 
 
 class Retriever:
-    """The top-k of a model's scores for batches of states (see the module docstring)."""
+    """The top-k of a model's scores for batches of states (see the module docstring).
+
+    ``full_scores(state, user)``: every item's scores, float32 (default: the model's
+    ``score_all``; the worker passes its faster frozen-weight scorer).
+    """
 
     def __init__(
         self,
         model: object,
-        full_scores: FullScores,
+        full_scores: FullScores | None = None,
         *,
         mode: str = "exact",
         index: AnnIndex | None = None,
@@ -85,7 +89,11 @@ class Retriever:
         if mode == "ann" and index is None:
             raise ValueError("ann retrieval needs an index")
         self.model = model
-        self.full_scores = full_scores
+        if full_scores is None:
+            if not isinstance(model, InnerProductScores):
+                raise ValueError("a model without an inner-product split needs full_scores")
+            full_scores = model.score_all
+        self.full_scores: FullScores = full_scores
         self.mode = mode
         self.index = index
         self.n_candidates = int(candidates)

@@ -43,8 +43,9 @@ def _hrnn(memory: int = 0) -> HRNN:
 def _prnn() -> PRNN:
     torch.manual_seed(2)
     feats = [torch.rand(N_ITEMS, 5)]
-    return PRNN(N_ITEMS, [5], arch="parallel", id_hidden=12, feature_hidden=6,
-                feature_values=feats).eval()  # fmt: skip
+    return PRNN(
+        N_ITEMS, [5], arch="parallel", id_hidden=12, feature_hidden=6, feature_values=feats
+    ).eval()
 
 
 def _full(model: InnerProductScores) -> object:
