@@ -292,6 +292,14 @@ def main() -> None:
     "--window", default=None, help="archive:DIR: e.g. 14d, back from the newest archived event"
 )
 @click.option("--progress/--no-progress", default=True)
+@click.option(
+    "--retrieval-index",
+    type=click.Choice(["auto", "always", "never"]),
+    default="auto",
+    show_default=True,
+    help="build the ANN retrieval index beside the checkpoint (auto: from "
+    "streamrec.model.retrieval.AUTO_ANN_MIN_ITEMS items, where model.retrieval=auto uses it)",
+)
 def train(
     train_path: str,
     test_path: str | None,
@@ -313,6 +321,7 @@ def train(
     until: str | None,
     window: str | None,
     progress: bool,
+    retrieval_index: str,
 ) -> None:
     """Train a model, save the checkpoint to --out, evaluate on --test."""
     from streamrec.model.checkpoint import save_checkpoint
@@ -389,6 +398,7 @@ def train(
         metrics=_json_safe(metrics),
     )
     _write_json(out / "metrics.json", {"model": outcome.model_name, **metrics, "ties": ties})
+    _publish_index(out, outcome.model, retrieval_index)
     if test_df is not None:
         print_metrics(metrics, f"{outcome.model_name} on {test_path} (ties={ties})", cut)
     click.echo(
@@ -455,6 +465,19 @@ def evaluate(
         click.echo(json.dumps(_json_safe(dict(metrics)), indent=2))
     else:
         print_metrics(dict(metrics), f"{ck.model_name} {ck.version} (ties={ties})", cut)
+
+
+def _publish_index(out: Path, model: Any, when: str) -> None:
+    """The ANN index beside a new checkpoint (``--retrieval-index``)."""
+    from streamrec.model.retrieval import publish_index
+
+    index = publish_index(out, model, when=when)
+    if index is not None:
+        click.echo(
+            f"retrieval index: {index.n_items:,} items, {index.nbytes / 2**20:,.0f} MiB, "
+            f"built in {index.meta['build_seconds']:.1f} s",
+            err=True,
+        )
 
 
 def _retriever(

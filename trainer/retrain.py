@@ -33,6 +33,7 @@ from streamrec import registry
 from streamrec.clicklog import DAY, DataError
 from streamrec.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from streamrec.model.gru4rec import GRU4Rec
+from streamrec.model.retrieval import publish_index
 from trainer.archive_source import parse_duration, read_archive
 from trainer.holdout import HOLDOUT_KEY, gate_figures
 from trainer.warmstart import FeatureMismatch, grow_gru4rec, train_hier_warm, warm_epochs
@@ -77,6 +78,9 @@ class RetrainConfig:
     features: str | None = None
     item_meta: str | None = None
     schedule: str | None = None
+    #: build the ANN retrieval index into the version before publishing it (auto / always /
+    #: never; auto: catalogues that ``model.retrieval=auto`` serves through an index)
+    retrieval_index: str = "auto"
 
 
 def _now() -> str:
@@ -457,6 +461,10 @@ def run_cycle(cfg: RetrainConfig, echo: Callable[[str], None] = print) -> dict[s
 
             # beside the checkpoint (workers never read it): the next warm start continues it
             save_file(tr.optimizer_state, str(staging / OPTIMIZER_FILE))
+        # the ANN index beside the weights before the version is visible: workers load it
+        t_index = time.perf_counter()
+        if publish_index(staging, model, when=cfg.retrieval_index) is not None:
+            phases["index"] = time.perf_counter() - t_index
         version = registry.add_version(cfg.models, staging)
         rec["pruned"] = registry.publish(cfg.models, version, cfg.keep)
     phases["publish"] = time.perf_counter() - t
@@ -526,6 +534,13 @@ def commands() -> list[Any]:
     @click.option("--item-meta", default=None, help="p-RNN item metadata, as trainer train")
     @click.option("--schedule", default=None, help="p-RNN training schedule")
     @click.option("--progress/--no-progress", default=True)
+    @click.option(
+        "--retrieval-index",
+        type=click.Choice(["auto", "always", "never"]),
+        default="auto",
+        show_default=True,
+        help="Build the ANN retrieval index into the version before publishing it.",
+    )
     def retrain(
         archive: str,
         models: str,
@@ -549,6 +564,7 @@ def commands() -> list[Any]:
         item_meta: str | None,
         schedule: str | None,
         progress: bool,
+        retrieval_index: str,
     ) -> None:
         """Retrain from the click archive; publish the candidate if it passes the gate."""
         if once == bool(every):
@@ -561,7 +577,7 @@ def commands() -> list[Any]:
             archive, models, window, holdout, model_name, preset, _split_values(params), cold,
             tolerance, metric, keep, min_item_support, progress, None, gate_z,
             min_holdout_events, None if warm_epochs == "auto" else int(warm_epochs), variant,
-            features, item_meta, schedule,
+            features, item_meta, schedule, retrieval_index,
         )  # fmt: skip
         echo = lambda s: click.echo(s, err=True)  # noqa: E731
         if once:

@@ -20,13 +20,14 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from typing import cast
 
 import torch
 from torch import Tensor
 
-from streamrec.model.ann import AnnIndex
+from streamrec.model.ann import AnnIndex, AnnParams, load_or_build
 from streamrec.model.api import InnerProductScores
 from streamrec.model.topk import bf16_left_out_bound, blocked_topk
 
@@ -55,6 +56,33 @@ def choose_retrieval(mode: str, n_items: int, device: torch.device | str, model:
         return mode
     cpu = torch.device(device).type == "cpu"
     return "ann" if cpu and split and n_items >= AUTO_ANN_MIN_ITEMS else "exact"
+
+
+def publish_index(
+    directory: str | os.PathLike[str],
+    model: object,
+    *,
+    when: str = "auto",
+    params: AnnParams | None = None,
+    threads: int = 1,
+) -> AnnIndex | None:
+    """Build the ANN index of a checkpoint being published and save it beside its weights
+    (``trainer train``, ``trainer retrain``), so that workers load it instead of building it.
+
+    ``when``: ``auto`` (a catalogue ``auto`` retrieval would serve through an index, at least
+    :data:`AUTO_ANN_MIN_ITEMS` items), ``always``, ``never``. Models without an inner-product
+    split have no index. An index already there for these weights is kept.
+    """
+    if when not in ("auto", "always", "never"):
+        raise ValueError(f"when must be auto, always or never, not {when!r}")
+    if when == "never" or not isinstance(model, InnerProductScores):
+        return None
+    if when == "auto" and int(getattr(model, "n_items", 0)) < AUTO_ANN_MIN_ITEMS:
+        return None
+    with torch.inference_mode():
+        return load_or_build(
+            directory, model.item_vectors(), params or AnnParams(), threads=threads
+        )
 
 
 def unique_rows(rows: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ from streamrec.model.retrieval import (
     AUTO_ANN_MIN_ITEMS,
     Retriever,
     choose_retrieval,
+    publish_index,
     unique_rows,
 )
 from streamrec.model.topk import blocked_topk
@@ -211,3 +212,18 @@ def test_bf16_shortlist_gives_the_float32_answer(make: object) -> None:
             # their float32 scores, from another kernel (bmm, not addmm): the last bit may differ
             torch.testing.assert_close(values, reference.values, rtol=1e-6, atol=1e-6)
     assert r.shortlist_fallbacks > 0  # the float32 pass was exercised
+
+
+def test_an_index_is_published_beside_the_weights_where_auto_would_use_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import streamrec.model.retrieval as retrieval
+
+    model = _gru4rec()
+    assert publish_index(tmp_path, model) is None  # 3,000 items: auto serves them exactly
+    assert not (tmp_path / "retrieval.json").exists()
+    assert publish_index(tmp_path, model, when="never") is None
+    monkeypatch.setattr(retrieval, "AUTO_ANN_MIN_ITEMS", N_ITEMS)
+    published = publish_index(tmp_path, model)
+    assert published is not None
+    assert load_index(tmp_path, model.item_vectors(), AnnParams()).meta == published.meta
