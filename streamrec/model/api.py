@@ -85,6 +85,14 @@ class SplitStepModel:
         """
         raise NotImplementedError
 
+    def state_topk(
+        self, dtype: torch.dtype = torch.float32
+    ) -> Callable[[Tensor, int], tuple[Tensor, Tensor]]:
+        """``(states, k) -> (values, rows)``: the top-k of ``state_scorer(dtype, copy=True)``
+        without a full score matrix where the model can (default: through it)."""
+        score = self.state_scorer(dtype, copy=True)
+        return lambda state, k: torch.topk(score(state), k, dim=1)
+
 
 class InnerProductScores:
     """Mixin of models whose scores are an inner product per item, so that the top items of

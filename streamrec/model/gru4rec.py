@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from streamrec.model.api import InnerProductScores, SplitStepModel
+from streamrec.model.topk import TiledTopK
 
 FINAL_ACTS = ("linear", "tanh", "elu")
 
@@ -286,6 +287,16 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
             return self.final_activation(torch.addmm(by, self.output(state).to(dtype), wy_t))
 
         return score
+
+    def state_topk(
+        self, dtype: torch.dtype = torch.float32
+    ) -> Callable[[Tensor, int], tuple[Tensor, Tensor]]:
+        """``(states, k) -> (values, rows)``: the top-k of ``state_scorer(dtype, copy=True)``
+        computed tile by tile (``streamrec.model.topk.TiledTopK``: no full score matrix)."""
+        wy_t = self.Wy.detach().t().contiguous().to(dtype)
+        by = self.By.detach().view(1, -1).to(dtype).contiguous()
+        tiled = TiledTopK(wy_t, by, self.final_activation)
+        return lambda state, k: tiled.topk(self.output(state), k)
 
     # ------------------------------------------------------------------ inner-product split
     def item_vectors(self) -> Tensor:

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from streamrec.model.ann import AnnIndex, AnnParams, load_or_build
 from streamrec.model.api import InnerProductScores
-from streamrec.model.topk import bf16_left_out_bound, blocked_topk
+from streamrec.model.topk import TiledTopK, bf16_left_out_bound, blocked_topk
 
 RETRIEVAL_MODES = ("exact", "ann", "auto")
 #: ``auto`` uses the index on CPU from this many items (bench/results/catalogue-scale.md)
@@ -38,6 +38,7 @@ AUTO_ANN_MIN_ITEMS = 100_000
 CPU_CHUNK = 64
 
 FullScores = Callable[[Tensor, Tensor | None], Tensor]
+ExactTopK = Callable[[Tensor, int], tuple[Tensor, Tensor]]
 
 
 def choose_retrieval(mode: str, n_items: int, device: torch.device | str, model: object) -> str:
@@ -109,8 +110,9 @@ class Retriever:
         index: AnnIndex | None = None,
         candidates: int = 100,
         bf16_shortlist: bool = False,
-        shortlist: int = 128,
+        shortlist: int = 32,
         chunk: int | None = None,
+        exact_topk: ExactTopK | None = None,
     ) -> None:
         if mode not in ("exact", "ann"):
             raise ValueError(f"mode must be exact or ann (choose_retrieval), not {mode!r}")
@@ -122,6 +124,9 @@ class Retriever:
                 raise ValueError("a model without an inner-product split needs full_scores")
             full_scores = model.score_all
         self.full_scores: FullScores = full_scores
+        #: the exact top-k of states without user states, where the model has a faster one
+        #: than ``full_scores`` + blocked_topk (GRU4Rec's ``state_topk``)
+        self.exact_topk = exact_topk
         self.mode = mode
         self.index = index
         self.n_candidates = int(candidates)
@@ -129,12 +134,14 @@ class Retriever:
         self.chunk = chunk
         #: rows whose bf16 shortlist could not be proven and were scored in float32
         self.shortlist_fallbacks = 0
-        self._bf16: tuple[Tensor, float] | None = None
+        self._bf16: tuple[TiledTopK, float] | None = None
         if bf16_shortlist:
             if not isinstance(model, InnerProductScores):
                 raise ValueError("a bf16 shortlist needs a model with an inner-product split")
             v = model.item_vectors()
-            self._bf16 = (v.t().contiguous().to(torch.bfloat16), float(v.norm(dim=1).max()))
+            vt16 = v.t().contiguous().to(torch.bfloat16)
+            zero = torch.zeros(1, v.shape[0], dtype=torch.bfloat16, device=v.device)
+            self._bf16 = (TiledTopK(vt16, zero), float(v.norm(dim=1).max()))
 
     @property
     def split(self) -> InnerProductScores:
@@ -166,6 +173,8 @@ class Retriever:
             return self._rerank(state, user, k, self.ann_candidates(state, user, k, extra))
         if self._bf16 is not None and len(state):
             return self._bf16_topk(state, user, k)
+        if self.exact_topk is not None and user is None:
+            return self.exact_topk(state, k)
         return blocked_topk(self.full_scores(state, user), k)
 
     def candidates(
@@ -213,10 +222,9 @@ class Retriever:
     def _bf16_topk(self, state: Tensor, user: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
         """float32 top-k through a bf16 shortlist (see the module docstring)."""
         assert self._bf16 is not None
-        vt16, max_norm = self._bf16
+        tiled16, max_norm = self._bf16
         q = self.split.query_vectors(state, user)
-        s16 = q.to(torch.bfloat16) @ vt16
-        low, short = blocked_topk(s16, max(self.shortlist, k))
+        low, short = tiled16.topk(q, max(self.shortlist, k))
         values, top = self._rerank(state, user, k, self.candidates(state, user, short))
         # every item left out scores at most this (linear), so at most its activation
         bound = bf16_left_out_bound(low[:, -1], q.float().norm(dim=1), max_norm)

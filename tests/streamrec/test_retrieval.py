@@ -227,3 +227,30 @@ def test_an_index_is_published_beside_the_weights_where_auto_would_use_it(
     published = publish_index(tmp_path, model)
     assert published is not None
     assert load_index(tmp_path, model.item_vectors(), AnnParams()).meta == published.meta
+
+
+@pytest.mark.parametrize("n", [4096, 5000, 17_319])
+def test_tiled_topk_is_the_untiled_answer(n: int) -> None:
+    model = _gru4rec(n)
+    gen = torch.Generator().manual_seed(n)
+    states = torch.randn(70, 16, generator=gen).tanh()
+    with torch.inference_mode():
+        for dtype in (torch.float32, torch.bfloat16):
+            values, rows = model.state_topk(dtype)(states, 21)
+            scores = model.state_scorer(dtype, copy=True)(states)
+            ref_values, _ = torch.topk(scores, 21, dim=1)
+            assert torch.equal(values, ref_values)  # the same elements, to the bit
+            assert torch.equal(scores.gather(1, rows), values)
+        # and a second call reuses the buffers without leaking the first call's scores
+        again, _ = model.state_topk()(states[:5], 21)
+        assert torch.equal(again, torch.topk(model.state_scorer()(states[:5]), 21, dim=1)[0])
+
+
+def test_bf16_shortlist_over_a_tiled_catalogue() -> None:
+    model = _gru4rec(9000)
+    states = torch.randn(130, 16, generator=torch.Generator().manual_seed(3)).tanh()
+    with torch.inference_mode():
+        reference = torch.topk(model.score_all(states), 20, dim=1)
+        r = Retriever(model, bf16_shortlist=True)
+        _, rows = r.topk(states, None, 20)
+    assert torch.equal(rows, reference.indices)
