@@ -1,18 +1,18 @@
 """An approximate maximum-inner-product index over a model's item vectors (usearch HNSW).
 
-Why usearch, and the settings, are in ``bench/results/ann-libraries.md``. Maximum inner
-product is turned into nearest neighbour in L2 (Bachrach et al. 2014): an item vector ``v``
-(its output row with the bias folded in, ``InnerProductScores.item_vectors``) is stored as
-``[v, sqrt(M^2 - |v|^2)]`` with ``M`` the largest norm, a query ``q`` is searched as
-``[q, 0]``; then ``|q' - v'|^2 = |q|^2 + M^2 - 2 q.v`` and the nearest items are the ones with
-the highest inner product. The index only proposes candidates: the model scores them exactly
-(``streamrec.model.retrieval``), so vectors are stored in bfloat16 (half the memory, the same
-candidates in practice).
+Why usearch, and the settings, are in ``bench/results/ann-libraries.md``. The graph is built
+and searched with the inner product itself (usearch ``ip``) over the item vectors (output rows
+with the bias folded in, ``InnerProductScores.item_vectors``) and the query vectors: the usual
+reduction of maximum inner product to L2 nearest neighbour (``[v, sqrt(M^2 - |v|^2)]``,
+Bachrach et al. 2014) proposed 20-35 % of the exact top-20 on a trained 1M-item GRU4Rec, the
+inner-product graph 86-97 % (``bench/results/catalogue-scale.md``). The index only proposes
+candidates: the model scores them exactly (``streamrec.model.retrieval``), so vectors are
+stored in bfloat16 (half the memory, the same candidates in practice).
 
 On disk, beside a checkpoint's weights: ``retrieval.usearch`` (the library's file) and
-``retrieval.json`` (library and version, parameters, item count, the SHA-256 of the vectors it
-was built from, build seconds). :func:`load_index` refuses an index whose hash is not the
-hash of the vectors it is asked to serve: a stale index is rebuilt, never used.
+``retrieval.json`` (library and version, metric, parameters, item count, the SHA-256 of the
+vectors it was built from, build seconds). :func:`load_index` refuses an index whose hash is
+not the hash of the vectors it is asked to serve: a stale index is rebuilt, never used.
 """
 
 from __future__ import annotations
@@ -47,11 +47,13 @@ class AnnParams:
     #: search breadth while inserting (HNSW ``efConstruction``)
     expansion_add: int = 128
     #: search breadth per query (HNSW ``ef``): the main speed/recall knob
-    expansion_search: int = 128
+    expansion_search: int = 256
     #: candidates per query handed to the exact re-rank
     candidates: int = 100
     #: how the vectors are stored in the index (candidates are re-ranked in float32)
     dtype: str = "bf16"
+    #: the graph's similarity: ``ip`` (inner product) or ``l2-augmented`` (the L2 reduction)
+    metric: str = "ip"
 
     def build_key(self) -> dict[str, Any]:
         """What an index file must have been built with to be reused (search-time settings
@@ -60,6 +62,7 @@ class AnnParams:
             "connectivity": self.connectivity,
             "expansion_add": self.expansion_add,
             "dtype": self.dtype,
+            "metric": self.metric,
         }
 
 
@@ -102,12 +105,14 @@ class AnnIndex:
         """Build over ``vectors`` ``[n_items, D]`` (row i = item row i)."""
         from usearch.index import Index
 
+        if params.metric not in ("ip", "l2-augmented"):
+            raise ValueError(f"metric must be ip or l2-augmented, not {params.metric!r}")
         t0 = time.perf_counter()
         v = np.ascontiguousarray(vectors.detach().to("cpu", torch.float32).numpy())
-        aug = _augment(v)
+        aug = _augment(v) if params.metric == "l2-augmented" else v
         index = Index(
             ndim=aug.shape[1],
-            metric="l2sq",
+            metric="ip" if params.metric == "ip" else "l2sq",
             dtype=params.dtype,
             connectivity=params.connectivity,
             expansion_add=params.expansion_add,
@@ -129,7 +134,8 @@ class AnnIndex:
     def search(self, queries: Tensor, count: int) -> Tensor:
         """``[B, count]`` item rows (int64, -1 where the index has fewer), best first."""
         q = np.ascontiguousarray(queries.detach().to("cpu", torch.float32).numpy())
-        q = np.hstack([q, np.zeros((len(q), 1), np.float32)])
+        if self.params.metric == "l2-augmented":
+            q = np.hstack([q, np.zeros((len(q), 1), np.float32)])
         count = min(count, self.n_items)
         if len(q) == 0 or count == 0:
             return torch.full((len(q), count), -1, dtype=torch.int64)
@@ -163,7 +169,8 @@ def load_index(directory: str | os.PathLike[str], vectors: Tensor, params: AnnPa
         raise AnnIndexError(f"no readable {META_FILE} in {d}: {exc}") from exc
     if not isinstance(meta, dict) or meta.get("library") != LIBRARY:
         raise AnnIndexError(f"{d / META_FILE}: not a {LIBRARY} index")
-    built = AnnParams(**{**asdict(params), **dict(meta.get("params") or {})})
+    saved = {"metric": "l2-augmented", **dict(meta.get("params") or {})}  # before metric was kept
+    built = AnnParams(**{**asdict(params), **saved})
     if built.build_key() != params.build_key():
         raise AnnIndexError(f"{d}: built with {built.build_key()}, wanted {params.build_key()}")
     if meta.get("n_items") != vectors.shape[0] or meta.get("dim") != vectors.shape[1]:

@@ -78,8 +78,9 @@ def _states(model: InnerProductScores, targets: torch.Tensor) -> torch.Tensor:
     return _planted_states(model, targets, model.state_dim)
 
 
+@pytest.mark.parametrize("metric", ["ip", "l2-augmented"])
 @pytest.mark.parametrize("make", [_gru4rec, _hrnn, _prnn], ids=["gru4rec", "hrnn", "prnn"])
-def test_exact_and_ann_agree_on_the_top1_of_clear_cases(make: object) -> None:
+def test_exact_and_ann_agree_on_the_top1_of_clear_cases(make: object, metric: str) -> None:
     model = make()  # type: ignore[operator]
     assert isinstance(model, InnerProductScores)
     targets = torch.arange(0, N_ITEMS, 97)
@@ -88,7 +89,7 @@ def test_exact_and_ann_agree_on_the_top1_of_clear_cases(make: object) -> None:
     full = _full(model)
     with torch.inference_mode():
         exact = Retriever(model, full)  # type: ignore[arg-type]
-        index = AnnIndex.build(model.item_vectors(), AnnParams())
+        index = AnnIndex.build(model.item_vectors(), AnnParams(metric=metric))
         ann = Retriever(model, full, mode="ann", index=index)  # type: ignore[arg-type]
         _, top_exact = exact.topk(states, users, 20)
         _, top_ann = ann.topk(states, users, 20)
