@@ -187,7 +187,7 @@ def measure_size(
     params = AnnParams(
         connectivity=args.connectivity,
         expansion_add=args.expansion_add,
-        expansion_search=args.expansion_search,
+        expansion_search=args.expansion_search[0],
         candidates=args.candidates,
     )
     rss0 = rss_mb()
@@ -197,20 +197,22 @@ def measure_size(
         else:
             index = AnnIndex.build(model.item_vectors(), params, threads=args.build_threads)
     build_rss = rss_mb() - rss0
-    ann = Retriever(
-        model, lambda s, u: full(s), mode="ann", index=index, candidates=params.candidates
-    )
-    rate, got = time_step(model, lambda s: ann.topk(s, None, K)[1], clicks, args.seconds)
-    row(
-        "ann",
-        rate,
-        overlap(got, truth),
-        build_seconds=index.meta["build_seconds"],
-        index_bytes=index.nbytes,
-        build_threads=args.build_threads,
-        rss_growth_mb=round(build_rss),
-        params=index.meta["params"],
-    )
+    for ef in args.expansion_search:
+        index.set_expansion_search(ef)
+        ann = Retriever(
+            model, lambda s, u: full(s), mode="ann", index=index, candidates=params.candidates
+        )
+        rate, got = time_step(model, lambda s, r=ann: r.topk(s, None, K)[1], clicks, args.seconds)
+        row(
+            "ann",
+            rate,
+            overlap(got, truth),
+            build_seconds=index.meta["build_seconds"],
+            index_bytes=index.nbytes,
+            build_threads=index.meta["build_threads"],
+            rss_growth_mb=round(build_rss),
+            params=dict(vars(index.params)),
+        )
     ref = reference_rates(model, _states(model, clicks), args.seconds)
     reference = {"items": n_items, **{k: round(v, 1) for k, v in ref.items()},
                  "exact bf16 shortlist, fp32 answer": shortlist}  # fmt: skip
@@ -230,7 +232,13 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0, help="per mode and size")
     ap.add_argument("--connectivity", type=int, default=AnnParams.connectivity)
     ap.add_argument("--expansion-add", type=int, default=AnnParams.expansion_add)
-    ap.add_argument("--expansion-search", type=int, default=AnnParams.expansion_search)
+    ap.add_argument(
+        "--expansion-search",
+        type=int,
+        nargs="+",
+        default=[AnnParams.expansion_search],
+        help="search breadths to measure (one ann row each)",
+    )
     ap.add_argument("--candidates", type=int, default=AnnParams.candidates)
     ap.add_argument("--build-threads", type=int, default=1)
     ap.add_argument("--save-index", type=Path, default=None, help=argparse.SUPPRESS)

@@ -23,7 +23,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,11 @@ class AnnIndex:
         self.params = params
         self.meta = meta
         self._index.expansion_search = params.expansion_search
+
+    def set_expansion_search(self, ef: int) -> None:
+        """Change the search breadth (no rebuild): more is slower and closer to exact."""
+        self.params = replace(self.params, expansion_search=int(ef))
+        self._index.expansion_search = int(ef)
 
     @property
     def n_items(self) -> int:
