@@ -32,8 +32,9 @@ from streamrec.model.api import InnerProductScores
 from streamrec.model.topk import TiledTopK, bf16_left_out_bound, blocked_topk
 
 RETRIEVAL_MODES = ("exact", "ann", "auto")
-#: ``auto`` uses the index on CPU from this many items (bench/results/catalogue-scale.md)
-AUTO_ANN_MIN_ITEMS = 100_000
+#: ``auto`` uses the index on CPU from this many items: at 100,000 it was no faster than exact
+#: scoring, at 1,000,000 4x faster (at 0.87 top-20 overlap); bench/results/catalogue-scale.md
+AUTO_ANN_MIN_ITEMS = 500_000
 #: states scored at a time on CPU (their scores stay in cache for the top-k)
 CPU_CHUNK = 64
 
