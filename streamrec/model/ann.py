@@ -1,11 +1,14 @@
 """An approximate maximum-inner-product index over a model's item vectors (usearch HNSW).
 
-Why usearch, and the settings, are in ``bench/results/ann-libraries.md``. The graph is built
-and searched with the inner product itself (usearch ``ip``) over the item vectors (output rows
-with the bias folded in, ``InnerProductScores.item_vectors``) and the query vectors: the usual
-reduction of maximum inner product to L2 nearest neighbour (``[v, sqrt(M^2 - |v|^2)]``,
-Bachrach et al. 2014) proposed 20-35 % of the exact top-20 on a trained 1M-item GRU4Rec, the
-inner-product graph 86-97 % (``bench/results/catalogue-scale.md``). The index only proposes
+Why usearch, and the settings, are in ``bench/results/ann-libraries.md``. Two graphs answer
+maximum inner product: one built and searched with the inner product itself (usearch ``ip``),
+and one over the usual reduction to L2 nearest neighbour (``[v, sqrt(M^2 - |v|^2)]`` against
+``[q, 0]``, Bachrach et al. 2014). Which one finds the exact answers depends on the model: on a
+GRU4Rec trained on a 1M-item log the reduction proposed 20-35 % of the exact top-20 and the
+inner-product graph 86-97 %; on random weights with a bias as large as the products the
+inner-product graph missed half of the clear winners and the reduction 2 %
+(``bench/results/catalogue-scale.md``). ``metric="auto"`` (the default) tries both on a sample
+of the items (:func:`choose_metric`) and builds the better one. The index only proposes
 candidates: the model scores them exactly (``streamrec.model.retrieval``), so vectors are
 stored in bfloat16 (half the memory, the same candidates in practice).
 
@@ -35,6 +38,7 @@ log = logging.getLogger(__name__)
 
 INDEX_FILE = "retrieval.usearch"
 META_FILE = "retrieval.json"
+METRICS = ("auto", "ip", "l2-augmented")
 LIBRARY = "usearch"
 
 
@@ -52,8 +56,10 @@ class AnnParams:
     candidates: int = 100
     #: how the vectors are stored in the index (candidates are re-ranked in float32)
     dtype: str = "bf16"
-    #: the graph's similarity: ``ip`` (inner product) or ``l2-augmented`` (the L2 reduction)
-    metric: str = "ip"
+    #: the graph's similarity: ``ip`` (inner product), ``l2-augmented`` (the L2 reduction), or
+    #: ``auto``: whichever finds more of the exact top-10 of probe queries on a sample of the
+    #: items (:func:`choose_metric`); which one wins depends on the model
+    metric: str = "auto"
 
     def build_key(self) -> dict[str, Any]:
         """What an index file must have been built with to be reused (search-time settings
@@ -108,22 +114,14 @@ class AnnIndex:
     @classmethod
     def build(cls, vectors: Tensor, params: AnnParams, *, threads: int = 1) -> AnnIndex:
         """Build over ``vectors`` ``[n_items, D]`` (row i = item row i)."""
-        from usearch.index import Index
-
-        if params.metric not in ("ip", "l2-augmented"):
-            raise ValueError(f"metric must be ip or l2-augmented, not {params.metric!r}")
+        if params.metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, not {params.metric!r}")
         t0 = time.perf_counter()
         v = np.ascontiguousarray(vectors.detach().to("cpu", torch.float32).numpy())
-        aug = _augment(v) if params.metric == "l2-augmented" else v
-        index = Index(
-            ndim=aug.shape[1],
-            metric="ip" if params.metric == "ip" else "l2sq",
-            dtype=params.dtype,
-            connectivity=params.connectivity,
-            expansion_add=params.expansion_add,
-        )
-        if len(aug):
-            index.add(np.arange(len(aug), dtype=np.uint64), aug, threads=threads)
+        metric, probe = params.metric, None
+        if metric == "auto":
+            metric, probe = choose_metric(v, params, threads=threads)
+        index = _graph(v, metric, params, threads)
         meta = {
             "library": LIBRARY,
             "library_version": _library_version(),
@@ -133,25 +131,20 @@ class AnnIndex:
             "vectors_sha256": vectors_hash(vectors),
             "build_seconds": round(time.perf_counter() - t0, 3),
             "build_threads": threads,
+            "metric_used": metric,
+            "metric_probe_recall": probe,
         }
         return cls(index, params, meta)
 
     def search(self, queries: Tensor, count: int) -> Tensor:
         """``[B, count]`` item rows (int64, -1 where the index has fewer), best first."""
         q = np.ascontiguousarray(queries.detach().to("cpu", torch.float32).numpy())
-        if self.params.metric == "l2-augmented":
-            q = np.hstack([q, np.zeros((len(q), 1), np.float32)])
-        count = min(count, self.n_items)
-        if len(q) == 0 or count == 0:
-            return torch.full((len(q), count), -1, dtype=torch.int64)
-        res = self._index.search(q, count, threads=1)
-        keys = np.full((len(q), count), -1, dtype=np.int64)
-        got = np.asarray(res.keys, dtype=np.int64).reshape(len(q), -1)[:, :count]
-        keys[:, : got.shape[1]] = got
-        # a batch answer says how many it found per query; a single query's keys are those
-        found = np.asarray(getattr(res, "counts", [got.shape[1]])).reshape(-1, 1)
-        keys[np.arange(count)[None, :] >= found] = -1
-        return torch.from_numpy(keys)
+        return torch.from_numpy(_search(self._index, self.metric, q, count, self.n_items))
+
+    @property
+    def metric(self) -> str:
+        """The graph's similarity (``ip`` or ``l2-augmented``; ``auto`` chose one at build)."""
+        return str(self.meta.get("metric_used") or self.params.metric)
 
     # ---- persistence ---------------------------------------------------------------------
     def save(self, directory: str | os.PathLike[str]) -> None:
@@ -160,6 +153,75 @@ class AnnIndex:
         d = Path(directory)
         _atomic_write(d / INDEX_FILE, lambda path: self._index.save(str(path)))
         _atomic_write(d / META_FILE, lambda path: path.write_text(json.dumps(self.meta, indent=1)))
+
+
+def _graph(v: np.ndarray, metric: str, params: AnnParams, threads: int) -> Any:
+    from usearch.index import Index
+
+    data = _augment(v) if metric == "l2-augmented" else v
+    index: Any = Index(
+        ndim=data.shape[1],
+        metric="ip" if metric == "ip" else "l2sq",
+        dtype=params.dtype,
+        connectivity=params.connectivity,
+        expansion_add=params.expansion_add,
+    )
+    if len(data):
+        index.add(np.arange(len(data), dtype=np.uint64), data, threads=threads)
+    index.expansion_search = params.expansion_search
+    return index
+
+
+def _search(index: Any, metric: str, q: np.ndarray, count: int, n_items: int) -> np.ndarray:
+    """``[B, count]`` keys (-1 where fewer were found) of queries ``q`` ``[B, D]``."""
+    if metric == "l2-augmented":
+        q = np.hstack([q, np.zeros((len(q), 1), np.float32)])
+    count = min(count, n_items)
+    keys = np.full((len(q), count), -1, dtype=np.int64)
+    if len(q) == 0 or count == 0:
+        return keys
+    res = index.search(q, count, threads=1)
+    got = np.asarray(res.keys, dtype=np.int64).reshape(len(q), -1)[:, :count]
+    keys[:, : got.shape[1]] = got
+    # a batch answer says how many it found per query; a single query's keys are those
+    found = np.asarray(getattr(res, "counts", [got.shape[1]])).reshape(-1, 1)
+    keys[np.arange(count)[None, :] >= found] = -1
+    return keys
+
+
+#: items and probe queries of :func:`choose_metric`
+PROBE_ITEMS = 20_000
+PROBE_QUERIES = 200
+
+
+def choose_metric(
+    v: np.ndarray, params: AnnParams, *, threads: int = 1, seed: int = 0
+) -> tuple[str, dict[str, float]]:
+    """The graph (``ip`` or ``l2-augmented``) that finds more of the exact top-10 of probe
+    queries, both built over a sample of :data:`PROBE_ITEMS` items.
+
+    A probe is an item's output row (not its bias), scaled to the norm of a GRU output of that
+    width (``0.5 sqrt(width)``), with the bias column 1: a state pointing at that item, as
+    sessions do. The inner-product graph won on a trained 1M-item GRU4Rec, the L2 reduction on
+    random weights with a large bias (``bench/results/catalogue-scale.md``).
+    """
+    rng = np.random.default_rng(seed)
+    n, d = v.shape
+    sample = v[np.sort(rng.choice(n, min(n, PROBE_ITEMS), replace=False))]
+    rows = sample[rng.choice(len(sample), min(len(sample), PROBE_QUERIES), replace=False), :-1]
+    norm = np.linalg.norm(rows, axis=1, keepdims=True)
+    q = np.hstack([0.5 * np.sqrt(d - 1) * rows / np.maximum(norm, 1e-12), np.ones((len(rows), 1))])
+    q = q.astype(np.float32)
+    k = min(10, len(sample))
+    exact = np.argpartition(-(q @ sample.T), k - 1, axis=1)[:, :k]
+    recall = {}
+    for metric in ("ip", "l2-augmented"):
+        graph = _graph(sample, metric, params, threads)
+        found = _search(graph, metric, q, params.candidates, len(sample))
+        recall[metric] = float(
+            np.mean([len(set(f) & set(e)) / k for f, e in zip(found, exact, strict=True)])
+        )
+    return max(recall, key=lambda m: recall[m]), recall
 
 
 def load_index(directory: str | os.PathLike[str], vectors: Tensor, params: AnnParams) -> AnnIndex:

@@ -78,7 +78,7 @@ def _states(model: InnerProductScores, targets: torch.Tensor) -> torch.Tensor:
     return _planted_states(model, targets, model.state_dim)
 
 
-@pytest.mark.parametrize("metric", ["ip", "l2-augmented"])
+@pytest.mark.parametrize("metric", ["auto", "ip", "l2-augmented"])
 @pytest.mark.parametrize("make", [_gru4rec, _hrnn, _prnn], ids=["gru4rec", "hrnn", "prnn"])
 def test_exact_and_ann_agree_on_the_top1_of_clear_cases(make: object, metric: str) -> None:
     """States pointing along items' output rows, no output bias: where the exact winner leads
@@ -106,6 +106,27 @@ def test_exact_and_ann_agree_on_the_top1_of_clear_cases(make: object, metric: st
     clear = values[:, 0] - values[:, 1] > 0.1 * values[:, 0].abs()
     assert int(clear.sum()) >= 10
     assert torch.equal(top_ann[clear, 0], top_exact[clear, 0])
+
+
+@pytest.mark.parametrize("bias", [0.3, 1.0])
+def test_the_automatic_graph_finds_clear_winners_beside_a_large_bias(bias: float) -> None:
+    """Output rows of a trained model's size, a bias as large as the products, GRU states at
+    their largest norm: on one of the two graphs the inner-product graph misses half the
+    clear winners (catalogue-scale.md); ``auto`` must build one that finds them."""
+    model = _gru4rec()
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        model.Wy.mul_(10.0)  # |w| ~ 1, as trained rows
+        model.By.copy_(bias * torch.randn(model.By.shape, generator=gen))
+    targets = torch.arange(0, N_ITEMS, 37)
+    states = 4.0 * _planted_states(model, targets, 16) / 3.0  # |h| = 4 = sqrt(16 units)
+    with torch.inference_mode():
+        values, top_exact = Retriever(model).topk(states, None, 20)
+        index = AnnIndex.build(model.item_vectors(), AnnParams())
+        _, top_ann = Retriever(model, mode="ann", index=index).topk(states, None, 20)
+    clear = values[:, 0] - values[:, 1] > 0.1 * values[:, 0].abs()
+    assert int(clear.sum()) >= 10
+    assert torch.equal(top_ann[clear, 0], top_exact[clear, 0]), index.meta["metric_probe_recall"]
 
 
 def test_hrnn_memory_items_are_always_candidates_and_win_when_the_offset_says_so() -> None:
