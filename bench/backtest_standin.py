@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from streamrec.backtest import BacktestOptions, parse_every, run_backtest
+from streamrec.tools.backtest import BacktestOptions, parse_every, run_backtest
 
 
 def make_cycle(model: str, params: list[str]) -> Any:

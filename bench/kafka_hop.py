@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from streamrec.kafka import TopicSpec, ensure_topics
+from streamrec.kafka.clients import TopicSpec, ensure_topics
 
 PAD = "x" * 90  # brings the JSON value to ~150 bytes
 
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     broker = None
     bootstrap = a.bootstrap
     if not bootstrap:
-        from streamrec.broker import EmbeddedBroker
+        from streamrec.kafka.embedded import EmbeddedBroker
 
         broker = EmbeddedBroker(port=0).start()
         bootstrap = broker.bootstrap

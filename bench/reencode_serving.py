@@ -33,10 +33,10 @@ import numpy as np
 from confluent_kafka import Producer
 from procstats import machine_line
 
-from streamrec import registry
-from streamrec.broker import EmbeddedBroker, free_port
-from streamrec.kafka import TopicSpec, ensure_topics, read_topic
-from streamrec.launch import WorkerProcess
+from streamrec.kafka.clients import TopicSpec, ensure_topics, read_topic
+from streamrec.kafka.embedded import EmbeddedBroker, free_port
+from streamrec.loop import registry
+from streamrec.tools.launch import WorkerProcess
 
 N_ITEMS = 17_319
 WINDOWS = ((-1e9, 0.0), (0.0, 2.0), (2.0, 5.0), (5.0, 10.0), (10.0, 20.0), (20.0, 1e9))

@@ -56,7 +56,7 @@ def _write_archive(directory: Path, df: Any) -> None:
 
 
 def bench_cycle(args: argparse.Namespace) -> dict[str, Any]:
-    from streamrec.clicklog import load_clicks
+    from streamrec.data.clicklog import load_clicks
     from trainer.retrain import RetrainConfig, run_cycle
 
     df = load_clicks(args.data)
@@ -99,7 +99,7 @@ def _model(work: Path, n_items: int, seed: int) -> Path:
 
 
 def _service(broker: str, work: Path, tag: str) -> dict[str, Any]:
-    from streamrec.kafka import TopicSpec, ensure_topics
+    from streamrec.kafka.clients import TopicSpec, ensure_topics
 
     s = {
         "kafka.bootstrap_servers": broker,
@@ -119,11 +119,11 @@ def _service(broker: str, work: Path, tag: str) -> dict[str, Any]:
 
 
 def bench_archive(args: argparse.Namespace) -> dict[str, Any]:
-    from streamrec.archive import Archiver
-    from streamrec.broker import EmbeddedBroker
-    from streamrec.clicklog import load_clicks
-    from streamrec.launch import WorkerProcess
-    from streamrec.replay import click_values, produce
+    from streamrec.data.clicklog import load_clicks
+    from streamrec.kafka.embedded import EmbeddedBroker
+    from streamrec.loop.archive import Archiver
+    from streamrec.tools.launch import WorkerProcess
+    from streamrec.tools.replay import click_values, produce
 
     df = load_clicks(args.data).sort_values("Time", kind="stable")
     items = sorted(set(df["ItemId"]))
@@ -131,7 +131,7 @@ def bench_archive(args: argparse.Namespace) -> dict[str, Any]:
     with EmbeddedBroker(port=0) as broker:
         conf = {"bootstrap.servers": broker.bootstrap}
         s = _service(broker.bootstrap, work, "a")
-        from streamrec import registry
+        from streamrec.loop import registry
         from streamrec.model.checkpoint import save_checkpoint
         from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
 
@@ -163,11 +163,11 @@ def bench_archive(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def bench_swaps(args: argparse.Namespace) -> dict[str, Any]:
-    from streamrec import registry
-    from streamrec.broker import EmbeddedBroker
-    from streamrec.kafka import read_topic
-    from streamrec.launch import WorkerProcess
-    from streamrec.replay import produce
+    from streamrec.kafka.clients import read_topic
+    from streamrec.kafka.embedded import EmbeddedBroker
+    from streamrec.loop import registry
+    from streamrec.tools.launch import WorkerProcess
+    from streamrec.tools.replay import produce
 
     n_items = args.items
     work = Path(tempfile.mkdtemp(prefix="bench-swaps-"))

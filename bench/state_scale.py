@@ -30,12 +30,12 @@ from pathlib import Path
 import numpy as np
 from procstats import machine_line, rss_mb
 
-from streamrec.core import StreamClock
 from streamrec.engines.native.store import PartitionState, TableView
 from streamrec.engines.native.worker import SWEEP_STEP_S, NativeWorker
-from streamrec.runtime import ModelHolder
+from streamrec.serving.pipeline import StreamClock
+from streamrec.serving.served_model import ModelHolder
+from streamrec.serving.state import SessionState, UserState
 from streamrec.settings import load_settings
-from streamrec.state import SessionState, UserState
 from streamrec.testing import tiny_serving_model
 
 DIM = 100  # GRU4Rec's 100 units (the serve bench's model)
@@ -211,7 +211,7 @@ def recovery(n: int, root: Path) -> str:
     worker's recovery of a wiped partition from it."""
     from confluent_kafka import Producer
 
-    from streamrec.kafka import TopicSpec, ensure_topics
+    from streamrec.kafka.clients import TopicSpec, ensure_topics
     from streamrec.testing import test_broker
 
     hidden = np.zeros(DIM, np.float32)

@@ -39,7 +39,7 @@ MUTANTS = [
     Mutant(
         "dedup",
         "skip offset deduplication (a redelivered click is applied again)",
-        "streamrec/core.py",
+        "streamrec/serving/pipeline.py",
         "    return rec.offset >= 0 and pos_partition == rec.partition"
         " and rec.offset <= pos_offset",
         "    return False",
@@ -48,7 +48,7 @@ MUTANTS = [
     Mutant(
         "idle",
         "never end idle sessions",
-        "streamrec/core.py",
+        "streamrec/serving/pipeline.py",
         "        if t is not None and t - s.last_time > config.session_gap_seconds:",
         "        if False:",
         ("tests/streamrec/test_core.py", "tests/streamrec/test_semantics.py"),
@@ -56,7 +56,7 @@ MUTANTS = [
     Mutant(
         "swap",
         "swap a new model in without validating it",
-        "streamrec/runtime.py",
+        "streamrec/serving/served_model.py",
         "            new.validate(holdout, reference_recall=reference_recall,"
         " gate_ratio=self.gate_ratio)\n",
         "            pass\n",
@@ -97,7 +97,7 @@ MUTANTS = [
     Mutant(
         "clock",
         "the stream clock runs on wall time",
-        "streamrec/core.py",
+        "streamrec/serving/pipeline.py",
         "        return (time.time() if wall is None else wall) + median",
         "        return time.time() if wall is None else wall",
         ("tests/streamrec/test_core.py", "tests/streamrec/test_semantics.py"),

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from streamrec.clicklog import ITEM, SESSION, TIME
+from streamrec.data.clicklog import ITEM, SESSION, TIME
 
 
 def session_arrays(

@@ -98,9 +98,9 @@ class LoadOptions:
 
 
 def load(path: str, opts: LoadOptions) -> pd.DataFrame:
-    """Load a click file (``streamrec.clicklog.load_clicks``) or ``archive:DIR``
+    """Load a click file (``streamrec.data.clicklog.load_clicks``) or ``archive:DIR``
     (``trainer.archive_source``), sessionizing by a gap when asked."""
-    from streamrec.clicklog import DataError, load_clicks
+    from streamrec.data.clicklog import DataError, load_clicks
     from trainer.archive_source import PREFIX, load_archive
     from trainer.data import sessionize
 

@@ -3,7 +3,7 @@
 Frames have the columns ``SessionId`` (str), ``ItemId`` (str), ``Time`` (float64 seconds, or an
 ordinal that only orders events) and optionally ``UserId`` (str); see docs/architecture.md.
 Functions here never reorder rows: filters keep the input order. Loading is
-:mod:`streamrec.clicklog`.
+:mod:`streamrec.data.clicklog`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from streamrec.clicklog import DAY, ITEM, REQUIRED, SESSION, TIME, USER, DataError
+from streamrec.data.clicklog import DAY, ITEM, REQUIRED, SESSION, TIME, USER, DataError
 
 # ----------------------------------------------------------------------------- preprocessing
 

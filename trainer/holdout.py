@@ -1,8 +1,9 @@
 """The held-out slice a checkpoint carries for the workers' relative gate.
 
-A worker validates a checkpoint before it serves (``streamrec.runtime.ServingModel.validate``):
-with ``data_stats["holdout_sessions"]`` (lists of item ids) and ``metrics["holdout_recall@20"]``
-in the checkpoint, the model's Recall@20 on that slice must reach ``model.gate_ratio`` of the
+A worker validates a checkpoint before it serves
+(``streamrec.serving.served_model.ServingModel.validate``): with
+``data_stats["holdout_sessions"]`` (lists of item ids) and ``metrics["holdout_recall@20"]`` in
+the checkpoint, the model's Recall@20 on that slice must reach ``model.gate_ratio`` of the
 figure. The trainer writes both: a bounded sample of held-out sessions (known items only) and
 the Recall@20 computed on it by the worker's own code (``ServingModel.holdout_recall``), so the
 two figures differ only by the device a worker runs on.
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from streamrec.runtime import HOLDOUT_KEY, HOLDOUT_METRIC, ServingModel
+from streamrec.serving.served_model import HOLDOUT_KEY, HOLDOUT_METRIC, ServingModel
 from trainer.evaluate import model_device
 
 #: sessions stored (a worker steps each one item by item on every swap)

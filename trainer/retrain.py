@@ -6,7 +6,7 @@ the sessions that start in its newest ``holdout`` slice, train a candidate on th
 ``cold``: known items keep their rows, new items get new rows after them, and the epochs are
 the new events' share, ``trainer.warmstart``), evaluate candidate and published model on the
 same holdout events (items both know), and publish through the registry
-(``streamrec.registry``) only if the candidate is not degenerate and, with a published model,
+(``streamrec.loop.registry``) only if the candidate is not degenerate and, with a published model,
 the holdout is large enough to decide (``min_holdout_events``) and shows the candidate no
 worse than the published model beyond ``tolerance`` (at confidence ``gate_z``, default 0: the
 point estimates; :func:`compare`).
@@ -29,8 +29,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from streamrec import registry
-from streamrec.clicklog import DAY, DataError
+from streamrec.data.clicklog import DAY, DataError
+from streamrec.loop import registry
 from streamrec.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from streamrec.model.gru4rec import GRU4Rec
 from trainer.archive_source import parse_duration, read_archive

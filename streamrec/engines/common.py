@@ -10,11 +10,11 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from streamrec import tansu
-from streamrec.core import BatchResult, CoreConfig, StreamClock
-from streamrec.events import make_dead_letter
+from streamrec.kafka import tansu
 from streamrec.metrics import Metrics
-from streamrec.runtime import ModelHolder, ServingModel
+from streamrec.serving.events import make_dead_letter
+from streamrec.serving.pipeline import BatchResult, CoreConfig, StreamClock
+from streamrec.serving.served_model import ModelHolder, ServingModel
 from streamrec.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -36,7 +36,8 @@ class StepModel(Protocol):
 
 
 class StepModule(StepModel, Protocol):
-    """A step-API ``torch.nn.Module``: what :class:`streamrec.runtime.ServingModel` serves.
+    """A step-API ``torch.nn.Module``: what
+    :class:`streamrec.serving.served_model.ServingModel` serves.
 
     Python has no intersection type, so the module methods serving calls are listed here.
     """

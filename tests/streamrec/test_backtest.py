@@ -21,10 +21,10 @@ import psutil
 import pytest
 import torch
 
-from streamrec.backtest import parse_every, parse_warmup
-from streamrec.backtest_metrics import live_rank, make_periods
-from streamrec.synthetic import generate_clicks
+from streamrec.data.synthetic import generate_clicks
 from streamrec.testing import TEST_BOOTSTRAP_ENV
+from streamrec.tools.backtest import parse_every, parse_warmup
+from streamrec.tools.backtest_metrics import live_rank, make_periods
 from trainer.metrics import ranks
 
 KS = (1, 5, 10, 20)
@@ -250,7 +250,7 @@ def _stand_in_retrain(bt: Any, label: str) -> None:
 def test_retrained_arm_swaps_after_every_period_beside_the_frozen_arm(
     log: Path, tmp_path: Path
 ) -> None:
-    from streamrec.backtest import BacktestOptions, parse_every, run_backtest
+    from streamrec.tools.backtest import BacktestOptions, parse_every, run_backtest
 
     bootstrap = os.environ.get(TEST_BOOTSTRAP_ENV) or None
     opts = BacktestOptions(

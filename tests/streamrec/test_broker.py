@@ -13,7 +13,7 @@ import psutil
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from streamrec.broker import BrokerError, EmbeddedBroker, free_port
+from streamrec.kafka.embedded import BrokerError, EmbeddedBroker, free_port
 
 
 def _answers_metadata(bootstrap: str) -> bool:

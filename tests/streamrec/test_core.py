@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from streamrec.core import CoreConfig, Record, StreamClock, process_batch, sweep_idle
-from streamrec.state import SessionState, StateStore, UserState
+from streamrec.serving.pipeline import CoreConfig, Record, StreamClock, process_batch, sweep_idle
+from streamrec.serving.state import SessionState, StateStore, UserState
 from streamrec.testing import click, offline_recommendations, tiny_serving_model
 
 T0 = 1.7e9
@@ -261,10 +261,10 @@ def test_stream_clock_follows_event_time_not_wall_time(monkeypatch: pytest.Monke
     (event time - arrival) of the partition's recent events, so it reads event time, moves on
     with the wall clock between events, and no single event (late or early) moves it. Wall
     time is frozen here, so every value is exact."""
-    import streamrec.core
+    import streamrec.serving.pipeline
 
     wall = [2.0e9]
-    monkeypatch.setattr(streamrec.core.time, "time", lambda: wall[0])
+    monkeypatch.setattr(streamrec.serving.pipeline.time, "time", lambda: wall[0])
     model = tiny_serving_model()
     store = StateStore()
     clock = StreamClock(min_events=3)

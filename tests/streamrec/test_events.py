@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from streamrec.events import ClickEvent, DeadLetter, decode, encode
+from streamrec.serving.events import ClickEvent, DeadLetter, decode, encode
 
 
 def _ok(d: dict) -> ClickEvent:

@@ -9,7 +9,7 @@ import numpy as np
 from rocksdict import Options, Rdict
 
 from streamrec.engines.faust.idle import BUCKET_SECONDS, IdleIndex, encoded_last_time
-from streamrec.state import SessionState, UserState
+from streamrec.serving.state import SessionState, UserState
 
 T0 = 1.7e9
 

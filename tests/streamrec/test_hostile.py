@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from streamrec.core import CoreConfig, Record, StreamClock, process_batch, sweep_idle
-from streamrec.events import REASONS
-from streamrec.state import StateStore
+from streamrec.serving.events import REASONS
+from streamrec.serving.pipeline import CoreConfig, Record, StreamClock, process_batch, sweep_idle
+from streamrec.serving.state import StateStore
 from streamrec.testing import tiny_serving_model
 
 WALL = time.time()

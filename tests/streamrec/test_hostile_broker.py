@@ -21,7 +21,7 @@ import pytest
 from test_hostile import CASES, VICTIM
 from test_worker_e2e import N_ITEMS, Service
 
-from streamrec.events import REASONS
+from streamrec.serving.events import REASONS
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 

@@ -107,7 +107,7 @@ def test_worker_runs_without_the_trainer_package() -> None:
         "import sys\n"
         "sys.modules['trainer'] = None  # any import of it now raises ImportError\n"
         "import streamrec.engines.native.worker, streamrec.engines.faust.app\n"
-        "from streamrec.cli import main\n"
+        "from streamrec.cli.main import main\n"
         "main(['worker', '--help'])\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)

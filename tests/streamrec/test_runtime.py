@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from streamrec.model.device import DeviceError, resolve_device
-from streamrec.runtime import (
+from streamrec.serving.served_model import (
     ModelHolder,
     ModelLoadError,
     ServingModel,
@@ -118,8 +118,8 @@ def test_quality_gate_on_holdout(tmp_path: Path) -> None:
 def test_deferred_scoring_equals_per_round_step(tmp_path: Path) -> None:
     import json
 
-    from streamrec.core import Record, process_batch
-    from streamrec.state import StateStore
+    from streamrec.serving.pipeline import Record, process_batch
+    from streamrec.serving.state import StateStore
 
     fast = ServingModel.from_checkpoint(_save(tmp_path / "a", 5), "cpu", top_k=7)
     slow = ServingModel.from_checkpoint(tmp_path / "a", "cpu", top_k=7)
@@ -149,10 +149,10 @@ def test_deferred_scoring_equals_per_round_step(tmp_path: Path) -> None:
 def test_hrnn_checkpoint_serves_with_user_state(tmp_path: Path) -> None:
     import json
 
-    from streamrec.core import Record, process_batch
     from streamrec.model.checkpoint import save_checkpoint
     from streamrec.model.hrnn import HRNN
-    from streamrec.state import StateStore
+    from streamrec.serving.pipeline import Record, process_batch
+    from streamrec.serving.state import StateStore
 
     torch.manual_seed(0)
     hrnn = HRNN(N, layers=[8], user_layers=[6], variant="all")
@@ -172,7 +172,7 @@ def test_hrnn_checkpoint_serves_with_user_state(tmp_path: Path) -> None:
         )
         for n, (s, i) in enumerate(clicks)
     ]
-    from streamrec.core import CoreConfig
+    from streamrec.serving.pipeline import CoreConfig
 
     store = StateStore()
     out = process_batch(recs, store, m, CoreConfig(top_k=5)).recommendations
@@ -199,7 +199,7 @@ def test_hrnn_checkpoint_serves_with_user_state(tmp_path: Path) -> None:
 def test_metrics_render_and_serve() -> None:
     import urllib.request
 
-    from streamrec.broker import free_port
+    from streamrec.kafka.embedded import free_port
     from streamrec.metrics import Metrics
 
     m = Metrics()
@@ -221,7 +221,7 @@ def test_metrics_render_and_serve() -> None:
 @pytest.mark.parametrize("n", [4096, 5000, 17_319])
 @pytest.mark.parametrize("k", [1, 20, 50])
 def test_block_topk_equals_torch_topk(n: int, k: int) -> None:
-    from streamrec.runtime import block_topk
+    from streamrec.serving.served_model import block_topk
 
     g = torch.Generator().manual_seed(n + k)
     scores = torch.randn(33, n, generator=g)
@@ -240,7 +240,7 @@ def test_block_topk_equals_torch_topk(n: int, k: int) -> None:
 def test_bfloat16_scoring_agrees_with_float32(
     n_items: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import streamrec.runtime as rt
+    import streamrec.serving.served_model as rt
     from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
 
     monkeypatch.setattr(rt, "cpu_has_bf16", lambda: True)  # bf16 math even where emulated
@@ -338,7 +338,7 @@ def test_a_checkpoint_rejected_half_written_is_retried_once_it_changes(tmp_path:
 def test_bfloat16_falls_back_to_float32_on_a_cpu_without_bf16(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import streamrec.runtime as rt
+    import streamrec.serving.served_model as rt
     from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
 
     monkeypatch.setattr(rt, "cpu_has_bf16", lambda: False)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from streamrec.core import CoreConfig, Record, StreamClock, process_batch, sweep_idle
-from streamrec.state import MAX_STATE_BYTES, SessionState, StateStore, UserState
+from streamrec.serving.pipeline import CoreConfig, Record, StreamClock, process_batch, sweep_idle
+from streamrec.serving.state import MAX_STATE_BYTES, SessionState, StateStore, UserState
 from streamrec.testing import TinyStepModel, click, tiny_serving_model
 
 CFG = CoreConfig(session_gap_seconds=100.0, recent_items=10, recent_sessions=3, top_k=5)
@@ -236,7 +236,7 @@ def test_nonfinite_scores_never_reach_the_output() -> None:
 def test_batched_reencoding_equals_one_at_a_time(split: bool) -> None:
     if split:
         from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
-        from streamrec.runtime import ServingModel
+        from streamrec.serving.served_model import ServingModel
 
         m = GRU4Rec(GRU4RecConfig(n_items=50, layers=[8]), seed=1)
         model = ServingModel(m, [f"i{j}" for j in range(50)], "v2", device="cpu")
@@ -260,7 +260,7 @@ def test_batched_reencoding_equals_one_at_a_time(split: bool) -> None:
 
 def test_hrnn_reencoding_advances_without_scoring(monkeypatch: pytest.MonkeyPatch) -> None:
     from streamrec.model.hrnn import HRNN
-    from streamrec.runtime import ServingModel
+    from streamrec.serving.served_model import ServingModel
 
     net = HRNN(n_items=30, layers=[8], user_layers=[6], variant="all")
     # HRNN meets the step API at run time; mypy cannot see it through its nn.Module attributes

@@ -94,7 +94,7 @@ def test_invalid_values_are_rejected_naming_the_setting(
 
 
 def test_cli_fails_at_start_on_invalid_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    from streamrec.cli import main
+    from streamrec.cli.main import main
 
     monkeypatch.setenv("STREAMREC_TOPICS__PARTITIONS", "-3")
     result = CliRunner().invoke(main, ["broker", "--port", "0"])

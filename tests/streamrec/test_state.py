@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streamrec.state import SessionState, StateDecodeError, StateStore, UserState
+from streamrec.serving.state import SessionState, StateDecodeError, StateStore, UserState
 
 
 def test_session_roundtrip_is_compact() -> None:

@@ -8,7 +8,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from streamrec.core import CoreConfig, message_key_partitions, process_batch
 from streamrec.engines.native.store import (
     SESSIONS,
     USERS,
@@ -16,7 +15,8 @@ from streamrec.engines.native.store import (
     StateLayoutError,
     TableView,
 )
-from streamrec.state import StateStore
+from streamrec.serving.pipeline import CoreConfig, message_key_partitions, process_batch
+from streamrec.serving.state import StateStore
 from streamrec.testing import click, tiny_serving_model
 
 
@@ -118,7 +118,7 @@ def test_core_over_partition_states_equals_the_in_memory_twin(parts) -> None:
     model = tiny_serving_model(n_items=20)
     values = [click(f"s{j % 4}", f"i{(3 * j) % 20}") for j in range(40)]
     records = []
-    from streamrec.core import Record
+    from streamrec.serving.pipeline import Record
 
     for off, v in enumerate(values):
         key = f"s{off % 4}"
@@ -174,7 +174,7 @@ def test_last_activity_index_lists_idle_states_oldest_first_in_bounded_steps(
     tmp_path: Path,
 ) -> None:
     from streamrec.engines.native.store import BUCKET_SECONDS, INDEX_SESSIONS, INDEX_USERS
-    from streamrec.state import SessionState, UserState
+    from streamrec.serving.state import SessionState, UserState
 
     st = PartitionState(tmp_path / "0", 0)
     t0 = 1.7e9
@@ -221,11 +221,11 @@ def test_last_activity_index_lists_idle_states_oldest_first_in_bounded_steps(
 def test_native_sweep_steps_are_bounded_and_cost_what_expires(tmp_path: Path) -> None:
     import time as _time
 
-    from streamrec.core import StreamClock
     from streamrec.engines.native.worker import SWEEP_MIN_KEYS, NativeWorker
-    from streamrec.runtime import ModelHolder
+    from streamrec.serving.pipeline import StreamClock
+    from streamrec.serving.served_model import ModelHolder
+    from streamrec.serving.state import SessionState, UserState
     from streamrec.settings import load_settings
-    from streamrec.state import SessionState, UserState
 
     settings = load_settings(
         kafka={"bootstrap_servers": "127.0.0.1:9"},
@@ -279,11 +279,11 @@ def test_native_sweep_step_fits_its_budget_when_keys_are_slow_and_partitions_tak
     with much to expire are both worked on from the first steps."""
     import time as _time
 
-    from streamrec.core import StreamClock
     from streamrec.engines.native import worker as native
-    from streamrec.runtime import ModelHolder
+    from streamrec.serving.pipeline import StreamClock
+    from streamrec.serving.served_model import ModelHolder
+    from streamrec.serving.state import SessionState
     from streamrec.settings import load_settings
-    from streamrec.state import SessionState
 
     real = native.sweep_idle
     per_key = 0.002
@@ -346,7 +346,7 @@ def test_native_reload_loads_in_the_background_and_swaps_between_batches(
     import time as _time
 
     from streamrec.engines.native.worker import NativeWorker
-    from streamrec.runtime import ModelHolder
+    from streamrec.serving.served_model import ModelHolder
     from streamrec.settings import load_settings
 
     settings = load_settings(

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from streamrec.synthetic import generate_clicks
+from streamrec.data.synthetic import generate_clicks
 from trainer.data import preprocess, sessionize
 
 

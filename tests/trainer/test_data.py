@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from streamrec.clicklog import DataError, load_clicks
+from streamrec.data.clicklog import DataError, load_clicks
 from trainer.data import (
     filter_users,
     preprocess,

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
+from streamrec.data.synthetic import generate_clicks
 from streamrec.model import MODEL_REGISTRY, build_model
 from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
-from streamrec.synthetic import generate_clicks
 from trainer.optim import IndexedAdagradM, segment_sum_sorted
 from trainer.train import train_gru4rec
 

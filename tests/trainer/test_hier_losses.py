@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 import torch
 
+from streamrec.data.synthetic import generate_clicks
 from streamrec.model.hrnn import HRNN
 from streamrec.model.items import build_item_index
 from streamrec.model.prnn import PRNN
-from streamrec.synthetic import generate_clicks
 from trainer.data import filter_users, split_last_session_out
 from trainer.train_hier import (
     HRNNParams,

@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
+from streamrec.data.synthetic import generate_clicks
 from streamrec.model.checkpoint import load_checkpoint, save_checkpoint
 from streamrec.model.items import build_item_index
 from streamrec.model.prnn import PRNN
-from streamrec.synthetic import generate_clicks
 from trainer.data import split_last_session_out
 from trainer.features import (
     build_item_features,

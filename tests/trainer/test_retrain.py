@@ -16,15 +16,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from streamrec import registry
-from streamrec.archive import SCHEMA, Storage, file_name, hour_of, list_archive
-from streamrec.clicklog import DataError
+from streamrec.data.clicklog import DataError
+from streamrec.data.synthetic import generate_clicks
+from streamrec.loop import registry
+from streamrec.loop.archive import SCHEMA, Storage, file_name, hour_of, list_archive
 from streamrec.model.checkpoint import load_checkpoint, save_checkpoint
 from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
 from streamrec.model.hrnn import HRNN
 from streamrec.model.prnn import PRNN
-from streamrec.runtime import ModelHolder, ServingModel
-from streamrec.synthetic import generate_clicks
+from streamrec.serving.served_model import ModelHolder, ServingModel
 from trainer.archive_source import parse_duration, read_archive
 from trainer.retrain import RetrainConfig, compare, grow_gru4rec, run_cycle
 from trainer.train import train_gru4rec
@@ -324,7 +324,7 @@ def test_fsspec_memory_archive_and_clear_errors(tmp_path: Path) -> None:
     got = read_archive(url).df
     assert len(got) == len(df) and set(got["ItemId"]) == set(df["ItemId"].astype(str))
     # an fsspec protocol without its package installed, an empty archive: clear messages
-    from streamrec.archive import ArchiveError
+    from streamrec.loop.archive import ArchiveError
 
     with pytest.raises(ArchiveError, match="no fsspec implementation"):
         Storage("nosuchproto://bucket/archive")
@@ -457,7 +457,7 @@ def _shuffle_item_rows(model: Any, n_items: int) -> None:
 
 
 def test_train_writes_gate_figures_and_worker_refuses_a_scrambled_model(tmp_path: Path) -> None:
-    from streamrec.runtime import HOLDOUT_METRIC
+    from streamrec.serving.served_model import HOLDOUT_METRIC
     from trainer.cli import main
 
     df = generate_clicks(900, 60, seed=7, span_days=9)

@@ -1,19 +1,20 @@
 """The Faust worker: topics, tables, one thin agent and two timers around ``core``.
 
 * The agent takes micro-batches (``stream.take_events(max_events, within=max_wait)``) and runs
-  :func:`streamrec.core.process_batch` in a one-thread executor, so neither the model step nor
-  the decoding blocks the event loop (heartbeats keep flowing). Reads of the RocksDB tables
-  happen in that thread; writes are buffered (:class:`_Overlay`) and applied on the event loop
-  afterwards, because Faust's changelog producer is not thread-safe.
+  :func:`streamrec.serving.pipeline.process_batch` in a one-thread executor, so neither the
+  model step nor the decoding blocks the event loop (heartbeats keep flowing). Reads of the
+  RocksDB tables happen in that thread; writes are buffered (:class:`_Overlay`) and applied on
+  the event loop afterwards, because Faust's changelog producer is not thread-safe.
 * Faust tables take the changelog partition from "the current event". A batch mixes
   partitions, so each write is done under a stand-in event of the key's own partition.
 * Recommendations and dead letters go out through a confluent-kafka producer from the
   executor thread and are flushed before the batch returns, i.e. before its events are acked;
   state writes go through the Faust tables (RocksDB + changelog), which Faust flushes before
   it commits offsets. So a committed offset always has its outputs and changelog on the broker.
-* :class:`StreamrecApp` uses the transport of :func:`streamrec.tansu.faust_fast_fetch_transport`,
-  whose consumer waits ``StreamrecApp.fetch_max_wait_ms`` (10 ms by default) on an empty fetch
-  instead of Faust's hard-coded 1500 ms.
+* :class:`StreamrecApp` uses the transport of
+  :func:`streamrec.kafka.tansu.faust_fast_fetch_transport`, whose consumer waits
+  ``StreamrecApp.fetch_max_wait_ms`` (10 ms by default) on an empty fetch instead of Faust's
+  hard-coded 1500 ms.
 """
 
 from __future__ import annotations
@@ -30,8 +31,11 @@ from typing import Any
 import faust
 from faust.streams import _current_event
 
-from streamrec import tansu
-from streamrec.core import (
+from streamrec.engines.common import EngineBase, Outputs
+from streamrec.engines.faust import compat
+from streamrec.engines.faust.idle import IdleIndex, encoded_last_time
+from streamrec.kafka import tansu
+from streamrec.serving.pipeline import (
     BatchResult,
     Record,
     SweepResult,
@@ -39,11 +43,7 @@ from streamrec.core import (
     process_batch,
     sweep_idle,
 )
-from streamrec.engines.common import EngineBase, Outputs
-from streamrec.state import STATE_LAYOUT, BufferedTable, StateStore
-
-from . import compat
-from .idle import IdleIndex, encoded_last_time
+from streamrec.serving.state import STATE_LAYOUT, BufferedTable, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +157,9 @@ class Worker(EngineBase):
         self.dead = app.topic(t.dead_letter, partitions=t.partitions, **raw)
         # bytes values are stored and logged raw; str keys as JSON strings
         table: dict[str, Any] = {"key_type": str, "value_type": bytes, "partitions": t.partitions}
-        # state layout 2 (namespaced keys, streamrec.state.STATE_LAYOUT): new table names, so
-        # the tables (and changelogs) of layout 1 are never read as if they were namespaced
+        # state layout 2 (namespaced keys, streamrec.serving.state.STATE_LAYOUT): new table
+        # names, so the tables (and changelogs) of layout 1 are never read as if they were
+        # namespaced
         self.sessions = app.Table(f"sessions-v{STATE_LAYOUT}", **table)
         self.users = app.Table(f"users-v{STATE_LAYOUT}", **table)
         # last-activity indexes for the sweep (idle.py), rebuilt after every rebalance

@@ -27,7 +27,7 @@ from typing import Any
 
 #: bucket width of the index (s); a bucket is swept once it ends before the cutoff
 BUCKET_SECONDS = 60.0
-#: last_time sits at this byte offset in both state encodings (streamrec.state headers:
+#: last_time sits at this byte offset in both state encodings (streamrec.serving.state headers:
 #: magic 2 s, partition i, offset q, then last_time d)
 _LAST_TIME = struct.Struct("<d")
 _LAST_TIME_AT = 14

@@ -13,7 +13,7 @@ The stack, smallest first:
   after a crash it is at most behind, and recovery replays the changelog from the stored
   offset.
 * :class:`TableView`: one table (sessions or users) across all assigned partitions, as the
-  ``MutableMapping[str, bytes]`` that :class:`streamrec.state.StateStore` wants. Writes are
+  ``MutableMapping[str, bytes]`` that :class:`streamrec.serving.state.StateStore` wants. Writes are
   buffered and routed to their partition after the batch (:meth:`TableView.route`), because
   a key's partition is known for sure only once the core has seen its event.
 
@@ -31,7 +31,7 @@ from typing import cast
 
 from rocksdict import Options, Rdict, WriteBatch
 
-from streamrec.state import ANON_NS, STATE_LAYOUT, USER_NS, BufferedTable
+from streamrec.serving.state import ANON_NS, STATE_LAYOUT, USER_NS, BufferedTable
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ BUCKET_SECONDS = 60.0
 #: full passes of the sweep over an index before it scans again from the start
 FLOOR_RESET = 64
 _BUCKET = struct.Struct(">Q")
-#: last_time sits at this byte offset in both state encodings (streamrec.state headers)
+#: last_time sits at this byte offset in both state encodings (streamrec.serving.state headers)
 _LAST_TIME = struct.Struct("<d")
 _LAST_TIME_AT = 14
 

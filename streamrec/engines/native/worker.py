@@ -3,10 +3,11 @@
 The data path (librdkafka fetches, sends and heartbeats in its own C threads):
 
 1. ``consumer.consume(max_events, max_wait)``: up to B clicks, or what came within T ms;
-2. :func:`streamrec.core.process_batch` (without the scoring) over the partitions' states
-   (:mod:`streamrec.store`), in a state thread; its state writes go to the partitions'
-   pending sets;
-3. :func:`streamrec.core.score_batch` (one matmul + top-k for the batch) in a scoring thread;
+2. :func:`streamrec.serving.pipeline.process_batch` (without the scoring) over the partitions'
+   states (:mod:`streamrec.engines.native.store`), in a state thread; its state writes go to
+   the partitions' pending sets;
+3. :func:`streamrec.serving.pipeline.score_batch` (one matmul + top-k for the batch) in a
+   scoring thread;
 4. recommendations and dead letters handed to the C producer (asynchronous).
 
 The stages overlap across batches: torch releases the GIL, so batch N's scoring runs on one
@@ -46,8 +47,18 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from streamrec import tansu
-from streamrec.core import (
+from streamrec.engines.common import DeliveryError, EngineBase, Outputs
+from streamrec.engines.native.store import (
+    INDEX_SESSIONS,
+    INDEX_USERS,
+    SESSIONS,
+    USERS,
+    PartitionState,
+    TableView,
+)
+from streamrec.kafka import tansu
+from streamrec.kafka.clients import TopicSpec, ensure_topics
+from streamrec.serving.pipeline import (
     BatchResult,
     Record,
     SweepResult,
@@ -56,13 +67,9 @@ from streamrec.core import (
     score_batch,
     sweep_idle,
 )
-from streamrec.engines.common import DeliveryError, EngineBase, Outputs
-from streamrec.kafka import TopicSpec, ensure_topics
-from streamrec.runtime import ServingModel
+from streamrec.serving.served_model import ServingModel
+from streamrec.serving.state import StateStore
 from streamrec.settings import Settings
-from streamrec.state import StateStore
-
-from .store import INDEX_SESSIONS, INDEX_USERS, SESSIONS, USERS, PartitionState, TableView
 
 log = logging.getLogger(__name__)
 

@@ -123,9 +123,9 @@ def tail(
     """Records of ``topic`` as they arrive (confluent-kafka ``Message``s), until ``stopped()``.
 
     For display: a tailing consumer can skip records on the embedded broker, so figures come
-    from :func:`read_topic`. Joins no group (see :func:`streamrec.tansu.assign_all`).
+    from :func:`read_topic`. Joins no group (see :func:`streamrec.kafka.tansu.assign_all`).
     """
-    from streamrec import tansu
+    from streamrec.kafka import tansu
 
     consumer = Consumer(
         {

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
-from .broker import stop_process
+from streamrec.kafka.embedded import stop_process
 
 
 def settings_env(overrides: Mapping[str, object]) -> dict[str, str]:

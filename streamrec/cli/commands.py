@@ -10,11 +10,11 @@ from pathlib import Path
 
 import click
 
-from .settings import Settings, get_settings
+from streamrec.settings import Settings, get_settings
 
 
 def _topic_specs(settings: Settings) -> list:
-    from .kafka import TopicSpec
+    from streamrec.kafka.clients import TopicSpec
 
     t = settings.topics
     return [
@@ -25,14 +25,14 @@ def _topic_specs(settings: Settings) -> list:
 
 def ensure_service_topics(settings: Settings) -> None:
     """Create the clicks, recommendations and dead-letter topics with their partition counts."""
-    from .kafka import ensure_topics
+    from streamrec.kafka.clients import ensure_topics
 
     ensure_topics(settings.kafka.confluent_config(), _topic_specs(settings))
 
 
 def load_model_holder(path: Path | None, settings: Settings, wait_s: float = 0.0):
     """A ModelHolder for a checkpoint directory, or a directory of checkpoints (newest wins)."""
-    from .runtime import ModelHolder, ModelLoadError, ServingModel
+    from streamrec.serving.served_model import ModelHolder, ModelLoadError, ServingModel
 
     path = path or settings.model.path
     if path is None:
@@ -113,7 +113,7 @@ def worker(
     ensure_service_topics(settings)
     fetch_wait_ms = fetch_wait_ms or settings.kafka.fetch_max_wait_ms
     if (engine or settings.worker.engine) == "faust":
-        from .engines.faust.app import Worker
+        from streamrec.engines.faust.app import Worker
 
         # Faust's worker parses sys.argv; give it only the program name.
         sys.argv = sys.argv[:1]
@@ -121,9 +121,9 @@ def worker(
             loglevel=level
         )
         return
-    from .engines.common import DeliveryError
-    from .engines.native.store import StateLayoutError
-    from .engines.native.worker import NativeWorker
+    from streamrec.engines.common import DeliveryError
+    from streamrec.engines.native.store import StateLayoutError
+    from streamrec.engines.native.worker import NativeWorker
 
     try:
         NativeWorker(settings, holder, datadir=data_dir, fetch_max_wait_ms=fetch_wait_ms).run()
@@ -138,7 +138,7 @@ def worker(
 @click.option("--raw", is_flag=True, help="Print the JSON values unchanged.")
 def tail(from_beginning: bool, max_n: int, raw: bool) -> None:
     """Print recommendations as they arrive."""
-    from .kafka import tail as tail_topic
+    from streamrec.kafka.clients import tail as tail_topic
 
     settings = get_settings()
     conf = settings.kafka.confluent_config()
@@ -164,7 +164,7 @@ def tail(from_beginning: bool, max_n: int, raw: bool) -> None:
 
 
 def _load_log(path: Path, fmt: str | None, limit: int):
-    from streamrec.clicklog import load_clicks
+    from streamrec.data.clicklog import load_clicks
 
     df = load_clicks(path, fmt=fmt)
     df = df.sort_values("Time", kind="stable")  # a stream arrives in time order
@@ -189,8 +189,8 @@ def produce(
     """Publish a click log (the trainer's formats) to the clicks topic."""
     from rich.progress import Progress
 
-    from .replay import click_values
-    from .replay import produce as produce_values
+    from streamrec.tools.replay import click_values
+    from streamrec.tools.replay import produce as produce_values
 
     if rate and speedup:
         raise click.UsageError("--rate and --speedup are exclusive")
@@ -230,8 +230,13 @@ def replay(
     path: Path, rate: float | None, fmt: str | None, limit: int, timeout: float, k: int
 ) -> None:
     """Replay a historical log through the running workers; live Recall@k/MRR@k and latency."""
-    from .replay import click_values, latency_percentiles, live_metrics, wait_for_answers
-    from .replay import produce as produce_values
+    from streamrec.tools.replay import (
+        click_values,
+        latency_percentiles,
+        live_metrics,
+        wait_for_answers,
+    )
+    from streamrec.tools.replay import produce as produce_values
 
     settings = get_settings()
     conf = settings.kafka.confluent_config()
@@ -323,7 +328,7 @@ def backtest(
     progress: bool,
 ) -> None:
     """Replay LOG through the live path, retrained arm against frozen; report.json + report.html."""
-    from .backtest import BacktestError, BacktestOptions, parse_every, run_backtest
+    from streamrec.tools.backtest import BacktestError, BacktestOptions, parse_every, run_backtest
 
     try:
         period = parse_every(every)
@@ -391,7 +396,7 @@ def demo(
     sessions: int, items: int, rate: float, epochs: int, keep: Path | None, retrain: bool
 ) -> None:
     """Broker, synthetic clicks, a GRU4Rec trained in seconds, a worker, live recommendations."""
-    from .demo import DemoOptions, run_demo, run_retrain_demo
+    from streamrec.tools.demo import DemoOptions, run_demo, run_retrain_demo
 
     opts = DemoOptions(sessions=sessions, items=items, rate=rate, epochs=epochs, keep_dir=keep)
     (run_retrain_demo if retrain else run_demo)(opts)
@@ -399,7 +404,7 @@ def demo(
 
 def register(main: click.Group) -> None:
     """Add the service commands to the `streamrec` group."""
-    from .archive import archive_command
+    from streamrec.loop.archive import archive_command
 
     for cmd in (worker, produce, tail, replay, backtest, demo, archive_command()):
         main.add_command(cmd)

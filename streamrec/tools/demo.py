@@ -21,11 +21,17 @@ from typing import Any
 
 from rich.console import Console
 
-from .broker import EmbeddedBroker
-from .kafka import TopicSpec, ensure_topics, tail
-from .launch import WorkerProcess
-from .replay import click_values, latency_percentiles, live_metrics, produce, wait_for_answers
-from .synthetic import generate_clicks
+from streamrec.data.synthetic import generate_clicks
+from streamrec.kafka.clients import TopicSpec, ensure_topics, tail
+from streamrec.kafka.embedded import EmbeddedBroker
+from streamrec.tools.launch import WorkerProcess
+from streamrec.tools.replay import (
+    click_values,
+    latency_percentiles,
+    live_metrics,
+    produce,
+    wait_for_answers,
+)
 
 _WARMUP = json.dumps({"session_id": "warmup", "item_id": "0"}).encode()
 
@@ -227,7 +233,7 @@ def run_demo(opts: DemoOptions | None = None, console: Console | None = None) ->
 def _archived_rows(directory: Path) -> int:
     import pyarrow.parquet as pq
 
-    from .archive import Storage, list_archive
+    from streamrec.loop.archive import Storage, list_archive
 
     storage = Storage(str(directory))
     return sum(pq.read_metadata(storage.join(f.path)).num_rows for f in list_archive(storage))
@@ -235,7 +241,7 @@ def _archived_rows(directory: Path) -> int:
 
 def _retrain_once(work: Path, opts: DemoOptions, env: dict[str, str]) -> dict[str, Any]:
     """``trainer retrain --once`` in a child process (the serving package imports no trainer)."""
-    from . import registry
+    from streamrec.loop import registry
 
     cmd = [sys.executable, "-m", "trainer", "retrain", "--archive", str(work / "archive")]
     cmd += ["--models", str(work / "models"), "--once", "--window", "60d", "--holdout", "1d"]
@@ -254,7 +260,7 @@ def run_retrain_demo(
     fills the archive, ``trainer retrain --once`` publishes v1, the worker (waiting on the
     registry) serves it; clicks with items new to the catalogue follow, a second retrain
     publishes v2, the worker swaps, and the new items appear in the recommendations."""
-    from .launch import settings_env
+    from streamrec.tools.launch import settings_env
 
     opts = opts or DemoOptions()
     console = console or Console()

@@ -15,8 +15,8 @@ exactly the same clicks.
 Warm-up: clicks before ``--warmup-until`` give the initial model (with the retrained arm:
 retrain cycle 0 on them, and the frozen arm serves a copy of it; else ``trainer train`` in a
 child process, or ``--init``) and are replayed first, which builds session and user states;
-they are not scored. Figures: :mod:`streamrec.backtest_metrics`; the report:
-:mod:`streamrec.report`.
+they are not scored. Figures: :mod:`streamrec.tools.backtest_metrics`; the report:
+:mod:`streamrec.tools.report`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .backtest_metrics import (
+from streamrec.tools.backtest_metrics import (
     KS,
     LogView,
     Period,
@@ -136,7 +136,7 @@ class Arm:
 
 def load_log(opts: BacktestOptions) -> pd.DataFrame:
     """The log in replay order (time, then file order), with an event id per row."""
-    from .clicklog import load_clicks
+    from streamrec.data.clicklog import load_clicks
 
     df = load_clicks(opts.log, fmt=opts.fmt)
     if "SessionId" not in df.columns or opts.session_gap is not None:
@@ -168,7 +168,7 @@ def write_log(df: pd.DataFrame, path: Path) -> Path:
 
 def click_messages(df: pd.DataFrame, ids: Sequence[str]) -> list[tuple[bytes, bytes, float]]:
     """(key, JSON, time) per row, with ``event_id``: answers name their click by it."""
-    from .replay import click_values
+    from streamrec.tools.replay import click_values
 
     out = []
     for (key, value, t), eid in zip(click_values(df), ids, strict=True):
@@ -243,7 +243,7 @@ class _AnswerReader:
     def _open(self) -> None:
         from confluent_kafka import Consumer, TopicPartition
 
-        from .kafka import partition_count
+        from streamrec.kafka.clients import partition_count
 
         self._consumer = Consumer(
             {
@@ -272,7 +272,7 @@ class _AnswerReader:
 
     def reread(self) -> None:
         """A fresh read from offset 0 (what the broker holds), then tail from there again."""
-        from .kafka import read_topic
+        from streamrec.kafka.clients import read_topic
 
         for msg in read_topic(self.conf, self.topic, idle_timeout=1.0):
             self.seen.add(_click_id(msg.value()))
@@ -320,7 +320,7 @@ class Backtest:
             print(text, file=sys.stderr, flush=True)
 
     def _start_broker(self) -> None:
-        from .broker import EmbeddedBroker
+        from streamrec.kafka.embedded import EmbeddedBroker
 
         if self.opts.kafka_conf is not None:
             self.conf = dict(self.opts.kafka_conf)
@@ -332,9 +332,9 @@ class Backtest:
             self.conf = {"bootstrap.servers": broker.bootstrap}
 
     def _start_worker(self, arm: Arm) -> None:
-        from .broker import free_port
-        from .kafka import TopicSpec, ensure_topics
-        from .launch import WorkerProcess
+        from streamrec.kafka.clients import TopicSpec, ensure_topics
+        from streamrec.kafka.embedded import free_port
+        from streamrec.tools.launch import WorkerProcess
 
         arm.recs_topic = f"bt-{self.run_id}-{arm.name}-recs"
         dead = f"bt-{self.run_id}-{arm.name}-dead"
@@ -390,7 +390,7 @@ class Backtest:
                 time.sleep(0.2)
 
     def publish(self, values: Sequence[tuple[bytes, bytes, float]]) -> None:
-        from .replay import produce
+        from streamrec.tools.replay import produce
 
         if not values:
             return
@@ -470,7 +470,7 @@ class Backtest:
         self._child_with_settings(cmd, "trainer retrain --once", f"retrain-{label}")
 
     def _child_with_settings(self, cmd: list[str], what: str, label: str) -> str:
-        from .launch import settings_env
+        from streamrec.tools.launch import settings_env
 
         env = settings_env(
             {
@@ -511,7 +511,7 @@ class Backtest:
             return self._run()
 
     def _run(self) -> dict[str, Any]:
-        from .kafka import TopicSpec, ensure_topics
+        from streamrec.kafka.clients import TopicSpec, ensure_topics
 
         opts = self.opts
         t_wall0 = time.time()
@@ -625,7 +625,7 @@ class Backtest:
     def _report(
         self, view: LogView, periods: list[Period], t_warm: float, seconds: float
     ) -> dict[str, Any]:
-        from .replay import read_recommendations
+        from streamrec.tools.replay import read_recommendations
 
         opts = self.opts
         n_p = len(periods)
@@ -682,7 +682,7 @@ class Backtest:
 
 def run_backtest(opts: BacktestOptions) -> dict[str, Any]:
     """Run the backtest and write ``report.json`` and ``report.html`` (with PNG plots)."""
-    from .report import write_report
+    from streamrec.tools.report import write_report
 
     bt = Backtest(opts)
     report = bt.run()

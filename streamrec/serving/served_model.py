@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import registry
-from .model.api import SplitStepModel, StepModule
-from .model.checkpoint import load_checkpoint
-from .model.device import resolve_device
+from streamrec.loop import registry
+from streamrec.model.api import SplitStepModel, StepModule
+from streamrec.model.checkpoint import load_checkpoint
+from streamrec.model.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -427,7 +427,7 @@ class ModelHolder:
     ``current`` is read once per batch by the core, so a batch never mixes two versions.
     With ``watch_dir`` set, :meth:`maybe_reload` loads the newest checkpoint directory in it
     (``checkpoint.json`` present) whose version differs from the served one; when
-    ``watch_dir`` is a model registry (:mod:`streamrec.registry`), the published version.
+    ``watch_dir`` is a model registry (:mod:`streamrec.loop.registry`), the published version.
     """
 
     def __init__(

@@ -1,8 +1,8 @@
 """The pipeline core: decode -> load states -> model step -> store -> emit. No Kafka here.
 
 Both worker engines and the tests call :func:`process_batch` with a list of :class:`Record`
-and a :class:`~streamrec.state.StateStore` (RocksDB partitions, Faust tables or dicts); replay
-drives it through a real worker.
+and a :class:`~streamrec.serving.state.StateStore` (RocksDB partitions, Faust tables or dicts);
+replay drives it through a real worker.
 
 Semantics (docs/architecture.md states them as the core's contract):
 
@@ -11,7 +11,7 @@ Semantics (docs/architecture.md states them as the core's contract):
   event time must lie within the partition's bounds (``timestamp_out_of_range``, see
   :class:`StreamClock`).
 * Events are grouped by their namespaced state key (``u:<user id>``, else
-  ``a:<session id>``; :func:`streamrec.state.state_key`) and applied in arrival (offset)
+  ``a:<session id>``; :func:`streamrec.serving.state.state_key`) and applied in arrival (offset)
   order. The batch is cut into *rounds*: round r holds the r-th event of every key, so a key
   appears at most once per model step and its events are never reordered.
 * A click ends the key's open session when its session id differs, or when its event time is
@@ -47,9 +47,15 @@ from typing import Any, cast
 
 import numpy as np
 
-from .events import MAX_MESSAGE_BYTES, ClickEvent, DeadLetter, decode, make_dead_letter
-from .runtime import ServingModel
-from .state import (
+from streamrec.serving.events import (
+    MAX_MESSAGE_BYTES,
+    ClickEvent,
+    DeadLetter,
+    decode,
+    make_dead_letter,
+)
+from streamrec.serving.served_model import ServingModel
+from streamrec.serving.state import (
     ANON_NS,
     MAX_STATE_BYTES,
     USER_NS,

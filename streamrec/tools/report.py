@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .events import MIN_TIMESTAMP
+from streamrec.serving.events import MIN_TIMESTAMP
 
 #: the per-period metrics drawn, each with its axis label
 _PERIOD_METRICS: list[tuple[str, str, str]] = [
@@ -208,12 +208,13 @@ def write_report(out: Path, report: Mapping[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m streamrec.report DIR``: redraw DIR's plots and page from its report.json."""
+    """``python -m streamrec.tools.report DIR``: redraw DIR's plots and page from its
+    report.json."""
     import sys
 
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
-        raise SystemExit("usage: python -m streamrec.report DIR")
+        raise SystemExit("usage: python -m streamrec.tools.report DIR")
     out = Path(args[0])
     write_report(out, json.loads((out / "report.json").read_text()))
 

@@ -15,7 +15,7 @@ on Apache Kafka each one is harmless (it changes nothing, or only shortens a wai
 * aiokafka cannot init an idempotent producer on it (InitProducerId v0 only), and tailing
   consumers can skip records while several producers write: producers here are not
   idempotent (:data:`PRODUCER_SETTINGS`), and outputs are checked by a fresh read from
-  offset 0 (``streamrec.kafka.read_topic``).
+  offset 0 (``streamrec.kafka.clients.read_topic``).
 * A group join costs seconds: read-only tools assign partitions instead of subscribing
   (:func:`assign_all`).
 * Not worked around, only measured: every record batch is one object of its in-memory store,
@@ -137,7 +137,7 @@ def patch_faust_highwaters(client_config: dict[str, Any]) -> None:
 def assign_all(consumer: Consumer, client_config: dict[str, Any], topic: str, start: int) -> None:
     """Read every partition of ``topic`` from ``start`` without joining a group (a join waits
     for half the session timeout here); for tools that only read."""
-    from streamrec.kafka import partition_count
+    from streamrec.kafka.clients import partition_count
 
     n = partition_count(client_config, topic)
     consumer.assign([TopicPartition(topic, p, start) for p in range(n)])

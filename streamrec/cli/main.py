@@ -8,8 +8,8 @@ import threading
 
 import click
 
-from streamrec import commands
-from streamrec.broker import DEFAULT_PORT, BrokerError, EmbeddedBroker
+from streamrec.cli import commands
+from streamrec.kafka.embedded import DEFAULT_PORT, BrokerError, EmbeddedBroker
 from streamrec.settings import SettingsError, get_settings
 
 

@@ -179,7 +179,7 @@ class Acc:
                 self.rr[k] = self.rr.get(k, 0.0) + 1.0 / rank
 
     def result(self, catalogue: int) -> dict[str, Any]:
-        from .replay import latency_percentiles
+        from streamrec.tools.replay import latency_percentiles
 
         out: dict[str, Any] = {}
         for k in self.ks:

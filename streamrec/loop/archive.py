@@ -33,7 +33,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .events import ClickEvent, decode
+from streamrec.serving.events import ClickEvent, decode
 
 log = logging.getLogger(__name__)
 
@@ -408,8 +408,8 @@ def archive_command() -> Any:
         """Archive the clicks topic as Parquet, by event date and hour (exactly once)."""
         import signal
 
-        from .commands import ensure_service_topics
-        from .settings import get_settings
+        from streamrec.cli.commands import ensure_service_topics
+        from streamrec.settings import get_settings
 
         settings = get_settings()
         logging.basicConfig(

@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 from confluent_kafka import Producer
 
-from .events import MIN_TIMESTAMP
-from .kafka import read_topic
+from streamrec.kafka.clients import read_topic
+from streamrec.serving.events import MIN_TIMESTAMP
 
 
 def click_values(df: pd.DataFrame) -> list[tuple[bytes, bytes, float]]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .model.checkpoint import META, read_metadata
+from streamrec.model.checkpoint import META, read_metadata
 
 VERSIONS = "versions"
 POINTER = "CURRENT"
