@@ -20,7 +20,7 @@ from typing import Any
 import click
 import pandas as pd
 
-from trainer import train_hier
+from trainer import hier
 from trainer.jobs import Evaluator, TrainJob, TrainOutcome
 
 # ----------------------------------------------------------------------------- option helpers
@@ -206,14 +206,14 @@ def _eval_next_item(
 #: ``--model NAME`` -> trainer.  HRNN / p-RNN register here.
 TRAINERS: dict[str, Callable[[TrainJob], TrainOutcome]] = {
     "gru4rec": _train_gru4rec,
-    "hrnn": train_hier.train_hrnn_job,
-    "prnn": train_hier.train_prnn_job,
+    "hrnn": hier.train_hrnn_job,
+    "prnn": hier.train_prnn_job,
 }
 #: checkpoint ``model_name`` -> evaluator (default: next-item through the step API).
 EVALUATORS: dict[str, Evaluator] = {
     "gru4rec": _eval_next_item,
-    "hrnn": train_hier.evaluate_users_job,
-    "prnn": train_hier.evaluate_users_job,
+    "hrnn": hier.evaluate_users_job,
+    "prnn": hier.evaluate_users_job,
 }
 
 

@@ -33,6 +33,7 @@ from streamrec.data.clicklog import DAY, DataError
 from streamrec.loop import registry
 from streamrec.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from streamrec.model.gru4rec import GRU4Rec
+from streamrec.model.hrnn import HRNN
 from trainer.archive_source import parse_duration, read_archive
 from trainer.holdout import HOLDOUT_KEY, gate_figures
 from trainer.warmstart import FeatureMismatch, grow_gru4rec, train_hier_warm, warm_epochs
@@ -212,7 +213,7 @@ def _train(
         raise RetrainError(f"unknown model {cfg.model_name!r} (known: {', '.join(TRAINERS)})")
     note = None
     if warm and current is not None:
-        from trainer.train_hier import HRNNParams, PRNNParams, parse_hier_params
+        from trainer.hier import HRNNParams, PRNNParams, parse_hier_params
 
         cls = HRNNParams if cfg.model_name == "hrnn" else PRNNParams
         try:
@@ -228,7 +229,7 @@ def _train(
         try:
             grown, ids, stats, tp = train_hier_warm(
                 cfg.model_name, current.model, current.item_ids, train, p,
-                variant=getattr(current.model, "variant", None),
+                variant=current.model.variant if isinstance(current.model, HRNN) else None,
                 features=_feature_builder(cfg, p), log=log, init_optimizer=saved,
             )  # fmt: skip
             state = stats.pop("optimizer_state", None)

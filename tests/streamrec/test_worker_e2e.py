@@ -692,7 +692,7 @@ def _rewind_group(svc: Service) -> None:
 @pytest.mark.parametrize("kind", ["hrnn", "prnn"])
 @pytest.mark.parametrize("isolated_service", ENGINES, indirect=True)
 def test_hier_models_served_with_kill9_and_redelivery(isolated_service: Service, kind: str) -> None:
-    from trainer.train_hier import evaluate_users
+    from trainer.hier import evaluate_users
 
     svc = isolated_service
     svc.ckpt = _hier_checkpoint(kind, svc.tmp / kind)

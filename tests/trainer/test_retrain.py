@@ -603,7 +603,7 @@ def test_warm_start_continues_the_optimiser_state() -> None:
 def test_hier_warm_start_continues_the_optimiser_state(name: str) -> None:
     """As GRU4Rec's: HRNN / p-RNN continued with the parent's Adagrad accumulators take
     smaller first steps than with fresh ones (a lower first-epoch loss on the same data)."""
-    from trainer.train_hier import HRNNParams, PRNNParams, train_hier
+    from trainer.hier import HRNNParams, PRNNParams, train_hier
 
     df = generate_clicks(400, 40, n_users=40, seed=9)
     ids = sorted(set(df["ItemId"].astype(str)))
