@@ -38,10 +38,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from streamrec.data.clicklog import sessionize
 from streamrec.data.synthetic import generate_clicks
 from streamrec.model.hrnn import HRNN
 from streamrec.model.items import build_item_index
-from trainer.data import filter_users, sessionize, split_last_session_out
+from trainer.data import filter_users, split_last_session_out
 from trainer.hier import (
     HRNNParams,
     PopStepModel,

@@ -10,13 +10,14 @@ import pandas as pd
 import pytest
 import torch
 
+from streamrec.data.clicklog import sessionize
 from streamrec.data.synthetic import generate_clicks
 from streamrec.model.checkpoint import load_checkpoint, save_checkpoint
 from streamrec.model.gru4rec import GRU4Rec
 from streamrec.model.hrnn import HRNN
 from streamrec.model.items import build_item_index
 from streamrec.model.prnn import PRNN
-from trainer.data import filter_users, sessionize, split_last_session_out
+from trainer.data import filter_users, split_last_session_out
 from trainer.hier import (
     HierParams,
     HRNNParams,

@@ -32,7 +32,7 @@ def _job_common(job: TrainJob, cls: type[_P], allowed: set[str]) -> _P:
 
 
 def train_hrnn_job(job: TrainJob) -> TrainOutcome:
-    """``trainer train --model hrnn``: TrainJob -> TrainOutcome (see trainer.cli)."""
+    """``trainer train --model hrnn``: TrainJob -> TrainOutcome (see trainer.models)."""
     from streamrec.model.hrnn import HRNN
 
     p = _job_common(job, HRNNParams, {"--variant"})
