@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from streamrec.serving.served_model import HOLDOUT_KEY, HOLDOUT_METRIC, ServingModel
+from streamrec.model.api import StepModule
+from streamrec.model.gate import HOLDOUT_KEY, HOLDOUT_METRIC
+from streamrec.serving.served_model import ServingModel
 from trainer.evaluate import model_device
 
 #: sessions stored (a worker steps each one item by item on every swap)
@@ -51,14 +53,14 @@ def holdout_slice(
     return sessions
 
 
-def slice_recall(model: Any, item_ids: list[str], sessions: list[list[str]]) -> float:
+def slice_recall(model: StepModule, item_ids: list[str], sessions: list[list[str]]) -> float:
     """Recall@20 on ``sessions`` computed as a worker computes it (NaN without predictions)."""
     sm = ServingModel(model, item_ids, "trainer", device=model_device(model), top_k=20)
     return sm.holdout_recall(sessions)
 
 
 def gate_figures(
-    model: Any, item_ids: list[str], test: pd.DataFrame | None, seed: int = 0
+    model: StepModule, item_ids: list[str], test: pd.DataFrame | None, seed: int = 0
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """``(data_stats part, metrics part)`` for a checkpoint: the slice and its Recall@20;
     both empty when ``test`` leaves no session of 2 known items."""

@@ -9,7 +9,7 @@ same holdout events (items both know), and publish through the registry
 (``streamrec.loop.registry``) only if the candidate is not degenerate and, with a published model,
 the holdout is large enough to decide (``min_holdout_events``) and shows the candidate no
 worse than the published model beyond ``tolerance`` (at confidence ``gate_z``, default 0: the
-point estimates; :func:`compare`).
+point estimates): ``streamrec.model.gate``, the rule of the workers' gate too.
 A published checkpoint carries a held-out slice and its Recall@20 for the workers' own gate
 (``trainer.holdout``). Every cycle appends one line to ``MODELS/retrain-log.jsonl``."""
 
@@ -25,22 +25,26 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import click
 import pandas as pd
 import torch
 
 from streamrec.data.clicklog import DAY, DataError
 from streamrec.loop import registry
-from streamrec.model.api import StepModel
+from streamrec.model.api import RegisteredModel, StepModel
 from streamrec.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from streamrec.model.gate import HOLDOUT_KEY, gate
 from streamrec.model.gru4rec import GRU4Rec
 from streamrec.model.hrnn import HRNN
 from trainer.archive_source import parse_duration, read_archive
 from trainer.data import preprocess, restrict_to_items
-from trainer.holdout import HOLDOUT_KEY, gate_figures
+from trainer.hier.params import HierParams, HRNNParams, PRNNParams, parse_hier_params
+from trainer.holdout import gate_figures
+from trainer.jobs import TrainJob
 from trainer.models import TRAINERS, evaluator_for
 from trainer.warmstart import FeatureMismatch, grow_gru4rec, train_hier_warm, warm_epochs
 
-__all__ = ["RetrainConfig", "RetrainError", "compare", "degenerate", "grow_gru4rec", "run_cycle"]
+__all__ = ["RetrainConfig", "RetrainError", "grow_gru4rec", "run_cycle"]
 
 
 class RetrainError(RuntimeError):
@@ -113,8 +117,9 @@ def _new_events(train: pd.DataFrame, current: Checkpoint | None) -> int | None:
     return int((train["Time"].to_numpy() > float(last)).sum())
 
 
-def _feature_builder(cfg: RetrainConfig, params: Any) -> Callable[..., list[Any]] | None:
-    if cfg.features is None and cfg.item_meta is None:
+def _feature_builder(cfg: RetrainConfig, params: HierParams) -> Callable[..., list[Any]] | None:
+    """The p-RNN item features of the cycle's --features/--item-meta (None: none given)."""
+    if not isinstance(params, PRNNParams) or (cfg.features is None and cfg.item_meta is None):
         return None
     from trainer.features import build_item_features
 
@@ -130,7 +135,7 @@ def _feature_builder(cfg: RetrainConfig, params: Any) -> Callable[..., list[Any]
 
 @dataclass
 class Trained:
-    model: Any
+    model: RegisteredModel
     item_ids: list[str]
     stats: dict[str, Any]
     train_params: dict[str, Any]
@@ -197,14 +202,10 @@ def _train(
             raise RetrainError(f"training failed: {e}") from None
         state = stats.pop("optimizer_state", None)
         return Trained(model, ids, stats, params.to_dict(), warm, epochs, None, state, bool(saved))
-    from trainer.jobs import TrainJob
-
     if cfg.model_name not in TRAINERS:
         raise RetrainError(f"unknown model {cfg.model_name!r} (known: {', '.join(TRAINERS)})")
     note = None
     if warm and current is not None:
-        from trainer.hier import HRNNParams, PRNNParams, parse_hier_params
-
         cls = HRNNParams if cfg.model_name == "hrnn" else PRNNParams
         try:
             p = parse_hier_params(cfg.params, cls, cfg.preset)
@@ -230,8 +231,6 @@ def _train(
             echo("      " + note)
         except ValueError as e:
             raise RetrainError(f"warm start: {e}") from None
-    import click
-
     opts = {"--variant": cfg.variant, "--features": cfg.features, "--item-meta": cfg.item_meta,
             "--schedule": cfg.schedule}  # fmt: skip
     opts = {k: v for k, v in opts.items() if v is not None}
@@ -240,38 +239,6 @@ def _train(
     except click.ClickException as e:  # the model's trainer refuses an option or the data
         raise RetrainError(f"--model {cfg.model_name}: {e.format_message()}") from None
     return Trained(out.model, out.item_ids, out.stats, out.train_params, False, None, note)
-
-
-def degenerate(metrics: dict[str, float], metric: str, n_items: int) -> str | None:
-    """Why a candidate is unusable, or None."""
-    v = metrics.get(metric)
-    if v is None or not math.isfinite(v):
-        return f"{metric} is not a number"
-    k = int(metric.split("@")[1]) if "@" in metric else 20
-    chance = min(1.0, k / max(n_items, 1))
-    if v <= chance:
-        return f"{metric} {v:.4f} is no better than chance ({chance:.4f})"
-    return None
-
-
-def compare(
-    cand: float, cur: float, n: int, tolerance: float, z: float
-) -> tuple[bool, float, float]:
-    """Non-inferiority of the candidate on ``n`` holdout predictions:
-    ``(passes, lower bound of cand - cur, margin)``.
-
-    The candidate passes when the one-sided lower confidence bound of ``cand - cur`` (at
-    ``z`` standard errors) is at least ``-tolerance * cur``: the data must show it is not
-    worse beyond the tolerance, so a small holdout, whose differences are noise, keeps the
-    current model. The standard error is that of two independent proportions,
-    ``sqrt((c(1-c) + o(1-o)) / n)``: the two models are scored on the same events, whose
-    hits are positively correlated, so the paired error is smaller and this one errs toward
-    keeping the current model.
-    """
-    se = math.sqrt(max(cand * (1 - cand) + cur * (1 - cur), 0.0) / max(n, 1))
-    lower = (cand - cur) - z * se
-    margin = -tolerance * cur
-    return lower >= margin, lower, margin
 
 
 class _Bars:
@@ -394,34 +361,31 @@ def run_cycle(cfg: RetrainConfig, echo: Callable[[str], None] = print) -> dict[s
         "slice": {"sessions": len(slice_stats.get(HOLDOUT_KEY, [])), **slice_metrics},
     }
 
-    # ---- the gate
+    # ---- the gate (streamrec.model.gate: the rule the workers' gate uses too)
     reason: str | None
     if not len(gate_test):
         reason = "no holdout events with items both models know: nothing to gate on"
     else:
-        reason = degenerate(cand_m, cfg.metric, len(item_ids))
-        if reason is None and current is not None and n_gate < cfg.min_holdout_events:
-            reason = (
-                f"the holdout has {n_gate} predictions (items both models know), fewer than "
-                f"{cfg.min_holdout_events}: too few to compare, not deciding"
-            )
-        elif reason is None and current is not None:
-            c, o = cand_m[cfg.metric], cur_m.get(cfg.metric, 0.0)
-            ok, lower, margin = compare(c, o, n_gate, cfg.tolerance, cfg.gate_z)
-            rec["metrics"]["gate"] = {"lower_bound": lower, "margin": margin, "z": cfg.gate_z}
-            if not ok:
-                reason = (
-                    f"candidate {cfg.metric} {c:.4f} vs current {o:.4f} on {n_gate} "
-                    f"predictions: not shown within the tolerance {cfg.tolerance:.0%} "
-                    f"(lower bound of the difference {lower:+.4f} < {margin:+.4f})"
-                )
+        k = int(cfg.metric.split("@")[1]) if "@" in cfg.metric else 20
+        decision = gate(
+            cand_m.get(cfg.metric, math.nan),
+            None if current is None else cur_m.get(cfg.metric, 0.0),
+            tolerance=cfg.tolerance, n=n_gate, z=cfg.gate_z,
+            chance=min(1.0, k / max(len(item_ids), 1)), min_n=cfg.min_holdout_events,
+            name=f"candidate {cfg.metric}", against="current",
+        )  # fmt: skip
+        reason = decision.reason
+        if decision.lower is not None:
+            rec["metrics"]["gate"] = {
+                "lower_bound": decision.lower, "margin": decision.margin, "z": cfg.gate_z
+            }  # fmt: skip
 
     echo("[4/4] " + ("publishing" if reason is None else f"keeping the current model: {reason}"))
     t = time.perf_counter()
     version = None
     if reason is None:
         staging = registry.staging_dir(cfg.models, uuid.uuid4().hex[:8])
-        save_checkpoint(
+        candidate = save_checkpoint(
             staging,
             model,
             cfg.model_name,
@@ -446,7 +410,7 @@ def run_cycle(cfg: RetrainConfig, echo: Callable[[str], None] = print) -> dict[s
 
             # beside the checkpoint (workers never read it): the next warm start continues it
             save_file(tr.optimizer_state, str(staging / OPTIMIZER_FILE))
-        version = registry.add_version(cfg.models, staging)
+        version = registry.add_version(cfg.models, candidate)
         rec["pruned"] = registry.publish(cfg.models, version, cfg.keep)
     phases["publish"] = time.perf_counter() - t
     rec["decision"] = {"published": reason is None, "version": version, "reason": reason}

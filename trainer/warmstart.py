@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from streamrec.model.api import RegisteredModel, TrainableModule, as_trainable
+from streamrec.model.api import RegisteredModel, as_trainable
 from streamrec.model.gru4rec import GRU4Rec
 from streamrec.model.items import build_item_index
 from streamrec.model.prnn import PRNN
@@ -125,7 +125,7 @@ def train_hier_warm(
     features: Callable[..., list[Any]] | None = None,
     log: Callable[[str], None] | None = None,
     init_optimizer: dict[str, torch.Tensor] | None = None,
-) -> tuple[TrainableModule, list[str], dict[str, Any], dict[str, Any]]:
+) -> tuple[RegisteredModel, list[str], dict[str, Any], dict[str, Any]]:
     """Warm-start HRNN / p-RNN: grow ``parent`` to the window's items and continue training
     it with ``trainer.hier.train_hier`` (``params``: HRNNParams / PRNNParams; the
     architecture is the parent's), continuing ``init_optimizer`` (the parent's Adagrad state)
@@ -138,13 +138,19 @@ def train_hier_warm(
     window_ids, _ = build_item_index(train_df["ItemId"])
     item_ids = extend_index(parent_ids, window_ids)
     index = {iid: r for r, iid in enumerate(item_ids)}
-    model = as_trainable(grow_model(parent.to("cpu"), len(item_ids), params.seed))
+    model = grow_model(parent.to("cpu"), len(item_ids), params.seed)
     if isinstance(model, PRNN) and model.feature_dims:
         if features is None:
             raise ValueError("p-RNN warm start needs the item features (--features/--item-meta)")
         new_feature_rows(model, index, len(parent_ids), features)
     stats = train_hier(
-        model, train_df, index, params, log=log, init_optimizer=init_optimizer, keep_optimizer=True
+        as_trainable(model),
+        train_df,
+        index,
+        params,
+        log=log,
+        init_optimizer=init_optimizer,
+        keep_optimizer=True,
     )
     tp = {**asdict(params), **({"variant": variant} if variant else {})}
     return model, item_ids, stats, tp

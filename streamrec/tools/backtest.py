@@ -166,14 +166,14 @@ def click_messages(df: pd.DataFrame, ids: Sequence[str]) -> list[tuple[bytes, by
 
 
 def registry_current(models: Path) -> Path | None:
-    """The published checkpoint of an issue #11 model registry (``MODELS/CURRENT`` names a
-    directory of ``MODELS/versions``), or None (no registry, nothing published)."""
+    """The published checkpoint of a model registry (``streamrec.loop.registry.resolve``), or
+    None (no registry, nothing published, or a pointer to a version that is gone)."""
+    from streamrec.loop import registry
+
     try:
-        name = (models / "CURRENT").read_text().strip()
-    except OSError:
+        return registry.resolve(models)
+    except registry.RegistryError:
         return None
-    path = models / "versions" / name
-    return path if name and (path / "checkpoint.json").exists() else None
 
 
 # ----------------------------------------------------------------------------- child processes

@@ -93,6 +93,24 @@ def test_a_log_without_sessions_is_sessionized_as_the_trainer_does(tmp_path: Pat
     assert df["SessionId"].tolist() == sessionize(raw, 1800.0)["SessionId"].tolist()
 
 
+def test_the_published_checkpoint_is_the_registrys_own_answer(tmp_path: Path) -> None:
+    from streamrec.loop import registry
+    from streamrec.model.checkpoint import save_checkpoint
+    from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
+    from streamrec.tools.backtest import registry_current
+
+    models = tmp_path / "models"
+    assert registry_current(models) is None  # no registry yet
+    model = GRU4Rec(GRU4RecConfig(n_items=3, layers=[4]), seed=0)
+    ck = save_checkpoint(registry.staging_dir(models, "a"), model, "gru4rec", ["a", "b", "c"])
+    version = registry.add_version(models, ck)
+    assert registry_current(models) is None  # nothing published
+    registry.publish(models, version)
+    assert registry_current(models) == registry.resolve(models) == models / "versions" / version
+    (models / "CURRENT").write_text("gone\n")
+    assert registry_current(models) is None  # a pointer to a version that is not held
+
+
 # ----------------------------------------------------------------------------- end to end
 
 

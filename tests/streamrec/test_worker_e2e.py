@@ -46,7 +46,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     model = GRU4Rec(GRU4RecConfig(n_items=N_ITEMS, layers=[16]), seed=1)
     path = tmp_path_factory.mktemp("model") / "ckpt"
-    return save_checkpoint(path, model, "gru4rec", [f"i{j}" for j in range(N_ITEMS)])
+    return save_checkpoint(path, model, "gru4rec", [f"i{j}" for j in range(N_ITEMS)]).path
 
 
 def free_port() -> int:
@@ -612,7 +612,7 @@ def _hier_checkpoint(kind: str, path: Path) -> Path:
         model = PRNN(
             N_ITEMS, [5], id_hidden=12, feature_hidden=6, feature_values=[torch.rand(N_ITEMS, 5)]
         )
-    return save_checkpoint(path, model.eval(), kind, [str(j) for j in range(N_ITEMS)])
+    return save_checkpoint(path, model.eval(), kind, [str(j) for j in range(N_ITEMS)]).path
 
 
 def _hier_log() -> tuple[Any, Any, list[tuple[str, bytes]]]:
@@ -899,7 +899,7 @@ def test_partly_written_checkpoint_is_not_swapped_in(service: Service) -> None:
         GRU4Rec(GRU4RecConfig(n_items=N_ITEMS, layers=[16]), seed=5),
         "gru4rec",
         ids,
-    )
+    ).path
     partial = watch / "v2"
     partial.mkdir()
     tensors = (full / "model.safetensors").read_bytes()
@@ -909,7 +909,7 @@ def test_partly_written_checkpoint_is_not_swapped_in(service: Service) -> None:
     assert probe_version() == old.version and w.alive()
     new = save_checkpoint(
         watch / "v3", GRU4Rec(GRU4RecConfig(n_items=N_ITEMS, layers=[16]), seed=6), "gru4rec", ids
-    )
+    ).path
     version = ServingModel.from_checkpoint(new, "cpu").version
     wait_for(lambda: probe_version() == version, 90, "complete checkpoint never swapped in")
     assert w.alive()

@@ -158,7 +158,7 @@ def train(
         train_params=outcome.train_params,
         data_stats=data_stats,
         metrics=json_safe(metrics),
-    )
+    ).path
     write_json(out / "metrics.json", {"model": outcome.model_name, **metrics, "ties": ties})
     if test_df is not None:
         print_metrics(metrics, f"{outcome.model_name} on {test_path} (ties={ties})", cut)
