@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -314,7 +315,7 @@ class StepRunner:
             self.graph.replay()
 
 
-def _capture(body: Any, dense: list[torch.nn.Parameter]) -> torch.cuda.CUDAGraph:
+def _capture(body: Callable[[], None], dense: list[torch.nn.Parameter]) -> torch.cuda.CUDAGraph:
     """Capture one training step (forward, backward, optimiser) as a CUDA graph."""
     torch.cuda.synchronize()
     for q in dense:  # the graph's backward allocates them from its private pool

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -156,7 +155,7 @@ def evaluate_users_job(
     item_index: Mapping[str, int],
     ks: Sequence[int],
     ties: str,
-    device: Any = None,
+    device: torch.device | str | None = None,
     train_df: pd.DataFrame | None = None,
 ) -> dict[str, float]:
     """The ``trainer`` evaluator for hrnn/prnn: per user, training sessions warm the state."""
