@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from streamrec.errors import StreamrecError
+
 _SESSION_MAGIC = b"S2"  # S2 adds the recent event ids; S1 states still decode
 _SESSION_MAGIC_V1 = b"S1"
 _USER_MAGIC = b"U1"
@@ -40,7 +42,7 @@ def state_key(user_id: str | None, session_id: str) -> str:
     return USER_NS + user_id if user_id is not None else ANON_NS + session_id
 
 
-class StateTooLarge(ValueError):
+class StateTooLarge(StreamrecError, ValueError):
     """A state does not fit ``max_bytes`` even with every droppable list emptied."""
 
 
@@ -51,7 +53,7 @@ _USER_HDR = struct.Struct("<2siqdII")
 _LEN = struct.Struct("<H")
 
 
-class StateDecodeError(ValueError):
+class StateDecodeError(StreamrecError, ValueError):
     """Stored bytes are not a valid state."""
 
 
