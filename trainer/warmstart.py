@@ -113,7 +113,7 @@ def new_feature_rows(
     dims = list(getattr(model, "feature_dims", []))
     if not dims:
         return
-    n = int(model.n_items)  # type: ignore[arg-type]
+    n = int(model.n_items)  # type: ignore[arg-type]  # nn.Module attributes read as Tensor | Module
     feats = build(index, n)
     got = [int(f.dim) for f in feats]
     if got != dims:

@@ -99,7 +99,7 @@ def _put_strs(out: list[bytes], items: Iterable[str]) -> None:
 
 def _get_strs(buf: bytes, pos: int) -> tuple[list[str], int]:
     (n,) = _LEN.unpack_from(buf, pos)
-    return _get_each(buf, pos + 2, n, "")  # type: ignore[return-value]
+    return _get_each(buf, pos + 2, n, "")  # type: ignore[return-value]  # none="" : no None comes back
 
 
 def _as_bytes(data: bytes) -> bytes:
@@ -318,6 +318,7 @@ class BufferedTable(MutableMapping[str, bytes]):
             raise KeyError(key)
         return value
 
+    # one signature for Mapping.get's two overloads (same behaviour)
     def get(self, key: str, default: bytes | None = None) -> bytes | None:  # type: ignore[override]
         value = self._read(key)
         return default if value is None else value
