@@ -58,6 +58,7 @@ def packages_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.slow  # one lint-imports run per plant
 @pytest.mark.parametrize(("path", "statement", "contract"), PLANTS)
 def test_a_function_level_import_breaks_its_contract(
     packages_copy: Path, path: str, statement: str, contract: str

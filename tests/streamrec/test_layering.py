@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_worker_runs_without_the_trainer_package() -> None:
     """What the worker image holds: the worker command works with ``trainer`` unimportable."""
     code = (
