@@ -20,6 +20,8 @@ PLANTS = [
     ("streamrec/loop/archive.py", "from streamrec.cli import commands", "rooms"),
     ("streamrec/loop/archive.py", "from streamrec.cli import commands", "cli-imported-by-nothing"),
     ("streamrec/kafka/tansu.py", "from streamrec.kafka import clients", "no-cycles"),
+    ("streamrec/loop/archive.py", "from streamrec.serving import events", "rooms"),
+    ("streamrec/model/api.py", "from streamrec.loop import registry", "rooms"),
     ("streamrec/serving/state.py", "import trainer.data", "serving-without-trainer"),
     ("streamrec/engines/common.py", "from streamrec.tools import replay", "rooms"),
     ("trainer/data.py", "from streamrec.serving import pipeline", "trainer-offline"),
@@ -73,3 +75,15 @@ def test_a_function_level_import_breaks_its_contract(
     assert done.returncode == 1, done.stdout + done.stderr
     # (the real tree keeps every contract, so a broken one shows the copy was analysed)
     assert "1 broken" in done.stdout, done.stdout
+
+
+@pytest.mark.slow
+def test_a_new_module_must_be_given_its_layer(packages_copy: Path) -> None:
+    new = packages_copy / "streamrec" / "unplaced.py"
+    new.write_text('"""A module no layer names."""\n')
+    try:
+        done = _lint_imports(packages_copy, "rooms")
+    finally:
+        new.unlink()
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "streamrec.unplaced" in done.stdout
