@@ -20,6 +20,7 @@ from typing import Any
 import click
 import pandas as pd
 
+from streamrec.errors import CommandGroup
 from trainer import train_hier
 from trainer.jobs import Evaluator, TrainJob, TrainOutcome
 
@@ -256,7 +257,7 @@ def _load_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-@click.group()
+@click.group(cls=CommandGroup)
 def main() -> None:
     """Offline GRU4Rec / HRNN / p-RNN: train, evaluate, baselines."""
 

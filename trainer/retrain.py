@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 
 from streamrec.data.clicklog import DAY, DataError
+from streamrec.errors import StreamrecError
 from streamrec.loop import registry
 from streamrec.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from streamrec.model.gru4rec import GRU4Rec
@@ -40,7 +41,7 @@ from trainer.warmstart import FeatureMismatch, grow_gru4rec, train_hier_warm, wa
 __all__ = ["RetrainConfig", "RetrainError", "compare", "degenerate", "grow_gru4rec", "run_cycle"]
 
 
-class RetrainError(RuntimeError):
+class RetrainError(StreamrecError, RuntimeError):
     """A cycle that cannot run (no data, bad options); the message says why."""
 
 

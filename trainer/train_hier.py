@@ -12,7 +12,7 @@ authors' code). By default (``wait_for_user=False``) the schedule is exactly GRU
 session whose predecessor still runs in another slot starts from the pair stored in the
 previous epoch (complete in content, one epoch old in weights). ``wait_for_user=True`` instead
 schedules a user's next session only after the previous one has ended, which pushes heavy
-users' sessions towards the end of the epoch (measured in bench/results/hrnn-issue10-v2.md).
+users' sessions towards the end of the epoch (measured in bench/results/hrnn-time-ordered.md).
 Every event is an input (the last one of a session with no target), so the state handed to
 ``end_session`` is the state after the whole session, as in the live service.
 User-parallel batches spend the end of every epoch on the few users with the longest histories
@@ -22,7 +22,7 @@ HRNN's default schedule is ``residual`` (staged): its session network (GRU4Rec's
 for ``n_epochs`` with the user path off, exactly as ``train_gru4rec``; then the user path (user
 GRU, ``W_init``, the item memory's offset, in ``all`` the user columns of the first layer) trains
 for ``n_epochs`` on top of it, frozen. The user path can then only add to GRU4Rec what it learns
-(bench/results/hrnn-issue10-v3.md); ``joint`` trains everything at once, as the paper.
+(bench/results/hrnn-staged-memory.md); ``joint`` trains everything at once, as the paper.
 
 ``user`` (p-RNN's default) -- user-parallel mini-batches: each of the B slots follows one user
 through all of their sessions in time order. At the first event of a session the slot's user state
@@ -418,13 +418,13 @@ class HRNNParams(HierParams):
     user path otherwise memorises each user's training items over the epochs (lower training
     loss, worse held-out last sessions). ``user_to_output`` (on in the authors' training
     script) is off: it memorised even more. Chosen on sessionised MovieLens-1M and a synthetic
-    log with planted user tastes; see bench/results/hrnn-issue10.md. Batches are GRU4Rec's
+    log with planted user tastes; see bench/results/hrnn-losses-defaults.md. Batches are GRU4Rec's
     time-ordered session-parallel ones with GRU4Rec's own schedule (``batching="session"``,
     ``wait_for_user=False``), and the schedule is staged (``schedule="residual"``): the session
     network trains first exactly as GRU4Rec, then the user path on top of it. The user path
     includes an item memory of the user's last 200 distinct items of earlier sessions
     (``memory``; 800 bytes in each user and session state) with a learnt score offset, which
-    a 100-number user state cannot replace (bench/results/hrnn-issue10-v3.md). The preset
+    a 100-number user state cannot replace (bench/results/hrnn-staged-memory.md). The preset
     ``hrnn_paper_small`` is the paper's model and training: no memory, joint schedule,
     user-parallel batches.
     """

@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from streamrec.errors import StreamrecError
 from streamrec.model.api import RegisteredModel
 from streamrec.model.gru4rec import GRU4Rec
 from streamrec.model.items import build_item_index
@@ -99,7 +100,7 @@ def warm_epochs(n_epochs: int, new_events: int | None, train_events: int) -> int
     return max(1, min(n_epochs, math.ceil(n_epochs * share - 1e-9)))
 
 
-class FeatureMismatch(ValueError):
+class FeatureMismatch(StreamrecError, ValueError):
     """The item features no longer fit the published p-RNN (a warm start is impossible)."""
 
 
@@ -112,7 +113,7 @@ def new_feature_rows(
     dims = list(getattr(model, "feature_dims", []))
     if not dims:
         return
-    n = int(model.n_items)  # type: ignore[arg-type]
+    n = int(model.n_items)  # type: ignore[arg-type]  # nn.Module attributes read as Tensor | Module
     feats = build(index, n)
     got = [int(f.dim) for f in feats]
     if got != dims:

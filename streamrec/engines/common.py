@@ -10,6 +10,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
+from streamrec.errors import StreamrecError
 from streamrec.kafka import tansu
 from streamrec.metrics import Metrics
 from streamrec.serving.events import make_dead_letter
@@ -20,7 +21,7 @@ from streamrec.settings import Settings
 log = logging.getLogger(__name__)
 
 
-class DeliveryError(RuntimeError):
+class DeliveryError(StreamrecError, RuntimeError):
     """The broker refused outputs or changelog records: stop without committing offsets."""
 
 

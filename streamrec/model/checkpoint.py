@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save_file
 
+from streamrec.errors import StreamrecError
 from streamrec.model import build_model
 from streamrec.model.api import RegisteredModel
 
@@ -28,7 +29,7 @@ META = "checkpoint.json"
 _REQUIRED = ("format", "version", "model_name", "model_config", "item_ids", "tensor_sha256")
 
 
-class CheckpointError(Exception):
+class CheckpointError(StreamrecError):
     """A checkpoint directory is missing, corrupted or does not match its model."""
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from streamrec.errors import StreamrecError
 from streamrec.loop import registry
 from streamrec.model.api import SplitStepModel, StepModule
 from streamrec.model.checkpoint import load_checkpoint
@@ -29,7 +30,7 @@ from streamrec.model.device import resolve_device
 log = logging.getLogger(__name__)
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(StreamrecError, RuntimeError):
     """A checkpoint could not be loaded or did not pass validation."""
 
 

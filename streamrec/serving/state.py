@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from streamrec.errors import StreamrecError
+
 _SESSION_MAGIC = b"S2"  # S2 adds the recent event ids; S1 states still decode
 _SESSION_MAGIC_V1 = b"S1"
 _USER_MAGIC = b"U1"
@@ -40,7 +42,7 @@ def state_key(user_id: str | None, session_id: str) -> str:
     return USER_NS + user_id if user_id is not None else ANON_NS + session_id
 
 
-class StateTooLarge(ValueError):
+class StateTooLarge(StreamrecError, ValueError):
     """A state does not fit ``max_bytes`` even with every droppable list emptied."""
 
 
@@ -51,7 +53,7 @@ _USER_HDR = struct.Struct("<2siqdII")
 _LEN = struct.Struct("<H")
 
 
-class StateDecodeError(ValueError):
+class StateDecodeError(StreamrecError, ValueError):
     """Stored bytes are not a valid state."""
 
 
@@ -97,7 +99,7 @@ def _put_strs(out: list[bytes], items: Iterable[str]) -> None:
 
 def _get_strs(buf: bytes, pos: int) -> tuple[list[str], int]:
     (n,) = _LEN.unpack_from(buf, pos)
-    return _get_each(buf, pos + 2, n, "")  # type: ignore[return-value]
+    return _get_each(buf, pos + 2, n, "")  # type: ignore[return-value]  # none="" : no None comes back
 
 
 def _as_bytes(data: bytes) -> bytes:
@@ -316,6 +318,7 @@ class BufferedTable(MutableMapping[str, bytes]):
             raise KeyError(key)
         return value
 
+    # one signature for Mapping.get's two overloads (same behaviour)
     def get(self, key: str, default: bytes | None = None) -> bytes | None:  # type: ignore[override]
         value = self._read(key)
         return default if value is None else value

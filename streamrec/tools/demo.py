@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from rich.console import Console
 from streamrec.data.synthetic import generate_clicks
 from streamrec.kafka.clients import TopicSpec, ensure_topics, tail
 from streamrec.kafka.embedded import EmbeddedBroker
+from streamrec.processes import ChildFailed, ChildProcess, run_child
 from streamrec.tools.launch import WorkerProcess
 from streamrec.tools.replay import (
     click_values,
@@ -99,17 +100,14 @@ def _train(train: Any, work: Path, opts: DemoOptions) -> tuple[Path, float]:
     for k, v in params.items():
         cmd += ["--param", f"{k}={v}"]
     threads = str(max(1, min(2, os.cpu_count() or 1)))
+    what = "trainer train"
     try:
-        done = subprocess.run(
-            cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": threads}
-        )
-    except FileNotFoundError as exc:  # pragma: no cover - no Python?
-        raise RuntimeError(f"cannot run the trainer: {exc}") from exc
-    if done.returncode != 0:
-        hint = ""
-        if "No module named trainer" in done.stderr:
-            hint = " (the demo trains with the trainer package, which is not installed)"
-        raise RuntimeError(f"trainer train failed{hint}:\n{done.stderr[-3000:]}")
+        run_child(cmd, what=what, log=work / "trainer.log", env={"OMP_NUM_THREADS": threads})
+    except ChildFailed as exc:
+        if "No module named trainer" not in str(exc):
+            raise
+        hint = "the demo trains with the trainer package, which is not installed"
+        raise ChildFailed(f"{what} failed ({hint})") from None
     metrics = json.loads((out / "metrics.json").read_text())
     return out, float(metrics.get("train_seconds") or 0.0)
 
@@ -239,7 +237,7 @@ def _archived_rows(directory: Path) -> int:
     return sum(pq.read_metadata(storage.join(f.path)).num_rows for f in list_archive(storage))
 
 
-def _retrain_once(work: Path, opts: DemoOptions, env: dict[str, str]) -> dict[str, Any]:
+def _retrain_once(work: Path, opts: DemoOptions, env: Mapping[str, str]) -> dict[str, Any]:
     """``trainer retrain --once`` in a child process (the serving package imports no trainer)."""
     from streamrec.loop import registry
 
@@ -247,9 +245,7 @@ def _retrain_once(work: Path, opts: DemoOptions, env: dict[str, str]) -> dict[st
     cmd += ["--models", str(work / "models"), "--once", "--window", "60d", "--holdout", "1d"]
     cmd += ["--no-progress", "--param", f"layers={opts.units}", f"n_epochs={opts.epochs}"]
     cmd += ["batch_size=64", "n_sample=0", "learning_rate=0.1", "device=cpu"]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"trainer retrain failed:\n{done.stderr[-3000:]}")
+    run_child(cmd, what="trainer retrain --once", log=work / "retrain.log", env=env)
     return registry.read_log(work / "models")[-1]
 
 
@@ -265,7 +261,7 @@ def run_retrain_demo(
     opts = opts or DemoOptions()
     console = console or Console()
     work = Path(tempfile.mkdtemp(prefix="streamrec-demo-retrain-"))
-    procs: list[subprocess.Popen[bytes]] = []
+    archiver: ChildProcess | None = None
     worker: WorkerProcess | None = None
     try:
         with console.status("starting the embedded Kafka broker"):
@@ -282,29 +278,17 @@ def run_retrain_demo(
                 "worker.metrics_port": 0,
                 "worker.log_level": "WARNING",
             }
-            env = {**os.environ, **settings_env(settings), "OMP_NUM_THREADS": "1"}
+            env = {**settings_env(settings), "OMP_NUM_THREADS": "1"}
             ensure_topics(
                 conf,
                 [TopicSpec(t, opts.partitions) for t in ("demo-clicks", "demo-recommendations",
                                                           "demo-dead-letter")],
             )  # fmt: skip
-            log = open(work / "archiver.log", "ab")  # noqa: SIM115 - closed with the process
-            procs.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "streamrec",
-                        "archive",
-                        "--dir",
-                        str(work / "archive"),
-                        "--flush-interval",
-                        "1",
-                    ],
-                    env=env,
-                    stdout=log,
-                    stderr=log,
-                )
+            archive_cmd = ["-m", "streamrec", "archive", "--dir", str(work / "archive")]
+            archiver = ChildProcess(
+                [sys.executable, *archive_cmd, "--flush-interval", "1"],
+                env=env,
+                log=work / "archiver.log",
             )
             worker = WorkerProcess(
                 work / "models",
@@ -395,9 +379,8 @@ def run_retrain_demo(
         finally:
             if worker is not None:
                 worker.stop()
-            for proc in procs:
-                proc.terminate()
-                proc.wait(30)
+            if archiver is not None:
+                archiver.stop()
             broker.stop()
     finally:
         if opts.keep_dir is None:

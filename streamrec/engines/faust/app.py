@@ -85,7 +85,7 @@ class _PartitionEvent:
 
 @contextlib.contextmanager
 def _in_partition(event: _PartitionEvent) -> Iterator[None]:
-    token = _current_event.set(weakref.ref(event))  # type: ignore[arg-type]
+    token = _current_event.set(weakref.ref(event))  # type: ignore[arg-type]  # tables read only .message
     try:
         yield
     finally:

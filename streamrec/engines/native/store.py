@@ -31,6 +31,7 @@ from typing import cast
 
 from rocksdict import Options, Rdict, WriteBatch
 
+from streamrec.errors import StreamrecError
 from streamrec.serving.state import ANON_NS, STATE_LAYOUT, USER_NS, BufferedTable
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ def _write(batch: WriteBatch, key: bytes, value: bytes | None) -> None:
         batch.put(entry, b"")
 
 
-class StateLayoutError(RuntimeError):
+class StateLayoutError(StreamrecError, RuntimeError):
     """A state database or changelog written under another state key layout."""
 
 

@@ -36,7 +36,6 @@ whole model step; see bench/results/serving-cpu.md. ``worker.engine=faust`` keep
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 import time
 from collections import defaultdict, deque
@@ -58,6 +57,7 @@ from streamrec.engines.native.store import (
 )
 from streamrec.kafka import tansu
 from streamrec.kafka.clients import TopicSpec, ensure_topics
+from streamrec.processes import on_stop_signal
 from streamrec.serving.pipeline import (
     BatchResult,
     Record,
@@ -159,8 +159,7 @@ class NativeWorker(EngineBase):
         """Consume until SIGINT/SIGTERM, then checkpoint and leave the group."""
         import gc
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._on_signal)
+        on_stop_signal(self._on_signal)
         t = self.settings.topics
         ensure_topics(
             self.settings.kafka.confluent_config(),
