@@ -15,7 +15,6 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
-    generate_latest,
     start_http_server,
 )
 
@@ -131,6 +130,3 @@ class Metrics:
             return None
         started = start_http_server(port, addr=addr, registry=self.registry)
         return started[0] if isinstance(started, tuple) else started
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)

@@ -196,7 +196,7 @@ def test_hrnn_checkpoint_serves_with_user_state(tmp_path: Path) -> None:
     np.testing.assert_allclose(user.context, u1[0], atol=1e-6)
 
 
-def test_metrics_render_and_serve() -> None:
+def test_metrics_are_served_over_http() -> None:
     import urllib.request
 
     from streamrec.kafka.embedded import free_port
