@@ -122,8 +122,8 @@ def worker(
         )
         return
     from streamrec.engines.common import DeliveryError
-    from streamrec.engines.native.store import StateLayoutError
     from streamrec.engines.native.worker import NativeWorker
+    from streamrec.serving.state import StateLayoutError
 
     try:
         NativeWorker(settings, holder, datadir=data_dir, fetch_max_wait_ms=fetch_wait_ms).run()
