@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from streamrec.serving.records import Recommendation
 from streamrec.tools.backtest_metrics import (
     KS,
     LogView,
@@ -286,7 +287,7 @@ class _AnswerReader:
 
 
 def _click_id(value: bytes) -> str:
-    return str(json.loads(value)["click_id"])
+    return Recommendation.from_json(value).click_id
 
 
 class Backtest:

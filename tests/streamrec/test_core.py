@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -11,7 +12,7 @@ from streamrec.serving.clock import StreamClock
 from streamrec.serving.config import CoreConfig
 from streamrec.serving.expiry import sweep_idle
 from streamrec.serving.pipeline import process_batch
-from streamrec.serving.records import Record
+from streamrec.serving.records import Recommendation, Record
 from streamrec.serving.state import SessionState, UserState
 from streamrec.serving.state_store import SESSIONS, StateStore
 from streamrec.testing import click, offline_recommendations, tiny_serving_model
@@ -197,6 +198,19 @@ def test_event_id_is_the_click_id_and_values_serialise() -> None:
     res = process_batch(recs([click("s", "i1", t=T0, event_id="e-1")]), StateStore(), model, CFG)
     ((key, value),) = res.recommendation_values()
     assert key == b"s" and json.loads(value)["click_id"] == "e-1"
+
+
+def test_recommendation_json_is_json_dumps_of_its_fields_and_reads_back() -> None:
+    model = tiny_serving_model()
+    values = [click("s", "i1", t=T0, event_id="e-1"), click("s", "NEW", user=None, t=T0 + 1)]
+    res = process_batch(recs(values), StateStore(), model, CFG)
+    for r, (key, value) in zip(res.recommendations, res.recommendation_values(), strict=True):
+        assert key == b"s" and value == json.dumps(r.as_dict()).encode() == r.to_json()
+        assert list(json.loads(value)) == [f.name for f in dataclasses.fields(Recommendation)]
+        assert Recommendation.from_json(value) == r  # the readers' one way back
+    for bad in (b"[1]", b'{"click_id": "x"}', json.dumps({**r.as_dict(), "extra": 1})):
+        with pytest.raises(ValueError, match="not a recommendation"):
+            Recommendation.from_json(bad)
 
 
 def test_model_swap_reencodes_old_states_from_recent_items() -> None:
