@@ -54,6 +54,14 @@ MUTANTS = [
         ("tests/streamrec/test_core.py", "tests/streamrec/test_semantics.py"),
     ),
     Mutant(
+        "ttl",
+        "never expire idle users (the one rule both engines and the tests run)",
+        "streamrec/serving/expiry.py",
+        "        if t is None or t - u.last_time <= ttl:",
+        "        if True:",
+        ("tests/streamrec/test_core.py", "tests/streamrec/test_store.py"),
+    ),
+    Mutant(
         "swap",
         "swap a new model in without validating it",
         "streamrec/serving/served_model.py",
