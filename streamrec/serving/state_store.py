@@ -111,16 +111,17 @@ class CheckpointedPartition(StatePartition, Protocol):
 class MemoryPartition:
     """The in-memory twin of a partition (:class:`CheckpointedPartition`): one dict per table.
 
-    Writes apply at once (memory is all the durability it has) and are also kept, changelog
-    key -> value, as the next checkpoint's changelog records; :meth:`commit` only records the
-    offset, and :meth:`discard_pending` forgets those records (nothing to roll back: an
-    in-memory partition is gone with its process anyway)."""
+    Writes apply at once (memory is all the durability it has) and are also kept as the next
+    checkpoint's changelog records; :meth:`commit` only records the offset, and
+    :meth:`discard_pending` forgets those records (nothing to roll back: an in-memory
+    partition is gone with its process anyway)."""
 
     def __init__(self) -> None:
         self.sessions: dict[str, bytes] = {}
         self.users: dict[str, bytes] = {}
         self._tables = {SESSIONS: self.sessions, USERS: self.users}
-        self.pending: dict[bytes, bytes | None] = {}
+        # (table, key) -> value: made changelog keys at the checkpoint, not at every write
+        self._pending: dict[tuple[bytes, str], bytes | None] = {}
         self._changelog_offset = -1
 
     def get(self, table: bytes, key: str) -> bytes | None:
@@ -131,7 +132,7 @@ class MemoryPartition:
             self._tables[table].pop(key, None)
         else:
             self._tables[table][key] = value
-        self.pending[table + key.encode()] = value
+        self._pending[(table, key)] = value
 
     def keys(self, table: bytes) -> Iterator[str]:
         return iter(list(self._tables[table]))
@@ -141,8 +142,8 @@ class MemoryPartition:
         return self._changelog_offset
 
     def begin_checkpoint(self) -> dict[bytes, bytes | None]:
-        frozen, self.pending = self.pending, {}
-        return frozen
+        frozen, self._pending = self._pending, {}
+        return {table + key.encode(): value for (table, key), value in frozen.items()}
 
     def commit(self, changelog_offset: int | None) -> None:
         if changelog_offset is not None:
@@ -160,7 +161,7 @@ class MemoryPartition:
         return len(checked)
 
     def discard_pending(self) -> None:
-        self.pending = {}
+        self._pending = {}
 
     def close(self) -> None:
         pass
@@ -248,7 +249,7 @@ class StateStore:
 
     # ---- typed reads and writes -----------------------------------------------------------
     def get_session(self, key: str, partition: int | None = None) -> SessionState | None:
-        part = self.partition(partition)
+        part = self._twin or self.partition(partition)
         raw = None if part is None else part.get(SESSIONS, key)
         if raw is None:
             return None
@@ -259,7 +260,7 @@ class StateStore:
             return None
 
     def get_user(self, key: str, partition: int | None = None) -> UserState | None:
-        part = self.partition(partition)
+        part = self._twin or self.partition(partition)
         raw = None if part is None else part.get(USERS, key)
         if raw is None:
             return None
@@ -322,7 +323,7 @@ class StateStore:
                     yield key, s
 
     def _write(self, table: bytes, key: str, value: bytes, partition: int | None) -> None:
-        part = self.partition(partition)
+        part = self._twin or self.partition(partition)
         if part is None:
             self.dropped += 1
             log.warning("state write for %r skipped: partition %s not assigned", key, partition)
