@@ -16,7 +16,9 @@ Semantics (docs/architecture.md states them as the core's contract):
 * Events are grouped by their namespaced state key (``u:<user id>``, else
   ``a:<session id>``; :func:`streamrec.serving.state.state_key`) and applied in arrival (offset)
   order. The batch is cut into *rounds*: round r holds the r-th event of every key, so a key
-  appears at most once per model step and its events are never reordered.
+  appears at most once per model step and its events are never reordered. A key's states
+  are read from and written to the partition of its records (``BatchResult.key_partitions``),
+  once each per batch.
 * A click ends the key's open session when its session id differs, or when its event time is
   more than ``session_gap_seconds`` after the session's last event; a ``session_end`` event
   ends it explicitly. Ending advances the user state (``end_session``; HRNN) and deletes the
