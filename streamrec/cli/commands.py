@@ -121,6 +121,7 @@ def worker(
 def tail(from_beginning: bool, max_n: int, raw: bool) -> None:
     """Print recommendations as they arrive."""
     from streamrec.kafka.clients import tail as tail_topic
+    from streamrec.serving.records import Recommendation
 
     settings = get_settings()
     conf = settings.kafka.confluent_config()
@@ -132,12 +133,12 @@ def tail(from_beginning: bool, max_n: int, raw: bool) -> None:
             if raw:
                 click.echo(msg.value().decode())
             else:
-                r = json.loads(msg.value())
-                top = ", ".join(r["items"][:5])
+                r = Recommendation.from_json(msg.value())
+                top = ", ".join(r.items[:5])
                 click.echo(
-                    f"{r['click_id']:<24} user={r['user_id'] or '-':<10} "
-                    f"session={r['session_id']:<10} clicked={r['item_id']:<10} -> [{top}, ...] "
-                    f"({r['model_version'][:20]})"
+                    f"{r.click_id:<24} user={r.user_id or '-':<10} "
+                    f"session={r.session_id:<10} clicked={r.item_id:<10} -> [{top}, ...] "
+                    f"({r.model_version[:20]})"
                 )
             if max_n and n >= max_n:
                 break
@@ -228,7 +229,7 @@ def replay(
     out = produce_values(conf, settings.topics.clicks, values, rate=rate)
     answers = wait_for_answers(conf, settings.topics.recommendations, out.click_ids, timeout)
     recs = list(answers.values())
-    lat = latency_percentiles(r["emitted_at"] - out.sent_at[r["click_id"]] for r in recs)
+    lat = latency_percentiles(r.emitted_at - out.sent_at[r.click_id] for r in recs)
     m = live_metrics(recs, k)
     click.echo(f"answered {len(recs):,}/{len(out.click_ids):,} clicks")
     click.echo(

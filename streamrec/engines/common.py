@@ -13,8 +13,10 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from streamrec.errors import StreamrecError
 from streamrec.kafka import tansu
 from streamrec.metrics import Metrics
+from streamrec.serving.clock import StreamClock
+from streamrec.serving.config import CoreConfig
 from streamrec.serving.events import make_dead_letter
-from streamrec.serving.pipeline import BatchResult, CoreConfig, StreamClock
+from streamrec.serving.records import BatchResult
 from streamrec.serving.served_model import ModelHolder, ServingModel
 from streamrec.settings import Settings
 

@@ -39,6 +39,7 @@ import pandas as pd
 
 from streamrec.errors import StreamrecError
 from streamrec.processes import run_child
+from streamrec.serving.records import Recommendation
 from streamrec.tools.backtest_metrics import (
     KS,
     LogView,
@@ -268,7 +269,7 @@ class _AnswerReader:
 
 
 def _click_id(value: bytes) -> str:
-    return str(json.loads(value)["click_id"])
+    return Recommendation.from_json(value).click_id
 
 
 class Backtest:

@@ -8,6 +8,7 @@ Everything it starts is stopped, and its temporary directory removed, on the way
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -25,6 +26,7 @@ from streamrec.data.synthetic import generate_clicks
 from streamrec.kafka.clients import TopicSpec, ensure_topics, tail
 from streamrec.kafka.embedded import EmbeddedBroker
 from streamrec.processes import ChildFailed, ChildProcess, run_child
+from streamrec.serving.records import Recommendation
 from streamrec.tools.launch import WorkerProcess
 from streamrec.tools.replay import (
     click_values,
@@ -69,12 +71,12 @@ def _tail(
     last = 0.0
     for msg in tail(conf, topic, from_beginning=True, stopped=stop.is_set):
         now = time.time()
-        r = json.loads(msg.value())
-        if shown < show and now - last > 0.4 and r["session_id"] != "warmup":
-            top = " ".join(r["items"][:5])
-            lat = (now - r["produced_at"]) * 1e3 if r.get("produced_at") else float("nan")
+        r = Recommendation.from_json(msg.value())
+        if shown < show and now - last > 0.4 and r.session_id != "warmup":
+            top = " ".join(r.items[:5])
+            lat = (now - r.produced_at) * 1e3 if r.produced_at else float("nan")
             console.print(
-                f"  session [cyan]{r['session_id']:>6}[/] clicked [bold]{r['item_id']:>4}[/]"
+                f"  session [cyan]{r.session_id:>6}[/] clicked [bold]{r.item_id:>4}[/]"
                 f" -> next: [green]{top}[/] …  ({lat:.0f} ms)"
             )
             shown += 1
@@ -179,13 +181,10 @@ def run_demo(opts: DemoOptions | None = None, console: Console | None = None) ->
             recs = list(answers.values())
             if not recs:
                 raise RuntimeError(f"no recommendations came back; log:\n{worker.log_tail()}")
-            lat = latency_percentiles(
-                r["emitted_at"] - produced.sent_at.get(r["click_id"], r["produced_at"])
-                for r in recs
-            )
-            span = max(r["emitted_at"] for r in recs) - min(
-                produced.sent_at.get(r["click_id"], r["produced_at"]) for r in recs
-            )
+            sent_or_none = [produced.sent_at.get(r.click_id, r.produced_at) for r in recs]
+            sent = [math.nan if t is None else t for t in sent_or_none]
+            lat = latency_percentiles(r.emitted_at - t for r, t in zip(recs, sent, strict=True))
+            span = max(r.emitted_at for r in recs) - min(sent)
             metrics = live_metrics(recs, k=20)
             summary: dict[str, Any] = {
                 "events": produced.n,
@@ -357,14 +356,14 @@ def run_retrain_demo(
                     )
                     got = wait_for_answers(conf, "demo-recommendations", p.click_ids, 30)
                     r = next(iter(got.values()), None)
-                    if r is not None and r["model_version"] == version:
-                        first_new = r["emitted_at"] - published_at
-                        shown = [i for i in r["items"] if i in set(new_items)]
+                    if r is not None and r.model_version == version:
+                        first_new = r.emitted_at - published_at
+                        shown = [i for i in r.items if i in set(new_items)]
                         console.print(
                             f"[bold]swap[/] worker serves {version} "
                             f"({first_new:.1f} s after publish); after clicking new item "
-                            f"{r['item_id']}: next [green]{' '.join(r['items'][:8])}[/] "
-                            f"({len(shown)} new items in the top {len(r['items'])})"
+                            f"{r.item_id}: next [green]{' '.join(r.items[:8])}[/] "
+                            f"({len(shown)} new items in the top {len(r.items)})"
                         )
                         break
                     time.sleep(0.2)
