@@ -1,4 +1,4 @@
-"""HRNN against session-only GRU4Rec, at their defaults, over seeds (issue #10).
+"""HRNN against session-only GRU4Rec, at their defaults, over seeds.
 
 Two logs, both last-session-out per user (each user's last session is the test, every next
 item ranked among all training items, conservative ties; the user's training sessions warm the

@@ -27,9 +27,12 @@ from procstats import machine_line
 
 from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
 from streamrec.model.hrnn import HRNN
-from streamrec.serving.pipeline import CoreConfig, Record, process_batch
+from streamrec.serving.config import CoreConfig
+from streamrec.serving.pipeline import process_batch
+from streamrec.serving.records import Record
 from streamrec.serving.served_model import ServingModel
-from streamrec.serving.state import SessionState, StateStore
+from streamrec.serving.state import SessionState
+from streamrec.serving.state_store import StateStore
 
 N_ITEMS = 17_319
 LEN = 50

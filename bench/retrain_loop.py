@@ -124,7 +124,7 @@ def _service(broker: str, work: Path, tag: str) -> dict[str, Any]:
 def bench_archive(args: argparse.Namespace) -> dict[str, Any]:
     from streamrec.data.clicklog import load_clicks
     from streamrec.kafka.embedded import EmbeddedBroker
-    from streamrec.loop.archive import Archiver
+    from streamrec.loop.archiver import Archiver
     from streamrec.tools.launch import WorkerProcess
     from streamrec.tools.replay import click_values, produce
 

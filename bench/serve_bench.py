@@ -332,11 +332,13 @@ def core_alone(ckpt: Path, values: list, batch: int) -> dict[str, Any]:
     """The pure core (decode, states, step, outputs as JSON) over an in-memory store."""
     from nostep import NoStepServingModel
 
-    from streamrec.serving.pipeline import CoreConfig, Record, process_batch
+    from streamrec.serving.config import CoreConfig
+    from streamrec.serving.pipeline import process_batch
+    from streamrec.serving.records import Record
 
     torch.set_num_threads(1)
     model = ServingModel.from_checkpoint(ckpt, "auto", top_k=20)
-    from streamrec.serving.state import StateStore
+    from streamrec.serving.state_store import StateStore
 
     out = {}
     recs = [Record(v, k, "c", 0, i, time.time()) for i, (k, v, _) in enumerate(values)]

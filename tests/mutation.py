@@ -48,10 +48,18 @@ MUTANTS = [
     Mutant(
         "idle",
         "never end idle sessions",
-        "streamrec/serving/pipeline.py",
+        "streamrec/serving/expiry.py",
         "        if t is not None and t - s.last_time > config.session_gap_seconds:",
         "        if False:",
         ("tests/streamrec/test_core.py", "tests/streamrec/test_semantics.py"),
+    ),
+    Mutant(
+        "ttl",
+        "never expire idle users (the one rule both engines and the tests run)",
+        "streamrec/serving/expiry.py",
+        "        if t is None or t - u.last_time <= ttl:",
+        "        if True:",
+        ("tests/streamrec/test_core.py", "tests/streamrec/test_store.py"),
     ),
     Mutant(
         "swap",
@@ -113,7 +121,7 @@ MUTANTS = [
     Mutant(
         "clock",
         "the stream clock runs on wall time",
-        "streamrec/serving/pipeline.py",
+        "streamrec/serving/clock.py",
         "        return (time.time() if wall is None else wall) + median",
         "        return time.time() if wall is None else wall",
         ("tests/streamrec/test_core.py", "tests/streamrec/test_semantics.py"),

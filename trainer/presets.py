@@ -9,10 +9,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Self
 
+from streamrec.errors import StreamrecError
 from trainer.losses import LOSSES
 
 
-class ParamError(ValueError):
+class ParamError(StreamrecError, ValueError):
     """An unknown training parameter or an invalid value (the message names it)."""
 
 

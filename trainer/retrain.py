@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 
 from streamrec.data.clicklog import DAY, DataError
+from streamrec.errors import StreamrecError
 from streamrec.loop import registry
 from streamrec.model.api import RegisteredModel, StepModel
 from streamrec.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -47,7 +48,7 @@ from trainer.warmstart import FeatureMismatch, grow_gru4rec, train_hier_warm, wa
 __all__ = ["RetrainConfig", "RetrainError", "grow_gru4rec", "run_cycle"]
 
 
-class RetrainError(RuntimeError):
+class RetrainError(StreamrecError, RuntimeError):
     """A cycle that cannot run (no data, bad options); the message says why."""
 
 

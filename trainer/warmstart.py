@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from streamrec.errors import StreamrecError
 from streamrec.model.api import RegisteredModel, as_trainable
 from streamrec.model.gru4rec import GRU4Rec
 from streamrec.model.items import build_item_index
@@ -87,7 +88,7 @@ def warm_epochs(n_epochs: int, new_events: int | None, train_events: int) -> int
     return max(1, min(n_epochs, math.ceil(n_epochs * share - 1e-9)))
 
 
-class FeatureMismatch(ValueError):
+class FeatureMismatch(StreamrecError, ValueError):
     """The item features no longer fit the published p-RNN (a warm start is impossible)."""
 
 

@@ -1,4 +1,8 @@
-"""Service commands of the `streamrec` CLI: worker, produce, tail, replay, backtest, demo."""
+"""Service commands of the `streamrec` CLI: worker, produce, tail, replay, backtest, demo, archive.
+
+A :class:`streamrec.errors.StreamrecError` raised below is reported by the group
+(:class:`streamrec.errors.CommandGroup`) as one ``Error: ...`` line.
+"""
 
 from __future__ import annotations
 
@@ -10,29 +14,14 @@ from pathlib import Path
 
 import click
 
+from streamrec.kafka.clients import ensure_service_topics
+from streamrec.processes import stop_signals
 from streamrec.settings import Settings, get_settings
-
-
-def _topic_specs(settings: Settings) -> list:
-    from streamrec.kafka.clients import TopicSpec
-
-    t = settings.topics
-    return [
-        TopicSpec(name, t.partitions, t.replication_factor)
-        for name in (t.clicks, t.recommendations, t.dead_letter)
-    ]
-
-
-def ensure_service_topics(settings: Settings) -> None:
-    """Create the clicks, recommendations and dead-letter topics with their partition counts."""
-    from streamrec.kafka.clients import ensure_topics
-
-    ensure_topics(settings.kafka.confluent_config(), _topic_specs(settings))
 
 
 def load_model_holder(path: Path | None, settings: Settings, wait_s: float = 0.0):
     """A ModelHolder for a checkpoint directory, or a directory of checkpoints (newest wins)."""
-    from streamrec.serving.served_model import ModelHolder, ModelLoadError, ServingModel
+    from streamrec.serving.served_model import ModelHolder, ServingModel
 
     path = path or settings.model.path
     if path is None:
@@ -49,11 +38,8 @@ def load_model_holder(path: Path | None, settings: Settings, wait_s: float = 0.0
         time.sleep(1.0)
     if ckpt is None:
         raise click.ClickException(f"no checkpoint (checkpoint.json) found in {path}")
-    try:
-        model = ServingModel.from_checkpoint(ckpt, m.device, m.top_k, m.score_dtype)
-        model.validate()
-    except ModelLoadError as exc:
-        raise click.ClickException(str(exc)) from None
+    model = ServingModel.from_checkpoint(ckpt, m.device, m.top_k, m.score_dtype)
+    model.validate()
     return ModelHolder(
         model,
         watch_dir=path,
@@ -121,15 +107,11 @@ def worker(
             loglevel=level
         )
         return
-    from streamrec.engines.common import DeliveryError
-    from streamrec.engines.native.store import StateLayoutError
     from streamrec.engines.native.worker import NativeWorker
 
-    try:
-        NativeWorker(settings, holder, datadir=data_dir, fetch_max_wait_ms=fetch_wait_ms).run()
-    except (DeliveryError, StateLayoutError) as exc:
-        # a clear message and a non-zero exit, no traceback: nothing was committed
-        raise click.ClickException(str(exc)) from None
+    # a DeliveryError or StateLayoutError ends the command with its message (nothing was
+    # committed), as every StreamrecError does
+    NativeWorker(settings, holder, datadir=data_dir, fetch_max_wait_ms=fetch_wait_ms).run()
 
 
 @click.command()
@@ -139,6 +121,7 @@ def worker(
 def tail(from_beginning: bool, max_n: int, raw: bool) -> None:
     """Print recommendations as they arrive."""
     from streamrec.kafka.clients import tail as tail_topic
+    from streamrec.serving.records import Recommendation
 
     settings = get_settings()
     conf = settings.kafka.confluent_config()
@@ -150,12 +133,12 @@ def tail(from_beginning: bool, max_n: int, raw: bool) -> None:
             if raw:
                 click.echo(msg.value().decode())
             else:
-                r = json.loads(msg.value())
-                top = ", ".join(r["items"][:5])
+                r = Recommendation.from_json(msg.value())
+                top = ", ".join(r.items[:5])
                 click.echo(
-                    f"{r['click_id']:<24} user={r['user_id'] or '-':<10} "
-                    f"session={r['session_id']:<10} clicked={r['item_id']:<10} -> [{top}, ...] "
-                    f"({r['model_version'][:20]})"
+                    f"{r.click_id:<24} user={r.user_id or '-':<10} "
+                    f"session={r.session_id:<10} clicked={r.item_id:<10} -> [{top}, ...] "
+                    f"({r.model_version[:20]})"
                 )
             if max_n and n >= max_n:
                 break
@@ -246,7 +229,7 @@ def replay(
     out = produce_values(conf, settings.topics.clicks, values, rate=rate)
     answers = wait_for_answers(conf, settings.topics.recommendations, out.click_ids, timeout)
     recs = list(answers.values())
-    lat = latency_percentiles(r["emitted_at"] - out.sent_at[r["click_id"]] for r in recs)
+    lat = latency_percentiles(r.emitted_at - out.sent_at[r.click_id] for r in recs)
     m = live_metrics(recs, k)
     click.echo(f"answered {len(recs):,}/{len(out.click_ids):,} clicks")
     click.echo(
@@ -328,7 +311,7 @@ def backtest(
     progress: bool,
 ) -> None:
     """Replay LOG through the live path, retrained arm against frozen; report.json + report.html."""
-    from streamrec.tools.backtest import BacktestError, BacktestOptions, parse_every, run_backtest
+    from streamrec.tools.backtest import BacktestOptions, parse_every, run_backtest
 
     try:
         period = parse_every(every)
@@ -357,17 +340,9 @@ def backtest(
         progress=progress,
         command=" ".join(["streamrec", *sys.argv[1:]]),
     )
-
-    def _terminate(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # SIGTERM cleans up as Ctrl-C does
-
-    import signal
-
-    signal.signal(signal.SIGTERM, _terminate)
     try:
-        report = run_backtest(opts)
-    except BacktestError as exc:
-        raise click.ClickException(str(exc)) from None
+        with stop_signals(interrupt=True):  # SIGTERM cleans up as Ctrl-C does
+            report = run_backtest(opts)
     except KeyboardInterrupt:
         click.echo("interrupted: workers and broker stopped", err=True)
         sys.exit(130)
@@ -402,9 +377,50 @@ def demo(
     (run_retrain_demo if retrain else run_demo)(opts)
 
 
+@click.command()
+@click.option("--dir", "directory", required=True, help="Archive directory or fsspec URL.")
+@click.option("--until-caught-up", is_flag=True, help="Exit once the end offsets are reached.")
+@click.option("--group", default=None, help="Consumer group (default: <app_id>-archiver).")
+@click.option("--flush-events", default=50_000, show_default=True, help="Rows per file, max.")
+@click.option("--flush-interval", default=10.0, show_default=True, help="Seconds per file.")
+@click.option("--idle", default=2.0, show_default=True, help="Idle s ending a catch-up.")
+def archive(
+    directory: str,
+    until_caught_up: bool,
+    group: str | None,
+    flush_events: int,
+    flush_interval: float,
+    idle: float,
+) -> None:
+    """Archive the clicks topic as Parquet, by event date and hour (exactly once)."""
+    from streamrec.loop.archiver import Archiver
+
+    settings = get_settings()
+    logging.basicConfig(
+        level=settings.worker.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    ensure_service_topics(settings)
+    archiver = Archiver(
+        settings.kafka.confluent_config(),
+        settings.topics.clicks,
+        directory,
+        group=group or f"{settings.worker.app_id}-archiver",
+        flush_events=flush_events,
+        flush_interval_s=flush_interval,
+    )
+    click.echo(f"archiving {settings.topics.clicks} -> {directory}", err=True)
+    with stop_signals() as stop:
+        st = archiver.run(until_caught_up=until_caught_up, idle_s=idle, stopped=stop.is_set)
+    click.echo(
+        f"archived {st.archived:,} clicks in {st.files} files ({st.skipped} skipped, "
+        f"{st.records:,} records) in {st.seconds:.1f} s "
+        f"({st.records / max(st.seconds, 1e-9):,.0f} records/s)",
+        err=True,
+    )
+
+
 def register(main: click.Group) -> None:
     """Add the service commands to the `streamrec` group."""
-    from streamrec.loop.archive import archive_command
-
-    for cmd in (worker, produce, tail, replay, backtest, demo, archive_command()):
+    for cmd in (worker, produce, tail, replay, backtest, demo, archive):
         main.add_command(cmd)

@@ -2,39 +2,20 @@
 
 from __future__ import annotations
 
-import signal
-import sys
-import threading
-
 import click
 
 from streamrec.cli import commands
-from streamrec.kafka.embedded import DEFAULT_PORT, BrokerError, EmbeddedBroker
-from streamrec.settings import SettingsError, get_settings
+from streamrec.errors import CommandGroup
+from streamrec.kafka.embedded import DEFAULT_PORT, EmbeddedBroker
+from streamrec.processes import stop_signals
+from streamrec.settings import get_settings
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=CommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="streamrec")
 def main() -> None:
     """Real-time session-based recommendations from Kafka click streams."""
-    try:
-        get_settings()
-    except SettingsError as exc:
-        raise click.ClickException(str(exc)) from None
-
-
-def wait_for_stop_signal() -> None:
-    """Block until SIGINT or SIGTERM."""
-    stop = threading.Event()
-    previous = {
-        sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
-    }
-    try:
-        while not stop.wait(0.5):
-            pass
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    get_settings()  # invalid settings stop every command here, each one named
 
 
 @main.command()
@@ -44,15 +25,13 @@ def wait_for_stop_signal() -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 def broker(port: int, host: str) -> None:
     """Run the embedded Kafka-compatible broker (in memory) until Ctrl-C."""
-    try:
-        embedded = EmbeddedBroker(port=port, host=host).start()
-    except BrokerError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
+    embedded = EmbeddedBroker(port=port, host=host).start()
     click.echo(f"broker ready: bootstrap servers {embedded.bootstrap} (Ctrl-C to stop)", err=True)
     click.echo(embedded.bootstrap)
     try:
-        wait_for_stop_signal()
+        with stop_signals() as stop:
+            while not stop.wait(0.5):
+                pass
     finally:
         embedded.stop()
         click.echo("broker stopped", err=True)

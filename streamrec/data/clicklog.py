@@ -19,13 +19,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from streamrec.errors import StreamrecError
+
 SESSION, ITEM, TIME, USER = "SessionId", "ItemId", "Time", "UserId"
 REQUIRED = (SESSION, ITEM, TIME)
 FORMATS = ("gru4rec", "yoochoose", "csv", "tsv", "parquet")
 DAY = 86400.0
 
 
-class DataError(ValueError):
+class DataError(StreamrecError, ValueError):
     """A click log that cannot be loaded or processed (the message says what and where)."""
 
 

@@ -10,6 +10,9 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from streamrec.kafka import tansu
+from streamrec.settings import Settings
+
 
 @dataclass(frozen=True)
 class TopicSpec:
@@ -42,6 +45,18 @@ def ensure_topics(
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise
         _wait_for_topic(admin, name, timeout)
+
+
+def ensure_service_topics(settings: Settings) -> None:
+    """Create the clicks, recommendations and dead-letter topics with their partition counts."""
+    t = settings.topics
+    ensure_topics(
+        settings.kafka.confluent_config(),
+        [
+            TopicSpec(name, t.partitions, t.replication_factor)
+            for name in (t.clicks, t.recommendations, t.dead_letter)
+        ],
+    )
 
 
 def _wait_for_topic(admin: AdminClient, name: str, timeout: float) -> None:
@@ -125,8 +140,6 @@ def tail(
     For display: a tailing consumer can skip records on the embedded broker, so figures come
     from :func:`read_topic`. Joins no group (see :func:`streamrec.kafka.tansu.assign_all`).
     """
-    from streamrec.kafka import tansu
-
     consumer = Consumer(
         {
             **client_config,
@@ -138,7 +151,7 @@ def tail(
     )
     try:
         start = OFFSET_BEGINNING if from_beginning else OFFSET_END
-        tansu.assign_all(consumer, client_config, topic, start)
+        tansu.assign_all(consumer, topic, partition_count(client_config, topic), start)
         while not stopped():
             msg = consumer.poll(0.2)
             if msg is not None and msg.error() is None:

@@ -7,35 +7,20 @@ Tansu keeps everything in memory: stopping it loses every topic and committed of
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO
+
+from streamrec.errors import StreamrecError
+from streamrec.processes import ChildProcess
 
 DEFAULT_PORT = 9092
 
 
-def stop_process(process: subprocess.Popen[Any], timeout: float = 30.0) -> int | None:
-    """SIGTERM a child process, wait up to ``timeout`` seconds, then SIGKILL; its exit code."""
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signal.SIGCONT)  # a stopped (SIGSTOP) process cannot handle SIGTERM
-            process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    return process.returncode
-
-
-class BrokerError(RuntimeError):
+class BrokerError(StreamrecError, RuntimeError):
     """The embedded broker could not be started (the message is one line for the user)."""
 
 
@@ -69,15 +54,6 @@ def _port_is_free(host: str, port: int) -> bool:
         return True
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: the broker gets SIGTERM if its parent dies (Linux)."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(Exception):
-            libc = ctypes.CDLL("libc.so.6", use_errno=True)
-            pr_set_pdeathsig = 1
-            libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
 class EmbeddedBroker:
     """A Tansu broker on loopback, as a context manager.
 
@@ -96,8 +72,7 @@ class EmbeddedBroker:
         self.port = port
         self.startup_timeout = startup_timeout
         self.log_path = log_path
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log_file: BinaryIO | None = None
+        self._process: ChildProcess | None = None
 
     @property
     def bootstrap(self) -> str:
@@ -129,16 +104,11 @@ class EmbeddedBroker:
             "--storage-engine",
             "memory://tansu/",
         ]
-        env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
-        if self.log_path is not None:
-            self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self._process = subprocess.Popen(
+        self._process = ChildProcess(
             command,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file or subprocess.DEVNULL,
-            stderr=self._log_file or subprocess.DEVNULL,
-            env=env,
-            preexec_fn=_die_with_parent,
+            env={"RUST_LOG": os.environ.get("RUST_LOG", "warn")},
+            log=self.log_path,
+            die_with_parent=True,
         )
         try:
             self._wait_ready()
@@ -153,7 +123,7 @@ class EmbeddedBroker:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             assert self._process is not None
-            if self._process.poll() is not None:
+            if not self._process.alive():
                 raise BrokerError(
                     f"the embedded broker exited at start with code {self._process.returncode}"
                 )
@@ -181,10 +151,7 @@ class EmbeddedBroker:
     def stop(self, timeout: float = 10.0) -> None:
         process, self._process = self._process, None
         if process is not None:
-            stop_process(process, timeout)
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
+            process.stop(timeout)
 
     def __enter__(self) -> EmbeddedBroker:
         return self.start()

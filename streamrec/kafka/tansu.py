@@ -134,13 +134,10 @@ def patch_faust_highwaters(client_config: dict[str, Any]) -> None:
     monkeypatch(AIOKafkaConsumerThread, _highwaters=_highwaters, _streamrec_patched=True)
 
 
-def assign_all(consumer: Consumer, client_config: dict[str, Any], topic: str, start: int) -> None:
-    """Read every partition of ``topic`` from ``start`` without joining a group (a join waits
-    for half the session timeout here); for tools that only read."""
-    from streamrec.kafka.clients import partition_count
-
-    n = partition_count(client_config, topic)
-    consumer.assign([TopicPartition(topic, p, start) for p in range(n)])
+def assign_all(consumer: Consumer, topic: str, partitions: int, start: int) -> None:
+    """Read the ``partitions`` of ``topic`` from ``start`` without joining a group (a join
+    waits for half the session timeout here); for tools that only read."""
+    consumer.assign([TopicPartition(topic, p, start) for p in range(partitions)])
 
 
 class _FastFetchApp(Protocol):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from streamrec.errors import StreamrecError
 from streamrec.model.checkpoint import (
     META,
     CheckpointError,
@@ -33,7 +34,7 @@ LOG = "retrain-log.jsonl"
 DEFAULT_KEEP = 5
 
 
-class RegistryError(Exception):
+class RegistryError(StreamrecError):
     """A registry operation that cannot be done (unknown version, broken pointer, ...)."""
 
 

@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save_file
 
+from streamrec.errors import StreamrecError
 from streamrec.model import build_model
 from streamrec.model.api import RegisteredModel
 from streamrec.model.gate import HOLDOUT_KEY, HOLDOUT_METRIC
@@ -36,7 +37,7 @@ META = "checkpoint.json"
 _REQUIRED = ("format", "version", "model_name", "model_config", "item_ids", "tensor_sha256")
 
 
-class CheckpointError(Exception):
+class CheckpointError(StreamrecError):
     """A checkpoint directory is missing, corrupted or does not match its model."""
 
 

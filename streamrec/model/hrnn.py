@@ -367,7 +367,7 @@ class HRNN(TrainableStepModel, nn.Module):
         With ``variant="none"`` the result scores exactly as ``g``. One-hot-input GRU4Rec models
         (``embedding=0``, not constrained) have no factorised table to copy and are refused.
         """
-        c = g.config_dict()  # type: ignore[operator]
+        c = g.config_dict()  # type: ignore[operator]  # nn.Module attributes read as Tensor | Module
         if not c["constrained_embedding"] and not c["embedding"]:
             raise ValueError("one-hot input GRU4Rec has no HRNN equivalent; use an embedding")
         m = cls(

@@ -31,7 +31,7 @@ REASONS = (
     "not_an_object",  # JSON, but not an object
     "invalid",  # an object that is not a click (missing/wrong fields, ids too long, ...)
     "timestamp_out_of_range",  # before 2000, NaN/inf, overflowing, or far from the partition's
-    "key_mismatch",  # the Kafka key is not the key the body implies (see core)
+    "key_mismatch",  # the Kafka key is not the key the body implies (see pipeline.py)
     "output_too_large",  # (engines) a recommendation the broker refused as too large
     "error",  # anything unexpected (a bug): never seen on the hostile corpus
 )
@@ -224,7 +224,3 @@ def _decode_slow(
 def encode(event: ClickEvent) -> bytes:
     """Serialise an event as the JSON value published on the clicks topic."""
     return event.model_dump_json(exclude_none=True).encode()
-
-
-def event_key(event: ClickEvent) -> bytes:
-    return event.key.encode()

@@ -1,19 +1,24 @@
 """The pipeline core: decode -> load states -> model step -> store -> emit. No Kafka here.
 
-Both worker engines and the tests call :func:`process_batch` with a list of :class:`Record`
-and a :class:`~streamrec.serving.state.StateStore` (RocksDB partitions, Faust tables or dicts);
-replay drives it through a real worker.
+Both worker engines and the tests call :func:`process_batch` with a list of
+:class:`~streamrec.serving.records.Record` and a
+:class:`~streamrec.serving.state_store.StateStore` (RocksDB partitions, Faust tables or the
+in-memory twin); it returns a :class:`~streamrec.serving.records.BatchResult` with one
+:class:`~streamrec.serving.records.Recommendation` per click. The idle sweep
+(:mod:`streamrec.serving.expiry`) ends sessions with this module's :func:`end_sessions`.
 
 Semantics (docs/architecture.md states them as the core's contract):
 
 * Input checks beyond decoding (each a dead letter, see README "Input contract"): the Kafka
   key must be the key the body implies (user id, else session id; ``key_mismatch``), and the
   event time must lie within the partition's bounds (``timestamp_out_of_range``, see
-  :class:`StreamClock`).
+  :class:`~streamrec.serving.clock.StreamClock`).
 * Events are grouped by their namespaced state key (``u:<user id>``, else
   ``a:<session id>``; :func:`streamrec.serving.state.state_key`) and applied in arrival (offset)
   order. The batch is cut into *rounds*: round r holds the r-th event of every key, so a key
-  appears at most once per model step and its events are never reordered.
+  appears at most once per model step and its events are never reordered. A key's states
+  are read from and written to the partition of its records (``BatchResult.key_partitions``),
+  once each per batch.
 * A click ends the key's open session when its session id differs, or when its event time is
   more than ``session_gap_seconds`` after the session's last event; a ``session_end`` event
   ends it explicitly. Ending advances the user state (``end_session``; HRNN) and deletes the
@@ -35,278 +40,22 @@ Semantics (docs/architecture.md states them as the core's contract):
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from itertools import islice
-from typing import Any, cast
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
-from streamrec.serving.events import (
-    MAX_MESSAGE_BYTES,
-    ClickEvent,
-    DeadLetter,
-    decode,
-    make_dead_letter,
-)
+from streamrec.serving.clock import StreamClock
+from streamrec.serving.config import DEFAULT_CONFIG, CoreConfig
+from streamrec.serving.events import ClickEvent, DeadLetter, decode, make_dead_letter
+from streamrec.serving.records import BatchResult, Recommendation, Record
 from streamrec.serving.served_model import ServingModel
-from streamrec.serving.state import (
-    ANON_NS,
-    MAX_STATE_BYTES,
-    USER_NS,
-    SessionState,
-    StateStore,
-    UserState,
-    state_key,
-)
-
-
-@dataclass(frozen=True)
-class CoreConfig:
-    """Knobs of the core (built from ``Settings`` by the worker)."""
-
-    session_gap_seconds: float = 1800.0
-    recent_items: int = 50
-    recent_sessions: int = 10
-    top_k: int = 20
-    max_message_bytes: int = MAX_MESSAGE_BYTES
-    #: Drop user states idle longer than this in the sweep (None: keep forever).
-    user_ttl_seconds: float | None = 90 * 24 * 3600.0
-    #: Cap on one encoded state (oldest items dropped to fit).
-    max_state_bytes: int = MAX_STATE_BYTES
-    #: Event ids remembered per open session for duplicate detection (0: offsets only).
-    dedup_event_ids: int = 32
-    #: An event time more than this ahead of the record's arrival is out of range.
-    max_ahead_seconds: float = 3600.0
-    #: An event time whose skew (event time - arrival time) is more than this away from the
-    #: median skew of its partition's recent events is out of range.
-    max_skew_seconds: float = 30 * 24 * 3600.0
-    #: Recent events per partition whose skews make the clock (a median of them).
-    clock_window: int = 101
-    #: A partition's clock is trusted (for checks and the sweep) after this many events.
-    clock_min_events: int = 8
-    #: A record without a Kafka key is a ``key_mismatch`` (the engines; the core's tests feed
-    #: records without keys).
-    require_key: bool = False
-
-    @classmethod
-    def from_settings(cls, settings: Any) -> CoreConfig:
-        st = settings.state
-        return cls(
-            session_gap_seconds=st.session_gap_seconds,
-            recent_items=st.recent_items,
-            recent_sessions=st.recent_sessions,
-            top_k=settings.model.top_k,
-            user_ttl_seconds=st.user_ttl_seconds,
-            max_state_bytes=st.max_state_bytes,
-            dedup_event_ids=st.dedup_event_ids,
-            max_ahead_seconds=st.max_ahead_seconds,
-            max_skew_seconds=st.max_skew_seconds,
-            clock_window=st.clock_window,
-            clock_min_events=st.clock_min_events,
-            require_key=True,
-        )
-
-
-@dataclass
-class Record:
-    """One consumed message. ``timestamp``/``received_at`` are epoch seconds."""
-
-    value: bytes | None
-    key: bytes | None = None
-    topic: str = ""
-    partition: int = 0
-    offset: int = -1
-    timestamp: float | None = None
-    received_at: float | None = None
-
-
-def _make_json_encoder() -> Callable[[Any, int], Sequence[str]]:
-    """json.dumps' own C encoder with its default settings, built once: json.dumps builds
-    one per call. No circular-reference check (a recommendation holds no containers of its
-    own). Falls back to json.dumps where the C accelerator is missing."""
-    from json import encoder as je
-
-    # CPython always has the C accelerator; typeshed does not declare c_make_encoder
-    if je.c_make_encoder is None:  # type: ignore[attr-defined]  # pragma: no cover
-        return lambda obj, _level: (json.dumps(obj),)
-    d = json.JSONEncoder()
-    return je.c_make_encoder(  # type: ignore[attr-defined]  # not in typeshed, as above
-        None, d.default, je.encode_basestring_ascii, None, ": ", ", ", False, False, True
-    )
-
-
-#: obj, 0 -> the chunks of ``json.dumps(obj)``
-_json_chunks = _make_json_encoder()
-
-
-@dataclass
-class BatchResult:
-    recommendations: list[dict[str, Any]] = field(default_factory=list)
-    dead_letters: list[DeadLetter] = field(default_factory=list)
-    #: (item_id, click_id) of clicks on items the model does not know.
-    unknown_items: list[tuple[str, str]] = field(default_factory=list)
-    stats: Counter[str] = field(default_factory=Counter)
-    model_seconds: float = 0.0
-    model_version: str = ""
-    #: partition of each state key touched (where its state writes belong)
-    key_partitions: dict[str, int] = field(default_factory=dict)
-    #: hidden states of the clicks still to be scored (``process_batch(score=False)``)
-    unscored: np.ndarray | None = None
-
-    def latencies(self) -> list[float]:
-        """Click-to-recommendation seconds of first answers (Kafka timestamp to emitted)."""
-        return [
-            r["emitted_at"] - r["produced_at"]
-            for r in self.recommendations
-            if r["produced_at"] and not r["duplicate"]
-        ]
-
-    def recommendation_values(self) -> list[tuple[bytes, bytes]]:
-        """(key, JSON value) pairs ready to publish (the bytes of ``json.dumps(r)``)."""
-        enc = _json_chunks
-        return [
-            ((r["user_id"] or r["session_id"]).encode(), "".join(enc(r, 0)).encode())
-            for r in self.recommendations
-        ]
-
-
-def message_key_partitions(records: Iterable[Record]) -> dict[str, int]:
-    """Partition of the state keys each (UTF-8) message key of a batch may stand for (the
-    user ``u:<key>`` or the anonymous session ``a:<key>``): where those states live, so a
-    read can go to that partition's store only."""
-    out: dict[str, int] = {}
-    for r in records:
-        if r.key:
-            with contextlib.suppress(UnicodeDecodeError):
-                k = r.key.decode()
-                out[USER_NS + k] = out[ANON_NS + k] = r.partition
-    return out
-
-
-class PartitionClock:
-    """Event time of one partition, robust to outliers.
-
-    It keeps the *skew* (event time minus arrival wall time) of the partition's last
-    ``window`` events; its time is the wall clock plus the median skew. So live traffic reads
-    about the wall clock, a replay of an old log reads the log's own time (its skew is years,
-    and steady), a partition that lags behind others keeps its own time, and no single
-    message (nor any minority of the window) moves it. Between events it advances with the
-    wall clock, so idle sessions still expire when traffic stops.
-    """
-
-    #: the median is recomputed after this many new events (a sort of <= window floats):
-    #: one stale by a few events is as robust, and per event it costs ~0.2 µs, not ~10
-    RECOMPUTE_EVERY = 16
-
-    def __init__(self, window: int = 101) -> None:
-        self.skews: deque[float] = deque(maxlen=window)
-        self._median: float | None = None
-        self._since = 0
-
-    def median_skew(self) -> float | None:
-        if self.skews and (self._median is None or self._since >= self.RECOMPUTE_EVERY):
-            s = sorted(self.skews)
-            n = len(s)
-            self._median = s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
-            self._since = 0
-        return self._median
-
-    def push(self, skew: float) -> None:
-        self.skews.append(skew)
-        self._since += 1
-
-    def recent_median(self, n: int) -> float:
-        """Median skew of the last ``n`` events (fresh, not cached: ``n`` is small)."""
-        s = sorted(islice(reversed(self.skews), n))
-        k = len(s)
-        return s[k // 2] if k % 2 else (s[k // 2 - 1] + s[k // 2]) / 2
-
-
-class StreamClock:
-    """One :class:`PartitionClock` per input partition, and the event-time checks.
-
-    :meth:`check` decides whether an event time is in range for its partition: not more than
-    ``max_ahead_seconds`` ahead of its arrival (a client clock hours fast, a CreateTime in
-    2286), and, once the partition has seen ``min_events`` events, with a skew within
-    ``max_skew_seconds`` of the partition's median skew, or of the median of the last
-    ``min_events`` events before it. The second reference follows a fast replay of a sparse
-    log, whose skew drifts by days per event (the window's median lags half a window behind
-    it); a single odd event, or any minority of the last ``min_events``, moves neither.
-    Every event checked (in range or not) enters the window, so a real, lasting change of
-    skew (a new log replayed into the same partition) re-centres the clock; until then such
-    events are dead-lettered with their bytes, to be replayed if wanted.
-    """
-
-    def __init__(
-        self,
-        window: int = 101,
-        min_events: int = 8,
-        max_ahead_seconds: float = 3600.0,
-        max_skew_seconds: float = 30 * 24 * 3600.0,
-    ) -> None:
-        self.window = window
-        self.min_events = min_events
-        self.max_ahead = max_ahead_seconds
-        self.max_skew = max_skew_seconds
-        self.partitions: dict[int, PartitionClock] = {}
-
-    @classmethod
-    def from_config(cls, config: CoreConfig) -> StreamClock:
-        return cls(
-            config.clock_window,
-            config.clock_min_events,
-            config.max_ahead_seconds,
-            config.max_skew_seconds,
-        )
-
-    def _clock(self, partition: int) -> PartitionClock:
-        c = self.partitions.get(partition)
-        if c is None:
-            c = self.partitions[partition] = PartitionClock(self.window)
-        return c
-
-    def check(self, partition: int, t: float, arrival: float) -> str | None:
-        """None if ``t`` is in range for ``partition`` (then observed), else why not."""
-        c = self._clock(partition)
-        skew = t - arrival
-        trusted = len(c.skews) >= self.min_events
-        median = c.median_skew() if trusted else None
-        far = (
-            median is not None
-            and abs(skew - median) > self.max_skew
-            and abs(skew - c.recent_median(self.min_events)) > self.max_skew
-        )
-        c.push(skew)
-        if skew > self.max_ahead:
-            return f"event time {t:.3f} is {skew:.0f} s ahead of its arrival"
-        if far:
-            assert median is not None
-            return (
-                f"event time {t:.3f} is {skew - median:+.0f} s away from partition "
-                f"{partition}'s clock"
-            )
-        return None
-
-    def observe(self, t: float, partition: int = 0, arrival: float | None = None) -> None:
-        """Record an event time without checking it."""
-        self._clock(partition).push(t - (time.time() if arrival is None else arrival))
-
-    def now(self, partition: int = 0, wall: float | None = None) -> float | None:
-        """The partition's event time now; None until it has seen ``min_events`` events
-        (the sweep leaves such a partition alone: after a restart, the first few messages
-        alone never decide what expires)."""
-        c = self.partitions.get(partition)
-        if c is None or len(c.skews) < self.min_events:
-            return None
-        median = c.median_skew()
-        assert median is not None
-        return (time.time() if wall is None else wall) + median
+from streamrec.serving.state import MAX_STATE_BYTES, SessionState, UserState, state_key
+from streamrec.serving.state_store import StateStore
 
 
 @dataclass
@@ -328,12 +77,7 @@ def _is_dup(pos_partition: int, pos_offset: int, rec: Record) -> bool:
     return rec.offset >= 0 and pos_partition == rec.partition and rec.offset <= pos_offset
 
 
-def _migrate(k: KeyStates, model: ServingModel, stats: Counter[str]) -> None:
-    """Re-encode states made under other weights from their stored item ids."""
-    _migrate_all([k], model, stats)
-
-
-def _migrate_all(ks: Sequence[KeyStates], model: ServingModel, stats: Counter[str]) -> None:
+def migrate_states(ks: Sequence[KeyStates], model: ServingModel, stats: Counter[str]) -> None:
     """Re-encode the states made under other weights, batched: the users first (advance
     only, no scoring), then the sessions from their (new) user contexts."""
     old_users = [
@@ -378,7 +122,7 @@ def _user_ctx(keys: Sequence[KeyStates], model: ServingModel) -> np.ndarray:
     return out
 
 
-def _end_sessions(
+def end_sessions(
     ks: Sequence[tuple[str, KeyStates]],
     model: ServingModel,
     config: CoreConfig,
@@ -514,17 +258,19 @@ def decode_and_group(
 def load_states(
     keys: Iterable[str],
     user_keys: set[str],
+    partitions: Mapping[str, int],
     store: StateStore,
     model: ServingModel,
     stats: Counter[str],
 ) -> dict[str, KeyStates]:
-    """Phase 2: each key's states, read once; those made under other weights re-encoded
-    (all of the batch's at once)."""
+    """Phase 2: each key's states, read once from the key's partition; those made under
+    other weights re-encoded (all of the batch's at once)."""
     work: dict[str, KeyStates] = {}
     for key in keys:
-        k = KeyStates(store.get_session(key), store.get_user(key) if key in user_keys else None)
-        work[key] = k
-    _migrate_all(list(work.values()), model, stats)
+        p = partitions[key]
+        user = store.get_user(key, p) if key in user_keys else None
+        work[key] = KeyStates(store.get_session(key, p), user)
+    migrate_states(list(work.values()), model, stats)
     return work
 
 
@@ -659,31 +405,31 @@ def emit_round(
             s.n_unknown += int(unknown)
             k.sess_dirty = True
         add(
-            {
-                "click_id": cid,
-                "topic": rec.topic,
-                "partition": rec.partition,
-                "offset": rec.offset,
-                "user_id": ev.user_id,
-                "session_id": ev.session_id,
-                "item_id": ev.item_id,
-                "items": None,
-                "scores": None,
-                "model_version": version,
-                "event_time": t,
-                "produced_at": rec.timestamp,
-                "received_at": rec.received_at,
-                "emitted_at": 0.0,
-                "duplicate": dup,
-                "unknown_item": unknown,
-            }
+            Recommendation(
+                cid,
+                rec.topic,
+                rec.partition,
+                rec.offset,
+                ev.user_id,
+                ev.session_id,
+                ev.item_id,
+                [],  # items and scores: filled in when scored
+                [],
+                version,
+                t,
+                rec.timestamp,
+                rec.received_at,
+                0.0,  # emitted_at: stamped when the batch is scored
+                dup,
+                unknown,
+            )
         )
     if step.top_ids is not None and step.top_scores is not None:
         _fill_answers(res.recommendations[first:], step.top_ids, step.top_scores, stats)
 
 
 def _fill_answers(
-    recs: Sequence[dict[str, Any]],
+    recs: Sequence[Recommendation],
     ids: Sequence[list[str]],
     scores: Sequence[list[float]],
     stats: Counter[str],
@@ -697,28 +443,33 @@ def _fill_answers(
             stats["nonfinite_answers"] += 1
             row_ids = [row_ids[i] for i in keep]
             row_scores = [row_scores[i] for i in keep]
-        r["items"] = row_ids
-        r["scores"] = row_scores
+        r.items = row_ids
+        r.scores = row_scores
 
 
 def store_states(
-    work: dict[str, KeyStates], store: StateStore, max_bytes: int = MAX_STATE_BYTES
+    work: dict[str, KeyStates],
+    partitions: Mapping[str, int],
+    store: StateStore,
+    max_bytes: int = MAX_STATE_BYTES,
 ) -> None:
-    """Phase 4: one write (or delete) per changed key, each capped at ``max_bytes``."""
+    """Phase 4: one write (or delete) per changed key, into the key's partition, each capped
+    at ``max_bytes``."""
     for key, k in work.items():
+        p = partitions[key]
         if k.sess is not None and k.sess_dirty:
-            store.put_session(key, k.sess, max_bytes)
+            store.put_session(key, k.sess, p, max_bytes)
         elif k.sess is None and k.sess_deleted:
-            store.delete_session(key)
+            store.delete_session(key, p)
         if k.user is not None and k.user_dirty:
-            store.put_user(key, k.user, max_bytes)
+            store.put_user(key, k.user, p, max_bytes)
 
 
 def process_batch(
     records: Sequence[Record],
     store: StateStore,
     model: ServingModel,
-    config: CoreConfig = CoreConfig(),
+    config: CoreConfig = DEFAULT_CONFIG,
     *,
     clock: StreamClock | None = None,
     now: float | None = None,
@@ -738,7 +489,7 @@ def process_batch(
     queues, user_keys = decode_and_group(records, res, config, clock, now)
     if not queues:
         return res
-    work = load_states(queues, user_keys, store, model, stats)
+    work = load_states(queues, user_keys, res.key_partitions, store, model, stats)
 
     # rounds: round r holds the r-th event of every key, so a key is stepped at most once
     model_s = 0.0
@@ -749,7 +500,7 @@ def process_batch(
         stats["events"] += len(batch)
         to_end, end_pos, clicks = plan_round(batch, work, config, stats)
         t0 = time.perf_counter()
-        _end_sessions(to_end, model, config, end_pos, stats)
+        end_sessions(to_end, model, config, end_pos, stats)
         if not clicks:
             model_s += time.perf_counter() - t0
             continue
@@ -759,7 +510,7 @@ def process_batch(
         model_s += time.perf_counter() - t0
         emit_round(clicks, ks, step, res, config)
 
-    store_states(work, store, config.max_state_bytes)
+    store_states(work, res.key_partitions, store, config.max_state_bytes)
     res.model_seconds = model_s
     stats["recommendations"] += len(res.recommendations)
     if pending:
@@ -778,92 +529,5 @@ def score_batch(res: BatchResult, model: ServingModel, config: CoreConfig) -> Ba
         res.unscored = None
     emitted_at = time.time()
     for r in res.recommendations:
-        r["emitted_at"] = emitted_at
-    return res
-
-
-@dataclass
-class SweepResult:
-    sessions_ended: int = 0
-    users_expired: int = 0
-    sessions_left: int = 0
-    users_left: int = 0
-    #: whether sessions_left / users_left were counted (the full sweep only)
-    counted: bool = True
-    key_partitions: dict[str, int] = field(default_factory=dict)
-
-
-def sweep_idle(
-    store: StateStore,
-    model: ServingModel,
-    config: CoreConfig = CoreConfig(),
-    *,
-    now: float | None = None,
-    clock: StreamClock | None = None,
-    keys: Iterable[str] | None = None,
-    sweep_users: bool = True,
-    batch_size: int = 256,
-) -> SweepResult:
-    """Close sessions idle for longer than the gap (advancing user states) and delete them;
-    drop user states idle for longer than ``user_ttl_seconds``.
-
-    Idle is judged against the clock of the partition each state was last written from
-    (``clock.now(partition)``); a partition whose clock is not yet trusted is left alone.
-    Without a clock, ``now`` (default: the wall clock) is every partition's time."""
-    fixed = time.time() if now is None and clock is None else now
-
-    def now_of(partition: int) -> float | None:
-        if clock is None:
-            return fixed
-        return clock.now(partition)
-
-    res = SweepResult()
-    stats: Counter[str] = Counter()
-    if keys is None:
-        items = store.iter_sessions()
-    else:
-        items = ((k, s) for k in keys if (s := store.get_session(k)) is not None)
-    idle = []
-    for skey, s in items:
-        t = now_of(s.partition)
-        if t is not None and t - s.last_time > config.session_gap_seconds:
-            idle.append((skey, s))
-    for i in range(0, len(idle), batch_size):
-        chunk = idle[i : i + batch_size]
-        work = []
-        positions = []
-        for key, s in chunk:
-            k = KeyStates(s, store.get_user(key) if s.user_id is not None else None)
-            _migrate(k, model, stats)  # re-encodes s in place
-            work.append((key, k))
-            positions.append((s.partition, s.offset))
-        for (key, _), (part, _) in zip(work, positions, strict=True):
-            res.key_partitions[key] = part
-        _end_sessions(work, model, config, positions, stats)
-        for key, k in work:
-            store.delete_session(key)
-            if k.user is not None and k.user_dirty:
-                store.put_user(key, k.user, config.max_state_bytes)
-        res.sessions_ended += len(chunk)
-    if keys is None:  # counting is a full scan: only for the full sweep
-        res.sessions_left = len(store.sessions)
-    if sweep_users:
-        for key, raw in list(store.users.items()):
-            try:
-                u = UserState.from_bytes(raw)
-            except ValueError:
-                continue
-            res.users_left += 1
-            ttl = config.user_ttl_seconds
-            t = now_of(u.partition)
-            if (
-                ttl is not None
-                and t is not None
-                and t - u.last_time > ttl
-                and key not in store.sessions
-            ):
-                res.key_partitions[key] = u.partition
-                store.delete_user(key)
-                res.users_expired += 1
-                res.users_left -= 1
+        r.emitted_at = emitted_at
     return res

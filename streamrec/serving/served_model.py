@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from streamrec.errors import StreamrecError
 from streamrec.loop import registry
 from streamrec.model.api import SplitStepModel, StepModule
 from streamrec.model.checkpoint import (
@@ -34,7 +35,7 @@ from streamrec.model.gate import GATE_RATIO, HOLDOUT_KEY, HOLDOUT_METRIC, gate
 log = logging.getLogger(__name__)
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(StreamrecError, RuntimeError):
     """A checkpoint could not be loaded or did not pass validation."""
 
 
@@ -293,11 +294,6 @@ class ServingModel:
             top_i = torch.cat([p[1] for p in parts])
             return top_i.cpu().numpy(), top_s.float().cpu().numpy()
 
-    def encode_session(self, items: Sequence[str], user: np.ndarray | None) -> np.ndarray:
-        """Re-encode a session from its item ids (used after a model swap)."""
-        users = None if user is None else user.reshape(1, -1)
-        return self.encode_sessions([items], users)[0]
-
     def encode_user(self, sessions: Sequence[Sequence[str]]) -> np.ndarray:
         """Re-encode a user context from its recent session summaries."""
         return self.encode_users([sessions])[0]
@@ -473,18 +469,6 @@ class ModelHolder:
     @property
     def current(self) -> ServingModel:
         return self._model
-
-    def swap(
-        self,
-        new: ServingModel,
-        holdout: Sequence[Sequence[str]] | None = None,
-        reference_recall: float | None = None,
-    ) -> bool:
-        """Validate and swap in a new model; returns False (and keeps the old) on failure."""
-        if not self.check(new, holdout, reference_recall):
-            return False
-        self.install(new)
-        return True
 
     def check(
         self,

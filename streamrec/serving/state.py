@@ -18,16 +18,18 @@ producer's message size.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Iterator, MutableMapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from streamrec.errors import StreamrecError
 
 _SESSION_MAGIC = b"S2"  # S2 adds the recent event ids; S1 states still decode
 _SESSION_MAGIC_V1 = b"S1"
 _USER_MAGIC = b"U1"
 #: Layout of state keys (namespaces) in stores and changelogs; stores written under an
-#: older layout are refused (see streamrec.engines.native.store).
+#: older layout are refused (:class:`StateLayoutError`).
 STATE_LAYOUT = 2
 USER_NS = "u:"
 ANON_NS = "a:"
@@ -40,8 +42,23 @@ def state_key(user_id: str | None, session_id: str) -> str:
     return USER_NS + user_id if user_id is not None else ANON_NS + session_id
 
 
-class StateTooLarge(ValueError):
+class StateTooLarge(StreamrecError, ValueError):
     """A state does not fit ``max_bytes`` even with every droppable list emptied."""
+
+
+class StateLayoutError(StreamrecError, RuntimeError):
+    """A state database or changelog written under another state key layout."""
+
+
+def layout_refused(where: str, found: str) -> StateLayoutError:
+    """The error for state of layout ``found`` met in ``where``, saying what to do."""
+    return StateLayoutError(
+        f"{where} holds state of layout {found}; this streamrec writes layout {STATE_LAYOUT} "
+        "(users under u:<user id>, anonymous sessions under a:<session id>) and does not "
+        "read older layouts. Start from empty state: delete the state directory and the "
+        "changelog topic, or use a new worker.app_id (open sessions restart; user histories "
+        "are lost)."
+    )
 
 
 # magic, partition, offset, last_time, start_time, n_events, n_unknown, dim
@@ -50,8 +67,24 @@ _SESSION_HDR = struct.Struct("<2siqddIII")
 _USER_HDR = struct.Struct("<2siqdII")
 _LEN = struct.Struct("<H")
 
+#: Both encodings begin with the same fields (magic, partition, offset, last_time), so the
+#: last event time sits at this byte offset in every state: the last-activity indexes of both
+#: engines read it without decoding the state (:func:`encoded_last_time`).
+LAST_TIME_AT = struct.calcsize("<2siq")
+_LAST_TIME = struct.Struct("<d")
+assert _SESSION_HDR.format[:6] == _USER_HDR.format[:6] == "<2siqd"  # the shared prefix
 
-class StateDecodeError(ValueError):
+
+def encoded_last_time(value: bytes) -> float | None:
+    """The last event time of an encoded session or user state (as stored, possibly not
+    finite), without decoding it; None if ``value`` is too short to hold one."""
+    if len(value) < LAST_TIME_AT + _LAST_TIME.size:
+        return None
+    (t,) = _LAST_TIME.unpack_from(value, LAST_TIME_AT)
+    return float(t)
+
+
+class StateDecodeError(StreamrecError, ValueError):
     """Stored bytes are not a valid state."""
 
 
@@ -97,7 +130,7 @@ def _put_strs(out: list[bytes], items: Iterable[str]) -> None:
 
 def _get_strs(buf: bytes, pos: int) -> tuple[list[str], int]:
     (n,) = _LEN.unpack_from(buf, pos)
-    return _get_each(buf, pos + 2, n, "")  # type: ignore[return-value]
+    return _get_each(buf, pos + 2, n, "")  # type: ignore[return-value]  # none="" : no None comes back
 
 
 def _as_bytes(data: bytes) -> bytes:
@@ -286,133 +319,3 @@ class UserState:
         except (struct.error, UnicodeDecodeError) as exc:
             raise StateDecodeError(str(exc)) from exc
         return cls(uid or "", ctx, version or "", sessions, part, off, last)
-
-
-class BufferedTable(MutableMapping[str, bytes]):
-    """A table whose writes are buffered in ``writes`` (None: delete) for the engine to apply
-    after the batch; reads see the buffer first, then the engine's storage.
-
-    Subclasses say how to read one key (:meth:`_read_base`) and list the stored keys
-    (:meth:`_base_keys`); both engines' views (Faust tables, partition RocksDBs) are this.
-    """
-
-    def __init__(self) -> None:
-        self.writes: dict[str, bytes | None] = {}
-
-    def _read_base(self, key: str) -> bytes | None:
-        raise NotImplementedError
-
-    def _base_keys(self) -> Iterable[str]:
-        raise NotImplementedError
-
-    def _read(self, key: str) -> bytes | None:
-        if key in self.writes:
-            return self.writes[key]
-        return self._read_base(key)
-
-    def __getitem__(self, key: str) -> bytes:
-        value = self._read(key)
-        if value is None:
-            raise KeyError(key)
-        return value
-
-    def get(self, key: str, default: bytes | None = None) -> bytes | None:  # type: ignore[override]
-        value = self._read(key)
-        return default if value is None else value
-
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and self._read(key) is not None
-
-    def __setitem__(self, key: str, value: bytes) -> None:
-        self.writes[key] = value
-
-    def __delitem__(self, key: str) -> None:
-        if key not in self:
-            raise KeyError(key)
-        self.writes[key] = None
-
-    def __iter__(self) -> Iterator[str]:
-        seen: set[str] = set()
-        for key in self._base_keys():
-            if key in seen:
-                continue
-            seen.add(key)
-            if self.writes.get(key, b"") is not None:
-                yield key
-        for key, value in list(self.writes.items()):
-            if key not in seen and value is not None:
-                yield key
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
-
-
-class StateStore:
-    """Typed access to session and user states over two byte mappings.
-
-    The mappings can be Faust tables (RocksDB + changelog) or plain dicts (the in-memory twin
-    used by tests and replay). A value that fails to decode is treated as absent (and counted)
-    rather than stopping the worker.
-    """
-
-    def __init__(
-        self,
-        sessions: MutableMapping[str, bytes] | None = None,
-        users: MutableMapping[str, bytes] | None = None,
-    ) -> None:
-        self.sessions: MutableMapping[str, bytes] = {} if sessions is None else sessions
-        self.users: MutableMapping[str, bytes] = {} if users is None else users
-        self.corrupt = 0
-
-    def _get(self, table: MutableMapping[str, bytes], key: str, cls):
-        raw = table.get(key)
-        if raw is None:
-            return None
-        try:
-            return cls.from_bytes(raw)
-        except StateDecodeError:
-            self.corrupt += 1
-            return None
-
-    def get_session(self, key: str) -> SessionState | None:
-        return self._get(self.sessions, key, SessionState)
-
-    def get_user(self, key: str) -> UserState | None:
-        return self._get(self.users, key, UserState)
-
-    def get_many(
-        self, keys: Iterable[str], with_users: bool = True
-    ) -> tuple[dict[str, SessionState], dict[str, UserState]]:
-        """One pass over the keys of a batch."""
-        sessions: dict[str, SessionState] = {}
-        users: dict[str, UserState] = {}
-        for k in keys:
-            s = self.get_session(k)
-            if s is not None:
-                sessions[k] = s
-            if with_users:
-                u = self.get_user(k)
-                if u is not None:
-                    users[k] = u
-        return sessions, users
-
-    def put_session(self, key: str, state: SessionState, max_bytes: int = MAX_STATE_BYTES) -> None:
-        self.sessions[key] = state.to_bytes(max_bytes)
-
-    def put_user(self, key: str, state: UserState, max_bytes: int = MAX_STATE_BYTES) -> None:
-        self.users[key] = state.to_bytes(max_bytes)
-
-    def delete_session(self, key: str) -> None:
-        if key in self.sessions:
-            del self.sessions[key]
-
-    def delete_user(self, key: str) -> None:
-        if key in self.users:
-            del self.users[key]
-
-    def iter_sessions(self) -> Iterable[tuple[str, SessionState]]:
-        for k, raw in list(self.sessions.items()):
-            try:
-                yield k, SessionState.from_bytes(raw)
-            except StateDecodeError:
-                self.corrupt += 1

@@ -2,7 +2,7 @@
 
 The whole live stack runs: a broker (the embedded Tansu, or the configured Kafka), one worker
 group per arm (``streamrec worker`` child processes), and for the retrained arm the archiver
-and one retrain cycle per period (``streamrec archive`` / ``trainer retrain --once``, issue #11,
+and one retrain cycle per period (``streamrec archive`` / ``trainer retrain --once``,
 as child processes: the serving package never imports ``trainer``).
 
 The log is replayed in event-time order, compressed in time: each period's clicks are
@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 import urllib.request
@@ -39,6 +37,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from streamrec.errors import StreamrecError
+from streamrec.processes import run_child
+from streamrec.serving.records import Recommendation
 from streamrec.tools.backtest_metrics import (
     KS,
     LogView,
@@ -54,7 +55,7 @@ from streamrec.tools.backtest_metrics import (
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
 
 
-class BacktestError(RuntimeError):
+class BacktestError(StreamrecError, RuntimeError):
     pass
 
 
@@ -114,7 +115,7 @@ class BacktestOptions:
     train_args: Sequence[str] = ()  # extra `trainer train` options
     retrain_args: Sequence[str] = ()  # extra `trainer retrain` options, e.g. --window=60d
     on_event: Callable[[str], None] | None = None
-    #: one retrain cycle (label) in place of issue #11's commands: must publish a new
+    #: one retrain cycle (label) in place of archive + retrain: must publish a new
     #: checkpoint that a worker watching ``Backtest.registry`` swaps in (tests use a stand-in)
     retrain_cycle: Callable[[Backtest, str], None] | None = None
     retrainer: str = "streamrec archive --until-caught-up; trainer retrain --once"
@@ -179,25 +180,6 @@ def registry_current(models: Path) -> Path | None:
 # ----------------------------------------------------------------------------- child processes
 
 
-def _run_child(cmd: list[str], log: Path, what: str, timeout: float) -> str:
-    """Run a CLI in a child process, its output appended to ``log``; stdout is returned."""
-    with open(log, "ab") as f:
-        f.write(f"\n$ {' '.join(cmd)}\n".encode())
-        f.flush()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=f, env=os.environ.copy())
-        try:
-            out, _ = proc.communicate(timeout=timeout)
-        except BaseException:  # Ctrl-C or timeout: leave nothing running
-            proc.kill()
-            proc.wait()
-            raise
-        f.write(out)
-    if proc.returncode != 0:
-        tail = log.read_text(errors="replace")[-3000:]
-        raise BacktestError(f"{what} failed (exit {proc.returncode}); its log:\n{tail}")
-    return out.decode(errors="replace")
-
-
 def train_initial(opts: BacktestOptions, warm: pd.DataFrame, work: Path) -> Path:
     """``trainer train`` on the warm-up clicks -> ``work/models/initial``."""
     if len(warm) == 0:
@@ -210,7 +192,8 @@ def train_initial(opts: BacktestOptions, warm: pd.DataFrame, work: Path) -> Path
     cmd += ["--model", opts.model, "--no-progress", *opts.train_args]
     for kv in opts.params:
         cmd += ["--param", kv]
-    _run_child(cmd, work / "trainer.log", "trainer train (initial model)", opts.timeout * 4)
+    what = "trainer train (initial model)"
+    run_child(cmd, what=what, log=work / "trainer.log", timeout=opts.timeout * 4)
     return out
 
 
@@ -273,7 +256,7 @@ class _AnswerReader:
 
 
 def _click_id(value: bytes) -> str:
-    return str(json.loads(value)["click_id"])
+    return Recommendation.from_json(value).click_id
 
 
 class Backtest:
@@ -427,7 +410,7 @@ class Backtest:
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, completed=t_upto - self._t0)
 
-    # -- retraining (issue #11's commands, as child processes)
+    # -- retraining (`streamrec archive` and `trainer retrain`, as child processes)
     @property
     def registry(self) -> Path:
         return self.work / "models" / "registry"
@@ -438,10 +421,10 @@ class Backtest:
         if self.opts.retrain_cycle is not None:
             self.opts.retrain_cycle(self, label)
         else:
-            self._archive_and_retrain_issue11(label)
+            self._archive_then_retrain(label)
         return {"label": label, "seconds": time.perf_counter() - t0}
 
-    def _archive_and_retrain_issue11(self, label: str) -> None:
+    def _archive_then_retrain(self, label: str) -> None:
         """``streamrec archive --until-caught-up`` then ``trainer retrain --once``, which
         publishes into the registry that the retrained arm's workers follow."""
         archive = self.work / "archive"
@@ -467,16 +450,8 @@ class Backtest:
                 "worker.app_id": f"bt-{self.run_id}-archiver",
             }
         )
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            return _run_child(cmd, self.work / "retrain.log", what, self.opts.timeout * 4)
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        log = self.work / "retrain.log"
+        return run_child(cmd, what=what, log=log, env=env, timeout=self.opts.timeout * 4)
 
     def wait_swapped(self, arm: Arm, before: str | None) -> str:
         deadline = time.monotonic() + self.opts.timeout

@@ -1,6 +1,7 @@
 """The backtest's figures, computed from a log and the recommendations that came back.
 
-Pure functions over a pandas frame and a list of answer records: no Kafka, no model.
+Pure functions over a pandas frame and a list of answers (``Recommendation``): no Kafka, no
+model.
 
 Ranks. A live answer carries only the top-K item ids and scores, K = the largest cut-off + 1.
 The offline evaluator's *conservative* rank is the number of items scored at least as high as
@@ -41,6 +42,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from streamrec.serving.records import Recommendation
 
 KS: tuple[int, ...] = (1, 5, 10, 20)
 
@@ -102,24 +105,24 @@ def live_rank(
 class Answers:
     """One arm's answers, by click (event) id."""
 
-    first: dict[str, dict[str, Any]]
+    first: dict[str, Recommendation]
     duplicates: int  # clicks answered more than once, or answered as redeliveries
     lost: int  # produced clicks with no answer
 
 
-def collect_answers(records: Iterable[Mapping[str, Any]], click_ids: Iterable[str]) -> Answers:
+def collect_answers(records: Iterable[Recommendation], click_ids: Iterable[str]) -> Answers:
     wanted = set(click_ids)
-    first: dict[str, dict[str, Any]] = {}
+    first: dict[str, Recommendation] = {}
     counts: dict[str, int] = {}
     dup_flag: set[str] = set()
     for r in records:
-        cid = r.get("click_id")
+        cid = r.click_id
         if cid not in wanted:
             continue
         counts[cid] = counts.get(cid, 0) + 1
-        if r.get("duplicate"):
+        if r.duplicate:
             dup_flag.add(cid)
-        first.setdefault(cid, dict(r))
+        first.setdefault(cid, r)
     duplicates = sum(1 for c, n in counts.items() if n > 1 or c in dup_flag)
     return Answers(first, duplicates, len(wanted) - len(first))
 
@@ -232,23 +235,23 @@ def score_arm(
         if a is None:
             continue
         accs = (per[p], overall)
-        top = list(a.get("items") or [])[:cov_k]
-        cid = f"{a.get('topic')}:{a.get('partition')}:{a.get('offset')}"
+        top = a.items[:cov_k]
+        cid = f"{a.topic}:{a.partition}:{a.offset}"
         t_sent = sent_at.get(cid)
-        versions.append((float(a.get("event_time") or 0.0), str(a.get("model_version"))))
+        versions.append((a.event_time, a.model_version))
         for acc in accs:
             acc.answers += 1
             acc.recommended.update(top)
             acc.slots += len(top)
             acc.new_slots += sum(1 for x in top if x in new_in_period[p])
             if t_sent is not None:
-                acc.latencies.append(float(a["emitted_at"]) - t_sent)
+                acc.latencies.append(a.emitted_at - t_sent)
                 acc.sent.append(t_sent)
-            acc.emitted.append(float(a["emitted_at"]))
+            acc.emitted.append(a.emitted_at)
         target = view.next_item[i]
         if target is None:
             continue
-        rank = live_rank(a.get("items"), a.get("scores"), target, k_max)
+        rank = live_rank(a.items, a.scores, target, k_max)
         is_new = target in new_in_period[p]
         for acc in accs:
             acc.add_rank(rank)

@@ -8,13 +8,14 @@ Everything it starts is stopped, and its temporary directory removed, on the way
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from rich.console import Console
 from streamrec.data.synthetic import generate_clicks
 from streamrec.kafka.clients import TopicSpec, ensure_topics, tail
 from streamrec.kafka.embedded import EmbeddedBroker
+from streamrec.processes import ChildFailed, ChildProcess, run_child
+from streamrec.serving.records import Recommendation
 from streamrec.tools.launch import WorkerProcess
 from streamrec.tools.replay import (
     click_values,
@@ -68,12 +71,12 @@ def _tail(
     last = 0.0
     for msg in tail(conf, topic, from_beginning=True, stopped=stop.is_set):
         now = time.time()
-        r = json.loads(msg.value())
-        if shown < show and now - last > 0.4 and r["session_id"] != "warmup":
-            top = " ".join(r["items"][:5])
-            lat = (now - r["produced_at"]) * 1e3 if r.get("produced_at") else float("nan")
+        r = Recommendation.from_json(msg.value())
+        if shown < show and now - last > 0.4 and r.session_id != "warmup":
+            top = " ".join(r.items[:5])
+            lat = (now - r.produced_at) * 1e3 if r.produced_at else float("nan")
             console.print(
-                f"  session [cyan]{r['session_id']:>6}[/] clicked [bold]{r['item_id']:>4}[/]"
+                f"  session [cyan]{r.session_id:>6}[/] clicked [bold]{r.item_id:>4}[/]"
                 f" -> next: [green]{top}[/] …  ({lat:.0f} ms)"
             )
             shown += 1
@@ -99,17 +102,14 @@ def _train(train: Any, work: Path, opts: DemoOptions) -> tuple[Path, float]:
     for k, v in params.items():
         cmd += ["--param", f"{k}={v}"]
     threads = str(max(1, min(2, os.cpu_count() or 1)))
+    what = "trainer train"
     try:
-        done = subprocess.run(
-            cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": threads}
-        )
-    except FileNotFoundError as exc:  # pragma: no cover - no Python?
-        raise RuntimeError(f"cannot run the trainer: {exc}") from exc
-    if done.returncode != 0:
-        hint = ""
-        if "No module named trainer" in done.stderr:
-            hint = " (the demo trains with the trainer package, which is not installed)"
-        raise RuntimeError(f"trainer train failed{hint}:\n{done.stderr[-3000:]}")
+        run_child(cmd, what=what, log=work / "trainer.log", env={"OMP_NUM_THREADS": threads})
+    except ChildFailed as exc:
+        if "No module named trainer" not in str(exc):
+            raise
+        hint = "the demo trains with the trainer package, which is not installed"
+        raise ChildFailed(f"{what} failed ({hint})") from None
     metrics = json.loads((out / "metrics.json").read_text())
     return out, float(metrics.get("train_seconds") or 0.0)
 
@@ -181,13 +181,10 @@ def run_demo(opts: DemoOptions | None = None, console: Console | None = None) ->
             recs = list(answers.values())
             if not recs:
                 raise RuntimeError(f"no recommendations came back; log:\n{worker.log_tail()}")
-            lat = latency_percentiles(
-                r["emitted_at"] - produced.sent_at.get(r["click_id"], r["produced_at"])
-                for r in recs
-            )
-            span = max(r["emitted_at"] for r in recs) - min(
-                produced.sent_at.get(r["click_id"], r["produced_at"]) for r in recs
-            )
+            sent_or_none = [produced.sent_at.get(r.click_id, r.produced_at) for r in recs]
+            sent = [math.nan if t is None else t for t in sent_or_none]
+            lat = latency_percentiles(r.emitted_at - t for r, t in zip(recs, sent, strict=True))
+            span = max(r.emitted_at for r in recs) - min(sent)
             metrics = live_metrics(recs, k=20)
             summary: dict[str, Any] = {
                 "events": produced.n,
@@ -239,7 +236,7 @@ def _archived_rows(directory: Path) -> int:
     return sum(pq.read_metadata(storage.join(f.path)).num_rows for f in list_archive(storage))
 
 
-def _retrain_once(work: Path, opts: DemoOptions, env: dict[str, str]) -> dict[str, Any]:
+def _retrain_once(work: Path, opts: DemoOptions, env: Mapping[str, str]) -> dict[str, Any]:
     """``trainer retrain --once`` in a child process (the serving package imports no trainer)."""
     from streamrec.loop import registry
 
@@ -247,9 +244,7 @@ def _retrain_once(work: Path, opts: DemoOptions, env: dict[str, str]) -> dict[st
     cmd += ["--models", str(work / "models"), "--once", "--window", "60d", "--holdout", "1d"]
     cmd += ["--no-progress", "--param", f"layers={opts.units}", f"n_epochs={opts.epochs}"]
     cmd += ["batch_size=64", "n_sample=0", "learning_rate=0.1", "device=cpu"]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"trainer retrain failed:\n{done.stderr[-3000:]}")
+    run_child(cmd, what="trainer retrain --once", log=work / "retrain.log", env=env)
     return registry.read_log(work / "models")[-1]
 
 
@@ -265,7 +260,7 @@ def run_retrain_demo(
     opts = opts or DemoOptions()
     console = console or Console()
     work = Path(tempfile.mkdtemp(prefix="streamrec-demo-retrain-"))
-    procs: list[subprocess.Popen[bytes]] = []
+    archiver: ChildProcess | None = None
     worker: WorkerProcess | None = None
     try:
         with console.status("starting the embedded Kafka broker"):
@@ -282,29 +277,17 @@ def run_retrain_demo(
                 "worker.metrics_port": 0,
                 "worker.log_level": "WARNING",
             }
-            env = {**os.environ, **settings_env(settings), "OMP_NUM_THREADS": "1"}
+            env = {**settings_env(settings), "OMP_NUM_THREADS": "1"}
             ensure_topics(
                 conf,
                 [TopicSpec(t, opts.partitions) for t in ("demo-clicks", "demo-recommendations",
                                                           "demo-dead-letter")],
             )  # fmt: skip
-            log = open(work / "archiver.log", "ab")  # noqa: SIM115 - closed with the process
-            procs.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "streamrec",
-                        "archive",
-                        "--dir",
-                        str(work / "archive"),
-                        "--flush-interval",
-                        "1",
-                    ],
-                    env=env,
-                    stdout=log,
-                    stderr=log,
-                )
+            archive_cmd = ["-m", "streamrec", "archive", "--dir", str(work / "archive")]
+            archiver = ChildProcess(
+                [sys.executable, *archive_cmd, "--flush-interval", "1"],
+                env=env,
+                log=work / "archiver.log",
             )
             worker = WorkerProcess(
                 work / "models",
@@ -373,14 +356,14 @@ def run_retrain_demo(
                     )
                     got = wait_for_answers(conf, "demo-recommendations", p.click_ids, 30)
                     r = next(iter(got.values()), None)
-                    if r is not None and r["model_version"] == version:
-                        first_new = r["emitted_at"] - published_at
-                        shown = [i for i in r["items"] if i in set(new_items)]
+                    if r is not None and r.model_version == version:
+                        first_new = r.emitted_at - published_at
+                        shown = [i for i in r.items if i in set(new_items)]
                         console.print(
                             f"[bold]swap[/] worker serves {version} "
                             f"({first_new:.1f} s after publish); after clicking new item "
-                            f"{r['item_id']}: next [green]{' '.join(r['items'][:8])}[/] "
-                            f"({len(shown)} new items in the top {len(r['items'])})"
+                            f"{r.item_id}: next [green]{' '.join(r.items[:8])}[/] "
+                            f"({len(shown)} new items in the top {len(r.items)})"
                         )
                         break
                     time.sleep(0.2)
@@ -395,9 +378,8 @@ def run_retrain_demo(
         finally:
             if worker is not None:
                 worker.stop()
-            for proc in procs:
-                proc.terminate()
-                proc.wait(30)
+            if archiver is not None:
+                archiver.stop()
             broker.stop()
     finally:
         if opts.keep_dir is None:

@@ -20,6 +20,7 @@ from confluent_kafka import Producer
 
 from streamrec.kafka.clients import read_topic
 from streamrec.serving.events import MIN_TIMESTAMP
+from streamrec.serving.records import Recommendation
 
 
 def click_values(df: pd.DataFrame) -> list[tuple[bytes, bytes, float]]:
@@ -108,16 +109,21 @@ def produce(
     return out
 
 
-def first_answers(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def first_answers(records: Iterable[Recommendation]) -> dict[str, Recommendation]:
     """The first recommendation published for each click id."""
-    first: dict[str, dict[str, Any]] = {}
+    first: dict[str, Recommendation] = {}
     for r in records:
-        first.setdefault(r["click_id"], r)
+        first.setdefault(r.click_id, r)
     return first
 
 
-def read_recommendations(conf: dict[str, Any], topic: str, idle_timeout: float = 1.0) -> list[dict]:
-    return [json.loads(m.value()) for m in read_topic(conf, topic, idle_timeout=idle_timeout)]
+def read_recommendations(
+    conf: dict[str, Any], topic: str, idle_timeout: float = 1.0
+) -> list[Recommendation]:
+    return [
+        Recommendation.from_json(m.value())
+        for m in read_topic(conf, topic, idle_timeout=idle_timeout)
+    ]
 
 
 def wait_for_answers(
@@ -126,10 +132,10 @@ def wait_for_answers(
     click_ids: set[str],
     timeout: float = 120.0,
     on_progress: Callable[[int], None] | None = None,
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, Recommendation]:
     """Poll the recommendations topic (fresh reads) until every click id is answered."""
     deadline = time.monotonic() + timeout
-    answers: dict[str, dict[str, Any]] = {}
+    answers: dict[str, Recommendation] = {}
     while True:
         recs = read_recommendations(conf, topic, idle_timeout=0.5)
         answers = {k: v for k, v in first_answers(recs).items() if k in click_ids}
@@ -151,22 +157,22 @@ class LiveMetrics:
         return f"Recall@{self.k}={self.recall:.4f} MRR@{self.k}={self.mrr:.4f} (n={self.n})"
 
 
-def live_metrics(answers: Iterable[dict[str, Any]], k: int = 20) -> LiveMetrics:
+def live_metrics(answers: Iterable[Recommendation], k: int = 20) -> LiveMetrics:
     """Recall@k/MRR@k of each click's recommendation against the session's next click."""
-    by_session: dict[tuple[str | None, str], list[dict[str, Any]]] = {}
+    by_session: dict[tuple[str | None, str], list[Recommendation]] = {}
     for r in answers:
-        by_session.setdefault((r["user_id"], r["session_id"]), []).append(r)
+        by_session.setdefault((r.user_id, r.session_id), []).append(r)
     hits = 0
     rr = 0.0
     n = 0
     for recs in by_session.values():
-        recs.sort(key=lambda r: (r["partition"], r["offset"]))
+        recs.sort(key=lambda r: (r.partition, r.offset))
         for cur, nxt in itertools.pairwise(recs):
             n += 1
-            top = cur["items"][:k]
-            if nxt["item_id"] in top:
+            top = cur.items[:k]
+            if nxt.item_id in top:
                 hits += 1
-                rr += 1.0 / (top.index(nxt["item_id"]) + 1)
+                rr += 1.0 / (top.index(nxt.item_id) + 1)
     return LiveMetrics(k, n, hits / n if n else float("nan"), rr / n if n else float("nan"))
 
 

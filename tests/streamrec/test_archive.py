@@ -19,7 +19,8 @@ import pytest
 from confluent_kafka import Producer
 
 from streamrec.kafka.clients import TopicSpec, ensure_topics, read_topic
-from streamrec.loop.archive import TMP_PREFIX, Archiver, Storage, list_archive
+from streamrec.loop.archive import TMP_PREFIX, Storage, list_archive
+from streamrec.loop.archiver import Archiver
 from streamrec.serving.events import ClickEvent, decode
 from streamrec.testing import click
 from streamrec.tools.launch import settings_env

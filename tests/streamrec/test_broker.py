@@ -67,6 +67,7 @@ def _start_cli(port: int) -> tuple[subprocess.Popen[str], str]:
     return proc, line
 
 
+@pytest.mark.slow
 def test_cli_starts_and_stops_twice_on_the_same_port() -> None:
     port = free_port()
     for stop_signal in (signal.SIGINT, signal.SIGTERM):

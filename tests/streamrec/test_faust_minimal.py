@@ -17,7 +17,7 @@ import pytest
 from confluent_kafka import Producer
 
 from streamrec.kafka.clients import TopicSpec, committed_offsets, ensure_topics, read_topic
-from streamrec.kafka.embedded import stop_process
+from streamrec.processes import stop_process
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 

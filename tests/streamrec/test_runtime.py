@@ -120,8 +120,9 @@ def test_quality_gate_on_holdout(tmp_path: Path) -> None:
 def test_deferred_scoring_equals_per_round_step(tmp_path: Path) -> None:
     import json
 
-    from streamrec.serving.pipeline import Record, process_batch
-    from streamrec.serving.state import StateStore
+    from streamrec.serving.pipeline import process_batch
+    from streamrec.serving.records import Record
+    from streamrec.serving.state_store import StateStore
 
     fast = ServingModel.from_checkpoint(_save(tmp_path / "a", 5), "cpu", top_k=7)
     slow = ServingModel.from_checkpoint(tmp_path / "a", "cpu", top_k=7)
@@ -141,8 +142,8 @@ def test_deferred_scoring_equals_per_round_step(tmp_path: Path) -> None:
     a, b = StateStore(), StateStore()
     ra = process_batch(recs, a, fast).recommendations
     rb = process_batch(recs, b, slow).recommendations
-    assert [r["items"] for r in ra] == [r["items"] for r in rb]
-    np.testing.assert_allclose([r["scores"] for r in ra], [r["scores"] for r in rb], atol=1e-5)
+    assert [r.items for r in ra] == [r.items for r in rb]
+    np.testing.assert_allclose([r.scores for r in ra], [r.scores for r in rb], atol=1e-5)
     for key in a.sessions:
         sa, sb = a.get_session(key), b.get_session(key)
         assert sa is not None and sb is not None and sa.same_as(sb)
@@ -153,8 +154,9 @@ def test_hrnn_checkpoint_serves_with_user_state(tmp_path: Path) -> None:
 
     from streamrec.model.checkpoint import save_checkpoint
     from streamrec.model.hrnn import HRNN
-    from streamrec.serving.pipeline import Record, process_batch
-    from streamrec.serving.state import StateStore
+    from streamrec.serving.pipeline import process_batch
+    from streamrec.serving.records import Record
+    from streamrec.serving.state_store import StateStore
 
     torch.manual_seed(0)
     hrnn = HRNN(N, layers=[8], user_layers=[6], variant="all")
@@ -174,7 +176,7 @@ def test_hrnn_checkpoint_serves_with_user_state(tmp_path: Path) -> None:
         )
         for n, (s, i) in enumerate(clicks)
     ]
-    from streamrec.serving.pipeline import CoreConfig
+    from streamrec.serving.config import CoreConfig
 
     store = StateStore()
     out = process_batch(recs, store, m, CoreConfig(top_k=5)).recommendations
@@ -192,13 +194,13 @@ def test_hrnn_checkpoint_serves_with_user_state(tmp_path: Path) -> None:
         o = m.step(m.rows([it]), st, u1)
         st = o.states
         ref.append(o.top_rows[0])
-    assert [r["items"] for r in out] == [m.ids(x).tolist() for x in ref]
+    assert [r.items for r in out] == [m.ids(x).tolist() for x in ref]
     user = store.get_user("u:u")
     assert user is not None and user.sessions == [["i1", "i2"]]
     np.testing.assert_allclose(user.context, u1[0], atol=1e-6)
 
 
-def test_metrics_render_and_serve() -> None:
+def test_metrics_are_served_over_http() -> None:
     import urllib.request
 
     from streamrec.kafka.embedded import free_port

@@ -11,8 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from streamrec.serving.pipeline import CoreConfig, Record, StreamClock, process_batch, sweep_idle
-from streamrec.serving.state import MAX_STATE_BYTES, SessionState, StateStore, UserState
+from streamrec.serving.clock import StreamClock
+from streamrec.serving.config import CoreConfig
+from streamrec.serving.expiry import sweep_idle
+from streamrec.serving.pipeline import process_batch
+from streamrec.serving.records import Record
+from streamrec.serving.state import MAX_STATE_BYTES, SessionState, UserState
+from streamrec.serving.state_store import StateStore
 from streamrec.testing import TinyStepModel, click, tiny_serving_model
 
 CFG = CoreConfig(session_gap_seconds=100.0, recent_items=10, recent_sessions=3, top_k=5)
@@ -105,7 +110,7 @@ def test_each_partition_keeps_its_own_clock() -> None:
     ok = rec(click("fine", "i3", t=wall), "fine", 100, partition=0, arrival=wall)
     res = process_batch([odd, ok], store, model, CFG, clock=clock, now=wall)
     assert [(d.reason, d.partition) for d in res.dead_letters] == [("timestamp_out_of_range", 1)]
-    assert [r["session_id"] for r in res.recommendations] == ["fine"]
+    assert [r.session_id for r in res.recommendations] == ["fine"]
 
 
 def test_a_fresh_clock_is_not_trusted_until_it_has_seen_enough_events() -> None:
@@ -162,7 +167,7 @@ def test_users_and_anonymous_sessions_never_share_a_key() -> None:
     # it started from the initial state, not from the user's context
     fresh = model.initial_states(model.initial_user_states(1), 1)
     ref = model.step(model.rows(["i3"]), fresh, model.initial_user_states(1), k=5)
-    assert res.recommendations[0]["items"] == model.ids(ref.top_rows[0]).tolist()
+    assert res.recommendations[0].items == model.ids(ref.top_rows[0]).tolist()
 
 
 def test_the_same_event_id_at_two_offsets_is_answered_once() -> None:
@@ -181,9 +186,9 @@ def test_the_same_event_id_at_two_offsets_is_answered_once() -> None:
         CFG,
     )
     r = again.recommendations
-    assert [x["duplicate"] for x in r] == [True, False, True]
-    assert r[0]["items"] == first.recommendations[0]["items"]  # the same answer
-    assert r[2]["items"] == r[1]["items"]
+    assert [x.duplicate for x in r] == [True, False, True]
+    assert r[0].items == first.recommendations[0].items  # the same answer
+    assert r[2].items == r[1].items
     s = store.get_session("a:s")
     assert s is not None and s.n_events == 2 and s.recent_items == ["i1", "i2"]
     assert s.event_ids == ["e1", "e2"] and store.sessions["a:s"] != state

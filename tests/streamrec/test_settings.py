@@ -106,4 +106,4 @@ def test_cli_fails_at_start_on_invalid_settings(monkeypatch: pytest.MonkeyPatch)
 def test_settings_are_immutable() -> None:
     s: Settings = load_settings()
     with pytest.raises(ValueError):
-        s.topics.partitions = 3  # type: ignore[misc]
+        s.topics.partitions = 3  # type: ignore[misc]  # frozen: the assignment must raise

@@ -25,9 +25,12 @@ from confluent_kafka import Producer
 
 from streamrec.kafka.clients import committed_offsets, read_topic
 from streamrec.kafka.embedded import EmbeddedBroker
-from streamrec.serving.pipeline import CoreConfig, Record, process_batch
+from streamrec.serving.config import CoreConfig
+from streamrec.serving.pipeline import process_batch
+from streamrec.serving.records import Record
 from streamrec.serving.served_model import ServingModel
-from streamrec.serving.state import STATE_LAYOUT, SessionState, StateStore, UserState
+from streamrec.serving.state import STATE_LAYOUT, SessionState, UserState
+from streamrec.serving.state_store import StateStore
 from streamrec.testing import click, offline_recommendations, worker_topics
 from streamrec.tools.launch import WorkerProcess, settings_env
 

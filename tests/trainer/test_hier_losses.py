@@ -61,6 +61,7 @@ def _check(stats, res, pop) -> None:
     assert res["mrr@20"] > 2 * pop["mrr@20"], (res, pop)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_sample", [0, 32])
 @pytest.mark.parametrize("loss", list(LOSSES))
 def test_every_loss_trains_hrnn(log, loss, n_sample):
@@ -77,6 +78,7 @@ def test_every_loss_trains_hrnn(log, loss, n_sample):
     _check(stats, evaluate_users(m, tr, te, idx, ks=(20,)), pop)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["parallel", "concat"])
 @pytest.mark.parametrize("n_sample", [0, 32])
 @pytest.mark.parametrize("loss", list(LOSSES))

@@ -83,6 +83,7 @@ def test_window_is_event_time_back_from_newest_event(tmp_path: Path) -> None:
     assert part.df["Time"].min() >= mid and part.df["Time"].max() < newest
 
 
+@pytest.mark.slow
 def test_train_cli_reads_archive_source(tmp_path: Path) -> None:
     from trainer.cli import main
 
@@ -207,6 +208,7 @@ def shuffled_items(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+@pytest.mark.slow
 def test_first_cycle_publishes_then_gate_refuses_degenerate(tmp_path: Path) -> None:
     archive, models = tmp_path / "archive", tmp_path / "models"
     df = generate_clicks(1500, 60, seed=4, span_days=6)
@@ -341,6 +343,7 @@ def test_fsspec_memory_archive_and_clear_errors(tmp_path: Path) -> None:
     assert out.exit_code == 2 and "exactly one of --once and --every" in out.output
 
 
+@pytest.mark.slow
 def test_hrnn_retrains_cold_through_the_same_cycle(tmp_path: Path) -> None:
     df = generate_clicks(600, 40, n_users=60, seed=1, span_days=10)
     write_archive(tmp_path / "a", df)
@@ -359,6 +362,7 @@ HIER_PARAMS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["hrnn", "prnn"])
 def test_retrain_cli_warm_starts_hrnn_and_prnn(tmp_path: Path, name: str) -> None:
     """``trainer retrain --once --model hrnn|prnn``: a cold first cycle publishes; the next
@@ -606,6 +610,7 @@ def test_warm_start_continues_the_optimiser_state() -> None:
         opt2.import_state({"Wy": small.Wy}, state)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["hrnn", "prnn"])
 def test_hier_warm_start_continues_the_optimiser_state(name: str) -> None:
     """As GRU4Rec's: HRNN / p-RNN continued with the parent's Adagrad accumulators take

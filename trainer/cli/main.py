@@ -11,6 +11,7 @@ from typing import Any
 import click
 import pandas as pd
 
+from streamrec.errors import CommandGroup
 from trainer.cli.options import (
     LoadOptions,
     MultiValueCommand,
@@ -30,7 +31,7 @@ from trainer.jobs import TrainJob
 from trainer.models import TRAINERS, evaluator_for, known_items_test
 
 
-@click.group()
+@click.group(cls=CommandGroup)
 def main() -> None:
     """Offline GRU4Rec / HRNN / p-RNN: train, evaluate, baselines."""
 

@@ -24,7 +24,7 @@ authors' code). By default (``wait_for_user=False``) the schedule is exactly GRU
 session whose predecessor still runs in another slot starts from the pair stored in the
 previous epoch (complete in content, one epoch old in weights). ``wait_for_user=True`` instead
 schedules a user's next session only after the previous one has ended, which pushes heavy
-users' sessions towards the end of the epoch (measured in bench/results/hrnn-issue10-v2.md).
+users' sessions towards the end of the epoch (measured in bench/results/hrnn-time-ordered.md).
 Every event is an input (the last one of a session with no target), so the state handed to
 ``end_session`` is the state after the whole session, as in the live service.
 User-parallel batches spend the end of every epoch on the few users with the longest histories
@@ -34,7 +34,7 @@ HRNN's default schedule is ``residual`` (staged): its session network (GRU4Rec's
 for ``n_epochs`` with the user path off, exactly as ``train_gru4rec``; then the user path (user
 GRU, ``W_init``, the item memory's offset, in ``all`` the user columns of the first layer) trains
 for ``n_epochs`` on top of it, frozen. The user path can then only add to GRU4Rec what it learns
-(bench/results/hrnn-issue10-v3.md); ``joint`` trains everything at once, as the paper.
+(bench/results/hrnn-staged-memory.md); ``joint`` trains everything at once, as the paper.
 
 ``user`` (p-RNN's default) -- user-parallel mini-batches: each of the B slots follows one user
 through all of their sessions in time order. At the first event of a session the slot's user state

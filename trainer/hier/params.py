@@ -52,13 +52,13 @@ class HRNNParams(HierParams):
     user path otherwise memorises each user's training items over the epochs (lower training
     loss, worse held-out last sessions). ``user_to_output`` (on in the authors' training
     script) is off: it memorised even more. Chosen on sessionised MovieLens-1M and a synthetic
-    log with planted user tastes; see bench/results/hrnn-issue10.md. Batches are GRU4Rec's
+    log with planted user tastes; see bench/results/hrnn-losses-defaults.md. Batches are GRU4Rec's
     time-ordered session-parallel ones with GRU4Rec's own schedule (``batching="session"``,
     ``wait_for_user=False``), and the schedule is staged (``schedule="residual"``): the session
     network trains first exactly as GRU4Rec, then the user path on top of it. The user path
     includes an item memory of the user's last 200 distinct items of earlier sessions
     (``memory``; 800 bytes in each user and session state) with a learnt score offset, which
-    a 100-number user state cannot replace (bench/results/hrnn-issue10-v3.md). The preset
+    a 100-number user state cannot replace (bench/results/hrnn-staged-memory.md). The preset
     ``hrnn_paper_small`` is the paper's model and training: no memory, joint schedule,
     user-parallel batches.
     """

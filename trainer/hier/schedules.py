@@ -4,7 +4,7 @@
 (the others switched off, ``set_active``), then the other groups for ``n_epochs`` on top of it,
 frozen. HRNN's groups are ``session`` (GRU4Rec's network) and ``user`` (the user path), so its
 residual schedule trains GRU4Rec first, exactly as ``train_gru4rec``, then only what the user
-path adds (bench/results/hrnn-issue10-v3.md). p-RNN's groups are its subnets:
+path adds (bench/results/hrnn-staged-memory.md). p-RNN's groups are its subnets:
 ``alternating`` trains one subnet per epoch (the others frozen; ``n_epochs`` per subnet),
 ``interleaving`` one subnet per mini-batch, cycling (``n_epochs`` per subnet). A model with one
 group or none (HRNN without a user path) always trains jointly.
