@@ -7,6 +7,7 @@
 - A worker, before it swaps a checkpoint in (``ServingModel.validate``): the checkpoint's
   Recall@20 on its own held-out slice (``data_stats[HOLDOUT_KEY]``) against the figure the
   trainer recorded for it (``metrics[HOLDOUT_METRIC]``), at the tolerance ``1 - model.gate_ratio``.
+  Both figures come from :func:`holdout_recall`, so they differ only by the device.
 
 The candidate passes when the one-sided lower confidence bound of ``candidate - reference`` (at
 ``z`` standard errors) is at least ``-tolerance * reference``: the data must show it is not
@@ -18,8 +19,14 @@ correlated hits, so the paired error is smaller and this one errs toward keeping
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+import torch
+
+from streamrec.model.api import StepModel
 
 #: the checkpoint metric a worker's gate compares against: the trainer's Recall@20 on the
 #: checkpoint's own held-out slice
@@ -89,3 +96,32 @@ def gate(
         lower,
         margin,
     )
+
+
+@torch.inference_mode()
+def holdout_recall(
+    model: StepModel,
+    item_index: Mapping[str, int],
+    sessions: Sequence[Sequence[str]],
+    device: torch.device,
+    k: int = 20,
+) -> float:
+    """Recall@k of next-item prediction on a held-out slice (lists of item ids), each session
+    stepped from the initial state through the step API (the model in eval mode, on
+    ``device``): the trainer's figure (``metrics[HOLDOUT_METRIC]``) and a worker's. Items
+    outside ``item_index`` are unknown inputs and never hits. NaN when no session has two
+    events."""
+    k = min(k, model.n_items)
+    hits = n = 0
+    for sess in sessions:
+        if len(sess) < 2:
+            continue
+        user = model.initial_user_state(1)
+        state = model.initial_state(user, 1)
+        for cur, nxt in itertools.pairwise(sess):
+            rows = torch.tensor([item_index.get(cur, -1)], dtype=torch.long, device=device)
+            state, scores = model.step(rows, state, user)
+            top = torch.topk(scores, k, dim=1).indices[0].tolist()
+            hits += int(item_index.get(nxt, -1) in top)
+            n += 1
+    return hits / n if n else math.nan

@@ -30,7 +30,7 @@ from streamrec.model.checkpoint import (
     read_checkpoint_record,
 )
 from streamrec.model.device import resolve_device
-from streamrec.model.gate import GATE_RATIO, HOLDOUT_KEY, HOLDOUT_METRIC, gate
+from streamrec.model.gate import GATE_RATIO, HOLDOUT_KEY, HOLDOUT_METRIC, gate, holdout_recall
 
 log = logging.getLogger(__name__)
 
@@ -418,21 +418,10 @@ class ServingModel:
 
     def holdout_recall(self, holdout: Sequence[Sequence[str]], k: int = 20) -> float:
         """Recall@k of next-item prediction on a holdout slice (lists of item ids), each
-        session stepped from the initial state: the figure the gate compares (the trainer
-        stores its own, computed by this method, as ``metrics["holdout_recall@20"]``).
-        NaN when no session has two events."""
-        hits = n = 0
-        for sess in holdout:
-            if len(sess) < 2:
-                continue
-            u = self.initial_user_states(1)
-            st = self.initial_states(u, 1)
-            for cur, nxt in itertools.pairwise(sess):
-                o = self.step(self.rows([cur]), st, u, k=k)
-                st = o.states
-                hits += int(self.rows([nxt])[0] in set(o.top_rows[0].tolist()))
-                n += 1
-        return hits / n if n else math.nan
+        session stepped from the initial state: the figure the gate compares
+        (``streamrec.model.gate.holdout_recall``, which gives the trainer its
+        ``metrics["holdout_recall@20"]`` too). NaN when no session has two events."""
+        return holdout_recall(self.model, self.item_index, holdout, self.device, k)
 
 
 class ModelHolder:
