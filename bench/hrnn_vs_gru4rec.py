@@ -38,19 +38,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from streamrec.data.clicklog import sessionize
 from streamrec.data.synthetic import generate_clicks
 from streamrec.model.hrnn import HRNN
 from streamrec.model.items import build_item_index
-from trainer.data import filter_users, sessionize, split_last_session_out
-from trainer.presets import TrainParams
-from trainer.train import train_gru4rec
-from trainer.train_hier import (
+from trainer.data import filter_users, split_last_session_out
+from trainer.hier import (
     HRNNParams,
     PopStepModel,
     evaluate_users,
     split_stats,
     train_hier,
 )
+from trainer.presets import TrainParams
+from trainer.train import train_gru4rec
 
 ML1M = Path("/work/shared/data/movielens-1m/ratings.tsv.gz")
 MODELS = ("pop", "gru4rec", "hrnn-none", "hrnn-init", "hrnn-all")

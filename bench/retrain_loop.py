@@ -29,9 +29,12 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from streamrec.model.checkpoint import CheckpointRecord
 
 MACHINE = "2-vCPU dev VM, no GPU"
 
@@ -90,7 +93,7 @@ def bench_cycle(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _model(work: Path, n_items: int, seed: int) -> Path:
+def _model(work: Path, n_items: int, seed: int) -> CheckpointRecord:
     from streamrec.model.checkpoint import save_checkpoint
     from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
 
@@ -138,7 +141,7 @@ def bench_archive(args: argparse.Namespace) -> dict[str, Any]:
         ck = save_checkpoint(
             work / "ckpt", GRU4Rec(GRU4RecConfig(n_items=len(items), layers=[100]), seed=1),
             "gru4rec", items,
-        )  # fmt: skip
+        ).path  # fmt: skip
         del registry
         worker = WorkerProcess(
             ck, settings=s, data_dir=work / "state", log_path=work / "worker.log"

@@ -51,7 +51,7 @@ def make_checkpoint(path: Path) -> Path:
     from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
 
     model = GRU4Rec(GRU4RecConfig(n_items=N_ITEMS, layers=[UNITS]), seed=0)
-    return save_checkpoint(path, model, "gru4rec", [str(i) for i in range(N_ITEMS)])
+    return save_checkpoint(path, model, "gru4rec", [str(i) for i in range(N_ITEMS)]).path
 
 
 def _interleave(df: Any, concurrent: int, seed: int = 0) -> Any:

@@ -26,6 +26,7 @@ PLANTS = [
     ("streamrec/engines/common.py", "from streamrec.tools import replay", "rooms"),
     ("trainer/data.py", "from streamrec.serving import pipeline", "trainer-offline"),
     ("trainer/losses.py", "from trainer import presets", "no-cycles"),
+    ("trainer/retrain.py", "from trainer.cli import options", "trainer-cli-imported-by-nothing"),
 ]
 
 

@@ -26,7 +26,7 @@ class BaseParams:
     """Training parameters shared by GRU4Rec, HRNN and p-RNN (official GRU4Rec names).
 
     Per-model subclasses (:class:`TrainParams` here, ``HRNNParams`` / ``PRNNParams`` in
-    ``trainer.train_hier``) only add fields or override defaults. One validation path
+    ``trainer.hier.params``) only add fields or override defaults. One validation path
     (:meth:`validate`, which checks every field by its name) and one ``key=value`` parser
     (:meth:`make`) serve all of them.
     """

@@ -1,6 +1,8 @@
-"""Click-log loading: GRU4Rec TSV, yoochoose-clicks.dat, CSV/TSV/Parquet with a column map.
+"""Click-log loading: GRU4Rec TSV, yoochoose-clicks.dat, CSV/TSV/Parquet with a column map;
+sessions of a per-user log by an inactivity gap (:func:`sessionize`).
 
-Shared by the trainer and the serving tools (produce, replay): pure pandas/numpy, vectorised.
+Shared by the trainer and the serving tools (produce, replay, backtest): pure pandas/numpy,
+vectorised.
 
 Frames have the columns ``SessionId`` (str), ``ItemId`` (str), ``Time`` (float64 seconds, or an
 ordinal that only orders events) and optionally ``UserId`` (str); see docs/architecture.md.
@@ -251,3 +253,35 @@ def load_clicks(
             df[c] = _ids_to_str(df[c], c, path, line_based)
     df[TIME] = _time_to_seconds(df[TIME], path, line_based)
     return df.reset_index(drop=True)[[c for c in (*REQUIRED, USER) if c in df.columns]]
+
+
+# ----------------------------------------------------------------------------- sessions
+
+
+def sessionize(df: pd.DataFrame, gap_seconds: float) -> pd.DataFrame:
+    """Split each user's events into sessions: a new session starts when the time since the
+    user's previous event exceeds ``gap_seconds``. Sets ``SessionId`` to ``"<user>:<n>"``
+    (n = 0, 1, ... per user in time order; a per-user count, so a session keeps its id when
+    other users' events come or go); row order is kept. The one sessionisation of the
+    project: ``trainer train --session-gap`` and ``streamrec backtest --session-gap``."""
+    missing = [c for c in (USER, TIME) if c not in df.columns]
+    if missing:
+        raise DataError(f"missing column(s): {', '.join(missing)}; found {list(df.columns)}")
+    user, _ = pd.factorize(df[USER], sort=False)
+    time = df[TIME].to_numpy(dtype=np.float64)
+    order = np.lexsort((np.arange(len(df)), time, user))  # by user, then time (stable)
+    u, t = user[order], time[order]
+    new = np.ones(len(order), dtype=bool)
+    new[1:] = (u[1:] != u[:-1]) | (t[1:] - t[:-1] > gap_seconds)
+    sess_global = np.cumsum(new) - 1  # running session counter over all users
+    first_of_user = np.ones(len(order), dtype=bool)
+    first_of_user[1:] = u[1:] != u[:-1]
+    user_base = np.maximum.accumulate(np.where(first_of_user, sess_global, 0))
+    n_sorted = sess_global - user_base
+    n = np.empty_like(n_sorted)
+    n[order] = n_sorted
+    out = df.copy()
+    out[SESSION] = df[USER].astype(str).to_numpy(dtype=object) + ":" + n.astype(str).astype(object)
+    out[SESSION] = out[SESSION].astype(str)
+    cols = [SESSION, ITEM, TIME, USER]
+    return out[[c for c in cols if c in out.columns] + [c for c in out.columns if c not in cols]]

@@ -21,7 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from streamrec.errors import StreamrecError
-from streamrec.model.checkpoint import META, read_metadata
+from streamrec.model.checkpoint import (
+    META,
+    CheckpointError,
+    CheckpointRecord,
+    read_checkpoint_record,
+)
 
 VERSIONS = "versions"
 POINTER = "CURRENT"
@@ -94,17 +99,17 @@ def staging_dir(models: str | os.PathLike[str], name: str) -> Path:
     return p
 
 
-def add_version(models: str | os.PathLike[str], checkpoint_dir: str | os.PathLike[str]) -> str:
-    """Move a finished checkpoint directory into ``versions/<its version>``; returns it."""
+def add_version(models: str | os.PathLike[str], checkpoint: CheckpointRecord) -> str:
+    """Move a finished checkpoint directory (``save_checkpoint``'s record of it) into
+    ``versions/<its version>``; returns the version."""
     m = Path(models)
-    version = str(read_metadata(checkpoint_dir)["version"])
-    target = m / VERSIONS / version
+    target = m / VERSIONS / checkpoint.version
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():
-        raise RegistryError(f"{models}: version {version} exists already")
-    os.replace(checkpoint_dir, target)
+        raise RegistryError(f"{models}: version {checkpoint.version} exists already")
+    os.replace(checkpoint.path, target)
     _fsync_dir(target.parent)
-    return version
+    return checkpoint.version
 
 
 def publish(models: str | os.PathLike[str], version: str, keep: int = DEFAULT_KEEP) -> list[str]:
@@ -137,17 +142,17 @@ def list_versions(models: str | os.PathLike[str]) -> list[VersionInfo]:
         if d.name.startswith(".") or not (d / META).is_file():
             continue
         try:
-            meta = read_metadata(d)
-        except Exception:  # a broken directory is listed by `show`, never served
+            rec = read_checkpoint_record(d)
+        except CheckpointError:  # a broken directory is listed by `show`, never served
             continue
         out.append(
             VersionInfo(
                 version=d.name,
                 path=d,
-                created_at=str(meta.get("created_at", "")),
-                model_name=str(meta["model_name"]),
-                n_items=len(meta["item_ids"]),
-                metrics=dict(meta.get("metrics") or {}),
+                created_at=rec.created_at,
+                model_name=rec.model_name,
+                n_items=rec.n_items,
+                metrics=dict(rec.metrics),
                 published=d.name == current,
             )
         )
@@ -155,13 +160,18 @@ def list_versions(models: str | os.PathLike[str]) -> list[VersionInfo]:
 
 
 def show(models: str | os.PathLike[str], version: str) -> dict[str, Any]:
+    """One version's ``checkpoint.json`` without the item ids, with their number, its path and
+    whether it is published."""
     path = Path(models) / VERSIONS / version
-    meta = read_metadata(path)
-    meta.pop("item_ids", None)
-    meta["n_items"] = len(read_metadata(path)["item_ids"])
-    meta["path"] = str(path)
-    meta["published"] = version == current_version(models)
-    return meta
+    rec = read_checkpoint_record(path)
+    meta = rec.to_json()
+    del meta["item_ids"]
+    return {
+        **meta,
+        "n_items": rec.n_items,
+        "path": str(path),
+        "published": version == current_version(models),
+    }
 
 
 def rollback(models: str | os.PathLike[str], version: str) -> None:

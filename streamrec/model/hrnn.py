@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from streamrec.model.api import TrainableStepModel
 from streamrec.model.gru4rec import _uniform_blocks
 
 VARIANTS = ("init", "all", "none")
@@ -104,7 +105,7 @@ def _run_stack(
     return out
 
 
-class HRNN(nn.Module):
+class HRNN(TrainableStepModel, nn.Module):
     """Session GRU + user GRU with the streamrec step API (see docs/architecture.md)."""
 
     def __init__(
@@ -249,7 +250,11 @@ class HRNN(nn.Module):
         }
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> HRNN:
+    def from_config(cls, config: dict[str, Any], seed: int | None = None) -> HRNN:
+        """The model of ``config_dict()``; ``seed`` seeds the global generator first (the
+        model initialises from it)."""
+        if seed is not None:
+            torch.manual_seed(seed)
         return cls(**config)
 
     # ------------------------------------------------------------ user level

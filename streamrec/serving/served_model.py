@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import logging
 import math
 import os
@@ -24,8 +23,14 @@ import torch
 from streamrec.errors import StreamrecError
 from streamrec.loop import registry
 from streamrec.model.api import SplitStepModel, StepModule
-from streamrec.model.checkpoint import load_checkpoint
+from streamrec.model.checkpoint import (
+    CheckpointError,
+    CheckpointRecord,
+    load_checkpoint,
+    read_checkpoint_record,
+)
 from streamrec.model.device import resolve_device
+from streamrec.model.gate import GATE_RATIO, HOLDOUT_KEY, HOLDOUT_METRIC, gate, holdout_recall
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +39,6 @@ class ModelLoadError(StreamrecError, RuntimeError):
     """A checkpoint could not be loaded or did not pass validation."""
 
 
-#: the checkpoint metric the live gate compares against (the trainer's Recall@20 on the
-#: checkpoint's own held-out slice, ``data_stats["holdout_sessions"]``)
-HOLDOUT_METRIC = "holdout_recall@20"
-#: where a checkpoint keeps that slice: ``data_stats[HOLDOUT_KEY]`` (lists of item ids)
-HOLDOUT_KEY = "holdout_sessions"
-#: default share of that metric a new model must reach on the slice to be swapped in
-GATE_RATIO = 0.8
 #: item rows stepped at a time when validating a model
 VALIDATE_CHUNK = 1024
 
@@ -111,6 +109,9 @@ class StepOutput:
 class ServingModel:
     """A step-API model with its item index and version, ready for batched serving."""
 
+    #: the checkpoint's record, when loaded from one (:meth:`from_checkpoint`)
+    record: CheckpointRecord | None = None
+
     def __init__(
         self,
         model: StepModule,
@@ -168,28 +169,35 @@ class ServingModel:
         device: str = "auto",
         top_k: int = 20,
         score_dtype: str = "float32",
+        record: CheckpointRecord | None = None,
     ) -> ServingModel:
+        """Load a checkpoint directory (``record``: its record, when read already)."""
         try:
             dev = resolve_device(device)
-            ckpt = load_checkpoint(Path(path), dev)
+            ckpt = load_checkpoint(Path(path), dev, record)
         except Exception as exc:
             raise ModelLoadError(f"cannot load checkpoint {path}: {exc}") from exc
+        rec = ckpt.record
         meta = {
-            k: getattr(ckpt, k)
-            for k in ("metrics", "data_stats", "created_at", "train_params", "model_config")
-            if hasattr(ckpt, k)
+            "metrics": rec.metrics,
+            "data_stats": rec.data_stats,
+            "created_at": rec.created_at,
+            "train_params": rec.train_params,
+            "model_config": rec.model_config,
+            "path": str(path),
         }
-        meta["path"] = str(path)
-        return cls(
+        served = cls(
             ckpt.model,
-            list(ckpt.item_ids),
-            str(ckpt.version),
+            ckpt.item_ids,
+            rec.version,
             device=dev,
             top_k=top_k,
-            name=getattr(ckpt, "model_name", "model"),
+            name=rec.model_name,
             metadata=meta,
             score_dtype=score_dtype,
         )
+        served.record = rec
+        return served
 
     # ---- helpers -------------------------------------------------------------------------
     def rows(self, item_ids: Sequence[str | None]) -> np.ndarray:
@@ -389,32 +397,31 @@ class ServingModel:
             varied = bool((scores.amax(dim=1) > scores.amin(dim=1)).any())
         if not varied and self.n_items > 1:
             raise ModelLoadError("the model scores every item the same (all-zero weights?)")
-        if reference_recall is not None and reference_recall == reference_recall:
-            min_recall = max(min_recall, gate_ratio * float(reference_recall))
         if not holdout:
             return None
         recall = self.holdout_recall(holdout)
-        if recall == recall and recall < min_recall:
+        if recall != recall:  # no session of two events: nothing to judge
+            return recall
+        if recall < min_recall:
             raise ModelLoadError(f"quality gate: holdout Recall@20 {recall:.4f} < {min_recall}")
+        if reference_recall is not None and reference_recall == reference_recall:
+            decision = gate(
+                recall,
+                float(reference_recall),
+                tolerance=1 - gate_ratio,
+                name="holdout Recall@20",
+                against="the checkpoint's own",
+            )
+            if not decision.passed:
+                raise ModelLoadError(f"quality gate: {decision.reason}")
         return recall
 
     def holdout_recall(self, holdout: Sequence[Sequence[str]], k: int = 20) -> float:
         """Recall@k of next-item prediction on a holdout slice (lists of item ids), each
-        session stepped from the initial state: the figure the gate compares (the trainer
-        stores its own, computed by this method, as ``metrics["holdout_recall@20"]``).
-        NaN when no session has two events."""
-        hits = n = 0
-        for sess in holdout:
-            if len(sess) < 2:
-                continue
-            u = self.initial_user_states(1)
-            st = self.initial_states(u, 1)
-            for cur, nxt in itertools.pairwise(sess):
-                o = self.step(self.rows([cur]), st, u, k=k)
-                st = o.states
-                hits += int(self.rows([nxt])[0] in set(o.top_rows[0].tolist()))
-                n += 1
-        return hits / n if n else math.nan
+        session stepped from the initial state: the figure the gate compares
+        (``streamrec.model.gate.holdout_recall``, which gives the trainer its
+        ``metrics["holdout_recall@20"]`` too). NaN when no session has two events."""
+        return holdout_recall(self.model, self.item_index, holdout, self.device, k)
 
 
 class ModelHolder:
@@ -482,16 +489,23 @@ class ModelHolder:
         self.install(new)
         return True
 
-    def load_checked(self, path: str | os.PathLike[str]) -> ServingModel | None:
-        """Load and validate a checkpoint (None if it is rejected); nothing is swapped."""
+    def load_checked(
+        self, path: str | os.PathLike[str], record: CheckpointRecord | None = None
+    ) -> ServingModel | None:
+        """Load and validate a checkpoint (None if it is rejected); nothing is swapped.
+        ``record``: the checkpoint's record, when read already."""
         try:
-            new = ServingModel.from_checkpoint(path, self.device, self.top_k, self.score_dtype)
+            new = ServingModel.from_checkpoint(
+                path, self.device, self.top_k, self.score_dtype, record=record
+            )
         except ModelLoadError as exc:
             log.warning("checkpoint %s rejected: %s", path, exc)
             self.rejected[str(path)] = str(exc)
             return None
-        holdout = (new.metadata.get("data_stats") or {}).get(self.holdout_key)
-        reference = (new.metadata.get("metrics") or {}).get(HOLDOUT_METRIC)
+        rec = new.record
+        assert rec is not None  # from_checkpoint sets it
+        holdout = rec.data_stats.get(self.holdout_key) or None
+        reference = rec.holdout_recall
         if holdout and reference is None:
             log.warning(
                 "checkpoint %s has a holdout slice but no %s metric: no relative gate",
@@ -532,14 +546,14 @@ class ModelHolder:
         path = self.newest_checkpoint()
         if path is None:
             return None
-        try:
-            version = str(json.loads((path / "checkpoint.json").read_text()).get("version"))
-        except (OSError, ValueError):
+        try:  # the one read of checkpoint.json per reload: the load below takes the record
+            record = read_checkpoint_record(path)
+        except CheckpointError:
             return None  # being written, or broken: try again next time
-        ident = f"{path}@{version}@{_fingerprint(path)}"
-        if version == self._model.version or ident in self.rejected:
+        ident = f"{path}@{record.version}@{_fingerprint(path)}"
+        if record.version == self._model.version or ident in self.rejected:
             return None
-        new = self.load_checked(path)
+        new = self.load_checked(path, record)
         if new is None:
             self.rejected[ident] = "rejected"
         return new

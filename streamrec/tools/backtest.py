@@ -137,7 +137,7 @@ class Arm:
 
 def load_log(opts: BacktestOptions) -> pd.DataFrame:
     """The log in replay order (time, then file order), with an event id per row."""
-    from streamrec.data.clicklog import load_clicks
+    from streamrec.data.clicklog import load_clicks, sessionize
 
     df = load_clicks(opts.log, fmt=opts.fmt)
     if "SessionId" not in df.columns or opts.session_gap is not None:
@@ -146,19 +146,6 @@ def load_log(opts: BacktestOptions) -> pd.DataFrame:
         df = sessionize(df, opts.session_gap)
     df = df.sort_values("Time", kind="stable").reset_index(drop=True)
     return df
-
-
-def sessionize(df: pd.DataFrame, gap: float) -> pd.DataFrame:
-    """A user's events split into sessions at gaps longer than ``gap`` (as the trainer does:
-    ``<user>-<n>`` session ids)."""
-    d = df.sort_values(["UserId", "Time"], kind="stable").reset_index(drop=True)
-    user = d["UserId"].astype(str).to_numpy()
-    t = d["Time"].to_numpy(dtype=np.float64)
-    new = np.ones(len(d), dtype=bool)
-    new[1:] = (user[1:] != user[:-1]) | (t[1:] - t[:-1] > gap)
-    n = np.cumsum(new)
-    d["SessionId"] = [f"{u}-{k}" for u, k in zip(user, n, strict=True)]
-    return d
 
 
 def write_log(df: pd.DataFrame, path: Path) -> Path:
@@ -180,14 +167,14 @@ def click_messages(df: pd.DataFrame, ids: Sequence[str]) -> list[tuple[bytes, by
 
 
 def registry_current(models: Path) -> Path | None:
-    """The published checkpoint of an issue #11 model registry (``MODELS/CURRENT`` names a
-    directory of ``MODELS/versions``), or None (no registry, nothing published)."""
+    """The published checkpoint of a model registry (``streamrec.loop.registry.resolve``), or
+    None (no registry, nothing published, or a pointer to a version that is gone)."""
+    from streamrec.loop import registry
+
     try:
-        name = (models / "CURRENT").read_text().strip()
-    except OSError:
+        return registry.resolve(models)
+    except registry.RegistryError:
         return None
-    path = models / "versions" / name
-    return path if name and (path / "checkpoint.json").exists() else None
 
 
 # ----------------------------------------------------------------------------- child processes

@@ -31,7 +31,9 @@ def _save(path: Path, seed: int, *, nan: bool = False, holdout: list | None = No
         with torch.no_grad():
             model.Wy.fill_(float("nan"))
     stats = {"holdout_sessions": holdout} if holdout is not None else None
-    return save_checkpoint(path, model, "gru4rec", [f"i{j}" for j in range(N)], data_stats=stats)
+    return save_checkpoint(
+        path, model, "gru4rec", [f"i{j}" for j in range(N)], data_stats=stats
+    ).path
 
 
 def _newer(path: Path, than: Path) -> None:
@@ -158,7 +160,7 @@ def test_hrnn_checkpoint_serves_with_user_state(tmp_path: Path) -> None:
 
     torch.manual_seed(0)
     hrnn = HRNN(N, layers=[8], user_layers=[6], variant="all")
-    path = save_checkpoint(tmp_path / "h", hrnn, "hrnn", [f"i{j}" for j in range(N)])
+    path = save_checkpoint(tmp_path / "h", hrnn, "hrnn", [f"i{j}" for j in range(N)]).path
     m = ServingModel.from_checkpoint(path, "cpu", top_k=5)
     assert m.user_state_dim > 0 and not m.split
     clicks = [("a", "i1"), ("a", "i2"), ("b", "i3"), ("b", "i4")]
@@ -279,7 +281,7 @@ def _save_weights(path: Path, seed: int, edit: str, **kw: Any) -> Path:
         elif edit == "zero":
             for p in model.parameters():
                 p.zero_()
-    return save_checkpoint(path, model, "gru4rec", [f"i{j}" for j in range(N)], **kw)
+    return save_checkpoint(path, model, "gru4rec", [f"i{j}" for j in range(N)], **kw).path
 
 
 def test_weights_must_be_finite_and_every_row_is_validated(tmp_path: Path) -> None:

@@ -49,7 +49,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     model = GRU4Rec(GRU4RecConfig(n_items=N_ITEMS, layers=[16]), seed=1)
     path = tmp_path_factory.mktemp("model") / "ckpt"
-    return save_checkpoint(path, model, "gru4rec", [f"i{j}" for j in range(N_ITEMS)])
+    return save_checkpoint(path, model, "gru4rec", [f"i{j}" for j in range(N_ITEMS)]).path
 
 
 def free_port() -> int:
@@ -615,7 +615,7 @@ def _hier_checkpoint(kind: str, path: Path) -> Path:
         model = PRNN(
             N_ITEMS, [5], id_hidden=12, feature_hidden=6, feature_values=[torch.rand(N_ITEMS, 5)]
         )
-    return save_checkpoint(path, model.eval(), kind, [str(j) for j in range(N_ITEMS)])
+    return save_checkpoint(path, model.eval(), kind, [str(j) for j in range(N_ITEMS)]).path
 
 
 def _hier_log() -> tuple[Any, Any, list[tuple[str, bytes]]]:
@@ -695,7 +695,7 @@ def _rewind_group(svc: Service) -> None:
 @pytest.mark.parametrize("kind", ["hrnn", "prnn"])
 @pytest.mark.parametrize("isolated_service", ENGINES, indirect=True)
 def test_hier_models_served_with_kill9_and_redelivery(isolated_service: Service, kind: str) -> None:
-    from trainer.train_hier import evaluate_users
+    from trainer.hier import evaluate_users
 
     svc = isolated_service
     svc.ckpt = _hier_checkpoint(kind, svc.tmp / kind)
@@ -902,7 +902,7 @@ def test_partly_written_checkpoint_is_not_swapped_in(service: Service) -> None:
         GRU4Rec(GRU4RecConfig(n_items=N_ITEMS, layers=[16]), seed=5),
         "gru4rec",
         ids,
-    )
+    ).path
     partial = watch / "v2"
     partial.mkdir()
     tensors = (full / "model.safetensors").read_bytes()
@@ -912,7 +912,7 @@ def test_partly_written_checkpoint_is_not_swapped_in(service: Service) -> None:
     assert probe_version() == old.version and w.alive()
     new = save_checkpoint(
         watch / "v3", GRU4Rec(GRU4RecConfig(n_items=N_ITEMS, layers=[16]), seed=6), "gru4rec", ids
-    )
+    ).path
     version = ServingModel.from_checkpoint(new, "cpu").version
     wait_for(lambda: probe_version() == version, 90, "complete checkpoint never swapped in")
     assert w.alive()

@@ -17,7 +17,7 @@ from streamrec.model.hrnn import HRNN
 from streamrec.model.items import build_item_index
 from streamrec.model.prnn import PRNN
 from trainer.data import filter_users, split_last_session_out
-from trainer.train_hier import (
+from trainer.hier import (
     HRNNParams,
     PopStepModel,
     PRNNParams,
