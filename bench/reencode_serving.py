@@ -53,6 +53,25 @@ def recommendations_total(port: int) -> float:
     return 0.0
 
 
+def _fill(
+    bulk: Producer, topic: str, live: list[str], clicks: int, rng: np.random.Generator
+) -> int:
+    """``clicks`` random clicks for every live session; returns how many were sent."""
+    n = 0
+    for _ in range(clicks):
+        for sid in live:
+            body = {"session_id": sid, "item_id": str(int(rng.integers(N_ITEMS)))}
+            while True:
+                try:
+                    bulk.produce(topic, json.dumps(body).encode(), sid.encode())
+                    break
+                except BufferError:
+                    bulk.poll(0.05)
+            n += 1
+    assert bulk.flush(120) == 0
+    return n
+
+
 def main() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from retrain_loop import _model
@@ -97,19 +116,8 @@ def main() -> None:
         # bulk: big record batches (the embedded broker's fetch cost grows with their number)
         bulk = Producer({**conf, "linger.ms": 50, "batch.num.messages": 10_000})
         live = [f"s{j}" for j in range(args.sessions)]
-        n_fill = 0
         t_fill = time.time()
-        for _ in range(args.clicks):
-            for sid in live:
-                body = {"session_id": sid, "item_id": str(int(rng.integers(N_ITEMS)))}
-                while True:
-                    try:
-                        bulk.produce(topics["clicks"], json.dumps(body).encode(), sid.encode())
-                        break
-                    except BufferError:
-                        bulk.poll(0.05)
-                n_fill += 1
-        assert bulk.flush(120) == 0
+        n_fill = _fill(bulk, topics["clicks"], live, args.clicks, rng)
         deadline = time.time() + 900
         while recommendations_total(port) < n_fill and time.time() < deadline:
             time.sleep(1)
