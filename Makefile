@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   - embedded broker, synthetic clicks, a trained GRU4Rec, live recommendations
-#   make test   - ruff + the whole test suite
+#   make test   - lint (ruff, mypy, import contracts) + the whole test suite, with coverage
 # Both create .venv in the project on first use.
 
 VENV ?= .venv
@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 # pull a multi-GB CUDA build; the GPU machine brings its own torch 2.11 instead.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test lint typecheck demo clean
+.PHONY: install test test-fast lint typecheck demo clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,16 +25,23 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 # mypy alone (files and settings in pyproject.toml [tool.mypy]); `make lint` runs it too.
 typecheck: install
 	$(VENV)/bin/mypy
 
+# The whole suite (the broker tests start their own embedded broker), with line coverage of
+# streamrec and trainer as measured in the test process (child processes are not counted).
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest --cov --cov-report=term:skip-covered
+
+# The unit tests alone, for the edit-test loop: no broker, nothing marked slow.
+test-fast: install
+	$(PY) -m pytest -q -m "not broker and not slow"
 
 demo: install
 	$(VENV)/bin/streamrec demo
 
 clean:
-	rm -rf $(VENV) var runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) var runs .pytest_cache .ruff_cache .mypy_cache .import_linter_cache .coverage

@@ -1,7 +1,8 @@
-"""`streamrec backtest` with a stand-in retrain cycle, for measured runs before issue #11.
+"""`streamrec backtest` with a stand-in retrain cycle: the runs measured before the retraining
+loop's commands existed.
 
-The backtest's retrained arm runs issue #11's ``streamrec archive --until-caught-up`` and
-``trainer retrain --once`` after every period. Until those commands exist, this script runs
+The backtest's retrained arm runs ``streamrec archive --until-caught-up`` and
+``trainer retrain --once`` after every period. Before those commands existed, this script ran
 the same backtest (same workers, broker, barrier, swap wait, report) with a stand-in cycle:
 ``trainer train`` from scratch on every click published so far (warm-up included), written
 as a new checkpoint directory into the folder the retrained arm's workers watch (the newest
@@ -14,13 +15,12 @@ checkpoint there is swapped in). Results made with it say so.
 from __future__ import annotations
 
 import argparse
-import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from streamrec.backtest import BacktestOptions, parse_every, run_backtest
+from streamrec.processes import run_child, stop_signals
+from streamrec.tools.backtest import BacktestOptions, parse_every, run_backtest
 
 
 def make_cycle(model: str, params: list[str]) -> Any:
@@ -32,8 +32,7 @@ def make_cycle(model: str, params: list[str]) -> Any:
         cmd += ["--model", model, "--no-progress"]
         for kv in params:
             cmd += ["--param", kv]
-        with open(bt.work / "retrain.log", "ab") as log:
-            subprocess.run(cmd, check=True, stdout=log, stderr=log)
+        run_child(cmd, what="trainer train (stand-in cycle)", log=bt.work / "retrain.log")
         path.unlink()
 
     return cycle
@@ -68,13 +67,9 @@ def main() -> None:
         retrain_cycle=make_cycle(a.model, a.param),
         retrainer="stand-in: trainer train from scratch on every click published so far",
     )
-
-    def _terminate(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # clean up as on Ctrl-C
-
-    signal.signal(signal.SIGTERM, _terminate)
-    report = run_backtest(opts)
-    report_note = "retrained arm: stand-in cycle (trainer train on all clicks so far), not #11"
+    with stop_signals(interrupt=True):  # SIGTERM cleans up as Ctrl-C does
+        report = run_backtest(opts)
+    report_note = "retrained arm: stand-in cycle (trainer train on all clicks so far)"
     for arm, fig in report["overall"].items():
         print(f"{arm:>10}: Recall@20 {fig['recall@20']:.4f} MRR@20 {fig['mrr@20']:.4f}")
     print(f"lost {report['lost']} duplicated {report['duplicates']}; {report_note}")

@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from streamrec.synthetic import generate_clicks
+from streamrec.data.synthetic import generate_clicks
 
 
 def main() -> None:

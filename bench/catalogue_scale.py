@@ -280,9 +280,9 @@ def end_to_end(n_items: int, ckpt: str | None, args: argparse.Namespace) -> list
     and ann (see serve_bench.py for how it is timed)."""
     from serve_bench import run_worker_phase
 
-    from streamrec.broker import EmbeddedBroker
+    from streamrec.kafka.embedded import EmbeddedBroker
     from streamrec.model.checkpoint import save_checkpoint
-    from streamrec.replay import click_values
+    from streamrec.tools.replay import click_values
 
     out = []
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -290,14 +290,16 @@ def end_to_end(n_items: int, ckpt: str | None, args: argparse.Namespace) -> list
         if ckpt is None:
             model = synthetic_model(n_items)
             ckpt = str(
-                save_checkpoint(tmp / "ckpt", model, "gru4rec", [str(i) for i in range(n_items)])
+                save_checkpoint(
+                    tmp / "ckpt", model, "gru4rec", [str(i) for i in range(n_items)]
+                ).path
             )
         clicks = click_batches(n_items, 1, args.e2e_events, seed=3)  # rows of Zipf items
         import pandas as pd
 
-        from streamrec.model.checkpoint import read_metadata
+        from streamrec.model.checkpoint import read_checkpoint_record
 
-        ids = read_metadata(ckpt)["item_ids"]
+        ids = read_checkpoint_record(ckpt).item_ids
         items = np.array(ids, dtype=object)[np.concatenate(clicks)]
         sess = np.arange(len(items)) // 5
         rng = np.random.default_rng(0)

@@ -48,9 +48,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nostep import NoStepServingModel
 from serve_bench import load_values, make_checkpoint
 
-from streamrec.core import CoreConfig, Record, process_batch
-from streamrec.runtime import ServingModel
-from streamrec.state import StateStore
+from streamrec.serving.config import CoreConfig
+from streamrec.serving.pipeline import process_batch
+from streamrec.serving.records import Record
+from streamrec.serving.served_model import ServingModel
+from streamrec.serving.state_store import StateStore
 
 T0 = 1_700_000_000.0  # fixed Kafka record times, so outputs are reproducible
 

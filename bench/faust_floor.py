@@ -17,9 +17,9 @@ import sys
 import tempfile
 import time
 
-from streamrec.broker import EmbeddedBroker
-from streamrec.kafka import TopicSpec, ensure_topics
-from streamrec.replay import produce
+from streamrec.kafka.clients import TopicSpec, ensure_topics
+from streamrec.kafka.embedded import EmbeddedBroker
+from streamrec.tools.replay import produce
 
 
 def child(bootstrap: str, topic: str, n: int, batch: int, datadir: str) -> None:

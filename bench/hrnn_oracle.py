@@ -1,4 +1,4 @@
-"""What knowing a user's earlier items is worth to GRU4Rec (issue #10, part 3).
+"""What knowing a user's earlier items is worth to GRU4Rec (hrnn-staged-memory.md, appendix).
 
 Same logs and split as ``bench/hrnn_vs_gru4rec.py`` (last session out). Prints how many test
 targets (and later-session training targets) are items of the user's earlier sessions, then

@@ -1,4 +1,4 @@
-"""HRNN against session-only GRU4Rec, at their defaults, over seeds (issue #10).
+"""HRNN against session-only GRU4Rec, at their defaults, over seeds.
 
 Two logs, both last-session-out per user (each user's last session is the test, every next
 item ranked among all training items, conservative ties; the user's training sessions warm the
@@ -7,7 +7,7 @@ HRNN user state in time order first):
 * ``ml1m``: MovieLens-1M ratings sessionised by a 30-min gap, items < 5 events, sessions < 2
   and users < 3 sessions dropped (as bench/movielens_hier.py). ``--users N`` keeps a random
   sample of N users (fixed by ``--sample-seed``, not by the training seed) to fit CPU budgets.
-* ``synthetic``: ``streamrec.synthetic.generate_clicks`` with planted persistent user tastes
+* ``synthetic``: ``streamrec.data.synthetic.generate_clicks`` with planted persistent user tastes
   (each user draws the topic of every session from a concentrated Dirichlet preference, and
   each next click is one of the user's 10 favourite items with probability ``--syn-favourite``).
 
@@ -38,19 +38,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from streamrec.data.clicklog import sessionize
+from streamrec.data.synthetic import generate_clicks
 from streamrec.model.hrnn import HRNN
 from streamrec.model.items import build_item_index
-from streamrec.synthetic import generate_clicks
-from trainer.data import filter_users, sessionize, split_last_session_out
-from trainer.presets import TrainParams
-from trainer.train import train_gru4rec
-from trainer.train_hier import (
+from trainer.data import filter_users, split_last_session_out
+from trainer.hier import (
     HRNNParams,
     PopStepModel,
     evaluate_users,
     split_stats,
     train_hier,
 )
+from trainer.presets import TrainParams
+from trainer.train import train_gru4rec
 
 ML1M = Path("/work/shared/data/movielens-1m/ratings.tsv.gz")
 MODELS = ("pop", "gru4rec", "hrnn-none", "hrnn-init", "hrnn-all")

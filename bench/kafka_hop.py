@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from streamrec.kafka import TopicSpec, ensure_topics
+from streamrec.kafka.clients import TopicSpec, ensure_topics
 
 PAD = "x" * 90  # brings the JSON value to ~150 bytes
 
@@ -139,6 +139,38 @@ def consumer_conf(a: argparse.Namespace, base: dict[str, Any]) -> dict[str, Any]
     return conf
 
 
+def _warm_up(producers: list[Producer], topic: str, active: int, ready: threading.Event) -> None:
+    """One marker per active partition from each producer, until the consumer sees one."""
+    deadline = time.monotonic() + 20
+    while not ready.is_set() and time.monotonic() < deadline:
+        for p in producers:
+            for part in range(active):
+                p.produce(topic, json.dumps({"i": -1, "t": time.time()}), partition=part)
+            p.flush(5)
+        ready.wait(0.5)
+    time.sleep(0.3)
+
+
+def _send_paced(a: argparse.Namespace, producers: list[Producer], topic: str, active: int) -> None:
+    """``a.messages`` messages in bursts of ``a.burst`` at ``a.rate`` per second."""
+    interval = a.burst / a.rate
+    start = time.perf_counter()
+    for b, first in enumerate(range(0, a.messages, a.burst)):
+        target = start + b * interval
+        while (d := target - time.perf_counter()) > 0:
+            time.sleep(d)
+        p = producers[b % len(producers)]
+        for i in range(first, min(first + a.burst, a.messages)):
+            value = json.dumps({"i": i, "t": time.time(), "kind": "rec", "pad": PAD})
+            p.produce(topic, value, key=str(i), partition=i % active)
+        if a.burst > 1:
+            p.flush(10)
+        else:
+            p.poll(0)
+    for p in producers:
+        p.flush(10)
+
+
 def run_once(a: argparse.Namespace, bootstrap: str, label: str) -> Result:
     base = {"bootstrap.servers": bootstrap}
     topic = f"hop-{time.time_ns()}"
@@ -176,32 +208,8 @@ def run_once(a: argparse.Namespace, bootstrap: str, label: str) -> Result:
     thread.start()
 
     producers = [Producer(producer_conf(a, base)) for _ in range(a.producers)]
-    # warm-up: one marker per active partition from each producer, until the consumer sees one
-    deadline = time.monotonic() + 20
-    while not ready.is_set() and time.monotonic() < deadline:
-        for p in producers:
-            for part in range(active):
-                p.produce(topic, json.dumps({"i": -1, "t": time.time()}), partition=part)
-            p.flush(5)
-        ready.wait(0.5)
-    time.sleep(0.3)
-
-    interval = a.burst / a.rate
-    start = time.perf_counter()
-    for b, first in enumerate(range(0, a.messages, a.burst)):
-        target = start + b * interval
-        while (d := target - time.perf_counter()) > 0:
-            time.sleep(d)
-        p = producers[b % len(producers)]
-        for i in range(first, min(first + a.burst, a.messages)):
-            value = json.dumps({"i": i, "t": time.time(), "kind": "rec", "pad": PAD})
-            p.produce(topic, value, key=str(i), partition=i % active)
-        if a.burst > 1:
-            p.flush(10)
-        else:
-            p.poll(0)
-    for p in producers:
-        p.flush(10)
+    _warm_up(producers, topic, active, ready)
+    _send_paced(a, producers, topic, active)
     deadline = time.monotonic() + 5
     while len(recv) < a.messages and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -266,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     broker = None
     bootstrap = a.bootstrap
     if not bootstrap:
-        from streamrec.broker import EmbeddedBroker
+        from streamrec.kafka.embedded import EmbeddedBroker
 
         broker = EmbeddedBroker(port=0).start()
         bootstrap = broker.bootstrap

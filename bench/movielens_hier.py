@@ -33,19 +33,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from streamrec.data.clicklog import sessionize
 from streamrec.model.hrnn import HRNN
 from streamrec.model.items import build_item_index
 from streamrec.model.prnn import PRNN
-from trainer.data import filter_users, sessionize, split_last_session_out
+from trainer.data import filter_users, split_last_session_out
 from trainer.features import FeatureMatrix, hashed_tfidf, load_item_meta, multi_hot
-from trainer.train import train_gru4rec
-from trainer.train_hier import (
+from trainer.hier import (
     HierParams,
     PopStepModel,
     evaluate_users,
     split_stats,
     train_hier,
 )
+from trainer.train import train_gru4rec
 
 DATA = Path("/work/shared/data/movielens-1m")
 MODELS = [

@@ -15,7 +15,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from streamrec.runtime import ModelHolder, ServingModel, StepOutput
+from streamrec.serving.served_model import ModelHolder, ServingModel, StepOutput
 
 
 class NoStepServingModel(ServingModel):
@@ -40,7 +40,7 @@ class NoStepServingModel(ServingModel):
 
 
 def main() -> None:
-    import streamrec.commands as commands
+    import streamrec.cli.commands as commands
 
     load = commands.load_model_holder
 

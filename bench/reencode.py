@@ -25,11 +25,14 @@ from pathlib import Path
 import numpy as np
 from procstats import machine_line
 
-from streamrec.core import CoreConfig, Record, process_batch
 from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
 from streamrec.model.hrnn import HRNN
-from streamrec.runtime import ServingModel
-from streamrec.state import SessionState, StateStore
+from streamrec.serving.config import CoreConfig
+from streamrec.serving.pipeline import process_batch
+from streamrec.serving.records import Record
+from streamrec.serving.served_model import ServingModel
+from streamrec.serving.state import SessionState
+from streamrec.serving.state_store import StateStore
 
 N_ITEMS = 17_319
 LEN = 50

@@ -33,10 +33,10 @@ import numpy as np
 from confluent_kafka import Producer
 from procstats import machine_line
 
-from streamrec import registry
-from streamrec.broker import EmbeddedBroker, free_port
-from streamrec.kafka import TopicSpec, ensure_topics, read_topic
-from streamrec.launch import WorkerProcess
+from streamrec.kafka.clients import TopicSpec, ensure_topics, read_topic
+from streamrec.kafka.embedded import EmbeddedBroker, free_port
+from streamrec.loop import registry
+from streamrec.tools.launch import WorkerProcess
 
 N_ITEMS = 17_319
 WINDOWS = ((-1e9, 0.0), (0.0, 2.0), (2.0, 5.0), (5.0, 10.0), (10.0, 20.0), (20.0, 1e9))
@@ -51,6 +51,25 @@ def recommendations_total(port: int) -> float:
     except OSError:
         pass
     return 0.0
+
+
+def _fill(
+    bulk: Producer, topic: str, live: list[str], clicks: int, rng: np.random.Generator
+) -> int:
+    """``clicks`` random clicks for every live session; returns how many were sent."""
+    n = 0
+    for _ in range(clicks):
+        for sid in live:
+            body = {"session_id": sid, "item_id": str(int(rng.integers(N_ITEMS)))}
+            while True:
+                try:
+                    bulk.produce(topic, json.dumps(body).encode(), sid.encode())
+                    break
+                except BufferError:
+                    bulk.poll(0.05)
+            n += 1
+    assert bulk.flush(120) == 0
+    return n
 
 
 def main() -> None:
@@ -97,19 +116,8 @@ def main() -> None:
         # bulk: big record batches (the embedded broker's fetch cost grows with their number)
         bulk = Producer({**conf, "linger.ms": 50, "batch.num.messages": 10_000})
         live = [f"s{j}" for j in range(args.sessions)]
-        n_fill = 0
         t_fill = time.time()
-        for _ in range(args.clicks):
-            for sid in live:
-                body = {"session_id": sid, "item_id": str(int(rng.integers(N_ITEMS)))}
-                while True:
-                    try:
-                        bulk.produce(topics["clicks"], json.dumps(body).encode(), sid.encode())
-                        break
-                    except BufferError:
-                        bulk.poll(0.05)
-                n_fill += 1
-        assert bulk.flush(120) == 0
+        n_fill = _fill(bulk, topics["clicks"], live, args.clicks, rng)
         deadline = time.time() + 900
         while recommendations_total(port) < n_fill and time.time() < deadline:
             time.sleep(1)

@@ -29,9 +29,12 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from streamrec.model.checkpoint import CheckpointRecord
 
 MACHINE = "2-vCPU dev VM, no GPU"
 
@@ -56,7 +59,7 @@ def _write_archive(directory: Path, df: Any) -> None:
 
 
 def bench_cycle(args: argparse.Namespace) -> dict[str, Any]:
-    from streamrec.clicklog import load_clicks
+    from streamrec.data.clicklog import load_clicks
     from trainer.retrain import RetrainConfig, run_cycle
 
     df = load_clicks(args.data)
@@ -90,7 +93,7 @@ def bench_cycle(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _model(work: Path, n_items: int, seed: int) -> Path:
+def _model(work: Path, n_items: int, seed: int) -> CheckpointRecord:
     from streamrec.model.checkpoint import save_checkpoint
     from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
 
@@ -99,7 +102,7 @@ def _model(work: Path, n_items: int, seed: int) -> Path:
 
 
 def _service(broker: str, work: Path, tag: str) -> dict[str, Any]:
-    from streamrec.kafka import TopicSpec, ensure_topics
+    from streamrec.kafka.clients import TopicSpec, ensure_topics
 
     s = {
         "kafka.bootstrap_servers": broker,
@@ -119,11 +122,11 @@ def _service(broker: str, work: Path, tag: str) -> dict[str, Any]:
 
 
 def bench_archive(args: argparse.Namespace) -> dict[str, Any]:
-    from streamrec.archive import Archiver
-    from streamrec.broker import EmbeddedBroker
-    from streamrec.clicklog import load_clicks
-    from streamrec.launch import WorkerProcess
-    from streamrec.replay import click_values, produce
+    from streamrec.data.clicklog import load_clicks
+    from streamrec.kafka.embedded import EmbeddedBroker
+    from streamrec.loop.archiver import Archiver
+    from streamrec.tools.launch import WorkerProcess
+    from streamrec.tools.replay import click_values, produce
 
     df = load_clicks(args.data).sort_values("Time", kind="stable")
     items = sorted(set(df["ItemId"]))
@@ -131,14 +134,14 @@ def bench_archive(args: argparse.Namespace) -> dict[str, Any]:
     with EmbeddedBroker(port=0) as broker:
         conf = {"bootstrap.servers": broker.bootstrap}
         s = _service(broker.bootstrap, work, "a")
-        from streamrec import registry
+        from streamrec.loop import registry
         from streamrec.model.checkpoint import save_checkpoint
         from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
 
         ck = save_checkpoint(
             work / "ckpt", GRU4Rec(GRU4RecConfig(n_items=len(items), layers=[100]), seed=1),
             "gru4rec", items,
-        )  # fmt: skip
+        ).path  # fmt: skip
         del registry
         worker = WorkerProcess(
             ck, settings=s, data_dir=work / "state", log_path=work / "worker.log"
@@ -163,11 +166,11 @@ def bench_archive(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def bench_swaps(args: argparse.Namespace) -> dict[str, Any]:
-    from streamrec import registry
-    from streamrec.broker import EmbeddedBroker
-    from streamrec.kafka import read_topic
-    from streamrec.launch import WorkerProcess
-    from streamrec.replay import produce
+    from streamrec.kafka.clients import read_topic
+    from streamrec.kafka.embedded import EmbeddedBroker
+    from streamrec.loop import registry
+    from streamrec.tools.launch import WorkerProcess
+    from streamrec.tools.replay import produce
 
     n_items = args.items
     work = Path(tempfile.mkdtemp(prefix="bench-swaps-"))

@@ -32,11 +32,11 @@ import numpy as np
 import torch
 from confluent_kafka import Consumer, TopicPartition
 
-from streamrec.broker import EmbeddedBroker
-from streamrec.kafka import TopicSpec, ensure_topics, read_topic
-from streamrec.launch import WorkerProcess
-from streamrec.replay import click_values, latency_percentiles, produce
-from streamrec.runtime import ServingModel
+from streamrec.kafka.clients import TopicSpec, ensure_topics, read_topic
+from streamrec.kafka.embedded import EmbeddedBroker
+from streamrec.serving.served_model import ServingModel
+from streamrec.tools.launch import WorkerProcess
+from streamrec.tools.replay import click_values, latency_percentiles, produce
 
 #: ``streamrec worker`` serving the model with its step removed (the "nostep" reference)
 NOSTEP_WORKER = Path(__file__).with_name("nostep.py")
@@ -51,7 +51,7 @@ def make_checkpoint(path: Path) -> Path:
     from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
 
     model = GRU4Rec(GRU4RecConfig(n_items=N_ITEMS, layers=[UNITS]), seed=0)
-    return save_checkpoint(path, model, "gru4rec", [str(i) for i in range(N_ITEMS)])
+    return save_checkpoint(path, model, "gru4rec", [str(i) for i in range(N_ITEMS)]).path
 
 
 def _interleave(df: Any, concurrent: int, seed: int = 0) -> Any:
@@ -83,7 +83,7 @@ def load_values(data: Path | None, n: int) -> list[tuple[bytes, bytes, float]]:
     import pandas as pd
 
     if data is not None and data.exists():
-        from streamrec.clicklog import load_clicks
+        from streamrec.data.clicklog import load_clicks
 
         df = load_clicks(data)
         # The 1_64 split's Time is an ordinal in session order (no interleaving). A live stream
@@ -187,7 +187,7 @@ def run_worker_phase(
     score_dtype: str = "float32",
     extra_settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    from streamrec.broker import free_port
+    from streamrec.kafka.embedded import free_port
 
     conf = {"bootstrap.servers": bootstrap}
     clicks, recs, dead = f"{tag}-clicks", f"{tag}-recs", f"{tag}-dead"
@@ -334,11 +334,13 @@ def core_alone(ckpt: Path, values: list, batch: int) -> dict[str, Any]:
     """The pure core (decode, states, step, outputs as JSON) over an in-memory store."""
     from nostep import NoStepServingModel
 
-    from streamrec.core import CoreConfig, Record, process_batch
+    from streamrec.serving.config import CoreConfig
+    from streamrec.serving.pipeline import process_batch
+    from streamrec.serving.records import Record
 
     torch.set_num_threads(1)
     model = ServingModel.from_checkpoint(ckpt, "auto", top_k=20)
-    from streamrec.state import StateStore
+    from streamrec.serving.state_store import StateStore
 
     out = {}
     recs = [Record(v, k, "c", 0, i, time.time()) for i, (k, v, _) in enumerate(values)]

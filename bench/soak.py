@@ -34,10 +34,10 @@ import numpy as np
 from confluent_kafka import Consumer, Producer
 from procstats import cpu_seconds, machine_line, rss_mb
 
-from streamrec import tansu
-from streamrec.broker import EmbeddedBroker, free_port
-from streamrec.kafka import TopicSpec, ensure_topics, read_topic
-from streamrec.launch import WorkerProcess
+from streamrec.kafka import tansu
+from streamrec.kafka.clients import TopicSpec, ensure_topics, read_topic
+from streamrec.kafka.embedded import EmbeddedBroker, free_port
+from streamrec.tools.launch import WorkerProcess
 
 
 def scrape(port: int) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """State at scale (issue 13): sessions and users in the native worker's RocksDB partitions.
 
-Builds the state directly through the store layer (``PartitionState``: the same encoding,
+Builds the state directly through the store layer (``RocksDBPartition``: the same encoding,
 index and batch writes as the worker's checkpoints, no Kafka), then measures:
 
 * bytes per state (encoded value; and the databases' size on disk per state);
@@ -30,12 +30,15 @@ from pathlib import Path
 import numpy as np
 from procstats import machine_line, rss_mb
 
-from streamrec.core import StreamClock
-from streamrec.engines.native.store import PartitionState, TableView
-from streamrec.engines.native.worker import SWEEP_STEP_S, NativeWorker
-from streamrec.runtime import ModelHolder
+from streamrec.engines.native.recovery import recover, recovery_config
+from streamrec.engines.native.store import RocksDBPartition
+from streamrec.engines.native.sweep import SWEEP_STEP_S
+from streamrec.engines.native.worker import NativeWorker
+from streamrec.serving.clock import StreamClock
+from streamrec.serving.served_model import ModelHolder
+from streamrec.serving.state import SessionState, UserState
+from streamrec.serving.state_store import SESSIONS, USERS
 from streamrec.settings import load_settings
-from streamrec.state import SessionState, UserState
 from streamrec.testing import tiny_serving_model
 
 DIM = 100  # GRU4Rec's 100 units (the serve bench's model)
@@ -44,12 +47,12 @@ CHUNK = 50_000
 
 def build(
     root: Path, n_sessions: int, n_users: int, parts: int, wall: float, gap: float, ttl: float
-) -> tuple[dict[int, PartitionState], float, float]:
+) -> tuple[dict[int, RocksDBPartition], float, float]:
     """States as the worker writes them; returns (partitions, mean session bytes, mean user
     bytes). Session last times spread over the last 2 gaps (about half idle), user last
     times over 1/0.9 TTLs (about a tenth expired)."""
     rng = random.Random(0)
-    states = {p: PartitionState(root / str(p), p) for p in range(parts)}
+    states = {p: RocksDBPartition(root / str(p), p) for p in range(parts)}
     hidden = np.random.default_rng(0).standard_normal(DIM).astype(np.float32)
     s_bytes = u_bytes = 0
     for lo in range(0, max(n_sessions, n_users), CHUNK):
@@ -62,8 +65,7 @@ def build(
             s.event_ids = [f"ev-{j}-{k}" for k in range(10)]
             value = s.to_bytes()
             s_bytes += len(value)
-            key = f"s/u:user{j}" if user else f"s/a:sess{j}"
-            states[p].pending[key.encode()] = value
+            states[p].write(SESSIONS, f"u:user{j}" if user else f"a:sess{j}", value)
         for j in range(lo, min(lo + CHUNK, n_users)):
             p = j % parts
             sess = [[f"i{rng.randrange(17_319)}" for _ in range(10)] for _ in range(3)]
@@ -71,7 +73,7 @@ def build(
             u = UserState(f"user{j}", hidden, "v1", sess, p, j, t)
             value = u.to_bytes()
             u_bytes += len(value)
-            states[p].pending[f"u/u:user{j}".encode()] = value
+            states[p].write(USERS, f"u:user{j}", value)
         for st in states.values():
             st.begin_checkpoint()
             st.commit(lo)
@@ -211,7 +213,7 @@ def recovery(n: int, root: Path) -> str:
     worker's recovery of a wiped partition from it."""
     from confluent_kafka import Producer
 
-    from streamrec.kafka import TopicSpec, ensure_topics
+    from streamrec.kafka.clients import TopicSpec, ensure_topics
     from streamrec.testing import test_broker
 
     hidden = np.zeros(DIM, np.float32)
@@ -238,12 +240,11 @@ def recovery(n: int, root: Path) -> str:
                 except BufferError:
                     prod.poll(0.05)
         assert prod.flush(120) == 0
-        st = PartitionState(root / "rec" / "0", 0)  # a wiped disk: empty database
+        st = RocksDBPartition(root / "rec" / "0", 0)  # a wiped disk: empty database
         t = time.perf_counter()
-        got = worker._recover([st])
+        got = recover(recovery_config(settings), worker.changelog, [st])
         secs = time.perf_counter() - t
-        view = TableView({0: st}, b"s/", {})
-        ok = view.get(f"a:sess{n - 1}") is not None
+        ok = st.get(SESSIONS, f"a:sess{n - 1}") is not None
         st.close()
         worker.producer.flush(1)
     return (

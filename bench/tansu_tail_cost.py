@@ -28,8 +28,8 @@ import numpy as np
 from confluent_kafka import Consumer, Producer, TopicPartition
 from procstats import cpu_seconds
 
-from streamrec.broker import EmbeddedBroker
-from streamrec.kafka import TopicSpec, ensure_topics
+from streamrec.kafka.clients import TopicSpec, ensure_topics
+from streamrec.kafka.embedded import EmbeddedBroker
 
 TOPIC, PARTITIONS = "tail-cost", 4
 

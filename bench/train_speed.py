@@ -44,12 +44,12 @@ def main(
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     if train_path:
-        from streamrec.clicklog import load_clicks
+        from streamrec.data.clicklog import load_clicks
 
         df = load_clicks(train_path)
         source = train_path
     else:
-        from streamrec.synthetic import generate_clicks
+        from streamrec.data.synthetic import generate_clicks
 
         df = generate_clicks(n_sessions=n_sessions, n_items=n_items, seed=0)
         source = f"synthetic({n_sessions} sessions, {n_items} items)"

@@ -1,3 +1,3 @@
-from streamrec.cli import main
+from streamrec.cli.main import main
 
 main()

@@ -15,9 +15,10 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
-    generate_latest,
     start_http_server,
 )
+
+from streamrec.serving.records import SweepResult
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +89,8 @@ class Metrics:
         self.model = Info("streamrec_model", "The model being served", registry=r)
         self.model_swaps = Counter("streamrec_model_swaps", "Models hot-swapped in", registry=r)
 
-    def observe_sweep(self, res: Any) -> None:
-        """An idle sweep's result (``core.SweepResult``): counters, gauges, one log line."""
+    def observe_sweep(self, res: SweepResult) -> None:
+        """An idle sweep's result: counters, gauges, one log line."""
         self.sessions_ended.inc(res.sessions_ended)
         if res.sessions_ended or res.users_expired:
             log.info(
@@ -97,7 +98,7 @@ class Metrics:
                 res.sessions_ended,
                 res.users_expired,
             )
-        if getattr(res, "counted", True):  # the bounded sweep steps do not count states
+        if res.counted:  # the bounded sweep steps do not count states
             self.sessions.set(res.sessions_left)
             self.users.set(res.users_left)
 
@@ -131,6 +132,3 @@ class Metrics:
             return None
         started = start_http_server(port, addr=addr, registry=self.registry)
         return started[0] if isinstance(started, tuple) else started
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)

@@ -17,8 +17,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from streamrec.errors import StreamrecError
 
-class SettingsError(ValueError):
+
+class SettingsError(StreamrecError, ValueError):
     """Raised when the configuration is invalid; the message names each bad setting."""
 
 
@@ -212,8 +214,9 @@ class WorkerSettings(_Group):
     #: small GRU steps many times slower on busy cores (bench/results/serving-cpu.md).
     torch_threads: int = Field(1, ge=1, le=256)
     #: ``native``: confluent-kafka consumer, RocksDB per partition, changelog written at
-    #: checkpoints (streamrec/native.py). ``faust``: the same core as a Faust agent with Faust
-    #: tables (streamrec/app.py); about 3x slower per event (bench/results/serving-cpu.md).
+    #: checkpoints (streamrec/engines/native/). ``faust``: the same pipeline as a Faust agent
+    #: with Faust tables (streamrec/engines/faust/); about 3x slower per event
+    #: (bench/results/serving-cpu.md).
     engine: Literal["native", "faust"] = "native"
     #: Native engine: seconds between checkpoints (outputs and changelog flushed, input
     #: offsets committed, state written to RocksDB). Shorter: less to redo after a crash.

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from streamrec.broker import EmbeddedBroker
-from streamrec.kafka import TopicSpec, ensure_topics
-from streamrec.runtime import ServingModel
+from streamrec.kafka.clients import TopicSpec, ensure_topics
+from streamrec.kafka.embedded import EmbeddedBroker
+from streamrec.serving.served_model import ServingModel
 
 TEST_BOOTSTRAP_ENV = "STREAMREC_TEST_BOOTSTRAP"
 
@@ -129,7 +129,7 @@ class WorkerTopics:
         return {"bootstrap.servers": self.bootstrap}
 
     def settings(self) -> dict[str, object]:
-        """Worker settings (dotted keys, as ``streamrec.launch.settings_env`` takes them) for
+        """Worker settings (dotted keys, as ``streamrec.tools.launch.settings_env`` takes them) for
         these topics and app id; metrics on a port the system picks."""
         return {
             "kafka.bootstrap_servers": self.bootstrap,

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+# each test runs pytest in a child process (seconds)
+pytestmark = pytest.mark.slow
+
 CONFTEST = Path(__file__).parent / "conftest.py"
 
 TESTS = """

@@ -18,8 +18,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from streamrec.archive import ArchiveFile, Storage, list_archive
-from streamrec.clicklog import DataError
+from streamrec.data.clicklog import DataError
+from streamrec.loop.archive import ArchiveFile, Storage, list_archive
 
 PREFIX = "archive:"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
@@ -179,7 +179,7 @@ def load_archive(
     until: str | float | None = None,
     window: str | float | None = None,
 ) -> pd.DataFrame:
-    """``archive:DIR`` -> a click frame, as :func:`streamrec.clicklog.load_clicks` gives."""
+    """``archive:DIR`` -> a click frame, as :func:`streamrec.data.clicklog.load_clicks` gives."""
     directory = spec.removeprefix(PREFIX)
     sl = read_archive(
         directory,

@@ -2,16 +2,18 @@
 
 Frames have the columns ``SessionId`` (str), ``ItemId`` (str), ``Time`` (float64 seconds, or an
 ordinal that only orders events) and optionally ``UserId`` (str); see docs/architecture.md.
-Functions here never reorder rows: filters keep the input order. Loading is
-:mod:`streamrec.clicklog`.
+Functions here never reorder rows: filters keep the input order. Loading and sessionisation
+by a gap are :mod:`streamrec.data.clicklog`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import pandas as pd
 
-from streamrec.clicklog import DAY, ITEM, REQUIRED, SESSION, TIME, USER, DataError
+from streamrec.data.clicklog import DAY, ITEM, REQUIRED, SESSION, TIME, USER, DataError
 
 # ----------------------------------------------------------------------------- preprocessing
 
@@ -68,10 +70,24 @@ def preprocess(
     return df[keep].reset_index(drop=True)
 
 
-def _restrict_test(train: pd.DataFrame, test: pd.DataFrame, min_len: int = 2) -> pd.DataFrame:
-    test = test[test[ITEM].isin(pd.unique(train[ITEM]))]
+def restrict_to_items(
+    test: pd.DataFrame, *known: Iterable[str], min_session_length: int = 2
+) -> pd.DataFrame:
+    """The test events whose item is in every one of ``known`` (item ids, or an item index:
+    its keys), then the sessions that still have ``min_session_length`` events. Items are
+    compared as strings; row order is kept. The one copy of the rule: the time and
+    last-session-out splits, the evaluators and the retrain gate use it."""
+    items = test[ITEM].astype(str)
+    keep = np.ones(len(test), dtype=bool)
+    for ids in known:
+        keep &= items.isin(ids).to_numpy()
+    test = test[keep]
     lens = test.groupby(SESSION, sort=False)[SESSION].transform("size")
-    return test[lens >= min_len].reset_index(drop=True)
+    return test[lens >= min_session_length].reset_index(drop=True)
+
+
+def _restrict_test(train: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
+    return restrict_to_items(test, pd.unique(train[ITEM].astype(str)))
 
 
 def split_by_time(df: pd.DataFrame, days: float) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -87,31 +103,6 @@ def split_by_time(df: pd.DataFrame, days: float) -> tuple[pd.DataFrame, pd.DataF
     train = df[~is_test].reset_index(drop=True)
     test = _restrict_test(train, df[is_test])
     return train, test
-
-
-def sessionize(df: pd.DataFrame, gap_seconds: float) -> pd.DataFrame:
-    """Split each user's events into sessions: a new session starts when the time since the
-    user's previous event exceeds ``gap_seconds``. Sets ``SessionId`` to ``"<user>:<n>"``
-    (n = 0, 1, ... per user in time order); row order is kept."""
-    _check_columns(df, (USER, TIME))
-    user, _ = _codes(df[USER])
-    time = df[TIME].to_numpy(dtype=np.float64)
-    order = _session_order(user, time)
-    u, t = user[order], time[order]
-    new = np.ones(len(order), dtype=bool)
-    new[1:] = (u[1:] != u[:-1]) | (t[1:] - t[:-1] > gap_seconds)
-    sess_global = np.cumsum(new) - 1  # running session counter over all users
-    first_of_user = np.ones(len(order), dtype=bool)
-    first_of_user[1:] = u[1:] != u[:-1]
-    user_base = np.maximum.accumulate(np.where(first_of_user, sess_global, 0))
-    n_sorted = sess_global - user_base
-    n = np.empty_like(n_sorted)
-    n[order] = n_sorted
-    out = df.copy()
-    out[SESSION] = df[USER].astype(str).to_numpy(dtype=object) + ":" + n.astype(str).astype(object)
-    out[SESSION] = out[SESSION].astype(str)
-    cols = [SESSION, ITEM, TIME, USER]
-    return out[[c for c in cols if c in out.columns] + [c for c in out.columns if c not in cols]]
 
 
 def filter_users(

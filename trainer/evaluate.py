@@ -11,14 +11,15 @@ sessions one by one.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from streamrec.model.api import InnerProductScores, SplitStepModel
+from streamrec.model.api import InnerProductScores, SplitStepModel, StepModel
 from streamrec.model.retrieval import Retriever
 from trainer.batching import session_arrays
 from trainer.metrics import MetricAccumulator, ranks
@@ -100,7 +101,7 @@ def step_ranks(
     return new, torch.cat(parts)
 
 
-def model_device(model: Any) -> torch.device:
+def model_device(model: object) -> torch.device:
     """The device of a model's parameters/buffers (or its ``device`` attribute; else CPU)."""
     if isinstance(model, torch.nn.Module):
         t: torch.Tensor
@@ -108,13 +109,28 @@ def model_device(model: Any) -> torch.device:
             return t.device
         for t in model.buffers():
             return t.device
-    dev = getattr(model, "device", None)
+    dev = getattr(model, "device", None)  # a step model that is not a module (baselines)
     return torch.device(dev) if dev is not None else torch.device("cpu")
+
+
+@contextmanager
+def eval_mode(model: object) -> Iterator[None]:
+    """A torch module in evaluation mode for the duration, then back in the mode it had
+    (other step models, e.g. the baselines, have no mode)."""
+    module = model if isinstance(model, torch.nn.Module) else None
+    was_training = module is not None and module.training
+    if module is not None:
+        module.eval()
+    try:
+        yield
+    finally:
+        if module is not None and was_training:
+            module.train()
 
 
 @torch.inference_mode()
 def evaluate_sessions(
-    model: Any,
+    model: StepModel,
     item_rows: np.ndarray,
     offsets: np.ndarray,
     accumulator: MetricAccumulator,
@@ -157,6 +173,7 @@ def evaluate_sessions(
         pad_t = torch.from_numpy(np.ascontiguousarray(pad.T)).to(device)  # [max_len, b]
         # sessions still predicting at step t (need an event t + 1): a prefix of the chunk
         n_live = (lens[None, :] > np.arange(1, max_len)[:, None]).sum(axis=1)
+        ustate: torch.Tensor | None
         if user_states is not None:
             ustate = user_states[torch.from_numpy(chunk).to(user_states.device)].to(device)
         else:
@@ -182,7 +199,7 @@ def evaluate_sessions(
 
 
 def evaluate_next_item(
-    model: Any,
+    model: StepModel,
     test_df: pd.DataFrame,
     item_index: Mapping[str, int],
     ks: Iterable[int] = (1, 5, 10, 20),
@@ -198,10 +215,7 @@ def evaluate_next_item(
     """
     item_rows, offsets, _ = session_arrays(test_df, item_index)
     acc = MetricAccumulator(ks)
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
-    try:
+    with eval_mode(model):
         evaluate_sessions(
             model,
             item_rows,
@@ -212,9 +226,6 @@ def evaluate_next_item(
             device=device,
             retriever=retriever,
         )
-    finally:
-        if was_training and hasattr(model, "train"):
-            model.train()
     out = acc.result()
     out["n_sessions"] = int((np.diff(offsets) >= 2).sum())
     return out

@@ -1,11 +1,13 @@
 """The held-out slice a checkpoint carries for the workers' relative gate.
 
-A worker validates a checkpoint before it serves (``streamrec.runtime.ServingModel.validate``):
-with ``data_stats["holdout_sessions"]`` (lists of item ids) and ``metrics["holdout_recall@20"]``
-in the checkpoint, the model's Recall@20 on that slice must reach ``model.gate_ratio`` of the
+A worker validates a checkpoint before it serves
+(``streamrec.serving.served_model.ServingModel.validate``): with
+``data_stats["holdout_sessions"]`` (lists of item ids) and ``metrics["holdout_recall@20"]`` in
+the checkpoint, the model's Recall@20 on that slice must reach ``model.gate_ratio`` of the
 figure. The trainer writes both: a bounded sample of held-out sessions (known items only) and
-the Recall@20 computed on it by the worker's own code (``ServingModel.holdout_recall``), so the
-two figures differ only by the device a worker runs on.
+the Recall@20 computed on it by the function a worker uses (``streamrec.model.gate.holdout_recall``,
+behind ``ServingModel.holdout_recall``), so the two figures differ only by the device a worker
+runs on.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from streamrec.runtime import HOLDOUT_KEY, HOLDOUT_METRIC, ServingModel
-from trainer.evaluate import model_device
+from streamrec.model.api import StepModule
+from streamrec.model.gate import HOLDOUT_KEY, HOLDOUT_METRIC, holdout_recall
+from trainer.evaluate import eval_mode, model_device
 
 #: sessions stored (a worker steps each one item by item on every swap)
 MAX_SESSIONS = 200
@@ -50,14 +53,16 @@ def holdout_slice(
     return sessions
 
 
-def slice_recall(model: Any, item_ids: list[str], sessions: list[list[str]]) -> float:
-    """Recall@20 on ``sessions`` computed as a worker computes it (NaN without predictions)."""
-    sm = ServingModel(model, item_ids, "trainer", device=model_device(model), top_k=20)
-    return sm.holdout_recall(sessions)
+def slice_recall(model: StepModule, item_ids: list[str], sessions: list[list[str]]) -> float:
+    """Recall@20 on ``sessions`` computed as a worker computes it, by the same function
+    (``streamrec.model.gate.holdout_recall``; NaN without predictions)."""
+    index = {iid: r for r, iid in enumerate(item_ids)}
+    with eval_mode(model):
+        return holdout_recall(model, index, sessions, model_device(model))
 
 
 def gate_figures(
-    model: Any, item_ids: list[str], test: pd.DataFrame | None, seed: int = 0
+    model: StepModule, item_ids: list[str], test: pd.DataFrame | None, seed: int = 0
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """``(data_stats part, metrics part)`` for a checkpoint: the slice and its Recall@20;
     both empty when ``test`` leaves no session of 2 known items."""

@@ -8,6 +8,8 @@ from typing import Any
 
 import pandas as pd
 
+from streamrec.model.api import RegisteredModel
+
 #: an evaluator: (model, test_df, item_index, ks, ties, device, train_df) -> metrics
 Evaluator = Callable[..., dict[str, float]]
 
@@ -25,7 +27,7 @@ class TrainJob:
 
 @dataclass
 class TrainOutcome:
-    model: Any
+    model: RegisteredModel
     model_name: str
     item_ids: list[str]
     stats: dict[str, Any]

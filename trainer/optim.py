@@ -172,6 +172,3 @@ class IndexedAdagradM:
             step = step * (state_rows < p.shape[0]).unsqueeze(1).to(step.dtype)
         # filler slots add exact zeros: order-independent, hence deterministic
         p.index_add_(0, param_rows, step)
-
-    def state_tensors(self) -> dict[str, Tensor]:
-        return {f"acc{i}": t for i, t in enumerate(self.acc.values())}

@@ -9,10 +9,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Self
 
+from streamrec.errors import StreamrecError
 from trainer.losses import LOSSES
 
 
-class ParamError(ValueError):
+class ParamError(StreamrecError, ValueError):
     """An unknown training parameter or an invalid value (the message names it)."""
 
 
@@ -25,7 +26,7 @@ class BaseParams:
     """Training parameters shared by GRU4Rec, HRNN and p-RNN (official GRU4Rec names).
 
     Per-model subclasses (:class:`TrainParams` here, ``HRNNParams`` / ``PRNNParams`` in
-    ``trainer.train_hier``) only add fields or override defaults. One validation path
+    ``trainer.hier.params``) only add fields or override defaults. One validation path
     (:meth:`validate`, which checks every field by its name) and one ``key=value`` parser
     (:meth:`make`) serve all of them.
     """

@@ -6,10 +6,10 @@ the sessions that start in its newest ``holdout`` slice, train a candidate on th
 ``cold``: known items keep their rows, new items get new rows after them, and the epochs are
 the new events' share, ``trainer.warmstart``), evaluate candidate and published model on the
 same holdout events (items both know), and publish through the registry
-(``streamrec.registry``) only if the candidate is not degenerate and, with a published model,
+(``streamrec.loop.registry``) only if the candidate is not degenerate and, with a published model,
 the holdout is large enough to decide (``min_holdout_events``) and shows the candidate no
 worse than the published model beyond ``tolerance`` (at confidence ``gate_z``, default 0: the
-point estimates; :func:`compare`).
+point estimates): ``streamrec.model.gate``, the rule of the workers' gate too.
 A published checkpoint carries a held-out slice and its Recall@20 for the workers' own gate
 (``trainer.holdout``). Every cycle appends one line to ``MODELS/retrain-log.jsonl``."""
 
@@ -25,23 +25,31 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import click
 import pandas as pd
 import torch
 
-from streamrec import registry
-from streamrec.clicklog import DAY, DataError
+from streamrec.data.clicklog import DAY, DataError
+from streamrec.errors import StreamrecError
+from streamrec.loop import registry
+from streamrec.model.api import RegisteredModel, StepModel
 from streamrec.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from streamrec.model.gate import HOLDOUT_KEY, gate
 from streamrec.model.gru4rec import GRU4Rec
+from streamrec.model.hrnn import HRNN
 from streamrec.model.retrieval import publish_index
 from trainer.archive_source import parse_duration, read_archive
-from trainer.holdout import HOLDOUT_KEY, gate_figures
+from trainer.data import preprocess, restrict_to_items
+from trainer.hier.params import HierParams, HRNNParams, PRNNParams, parse_hier_params
+from trainer.holdout import gate_figures
+from trainer.jobs import TrainJob
+from trainer.models import TRAINERS, evaluator_for
 from trainer.warmstart import FeatureMismatch, grow_gru4rec, train_hier_warm, warm_epochs
 
-__all__ = ["RetrainConfig", "RetrainError", "compare", "degenerate", "grow_gru4rec", "run_cycle"]
+__all__ = ["RetrainConfig", "RetrainError", "grow_gru4rec", "run_cycle"]
 
 
-class RetrainError(RuntimeError):
+class RetrainError(StreamrecError, RuntimeError):
     """A cycle that cannot run (no data, bad options); the message says why."""
 
 
@@ -94,20 +102,9 @@ def _split_holdout(df: pd.DataFrame, holdout_s: float) -> tuple[pd.DataFrame, pd
     return df[~is_test].reset_index(drop=True), df[is_test].reset_index(drop=True)
 
 
-def _restrict(test: pd.DataFrame, *indexes: dict[str, int]) -> pd.DataFrame:
-    known = np.ones(len(test), dtype=bool)
-    for ix in indexes:
-        known &= test["ItemId"].isin(ix).to_numpy()
-    test = test[known]
-    lens = test.groupby("SessionId", sort=False)["SessionId"].transform("size")
-    return test[lens >= 2].reset_index(drop=True)
-
-
 def _evaluate(
-    name: str, model: Any, test: pd.DataFrame, index: dict[str, int], train: pd.DataFrame
+    name: str, model: StepModel, test: pd.DataFrame, index: dict[str, int], train: pd.DataFrame
 ) -> dict[str, float]:
-    from trainer.cli import evaluator_for
-
     m = evaluator_for(name)(model, test, index, (5, 20), "conservative", None, train)
     return {k: float(v) for k, v in m.items()}
 
@@ -125,8 +122,9 @@ def _new_events(train: pd.DataFrame, current: Checkpoint | None) -> int | None:
     return int((train["Time"].to_numpy() > float(last)).sum())
 
 
-def _feature_builder(cfg: RetrainConfig, params: Any) -> Callable[..., list[Any]] | None:
-    if cfg.features is None and cfg.item_meta is None:
+def _feature_builder(cfg: RetrainConfig, params: HierParams) -> Callable[..., list[Any]] | None:
+    """The p-RNN item features of the cycle's --features/--item-meta (None: none given)."""
+    if not isinstance(params, PRNNParams) or (cfg.features is None and cfg.item_meta is None):
         return None
     from trainer.features import build_item_features
 
@@ -142,7 +140,7 @@ def _feature_builder(cfg: RetrainConfig, params: Any) -> Callable[..., list[Any]
 
 @dataclass
 class Trained:
-    model: Any
+    model: RegisteredModel
     item_ids: list[str]
     stats: dict[str, Any]
     train_params: dict[str, Any]
@@ -209,15 +207,10 @@ def _train(
             raise RetrainError(f"training failed: {e}") from None
         state = stats.pop("optimizer_state", None)
         return Trained(model, ids, stats, params.to_dict(), warm, epochs, None, state, bool(saved))
-    from trainer.cli import TRAINERS
-    from trainer.jobs import TrainJob
-
     if cfg.model_name not in TRAINERS:
         raise RetrainError(f"unknown model {cfg.model_name!r} (known: {', '.join(TRAINERS)})")
     note = None
     if warm and current is not None:
-        from trainer.train_hier import HRNNParams, PRNNParams, parse_hier_params
-
         cls = HRNNParams if cfg.model_name == "hrnn" else PRNNParams
         try:
             p = parse_hier_params(cfg.params, cls, cfg.preset)
@@ -232,7 +225,7 @@ def _train(
         try:
             grown, ids, stats, tp = train_hier_warm(
                 cfg.model_name, current.model, current.item_ids, train, p,
-                variant=getattr(current.model, "variant", None),
+                variant=current.model.variant if isinstance(current.model, HRNN) else None,
                 features=_feature_builder(cfg, p), log=log, init_optimizer=saved,
             )  # fmt: skip
             state = stats.pop("optimizer_state", None)
@@ -243,8 +236,6 @@ def _train(
             echo("      " + note)
         except ValueError as e:
             raise RetrainError(f"warm start: {e}") from None
-    import click
-
     opts = {"--variant": cfg.variant, "--features": cfg.features, "--item-meta": cfg.item_meta,
             "--schedule": cfg.schedule}  # fmt: skip
     opts = {k: v for k, v in opts.items() if v is not None}
@@ -253,38 +244,6 @@ def _train(
     except click.ClickException as e:  # the model's trainer refuses an option or the data
         raise RetrainError(f"--model {cfg.model_name}: {e.format_message()}") from None
     return Trained(out.model, out.item_ids, out.stats, out.train_params, False, None, note)
-
-
-def degenerate(metrics: dict[str, float], metric: str, n_items: int) -> str | None:
-    """Why a candidate is unusable, or None."""
-    v = metrics.get(metric)
-    if v is None or not math.isfinite(v):
-        return f"{metric} is not a number"
-    k = int(metric.split("@")[1]) if "@" in metric else 20
-    chance = min(1.0, k / max(n_items, 1))
-    if v <= chance:
-        return f"{metric} {v:.4f} is no better than chance ({chance:.4f})"
-    return None
-
-
-def compare(
-    cand: float, cur: float, n: int, tolerance: float, z: float
-) -> tuple[bool, float, float]:
-    """Non-inferiority of the candidate on ``n`` holdout predictions:
-    ``(passes, lower bound of cand - cur, margin)``.
-
-    The candidate passes when the one-sided lower confidence bound of ``cand - cur`` (at
-    ``z`` standard errors) is at least ``-tolerance * cur``: the data must show it is not
-    worse beyond the tolerance, so a small holdout, whose differences are noise, keeps the
-    current model. The standard error is that of two independent proportions,
-    ``sqrt((c(1-c) + o(1-o)) / n)``: the two models are scored on the same events, whose
-    hits are positively correlated, so the paired error is smaller and this one errs toward
-    keeping the current model.
-    """
-    se = math.sqrt(max(cand * (1 - cand) + cur * (1 - cur), 0.0) / max(n, 1))
-    lower = (cand - cur) - z * se
-    margin = -tolerance * cur
-    return lower >= margin, lower, margin
 
 
 class _Bars:
@@ -344,8 +303,6 @@ def run_cycle(cfg: RetrainConfig, echo: Callable[[str], None] = print) -> dict[s
             )
     except DataError as e:
         raise RetrainError(str(e)) from None
-    from trainer.data import preprocess
-
     df = sl.df
     if len(df) == 0:
         raise RetrainError(f"{cfg.archive}: no archived clicks in the window")
@@ -385,7 +342,7 @@ def run_cycle(cfg: RetrainConfig, echo: Callable[[str], None] = print) -> dict[s
     t = time.perf_counter()
     cand_index = {iid: r for r, iid in enumerate(item_ids)}
     cur_index = current.item_index if current else {}
-    gate_test = _restrict(test, cand_index, *([cur_index] if current else []))
+    gate_test = restrict_to_items(test, cand_index, *([cur_index] if current else []))
     cand_m: dict[str, float] = {}
     cur_m: dict[str, float] = {}
     with _Bars(cfg.progress) as bars:
@@ -409,34 +366,31 @@ def run_cycle(cfg: RetrainConfig, echo: Callable[[str], None] = print) -> dict[s
         "slice": {"sessions": len(slice_stats.get(HOLDOUT_KEY, [])), **slice_metrics},
     }
 
-    # ---- the gate
+    # ---- the gate (streamrec.model.gate: the rule the workers' gate uses too)
     reason: str | None
     if not len(gate_test):
         reason = "no holdout events with items both models know: nothing to gate on"
     else:
-        reason = degenerate(cand_m, cfg.metric, len(item_ids))
-        if reason is None and current is not None and n_gate < cfg.min_holdout_events:
-            reason = (
-                f"the holdout has {n_gate} predictions (items both models know), fewer than "
-                f"{cfg.min_holdout_events}: too few to compare, not deciding"
-            )
-        elif reason is None and current is not None:
-            c, o = cand_m[cfg.metric], cur_m.get(cfg.metric, 0.0)
-            ok, lower, margin = compare(c, o, n_gate, cfg.tolerance, cfg.gate_z)
-            rec["metrics"]["gate"] = {"lower_bound": lower, "margin": margin, "z": cfg.gate_z}
-            if not ok:
-                reason = (
-                    f"candidate {cfg.metric} {c:.4f} vs current {o:.4f} on {n_gate} "
-                    f"predictions: not shown within the tolerance {cfg.tolerance:.0%} "
-                    f"(lower bound of the difference {lower:+.4f} < {margin:+.4f})"
-                )
+        k = int(cfg.metric.split("@")[1]) if "@" in cfg.metric else 20
+        decision = gate(
+            cand_m.get(cfg.metric, math.nan),
+            None if current is None else cur_m.get(cfg.metric, 0.0),
+            tolerance=cfg.tolerance, n=n_gate, z=cfg.gate_z,
+            chance=min(1.0, k / max(len(item_ids), 1)), min_n=cfg.min_holdout_events,
+            name=f"candidate {cfg.metric}", against="current",
+        )  # fmt: skip
+        reason = decision.reason
+        if decision.lower is not None:
+            rec["metrics"]["gate"] = {
+                "lower_bound": decision.lower, "margin": decision.margin, "z": cfg.gate_z
+            }  # fmt: skip
 
     echo("[4/4] " + ("publishing" if reason is None else f"keeping the current model: {reason}"))
     t = time.perf_counter()
     version = None
     if reason is None:
         staging = registry.staging_dir(cfg.models, uuid.uuid4().hex[:8])
-        save_checkpoint(
+        candidate = save_checkpoint(
             staging,
             model,
             cfg.model_name,
@@ -463,9 +417,9 @@ def run_cycle(cfg: RetrainConfig, echo: Callable[[str], None] = print) -> dict[s
             save_file(tr.optimizer_state, str(staging / OPTIMIZER_FILE))
         # the ANN index beside the weights before the version is visible: workers load it
         t_index = time.perf_counter()
-        if publish_index(staging, model, when=cfg.retrieval_index) is not None:
+        if publish_index(candidate.path, model, when=cfg.retrieval_index) is not None:
             phases["index"] = time.perf_counter() - t_index
-        version = registry.add_version(cfg.models, staging)
+        version = registry.add_version(cfg.models, candidate)
         rec["pruned"] = registry.publish(cfg.models, version, cfg.keep)
     phases["publish"] = time.perf_counter() - t
     rec["decision"] = {"published": reason is None, "version": version, "reason": reason}
@@ -481,176 +435,3 @@ def run_cycle(cfg: RetrainConfig, echo: Callable[[str], None] = print) -> dict[s
         + f" ({', '.join(f'{k} {v:.1f} s' for k, v in phases.items())})"
     )
     return rec
-
-
-# ----------------------------------------------------------------------------- commands
-
-
-def commands() -> list[Any]:
-    """``trainer retrain`` and ``trainer models``, registered by trainer.cli."""
-    import json
-    import sys
-
-    import click
-
-    from trainer.cli import MultiValueCommand, _split_values
-
-    @click.command("retrain", cls=MultiValueCommand)
-    @click.option("--archive", required=True, help="Archive directory or URL (streamrec archive).")
-    @click.option("--models", required=True, help="Model registry directory.")
-    @click.option("--window", default="14d", show_default=True, help="Event-time window.")
-    @click.option("--holdout", default="1d", show_default=True, help="Newest slice held out.")
-    @click.option("--every", default=None, help="Run a cycle every e.g. 1h (a loop).")
-    @click.option("--once", is_flag=True, help="Run one cycle and exit.")
-    @click.option("--model", "model_name", default="gru4rec", show_default=True)
-    @click.option("--preset", default=None)
-    @click.option("--param", "params", multiple=True, help="key=value (official names)")
-    @click.option("--cold", is_flag=True, help="Train from scratch (default: warm start).")
-    @click.option("--tolerance", default=0.02, show_default=True, help="Relative gate tolerance.")
-    @click.option("--metric", default="recall@20", show_default=True)
-    @click.option("--keep", default=registry.DEFAULT_KEEP, show_default=True, help="Versions kept.")
-    @click.option(
-        "--gate-z",
-        default=0.0,
-        show_default=True,
-        help="Confidence of the gate: the candidate must be shown within the tolerance at "
-        "this one-sided z (0: compare the point estimates; e.g. 1.645 for 95%).",
-    )
-    @click.option(
-        "--min-holdout-events",
-        default=100,
-        show_default=True,
-        help="With a published model, fewer holdout predictions than this keep it.",
-    )
-    @click.option(
-        "--warm-epochs",
-        default="auto",
-        show_default=True,
-        help="Epochs of a warm start: N, or auto (the new events' share of n_epochs).",
-    )
-    @click.option("--min-item-support", default=1, show_default=True)
-    @click.option("--variant", default=None, help="HRNN variant (init, all), as trainer train")
-    @click.option("--features", default=None, help="p-RNN item feature file, as trainer train")
-    @click.option("--item-meta", default=None, help="p-RNN item metadata, as trainer train")
-    @click.option("--schedule", default=None, help="p-RNN training schedule")
-    @click.option("--progress/--no-progress", default=True)
-    @click.option(
-        "--retrieval-index",
-        type=click.Choice(["auto", "always", "never"]),
-        default="auto",
-        show_default=True,
-        help="Build the ANN retrieval index into the version before publishing it.",
-    )
-    def retrain(
-        archive: str,
-        models: str,
-        window: str,
-        holdout: str,
-        every: str | None,
-        once: bool,
-        model_name: str,
-        preset: str | None,
-        params: tuple[str, ...],
-        cold: bool,
-        tolerance: float,
-        metric: str,
-        keep: int,
-        gate_z: float,
-        min_holdout_events: int,
-        warm_epochs: str,
-        min_item_support: int,
-        variant: str | None,
-        features: str | None,
-        item_meta: str | None,
-        schedule: str | None,
-        progress: bool,
-        retrieval_index: str,
-    ) -> None:
-        """Retrain from the click archive; publish the candidate if it passes the gate."""
-        if once == bool(every):
-            raise click.UsageError("give exactly one of --once and --every")
-        if warm_epochs != "auto" and not (warm_epochs.isdigit() and int(warm_epochs) > 0):
-            raise click.BadParameter("a positive integer or auto", param_hint="--warm-epochs")
-        if gate_z < 0 or min_holdout_events < 0 or not 0 <= tolerance <= 1:
-            raise click.UsageError("--gate-z, --min-holdout-events >= 0; --tolerance in [0, 1]")
-        cfg = RetrainConfig(
-            archive, models, window, holdout, model_name, preset, _split_values(params), cold,
-            tolerance, metric, keep, min_item_support, progress, None, gate_z,
-            min_holdout_events, None if warm_epochs == "auto" else int(warm_epochs), variant,
-            features, item_meta, schedule, retrieval_index,
-        )  # fmt: skip
-        echo = lambda s: click.echo(s, err=True)  # noqa: E731
-        if once:
-            try:
-                run_cycle(cfg, echo)
-            except RetrainError as e:
-                raise click.ClickException(str(e)) from None
-            return
-        try:
-            period = parse_duration(every if every and every[-1].isalpha() else f"{every}s")
-        except DataError as e:
-            raise click.BadParameter(str(e), param_hint="--every") from None
-        assert period is not None
-        while True:
-            start = time.monotonic()
-            try:
-                run_cycle(cfg, echo)
-            except RetrainError as e:  # unattended: say why, try again next period
-                echo(f"cycle skipped: {e}")
-            except Exception as e:  # a failed cycle must not stop the loop
-                echo(f"cycle failed: {type(e).__name__}: {e}")
-            time.sleep(max(0.0, period - (time.monotonic() - start)))
-
-    @click.group("models")
-    def models_group() -> None:
-        """The model registry: list, show, rollback."""
-
-    models_opt = click.option("--models", required=True, help="Model registry directory.")
-
-    @models_group.command("list")
-    @models_opt
-    @click.option("--json", "as_json", is_flag=True)
-    def list_cmd(models: str, as_json: bool) -> None:
-        """Versions held, oldest first; * marks the published one."""
-        vs = registry.list_versions(models)
-        if as_json:
-            click.echo(
-                json.dumps([{**v.__dict__, "path": str(v.path)} for v in vs], indent=1, default=str)
-            )
-            return
-        if not vs:
-            click.echo(f"{models}: no versions", err=True)
-        for v in vs:
-            r = v.metrics.get("holdout_recall@20")
-            click.echo(
-                f"{'*' if v.published else ' '} {v.version}  {v.model_name:<8} "
-                f"{v.n_items:>8,} items  {v.created_at[:19]}  "
-                + (f"holdout recall@20 {r:.4f}" if isinstance(r, float) else "")
-            )
-
-    @models_group.command("show")
-    @models_opt
-    @click.argument("version", required=False)
-    def show_cmd(models: str, version: str | None) -> None:
-        """One version's metadata (default: the published one)."""
-        version = version or registry.current_version(models)
-        if version is None:
-            raise click.ClickException(f"{models}: nothing published")
-        try:
-            click.echo(json.dumps(registry.show(models, version), indent=1, default=str))
-        except Exception as e:
-            raise click.ClickException(str(e)) from None
-
-    @models_group.command("rollback")
-    @models_opt
-    @click.argument("version")
-    def rollback_cmd(models: str, version: str) -> None:
-        """Publish an older version again (the workers follow)."""
-        try:
-            registry.rollback(models, version)
-        except registry.RegistryError as e:
-            raise click.ClickException(str(e)) from None
-        click.echo(f"published {version}", err=True)
-
-    del sys
-    return [retrain, models_group]

@@ -17,37 +17,28 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 
-from streamrec.model.api import RegisteredModel
+from streamrec.errors import StreamrecError
+from streamrec.model.api import RegisteredModel, as_trainable
 from streamrec.model.gru4rec import GRU4Rec
 from streamrec.model.items import build_item_index
+from streamrec.model.prnn import PRNN
+from trainer.hier.params import HierParams
+
+_M = TypeVar("_M", bound=RegisteredModel)
 
 
-def _fresh(old: RegisteredModel, n_items: int, seed: int | None) -> nn.Module:
-    cfg = {**old.config_dict(), "n_items": n_items}
-    if isinstance(old, GRU4Rec):
-        return GRU4Rec.from_config(cfg, seed=seed)
-    if seed is not None:
-        torch.manual_seed(seed)  # HRNN / p-RNN initialise from the global generator
-    from_config = getattr(type(old), "from_config", None)
-    if from_config is None:
-        raise TypeError(f"{type(old).__name__} has no from_config: cannot warm-start it")
-    new: nn.Module = from_config(cfg)
-    return new
-
-
-def grow_model(old: RegisteredModel, n_items: int, seed: int | None = None) -> nn.Module:
+def grow_model(old: _M, n_items: int, seed: int | None = None) -> _M:
     """A model like ``old`` with ``n_items >= old.n_items`` item rows (see the module doc)."""
     m = int(old.n_items)
     if n_items < m:
         raise ValueError(f"the item index only grows: {n_items} < {m}")
-    new = _fresh(old, n_items, seed)
+    new = type(old).from_config({**old.config_dict(), "n_items": n_items}, seed=seed)
     old_sd = old.state_dict()
     new_sd = new.state_dict()
     if set(old_sd) != set(new_sd):
@@ -70,10 +61,8 @@ def grow_model(old: RegisteredModel, n_items: int, seed: int | None = None) -> n
 
 
 def grow_gru4rec(old: GRU4Rec, n_items: int, seed: int | None = None) -> GRU4Rec:
-    """:func:`grow_model` for GRU4Rec (typed)."""
-    new = grow_model(old, n_items, seed)
-    assert isinstance(new, GRU4Rec)
-    return new
+    """:func:`grow_model` for GRU4Rec."""
+    return grow_model(old, n_items, seed)
 
 
 def extend_index(old_ids: Sequence[str], ids: Sequence[str]) -> list[str]:
@@ -99,20 +88,20 @@ def warm_epochs(n_epochs: int, new_events: int | None, train_events: int) -> int
     return max(1, min(n_epochs, math.ceil(n_epochs * share - 1e-9)))
 
 
-class FeatureMismatch(ValueError):
+class FeatureMismatch(StreamrecError, ValueError):
     """The item features no longer fit the published p-RNN (a warm start is impossible)."""
 
 
 def new_feature_rows(
-    model: nn.Module, index: dict[str, int], first_new: int, build: Callable[..., list[Any]]
+    model: RegisteredModel, index: dict[str, int], first_new: int, build: Callable[..., list[Any]]
 ) -> None:
     """Fill a grown p-RNN's feature buffers for the rows ``first_new:`` (the new items) from
     ``build(index, n_items) -> [FeatureMatrix]``; the old rows stay as they were. Raises
     FeatureMismatch when the features' shapes are not the model's (the feature files changed)."""
-    dims = list(getattr(model, "feature_dims", []))
-    if not dims:
+    if not isinstance(model, PRNN) or not model.feature_dims:
         return
-    n = int(model.n_items)  # type: ignore[arg-type]
+    dims = list(model.feature_dims)
+    n = model.n_items
     feats = build(index, n)
     got = [int(f.dim) for f in feats]
     if got != dims:
@@ -131,19 +120,19 @@ def train_hier_warm(
     parent: RegisteredModel,
     parent_ids: list[str],
     train_df: pd.DataFrame,
-    params: Any,
+    params: HierParams,
     *,
     variant: str | None = None,
     features: Callable[..., list[Any]] | None = None,
     log: Callable[[str], None] | None = None,
     init_optimizer: dict[str, torch.Tensor] | None = None,
-) -> tuple[nn.Module, list[str], dict[str, Any], dict[str, Any]]:
+) -> tuple[RegisteredModel, list[str], dict[str, Any], dict[str, Any]]:
     """Warm-start HRNN / p-RNN: grow ``parent`` to the window's items and continue training
-    it with ``trainer.train_hier.train_hier`` (``params``: HRNNParams / PRNNParams; the
+    it with ``trainer.hier.train_hier`` (``params``: HRNNParams / PRNNParams; the
     architecture is the parent's), continuing ``init_optimizer`` (the parent's Adagrad state)
     when given. Returns ``(model, item_ids, stats, train_params)``; ``stats`` carries this
     run's optimiser state as ``optimizer_state``."""
-    from trainer.train_hier import train_hier
+    from trainer.hier.loop import train_hier
 
     if "UserId" not in train_df.columns:
         raise ValueError(f"{model_name} needs a UserId column (none in the archived window)")
@@ -151,12 +140,18 @@ def train_hier_warm(
     item_ids = extend_index(parent_ids, window_ids)
     index = {iid: r for r, iid in enumerate(item_ids)}
     model = grow_model(parent.to("cpu"), len(item_ids), params.seed)
-    if model_name == "prnn" and getattr(model, "feature_dims", None):
+    if isinstance(model, PRNN) and model.feature_dims:
         if features is None:
             raise ValueError("p-RNN warm start needs the item features (--features/--item-meta)")
         new_feature_rows(model, index, len(parent_ids), features)
     stats = train_hier(
-        model, train_df, index, params, log=log, init_optimizer=init_optimizer, keep_optimizer=True
+        as_trainable(model),
+        train_df,
+        index,
+        params,
+        log=log,
+        init_optimizer=init_optimizer,
+        keep_optimizer=True,
     )
     tp = {**asdict(params), **({"variant": variant} if variant else {})}
     return model, item_ids, stats, tp

@@ -10,17 +10,20 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from streamrec import tansu
-from streamrec.core import BatchResult, CoreConfig, StreamClock
-from streamrec.events import make_dead_letter
+from streamrec.errors import StreamrecError
+from streamrec.kafka import tansu
 from streamrec.metrics import Metrics
-from streamrec.runtime import ModelHolder, ServingModel
+from streamrec.serving.clock import StreamClock
+from streamrec.serving.config import CoreConfig
+from streamrec.serving.events import make_dead_letter
+from streamrec.serving.records import BatchResult
+from streamrec.serving.served_model import ModelHolder, ServingModel
 from streamrec.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-class DeliveryError(RuntimeError):
+class DeliveryError(StreamrecError, RuntimeError):
     """The broker refused outputs or changelog records: stop without committing offsets."""
 
 

@@ -3,17 +3,23 @@
 ``StepModel`` is the contract the workers and the evaluators program against.
 ``SplitStepModel`` is the finer split of models whose step is "advance the state, then score
 all items from it" (GRU4Rec): a worker can then advance states click by click and score a
-whole batch in one matmul. A model declares the split by subclassing it; nothing probes for
-attributes.
+whole batch in one matmul. ``TrainableStepModel`` is what the user-aware trainer
+(``trainer.hier``) trains (HRNN, p-RNN): the step split for training, and the parts a staged
+schedule trains in turn. A model declares a split by subclassing it; nothing probes for
+attributes. ``TrainableModule`` is how the trainer types such a model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Protocol, Self
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol, Self, cast
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+#: an item table's rows gathered into a leaf for one training step: ``(table, rows, leaf)``;
+#: the leaf's gradient is the table's row-sparse gradient (``trainer.optim.IndexedAdagradM``)
+SparseLeaf = tuple[nn.Parameter, Tensor, Tensor]
 
 
 class StepModel(Protocol):
@@ -36,7 +42,8 @@ class StepModel(Protocol):
 
 
 class StepModule(StepModel, Protocol):
-    """A step-API ``torch.nn.Module``: what :class:`streamrec.runtime.ServingModel` serves.
+    """A step-API ``torch.nn.Module``: what
+    :class:`streamrec.serving.served_model.ServingModel` serves.
 
     Python has no intersection type, so the module methods serving calls are listed here.
     """
@@ -51,6 +58,11 @@ class RegisteredModel(StepModule, Protocol):
     """A model class of ``streamrec.model.MODEL_REGISTRY``: a step module with a JSON config,
     saved and loaded through its ``state_dict`` (see ``streamrec.model.checkpoint``)."""
 
+    @classmethod
+    def from_config(cls, config: dict[str, Any], seed: int | None = None) -> Self:
+        """The model of a ``config_dict()``, initialised afresh (seeded by ``seed``)."""
+        ...
+
     def config_dict(self) -> dict[str, Any]: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> Any: ...
@@ -59,7 +71,7 @@ class RegisteredModel(StepModule, Protocol):
 class ModelClass(Protocol):
     """A registered model class, seen through the constructor the registry calls."""
 
-    def from_config(self, config: dict[str, Any]) -> RegisteredModel: ...
+    def from_config(self, config: dict[str, Any], seed: int | None = None) -> RegisteredModel: ...
 
 
 class SplitStepModel:
@@ -132,3 +144,82 @@ class InnerProductScores:
         """Exact scores ``[B, C]`` of ``rows[b]`` (``[B, C]``, valid rows) for state ``b``: the
         model's own scores of those items, final activation and offsets included."""
         raise NotImplementedError
+
+
+class TrainableStepModel:
+    """Mixin of the models ``trainer.hier`` trains (HRNN, p-RNN).
+
+    ``forward_step`` is the step without scoring and ``score_items`` scores chosen item rows
+    (a target and sampled negatives) from its output; ``step`` must equal the two in turn
+    (scoring every item). The other methods have defaults a model overrides where it has
+    the part: ``train_step`` with row-sparse item tables (HRNN; default: ``forward_step`` then
+    ``score_items``, every gradient dense), and the parameter groups of a staged schedule
+    (``param_groups``; default none: the model always trains as a whole).
+    """
+
+    def forward_step(
+        self, item_rows: Tensor, state: Tensor, user_state: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """``(new state, output)``: the step without scores; ``item_rows[i] < 0`` keeps state i."""
+        raise NotImplementedError
+
+    def score_items(
+        self, output: Tensor, user_state: Tensor | None = None, item_rows: Tensor | None = None
+    ) -> Tensor:
+        """Scores ``[B, n]`` of every item, or of ``item_rows``, from ``forward_step``'s output."""
+        raise NotImplementedError
+
+    def train_step(
+        self, item_rows: Tensor, state: Tensor, user_state: Tensor | None, out_rows: Tensor
+    ) -> tuple[Tensor, Tensor, list[SparseLeaf]]:
+        """One training step: ``(new state, scores of out_rows, sparse leaves)``; the leaves
+        carry the gradients of the tables of :meth:`sparse_tables` (none by default)."""
+        new, out = self.forward_step(item_rows, state, user_state)
+        return new, self.score_items(out, user_state, out_rows), []
+
+    def sparse_tables(self) -> list[nn.Parameter]:
+        """The item tables :meth:`train_step` updates row-sparsely (their rows in its leaves)."""
+        return []
+
+    def param_groups(self) -> dict[str, list[Tensor]]:
+        """Named parts a staged schedule trains in turn (none: the model trains as a whole)."""
+        return {}
+
+    def grad_masks(self, groups: Sequence[str]) -> list[tuple[Tensor, Tensor]]:
+        """``(parameter, 0/1 mask)`` of parameters that only ``groups`` train in part."""
+        return []
+
+    def set_active(self, names: Sequence[str] | None) -> None:
+        """Only the parts ``names`` (None: all) take part in the step (no-op by default)."""
+
+
+class TrainableModule(StepModule, Protocol):
+    """How the trainer types a :class:`TrainableStepModel` ``torch.nn.Module`` (Python has no
+    intersection type, so the mixin's methods and the module's are listed here)."""
+
+    training: bool
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]: ...
+    def train(self, mode: bool = True) -> Self: ...
+    def forward_step(
+        self, item_rows: Tensor, state: Tensor, user_state: Tensor | None
+    ) -> tuple[Tensor, Tensor]: ...
+    def score_items(
+        self, output: Tensor, user_state: Tensor | None = None, item_rows: Tensor | None = None
+    ) -> Tensor: ...
+    def train_step(
+        self, item_rows: Tensor, state: Tensor, user_state: Tensor | None, out_rows: Tensor
+    ) -> tuple[Tensor, Tensor, list[SparseLeaf]]: ...
+    def sparse_tables(self) -> list[nn.Parameter]: ...
+    def param_groups(self) -> dict[str, list[Tensor]]: ...
+    def grad_masks(self, groups: Sequence[str]) -> list[tuple[Tensor, Tensor]]: ...
+    def set_active(self, names: Sequence[str] | None) -> None: ...
+
+
+def as_trainable(model: object) -> TrainableModule:
+    """``model`` as the trainer types it; ``TypeError`` unless it is a ``torch.nn.Module`` that
+    declares :class:`TrainableStepModel`."""
+    if not isinstance(model, TrainableStepModel) or not isinstance(model, nn.Module):
+        raise TypeError(f"{type(model).__name__} is not a trainable step model")
+    return cast(TrainableModule, model)  # checked above: the declared mixin on a module

@@ -1,4 +1,9 @@
-"""Atomic, pickle-free checkpoint directories: ``model.safetensors`` + ``checkpoint.json``."""
+"""Atomic, pickle-free checkpoint directories: ``model.safetensors`` + ``checkpoint.json``.
+
+``checkpoint.json`` is one self-describing record, :class:`CheckpointRecord`: written and
+returned by :func:`save_checkpoint`, read by :func:`read_checkpoint_record`, carried by a loaded
+:class:`Checkpoint`.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +13,22 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save_file
 
+from streamrec.errors import StreamrecError
 from streamrec.model import build_model
 from streamrec.model.api import RegisteredModel
+from streamrec.model.gate import HOLDOUT_KEY, HOLDOUT_METRIC
 
 FORMAT = "streamrec-checkpoint"
 FORMAT_VERSION = 1
@@ -28,26 +37,137 @@ META = "checkpoint.json"
 _REQUIRED = ("format", "version", "model_name", "model_config", "item_ids", "tensor_sha256")
 
 
-class CheckpointError(Exception):
+class CheckpointError(StreamrecError):
     """A checkpoint directory is missing, corrupted or does not match its model."""
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """A checkpoint's ``checkpoint.json``: everything it says about itself but the tensors,
+    read or written once. :func:`save_checkpoint` returns it, :func:`read_checkpoint_record`
+    reads it back, :func:`load_checkpoint` loads the model it describes; the model registry
+    and the workers take it as it is instead of reading the file again."""
+
+    path: Path  # the checkpoint directory (not in the JSON)
+    version: str  # <created UTC>-<first 12 hex digits of tensor_sha256>
+    model_name: str  # a name of streamrec.model.MODEL_REGISTRY
+    model_config: Mapping[str, Any]
+    item_ids: tuple[str, ...]  # item_ids[row]: the item id of model row ``row``
+    tensor_sha256: str
+    created_at: str = ""
+    train_params: Mapping[str, Any] = field(default_factory=dict)
+    data_stats: Mapping[str, Any] = field(default_factory=dict)
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def holdout_sessions(self) -> list[list[str]] | None:
+        """The held-out slice a worker's gate checks the model on (``trainer.holdout``)."""
+        sessions = self.data_stats.get(HOLDOUT_KEY)
+        return list(sessions) if sessions else None
+
+    @property
+    def holdout_recall(self) -> float | None:
+        """The trainer's Recall@20 on that slice: what the worker's figure is gated against."""
+        value = self.metrics.get(HOLDOUT_METRIC)
+        return None if value is None else float(value)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object of ``checkpoint.json`` (the same keys and order as ever)."""
+        return {
+            "format": FORMAT,
+            "format_version": self.format_version,
+            "version": self.version,
+            "model_name": self.model_name,
+            "model_config": dict(self.model_config),
+            "train_params": dict(self.train_params),
+            "item_ids": list(self.item_ids),
+            "data_stats": dict(self.data_stats),
+            "metrics": dict(self.metrics),
+            "created_at": self.created_at,
+            "tensor_sha256": self.tensor_sha256,
+        }
+
+    @classmethod
+    def from_json(cls, meta: object, path: Path) -> CheckpointRecord:
+        """Validate a parsed ``checkpoint.json`` of the directory ``path``."""
+        where = path / META
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{where} is not a JSON object")
+        missing = [k for k in _REQUIRED if k not in meta]
+        if missing:
+            raise CheckpointError(f"{where} lacks fields: {', '.join(missing)}")
+        if meta["format"] != FORMAT:
+            raise CheckpointError(f"{where}: unknown format {meta['format']!r}")
+        if not isinstance(meta["item_ids"], list) or not isinstance(meta["model_config"], dict):
+            raise CheckpointError(f"{where}: item_ids must be a list, model_config an object")
+        try:
+            format_version = int(meta.get("format_version", FORMAT_VERSION))
+        except (TypeError, ValueError):
+            raise CheckpointError(f"{where}: format_version is not a number") from None
+        return cls(
+            path=path,
+            version=str(meta["version"]),
+            model_name=str(meta["model_name"]),
+            model_config=meta["model_config"],
+            item_ids=tuple(str(i) for i in meta["item_ids"]),
+            tensor_sha256=str(meta["tensor_sha256"]),
+            created_at=str(meta.get("created_at", "")),
+            train_params=meta.get("train_params") or {},
+            data_stats=meta.get("data_stats") or {},
+            metrics=meta.get("metrics") or {},
+            format_version=format_version,
+        )
 
 
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint: the model (eval mode, on the requested device) and its metadata."""
+    """A loaded checkpoint: the model (eval mode, on the requested device) and its record."""
 
     model: RegisteredModel
-    model_name: str
-    version: str
+    record: CheckpointRecord
     item_ids: list[str]
-    item_index: dict[str, int]
-    model_config: dict[str, Any]
-    train_params: dict[str, Any] = field(default_factory=dict)
-    data_stats: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    created_at: str = ""
-    tensor_sha256: str = ""
-    path: Path | None = None
+    item_index: dict[str, int]  # item id -> row
+
+    @property
+    def model_name(self) -> str:
+        return self.record.model_name
+
+    @property
+    def version(self) -> str:
+        return self.record.version
+
+    @property
+    def model_config(self) -> Mapping[str, Any]:
+        return self.record.model_config
+
+    @property
+    def train_params(self) -> Mapping[str, Any]:
+        return self.record.train_params
+
+    @property
+    def data_stats(self) -> Mapping[str, Any]:
+        return self.record.data_stats
+
+    @property
+    def metrics(self) -> Mapping[str, Any]:
+        return self.record.metrics
+
+    @property
+    def created_at(self) -> str:
+        return self.record.created_at
+
+    @property
+    def tensor_sha256(self) -> str:
+        return self.record.tensor_sha256
+
+    @property
+    def path(self) -> Path:
+        return self.record.path
 
 
 def _sha256(path: Path) -> str:
@@ -62,21 +182,24 @@ def save_checkpoint(
     path: str | os.PathLike[str],
     model: RegisteredModel,
     model_name: str,
-    item_ids: list[str],
-    train_params: dict[str, Any] | None = None,
-    data_stats: dict[str, Any] | None = None,
-    metrics: dict[str, Any] | None = None,
+    item_ids: Sequence[str],
+    train_params: Mapping[str, Any] | None = None,
+    data_stats: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
     overwrite: bool = True,
-) -> Path:
+) -> CheckpointRecord:
     """Write a checkpoint directory atomically (temp dir beside ``path``, then rename).
 
-    Returns the final path.  ``item_ids[row]`` is the item id of model row ``row``.
+    Returns its record (``record.path`` is the final path), equal to what
+    :func:`read_checkpoint_record` reads back. ``item_ids[row]`` is the item id of model row
+    ``row``.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    n_items = getattr(model, "n_items", None)
-    if n_items is not None and n_items != len(item_ids):
-        raise CheckpointError(f"model has {n_items} item rows but {len(item_ids)} item ids given")
+    if model.n_items != len(item_ids):
+        raise CheckpointError(
+            f"model has {model.n_items} item rows but {len(item_ids)} item ids given"
+        )
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         tensors = {
@@ -100,8 +223,9 @@ def save_checkpoint(
             "created_at": created.isoformat(),
             "tensor_sha256": digest,
         }
+        text = json.dumps(meta, indent=1, default=_json_default)
         with open(tmp / META, "w") as f:
-            json.dump(meta, f, indent=1, default=_json_default)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         if target.exists():
@@ -117,11 +241,12 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
+    # the record of what was written (numbers as JSON has them), not of the arguments
+    return CheckpointRecord.from_json(json.loads(text), target)
 
 
 def _json_default(o: Any) -> Any:
-    if hasattr(o, "item"):
+    if isinstance(o, (np.generic, np.ndarray, torch.Tensor)):  # numpy / torch scalars
         return o.item()
     if isinstance(o, (set, tuple)):
         return list(o)
@@ -130,7 +255,7 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+def read_checkpoint_record(path: str | os.PathLike[str]) -> CheckpointRecord:
     """Read and validate ``checkpoint.json`` only (no tensors)."""
     p = Path(path)
     meta_path = p / META
@@ -142,22 +267,21 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         meta = json.loads(meta_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"unreadable {meta_path}: {e}") from e
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{meta_path} is not a JSON object")
-    missing = [k for k in _REQUIRED if k not in meta]
-    if missing:
-        raise CheckpointError(f"{meta_path} lacks fields: {', '.join(missing)}")
-    if meta["format"] != FORMAT:
-        raise CheckpointError(f"{meta_path}: unknown format {meta['format']!r}")
-    if not isinstance(meta["item_ids"], list) or not isinstance(meta["model_config"], dict):
-        raise CheckpointError(f"{meta_path}: item_ids must be a list, model_config an object")
-    return meta
+    return CheckpointRecord.from_json(meta, p)
 
 
-def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Checkpoint:
-    """Load and verify a checkpoint; raises :class:`CheckpointError` on any mismatch."""
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    record: CheckpointRecord | None = None,
+) -> Checkpoint:
+    """Load and verify a checkpoint; raises :class:`CheckpointError` on any mismatch.
+
+    ``record``: the directory's record, read already (a worker compares its version before it
+    loads); the tensors are checked against its hash, so a checkpoint replaced since is
+    refused, never mixed."""
     p = Path(path)
-    meta = read_metadata(p)
+    rec = record if record is not None else read_checkpoint_record(p)
     tpath = p / TENSORS
     if not tpath.is_file():
         raise CheckpointError(f"missing {TENSORS} in {p}")
@@ -169,17 +293,31 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
     except OSError as e:
         raise CheckpointError(f"{tpath}: unreadable tensor file: {e}") from e
     digest = hashlib.sha256(data).hexdigest()
-    if digest != meta["tensor_sha256"]:
+    if digest != rec.tensor_sha256:
         raise CheckpointError(
             f"{tpath}: sha256 mismatch (file {digest[:12]}…, recorded "
-            f"{str(meta['tensor_sha256'])[:12]}…): corrupted or truncated"
+            f"{rec.tensor_sha256[:12]}…): corrupted or truncated"
         )
     try:
         tensors = load_tensors(data)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{tpath}: unreadable tensor file: {e}") from e
+    model = _model_for(rec, tensors)
+    model.load_state_dict(tensors, strict=True)
+    model.to(device)
+    model.eval()
+    item_ids = list(rec.item_ids)
+    index = {iid: row for row, iid in enumerate(item_ids)}
+    if len(index) != len(item_ids):
+        raise CheckpointError(f"{p}: duplicate item ids in the item index")
+    return Checkpoint(model=model, record=rec, item_ids=item_ids, item_index=index)
+
+
+def _model_for(rec: CheckpointRecord, tensors: Mapping[str, torch.Tensor]) -> RegisteredModel:
+    """The model of the record's config, checked against the tensors' names and shapes."""
+    p = rec.path
     try:
-        model = build_model(meta["model_name"], meta["model_config"])
+        model = build_model(rec.model_name, dict(rec.model_config))
     except (TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{p}: cannot build model from its config: {e}") from e
     expected = model.state_dict()
@@ -195,29 +333,8 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
                 f"{p}: tensor {k!r} has shape {tuple(tensors[k].shape)} {tensors[k].dtype}, "
                 f"the config implies {tuple(v.shape)} {v.dtype}"
             )
-    n_items = getattr(model, "n_items", None)
-    if n_items is not None and n_items != len(meta["item_ids"]):
+    if model.n_items != rec.n_items:
         raise CheckpointError(
-            f"{p}: model has {n_items} item rows but the item index has {len(meta['item_ids'])}"
+            f"{p}: model has {model.n_items} item rows but the item index has {rec.n_items}"
         )
-    model.load_state_dict(tensors, strict=True)
-    model.to(device)
-    model.eval()
-    item_ids = [str(i) for i in meta["item_ids"]]
-    index = {iid: row for row, iid in enumerate(item_ids)}
-    if len(index) != len(item_ids):
-        raise CheckpointError(f"{p}: duplicate item ids in the item index")
-    return Checkpoint(
-        model=model,
-        model_name=meta["model_name"],
-        version=str(meta["version"]),
-        item_ids=item_ids,
-        item_index=index,
-        model_config=meta["model_config"],
-        train_params=meta.get("train_params", {}),
-        data_stats=meta.get("data_stats", {}),
-        metrics=meta.get("metrics", {}),
-        created_at=meta.get("created_at", ""),
-        tensor_sha256=digest,
-        path=p,
-    )
+    return model

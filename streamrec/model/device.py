@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from streamrec.errors import StreamrecError
 
-class DeviceError(RuntimeError):
+
+class DeviceError(StreamrecError, RuntimeError):
     """A device was asked for that this machine does not have."""
 
 

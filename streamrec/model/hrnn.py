@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from streamrec.model.api import InnerProductScores
+from streamrec.model.api import InnerProductScores, TrainableStepModel
 from streamrec.model.gru4rec import _uniform_blocks
 
 VARIANTS = ("init", "all", "none")
@@ -105,7 +105,7 @@ def _run_stack(
     return out
 
 
-class HRNN(InnerProductScores, nn.Module):
+class HRNN(InnerProductScores, TrainableStepModel, nn.Module):
     """Session GRU + user GRU with the streamrec step API (see docs/architecture.md)."""
 
     def __init__(
@@ -250,7 +250,11 @@ class HRNN(InnerProductScores, nn.Module):
         }
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> HRNN:
+    def from_config(cls, config: dict[str, Any], seed: int | None = None) -> HRNN:
+        """The model of ``config_dict()``; ``seed`` seeds the global generator first (the
+        model initialises from it)."""
+        if seed is not None:
+            torch.manual_seed(seed)
         return cls(**config)
 
     # ------------------------------------------------------------ user level
@@ -398,7 +402,7 @@ class HRNN(InnerProductScores, nn.Module):
         With ``variant="none"`` the result scores exactly as ``g``. One-hot-input GRU4Rec models
         (``embedding=0``, not constrained) have no factorised table to copy and are refused.
         """
-        c = g.config_dict()  # type: ignore[operator]
+        c = g.config_dict()  # type: ignore[operator]  # nn.Module attributes read as Tensor | Module
         if not c["constrained_embedding"] and not c["embedding"]:
             raise ValueError("one-hot input GRU4Rec has no HRNN equivalent; use an embedding")
         m = cls(

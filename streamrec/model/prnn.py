@@ -25,13 +25,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from streamrec.model.api import InnerProductScores
+from streamrec.model.api import InnerProductScores, TrainableStepModel
 from streamrec.model.hrnn import _init_uniform
 
 ARCHS = ("id", "feature", "parallel", "concat")
 
 
-class PRNN(InnerProductScores, nn.Module):
+class PRNN(InnerProductScores, TrainableStepModel, nn.Module):
     """Parallel GRU subnets (id + features) with the streamrec step API."""
 
     # buffers (register_buffer), declared for the type checker
@@ -172,7 +172,11 @@ class PRNN(InnerProductScores, nn.Module):
         }
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> PRNN:
+    def from_config(cls, config: dict[str, Any], seed: int | None = None) -> PRNN:
+        """The model of ``config_dict()``; ``seed`` seeds the global generator first (the
+        model initialises from it)."""
+        if seed is not None:
+            torch.manual_seed(seed)
         return cls(**config)
 
     def param_groups(self) -> dict[str, list[Tensor]]:

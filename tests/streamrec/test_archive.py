@@ -18,11 +18,12 @@ import pyarrow.parquet as pq
 import pytest
 from confluent_kafka import Producer
 
-from streamrec.archive import TMP_PREFIX, Archiver, Storage, list_archive
-from streamrec.events import ClickEvent, decode
-from streamrec.kafka import TopicSpec, ensure_topics, read_topic
-from streamrec.launch import settings_env
+from streamrec.kafka.clients import TopicSpec, ensure_topics, read_topic
+from streamrec.loop.archive import TMP_PREFIX, Storage, list_archive
+from streamrec.loop.archiver import Archiver
+from streamrec.serving.events import ClickEvent, decode
 from streamrec.testing import click
+from streamrec.tools.launch import settings_env
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 PARTITIONS = 3

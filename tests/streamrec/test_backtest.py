@@ -17,14 +17,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import psutil
 import pytest
 import torch
 
-from streamrec.backtest import parse_every, parse_warmup
-from streamrec.backtest_metrics import live_rank, make_periods
-from streamrec.synthetic import generate_clicks
+from streamrec.data.synthetic import generate_clicks
 from streamrec.testing import TEST_BOOTSTRAP_ENV
+from streamrec.tools.backtest import parse_every, parse_warmup
+from streamrec.tools.backtest_metrics import live_rank, make_periods
 from trainer.metrics import ranks
 
 KS = (1, 5, 10, 20)
@@ -75,6 +76,39 @@ def test_live_rank_from_top_k_plus_one_equals_the_conservative_rank() -> None:
             if offline[i] <= k:
                 assert live == offline[i]
     assert border_ties > 0  # the case that needs the 21st item did occur
+
+
+def test_a_log_without_sessions_is_sessionized_as_the_trainer_does(tmp_path: Path) -> None:
+    """``--session-gap``: the trainer's sessionisation (``<user>:<n>`` ids), and the replay
+    order is time, then file order (users tied in time keep their order in the file)."""
+    from streamrec.data.clicklog import sessionize
+    from streamrec.tools.backtest import BacktestOptions, load_log
+
+    log = tmp_path / "log.tsv"
+    log.write_text("UserId\tItemId\tTime\nv\ta\t10\nu\tb\t10\nu\tc\t20\nv\td\t5000\n")
+    df = load_log(BacktestOptions(log=log, out=tmp_path / "out", session_gap=1800.0))
+    assert df["SessionId"].tolist() == ["v:0", "u:0", "u:0", "v:1"]
+    assert df["ItemId"].tolist() == ["a", "b", "c", "d"]
+    raw = pd.read_csv(log, sep="\t", dtype=str).astype({"Time": float})
+    assert df["SessionId"].tolist() == sessionize(raw, 1800.0)["SessionId"].tolist()
+
+
+def test_the_published_checkpoint_is_the_registrys_own_answer(tmp_path: Path) -> None:
+    from streamrec.loop import registry
+    from streamrec.model.checkpoint import save_checkpoint
+    from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
+    from streamrec.tools.backtest import registry_current
+
+    models = tmp_path / "models"
+    assert registry_current(models) is None  # no registry yet
+    model = GRU4Rec(GRU4RecConfig(n_items=3, layers=[4]), seed=0)
+    ck = save_checkpoint(registry.staging_dir(models, "a"), model, "gru4rec", ["a", "b", "c"])
+    version = registry.add_version(models, ck)
+    assert registry_current(models) is None  # nothing published
+    registry.publish(models, version)
+    assert registry_current(models) == registry.resolve(models) == models / "versions" / version
+    (models / "CURRENT").write_text("gone\n")
+    assert registry_current(models) is None  # a pointer to a version that is not held
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -250,7 +284,7 @@ def _stand_in_retrain(bt: Any, label: str) -> None:
 def test_retrained_arm_swaps_after_every_period_beside_the_frozen_arm(
     log: Path, tmp_path: Path
 ) -> None:
-    from streamrec.backtest import BacktestOptions, parse_every, run_backtest
+    from streamrec.tools.backtest import BacktestOptions, parse_every, run_backtest
 
     bootstrap = os.environ.get(TEST_BOOTSTRAP_ENV) or None
     opts = BacktestOptions(

@@ -13,7 +13,7 @@ import psutil
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from streamrec.broker import BrokerError, EmbeddedBroker, free_port
+from streamrec.kafka.embedded import BrokerError, EmbeddedBroker, free_port
 
 
 def _answers_metadata(bootstrap: str) -> bool:
@@ -67,6 +67,7 @@ def _start_cli(port: int) -> tuple[subprocess.Popen[str], str]:
     return proc, line
 
 
+@pytest.mark.slow
 def test_cli_starts_and_stops_twice_on_the_same_port() -> None:
     port = free_port()
     for stop_signal in (signal.SIGINT, signal.SIGTERM):

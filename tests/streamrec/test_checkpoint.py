@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from streamrec.model.api import StepModel
 from streamrec.model.checkpoint import (
     CheckpointError,
+    CheckpointRecord,
     load_checkpoint,
-    read_metadata,
+    read_checkpoint_record,
     save_checkpoint,
 )
 from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
@@ -30,7 +32,7 @@ def ckpt(tmp_path: Path) -> tuple[Path, GRU4Rec]:
     path = save_checkpoint(
         tmp_path / "ck", m, "gru4rec", IDS, train_params={"loss": "bpr-max"},
         data_stats={"n_events": 10}, metrics={"recall@20": 0.5},
-    )  # fmt: skip
+    ).path  # fmt: skip
     return path, m.eval()
 
 
@@ -51,8 +53,8 @@ def test_round_trip_identical_scores(ckpt: tuple[Path, GRU4Rec]) -> None:
     assert c.train_params == {"loss": "bpr-max"} and c.metrics == {"recall@20": 0.5}
     assert c.data_stats == {"n_events": 10} and c.version and c.created_at
     assert torch.equal(_scores(c.model), _scores(m))
-    meta = read_metadata(path)
-    assert meta["version"] == c.version and meta["model_config"] == m.config_dict()
+    rec = read_checkpoint_record(path)
+    assert rec.version == c.version and rec.model_config == m.config_dict()
 
 
 def test_overwrite_is_atomic_rename(ckpt: tuple[Path, GRU4Rec], tmp_path: Path) -> None:
@@ -84,7 +86,7 @@ def test_reader_sees_old_or_new_never_a_mix(ckpt: tuple[Path, GRU4Rec]) -> None:
         models.append(mod.eval())
     expected = {}  # tensor digest prefix (the version's suffix) -> scores
     for j, mod in enumerate(models):
-        probe = save_checkpoint(path.parent / f"probe{j}", mod, "gru4rec", IDS)
+        probe = save_checkpoint(path.parent / f"probe{j}", mod, "gru4rec", IDS).path
         expected[load_checkpoint(probe).version.rsplit("-", 1)[1]] = _scores(mod)
     assert len(expected) == 3
     done = threading.Event()
@@ -229,3 +231,43 @@ def test_checkpoint_replaced_between_hash_and_load_is_not_mixed(
         return
     assert replaced and c.version == old_version
     assert torch.equal(_scores(c.model), _scores(m))
+
+
+def test_the_record_is_read_once_from_save_to_swap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``save_checkpoint`` returns the record a read gives; the registry files it without
+    reading ``checkpoint.json`` back; a worker's reload parses it once (it did twice)."""
+    from streamrec.loop import registry
+    from streamrec.serving.served_model import ModelHolder, ServingModel
+
+    def model(seed: int) -> GRU4Rec:
+        return GRU4Rec(GRU4RecConfig(n_items=25, layers=[8]), seed=seed)
+
+    models = tmp_path / "models"
+    first = save_checkpoint(registry.staging_dir(models, "a"), model(1), "gru4rec", IDS)
+    assert first == read_checkpoint_record(first.path)
+    assert first.n_items == 25 and first.model_config == model(1).config_dict()
+    registry.publish(models, registry.add_version(models, first))
+    published = registry.resolve(models)
+    assert published is not None
+    holder = ModelHolder(ServingModel.from_checkpoint(published, "cpu"), watch_dir=models)
+    second = save_checkpoint(
+        registry.staging_dir(models, "b"), model(2), "gru4rec", IDS, metrics={"x": np.float32(1)}
+    )
+    assert second.metrics == {"x": 1.0} and type(second.metrics["x"]) is float  # as JSON has it
+    reads: list[Path] = []
+    real = CheckpointRecord.from_json  # bound to the class
+
+    def counted(cls: type[CheckpointRecord], meta: object, path: Path) -> CheckpointRecord:
+        reads.append(path)
+        return real(meta, path)
+
+    monkeypatch.setattr(CheckpointRecord, "from_json", classmethod(counted))
+    version = registry.add_version(models, second)
+    assert reads == [] and version == second.version
+    registry.publish(models, version)  # (prunes: lists the versions held, from disk)
+    reads.clear()
+    assert holder.maybe_reload() and holder.current.version == second.version
+    assert reads == [models / "versions" / version]
+    assert holder.current.record == read_checkpoint_record(models / "versions" / version)

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
-from streamrec.core import CoreConfig, Record, StreamClock, process_batch, sweep_idle
-from streamrec.state import SessionState, StateStore, UserState
+from streamrec.serving.clock import StreamClock
+from streamrec.serving.config import CoreConfig
+from streamrec.serving.expiry import sweep_idle
+from streamrec.serving.pipeline import process_batch
+from streamrec.serving.records import Recommendation, Record
+from streamrec.serving.state import SessionState, UserState
+from streamrec.serving.state_store import SESSIONS, StateStore
 from streamrec.testing import click, offline_recommendations, tiny_serving_model
 
 T0 = 1.7e9
@@ -45,12 +51,12 @@ def test_batch_with_several_keys_matches_offline_prefixes() -> None:
     )
     pos: dict[str, int] = {}
     for r in out:
-        j = pos.get(r["session_id"], 0)
-        pos[r["session_id"]] = j + 1
-        items, scores = expected[(r["session_id"], j)]
-        assert r["items"] == items
-        np.testing.assert_allclose(r["scores"], scores, rtol=1e-5, atol=1e-6)
-        assert r["model_version"] == "v1" and not r["duplicate"]
+        j = pos.get(r.session_id, 0)
+        pos[r.session_id] = j + 1
+        items, scores = expected[(r.session_id, j)]
+        assert r.items == items
+        np.testing.assert_allclose(r.scores, scores, rtol=1e-5, atol=1e-6)
+        assert r.model_version == "v1" and not r.duplicate
     assert len(out) == len(stream)
     assert {k: s.n_events for k, s in store.iter_sessions()} == {"a:s1": 3, "a:s2": 2, "a:s3": 4}
 
@@ -61,11 +67,11 @@ def test_same_key_many_times_in_one_batch_keeps_order() -> None:
     values = [click("s", it, t=T0 + j) for j, it in enumerate(items)]
     values.insert(2, click("other", "i9", t=T0))
     res = process_batch(recs(values), StateStore(), model, CFG)
-    mine = [r for r in res.recommendations if r["session_id"] == "s"]
-    assert [r["item_id"] for r in mine] == items
-    assert [r["offset"] for r in mine] == sorted(r["offset"] for r in mine)
+    mine = [r for r in res.recommendations if r.session_id == "s"]
+    assert [r.item_id for r in mine] == items
+    assert [r.offset for r in mine] == sorted(r.offset for r in mine)
     ref = offline_recommendations(model, [items], k=5)
-    assert [r["items"] for r in mine] == [x[0] for x in ref]
+    assert [r.items for r in mine] == [x[0] for x in ref]
     # the whole batch equals feeding it one event at a time
     store1 = StateStore()
     for rec in recs(values):
@@ -101,7 +107,7 @@ def test_session_change_mid_batch_by_id_gap_and_end_event() -> None:
     assert user is not None and user.sessions == [["i1", "i2"], ["i3"], ["i4"]]
     assert user.offset == 4  # the session_end event that ended the last session
     ref = offline_recommendations(model, [["i1", "i2"], ["i3"], ["i4"], ["i5"]], k=5)
-    assert [r["items"] for r in res.recommendations] == [x[0] for x in ref]
+    assert [r.items for r in res.recommendations] == [x[0] for x in ref]
 
 
 def test_hrnn_user_state_advances_at_session_end() -> None:
@@ -122,7 +128,7 @@ def test_hrnn_user_state_advances_at_session_end() -> None:
     # the new session starts from the advanced user context
     init = model.initial_states(expected_ctx[None], 1)
     ref = model.step(model.rows(["i3"]), init, expected_ctx[None], k=5)
-    assert res.recommendations[0]["items"] == model.ids(ref.top_rows[0]).tolist()
+    assert res.recommendations[0].items == model.ids(ref.top_rows[0]).tolist()
     sess_b = store.get_session("u:u")
     assert sess_b is not None
     np.testing.assert_allclose(sess_b.hidden, ref.states[0], atol=1e-6)
@@ -150,8 +156,8 @@ def test_unknown_items_do_not_advance_but_are_counted_and_recorded() -> None:
     assert res.stats["unknown_items"] == 1
     assert res.unknown_items == [("NEW", "clicks:0:1")]
     r = res.recommendations
-    assert r[1]["unknown_item"] and r[1]["items"] == r[0]["items"]
-    assert r[2]["items"] == offline_recommendations(model, [["i1", "i2"]], k=5)[1][0]
+    assert r[1].unknown_item and r[1].items == r[0].items
+    assert r[2].items == offline_recommendations(model, [["i1", "i2"]], k=5)[1][0]
     s = store.get_session("a:s")
     assert s is not None and s.recent_items == ["i1", "NEW", "i2"] and s.n_unknown == 1
 
@@ -172,10 +178,10 @@ def test_duplicates_not_applied_twice_but_answered() -> None:
     assert again.stats["duplicates"] == 7
     # every click answered; a duplicate of the last applied click re-emits the original
     assert len(again.recommendations) == len(r_once.recommendations) == 8
-    dup_last = [r for r in again.recommendations if r["offset"] == 6]
-    orig = [r for r in r_once.recommendations if r["offset"] == 6]
-    assert dup_last[0]["duplicate"] and dup_last[0]["items"] == orig[0]["items"]
-    assert [r["offset"] for r in again.recommendations if not r["duplicate"]] == [7, 8]
+    dup_last = [r for r in again.recommendations if r.offset == 6]
+    orig = [r for r in r_once.recommendations if r.offset == 6]
+    assert dup_last[0].duplicate and dup_last[0].items == orig[0].items
+    assert [r.offset for r in again.recommendations if not r.duplicate] == [7, 8]
 
 
 def test_bad_records_become_dead_letters_and_valid_ones_pass() -> None:
@@ -184,7 +190,7 @@ def test_bad_records_become_dead_letters_and_valid_ones_pass() -> None:
     res = process_batch(recs(values), StateStore(), model, CFG)
     assert [d.reason for d in res.dead_letters] == ["unparseable", "invalid", "oversized"]
     assert [d.offset for d in res.dead_letters] == [0, 2, 3]
-    assert len(res.recommendations) == 1 and res.recommendations[0]["click_id"] == "clicks:0:1"
+    assert len(res.recommendations) == 1 and res.recommendations[0].click_id == "clicks:0:1"
 
 
 def test_event_id_is_the_click_id_and_values_serialise() -> None:
@@ -192,6 +198,19 @@ def test_event_id_is_the_click_id_and_values_serialise() -> None:
     res = process_batch(recs([click("s", "i1", t=T0, event_id="e-1")]), StateStore(), model, CFG)
     ((key, value),) = res.recommendation_values()
     assert key == b"s" and json.loads(value)["click_id"] == "e-1"
+
+
+def test_recommendation_json_is_json_dumps_of_its_fields_and_reads_back() -> None:
+    model = tiny_serving_model()
+    values = [click("s", "i1", t=T0, event_id="e-1"), click("s", "NEW", user=None, t=T0 + 1)]
+    res = process_batch(recs(values), StateStore(), model, CFG)
+    for r, (key, value) in zip(res.recommendations, res.recommendation_values(), strict=True):
+        assert key == b"s" and value == json.dumps(r.as_dict()).encode() == r.to_json()
+        assert list(json.loads(value)) == [f.name for f in dataclasses.fields(Recommendation)]
+        assert Recommendation.from_json(value) == r  # the readers' one way back
+    for bad in (b"[1]", b'{"click_id": "x"}', json.dumps({**r.as_dict(), "extra": 1})):
+        with pytest.raises(ValueError, match="not a recommendation"):
+            Recommendation.from_json(bad)
 
 
 def test_model_swap_reencodes_old_states_from_recent_items() -> None:
@@ -229,7 +248,7 @@ def test_idle_sweep_closes_sessions_and_advances_users() -> None:
     assert u is not None and u.sessions == [["i1"]] and u.offset == 0
     # a redelivered click of the swept session is answered but does not resurrect it
     again = process_batch(recs(vals[:1]), store, model, CFG)
-    assert again.recommendations[0]["duplicate"] and "u:u" not in store.sessions
+    assert again.recommendations[0].duplicate and "u:u" not in store.sessions
     assert sweep_idle(store, model, CFG, now=T0 + 1000).sessions_ended == 1
     assert not store.sessions
     cfg = CoreConfig(session_gap_seconds=100.0, user_ttl_seconds=10.0)
@@ -240,7 +259,9 @@ def test_idle_sweep_closes_sessions_and_advances_users() -> None:
 def test_corrupt_state_is_replaced_not_fatal() -> None:
     model = tiny_serving_model()
     store = StateStore()
-    store.sessions["a:s"] = b"garbage"
+    twin = store.partition(0)
+    assert twin is not None
+    twin.write(SESSIONS, "a:s", b"garbage")
     res = process_batch(recs([click("s", "i1", t=T0)]), store, model, CFG)
     assert len(res.recommendations) == 1 and store.corrupt == 1
     assert isinstance(store.get_session("a:s"), SessionState)
@@ -261,10 +282,10 @@ def test_stream_clock_follows_event_time_not_wall_time(monkeypatch: pytest.Monke
     (event time - arrival) of the partition's recent events, so it reads event time, moves on
     with the wall clock between events, and no single event (late or early) moves it. Wall
     time is frozen here, so every value is exact."""
-    import streamrec.core
+    import streamrec.serving.clock
 
     wall = [2.0e9]
-    monkeypatch.setattr(streamrec.core.time, "time", lambda: wall[0])
+    monkeypatch.setattr(streamrec.serving.clock.time, "time", lambda: wall[0])
     model = tiny_serving_model()
     store = StateStore()
     clock = StreamClock(min_events=3)

@@ -30,7 +30,7 @@ def _env(service: dict) -> dict[str, str]:
 
 
 def _cli() -> click.Group:
-    from streamrec.cli import main
+    from streamrec.cli.main import main
 
     return main
 
@@ -75,7 +75,7 @@ def test_dockerfile_entrypoint_is_the_cli() -> None:
     assert json.loads(entry.group(1)) == ["streamrec"]
     _check_cli_args(json.loads(cmd.group(1)))
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert 'streamrec = "streamrec.cli:main"' in pyproject
+    assert 'streamrec = "streamrec.cli.main:main"' in pyproject
 
 
 def test_environment_names_are_real_settings(

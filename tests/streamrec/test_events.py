@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from streamrec.events import ClickEvent, DeadLetter, decode, encode
+from streamrec.serving.events import ClickEvent, DeadLetter, decode, encode
 
 
 def _ok(d: dict) -> ClickEvent:
@@ -84,7 +84,7 @@ def test_bad_input_is_dead_lettered(raw: bytes, reason: str) -> None:
 
 def test_none_and_non_bytes_never_raise() -> None:
     assert isinstance(decode(None), DeadLetter)
-    assert isinstance(decode(123), DeadLetter)  # type: ignore[arg-type]
+    assert isinstance(decode(123), DeadLetter)  # type: ignore[arg-type]  # the wrong type on purpose
     assert isinstance(decode('{"session_id": "s", "item_id": "a"}'), ClickEvent)
 
 

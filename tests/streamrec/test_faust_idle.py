@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 from rocksdict import Options, Rdict
 
-from streamrec.engines.faust.idle import BUCKET_SECONDS, IdleIndex, encoded_last_time
-from streamrec.state import SessionState, UserState
+from streamrec.engines.faust.idle import BUCKET_SECONDS, IdleIndex, indexed_time
+from streamrec.serving.state import SessionState, UserState
 
 T0 = 1.7e9
 
@@ -18,11 +18,11 @@ def session(t: float) -> bytes:
     return SessionState("s", np.zeros(4, np.float32), "v", last_time=t).to_bytes()
 
 
-def test_encoded_last_time_reads_both_state_encodings() -> None:
-    assert encoded_last_time(session(T0 + 1.5)) == T0 + 1.5
+def test_indexed_time_reads_both_state_encodings() -> None:
+    assert indexed_time(session(T0 + 1.5)) == T0 + 1.5
     user = UserState("u", np.zeros(2, np.float32), "v", [["i1"]], 0, 1, T0 + 7).to_bytes()
-    assert encoded_last_time(user) == T0 + 7
-    assert encoded_last_time(b"short") is None
+    assert indexed_time(user) == T0 + 7
+    assert indexed_time(b"short") is None
 
 
 def test_index_lists_idle_keys_oldest_first_in_bounded_chunks_and_follows_writes() -> None:

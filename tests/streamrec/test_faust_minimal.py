@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
-from streamrec.broker import stop_process
-from streamrec.kafka import TopicSpec, committed_offsets, ensure_topics, read_topic
+from streamrec.kafka.clients import TopicSpec, committed_offsets, ensure_topics, read_topic
+from streamrec.processes import stop_process
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 

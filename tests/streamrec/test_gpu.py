@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from streamrec.data.synthetic import generate_clicks
 from streamrec.model.device import resolve_device
 from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
-from streamrec.runtime import ServingModel
-from streamrec.synthetic import generate_clicks
+from streamrec.serving.served_model import ServingModel
 from trainer.data import split_by_time
 from trainer.evaluate import evaluate_next_item
 from trainer.train import train_gru4rec

@@ -17,9 +17,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from streamrec.core import CoreConfig, Record, StreamClock, process_batch, sweep_idle
-from streamrec.events import REASONS
-from streamrec.state import StateStore
+from streamrec.serving.clock import StreamClock
+from streamrec.serving.config import CoreConfig
+from streamrec.serving.events import REASONS
+from streamrec.serving.expiry import sweep_idle
+from streamrec.serving.pipeline import process_batch
+from streamrec.serving.records import Recommendation, Record
+from streamrec.serving.state_store import StateStore
 from streamrec.testing import tiny_serving_model
 
 WALL = time.time()
@@ -284,7 +288,7 @@ def _warm() -> list[Record]:
     return out
 
 
-def run(hostile: Case | None) -> tuple[list[dict[str, Any]], Any, StateStore, Any]:
+def run(hostile: Case | None) -> tuple[list[Recommendation], Any, StateStore, Any]:
     """(victim's two answers, the hostile message's batch result, store, sweep result)."""
     model = tiny_serving_model(n_items=50, user_dim=4)
     store, clock = StateStore(), StreamClock()
@@ -322,12 +326,12 @@ def test_the_corpus_is_large_and_every_reason_is_named() -> None:
     }
 
 
-def assert_same_answers(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
+def assert_same_answers(got: list[Recommendation], want: list[Recommendation]) -> None:
     assert len(got) == len(want) == 2
     for g, w in zip(got, want, strict=True):
-        assert g["items"] == w["items"]
-        np.testing.assert_allclose(g["scores"], w["scores"], rtol=1e-6, atol=1e-7)
-        assert (g["duplicate"], g["click_id"]) == (w["duplicate"], w["click_id"])
+        assert g.items == w.items
+        np.testing.assert_allclose(g.scores, w.scores, rtol=1e-6, atol=1e-7)
+        assert (g.duplicate, g.click_id) == (w.duplicate, w.click_id)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -344,9 +348,9 @@ def test_hostile_message_between_two_good_clicks(case: Case) -> None:
         assert not res.dead_letters, [(d.reason, d.detail) for d in res.dead_letters]
         (r,) = res.recommendations if case.expect != "ok" or res.recommendations else [None]
         if r is not None:
-            assert r["duplicate"] == (case.expect == "dup")
-            assert r["unknown_item"] == (case.expect == "unknown")
-            assert all(np.isfinite(r["scores"]))
+            assert r.duplicate == (case.expect == "dup")
+            assert r.unknown_item == (case.expect == "unknown")
+            assert all(np.isfinite(r.scores))
     # the good clicks' answers are exactly those without the hostile message
     assert_same_answers(answers, BASELINE[0])
     # no other key's session ended, the victim's history is intact

@@ -21,7 +21,7 @@ import pytest
 from test_hostile import CASES, VICTIM
 from test_worker_e2e import N_ITEMS, Service
 
-from streamrec.events import REASONS
+from streamrec.serving.events import REASONS
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -33,7 +33,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     model = GRU4Rec(GRU4RecConfig(n_items=N_ITEMS, layers=[16]), seed=1)
     path = tmp_path_factory.mktemp("model") / "ckpt"
-    return save_checkpoint(path, model, "gru4rec", [f"i{j}" for j in range(N_ITEMS)])
+    return save_checkpoint(path, model, "gru4rec", [f"i{j}" for j in range(N_ITEMS)]).path
 
 
 def good_clicks(seed: int = 11) -> list[tuple[bytes, bytes]]:

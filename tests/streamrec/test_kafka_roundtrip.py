@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from streamrec.kafka import TopicSpec, ensure_topics, partition_count
+from streamrec.kafka.clients import TopicSpec, ensure_topics, partition_count
 
 pytestmark = pytest.mark.broker
 

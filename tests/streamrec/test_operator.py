@@ -31,7 +31,7 @@ class _Refusing:
 
 def _outputs(producer: _Refusing) -> Outputs:
     out = Outputs(load_settings(kafka={"bootstrap_servers": "127.0.0.1:9"}))
-    out.producer = producer  # type: ignore[assignment]
+    out.producer = producer  # type: ignore[assignment]  # a stand-in for confluent's Producer
     return out
 
 

@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 
-from streamrec import registry
-from streamrec.kafka import read_topic
-from streamrec.launch import WorkerProcess, settings_env
-from streamrec.synthetic import generate_clicks
+from streamrec.data.synthetic import generate_clicks
+from streamrec.kafka.clients import read_topic
+from streamrec.loop import registry
 from streamrec.testing import click, worker_topics
+from streamrec.tools.launch import WorkerProcess, settings_env
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 PARTITIONS = 2

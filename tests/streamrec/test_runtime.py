@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from streamrec.model.device import DeviceError, resolve_device
-from streamrec.runtime import (
+from streamrec.serving.served_model import (
     ModelHolder,
     ModelLoadError,
     ServingModel,
@@ -31,7 +31,9 @@ def _save(path: Path, seed: int, *, nan: bool = False, holdout: list | None = No
         with torch.no_grad():
             model.Wy.fill_(float("nan"))
     stats = {"holdout_sessions": holdout} if holdout is not None else None
-    return save_checkpoint(path, model, "gru4rec", [f"i{j}" for j in range(N)], data_stats=stats)
+    return save_checkpoint(
+        path, model, "gru4rec", [f"i{j}" for j in range(N)], data_stats=stats
+    ).path
 
 
 def _newer(path: Path, than: Path) -> None:
@@ -118,8 +120,9 @@ def test_quality_gate_on_holdout(tmp_path: Path) -> None:
 def test_deferred_scoring_equals_per_round_step(tmp_path: Path) -> None:
     import json
 
-    from streamrec.core import Record, process_batch
-    from streamrec.state import StateStore
+    from streamrec.serving.pipeline import process_batch
+    from streamrec.serving.records import Record
+    from streamrec.serving.state_store import StateStore
 
     fast = ServingModel.from_checkpoint(_save(tmp_path / "a", 5), "cpu", top_k=7)
     slow = ServingModel.from_checkpoint(tmp_path / "a", "cpu", top_k=7)
@@ -139,8 +142,8 @@ def test_deferred_scoring_equals_per_round_step(tmp_path: Path) -> None:
     a, b = StateStore(), StateStore()
     ra = process_batch(recs, a, fast).recommendations
     rb = process_batch(recs, b, slow).recommendations
-    assert [r["items"] for r in ra] == [r["items"] for r in rb]
-    np.testing.assert_allclose([r["scores"] for r in ra], [r["scores"] for r in rb], atol=1e-5)
+    assert [r.items for r in ra] == [r.items for r in rb]
+    np.testing.assert_allclose([r.scores for r in ra], [r.scores for r in rb], atol=1e-5)
     for key in a.sessions:
         sa, sb = a.get_session(key), b.get_session(key)
         assert sa is not None and sb is not None and sa.same_as(sb)
@@ -149,14 +152,15 @@ def test_deferred_scoring_equals_per_round_step(tmp_path: Path) -> None:
 def test_hrnn_checkpoint_serves_with_user_state(tmp_path: Path) -> None:
     import json
 
-    from streamrec.core import Record, process_batch
     from streamrec.model.checkpoint import save_checkpoint
     from streamrec.model.hrnn import HRNN
-    from streamrec.state import StateStore
+    from streamrec.serving.pipeline import process_batch
+    from streamrec.serving.records import Record
+    from streamrec.serving.state_store import StateStore
 
     torch.manual_seed(0)
     hrnn = HRNN(N, layers=[8], user_layers=[6], variant="all")
-    path = save_checkpoint(tmp_path / "h", hrnn, "hrnn", [f"i{j}" for j in range(N)])
+    path = save_checkpoint(tmp_path / "h", hrnn, "hrnn", [f"i{j}" for j in range(N)]).path
     m = ServingModel.from_checkpoint(path, "cpu", top_k=5)
     assert m.user_state_dim > 0 and not m.split
     clicks = [("a", "i1"), ("a", "i2"), ("b", "i3"), ("b", "i4")]
@@ -172,7 +176,7 @@ def test_hrnn_checkpoint_serves_with_user_state(tmp_path: Path) -> None:
         )
         for n, (s, i) in enumerate(clicks)
     ]
-    from streamrec.core import CoreConfig
+    from streamrec.serving.config import CoreConfig
 
     store = StateStore()
     out = process_batch(recs, store, m, CoreConfig(top_k=5)).recommendations
@@ -190,16 +194,16 @@ def test_hrnn_checkpoint_serves_with_user_state(tmp_path: Path) -> None:
         o = m.step(m.rows([it]), st, u1)
         st = o.states
         ref.append(o.top_rows[0])
-    assert [r["items"] for r in out] == [m.ids(x).tolist() for x in ref]
+    assert [r.items for r in out] == [m.ids(x).tolist() for x in ref]
     user = store.get_user("u:u")
     assert user is not None and user.sessions == [["i1", "i2"]]
     np.testing.assert_allclose(user.context, u1[0], atol=1e-6)
 
 
-def test_metrics_render_and_serve() -> None:
+def test_metrics_are_served_over_http() -> None:
     import urllib.request
 
-    from streamrec.broker import free_port
+    from streamrec.kafka.embedded import free_port
     from streamrec.metrics import Metrics
 
     m = Metrics()
@@ -221,7 +225,7 @@ def test_metrics_render_and_serve() -> None:
 @pytest.mark.parametrize("n", [4096, 5000, 17_319])
 @pytest.mark.parametrize("k", [1, 20, 50])
 def test_block_topk_equals_torch_topk(n: int, k: int) -> None:
-    from streamrec.runtime import block_topk
+    from streamrec.serving.served_model import block_topk
 
     g = torch.Generator().manual_seed(n + k)
     scores = torch.randn(33, n, generator=g)
@@ -240,7 +244,7 @@ def test_block_topk_equals_torch_topk(n: int, k: int) -> None:
 def test_bfloat16_scoring_agrees_with_float32(
     n_items: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import streamrec.runtime as rt
+    import streamrec.serving.served_model as rt
     from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
 
     monkeypatch.setattr(rt, "cpu_has_bf16", lambda: True)  # bf16 math even where emulated
@@ -277,7 +281,7 @@ def _save_weights(path: Path, seed: int, edit: str, **kw: Any) -> Path:
         elif edit == "zero":
             for p in model.parameters():
                 p.zero_()
-    return save_checkpoint(path, model, "gru4rec", [f"i{j}" for j in range(N)], **kw)
+    return save_checkpoint(path, model, "gru4rec", [f"i{j}" for j in range(N)], **kw).path
 
 
 def test_weights_must_be_finite_and_every_row_is_validated(tmp_path: Path) -> None:
@@ -338,7 +342,7 @@ def test_a_checkpoint_rejected_half_written_is_retried_once_it_changes(tmp_path:
 def test_bfloat16_falls_back_to_float32_on_a_cpu_without_bf16(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import streamrec.runtime as rt
+    import streamrec.serving.served_model as rt
     from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
 
     monkeypatch.setattr(rt, "cpu_has_bf16", lambda: False)

@@ -11,8 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from streamrec.core import CoreConfig, Record, StreamClock, process_batch, sweep_idle
-from streamrec.state import MAX_STATE_BYTES, SessionState, StateStore, UserState
+from streamrec.serving.clock import StreamClock
+from streamrec.serving.config import CoreConfig
+from streamrec.serving.expiry import sweep_idle
+from streamrec.serving.pipeline import process_batch
+from streamrec.serving.records import Record
+from streamrec.serving.state import MAX_STATE_BYTES, SessionState, UserState
+from streamrec.serving.state_store import StateStore
 from streamrec.testing import TinyStepModel, click, tiny_serving_model
 
 CFG = CoreConfig(session_gap_seconds=100.0, recent_items=10, recent_sessions=3, top_k=5)
@@ -105,7 +110,7 @@ def test_each_partition_keeps_its_own_clock() -> None:
     ok = rec(click("fine", "i3", t=wall), "fine", 100, partition=0, arrival=wall)
     res = process_batch([odd, ok], store, model, CFG, clock=clock, now=wall)
     assert [(d.reason, d.partition) for d in res.dead_letters] == [("timestamp_out_of_range", 1)]
-    assert [r["session_id"] for r in res.recommendations] == ["fine"]
+    assert [r.session_id for r in res.recommendations] == ["fine"]
 
 
 def test_a_fresh_clock_is_not_trusted_until_it_has_seen_enough_events() -> None:
@@ -162,7 +167,7 @@ def test_users_and_anonymous_sessions_never_share_a_key() -> None:
     # it started from the initial state, not from the user's context
     fresh = model.initial_states(model.initial_user_states(1), 1)
     ref = model.step(model.rows(["i3"]), fresh, model.initial_user_states(1), k=5)
-    assert res.recommendations[0]["items"] == model.ids(ref.top_rows[0]).tolist()
+    assert res.recommendations[0].items == model.ids(ref.top_rows[0]).tolist()
 
 
 def test_the_same_event_id_at_two_offsets_is_answered_once() -> None:
@@ -181,9 +186,9 @@ def test_the_same_event_id_at_two_offsets_is_answered_once() -> None:
         CFG,
     )
     r = again.recommendations
-    assert [x["duplicate"] for x in r] == [True, False, True]
-    assert r[0]["items"] == first.recommendations[0]["items"]  # the same answer
-    assert r[2]["items"] == r[1]["items"]
+    assert [x.duplicate for x in r] == [True, False, True]
+    assert r[0].items == first.recommendations[0].items  # the same answer
+    assert r[2].items == r[1].items
     s = store.get_session("a:s")
     assert s is not None and s.n_events == 2 and s.recent_items == ["i1", "i2"]
     assert s.event_ids == ["e1", "e2"] and store.sessions["a:s"] != state
@@ -236,7 +241,7 @@ def test_nonfinite_scores_never_reach_the_output() -> None:
 def test_batched_reencoding_equals_one_at_a_time(split: bool) -> None:
     if split:
         from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
-        from streamrec.runtime import ServingModel
+        from streamrec.serving.served_model import ServingModel
 
         m = GRU4Rec(GRU4RecConfig(n_items=50, layers=[8]), seed=1)
         model = ServingModel(m, [f"i{j}" for j in range(50)], "v2", device="cpu")
@@ -260,7 +265,7 @@ def test_batched_reencoding_equals_one_at_a_time(split: bool) -> None:
 
 def test_hrnn_reencoding_advances_without_scoring(monkeypatch: pytest.MonkeyPatch) -> None:
     from streamrec.model.hrnn import HRNN
-    from streamrec.runtime import ServingModel
+    from streamrec.serving.served_model import ServingModel
 
     net = HRNN(n_items=30, layers=[8], user_layers=[6], variant="all")
     # HRNN meets the step API at run time; mypy cannot see it through its nn.Module attributes

@@ -94,7 +94,7 @@ def test_invalid_values_are_rejected_naming_the_setting(
 
 
 def test_cli_fails_at_start_on_invalid_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    from streamrec.cli import main
+    from streamrec.cli.main import main
 
     monkeypatch.setenv("STREAMREC_TOPICS__PARTITIONS", "-3")
     result = CliRunner().invoke(main, ["broker", "--port", "0"])
@@ -106,4 +106,4 @@ def test_cli_fails_at_start_on_invalid_settings(monkeypatch: pytest.MonkeyPatch)
 def test_settings_are_immutable() -> None:
     s: Settings = load_settings()
     with pytest.raises(ValueError):
-        s.topics.partitions = 3  # type: ignore[misc]
+        s.topics.partitions = 3  # type: ignore[misc]  # frozen: the assignment must raise

@@ -1,11 +1,12 @@
-"""Binary state encoding and the StateStore over a plain dict."""
+"""Binary state encoding and the StateStore over the in-memory twin."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from streamrec.state import SessionState, StateDecodeError, StateStore, UserState
+from streamrec.serving.state import SessionState, StateDecodeError, UserState
+from streamrec.serving.state_store import SESSIONS, StateStore
 
 
 def test_session_roundtrip_is_compact() -> None:
@@ -49,7 +50,9 @@ def test_corrupt_bytes_raise_decode_error(raw: bytes) -> None:
 
 def test_store_treats_corrupt_as_absent() -> None:
     store = StateStore()
-    store.sessions["k"] = b"junk"
+    twin = store.partition(0)  # the in-memory twin holds every partition
+    assert twin is not None
+    twin.write(SESSIONS, "k", b"junk")
     assert store.get_session("k") is None and store.corrupt == 1
     s = SessionState("s", np.ones(3, np.float32), "v")
     store.put_session("k", s)

@@ -4,8 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from streamrec.synthetic import generate_clicks
-from trainer.data import preprocess, sessionize
+from streamrec.data.clicklog import sessionize
+from streamrec.data.synthetic import generate_clicks
+from trainer.data import preprocess
 
 
 def _sessions(df: pd.DataFrame) -> list[np.ndarray]:

@@ -1,4 +1,4 @@
-"""Each workaround of streamrec.tansu against the quirk it names, on the test broker.
+"""Each workaround of streamrec.kafka.tansu against the quirk it names, on the test broker.
 
 On the embedded broker each test shows the quirk (what would go wrong without the
 workaround) and that the workaround fixes it; against another broker
@@ -15,8 +15,8 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from streamrec import tansu
-from streamrec.kafka import TopicSpec, ensure_topics, tail
+from streamrec.kafka import tansu
+from streamrec.kafka.clients import TopicSpec, ensure_topics, tail
 
 pytestmark = pytest.mark.broker
 

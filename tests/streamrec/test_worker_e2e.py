@@ -23,13 +23,16 @@ import numpy as np
 import pytest
 from confluent_kafka import Producer
 
-from streamrec.broker import EmbeddedBroker
-from streamrec.core import CoreConfig, Record, process_batch
-from streamrec.kafka import committed_offsets, read_topic
-from streamrec.launch import WorkerProcess, settings_env
-from streamrec.runtime import ServingModel
-from streamrec.state import STATE_LAYOUT, SessionState, StateStore, UserState
+from streamrec.kafka.clients import committed_offsets, read_topic
+from streamrec.kafka.embedded import EmbeddedBroker
+from streamrec.serving.config import CoreConfig
+from streamrec.serving.pipeline import process_batch
+from streamrec.serving.records import Record
+from streamrec.serving.served_model import ServingModel
+from streamrec.serving.state import STATE_LAYOUT, SessionState, UserState
+from streamrec.serving.state_store import StateStore
 from streamrec.testing import click, offline_recommendations, worker_topics
+from streamrec.tools.launch import WorkerProcess, settings_env
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -46,7 +49,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     model = GRU4Rec(GRU4RecConfig(n_items=N_ITEMS, layers=[16]), seed=1)
     path = tmp_path_factory.mktemp("model") / "ckpt"
-    return save_checkpoint(path, model, "gru4rec", [f"i{j}" for j in range(N_ITEMS)])
+    return save_checkpoint(path, model, "gru4rec", [f"i{j}" for j in range(N_ITEMS)]).path
 
 
 def free_port() -> int:
@@ -424,7 +427,7 @@ def test_bad_input_goes_to_dead_letters(service: Service) -> None:
 
 
 def click_ids_of(svc: Service, valid: bool) -> set[str]:
-    from streamrec.events import ClickEvent, decode
+    from streamrec.serving.events import ClickEvent, decode
 
     out = set()
     for r in svc.clicks_in_log():
@@ -495,8 +498,8 @@ def test_demo_runs_and_leaves_nothing_running(tmp_path: Path) -> None:
     the model and the worker log kept, and no process left behind."""
     from rich.console import Console
 
-    from streamrec.demo import DemoOptions, _split, run_demo
-    from streamrec.synthetic import generate_clicks
+    from streamrec.data.synthetic import generate_clicks
+    from streamrec.tools.demo import DemoOptions, _split, run_demo
 
     before = _children()
     opts = DemoOptions(sessions=300, items=60, epochs=1, units=16, rate=1000, show=2)
@@ -531,8 +534,8 @@ def test_demo_retrain_publishes_swaps_and_shows_new_items(tmp_path: Path) -> Non
     the log's times lying months back; and a gate that kept v1 left it waiting forever.)"""
     from rich.console import Console
 
-    from streamrec import registry
-    from streamrec.demo import DemoOptions, run_retrain_demo
+    from streamrec.loop import registry
+    from streamrec.tools.demo import DemoOptions, run_retrain_demo
 
     before = _children()
     opts = DemoOptions(sessions=600, epochs=1, keep_dir=tmp_path / "kept")
@@ -612,14 +615,14 @@ def _hier_checkpoint(kind: str, path: Path) -> Path:
         model = PRNN(
             N_ITEMS, [5], id_hidden=12, feature_hidden=6, feature_values=[torch.rand(N_ITEMS, 5)]
         )
-    return save_checkpoint(path, model.eval(), kind, [str(j) for j in range(N_ITEMS)])
+    return save_checkpoint(path, model.eval(), kind, [str(j) for j in range(N_ITEMS)]).path
 
 
 def _hier_log() -> tuple[Any, Any, list[tuple[str, bytes]]]:
     """Train/test split (each user's last session held out) and the stream a producer sends:
     every click keyed by its user in event-time order, every other session closed by an
     explicit ``session_end``, the others by the next session's id (or the gap)."""
-    from streamrec.synthetic import generate_clicks
+    from streamrec.data.synthetic import generate_clicks
     from trainer.data import split_last_session_out
 
     df = generate_clicks(n_sessions=60, n_items=N_ITEMS, n_users=12, seed=3)
@@ -692,7 +695,7 @@ def _rewind_group(svc: Service) -> None:
 @pytest.mark.parametrize("kind", ["hrnn", "prnn"])
 @pytest.mark.parametrize("isolated_service", ENGINES, indirect=True)
 def test_hier_models_served_with_kill9_and_redelivery(isolated_service: Service, kind: str) -> None:
-    from trainer.train_hier import evaluate_users
+    from trainer.hier import evaluate_users
 
     svc = isolated_service
     svc.ckpt = _hier_checkpoint(kind, svc.tmp / kind)
@@ -899,7 +902,7 @@ def test_partly_written_checkpoint_is_not_swapped_in(service: Service) -> None:
         GRU4Rec(GRU4RecConfig(n_items=N_ITEMS, layers=[16]), seed=5),
         "gru4rec",
         ids,
-    )
+    ).path
     partial = watch / "v2"
     partial.mkdir()
     tensors = (full / "model.safetensors").read_bytes()
@@ -909,7 +912,7 @@ def test_partly_written_checkpoint_is_not_swapped_in(service: Service) -> None:
     assert probe_version() == old.version and w.alive()
     new = save_checkpoint(
         watch / "v3", GRU4Rec(GRU4RecConfig(n_items=N_ITEMS, layers=[16]), seed=6), "gru4rec", ids
-    )
+    ).path
     version = ServingModel.from_checkpoint(new, "cpu").version
     wait_for(lambda: probe_version() == version, 90, "complete checkpoint never swapped in")
     assert w.alive()

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from streamrec.synthetic import generate_clicks
+from streamrec.data.synthetic import generate_clicks
 from trainer.baselines import (
     BPRMF,
     ItemKNN,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from streamrec.model.gru4rec import GRU4Rec
-from trainer.batching import order_sessions, session_parallel_plan
+from trainer.batching import order_sessions, schedule_sessions, session_parallel_plan
 from trainer.train import train_gru4rec
 
 # sessions (ordered by first time, then id): c(4 events) a(3) b(2) e(1: no pairs) d(2)
@@ -100,3 +100,30 @@ def test_hidden_state_reset_in_training_step(monkeypatch: pytest.MonkeyPatch) ->
     train_gru4rec(LOG, params, progress=False)
     one_epoch = [[True, True], [False, False], [False, True], [True, False]]
     assert seen == one_epoch + one_epoch  # each epoch starts from zero states
+
+
+def test_one_scheduler_waits_for_a_users_previous_session_only_when_given_users() -> None:
+    """``schedule_sessions`` is GRU4Rec's refill order, and with users it never runs two
+    sessions of one user at once; when no two sessions share a user the two are the same."""
+    rng = np.random.default_rng(1)
+    steps = rng.integers(1, 6, 200)
+    start, slot = schedule_sessions(steps, 5)
+    solo = schedule_sessions(steps, 5, users=np.arange(200))
+    np.testing.assert_array_equal(start, solo[0])
+    np.testing.assert_array_equal(slot, solo[1])
+    # the refill order: each session goes to the slot that frees up first (ties: lowest slot)
+    free = [0] * 5
+    for j, n in enumerate(steps.tolist()):
+        first = min(range(5), key=lambda k: (free[k], k))
+        assert (start[j], slot[j]) == (free[first], first)
+        free[first] += n
+    users = rng.integers(0, 12, 200)
+    start, slot = schedule_sessions(steps, 5, users=users)
+    assert (start >= 0).all()
+    for u in range(12):
+        mine = np.flatnonzero(users == u)  # in order: each starts after the previous one ended
+        assert (start[mine[1:]] >= start[mine[:-1]] + steps[mine[:-1]]).all()
+    for s in range(5):  # a slot runs one session at a time
+        held = np.flatnonzero(slot == s)
+        held = held[np.argsort(start[held])]
+        assert (start[held[1:]] >= start[held[:-1]] + steps[held[:-1]]).all()

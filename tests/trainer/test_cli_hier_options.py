@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
+from streamrec.data.synthetic import generate_clicks
 from streamrec.model import HRNN
 from streamrec.model.checkpoint import load_checkpoint
-from streamrec.synthetic import generate_clicks
 from trainer.cli import main
-from trainer.train_hier import evaluate_users
+from trainer.hier import evaluate_users
 
 
 def _sessions_by_hand(df: pd.DataFrame, gap: float) -> pd.Series:

@@ -5,11 +5,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from streamrec.clicklog import DataError, load_clicks
+from streamrec.data.clicklog import DataError, load_clicks, sessionize
 from trainer.data import (
     filter_users,
     preprocess,
-    sessionize,
+    restrict_to_items,
     split_by_time,
     split_last_session_out,
 )
@@ -248,6 +248,20 @@ def test_sessionize_by_gap() -> None:
     # a gap exactly equal to the threshold does not split
     same = sessionize(df.assign(Time=[0.0, 1800.0, 0.0, 3600.0, 3601.0, 1.0]), 1800)
     assert same["SessionId"].nunique() == 2
+
+
+def test_restrict_to_items_keeps_items_every_index_knows_then_sessions_of_two() -> None:
+    test = _frame(
+        [("s", "a", 1), ("s", "b", 2), ("s", "c", 3), ("t", "a", 1), ("t", "d", 2), ("u", "b", 5)],
+        cols=("SessionId", "ItemId", "Time"),
+    )
+    # t loses d and is left with one event; u has one event from the start
+    one = restrict_to_items(test, {"a": 0, "b": 1, "c": 2})
+    assert one[["SessionId", "ItemId"]].values.tolist() == [["s", "a"], ["s", "b"], ["s", "c"]]
+    # two indexes (the retrain gate: items both models know): c is unknown to the second
+    both = restrict_to_items(test, {"a": 0, "b": 1, "c": 2}, ["a", "b", "d"])
+    assert both["ItemId"].tolist() == ["a", "b"]
+    assert restrict_to_items(test, {"a": 0}).empty
 
 
 def test_filter_users_and_last_session_out() -> None:

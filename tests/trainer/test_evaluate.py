@@ -148,6 +148,9 @@ class GRUStepModel(torch.nn.Module):
         h = self.cell(self.emb(item_rows), state)
         return h, self.out(h)
 
+    def end_session(self, user_state, final_state):
+        return user_state
+
 
 def test_real_gru_batched_matches_batch_of_one_and_restores_training_mode() -> None:
     n_items = 30

@@ -3,6 +3,8 @@ one dense score matrix), and ranked within a retrieval's top-k answer."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -18,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 N = 700
 
 
-def _models() -> list[object]:
+def _models() -> list[Any]:
     torch.manual_seed(0)
     g = GRU4Rec({"n_items": N, "layers": [12]}, seed=0)
     h = HRNN(N, layers=[12], user_layers=[6], user_to_output=True, memory=3)
@@ -39,12 +41,12 @@ def test_blocked_scoring_gives_the_dense_ranks(index: int) -> None:
     gen = torch.Generator().manual_seed(1)
     rows = torch.randint(0, N, (b,), generator=gen)
     targets = torch.randint(0, N, (b,), generator=gen)
-    user = model.initial_user_state(b)  # type: ignore[attr-defined]
+    user = model.initial_user_state(b)
     if isinstance(model, HRNN):  # some remembered items, so the memory offset counts
         user[:, model.user_dim_total :] = torch.randint(0, N, (b, 3), generator=gen).float()
-    state = model.initial_state(user, b)  # type: ignore[attr-defined]
+    state = model.initial_state(user, b)
     with torch.inference_mode():
-        new_dense, scores = model.step(rows, state, user)  # type: ignore[attr-defined]
+        new_dense, scores = model.step(rows, state, user)
         dense = ranks(scores, targets, "conservative")
         # room for 5 rows of scores at a time: 8 blocks
         new, blocked = step_ranks(model, rows, state, user, targets, "conservative",
@@ -85,7 +87,7 @@ def test_evaluation_through_ann_retrieval_costs_little_on_a_small_catalogue() ->
     items, offsets = _sessions()
     dense = evaluate_sessions(model, items, offsets, MetricAccumulator((20,))).result()
     with torch.inference_mode():
-        index = AnnIndex.build(model.item_vectors(), AnnParams())  # type: ignore[attr-defined]
+        index = AnnIndex.build(model.item_vectors(), AnnParams())
     ann = Retriever(model, mode="ann", index=index)
     got = evaluate_sessions(model, items, offsets, MetricAccumulator((20,)),
                             retriever=ann).result()  # fmt: skip

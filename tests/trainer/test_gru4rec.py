@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
+from streamrec.data.synthetic import generate_clicks
 from streamrec.model import MODEL_REGISTRY, build_model
 from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
-from streamrec.synthetic import generate_clicks
 from trainer.optim import IndexedAdagradM, segment_sum_sorted
 from trainer.train import train_gru4rec
 
@@ -139,6 +139,7 @@ def _split(df: pd.DataFrame, frac: float = 0.8) -> tuple[pd.DataFrame, pd.DataFr
 SMALL = dict(layers=[32], batch_size=16, n_epochs=1, n_sample=32, learning_rate=0.1, seed=3)
 
 
+@pytest.mark.slow
 def test_determinism_same_seed() -> None:
     df = generate_clicks(n_sessions=300, n_items=50, seed=5)
     m1, ids1, st1 = train_gru4rec(df, dict(SMALL, dropout_p_hidden=0.2), progress=False)
@@ -172,6 +173,7 @@ def _recall_mrr(model: GRU4Rec | None, pop: torch.Tensor, test: pd.DataFrame, in
     return hits / n, rr / n
 
 
+@pytest.mark.slow
 def test_learns_synthetic_structure_better_than_pop() -> None:
     df = generate_clicks(n_sessions=1500, n_items=150, seed=11)
     train, test = _split(df)

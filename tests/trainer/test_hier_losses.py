@@ -12,12 +12,12 @@ import pandas as pd
 import pytest
 import torch
 
+from streamrec.data.synthetic import generate_clicks
 from streamrec.model.hrnn import HRNN
 from streamrec.model.items import build_item_index
 from streamrec.model.prnn import PRNN
-from streamrec.synthetic import generate_clicks
 from trainer.data import filter_users, split_last_session_out
-from trainer.train_hier import (
+from trainer.hier import (
     HRNNParams,
     PopStepModel,
     PRNNParams,
@@ -61,6 +61,7 @@ def _check(stats, res, pop) -> None:
     assert res["mrr@20"] > 2 * pop["mrr@20"], (res, pop)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_sample", [0, 32])
 @pytest.mark.parametrize("loss", list(LOSSES))
 def test_every_loss_trains_hrnn(log, loss, n_sample):
@@ -77,6 +78,7 @@ def test_every_loss_trains_hrnn(log, loss, n_sample):
     _check(stats, evaluate_users(m, tr, te, idx, ks=(20,)), pop)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["parallel", "concat"])
 @pytest.mark.parametrize("n_sample", [0, 32])
 @pytest.mark.parametrize("loss", list(LOSSES))

@@ -7,8 +7,8 @@ from dataclasses import fields
 
 import pytest
 
+from trainer.hier import HierParams, HRNNParams, PRNNParams, parse_hier_params
 from trainer.presets import BaseParams, ParamError, TrainParams, make_params
-from trainer.train_hier import HierParams, HRNNParams, PRNNParams, parse_hier_params
 
 SHARED = [
     "loss",

@@ -10,24 +10,25 @@ import pandas as pd
 import pytest
 import torch
 
+from streamrec.data.clicklog import sessionize
+from streamrec.data.synthetic import generate_clicks
 from streamrec.model.checkpoint import load_checkpoint, save_checkpoint
 from streamrec.model.gru4rec import GRU4Rec
 from streamrec.model.hrnn import HRNN
 from streamrec.model.items import build_item_index
 from streamrec.model.prnn import PRNN
-from streamrec.synthetic import generate_clicks
-from trainer.data import filter_users, sessionize, split_last_session_out
-from trainer.train_hier import (
+from trainer.data import filter_users, split_last_session_out
+from trainer.hier import (
     HierParams,
     HRNNParams,
     PopStepModel,
-    _UserChain,
     advance_at_boundaries,
     evaluate_users,
     session_parallel_batches,
     train_hier,
     user_parallel_batches,
 )
+from trainer.hier.chain import UserChain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -468,10 +469,10 @@ def test_without_waiting_for_users_the_schedule_is_gru4recs(variant):
     assert any(overlap)  # a user's sessions run at once: the stored-pair path is exercised
     # exactly those sessions keep a pair across epochs; with waiting there are none
     m = HRNN(len(idx), layers=[10])
-    chain = _UserChain.make(m, b, torch.device("cpu"))
+    chain = UserChain.make(m, b, torch.device("cpu"))
     has = b.prev >= 0
     np.testing.assert_array_equal(chain.ov_id >= 0, has & (start <= end[np.maximum(b.prev, 0)]))
-    assert (_UserChain.make(m, strict, torch.device("cpu")).ov_id < 0).all()
+    assert (UserChain.make(m, strict, torch.device("cpu")).ov_id < 0).all()
     h = HRNN.from_gru4rec(GRU4Rec.from_config(g.config_dict(), seed=5), variant=variant)
     hs = train_hier(h, df, idx, HRNNParams(**kw, wait_for_user=False, schedule="joint"))
     assert all(np.isfinite(hs["epoch_losses"]))

@@ -11,7 +11,7 @@ import torch
 from streamrec.model.checkpoint import load_checkpoint, save_checkpoint
 from streamrec.model.hrnn import HRNN, merge_distinct, push_distinct
 from streamrec.model.items import build_item_index
-from trainer.train_hier import HRNNParams, train_hier
+from trainer.hier import HRNNParams, train_hier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

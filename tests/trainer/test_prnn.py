@@ -10,10 +10,12 @@ import pandas as pd
 import pytest
 import torch
 
+from streamrec.data.synthetic import generate_clicks
+from streamrec.model.api import TrainableStepModel, as_trainable
 from streamrec.model.checkpoint import load_checkpoint, save_checkpoint
+from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
 from streamrec.model.items import build_item_index
 from streamrec.model.prnn import PRNN
-from streamrec.synthetic import generate_clicks
 from trainer.data import split_last_session_out
 from trainer.features import (
     build_item_features,
@@ -21,8 +23,9 @@ from trainer.features import (
     load_feature_file,
     multi_hot,
 )
-from trainer.train_hier import (
+from trainer.hier import (
     HierParams,
+    Stage,
     evaluate_users,
     schedule_plan,
     train_hier,
@@ -62,7 +65,7 @@ def _run(schedule: str, n_epochs: int = 1) -> list[set[str]]:
         n_epochs=n_epochs, batch_size=1, learning_rate=0.5, schedule=schedule, n_sample=2
     )
 
-    def on_epoch_end(epoch: int, model: torch.nn.Module) -> None:
+    def on_epoch_end(epoch: int, model: object) -> None:
         assert isinstance(model, PRNN)
         snaps.append(_snapshot(model))
 
@@ -87,7 +90,7 @@ def test_residual_trains_id_then_features_on_frozen_id():
     assert _run("residual") == [{"id"}, {"f0", "f1"}]
     # during the first phase the feature subnets do not contribute to the scores
     plan = schedule_plan(_model(), "residual", 2)
-    assert [s["active"] for s in plan] == [["id"], ["id"], None, None]
+    assert [s.active for s in plan] == [["id"], ["id"], None, None]
 
 
 def test_alternating_one_subnet_per_epoch():
@@ -103,12 +106,12 @@ def test_schedules_stage_hrnns_session_network_and_user_path():
     from streamrec.model.hrnn import HRNN
 
     plan = schedule_plan(HRNN(3, [4], [4]), "residual", 2)
-    assert [(s["train"], s["active"]) for s in plan] == [(["session"], ["session"])] * 2 + [
+    assert [(s.train, s.active) for s in plan] == [(["session"], ["session"])] * 2 + [
         (["user"], None)
     ] * 2
     # without a user path HRNN is one part: every schedule is joint
     plan = schedule_plan(HRNN(3, [4], [4], variant="none"), "alternating", 2)
-    assert plan == [{"train": None, "active": None, "interleave": False}] * 2
+    assert plan == [Stage(train=None, active=None, interleave=False)] * 2
 
 
 def test_architectures_state_layout_and_unknown_items():
@@ -228,3 +231,23 @@ def test_prnn_beats_pop_with_informative_features():
     pop_r20 = float((pop_ranks <= 20).float().mean())
     assert res["n_events"] == int(nxt.sum())
     assert res["recall@20"] > pop_r20 + 0.1, (res, pop_r20)
+
+
+def test_trainable_models_are_declared_not_probed():
+    """HRNN and p-RNN declare ``TrainableStepModel``: p-RNN trains through the contract's
+    default step (``forward_step`` then ``score_items``, every gradient dense), HRNN through its
+    own with row-sparse item tables; a model that does not declare it is refused."""
+    m = _model().eval()
+    assert isinstance(m, TrainableStepModel) and m.sparse_tables() == []
+    rows, state = torch.tensor([0, 2]), m.initial_state(None, 2)
+    new, scores, leaves = m.train_step(rows, state, None, torch.tensor([1, 2]))
+    ref_new, ref_scores = m.step(rows, state, None)
+    assert leaves == [] and torch.equal(new, ref_new)
+    torch.testing.assert_close(scores, ref_scores[:, [1, 2]])
+    from streamrec.model.hrnn import HRNN
+
+    h = HRNN(3, [4], [4])
+    assert isinstance(h, TrainableStepModel) and h.sparse_tables()
+    assert as_trainable(h) is h
+    with pytest.raises(TypeError, match="not a trainable step model"):
+        as_trainable(GRU4Rec(GRU4RecConfig(n_items=3, layers=[4])))

@@ -13,8 +13,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from streamrec.data.synthetic import generate_clicks
 from streamrec.model.checkpoint import load_checkpoint
-from streamrec.synthetic import generate_clicks
 from trainer.cli import main
 
 KS = (1, 5, 20)

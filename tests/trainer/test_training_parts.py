@@ -81,7 +81,7 @@ def test_training_loop_applies_the_logq_correction(monkeypatch: pytest.MonkeyPat
     """With cross-entropy and logq > 0, every step's loss gets the logQ term: logq * log of
     the training count of each in-batch target and logq * alpha * log count of each sample."""
     import trainer.train
-    from streamrec.synthetic import generate_clicks
+    from streamrec.data.synthetic import generate_clicks
 
     df = generate_clicks(n_sessions=60, n_items=20, seed=1)
     counts = df["ItemId"].value_counts()

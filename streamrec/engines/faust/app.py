@@ -1,49 +1,44 @@
-"""The Faust worker: topics, tables, one thin agent and two timers around ``core``.
+"""The Faust worker: topics, tables, one thin agent and two timers around the pipeline.
 
 * The agent takes micro-batches (``stream.take_events(max_events, within=max_wait)``) and runs
-  :func:`streamrec.core.process_batch` in a one-thread executor, so neither the model step nor
-  the decoding blocks the event loop (heartbeats keep flowing). Reads of the RocksDB tables
-  happen in that thread; writes are buffered (:class:`_Overlay`) and applied on the event loop
-  afterwards, because Faust's changelog producer is not thread-safe.
-* Faust tables take the changelog partition from "the current event". A batch mixes
-  partitions, so each write is done under a stand-in event of the key's own partition.
+  :func:`streamrec.serving.pipeline.process_batch` in a one-thread executor, so neither the
+  model step nor the decoding blocks the event loop (heartbeats keep flowing). Its state is
+  the tables, one input partition at a time
+  (:class:`~streamrec.engines.faust.tables.FaustPartition`): reads happen in that thread;
+  writes are buffered and applied on the event loop afterwards, because Faust's changelog
+  producer is not thread-safe.
 * Recommendations and dead letters go out through a confluent-kafka producer from the
   executor thread and are flushed before the batch returns, i.e. before its events are acked;
   state writes go through the Faust tables (RocksDB + changelog), which Faust flushes before
   it commits offsets. So a committed offset always has its outputs and changelog on the broker.
-* :class:`StreamrecApp` uses the transport of :func:`streamrec.tansu.faust_fast_fetch_transport`,
-  whose consumer waits ``StreamrecApp.fetch_max_wait_ms`` (10 ms by default) on an empty fetch
-  instead of Faust's hard-coded 1500 ms.
+* :class:`StreamrecApp` uses the transport of
+  :func:`streamrec.kafka.tansu.faust_fast_fetch_transport`, whose consumer waits
+  ``StreamrecApp.fetch_max_wait_ms`` (10 ms by default) on an empty fetch instead of Faust's
+  hard-coded 1500 ms.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-import weakref
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import faust
-from faust.streams import _current_event
 
-from streamrec import tansu
-from streamrec.core import (
-    BatchResult,
-    Record,
-    SweepResult,
-    message_key_partitions,
-    process_batch,
-    sweep_idle,
-)
 from streamrec.engines.common import EngineBase, Outputs
-from streamrec.state import STATE_LAYOUT, BufferedTable, StateStore
-
-from . import compat
-from .idle import IdleIndex, encoded_last_time
+from streamrec.engines.faust import compat
+from streamrec.engines.faust.idle import IdleIndex
+from streamrec.engines.faust.tables import FaustPartition
+from streamrec.kafka import tansu
+from streamrec.serving.expiry import end_idle_sessions, expire_idle_users
+from streamrec.serving.pipeline import process_batch
+from streamrec.serving.records import BatchResult, Record, SweepResult
+from streamrec.serving.served_model import ServingModel
+from streamrec.serving.state import STATE_LAYOUT
+from streamrec.serving.state_store import SESSIONS, USERS, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -65,58 +60,6 @@ class StreamrecApp(faust.App):
         if url.scheme not in ("kafka", "aiokafka"):
             return super()._new_transport()
         return tansu.faust_fast_fetch_transport()(self.conf.broker_consumer, self)
-
-
-# ---- table access from the batch ----------------------------------------------------------
-class _PartitionEvent:
-    """The minimum of an event that Faust tables read: ``message.topic``/``message.partition``."""
-
-    class _Msg:
-        __slots__ = ("partition", "topic")
-
-        def __init__(self, topic: str, partition: int) -> None:
-            self.topic, self.partition = topic, partition
-
-    __slots__ = ("__weakref__", "message")
-
-    def __init__(self, topic: str, partition: int) -> None:
-        self.message = self._Msg(topic, partition)
-
-
-@contextlib.contextmanager
-def _in_partition(event: _PartitionEvent) -> Iterator[None]:
-    token = _current_event.set(weakref.ref(event))  # type: ignore[arg-type]
-    try:
-        yield
-    finally:
-        _current_event.reset(token)
-
-
-class _Overlay(BufferedTable):
-    """Reads through to a Faust table's store; writes are buffered for the event loop.
-
-    ``partitions`` (key -> partition, from the Kafka message keys of the batch) lets a read
-    go to that partition's RocksDB only; without it Faust probes every partition's DB.
-    """
-
-    def __init__(
-        self, base: Mapping[str, bytes], partitions: Mapping[str, int] | None = None, topic=""
-    ) -> None:
-        super().__init__()
-        self.base = base
-        # the caller's mapping itself (the sweep fills it as it goes), not a copy
-        self.partitions = partitions if partitions is not None else {}
-        self.topic = topic
-
-    def _read_base(self, key: str) -> bytes | None:
-        part = self.partitions.get(key)
-        if part is None:
-            return self.base.get(key)
-        with _in_partition(_PartitionEvent(self.topic, part)):
-            return self.base.get(key)
-
-    def _base_keys(self) -> Iterable[str]:
-        return list(self.base.keys())
 
 
 class Worker(EngineBase):
@@ -157,13 +100,16 @@ class Worker(EngineBase):
         self.dead = app.topic(t.dead_letter, partitions=t.partitions, **raw)
         # bytes values are stored and logged raw; str keys as JSON strings
         table: dict[str, Any] = {"key_type": str, "value_type": bytes, "partitions": t.partitions}
-        # state layout 2 (namespaced keys, streamrec.state.STATE_LAYOUT): new table names, so
-        # the tables (and changelogs) of layout 1 are never read as if they were namespaced
+        # state layout 2 (namespaced keys, streamrec.serving.state.STATE_LAYOUT): new table
+        # names, so the tables (and changelogs) of layout 1 are never read as if they were
+        # namespaced
         self.sessions = app.Table(f"sessions-v{STATE_LAYOUT}", **table)
         self.users = app.Table(f"users-v{STATE_LAYOUT}", **table)
+        self.tables = {SESSIONS: self.sessions, USERS: self.users}
         # last-activity indexes for the sweep (idle.py), rebuilt after every rebalance
         self.idle_sessions = IdleIndex()
         self.idle_users = IdleIndex()
+        self.indexes = {SESSIONS: self.idle_sessions, USERS: self.idle_users}
         self._idle_generation: int | None = None
         app.agent(self.clicks, name="streamrec.clicks")(self._agent)
         app.timer(settings.state.sweep_interval_seconds)(self._sweep)
@@ -193,18 +139,19 @@ class Worker(EngineBase):
             )
             for e in events
         ]
-        hint = message_key_partitions(records)
-        topic = self.clicks.get_topic_name()
         async with self.lock:
-            store = StateStore(
-                _Overlay(self.sessions.data, hint, topic), _Overlay(self.users.data, hint, topic)
-            )
+            parts = self._partitions({r.partition for r in records})
             model = self.holder.current
             loop = asyncio.get_running_loop()
+            store = StateStore(parts)
             res = await loop.run_in_executor(self.executor, self._step, records, store, model)
-            self._apply(store, res.key_partitions)
+            self._apply(parts)
         self.metrics.observe_batch(len(records), res.stats, res.latencies(), res.model_seconds)
         return res
+
+    def _partitions(self, partitions: Iterable[int]) -> dict[int, FaustPartition]:
+        topic = self.clicks.get_topic_name()
+        return {p: FaustPartition(self.tables, topic, p) for p in partitions}
 
     def _step(self, records: list[Record], store: StateStore, model: Any) -> BatchResult:
         """Executor thread: the core, then the outputs, delivered before the batch is acked.
@@ -218,29 +165,10 @@ class Worker(EngineBase):
         self.outputs.flush()
         return res
 
-    def _apply(self, store: StateStore, partitions: Mapping[str, int]) -> None:
-        """Write buffered state changes, each under its key's partition (event loop only)."""
-        topic = self.clicks.get_topic_name()
-        for table, overlay, index in (
-            (self.sessions, store.sessions, self.idle_sessions),
-            (self.users, store.users, self.idle_users),
-        ):
-            assert isinstance(overlay, _Overlay)
-            for key, value in overlay.writes.items():
-                part = partitions.get(key)
-                if part is None:
-                    log.warning("no partition known for state key %r; write skipped", key)
-                    continue
-                with _in_partition(_PartitionEvent(topic, part)):
-                    if value is None:
-                        if key in table:
-                            del table[key]
-                        index.forget(key, part)
-                    else:
-                        table[key] = value
-                        t = encoded_last_time(value)
-                        if t is not None:
-                            index.note(part, key, t)
+    def _apply(self, partitions: Mapping[int, FaustPartition]) -> None:
+        """Write the buffered state changes into the tables (event loop only)."""
+        for part in partitions.values():
+            part.apply(self.indexes)
 
     # ---- timers ------------------------------------------------------------------------
     async def _sweep(self) -> None:
@@ -251,55 +179,58 @@ class Worker(EngineBase):
             async with self.lock:
                 if self.app.rebalancing or not self.app.tables.actives_ready:
                     return  # the tables are being restored: the next tick goes on
-                clicks = self.clicks.get_topic_name()
-                actives = {
-                    tp.partition
-                    for tp in self.app.assignor.assigned_actives()
-                    if tp.topic == clicks
-                }
-                generation = self.app.consumer_generation_id
-                if generation != self._idle_generation:
-                    # new assignment: what the local databases hold is read into the indexes
-                    self.idle_sessions.reset(actives)
-                    self.idle_users.reset(actives)
-                    self._idle_generation = generation
-                # faust.stores.rocksdb.Store: one rocksdict per partition in ``_dbs``
+                actives = self._active_partitions()
+                parts = self._partitions(actives)
+                # faust.stores.rocksdb.Store: one rocksdict per partition in ``_dbs`` (read
+                # here, on the event loop, which opens and closes them)
                 rocks: tuple[Any, Any] = (self.sessions.data, self.users.data)
                 dbs = tuple({p: db for p, db in r._dbs.items() if p in actives} for r in rocks)
-                where: dict[str, int] = {}
-                store = StateStore(
-                    _Overlay(self.sessions.data, where, clicks),
-                    _Overlay(self.users.data, where, clicks),
-                )
                 model = self.holder.current
                 t0 = time.monotonic()
                 res, more = await loop.run_in_executor(
-                    self.executor, self._sweep_step, store, model, sorted(actives), dbs, where
+                    self.executor, self._sweep_step, StateStore(parts), model, sorted(actives), dbs
                 )
-                self._apply(store, res.key_partitions)
+                self._apply(parts)
                 self.metrics.sweep_seconds.observe(time.monotonic() - t0)
             self.metrics.observe_sweep(res)
             if not more:
                 return
             await asyncio.sleep(0)
 
+    def _active_partitions(self) -> set[int]:
+        """The clicks partitions assigned here as actives; after a new assignment (consumer
+        generation) the indexes start over, to be seeded from the local databases."""
+        clicks = self.clicks.get_topic_name()
+        assigned = self.app.assignor.assigned_actives()
+        actives = {tp.partition for tp in assigned if tp.topic == clicks}
+        generation = self.app.consumer_generation_id
+        if generation != self._idle_generation:
+            self.idle_sessions.reset(actives)
+            self.idle_users.reset(actives)
+            self._idle_generation = generation
+        return actives
+
     def _sweep_step(
         self,
         store: StateStore,
-        model: Any,
+        model: ServingModel,
         partitions: list[int],
         dbs: tuple[Mapping[int, Any], ...],
-        where: dict[str, int],
     ) -> tuple[SweepResult, bool]:
         """Executor thread, under the lock: one step of seeding and sweeping, chunk by chunk
         until :data:`SWEEP_STEP_S` is spent. Returns (result, whether more is due)."""
-        t0 = time.monotonic()
-        cfg = self.config
+        deadline = time.monotonic() + SWEEP_STEP_S
+        self._seed_indexes(dbs, deadline)
+        more = self.idle_sessions.seeding or self.idle_users.seeding
         res = SweepResult(counted=False)
+        for p in partitions:
+            if not self._sweep_partition(store, model, p, deadline, res):
+                return res, True  # out of time
+        return res, more
 
-        def spent() -> bool:
-            return time.monotonic() - t0 >= SWEEP_STEP_S
-
+    def _seed_indexes(self, dbs: tuple[Mapping[int, Any], ...], deadline: float) -> None:
+        """Read the local databases (sessions', users') into the indexes, until done or
+        ``deadline``."""
         for index, table_dbs, table in (
             (self.idle_sessions, dbs[0], self.sessions),
             (self.idle_users, dbs[1], self.users),
@@ -307,45 +238,33 @@ class Worker(EngineBase):
             rocks: Any = table.data  # faust.stores.rocksdb.Store
             decode, skip = rocks._decode_key, (rocks.offset_key,)
             while index.seeding:
-                if not index.seed(table_dbs, decode, SWEEP_SEED_RECORDS, skip) or spent():
+                if not index.seed(table_dbs, decode, SWEEP_SEED_RECORDS, skip):
                     break
-        more = self.idle_sessions.seeding or self.idle_users.seeding
-        for p in partitions:
-            now = self.clock.now(p)
-            if now is None:
-                continue  # this partition's clock has not seen enough events yet
-            while True:
-                if spent():
-                    return res, True
-                keys, m1 = self.idle_sessions.idle(
-                    p, now - cfg.session_gap_seconds, SWEEP_CHUNK_KEYS
-                )
-                for key in keys:
-                    where[key] = p
-                if keys:
-                    r = sweep_idle(
-                        store, model, cfg, clock=self.clock, keys=keys, sweep_users=False
-                    )
-                    res.sessions_ended += r.sessions_ended
-                    res.key_partitions.update(r.key_partitions)
-                m2 = False
-                if cfg.user_ttl_seconds is not None:
-                    ukeys, m2 = self.idle_users.idle(
-                        p, now - cfg.user_ttl_seconds, SWEEP_CHUNK_KEYS
-                    )
-                    for key in ukeys:
-                        where[key] = p
-                        u = store.get_user(key)
-                        if u is None or now - u.last_time <= cfg.user_ttl_seconds:
-                            continue
-                        if key in store.sessions:
-                            continue  # its session's end rewrites (and re-notes) it
-                        store.delete_user(key)
-                        res.key_partitions[key] = p
-                        res.users_expired += 1
-                if not (m1 or m2):
+                if time.monotonic() >= deadline:
                     break
-        return res, more
+
+    def _sweep_partition(
+        self, store: StateStore, model: ServingModel, p: int, deadline: float, res: SweepResult
+    ) -> bool:
+        """Sweep partition ``p`` in chunks of :data:`SWEEP_CHUNK_KEYS` until its indexes have
+        nothing idle; False if ``deadline`` came first."""
+        cfg, clock = self.config, self.clock
+        now = clock.now(p)
+        if now is None:
+            return True  # this partition's clock has not seen enough events yet
+        ttl = cfg.user_ttl_seconds
+        while True:
+            if time.monotonic() >= deadline:
+                return False
+            keys, m1 = self.idle_sessions.idle(p, now - cfg.session_gap_seconds, SWEEP_CHUNK_KEYS)
+            if keys:
+                res.sessions_ended += end_idle_sessions(store, p, keys, model, cfg, clock.now)
+            m2 = False
+            if ttl is not None:
+                ukeys, m2 = self.idle_users.idle(p, now - ttl, SWEEP_CHUNK_KEYS)
+                res.users_expired += expire_idle_users(store, p, ukeys, cfg, clock.now)
+            if not (m1 or m2):
+                return True
 
     async def _reload(self) -> None:
         loop = asyncio.get_running_loop()

@@ -1,7 +1,7 @@
 """Fixes every Faust app here installs (``install``) before its worker starts.
 
 Two are Faust bugs (any broker); the third is the embedded broker's, kept with the other
-broker workarounds in :mod:`streamrec.tansu`.
+broker workarounds in :mod:`streamrec.kafka.tansu`.
 
 1. Seek before resume (a Faust race, any broker). After a table was rebuilt from its changelog,
    faust-streaming 0.15.3's ``Recovery.on_recovery_completed`` resumes the stream partitions
@@ -23,7 +23,8 @@ broker workarounds in :mod:`streamrec.tansu`.
    next fetch at 110, none of 79..109 processed. The patch passes a snapshot and never an
    empty one.
 
-3. True end offsets (a gap of the embedded broker): :func:`streamrec.tansu.patch_faust_highwaters`.
+3. True end offsets (a gap of the embedded broker):
+   :func:`streamrec.kafka.tansu.patch_faust_highwaters`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from streamrec import tansu
+from streamrec.kafka import tansu
 
 
 def install(client_config: dict[str, Any]) -> None:

@@ -21,24 +21,20 @@ from __future__ import annotations
 
 import heapq
 import math
-import struct
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from streamrec.serving.state import encoded_last_time
+
 #: bucket width of the index (s); a bucket is swept once it ends before the cutoff
 BUCKET_SECONDS = 60.0
-#: last_time sits at this byte offset in both state encodings (streamrec.state headers:
-#: magic 2 s, partition i, offset q, then last_time d)
-_LAST_TIME = struct.Struct("<d")
-_LAST_TIME_AT = 14
 
 
-def encoded_last_time(value: bytes) -> float | None:
-    """The last event time of an encoded session or user state, without decoding it."""
-    if len(value) < _LAST_TIME_AT + _LAST_TIME.size:
-        return None
-    (t,) = _LAST_TIME.unpack_from(value, _LAST_TIME_AT)
-    return t if math.isfinite(t) else None
+def indexed_time(value: bytes) -> float | None:
+    """The last event time an encoded state is indexed under (None: not indexed: too short
+    to be a state, or a time that is not finite)."""
+    t = encoded_last_time(value)
+    return t if t is not None and math.isfinite(t) else None
 
 
 def _bucket(t: float) -> int:
@@ -174,7 +170,7 @@ class IdleIndex:
                 done += 1
                 if raw_key in skipped or not isinstance(value, bytes):
                     continue
-                t = encoded_last_time(value)
+                t = indexed_time(value)
                 if t is None:
                     continue
                 try:

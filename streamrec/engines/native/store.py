@@ -1,52 +1,46 @@
 """State of the native worker: one RocksDB per assigned partition, written at checkpoints.
 
-The stack, smallest first:
+:class:`RocksDBPartition` is the native engine's
+:class:`~streamrec.serving.state_store.CheckpointedPartition`: one input partition's RocksDB
+(rocksdict, raw bytes) holding both tables under a prefix (``s/`` sessions, ``u/`` users),
+plus two layers of writes not yet in it: ``pending`` (since the last checkpoint began) and
+``flushing`` (the checkpoint under way). The pipeline writes into ``pending`` directly (its
+:class:`~streamrec.serving.state_store.StateStore` addresses each key's partition). Reads see
+``pending``, then ``flushing``, then the database. A checkpoint moves ``pending`` to
+``flushing`` (:meth:`RocksDBPartition.begin_checkpoint`) and sends it to the changelog; once
+the broker has acknowledged it and the input offsets are committed, ``flushing`` is written
+to RocksDB together with the changelog offset it reached, in one atomic batch
+(:meth:`RocksDBPartition.commit`). So the local database is never ahead of the changelog:
+after a crash it is at most behind, and recovery replays the changelog from the stored
+offset.
 
-* :class:`PartitionState`: one input partition's RocksDB (rocksdict, raw bytes) holding both
-  tables under a prefix (``s/`` sessions, ``u/`` users), plus two layers of writes not yet in
-  it: ``pending`` (since the last checkpoint began) and ``flushing`` (the checkpoint under way).
-  Reads see ``pending``, then ``flushing``, then the database. A checkpoint moves ``pending`` to
-  ``flushing`` (:meth:`PartitionState.begin_checkpoint`) and sends it to the changelog; once the
-  broker has acknowledged it and the input offsets are committed, ``flushing`` is written to
-  RocksDB together with the changelog offset it reached, in one atomic batch
-  (:meth:`PartitionState.commit`). So the local database is never ahead of the changelog:
-  after a crash it is at most behind, and recovery replays the changelog from the stored
-  offset.
-* :class:`TableView`: one table (sessions or users) across all assigned partitions, as the
-  ``MutableMapping[str, bytes]`` that :class:`streamrec.state.StateStore` wants. Writes are
-  buffered and routed to their partition after the batch (:meth:`TableView.route`), because
-  a key's partition is known for sure only once the core has seen its event.
-
-The in-memory twin is a plain dict (``StateStore()``), which the core's tests use.
+The database also holds the last-activity index the idle sweep reads
+(:meth:`RocksDBPartition.idle_candidates`). The in-memory twin of this class is
+:class:`streamrec.serving.state_store.MemoryPartition`.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import struct
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import cast
 
 from rocksdict import Options, Rdict, WriteBatch
 
-from streamrec.state import ANON_NS, STATE_LAYOUT, USER_NS, BufferedTable
+from streamrec.serving.state import STATE_LAYOUT, encoded_last_time, layout_refused
+from streamrec.serving.state_store import (
+    SESSIONS,
+    USERS,
+    ChangelogRecord,
+    check_changelog_key,
+)
 
-log = logging.getLogger(__name__)
-
-SESSIONS = b"s/"
-USERS = b"u/"
 #: the last changelog offset whose record is in this database (absent: none)
 _CHANGELOG_OFFSET = b"\x00changelog-offset"
 #: the state key layout of this database (absent in layout 1: keys without namespace)
 _LAYOUT = b"\x00layout"
-#: the key prefixes of layout 2: sessions of users and of anonymous keys, users
-_VALID_PREFIXES = (
-    SESSIONS + USER_NS.encode(),
-    SESSIONS + ANON_NS.encode(),
-    USERS + USER_NS.encode(),
-)
 
 
 #: last-activity index: ``ts/<bucket><state key>`` (sessions), ``tu/<bucket><state key>``
@@ -58,9 +52,6 @@ BUCKET_SECONDS = 60.0
 #: full passes of the sweep over an index before it scans again from the start
 FLOOR_RESET = 64
 _BUCKET = struct.Struct(">Q")
-#: last_time sits at this byte offset in both state encodings (streamrec.state headers)
-_LAST_TIME = struct.Struct("<d")
-_LAST_TIME_AT = 14
 
 
 def _bucket(t: float) -> int:
@@ -77,9 +68,9 @@ def index_entry(key: bytes, value: bytes) -> bytes | None:
         prefix, n = INDEX_USERS, len(USERS)
     else:
         return None
-    if len(value) < _LAST_TIME_AT + 8:
+    t = encoded_last_time(value)
+    if t is None:
         return None
-    (t,) = _LAST_TIME.unpack_from(value, _LAST_TIME_AT)
     return prefix + _BUCKET.pack(_bucket(t)) + key[n:]
 
 
@@ -95,21 +86,7 @@ def _write(batch: WriteBatch, key: bytes, value: bytes | None) -> None:
         batch.put(entry, b"")
 
 
-class StateLayoutError(RuntimeError):
-    """A state database or changelog written under another state key layout."""
-
-
-def _refuse(where: str, found: str) -> StateLayoutError:
-    return StateLayoutError(
-        f"{where} holds state of layout {found}; this streamrec writes layout {STATE_LAYOUT} "
-        "(users under u:<user id>, anonymous sessions under a:<session id>) and does not "
-        "read older layouts. Start from empty state: delete the state directory and the "
-        "changelog topic, or use a new worker.app_id (open sessions restart; user histories "
-        "are lost)."
-    )
-
-
-class PartitionState:
+class RocksDBPartition:
     """One assigned partition's RocksDB and its writes not yet checkpointed."""
 
     def __init__(self, path: Path, partition: int) -> None:
@@ -117,6 +94,13 @@ class PartitionState:
         self.path = path
         self.partition = partition
         self.db = Rdict(str(path), options=Options(raw_mode=True))
+        # Two layers, because of the checkpoint order, not of where writes come from: the
+        # writes of a checkpoint under way (``flushing``) are on their way to the changelog
+        # and may reach RocksDB only once the broker has them and the input offsets are
+        # committed; writes made meanwhile (``pending``, the batches go on) belong to the
+        # next checkpoint. One layer would either write state to RocksDB ahead of its
+        # changelog (a crash then leaves the database ahead of what recovery replays) or
+        # stop processing until the broker acknowledges.
         self.pending: dict[bytes, bytes | None] = {}  # None: delete
         self.flushing: dict[bytes, bytes | None] = {}
         #: index entries examined by the sweep, deleted with the next checkpoint's writes
@@ -136,11 +120,11 @@ class PartitionState:
                 True for _ in self._db_keys(USERS)
             ):
                 self.db.close()
-                raise _refuse(f"state directory {path}", "1")
+                raise layout_refused(f"state directory {path}", "1")
             self.db.put(_LAYOUT, str(STATE_LAYOUT).encode())
         elif layout != str(STATE_LAYOUT).encode():
             self.db.close()
-            raise _refuse(f"state directory {path}", layout.decode(errors="replace"))
+            raise layout_refused(f"state directory {path}", layout.decode(errors="replace"))
 
     def _db_keys(self, prefix: bytes) -> Iterator[bytes]:
         for raw in self.db.keys(from_key=prefix):
@@ -150,25 +134,34 @@ class PartitionState:
             yield key
 
     # ---- reads and writes of the current interval -----------------------------------------
-    def get(self, key: bytes) -> bytes | None:
-        if key in self.pending:
-            return self.pending[key]
-        if key in self.flushing:
-            return self.flushing[key]
-        return self.db.get(key)
-
-    def keys(self, prefix: bytes) -> Iterator[bytes]:
-        """Keys under ``prefix`` (writes not yet in the database included, deletes excluded)."""
+    def get(self, table: bytes, key: str) -> bytes | None:
+        full = table + key.encode()
+        # local references: a commit in the main thread may replace ``flushing`` while the
+        # state thread reads (the old dict stays whole, and the database has its values)
         pending, flushing = self.pending, self.flushing
-        for key in self._db_keys(prefix):
+        if full in pending:
+            return pending[full]
+        if full in flushing:
+            return flushing[full]
+        return cast(bytes | None, self.db.get(full))
+
+    def write(self, table: bytes, key: str, value: bytes | None) -> None:
+        self.pending[table + key.encode()] = value
+
+    def keys(self, table: bytes) -> Iterator[str]:
+        """State keys of ``table`` (writes not yet in the database included, deletes
+        excluded)."""
+        pending, flushing = self.pending, self.flushing
+        n = len(table)
+        for key in self._db_keys(table):
             if key not in pending and key not in flushing:
-                yield key
+                yield key[n:].decode()
         for key, value in list(flushing.items()):
-            if value is not None and key not in pending and key.startswith(prefix):
-                yield key
+            if value is not None and key not in pending and key.startswith(table):
+                yield key[n:].decode()
         for key, value in list(pending.items()):
-            if value is not None and key.startswith(prefix):
-                yield key
+            if value is not None and key.startswith(table):
+                yield key[n:].decode()
 
     # ---- checkpoint and recovery ----------------------------------------------------------
     @property
@@ -200,16 +193,14 @@ class PartitionState:
         self.flushing = {}
         self._flushing_drops = set()
 
-    def apply_changelog(self, records: Iterable[tuple[bytes | None, bytes | None, int]]) -> int:
+    def recover(self, records: Iterable[ChangelogRecord]) -> int:
         """Apply (key, value or None, offset) records read from the changelog; returns how many.
-        A record without a key, or with a key of no state namespace, is refused."""
+        A record without a key, or with a key of no state namespace, is refused (before
+        anything is written)."""
         batch = WriteBatch(raw_mode=True)
         n, last = 0, None
         for key, value, offset in records:
-            if key is None or not key.startswith(_VALID_PREFIXES):
-                shown = key if key is None else key[:60]
-                raise _refuse(f"changelog record at offset {offset} (key {shown!r})", "1")
-            _write(batch, key, value)
+            _write(batch, check_changelog_key(key, offset), value)
             n, last = n + 1, offset
         if last is not None:
             batch.put(_CHANGELOG_OFFSET, str(last).encode())
@@ -264,55 +255,3 @@ class PartitionState:
 
     def close(self) -> None:
         self.db.close()
-
-
-class TableView(BufferedTable):
-    """One table across the assigned partitions, with buffered writes.
-
-    ``where`` (key -> partition) is shared by the session and user views of one batch: it is
-    filled from the batch's message keys, and by every key found in a partition (reads and
-    iteration), so a key's writes go back to the partition it was read from.
-    """
-
-    def __init__(
-        self, partitions: Mapping[int, PartitionState], prefix: bytes, where: dict[str, int]
-    ) -> None:
-        super().__init__()
-        self.partitions = partitions
-        self.prefix = prefix
-        self.where = where
-
-    def _read_base(self, key: str) -> bytes | None:
-        full = self.prefix + key.encode()
-        part = self.where.get(key)
-        if part is not None and part in self.partitions:
-            return self.partitions[part].get(full)
-        for p, state in self.partitions.items():
-            value = state.get(full)
-            if value is not None:
-                self.where[key] = p
-                return value
-        return None
-
-    def _base_keys(self) -> Iterator[str]:
-        n = len(self.prefix)
-        for p, state in list(self.partitions.items()):
-            for full in state.keys(self.prefix):
-                key = full[n:].decode()
-                self.where.setdefault(key, p)
-                yield key
-
-    def route(self, partitions: Mapping[str, int]) -> int:
-        """Move the buffered writes into their partitions' pending sets; returns how many were
-        dropped because their partition is not (or no longer) assigned here."""
-        dropped = 0
-        for key, value in self.writes.items():
-            part = partitions.get(key, self.where.get(key))
-            state = self.partitions.get(part) if part is not None else None
-            if state is None:
-                dropped += 1
-                log.warning("state write for %r skipped: partition %s not assigned", key, part)
-                continue
-            state.pending[self.prefix + key.encode()] = value
-        self.writes.clear()
-        return dropped

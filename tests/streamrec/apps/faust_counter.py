@@ -35,13 +35,13 @@ app = faust.App(
 source = app.topic(
     os.environ["COUNTER_IN"],
     key_type=str,
-    value_type=int,  # type: ignore[arg-type]
+    value_type=int,  # type: ignore[arg-type]  # see above
     partitions=2,
 )
 sink = app.topic(
     os.environ["COUNTER_OUT"],
     key_type=str,
-    value_type=int,  # type: ignore[arg-type]
+    value_type=int,  # type: ignore[arg-type]  # see above
     partitions=2,
 )
 #: key -> [total, offset of the last input applied]. The offset makes the count idempotent:

@@ -1,0 +1,80 @@
+"""Changelog recovery of the native worker's partitions.
+
+State follows partitions through the changelog topic ``{app_id}-state-changelog`` (one
+partition per clicks partition, keys ``s/<key>`` and ``u/<key>``, deletes as tombstones): a
+newly assigned partition replays the changelog from the offset its local database holds
+(everything, after a lost disk) to the end.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+from confluent_kafka import Consumer, TopicPartition
+
+from streamrec.engines.native.store import RocksDBPartition
+from streamrec.kafka import tansu
+from streamrec.serving.state_store import ChangelogRecord
+from streamrec.settings import Settings
+
+RECOVERY_MAX_S = 600.0
+
+
+def changelog_topic(settings: Settings) -> str:
+    return f"{settings.worker.app_id}-state-changelog"
+
+
+def recovery_config(settings: Settings) -> dict[str, Any]:
+    """The changelog reader's client config (a group of its own that never commits)."""
+    return {
+        **settings.kafka.confluent_config(),
+        "group.id": f"{settings.worker.app_id}-recovery",  # never commits
+        "enable.auto.commit": False,
+        "fetch.wait.max.ms": 10,
+        "log_level": 3,
+    }
+
+
+def recover(config: dict[str, Any], changelog: str, partitions: Iterable[RocksDBPartition]) -> int:
+    """Replay each partition's changelog from the offset its database holds to the end;
+    returns the number of records applied."""
+    by_partition = {s.partition: s for s in partitions}
+    reader = Consumer(config)
+    try:
+        reader.list_topics(changelog, timeout=30)  # connect before timing anything
+        assign, ends = [], {}
+        for p, state in by_partition.items():
+            low, high = reader.get_watermark_offsets(TopicPartition(changelog, p), timeout=30)
+            if high <= 0:
+                continue  # empty changelog partition
+            start = max(state.changelog_offset + 1, low)
+            assign.append(TopicPartition(changelog, p, start))
+            ends[p] = high
+        if not assign:
+            return 0
+        # the reported ends can be short of the log's end on the embedded broker
+        true_ends = tansu.true_end_offsets(config, {(changelog, p): e for p, e in ends.items()})
+        ends = {p: true_ends[(changelog, p)] for p in ends}
+        reader.assign(assign)
+        reached = {tp.partition: tp.offset >= ends[tp.partition] for tp in assign}
+        total = 0
+        t0 = time.monotonic()
+        while not all(reached.values()):
+            if time.monotonic() - t0 > RECOVERY_MAX_S:
+                raise TimeoutError(f"changelog recovery took over {RECOVERY_MAX_S} s")
+            batch: dict[int, list[ChangelogRecord]] = defaultdict(list)
+            for m in reader.consume(10_000, 0.1):
+                if m.error() is not None:
+                    continue
+                part, offset = m.partition(), m.offset()
+                assert part is not None and offset is not None  # set on consumed records
+                batch[part].append((m.key(), m.value(), offset))
+            for p, records in batch.items():
+                total += by_partition[p].recover(records)
+                reached[p] = reached[p] or records[-1][2] + 1 >= ends[p]
+        return total
+    finally:
+        reader.close()

@@ -1,0 +1,29 @@
+"""The project's one exception base, and the one place a command line reports it.
+
+Every exception the project raises on purpose derives from :class:`StreamrecError` (besides
+the built-in class its callers catch, e.g. ``ValueError``), trainer's included: its message
+is written for the user, so the ``streamrec`` and ``trainer`` commands print it as one
+``Error: ...`` line and exit with status 1, with no traceback (:class:`CommandGroup`).
+Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+
+class StreamrecError(Exception):
+    """Base of every error streamrec and trainer raise on purpose (a message for the user)."""
+
+
+class CommandGroup(click.Group):
+    """A click group whose commands report a :class:`StreamrecError` as ``Error: message``
+    (exit status 1) instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except StreamrecError as exc:
+            raise click.ClickException(str(exc)) from None

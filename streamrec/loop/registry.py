@@ -1,0 +1,199 @@
+"""A small model registry: one checkpoint directory per version, an atomic pointer.
+
+Layout of ``MODELS``::
+
+    MODELS/versions/<version>/     checkpoint directories (streamrec.model.checkpoint)
+    MODELS/CURRENT                 the published version's name (replaced atomically)
+    MODELS/retrain-log.jsonl       one JSON line per retrain cycle (trainer.retrain)
+
+Workers (``streamrec worker --model MODELS``) follow ``CURRENT``; a plain checkpoint
+directory keeps working as before. Publishing keeps the last ``keep`` versions (never the
+published one). No trainer import here: the workers use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from streamrec.errors import StreamrecError
+from streamrec.model.checkpoint import (
+    META,
+    CheckpointError,
+    CheckpointRecord,
+    read_checkpoint_record,
+)
+
+VERSIONS = "versions"
+POINTER = "CURRENT"
+LOG = "retrain-log.jsonl"
+DEFAULT_KEEP = 5
+
+
+class RegistryError(StreamrecError):
+    """A registry operation that cannot be done (unknown version, broken pointer, ...)."""
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: str
+    path: Path
+    created_at: str
+    model_name: str
+    n_items: int
+    metrics: dict[str, Any]
+    published: bool
+
+
+def is_registry(path: str | os.PathLike[str]) -> bool:
+    p = Path(path)
+    return (p / VERSIONS).is_dir() or (p / POINTER).is_file()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def current_version(models: str | os.PathLike[str]) -> str | None:
+    """The published version's name, or None when nothing is published yet."""
+    try:
+        name = (Path(models) / POINTER).read_text().strip()
+    except FileNotFoundError:
+        return None
+    return name or None
+
+
+def resolve(models: str | os.PathLike[str]) -> Path | None:
+    """The published checkpoint directory, or None."""
+    name = current_version(models)
+    if name is None:
+        return None
+    path = Path(models) / VERSIONS / name
+    if not (path / META).is_file():
+        raise RegistryError(f"{models}: {POINTER} names {name!r}, which has no checkpoint")
+    return path
+
+
+def _set_pointer(models: Path, version: str) -> None:
+    tmp = models / f".{POINTER}.tmp"
+    with open(tmp, "w") as f:
+        f.write(version + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, models / POINTER)  # atomic: readers see the old or the new name
+    _fsync_dir(models)
+
+
+def staging_dir(models: str | os.PathLike[str], name: str) -> Path:
+    """A place to write a candidate checkpoint before :func:`publish` (same filesystem)."""
+    p = Path(models) / VERSIONS / f".staging-{name}"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def add_version(models: str | os.PathLike[str], checkpoint: CheckpointRecord) -> str:
+    """Move a finished checkpoint directory (``save_checkpoint``'s record of it) into
+    ``versions/<its version>``; returns the version."""
+    m = Path(models)
+    target = m / VERSIONS / checkpoint.version
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        raise RegistryError(f"{models}: version {checkpoint.version} exists already")
+    os.replace(checkpoint.path, target)
+    _fsync_dir(target.parent)
+    return checkpoint.version
+
+
+def publish(models: str | os.PathLike[str], version: str, keep: int = DEFAULT_KEEP) -> list[str]:
+    """Point ``CURRENT`` at ``version``, then drop all but the newest ``keep`` versions.
+
+    Returns the versions removed.
+    """
+    m = Path(models)
+    if not (m / VERSIONS / version / META).is_file():
+        raise RegistryError(f"{models}: no version {version!r}")
+    _set_pointer(m, version)
+    return prune(m, keep)
+
+
+def prune(models: str | os.PathLike[str], keep: int = DEFAULT_KEEP) -> list[str]:
+    current = current_version(models)
+    infos = list_versions(models)  # oldest first
+    drop = [v for v in infos[: max(0, len(infos) - max(keep, 1))] if v.version != current]
+    for v in drop:
+        shutil.rmtree(v.path, ignore_errors=True)
+    return [v.version for v in drop]
+
+
+def list_versions(models: str | os.PathLike[str]) -> list[VersionInfo]:
+    """The versions held, oldest first (by creation time, then name)."""
+    m = Path(models)
+    current = current_version(m)
+    out = []
+    for d in sorted((m / VERSIONS).glob("*")) if (m / VERSIONS).is_dir() else []:
+        if d.name.startswith(".") or not (d / META).is_file():
+            continue
+        try:
+            rec = read_checkpoint_record(d)
+        except CheckpointError:  # a broken directory is listed by `show`, never served
+            continue
+        out.append(
+            VersionInfo(
+                version=d.name,
+                path=d,
+                created_at=rec.created_at,
+                model_name=rec.model_name,
+                n_items=rec.n_items,
+                metrics=dict(rec.metrics),
+                published=d.name == current,
+            )
+        )
+    return sorted(out, key=lambda v: (v.created_at, v.version))
+
+
+def show(models: str | os.PathLike[str], version: str) -> dict[str, Any]:
+    """One version's ``checkpoint.json`` without the item ids, with their number, its path and
+    whether it is published."""
+    path = Path(models) / VERSIONS / version
+    rec = read_checkpoint_record(path)
+    meta = rec.to_json()
+    del meta["item_ids"]
+    return {
+        **meta,
+        "n_items": rec.n_items,
+        "path": str(path),
+        "published": version == current_version(models),
+    }
+
+
+def rollback(models: str | os.PathLike[str], version: str) -> None:
+    """Publish an older version that is still held (pruning nothing)."""
+    m = Path(models)
+    if not (m / VERSIONS / version / META).is_file():
+        held = ", ".join(v.version for v in list_versions(m)) or "none"
+        raise RegistryError(f"{models}: no version {version!r} (held: {held})")
+    _set_pointer(m, version)
+
+
+def append_log(models: str | os.PathLike[str], record: dict[str, Any]) -> None:
+    m = Path(models)
+    m.mkdir(parents=True, exist_ok=True)
+    with open(m / LOG, "a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_log(models: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    p = Path(models) / LOG
+    if not p.is_file():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]

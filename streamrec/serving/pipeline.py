@@ -1,0 +1,533 @@
+"""The pipeline core: decode -> load states -> model step -> store -> emit. No Kafka here.
+
+Both worker engines and the tests call :func:`process_batch` with a list of
+:class:`~streamrec.serving.records.Record` and a
+:class:`~streamrec.serving.state_store.StateStore` (RocksDB partitions, Faust tables or the
+in-memory twin); it returns a :class:`~streamrec.serving.records.BatchResult` with one
+:class:`~streamrec.serving.records.Recommendation` per click. The idle sweep
+(:mod:`streamrec.serving.expiry`) ends sessions with this module's :func:`end_sessions`.
+
+Semantics (docs/architecture.md states them as the core's contract):
+
+* Input checks beyond decoding (each a dead letter, see README "Input contract"): the Kafka
+  key must be the key the body implies (user id, else session id; ``key_mismatch``), and the
+  event time must lie within the partition's bounds (``timestamp_out_of_range``, see
+  :class:`~streamrec.serving.clock.StreamClock`).
+* Events are grouped by their namespaced state key (``u:<user id>``, else
+  ``a:<session id>``; :func:`streamrec.serving.state.state_key`) and applied in arrival (offset)
+  order. The batch is cut into *rounds*: round r holds the r-th event of every key, so a key
+  appears at most once per model step and its events are never reordered. A key's states
+  are read from and written to the partition of its records (``BatchResult.key_partitions``),
+  once each per batch.
+* A click ends the key's open session when its session id differs, or when its event time is
+  more than ``session_gap_seconds`` after the session's last event; a ``session_end`` event
+  ends it explicitly. Ending advances the user state (``end_session``; HRNN) and deletes the
+  session state.
+* Effectively-once: every state records the partition/offset of the last event applied to it
+  (the user state that of the event that last advanced it). An event at or below that offset
+  is a duplicate (a redelivery after a crash) and is not applied again. So is an event whose
+  ``event_id`` is among the last ``dedup_event_ids`` ids applied to the open session (the same
+  event produced twice, at two offsets).
+* Duplicates are still answered, so every click gets at least one recommendation after a
+  crash: the scores come from the current state without advancing it. When the duplicate is
+  the last event applied to the state (the usual case: the worker died after storing but
+  before its output was committed) that is exactly the original recommendation. The output
+  carries ``click_id`` and ``duplicate: true`` so consumers can drop repeats.
+* Unknown items leave the hidden state unchanged (row -1 in the step API), still get a
+  recommendation from the unchanged state, are appended to the session's recent items (so a
+  later model that knows them re-encodes them) and are reported in ``unknown_items``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter, deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import cast
+
+import numpy as np
+
+from streamrec.serving.clock import StreamClock
+from streamrec.serving.config import DEFAULT_CONFIG, CoreConfig
+from streamrec.serving.events import ClickEvent, DeadLetter, decode, make_dead_letter
+from streamrec.serving.records import BatchResult, Recommendation, Record
+from streamrec.serving.served_model import ServingModel
+from streamrec.serving.state import MAX_STATE_BYTES, SessionState, UserState, state_key
+from streamrec.serving.state_store import StateStore
+
+
+@dataclass
+class KeyStates:
+    """Working copy of one key's states during a batch."""
+
+    sess: SessionState | None
+    user: UserState | None
+    sess_dirty: bool = False
+    sess_deleted: bool = False
+    user_dirty: bool = False
+
+
+def _click_id(ev: ClickEvent, rec: Record) -> str:
+    return ev.event_id or f"{rec.topic}:{rec.partition}:{rec.offset}"
+
+
+def _is_dup(pos_partition: int, pos_offset: int, rec: Record) -> bool:
+    return rec.offset >= 0 and pos_partition == rec.partition and rec.offset <= pos_offset
+
+
+def migrate_states(ks: Sequence[KeyStates], model: ServingModel, stats: Counter[str]) -> None:
+    """Re-encode the states made under other weights, batched: the users first (advance
+    only, no scoring), then the sessions from their (new) user contexts."""
+    old_users = [
+        (k, k.user)
+        for k in ks
+        if k.user is not None
+        and (k.user.version != model.version or k.user.context.size != model.user_state_dim)
+    ]
+    if old_users:
+        ctxs = model.encode_users([u.sessions for _, u in old_users])
+        for (k, u), ctx in zip(old_users, ctxs, strict=True):
+            u.context = ctx.copy()
+            u.version = model.version
+            k.user_dirty = True
+        stats["users_migrated"] += len(old_users)
+    old_sess = [
+        (k, k.sess)
+        for k in ks
+        if k.sess is not None
+        and (k.sess.version != model.version or k.sess.hidden.size != model.state_dim)
+    ]
+    if old_sess:
+        users = _user_ctx([k for k, _ in old_sess], model) if model.user_state_dim else None
+        hidden = model.encode_sessions([s.recent_items for _, s in old_sess], users)
+        for (k, s), h in zip(old_sess, hidden, strict=True):
+            s.hidden = h.copy()
+            s.version = model.version
+            k.sess_dirty = True
+        stats["sessions_migrated"] += len(old_sess)
+
+
+def _user_ctx(keys: Sequence[KeyStates], model: ServingModel) -> np.ndarray:
+    out = np.zeros((len(keys), model.user_state_dim), dtype=np.float32)
+    if model.user_state_dim == 0:
+        return out
+    missing = [i for i, k in enumerate(keys) if k.user is None]
+    if missing:
+        out[missing] = model.initial_user_states(len(missing))
+    for i, k in enumerate(keys):
+        if k.user is not None:
+            out[i] = k.user.context
+    return out
+
+
+def end_sessions(
+    ks: Sequence[tuple[str, KeyStates]],
+    model: ServingModel,
+    config: CoreConfig,
+    positions: Sequence[tuple[int, int]],
+    stats: Counter[str],
+) -> None:
+    """End the open session of each key: advance/record the user state, delete the session."""
+    if not ks:
+        return
+    keys = [k for _, k in ks]
+    finals = np.stack([cast(SessionState, k.sess).hidden for k in keys]).astype(
+        np.float32, copy=False
+    )
+    users = model.end_session(_user_ctx(keys, model), finals)
+    for i, (key, k) in enumerate(ks):
+        s = k.sess
+        assert s is not None
+        if s.user_id is not None:
+            if k.user is None:
+                k.user = UserState(s.user_id, users[i], model.version)
+            k.user.context = users[i].copy()
+            k.user.version = model.version
+            k.user.push_session(s.recent_items, config.recent_sessions)
+            part, off = positions[i]
+            if part == k.user.partition or k.user.offset < 0:
+                k.user.offset = max(k.user.offset, off)
+            else:
+                k.user.offset = off
+            k.user.partition = part
+            k.user.last_time = max(k.user.last_time, s.last_time)
+            k.user_dirty = True
+        del key
+        k.sess = None
+        k.sess_deleted = True
+        k.sess_dirty = False
+        stats["sessions_ended"] += 1
+
+
+@dataclass
+class Click:
+    """One decoded event of a batch: the record it came in, the event, its event time."""
+
+    record: Record
+    event: ClickEvent
+    time: float
+
+
+@dataclass
+class RoundClick:
+    """A click of one round, and whether it is a redelivery of an event already applied."""
+
+    key: str
+    click: Click
+    duplicate: bool
+
+
+def decode_and_group(
+    records: Sequence[Record],
+    res: BatchResult,
+    config: CoreConfig,
+    clock: StreamClock | None,
+    now: float,
+) -> tuple[dict[str, deque[Click]], set[str]]:
+    """Phase 1: decode every record (bad ones become dead letters in ``res``), check its key
+    and event time, and queue the clicks by state key in arrival order. Also returns the
+    state keys that are users'."""
+    queues: dict[str, deque[Click]] = {}
+    user_keys: set[str] = set()  # only these have user states: no lookup for anonymous keys
+    if clock is None:  # the checks still run, against this batch alone
+        clock = StreamClock.from_config(config)
+
+    def reject(rec: Record, reason: str, detail: str) -> None:
+        res.dead_letters.append(
+            make_dead_letter(
+                rec.value,
+                reason,
+                detail,
+                topic=rec.topic,
+                partition=rec.partition,
+                offset=rec.offset,
+                key=rec.key,
+            )
+        )
+        res.stats[f"dead_letter:{reason}"] += 1
+
+    for rec in records:
+        ev = decode(
+            rec.value,
+            max_bytes=config.max_message_bytes,
+            topic=rec.topic,
+            partition=rec.partition,
+            offset=rec.offset,
+            key=rec.key,
+        )
+        if isinstance(ev, DeadLetter):
+            res.dead_letters.append(ev)
+            res.stats[f"dead_letter:{ev.reason}"] += 1
+            continue
+        body_key = ev.user_id if ev.user_id is not None else ev.session_id
+        if rec.key is None:
+            if config.require_key:
+                reject(rec, "key_mismatch", f"message has no key; the body implies {body_key!r}")
+                continue
+        elif rec.key != body_key.encode():
+            reject(rec, "key_mismatch", f"key {rec.key[:80]!r} is not the body's {body_key!r}")
+            continue
+        arrival = rec.received_at if rec.received_at is not None else now
+        if ev.timestamp is not None:
+            t = ev.timestamp
+        elif rec.timestamp is not None and rec.timestamp > 0:
+            t = rec.timestamp  # Kafka CreateTime: checked the same way
+        else:
+            t = arrival
+        if not (t == t and abs(t) < 1e15):  # a CreateTime can be anything
+            reject(rec, "timestamp_out_of_range", f"record time {t!r}")
+            continue
+        why = clock.check(rec.partition, t, arrival)
+        if why is not None:
+            reject(rec, "timestamp_out_of_range", why)
+            continue
+        key = state_key(ev.user_id, ev.session_id)
+        q = queues.get(key)
+        if q is None:
+            q = queues[key] = deque()
+        q.append(Click(rec, ev, t))
+        res.key_partitions[key] = rec.partition
+        if ev.user_id is not None:
+            user_keys.add(key)
+    res.stats["dead_letters"] += len(res.dead_letters)
+    return queues, user_keys
+
+
+def load_states(
+    keys: Iterable[str],
+    user_keys: set[str],
+    partitions: Mapping[str, int],
+    store: StateStore,
+    model: ServingModel,
+    stats: Counter[str],
+) -> dict[str, KeyStates]:
+    """Phase 2: each key's states, read once from the key's partition; those made under
+    other weights re-encoded (all of the batch's at once)."""
+    work: dict[str, KeyStates] = {}
+    for key in keys:
+        p = partitions[key]
+        user = store.get_user(key, p) if key in user_keys else None
+        work[key] = KeyStates(store.get_session(key, p), user)
+    migrate_states(list(work.values()), model, stats)
+    return work
+
+
+def plan_round(
+    batch: Sequence[tuple[str, Click]],
+    work: dict[str, KeyStates],
+    config: CoreConfig,
+    stats: Counter[str],
+) -> tuple[list[tuple[str, KeyStates]], list[tuple[int, int]], list[RoundClick]]:
+    """Phase 3a: for one round (each key at most once), the sessions to end first (with the
+    position of the event that ends each) and the clicks to step."""
+    to_end: list[tuple[str, KeyStates]] = []
+    end_pos: list[tuple[int, int]] = []
+    clicks: list[RoundClick] = []
+    for key, c in batch:
+        k = work[key]
+        s, u, rec, ev = k.sess, k.user, c.record, c.event
+        dup = (s is not None and _is_dup(s.partition, s.offset, rec)) or (
+            s is None and u is not None and _is_dup(u.partition, u.offset, rec)
+        )
+        if (
+            not dup
+            and s is not None
+            and ev.event_id is not None
+            and s.session_id == ev.session_id
+            and ev.event_id in s.event_ids
+        ):
+            dup = True  # the same event produced again (at another offset)
+            stats["duplicate_event_ids"] += 1
+        if ev.type == "session_end":
+            stats["session_end_events"] += 1
+            if dup:
+                stats["duplicates"] += 1
+            elif s is not None and s.session_id == ev.session_id:
+                to_end.append((key, k))
+                end_pos.append((rec.partition, rec.offset))
+            continue
+        if dup:
+            stats["duplicates"] += 1
+        elif s is not None and (
+            s.session_id != ev.session_id or c.time - s.last_time > config.session_gap_seconds
+        ):
+            stats["sessions_ended_by_id" if s.session_id != ev.session_id else "gap_ends"] += 1
+            to_end.append((key, k))
+            end_pos.append((rec.partition, rec.offset))
+        clicks.append(RoundClick(key, c, dup))
+    return to_end, end_pos, clicks
+
+
+@dataclass
+class RoundStep:
+    """Phase 3b's result: the new state of each click, and its answer where already scored."""
+
+    states: np.ndarray  # [n, state_dim]
+    unknown: list[bool]  # the clicked item is not in the model
+    top_ids: list[list[str]] | None = None  # None: scored later, with the whole batch
+    top_scores: list[list[float]] | None = None
+
+
+def advance_round(
+    clicks: Sequence[RoundClick],
+    ks: Sequence[KeyStates],
+    model: ServingModel,
+    config: CoreConfig,
+    pending: list[np.ndarray],
+) -> RoundStep:
+    """Phase 3b: one model step for the round's clicks. A split-step model only advances
+    here (its states are queued in ``pending`` and scored with the whole batch); others
+    step and score at once."""
+    # sessions to start: clicks (not duplicates) with no open session, and duplicates of
+    # already-ended sessions (answered from a fresh state, never stored)
+    fresh = [i for i, k in enumerate(ks) if k.sess is None]
+    users = _user_ctx(ks, model)
+    states = np.empty((len(clicks), model.state_dim), dtype=np.float32)
+    if fresh:
+        states[fresh] = model.initial_states(users[fresh], len(fresh))
+    for i, k in enumerate(ks):  # (a row copy each is faster than np.stack of them)
+        if k.sess is not None:
+            states[i] = k.sess.hidden
+    rows = model.rows([c.click.event.item_id for c in clicks])
+    # an existing state's duplicate must not advance: ask for scores only
+    held = [i for i, c in enumerate(clicks) if c.duplicate and ks[i].sess is not None]
+    step_rows = rows
+    if held:
+        step_rows = rows.copy()
+        step_rows[held] = -1
+    unknown = (rows < 0).tolist()
+    if model.split:
+        new_states = model.advance(step_rows, states)
+        pending.append(new_states)
+        return RoundStep(new_states, unknown)
+    out = model.step(step_rows, states, users if model.user_state_dim else None, config.top_k)
+    return RoundStep(out.states, unknown, model.ids(out.top_rows).tolist(), out.top_scores.tolist())
+
+
+def emit_round(
+    clicks: Sequence[RoundClick],
+    ks: Sequence[KeyStates],
+    step: RoundStep,
+    res: BatchResult,
+    config: CoreConfig,
+) -> None:
+    """Phase 3c: write the new session states into the working copies and add one
+    recommendation per click to ``res``."""
+    stats = res.stats
+    version, limit = res.model_version, config.recent_items
+    add = res.recommendations.append
+    first = len(res.recommendations)
+    for i, rc in enumerate(clicks):
+        k = ks[i]
+        rec, ev, t, dup = rc.click.record, rc.click.event, rc.click.time, rc.duplicate
+        unknown = step.unknown[i]
+        cid = _click_id(ev, rec)
+        if unknown and not dup:
+            stats["unknown_items"] += 1
+            res.unknown_items.append((ev.item_id or "", cid))
+        if not dup:
+            s = k.sess
+            if s is None:
+                s = k.sess = SessionState(
+                    ev.session_id, step.states[i], version, ev.user_id, start_time=t
+                )
+                stats["sessions_started"] += 1
+            else:
+                s.hidden = step.states[i]
+            s.push_item(ev.item_id or "", limit)
+            if ev.event_id is not None and config.dedup_event_ids > 0:
+                s.push_event_id(ev.event_id, config.dedup_event_ids)
+            s.partition, s.offset = rec.partition, rec.offset
+            s.last_time = max(s.last_time, t)
+            s.n_events += 1
+            s.n_unknown += int(unknown)
+            k.sess_dirty = True
+        add(
+            Recommendation(
+                cid,
+                rec.topic,
+                rec.partition,
+                rec.offset,
+                ev.user_id,
+                ev.session_id,
+                ev.item_id,
+                [],  # items and scores: filled in when scored
+                [],
+                version,
+                t,
+                rec.timestamp,
+                rec.received_at,
+                0.0,  # emitted_at: stamped when the batch is scored
+                dup,
+                unknown,
+            )
+        )
+    if step.top_ids is not None and step.top_scores is not None:
+        _fill_answers(res.recommendations[first:], step.top_ids, step.top_scores, stats)
+
+
+def _fill_answers(
+    recs: Sequence[Recommendation],
+    ids: Sequence[list[str]],
+    scores: Sequence[list[float]],
+    stats: Counter[str],
+) -> None:
+    """Put the top-k into the recommendations; a non-finite score never reaches the output:
+    its item is left out and counted (``nonfinite_scores``)."""
+    for r, row_ids, row_scores in zip(recs, ids, scores, strict=True):
+        if not all(map(math.isfinite, row_scores)):
+            keep = [i for i, x in enumerate(row_scores) if math.isfinite(x)]
+            stats["nonfinite_scores"] += len(row_scores) - len(keep)
+            stats["nonfinite_answers"] += 1
+            row_ids = [row_ids[i] for i in keep]
+            row_scores = [row_scores[i] for i in keep]
+        r.items = row_ids
+        r.scores = row_scores
+
+
+def store_states(
+    work: dict[str, KeyStates],
+    partitions: Mapping[str, int],
+    store: StateStore,
+    max_bytes: int = MAX_STATE_BYTES,
+) -> None:
+    """Phase 4: one write (or delete) per changed key, into the key's partition, each capped
+    at ``max_bytes``."""
+    for key, k in work.items():
+        p = partitions[key]
+        if k.sess is not None and k.sess_dirty:
+            store.put_session(key, k.sess, p, max_bytes)
+        elif k.sess is None and k.sess_deleted:
+            store.delete_session(key, p)
+        if k.user is not None and k.user_dirty:
+            store.put_user(key, k.user, p, max_bytes)
+
+
+def process_batch(
+    records: Sequence[Record],
+    store: StateStore,
+    model: ServingModel,
+    config: CoreConfig = DEFAULT_CONFIG,
+    *,
+    clock: StreamClock | None = None,
+    now: float | None = None,
+    score: bool = True,
+) -> BatchResult:
+    """Apply a batch of raw click records to the states and return what to publish.
+
+    Phases: decode and group -> load (and migrate) states -> rounds of (end sessions,
+    advance, emit) -> store -> score. With ``score=False`` the states are advanced and stored
+    but the recommendations are not scored yet: :func:`score_batch` does that (and may run in
+    another thread while the next batch is applied, since scoring reads no state).
+    """
+    now = time.time() if now is None else now
+    res = BatchResult(model_version=model.version)
+    stats = res.stats
+    stats["records"] += len(records)
+    queues, user_keys = decode_and_group(records, res, config, clock, now)
+    if not queues:
+        return res
+    work = load_states(queues, user_keys, res.key_partitions, store, model, stats)
+
+    # rounds: round r holds the r-th event of every key, so a key is stepped at most once
+    model_s = 0.0
+    pending: list[np.ndarray] = []  # states of every round's clicks, scored at the end (split)
+    while queues:
+        batch = [(key, q.popleft()) for key, q in queues.items()]
+        queues = {key: q for key, q in queues.items() if q}
+        stats["events"] += len(batch)
+        to_end, end_pos, clicks = plan_round(batch, work, config, stats)
+        t0 = time.perf_counter()
+        end_sessions(to_end, model, config, end_pos, stats)
+        if not clicks:
+            model_s += time.perf_counter() - t0
+            continue
+        stats["clicks"] += len(clicks)
+        ks = [work[c.key] for c in clicks]
+        step = advance_round(clicks, ks, model, config, pending)
+        model_s += time.perf_counter() - t0
+        emit_round(clicks, ks, step, res, config)
+
+    store_states(work, res.key_partitions, store, config.max_state_bytes)
+    res.model_seconds = model_s
+    stats["recommendations"] += len(res.recommendations)
+    if pending:
+        res.unscored = np.concatenate(pending)
+    return score_batch(res, model, config) if score else res
+
+
+def score_batch(res: BatchResult, model: ServingModel, config: CoreConfig) -> BatchResult:
+    """Deferred scoring: one matmul + top-k for every click of the batch; stamps emitted_at."""
+    if res.unscored is not None:
+        t0 = time.perf_counter()
+        top_rows, scores = model.score(res.unscored, config.top_k)
+        ids = model.ids(top_rows)
+        res.model_seconds += time.perf_counter() - t0
+        _fill_answers(res.recommendations, ids.tolist(), scores.tolist(), res.stats)
+        res.unscored = None
+    emitted_at = time.time()
+    for r in res.recommendations:
+        r.emitted_at = emitted_at
+    return res

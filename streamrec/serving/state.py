@@ -1,0 +1,321 @@
+"""Per-session and per-user serving state with a compact binary encoding.
+
+Layout (little endian): a fixed ``struct`` header, then length-prefixed UTF-8 strings,
+then the float32 vector bytes. No JSON floats, no pickles.
+
+Both states are stored under a namespaced *state key* (:func:`state_key`): ``u:<user id>``
+for users (their open session and their user state), ``a:<session id>`` for anonymous
+sessions, so an anonymous session whose id equals a user id never touches that user's
+states. A user's one open session and the user state live in the same partition (the Kafka
+key is the user id).
+
+Every encoded state is capped at ``max_bytes`` (:data:`MAX_STATE_BYTES` by default): the
+oldest recent items (sessions: also the oldest remembered event ids; users: the oldest
+session summaries first) are dropped until it fits, so no state record exceeds the
+producer's message size.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from streamrec.errors import StreamrecError
+
+_SESSION_MAGIC = b"S2"  # S2 adds the recent event ids; S1 states still decode
+_SESSION_MAGIC_V1 = b"S1"
+_USER_MAGIC = b"U1"
+#: Layout of state keys (namespaces) in stores and changelogs; stores written under an
+#: older layout are refused (:class:`StateLayoutError`).
+STATE_LAYOUT = 2
+USER_NS = "u:"
+ANON_NS = "a:"
+#: Default cap on one encoded state (the producer's default message.max.bytes is 1 MB).
+MAX_STATE_BYTES = 512 * 1024
+
+
+def state_key(user_id: str | None, session_id: str) -> str:
+    """The namespaced key of a click's states: ``u:<user id>``, else ``a:<session id>``."""
+    return USER_NS + user_id if user_id is not None else ANON_NS + session_id
+
+
+class StateTooLarge(StreamrecError, ValueError):
+    """A state does not fit ``max_bytes`` even with every droppable list emptied."""
+
+
+class StateLayoutError(StreamrecError, RuntimeError):
+    """A state database or changelog written under another state key layout."""
+
+
+def layout_refused(where: str, found: str) -> StateLayoutError:
+    """The error for state of layout ``found`` met in ``where``, saying what to do."""
+    return StateLayoutError(
+        f"{where} holds state of layout {found}; this streamrec writes layout {STATE_LAYOUT} "
+        "(users under u:<user id>, anonymous sessions under a:<session id>) and does not "
+        "read older layouts. Start from empty state: delete the state directory and the "
+        "changelog topic, or use a new worker.app_id (open sessions restart; user histories "
+        "are lost)."
+    )
+
+
+# magic, partition, offset, last_time, start_time, n_events, n_unknown, dim
+_SESSION_HDR = struct.Struct("<2siqddIII")
+# magic, partition, offset, last_time, n_sessions, dim
+_USER_HDR = struct.Struct("<2siqdII")
+_LEN = struct.Struct("<H")
+
+#: Both encodings begin with the same fields (magic, partition, offset, last_time), so the
+#: last event time sits at this byte offset in every state: the last-activity indexes of both
+#: engines read it without decoding the state (:func:`encoded_last_time`).
+LAST_TIME_AT = struct.calcsize("<2siq")
+_LAST_TIME = struct.Struct("<d")
+assert _SESSION_HDR.format[:6] == _USER_HDR.format[:6] == "<2siqd"  # the shared prefix
+
+
+def encoded_last_time(value: bytes) -> float | None:
+    """The last event time of an encoded session or user state (as stored, possibly not
+    finite), without decoding it; None if ``value`` is too short to hold one."""
+    if len(value) < LAST_TIME_AT + _LAST_TIME.size:
+        return None
+    (t,) = _LAST_TIME.unpack_from(value, LAST_TIME_AT)
+    return float(t)
+
+
+class StateDecodeError(StreamrecError, ValueError):
+    """Stored bytes are not a valid state."""
+
+
+_NONE = _LEN.pack(0xFFFF)  # the length that marks a None string
+
+# These run for every state read and written (once per event): plain loops over a bytes
+# object, one helper call per run of strings rather than one per string.
+
+
+def _put_each(out: list[bytes], strs: Iterable[str | None]) -> None:
+    """Length-prefixed strings (None as the length 0xFFFF), no count."""
+    pack = _LEN.pack
+    for s in strs:
+        if s is None:
+            out.append(_NONE)
+            continue
+        b = s.encode()[:0xFFFE]
+        out.append(pack(len(b)))
+        out.append(b)
+
+
+def _get_each(buf: bytes, pos: int, n: int, none: str | None) -> tuple[list[str | None], int]:
+    """``n`` strings written by :func:`_put_each`; a None reads back as ``none``."""
+    unpack = _LEN.unpack_from
+    out: list[str | None] = []
+    for _ in range(n):
+        (m,) = unpack(buf, pos)
+        pos += 2
+        if m == 0xFFFF:
+            out.append(none)
+        else:
+            out.append(buf[pos : pos + m].decode())
+            pos += m
+    return out, pos
+
+
+def _put_strs(out: list[bytes], items: Iterable[str]) -> None:
+    if not isinstance(items, list):
+        items = list(items)
+    out.append(_LEN.pack(len(items)))
+    _put_each(out, items)
+
+
+def _get_strs(buf: bytes, pos: int) -> tuple[list[str], int]:
+    (n,) = _LEN.unpack_from(buf, pos)
+    return _get_each(buf, pos + 2, n, "")  # type: ignore[return-value]  # none="" : no None comes back
+
+
+def _as_bytes(data: bytes) -> bytes:
+    """Slices of bytes decode faster than those of a memoryview (any buffer is accepted)."""
+    return data if type(data) is bytes else bytes(memoryview(data))
+
+
+_F4 = np.dtype("<f4")
+
+
+def _vec(x: np.ndarray | None) -> np.ndarray:
+    """float32 values to write with ``.tobytes()`` (which flattens in C order, copying only
+    where the array is not already float32 and contiguous)."""
+    if x is None:
+        return np.zeros(0, dtype=np.float32)
+    return np.asarray(x, dtype=np.float32)
+
+
+@dataclass
+class SessionState:
+    """The open session of one key: hidden state and where it came from."""
+
+    session_id: str
+    hidden: np.ndarray
+    version: str
+    user_id: str | None = None
+    recent_items: list[str] = field(default_factory=list)
+    partition: int = -1
+    offset: int = -1
+    last_time: float = 0.0
+    start_time: float = 0.0
+    n_events: int = 0
+    n_unknown: int = 0
+    #: ids of the last events applied (bounded): a redelivery at another offset is a duplicate
+    event_ids: list[str] = field(default_factory=list)
+
+    def push_item(self, item_id: str, limit: int) -> None:
+        self.recent_items.append(item_id)
+        if len(self.recent_items) > limit:
+            del self.recent_items[: len(self.recent_items) - limit]
+
+    def push_event_id(self, event_id: str, limit: int) -> None:
+        self.event_ids.append(event_id)
+        if len(self.event_ids) > limit:
+            del self.event_ids[: len(self.event_ids) - limit]
+
+    def to_bytes(self, max_bytes: int = MAX_STATE_BYTES) -> bytes:
+        """The encoded state; over ``max_bytes``, the oldest event ids and recent items are
+        dropped (from this object too) until it fits."""
+        data = self._encode()
+        if len(data) <= max_bytes:
+            return data
+        excess = len(data) - max_bytes
+        for lst in (self.event_ids, self.recent_items):
+            drop = 0
+            while excess > 0 and drop < len(lst):
+                excess -= 2 + len(lst[drop].encode()[:0xFFFE])
+                drop += 1
+            del lst[:drop]
+        if excess > 0:
+            raise StateTooLarge(f"session state of {len(data)} bytes cannot fit {max_bytes}")
+        return self._encode()
+
+    def _encode(self) -> bytes:
+        h = _vec(self.hidden)
+        out = [
+            _SESSION_HDR.pack(
+                _SESSION_MAGIC,
+                self.partition,
+                self.offset,
+                self.last_time,
+                self.start_time,
+                self.n_events,
+                self.n_unknown,
+                h.size,
+            )
+        ]
+        _put_each(out, (self.version, self.session_id, self.user_id))
+        _put_strs(out, self.recent_items)
+        _put_strs(out, self.event_ids)
+        out.append(h.tobytes())
+        return b"".join(out)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SessionState:
+        try:
+            buf = _as_bytes(data)
+            magic, part, off, last, start, n, nu, dim = _SESSION_HDR.unpack_from(buf, 0)
+            if magic != _SESSION_MAGIC and magic != _SESSION_MAGIC_V1:
+                raise StateDecodeError(f"not a session state (magic {magic!r})")
+            pos = _SESSION_HDR.size
+            (version, sid, uid), pos = _get_each(buf, pos, 3, None)
+            items, pos = _get_strs(buf, pos)
+            event_ids: list[str] = []
+            if magic == _SESSION_MAGIC:
+                event_ids, pos = _get_strs(buf, pos)
+            if len(buf) - pos != 4 * dim:
+                raise StateDecodeError("hidden state length mismatch")
+            hidden = np.frombuffer(buf, dtype=_F4, offset=pos).copy()
+        except (struct.error, UnicodeDecodeError) as exc:
+            raise StateDecodeError(str(exc)) from exc
+        return cls(
+            sid or "", hidden, version or "", uid, items, part, off, last, start, n, nu, event_ids
+        )
+
+    def same_as(self, other: SessionState, atol: float = 1e-5) -> bool:
+        """Equal up to float tolerance on the hidden state (for tests)."""
+        a, b = vars(self).copy(), vars(other).copy()
+        ha, hb = a.pop("hidden"), b.pop("hidden")
+        return a == b and ha.shape == hb.shape and bool(np.allclose(ha, hb, atol=atol))
+
+
+@dataclass
+class UserState:
+    """HRNN user context and the user's recent session summaries (item ids per session).
+
+    ``partition``/``offset`` are the position of the last event that advanced it (a session
+    end), so a replayed session end is not applied twice.
+    """
+
+    user_id: str
+    context: np.ndarray
+    version: str
+    sessions: list[list[str]] = field(default_factory=list)
+    partition: int = -1
+    offset: int = -1
+    last_time: float = 0.0
+
+    def push_session(self, items: list[str], limit: int) -> None:
+        if limit <= 0:
+            self.sessions.clear()
+            return
+        self.sessions.append(list(items))
+        if len(self.sessions) > limit:
+            del self.sessions[: len(self.sessions) - limit]
+
+    def to_bytes(self, max_bytes: int = MAX_STATE_BYTES) -> bytes:
+        """The encoded state; over ``max_bytes``, the oldest session summaries are dropped
+        (from this object too), then the oldest items of the last one, until it fits."""
+        data = self._encode()
+        if len(data) <= max_bytes:
+            return data
+        excess = len(data) - max_bytes
+        while excess > 0 and len(self.sessions) > 1:
+            first = self.sessions.pop(0)
+            excess -= 2 + sum(2 + len(i.encode()[:0xFFFE]) for i in first)
+        if excess > 0 and self.sessions:
+            last, drop = self.sessions[0], 0
+            while excess > 0 and drop < len(last):
+                excess -= 2 + len(last[drop].encode()[:0xFFFE])
+                drop += 1
+            del last[:drop]
+        if excess > 0:
+            raise StateTooLarge(f"user state of {len(data)} bytes cannot fit {max_bytes}")
+        return self._encode()
+
+    def _encode(self) -> bytes:
+        c = _vec(self.context)
+        out = [
+            _USER_HDR.pack(
+                _USER_MAGIC, self.partition, self.offset, self.last_time, len(self.sessions), c.size
+            )
+        ]
+        _put_each(out, (self.version, self.user_id))
+        for s in self.sessions:
+            _put_strs(out, s)
+        out.append(c.tobytes())
+        return b"".join(out)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> UserState:
+        try:
+            buf = _as_bytes(data)
+            magic, part, off, last, ns, dim = _USER_HDR.unpack_from(buf, 0)
+            if magic != _USER_MAGIC:
+                raise StateDecodeError(f"not a user state (magic {magic!r})")
+            pos = _USER_HDR.size
+            (version, uid), pos = _get_each(buf, pos, 2, None)
+            sessions = []
+            for _ in range(ns):
+                s, pos = _get_strs(buf, pos)
+                sessions.append(s)
+            if len(buf) - pos != 4 * dim:
+                raise StateDecodeError("context length mismatch")
+            ctx = np.frombuffer(buf, dtype=_F4, offset=pos).copy()
+        except (struct.error, UnicodeDecodeError) as exc:
+            raise StateDecodeError(str(exc)) from exc
+        return cls(uid or "", ctx, version or "", sessions, part, off, last)

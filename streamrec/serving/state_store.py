@@ -1,0 +1,336 @@
+"""The state store: session and user states kept per input partition, behind one declared
+interface (store -> partition -> checkpoint, as quix-streams arranges its state).
+
+* :class:`StatePartition`: what the pipeline and the idle sweep need of one input
+  partition's states: read a state, write (or delete) one, list a table's keys.
+* :class:`CheckpointedPartition`: what an engine that keeps its own changelog needs beside:
+  begin a checkpoint (the writes to send to the changelog), commit it, recover from the
+  changelog, forget what was not checkpointed.
+* Implementations: :class:`MemoryPartition` (the in-memory twin, used by the core's tests and
+  benchmarks), ``streamrec.engines.native.store.RocksDBPartition`` (the native engine),
+  ``streamrec.engines.faust.tables.FaustPartition`` (Faust tables; Faust checkpoints and
+  recovers them itself, so it implements :class:`StatePartition` only).
+* :class:`StateStore`: typed access (:class:`SessionState`, :class:`UserState`) to the
+  partitions of one worker. Every state is addressed by (state key, partition), the
+  partition being that of the records of the key's events (``BatchResult.key_partitions``):
+  there is no other way of working out where a key lives.
+
+Keys of the tables and of the changelog: ``s/<state key>`` (sessions), ``u/<state key>``
+(users), the state key being namespaced (:func:`streamrec.serving.state.state_key`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Protocol
+
+from streamrec.serving.state import (
+    ANON_NS,
+    MAX_STATE_BYTES,
+    USER_NS,
+    SessionState,
+    StateDecodeError,
+    UserState,
+    layout_refused,
+)
+
+log = logging.getLogger(__name__)
+
+#: the two tables, as the prefixes of their keys in a partition database and the changelog
+SESSIONS = b"s/"
+USERS = b"u/"
+#: the key prefixes of state layout 2: sessions of users and of anonymous keys, users
+VALID_PREFIXES = (
+    SESSIONS + USER_NS.encode(),
+    SESSIONS + ANON_NS.encode(),
+    USERS + USER_NS.encode(),
+)
+#: a changelog record as read back: (key, value or None for a delete, offset)
+ChangelogRecord = tuple[bytes | None, bytes | None, int]
+
+
+def check_changelog_key(key: bytes | None, offset: int) -> bytes:
+    """``key`` if it is a state key of this layout; otherwise the layout error (a record
+    without a key, or a key of no state namespace, was not written by this streamrec)."""
+    if key is None or not key.startswith(VALID_PREFIXES):
+        shown = key if key is None else key[:60]
+        raise layout_refused(f"changelog record at offset {offset} (key {shown!r})", "1")
+    return key
+
+
+class StatePartition(Protocol):
+    """The states of one input partition: what the pipeline and the sweep read and write."""
+
+    def get(self, table: bytes, key: str) -> bytes | None:
+        """The encoded state of ``key`` in ``table`` (:data:`SESSIONS`, :data:`USERS`)."""
+        ...
+
+    def write(self, table: bytes, key: str, value: bytes | None) -> None:
+        """Store ``value`` under ``key`` (None deletes it)."""
+        ...
+
+    def keys(self, table: bytes) -> Iterator[str]:
+        """The state keys of ``table`` (writes not yet durable included)."""
+        ...
+
+
+class CheckpointedPartition(StatePartition, Protocol):
+    """A partition whose writes become durable at checkpoints, through a changelog topic.
+
+    The engine's order: :meth:`begin_checkpoint` (send what it returns to the changelog) ->
+    the broker acknowledges it and the outputs -> input offsets committed -> :meth:`commit`
+    with the last changelog offset reached. :meth:`recover` replays changelog records read
+    back (a new owner of the partition, a lost disk)."""
+
+    @property
+    def changelog_offset(self) -> int:
+        """Offset of the last changelog record durable here; -1 if none."""
+        ...
+
+    def begin_checkpoint(self) -> Mapping[bytes, bytes | None]:
+        """Freeze the writes since the last checkpoint; returns them (changelog key ->
+        value, None for a delete) for the changelog."""
+        ...
+
+    def commit(self, changelog_offset: int | None) -> None:
+        """Make the frozen writes durable, with the changelog offset they reached."""
+        ...
+
+    def recover(self, records: Iterable[ChangelogRecord]) -> int:
+        """Apply changelog records; returns how many. Refuses keys of another layout."""
+        ...
+
+    def discard_pending(self) -> None:
+        """Forget every write not yet committed (the partition went to another worker)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class MemoryPartition:
+    """The in-memory twin of a partition (:class:`CheckpointedPartition`): one dict per table.
+
+    Writes apply at once (memory is all the durability it has) and are also kept as the next
+    checkpoint's changelog records; :meth:`commit` only records the offset, and
+    :meth:`discard_pending` forgets those records (nothing to roll back: an in-memory
+    partition is gone with its process anyway)."""
+
+    def __init__(self) -> None:
+        self.sessions: dict[str, bytes] = {}
+        self.users: dict[str, bytes] = {}
+        self._tables = {SESSIONS: self.sessions, USERS: self.users}
+        # (table, key) -> value: made changelog keys at the checkpoint, not at every write
+        self._pending: dict[tuple[bytes, str], bytes | None] = {}
+        self._changelog_offset = -1
+
+    def get(self, table: bytes, key: str) -> bytes | None:
+        return self._tables[table].get(key)
+
+    def write(self, table: bytes, key: str, value: bytes | None) -> None:
+        if value is None:
+            self._tables[table].pop(key, None)
+        else:
+            self._tables[table][key] = value
+        self._pending[(table, key)] = value
+
+    def keys(self, table: bytes) -> Iterator[str]:
+        return iter(list(self._tables[table]))
+
+    @property
+    def changelog_offset(self) -> int:
+        return self._changelog_offset
+
+    def begin_checkpoint(self) -> dict[bytes, bytes | None]:
+        frozen, self._pending = self._pending, {}
+        return {table + key.encode(): value for (table, key), value in frozen.items()}
+
+    def commit(self, changelog_offset: int | None) -> None:
+        if changelog_offset is not None:
+            self._changelog_offset = changelog_offset
+
+    def recover(self, records: Iterable[ChangelogRecord]) -> int:
+        checked = [(check_changelog_key(k, o), v, o) for k, v, o in records]
+        for key, value, offset in checked:
+            table = self._tables[key[: len(SESSIONS)]]
+            if value is None:
+                table.pop(key[len(SESSIONS) :].decode(), None)
+            else:
+                table[key[len(SESSIONS) :].decode()] = value
+            self._changelog_offset = offset
+        return len(checked)
+
+    def discard_pending(self) -> None:
+        self._pending = {}
+
+    def close(self) -> None:
+        pass
+
+
+class _AcrossPartitions(Mapping[str, bytes]):
+    """One table of every partition, read-only: for inspection (tests, tools). The pipeline
+    never reads through it; it addresses each key's own partition."""
+
+    def __init__(self, partitions: Mapping[int, StatePartition], table: bytes) -> None:
+        self._partitions = partitions
+        self._table = table
+
+    def __getitem__(self, key: str) -> bytes:
+        for part in list(self._partitions.values()):
+            value = part.get(self._table, key)
+            if value is not None:
+                return value
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        seen: set[str] = set()
+        for part in list(self._partitions.values()):
+            for key in part.keys(self._table):
+                if key not in seen:
+                    seen.add(key)
+                    yield key
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+#: the partition number :meth:`StateStore.partitions` gives the in-memory twin, which holds the
+#: states of every partition
+ANY_PARTITION = -1
+
+
+class StateStore:
+    """Typed access to the session and user states of a worker's partitions.
+
+    ``partitions`` maps input partition -> :class:`StatePartition` (the engine's, live: a
+    partition assigned later is seen). Without it the store is the in-memory twin: one
+    :class:`MemoryPartition` holding the states of every partition, so a key's records may
+    come from any partition (the core's tests and benchmarks). A value that fails to decode
+    is treated as absent and counted (:attr:`corrupt`) rather than stopping the worker; a
+    write for a partition that is not there (not, or no longer, assigned) is dropped, logged
+    and counted (:attr:`dropped`), never put elsewhere.
+    """
+
+    def __init__(self, partitions: Mapping[int, StatePartition] | None = None) -> None:
+        self._twin = MemoryPartition() if partitions is None else None
+        self._partitions: Mapping[int, StatePartition] = {} if partitions is None else partitions
+        self.corrupt = 0
+        self.dropped = 0
+
+    # ---- partitions ---------------------------------------------------------------------
+    def partition(self, partition: int | None) -> StatePartition | None:
+        """The states of ``partition`` (None: not here). Only the twin, which holds every
+        partition, may be asked without a partition."""
+        if self._twin is not None:
+            return self._twin
+        if partition is None:
+            raise ValueError("a store of several partitions needs the key's partition")
+        return self._partitions.get(partition)
+
+    def partitions(self) -> list[tuple[int, StatePartition]]:
+        """Every partition held (the twin: one, numbered :data:`ANY_PARTITION`)."""
+        if self._twin is not None:
+            return [(ANY_PARTITION, self._twin)]
+        return list(self._partitions.items())
+
+    @property
+    def sessions(self) -> Mapping[str, bytes]:
+        """The encoded sessions of every partition by state key (the twin: its own dict)."""
+        if self._twin is not None:
+            return self._twin.sessions
+        return _AcrossPartitions(self._partitions, SESSIONS)
+
+    @property
+    def users(self) -> Mapping[str, bytes]:
+        """The encoded user states of every partition by state key (the twin: its dict)."""
+        if self._twin is not None:
+            return self._twin.users
+        return _AcrossPartitions(self._partitions, USERS)
+
+    # ---- typed reads and writes -----------------------------------------------------------
+    def get_session(self, key: str, partition: int | None = None) -> SessionState | None:
+        part = self._twin or self.partition(partition)
+        raw = None if part is None else part.get(SESSIONS, key)
+        if raw is None:
+            return None
+        try:
+            return SessionState.from_bytes(raw)
+        except StateDecodeError:
+            self.corrupt += 1
+            return None
+
+    def get_user(self, key: str, partition: int | None = None) -> UserState | None:
+        part = self._twin or self.partition(partition)
+        raw = None if part is None else part.get(USERS, key)
+        if raw is None:
+            return None
+        try:
+            return UserState.from_bytes(raw)
+        except StateDecodeError:
+            self.corrupt += 1
+            return None
+
+    def has_session(self, key: str, partition: int | None = None) -> bool:
+        part = self.partition(partition)
+        return part is not None and part.get(SESSIONS, key) is not None
+
+    def get_many(
+        self, keys: Iterable[str], with_users: bool = True, partition: int | None = None
+    ) -> tuple[dict[str, SessionState], dict[str, UserState]]:
+        """The states of many keys of one partition."""
+        sessions: dict[str, SessionState] = {}
+        users: dict[str, UserState] = {}
+        for k in keys:
+            s = self.get_session(k, partition)
+            if s is not None:
+                sessions[k] = s
+            if with_users:
+                u = self.get_user(k, partition)
+                if u is not None:
+                    users[k] = u
+        return sessions, users
+
+    def put_session(
+        self,
+        key: str,
+        state: SessionState,
+        partition: int | None = None,
+        max_bytes: int = MAX_STATE_BYTES,
+    ) -> None:
+        self._write(SESSIONS, key, state.to_bytes(max_bytes), partition)
+
+    def put_user(
+        self,
+        key: str,
+        state: UserState,
+        partition: int | None = None,
+        max_bytes: int = MAX_STATE_BYTES,
+    ) -> None:
+        self._write(USERS, key, state.to_bytes(max_bytes), partition)
+
+    def delete_session(self, key: str, partition: int | None = None) -> None:
+        self._delete(SESSIONS, key, partition)
+
+    def delete_user(self, key: str, partition: int | None = None) -> None:
+        self._delete(USERS, key, partition)
+
+    def iter_sessions(self) -> Iterator[tuple[str, SessionState]]:
+        """Every decodable session of every partition (inspection, tests)."""
+        for p, part in self.partitions():
+            for key in part.keys(SESSIONS):
+                s = self.get_session(key, p)
+                if s is not None:
+                    yield key, s
+
+    def _write(self, table: bytes, key: str, value: bytes, partition: int | None) -> None:
+        part = self._twin or self.partition(partition)
+        if part is None:
+            self.dropped += 1
+            log.warning("state write for %r skipped: partition %s not assigned", key, partition)
+            return
+        part.write(table, key, value)
+
+    def _delete(self, table: bytes, key: str, partition: int | None) -> None:
+        part = self.partition(partition)
+        if part is not None and part.get(table, key) is not None:
+            part.write(table, key, None)

@@ -1,0 +1,5 @@
+"""The ``trainer`` command (``trainer.cli.main``)."""
+
+from trainer.cli.main import main
+
+__all__ = ["main"]

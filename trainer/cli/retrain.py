@@ -1,0 +1,193 @@
+"""``trainer retrain`` (one retrain cycle, or one every period: ``trainer.retrain``) and
+``trainer models`` (the model registry: list, show, rollback)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import click
+
+from streamrec.data.clicklog import DataError
+from streamrec.loop import registry
+from trainer.archive_source import parse_duration
+from trainer.cli.options import MultiValueCommand, split_values
+from trainer.retrain import RetrainConfig, RetrainError, run_cycle
+
+
+@click.command("retrain", cls=MultiValueCommand)
+@click.option("--archive", required=True, help="Archive directory or URL (streamrec archive).")
+@click.option("--models", required=True, help="Model registry directory.")
+@click.option("--window", default="14d", show_default=True, help="Event-time window.")
+@click.option("--holdout", default="1d", show_default=True, help="Newest slice held out.")
+@click.option("--every", default=None, help="Run a cycle every e.g. 1h (a loop).")
+@click.option("--once", is_flag=True, help="Run one cycle and exit.")
+@click.option("--model", "model_name", default="gru4rec", show_default=True)
+@click.option("--preset", default=None)
+@click.option("--param", "params", multiple=True, help="key=value (official names)")
+@click.option("--cold", is_flag=True, help="Train from scratch (default: warm start).")
+@click.option("--tolerance", default=0.02, show_default=True, help="Relative gate tolerance.")
+@click.option("--metric", default="recall@20", show_default=True)
+@click.option("--keep", default=registry.DEFAULT_KEEP, show_default=True, help="Versions kept.")
+@click.option(
+    "--gate-z",
+    default=0.0,
+    show_default=True,
+    help="Confidence of the gate: the candidate must be shown within the tolerance at "
+    "this one-sided z (0: compare the point estimates; e.g. 1.645 for 95%).",
+)
+@click.option(
+    "--min-holdout-events",
+    default=100,
+    show_default=True,
+    help="With a published model, fewer holdout predictions than this keep it.",
+)
+@click.option(
+    "--warm-epochs",
+    default="auto",
+    show_default=True,
+    help="Epochs of a warm start: N, or auto (the new events' share of n_epochs).",
+)
+@click.option("--min-item-support", default=1, show_default=True)
+@click.option("--variant", default=None, help="HRNN variant (init, all), as trainer train")
+@click.option("--features", default=None, help="p-RNN item feature file, as trainer train")
+@click.option("--item-meta", default=None, help="p-RNN item metadata, as trainer train")
+@click.option("--schedule", default=None, help="p-RNN training schedule")
+@click.option("--progress/--no-progress", default=True)
+@click.option(
+    "--retrieval-index",
+    type=click.Choice(["auto", "always", "never"]),
+    default="auto",
+    show_default=True,
+    help="Build the ANN retrieval index into the version before publishing it.",
+)
+def retrain(
+    archive: str,
+    models: str,
+    window: str,
+    holdout: str,
+    every: str | None,
+    once: bool,
+    model_name: str,
+    preset: str | None,
+    params: tuple[str, ...],
+    cold: bool,
+    tolerance: float,
+    metric: str,
+    keep: int,
+    gate_z: float,
+    min_holdout_events: int,
+    warm_epochs: str,
+    min_item_support: int,
+    variant: str | None,
+    features: str | None,
+    item_meta: str | None,
+    schedule: str | None,
+    progress: bool,
+    retrieval_index: str,
+) -> None:
+    """Retrain from the click archive; publish the candidate if it passes the gate."""
+    if once == bool(every):
+        raise click.UsageError("give exactly one of --once and --every")
+    if warm_epochs != "auto" and not (warm_epochs.isdigit() and int(warm_epochs) > 0):
+        raise click.BadParameter("a positive integer or auto", param_hint="--warm-epochs")
+    if gate_z < 0 or min_holdout_events < 0 or not 0 <= tolerance <= 1:
+        raise click.UsageError("--gate-z, --min-holdout-events >= 0; --tolerance in [0, 1]")
+    cfg = RetrainConfig(
+        archive, models, window, holdout, model_name, preset, split_values(params), cold,
+        tolerance, metric, keep, min_item_support, progress, None, gate_z,
+        min_holdout_events, None if warm_epochs == "auto" else int(warm_epochs), variant,
+        features, item_meta, schedule, retrieval_index,
+    )  # fmt: skip
+    if once:
+        try:
+            run_cycle(cfg, _echo)
+        except RetrainError as e:
+            raise click.ClickException(str(e)) from None
+        return
+    assert every is not None
+    _run_every(cfg, _period(every))
+
+
+def _echo(s: str) -> None:
+    click.echo(s, err=True)
+
+
+def _period(every: str) -> float:
+    """``--every``: a duration (``1h``, ``30m``) or seconds."""
+    try:
+        period = parse_duration(every if every[-1].isalpha() else f"{every}s")
+    except DataError as e:
+        raise click.BadParameter(str(e), param_hint="--every") from None
+    assert period is not None
+    return period
+
+
+def _run_every(cfg: RetrainConfig, period: float) -> None:
+    """A cycle every ``period`` seconds, forever; a cycle that fails is reported, and the
+    next one runs on time."""
+    while True:
+        start = time.monotonic()
+        try:
+            run_cycle(cfg, _echo)
+        except RetrainError as e:  # unattended: say why, try again next period
+            _echo(f"cycle skipped: {e}")
+        except Exception as e:  # a failed cycle must not stop the loop
+            _echo(f"cycle failed: {type(e).__name__}: {e}")
+        time.sleep(max(0.0, period - (time.monotonic() - start)))
+
+
+@click.group("models")
+def models_group() -> None:
+    """The model registry: list, show, rollback."""
+
+
+models_opt = click.option("--models", required=True, help="Model registry directory.")
+
+
+@models_group.command("list")
+@models_opt
+@click.option("--json", "as_json", is_flag=True)
+def list_cmd(models: str, as_json: bool) -> None:
+    """Versions held, oldest first; * marks the published one."""
+    vs = registry.list_versions(models)
+    if as_json:
+        click.echo(
+            json.dumps([{**v.__dict__, "path": str(v.path)} for v in vs], indent=1, default=str)
+        )
+        return
+    if not vs:
+        click.echo(f"{models}: no versions", err=True)
+    for v in vs:
+        r = v.metrics.get("holdout_recall@20")
+        click.echo(
+            f"{'*' if v.published else ' '} {v.version}  {v.model_name:<8} "
+            f"{v.n_items:>8,} items  {v.created_at[:19]}  "
+            + (f"holdout recall@20 {r:.4f}" if isinstance(r, float) else "")
+        )
+
+
+@models_group.command("show")
+@models_opt
+@click.argument("version", required=False)
+def show_cmd(models: str, version: str | None) -> None:
+    """One version's metadata (default: the published one)."""
+    version = version or registry.current_version(models)
+    if version is None:
+        raise click.ClickException(f"{models}: nothing published")
+    try:
+        click.echo(json.dumps(registry.show(models, version), indent=1, default=str))
+    except Exception as e:
+        raise click.ClickException(str(e)) from None
+
+
+@models_group.command("rollback")
+@models_opt
+@click.argument("version")
+def rollback_cmd(models: str, version: str) -> None:
+    """Publish an older version again (the workers follow)."""
+    try:
+        registry.rollback(models, version)
+    except registry.RegistryError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"published {version}", err=True)
