@@ -185,6 +185,7 @@ def run_worker_phase(
     fetch_wait_ms: int = 10,
     engine: str = "native",
     score_dtype: str = "float32",
+    extra_settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     from streamrec.kafka.embedded import free_port
 
@@ -205,6 +206,7 @@ def run_worker_phase(
         "model.reload_interval_s": 0,
         "model.device": "auto",
         "model.score_dtype": score_dtype,
+        **(extra_settings or {}),
     }
     profile = os.environ.get("SERVE_BENCH_PROFILE")  # cProfile of the worker's main thread
     proc = WorkerProcess(

@@ -199,6 +199,22 @@ class ModelSettings(_Group):
     #: (data_stats.holdout_sessions), Recall@20 must reach this share of the checkpoint's
     #: own offline figure (metrics["holdout_recall@20"]).
     gate_ratio: float = Field(0.8, ge=0, le=1)
+    #: How the top-k is found (docs/architecture.md, "Retrieval"). ``exact``: every item is
+    #: scored; ``ann``: an approximate index (usearch HNSW, built beside the checkpoint when
+    #: published, else at load) proposes candidates, which are scored exactly; ``auto``: ann
+    #: on CPU from 100,000 items, exact below that and on a GPU.
+    retrieval: Literal["exact", "ann", "auto"] = "auto"
+    #: ann: candidates per click re-scored exactly
+    ann_candidates: int = Field(100, ge=1, le=10_000)
+    #: ann: search breadth per query (HNSW ef); more is slower and closer to exact
+    ann_expansion_search: int = Field(128, ge=1, le=100_000)
+    #: ann: graph degree and build breadth (HNSW M, efConstruction); changing them rebuilds
+    ann_connectivity: int = Field(16, ge=2, le=256)
+    ann_expansion_add: int = Field(128, ge=1, le=100_000)
+    #: exact retrieval: scores in bf16, a shortlist re-scored in float32 and kept where a
+    #: rounding bound proves it (else float32): the float32 top-k items, faster on CPUs with
+    #: bf16 dot products (bench/results/catalogue-scale.md)
+    bf16_shortlist: bool = False
 
 
 class WorkerSettings(_Group):

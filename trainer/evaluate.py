@@ -13,16 +13,92 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from streamrec.model.api import StepModel
+from streamrec.model.api import InnerProductScores, SplitStepModel, StepModel
+from streamrec.model.retrieval import Retriever
 from trainer.batching import session_arrays
-from trainer.metrics import MetricAccumulator
+from trainer.metrics import MetricAccumulator, ranks
+
+#: the most score bytes evaluation holds at once (states x items x 4): a step over a large
+#: catalogue is scored in row blocks of this size instead of one [batch, n_items] matrix
+SCORE_BYTES = 256 * 2**20
 
 SESSION, ITEM, TIME = "SessionId", "ItemId", "Time"
+
+
+def advance(
+    model: Any, rows: torch.Tensor, state: torch.Tensor, user: torch.Tensor | None
+) -> torch.Tensor:
+    """The states after one step, without scoring (``forward_step``, else ``advance``)."""
+    forward = getattr(model, "forward_step", None)
+    if forward is not None:
+        return forward(rows, state, user)[0]
+    if isinstance(model, SplitStepModel):
+        return model.advance(rows, state)
+    return model.step(rows, state, user)[0]
+
+
+def ranks_in_topk(
+    values: torch.Tensor, top: torch.Tensor, targets: torch.Tensor, ties: str, worst: float
+) -> torch.Tensor:
+    """Ranks of ``targets`` from a top-k answer (``values``, ``top`` ``[B, k]``): a target in
+    the answer ranks among the answer's items (ties as :func:`trainer.metrics.ranks`), a target
+    not in it gets ``worst`` (beyond every cut-off up to k)."""
+    hit = top == targets.to(top.device).unsqueeze(1)
+    found = hit.any(dim=1)
+    ts = torch.where(hit, values, torch.full_like(values, -torch.inf)).amax(dim=1, keepdim=True)
+    higher = (values > ts).sum(dim=1).to(torch.float32)
+    at_least = (values >= ts).sum(dim=1).to(torch.float32)
+    if ties == "standard":
+        r = higher + 1
+    elif ties == "conservative":
+        r = at_least
+    else:
+        r = (higher + 1 + at_least) / 2
+    return torch.where(found, r, torch.full_like(r, worst))
+
+
+def step_ranks(
+    model: Any,
+    rows: torch.Tensor,
+    state: torch.Tensor,
+    user: torch.Tensor | None,
+    targets: torch.Tensor,
+    ties: str,
+    *,
+    retriever: Retriever | None = None,
+    k: int = 20,
+    score_bytes: int = SCORE_BYTES,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(new states, ranks of ``targets``) for one step of a batch.
+
+    With ``retriever``: the ranks within its top-``k`` answer (what a worker serving that
+    retrieval answers). Else every item is scored: at once when ``[B, n_items]`` fits
+    ``score_bytes``, otherwise in row blocks that do (bounded memory over any catalogue, the
+    same ranks: each row's scores are computed as before)."""
+    n_items = int(model.n_items)
+    b = state.shape[0]
+    split = isinstance(model, InnerProductScores)
+    if retriever is None and (b * n_items * 4 <= score_bytes or not split):
+        new, scores = model.step(rows, state, user)
+        return new, ranks(scores, targets, ties)
+    new = advance(model, rows, state, user)
+    if retriever is not None:
+        values, top = retriever.topk(new, user, min(k, n_items))
+        return new, ranks_in_topk(values, top, targets, ties, float(n_items))
+    assert isinstance(model, InnerProductScores)
+    block = max(1, score_bytes // (4 * n_items))
+    parts = []
+    for lo in range(0, b, block):
+        us = None if user is None else user[lo : lo + block]
+        scores = model.score_all(new[lo : lo + block], us)
+        parts.append(ranks(scores, targets[lo : lo + block], ties))
+    return new, torch.cat(parts)
 
 
 def model_device(model: object) -> torch.device:
@@ -63,12 +139,14 @@ def evaluate_sessions(
     batch_size: int = 512,
     device: torch.device | str | None = None,
     user_states: torch.Tensor | None = None,
+    retriever: Retriever | None = None,
 ) -> MetricAccumulator:
     """Rank every next event of the encoded sessions and add the ranks to ``accumulator``.
 
     ``user_states`` (``[n_sessions, user_state_dim]``, optional) is the user state each session
     starts from (HRNN per-user evaluation passes the warmed states); by default every session
-    starts from ``model.initial_user_state``. Returns the accumulator.
+    starts from ``model.initial_user_state``. ``retriever``: rank within its top-k answers
+    (ANN retrieval; see :func:`step_ranks`). Returns the accumulator.
     """
     device = torch.device(device) if device is not None else model_device(model)
     n_sessions = len(offsets) - 1
@@ -106,8 +184,17 @@ def evaluate_sessions(
             if n < state.shape[0]:
                 state = state[:n]
                 ustate = ustate[:n] if ustate is not None else None
-            state, scores = model.step(pad_t[t, :n], state, ustate)
-            accumulator.add(scores, pad_t[t + 1, :n], ties)
+            state, step_r = step_ranks(
+                model,
+                pad_t[t, :n],
+                state,
+                ustate,
+                pad_t[t + 1, :n],
+                ties,
+                retriever=retriever,
+                k=max(accumulator.ks),
+            )
+            accumulator.add_ranks(step_r)
     return accumulator
 
 
@@ -119,6 +206,7 @@ def evaluate_next_item(
     ties: str = "conservative",
     batch_size: int = 512,
     device: torch.device | str | None = None,
+    retriever: Retriever | None = None,
 ) -> dict[str, float]:
     """Recall@k and MRR@k of next-item prediction on ``test_df`` (see the module docstring).
 
@@ -129,7 +217,14 @@ def evaluate_next_item(
     acc = MetricAccumulator(ks)
     with eval_mode(model):
         evaluate_sessions(
-            model, item_rows, offsets, acc, ties=ties, batch_size=batch_size, device=device
+            model,
+            item_rows,
+            offsets,
+            acc,
+            ties=ties,
+            batch_size=batch_size,
+            device=device,
+            retriever=retriever,
         )
     out = acc.result()
     out["n_sessions"] = int((np.diff(offsets) >= 2).sum())

@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from streamrec.model.api import StepModel
+from streamrec.model.retrieval import Retriever
 from trainer import hier
 from trainer.data import restrict_to_items
 from trainer.jobs import Evaluator, TrainJob, TrainOutcome
@@ -64,13 +65,17 @@ def evaluate_next_item_job(
     ties: str,
     device: torch.device | str | None = None,
     train_df: pd.DataFrame | None = None,
+    retriever: Retriever | None = None,
 ) -> dict[str, float]:
     """The default evaluator: next-item through the step API, on the test events of items the
-    model knows (``train_df`` is not used: sessions start from the initial state)."""
+    model knows (``train_df`` is not used: sessions start from the initial state).
+    ``retriever``: rank within its top-k (``trainer evaluate --retrieval``)."""
     from trainer.evaluate import evaluate_next_item
 
     test_df = known_items_test(test_df, item_index)
-    return evaluate_next_item(model, test_df, item_index, ks=ks, ties=ties, device=device)
+    return evaluate_next_item(
+        model, test_df, item_index, ks=ks, ties=ties, device=device, retriever=retriever
+    )
 
 
 #: ``--model NAME`` -> its trainer

@@ -37,6 +37,7 @@ from streamrec.model.checkpoint import Checkpoint, load_checkpoint, save_checkpo
 from streamrec.model.gate import HOLDOUT_KEY, gate
 from streamrec.model.gru4rec import GRU4Rec
 from streamrec.model.hrnn import HRNN
+from streamrec.model.retrieval import publish_index
 from trainer.archive_source import parse_duration, read_archive
 from trainer.data import preprocess, restrict_to_items
 from trainer.hier.params import HierParams, HRNNParams, PRNNParams, parse_hier_params
@@ -85,6 +86,9 @@ class RetrainConfig:
     features: str | None = None
     item_meta: str | None = None
     schedule: str | None = None
+    #: build the ANN retrieval index into the version before publishing it (auto / always /
+    #: never; auto: catalogues that ``model.retrieval=auto`` serves through an index)
+    retrieval_index: str = "auto"
 
 
 def _now() -> str:
@@ -411,6 +415,10 @@ def run_cycle(cfg: RetrainConfig, echo: Callable[[str], None] = print) -> dict[s
 
             # beside the checkpoint (workers never read it): the next warm start continues it
             save_file(tr.optimizer_state, str(staging / OPTIMIZER_FILE))
+        # the ANN index beside the weights before the version is visible: workers load it
+        t_index = time.perf_counter()
+        if publish_index(candidate.path, model, when=cfg.retrieval_index) is not None:
+            phases["index"] = time.perf_counter() - t_index
         version = registry.add_version(cfg.models, candidate)
         rec["pruned"] = registry.publish(cfg.models, version, cfg.keep)
     phases["publish"] = time.perf_counter() - t

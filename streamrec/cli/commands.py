@@ -21,7 +21,7 @@ from streamrec.settings import Settings, get_settings
 
 def load_model_holder(path: Path | None, settings: Settings, wait_s: float = 0.0):
     """A ModelHolder for a checkpoint directory, or a directory of checkpoints (newest wins)."""
-    from streamrec.serving.served_model import ModelHolder, ServingModel
+    from streamrec.serving.served_model import ModelHolder, RetrievalOptions, ServingModel
 
     path = path or settings.model.path
     if path is None:
@@ -38,7 +38,9 @@ def load_model_holder(path: Path | None, settings: Settings, wait_s: float = 0.0
         time.sleep(1.0)
     if ckpt is None:
         raise click.ClickException(f"no checkpoint (checkpoint.json) found in {path}")
-    model = ServingModel.from_checkpoint(ckpt, m.device, m.top_k, m.score_dtype)
+    model = ServingModel.from_checkpoint(
+        ckpt, m.device, m.top_k, m.score_dtype, retrieval=RetrievalOptions.from_settings(m)
+    )
     model.validate()
     return ModelHolder(
         model,
@@ -47,6 +49,7 @@ def load_model_holder(path: Path | None, settings: Settings, wait_s: float = 0.0
         top_k=m.top_k,
         score_dtype=m.score_dtype,
         gate_ratio=m.gate_ratio,
+        retrieval=RetrievalOptions.from_settings(m),
     )
 
 

@@ -97,6 +97,54 @@ class SplitStepModel:
         """
         raise NotImplementedError
 
+    def state_topk(
+        self, dtype: torch.dtype = torch.float32
+    ) -> Callable[[Tensor, int], tuple[Tensor, Tensor]]:
+        """``(states, k) -> (values, rows)``: the top-k of ``state_scorer(dtype, copy=True)``
+        without a full score matrix where the model can (default: through it)."""
+        score = self.state_scorer(dtype, copy=True)
+        return lambda state, k: torch.topk(score(state), k, dim=1)
+
+
+class InnerProductScores:
+    """Mixin of models whose scores are an inner product per item, so that the top items of
+    a state can be found without scoring every item (``streamrec.model.retrieval``).
+
+    The contract: the score of item ``i`` for a state is
+    ``act(query_vectors(state, user)[b] . item_vectors()[i] + offset(b, i))`` where ``act`` is
+    increasing (linear, tanh, ELU) and ``offset(b, i)`` is nonzero only for the rows
+    ``offset_rows(user)[b]`` (HRNN's memory of a user's items; none elsewhere). The output
+    bias is folded into the vectors (its item column against a query column of ones), so
+    ranking by the inner product ranks as the model does, except for the offset rows, which
+    a retrieval must therefore always score exactly. ``state`` is a state after the step
+    (what ``step`` scores), ``user`` the user state the step was given.
+    """
+
+    def item_vectors(self) -> Tensor:
+        """``[n_items, D]`` float32: each item's output row(s) with its bias as the last column."""
+        raise NotImplementedError
+
+    def query_vectors(self, state: Tensor, user_state: Tensor | None) -> Tensor:
+        """``[B, D]``: what each state multiplies the item vectors by (last column 1)."""
+        raise NotImplementedError
+
+    def offset_rows(self, user_state: Tensor | None) -> Tensor | None:
+        """``[B, K]`` item rows whose score the inner product does not give (-1: none), or None."""
+        return None
+
+    def score_all(self, state: Tensor, user_state: Tensor | None) -> Tensor:
+        """The model's scores ``[B, n_items]`` of every item (what ``step`` returns)."""
+        raise NotImplementedError
+
+    def final_activation(self, scores: Tensor) -> Tensor:
+        """The increasing function applied to the inner products (identity by default)."""
+        return scores
+
+    def score_rows(self, state: Tensor, user_state: Tensor | None, rows: Tensor) -> Tensor:
+        """Exact scores ``[B, C]`` of ``rows[b]`` (``[B, C]``, valid rows) for state ``b``: the
+        model's own scores of those items, final activation and offsets included."""
+        raise NotImplementedError
+
 
 class TrainableStepModel:
     """Mixin of the models ``trainer.hier`` trains (HRNN, p-RNN).

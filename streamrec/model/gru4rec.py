@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from streamrec.model.api import SplitStepModel
+from streamrec.model.api import InnerProductScores, SplitStepModel
+from streamrec.model.topk import TiledTopK
 
 FINAL_ACTS = ("linear", "tanh", "elu")
 
@@ -92,7 +93,7 @@ class OneHotGRU(nn.Module):
         return (1.0 - z) * h + z * cand
 
 
-class GRU4Rec(SplitStepModel, nn.Module):
+class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
     """Session-based GRU recommender with the serving step API of docs/architecture.md."""
 
     user_state_dim = 0
@@ -286,6 +287,32 @@ class GRU4Rec(SplitStepModel, nn.Module):
             return self.final_activation(torch.addmm(by, self.output(state).to(dtype), wy_t))
 
         return score
+
+    def state_topk(
+        self, dtype: torch.dtype = torch.float32
+    ) -> Callable[[Tensor, int], tuple[Tensor, Tensor]]:
+        """``(states, k) -> (values, rows)``: the top-k of ``state_scorer(dtype, copy=True)``
+        computed tile by tile (``streamrec.model.topk.TiledTopK``: no full score matrix)."""
+        wy_t = self.Wy.detach().t().contiguous().to(dtype)
+        by = self.By.detach().view(1, -1).to(dtype).contiguous()
+        tiled = TiledTopK(wy_t, by, self.final_activation)
+        return lambda state, k: tiled.topk(self.output(state), k)
+
+    # ------------------------------------------------------------------ inner-product split
+    def item_vectors(self) -> Tensor:
+        return torch.cat([self.Wy.detach(), self.By.detach()], dim=1).float()
+
+    def query_vectors(self, state: Tensor, user_state: Tensor | None = None) -> Tensor:
+        out = self.output(state)
+        return torch.cat([out, out.new_ones(out.shape[0], 1)], dim=1)
+
+    def score_all(self, state: Tensor, user_state: Tensor | None = None) -> Tensor:
+        return self.score_items(self.output(state))
+
+    def score_rows(self, state: Tensor, user_state: Tensor | None, rows: Tensor) -> Tensor:
+        out = self.output(state).unsqueeze(2)
+        scores = torch.bmm(self.Wy[rows], out).squeeze(2) + self.By[rows].squeeze(2)
+        return self.final_activation(scores)
 
     def step(
         self, item_rows: Tensor, state: Tensor, user_state: Tensor | None = None

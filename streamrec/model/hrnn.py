@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from streamrec.model.api import TrainableStepModel
+from streamrec.model.api import InnerProductScores, TrainableStepModel
 from streamrec.model.gru4rec import _uniform_blocks
 
 VARIANTS = ("init", "all", "none")
@@ -105,7 +105,7 @@ def _run_stack(
     return out
 
 
-class HRNN(TrainableStepModel, nn.Module):
+class HRNN(InnerProductScores, TrainableStepModel, nn.Module):
     """Session GRU + user GRU with the streamrec step API (see docs/architecture.md)."""
 
     def __init__(
@@ -335,9 +335,11 @@ class HRNN(TrainableStepModel, nn.Module):
             idx = torch.where(mem >= 0, mem, torch.full_like(mem, float(n))).long()
             hit = torch.zeros(mem.shape[0], n + 1, device=mem.device, dtype=mem.dtype)
             hit = hit.scatter_(1, idx, 1.0)[:, :n]
-        else:  # a few rows (training): look them up in each sorted memory, no n_items buffer
+        else:  # a few rows: look them up in each sorted memory, no n_items buffer
+            # rows shared by every state ([C], training), or rows per state ([B, C], retrieval)
             srt = mem.sort(dim=1).values
-            q = item_rows.to(mem.dtype).unsqueeze(0).expand(mem.shape[0], -1).contiguous()
+            q = item_rows.to(mem.dtype)
+            q = q if q.dim() == 2 else q.unsqueeze(0).expand(mem.shape[0], -1).contiguous()
             pos = torch.searchsorted(srt, q).clamp(max=mem.shape[1] - 1)
             hit = (srt.gather(1, pos) == q).to(mem.dtype)  # rows >= 0 never match an empty -1
         return hit * self.memory_bias
@@ -358,7 +360,40 @@ class HRNN(TrainableStepModel, nn.Module):
         offset = self._memory_offset(user_state, item_rows)
         if offset is not None:
             scores = scores + offset
-        return self._final(scores)
+        return self.final_activation(scores)
+
+    # ------------------------------------------------------ inner-product split
+    def item_vectors(self) -> Tensor:
+        parts = [self.Wy, self.Wuy, self.By] if self.user_to_output else [self.Wy, self.By]
+        return torch.cat([p.detach() for p in parts], dim=1).float()
+
+    def query_vectors(self, state: Tensor, user_state: Tensor | None) -> Tensor:
+        out = self.output(state)
+        parts = [out]
+        if self.user_to_output:
+            parts.append(self._top_user(user_state, out.shape[0]))
+        parts.append(out.new_ones(out.shape[0], 1))
+        return torch.cat(parts, dim=1)
+
+    def offset_rows(self, user_state: Tensor | None) -> Tensor | None:
+        """The user's memory items (their scores carry ``memory_bias``)."""
+        if not self.memory or user_state is None or not self.user_path_on:
+            return None
+        return user_state[:, self.user_dim_total :].long()  # empty slots are -1
+
+    def score_all(self, state: Tensor, user_state: Tensor | None) -> Tensor:
+        return self.score_items(self.output(state), user_state)
+
+    def score_rows(self, state: Tensor, user_state: Tensor | None, rows: Tensor) -> Tensor:
+        out = self.output(state)
+        scores = torch.bmm(self.Wy[rows], out.unsqueeze(2)).squeeze(2) + self.By[rows].squeeze(2)
+        if self.user_to_output:
+            c = self._top_user(user_state, out.shape[0])
+            scores = scores + torch.bmm(self.Wuy[rows], c.unsqueeze(2)).squeeze(2)
+        offset = self._memory_offset(user_state, rows)
+        if offset is not None:
+            scores = scores + offset
+        return self.final_activation(scores)
 
     @classmethod
     def from_gru4rec(cls, g: nn.Module, **kwargs: Any) -> HRNN:
@@ -465,9 +500,9 @@ class HRNN(TrainableStepModel, nn.Module):
         offset = self._memory_offset(user_state, out_rows)
         if offset is not None:
             scores = scores + offset
-        return new, self._final(scores), leaves
+        return new, self.final_activation(scores), leaves
 
-    def _final(self, scores: Tensor) -> Tensor:
+    def final_activation(self, scores: Tensor) -> Tensor:
         if self.final_act == "tanh":
             return torch.tanh(scores)
         if self.final_act == "elu":

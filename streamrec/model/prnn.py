@@ -25,13 +25,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from streamrec.model.api import TrainableStepModel
+from streamrec.model.api import InnerProductScores, TrainableStepModel
 from streamrec.model.hrnn import _init_uniform
 
 ARCHS = ("id", "feature", "parallel", "concat")
 
 
-class PRNN(TrainableStepModel, nn.Module):
+class PRNN(InnerProductScores, TrainableStepModel, nn.Module):
     """Parallel GRU subnets (id + features) with the streamrec step API."""
 
     # buffers (register_buffer), declared for the type checker
@@ -255,6 +255,35 @@ class PRNN(TrainableStepModel, nn.Module):
             assert isinstance(wy, nn.Embedding)  # self.Wy holds embeddings only
             w = wy.weight if item_rows is None else wy(item_rows)
             scores = scores + (self.w[j] * self.active[j]) * (hs[k] @ w.T)
+        return self.final_activation(scores)
+
+    # ------------------------------------------------------------- inner-product split
+    def _out_table(self, k: str) -> Tensor:
+        wy = self.Wy[k]
+        assert isinstance(wy, nn.Embedding)  # self.Wy holds embeddings only
+        return wy.weight
+
+    def item_vectors(self) -> Tensor:
+        parts = [self._out_table(k) for k in self.subnets] + [self.By.weight]
+        return torch.cat([p.detach() for p in parts], dim=1).float()
+
+    def query_vectors(self, state: Tensor, user_state: Tensor | None = None) -> Tensor:
+        hs = self.split_state(state)
+        parts = [(self.w[j] * self.active[j]) * hs[k] for j, k in enumerate(self.subnets)]
+        return torch.cat([*parts, state.new_ones(state.shape[0], 1)], dim=1)
+
+    def score_all(self, state: Tensor, user_state: Tensor | None = None) -> Tensor:
+        return self.score_items(state)
+
+    def score_rows(self, state: Tensor, user_state: Tensor | None, rows: Tensor) -> Tensor:
+        hs = self.split_state(state)
+        scores = self.By.weight[rows].squeeze(2)
+        for j, k in enumerate(self.subnets):
+            dots = torch.bmm(self._out_table(k)[rows], hs[k].unsqueeze(2)).squeeze(2)
+            scores = scores + (self.w[j] * self.active[j]) * dots
+        return self.final_activation(scores)
+
+    def final_activation(self, scores: Tensor) -> Tensor:
         if self.final_act == "tanh":
             return torch.tanh(scores)
         if self.final_act == "elu":

@@ -9,11 +9,10 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-import math
 import os
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,8 @@ import torch
 
 from streamrec.errors import StreamrecError
 from streamrec.loop import registry
-from streamrec.model.api import SplitStepModel, StepModule
+from streamrec.model.ann import AnnParams, load_or_build
+from streamrec.model.api import InnerProductScores, SplitStepModel, StepModule
 from streamrec.model.checkpoint import (
     CheckpointError,
     CheckpointRecord,
@@ -31,6 +31,8 @@ from streamrec.model.checkpoint import (
 )
 from streamrec.model.device import resolve_device
 from streamrec.model.gate import GATE_RATIO, HOLDOUT_KEY, HOLDOUT_METRIC, gate, holdout_recall
+from streamrec.model.retrieval import Retriever, choose_retrieval
+from streamrec.model.topk import BLOCK_TOPK_MIN_ITEMS
 
 log = logging.getLogger(__name__)
 
@@ -70,33 +72,32 @@ def _fingerprint(path: Path) -> str:
     return "|".join(parts)
 
 
-#: catalogue size from which :func:`block_topk` splits the scores into blocks
-BLOCK_TOPK_MIN_ITEMS = 4096
-#: rows scored at a time on CPU (64 x 17k scores stay in cache for the top-k)
-CPU_SCORE_CHUNK = 64
+#: the most score bytes a validation step holds at once (rows x items x 4)
+VALIDATE_SCORE_BYTES = 256 * 2**20
 
 
-def block_topk(scores: torch.Tensor, k: int, block: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.topk(scores, k, dim=1)`` (values, indices), faster over many items on CPU.
+@dataclass(frozen=True)
+class RetrievalOptions:
+    """How a served model finds its top-k (``model.retrieval`` and ``model.ann_*``)."""
 
-    The k best items lie in the k blocks with the highest maxima (a block holding one of them
-    has a maximum at least the k-th best score, and at most k blocks can), so the top-k of
-    those k blocks' items is the exact answer: one max per block and two small top-k's
-    instead of one top-k over every item (3.2 ms vs 5.7 ms for 256 x 17,319 on one core).
-    Values are always torch.topk's; where items tie at the k-th score, which of them is
-    returned may differ (as it may between torch versions).
-    """
-    b, n = scores.shape
-    if scores.device.type != "cpu" or n < BLOCK_TOPK_MIN_ITEMS or k * block >= n or b == 0:
-        return torch.topk(scores, k, dim=1)
-    pad = -n % block
-    if pad:
-        scores = torch.nn.functional.pad(scores, (0, pad), value=-math.inf)
-    blocks = scores.view(b, -1, block)
-    _, best = torch.topk(blocks.amax(dim=2), k, dim=1)
-    inside = blocks.gather(1, best.unsqueeze(2).expand(b, k, block)).view(b, k * block)
-    values, pos = torch.topk(inside, k, dim=1)
-    return values, best.gather(1, pos // block) * block + pos % block
+    #: exact | ann | auto (:func:`streamrec.model.retrieval.choose_retrieval`)
+    mode: str = "exact"
+    ann: AnnParams = field(default_factory=AnnParams)
+    #: exact retrieval through a bf16 shortlist proven against float32 (CPUs with bf16)
+    bf16_shortlist: bool = False
+    #: write an index built at load beside the checkpoint (when the directory is writable)
+    save_index: bool = True
+
+    @classmethod
+    def from_settings(cls, m: Any) -> RetrievalOptions:
+        """From ``Settings.model`` (``retrieval``, ``ann_*``, ``bf16_shortlist``)."""
+        ann = AnnParams(
+            connectivity=m.ann_connectivity,
+            expansion_add=m.ann_expansion_add,
+            expansion_search=m.ann_expansion_search,
+            candidates=m.ann_candidates,
+        )
+        return cls(m.retrieval, ann, m.bf16_shortlist)
 
 
 @dataclass
@@ -123,6 +124,8 @@ class ServingModel:
         name: str = "model",
         metadata: dict[str, Any] | None = None,
         score_dtype: str = "float32",
+        retrieval: RetrievalOptions | None = None,
+        index_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.model = model.to(self.device)
@@ -160,6 +163,48 @@ class ServingModel:
         if isinstance(model, SplitStepModel):
             # a frozen copy of the output weights where it pays (see state_scorer)
             self._score_states = model.state_scorer(getattr(torch, score_dtype), copy=self._big_cpu)
+        self.retriever = self._make_retriever(model, retrieval or RetrievalOptions(), index_dir)
+        #: exact | ann: how the top-k is found (see streamrec.model.retrieval)
+        self.retrieval = self.retriever.mode if self.retriever is not None else "exact"
+
+    def _make_retriever(
+        self, model: StepModule, opts: RetrievalOptions, index_dir: str | os.PathLike[str] | None
+    ) -> Retriever | None:
+        """The retrieval of a model with an inner-product split (None for others: they are
+        scored through ``step`` and ``torch.topk``). An ``ann`` index is loaded from
+        ``index_dir`` (beside the weights) or built, and saved there, here: at load, which a
+        hot swap runs off the serving path."""
+        if not isinstance(model, InnerProductScores):
+            if opts.mode == "ann":
+                raise ModelLoadError(f"{type(model).__name__} cannot be served with retrieval=ann")
+            return None
+        try:
+            mode = choose_retrieval(opts.mode, self.n_items, self.device, model)
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from exc
+        score_states = self._score_states
+        exact_topk = None
+        if score_states is not None:
+            full = lambda state, user: score_states(state)  # noqa: E731
+            if self._big_cpu and isinstance(model, SplitStepModel):
+                # tile by tile into a kept buffer: no full score matrix per chunk
+                exact_topk = model.state_topk(getattr(torch, self.score_dtype))
+        else:
+            full = model.score_all
+        index = None
+        if mode == "ann":
+            with torch.inference_mode():
+                index = load_or_build(
+                    index_dir, model.item_vectors(), opts.ann, save=opts.save_index
+                )
+        shortlist = opts.bf16_shortlist and mode == "exact"
+        if shortlist and self.device.type == "cpu" and not cpu_has_bf16():
+            log.warning("model.bf16_shortlist: this CPU has no bfloat16 instructions; not used")
+            shortlist = False
+        return Retriever(
+            model, full, mode=mode, index=index, candidates=opts.ann.candidates,
+            bf16_shortlist=shortlist, exact_topk=exact_topk,
+        )  # fmt: skip
 
     # ---- loading ------------------------------------------------------------------------
     @classmethod
@@ -170,8 +215,11 @@ class ServingModel:
         top_k: int = 20,
         score_dtype: str = "float32",
         record: CheckpointRecord | None = None,
+        retrieval: RetrievalOptions | None = None,
     ) -> ServingModel:
-        """Load a checkpoint directory (``record``: its record, when read already)."""
+        """Load a checkpoint directory (``record``: its record, when read already;
+        ``retrieval``: how its top-k is found, an ANN index loaded from beside the weights or
+        built there)."""
         try:
             dev = resolve_device(device)
             ckpt = load_checkpoint(Path(path), dev, record)
@@ -195,6 +243,8 @@ class ServingModel:
             name=rec.model_name,
             metadata=meta,
             score_dtype=score_dtype,
+            retrieval=retrieval,
+            index_dir=path,
         )
         served.record = rec
         return served
@@ -250,10 +300,25 @@ class ServingModel:
         b = len(rows)
         with torch.inference_mode():
             r = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.device)
-            new, scores = self.model.step(r, self._tensor(states), self._t(users))
-            top_s, top_i = torch.topk(scores, k, dim=1)
+            st, us = self._tensor(states), self._t(users)
+            if self.retriever is not None:  # advance, then the retrieval's top-k
+                new = self._advance_t(r, st, us)
+                top_s, top_i = self.retriever.topk(new, us, k)
+            else:
+                new, scores = self.model.step(r, st, us)
+                top_s, top_i = torch.topk(scores, k, dim=1)
             new_np = self._np(new, b)
             return StepOutput(new_np, top_i.cpu().numpy(), top_s.float().cpu().numpy())
+
+    def _advance_t(
+        self, r: torch.Tensor, st: torch.Tensor, us: torch.Tensor | None
+    ) -> torch.Tensor:
+        if isinstance(self.model, SplitStepModel):
+            return self.model.advance(r, st)
+        forward = getattr(self.model, "forward_step", None)
+        if forward is not None:
+            return forward(r, st, us)[0]
+        return self.model.step(r, st, us)[0]
 
     def advance(self, rows: np.ndarray, states: np.ndarray) -> np.ndarray:
         """New states only (no scores); ``rows[i] < 0`` keeps state i. Needs ``split``."""
@@ -274,24 +339,16 @@ class ServingModel:
             return self.step(rows, states, users, k=1).states
         with torch.inference_mode():
             r = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.device)
-            new, _ = forward(r, self._tensor(states), self._t(users))
+            new = self._advance_t(r, self._tensor(states), self._t(users))
             return self._np(new, len(rows))
 
     def score(self, states: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (rows, scores) of states made by :meth:`advance`, as ``step`` would give."""
         k = self.top_k if k is None else min(k, self.n_items)
-        score_states = self._score_states
-        assert score_states is not None, "score() needs a split-step model"
+        assert self.split and self.retriever is not None, "score() needs a split-step model"
         with torch.inference_mode():
-            st = self._tensor(states)
-            # on CPU, rows in chunks: each chunk's scores stay in cache for its top-k
-            chunk = CPU_SCORE_CHUNK if self._big_cpu else max(len(st), 1)
-            parts = [
-                block_topk(score_states(st[i : i + chunk]), k)
-                for i in range(0, max(len(st), 1), chunk)  # one (empty) part for no rows
-            ]
-            top_s = torch.cat([p[0] for p in parts])
-            top_i = torch.cat([p[1] for p in parts])
+            # on CPU the retrieval scores rows in chunks: each chunk's scores stay in cache
+            top_s, top_i = self.retriever.topk(self._tensor(states), None, k)
             return top_i.cpu().numpy(), top_s.float().cpu().numpy()
 
     def encode_user(self, sessions: Sequence[Sequence[str]]) -> np.ndarray:
@@ -391,10 +448,16 @@ class ServingModel:
             users = self.initial_user_states(b)
             states = self.initial_states(users, b)
             r = torch.from_numpy(sample).to(self.device)
-            _, scores = self.model.step(r, self._tensor(states), self._t(users))
-            if not bool(torch.isfinite(scores).all()):
-                raise ModelLoadError("the step gave non-finite scores")
-            varied = bool((scores.amax(dim=1) > scores.amin(dim=1)).any())
+            st, us = self._tensor(states), self._t(users)
+            varied = False
+            # rows in blocks: 1,024 score rows of a million items would be 4 GB at once
+            chunk = max(1, VALIDATE_SCORE_BYTES // (4 * self.n_items))
+            for lo in range(0, b, chunk):
+                u = None if us is None else us[lo : lo + chunk]
+                _, scores = self.model.step(r[lo : lo + chunk], st[lo : lo + chunk], u)
+                if not bool(torch.isfinite(scores).all()):
+                    raise ModelLoadError("the step gave non-finite scores")
+                varied = varied or bool((scores.amax(dim=1) > scores.amin(dim=1)).any())
         if not varied and self.n_items > 1:
             raise ModelLoadError("the model scores every item the same (all-zero weights?)")
         if not holdout:
@@ -443,10 +506,12 @@ class ModelHolder:
         holdout_key: str = HOLDOUT_KEY,
         score_dtype: str = "float32",
         gate_ratio: float = GATE_RATIO,
+        retrieval: RetrievalOptions | None = None,
     ) -> None:
         self._model = model
         self.gate_ratio = gate_ratio
         self.score_dtype = score_dtype
+        self.retrieval = retrieval
         self._lock = threading.Lock()
         self.watch_dir = Path(watch_dir) if watch_dir else None
         self.device = device
@@ -495,9 +560,12 @@ class ModelHolder:
         """Load and validate a checkpoint (None if it is rejected); nothing is swapped.
         ``record``: the checkpoint's record, when read already."""
         try:
+            # an ann index absent beside the checkpoint is built here: in the loader thread,
+            # while the old model serves
             new = ServingModel.from_checkpoint(
-                path, self.device, self.top_k, self.score_dtype, record=record
-            )
+                path, self.device, self.top_k, self.score_dtype, record=record,
+                retrieval=self.retrieval,
+            )  # fmt: skip
         except ModelLoadError as exc:
             log.warning("checkpoint %s rejected: %s", path, exc)
             self.rejected[str(path)] = str(exc)

@@ -225,7 +225,7 @@ def test_metrics_are_served_over_http() -> None:
 @pytest.mark.parametrize("n", [4096, 5000, 17_319])
 @pytest.mark.parametrize("k", [1, 20, 50])
 def test_block_topk_equals_torch_topk(n: int, k: int) -> None:
-    from streamrec.serving.served_model import block_topk
+    from streamrec.model.topk import blocked_topk as block_topk
 
     g = torch.Generator().manual_seed(n + k)
     scores = torch.randn(33, n, generator=g)

@@ -146,6 +146,26 @@ def test_evaluate_json_matches(trained: Path, files: tuple[Path, Path]) -> None:
         assert got[key] == pytest.approx(want[key], abs=1e-9), key
 
 
+def test_evaluate_through_retrieval(trained: Path, files: tuple[Path, Path]) -> None:
+    """--retrieval exact ranks within the worker's top-k: the same Recall/MRR up to k; ann
+    builds the index beside the checkpoint and reports what it cost."""
+    _, test = files
+    base = ["evaluate", "--model", str(trained), "--test", str(test), "--k", "1", "5", "20",
+            "--json"]  # fmt: skip
+    got = {}
+    for mode in ("all", "exact", "ann"):
+        res = CliRunner().invoke(main, [*base, "--retrieval", mode])
+        assert res.exit_code == 0, res.output
+        got[mode] = json.loads(res.output[res.output.index("{") :])
+    for key in ("recall@1", "mrr@1", "recall@5", "mrr@5", "recall@20", "mrr@20", "n_events"):
+        assert got["exact"][key] == pytest.approx(got["all"][key], abs=1e-12), key
+    assert got["ann"]["retrieval"] == "ann"
+    assert got["ann"]["index_bytes"] > 0
+    assert (trained / "retrieval.json").is_file()  # saved beside the weights
+    # 60 items: the index finds them all, so nothing is lost
+    assert got["ann"]["recall@20"] == pytest.approx(got["all"]["recall@20"], abs=1e-12)
+
+
 @pytest.mark.parametrize("ties", ["standard", "median"])
 def test_evaluate_table_and_other_ties(trained: Path, files: tuple[Path, Path], ties: str) -> None:
     _, test = files

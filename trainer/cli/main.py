@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import click
@@ -64,6 +65,14 @@ def main() -> None:
     "--window", default=None, help="archive:DIR: e.g. 14d, back from the newest archived event"
 )
 @click.option("--progress/--no-progress", default=True)
+@click.option(
+    "--retrieval-index",
+    type=click.Choice(["auto", "always", "never"]),
+    default="auto",
+    show_default=True,
+    help="build the ANN retrieval index beside the checkpoint (auto: from "
+    "streamrec.model.retrieval.AUTO_ANN_MIN_ITEMS items, where model.retrieval=auto uses it)",
+)
 def train(
     train_path: str,
     test_path: str | None,
@@ -85,6 +94,7 @@ def train(
     until: str | None,
     window: str | None,
     progress: bool,
+    retrieval_index: str,
 ) -> None:
     """Train a model, save the checkpoint to --out, evaluate on --test."""
     from streamrec.model.checkpoint import save_checkpoint
@@ -161,6 +171,7 @@ def train(
         metrics=json_safe(metrics),
     ).path
     write_json(out / "metrics.json", {"model": outcome.model_name, **metrics, "ties": ties})
+    _publish_index(out, outcome.model, retrieval_index)
     if test_df is not None:
         print_metrics(metrics, f"{outcome.model_name} on {test_path} (ties={ties})", cut)
     click.echo(
@@ -178,6 +189,15 @@ def train(
 @ties_option
 @click.option("--json", "as_json", is_flag=True, help="print the metrics as JSON")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA if present)")
+@click.option(
+    "--retrieval",
+    type=click.Choice(["all", "exact", "ann", "auto"]),
+    default="all",
+    show_default=True,
+    help="all: rank the target among every item; exact / ann / auto: rank it within the "
+    "top-k the worker would answer with that model.retrieval (ann: the index beside the "
+    "checkpoint, built and saved there when missing or stale)",
+)
 @load_options
 def evaluate(
     model_dir: str,
@@ -187,6 +207,7 @@ def evaluate(
     ties: str,
     as_json: bool,
     device: str | None,
+    retrieval: str,
     column_map: tuple[str, ...],
     fmt: str | None,
     session_gap: float | None,
@@ -204,16 +225,64 @@ def evaluate(
     lopts = LoadOptions(fmt, parse_column_map(column_map), session_gap)
     test_df = load(test_path, lopts)
     train_df = load(train_path, lopts) if train_path else None
+    extra: dict[str, Any] = {}
+    retriever = None
+    if retrieval != "all":
+        retriever, extra = _retriever(ck.model, Path(model_dir), retrieval, dev)
+    t0 = time.perf_counter()
     try:
         metrics = evaluator_for(ck.model_name)(
-            ck.model, test_df, ck.item_index, cut, ties, dev, train_df
+            ck.model, test_df, ck.item_index, cut, ties, dev, train_df, retriever=retriever
         )
     except ValueError as e:  # no test events left, no UserId for a per-user evaluation
         raise click.ClickException(str(e)) from None
+    metrics = {**metrics, **extra, "evaluate_seconds": round(time.perf_counter() - t0, 2)}
     if as_json:
         click.echo(json.dumps(json_safe(dict(metrics)), indent=2))
     else:
         print_metrics(dict(metrics), f"{ck.model_name} {ck.version} (ties={ties})", cut)
+
+
+def _publish_index(out: Path, model: Any, when: str) -> None:
+    """The ANN index beside a new checkpoint (``--retrieval-index``)."""
+    from streamrec.model.retrieval import publish_index
+
+    index = publish_index(out, model, when=when)
+    if index is not None:
+        click.echo(
+            f"retrieval index: {index.n_items:,} items, {index.nbytes / 2**20:,.0f} MiB, "
+            f"built in {index.meta['build_seconds']:.1f} s",
+            err=True,
+        )
+
+
+def _retriever(
+    model: Any, ckpt_dir: Path, retrieval: str, device: Any
+) -> tuple[Any, dict[str, Any]]:
+    """The retrieval ``trainer evaluate --retrieval`` ranks through, and what it cost."""
+    import torch
+
+    from streamrec.model.ann import AnnParams, load_or_build
+    from streamrec.model.retrieval import Retriever, choose_retrieval
+
+    try:
+        mode = choose_retrieval(retrieval, int(model.n_items), device, model)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    extra: dict[str, Any] = {"retrieval": mode}
+    if mode == "exact":
+        return Retriever(model), extra
+    params = AnnParams()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        index = load_or_build(ckpt_dir, model.item_vectors(), params)
+    extra.update(
+        index_seconds=round(time.perf_counter() - t0, 2),
+        index_built_seconds=index.meta["build_seconds"],
+        index_bytes=index.nbytes,
+        index_params=index.meta["params"],
+    )
+    return Retriever(model, mode="ann", index=index, candidates=params.candidates), extra
 
 
 @main.command(cls=MultiValueCommand)

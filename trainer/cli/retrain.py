@@ -54,6 +54,13 @@ from trainer.retrain import RetrainConfig, RetrainError, run_cycle
 @click.option("--item-meta", default=None, help="p-RNN item metadata, as trainer train")
 @click.option("--schedule", default=None, help="p-RNN training schedule")
 @click.option("--progress/--no-progress", default=True)
+@click.option(
+    "--retrieval-index",
+    type=click.Choice(["auto", "always", "never"]),
+    default="auto",
+    show_default=True,
+    help="Build the ANN retrieval index into the version before publishing it.",
+)
 def retrain(
     archive: str,
     models: str,
@@ -77,6 +84,7 @@ def retrain(
     item_meta: str | None,
     schedule: str | None,
     progress: bool,
+    retrieval_index: str,
 ) -> None:
     """Retrain from the click archive; publish the candidate if it passes the gate."""
     if once == bool(every):
@@ -89,7 +97,7 @@ def retrain(
         archive, models, window, holdout, model_name, preset, split_values(params), cold,
         tolerance, metric, keep, min_item_support, progress, None, gate_z,
         min_holdout_events, None if warm_epochs == "auto" else int(warm_epochs), variant,
-        features, item_meta, schedule,
+        features, item_meta, schedule, retrieval_index,
     )  # fmt: skip
     if once:
         try:

@@ -11,14 +11,15 @@ import torch
 from torch import Tensor, nn
 
 from streamrec.model.api import StepModule, TrainableStepModel
-from trainer.evaluate import eval_mode, model_device
+from streamrec.model.retrieval import Retriever
+from trainer.evaluate import eval_mode, model_device, step_ranks
 from trainer.hier.batches import (
     EVAL,
     UserParallelBatches,
     advance_at_boundaries,
     user_parallel_batches,
 )
-from trainer.metrics import MetricAccumulator, ranks
+from trainer.metrics import MetricAccumulator
 
 
 @torch.inference_mode()
@@ -32,6 +33,7 @@ def evaluate_users(
     batch_size: int = 256,
     device: str | torch.device | None = None,
     first_n: int | None = None,
+    retriever: Retriever | None = None,
 ) -> dict[str, float]:
     """Per-user next-item evaluation of each user's test session(s).
 
@@ -40,7 +42,8 @@ def evaluate_users(
     items (``trainer.metrics.ranks`` with ``ties``). Test items outside ``item_index`` are
     neither ranked nor fed (an unknown input keeps the state, as in the live service).
     ``first_n`` ranks only the first ``first_n`` predictions of each test session (where the
-    user state matters most).
+    user state matters most). ``retriever``: ranks within its top-k answers (ANN retrieval),
+    see :func:`trainer.evaluate.step_ranks`, which also scores large catalogues in blocks.
     """
     dev = torch.device(device) if device is not None else model_device(model)
     model.to(dev)
@@ -58,7 +61,7 @@ def evaluate_users(
         scored &= b.position < first_n
     acc = MetricAccumulator(ks)
     with eval_mode(model):
-        _rank_scored(model, b, scored, acc, ties, dev)
+        _rank_scored(model, b, scored, acc, ties, dev, retriever)
     res = acc.result()
     res["n_users"] = len(users)
     return res
@@ -71,6 +74,7 @@ def _rank_scored(
     acc: MetricAccumulator,
     ties: str,
     dev: torch.device,
+    retriever: Retriever | None = None,
 ) -> None:
     """Step through the batches, ranking the targets where ``scored``; the other steps only
     advance the states (without scoring where the model can)."""
@@ -88,9 +92,12 @@ def _rank_scored(
             rows = torch.from_numpy(np.flatnonzero(b.session_start[t])).to(dev)
             state, user = advance_at_boundaries(model, state, user, sstart[t], ustart[t], rows)
         if any_scored[t]:
-            state, scores = model.step(inputs[t], state, user)
-            sel = scored_t[t].nonzero().squeeze(1)
-            acc.add_ranks(ranks(scores.index_select(0, sel), targets[t].index_select(0, sel), ties))
+            # unscored rows rank a stand-in target 0, dropped below
+            state, r = step_ranks(
+                model, inputs[t], state, user, targets[t].clamp(min=0), ties,
+                retriever=retriever, k=max(acc.ks),
+            )  # fmt: skip
+            acc.add_ranks(r.index_select(0, scored_t[t].nonzero().squeeze(1)))
         elif isinstance(model, TrainableStepModel):  # advance without scoring
             state, _ = model.forward_step(inputs[t], state, user)
         else:
@@ -157,10 +164,13 @@ def evaluate_users_job(
     ties: str,
     device: torch.device | str | None = None,
     train_df: pd.DataFrame | None = None,
+    retriever: Retriever | None = None,
 ) -> dict[str, float]:
     """The ``trainer`` evaluator for hrnn/prnn: per user, training sessions warm the state."""
     if "UserId" not in test_df.columns:
         raise ValueError("per-user evaluation needs a UserId column in --test")
     if train_df is None:
         train_df = test_df.iloc[:0]
-    return evaluate_users(model, train_df, test_df, item_index, ks, ties, device=device)
+    return evaluate_users(
+        model, train_df, test_df, item_index, ks, ties, device=device, retriever=retriever
+    )

@@ -1,0 +1,132 @@
+"""Exact top-k over a whole catalogue, cheaper than ``torch.topk`` over every score.
+
+Two tools, both exact:
+
+* :func:`blocked_topk`: the k best items lie in the k blocks (of 64 items) with the highest
+  maxima, so one max per block and two small top-k's replace one top-k over every item.
+* :func:`bf16_left_out_bound`: with scores computed in bfloat16 (several times faster matrix
+  products where the CPU has bf16 dot products), take a shortlist, score it in float32 and
+  keep the answer only where a rounding bound proves that no item outside the shortlist can
+  be better than the k-th: the answer is then the float32 answer. Rows it cannot prove are
+  returned for a float32 pass.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+#: catalogue size from which :func:`blocked_topk` splits the scores into blocks
+BLOCK_TOPK_MIN_ITEMS = 4096
+#: items per block
+BLOCK = 64
+#: a bound on |bf16 score - fp32 score| per unit of ``|query| * max |item vector|``: inputs
+#: rounded to bf16 (2 x 2^-8 relative on each product), the bf16 output (2^-8), both
+#: float32 accumulations (~100 x 2^-24 each): 0.0118 in all, rounded up to 2^-6
+BF16_ERROR = 2.0**-6
+
+
+def blocked_topk(scores: Tensor, k: int, block: int = BLOCK) -> tuple[Tensor, Tensor]:
+    """``torch.topk(scores, k, dim=1)`` (values, indices), faster over many items on CPU.
+
+    A block holding one of the k best items has a maximum at least the k-th best score, and at
+    most k blocks can hold them, so the top-k of the k blocks with the highest maxima is the
+    exact answer. Values are always torch.topk's; where items tie at the k-th score, which of
+    them is returned may differ (as it may between torch versions).
+    """
+    b, n = scores.shape
+    if scores.device.type != "cpu" or n < BLOCK_TOPK_MIN_ITEMS or k * block >= n or b == 0:
+        return torch.topk(scores, k, dim=1)
+    full = n - n % block
+    blocks = scores[:, :full].view(b, -1, block)  # a view: the row stride stays n
+    _, best = torch.topk(blocks.amax(dim=2), k, dim=1)
+    cols = (best.unsqueeze(2) * block + torch.arange(block, device=scores.device)).view(b, -1)
+    if full < n:  # the ragged tail (< one block) is always looked at
+        tail = torch.arange(full, n, device=scores.device).expand(b, -1)
+        cols = torch.cat([cols, tail], dim=1)
+    values, pos = torch.topk(scores.gather(1, cols), k, dim=1)
+    return values, cols.gather(1, pos)
+
+
+def bf16_left_out_bound(shortlist_low: Tensor, query_norm: Tensor, max_item_norm: float) -> Tensor:
+    """The highest float32 inner product an item left out of a bf16 shortlist can have.
+
+    ``shortlist_low`` ``[B]``: the lowest bf16 score in each row's shortlist (an item left out
+    scores at most that in bf16); its float32 score differs by at most
+    ``BF16_ERROR * |q| * |v|``. Where the k-th best float32 score of the shortlist is at
+    least this bound, the shortlist's top-k is the float32 top-k (up to exact ties).
+    """
+    return shortlist_low.float() + BF16_ERROR * query_norm * max_item_norm
+
+
+class TiledTopK:
+    """Exact top-k of ``act(x @ weight_t + bias)`` over every item, on CPU, without a pass
+    over a freshly allocated score matrix.
+
+    The scores are written tile by tile (``tile`` items) into a buffer kept between calls
+    (a new multi-megabyte tensor per call costs page faults), and each tile's block maxima are
+    taken while the tile is still in cache; then :func:`blocked_topk`'s argument picks the k
+    best blocks. Each score is the same ``addmm`` element as over all items at once, so the
+    answer is the untiled one's. ``act`` must be increasing (it is applied to the k values).
+    Buffers are per thread.
+    """
+
+    def __init__(
+        self,
+        weight_t: Tensor,
+        bias: Tensor,
+        act: Callable[[Tensor], Tensor] | None = None,
+        *,
+        tile: int = 2048,
+        block: int = BLOCK,
+    ) -> None:
+        if tile % block:
+            raise ValueError("tile must be a multiple of block")
+        self.weight_t = weight_t  # [D, N], contiguous
+        self.bias = bias.reshape(1, -1)  # [1, N]
+        self.act = act
+        self.tile = tile
+        self.block = block
+        self.n = weight_t.shape[1]
+        self._local = threading.local()
+
+    def _buffers(self, rows: int) -> tuple[Tensor, Tensor]:
+        bufs = getattr(self._local, "bufs", None)
+        if bufs is None or bufs[0].shape[0] < rows:
+            full = self.n - self.n % self.block
+            scores = torch.empty(rows, self.n, dtype=self.weight_t.dtype)
+            maxima = torch.empty(rows, full // self.block, dtype=self.weight_t.dtype)
+            bufs = self._local.bufs = (scores, maxima)
+        return bufs[0][:rows], bufs[1][:rows]
+
+    def topk(self, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """(values, item rows) ``[B, k]`` for the rows of ``x`` ``[B, D]``."""
+        b, n, blk = x.shape[0], self.n, self.block
+        if b == 0 or n < BLOCK_TOPK_MIN_ITEMS or k * blk >= n or x.device.type != "cpu":
+            return self._plain(x, k)
+        x = x.to(self.weight_t.dtype)
+        scores, maxima = self._buffers(b)
+        full = n - n % blk
+        for c0 in range(0, n, self.tile):
+            c1 = min(n, c0 + self.tile)
+            out = scores[:, c0:c1]
+            torch.addmm(self.bias[:, c0:c1], x, self.weight_t[:, c0:c1], out=out)
+            m1 = min(c1, full)
+            if m1 > c0:
+                torch.amax(out[:, : m1 - c0].view(b, -1, blk), dim=2,
+                           out=maxima[:, c0 // blk : m1 // blk])  # fmt: skip
+        _, best = torch.topk(maxima, k, dim=1)
+        cols = (best.unsqueeze(2) * blk + torch.arange(blk)).view(b, -1)
+        if full < n:
+            cols = torch.cat([cols, torch.arange(full, n).expand(b, -1)], dim=1)
+        values, pos = torch.topk(scores.gather(1, cols), k, dim=1)
+        rows = cols.gather(1, pos)
+        return (values if self.act is None else self.act(values)), rows
+
+    def _plain(self, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        s = torch.addmm(self.bias, x.to(self.weight_t.dtype), self.weight_t)
+        values, rows = torch.topk(s, min(k, self.n), dim=1)
+        return (values if self.act is None else self.act(values)), rows

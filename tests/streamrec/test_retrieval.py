@@ -1,0 +1,281 @@
+"""Retrieval: exact top-k (blocked, bf16 shortlist), ANN candidates + exact re-rank, the
+index beside the weights (its hash), and ``auto``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from streamrec.model import HRNN, PRNN, GRU4Rec
+from streamrec.model.ann import AnnIndex, AnnIndexError, AnnParams, load_index, load_or_build
+from streamrec.model.api import InnerProductScores
+from streamrec.model.retrieval import (
+    AUTO_ANN_MIN_ITEMS,
+    Retriever,
+    choose_retrieval,
+    publish_index,
+    unique_rows,
+)
+from streamrec.model.topk import blocked_topk
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+N_ITEMS = 3000
+
+
+def _gru4rec(n: int = N_ITEMS, seed: int = 0) -> GRU4Rec:
+    m = GRU4Rec({"n_items": n, "layers": [16]}, seed=seed)
+    with torch.no_grad():
+        m.By.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(seed))
+    return m.eval()
+
+
+def _hrnn(memory: int = 0) -> HRNN:
+    torch.manual_seed(1)
+    m = HRNN(N_ITEMS, layers=[16], user_layers=[8], user_to_output=True, memory=memory)
+    with torch.no_grad():
+        m.Wuy.normal_(0.0, 0.3)
+        m.By.normal_(0.0, 0.3)
+    return m.eval()
+
+
+def _prnn() -> PRNN:
+    torch.manual_seed(2)
+    feats = [torch.rand(N_ITEMS, 5)]
+    return PRNN(
+        N_ITEMS, [5], arch="parallel", id_hidden=12, feature_hidden=6, feature_values=feats
+    ).eval()
+
+
+def _full(model: InnerProductScores) -> object:
+    """The model's own scores of every item for a state after the step (what ``step`` gives)."""
+
+    def scores(state: torch.Tensor, user: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(model, GRU4Rec):
+            return model.score_items(model.output(state))
+        if isinstance(model, HRNN):
+            return model.score_items(model.output(state), user)
+        assert isinstance(model, PRNN)
+        return model.score_items(state)
+
+    return scores
+
+
+def _planted_states(model: InnerProductScores, targets: torch.Tensor, dim: int) -> torch.Tensor:
+    """States whose output part points along each target's output row: a clear winner."""
+    v = model.item_vectors()[targets, :dim]
+    return 3.0 * v / v.norm(dim=1, keepdim=True)
+
+
+def _states(model: InnerProductScores, targets: torch.Tensor) -> torch.Tensor:
+    if isinstance(model, GRU4Rec):
+        return _planted_states(model, targets, 16)
+    if isinstance(model, HRNN):
+        return _planted_states(model, targets, 16)
+    assert isinstance(model, PRNN)
+    return _planted_states(model, targets, model.state_dim)
+
+
+@pytest.mark.parametrize("metric", ["auto", "ip", "l2-augmented"])
+@pytest.mark.parametrize("make", [_gru4rec, _hrnn, _prnn], ids=["gru4rec", "hrnn", "prnn"])
+def test_exact_and_ann_agree_on_the_top1_of_clear_cases(make: object, metric: str) -> None:
+    """States pointing along items' output rows, no output bias: where the exact winner leads
+    the runner-up by 10 %, the ANN answer has the same winner. (With a random bias as large as
+    the products, the inner-product graph misses half of such winners and the L2 reduction
+    2 %: bench/results/catalogue-scale.md; on the trained 1M-item model it is the reverse.)"""
+    model = make()  # type: ignore[operator]
+    assert isinstance(model, InnerProductScores)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # type: ignore[attr-defined]
+            if name.startswith(("By", "Wuy")):
+                p.zero_()
+    targets = torch.arange(0, N_ITEMS, 37)
+    states = 20.0 * _states(model, targets)
+    users = model.initial_user_state(len(states)) if isinstance(model, HRNN) else None
+    full = _full(model)
+    with torch.inference_mode():
+        exact = Retriever(model, full)  # type: ignore[arg-type]
+        index = AnnIndex.build(model.item_vectors(), AnnParams(metric=metric))
+        ann = Retriever(model, full, mode="ann", index=index)  # type: ignore[arg-type]
+        values, top_exact = exact.topk(states, users, 20)
+        _, top_ann = ann.topk(states, users, 20)
+        reference = torch.topk(full(states, users), 20, dim=1).indices  # type: ignore[operator]
+    assert torch.equal(top_exact[:, 0], reference[:, 0])
+    clear = values[:, 0] - values[:, 1] > 0.1 * values[:, 0].abs()
+    assert int(clear.sum()) >= 10
+    assert torch.equal(top_ann[clear, 0], top_exact[clear, 0])
+
+
+@pytest.mark.parametrize("bias", [0.3, 1.0])
+def test_the_automatic_graph_finds_clear_winners_beside_a_large_bias(bias: float) -> None:
+    """Output rows of a trained model's size, a bias as large as the products, GRU states at
+    their largest norm: on one of the two graphs the inner-product graph misses half the
+    clear winners (catalogue-scale.md); ``auto`` must build one that finds them."""
+    model = _gru4rec()
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        model.Wy.mul_(10.0)  # |w| ~ 1, as trained rows
+        model.By.copy_(bias * torch.randn(model.By.shape, generator=gen))
+    targets = torch.arange(0, N_ITEMS, 37)
+    states = 4.0 * _planted_states(model, targets, 16) / 3.0  # |h| = 4 = sqrt(16 units)
+    with torch.inference_mode():
+        values, top_exact = Retriever(model).topk(states, None, 20)
+        index = AnnIndex.build(model.item_vectors(), AnnParams())
+        _, top_ann = Retriever(model, mode="ann", index=index).topk(states, None, 20)
+    clear = values[:, 0] - values[:, 1] > 0.1 * values[:, 0].abs()
+    assert int(clear.sum()) >= 10
+    assert torch.equal(top_ann[clear, 0], top_exact[clear, 0]), index.meta["metric_probe_recall"]
+
+
+def test_hrnn_memory_items_are_always_candidates_and_win_when_the_offset_says_so() -> None:
+    model = _hrnn(memory=4)
+    with torch.no_grad():
+        model.memory_bias.fill_(50.0)  # remembered items outrank everything
+    states = _planted_states(model, torch.tensor([10, 20]), 16)
+    states = torch.cat([states, torch.full((2, 4), -1.0)], dim=1)  # the session's own memory
+    users = model.initial_user_state(2)
+    # the items each user remembers: the ones the inner product ranks last for its state
+    with torch.inference_mode():
+        every = torch.arange(N_ITEMS).expand(2, -1)
+        worst = model.score_rows(states, None, every).argsort(dim=1)[:, :2]
+    users[:, model.user_dim_total :] = torch.cat([worst, torch.full((2, 2), -1)], dim=1).float()
+    full = _full(model)
+    with torch.inference_mode():
+        index = AnnIndex.build(model.item_vectors(), AnnParams(candidates=20))
+        ann = Retriever(model, full, mode="ann", index=index, candidates=20)  # type: ignore[arg-type]
+        extra = torch.tensor([5, 7, -1])
+        cands = ann.ann_candidates(states, users, 20, extra)
+        _, top = ann.topk(states, users, 20)
+        reference = torch.topk(full(states, users), 2, dim=1).indices  # type: ignore[operator]
+    for b in range(2):
+        found = set(cands[b].tolist())
+        assert set(worst[b].tolist()) <= found  # the memory, though the index never finds it
+        assert {5, 7} <= found  # the caller's list (a filter or boost)
+        assert set(top[b, :2].tolist()) == set(reference[b].tolist()) == set(worst[b].tolist())
+
+
+def test_candidates_are_unique() -> None:
+    rows = torch.tensor([[3, 1, 3, -1, 1], [0, 0, 0, 2, -1]])
+    got = unique_rows(rows)
+    for b in range(2):
+        kept = [r for r in got[b].tolist() if r >= 0]
+        assert sorted(kept) == sorted({r for r in rows[b].tolist() if r >= 0})
+
+
+def test_an_index_whose_hash_does_not_match_its_weights_is_rebuilt(tmp_path: Path) -> None:
+    model = _gru4rec()
+    params = AnnParams()
+    built = load_or_build(tmp_path, model.item_vectors(), params)
+    assert (tmp_path / "retrieval.json").exists()
+    assert load_index(tmp_path, model.item_vectors(), params).meta == built.meta  # reused
+    with torch.no_grad():
+        model.Wy[17] += 0.5  # other weights (one item changed)
+    with pytest.raises(AnnIndexError, match="hash"):
+        load_index(tmp_path, model.item_vectors(), params)
+    rebuilt = load_or_build(tmp_path, model.item_vectors(), params)
+    assert rebuilt.meta["vectors_sha256"] != built.meta["vectors_sha256"]
+    # the stale file was replaced: the next load finds the index of the new weights
+    assert load_index(tmp_path, model.item_vectors(), params).meta == rebuilt.meta
+    # and item 17, moved, is found where its new vector is
+    q = model.query_vectors(_planted_states(model, torch.tensor([17]), 16), None)
+    assert rebuilt.search(q, 5)[0, 0].item() == 17
+
+
+def test_an_index_built_with_other_settings_is_rebuilt(tmp_path: Path) -> None:
+    model = _gru4rec()
+    load_or_build(tmp_path, model.item_vectors(), AnnParams(connectivity=8))
+    with pytest.raises(AnnIndexError, match="built with"):
+        load_index(tmp_path, model.item_vectors(), AnnParams(connectivity=16))
+    # a search-time setting is not a reason to rebuild
+    load_index(tmp_path, model.item_vectors(), AnnParams(connectivity=8, expansion_search=400))
+
+
+def test_auto_chooses_as_documented() -> None:
+    small, large = _gru4rec(10), _gru4rec(10)
+    assert choose_retrieval("auto", AUTO_ANN_MIN_ITEMS - 1, "cpu", small) == "exact"
+    assert choose_retrieval("auto", AUTO_ANN_MIN_ITEMS, "cpu", large) == "ann"
+    assert choose_retrieval("auto", AUTO_ANN_MIN_ITEMS, "cuda", large) == "exact"  # GPU: exact
+    assert choose_retrieval("exact", 10**7, "cpu", large) == "exact"
+    assert choose_retrieval("ann", 10, "cpu", small) == "ann"
+
+    class NoSplit(torch.nn.Module):  # a model without the inner-product split
+        pass
+
+    assert choose_retrieval("auto", 10**7, "cpu", NoSplit()) == "exact"
+    with pytest.raises(ValueError, match="inner-product"):
+        choose_retrieval("ann", 10**7, "cpu", NoSplit())
+    with pytest.raises(ValueError, match="retrieval must be"):
+        choose_retrieval("fast", 10, "cpu", small)
+
+
+@pytest.mark.parametrize("n", [4096, 5000, 17_319])
+def test_blocked_topk_is_torch_topk(n: int) -> None:
+    gen = torch.Generator().manual_seed(n)
+    for dtype in (torch.float32, torch.bfloat16):
+        scores = torch.randn(37, n, generator=gen).to(dtype)
+        values, rows = blocked_topk(scores, 21)
+        ref_values, _ = torch.topk(scores, 21, dim=1)
+        assert torch.equal(values, ref_values)
+        assert torch.equal(scores.gather(1, rows), values)
+
+
+@pytest.mark.parametrize("make", [_gru4rec, _hrnn, _prnn], ids=["gru4rec", "hrnn", "prnn"])
+def test_bf16_shortlist_gives_the_float32_answer(make: object) -> None:
+    model = make()  # type: ignore[operator]
+    gen = torch.Generator().manual_seed(5)
+    states = torch.randn(200, model.state_dim, generator=gen).tanh()
+    users = model.initial_user_state(200) if isinstance(model, HRNN) else None
+    full = _full(model)
+    with torch.inference_mode():
+        reference = torch.topk(full(states, users), 20, dim=1)  # type: ignore[operator]
+        for shortlist in (128, 20):  # 20: most rows cannot be proven and fall back
+            r = Retriever(model, full, bf16_shortlist=True, shortlist=shortlist)  # type: ignore[arg-type]
+            values, rows = r.topk(states, users, 20)
+            assert torch.equal(rows, reference.indices)  # the same items, in the same order
+            # their float32 scores, from another kernel (bmm, not addmm): the last bit may differ
+            torch.testing.assert_close(values, reference.values, rtol=1e-6, atol=1e-6)
+    assert r.shortlist_fallbacks > 0  # the float32 pass was exercised
+
+
+def test_an_index_is_published_beside_the_weights_where_auto_would_use_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import streamrec.model.retrieval as retrieval
+
+    model = _gru4rec()
+    assert publish_index(tmp_path, model) is None  # 3,000 items: auto serves them exactly
+    assert not (tmp_path / "retrieval.json").exists()
+    assert publish_index(tmp_path, model, when="never") is None
+    monkeypatch.setattr(retrieval, "AUTO_ANN_MIN_ITEMS", N_ITEMS)
+    published = publish_index(tmp_path, model)
+    assert published is not None
+    assert load_index(tmp_path, model.item_vectors(), AnnParams()).meta == published.meta
+
+
+@pytest.mark.parametrize("n", [4096, 5000, 17_319])
+def test_tiled_topk_is_the_untiled_answer(n: int) -> None:
+    model = _gru4rec(n)
+    gen = torch.Generator().manual_seed(n)
+    states = torch.randn(70, 16, generator=gen).tanh()
+    with torch.inference_mode():
+        for dtype in (torch.float32, torch.bfloat16):
+            values, rows = model.state_topk(dtype)(states, 21)
+            scores = model.state_scorer(dtype, copy=True)(states)
+            ref_values, _ = torch.topk(scores, 21, dim=1)
+            assert torch.equal(values, ref_values)  # the same elements, to the bit
+            assert torch.equal(scores.gather(1, rows), values)
+        # and a second call reuses the buffers without leaking the first call's scores
+        again, _ = model.state_topk()(states[:5], 21)
+        assert torch.equal(again, torch.topk(model.state_scorer()(states[:5]), 21, dim=1)[0])
+
+
+def test_bf16_shortlist_over_a_tiled_catalogue() -> None:
+    model = _gru4rec(9000)
+    states = torch.randn(130, 16, generator=torch.Generator().manual_seed(3)).tanh()
+    with torch.inference_mode():
+        reference = torch.topk(model.score_all(states), 20, dim=1)
+        r = Retriever(model, bf16_shortlist=True)
+        _, rows = r.topk(states, None, 20)
+    assert torch.equal(rows, reference.indices)
