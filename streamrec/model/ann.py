@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from streamrec.errors import StreamrecError
+
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "retrieval.usearch"
@@ -72,7 +74,7 @@ class AnnParams:
         }
 
 
-class AnnIndexError(RuntimeError):
+class AnnIndexError(StreamrecError, RuntimeError):
     """An index file is missing, unreadable, or does not belong to these weights."""
 
 

@@ -3,6 +3,7 @@ index beside the weights (its hash), and ``auto``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from streamrec.model.ann import AnnIndex, AnnIndexError, AnnParams, load_index, 
 from streamrec.model.api import InnerProductScores
 from streamrec.model.retrieval import (
     AUTO_ANN_MIN_ITEMS,
+    FullScores,
     Retriever,
     choose_retrieval,
     publish_index,
@@ -49,7 +51,7 @@ def _prnn() -> PRNN:
     ).eval()
 
 
-def _full(model: InnerProductScores) -> object:
+def _full(model: InnerProductScores) -> FullScores:
     """The model's own scores of every item for a state after the step (what ``step`` gives)."""
 
     def scores(state: torch.Tensor, user: torch.Tensor | None) -> torch.Tensor:
@@ -80,15 +82,17 @@ def _states(model: InnerProductScores, targets: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("metric", ["auto", "ip", "l2-augmented"])
 @pytest.mark.parametrize("make", [_gru4rec, _hrnn, _prnn], ids=["gru4rec", "hrnn", "prnn"])
-def test_exact_and_ann_agree_on_the_top1_of_clear_cases(make: object, metric: str) -> None:
+def test_exact_and_ann_agree_on_the_top1_of_clear_cases(
+    make: Callable[[], GRU4Rec | HRNN | PRNN], metric: str
+) -> None:
     """States pointing along items' output rows, no output bias: where the exact winner leads
     the runner-up by 10 %, the ANN answer has the same winner. (With a random bias as large as
     the products, the inner-product graph misses half of such winners and the L2 reduction
     2 %: bench/results/catalogue-scale.md; on the trained 1M-item model it is the reverse.)"""
-    model = make()  # type: ignore[operator]
+    model = make()
     assert isinstance(model, InnerProductScores)
     with torch.no_grad():
-        for name, p in model.named_parameters():  # type: ignore[attr-defined]
+        for name, p in model.named_parameters():
             if name.startswith(("By", "Wuy")):
                 p.zero_()
     targets = torch.arange(0, N_ITEMS, 37)
@@ -96,12 +100,12 @@ def test_exact_and_ann_agree_on_the_top1_of_clear_cases(make: object, metric: st
     users = model.initial_user_state(len(states)) if isinstance(model, HRNN) else None
     full = _full(model)
     with torch.inference_mode():
-        exact = Retriever(model, full)  # type: ignore[arg-type]
+        exact = Retriever(model, full)
         index = AnnIndex.build(model.item_vectors(), AnnParams(metric=metric))
-        ann = Retriever(model, full, mode="ann", index=index)  # type: ignore[arg-type]
+        ann = Retriever(model, full, mode="ann", index=index)
         values, top_exact = exact.topk(states, users, 20)
         _, top_ann = ann.topk(states, users, 20)
-        reference = torch.topk(full(states, users), 20, dim=1).indices  # type: ignore[operator]
+        reference = torch.topk(full(states, users), 20, dim=1).indices
     assert torch.equal(top_exact[:, 0], reference[:, 0])
     clear = values[:, 0] - values[:, 1] > 0.1 * values[:, 0].abs()
     assert int(clear.sum()) >= 10
@@ -144,11 +148,11 @@ def test_hrnn_memory_items_are_always_candidates_and_win_when_the_offset_says_so
     full = _full(model)
     with torch.inference_mode():
         index = AnnIndex.build(model.item_vectors(), AnnParams(candidates=20))
-        ann = Retriever(model, full, mode="ann", index=index, candidates=20)  # type: ignore[arg-type]
+        ann = Retriever(model, full, mode="ann", index=index, candidates=20)
         extra = torch.tensor([5, 7, -1])
         cands = ann.ann_candidates(states, users, 20, extra)
         _, top = ann.topk(states, users, 20)
-        reference = torch.topk(full(states, users), 2, dim=1).indices  # type: ignore[operator]
+        reference = torch.topk(full(states, users), 2, dim=1).indices
     for b in range(2):
         found = set(cands[b].tolist())
         assert set(worst[b].tolist()) <= found  # the memory, though the index never finds it
@@ -222,16 +226,16 @@ def test_blocked_topk_is_torch_topk(n: int) -> None:
 
 
 @pytest.mark.parametrize("make", [_gru4rec, _hrnn, _prnn], ids=["gru4rec", "hrnn", "prnn"])
-def test_bf16_shortlist_gives_the_float32_answer(make: object) -> None:
-    model = make()  # type: ignore[operator]
+def test_bf16_shortlist_gives_the_float32_answer(make: Callable[[], GRU4Rec | HRNN | PRNN]) -> None:
+    model = make()
     gen = torch.Generator().manual_seed(5)
     states = torch.randn(200, model.state_dim, generator=gen).tanh()
     users = model.initial_user_state(200) if isinstance(model, HRNN) else None
     full = _full(model)
     with torch.inference_mode():
-        reference = torch.topk(full(states, users), 20, dim=1)  # type: ignore[operator]
+        reference = torch.topk(full(states, users), 20, dim=1)
         for shortlist in (128, 20):  # 20: most rows cannot be proven and fall back
-            r = Retriever(model, full, bf16_shortlist=True, shortlist=shortlist)  # type: ignore[arg-type]
+            r = Retriever(model, full, bf16_shortlist=True, shortlist=shortlist)
             values, rows = r.topk(states, users, 20)
             assert torch.equal(rows, reference.indices)  # the same items, in the same order
             # their float32 scores, from another kernel (bmm, not addmm): the last bit may differ

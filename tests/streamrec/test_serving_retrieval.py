@@ -32,7 +32,8 @@ def _gru4rec_ckpt(path: Path, seed: int = 0) -> Path:
 
 def _planted(model: ServingModel, items: list[int]) -> np.ndarray:
     """GRU states at their largest norm (4 for 16 units) pointing along these items' rows."""
-    w = model.model.Wy.detach()[items]  # type: ignore[attr-defined]
+    assert isinstance(model.model, GRU4Rec)
+    w = model.model.Wy.detach()[items]
     return (4.0 * w / w.norm(dim=1, keepdim=True)).numpy().astype(np.float32)
 
 
