@@ -296,10 +296,10 @@ class Worker(EngineBase):
         """/readyz (read from the metrics thread): the tables recovered after the last
         rebalance, the model loaded (it is, before the app starts)."""
         app = self.app
-        if not app.consumer_generation_id:
-            return False, "waiting for partitions"
-        if app.rebalancing or not app.tables.actives_ready:
-            return False, "recovering the tables after a rebalance"
+        if app.rebalancing:
+            return False, "rebalancing: recovering the tables"
+        if not app.tables.actives_ready:  # False until the first assignment is recovered
+            return False, "waiting for partitions and their tables"
         return True, "tables recovered"
 
     async def _observe(self) -> None:

@@ -101,6 +101,11 @@ def faust_app_kwargs(conf: Mapping[str, Any]) -> dict[str, Any]:
     naming every property it cannot apply."""
     consumer = role_config(conf, "consumer")
     producer = role_config(conf, "producer")
+    if str(consumer.get("sasl.mechanism", "")).upper() == "OAUTHBEARER":
+        raise FaustConfigError(
+            "sasl.mechanism=OAUTHBEARER is librdkafka's token flow (OIDC client credentials), "
+            "which the Faust engine (aiokafka) cannot run; use worker.engine=native"
+        )
     kwargs: dict[str, Any] = {}
     refused: list[str] = []
     for props, table in ((consumer, APP_SETTINGS), (producer, PRODUCER_APP_SETTINGS)):
@@ -144,11 +149,6 @@ def _credentials(props: Mapping[str, Any]) -> Any:
                 props.get("ssl.key.password"),
             )
     if protocol.startswith("SASL"):
-        if mechanism == "OAUTHBEARER":
-            raise FaustConfigError(
-                "sasl.mechanism=OAUTHBEARER is librdkafka's token flow, which the Faust engine "
-                "(aiokafka) cannot run; use worker.engine=native"
-            )
         return faust.SASLCredentials(
             username=props.get("sasl.username"),
             password=props.get("sasl.password") or "",

@@ -138,19 +138,31 @@ class RocksDBPartition:
             return {SESSIONS: int(sessions), USERS: int(users)}
         return {t: sum(1 for _ in self._db_keys(t)) for t in (SESSIONS, USERS)}
 
-    def _write_counts(self, batch: WriteBatch, final: dict[bytes, bytes | None]) -> None:
-        """Count what the writes ``final`` (key -> last value, None: deleted) change, and
-        store the new counts in ``batch`` (with the writes, so they never disagree)."""
+    def _changes(self, final: dict[bytes, bytes | None]) -> dict[bytes, int]:
+        """How the writes ``final`` (key -> last value, None: deleted) change the counts of
+        the database (one multi-get of the keys)."""
         keys = [k for k in final if k.startswith((SESSIONS, USERS))]
-        if not keys:
-            return
-        before = cast(list[bytes | None], self.db.get(list[Any](keys)))  # one multi-get
-        for key, old in zip(keys, before, strict=True):
-            change = (final[key] is not None) - (old is not None)
-            if change:
-                self.counts[key[: len(SESSIONS)]] += change
+        change = {SESSIONS: 0, USERS: 0}
+        if keys:
+            before = cast(list[bytes | None], self.db.get(list[Any](keys)))
+            for key, old in zip(keys, before, strict=True):
+                change[key[: len(SESSIONS)]] += (final[key] is not None) - (old is not None)
+        return change
+
+    def _write_counts(self, batch: WriteBatch, final: dict[bytes, bytes | None]) -> None:
+        """Apply the count changes of ``final`` and store the counts in ``batch`` (with the
+        writes, so they never disagree)."""
+        for table, change in self._changes(final).items():
+            self.counts[table] += change
         n = self.counts
         batch.put(_COUNTS, f"{n[SESSIONS]},{n[USERS]}".encode())
+
+    def state_counts(self) -> tuple[int, int]:
+        """(sessions, users) held, writes not yet checkpointed included (for the metrics:
+        one multi-get of the keys written since the last checkpoint)."""
+        pending, flushing = self.pending, self.flushing  # see get()
+        change = self._changes({**flushing, **pending})
+        return self.counts[SESSIONS] + change[SESSIONS], self.counts[USERS] + change[USERS]
 
     def _db_keys(self, prefix: bytes) -> Iterator[bytes]:
         for raw in self.db.keys(from_key=prefix):

@@ -41,7 +41,7 @@ from streamrec.kafka import clients
 from streamrec.kafka.clients import TopicSpec, ensure_topics
 from streamrec.processes import on_stop_signal
 from streamrec.serving.served_model import ServingModel
-from streamrec.serving.state_store import SESSIONS, USERS, StateStore
+from streamrec.serving.state_store import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -199,10 +199,8 @@ class NativeWorker(EngineBase):
         committed = {p: self.checkpoints.committed.get(p, -1) for p in self.partitions}
         lag = clients.lag_by_partition(self.consumer, self.clicks, committed)
         self.metrics.observe_lag(self.settings.worker.app_id, self.clicks, lag)
-        states = list(self.partitions.values())
-        self.metrics.set_states(
-            sum(s.counts[SESSIONS] for s in states), sum(s.counts[USERS] for s in states)
-        )
+        counts = [s.state_counts() for s in self.partitions.values()]
+        self.metrics.set_states(sum(c[0] for c in counts), sum(c[1] for c in counts))
 
     # ---- partitions come and go ------------------------------------------------------------
     def _on_assign(self, consumer: Consumer, assigned: list[TopicPartition]) -> None:
