@@ -10,7 +10,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -241,7 +241,11 @@ def test_oauthbearer_oidc_clients_fetch_a_token_with_client_credentials(
         config={**OIDC, "sasl.oauthbearer.token.endpoint.url": url},
     )
     conf = s.kafka.confluent_config()
-    for build in (lambda: clients.producer(conf), lambda: clients.consumer(conf, "g")):
+    builds: list[Callable[[], Any]] = [
+        lambda: clients.producer(conf),
+        lambda: clients.consumer(conf, "g"),
+    ]
+    for build in builds:
         before = len(requests)
         client = build()
         deadline = time.monotonic() + 10
