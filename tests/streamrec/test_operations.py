@@ -252,7 +252,7 @@ def test_worker_on_lz4_healthy_with_lag_and_state_gauges_that_move(
         wait_for(
             "no lag",
             lambda: (
-                samples(port, "streamrec_consumer_lag")
+                len(samples(port, "streamrec_consumer_lag")) == PARTITIONS
                 and sum(samples(port, "streamrec_consumer_lag").values()) == 0
             ),
         )
