@@ -24,7 +24,7 @@ from streamrec.testing import click, worker_topics
 from streamrec.tools.launch import WorkerProcess, settings_env
 
 ROOT = Path(__file__).resolve().parents[2]
-DASHBOARD = ROOT / "deploy/grafana/dashboards/streamrec.json"
+DASHBOARD = ROOT / "deploy/grafana/dashboards/streamrec-overview.json"
 RULES = ROOT / "deploy/prometheus/alerts.yml"
 METRIC = re.compile(r"\b(streamrec_[a-z0-9_]+|up)\b")
 T0 = 1_767_225_600.0

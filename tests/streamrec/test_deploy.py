@@ -195,7 +195,7 @@ def test_compose_runs_prometheus_and_grafana_on_the_files_in_deploy(compose: dic
     assert source["url"] == "http://prometheus:9090"
     import json
 
-    dashboard = json.loads((ROOT / "deploy/grafana/dashboards/streamrec.json").read_text())
+    dashboard = json.loads((ROOT / "deploy/grafana/dashboards/streamrec-overview.json").read_text())
     assert {p["datasource"]["uid"] for p in dashboard["panels"]} == {source["uid"]}
     for volume in ("prometheus-data", "grafana-data"):
         assert volume in compose["volumes"]
