@@ -393,9 +393,10 @@ def demo(
 @click.option("--idle", default=2.0, show_default=True, help="Idle s ending a catch-up.")
 @click.option(
     "--metrics-port",
-    default=9109,
+    default=0,
     show_default=True,
-    help="Port of /metrics, /healthz, /readyz (0: none); the address is worker.metrics_host.",
+    help="Port of /metrics, /healthz, /readyz, e.g. 9109 (0: none, so several archivers can "
+    "share a machine); the address is worker.metrics_host.",
 )
 def archive(
     directory: str,
