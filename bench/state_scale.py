@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from procstats import machine_line, rss_mb
 
-from streamrec.engines.native.recovery import recover, recovery_config
+from streamrec.engines.native.recovery import recover, recovery_group
 from streamrec.engines.native.store import RocksDBPartition
 from streamrec.engines.native.sweep import SWEEP_STEP_S
 from streamrec.engines.native.worker import NativeWorker
@@ -120,7 +120,7 @@ def main() -> None:
         say(f"RSS after build: {rss_mb():,.0f} MB (at start {rss0:,.0f} MB)")
 
         settings = load_settings(
-            kafka={"bootstrap_servers": "127.0.0.1:9"},
+            kafka={"bootstrap_servers": "127.0.0.1:9", "broker": "embedded"},
             state={
                 "directory": str(root / "w"),
                 "session_gap_seconds": gap,
@@ -242,7 +242,7 @@ def recovery(n: int, root: Path) -> str:
         assert prod.flush(120) == 0
         st = RocksDBPartition(root / "rec" / "0", 0)  # a wiped disk: empty database
         t = time.perf_counter()
-        got = recover(recovery_config(settings), worker.changelog, [st])
+        got = recover(worker.conf, recovery_group(settings), worker.changelog, [st])
         secs = time.perf_counter() - t
         ok = st.get(SESSIONS, f"a:sess{n - 1}") is not None
         st.close()

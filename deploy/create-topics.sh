@@ -15,9 +15,10 @@ for t in "${STREAMREC_TOPICS__CLICKS:-streamrec-clicks}" \
   "$KT" --bootstrap-server "$BOOTSTRAP" --create --if-not-exists --topic "$t" \
         --partitions "$PARTITIONS" --replication-factor "$RF"
 done
-# Changelogs of the worker tables (Faust would create them too; compacted here).
+# The changelog of the native engine's worker state, compacted (the worker creates it too;
+# the Faust engine declares its tables' changelogs itself, named by the state layout).
 APP="${STREAMREC_WORKER__APP_ID:-streamrec}"
-for t in "$APP-sessions-changelog" "$APP-users-changelog"; do
+for t in "$APP-state-changelog"; do
   "$KT" --bootstrap-server "$BOOTSTRAP" --create --if-not-exists --topic "$t" \
         --partitions "$PARTITIONS" --replication-factor "$RF" --config cleanup.policy=compact
 done

@@ -8,7 +8,6 @@ message that names the setting (see :func:`load_settings`).
 
 from __future__ import annotations
 
-import ssl
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -32,31 +31,116 @@ class _Group(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+#: a librdkafka property value as JSON gives it (librdkafka takes strings, numbers, booleans)
+ConfigValue = str | int | float | bool
+
+#: typed shortcut -> the librdkafka property it sets (both may be given only if they agree)
+SHORTCUTS: dict[str, str] = {
+    "bootstrap_servers": "bootstrap.servers",
+    "client_id": "client.id",
+    "security_protocol": "security.protocol",
+    "sasl_mechanism": "sasl.mechanism",
+    "sasl_username": "sasl.username",
+    "sasl_password": "sasl.password",
+    "ssl_cafile": "ssl.ca.location",
+    "ssl_certfile": "ssl.certificate.location",
+    "ssl_keyfile": "ssl.key.location",
+    "fetch_max_wait_ms": "fetch.wait.max.ms",
+}
+#: librdkafka's other names for a property
+_ALIASES = {"sasl.mechanisms": "sasl.mechanism", "compression.codec": "compression.type"}
+#: properties streamrec sets itself, per client, for its guarantees (offsets committed only
+#: after the outputs are on the broker, transactions isolated, eager rebalancing): a mapping
+#: that sets one is refused
+RESERVED = frozenset(
+    {
+        "group.id",
+        "enable.auto.commit",
+        "enable.auto.offset.store",
+        "auto.offset.reset",
+        "isolation.level",
+        "enable.partition.eof",
+        "partition.assignment.strategy",
+        "group.protocol",
+        "transactional.id",
+    }
+)
+#: the role prefixes of the flat client configuration (:meth:`KafkaSettings.confluent_config`)
+PRODUCER_PREFIX = "producer:"
+CONSUMER_PREFIX = "consumer:"
+#: the key of the flat client configuration that says which broker it is for
+BROKER_KEY = "streamrec:broker"
+
+
+def _canonical(name: str) -> str:
+    return _ALIASES.get(name, name)
+
+
 class KafkaSettings(_Group):
-    """Connection to the Kafka cluster, passed through to confluent-kafka and to Faust."""
+    """Connection to the Kafka cluster, passed through to confluent-kafka and to Faust.
+
+    ``config`` (every client), ``producer_config`` and ``consumer_config`` pass librdkafka
+    properties through unchanged (``STREAMREC_KAFKA__CONFIG='{"compression.type": "lz4"}'``);
+    the typed fields are shortcuts for the properties in :data:`SHORTCUTS`. A shortcut that
+    was set and a mapping that sets its property to another value is an error naming both.
+    """
 
     bootstrap_servers: str = Field("127.0.0.1:9092", min_length=1)
     client_id: str = Field("streamrec", min_length=1, max_length=200)
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
     ssl_cafile: Path | None = None
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
-    #: Longest wait of an empty fetch. Faust hard-codes 1500 ms; Tansu holds an empty fetch for
-    #: the whole wait even when data arrives, so this bounds click-to-recommendation latency.
-    fetch_max_wait_ms: int = Field(10, ge=1, le=60_000)
+    #: Longest wait of an empty fetch. None: 10 ms on the embedded broker (it holds an empty
+    #: fetch for the whole wait even when data arrives, so this bounds click-to-recommendation
+    #: latency there), the client's default (librdkafka 500 ms) on Kafka, which answers a
+    #: fetch as soon as data arrives.
+    fetch_max_wait_ms: int | None = Field(None, ge=1, le=60_000)
+    #: Which broker this is: ``auto`` asks the cluster (the embedded broker, Tansu, answers
+    #: with its own cluster id); ``embedded`` applies the embedded broker's workarounds
+    #: (streamrec.kafka.tansu); ``kafka``: none of them (idempotent producers, acks=all,
+    #: client-default group timeouts).
+    broker: Literal["auto", "kafka", "embedded"] = "auto"
+    #: librdkafka properties for every client (producers, consumers, admin) of every command
+    config: dict[str, ConfigValue] = Field(default_factory=dict, repr=False)
+    #: librdkafka properties for producers only (after ``config``)
+    producer_config: dict[str, ConfigValue] = Field(default_factory=dict, repr=False)
+    #: librdkafka properties for consumers only (after ``config``)
+    consumer_config: dict[str, ConfigValue] = Field(default_factory=dict, repr=False)
+
+    @model_validator(mode="after")
+    def _check_mappings(self) -> KafkaSettings:
+        for field, mapping in self._mappings():
+            for name in mapping:
+                if _canonical(name) in RESERVED:
+                    raise ValueError(
+                        f"kafka.{field} sets {name!r}, which streamrec sets itself for its "
+                        "delivery guarantees; remove it"
+                    )
+        for shortcut, prop in SHORTCUTS.items():
+            if shortcut not in self.model_fields_set:
+                continue
+            value = self._shortcut_value(shortcut)
+            for field, mapping in self._mappings():
+                for name, given in mapping.items():
+                    if _canonical(name) == prop and str(given) != str(value):
+                        raise ValueError(
+                            f"kafka.{shortcut} ({_env_name('kafka', shortcut)}) and "
+                            f"kafka.{field}[{name!r}] disagree; set one of them"
+                        )
+        return self
 
     @model_validator(mode="after")
     def _check_security(self) -> KafkaSettings:
-        uses_sasl = self.security_protocol.startswith("SASL")
-        if uses_sasl and not (self.sasl_mechanism and self.sasl_username and self.sasl_password):
-            raise ValueError(
-                f"security_protocol={self.security_protocol} needs sasl_mechanism, "
-                "sasl_username and sasl_password"
-            )
-        if self.security_protocol == "PLAINTEXT" and (self.sasl_username or self.sasl_password):
+        common = self.common_config()
+        protocol = str(common.get("security.protocol", "PLAINTEXT")).upper()
+        mechanism = str(common.get("sasl.mechanism", "")).upper()
+        if protocol.startswith("SASL"):
+            _check_sasl(protocol, mechanism, common)
+        if protocol == "PLAINTEXT" and (self.sasl_username or self.sasl_password):
             warnings.warn(
                 "kafka.security_protocol=PLAINTEXT with SASL credentials: the credentials are "
                 "not used, and a protocol change to SASL_PLAINTEXT would send them unencrypted; "
@@ -64,10 +148,10 @@ class KafkaSettings(_Group):
                 InsecureSettingWarning,
                 stacklevel=2,
             )
-        if self.security_protocol == "SASL_PLAINTEXT" and self.sasl_mechanism == "PLAIN":
+        if protocol == "SASL_PLAINTEXT" and mechanism in ("PLAIN", "OAUTHBEARER"):
             warnings.warn(
-                "kafka.security_protocol=SASL_PLAINTEXT with sasl_mechanism=PLAIN sends the "
-                "password unencrypted over the network; use SASL_SSL (or a SCRAM mechanism)",
+                f"kafka.security_protocol=SASL_PLAINTEXT with sasl.mechanism={mechanism} sends "
+                "the credentials unencrypted over the network; use SASL_SSL (or SCRAM)",
                 InsecureSettingWarning,
                 stacklevel=2,
             )
@@ -77,58 +161,86 @@ class KafkaSettings(_Group):
                 raise ValueError(f"{name}: file not found: {path}")
         return self
 
+    def _mappings(self) -> list[tuple[str, dict[str, ConfigValue]]]:
+        return [
+            ("config", self.config),
+            ("producer_config", self.producer_config),
+            ("consumer_config", self.consumer_config),
+        ]
+
+    def _shortcut_value(self, shortcut: str) -> Any:
+        value = getattr(self, shortcut)
+        if isinstance(value, SecretStr):
+            return value.get_secret_value()
+        if isinstance(value, Path):
+            return str(value)
+        return value
+
     @property
     def bootstrap_list(self) -> list[str]:
-        return [s.strip() for s in self.bootstrap_servers.split(",") if s.strip()]
+        servers = str(self.common_config()["bootstrap.servers"])
+        return [s.strip() for s in servers.split(",") if s.strip()]
 
-    def confluent_config(self) -> dict[str, Any]:
-        """Configuration for confluent-kafka producers, consumers and admin clients."""
-        conf: dict[str, Any] = {
-            "bootstrap.servers": self.bootstrap_servers,
-            "client.id": self.client_id,
-            "security.protocol": self.security_protocol,
-        }
-        if self.sasl_mechanism:
-            conf["sasl.mechanism"] = self.sasl_mechanism
-            conf["sasl.username"] = self.sasl_username
-            conf["sasl.password"] = (
-                self.sasl_password.get_secret_value() if self.sasl_password else None
-            )
-        if self.ssl_cafile:
-            conf["ssl.ca.location"] = str(self.ssl_cafile)
-        if self.ssl_certfile:
-            conf["ssl.certificate.location"] = str(self.ssl_certfile)
-        if self.ssl_keyfile:
-            conf["ssl.key.location"] = str(self.ssl_keyfile)
+    def common_config(self) -> dict[str, Any]:
+        """The librdkafka properties of every client: the shortcuts, then ``config``."""
+        conf: dict[str, Any] = {}
+        for shortcut, prop in SHORTCUTS.items():
+            value = self._shortcut_value(shortcut)
+            if value is not None and prop != "fetch.wait.max.ms":
+                conf[prop] = value
+        conf.update({_canonical(k): v for k, v in self.config.items()})
         return conf
 
-    def faust_broker_kwargs(self) -> dict[str, Any]:
-        """``broker`` and ``broker_credentials`` arguments for ``faust.App``."""
-        import faust  # imported lazily: the settings module must stay cheap to import
+    def confluent_config(self) -> dict[str, Any]:
+        """The flat client configuration every command passes around: the properties of
+        every client, ``producer:``/``consumer:``-prefixed properties of one kind of client,
+        and which broker it is for (:data:`BROKER_KEY`). Build clients from it with
+        :mod:`streamrec.kafka.clients` (``producer``, ``consumer``, ``admin``), which split it.
+        """
+        conf = self.common_config()
+        if self.fetch_max_wait_ms is not None:
+            conf[CONSUMER_PREFIX + "fetch.wait.max.ms"] = self.fetch_max_wait_ms
+        for name, value in self.producer_config.items():
+            conf[PRODUCER_PREFIX + _canonical(name)] = value
+        for name, value in self.consumer_config.items():
+            conf[CONSUMER_PREFIX + _canonical(name)] = value
+        conf[BROKER_KEY] = self.broker
+        return conf
 
-        kwargs: dict[str, Any] = {
-            "broker": ",".join(f"kafka://{s}" for s in self.bootstrap_list),
-        }
-        ssl_context = None
-        if self.security_protocol in ("SSL", "SASL_SSL"):
-            ssl_context = ssl.create_default_context(
-                cafile=str(self.ssl_cafile) if self.ssl_cafile else None
-            )
-            if self.ssl_certfile:
-                ssl_context.load_cert_chain(
-                    str(self.ssl_certfile), str(self.ssl_keyfile) if self.ssl_keyfile else None
+
+def _check_sasl(protocol: str, mechanism: str, conf: dict[str, Any]) -> None:
+    """What a SASL protocol needs: a mechanism, and its credentials (PLAIN/SCRAM: user and
+    password; OAUTHBEARER with ``sasl.oauthbearer.method=oidc``: the client credentials and
+    the token endpoint, as librdkafka defines them)."""
+    if not mechanism:
+        raise ValueError(
+            f"security_protocol={protocol} needs sasl_mechanism (or sasl.mechanism in kafka.config)"
+        )
+    if mechanism == "OAUTHBEARER":
+        if str(conf.get("sasl.oauthbearer.method", "default")).lower() == "oidc":
+            missing = [
+                p
+                for p in (
+                    "sasl.oauthbearer.client.id",
+                    "sasl.oauthbearer.client.secret",
+                    "sasl.oauthbearer.token.endpoint.url",
                 )
-        if self.sasl_mechanism:
-            password = self.sasl_password.get_secret_value() if self.sasl_password else ""
-            kwargs["broker_credentials"] = faust.SASLCredentials(
-                username=self.sasl_username,
-                password=password,
-                mechanism=self.sasl_mechanism,
-                ssl_context=ssl_context,
-            )
-        elif ssl_context is not None:
-            kwargs["broker_credentials"] = faust.SSLCredentials(ssl_context)
-        return kwargs
+                if not conf.get(p)
+            ]
+            if missing:
+                raise ValueError(
+                    "sasl.oauthbearer.method=oidc needs " + ", ".join(missing) + " in kafka.config"
+                )
+        return
+    if not (conf.get("sasl.username") and conf.get("sasl.password")):
+        raise ValueError(
+            f"security_protocol={protocol} with sasl.mechanism={mechanism} needs "
+            "sasl_username and sasl_password"
+        )
+
+
+def _env_name(*path: str) -> str:
+    return "STREAMREC_" + "__".join(p.upper() for p in path)
 
 
 class TopicSettings(_Group):
@@ -222,9 +334,10 @@ class WorkerSettings(_Group):
 
     app_id: str = Field("streamrec", min_length=1, max_length=200)
     metrics_port: int = Field(9108, ge=0, le=65_535)
-    #: Address the /metrics endpoint listens on (0.0.0.0: every interface, as a container
-    #: needs; 127.0.0.1 keeps it local).
-    metrics_host: str = Field("0.0.0.0", min_length=1, max_length=255)
+    #: Address of the metrics and health endpoints (/metrics, /healthz, /readyz). The
+    #: default keeps them on this machine; a container whose metrics are scraped from
+    #: another one sets 0.0.0.0 (docker-compose.yml does), behind its network's rules.
+    metrics_host: str = Field("127.0.0.1", min_length=1, max_length=255)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     #: torch intra-op threads on CPU. One leaves the other cores to the event loop; more made
     #: small GRU steps many times slower on busy cores (bench/results/serving-cpu.md).
@@ -264,7 +377,15 @@ def _describe(error: ValidationError) -> str:
     for item in error.errors():
         where = ".".join(str(p) for p in item["loc"]) or "settings"
         env = "STREAMREC_" + "__".join(str(p) for p in item["loc"]).upper()
-        lines.append(f"{where} ({env}): {item['msg']}")
+        msg = item["msg"]
+        if item["type"] == "extra_forbidden" and item["loc"][:1] == ("kafka",):
+            # e.g. STREAMREC_KAFKA__COMPRESSION_TYPE: a librdkafka property, not a shortcut
+            prop = str(item["loc"][-1]).replace("_", ".")
+            msg = (
+                f"not a setting; librdkafka properties go in kafka.config, e.g. "
+                f"STREAMREC_KAFKA__CONFIG='{{\"{prop}\": ...}}'"
+            )
+        lines.append(f"{where} ({env}): {msg}")
     return "invalid settings:\n  " + "\n  ".join(lines)
 
 

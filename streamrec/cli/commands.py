@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from streamrec.kafka.clients import ensure_service_topics
+from streamrec.kafka.clients import connect, ensure_service_topics
 from streamrec.processes import stop_signals
 from streamrec.settings import Settings, get_settings
 
@@ -68,7 +68,8 @@ def load_model_holder(path: Path | None, settings: Settings, wait_s: float = 0.0
     "--fetch-wait-ms",
     type=int,
     default=None,
-    help="Longest wait of an empty consumer fetch (default: kafka.fetch_max_wait_ms, 10).",
+    help="Longest wait of an empty consumer fetch (default: kafka.fetch_max_wait_ms; unset: "
+    "10 ms on the embedded broker, the client's default on Kafka).",
 )
 @click.option(
     "--engine",
@@ -89,6 +90,7 @@ def worker(
     settings = get_settings()
     level = (loglevel or settings.worker.log_level).upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    conf = connect(settings)  # an unreachable broker ends the command here, in one line
     import torch
 
     torch.set_num_threads(threads or settings.worker.torch_threads)
@@ -99,14 +101,13 @@ def worker(
         f"clicks={settings.topics.clicks} -> {settings.topics.recommendations}",
         err=True,
     )
-    ensure_service_topics(settings)
-    fetch_wait_ms = fetch_wait_ms or settings.kafka.fetch_max_wait_ms
+    ensure_service_topics(settings, conf)
     if (engine or settings.worker.engine) == "faust":
         from streamrec.engines.faust.app import Worker
 
         # Faust's worker parses sys.argv; give it only the program name.
         sys.argv = sys.argv[:1]
-        Worker(settings, holder, datadir=data_dir, fetch_max_wait_ms=fetch_wait_ms).run(
+        Worker(settings, holder, datadir=data_dir, fetch_max_wait_ms=fetch_wait_ms, conf=conf).run(
             loglevel=level
         )
         return
@@ -114,7 +115,9 @@ def worker(
 
     # a DeliveryError or StateLayoutError ends the command with its message (nothing was
     # committed), as every StreamrecError does
-    NativeWorker(settings, holder, datadir=data_dir, fetch_max_wait_ms=fetch_wait_ms).run()
+    NativeWorker(
+        settings, holder, datadir=data_dir, fetch_max_wait_ms=fetch_wait_ms, conf=conf
+    ).run()
 
 
 @click.command()
@@ -127,7 +130,7 @@ def tail(from_beginning: bool, max_n: int, raw: bool) -> None:
     from streamrec.serving.records import Recommendation
 
     settings = get_settings()
-    conf = settings.kafka.confluent_config()
+    conf = connect(settings)
     topic = settings.topics.recommendations
     n = 0
     try:
@@ -185,11 +188,12 @@ def produce(
     values = click_values(df)
     if speedup and not ("timestamp" in json.loads(values[0][1]) if values else False):
         raise click.UsageError("--speedup needs real timestamps; this log has an ordinal Time")
-    ensure_service_topics(settings)
+    conf = connect(settings)
+    ensure_service_topics(settings, conf)
     with Progress() as bar:
         task = bar.add_task("producing", total=len(values))
         out = produce_values(
-            settings.kafka.confluent_config(),
+            conf,
             topic or settings.topics.clicks,
             values,
             rate=rate,
@@ -225,8 +229,8 @@ def replay(
     from streamrec.tools.replay import produce as produce_values
 
     settings = get_settings()
-    conf = settings.kafka.confluent_config()
-    ensure_service_topics(settings)
+    conf = connect(settings)
+    ensure_service_topics(settings, conf)
     values = click_values(_load_log(path, fmt, limit))
     click.echo(f"replaying {len(values):,} clicks to {settings.topics.clicks}", err=True)
     out = produce_values(conf, settings.topics.clicks, values, rate=rate)
@@ -334,7 +338,7 @@ def backtest(
         frozen=frozen,
         retrain=retrain,
         retrain_args=list(retrain_options),
-        kafka_conf=get_settings().kafka.confluent_config() if use_kafka else None,
+        kafka_conf=connect(get_settings()) if use_kafka else None,
         partitions=partitions,
         session_gap=session_gap,
         state_gap=state_gap,
@@ -387,6 +391,13 @@ def demo(
 @click.option("--flush-events", default=50_000, show_default=True, help="Rows per file, max.")
 @click.option("--flush-interval", default=10.0, show_default=True, help="Seconds per file.")
 @click.option("--idle", default=2.0, show_default=True, help="Idle s ending a catch-up.")
+@click.option(
+    "--metrics-port",
+    default=0,
+    show_default=True,
+    help="Port of /metrics, /healthz, /readyz, e.g. 9109 (0: none, so several archivers can "
+    "share a machine); the address is worker.metrics_host.",
+)
 def archive(
     directory: str,
     until_caught_up: bool,
@@ -394,6 +405,7 @@ def archive(
     flush_events: int,
     flush_interval: float,
     idle: float,
+    metrics_port: int,
 ) -> None:
     """Archive the clicks topic as Parquet, by event date and hour (exactly once)."""
     from streamrec.loop.archiver import Archiver
@@ -403,9 +415,10 @@ def archive(
         level=settings.worker.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    ensure_service_topics(settings)
+    conf = connect(settings)
+    ensure_service_topics(settings, conf)
     archiver = Archiver(
-        settings.kafka.confluent_config(),
+        conf,
         settings.topics.clicks,
         directory,
         group=group or f"{settings.worker.app_id}-archiver",
@@ -413,8 +426,11 @@ def archive(
         flush_interval_s=flush_interval,
     )
     click.echo(f"archiving {settings.topics.clicks} -> {directory}", err=True)
+    server = archiver.metrics.serve(metrics_port, settings.worker.metrics_host)
     with stop_signals() as stop:
         st = archiver.run(until_caught_up=until_caught_up, idle_s=idle, stopped=stop.is_set)
+    if server is not None:
+        server.shutdown()
     click.echo(
         f"archived {st.archived:,} clicks in {st.files} files ({st.skipped} skipped, "
         f"{st.records:,} records) in {st.seconds:.1f} s "

@@ -4,14 +4,14 @@ the metrics of a swap. The engines differ only in how they consume and keep stat
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka import KafkaError, KafkaException
 
 from streamrec.errors import StreamrecError
-from streamrec.kafka import tansu
+from streamrec.kafka import clients
 from streamrec.metrics import Metrics
 from streamrec.serving.clock import StreamClock
 from streamrec.serving.config import CoreConfig
@@ -36,20 +36,24 @@ class Outputs:
     """
 
     def __init__(
-        self, settings: Settings, on_delivered: Callable[[Any], None] | None = None
+        self,
+        settings: Settings,
+        on_delivered: Callable[[Any], None] | None = None,
+        conf: Mapping[str, Any] | None = None,
     ) -> None:
         self.topics = settings.topics
         self.errors: list[str] = []
         self._on_delivered = on_delivered
-        self.producer = Producer(
+        #: called while :meth:`wait` waits for the broker (the engine's liveness beat)
+        self.heartbeat: Callable[[], None] = lambda: None
+        self.producer = clients.producer(
+            settings.kafka.confluent_config() if conf is None else conf,
             {
-                **settings.kafka.confluent_config(),
-                **tansu.PRODUCER_SETTINGS,
                 "linger.ms": 1,
                 "acks": "all",
                 "message.timeout.ms": 600_000,  # a broker away for minutes: keep trying
                 "log_level": 3,
-            }
+            },
         )
 
     def produce(
@@ -102,6 +106,7 @@ class Outputs:
     def wait(self) -> None:
         """Wait until every output is acknowledged (a broker away: keep waiting, never drop)."""
         while (left := self.producer.flush(30)) > 0:
+            self.heartbeat()  # waiting for the broker is not a hung loop
             log.warning("%d outputs not yet delivered; retrying", left)
 
     def flush(self) -> None:
@@ -122,9 +127,11 @@ class Outputs:
 
 
 class EngineBase:
-    """The state every engine holds beside its consumer: settings, model, metrics, clock,
-    where its state lives and how long an empty fetch waits. An engine builds the rest in
-    :meth:`_build`."""
+    """The state every engine holds beside its consumer: settings, the client configuration
+    (``conf``: :meth:`streamrec.settings.KafkaSettings.confluent_config`, as
+    :func:`streamrec.kafka.clients.connect` marks it), model, metrics, clock, where its state
+    lives and how long an empty fetch waits (``fetch_max_wait_ms``: the ``--fetch-wait-ms``
+    option, over any configuration). An engine builds the rest in :meth:`_build`."""
 
     def __init__(
         self,
@@ -134,14 +141,16 @@ class EngineBase:
         metrics: Metrics | None = None,
         datadir: Path | None = None,
         fetch_max_wait_ms: int | None = None,
+        conf: Mapping[str, Any] | None = None,
     ) -> None:
         self.settings = settings
+        self.conf = dict(settings.kafka.confluent_config() if conf is None else conf)
         self.holder = holder
         self.metrics = metrics or Metrics()
         self.config = CoreConfig.from_settings(settings)
         self.clock = StreamClock.from_config(self.config)
         self.state_dir = Path(datadir or settings.state.directory)
-        self.fetch_max_wait_ms = fetch_max_wait_ms or settings.kafka.fetch_max_wait_ms
+        self.fetch_max_wait_ms = fetch_max_wait_ms
         self._model_to_metrics()
         self._build()
 
@@ -151,7 +160,8 @@ class EngineBase:
 
     def _model_to_metrics(self) -> None:
         m = self.holder.current
-        self.metrics.set_model(m.name, m.version, str(m.device))
+        created = str(m.metadata.get("created_at", ""))
+        self.metrics.set_model(m.name, m.version, str(m.device), created)
 
     def install_model(self, new: ServingModel) -> None:
         """Swap in a model already loaded and validated (``ModelHolder.prepare_reload``, run

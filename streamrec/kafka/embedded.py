@@ -15,6 +15,7 @@ from pathlib import Path
 from types import TracebackType
 
 from streamrec.errors import StreamrecError
+from streamrec.kafka import tansu
 from streamrec.processes import ChildProcess
 
 DEFAULT_PORT = 9092
@@ -103,6 +104,9 @@ class EmbeddedBroker:
             url,
             "--storage-engine",
             "memory://tansu/",
+            # clients recognise the embedded broker by it (streamrec.kafka.clients.cluster_kind)
+            "--cluster-id",
+            tansu.EMBEDDED_CLUSTER_IDS[0],
         ]
         self._process = ChildProcess(
             command,

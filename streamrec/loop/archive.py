@@ -81,8 +81,8 @@ class Storage:
         base = self.root.rstrip("/") + "/"
         return [p.removeprefix(base) for p in self.fs.find(self.root)]
 
-    def write_atomic(self, rel: str, table: pa.Table) -> None:
-        """Temp name, fsync, rename, fsync of the directory."""
+    def write_atomic(self, rel: str, table: pa.Table) -> int:
+        """Temp name, fsync, rename, fsync of the directory; returns the bytes written."""
         final = self.join(rel)
         parent, name = final.rsplit("/", 1)
         tmp = f"{parent}/{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{name}"
@@ -92,17 +92,21 @@ class Storage:
                 pq.write_table(table, f)
                 f.flush()
                 os.fsync(f.fileno())
+                size = f.tell()
             os.replace(tmp, final)
             fd = os.open(parent, os.O_RDONLY)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            return int(size)
         else:
             self.fs.makedirs(parent, exist_ok=True)
             with self.fs.open(tmp, "wb") as f:
                 pq.write_table(table, f)
+                size = f.tell()
             self.fs.mv(tmp, final)
+        return int(size)
 
     def remove(self, rel: str) -> None:
         if self.fs is None:

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
+from streamrec.kafka import clients
 from streamrec.loop.archive import (
     SCHEMA,
     TMP_PREFIX,
@@ -30,6 +31,7 @@ from streamrec.loop.archive import (
     hour_of,
     list_archive,
 )
+from streamrec.metrics import ArchiverMetrics
 from streamrec.serving.events import ClickEvent, decode
 
 log = logging.getLogger(__name__)
@@ -65,19 +67,20 @@ class Archiver:
 
     def __init__(
         self,
-        client_config: dict[str, Any],
+        client_config: Mapping[str, Any],
         topic: str,
         directory: str,
         *,
         group: str = "streamrec-archiver",
         flush_events: int = 50_000,
         flush_interval_s: float = 10.0,
-        session_timeout_ms: int = 6000,
         on_flush: Callable[[ArchiveFile], None] | None = None,
+        metrics: ArchiverMetrics | None = None,
     ) -> None:
-        from confluent_kafka import Consumer
-
         self.storage = Storage(directory)
+        self.group = group
+        self.metrics = metrics or ArchiverMetrics()
+        self.health = self.metrics.health
         self.topic = topic
         self.flush_events = flush_events
         self.flush_interval_s = flush_interval_s
@@ -88,17 +91,14 @@ class Archiver:
         self.stats = ArchiveStats()
         self._failed = False
         self._clean_temporaries()
-        self.consumer = Consumer(
-            {
-                **client_config,
-                "group.id": group,
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-                "session.timeout.ms": session_timeout_ms,
-                "heartbeat.interval.ms": min(1000, session_timeout_ms // 3),
-                "fetch.wait.max.ms": 50,
-                "log_level": 0,
-            }
+        #: the offset committed per assigned partition (what the group's lag is measured from)
+        self.committed: dict[int, int] = {}
+        self.consumer = clients.consumer(
+            client_config,
+            group,
+            joins_group=True,
+            fixed={"enable.auto.commit": False, "auto.offset.reset": "earliest"},
+            site={"fetch.wait.max.ms": 50, "log_level": 0},
         )
 
     def _clean_temporaries(self) -> None:
@@ -126,8 +126,10 @@ class Archiver:
                 )
             tp.offset = start if start > 0 else OFFSET_BEGINNING
             self.next_offsets[tp.partition] = start
+            self.committed[tp.partition] = start
             self.buffers.pop(tp.partition, None)
         consumer.assign(parts)
+        self.health.set_ready(True, f"{len(parts)} partitions assigned")
 
     def _on_revoke(self, consumer: Any, parts: list[Any]) -> None:
         for tp in parts:
@@ -135,7 +137,10 @@ class Archiver:
                 self.flush(tp.partition)
             self.buffers.pop(tp.partition, None)
             self.next_offsets.pop(tp.partition, None)
+            self.committed.pop(tp.partition, None)
+            self.metrics.forget_partition(self.topic, tp.partition)
         consumer.unassign()
+        self.health.set_ready(False, "partitions revoked; waiting for the next assignment")
 
     # -- records ----------------------------------------------------------------------------
     def add(self, partition: int, offset: int, value: bytes | None, key: bytes | None) -> None:
@@ -177,10 +182,11 @@ class Archiver:
                 schema=SCHEMA,
             )
             rel = file_name(partition, buf.first, buf.last, buf.hour)
-            self.storage.write_atomic(rel, table)
+            size = self.storage.write_atomic(rel, table)
             f = ArchiveFile(rel, partition, buf.first, buf.last, buf.hour)
             self.stats.files += 1
             self.stats.archived += len(buf.rows)
+            self.metrics.observe_file(len(buf.rows), size)
             if self.on_flush is not None:
                 self.on_flush(f)
         # Only skipped records in the range: nothing to write, the commit alone records it
@@ -188,6 +194,8 @@ class Archiver:
         self.consumer.commit(
             offsets=[TopicPartition(self.topic, partition, buf.last + 1)], asynchronous=False
         )
+        self.committed[partition] = buf.last + 1
+        self.metrics.archived_offset.labels(self.topic, str(partition)).set(buf.last)
         return f
 
     def flush_all(self) -> None:
@@ -210,6 +218,7 @@ class Archiver:
         last_msg = time.monotonic()
         try:
             while not stopped():
+                self.health.beat()
                 msgs = self.consumer.consume(num_messages=5000, timeout=0.2)
                 now = time.monotonic()
                 for m in msgs:
@@ -221,6 +230,12 @@ class Archiver:
                         self.next_offsets[p] = o + 1
                 if msgs:
                     last_msg = now
+                    self.metrics.records.inc(len(msgs))
+                self.metrics.observe_lag(
+                    self.group,
+                    self.topic,
+                    clients.lag_by_partition(self.consumer, self.topic, self.committed),
+                )
                 for p, buf in list(self.buffers.items()):
                     if now - buf.opened >= self.flush_interval_s:
                         self.flush(p)
@@ -234,6 +249,7 @@ class Archiver:
             raise
         finally:
             self.stats.seconds = time.monotonic() - t0
+            self.health.set_ready(False, "stopped")
             self.consumer.close()
         return self.stats
 

@@ -211,20 +211,17 @@ class _AnswerReader:
         self._open()
 
     def _open(self) -> None:
-        from confluent_kafka import Consumer, TopicPartition
+        from confluent_kafka import TopicPartition
 
-        from streamrec.kafka.clients import partition_count
+        from streamrec.kafka import clients
 
-        self._consumer = Consumer(
-            {
-                **self.conf,
-                "group.id": f"streamrec-backtest-{uuid.uuid4().hex}",
-                "enable.auto.commit": False,
-                "fetch.wait.max.ms": 10,
-                "log_level": 0,
-            }
+        self._consumer = clients.consumer(
+            self.conf,
+            f"streamrec-backtest-{uuid.uuid4().hex}",
+            fixed={"enable.auto.commit": False},
+            site={"fetch.wait.max.ms": 10, "log_level": 0},
         )
-        n = partition_count(self.conf, self.topic)
+        n = clients.partition_count(self.conf, self.topic)
         self._consumer.assign([TopicPartition(self.topic, p, 0) for p in range(n)])
 
     def poll(self, seconds: float) -> bool:

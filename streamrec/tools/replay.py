@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from confluent_kafka import Producer
 
+from streamrec.kafka import clients
 from streamrec.kafka.clients import read_topic
 from streamrec.serving.events import MIN_TIMESTAMP
 from streamrec.serving.records import Recommendation
@@ -69,7 +69,7 @@ def produce(
 ) -> Produced:
     """Publish as fast as possible, at ``rate`` events/s, or at log timing / ``speedup``."""
     out = Produced()
-    producer = Producer({**conf, "linger.ms": linger_ms, "log_level": 0})
+    producer = clients.producer(conf, {"linger.ms": linger_ms, "log_level": 0})
 
     def delivered(err: Any, msg: Any) -> None:
         if err is not None:

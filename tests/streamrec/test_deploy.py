@@ -130,3 +130,95 @@ def test_archiver_and_retrainer_share_the_volumes(compose: dict) -> None:
     assert cmd is not None
     cmd.make_context("trainer retrain", list(s["retrainer"]["command"][1:]))
     assert "COPY trainer" in (ROOT / "deploy" / "Dockerfile.trainer").read_text()
+
+
+#: streamrec service -> (its metrics port, the endpoint its health check asks)
+_ENDPOINTS = {
+    "worker": (9108, "/readyz"),
+    "archiver": (9109, "/readyz"),
+    "retrainer": (9110, "/healthz"),
+}
+
+
+def _option(command: list[str], name: str) -> str | None:
+    return command[command.index(name) + 1] if name in command else None
+
+
+def test_compose_health_checks_ask_each_process_on_its_metrics_port(compose: dict) -> None:
+    """Every streamrec service is checked on the endpoint of its own metrics port, which it
+    listens on for the compose network (0.0.0.0: the default, 127.0.0.1, is local)."""
+    from streamrec.settings import Settings
+
+    services = compose["services"]
+    for name, (port, path) in _ENDPOINTS.items():
+        svc = services[name]
+        check = " ".join(svc["healthcheck"]["test"])
+        assert f"http://127.0.0.1:{port}{path}" in check, name
+        assert str(port) in [str(p) for p in svc["expose"]], name
+        env = {**_env(svc)}
+        if name == "worker":
+            assert env["STREAMREC_WORKER__METRICS_PORT"] == str(port)
+        elif name == "archiver":
+            assert _option(svc["command"], "--metrics-port") == str(port)
+        else:
+            assert _option(svc["command"], "--metrics-port") == str(port)
+            assert _option(svc["command"], "--metrics-host") == "0.0.0.0"
+        if name != "retrainer":
+            assert env["STREAMREC_WORKER__METRICS_HOST"] == "0.0.0.0", name
+    assert Settings().worker.metrics_host == "127.0.0.1"  # what the compose file overrides
+
+
+def test_compose_runs_prometheus_and_grafana_on_the_files_in_deploy(compose: dict) -> None:
+    services = compose["services"]
+    prom, graf = services["prometheus"], services["grafana"]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in prom["volumes"]}
+    config = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    assert mounts["/etc/prometheus/prometheus.yml"] == "./deploy/prometheus/prometheus.yml"
+    for rules in config["rule_files"]:
+        assert mounts[rules] == "./deploy/prometheus/alerts.yml"
+    targets = set()
+    for job in config["scrape_configs"]:
+        for sd in job.get("dns_sd_configs", []):
+            targets |= {f"{n}:{sd['port']}" for n in sd["names"]}
+        for st in job.get("static_configs", []):
+            targets |= set(st["targets"])
+    assert targets == {f"{n}:{port}" for n, (port, _) in _ENDPOINTS.items()}
+    gmounts = {v.split(":")[1]: v.split(":")[0] for v in graf["volumes"]}
+    provider = yaml.safe_load(
+        (ROOT / "deploy/grafana/provisioning/dashboards/streamrec.yml").read_text()
+    )["providers"][0]
+    assert gmounts[provider["options"]["path"]] == "./deploy/grafana/dashboards"
+    assert gmounts["/etc/grafana/provisioning"] == "./deploy/grafana/provisioning"
+    source = yaml.safe_load(
+        (ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text()
+    )["datasources"][0]
+    assert source["url"] == "http://prometheus:9090"
+    import json
+
+    dashboard = json.loads((ROOT / "deploy/grafana/dashboards/streamrec-overview.json").read_text())
+    assert {p["datasource"]["uid"] for p in dashboard["panels"]} == {source["uid"]}
+    for volume in ("prometheus-data", "grafana-data"):
+        assert volume in compose["volumes"]
+
+
+def test_docker_compose_config_where_docker_exists() -> None:
+    """`docker compose config` where there is a Docker (there is none on the dev machines:
+    the YAML-level tests above are the check there)."""
+    import shutil
+    import subprocess
+
+    docker = shutil.which("docker")
+    has_compose = docker is not None and (
+        subprocess.run([docker, "compose", "version"], capture_output=True, timeout=30).returncode
+        == 0
+    )
+    if docker is None or not has_compose:  # here: a docker CLI without the compose plugin
+        assert yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+        return
+    done = subprocess.run(
+        [docker, "compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr

@@ -34,7 +34,7 @@ def _fake_recovery(calls: list[str]) -> MagicMock:
 
 
 def test_stream_partitions_are_seeked_before_they_are_resumed() -> None:
-    faust_compat.install({"bootstrap.servers": "127.0.0.1:1"})  # patches classes only
+    faust_compat.install(None)  # patches classes only
     calls: list[str] = []
     rec = _fake_recovery(calls)
     asyncio.run(Recovery.on_recovery_completed(rec, generation_id=7))
@@ -44,7 +44,7 @@ def test_stream_partitions_are_seeked_before_they_are_resumed() -> None:
 
 
 def test_a_newer_generation_leaves_partitions_paused() -> None:
-    faust_compat.install({"bootstrap.servers": "127.0.0.1:1"})
+    faust_compat.install(None)
     calls: list[str] = []
     rec = _fake_recovery(calls)
     asyncio.run(Recovery.on_recovery_completed(rec, generation_id=6))
@@ -71,7 +71,7 @@ def _fake_consumer_thread(buffered: dict[TP, list[int]]) -> tuple[MagicMock, Mag
 def test_no_records_of_paused_partitions_while_every_partition_is_paused() -> None:
     from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
-    faust_compat.install({"bootstrap.servers": "127.0.0.1:1"})
+    faust_compat.install(None)
     thread, consumer = _fake_consumer_thread({TP("clicks", 2): [79, 80, 81]})
     active: set[TP] = set()  # Faust's live set, empty between recovery and resume
     got = asyncio.run(AIOKafkaConsumerThread._fetch_records(thread, consumer, active, timeout=1))
@@ -82,7 +82,7 @@ def test_no_records_of_paused_partitions_while_every_partition_is_paused() -> No
 def test_fetch_gets_a_snapshot_of_the_active_partitions() -> None:
     from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
-    faust_compat.install({"bootstrap.servers": "127.0.0.1:1"})
+    faust_compat.install(None)
     thread, consumer = _fake_consumer_thread({TP("clicks", 0): [1], TP("clicks", 2): [79]})
     active = {TP("clicks", 0)}
     got = asyncio.run(AIOKafkaConsumerThread._fetch_records(thread, consumer, active, timeout=1))

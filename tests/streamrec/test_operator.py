@@ -30,7 +30,7 @@ class _Refusing:
 
 
 def _outputs(producer: _Refusing) -> Outputs:
-    out = Outputs(load_settings(kafka={"bootstrap_servers": "127.0.0.1:9"}))
+    out = Outputs(load_settings(kafka={"bootstrap_servers": "127.0.0.1:9", "broker": "kafka"}))
     out.producer = producer  # type: ignore[assignment]  # a stand-in for confluent's Producer
     return out
 
@@ -59,7 +59,8 @@ def test_other_produce_errors_stop_with_a_message_and_are_never_dropped() -> Non
 
 
 def test_metrics_host_setting() -> None:
-    assert Settings().worker.metrics_host == "0.0.0.0"
+    # local by default; a container scraped from outside sets 0.0.0.0 (docker-compose.yml)
+    assert Settings().worker.metrics_host == "127.0.0.1"
     assert load_settings(worker={"metrics_host": "127.0.0.1"}).worker.metrics_host == "127.0.0.1"
 
 

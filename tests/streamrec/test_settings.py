@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from streamrec.engines.faust.transport import faust_app_kwargs
 from streamrec.settings import Settings, SettingsError, get_settings, load_settings
 
 
@@ -30,14 +31,19 @@ def test_defaults() -> None:
     assert s.model.device == "auto"
     assert s.state.session_gap_seconds == 1800
     assert s.state.user_ttl_seconds == 90 * 24 * 3600
-    assert s.kafka.fetch_max_wait_ms == 10
+    # unset: 10 ms on the embedded broker, the client's default on Kafka (test_kafka_config)
+    assert s.kafka.fetch_max_wait_ms is None
     assert s.worker.torch_threads == 1
     assert s.kafka.confluent_config() == {
         "bootstrap.servers": "127.0.0.1:9092",
         "client.id": "streamrec",
         "security.protocol": "PLAINTEXT",
+        "streamrec:broker": "auto",
     }
-    assert s.kafka.faust_broker_kwargs() == {"broker": "kafka://127.0.0.1:9092"}
+    assert faust_app_kwargs(s.kafka.confluent_config()) == {
+        "broker": "kafka://127.0.0.1:9092",
+        "broker_client_id": "streamrec",
+    }
 
 
 def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -47,7 +53,9 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STREAMREC_MODEL__DEVICE", "cpu")
     s = load_settings()
     assert s.kafka.bootstrap_list == ["k1:9092", "k2:9093"]
-    assert s.kafka.faust_broker_kwargs()["broker"] == "kafka://k1:9092,kafka://k2:9093"
+    assert faust_app_kwargs(s.kafka.confluent_config())["broker"] == (
+        "kafka://k1:9092,kafka://k2:9093"
+    )
     assert s.topics.partitions == 12
     assert s.batching.max_wait_ms == 2.5
     assert s.model.device == "cpu"
@@ -70,7 +78,7 @@ def test_sasl_ssl_passes_through_to_both_clients(
     assert conf["sasl.mechanism"] == "SCRAM-SHA-512"
     assert conf["sasl.password"] == "s3cret"
     assert "s3cret" not in repr(s)  # secrets are not printed
-    creds = s.kafka.faust_broker_kwargs()["broker_credentials"]
+    creds = faust_app_kwargs(conf)["broker_credentials"]
     assert creds.username == "svc" and creds.mechanism.value == "SCRAM-SHA-512"
 
 

@@ -235,7 +235,7 @@ def test_native_sweep_steps_are_bounded_and_cost_what_expires(tmp_path: Path) ->
     from streamrec.settings import load_settings
 
     settings = load_settings(
-        kafka={"bootstrap_servers": "127.0.0.1:9"},
+        kafka={"bootstrap_servers": "127.0.0.1:9", "broker": "embedded"},
         state={"directory": str(tmp_path), "session_gap_seconds": 100.0},
     )
     model = tiny_serving_model(user_dim=4)
@@ -301,7 +301,7 @@ def test_native_sweep_step_fits_its_budget_when_keys_are_slow_and_partitions_tak
 
     monkeypatch.setattr(native_sweep, "end_idle_sessions", slow_end_idle_sessions)
     settings = load_settings(
-        kafka={"bootstrap_servers": "127.0.0.1:9"},
+        kafka={"bootstrap_servers": "127.0.0.1:9", "broker": "embedded"},
         state={"directory": str(tmp_path), "session_gap_seconds": 100.0},
     )
     worker = NativeWorker(settings, ModelHolder(tiny_serving_model(user_dim=4)))
@@ -356,7 +356,8 @@ def test_native_reload_loads_in_the_background_and_swaps_between_batches(
     from streamrec.settings import load_settings
 
     settings = load_settings(
-        kafka={"bootstrap_servers": "127.0.0.1:9"}, state={"directory": str(tmp_path)}
+        kafka={"bootstrap_servers": "127.0.0.1:9", "broker": "embedded"},
+        state={"directory": str(tmp_path)},
     )
     holder = ModelHolder(tiny_serving_model())
     worker = NativeWorker(settings, holder)

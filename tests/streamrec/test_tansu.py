@@ -16,7 +16,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from streamrec.kafka import tansu
-from streamrec.kafka.clients import TopicSpec, ensure_topics, tail
+from streamrec.kafka.clients import TopicSpec, end_reader, ensure_topics, tail
 
 pytestmark = pytest.mark.broker
 
@@ -47,7 +47,7 @@ def test_true_end_offsets_reach_the_last_record_batch(
         # the quirk: the reported end is the last batch's base offset + 1, so a reader that
         # stops there misses the rest of the last batch
         assert reported < n
-    assert tansu.true_end_offsets(conf, {(topic, 0): reported}) == {(topic, 0): n}
+    assert tansu.true_end_offsets(end_reader(conf), {(topic, 0): reported}) == {(topic, 0): n}
 
 
 def _seconds_to_assignment(bootstrap: str, topic: str, group: str, extra: dict) -> float:
@@ -99,23 +99,26 @@ def test_tail_reads_without_joining_a_group(
 
 def test_faust_app_consumer_waits_the_configured_fetch_time() -> None:
     """Faust hard-codes a 1500 ms fetch wait, which the embedded broker holds in full on an
-    empty fetch; the app's transport hands its consumer ``fetch_max_wait_ms`` instead."""
+    empty fetch; the app's transport hands its consumer ``fetch_max_wait_ms`` instead, and
+    reads committed records (Faust reads uncommitted ones outside its own transactions)."""
     from faust.transport.drivers import aiokafka as faust_aiokafka
 
     from streamrec.engines.faust.app import StreamrecApp
+    from streamrec.engines.faust.transport import streamrec_transport
 
     app = StreamrecApp(
         "tansu-fetch-test", broker="kafka://127.0.0.1:1", web_enabled=False, autodiscover=False
     )
     app.fetch_max_wait_ms = 7
     transport = app.transport
-    assert isinstance(transport, tansu.faust_fast_fetch_transport())
+    assert isinstance(transport, streamrec_transport())
 
-    async def build() -> int:  # aiokafka objects are made inside a running loop
+    async def build() -> tuple[int, str]:  # aiokafka objects are made inside a running loop
         consumer = app.consumer
         assert isinstance(consumer, faust_aiokafka.Consumer)
         thread = consumer._new_consumer_thread()
         worker_consumer = thread._create_worker_consumer(transport)  # not started
-        return int(worker_consumer._fetch_max_wait_ms)
+        return int(worker_consumer._fetch_max_wait_ms), worker_consumer._isolation_level
 
-    assert asyncio.run(build()) == 7  # Faust's own would be 1500
+    # Faust's own would be 1500 and read_uncommitted
+    assert asyncio.run(build()) == (7, "read_committed")

@@ -13,6 +13,7 @@ from streamrec.loop import registry
 from trainer.archive_source import parse_duration
 from trainer.cli.options import MultiValueCommand, split_values
 from trainer.retrain import RetrainConfig, RetrainError, run_cycle
+from trainer.retrain_metrics import RetrainMetrics
 
 
 @click.command("retrain", cls=MultiValueCommand)
@@ -61,6 +62,18 @@ from trainer.retrain import RetrainConfig, RetrainError, run_cycle
     show_default=True,
     help="Build the ANN retrieval index into the version before publishing it.",
 )
+@click.option(
+    "--metrics-port",
+    default=9110,
+    show_default=True,
+    help="With --every: port of /metrics, /healthz, /readyz (0: none).",
+)
+@click.option(
+    "--metrics-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address of that port (0.0.0.0 in a container scraped from outside).",
+)
 def retrain(
     archive: str,
     models: str,
@@ -85,6 +98,8 @@ def retrain(
     schedule: str | None,
     progress: bool,
     retrieval_index: str,
+    metrics_port: int,
+    metrics_host: str,
 ) -> None:
     """Retrain from the click archive; publish the candidate if it passes the gate."""
     if once == bool(every):
@@ -106,7 +121,10 @@ def retrain(
             raise click.ClickException(str(e)) from None
         return
     assert every is not None
-    _run_every(cfg, _period(every))
+    period = _period(every)
+    metrics = RetrainMetrics(models)
+    metrics.serve(metrics_port, metrics_host)
+    _run_every(cfg, period, metrics)
 
 
 def _echo(s: str) -> None:
@@ -123,18 +141,28 @@ def _period(every: str) -> float:
     return period
 
 
-def _run_every(cfg: RetrainConfig, period: float) -> None:
+def _run_every(cfg: RetrainConfig, period: float, metrics: RetrainMetrics) -> None:
     """A cycle every ``period`` seconds, forever; a cycle that fails is reported, and the
-    next one runs on time."""
+    next one runs on time. Liveness: busy during a cycle, a beat every second between them;
+    ready once a cycle has ended without an unexpected error."""
+    health = metrics.health
     while True:
         start = time.monotonic()
+        health.busy("a retrain cycle is running")
         try:
-            run_cycle(cfg, _echo)
+            metrics.observe_cycle(run_cycle(cfg, _echo), cfg.metric)
+            health.done(True, "last cycle ended")
         except RetrainError as e:  # unattended: say why, try again next period
             _echo(f"cycle skipped: {e}")
+            metrics.observe_skipped()
+            health.done(True, f"last cycle skipped: {e}")
         except Exception as e:  # a failed cycle must not stop the loop
             _echo(f"cycle failed: {type(e).__name__}: {e}")
-        time.sleep(max(0.0, period - (time.monotonic() - start)))
+            metrics.observe_failed()
+            health.done(False, f"last cycle failed: {type(e).__name__}: {e}")
+        while (left := period - (time.monotonic() - start)) > 0:
+            time.sleep(min(1.0, left))
+            health.beat()
 
 
 @click.group("models")

@@ -12,9 +12,12 @@
   state writes go through the Faust tables (RocksDB + changelog), which Faust flushes before
   it commits offsets. So a committed offset always has its outputs and changelog on the broker.
 * :class:`StreamrecApp` uses the transport of
-  :func:`streamrec.kafka.tansu.faust_fast_fetch_transport`, whose consumer waits
-  ``StreamrecApp.fetch_max_wait_ms`` (10 ms by default) on an empty fetch instead of Faust's
-  hard-coded 1500 ms.
+  :func:`streamrec.engines.faust.transport.streamrec_transport`: a ``read_committed``
+  consumer that waits ``StreamrecApp.fetch_max_wait_ms`` on an empty fetch (on the embedded
+  broker 10 ms instead of Faust's hard-coded 1500 ms), and an idempotent producer on Kafka.
+  The client configuration reaches Faust through
+  :func:`~streamrec.engines.faust.transport.faust_app_kwargs`, which refuses what aiokafka
+  cannot apply.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from streamrec.engines.common import EngineBase, Outputs
 from streamrec.engines.faust import compat
 from streamrec.engines.faust.idle import IdleIndex
 from streamrec.engines.faust.tables import FaustPartition
-from streamrec.kafka import tansu
+from streamrec.engines.faust.transport import faust_app_kwargs, streamrec_transport
+from streamrec.kafka import clients, tansu
 from streamrec.serving.expiry import end_idle_sessions, expire_idle_users
 from streamrec.serving.pipeline import process_batch
 from streamrec.serving.records import BatchResult, Record, SweepResult
@@ -42,24 +46,28 @@ from streamrec.serving.state_store import SESSIONS, USERS, StateStore
 
 log = logging.getLogger(__name__)
 
-FETCH_MAX_WAIT_MS = 10
 #: the idle sweep's work per step, while it holds the lock that batches wait for: chunks of
 #: SWEEP_CHUNK_KEYS keys (index seeding: SWEEP_SEED_RECORDS records) until SWEEP_STEP_S is spent
 SWEEP_STEP_S = 0.03
 SWEEP_CHUNK_KEYS = 16
 SWEEP_SEED_RECORDS = 2000
+#: seconds between the liveness beats and the lag and state-count updates of the metrics
+OBSERVE_INTERVAL_S = 1.0
 
 
 class StreamrecApp(faust.App):
-    """faust.App whose Kafka consumer waits at most ``fetch_max_wait_ms`` on an empty fetch."""
+    """faust.App on the transport of :func:`streamrec_transport`: its consumer waits at most
+    ``fetch_max_wait_ms`` on an empty fetch (None: Faust's own wait) and reads committed
+    records; its producer is idempotent when ``idempotent_producer``."""
 
-    fetch_max_wait_ms: int = FETCH_MAX_WAIT_MS
+    fetch_max_wait_ms: int | None = None
+    idempotent_producer: bool = False
 
     def _new_transport(self) -> Any:
         url = self.conf.broker_consumer[0]
         if url.scheme not in ("kafka", "aiokafka"):
             return super()._new_transport()
-        return tansu.faust_fast_fetch_transport()(self.conf.broker_consumer, self)
+        return streamrec_transport()(self.conf.broker_consumer, self)
 
 
 class Worker(EngineBase):
@@ -68,20 +76,22 @@ class Worker(EngineBase):
     def _build(self) -> None:
         settings, holder = self.settings, self.holder
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="streamrec-step")
-        self.outputs = Outputs(settings)
+        conf = self.conf
+        app_kwargs = faust_app_kwargs(conf)  # refuses what aiokafka cannot apply, first
+        embedded = clients.is_embedded(conf)
+        self.outputs = Outputs(settings, conf=conf)
         self.lock = asyncio.Lock()
         t = settings.topics
         w = settings.worker
         # Faust 0.15.3 loses inputs in two ways after a table recovery, and the embedded broker
         # under-reports end offsets: each loses data without its patch (compat's docstring).
-        compat.install(settings.kafka.confluent_config())
+        compat.install(clients.end_reader(conf) if embedded else None)
         app = StreamrecApp(
             w.app_id,
-            **settings.kafka.faust_broker_kwargs(),
+            **{**(tansu.FAUST_APP_SETTINGS if embedded else {}), **app_kwargs},
             store="rocksdb://",
             datadir=str(self.state_dir),
             processing_guarantee="at_least_once",
-            **tansu.FAUST_APP_SETTINGS,
             broker_commit_interval=1.0,
             consumer_auto_offset_reset="earliest",
             topic_partitions=t.partitions,
@@ -91,7 +101,11 @@ class Worker(EngineBase):
             stream_buffer_maxsize=max(4096, 4 * settings.batching.max_events),
             broker_max_poll_records=max(500, settings.batching.max_events),
         )
-        app.fetch_max_wait_ms = self.fetch_max_wait_ms
+        app.fetch_max_wait_ms = self._fetch_wait(embedded)
+        producer_props = clients.role_config(conf, "producer")
+        app.idempotent_producer = not embedded and str(
+            producer_props.get("enable.idempotence", True)
+        ).lower() not in ("false", "0")
         self.app = app
         raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw"}
         raw["value_serializer"] = "raw"
@@ -113,8 +127,20 @@ class Worker(EngineBase):
         self._idle_generation: int | None = None
         app.agent(self.clicks, name="streamrec.clicks")(self._agent)
         app.timer(settings.state.sweep_interval_seconds)(self._sweep)
+        app.timer(OBSERVE_INTERVAL_S)(self._observe)
+        self.metrics.health.ready_check = self._ready
         if settings.model.reload_interval_s > 0 and holder.watch_dir is not None:
             app.timer(settings.model.reload_interval_s)(self._reload)
+
+    def _fetch_wait(self, embedded: bool) -> int | None:
+        """The consumer's longest empty-fetch wait: ``--fetch-wait-ms``, else the configured
+        ``fetch.wait.max.ms``, else the embedded broker's, else Faust's own."""
+        if self.fetch_max_wait_ms is not None:
+            return self.fetch_max_wait_ms
+        configured = clients.role_config(self.conf, "consumer").get("fetch.wait.max.ms")
+        if configured is not None:
+            return int(configured)
+        return tansu.FETCH_MAX_WAIT_MS if embedded else None
 
     # ---- agent -------------------------------------------------------------------------
     async def _agent(self, stream: faust.StreamT) -> None:
@@ -265,6 +291,41 @@ class Worker(EngineBase):
                 res.users_expired += expire_idle_users(store, p, ukeys, cfg, clock.now)
             if not (m1 or m2):
                 return True
+
+    def _ready(self) -> tuple[bool, str]:
+        """/readyz (read from the metrics thread): the tables recovered after the last
+        rebalance, the model loaded (it is, before the app starts)."""
+        app = self.app
+        if app.rebalancing:
+            return False, "rebalancing: recovering the tables"
+        if not app.tables.actives_ready:  # False until the first assignment is recovered
+            return False, "waiting for partitions and their tables"
+        return True, "tables recovered"
+
+    async def _observe(self) -> None:
+        """Every second on the event loop: the liveness beat, the clicks partitions' lag,
+        and the state counts (the last-activity indexes hold every state of the active
+        partitions once seeded after a rebalance)."""
+        self.metrics.health.beat()
+        if self.app.rebalancing:
+            return
+        clicks = self.clicks.get_topic_name()
+        consumer: Any = self.app.consumer
+        committed: Mapping[Any, int | None] = consumer._committed_offset  # next offsets
+        lag: dict[int, tuple[int, int]] = {}
+        for tp in self.app.assignor.assigned_actives():
+            if tp.topic != clicks:
+                continue
+            done = committed.get(tp)
+            done = -1 if done is None else int(done)
+            end = max(int(consumer.highwater(tp) or -1), done)
+            if end >= 0:
+                lag[tp.partition] = (end, max(0, end - max(done, 0)))
+        self.metrics.observe_lag(self.settings.worker.app_id, clicks, lag)
+        if self._idle_generation == self.app.consumer_generation_id and not (
+            self.idle_sessions.seeding or self.idle_users.seeding
+        ):
+            self.metrics.set_states(len(self.idle_sessions), len(self.idle_users))
 
     async def _reload(self) -> None:
         loop = asyncio.get_running_loop()

@@ -36,11 +36,13 @@ from typing import Any
 from streamrec.kafka import tansu
 
 
-def install(client_config: dict[str, Any]) -> None:
-    """Install the fixes (idempotent); ``client_config`` is a confluent-kafka config."""
+def install(end_reader: tansu.ReaderFactory | None) -> None:
+    """Install the fixes (idempotent); ``end_reader`` (the embedded broker only) makes the
+    consumers that find the true end offsets (3.)."""
     _patch_recovery_seek_before_resume()
     _patch_fetch_only_active_partitions()
-    tansu.patch_faust_highwaters(client_config)
+    if end_reader is not None:
+        tansu.patch_faust_highwaters(end_reader)
 
 
 def _patch_fetch_only_active_partitions() -> None:

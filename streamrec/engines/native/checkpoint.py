@@ -57,6 +57,8 @@ class Checkpoints:
         self.metrics = metrics
         self.in_flight: _Checkpoint | None = None
         self._changelog_end: dict[int, int] = {}  # changelog partition -> last offset delivered
+        #: input partition -> the offset last committed (what the group's lag is measured from)
+        self.committed: dict[int, int] = {}
 
     def on_delivered(self, msg: Any) -> None:
         """The producer's delivery report of any record (changelog ones are noted)."""
@@ -107,6 +109,7 @@ class Checkpoints:
                 self.consumer.commit(offsets=tps, asynchronous=False)
             else:
                 self.consumer.commit(offsets=tps, asynchronous=True)
+            self.committed.update(offsets)
         except KafkaException as exc:
             # e.g. a rebalance under way. Outputs and states are on the broker already;
             # whoever owns the partition next redoes these events and the offsets stored
@@ -118,3 +121,4 @@ class Checkpoints:
         if self.in_flight is not None:
             self.in_flight.offsets.pop(partition, None)
         self._changelog_end.pop(partition, None)
+        self.committed.pop(partition, None)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import TopicPartition
 
 from streamrec.engines.native.store import RocksDBPartition
-from streamrec.kafka import tansu
+from streamrec.kafka import clients
 from streamrec.serving.state_store import ChangelogRecord
 from streamrec.settings import Settings
 
@@ -27,22 +27,23 @@ def changelog_topic(settings: Settings) -> str:
     return f"{settings.worker.app_id}-state-changelog"
 
 
-def recovery_config(settings: Settings) -> dict[str, Any]:
-    """The changelog reader's client config (a group of its own that never commits)."""
-    return {
-        **settings.kafka.confluent_config(),
-        "group.id": f"{settings.worker.app_id}-recovery",  # never commits
-        "enable.auto.commit": False,
-        "fetch.wait.max.ms": 10,
-        "log_level": 3,
-    }
+def recovery_group(settings: Settings) -> str:
+    """The changelog reader's group (of its own, never committed)."""
+    return f"{settings.worker.app_id}-recovery"
 
 
-def recover(config: dict[str, Any], changelog: str, partitions: Iterable[RocksDBPartition]) -> int:
+def recover(
+    conf: Mapping[str, Any], group: str, changelog: str, partitions: Iterable[RocksDBPartition]
+) -> int:
     """Replay each partition's changelog from the offset its database holds to the end;
-    returns the number of records applied."""
+    returns the number of records applied. ``conf`` is the worker's client configuration."""
     by_partition = {s.partition: s for s in partitions}
-    reader = Consumer(config)
+    reader = clients.consumer(
+        conf,
+        group,
+        fixed={"enable.auto.commit": False},
+        site={"fetch.wait.max.ms": 10, "log_level": 3},
+    )
     try:
         reader.list_topics(changelog, timeout=30)  # connect before timing anything
         assign, ends = [], {}
@@ -56,7 +57,7 @@ def recover(config: dict[str, Any], changelog: str, partitions: Iterable[RocksDB
         if not assign:
             return 0
         # the reported ends can be short of the log's end on the embedded broker
-        true_ends = tansu.true_end_offsets(config, {(changelog, p): e for p, e in ends.items()})
+        true_ends = clients.true_end_offsets(conf, {(changelog, p): e for p, e in ends.items()})
         ends = {p: true_ends[(changelog, p)] for p in ends}
         reader.assign(assign)
         reached = {tp.partition: tp.offset >= ends[tp.partition] for tp in assign}

@@ -25,7 +25,7 @@ import math
 import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from rocksdict import Options, Rdict, WriteBatch
 
@@ -41,6 +41,9 @@ from streamrec.serving.state_store import (
 _CHANGELOG_OFFSET = b"\x00changelog-offset"
 #: the state key layout of this database (absent in layout 1: keys without namespace)
 _LAYOUT = b"\x00layout"
+#: how many sessions and users the database holds ("<sessions>,<users>"), written with every
+#: batch that changes them (absent in a database written before it: counted at open)
+_COUNTS = b"\x00state-counts"
 
 
 #: last-activity index: ``ts/<bucket><state key>`` (sessions), ``tu/<bucket><state key>``
@@ -125,6 +128,41 @@ class RocksDBPartition:
         elif layout != str(STATE_LAYOUT).encode():
             self.db.close()
             raise layout_refused(f"state directory {path}", layout.decode(errors="replace"))
+        #: sessions and users in the database (writes not yet committed are not counted)
+        self.counts = self._stored_counts()
+
+    def _stored_counts(self) -> dict[bytes, int]:
+        raw = cast(bytes | None, self.db.get(_COUNTS))
+        if raw is not None:
+            sessions, users = raw.split(b",")
+            return {SESSIONS: int(sessions), USERS: int(users)}
+        return {t: sum(1 for _ in self._db_keys(t)) for t in (SESSIONS, USERS)}
+
+    def _changes(self, final: dict[bytes, bytes | None]) -> dict[bytes, int]:
+        """How the writes ``final`` (key -> last value, None: deleted) change the counts of
+        the database (one multi-get of the keys)."""
+        keys = [k for k in final if k.startswith((SESSIONS, USERS))]
+        change = {SESSIONS: 0, USERS: 0}
+        if keys:
+            before = cast(list[bytes | None], self.db.get(list[Any](keys)))
+            for key, old in zip(keys, before, strict=True):
+                change[key[: len(SESSIONS)]] += (final[key] is not None) - (old is not None)
+        return change
+
+    def _write_counts(self, batch: WriteBatch, final: dict[bytes, bytes | None]) -> None:
+        """Apply the count changes of ``final`` and store the counts in ``batch`` (with the
+        writes, so they never disagree)."""
+        for table, change in self._changes(final).items():
+            self.counts[table] += change
+        n = self.counts
+        batch.put(_COUNTS, f"{n[SESSIONS]},{n[USERS]}".encode())
+
+    def state_counts(self) -> tuple[int, int]:
+        """(sessions, users) held, writes not yet checkpointed included (for the metrics:
+        one multi-get of the keys written since the last checkpoint)."""
+        pending, flushing = self.pending, self.flushing  # see get()
+        change = self._changes({**flushing, **pending})
+        return self.counts[SESSIONS] + change[SESSIONS], self.counts[USERS] + change[USERS]
 
     def _db_keys(self, prefix: bytes) -> Iterator[bytes]:
         for raw in self.db.keys(from_key=prefix):
@@ -185,6 +223,7 @@ class RocksDBPartition:
         batch = WriteBatch(raw_mode=True)
         for entry in self._flushing_drops:
             batch.delete(entry)
+        self._write_counts(batch, self.flushing)
         for key, value in self.flushing.items():
             _write(batch, key, value)
         if changelog_offset is not None:
@@ -199,10 +238,14 @@ class RocksDBPartition:
         anything is written)."""
         batch = WriteBatch(raw_mode=True)
         n, last = 0, None
+        final: dict[bytes, bytes | None] = {}
         for key, value, offset in records:
-            _write(batch, check_changelog_key(key, offset), value)
+            checked = check_changelog_key(key, offset)
+            _write(batch, checked, value)
+            final[checked] = value
             n, last = n + 1, offset
         if last is not None:
+            self._write_counts(batch, final)
             batch.put(_CHANGELOG_OFFSET, str(last).encode())
             self.db.write(batch)
         return n

@@ -33,11 +33,11 @@ from confluent_kafka import Consumer, TopicPartition
 
 from streamrec.engines.common import DeliveryError, EngineBase, Outputs
 from streamrec.engines.native.checkpoint import Checkpoints
-from streamrec.engines.native.recovery import changelog_topic, recover, recovery_config
+from streamrec.engines.native.recovery import changelog_topic, recover, recovery_group
 from streamrec.engines.native.stages import Stages, to_records
 from streamrec.engines.native.store import RocksDBPartition
 from streamrec.engines.native.sweep import SWEEP_STEP_S, Sweeper
-from streamrec.kafka import tansu
+from streamrec.kafka import clients
 from streamrec.kafka.clients import TopicSpec, ensure_topics
 from streamrec.processes import on_stop_signal
 from streamrec.serving.served_model import ServingModel
@@ -56,21 +56,18 @@ class NativeWorker(EngineBase):
         self.datadir = self.state_dir / settings.topics.clicks
         self.clicks = settings.topics.clicks
         self.changelog = changelog_topic(settings)
-        self.consumer = Consumer(
-            {
-                **settings.kafka.confluent_config(),
-                "group.id": settings.worker.app_id,
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-                "fetch.wait.max.ms": self.fetch_max_wait_ms,
-                **tansu.GROUP_TIMEOUTS,
-                "log_level": 3,
-            }
+        fixed: dict[str, Any] = {"enable.auto.commit": False, "auto.offset.reset": "earliest"}
+        if self.fetch_max_wait_ms is not None:
+            fixed["fetch.wait.max.ms"] = self.fetch_max_wait_ms
+        self.consumer = clients.consumer(
+            self.conf, settings.worker.app_id, joins_group=True, fixed=fixed, site={"log_level": 3}
         )
         self.partitions: dict[int, RocksDBPartition] = {}
         self.store = StateStore(self.partitions)  # live: sees partitions as they come and go
-        self.outputs = Outputs(settings, on_delivered=self._on_delivered)
+        self.outputs = Outputs(settings, on_delivered=self._on_delivered, conf=self.conf)
+        self.outputs.heartbeat = self.metrics.health.beat
         self.producer = self.outputs.producer
+        self.metrics.health.set_ready(False, "waiting for partitions")
         self.checkpoints = Checkpoints(
             self.consumer, self.outputs, self.partitions, self.clicks, self.changelog, self.metrics
         )
@@ -89,7 +86,7 @@ class NativeWorker(EngineBase):
         on_stop_signal(self._on_signal)
         t = self.settings.topics
         ensure_topics(
-            self.settings.kafka.confluent_config(),
+            self.conf,
             [
                 TopicSpec(
                     self.changelog,
@@ -129,6 +126,7 @@ class NativeWorker(EngineBase):
         sweep_more = False
         stages = self.stages
         while not self._stopping:
+            self.metrics.health.beat()
             # Three stages, each batch in order through all of them (stages.py): apply
             # (state thread) -> score (scoring thread) -> publish (this thread). While batch N
             # is scored, N+1 is applied and N-1 published; N+1 starts only after N's apply
@@ -154,6 +152,7 @@ class NativeWorker(EngineBase):
                 sweep_more = self.sweep()
                 if now >= next_sweep:
                     next_sweep = now + sweep_every
+                    self.observe_partitions()
             loaded = self._loading is not None and self._loading.done()
             if reload_every > 0 and (now >= next_reload or loaded):
                 self.reload()  # a loaded model is swapped in at once, not a tick later
@@ -186,14 +185,28 @@ class NativeWorker(EngineBase):
     def finish_checkpoint(self, block: bool) -> bool:
         """:meth:`Checkpoints.finish`; a delivery error stops every later commit."""
         try:
-            return self.checkpoints.finish(block)
+            done = self.checkpoints.finish(block)
         except DeliveryError:
             self._failed = True  # commit nothing from now on
             raise
+        if done:
+            self.observe_partitions()
+        return done
+
+    def observe_partitions(self) -> None:
+        """Lag and state counts of the assigned partitions, into the metrics (after every
+        checkpoint and rebalance: both change what they measure)."""
+        committed = {p: self.checkpoints.committed.get(p, -1) for p in self.partitions}
+        lag = clients.lag_by_partition(self.consumer, self.clicks, committed)
+        self.metrics.observe_lag(self.settings.worker.app_id, self.clicks, lag)
+        counts = [s.state_counts() for s in self.partitions.values()]
+        self.metrics.set_states(sum(c[0] for c in counts), sum(c[1] for c in counts))
 
     # ---- partitions come and go ------------------------------------------------------------
     def _on_assign(self, consumer: Consumer, assigned: list[TopicPartition]) -> None:
         wanted = {tp.partition for tp in assigned}
+        health = self.metrics.health
+        health.busy(f"recovering the state of partitions {sorted(wanted)}")
         for p in [p for p in self.partitions if p not in wanted]:
             self.partitions.pop(p).close()
         # Partitions kept across the rebalance were checkpointed at the revoke and nobody else
@@ -201,7 +214,7 @@ class NativeWorker(EngineBase):
         new = [RocksDBPartition(self.datadir / str(p), p) for p in wanted - set(self.partitions)]
         if new:
             t0 = time.monotonic()
-            n = recover(recovery_config(self.settings), self.changelog, new)
+            n = recover(self.conf, recovery_group(self.settings), self.changelog, new)
             log.info(
                 "recovered partitions %s: %d changelog records in %.2f s",
                 sorted(s.partition for s in new),
@@ -209,9 +222,15 @@ class NativeWorker(EngineBase):
                 time.monotonic() - t0,
             )
         self.partitions.update({s.partition: s for s in new})
+        if assigned:  # where the group stands (one round trip per rebalance)
+            for tp in consumer.committed(assigned, timeout=10):
+                self.checkpoints.committed[tp.partition] = tp.offset
+        self.observe_partitions()
         log.info("ready: %s partitions %s", self.clicks, sorted(self.partitions))
+        health.done(True, f"{self.clicks} partitions {sorted(self.partitions)} recovered")
 
     def _on_revoke(self, consumer: Consumer, revoked: list[TopicPartition]) -> None:
+        self.metrics.health.set_ready(False, "rebalancing")
         if self._failed:
             return
         self.checkpoint()  # states stay open until the next assignment says whether they stay
@@ -219,6 +238,7 @@ class NativeWorker(EngineBase):
     def _on_lost(self, consumer: Consumer, lost: list[TopicPartition]) -> None:
         # Someone else may own them now: forget what was not checkpointed and recover later.
         log.warning("partitions lost: %s", sorted(tp.partition for tp in lost))
+        self.metrics.health.set_ready(False, "partitions lost; waiting for the next assignment")
         self.stages.drain()
         for tp in lost:
             self.checkpoints.forget(tp.partition)
@@ -260,6 +280,7 @@ class NativeWorker(EngineBase):
 
     # ---- shutdown ----------------------------------------------------------------------------
     def close(self) -> None:
+        self.metrics.health.set_ready(False, "stopping")
         try:
             if not self._failed:
                 self.checkpoint()

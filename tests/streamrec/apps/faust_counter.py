@@ -12,8 +12,9 @@ from pathlib import Path
 import faust
 
 from streamrec.engines.faust import compat as faust_compat
+from streamrec.kafka.clients import end_reader
 
-faust_compat.install({"bootstrap.servers": os.environ["COUNTER_BOOTSTRAP"]})
+faust_compat.install(end_reader({"bootstrap.servers": os.environ["COUNTER_BOOTSTRAP"]}))
 
 app = faust.App(
     os.environ["COUNTER_APP_ID"],
