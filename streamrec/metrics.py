@@ -138,6 +138,13 @@ class Metrics:
             "When the served model was loaded or swapped in",
             registry=r,
         )
+        self.model_refusals = Counter(
+            "streamrec_model_refusals",
+            "Published checkpoints not loaded (bad_pointer, version_reused, invalid), each "
+            "problem counted once",
+            ["reason"],
+            registry=r,
+        )
 
     def observe_lag(
         self, group: str, topic: str, by_partition: Mapping[int, tuple[int, int]]

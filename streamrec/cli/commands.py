@@ -21,7 +21,13 @@ from streamrec.settings import Settings, get_settings
 
 def load_model_holder(path: Path | None, settings: Settings, wait_s: float = 0.0):
     """A ModelHolder for a checkpoint directory, or a directory of checkpoints (newest wins)."""
-    from streamrec.serving.served_model import ModelHolder, RetrievalOptions, ServingModel
+    from streamrec.loop.registry import RegistryError
+    from streamrec.serving.served_model import (
+        ModelHolder,
+        RetrievalOptions,
+        ServingModel,
+        find_checkpoint,
+    )
 
     path = path or settings.model.path
     if path is None:
@@ -29,15 +35,17 @@ def load_model_holder(path: Path | None, settings: Settings, wait_s: float = 0.0
     path = Path(path)
     m = settings.model
     deadline = time.monotonic() + wait_s
+    problem = ""
     while True:
-        probe = ModelHolder.__new__(ModelHolder)
-        probe.watch_dir = path
-        ckpt = ModelHolder.newest_checkpoint(probe)
+        try:
+            ckpt = find_checkpoint(path)
+        except RegistryError as exc:  # a broken pointer may be fixed while we wait
+            ckpt, problem = None, f": {exc}"
         if ckpt is not None or time.monotonic() >= deadline:
             break
         time.sleep(1.0)
     if ckpt is None:
-        raise click.ClickException(f"no checkpoint (checkpoint.json) found in {path}")
+        raise click.ClickException(f"no checkpoint (checkpoint.json) found in {path}{problem}")
     model = ServingModel.from_checkpoint(
         ckpt, m.device, m.top_k, m.score_dtype, retrieval=RetrievalOptions.from_settings(m)
     )

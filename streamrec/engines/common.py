@@ -151,6 +151,7 @@ class EngineBase:
         self.clock = StreamClock.from_config(self.config)
         self.state_dir = Path(datadir or settings.state.directory)
         self.fetch_max_wait_ms = fetch_max_wait_ms
+        holder.on_refusal = lambda reason: self.metrics.model_refusals.labels(reason).inc()
         self._model_to_metrics()
         self._build()
 

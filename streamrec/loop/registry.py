@@ -9,12 +9,18 @@ Layout of ``MODELS``::
 Workers (``streamrec worker --model MODELS``) follow ``CURRENT``; a plain checkpoint
 directory keeps working as before. Publishing keeps the last ``keep`` versions (never the
 published one). No trainer import here: the workers use it.
+
+A version is a name inside ``versions/`` and nothing else (:func:`check_version`): ``CURRENT``,
+a rollback or a checkpoint's ``version`` that names a path (``../../elsewhere``), a hidden
+directory or a link out of ``versions/`` is refused with :class:`RegistryError`, and so is a
+``CURRENT`` that cannot be read as text. A worker then keeps the model it serves.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +38,10 @@ VERSIONS = "versions"
 POINTER = "CURRENT"
 LOG = "retrain-log.jsonl"
 DEFAULT_KEEP = 5
+#: what a version may be called: letters, digits and ``._-``, not starting with a dot (the
+#: staging directories) and at most 128 characters; ``save_checkpoint`` makes
+#: ``<UTC time>-<12 hex digits>``
+VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class RegistryError(StreamrecError):
@@ -51,7 +61,7 @@ class VersionInfo:
 
 def is_registry(path: str | os.PathLike[str]) -> bool:
     p = Path(path)
-    return (p / VERSIONS).is_dir() or (p / POINTER).is_file()
+    return (p / VERSIONS).is_dir() or (p / POINTER).exists()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -62,13 +72,44 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def check_version(name: str, where: str) -> str:
+    """``name`` if it is a version name (:data:`VERSION_NAME`), else :class:`RegistryError`
+    saying ``where`` it came from."""
+    if not VERSION_NAME.fullmatch(name):
+        raise RegistryError(
+            f"{where}: {name[:200]!r} is not a version name (letters, digits and ._- not "
+            "starting with a dot: a name inside versions/, never a path)"
+        )
+    return name
+
+
 def current_version(models: str | os.PathLike[str]) -> str | None:
-    """The published version's name, or None when nothing is published yet."""
+    """The published version's name, or None when nothing is published yet.
+
+    :class:`RegistryError` when ``CURRENT`` cannot be read (a directory, no permission),
+    is not UTF-8 text, or does not hold a version name."""
+    pointer = Path(models) / POINTER
     try:
-        name = (Path(models) / POINTER).read_text().strip()
+        data = pointer.read_bytes()
     except FileNotFoundError:
         return None
-    return name or None
+    except OSError as exc:
+        raise RegistryError(f"{pointer} cannot be read: {exc.strerror or exc}") from None
+    try:
+        name = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise RegistryError(f"{pointer} is not UTF-8 text ({len(data)} bytes)") from None
+    return check_version(name, str(pointer)) if name else None
+
+
+def version_dir(models: str | os.PathLike[str], version: str) -> Path:
+    """``versions/<version>`` of the registry, checked to be a version name and to lie inside
+    ``versions/`` (a link out of it is refused)."""
+    base = Path(models) / VERSIONS
+    path = base / check_version(version, f"{models}: version")
+    if path.is_symlink() and path.resolve().parent != base.resolve():
+        raise RegistryError(f"{models}: {path} links out of {VERSIONS}/ ({path.resolve()})")
+    return path
 
 
 def resolve(models: str | os.PathLike[str]) -> Path | None:
@@ -76,13 +117,15 @@ def resolve(models: str | os.PathLike[str]) -> Path | None:
     name = current_version(models)
     if name is None:
         return None
-    path = Path(models) / VERSIONS / name
+    path = version_dir(models, name)
     if not (path / META).is_file():
         raise RegistryError(f"{models}: {POINTER} names {name!r}, which has no checkpoint")
     return path
 
 
 def _set_pointer(models: Path, version: str) -> None:
+    if (models / POINTER).is_dir():
+        raise RegistryError(f"{models / POINTER} is a directory: remove it, then publish again")
     tmp = models / f".{POINTER}.tmp"
     with open(tmp, "w") as f:
         f.write(version + "\n")
@@ -102,8 +145,7 @@ def staging_dir(models: str | os.PathLike[str], name: str) -> Path:
 def add_version(models: str | os.PathLike[str], checkpoint: CheckpointRecord) -> str:
     """Move a finished checkpoint directory (``save_checkpoint``'s record of it) into
     ``versions/<its version>``; returns the version."""
-    m = Path(models)
-    target = m / VERSIONS / checkpoint.version
+    target = version_dir(models, checkpoint.version)
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():
         raise RegistryError(f"{models}: version {checkpoint.version} exists already")
@@ -118,7 +160,7 @@ def publish(models: str | os.PathLike[str], version: str, keep: int = DEFAULT_KE
     Returns the versions removed.
     """
     m = Path(models)
-    if not (m / VERSIONS / version / META).is_file():
+    if not (version_dir(m, version) / META).is_file():
         raise RegistryError(f"{models}: no version {version!r}")
     _set_pointer(m, version)
     return prune(m, keep)
@@ -139,7 +181,10 @@ def list_versions(models: str | os.PathLike[str]) -> list[VersionInfo]:
     current = current_version(m)
     out = []
     for d in sorted((m / VERSIONS).glob("*")) if (m / VERSIONS).is_dir() else []:
-        if d.name.startswith(".") or not (d / META).is_file():
+        # staging directories, names that are no version, links out of versions/: never held
+        if not VERSION_NAME.fullmatch(d.name) or not (d / META).is_file():
+            continue
+        if d.is_symlink() and d.resolve().parent != (m / VERSIONS).resolve():
             continue
         try:
             rec = read_checkpoint_record(d)
@@ -162,7 +207,7 @@ def list_versions(models: str | os.PathLike[str]) -> list[VersionInfo]:
 def show(models: str | os.PathLike[str], version: str) -> dict[str, Any]:
     """One version's ``checkpoint.json`` without the item ids, with their number, its path and
     whether it is published."""
-    path = Path(models) / VERSIONS / version
+    path = version_dir(models, version)
     rec = read_checkpoint_record(path)
     meta = rec.to_json()
     del meta["item_ids"]
@@ -177,7 +222,7 @@ def show(models: str | os.PathLike[str], version: str) -> dict[str, Any]:
 def rollback(models: str | os.PathLike[str], version: str) -> None:
     """Publish an older version that is still held (pruning nothing)."""
     m = Path(models)
-    if not (m / VERSIONS / version / META).is_file():
+    if not (version_dir(m, version) / META).is_file():
         held = ", ".join(v.version for v in list_versions(m)) or "none"
         raise RegistryError(f"{models}: no version {version!r} (held: {held})")
     _set_pointer(m, version)

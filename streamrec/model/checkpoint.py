@@ -76,6 +76,16 @@ class CheckpointRecord:
         value = self.metrics.get(HOLDOUT_METRIC)
         return None if value is None else float(value)
 
+    def same_model(self, other: CheckpointRecord) -> bool:
+        """Whether ``other`` describes the same model: class, config, item index and
+        tensors (the version name, times, metrics and statistics aside)."""
+        return (
+            self.tensor_sha256 == other.tensor_sha256
+            and self.model_name == other.model_name
+            and dict(self.model_config) == dict(other.model_config)
+            and self.item_ids == other.item_ids
+        )
+
     def to_json(self) -> dict[str, Any]:
         """The JSON object of ``checkpoint.json`` (the same keys and order as ever)."""
         return {

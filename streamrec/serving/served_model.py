@@ -6,6 +6,7 @@ inside. Every call runs under ``torch.inference_mode()``.
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import logging
@@ -487,6 +488,30 @@ class ServingModel:
         return holdout_recall(self.model, self.item_index, holdout, self.device, k)
 
 
+#: why :class:`ModelHolder` did not load a published checkpoint (its ``refusals``' keys)
+REFUSED_POINTER = "bad_pointer"
+REFUSED_VERSION_REUSED = "version_reused"
+REFUSED_INVALID = "invalid"
+
+
+def find_checkpoint(watch_dir: str | os.PathLike[str] | None) -> Path | None:
+    """The checkpoint to serve from ``watch_dir``: a model registry's published version
+    (:class:`streamrec.loop.registry.RegistryError` when its pointer cannot be followed),
+    else the newest checkpoint directory in it, or itself; None when there is none yet."""
+    if watch_dir is None or not Path(watch_dir).is_dir():
+        return None
+    watch_dir = Path(watch_dir)
+    if registry.is_registry(watch_dir):
+        # a model registry: follow its pointer (a rollback is followed too)
+        return registry.resolve(watch_dir)
+    cands = [p.parent for p in watch_dir.glob("*/checkpoint.json")]
+    if (watch_dir / "checkpoint.json").exists():
+        cands.append(watch_dir)
+    if not cands:
+        return None
+    return max(cands, key=lambda p: (p / "checkpoint.json").stat().st_mtime)
+
+
 class ModelHolder:
     """Holds the current ServingModel; swaps happen between batches under a lock.
 
@@ -494,6 +519,12 @@ class ModelHolder:
     With ``watch_dir`` set, :meth:`maybe_reload` loads the newest checkpoint directory in it
     (``checkpoint.json`` present) whose version differs from the served one; when
     ``watch_dir`` is a model registry (:mod:`streamrec.loop.registry`), the published version.
+
+    What is not loaded is counted by reason in :attr:`refusals` (and handed to
+    ``on_refusal``, the worker's metric) and logged once per distinct problem: a registry
+    pointer that cannot be followed (:data:`REFUSED_POINTER`), a different model under the
+    served version's name (:data:`REFUSED_VERSION_REUSED`), a checkpoint that does not load or
+    fails validation (:data:`REFUSED_INVALID`). The served model stays meanwhile.
     """
 
     def __init__(
@@ -519,6 +550,10 @@ class ModelHolder:
         self.holdout_key = holdout_key
         self.rejected: dict[str, str] = {}
         self.swaps = 0
+        self.refusals: collections.Counter[str] = collections.Counter()
+        self.on_refusal: Callable[[str], None] | None = None
+        self._seen_refusal: str | None = None  # logged and counted, seen on the last poll
+        self._refused_now = False
 
     @property
     def current(self) -> ServingModel:
@@ -583,21 +618,30 @@ class ModelHolder:
         return new if self.check(new, holdout, reference) else None
 
     def newest_checkpoint(self) -> Path | None:
-        if self.watch_dir is None or not self.watch_dir.is_dir():
+        """:func:`find_checkpoint` of the watched directory; a registry pointer that cannot
+        be followed is a refusal (None: the served model stays)."""
+        try:
+            return find_checkpoint(self.watch_dir)
+        except registry.RegistryError as exc:
+            self._refuse(REFUSED_POINTER, str(exc))
             return None
-        if registry.is_registry(self.watch_dir):
-            # a model registry: follow its pointer (a rollback is followed too)
-            try:
-                return registry.resolve(self.watch_dir)
-            except registry.RegistryError as exc:
-                log.warning("%s", exc)
-                return None
-        cands = [p.parent for p in self.watch_dir.glob("*/checkpoint.json")]
-        if (self.watch_dir / "checkpoint.json").exists():
-            cands.append(self.watch_dir)
-        if not cands:
-            return None
-        return max(cands, key=lambda p: (p / "checkpoint.json").stat().st_mtime)
+
+    def _count(self, reason: str) -> None:
+        self.refusals[reason] += 1
+        if self.on_refusal is not None:
+            self.on_refusal(reason)
+
+    def _refuse(self, reason: str, message: str) -> None:
+        """Count and log a refusal, once per distinct problem (polls repeat it every few
+        seconds until someone fixes the registry)."""
+        self._refused_now = True
+        if message == self._seen_refusal:
+            return
+        self._seen_refusal = message
+        self._count(reason)
+        log.error(
+            "model not reloaded (%s): %s; still serving %s", reason, message, self._model.version
+        )
 
     def maybe_reload(self) -> bool:
         """Swap in the newest checkpoint of the watched directory if its version is new."""
@@ -611,6 +655,15 @@ class ModelHolder:
         """The newest checkpoint of the watched directory, loaded and validated, if its
         version is new (else None); not swapped in: :meth:`install` does that. Safe to run in
         a thread of its own while batches are served (it only reads ``current``)."""
+        self._refused_now = False
+        new = self._prepare_reload()
+        if not self._refused_now and self._seen_refusal is not None:
+            # the problem is gone: the next one is logged and counted, even if the same
+            log.info("model reload: %s is no longer the case", self._seen_refusal)
+            self._seen_refusal = None
+        return new
+
+    def _prepare_reload(self) -> ServingModel | None:
         path = self.newest_checkpoint()
         if path is None:
             return None
@@ -619,9 +672,29 @@ class ModelHolder:
         except CheckpointError:
             return None  # being written, or broken: try again next time
         ident = f"{path}@{record.version}@{_fingerprint(path)}"
-        if record.version == self._model.version or ident in self.rejected:
+        if record.version == self._model.version:
+            self._check_same_model(record)
+            return None
+        if ident in self.rejected:
             return None
         new = self.load_checked(path, record)
         if new is None:
             self.rejected[ident] = "rejected"
+            self._count(REFUSED_INVALID)
         return new
+
+    def _check_same_model(self, record: CheckpointRecord) -> None:
+        """A checkpoint named like the served version must be the served model. Another
+        model under that name is a publishing error, never loaded: every answer names its
+        model by version, and a swap re-encodes only the states of other versions, so the
+        stored states would be read by weights that did not make them."""
+        served = self._model.record
+        if served is None or served.same_model(record):
+            return
+        self._refuse(
+            REFUSED_VERSION_REUSED,
+            f"{record.path} is version {record.version}, the served version's name, but "
+            f"holds another model (tensors {record.tensor_sha256[:12]}…, {record.n_items} "
+            f"items; served: {served.tensor_sha256[:12]}…, {served.n_items} items from "
+            f"{served.path}); a new model needs a new version name",
+        )
