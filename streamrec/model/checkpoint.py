@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -24,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save_file
+from torch.overrides import TorchFunctionMode
 
 from streamrec.errors import StreamrecError
 from streamrec.model import build_model
@@ -308,11 +310,13 @@ def load_checkpoint(
             f"{tpath}: sha256 mismatch (file {digest[:12]}…, recorded "
             f"{rec.tensor_sha256[:12]}…): corrupted or truncated"
         )
+    # the model the record describes, checked against the file's header (names, shapes,
+    # dtypes) before any tensor is loaded, built within a budget set by the file's size
+    model = _model_for(rec, _tensor_header(data, tpath), len(data))
     try:
         tensors = load_tensors(data)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{tpath}: unreadable tensor file: {e}") from e
-    model = _model_for(rec, tensors)
     model.load_state_dict(tensors, strict=True)
     model.to(device)
     model.eval()
@@ -323,24 +327,103 @@ def load_checkpoint(
     return Checkpoint(model=model, record=rec, item_ids=item_ids, item_index=index)
 
 
-def _model_for(rec: CheckpointRecord, tensors: Mapping[str, torch.Tensor]) -> RegisteredModel:
-    """The model of the record's config, checked against the tensors' names and shapes."""
+#: a model's build may ask tensor factories for at most this multiple of its tensor file's
+#: size, plus :data:`BUILD_SLACK_BYTES`: its parameters and buffers (the file's tensors) and
+#: the initialisation's temporaries (GRU4Rec's init asks for about 3x its parameters)
+BUILD_BUDGET_FACTOR = 4
+BUILD_SLACK_BYTES = 64 << 20
+#: safetensors' dtype names
+_DTYPE_NAMES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+#: the factories a model's constructor allocates its tensors with, whose sizes the build
+#: budget counts (their size is their arguments: ``f(*size)``, ``f(size)``, ``full(size, x)``)
+_SIZED_FACTORIES = frozenset(
+    {torch.empty, torch.zeros, torch.ones, torch.rand, torch.randn, torch.full}
+)
+
+
+def _tensor_header(data: bytes, tpath: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Name -> (dtype name, shape) from a safetensors file's header, nothing loaded."""
+    try:
+        size = int.from_bytes(data[:8], "little")
+        if len(data) < 8 or size > len(data) - 8:
+            raise ValueError(f"header of {size} bytes in a file of {len(data)}")
+        header = json.loads(data[8 : 8 + size])
+        return {
+            name: (str(entry["dtype"]), tuple(int(d) for d in entry["shape"]))
+            for name, entry in header.items()
+            if name != "__metadata__"
+        }
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"{tpath}: unreadable tensor file header: {e}") from e
+
+
+class _BuildBudget(TorchFunctionMode):
+    """While a model is built: refuses, before it is allocated, a tensor that would take the
+    bytes its factories were asked for past ``limit``. The JSON of a checkpoint decides what
+    is built; the tensor file's size decides how much that may be."""
+
+    def __init__(self, limit: int, where: Path) -> None:
+        super().__init__()
+        self.limit, self.where, self.requested = limit, where, 0
+
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func in _SIZED_FACTORIES:
+            size = kwargs.get("size", args[0] if args else ())
+            if not isinstance(size, (tuple, list, torch.Size)):  # f(n, m) for f((n, m))
+                size = [a for a in args if isinstance(a, (int, np.integer))]
+            dtype = kwargs.get("dtype") or torch.get_default_dtype()
+            self.requested += math.prod(int(d) for d in size) * dtype.itemsize
+            if self.requested > self.limit:
+                raise CheckpointError(
+                    f"{self.where}: the model its {META} describes asks for more than "
+                    f"{self.limit >> 20} MB ({tuple(size)} {dtype} at "
+                    f"{self.requested >> 20} MB), far more than its tensor file holds: "
+                    "the config does not match the tensors"
+                )
+        return func(*args, **kwargs)
+
+
+def _model_for(
+    rec: CheckpointRecord, header: Mapping[str, tuple[str, tuple[int, ...]]], file_bytes: int
+) -> RegisteredModel:
+    """The model of the record's config, checked against the tensor file's header (names,
+    shapes, dtypes); built within :data:`BUILD_BUDGET_FACTOR` x the file's size."""
     p = rec.path
     try:
-        model = build_model(rec.model_name, dict(rec.model_config))
+        with _BuildBudget(BUILD_BUDGET_FACTOR * file_bytes + BUILD_SLACK_BYTES, p):
+            model = build_model(rec.model_name, dict(rec.model_config))
     except (TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{p}: cannot build model from its config: {e}") from e
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
+    missing = sorted(set(expected) - set(header))
+    extra = sorted(set(header) - set(expected))
     if missing or extra:
         raise CheckpointError(
             f"{p}: tensor names do not match the model (missing {missing}, unexpected {extra})"
         )
     for k, v in expected.items():
-        if tuple(tensors[k].shape) != tuple(v.shape) or tensors[k].dtype != v.dtype:
+        dtype, shape = header[k]
+        if shape != tuple(v.shape) or dtype != _DTYPE_NAMES.get(v.dtype, str(v.dtype)):
             raise CheckpointError(
-                f"{p}: tensor {k!r} has shape {tuple(tensors[k].shape)} {tensors[k].dtype}, "
+                f"{p}: tensor {k!r} has shape {shape} {dtype}, "
                 f"the config implies {tuple(v.shape)} {v.dtype}"
             )
     if model.n_items != rec.n_items:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from streamrec.model.api import StepModel
+from streamrec.model.api import RegisteredModel, StepModel
 from streamrec.model.checkpoint import (
     CheckpointError,
     CheckpointRecord,
@@ -271,3 +272,45 @@ def test_the_record_is_read_once_from_save_to_swap(
     assert holder.maybe_reload() and holder.current.version == second.version
     assert reads == [models / "versions" / version]
     assert holder.current.record == read_checkpoint_record(models / "versions" / version)
+
+
+def test_a_config_claiming_more_than_the_tensors_hold_is_refused_before_it_is_built(
+    ckpt: tuple[Path, GRU4Rec],
+) -> None:
+    """A checkpoint.json that claims 2,000,000 items (the tensors hold 25) is refused by the
+    build budget (the tensor file's size), before the model's tensors are allocated: on main
+    the worker built the whole model (4.9 GB RSS at 6,000,000 items; see
+    bench/results/checkpoint-claims.md), and only then compared shapes."""
+    path, _ = ckpt
+    meta = json.loads((path / "checkpoint.json").read_text())
+    meta["model_config"]["n_items"] = 2_000_000
+    (path / "checkpoint.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"asks for more than \d+ MB .*2000000"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("name", ["gru4rec", "gru4rec-onehot", "hrnn", "prnn"])
+def test_the_build_budget_admits_every_model(name: str, tmp_path: Path) -> None:
+    """Real models of every kind load within the budget (their init's temporaries
+    included), with item counts large enough that the slack alone would not cover them."""
+    from streamrec.model import checkpoint
+    from streamrec.model.hrnn import HRNN
+    from streamrec.model.prnn import PRNN
+
+    n = 30_000
+    models: dict[str, Callable[[], RegisteredModel]] = {
+        "gru4rec": lambda: GRU4Rec(
+            GRU4RecConfig(n_items=n, layers=[96], embedding=64, constrained_embedding=False)
+        ),
+        "gru4rec-onehot": lambda: GRU4Rec(
+            GRU4RecConfig(n_items=n, layers=[96], constrained_embedding=False)
+        ),
+        "hrnn": lambda: HRNN(n, layers=[96], user_layers=[64], variant="all"),
+        "prnn": lambda: PRNN(n, [32], arch="parallel", id_hidden=64, feature_hidden=32),
+    }
+    model = models[name]()
+    rec = save_checkpoint(tmp_path / "m", model, name.split("-")[0], [str(j) for j in range(n)])
+    file_bytes = (rec.path / checkpoint.TENSORS).stat().st_size
+    assert checkpoint.BUILD_BUDGET_FACTOR * file_bytes > checkpoint.BUILD_SLACK_BYTES
+    loaded = load_checkpoint(rec.path)
+    assert loaded.model.n_items == n
