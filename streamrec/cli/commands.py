@@ -398,6 +398,13 @@ def demo(
 @click.option("--group", default=None, help="Consumer group (default: <app_id>-archiver).")
 @click.option("--flush-events", default=50_000, show_default=True, help="Rows per file, max.")
 @click.option("--flush-interval", default=10.0, show_default=True, help="Seconds per file.")
+@click.option(
+    "--max-open-hours",
+    default=24,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Event hours one range of offsets may hold (one file each) before it is written.",
+)
 @click.option("--idle", default=2.0, show_default=True, help="Idle s ending a catch-up.")
 @click.option(
     "--metrics-port",
@@ -412,6 +419,7 @@ def archive(
     group: str | None,
     flush_events: int,
     flush_interval: float,
+    max_open_hours: int,
     idle: float,
     metrics_port: int,
 ) -> None:
@@ -432,6 +440,7 @@ def archive(
         group=group or f"{settings.worker.app_id}-archiver",
         flush_events=flush_events,
         flush_interval_s=flush_interval,
+        max_open_hours=max_open_hours,
     )
     click.echo(f"archiving {settings.topics.clicks} -> {directory}", err=True)
     server = archiver.metrics.serve(metrics_port, settings.worker.metrics_host)

@@ -1,13 +1,18 @@
 """The click archive's files: Parquet by event date and hour, written atomically, listed.
 
-Layout: ``DIR/date=YYYY-MM-DD/hour=HH/p{P}-{FIRST:012d}-{LAST:012d}.parquet``. One file holds
-the valid clicks of one contiguous offset range ``FIRST..LAST`` (inclusive) of partition ``P``
-whose events fall in one event hour; records in the range that the worker dead-letters (or
-``session_end`` markers) are skipped but their offsets still belong to the range. A file is
-written under a temporary name, fsynced, renamed, and the directory fsynced
-(:meth:`Storage.write_atomic`); temporary files are never listed. The archiver that fills it
-(``streamrec.loop.archiver``) commits a range only after its rename; the trainer reads the
-files through :func:`list_archive` and :class:`Storage`. No Kafka here.
+Layout: ``DIR/date=YYYY-MM-DD/hour=HH/p{P}-{FIRST:012d}-{LAST:012d}[-of{N}].parquet``. A
+*range* is one contiguous offset range ``FIRST..LAST`` (inclusive) of partition ``P``; its
+valid clicks are written as one file per event hour they fall in, each in its hour's
+directory, all named by the range and, when there are several (N > 1), by their number
+(``-ofN``). Records in the range that the worker dead-letters (or ``session_end`` markers)
+are skipped but their offsets still belong to the range. A range is archived when all N of
+its files are there: :func:`list_archive` (the trainer, the archiver's resume) lists complete
+ranges only, and the archiver removes an incomplete one (a crash between two of its renames)
+before it archives that partition again. A file is written under a temporary name, fsynced,
+renamed, and the directory fsynced (:meth:`Storage.write_atomic`); temporary files are never
+listed. The archiver that fills it (``streamrec.loop.archiver``) commits a range only after
+its last rename; the trainer reads the files through :func:`list_archive` and
+:class:`Storage`. No Kafka here.
 
 Storage: a local directory, or an fsspec URL (``s3://``, ``gs://``, ``hdfs://``, ...) where
 the matching fsspec implementation (s3fs, gcsfs, pyarrow's HDFS) is installed; ``memory://``
@@ -41,7 +46,7 @@ SCHEMA = pa.schema(
         ("offset", pa.int64()),
     ]
 )
-FILE_RE = re.compile(r"^p(\d+)-(\d+)-(\d+)\.parquet$")
+FILE_RE = re.compile(r"^p(\d+)-(\d+)-(\d+)(?:-of(\d+))?\.parquet$")
 TMP_PREFIX = ".tmp-"
 
 
@@ -125,21 +130,52 @@ class ArchiveFile:
     first: int
     last: int
     hour: str  # "YYYY-MM-DD/HH"
+    parts: int = 1  # files of its range (one per event hour)
+
+    @property
+    def range(self) -> tuple[int, int, int]:
+        return (self.partition, self.first, self.last)
 
 
-def list_archive(storage: Storage) -> list[ArchiveFile]:
-    """The archive's finished files (temporary ones left out), by (partition, first offset)."""
+def _finished_files(storage: Storage) -> list[ArchiveFile]:
     out = []
     for rel in storage.list_files():
         name = rel.rsplit("/", 1)[-1]
         m = FILE_RE.match(name)
         if not m:
             continue
-        parts = rel.split("/")
-        date = next((p[5:] for p in parts if p.startswith("date=")), "")
-        hour = next((p[5:] for p in parts if p.startswith("hour=")), "")
-        out.append(ArchiveFile(rel, int(m[1]), int(m[2]), int(m[3]), f"{date}/{hour}"))
-    return sorted(out, key=lambda f: (f.partition, f.first))
+        dirs = rel.split("/")
+        date = next((p[5:] for p in dirs if p.startswith("date=")), "")
+        hour = next((p[5:] for p in dirs if p.startswith("hour=")), "")
+        parts = int(m[4]) if m[4] else 1
+        out.append(ArchiveFile(rel, int(m[1]), int(m[2]), int(m[3]), f"{date}/{hour}", parts))
+    return sorted(out, key=lambda f: (f.partition, f.first, f.hour))
+
+
+def _by_range(files: list[ArchiveFile]) -> dict[tuple[int, int, int], list[ArchiveFile]]:
+    ranges: dict[tuple[int, int, int], list[ArchiveFile]] = {}
+    for f in files:
+        ranges.setdefault(f.range, []).append(f)
+    return ranges
+
+
+def _complete(files: list[ArchiveFile]) -> bool:
+    return all(f.parts == len(files) for f in files)
+
+
+def list_archive(storage: Storage) -> list[ArchiveFile]:
+    """The files of the archive's complete ranges (temporary files and the files of a range
+    whose other files are missing left out), by (partition, first offset, hour)."""
+    ranges = _by_range(_finished_files(storage))
+    return [f for files in ranges.values() if _complete(files) for f in files]
+
+
+def incomplete_ranges(storage: Storage) -> list[ArchiveFile]:
+    """The files of ranges that lack some of their files: what a crash between the renames
+    of one range leaves. Never read; the archiver removes them before it archives their
+    partition again."""
+    ranges = _by_range(_finished_files(storage))
+    return [f for files in ranges.values() if not _complete(files) for f in files]
 
 
 def archived_end(files: list[ArchiveFile]) -> dict[int, int]:
@@ -154,6 +190,9 @@ def hour_of(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d/%H")
 
 
-def file_name(partition: int, first: int, last: int, hour: str) -> str:
+def file_name(partition: int, first: int, last: int, hour: str, parts: int = 1) -> str:
+    """The file of range ``first..last`` of ``partition`` for event hour ``hour``, one of
+    ``parts`` files of that range."""
     date, hh = hour.split("/")
-    return f"date={date}/hour={hh}/p{partition}-{first:012d}-{last:012d}.parquet"
+    suffix = f"-of{parts}" if parts > 1 else ""
+    return f"date={date}/hour={hh}/p{partition}-{first:012d}-{last:012d}{suffix}.parquet"

@@ -1,12 +1,15 @@
 """The archiver behind ``streamrec archive``: the clicks topic into the archive, exactly once.
 
 A consumer-group member (group ``<app_id>-archiver``; several archivers share the
-partitions) that writes each partition's clicks to the archive (:mod:`streamrec.loop.archive`:
-one file per contiguous offset range within one event hour) and commits ``LAST + 1`` only
-after the file's rename. On (re)assignment a partition resumes at the larger of the committed
-offset and the end of its archived ranges, so a crash between the rename and the commit does
-not write anything twice, and a crash before the rename leaves only a temporary file that is
-ignored (and removed at the next start). Clicks are validated by the worker's own
+partitions) that writes each partition's clicks to the archive (:mod:`streamrec.loop.archive`)
+one *range* at a time: a contiguous offset range of one partition, written as one file per
+event hour its clicks fall in (at most ``max_open_hours`` of them), then ``LAST + 1`` is
+committed after the last file's rename. On (re)assignment a partition resumes at the larger
+of the committed offset and the end of its archived (complete) ranges, after removing the
+files of a range left incomplete; so a crash between the renames and the commit does not
+write anything twice, a crash between two renames leaves a range that is never read and is
+archived again, and a crash before a rename leaves only a temporary file that is ignored
+(and removed at the next start). Clicks are validated by the worker's own
 :func:`streamrec.serving.events.decode`: what the worker dead-letters is not archived.
 """
 
@@ -29,6 +32,7 @@ from streamrec.loop.archive import (
     archived_end,
     file_name,
     hour_of,
+    incomplete_ranges,
     list_archive,
 )
 from streamrec.metrics import ArchiverMetrics
@@ -36,16 +40,20 @@ from streamrec.serving.events import ClickEvent, decode
 
 log = logging.getLogger(__name__)
 
+#: event hours one range may hold at most (one file each) before it is written: a live
+#: stream's current hour and a day of late clicks
+MAX_OPEN_HOURS = 24
+
 
 @dataclass
-class _Buffer:
-    """A partition's pending range: offsets first..last, the valid clicks among them."""
+class _Range:
+    """A partition's pending range: offsets first..last, its valid clicks by event hour."""
 
-    first: int = -1
-    last: int = -1
-    hour: str = ""
-    rows: list[tuple[Any, ...]] = field(default_factory=list)
-    opened: float = 0.0
+    first: int
+    last: int
+    opened: float
+    hours: dict[str, list[tuple[Any, ...]]] = field(default_factory=dict)
+    rows: int = 0
 
 
 @dataclass
@@ -60,9 +68,10 @@ class ArchiveStats:
 class Archiver:
     """A consumer-group member that writes its partitions' clicks to the archive.
 
-    ``flush_events`` / ``flush_interval_s`` bound a file's size and age; a file is also cut
-    where the event hour changes. ``crash_after_write`` (tests) makes :meth:`flush` raise
-    between the rename and the commit.
+    ``flush_events`` / ``flush_interval_s`` bound a range's rows and age; a click of an
+    event hour the range does not hold yet, when it holds ``max_open_hours`` already, starts
+    a new range. ``on_flush`` (tests) is called after each file's rename, so raising there
+    crashes between renames or between the last rename and the commit.
     """
 
     def __init__(
@@ -74,20 +83,27 @@ class Archiver:
         group: str = "streamrec-archiver",
         flush_events: int = 50_000,
         flush_interval_s: float = 10.0,
+        max_open_hours: int = MAX_OPEN_HOURS,
         on_flush: Callable[[ArchiveFile], None] | None = None,
         metrics: ArchiverMetrics | None = None,
     ) -> None:
+        if max_open_hours < 1:
+            raise ValueError(f"max_open_hours must be at least 1, not {max_open_hours}")
         self.storage = Storage(directory)
+        self.client_config = client_config
         self.group = group
         self.metrics = metrics or ArchiverMetrics()
         self.health = self.metrics.health
         self.topic = topic
         self.flush_events = flush_events
         self.flush_interval_s = flush_interval_s
+        self.max_open_hours = max_open_hours
         self.on_flush = on_flush
-        self.buffers: dict[int, _Buffer] = {}
+        self.ranges: dict[int, _Range] = {}
         #: next offset to archive per assigned partition (known before any message arrives)
         self.next_offsets: dict[int, int] = {}
+        #: per partition, the end offset a read past the reported one found (_caught_up)
+        self._ends: dict[int, int] = {}
         self.stats = ArchiveStats()
         self._failed = False
         self._clean_temporaries()
@@ -111,6 +127,11 @@ class Archiver:
     def _on_assign(self, consumer: Any, parts: list[Any]) -> None:
         from confluent_kafka import OFFSET_BEGINNING
 
+        mine = {tp.partition for tp in parts}
+        for f in incomplete_ranges(self.storage):
+            if f.partition in mine:  # a crash between the renames of one range
+                log.warning("removing %s: its range lacks some of its %d files", f.path, f.parts)
+                self.storage.remove(f.path)
         ends = archived_end(list_archive(self.storage))
         committed = consumer.committed(parts, timeout=10)
         for tp, c in zip(parts, committed, strict=True):
@@ -127,7 +148,7 @@ class Archiver:
             tp.offset = start if start > 0 else OFFSET_BEGINNING
             self.next_offsets[tp.partition] = start
             self.committed[tp.partition] = start
-            self.buffers.pop(tp.partition, None)
+            self.ranges.pop(tp.partition, None)
         consumer.assign(parts)
         self.health.set_ready(True, f"{len(parts)} partitions assigned")
 
@@ -135,7 +156,7 @@ class Archiver:
         for tp in parts:
             if not self._failed:  # after a failure, leave the rest to the next owner
                 self.flush(tp.partition)
-            self.buffers.pop(tp.partition, None)
+            self.ranges.pop(tp.partition, None)
             self.next_offsets.pop(tp.partition, None)
             self.committed.pop(tp.partition, None)
             self.metrics.forget_partition(self.topic, tp.partition)
@@ -146,60 +167,71 @@ class Archiver:
     def add(self, partition: int, offset: int, value: bytes | None, key: bytes | None) -> None:
         self.stats.records += 1
         ev = decode(value, topic=self.topic, partition=partition, offset=offset, key=key)
-        buf = self.buffers.get(partition)
         if not isinstance(ev, ClickEvent) or ev.type != "click":
             # dead-lettered by the worker (or a session end): not archived, offset covered
             self.stats.skipped += 1
-            if buf is None or buf.first < 0:
-                buf = self.buffers[partition] = _Buffer(offset, offset, "", [], time.monotonic())
-            buf.last = offset
+            self._range(partition, offset, None).last = offset
             return
         t = ev.timestamp if ev.timestamp is not None else time.time()
         hour = hour_of(t)
-        if buf is not None and buf.first >= 0 and buf.hour and buf.hour != hour:
-            self.flush(partition)
-            buf = None
-        if buf is None or buf.first < 0:
-            buf = self.buffers[partition] = _Buffer(offset, offset, hour, [], time.monotonic())
-        buf.hour = buf.hour or hour
-        buf.last = offset
-        buf.rows.append((ev.session_id, ev.item_id, t, ev.user_id, ev.event_id, partition, offset))
-        if len(buf.rows) >= self.flush_events:
+        rng = self._range(partition, offset, hour)
+        rng.last = offset
+        rng.hours.setdefault(hour, []).append(
+            (ev.session_id, ev.item_id, t, ev.user_id, ev.event_id, partition, offset)
+        )
+        rng.rows += 1
+        if rng.rows >= self.flush_events:
             self.flush(partition)
 
-    def flush(self, partition: int) -> ArchiveFile | None:
-        """Write the partition's pending range, then commit the offset after it."""
+    def _range(self, partition: int, offset: int, hour: str | None) -> _Range:
+        """The open range ``offset`` extends: a new one when there is none, or when ``hour``
+        would be one event hour more than a range may hold (the open one is written first,
+        so a range stays contiguous and each hour of it is one file)."""
+        rng = self.ranges.get(partition)
+        new_hour = rng is not None and hour is not None and hour not in rng.hours
+        if rng is not None and new_hour and len(rng.hours) >= self.max_open_hours:
+            self.flush(partition)
+            rng = None
+        if rng is None:
+            rng = self.ranges[partition] = _Range(offset, offset, time.monotonic())
+        return rng
+
+    def flush(self, partition: int) -> list[ArchiveFile]:
+        """Write the partition's pending range (one file per event hour), then commit the
+        offset after it."""
         from confluent_kafka import TopicPartition
 
-        buf = self.buffers.pop(partition, None)
-        if buf is None or buf.first < 0:
-            return None
-        f = None
-        if buf.rows:
-            cols = list(zip(*buf.rows, strict=True))
+        rng = self.ranges.pop(partition, None)
+        if rng is None:
+            return []
+        files = []
+        for hour in sorted(rng.hours):
+            rows = rng.hours[hour]
+            cols = list(zip(*rows, strict=True))
             table = pa.Table.from_arrays(
                 [pa.array(c, type=SCHEMA.field(i).type) for i, c in enumerate(cols)],
                 schema=SCHEMA,
             )
-            rel = file_name(partition, buf.first, buf.last, buf.hour)
+            rel = file_name(partition, rng.first, rng.last, hour, parts=len(rng.hours))
             size = self.storage.write_atomic(rel, table)
-            f = ArchiveFile(rel, partition, buf.first, buf.last, buf.hour)
+            f = ArchiveFile(rel, partition, rng.first, rng.last, hour, len(rng.hours))
+            files.append(f)
             self.stats.files += 1
-            self.stats.archived += len(buf.rows)
-            self.metrics.observe_file(len(buf.rows), size)
+            self.stats.archived += len(rows)
+            self.metrics.observe_file(len(rows), size)
             if self.on_flush is not None:
                 self.on_flush(f)
         # Only skipped records in the range: nothing to write, the commit alone records it
         # (a crash before it re-reads and re-skips them).
         self.consumer.commit(
-            offsets=[TopicPartition(self.topic, partition, buf.last + 1)], asynchronous=False
+            offsets=[TopicPartition(self.topic, partition, rng.last + 1)], asynchronous=False
         )
-        self.committed[partition] = buf.last + 1
-        self.metrics.archived_offset.labels(self.topic, str(partition)).set(buf.last)
-        return f
+        self.committed[partition] = rng.last + 1
+        self.metrics.archived_offset.labels(self.topic, str(partition)).set(rng.last)
+        return files
 
     def flush_all(self) -> None:
-        for p in list(self.buffers):
+        for p in list(self.ranges):
             self.flush(p)
 
     def run(
@@ -210,9 +242,8 @@ class Archiver:
         stopped: Callable[[], bool] = lambda: False,
         max_s: float | None = None,
     ) -> ArchiveStats:
-        """Archive until ``stopped()``; with ``until_caught_up``, until the end offsets are
-        reached and nothing more arrives for ``idle_s`` (the embedded broker reports end
-        offsets short of the last batch, so the idle wait completes them)."""
+        """Archive until ``stopped()``; with ``until_caught_up``, until nothing has arrived
+        for ``idle_s`` and every assigned partition is read to its end (:meth:`_caught_up`)."""
         t0 = time.monotonic()
         self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         last_msg = time.monotonic()
@@ -236,8 +267,8 @@ class Archiver:
                     self.topic,
                     clients.lag_by_partition(self.consumer, self.topic, self.committed),
                 )
-                for p, buf in list(self.buffers.items()):
-                    if now - buf.opened >= self.flush_interval_s:
+                for p, rng in list(self.ranges.items()):
+                    if now - rng.opened >= self.flush_interval_s:
                         self.flush(p)
                 if until_caught_up and now - last_msg >= idle_s and self._caught_up():
                     break
@@ -254,14 +285,30 @@ class Archiver:
         return self.stats
 
     def _caught_up(self) -> bool:
+        """Every assigned partition is read to its end: its next offset is at least the
+        reported end, and a read from there finds nothing.
+
+        The reported end (high watermark) alone can be short: the embedded broker reports
+        the last record batch's base offset + 1, which after an archiver was killed was
+        below the offset it resumed at, so "caught up" held before any record was read and
+        115 clicks were never archived. Reading past it is
+        :func:`streamrec.kafka.clients.true_end_offsets` (on Apache Kafka it finds nothing and
+        costs one short read when the archiver is idle).
+        """
         parts = self.consumer.assignment()
         if not parts:
             return False
+        # our own count, not consumer.position(): the position is unknown until a message
+        # of the partition arrives in this run, and a partition with nothing new may get
+        # none (it stalled --until-caught-up for minutes)
+        positions = {
+            (self.topic, tp.partition): self.next_offsets.get(tp.partition, 0) for tp in parts
+        }
         for tp in parts:
-            # our own count, not consumer.position(): the position is unknown until a message
-            # of the partition arrives in this run, and a partition with nothing new may get
-            # none (it stalled --until-caught-up for minutes)
             _, high = self.consumer.get_watermark_offsets(tp, timeout=5, cached=False)
-            if self.next_offsets.get(tp.partition, 0) < high:
+            # an end found by an earlier read counts too: no read again before it is reached
+            if positions[(self.topic, tp.partition)] < max(high, self._ends.get(tp.partition, 0)):
                 return False
-        return True
+        ends = clients.true_end_offsets(self.client_config, positions)
+        self._ends.update({p: end for (_, p), end in ends.items()})
+        return all(ends[k] <= positions[k] for k in positions)
