@@ -27,6 +27,9 @@ a configuration is for (``kafka.broker``, else the cluster id the broker answers
   they are never served.
 * A group join costs seconds: read-only tools assign partitions instead of subscribing
   (:func:`assign_all`; harmless on Kafka).
+* A leader that leaves while its group re-forms (another member left first) stays the
+  group's leader: every later member waits for its assignment forever. Consumers that
+  subscribe call :class:`JoinWatch`, which frees the group (:func:`release_departed_leader`).
 * Not worked around, only measured: every record batch is one object of its in-memory store,
   and every fetch that has data to return first lists every batch object of the partition,
   with no retention (DeleteRecords is unimplemented). A consumer tailing a log at a steady
@@ -40,8 +43,10 @@ a configuration is for (``kafka.broker``, else the cluster id the broker answers
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
@@ -66,6 +71,7 @@ PRODUCER_SETTINGS: dict[str, Any] = {"enable.idempotence": False}
 #: a fresh consumer of no group, for reading past the reported ends
 ReaderFactory = Callable[[], Consumer]
 _faust_reader: ReaderFactory | None = None
+log = logging.getLogger(__name__)
 
 
 def true_end_offsets(
@@ -144,3 +150,155 @@ def assign_all(consumer: Consumer, topic: str, partitions: int, start: int) -> N
     """Read the ``partitions`` of ``topic`` from ``start`` without joining a group (a join
     waits for half the session timeout here); for tools that only read."""
     consumer.assign([TopicPartition(topic, p, start) for p in range(partitions)])
+
+
+# -- a departed leader ------------------------------------------------------------------------
+#: session timeouts a member waits for an assignment before :class:`JoinWatch` acts (a join
+#: here takes about half of one)
+DEPARTED_LEADER_AFTER_SESSIONS = 3
+#: assignment protocols a probe offers: the group's own is among them (librdkafka's default
+#: is range, then roundrobin)
+PROBE_PROTOCOLS = ("range", "roundrobin", "cooperative-sticky")
+
+
+def release_departed_leader(
+    client_config: Mapping[str, Any],
+    group: str,
+    topics: Sequence[str],
+    session_timeout_ms: int = 6000,
+) -> str | None:
+    """Quirk: a leader that leaves its group while the group re-forms stays its leader.
+
+    Tansu (0.6, also its main branch as of this writing) removes a member that leaves a
+    *forming* group without clearing the group's leader when that member was it (leaving a
+    formed group clears it, and so does a leader missing its heartbeats). Every member that
+    joins later is told that the departed member leads, waits for the assignment it never
+    sends, and rejoins, forever: the group's state reads UNKNOWN and no member gets a
+    partition. It happens when two members stop and the leader is not the first to leave
+    (issue 19: a worker frozen past its session timeout lost the lead to the other one, which
+    was then stopped second). Only the expiry path clears the lead, so the departed leader is
+    made a member again, to expire after one session timeout:
+
+    1. join as a new member (a probe) to learn the group's leader from the join response;
+    2. a heartbeat as that leader answering UNKNOWN_MEMBER_ID shows that it is no member (on
+       Apache Kafka a leader always is one: nothing more is done);
+    3. join under the leader's member id; the broker expires it after the session timeout,
+       and the next join of a waiting member makes that member the leader.
+
+    Returns the departed leader's member id, or None when there was none. The probe leaves
+    (or, when the broker made it the leader, expires). Plaintext connections only (the
+    embedded broker's); on another protocol nothing is done.
+    """
+    if str(client_config.get("security.protocol", "PLAINTEXT")).upper() != "PLAINTEXT":
+        return None
+    return asyncio.run(
+        _release_departed_leader(
+            str(client_config["bootstrap.servers"]), group, list(topics), session_timeout_ms
+        )
+    )
+
+
+async def _release_departed_leader(
+    bootstrap: str, group: str, topics: list[str], session_timeout_ms: int
+) -> str | None:
+    from aiokafka.client import AIOKafkaClient, ConnectionGroup, CoordinationType
+    from aiokafka.coordinator.protocol import ConsumerProtocolMemberMetadata
+    from aiokafka.errors import UnknownMemberIdError
+    from aiokafka.protocol.group import HeartbeatRequest, JoinGroupRequest, LeaveGroupRequest
+
+    metadata = ConsumerProtocolMemberMetadata(0, topics, b"").encode()
+    client = AIOKafkaClient(bootstrap_servers=bootstrap, client_id="streamrec-group-repair")
+    await client.bootstrap()
+    try:
+        node = await client.coordinator_lookup(CoordinationType.GROUP, group)
+
+        async def send(request: Any) -> Any:
+            return await client.send(node, request, group=ConnectionGroup.COORDINATION)
+
+        def join(member_id: str) -> Any:
+            protocols = [(name, metadata) for name in PROBE_PROTOCOLS]
+            timeout = session_timeout_ms
+            return JoinGroupRequest(group, timeout, timeout, member_id, None, "consumer", protocols)
+
+        probe = (await send(join(""))).member_id  # MEMBER_ID_REQUIRED names the new id
+        joined = await send(join(probe))
+        leader = joined.leader_id
+        if joined.error_code != 0 or not leader or leader == probe:
+            return None  # no leader to free (the probe leads, or joined nothing)
+        await send(LeaveGroupRequest(group, probe))
+        beat = await send(HeartbeatRequest(group, joined.generation_id, leader))
+        if beat.error_code != UnknownMemberIdError.errno:
+            return None  # the leader is a member: nothing of ours to fix
+        await send(join(leader))
+        return str(leader)
+    finally:
+        await client.close()
+
+
+class JoinWatch:
+    """Frees a group held by a departed leader (:func:`release_departed_leader`) for a
+    consumer that waits too long for its partitions.
+
+    The consumer calls :meth:`waiting` when it subscribes and when its partitions are
+    revoked or lost, :meth:`assigned` when it gets an assignment (an empty one included), and
+    :meth:`check` on every turn of its loop; after ``DEPARTED_LEADER_AFTER_SESSIONS`` session
+    timeouts without an assignment, ``check`` runs the repair in a thread of its own (again
+    after as long, while the wait goes on). ``enabled`` is for the embedded broker only
+    (:func:`streamrec.kafka.clients.is_embedded`): on Apache Kafka a member waits that long
+    only while a rebalance is held up, and a probe would cost one more rebalance.
+    """
+
+    def __init__(
+        self,
+        client_config: Mapping[str, Any],
+        group: str,
+        topics: Sequence[str],
+        session_timeout_ms: int,
+        *,
+        enabled: bool = True,
+    ) -> None:
+        self.client_config, self.group, self.topics = dict(client_config), group, list(topics)
+        self.enabled = enabled
+        self.session_timeout_ms = session_timeout_ms
+        self.after_s = DEPARTED_LEADER_AFTER_SESSIONS * session_timeout_ms / 1000
+        self.released: list[str] = []
+        self._since: float | None = None
+        self._thread: threading.Thread | None = None
+
+    def waiting(self) -> None:
+        self._since = time.monotonic()
+
+    def assigned(self) -> None:
+        self._since = None
+
+    def check(self) -> None:
+        since = self._since
+        if not self.enabled or since is None or time.monotonic() - since < self.after_s:
+            return
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._since = time.monotonic()
+        self._thread = threading.Thread(
+            target=self._release, name="streamrec-group-repair", daemon=True
+        )
+        self._thread.start()
+
+    def _release(self) -> None:
+        try:
+            leader = release_departed_leader(
+                self.client_config, self.group, self.topics, self.session_timeout_ms
+            )
+        except Exception as exc:  # a repair that fails is retried after another wait
+            log.warning(
+                "group %s: no assignment yet; checking its leader failed: %s", self.group, exc
+            )
+            return
+        if leader is not None:
+            self.released.append(leader)
+            log.warning(
+                "group %s: its leader %s had left while the group re-formed, and the embedded "
+                "broker kept it as leader (no member could get partitions); it is released "
+                "and expires after the session timeout",
+                self.group,
+                leader,
+            )

@@ -23,7 +23,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from streamrec.kafka import clients
+from streamrec.kafka import clients, tansu
 from streamrec.loop.archive import (
     SCHEMA,
     TMP_PREFIX,
@@ -116,6 +116,14 @@ class Archiver:
             fixed={"enable.auto.commit": False, "auto.offset.reset": "earliest"},
             site={"fetch.wait.max.ms": 50, "log_level": 0},
         )
+        #: frees the group when a departed leader holds it (an embedded-broker bug)
+        self.join_watch = tansu.JoinWatch(
+            client_config,
+            group,
+            [topic],
+            tansu.GROUP_TIMEOUTS["session.timeout.ms"],
+            enabled=clients.is_embedded(client_config),
+        )
 
     def _clean_temporaries(self) -> None:
         for rel in self.storage.list_files():
@@ -127,6 +135,7 @@ class Archiver:
     def _on_assign(self, consumer: Any, parts: list[Any]) -> None:
         from confluent_kafka import OFFSET_BEGINNING
 
+        self.join_watch.assigned()
         mine = {tp.partition for tp in parts}
         for f in incomplete_ranges(self.storage):
             if f.partition in mine:  # a crash between the renames of one range
@@ -153,6 +162,7 @@ class Archiver:
         self.health.set_ready(True, f"{len(parts)} partitions assigned")
 
     def _on_revoke(self, consumer: Any, parts: list[Any]) -> None:
+        self.join_watch.waiting()
         for tp in parts:
             if not self._failed:  # after a failure, leave the rest to the next owner
                 self.flush(tp.partition)
@@ -246,11 +256,13 @@ class Archiver:
         for ``idle_s`` and every assigned partition is read to its end (:meth:`_caught_up`)."""
         t0 = time.monotonic()
         self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        self.join_watch.waiting()
         last_msg = time.monotonic()
         try:
             while not stopped():
                 self.health.beat()
                 msgs = self.consumer.consume(num_messages=5000, timeout=0.2)
+                self.join_watch.check()
                 now = time.monotonic()
                 for m in msgs:
                     if m.error() is not None:

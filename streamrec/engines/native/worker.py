@@ -37,7 +37,7 @@ from streamrec.engines.native.recovery import changelog_topic, recover, recovery
 from streamrec.engines.native.stages import Stages, to_records
 from streamrec.engines.native.store import RocksDBPartition
 from streamrec.engines.native.sweep import SWEEP_STEP_S, Sweeper
-from streamrec.kafka import clients
+from streamrec.kafka import clients, tansu
 from streamrec.kafka.clients import TopicSpec, ensure_topics
 from streamrec.processes import on_stop_signal
 from streamrec.serving.served_model import ServingModel
@@ -61,6 +61,14 @@ class NativeWorker(EngineBase):
             fixed["fetch.wait.max.ms"] = self.fetch_max_wait_ms
         self.consumer = clients.consumer(
             self.conf, settings.worker.app_id, joins_group=True, fixed=fixed, site={"log_level": 3}
+        )
+        #: frees the group when a departed leader holds it (an embedded-broker bug)
+        self.join_watch = tansu.JoinWatch(
+            self.conf,
+            settings.worker.app_id,
+            [self.clicks],
+            tansu.GROUP_TIMEOUTS["session.timeout.ms"],
+            enabled=clients.is_embedded(self.conf),
         )
         self.partitions: dict[int, RocksDBPartition] = {}
         self.store = StateStore(self.partitions)  # live: sees partitions as they come and go
@@ -108,6 +116,7 @@ class NativeWorker(EngineBase):
             on_revoke=self._on_revoke,
             on_lost=self._on_lost,
         )
+        self.join_watch.waiting()
         try:
             self._loop()
         except BaseException:
@@ -139,6 +148,7 @@ class NativeWorker(EngineBase):
                 stages.start(records)
             stages.publish_scored(block=not records)
             self.producer.poll(0)  # delivery callbacks
+            self.join_watch.check()
             now = time.monotonic()
             in_flight = self.checkpoints.in_flight
             if in_flight is not None:
@@ -204,6 +214,7 @@ class NativeWorker(EngineBase):
 
     # ---- partitions come and go ------------------------------------------------------------
     def _on_assign(self, consumer: Consumer, assigned: list[TopicPartition]) -> None:
+        self.join_watch.assigned()
         wanted = {tp.partition for tp in assigned}
         health = self.metrics.health
         health.busy(f"recovering the state of partitions {sorted(wanted)}")
@@ -231,6 +242,7 @@ class NativeWorker(EngineBase):
 
     def _on_revoke(self, consumer: Consumer, revoked: list[TopicPartition]) -> None:
         self.metrics.health.set_ready(False, "rebalancing")
+        self.join_watch.waiting()
         if self._failed:
             return
         self.checkpoint()  # states stay open until the next assignment says whether they stay
@@ -239,6 +251,7 @@ class NativeWorker(EngineBase):
         # Someone else may own them now: forget what was not checkpointed and recover later.
         log.warning("partitions lost: %s", sorted(tp.partition for tp in lost))
         self.metrics.health.set_ready(False, "partitions lost; waiting for the next assignment")
+        self.join_watch.waiting()
         self.stages.drain()
         for tp in lost:
             self.checkpoints.forget(tp.partition)
