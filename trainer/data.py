@@ -9,6 +9,7 @@ by a gap are :mod:`streamrec.data.clicklog`.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -46,14 +47,20 @@ def _consecutive_repeat_mask(sess: np.ndarray, item: np.ndarray, time: np.ndarra
 
 
 def preprocess(
-    df: pd.DataFrame, min_item_support: int = 5, min_session_length: int = 2
+    df: pd.DataFrame,
+    min_item_support: int = 5,
+    min_session_length: int = 2,
+    known: Iterable[str] = (),
 ) -> pd.DataFrame:
     """Remove consecutive repeats of an item within a session, drop sessions shorter than
-    ``min_session_length`` and items with fewer than ``min_item_support`` events; repeat until
-    nothing changes. Row order is kept."""
+    ``min_session_length`` and items with fewer than ``min_item_support`` events (but the
+    ``known`` ones, compared as strings); repeat until nothing changes. Row order is kept."""
     _check_columns(df, REQUIRED)
     sess, _ = _codes(df[SESSION])
     item, n_items = _codes(df[ITEM])
+    # per item code: exempt from the support rule
+    exempt = np.zeros(n_items, dtype=bool)
+    exempt[item[df[ITEM].astype(str).isin(set(known)).to_numpy()]] = True
     time = df[TIME].to_numpy(dtype=np.float64)
     keep = np.ones(len(df), dtype=bool)
     while True:
@@ -63,11 +70,47 @@ def preprocess(
         s_len = np.bincount(s[~drop], minlength=sess.max() + 1 if len(sess) else 0)
         drop |= s_len[s] < min_session_length
         i_sup = np.bincount(i[~drop], minlength=n_items)
-        drop |= i_sup[i] < min_item_support
+        drop |= (i_sup[i] < min_item_support) & ~exempt[i]
         if not drop.any():
             break
         keep[idx[drop]] = False
     return df[keep].reset_index(drop=True)
+
+
+#: examples of left-out items a retrain cycle records
+LEFT_OUT_EXAMPLES = 10
+
+
+def admit_new_items(
+    train: pd.DataFrame,
+    known: Iterable[str],
+    min_support: int,
+    min_session_length: int = 2,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """A retrain cycle's training events: :func:`preprocess` with the support rule applied
+    to new items only. An item of ``known`` (the published catalogue, which keeps every one
+    of its rows) is trained on with any number of events; an item it lacks enters the
+    catalogue only with ``min_support`` events after cleaning (repeats, short sessions), so
+    ids that never repeat (junk, typos, a flood of made-up ids) do not grow the model.
+
+    Returns the frame and what the rule left out: the threshold, the new items not admitted
+    and their events, the training events dropped in all (sessions that became too short
+    included), and up to :data:`LEFT_OUT_EXAMPLES` of those items, most events first."""
+    known = set(map(str, known))
+    cleaned = preprocess(train, min_item_support=1, min_session_length=min_session_length)
+    out = cleaned
+    if min_support > 1:
+        out = preprocess(cleaned, min_support, min_session_length, known=known)
+    items = cleaned[ITEM].astype(str)
+    left = items[~items.isin(known) & ~items.isin(out[ITEM].astype(str))]
+    counts = left.value_counts()
+    return out, {
+        "min_support": min_support,
+        "items": len(counts),
+        "item_events": int(counts.sum()),
+        "events_dropped": len(cleaned) - len(out),
+        "examples": [str(i) for i in counts.index[:LEFT_OUT_EXAMPLES]],
+    }
 
 
 def restrict_to_items(

@@ -39,7 +39,7 @@ from streamrec.model.gru4rec import GRU4Rec
 from streamrec.model.hrnn import HRNN
 from streamrec.model.retrieval import publish_index
 from trainer.archive_source import parse_duration, read_archive
-from trainer.data import preprocess, restrict_to_items
+from trainer.data import admit_new_items, restrict_to_items
 from trainer.hier.params import HierParams, HRNNParams, PRNNParams, parse_hier_params
 from trainer.holdout import gate_figures
 from trainer.jobs import TrainJob
@@ -66,7 +66,10 @@ class RetrainConfig:
     tolerance: float = 0.02  # relative: candidate >= current * (1 - tolerance) ...
     metric: str = "recall@20"
     keep: int = registry.DEFAULT_KEEP
-    min_item_support: int = 1
+    #: a new item (not in the published catalogue) enters it only with this many training
+    #: events in the window (trainer.data.admit_new_items); 2 leaves out ids that never repeat
+    #: (bench/results/item-admission.md: what higher thresholds cost on real logs)
+    min_item_support: int = 2
     progress: bool = True
     #: test hook: transform the training frame (e.g. shuffle items for a degenerate model)
     corrupt: Callable[[pd.DataFrame], pd.DataFrame] | None = None
@@ -307,14 +310,17 @@ def run_cycle(cfg: RetrainConfig, echo: Callable[[str], None] = print) -> dict[s
     if len(df) == 0:
         raise RetrainError(f"{cfg.archive}: no archived clicks in the window")
     train, test = _split_holdout(df, holdout_s)
-    train = preprocess(train, min_item_support=cfg.min_item_support, min_session_length=2)
-    if cfg.corrupt is not None:
-        train = cfg.corrupt(train)
     current_path = registry.resolve(cfg.models) if registry.is_registry(cfg.models) else None
     current = load_checkpoint(current_path) if current_path else None
+    train, left_out = admit_new_items(
+        train, current.item_ids if current else (), cfg.min_item_support, min_session_length=2
+    )
+    if cfg.corrupt is not None:
+        train = cfg.corrupt(train)
     phases["read"] = time.perf_counter() - t
     rec["window"] = sl.summary()
     rec["events"] = {"window": len(df), "train": len(train), "holdout": len(test)}
+    rec["left_out"] = left_out
     rec["current_version"] = current.version if current else None
     if len(train) == 0:
         raise RetrainError("no training sessions (>= 2 events) before the holdout slice")
@@ -322,6 +328,11 @@ def run_cycle(cfg: RetrainConfig, echo: Callable[[str], None] = print) -> dict[s
         f"      {len(df):,} events ({len(train):,} train, {len(test):,} holdout) in "
         f"{sl.files} files, {phases['read']:.1f} s"
     )
+    if left_out["items"]:
+        echo(
+            f"      {left_out['items']:,} new items with fewer than {cfg.min_item_support} "
+            f"events left out ({left_out['events_dropped']:,} training events)"
+        )
 
     echo("[2/4] training the candidate" + (" (warm start)" if current and not cfg.cold else ""))
     t = time.perf_counter()
@@ -403,6 +414,7 @@ def run_cycle(cfg: RetrainConfig, echo: Callable[[str], None] = print) -> dict[s
                 "train_last_event": float(train["Time"].max()),
                 "n_items": len(item_ids),
                 "new_items": rec["new_items"],
+                "left_out": left_out,
                 "warm_start": warm,
                 "warm_epochs": tr.epochs,
                 "parent": current.version if current else None,

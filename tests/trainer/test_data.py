@@ -7,6 +7,7 @@ import pytest
 
 from streamrec.data.clicklog import DataError, load_clicks, sessionize
 from trainer.data import (
+    admit_new_items,
     filter_users,
     preprocess,
     restrict_to_items,
@@ -210,6 +211,32 @@ def test_preprocess_repeat_created_by_filtering_is_removed() -> None:
     rows += [("u", "y", 6), ("u", "x", 7)]
     out = preprocess(_frame(rows), min_item_support=2, min_session_length=2)
     assert sorted(out["SessionId"].unique()) == ["t", "u"]
+
+
+def test_admit_new_items_needs_support_for_new_items_only() -> None:
+    rows = [
+        # k: a known item with one event; n: a new item with 3; j1..j3: junk, one event each
+        ("a", "k", 1), ("a", "n", 2),
+        ("b", "n", 3), ("b", "z", 4),
+        ("c", "n", 5), ("c", "z", 6),
+        ("d", "j1", 7), ("d", "j2", 8),
+        ("e", "z", 9), ("e", "j3", 10), ("e", "z", 11),
+    ]  # fmt: skip
+    df = _frame(rows)
+    out, left = admit_new_items(df, known=["z", "k"], min_support=3)
+    # k stays with its one event; n (3 events) is admitted; d holds only junk and goes; in e,
+    # dropping j3 makes z z a repeat, so e is one event and goes too
+    assert sorted(out["ItemId"].unique()) == ["k", "n", "z"]
+    assert sorted(out["SessionId"].unique()) == ["a", "b", "c"]
+    assert left["min_support"] == 3 and left["items"] == 3 and left["item_events"] == 3
+    assert left["events_dropped"] == 5 and sorted(left["examples"]) == ["j1", "j2", "j3"]
+    # with nothing known (a first cycle), k needs support as well, and a goes with it
+    out, left = admit_new_items(df, known=(), min_support=2)
+    assert sorted(out["ItemId"].unique()) == ["n", "z"] and left["items"] == 4
+    assert sorted(out["SessionId"].unique()) == ["b", "c"]
+    # 1: everything preprocess keeps is admitted
+    out, left = admit_new_items(df, known=(), min_support=1)
+    assert len(out) == len(preprocess(df, 1, 2)) and left["items"] == 0
 
 
 def test_split_by_time_on_hand_made_data() -> None:

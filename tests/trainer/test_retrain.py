@@ -266,6 +266,47 @@ def test_first_cycle_publishes_then_gate_refuses_degenerate(tmp_path: Path) -> N
     )
 
 
+@pytest.mark.slow
+def test_junk_item_ids_do_not_grow_the_catalogue(tmp_path: Path) -> None:
+    """Issue 19, case 17: never-repeated junk item ids (here 2,000, beside the next day's
+    clicks with one real new item) grew the published catalogue by their number. A new item
+    now needs ``min_item_support`` events; the cycle's log and the checkpoint say what was
+    left out, and a known item keeps training on however few events it has."""
+    archive, models = tmp_path / "archive", tmp_path / "models"
+    df = generate_clicks(1000, 40, seed=4, span_days=4)
+    n = write_archive(archive, df)
+    cfg = RetrainConfig(str(archive), str(models), "4d", "1d", params=PARAMS, progress=False)
+    assert cfg.min_item_support > 1  # the default admits no never-repeated id
+    assert run_cycle(cfg, echo=lambda s: None)["decision"]["published"]
+    v1 = load_checkpoint(_published(models))
+    t1 = float(df["Time"].max())
+    day = generate_clicks(300, 40, seed=5, start_time=t1 + 60, span_days=0.5)
+    day["SessionId"] = "d" + day["SessionId"].astype(str)
+    day.loc[day.index[::7], "ItemId"] = "real-new"
+    junk = pd.DataFrame(
+        {
+            "SessionId": np.repeat([f"junk{i}" for i in range(1000)], 2),
+            "ItemId": [f"x{i}" for i in range(2000)],
+            "Time": np.linspace(t1 + 120, t1 + 0.4 * 86400, 2000),
+        }
+    )
+    write_archive(archive, pd.concat([day, junk], ignore_index=True), start=n)
+    warm = RetrainConfig(
+        **{**cfg.__dict__, "window": "2d", "holdout": "1h", "tolerance": 1.0,
+           "min_holdout_events": 0}
+    )  # fmt: skip
+    r = run_cycle(warm, echo=lambda s: None)
+    assert r["decision"]["published"], r
+    v2 = load_checkpoint(_published(models))
+    assert v2.item_ids == [*v1.item_ids, "real-new"] and r["new_items"] == 1
+    left = r["left_out"]
+    assert left["min_support"] == cfg.min_item_support
+    assert left["items"] == 2000 and left["item_events"] == 2000
+    assert left["events_dropped"] == 2000 and all(i.startswith("x") for i in left["examples"])
+    assert v2.data_stats["left_out"] == left
+    assert registry.read_log(models)[-1]["left_out"] == left
+
+
 def _published(models: Path) -> Path:
     path = registry.resolve(models)
     assert path is not None

@@ -49,7 +49,14 @@ from trainer.retrain_metrics import RetrainMetrics
     show_default=True,
     help="Epochs of a warm start: N, or auto (the new events' share of n_epochs).",
 )
-@click.option("--min-item-support", default=1, show_default=True)
+@click.option(
+    "--min-item-support",
+    default=2,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="A new item enters the catalogue only with this many training events in the window "
+    "(known items keep training on any number); the cycle's log records what was left out.",
+)
 @click.option("--variant", default=None, help="HRNN variant (init, all), as trainer train")
 @click.option("--features", default=None, help="p-RNN item feature file, as trainer train")
 @click.option("--item-meta", default=None, help="p-RNN item metadata, as trainer train")
