@@ -25,6 +25,16 @@ SESSION, ITEM, TIME, USER = "SessionId", "ItemId", "Time", "UserId"
 REQUIRED = (SESSION, ITEM, TIME)
 FORMATS = ("gru4rec", "yoochoose", "csv", "tsv", "parquet")
 DAY = 86400.0
+#: A log whose times start before 1980-01-01 is taken to hold ordinals that only order its
+#: events (yoochoose-1_64's ``Time`` counts from 1), not epoch seconds; the oldest public
+#: click and rating logs are from the 1990s (MovieLens-100k: 1997). Workers accept any
+#: non-negative time: this only decides whether a replay sends the log's times.
+EPOCH_TIMES_FROM = 315_532_800.0
+
+
+def has_epoch_times(times: pd.Series) -> bool:
+    """Whether a log's ``Time`` reads as epoch seconds (see :data:`EPOCH_TIMES_FROM`)."""
+    return bool(len(times)) and float(times.min()) >= EPOCH_TIMES_FROM
 
 
 class DataError(StreamrecError, ValueError):

@@ -17,8 +17,10 @@ from pydantic_core import PydanticCustomError
 
 MAX_MESSAGE_BYTES = 16 * 1024
 MAX_ID_LEN = 256
-#: Earliest accepted event time (2000-01-01T00:00:00Z); historical logs replay fine.
-MIN_TIMESTAMP = 946_684_800.0
+#: Earliest accepted event time: the epoch. Any finite, non-negative time is accepted, so a
+#: log of any age replays (MovieLens-100k is from 1997); a time far from its partition's
+#: clock is refused there (``streamrec.serving.clock``), not here.
+MIN_TIMESTAMP = 0.0
 #: How far in the future (relative to the wall clock) an event time may lie.
 MAX_FUTURE_SECONDS = 24 * 3600.0
 
@@ -30,7 +32,7 @@ REASONS = (
     "unparseable",  # not JSON (or not UTF-8)
     "not_an_object",  # JSON, but not an object
     "invalid",  # an object that is not a click (missing/wrong fields, ids too long, ...)
-    "timestamp_out_of_range",  # before 2000, NaN/inf, overflowing, or far from the partition's
+    "timestamp_out_of_range",  # negative, NaN/inf, overflowing, or far from the partition's
     "key_mismatch",  # the Kafka key is not the key the body implies (see pipeline.py)
     "output_too_large",  # (engines) a recommendation the broker refused as too large
     "error",  # anything unexpected (a bug): never seen on the hostile corpus
@@ -82,7 +84,7 @@ class ClickEvent(BaseModel):
         else:
             raise ValueError("timestamp must be epoch seconds or an ISO 8601 string")
         if t != t or t < MIN_TIMESTAMP or t == float("inf"):
-            raise _time_error(f"timestamp {t!r} is before 2000-01-01 or not a finite number")
+            raise _time_error(f"timestamp {t!r} is negative or not a finite number")
         if t > time.time() + MAX_FUTURE_SECONDS:
             raise _time_error(f"timestamp {t!r} is too far in the future")
         return t

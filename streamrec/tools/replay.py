@@ -17,19 +17,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from streamrec.data.clicklog import has_epoch_times
 from streamrec.kafka import clients
 from streamrec.kafka.clients import read_topic
-from streamrec.serving.events import MIN_TIMESTAMP
 from streamrec.serving.records import Recommendation
 
 
 def click_values(df: pd.DataFrame) -> list[tuple[bytes, bytes, float]]:
     """(key, JSON value, log time) per row, keyed by user else session, in log order.
 
-    ``Time`` that is not epoch seconds (an ordinal that only orders events) is not sent: the
-    worker then uses the Kafka record time.
+    ``Time`` that is not epoch seconds (an ordinal that only orders events:
+    ``streamrec.data.clicklog.has_epoch_times``) is not sent: the worker then uses the Kafka
+    record time.
     """
-    real_time = bool(len(df)) and float(df["Time"].min()) >= MIN_TIMESTAMP
+    real_time = has_epoch_times(df["Time"])
     has_user = "UserId" in df.columns
     sess = df["SessionId"].astype(str).tolist()
     items = df["ItemId"].astype(str).tolist()

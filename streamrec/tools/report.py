@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from streamrec.serving.events import MIN_TIMESTAMP
+from streamrec.data.clicklog import EPOCH_TIMES_FROM
 
 #: the per-period metrics drawn, each with its axis label
 _PERIOD_METRICS: list[tuple[str, str, str]] = [
@@ -46,7 +46,7 @@ def _arms(report: Mapping[str, Any]) -> list[str]:
 
 def _period_x(report: Mapping[str, Any]) -> tuple[list[Any], str]:
     starts = [p["start"] for p in report["periods"]]
-    if starts and min(starts) >= MIN_TIMESTAMP:
+    if starts and min(starts) >= EPOCH_TIMES_FROM:
         return [datetime.fromtimestamp(s, UTC) for s in starts], "period start (UTC date)"
     return list(range(1, len(starts) + 1)), "period (number)"
 
