@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import gzip
 import importlib
 import inspect
 import pkgutil
+import re
 from pathlib import Path
+from typing import Any
 
 import click
+import pytest
 from click.testing import CliRunner
 
 import streamrec
@@ -73,3 +77,110 @@ def test_streamrec_produce_reports_a_bad_log_without_a_traceback(tmp_path: Path)
     assert res.output.splitlines() == [
         f"Error: {log}: missing column(s): SessionId, ItemId, Time; found ['a', 'b']"
     ]
+
+
+# ----------------------------------------------------------------------------- bad input files
+
+#: (file name, bytes, the one error line after "Error: {path}: ")
+_GZIP_TSV = gzip.compress(b"SessionId\tItemId\tTime\n1\t2\t1700000000\n1\t3\t1700000010\n")
+BAD_LOGS = [
+    ("fields.tsv", b"SessionId\tItemId\tTime\n1\t2\t1700000000\n1\t3\t17\textra\n",
+     "line 3: expected 3 fields, found 4"),
+    ("quote.tsv", b'SessionId\tItemId\tTime\n1\t2\t1700000000\n1\t"3\t1700000010\n',
+     'line 3: a field opens a quote (") that never closes'),
+    ("time.tsv", b"SessionId\tItemId\tTime\n1\t2\tsoon\n", "line 2: cannot parse Time value"),
+    ("text.tsv.gz", b"SessionId\tItemId\tTime\n1\t2\t1700000000\n",
+     "the name ends in .gz but the file is not gzip-compressed"),
+    ("binary.tsv.gz", bytes(range(256)) * 8,
+     "the name ends in .gz but the file is not gzip-compressed"),
+    ("truncated.tsv.gz", _GZIP_TSV[: len(_GZIP_TSV) // 2], "damaged or truncated gzip data"),
+]  # fmt: skip
+
+
+def _one_error_line(res: Any, path: Path, expected: str) -> None:
+    assert res.exit_code == 1, res.output
+    lines = res.output.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {path}: {expected}"), res.output
+
+
+@pytest.mark.parametrize(("name", "data", "expected"), BAD_LOGS, ids=[b[0] for b in BAD_LOGS])
+def test_a_bad_log_is_one_line_with_its_line_for_produce_backtest_and_trainer(
+    tmp_path: Path, name: str, data: bytes, expected: str
+) -> None:
+    """The same file gives the same one line (no traceback, exit 1) in every command that
+    reads logs; no broker is needed: the log is read before anything starts."""
+    log = tmp_path / name
+    log.write_bytes(data)
+    runner = CliRunner()
+    _one_error_line(runner.invoke(streamrec_main, ["produce", str(log)]), log, expected)
+    res = runner.invoke(streamrec_main, ["backtest", str(log), "--out", str(tmp_path / "bt")])
+    _one_error_line(res, log, expected)
+    res = runner.invoke(trainer_main, ["train", "--train", str(log), "--out", str(tmp_path / "m")])
+    _one_error_line(res, log, expected)
+
+
+def test_an_unknown_format_is_one_line(tmp_path: Path) -> None:
+    log = tmp_path / "clicks.tsv"
+    log.write_text("SessionId\tItemId\tTime\n1\t2\t1700000000\n")
+    res = CliRunner().invoke(streamrec_main, ["produce", str(log), "--format", "foo"])
+    assert res.exit_code == 1
+    assert res.output.splitlines() == [
+        "Error: unknown format 'foo'; expected one of "
+        "('gru4rec', 'yoochoose', 'csv', 'tsv', 'parquet')"
+    ]
+
+
+def test_one_error_prefix_everywhere() -> None:
+    """Commands report errors as ``Error: ...`` (click's and CommandGroup's): no source
+    writes its own lower-case ``error:`` prefix."""
+    pattern = re.compile(r"""["']error: """)
+    offenders = [
+        f"{path}:{n}"
+        for package in (streamrec, trainer)
+        for path in Path(package.__path__[0]).rglob("*.py")
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert offenders == []
+
+
+# ----------------------------------------------------------------------------- the terminal
+
+
+def test_control_characters_are_escaped_for_a_terminal() -> None:
+    from streamrec.cli.commands import terminal_safe
+
+    hostile = "u1\x1b]0;owned\x07\x1b[2J\r\u202e\x9b\u2028"
+    safe = terminal_safe(hostile)
+    assert safe.isprintable()
+    assert safe == "u1\\x1b]0;owned\\x07\\x1b[2J\\r\\u202e\\x9b\\u2028"
+    assert terminal_safe("café 😀 item-42") == "café 😀 item-42"  # printable text unchanged
+
+
+def test_tail_escapes_ids_on_a_terminal_and_passes_them_through_a_pipe(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import streamrec.cli.commands as commands
+    import streamrec.kafka.clients as clients
+    from streamrec.serving.records import Recommendation
+
+    rec = Recommendation(
+        click_id="c:0:1", topic="c", partition=0, offset=1, user_id=None,
+        session_id="s\x1b]0;owned\x07", item_id="i\x1b[2J", items=["a", "b\x1b[31m"],
+        scores=[1.0, 0.5], model_version="v1", event_time=1.7e9, produced_at=None,
+        received_at=None, emitted_at=1.7e9, duplicate=False, unknown_item=False,
+    )  # fmt: skip
+
+    class Msg:
+        def value(self) -> bytes:
+            return rec.to_json()
+
+    monkeypatch.setattr(clients, "tail", lambda *a, **k: iter([Msg()]))
+    for on_terminal in (True, False):
+        monkeypatch.setattr(commands, "_stdout_is_terminal", lambda t=on_terminal: t)
+        for args in (["tail", "--max", "1"], ["tail", "--max", "1", "--raw"]):
+            out = CliRunner().invoke(streamrec_main, args).output
+            if on_terminal:
+                assert "\x1b" not in out and "\x07" not in out and "owned" in out, args
+            elif "--raw" not in args:
+                assert "s\x1b]0;owned\x07" in out  # a pipe gets the ids as they are

@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 import time
+import unicodedata
 from pathlib import Path
 
 import click
@@ -128,31 +129,52 @@ def worker(
     ).run()
 
 
+def terminal_safe(text: str) -> str:
+    """``text`` with control and format characters escaped (``\\x1b``, ``\\u202e``): ids come
+    from click bodies, and a producer must not be able to move the cursor, retitle or garble
+    the terminal of an operator reading them."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c.encode("unicode_escape").decode("ascii")
+        if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")
+        else c
+        for c in text
+    )
+
+
+def _stdout_is_terminal() -> bool:
+    return click.get_text_stream("stdout").isatty()
+
+
 @click.command()
 @click.option("--from-beginning/--latest", default=False, help="Start at offset 0.")
 @click.option("--max", "max_n", default=0, help="Stop after this many (0: forever).")
 @click.option("--raw", is_flag=True, help="Print the JSON values unchanged.")
 def tail(from_beginning: bool, max_n: int, raw: bool) -> None:
-    """Print recommendations as they arrive."""
+    """Print recommendations as they arrive (on a terminal, control characters escaped)."""
     from streamrec.kafka.clients import tail as tail_topic
     from streamrec.serving.records import Recommendation
 
     settings = get_settings()
     conf = connect(settings)
     topic = settings.topics.recommendations
+    safe = terminal_safe if _stdout_is_terminal() else str
     n = 0
     try:
         for msg in tail_topic(conf, topic, from_beginning=from_beginning):
             n += 1
             if raw:
-                click.echo(msg.value().decode())
+                click.echo(safe(msg.value().decode(errors="replace")))
             else:
                 r = Recommendation.from_json(msg.value())
                 top = ", ".join(r.items[:5])
                 click.echo(
-                    f"{r.click_id:<24} user={r.user_id or '-':<10} "
-                    f"session={r.session_id:<10} clicked={r.item_id:<10} -> [{top}, ...] "
-                    f"({r.model_version[:20]})"
+                    safe(
+                        f"{r.click_id:<24} user={r.user_id or '-':<10} "
+                        f"session={r.session_id:<10} clicked={r.item_id:<10} -> [{top}, ...] "
+                        f"({r.model_version[:20]})"
+                    )
                 )
             if max_n and n >= max_n:
                 break

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import re
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -45,14 +46,28 @@ class DataError(StreamrecError, ValueError):
 
 
 def _is_gzip(path: Path) -> bool:
+    """Whether the file's bytes are gzip data; a file named ``*.gz`` must be."""
     with open(path, "rb") as f:
-        return f.read(2) == b"\x1f\x8b"
+        magic = f.read(2) == b"\x1f\x8b"
+    if not magic and path.name.lower().endswith(".gz"):
+        raise DataError(
+            f"{path}: the name ends in .gz but the file is not gzip-compressed "
+            "(a partial download? plain text: rename it without .gz)"
+        )
+    return magic
+
+
+#: what reading damaged gzip data raises (a truncated file: EOFError)
+_GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
 
 
 def _first_line(path: Path) -> str:
     opener = gzip.open if _is_gzip(path) else open
-    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-        return f.readline().rstrip("\r\n")
+    try:
+        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+            return f.readline().rstrip("\r\n")
+    except _GZIP_ERRORS as e:
+        raise DataError(f"{path}: damaged or truncated gzip data ({e})") from None
 
 
 _YOOCHOOSE_LINE = re.compile(r"^[^,]+,\d{4}-\d{2}-\d{2}T[^,]+,[^,]+(,.*)?$")
@@ -78,6 +93,20 @@ def _detect_format(path: Path) -> str:
     return "tsv"
 
 
+def _parser_error(message: str) -> str:
+    """pandas' tokenizer error as ``line N: what`` (N 1-based, the header line counted)."""
+    m = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", message)
+    if m:
+        return f"line {m.group(2)}: expected {m.group(1)} fields, found {m.group(3)}"
+    m = re.search(r"EOF inside string starting at row (\d+)", message)
+    if m:  # rows count every physical line from 0
+        return (
+            f'line {int(m.group(1)) + 1}: a field opens a quote (") that never closes '
+            "(quote the whole field and double inner quotes, or remove the quote)"
+        )
+    return f"unparseable input: {message}"
+
+
 def _read_text(path: Path, sep: str, header: bool, names: list[str] | None) -> pd.DataFrame:
     """Read every field as a string, one row per physical line (blank lines kept, then dropped)."""
     try:
@@ -95,14 +124,11 @@ def _read_text(path: Path, sep: str, header: bool, names: list[str] | None) -> p
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: empty input (no header and no rows)") from None
     except pd.errors.ParserError as e:
-        m = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(e))
-        if m:
-            raise DataError(
-                f"{path}: line {m.group(2)}: expected {m.group(1)} fields, found {m.group(3)}"
-            ) from None
-        raise DataError(f"{path}: unparseable input: {e}") from None
+        raise DataError(f"{path}: {_parser_error(str(e))}") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text: {e}") from None
+    except _GZIP_ERRORS as e:
+        raise DataError(f"{path}: damaged or truncated gzip data ({e})") from None
     # the frame index is the 0-based physical data line; line numbers are 1-based and count
     # the header line
     df.index = pd.RangeIndex(len(df)) + (2 if header else 1)
