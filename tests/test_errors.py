@@ -184,3 +184,16 @@ def test_tail_escapes_ids_on_a_terminal_and_passes_them_through_a_pipe(
                 assert "\x1b" not in out and "\x07" not in out and "owned" in out, args
             elif "--raw" not in args:
                 assert "s\x1b]0;owned\x07" in out  # a pipe gets the ids as they are
+
+
+@pytest.mark.parametrize("group", [streamrec_main, trainer_main], ids=["streamrec", "trainer"])
+def test_both_commands_take_h_and_version(group: click.Group) -> None:
+    runner = CliRunner()
+    for args in (["-h"], ["--help"]):
+        res = runner.invoke(group, args)
+        assert res.exit_code == 0 and res.output.startswith("Usage: "), res.output
+    res = runner.invoke(group, ["--version"])
+    assert res.exit_code == 0 and "version 0." in res.output, res.output
+    for name in group.list_commands(click.Context(group)):  # every command, one level down
+        res = runner.invoke(group, [name, "-h"])
+        assert res.exit_code == 0 and res.output.startswith("Usage: "), (name, res.output)

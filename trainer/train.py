@@ -74,7 +74,9 @@ def train_gru4rec(
             _run_epoch(step, runner, n_steps, events_per_epoch, bar.epoch(epoch))
             for epoch in range(p.n_epochs)
         ]
-    train_seconds = time.perf_counter() - t0
+        train_seconds = time.perf_counter() - t0
+        events_per_s = events_per_epoch * p.n_epochs / max(train_seconds, 1e-9)
+        bar.finish(events_per_s)  # the bar ends on the summary's figure
     model.eval()
     stats = {
         "device": str(device),
@@ -85,7 +87,7 @@ def train_gru4rec(
         "epoch_losses": epoch_losses,
         "setup_seconds": setup_seconds,
         "train_seconds": train_seconds,
-        "train_events_per_s": events_per_epoch * p.n_epochs / max(train_seconds, 1e-9),
+        "train_events_per_s": events_per_s,
         "params": p.to_dict(),
         "cuda_graph": runner.graph is not None,
     }
@@ -344,7 +346,9 @@ def _run_epoch(
 
 class _ProgressBar:
     """A rich progress bar on stderr (events/s, loss) updated every ``log_every`` steps, or
-    nothing when ``enabled`` is false."""
+    nothing when ``enabled`` is false. Its rate is the run's so far (events trained since
+    the start / seconds), the summary's definition, and it ends on the summary's figure
+    (:meth:`finish`): a rate over the last few steps alone read far from it."""
 
     def __init__(
         self, n_steps: int, n_epochs: int, log_every: int, data: TrainingData, enabled: bool
@@ -353,12 +357,14 @@ class _ProgressBar:
         self.context = _progress(n_steps * n_epochs, enabled)
         self.bar: Any = None
         self.task: Any = None
+        self.t0 = time.perf_counter()
 
     def __enter__(self) -> _ProgressBar:
         self.bar = self.context.__enter__()
         if self.bar is not None:
             total = self.n_steps * self.n_epochs
             self.task = self.bar.add_task("train", total=total, eps=0.0, loss=float("nan"))
+        self.t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -367,26 +373,29 @@ class _ProgressBar:
     def epoch(self, epoch: int) -> _EpochBar:
         return _EpochBar(self, epoch)
 
+    def finish(self, events_per_s: float) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, eps=events_per_s)
+
 
 class _EpochBar:
     def __init__(self, owner: _ProgressBar, epoch: int) -> None:
         self.owner, self.epoch = owner, epoch
-        self.last_t, self.last_step = time.perf_counter(), 0
+        self.last_step = 0
 
     def after_step(self, t: int, step: TrainStep) -> None:
         o = self.owner
         if o.bar is None or ((t + 1) % o.log_every != 0 and t + 1 != o.n_steps):
             return
-        now = time.perf_counter()
-        ev = o.data.events_before(t + 1) - o.data.events_before(self.last_step)
+        done = self.epoch * o.data.events_before(o.n_steps) + o.data.events_before(t + 1)
         o.bar.update(
             o.task,
             advance=t + 1 - self.last_step,
-            eps=ev / max(now - self.last_t, 1e-9),
+            eps=done / max(time.perf_counter() - o.t0, 1e-9),
             loss=step.mean_loss(o.data.events_before(t + 1)),
             description=f"epoch {self.epoch + 1}/{o.n_epochs}",
         )
-        self.last_t, self.last_step = now, t + 1
+        self.last_step = t + 1
 
 
 def _progress(total: int, enabled: bool) -> Any:

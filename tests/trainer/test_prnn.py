@@ -114,6 +114,27 @@ def test_schedules_stage_hrnns_session_network_and_user_path():
     assert plan == [Stage(train=None, active=None, interleave=False)] * 2
 
 
+def test_every_epoch_is_labelled_with_its_stage_or_subnet():
+    """``--param n_epochs=2`` with the staged schedule runs 2 stages of 2 epochs: the progress
+    lines say so (not "epoch 1/4 ... 4/4")."""
+    from streamrec.model.hrnn import HRNN
+
+    labels = [s.label for s in schedule_plan(HRNN(3, [4], [4]), "residual", 2)]
+    assert labels == [
+        "stage 1/2 (session), epoch 1/2",
+        "stage 1/2 (session), epoch 2/2",
+        "stage 2/2 (user), epoch 1/2",
+        "stage 2/2 (user), epoch 2/2",
+    ]
+    labels = [s.label for s in schedule_plan(_model(), "alternating", 1)]
+    assert labels == [
+        "epoch 1/3 (subnet id, its epoch 1/1)",
+        "epoch 2/3 (subnet f0, its epoch 1/1)",
+        "epoch 3/3 (subnet f1, its epoch 1/1)",
+    ]
+    assert [s.label for s in schedule_plan(_model(), "joint", 2)] == ["epoch 1/2", "epoch 2/2"]
+
+
 def test_architectures_state_layout_and_unknown_items():
     for arch, dim in (("id", 6), ("feature", 6), ("parallel", 12), ("concat", 6)):
         m = _model(arch).eval()

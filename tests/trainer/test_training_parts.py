@@ -114,3 +114,20 @@ def test_training_loop_applies_the_logq_correction(monkeypatch: pytest.MonkeyPat
     seen.clear()
     trainer.train.train_gru4rec(df, {**params, "logq": 0.0}, progress=False)
     assert seen and all(c is None for c in seen)
+
+
+def test_the_progress_bar_ends_on_the_summarys_events_per_second(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The bar's rate is the run's (not the last few steps'), and its last figure is the one
+    ``trainer train`` prints and records (``train_events_per_s``)."""
+    import re
+
+    from streamrec.data.synthetic import generate_clicks
+    from trainer.train import train_gru4rec
+
+    params = {"layers": 8, "n_epochs": 2, "batch_size": 16, "n_sample": 0, "device": "cpu"}
+    _, _, stats = train_gru4rec(generate_clicks(200, 40, seed=1), params, log_every=5)
+    shown = re.findall(r"([\d,]+) ev/s", capsys.readouterr().err)
+    assert shown, "no progress bar"
+    assert shown[-1] == f"{stats['train_events_per_s']:,.0f}"

@@ -32,9 +32,10 @@ from trainer.jobs import TrainJob
 from trainer.models import TRAINERS, evaluator_for, known_items_test
 
 
-@click.group(cls=CommandGroup)
+@click.group(cls=CommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="streamrec", prog_name="trainer")
 def main() -> None:
-    """Offline GRU4Rec / HRNN / p-RNN: train, evaluate, baselines."""
+    """Offline GRU4Rec / HRNN / p-RNN: train, evaluate, baselines, retrain, the model registry."""
 
 
 @main.command(cls=MultiValueCommand)

@@ -70,6 +70,8 @@ def train_hier(
     )
     plan = schedule_plan(model, p.schedule, p.n_epochs)
     groups = list(model.param_groups())
+    if log and len(plan) != p.n_epochs:  # n_epochs per stage or subnet: say why there are more
+        log(f"schedule {p.schedule}: n_epochs={p.n_epochs} per stage or subnet, {len(plan)} in all")
     t_start = time.perf_counter()
     n_trained = 0
     epoch_losses: list[float] = []
@@ -90,7 +92,7 @@ def train_hier(
         n_trained += n_ev
         epoch_losses.append(loss_sum / max(n_ev, 1))
         if log:
-            log(f"epoch {epoch + 1}/{len(plan)} loss {epoch_losses[-1]:.4f} events {n_ev}")
+            log(f"{stage.label} loss {epoch_losses[-1]:.4f} events {n_ev}")
         if on_epoch_end is not None:
             on_epoch_end(epoch, model)
     set_trainable(model, None)

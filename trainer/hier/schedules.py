@@ -13,7 +13,7 @@ group or none (HRNN without a user path) always trains jointly.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from torch import Tensor
 
@@ -29,25 +29,40 @@ class Stage:
     train: list[str] | None
     active: list[str] | None
     interleave: bool
+    #: what a progress line calls this epoch, e.g. ``stage 2/2 (user), epoch 1/2``
+    label: str = field(default="", compare=False)
 
 
 _JOINT = Stage(None, None, False)
 
 
 def schedule_plan(model: TrainableModule, schedule: str, n_epochs: int) -> list[Stage]:
-    """The stage of every epoch of ``schedule`` (see the module docstring)."""
+    """The stage of every epoch of ``schedule`` (see the module docstring), each labelled:
+    a staged schedule runs ``n_epochs`` per stage, and the labels say so."""
     groups = list(model.param_groups())
     if schedule == "joint" or len(groups) <= 1:
-        return [_JOINT for _ in range(n_epochs)]
+        return [replace(_JOINT, label=f"epoch {e + 1}/{n_epochs}") for e in range(n_epochs)]
     if schedule == "residual":
         first, rest = groups[:1], groups[1:]
-        return [Stage(first, first, False)] * n_epochs + [Stage(rest, None, False)] * n_epochs
+        return [
+            Stage(first if s == 0 else rest, first if s == 0 else None, False,
+                  f"stage {s + 1}/2 ({', '.join(first if s == 0 else rest)}), "
+                  f"epoch {e + 1}/{n_epochs}")
+            for s in range(2) for e in range(n_epochs)
+        ]  # fmt: skip
+    total = n_epochs * len(groups)
     if schedule == "alternating":
         return [
-            Stage([groups[e % len(groups)]], None, False) for e in range(n_epochs * len(groups))
-        ]
+            Stage([groups[e % len(groups)]], None, False,
+                  f"epoch {e + 1}/{total} (subnet {groups[e % len(groups)]}, its epoch "
+                  f"{e // len(groups) + 1}/{n_epochs})")
+            for e in range(total)
+        ]  # fmt: skip
     if schedule == "interleaving":
-        return [Stage(groups, None, True)] * (n_epochs * len(groups))
+        return [
+            Stage(groups, None, True, f"epoch {e + 1}/{total} (subnets take turns by batch)")
+            for e in range(total)
+        ]
     raise ValueError(f"unknown schedule {schedule!r}")
 
 
