@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 import pandas as pd
 import torch
 
@@ -58,7 +59,8 @@ class RetrainConfig:
     archive: str
     models: str
     window: str | None = "14d"
-    holdout: str = "1d"
+    #: the newest slice held out: a duration, or ``auto`` (:func:`holdout_seconds`)
+    holdout: str = "auto"
     model_name: str = "gru4rec"
     preset: str | None = None
     params: list[str] = field(default_factory=list)
@@ -96,6 +98,53 @@ class RetrainConfig:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat()
+
+
+#: ``--holdout auto`` on a young archive: the slice in which this share of the window's
+#: sessions (the newest) start
+AUTO_HOLDOUT_SHARE = 0.1
+
+
+def holdout_seconds(holdout: str, df: pd.DataFrame) -> float:
+    """``--holdout``: a duration, or ``auto``: a day, or less on a young archive (an hour of
+    clicks): the slice in which the newest tenth of the window's sessions start, so nine
+    tenths are left to train on."""
+    if holdout.strip().lower() != "auto":
+        try:
+            value = parse_duration(holdout)
+        except DataError as e:
+            raise RetrainError(f"--holdout: {e} or auto") from None
+        return DAY if value is None else value
+    if len(df) == 0:
+        return DAY
+    starts = df.groupby("SessionId", sort=False)["Time"].min().to_numpy()
+    newest_tenth = float(df["Time"].max()) - float(np.quantile(starts, 1 - AUTO_HOLDOUT_SHARE))
+    return min(DAY, newest_tenth)
+
+
+def _span(seconds: float) -> str:
+    """A duration for a message: ``2.5 h``, ``40 min``, ``3.0 d``."""
+    if seconds >= 2 * DAY:
+        return f"{seconds / DAY:.1f} d"
+    if seconds >= 7200:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.0f} min"
+
+
+def _no_training_data(df: pd.DataFrame, before: int, holdout_s: float, cfg: RetrainConfig) -> str:
+    """Why nothing is left to train on, with the option to change."""
+    span = float(df["Time"].max() - df["Time"].min())
+    if before == 0:
+        return (
+            f"the holdout (--holdout {cfg.holdout} = {_span(holdout_s)}) holds every session: "
+            f"the window's {len(df):,} events span {_span(span)}; pass --holdout auto (the "
+            f"default) or a shorter one, e.g. --holdout {max(1, int(span * 0.1 / 60))}m"
+        )
+    return (
+        f"no training sessions of >= 2 events among the {before:,} events before the holdout "
+        f"(the window spans {_span(span)}, --holdout {cfg.holdout} = {_span(holdout_s)}): "
+        "archive more clicks, or lower --min-item-support"
+    )
 
 
 def _split_holdout(df: pd.DataFrame, holdout_s: float) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -290,9 +339,10 @@ class _Bars:
 def run_cycle(cfg: RetrainConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """One retrain cycle; returns (and logs) its record. Raises RetrainError without data."""
     phases: dict[str, float] = {}
-    rec: dict[str, Any] = {"time": _now(), "model": cfg.model_name, "archive": cfg.archive}
+    rec: dict[str, Any] = {
+        "time": _now(), "event": "retrain", "model": cfg.model_name, "archive": cfg.archive
+    }  # fmt: skip
     try:
-        holdout_s = parse_duration(cfg.holdout) or DAY
         window_s = parse_duration(cfg.window) if cfg.window else None
     except DataError as e:
         raise RetrainError(str(e)) from None
@@ -309,24 +359,30 @@ def run_cycle(cfg: RetrainConfig, echo: Callable[[str], None] = print) -> dict[s
     df = sl.df
     if len(df) == 0:
         raise RetrainError(f"{cfg.archive}: no archived clicks in the window")
-    train, test = _split_holdout(df, holdout_s)
+    holdout_s = holdout_seconds(cfg.holdout, df)
+    before, test = _split_holdout(df, holdout_s)
     current_path = registry.resolve(cfg.models) if registry.is_registry(cfg.models) else None
     current = load_checkpoint(current_path) if current_path else None
     train, left_out = admit_new_items(
-        train, current.item_ids if current else (), cfg.min_item_support, min_session_length=2
+        before, current.item_ids if current else (), cfg.min_item_support, min_session_length=2
     )
     if cfg.corrupt is not None:
         train = cfg.corrupt(train)
     phases["read"] = time.perf_counter() - t
     rec["window"] = sl.summary()
-    rec["events"] = {"window": len(df), "train": len(train), "holdout": len(test)}
+    rec["holdout_seconds"] = holdout_s
+    rec["events"] = {"window": len(df), "before_holdout": len(before), "train": len(train),
+                     "holdout": len(test)}  # fmt: skip
     rec["left_out"] = left_out
     rec["current_version"] = current.version if current else None
+    rec["metric"] = cfg.metric
     if len(train) == 0:
-        raise RetrainError("no training sessions (>= 2 events) before the holdout slice")
+        raise RetrainError(_no_training_data(df, len(before), holdout_s, cfg))
     echo(
-        f"      {len(df):,} events ({len(train):,} train, {len(test):,} holdout) in "
-        f"{sl.files} files, {phases['read']:.1f} s"
+        f"      {len(df):,} events in {sl.files} files ({phases['read']:.1f} s): "
+        f"{len(test):,} held out (sessions starting in the newest {_span(holdout_s)}), "
+        f"{len(before):,} before them, of which {len(train):,} train "
+        f"({len(before) - len(train):,} in sessions of one event or of rare items dropped)"
     )
     if left_out["items"]:
         echo(
@@ -349,7 +405,9 @@ def run_cycle(cfg: RetrainConfig, echo: Callable[[str], None] = print) -> dict[s
     rec["items"] = len(item_ids)
     rec["new_items"] = sum(1 for i in item_ids if i not in old_ids)
 
-    echo("[3/4] evaluating candidate and current model on the holdout")
+    echo("[3/4] evaluating the candidate" + (
+        " and the current model on the holdout" if current else " on the holdout (nothing "
+        "published yet: it is published if it beats chance)"))  # fmt: skip
     t = time.perf_counter()
     cand_index = {iid: r for r, iid in enumerate(item_ids)}
     cur_index = current.item_index if current else {}
@@ -442,8 +500,6 @@ def run_cycle(cfg: RetrainConfig, echo: Callable[[str], None] = print) -> dict[s
         if k in stats
     }
     registry.append_log(cfg.models, rec)
-    echo(
-        ("published " + str(version) if version else "kept " + str(rec["current_version"]))
-        + f" ({', '.join(f'{k} {v:.1f} s' for k, v in phases.items())})"
-    )
+    echo(registry.cycle_summary(rec))
+    echo("      " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
     return rec

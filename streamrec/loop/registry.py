@@ -4,7 +4,8 @@ Layout of ``MODELS``::
 
     MODELS/versions/<version>/     checkpoint directories (streamrec.model.checkpoint)
     MODELS/CURRENT                 the published version's name (replaced atomically)
-    MODELS/retrain-log.jsonl       one JSON line per retrain cycle (trainer.retrain)
+    MODELS/retrain-log.jsonl       one JSON line per retrain cycle (trainer.retrain) and per
+                                   rollback (``"event": "rollback"``)
 
 Workers (``streamrec worker --model MODELS``) follow ``CURRENT``; a plain checkpoint
 directory keeps working as before. Publishing keeps the last ``keep`` versions (never the
@@ -22,7 +23,9 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +65,21 @@ class VersionInfo:
 def is_registry(path: str | os.PathLike[str]) -> bool:
     p = Path(path)
     return (p / VERSIONS).is_dir() or (p / POINTER).exists()
+
+
+def require_registry(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a registry, or a RegistryError that says what it is instead (a mistyped
+    path must not read as an empty registry)."""
+    p = Path(path)
+    if is_registry(p):
+        return p
+    if not p.exists():
+        raise RegistryError(f"{path}: no such directory (a model registry is made by "
+                            "`trainer retrain --models DIR`)")  # fmt: skip
+    raise RegistryError(
+        f"{path} is not a model registry (no {VERSIONS}/ and no {POINTER} file in it; "
+        "a plain checkpoint directory is read by `trainer evaluate --model`)"
+    )
 
 
 def _fsync_dir(path: Path) -> None:
@@ -219,13 +237,24 @@ def show(models: str | os.PathLike[str], version: str) -> dict[str, Any]:
     }
 
 
-def rollback(models: str | os.PathLike[str], version: str) -> None:
-    """Publish an older version that is still held (pruning nothing)."""
-    m = Path(models)
+def rollback(models: str | os.PathLike[str], version: str) -> dict[str, Any]:
+    """Publish an older version that is still held (pruning nothing), and append the
+    rollback to the registry's log; returns that record."""
+    m = require_registry(models)
     if not (version_dir(m, version) / META).is_file():
         held = ", ".join(v.version for v in list_versions(m)) or "none"
         raise RegistryError(f"{models}: no version {version!r} (held: {held})")
+    before = current_version(m)
     _set_pointer(m, version)
+    record = {
+        "time": datetime.now(UTC).isoformat(),
+        "event": "rollback",
+        "from": before,
+        "to": version,
+        "decision": {"published": True, "version": version, "reason": "rollback"},
+    }
+    append_log(m, record)
+    return record
 
 
 def append_log(models: str | os.PathLike[str], record: dict[str, Any]) -> None:
@@ -238,7 +267,38 @@ def append_log(models: str | os.PathLike[str], record: dict[str, Any]) -> None:
 
 
 def read_log(models: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every record of the log: retrain cycles and rollbacks, oldest first."""
     p = Path(models) / LOG
     if not p.is_file():
         return []
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def read_cycles(models: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The retrain cycles of the log (rollbacks left out), oldest first."""
+    return [r for r in read_log(models) if r.get("event", "retrain") == "retrain"]
+
+
+def cycle_summary(record: Mapping[str, Any]) -> str:
+    """One line for a retrain cycle's record: the decision, then the candidate's and the
+    current model's figures on the same holdout predictions."""
+    metric = str(record.get("metric", "recall@20"))
+    m = record.get("metrics") or {}
+    current = record.get("current_version")
+    decision = record.get("decision") or {}
+
+    def figure(arm: str) -> str:
+        v = (m.get(arm) or {}).get(metric)
+        return "-" if v is None else f"{float(v):.4f}"
+
+    if decision.get("published"):
+        head = f"published {decision.get('version')}"
+    else:
+        head = f"kept {current or 'nothing'} ({decision.get('reason')})"
+    figures = f"candidate {metric} {figure('candidate')}"
+    figures += f" vs current {figure('current')} ({current})" if current else (
+        " (nothing was published before)")  # fmt: skip
+    n = m.get("holdout_predictions")
+    if n is not None:
+        figures += f" on {int(n):,} holdout predictions"
+    return f"{head}: {figures}"

@@ -245,7 +245,7 @@ def _retrain_once(work: Path, opts: DemoOptions, env: Mapping[str, str]) -> dict
     cmd += ["--no-progress", "--param", f"layers={opts.units}", f"n_epochs={opts.epochs}"]
     cmd += ["batch_size=64", "n_sample=0", "learning_rate=0.1", "device=cpu"]
     run_child(cmd, what="trainer retrain --once", log=work / "retrain.log", env=env)
-    return registry.read_log(work / "models")[-1]
+    return registry.read_cycles(work / "models")[-1]
 
 
 def run_retrain_demo(
@@ -255,6 +255,9 @@ def run_retrain_demo(
     fills the archive, ``trainer retrain --once`` publishes v1, the worker (waiting on the
     registry) serves it; clicks with items new to the catalogue follow, a second retrain
     publishes v2, the worker swaps, and the new items appear in the recommendations."""
+    from rich.markup import escape
+
+    from streamrec.loop import registry
     from streamrec.tools.launch import settings_env
 
     opts = opts or DemoOptions()
@@ -325,14 +328,11 @@ def run_retrain_demo(
                 console.print(f"[bold]archive[/] {sent:,} clicks in {work / 'archive'}")
                 with console.status("trainer retrain --once"):
                     rec = _retrain_once(work, opts, env)
-                d = rec["decision"]
-                console.print(
-                    f"[bold]retrain[/] {rec['events']['train']:,} train events, "
-                    f"{rec['new_items']} new items, candidate recall@20 "
-                    f"{rec['metrics']['candidate'].get('recall@20', float('nan')):.3f} vs "
-                    f"current {rec['metrics']['current'].get('recall@20', float('nan')):.3f}: "
-                    + (f"published {d['version']}" if d["published"] else f"kept ({d['reason']})")
+                line = (
+                    f"{rec['events']['train']:,} train events, {rec['new_items']} new items; "
+                    + registry.cycle_summary(rec)
                 )
+                console.print(f"[bold]retrain[/] {escape(line)}", highlight=False)
             version = rec["decision"]["version"]
             if version is None:
                 # the gate kept v1: the worker goes on serving it, nothing to swap to

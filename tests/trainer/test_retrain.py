@@ -338,13 +338,101 @@ def test_registry_keeps_k_rolls_back_and_cli(tmp_path: Path) -> None:
     assert registry.current_version(models) == versions[-2]
     out = run.invoke(main, ["models", "rollback", "--models", str(models), versions[0]])
     assert out.exit_code != 0 and "no version" in out.output  # pruned
-    out = run.invoke(main, ["models", "show", "--models", str(models)])
+    out = run.invoke(main, ["models", "show", "--models", str(models), "--json"])
     assert json.loads(out.output)["version"] == versions[-2]
     # a worker's holder follows the pointer, rollbacks included
     holder = ModelHolder(ServingModel.from_checkpoint(_published(models), "cpu"), watch_dir=models)
     registry.rollback(models, versions[-1])
     assert holder.maybe_reload() and holder.current.version == versions[-1]
     assert list_archive(Storage(str(tmp_path / "empty"))) == []
+    # every rollback is in the registry's log; the cycles are read apart from them
+    log = registry.read_log(models)
+    assert [(r["event"], r["from"], r["to"]) for r in log] == [
+        ("rollback", versions[-1], versions[-2]),
+        ("rollback", versions[-2], versions[-1]),
+    ]
+    assert registry.read_cycles(models) == []
+
+
+def test_models_commands_refuse_a_path_that_is_not_a_registry(tmp_path: Path) -> None:
+    """A mistyped path is not an empty registry: list, show and rollback say what it is."""
+    from trainer.cli import main
+
+    models = tmp_path / "models"
+    registry.publish(models, registry.add_version(models, _ckpt(models / "staged", 0)))
+    plain = _ckpt(tmp_path / "plain-checkpoint", 1).path
+    run = CliRunner()
+    for cmd in (["list"], ["show"], ["rollback", "v"]):
+        out = run.invoke(main, ["models", cmd[0], "--models", str(tmp_path / "modles"), *cmd[1:]])
+        assert out.exit_code == 1 and out.output.splitlines() == [
+            f"Error: {tmp_path / 'modles'}: no such directory (a model registry is made by "
+            "`trainer retrain --models DIR`)"
+        ], out.output
+        out = run.invoke(main, ["models", cmd[0], "--models", str(plain), *cmd[1:]])
+        assert out.exit_code == 1 and "is not a model registry" in out.output, out.output
+    out = run.invoke(main, ["models", "list", "--models", str(models)])
+    assert out.exit_code == 0 and out.output.startswith("* "), out.output
+
+
+@pytest.mark.slow
+def test_a_young_archive_retrains_with_the_defaults_and_the_cycle_says_what_it_did(
+    tmp_path: Path,
+) -> None:
+    """The README's ``trainer retrain --archive A --models M --once`` on an archive of two
+    hours (``--holdout auto``: a tenth of the span), a report that adds up and names its
+    figures, and a clear refusal with ``--holdout 1d``."""
+    from trainer.cli import main
+
+    archive, models = tmp_path / "archive", tmp_path / "models"
+    df = generate_clicks(600, 40, seed=8, span_days=2 / 24)
+    write_archive(archive, df)
+    base = ["retrain", "--archive", str(archive), "--models", str(models), "--once",
+            "--no-progress", "--param", *PARAMS]  # fmt: skip
+    out = CliRunner().invoke(main, [*base, "--holdout", "1d"])
+    span_h = (df["Time"].max() - df["Time"].min()) / 3600
+    assert out.exit_code == 1
+    assert out.output.splitlines()[-1].startswith(
+        f"Error: the holdout (--holdout 1d = 24.0 h) holds every session: the window's "
+        f"{len(df):,} events span {span_h:.1f} h; pass --holdout auto (the default) or a "
+        "shorter one"
+    ), out.output
+    out = CliRunner().invoke(main, base)  # the defaults
+    assert out.exit_code == 0, out.output
+    r1 = registry.read_cycles(models)[-1]
+    ev = r1["events"]
+    assert ev["window"] == ev["before_holdout"] + ev["holdout"] == len(df)
+    assert 0 < ev["train"] <= ev["before_holdout"] and ev["holdout"] > 0
+    # auto: the slice where the newest tenth of the sessions start
+    starts = df.groupby("SessionId")["Time"].min()
+    held = int((starts >= df["Time"].max() - r1["holdout_seconds"]).sum())
+    assert held == pytest.approx(0.1 * len(starts), abs=2)
+    lines = out.output.splitlines()
+    assert f"{ev['holdout']:,} held out" in out.output and f"{ev['train']:,} train" in out.output
+    cand = r1["metrics"]["candidate"]["recall@20"]
+    n = r1["metrics"]["holdout_predictions"]
+    assert lines[-2] == (
+        f"published {r1['decision']['version']}: candidate recall@20 {cand:.4f} "
+        f"(nothing was published before) on {n:,} holdout predictions"
+    )
+    assert "nan" not in out.output
+    # a second cycle: both models' figures and the decision
+    out = CliRunner().invoke(main, [*base, "--tolerance", "1", "--min-holdout-events", "0"])
+    assert out.exit_code == 0, out.output
+    r2 = registry.read_cycles(models)[-1]
+    m = r2["metrics"]
+    assert out.output.splitlines()[-2] == (
+        f"published {r2['decision']['version']}: candidate recall@20 "
+        f"{m['candidate']['recall@20']:.4f} vs current {m['current']['recall@20']:.4f} "
+        f"({r1['decision']['version']}) on {m['holdout_predictions']:,} holdout predictions"
+    )
+    # `models show`: a summary that names the two figures apart; --json has everything
+    out = CliRunner().invoke(main, ["models", "show", "--models", str(models)])
+    assert out.exit_code == 0 and len(out.output.splitlines()) <= 12, out.output
+    assert "recall@20" in out.output and "on the cycle's holdout" in out.output
+    assert "gate slice" in out.output and "holdout_sessions" not in out.output
+    full = json.loads(CliRunner().invoke(main, ["models", "show", "--models", str(models),
+                                                "--json"]).output)  # fmt: skip
+    assert full["data_stats"]["holdout_sessions"]
 
 
 def test_fsspec_memory_archive_and_clear_errors(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import click
 import pandas as pd
 
 from streamrec.errors import CommandGroup
+from trainer.cli.models import models_group
 from trainer.cli.options import (
     LoadOptions,
     MultiValueCommand,
@@ -27,7 +28,7 @@ from trainer.cli.options import (
     ties_option,
     write_json,
 )
-from trainer.cli.retrain import models_group, retrain
+from trainer.cli.retrain import retrain
 from trainer.jobs import TrainJob
 from trainer.models import TRAINERS, evaluator_for, known_items_test
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 import click
@@ -20,7 +19,13 @@ from trainer.retrain_metrics import RetrainMetrics
 @click.option("--archive", required=True, help="Archive directory or URL (streamrec archive).")
 @click.option("--models", required=True, help="Model registry directory.")
 @click.option("--window", default="14d", show_default=True, help="Event-time window.")
-@click.option("--holdout", default="1d", show_default=True, help="Newest slice held out.")
+@click.option(
+    "--holdout",
+    default="auto",
+    show_default=True,
+    help="Newest slice of event time held out to judge the candidate, e.g. 1d; auto: a day, "
+    "or less on a young archive: the slice in which the newest tenth of the sessions start.",
+)
 @click.option("--every", default=None, help="Run a cycle every e.g. 1h (a loop).")
 @click.option("--once", is_flag=True, help="Run one cycle and exit.")
 @click.option("--model", "model_name", default="gru4rec", show_default=True)
@@ -170,59 +175,3 @@ def _run_every(cfg: RetrainConfig, period: float, metrics: RetrainMetrics) -> No
         while (left := period - (time.monotonic() - start)) > 0:
             time.sleep(min(1.0, left))
             health.beat()
-
-
-@click.group("models")
-def models_group() -> None:
-    """The model registry: list, show, rollback."""
-
-
-models_opt = click.option("--models", required=True, help="Model registry directory.")
-
-
-@models_group.command("list")
-@models_opt
-@click.option("--json", "as_json", is_flag=True)
-def list_cmd(models: str, as_json: bool) -> None:
-    """Versions held, oldest first; * marks the published one."""
-    vs = registry.list_versions(models)
-    if as_json:
-        click.echo(
-            json.dumps([{**v.__dict__, "path": str(v.path)} for v in vs], indent=1, default=str)
-        )
-        return
-    if not vs:
-        click.echo(f"{models}: no versions", err=True)
-    for v in vs:
-        r = v.metrics.get("holdout_recall@20")
-        click.echo(
-            f"{'*' if v.published else ' '} {v.version}  {v.model_name:<8} "
-            f"{v.n_items:>8,} items  {v.created_at[:19]}  "
-            + (f"holdout recall@20 {r:.4f}" if isinstance(r, float) else "")
-        )
-
-
-@models_group.command("show")
-@models_opt
-@click.argument("version", required=False)
-def show_cmd(models: str, version: str | None) -> None:
-    """One version's metadata (default: the published one)."""
-    version = version or registry.current_version(models)
-    if version is None:
-        raise click.ClickException(f"{models}: nothing published")
-    try:
-        click.echo(json.dumps(registry.show(models, version), indent=1, default=str))
-    except Exception as e:
-        raise click.ClickException(str(e)) from None
-
-
-@models_group.command("rollback")
-@models_opt
-@click.argument("version")
-def rollback_cmd(models: str, version: str) -> None:
-    """Publish an older version again (the workers follow)."""
-    try:
-        registry.rollback(models, version)
-    except registry.RegistryError as e:
-        raise click.ClickException(str(e)) from None
-    click.echo(f"published {version}", err=True)
