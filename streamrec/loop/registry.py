@@ -291,14 +291,12 @@ def cycle_summary(record: Mapping[str, Any]) -> str:
         v = (m.get(arm) or {}).get(metric)
         return "-" if v is None else f"{float(v):.4f}"
 
-    if decision.get("published"):
-        head = f"published {decision.get('version')}"
-    else:
-        head = f"kept {current or 'nothing'} ({decision.get('reason')})"
+    published = bool(decision.get("published"))
+    head = f"published {decision.get('version')}" if published else f"kept {current or 'nothing'}"
     figures = f"candidate {metric} {figure('candidate')}"
     figures += f" vs current {figure('current')} ({current})" if current else (
         " (nothing was published before)")  # fmt: skip
     n = m.get("holdout_predictions")
     if n is not None:
         figures += f" on {int(n):,} holdout predictions"
-    return f"{head}: {figures}"
+    return f"{head}: {figures}" + ("" if published else f"; why: {decision.get('reason')}")

@@ -72,21 +72,48 @@ def parse_every(text: str | None) -> float | None:
     return value
 
 
+def _when(t: float) -> str:
+    """An event time for a message: UTC date and time, or the number of an ordinal log."""
+    from streamrec.data.clicklog import EPOCH_TIMES_FROM
+
+    if t >= EPOCH_TIMES_FROM:
+        return pd.Timestamp(t, unit="s", tz="UTC").strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f"{t:,.0f}"
+
+
 def parse_warmup(text: str | None, t_first: float, t_last: float) -> float:
-    """The warm-up end time: a fraction of the log's time span (0..1), epoch seconds, or an
-    ISO 8601 time. None or 0: no warm-up (the first event's time)."""
-    if text is None or text == "":
+    """The warm-up end time: a fraction of the log's time span (``0.5``, ``50%``), or a time
+    inside the log (epoch seconds or ISO 8601). None or 0: no warm-up (the first event's
+    time). Anything else is refused: ``2`` is no time of a 2015 log, and read as one it
+    planned 16,169 periods from 1970."""
+    if text is None or str(text).strip() == "":
         return t_first
+    text = str(text).strip()
     try:
-        x = float(text)
+        x = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        is_number = True
     except ValueError:
-        ts = pd.Timestamp(text)
-        if ts.tzinfo is None:
-            ts = ts.tz_localize("UTC")
-        return float(ts.timestamp())
-    if 0.0 <= x <= 1.0:
-        return t_first + x * (t_last - t_first)
-    return x
+        is_number = False
+    if is_number:
+        if 0.0 <= x <= 1.0:
+            return t_first + x * (t_last - t_first)
+        if t_first <= x <= t_last and not text.endswith("%"):
+            return x
+    else:
+        try:
+            ts = pd.Timestamp(text)
+        except ValueError:
+            ts = None
+        if ts is not None:
+            if ts.tzinfo is None:
+                ts = ts.tz_localize("UTC")
+            if t_first <= ts.timestamp() <= t_last:
+                return float(ts.timestamp())
+    raise BacktestError(
+        f"--warmup-until {text}: neither a fraction of the log's time span (0 to 1, or 0% to "
+        f"100%) nor a time inside the log ({_when(t_first)} to {_when(t_last)}, epoch "
+        f"seconds {t_first:.0f} to {t_last:.0f})"
+    )
 
 
 @dataclass
@@ -413,28 +440,47 @@ class Backtest:
         return self.work / "models" / "registry"
 
     def archive_and_retrain(self, label: str) -> dict[str, Any]:
-        """One retrain cycle on the clicks published so far (``self.n_published``)."""
+        """One retrain cycle on the clicks published so far (``self.n_published``): its
+        label, seconds, and what the cycle's log line says (decision, figures, phases)."""
         t0 = time.perf_counter()
+        info: dict[str, Any] = {"label": label}
         if self.opts.retrain_cycle is not None:
             self.opts.retrain_cycle(self, label)
         else:
-            self._archive_then_retrain(label)
-        return {"label": label, "seconds": time.perf_counter() - t0}
+            info.update(self._archive_then_retrain(label))
+        info["seconds"] = time.perf_counter() - t0
+        return info
 
-    def _archive_then_retrain(self, label: str) -> None:
+    def _archive_then_retrain(self, label: str) -> dict[str, Any]:
         """``streamrec archive --until-caught-up`` then ``trainer retrain --once``, which
         publishes into the registry that the retrained arm's workers follow."""
+        from streamrec.loop import registry as models
+
         archive = self.work / "archive"
-        registry = self.registry
         env_cmd = [sys.executable, "-m", "streamrec", "archive", "--dir", str(archive)]
         env_cmd += ["--until-caught-up"]
+        t0 = time.perf_counter()
         self._child_with_settings(env_cmd, "streamrec archive", f"archive-{label}")
+        archive_seconds = time.perf_counter() - t0
         cmd = [sys.executable, "-m", "trainer", "retrain", "--archive", str(archive)]
-        cmd += ["--models", str(registry), "--once", "--model", self.opts.model, "--no-progress"]
+        cmd += ["--models", str(self.registry), "--once", "--model", self.opts.model]
+        cmd += ["--no-progress"]
         for kv in self.opts.params:
             cmd += ["--param", kv]
         cmd += list(self.opts.retrain_args)
         self._child_with_settings(cmd, "trainer retrain --once", f"retrain-{label}")
+        cycle = models.read_cycles(self.registry)[-1]
+        metrics, metric = cycle.get("metrics") or {}, cycle.get("metric", "recall@20")
+        return {
+            "decision": cycle.get("decision"),
+            "summary": models.cycle_summary(cycle),
+            "metric": metric,
+            "candidate": (metrics.get("candidate") or {}).get(metric),
+            "current": (metrics.get("current") or {}).get(metric),
+            "holdout_predictions": metrics.get("holdout_predictions"),
+            "events": cycle.get("events"),
+            "phase_seconds": {"archive": archive_seconds, **(cycle.get("seconds") or {})},
+        }
 
     def _child_with_settings(self, cmd: list[str], what: str, label: str) -> str:
         from streamrec.tools.launch import settings_env
@@ -494,7 +540,8 @@ class Backtest:
         values = click_messages(df, self.click_ids)
         retrain = opts.retrain and opts.compare is None
         self.say(
-            f"log {opts.log}: {len(df):,} clicks, {n_warm:,} warm-up, {len(periods)} period(s)"
+            f"log {opts.log}: {len(df):,} clicks from {_when(t_first)} to {_when(t_last)}; "
+            f"warm-up until {_when(t_warm)} ({n_warm:,} clicks), then {len(periods)} period(s)"
         )
         # arms and their initial models
         if opts.compare is not None:
@@ -514,6 +561,8 @@ class Backtest:
                 self.say("retrain cycle 0 (the retrained arm's first model) on the warm-up")
                 self.retrains.append(self.archive_and_retrain("warmup"))
                 published = registry_current(self.registry)
+                self.retrains[-1]["event_time"] = t_warm
+                self.retrains[-1]["version"] = published.name if published else None
                 if initial is None and published is not None:
                     initial = self.work / "models" / "initial"
                     shutil.copytree(published, initial)
@@ -554,7 +603,8 @@ class Backtest:
                 info["event_time"] = period.end
                 self.retrains.append(info)
                 what = "swapped to" if info["published"] else "not published (gate), still"
-                self.say(f"period {p + 1}/{len(periods)}: retrained, {what} {info['version']}")
+                done = info.get("summary") or f"retrained, {what} {info['version']}"
+                self.say(f"period {p + 1}/{len(periods)}: {done}")
         self._stop_progress()
         return self._report(view, periods, t_warm, time.time() - t_wall0)
 

@@ -43,10 +43,23 @@ def test_parse_every_and_warmup() -> None:
     with pytest.raises(ValueError):
         parse_every("soon")
     assert parse_warmup("0.5", 100.0, 300.0) == 200.0
+    assert parse_warmup("50%", 100.0, 300.0) == 200.0
     assert parse_warmup(None, 100.0, 300.0) == 100.0
     assert parse_warmup("0", 100.0, 300.0) == 100.0
-    assert parse_warmup("1700000000", 0.0, 1.0) == 1.7e9
-    assert parse_warmup("2023-11-14T22:13:20Z", 0.0, 1.0) == 1.7e9
+    assert parse_warmup("1700000000", 1.6e9, 1.8e9) == 1.7e9
+    assert parse_warmup("2023-11-14T22:13:20Z", 1.6e9, 1.8e9) == 1.7e9
+
+
+@pytest.mark.parametrize("text", ["2", "150%", "-0.1", "1600000000", "2024-01-01", "soon"])
+def test_a_warmup_that_is_neither_a_fraction_nor_a_time_of_the_log_is_refused(text: str) -> None:
+    """``--warmup-until 2`` on a 2023 log read as 1970-01-01T00:00:02 planned 16,169 periods;
+    numbers in 0..1 are fractions, anything else must be a time inside the log."""
+    from streamrec.errors import StreamrecError
+
+    with pytest.raises(StreamrecError) as err:
+        parse_warmup(text, 1.69e9, 1.7e9)
+    assert str(err.value).startswith(f"--warmup-until {text}: neither a fraction")
+    assert "2023-07-22 04:26:40 UTC to 2023-11-14 22:13:20 UTC" in str(err.value)
 
 
 def test_periods_cover_the_scored_span() -> None:

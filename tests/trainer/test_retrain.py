@@ -435,6 +435,20 @@ def test_a_young_archive_retrains_with_the_defaults_and_the_cycle_says_what_it_d
     assert full["data_stats"]["holdout_sessions"]
 
 
+def test_a_kept_cycle_names_its_figures_first_and_then_why() -> None:
+    """The gate's reason quotes the figures: in front of them it made the line say them
+    twice; it now follows them after 'why:'."""
+    reason = "candidate recall@20 0.5000 vs current 0.6000: not shown within the tolerance"
+    record = {"metric": "recall@20", "current_version": "v1",
+              "decision": {"published": False, "reason": reason},
+              "metrics": {"candidate": {"recall@20": 0.5}, "current": {"recall@20": 0.6},
+                          "holdout_predictions": 1234}}  # fmt: skip
+    assert registry.cycle_summary(record) == (
+        "kept v1: candidate recall@20 0.5000 vs current 0.6000 (v1) on 1,234 holdout "
+        f"predictions; why: {reason}"
+    )
+
+
 def test_fsspec_memory_archive_and_clear_errors(tmp_path: Path) -> None:
     from trainer.cli import main
 
