@@ -22,6 +22,10 @@ _PERIOD_METRICS: list[tuple[str, str, str]] = [
     ("recall", "Recall@k per period", "Recall@k (share of next clicks, 0-1)"),
     ("mrr", "MRR@k per period", "MRR@k (mean 1/rank, 0-1)"),
 ]
+#: what the vertical lines on the per-period plots are
+_MARKS_CAPTION = (
+    " (vertical lines: a retrained model starts; solid: swapped in, dotted: kept by the gate)"
+)
 
 
 def _json_safe(x: Any) -> Any:
@@ -59,6 +63,68 @@ def _values(report: Mapping[str, Any], arm: str, key: str) -> list[float]:
     return out
 
 
+def when(t: Any) -> str:
+    """An event time as the page shows it: a UTC date and time, or the number of an ordinal
+    log's time (never raw epoch seconds)."""
+    if t is None:
+        return ""
+    t = float(t)
+    if t >= EPOCH_TIMES_FROM:
+        return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M")
+    return f"{t:,.0f}"
+
+
+def panel_ks(family: str, ks: Sequence[int]) -> list[int]:
+    """The cut-offs drawn for a metric family: MRR@1 is Recall@1 by definition (the one
+    next click is either first, 1/1, or not in the top-1, 0), so it is drawn once."""
+    return [k for k in ks if not (family == "mrr" and k == 1)]
+
+
+def _published(r: Mapping[str, Any]) -> bool:
+    return bool(r.get("published", (r.get("decision") or {}).get("published")))
+
+
+def retrain_marks(report: Mapping[str, Any]) -> list[tuple[Any, bool]]:
+    """(x, swapped in) for each retrain between periods, at the x where the model it
+    produced starts to serve: a period-start date, or half-way between periods' numbers."""
+    x, _ = _period_x(report)
+    dated = bool(x) and isinstance(x[0], datetime)
+    marks: list[tuple[Any, bool]] = []
+    for r in report.get("retrains", []):
+        p = r.get("after_period")
+        if p is None or p + 1 >= len(x):
+            continue
+        marks.append((x[p + 1] if dated else p + 1.5, _published(r)))
+    return marks
+
+
+#: (line width, marker) per arm: an arm drawn later is narrower and marked differently,
+#: so where the arms' figures are equal (the same model) the one under it still shows
+_ARM_STYLES: list[tuple[float, str]] = [(3.4, "o"), (1.8, "s"), (0.9, "^"), (0.5, "x")]
+
+
+def _arm_style(i: int, n_points: int) -> dict[str, Any]:
+    width, marker = _ARM_STYLES[min(i, len(_ARM_STYLES) - 1)]
+    return {
+        "linewidth": width,
+        "marker": marker,
+        "markersize": 3 + width,
+        "markevery": max(1, n_points // 30),
+        "zorder": 3 + i,
+    }
+
+
+def _mark_retrains(ax: Any, marks: Sequence[tuple[Any, bool]]) -> None:
+    """Vertical lines where a retrained model starts: solid if swapped in, dotted if the
+    gate kept the old one."""
+    seen: set[bool] = set()
+    for xm, swapped in marks:
+        label = "retrain: swapped in" if swapped else "retrain: kept (gate)"
+        ax.axvline(xm, color="grey", linewidth=1.0, linestyle="-" if swapped else ":",
+                   zorder=1, label="_nolegend_" if swapped in seen else label)  # fmt: skip
+        seen.add(swapped)
+
+
 def make_plots(out: Path, report: Mapping[str, Any]) -> list[tuple[str, str]]:
     """Write the PNGs into ``out``; returns (file name, caption) pairs."""
     import matplotlib
@@ -70,7 +136,8 @@ def make_plots(out: Path, report: Mapping[str, Any]) -> list[tuple[str, str]]:
     series = report.get("series", {})
     ks = list(report.get("ks", [1, 5, 10, 20]))
     x, xlabel = _period_x(report)
-    marker = "o" if len(x) <= 60 else None
+    marks = retrain_marks(report)
+    marks_caption = _MARKS_CAPTION if marks else ""
     files: list[tuple[str, str]] = []
 
     def save(fig: Any, name: str, caption: str) -> None:
@@ -79,43 +146,44 @@ def make_plots(out: Path, report: Mapping[str, Any]) -> list[tuple[str, str]]:
         plt.close(fig)
         files.append((name, caption))
 
+    def draw_arms(ax: Any, key: str, label: str = "{arm}") -> None:
+        for i, arm in enumerate(arms):
+            ax.plot(x, _values(report, arm, key), label=label.format(arm=arm),
+                    **_arm_style(i, len(x)))  # fmt: skip
+        _mark_retrains(ax, marks)
+        ax.set_xlabel(xlabel)
+        ax.tick_params(axis="x", labelrotation=30)
+
     for family, title, ylabel in _PERIOD_METRICS:
-        cols = 2 if len(ks) > 1 else 1
-        rows = (len(ks) + cols - 1) // cols
+        fks = panel_ks(family, ks)
+        cols = 2 if len(fks) > 1 else 1
+        rows = (len(fks) + cols - 1) // cols
         fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.8 * rows), squeeze=False)
-        for ax in axes.flat[len(ks) :]:
+        for ax in axes.flat[len(fks) :]:
             ax.set_visible(False)
-        for ax, k in zip(axes.flat, ks, strict=False):
-            for arm in arms:
-                ax.plot(x, _values(report, arm, f"{family}@{k}"), marker=marker, label=arm)
+        for ax, k in zip(axes.flat, fks, strict=False):
+            draw_arms(ax, f"{family}@{k}")
             ax.set_title(f"{title.replace('@k', f'@{k}')}")
-            ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel.replace("@k", f"@{k}"))
-            ax.legend()
-            ax.tick_params(axis="x", labelrotation=30)
-        save(fig, f"{family}.png", title)
+            ax.legend(fontsize="small")
+        save(fig, f"{family}.png", title + marks_caption)
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), squeeze=False)
     ax = axes[0][0]
-    for arm in arms:
-        ax.plot(x, _values(report, arm, "coverage@20"), marker=marker, label=arm)
+    draw_arms(ax, "coverage@20")
     ax.set_title("Catalogue coverage@20 per period")
-    ax.set_xlabel(xlabel)
     ax.set_ylabel("share of the log's items (0-1)")
-    ax.legend()
-    ax.tick_params(axis="x", labelrotation=30)
+    ax.legend(fontsize="small")
     ax = axes[0][1]
-    ax.plot(x, _values(report, "", "new_item_click_share"), marker=marker, color="black",
+    # the log's own share under the arms' lines: it is a reference, not an arm
+    ax.plot(x, _values(report, "", "new_item_click_share"), color="black", linewidth=1.0,
+            linestyle="--", marker=".", zorder=2,
             label="clicks on items new in the period")  # fmt: skip
-    for arm in arms:
-        ax.plot(x, _values(report, arm, "new_item_rec_share@20"), marker=marker,
-                linestyle="--", label=f"{arm}: top-20 slots given to new items")  # fmt: skip
+    draw_arms(ax, "new_item_rec_share@20", "{arm}: top-20 slots given to new items")
     ax.set_title("New items per period")
-    ax.set_xlabel(xlabel)
     ax.set_ylabel("share (0-1)")
     ax.legend(fontsize="small")
-    ax.tick_params(axis="x", labelrotation=30)
-    save(fig, "coverage_new_items.png", "Catalogue coverage and new items")
+    save(fig, "coverage_new_items.png", "Catalogue coverage and new items" + marks_caption)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for arm in arms:
@@ -161,6 +229,75 @@ def _table(report: Mapping[str, Any]) -> str:
     return "<table>" + "".join(rows) + "</table>"
 
 
+def _cell(v: Any) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return f"{v:,}" if isinstance(v, int) else html.escape(str(v))
+
+
+def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Cells already escaped or formatted."""
+    head = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table>{head}{body}</table>"
+
+
+def _decision(r: Mapping[str, Any]) -> str:
+    """What a retrain cycle did, in words."""
+    if _published(r):
+        return "swapped in" if "after_period" in r else "published (the first model)"
+    reason = (r.get("decision") or {}).get("reason")
+    return "kept (gate)" + (f": {reason}" if reason else "")
+
+
+def _retrains_table(report: Mapping[str, Any]) -> str:
+    """One row per retrain cycle: when, what it decided and why, both figures, the seconds
+    of each phase."""
+    retrains = list(report.get("retrains") or [])
+    if not retrains:
+        return "<p>none</p>"
+    phases: list[str] = []
+    for r in retrains:
+        phases += [k for k in r.get("phase_seconds") or {} if k not in phases]
+    header = ["cycle", "at event time", "version", "decision", "candidate", "current"]
+    header += ["holdout predictions", "total s"] + [f"{k} s" for k in phases]
+    rows = []
+    for r in retrains:
+        secs = r.get("phase_seconds") or {}
+        row = [html.escape(str(r.get("label", ""))), when(r.get("event_time"))]
+        row += [_cell(r.get("version")), html.escape(_decision(r))]
+        row += [_cell(r.get("candidate")), _cell(r.get("current"))]
+        row += [_cell(r.get("holdout_predictions")), _seconds(r.get("seconds"))]
+        rows.append(row + [_seconds(secs.get(k)) for k in phases])
+    return _html_table(header, rows)
+
+
+def _seconds(v: Any) -> str:
+    return "" if v is None else f"{float(v):.1f}"
+
+
+def _periods_table(report: Mapping[str, Any]) -> str:
+    """One row per period: its span, clicks, each arm's figures at the largest k, and the
+    retrain that followed it."""
+    arms = _arms(report)
+    k = max(report.get("ks") or [20])
+    after = {r["after_period"]: r for r in report.get("retrains") or [] if "after_period" in r}
+    header = ["period", "start", "end", "clicks", "new-item clicks"]
+    header += [f"{a} {m}@{k}" for a in arms for m in ("recall", "mrr")]
+    header += ["then retrained"]
+    rows = []
+    for i, p in enumerate(report.get("periods") or []):
+        row = [str(i + 1), when(p.get("start")), when(p.get("end")), _cell(p.get("events"))]
+        row.append(_cell(p.get("new_item_click_share")))
+        row += [_cell((p.get(a) or {}).get(f"{m}@{k}")) for a in arms for m in ("recall", "mrr")]
+        r = after.get(i)
+        done = "" if r is None else f"{_decision(r).split(':')[0]} {r.get('version') or ''}"
+        rows.append([*row, html.escape(done.strip())])
+    return _html_table(header, rows)
+
+
 def write_html(
     out: Path, report: Mapping[str, Any], plots: Sequence[tuple[str, str]], note: str = ""
 ) -> None:
@@ -171,9 +308,11 @@ def write_html(
     )
     swaps = "".join(
         f"<li>{html.escape(str(s.get('arm')))}: {html.escape(str(s.get('from')))} &rarr; "
-        f"{html.escape(str(s.get('to')))} at event time {s.get('event_time')}</li>"
+        f"{html.escape(str(s.get('to')))} at event time {when(s.get('event_time'))}</li>"
         for s in report.get("swaps", [])
     )
+    warm = report.get("warmup_until")
+    until = "" if warm is None else f", until {when(warm)}"
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>streamrec backtest</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
@@ -182,11 +321,14 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}} img{{max-width:1
 <h1>streamrec backtest</h1>
 <p><code>{html.escape(str(report.get("command", "")))}</code></p>
 <p>log {html.escape(str(report.get("log")))}: {report.get("events", 0):,} clicks,
-{report.get("warmup_events", 0):,} of them warm-up (not scored), {len(report.get("periods", []))}
-period(s); lost {report.get("lost")}, duplicated {report.get("duplicates")}.</p>
+{report.get("warmup_events", 0):,} of them warm-up (not scored{until}),
+{len(report.get("periods", []))} period(s); lost {report.get("lost")},
+duplicated {report.get("duplicates")}.</p>
 {note}
 <h2>Overall</h2>{_table(report)}
 <h2>Model swaps</h2><ul>{swaps or "<li>none</li>"}</ul>
+<h2>Retrain cycles</h2>{_retrains_table(report)}
+<h2>Per period</h2>{_periods_table(report)}
 <h2>Plots</h2>{figs or "<p>no plots (matplotlib is not installed)</p>"}
 <p>Full figures: <a href="report.json">report.json</a>.</p>
 </body></html>
