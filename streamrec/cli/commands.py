@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from streamrec.errors import require_extra
 from streamrec.kafka.clients import connect, ensure_service_topics
 from streamrec.processes import stop_signals
 from streamrec.settings import Settings, get_settings
@@ -97,6 +98,9 @@ def worker(
 ) -> None:
     """Run one worker: clicks in, recommendations out (Ctrl-C stops it cleanly)."""
     settings = get_settings()
+    engine = engine or settings.worker.engine
+    if engine == "faust":  # before the broker and the model: say it first
+        require_extra("faust", "faust", "worker.engine=faust")
     level = (loglevel or settings.worker.log_level).upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     conf = connect(settings)  # an unreachable broker ends the command here, in one line
@@ -111,7 +115,7 @@ def worker(
         err=True,
     )
     ensure_service_topics(settings, conf)
-    if (engine or settings.worker.engine) == "faust":
+    if engine == "faust":
         from streamrec.engines.faust.app import Worker
 
         # Faust's worker parses sys.argv; give it only the program name.

