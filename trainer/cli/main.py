@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 import pandas as pd
+import torch
 
 from streamrec.errors import CommandGroup
 from trainer.cli.models import models_group
@@ -25,6 +26,7 @@ from trainer.cli.options import (
     parse_ks,
     print_metrics,
     split_values,
+    threads_option,
     ties_option,
     write_json,
 )
@@ -67,6 +69,7 @@ def main() -> None:
     "--window", default=None, help="archive:DIR: e.g. 14d, back from the newest archived event"
 )
 @click.option("--progress/--no-progress", default=True)
+@threads_option
 @click.option(
     "--retrieval-index",
     type=click.Choice(["auto", "always", "never"]),
@@ -176,9 +179,12 @@ def train(
     _publish_index(out, outcome.model, retrieval_index)
     if test_df is not None:
         print_metrics(metrics, f"{outcome.model_name} on {test_path} (ties={ties})", cut)
+    device = outcome.stats.get("device", "cuda" if torch.cuda.is_available() else "cpu")
+    on_cpu = str(device).startswith("cpu")
     click.echo(
         f"checkpoint: {out}  ({outcome.stats.get('train_seconds', 0):.1f} s, "
-        f"{outcome.stats.get('train_events_per_s', 0):,.0f} events/s)",
+        f"{outcome.stats.get('train_events_per_s', 0):,.0f} events/s"
+        + (f", {torch.get_num_threads()} CPU thread(s))" if on_cpu else ")"),
         err=True,
     )
 
@@ -201,6 +207,7 @@ def train(
     "checkpoint, built and saved there when missing or stale)",
 )
 @load_options
+@threads_option
 def evaluate(
     model_dir: str,
     test_path: str,

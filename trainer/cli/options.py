@@ -148,6 +148,24 @@ ties_option = click.option(
 )
 
 
+def _set_threads(ctx: click.Context, param: click.Parameter, value: int | None) -> int:
+    from trainer.threads import use_threads
+
+    return use_threads(value)
+
+
+threads_option = click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    expose_value=False,
+    callback=_set_threads,
+    help="torch CPU threads (default: the cores the load average leaves idle, at most one "
+    "per core; OMP_NUM_THREADS wins when set): threads on busy cores slow training down "
+    "several times",
+)
+
+
 def load_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option(
         "--column-map",

@@ -10,7 +10,7 @@ import click
 from streamrec.data.clicklog import DataError
 from streamrec.loop import registry
 from trainer.archive_source import parse_duration
-from trainer.cli.options import MultiValueCommand, split_values
+from trainer.cli.options import MultiValueCommand, split_values, threads_option
 from trainer.retrain import RetrainConfig, RetrainError, run_cycle
 from trainer.retrain_metrics import RetrainMetrics
 
@@ -67,6 +67,7 @@ from trainer.retrain_metrics import RetrainMetrics
 @click.option("--item-meta", default=None, help="p-RNN item metadata, as trainer train")
 @click.option("--schedule", default=None, help="p-RNN training schedule")
 @click.option("--progress/--no-progress", default=True)
+@threads_option
 @click.option(
     "--retrieval-index",
     type=click.Choice(["auto", "always", "never"]),
