@@ -176,6 +176,7 @@ def test_tail_escapes_ids_on_a_terminal_and_passes_them_through_a_pipe(
             return rec.to_json()
 
     monkeypatch.setattr(clients, "tail", lambda *a, **k: iter([Msg()]))
+    monkeypatch.setattr(commands, "connect", lambda settings: {})  # no broker: the probe
     for on_terminal in (True, False):
         monkeypatch.setattr(commands, "_stdout_is_terminal", lambda t=on_terminal: t)
         for args in (["tail", "--max", "1"], ["tail", "--max", "1", "--raw"]):
