@@ -15,6 +15,7 @@ A published checkpoint carries a held-out slice and its Recall@20 for the worker
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import time
@@ -221,6 +222,29 @@ def _saved_optimizer(path: Path | None) -> dict[str, torch.Tensor] | None:
         return None
 
 
+#: GRU4Rec parameters that fix the shape of a model's tensors
+_GRU4REC_SHAPE = ("layers", "embedding", "constrained_embedding")
+
+
+def _keep_published_shape(params: Any, published: GRU4Rec, explicit: list[str]) -> None:
+    """A warm start continues the published model, so its shape wins over the defaults and a
+    preset (the demo publishes 48 units; the README's retrain, with the default 100, stopped
+    on a torch traceback). An explicit ``--param`` that changes the shape is refused."""
+    from trainer.presets import parse_kv
+
+    given = {parse_kv(kv)[0] for kv in explicit}
+    for key in _GRU4REC_SHAPE:
+        was, want = getattr(published.config, key), getattr(params, key)
+        if want == was:
+            continue
+        if key in given:
+            raise RetrainError(
+                f"--param {key}={want}: the published model has {key}={was}, and a warm start "
+                "keeps its shape; drop the option, or add --cold to train a new model"
+            )
+        setattr(params, key, copy.deepcopy(was))
+
+
 def _train(
     cfg: RetrainConfig,
     train: pd.DataFrame,
@@ -244,6 +268,7 @@ def _train(
         saved = None
         if warm and current is not None:
             assert isinstance(current.model, GRU4Rec)
+            _keep_published_shape(params, current.model, cfg.params)
             init = (current.model.to("cpu"), current.item_ids)
             epochs = cfg.warm_epochs or warm_epochs(
                 params.n_epochs, _new_events(train, current), len(train)

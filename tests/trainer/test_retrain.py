@@ -27,7 +27,7 @@ from streamrec.model.hrnn import HRNN
 from streamrec.model.prnn import PRNN
 from streamrec.serving.served_model import ModelHolder, ServingModel
 from trainer.archive_source import parse_duration, read_archive
-from trainer.retrain import RetrainConfig, grow_gru4rec, run_cycle
+from trainer.retrain import RetrainConfig, RetrainError, grow_gru4rec, run_cycle
 from trainer.train import train_gru4rec
 from trainer.warmstart import grow_model, warm_epochs
 
@@ -447,6 +447,30 @@ def test_a_kept_cycle_names_its_figures_first_and_then_why() -> None:
         "kept v1: candidate recall@20 0.5000 vs current 0.6000 (v1) on 1,234 holdout "
         f"predictions; why: {reason}"
     )
+
+
+def test_a_warm_start_keeps_the_published_models_shape(tmp_path: Path) -> None:
+    """The demo publishes a 48-unit GRU4Rec; the README's `trainer retrain ... --once` (the
+    default layers [100]) then stopped on torch's 'hidden0 has inconsistent hidden_size'."""
+    archive, models = tmp_path / "archive", tmp_path / "models"
+    df = generate_clicks(600, 40, seed=2, span_days=3)
+    write_archive(archive, df)
+    small = ["layers=12", "embedding=8", "n_epochs=1", "batch_size=16", "n_sample=0"]
+    base = RetrainConfig(str(archive), str(models), "6d", params=small, progress=False,
+                         tolerance=1.0, min_holdout_events=0)  # fmt: skip
+    assert run_cycle(base, echo=lambda s: None)["decision"]["published"]
+    plain = RetrainConfig(**{**base.__dict__, "params": ["n_epochs=1", "batch_size=16"]})
+    r = run_cycle(plain, echo=lambda s: None)
+    assert r["warm_start"] and r["decision"]["published"], r
+    model = load_checkpoint(_published(models), "cpu").model
+    assert isinstance(model, GRU4Rec)
+    assert model.config.layers == [12] and model.config.embedding == 8
+    wider = RetrainConfig(**{**base.__dict__, "params": ["layers=32", "n_epochs=1"]})
+    with pytest.raises(RetrainError, match=r"--param layers=\[32\]: the published model has "
+                       r"layers=\[12\].*--cold"):  # fmt: skip
+        run_cycle(wider, echo=lambda s: None)
+    cold = RetrainConfig(**{**wider.__dict__, "cold": True})
+    assert not run_cycle(cold, echo=lambda s: None)["warm_start"]
 
 
 def test_fsspec_memory_archive_and_clear_errors(tmp_path: Path) -> None:
