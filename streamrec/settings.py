@@ -314,7 +314,7 @@ class ModelSettings(_Group):
     #: How the top-k is found (docs/architecture.md, "Retrieval"). ``exact``: every item is
     #: scored; ``ann``: an approximate index (usearch HNSW, built beside the checkpoint when
     #: published, else at load) proposes candidates, which are scored exactly; ``auto``: ann
-    #: on CPU from 100,000 items, exact below that and on a GPU.
+    #: on CPU from 500,000 items, exact below that and on a GPU.
     retrieval: Literal["exact", "ann", "auto"] = "auto"
     #: ann: candidates per click re-scored exactly
     ann_candidates: int = Field(100, ge=1, le=10_000)
@@ -323,6 +323,11 @@ class ModelSettings(_Group):
     #: ann: graph degree and build breadth (HNSW M, efConstruction); changing them rebuilds
     ann_connectivity: int = Field(16, ge=2, le=256)
     ann_expansion_add: int = Field(128, ge=1, le=100_000)
+    #: ann: ``hnsw`` (the graph) or ``head``: exact scores over the ``ann_head_items`` items
+    #: with the largest vectors, no graph (bench/results/catalogue-scale.md: at 1M items the
+    #: better of the two in speed at a given top-20 overlap)
+    ann_index: Literal["hnsw", "head"] = "hnsw"
+    ann_head_items: int = Field(130_000, ge=1)
     #: exact retrieval: scores in bf16, a shortlist re-scored in float32 and kept where a
     #: rounding bound proves it (else float32): the float32 top-k items, faster on CPUs with
     #: bf16 dot products (bench/results/catalogue-scale.md)

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from streamrec.errors import StreamrecError
+from streamrec.model.topk import TiledTopK
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,11 @@ class AnnParams:
     #: ``auto``: whichever finds more of the exact top-10 of probe queries on a sample of the
     #: items (:func:`choose_metric`); which one wins depends on the model
     metric: str = "auto"
+    #: ``hnsw``: the usearch graph above; ``head``: no graph, the exact scores of the
+    #: ``head_items`` items with the largest vectors (:class:`HeadIndex`)
+    kind: str = "hnsw"
+    #: ``head``: how many items (by vector norm) are scored exactly
+    head_items: int = 130_000
 
     def build_key(self) -> dict[str, Any]:
         """What an index file must have been built with to be reused (search-time settings
@@ -93,6 +99,9 @@ def _augment(vectors: np.ndarray) -> np.ndarray:
 class AnnIndex:
     """The index of one set of item vectors: candidates for queries, saved beside weights."""
 
+    #: the candidates' order is the exact order (a re-rank needs only the k best)
+    exact_order = False
+
     def __init__(self, index: Any, params: AnnParams, meta: dict[str, Any]) -> None:
         self._index = index
         self.params = params
@@ -118,6 +127,10 @@ class AnnIndex:
         """Build over ``vectors`` ``[n_items, D]`` (row i = item row i)."""
         if params.metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, not {params.metric!r}")
+        if params.kind == "head":
+            return HeadIndex.build_head(vectors, params)
+        if params.kind != "hnsw":
+            raise ValueError(f"kind must be hnsw or head, not {params.kind!r}")
         t0 = time.perf_counter()
         v = np.ascontiguousarray(vectors.detach().to("cpu", torch.float32).numpy())
         metric, probe = params.metric, None
@@ -155,6 +168,74 @@ class AnnIndex:
         d = Path(directory)
         _atomic_write(d / INDEX_FILE, lambda path: self._index.save(str(path)))
         _atomic_write(d / META_FILE, lambda path: path.write_text(json.dumps(self.meta, indent=1)))
+
+
+class HeadIndex(AnnIndex):
+    """Exact scores over the catalogue's head: the ``head_items`` items whose vectors
+    ``[w, b]`` have the largest norm, scored with one tiled matrix product per batch.
+
+    ``dtype`` ``bf16`` (the default, for CPUs with bfloat16 dot products): the head is scored
+    in bfloat16 and the best ``candidates`` are re-ranked in float32 by the caller; ``f32``:
+    float32 scores, the exact order within the head.
+
+    On the GRU4Rec trained on the 1M-item log the exact top-20 of real sessions' states lie
+    among these items: 97.6 % of them within the 100,000 largest, 99.5 % within 200,000
+    (``bench/results/catalogue-scale.md``), while a graph search misses the high-norm shell
+    the answers sit on. Items outside the head are never proposed (the caller's extra rows
+    and the model's offset rows still are). Building is a sort of the norms: nothing is
+    saved, and a hot swap never waits for it.
+    """
+
+    def __init__(self, rows: Tensor, tiled: TiledTopK, params: AnnParams, meta: dict[str, Any]):
+        self._rows = rows
+        self._tiled = tiled
+        self.params = params
+        self.meta = meta
+        # float32: the exact order; bf16 (``dtype``): a shortlist the caller re-ranks in float32
+        self.exact_order = tiled.weight_t.dtype == torch.float32
+
+    @classmethod
+    def build_head(cls, vectors: Tensor, params: AnnParams) -> HeadIndex:
+        t0 = time.perf_counter()
+        v = vectors.detach().to("cpu", torch.float32)
+        n = min(int(params.head_items), len(v))
+        rows = torch.topk(v.norm(dim=1), n).indices.sort().values
+        dtype = torch.bfloat16 if params.dtype == "bf16" else torch.float32
+        head_t = v[rows].t().contiguous().to(dtype)
+        tiled = TiledTopK(head_t, torch.zeros(1, n, dtype=dtype))
+        meta = {
+            "library": "torch",
+            "params": asdict(params),
+            "n_items": len(v),
+            "dim": v.shape[1],
+            "head_items": n,
+            "build_seconds": round(time.perf_counter() - t0, 3),
+            "build_threads": 1,
+        }
+        return cls(rows, tiled, params, meta)
+
+    def set_expansion_search(self, ef: int) -> None:
+        """No search breadth: the head is scored exactly."""
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._tiled.weight_t.nbytes + self._rows.nbytes)
+
+    def search(self, queries: Tensor, count: int) -> Tensor:
+        """The ``count`` best head items of each query (exact scores), best first."""
+        q = queries.detach().to("cpu", torch.float32)
+        count = min(count, len(self._rows))
+        if count == 0:
+            return torch.full((len(q), 0), -1, dtype=torch.int64)
+        _, pos = self._tiled.topk(q, count)
+        return self._rows[pos]
+
+    @property
+    def metric(self) -> str:
+        return "ip"
+
+    def save(self, directory: str | os.PathLike[str]) -> None:
+        """Nothing to save: the head is rebuilt from the weights in a fraction of a second."""
 
 
 def _graph(v: np.ndarray, metric: str, params: AnnParams, threads: int) -> Any:
@@ -240,7 +321,10 @@ def load_index(directory: str | os.PathLike[str], vectors: Tensor, params: AnnPa
         raise AnnIndexError(f"{d / META_FILE}: not a {LIBRARY} index")
     saved = {"metric": "l2-augmented", **dict(meta.get("params") or {})}  # before metric was kept
     built = AnnParams(**{**asdict(params), **saved})
-    if built.build_key() != params.build_key():
+    wanted = params
+    if params.metric == "auto":  # auto takes the graph it would have chosen, whichever was built
+        wanted = replace(params, metric=built.metric)
+    if built.build_key() != wanted.build_key():
         raise AnnIndexError(f"{d}: built with {built.build_key()}, wanted {params.build_key()}")
     if meta.get("n_items") != vectors.shape[0] or meta.get("dim") != vectors.shape[1]:
         raise AnnIndexError(f"{d}: built for {meta.get('n_items')} x {meta.get('dim')} vectors")
@@ -264,7 +348,10 @@ def load_or_build(
     threads: int = 1,
 ) -> AnnIndex:
     """The saved index of these vectors, else a new one (saved into ``directory`` when it is
-    writable and ``save``; a read-only checkpoint directory only costs the rebuild)."""
+    writable and ``save``; a read-only checkpoint directory only costs the rebuild). A
+    ``head`` index is always built (it is a sort of the norms)."""
+    if params.kind == "head":
+        return AnnIndex.build(vectors, params, threads=threads)
     if directory is not None:
         try:
             return load_index(directory, vectors, params)

@@ -197,7 +197,9 @@ class Retriever:
         """What :meth:`topk` scores exactly in ``ann`` mode."""
         assert self.index is not None, "ann_candidates needs an index"
         q = self.split.query_vectors(state, user)
-        found = self.index.search(q, max(self.n_candidates, k)).to(state.device)
+        # an index in exact order (the head's exact scores) needs only the k best
+        count = k if self.index.exact_order else max(self.n_candidates, k)
+        found = self.index.search(q, count).to(state.device)
         return self.candidates(state, user, found, extra)
 
     def _rerank(

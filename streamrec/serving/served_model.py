@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +97,8 @@ class RetrievalOptions:
             expansion_add=m.ann_expansion_add,
             expansion_search=m.ann_expansion_search,
             candidates=m.ann_candidates,
+            kind=m.ann_index,
+            head_items=m.ann_head_items,
         )
         return cls(m.retrieval, ann, m.bf16_shortlist)
 
@@ -193,11 +195,13 @@ class ServingModel:
         else:
             full = model.score_all
         index = None
+        ann = opts.ann
+        head16 = ann.kind == "head" and ann.dtype == "bf16" and self.device.type == "cpu"
+        if head16 and not cpu_has_bf16():  # emulated bf16 is slower than float32
+            ann = replace(ann, dtype="f32")
         if mode == "ann":
             with torch.inference_mode():
-                index = load_or_build(
-                    index_dir, model.item_vectors(), opts.ann, save=opts.save_index
-                )
+                index = load_or_build(index_dir, model.item_vectors(), ann, save=opts.save_index)
         shortlist = opts.bf16_shortlist and mode == "exact"
         if shortlist and self.device.type == "cpu" and not cpu_has_bf16():
             log.warning("model.bf16_shortlist: this CPU has no bfloat16 instructions; not used")

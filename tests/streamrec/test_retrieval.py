@@ -4,6 +4,7 @@ index beside the weights (its hash), and ``auto``."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -283,3 +284,56 @@ def test_bf16_shortlist_over_a_tiled_catalogue() -> None:
         r = Retriever(model, bf16_shortlist=True)
         _, rows = r.topk(states, None, 20)
     assert torch.equal(rows, reference.indices)
+
+
+def test_a_head_index_answers_exactly_within_the_largest_vectors(tmp_path: Path) -> None:
+    """``kind=head``: the candidates are the exact top items among the ``head_items`` largest
+    item vectors; an item outside the head is never proposed (but an extra row still is),
+    and nothing is written beside the weights."""
+    model = _gru4rec()
+    v = model.item_vectors()
+    head = 600
+    params = AnnParams(kind="head", head_items=head, dtype="f32")
+    with torch.inference_mode():
+        index = load_or_build(tmp_path, v, params)
+        assert not list(tmp_path.iterdir())  # a sort of the norms: nothing saved
+        in_head = torch.zeros(N_ITEMS, dtype=torch.bool)
+        in_head[torch.topk(v.norm(dim=1), head).indices] = True
+        states = _planted_states(model, torch.arange(0, N_ITEMS, 29), 16)
+        q = model.query_vectors(states, None)
+        scores = (q @ v.T).masked_fill(~in_head, -float("inf"))
+        want = torch.topk(scores, 20, dim=1).indices
+        assert torch.equal(index.search(q, 20), want)
+        ann = Retriever(model, mode="ann", index=index)
+        outside = int((~in_head).nonzero()[0])
+        values, top = ann.topk(states, None, 20, extra_rows=torch.tensor([outside]))
+        exact = Retriever(model).topk(states, None, 20)
+        extra_score = model.score_rows(states, None, torch.full((len(states), 1), outside))
+    assert bool(in_head[top[top != outside]].all())
+    # the extra row is scored: in the answer exactly where it beats the 20th
+    assert torch.equal((top == outside).any(dim=1), extra_score[:, 0] >= values[:, -1])
+    # where the exact winner is in the head, both answer it
+    winner_in_head = in_head[exact[1][:, 0]]
+    assert int(winner_in_head.sum()) >= 10
+    assert torch.equal(top[winner_in_head, 0], exact[1][winner_in_head, 0])
+    # bf16 head scores, a shortlist re-ranked in float32: the float32 head's answer
+    with torch.inference_mode():
+        bf16 = AnnIndex.build(v, replace(params, dtype="bf16"))
+        assert not bf16.exact_order
+        values16, top16 = Retriever(model, mode="ann", index=bf16).topk(states, None, 20)
+        values32, top32 = Retriever(model, mode="ann", index=index).topk(states, None, 20)
+    assert torch.equal(top16[:, 0], top32[:, 0])
+    assert torch.allclose(values16, values32)
+
+
+def test_an_automatic_graph_setting_reuses_the_graph_it_would_choose_from(tmp_path: Path) -> None:
+    """An index built with an explicit ``metric`` is reused by ``metric=auto`` (the default):
+    auto only chooses at build; other construction settings still force a rebuild."""
+    model = _gru4rec()
+    built = load_or_build(tmp_path, model.item_vectors(), AnnParams(metric="ip"))
+    again = load_index(tmp_path, model.item_vectors(), AnnParams(metric="auto"))
+    assert again.meta == built.meta and again.metric == "ip"
+    with pytest.raises(AnnIndexError, match="built with"):
+        load_index(tmp_path, model.item_vectors(), AnnParams(metric="l2-augmented"))
+    with pytest.raises(AnnIndexError, match="built with"):
+        load_index(tmp_path, model.item_vectors(), AnnParams(metric="auto", connectivity=8))

@@ -108,6 +108,12 @@ def test_retrieval_settings() -> None:
     s = Settings(model={"retrieval": "ann", "ann_candidates": 64, "ann_expansion_search": 200})
     opts = RetrievalOptions.from_settings(s.model)
     assert (opts.mode, opts.ann.candidates, opts.ann.expansion_search) == ("ann", 64, 200)
+    assert (opts.ann.kind, opts.ann.head_items) == ("hnsw", 130_000)
+    head = Settings(model={"ann_index": "head", "ann_head_items": 5000})
+    opts = RetrievalOptions.from_settings(head.model)
+    assert (opts.ann.kind, opts.ann.head_items) == ("head", 5000)
+    with pytest.raises(ValueError, match="ann_index"):
+        Settings(model={"ann_index": "ivf"})
     assert Settings().model.retrieval == "auto"
     with pytest.raises(ValueError, match="retrieval"):
         Settings(model={"retrieval": "fast"})

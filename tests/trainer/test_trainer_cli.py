@@ -164,6 +164,15 @@ def test_evaluate_through_retrieval(trained: Path, files: tuple[Path, Path]) -> 
     assert (trained / "retrieval.json").is_file()  # saved beside the weights
     # 60 items: the index finds them all, so nothing is lost
     assert got["ann"]["recall@20"] == pytest.approx(got["all"]["recall@20"], abs=1e-12)
+    # the head of every item (60 <= head) is the exact answer; a head of 25 loses
+    for head, same in (("60", True), ("25", False)):
+        res = CliRunner().invoke(
+            main, [*base, "--retrieval", "ann", "--ann-index", "head", "--head-items", head]
+        )
+        assert res.exit_code == 0, res.output
+        h = json.loads(res.output[res.output.index("{") :])
+        assert h["index_params"]["kind"] == "head"
+        assert (h["recall@20"] == pytest.approx(got["all"]["recall@20"], abs=1e-12)) is same
 
 
 @pytest.mark.parametrize("ties", ["standard", "median"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +207,19 @@ def train(
     "top-k the worker would answer with that model.retrieval (ann: the index beside the "
     "checkpoint, built and saved there when missing or stale)",
 )
+@click.option(
+    "--ann-index",
+    type=click.Choice(["hnsw", "head"]),
+    default="hnsw",
+    show_default=True,
+    help="with --retrieval ann: the index (model.ann_index)",
+)
+@click.option(
+    "--head-items",
+    type=click.IntRange(min=1),
+    default=None,
+    help="with --ann-index head: items scored exactly (model.ann_head_items; default 130,000)",
+)
 @load_options
 @threads_option
 def evaluate(
@@ -217,6 +231,8 @@ def evaluate(
     as_json: bool,
     device: str | None,
     retrieval: str,
+    ann_index: str,
+    head_items: int | None,
     column_map: tuple[str, ...],
     fmt: str | None,
     session_gap: float | None,
@@ -237,7 +253,12 @@ def evaluate(
     extra: dict[str, Any] = {}
     retriever = None
     if retrieval != "all":
-        retriever, extra = _retriever(ck.model, Path(model_dir), retrieval, dev)
+        from streamrec.model.ann import AnnParams
+
+        params = AnnParams(kind=ann_index)
+        if head_items is not None:
+            params = replace(params, head_items=head_items)
+        retriever, extra = _retriever(ck.model, Path(model_dir), retrieval, dev, params)
     t0 = time.perf_counter()
     try:
         metrics = evaluator_for(ck.model_name)(
@@ -266,12 +287,12 @@ def _publish_index(out: Path, model: Any, when: str) -> None:
 
 
 def _retriever(
-    model: Any, ckpt_dir: Path, retrieval: str, device: Any
+    model: Any, ckpt_dir: Path, retrieval: str, device: Any, params: Any
 ) -> tuple[Any, dict[str, Any]]:
     """The retrieval ``trainer evaluate --retrieval`` ranks through, and what it cost."""
     import torch
 
-    from streamrec.model.ann import AnnParams, load_or_build
+    from streamrec.model.ann import load_or_build
     from streamrec.model.retrieval import Retriever, choose_retrieval
 
     try:
@@ -281,7 +302,6 @@ def _retriever(
     extra: dict[str, Any] = {"retrieval": mode}
     if mode == "exact":
         return Retriever(model), extra
-    params = AnnParams()
     t0 = time.perf_counter()
     with torch.inference_mode():
         index = load_or_build(ckpt_dir, model.item_vectors(), params)
