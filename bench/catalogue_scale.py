@@ -30,6 +30,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,9 @@ from streamrec.model.retrieval import Retriever
 
 K = 20
 UNITS = 100
+#: what a rate is per: CPU seconds of this process (default; one thread, so per core, and
+#: other processes on a shared machine do not count) or wall seconds (``--clock wall``, GPU)
+clock = time.process_time
 
 
 def synthetic_model(n_items: int, seed: int = 0) -> GRU4Rec:
@@ -74,6 +78,29 @@ def click_batches(n_items: int, batch: int, n_batches: int, seed: int = 1) -> li
     return [perm[d] for d in draws]
 
 
+def log_click_batches(
+    path: str, item_ids: list[str], batch: int, n_batches: int
+) -> list[np.ndarray]:
+    """Like :func:`click_batches`, from a click log's sessions: batch ``i`` holds click
+    ``i % 5`` of ``batch`` sessions (sessions of at least 5 clicks of the model's items)."""
+    from streamrec.data.clicklog import load_clicks
+
+    rows = {s: i for i, s in enumerate(item_ids)}
+    df = load_clicks(path).sort_values(["SessionId", "Time"], kind="stable")
+    df = df[df.ItemId.astype(str).isin(rows)]
+    sessions = [
+        [rows[str(x)] for x in g.ItemId[:5]] for _, g in df.groupby("SessionId") if len(g) >= 5
+    ]
+    need = batch * -(-n_batches // 5)
+    if len(sessions) < need:
+        raise SystemExit(f"{path}: {len(sessions)} sessions of 5 clicks, {need} needed")
+    out = []
+    for i in range(n_batches):
+        group = sessions[(i // 5) * batch : (i // 5 + 1) * batch]
+        out.append(np.array([s[i % 5] for s in group], dtype=np.int64))
+    return out
+
+
 def _states(model: GRU4Rec, clicks: list[np.ndarray]) -> list[torch.Tensor]:
     """The state after each batch of clicks (sessions restart every 5 clicks)."""
     out = []
@@ -96,7 +123,7 @@ def time_step(
     n = 0
     with torch.inference_mode():
         state = model.initial_state(None, len(clicks[0]))
-        t0 = time.perf_counter()
+        t0 = clock()
         while True:
             for i, rows in enumerate(clicks):
                 if i % 5 == 0:
@@ -108,9 +135,9 @@ def time_step(
                 if len(answers) < len(clicks):
                     answers.append(top)
                 n += len(rows)
-            if time.perf_counter() - t0 >= seconds:
+            if clock() - t0 >= seconds:
                 break
-        dt = time.perf_counter() - t0
+        dt = clock() - t0
     return n / dt, answers
 
 
@@ -133,8 +160,8 @@ def reference_rates(model: GRU4Rec, states: list[torch.Tensor], seconds: float) 
         for label, with_topk in ((f"addmm {name}", False), (f"addmm {name} + torch.topk", True)):
             n = 0
             with torch.inference_mode():
-                t0 = time.perf_counter()
-                while time.perf_counter() - t0 < seconds:
+                t0 = clock()
+                while clock() - t0 < seconds:
                     for st in states:
                         for lo in range(0, len(st), 64):
                             s = score(st[lo : lo + 64])
@@ -143,7 +170,7 @@ def reference_rates(model: GRU4Rec, states: list[torch.Tensor], seconds: float) 
                         n += len(st)
                     if st.device.type == "cuda":
                         torch.cuda.synchronize()
-                dt = time.perf_counter() - t0
+                dt = clock() - t0
             out[label] = n / dt
     return out
 
@@ -153,7 +180,13 @@ def measure_size(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     model = load_model(ckpt) if ckpt else synthetic_model(n_items)
     model = model.to(args.device)
-    clicks = click_batches(n_items, args.batch, args.batches)
+    if ckpt and args.clicks:  # the sessions of a log, for a model trained on its items
+        from streamrec.model.checkpoint import read_checkpoint_record
+
+        ids = [str(i) for i in read_checkpoint_record(ckpt).item_ids]
+        clicks = log_click_batches(args.clicks, ids, args.batch, args.batches)
+    else:
+        clicks = click_batches(n_items, args.batch, args.batches)
     full = model.state_scorer(torch.float32, copy=True)
     rows: list[dict[str, Any]] = []
 
@@ -187,9 +220,22 @@ def measure_size(
     params = AnnParams(
         connectivity=args.connectivity,
         expansion_add=args.expansion_add,
-        expansion_search=args.expansion_search[0],
+        expansion_search=(args.expansion_search or [AnnParams.expansion_search])[0],
         candidates=args.candidates,
     )
+    for head in args.head_items:  # exact over the largest item vectors, no graph
+        for dtype in args.head_dtypes:
+            hp = replace(params, kind="head", head_items=head, dtype=dtype)
+            with torch.inference_mode():
+                hidx = AnnIndex.build(model.item_vectors(), hp)
+            heads = Retriever(model, lambda s, u: full(s), mode="ann", index=hidx,
+                              candidates=params.candidates)  # fmt: skip
+            rate, got = time_step(model, lambda s, r=heads: r.topk(s, None, K)[1], clicks,
+                                  args.seconds)  # fmt: skip
+            row("ann", rate, overlap(got, truth), build_seconds=hidx.meta["build_seconds"],
+                index_bytes=hidx.nbytes, index="head", head_items=head, dtype=dtype)  # fmt: skip
+    if not args.expansion_search:
+        return rows, {}
     rss0 = rss_mb()
     with torch.inference_mode():
         if ckpt:  # the index beside the checkpoint (its build recorded there), else built now
@@ -212,6 +258,7 @@ def measure_size(
             build_threads=index.meta["build_threads"],
             rss_growth_mb=round(build_rss),
             params=dict(vars(index.params)),
+            index="hnsw",
         )
     ref = reference_rates(model, _states(model, clicks), args.seconds)
     reference = {"items": n_items, **{k: round(v, 1) for k, v in ref.items()},
@@ -235,31 +282,50 @@ def main() -> None:
     ap.add_argument(
         "--expansion-search",
         type=int,
-        nargs="+",
+        nargs="*",
         default=[AnnParams.expansion_search],
-        help="search breadths to measure (one ann row each)",
+        help="search breadths to measure (one ann row each; none: no HNSW rows)",
+    )
+    ap.add_argument(
+        "--head-items", type=int, nargs="*", default=[], help="head sizes (index=head rows)"
+    )
+    ap.add_argument("--clicks", default=None, help="a log whose sessions drive a --model")
+    ap.add_argument(
+        "--e2e-settings",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="worker settings of the ann end-to-end run (model.ann_index=head)",
     )
     ap.add_argument("--candidates", type=int, default=AnnParams.candidates)
     ap.add_argument("--build-threads", type=int, default=1)
     ap.add_argument("--save-index", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--e2e", action="store_true", help="worker through the broker, largest size")
+    ap.add_argument("--e2e-only", action="store_true", help="only the end-to-end runs")
     ap.add_argument("--e2e-events", type=int, default=20_000, help="ann (exact: a tenth)")
+    ap.add_argument(
+        "--clock", choices=["cpu", "wall"], default="cpu", help="per CPU second or wall (GPU)"
+    )
+    ap.add_argument("--head-dtypes", nargs="+", default=["f32"], choices=["f32", "bf16"])
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    global clock
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     torch.set_num_threads(1)
     models = dict(m.split("=", 1) for m in args.model)
     load = os.getloadavg()
     rows: list[dict[str, Any]] = []
     refs: list[dict[str, Any]] = []
-    for n in args.items:
+    for n in [] if args.e2e_only else args.items:
         size_rows, ref = measure_size(n, models.get(str(n)), args)
         rows += size_rows
         refs.append(ref)
     e2e: list[dict[str, Any]] = []
-    if args.e2e:
+    if args.e2e or args.e2e_only:
         n = max(args.items)
         e2e = end_to_end(n, models.get(str(n)), args)
-    result = {"rows": rows, "e2e": e2e, "reference": refs, "machine": machine_line(load)}
+    result = {"rows": rows, "e2e": e2e, "reference": refs, "machine": machine_line(load),
+              "clock": args.clock}  # fmt: skip
     if args.json:
         print(json.dumps(result))
         return
@@ -312,6 +378,7 @@ def end_to_end(n_items: int, ckpt: str | None, args: argparse.Namespace) -> list
             }
         )
         values = click_values(df)
+        ann_settings = dict(kv.split("=", 1) for kv in args.e2e_settings)
         with EmbeddedBroker() as broker:
             for retrieval in ("ann", "exact"):
                 res = run_worker_phase(
@@ -321,11 +388,14 @@ def end_to_end(n_items: int, ckpt: str | None, args: argparse.Namespace) -> list
                     tag=f"scale-{retrieval}",
                     max_events=args.batch,
                     tmp=tmp,
-                    extra_settings={"model.retrieval": retrieval},
+                    extra_settings={"model.retrieval": retrieval, **ann_settings}
+                    if retrieval == "ann"
+                    else {"model.retrieval": retrieval},
                 )
                 row = {
                     "items": n_items,
                     "retrieval": retrieval,
+                    **({"settings": ann_settings} if retrieval == "ann" and ann_settings else {}),
                     "events_per_s": round(res["events_per_s"], 1),
                     "answered": res["answered"],
                     "events": res["events"],
