@@ -225,7 +225,7 @@ def measure_size(
     )
     for head in args.head_items:  # exact over the largest item vectors, no graph
         for dtype in args.head_dtypes:
-            hp = replace(params, kind="head", head_items=head, dtype=dtype)
+            hp = replace(params, kind="head", head_items=head, head_dtype=dtype)
             with torch.inference_mode():
                 hidx = AnnIndex.build(model.item_vectors(), hp)
             heads = Retriever(model, lambda s, u: full(s), mode="ann", index=hidx,

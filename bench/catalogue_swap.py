@@ -63,6 +63,8 @@ def main() -> None:
     ap.add_argument("--after", type=float, default=30.0, help="seconds after B answers")
     ap.add_argument("--retrain-events", type=int, default=5_000)
     ap.add_argument("--max-wait", type=float, default=1800.0, help="for B's first answer")
+    ap.add_argument("--setting", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="more worker settings (model.ann_index=head)")  # fmt: skip
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     load0 = os.getloadavg()
@@ -98,6 +100,7 @@ def main() -> None:
             "worker.metrics_port": 0,
             "model.reload_interval_s": 1,
             "model.retrieval": "ann",
+            **dict(kv.split("=", 1) for kv in args.setting),
         }
         worker = WorkerProcess(models, settings=settings, data_dir=work / "state",
                                log_path=work / "worker.log", loglevel="INFO")  # fmt: skip
@@ -142,8 +145,9 @@ def main() -> None:
         clicks = read_topic(conf, topics["clicks"], idle_timeout=1.0)
         recs = [json.loads(m.value()) for m in read_topic(conf, topics["recommendations"])]
     result = summarise(clicks, recs, events, version_a, version_b)
-    result.update(rate=args.rate, retrain_seconds=round(retrain_s, 1), machine=machine_line(load0),
-                  worker_log_tail=(work / "worker.log").read_text()[-3000:])  # fmt: skip
+    tail = (work / "worker.log").read_text()[-3000:]
+    result.update(settings=args.setting, rate=args.rate, retrain_seconds=round(retrain_s, 1),
+                  machine=machine_line(load0), worker_log_tail=tail)  # fmt: skip
     print(json.dumps(result, indent=None if args.json else 1))
 
 

@@ -68,6 +68,9 @@ class AnnParams:
     kind: str = "hnsw"
     #: ``head``: how many items (by vector norm) are scored exactly
     head_items: int = 130_000
+    #: ``head``: ``f32`` (the exact order within the head) or ``bf16`` (a shortlist of
+    #: ``candidates`` re-ranked in float32; no faster at 1M items on this machine)
+    head_dtype: str = "f32"
 
     def build_key(self) -> dict[str, Any]:
         """What an index file must have been built with to be reused (search-time settings
@@ -174,9 +177,9 @@ class HeadIndex(AnnIndex):
     """Exact scores over the catalogue's head: the ``head_items`` items whose vectors
     ``[w, b]`` have the largest norm, scored with one tiled matrix product per batch.
 
-    ``dtype`` ``bf16`` (the default, for CPUs with bfloat16 dot products): the head is scored
-    in bfloat16 and the best ``candidates`` are re-ranked in float32 by the caller; ``f32``:
-    float32 scores, the exact order within the head.
+    ``head_dtype`` ``f32`` (the default): float32 scores, the exact order within the head;
+    ``bf16``: the head scored in bfloat16 and the best ``candidates`` re-ranked in float32 by
+    the caller (on this machine no faster at 1M items: catalogue-scale.md).
 
     On the GRU4Rec trained on the 1M-item log the exact top-20 of real sessions' states lie
     among these items: 97.6 % of them within the 100,000 largest, 99.5 % within 200,000
@@ -200,7 +203,9 @@ class HeadIndex(AnnIndex):
         v = vectors.detach().to("cpu", torch.float32)
         n = min(int(params.head_items), len(v))
         rows = torch.topk(v.norm(dim=1), n).indices.sort().values
-        dtype = torch.bfloat16 if params.dtype == "bf16" else torch.float32
+        if params.head_dtype not in ("f32", "bf16"):
+            raise ValueError(f"head_dtype must be f32 or bf16, not {params.head_dtype!r}")
+        dtype = torch.bfloat16 if params.head_dtype == "bf16" else torch.float32
         head_t = v[rows].t().contiguous().to(dtype)
         tiled = TiledTopK(head_t, torch.zeros(1, n, dtype=dtype))
         meta = {

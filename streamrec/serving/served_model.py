@@ -196,9 +196,9 @@ class ServingModel:
             full = model.score_all
         index = None
         ann = opts.ann
-        head16 = ann.kind == "head" and ann.dtype == "bf16" and self.device.type == "cpu"
+        head16 = ann.kind == "head" and ann.head_dtype == "bf16" and self.device.type == "cpu"
         if head16 and not cpu_has_bf16():  # emulated bf16 is slower than float32
-            ann = replace(ann, dtype="f32")
+            ann = replace(ann, head_dtype="f32")
         if mode == "ann":
             with torch.inference_mode():
                 index = load_or_build(index_dir, model.item_vectors(), ann, save=opts.save_index)

@@ -293,7 +293,7 @@ def test_a_head_index_answers_exactly_within_the_largest_vectors(tmp_path: Path)
     model = _gru4rec()
     v = model.item_vectors()
     head = 600
-    params = AnnParams(kind="head", head_items=head, dtype="f32")
+    params = AnnParams(kind="head", head_items=head)
     with torch.inference_mode():
         index = load_or_build(tmp_path, v, params)
         assert not list(tmp_path.iterdir())  # a sort of the norms: nothing saved
@@ -318,12 +318,14 @@ def test_a_head_index_answers_exactly_within_the_largest_vectors(tmp_path: Path)
     assert torch.equal(top[winner_in_head, 0], exact[1][winner_in_head, 0])
     # bf16 head scores, a shortlist re-ranked in float32: the float32 head's answer
     with torch.inference_mode():
-        bf16 = AnnIndex.build(v, replace(params, dtype="bf16"))
+        bf16 = AnnIndex.build(v, replace(params, head_dtype="bf16"))
         assert not bf16.exact_order
         values16, top16 = Retriever(model, mode="ann", index=bf16).topk(states, None, 20)
         values32, top32 = Retriever(model, mode="ann", index=index).topk(states, None, 20)
     assert torch.equal(top16[:, 0], top32[:, 0])
     assert torch.allclose(values16, values32)
+    with pytest.raises(ValueError, match="head_dtype"):
+        AnnIndex.build(v, replace(params, head_dtype="f16"))
 
 
 def test_an_automatic_graph_setting_reuses_the_graph_it_would_choose_from(tmp_path: Path) -> None:
