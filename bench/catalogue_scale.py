@@ -39,7 +39,7 @@ import torch
 from ann_libraries import topic_vectors
 from procstats import machine_line, rss_mb
 
-from streamrec.model.ann import AnnIndex, AnnParams, load_or_build
+from streamrec.model.ann import AnnIndex, AnnParams, HeadIndex, HybridIndex, load_or_build
 from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
 from streamrec.model.retrieval import Retriever
 
@@ -260,6 +260,21 @@ def measure_size(
             params=dict(vars(index.params)),
             index="hnsw",
         )
+    for head in args.hybrid_head_items:  # the head's candidates and the graph's
+        with torch.inference_mode():
+            hybrid = HybridIndex(HeadIndex.build_head(model.item_vectors(),
+                                 replace(params, head_items=head)), index)  # fmt: skip
+        for ef in args.expansion_search:
+            hybrid.set_expansion_search(ef)
+            hr = Retriever(model, lambda s, u: full(s), mode="ann", index=hybrid,
+                           candidates=params.candidates)  # fmt: skip
+            rate, got = time_step(model, lambda s, r=hr: r.topk(s, None, K)[1], clicks,
+                                  args.seconds)  # fmt: skip
+            row("ann", rate, overlap(got, truth), build_seconds=index.meta["build_seconds"],
+                index_bytes=hybrid.nbytes, index="head+hnsw", head_items=head,
+                expansion_search=ef)  # fmt: skip
+    if args.skip_reference:
+        return rows, {}
     ref = reference_rates(model, _states(model, clicks), args.seconds)
     reference = {"items": n_items, **{k: round(v, 1) for k, v in ref.items()},
                  "exact bf16 shortlist, fp32 answer": shortlist}  # fmt: skip
@@ -289,6 +304,9 @@ def main() -> None:
     ap.add_argument(
         "--head-items", type=int, nargs="*", default=[], help="head sizes (index=head rows)"
     )
+    ap.add_argument("--hybrid-head-items", type=int, nargs="*", default=[],
+                    help="head sizes of head+hnsw rows (with each --expansion-search)")  # fmt: skip
+    ap.add_argument("--skip-reference", action="store_true", help="no addmm/torch.topk rates")
     ap.add_argument("--clicks", default=None, help="a log whose sessions drive a --model")
     ap.add_argument(
         "--e2e-settings",

@@ -323,10 +323,10 @@ class ModelSettings(_Group):
     #: ann: graph degree and build breadth (HNSW M, efConstruction); changing them rebuilds
     ann_connectivity: int = Field(16, ge=2, le=256)
     ann_expansion_add: int = Field(128, ge=1, le=100_000)
-    #: ann: ``hnsw`` (the graph) or ``head``: exact scores over the ``ann_head_items`` items
-    #: with the largest vectors, no graph (bench/results/catalogue-scale.md: at 1M items the
-    #: better of the two in speed at a given top-20 overlap)
-    ann_index: Literal["hnsw", "head"] = "hnsw"
+    #: ann: ``hnsw`` (the graph), ``head``: exact scores over the ``ann_head_items`` items
+    #: with the largest vectors, no graph, or ``head+hnsw``: the candidates of both
+    #: (bench/results/catalogue-scale.md compares them at 1M items)
+    ann_index: Literal["hnsw", "head", "head+hnsw"] = "hnsw"
     ann_head_items: int = Field(130_000, ge=1)
     #: exact retrieval: scores in bf16, a shortlist re-scored in float32 and kept where a
     #: rounding bound proves it (else float32): the float32 top-k items, faster on CPUs with

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 INDEX_FILE = "retrieval.usearch"
 META_FILE = "retrieval.json"
 METRICS = ("auto", "ip", "l2-augmented")
+INDEX_KINDS = ("hnsw", "head", "head+hnsw")
 LIBRARY = "usearch"
 
 
@@ -64,7 +65,8 @@ class AnnParams:
     #: items (:func:`choose_metric`); which one wins depends on the model
     metric: str = "auto"
     #: ``hnsw``: the usearch graph above; ``head``: no graph, the exact scores of the
-    #: ``head_items`` items with the largest vectors (:class:`HeadIndex`)
+    #: ``head_items`` items with the largest vectors (:class:`HeadIndex`); ``head+hnsw``: the
+    #: candidates of both (:class:`HybridIndex`)
     kind: str = "hnsw"
     #: ``head``: how many items (by vector norm) are scored exactly
     head_items: int = 130_000
@@ -132,8 +134,11 @@ class AnnIndex:
             raise ValueError(f"metric must be one of {METRICS}, not {params.metric!r}")
         if params.kind == "head":
             return HeadIndex.build_head(vectors, params)
+        if params.kind == "head+hnsw":
+            graph = AnnIndex.build(vectors, replace(params, kind="hnsw"), threads=threads)
+            return HybridIndex(HeadIndex.build_head(vectors, params), graph)
         if params.kind != "hnsw":
-            raise ValueError(f"kind must be hnsw or head, not {params.kind!r}")
+            raise ValueError(f"kind must be one of {INDEX_KINDS}, not {params.kind!r}")
         t0 = time.perf_counter()
         v = np.ascontiguousarray(vectors.detach().to("cpu", torch.float32).numpy())
         metric, probe = params.metric, None
@@ -241,6 +246,42 @@ class HeadIndex(AnnIndex):
 
     def save(self, directory: str | os.PathLike[str]) -> None:
         """Nothing to save: the head is rebuilt from the weights in a fraction of a second."""
+
+
+class HybridIndex(AnnIndex):
+    """The head's exact candidates and the graph's, each once: the head holds the high-norm
+    items most answers sit on, which the graph reaches badly; the graph finds a state's own
+    neighbours in the tail, which the head leaves out. The graph is saved and loaded as a
+    ``hnsw`` index (the head is rebuilt)."""
+
+    def __init__(self, head: HeadIndex, graph: AnnIndex) -> None:
+        self.head = head
+        self.graph = graph
+        self.params = replace(graph.params, kind="head+hnsw")
+        self.meta = {**graph.meta, "head": head.meta}
+
+    def set_expansion_search(self, ef: int) -> None:
+        self.graph.set_expansion_search(ef)
+        self.params = replace(self.params, expansion_search=int(ef))
+
+    @property
+    def nbytes(self) -> int:
+        return self.head.nbytes + self.graph.nbytes
+
+    @property
+    def metric(self) -> str:
+        return self.graph.metric
+
+    def search(self, queries: Tensor, count: int) -> Tensor:
+        """``[B, 2 * count]``: the head's and the graph's ``count`` best, repeats as -1."""
+        both = torch.cat([self.head.search(queries, count), self.graph.search(queries, count)], 1)
+        srt = both.sort(dim=1).values
+        repeat = torch.zeros_like(srt, dtype=torch.bool)
+        repeat[:, 1:] = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)
+        return srt.masked_fill(repeat, -1)
+
+    def save(self, directory: str | os.PathLike[str]) -> None:
+        self.graph.save(directory)
 
 
 def _graph(v: np.ndarray, metric: str, params: AnnParams, threads: int) -> Any:
@@ -357,6 +398,11 @@ def load_or_build(
     ``head`` index is always built (it is a sort of the norms)."""
     if params.kind == "head":
         return AnnIndex.build(vectors, params, threads=threads)
+    if params.kind == "head+hnsw":
+        graph = load_or_build(
+            directory, vectors, replace(params, kind="hnsw"), save=save, threads=threads
+        )
+        return HybridIndex(HeadIndex.build_head(vectors, params), graph)
     if directory is not None:
         try:
             return load_index(directory, vectors, params)

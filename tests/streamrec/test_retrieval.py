@@ -339,3 +339,21 @@ def test_an_automatic_graph_setting_reuses_the_graph_it_would_choose_from(tmp_pa
         load_index(tmp_path, model.item_vectors(), AnnParams(metric="l2-augmented"))
     with pytest.raises(AnnIndexError, match="built with"):
         load_index(tmp_path, model.item_vectors(), AnnParams(metric="auto", connectivity=8))
+
+
+def test_a_hybrid_index_proposes_the_head_and_the_graph_candidates_once(tmp_path: Path) -> None:
+    model = _gru4rec()
+    v = model.item_vectors()
+    params = AnnParams(kind="head+hnsw", head_items=500, metric="ip")
+    with torch.inference_mode():
+        hybrid = load_or_build(tmp_path, v, params)
+        assert (tmp_path / "retrieval.json").exists()  # the graph, saved as a hnsw index
+        graph = load_index(tmp_path, v, replace(params, kind="hnsw"))
+        head = AnnIndex.build(v, replace(params, kind="head"))
+        q = model.query_vectors(_planted_states(model, torch.arange(0, N_ITEMS, 97), 16), None)
+        got = hybrid.search(q, 30)
+        want = torch.cat([head.search(q, 30), graph.search(q, 30)], dim=1)
+    for g, w in zip(got.tolist(), want.tolist(), strict=True):
+        kept = [r for r in g if r >= 0]
+        assert len(kept) == len(set(kept))
+        assert set(kept) == {r for r in w if r >= 0}

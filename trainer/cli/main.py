@@ -209,7 +209,7 @@ def train(
 )
 @click.option(
     "--ann-index",
-    type=click.Choice(["hnsw", "head"]),
+    type=click.Choice(["hnsw", "head", "head+hnsw"]),
     default="hnsw",
     show_default=True,
     help="with --retrieval ann: the index (model.ann_index)",
