@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from procstats import machine_line
 
 from streamrec.model.checkpoint import CheckpointRecord, read_checkpoint_record
@@ -44,8 +45,13 @@ def retrained(model_dir: Path, log: Path, events: int, out: Path) -> CheckpointR
     ck = load_checkpoint(model_dir)
     assert isinstance(ck.model, GRU4Rec), "a GRU4Rec checkpoint"
     df = load_clicks(log).head(events)
-    params = make_params("rsc15_xe_shared_100_best", {"n_epochs": 1, "batch_size": 64})
+    # logq off: with it, a warm start on clicks that leave most of A's items unseen turned
+    # every GRU weight into NaN (2026-12-07, 5,000 clicks over 1M items; the worker rejected B)
+    params = make_params("rsc15_xe_shared_100_best", {"n_epochs": 1, "batch_size": 64, "logq": 0.0})
     model, ids, _ = train_gru4rec(df, params, progress=False, init=(ck.model, list(ck.item_ids)))
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise SystemExit(f"the retrained model B is not finite ({', '.join(bad)})")
     return save_checkpoint(out, model, "gru4rec", ids, data_stats={"parent": ck.version})
 
 
