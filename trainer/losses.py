@@ -126,8 +126,11 @@ def cross_entropy(
 def logq_correction(
     item_counts: Tensor, out_rows: Tensor, batch_size: int, sample_alpha: float, logq: float
 ) -> Tensor:
-    """The official logQ term: log count for in-batch targets, log count^alpha for samples."""
-    p = item_counts.index_select(0, out_rows)
+    """The official logQ term: log count for in-batch targets, log count^alpha for samples.
+
+    A count is floored at 1: a warm start keeps rows of items that have no event in the new
+    window, and such a row in a padded slot would otherwise add log 0 = -inf (NaN weights)."""
+    p = item_counts.index_select(0, out_rows).clamp_min(1.0)
     p = torch.cat([p[:batch_size], p[batch_size:] ** sample_alpha])
     return logq * torch.log(p)
 

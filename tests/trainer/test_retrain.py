@@ -176,6 +176,17 @@ def test_warm_epochs_are_the_new_events_share() -> None:
     assert warm_epochs(3, 0, 96_000) == 1
 
 
+def test_a_warm_start_with_logq_stays_finite_when_old_items_have_no_new_events() -> None:
+    # cross-entropy with logQ divides by the item counts of the new window: the published
+    # model's items that are absent from it count 0 and must not turn the weights NaN
+    xe = {**SMALL, "n_sample": 8, "loss": "cross-entropy", "logq": 1.0}
+    df = generate_clicks(400, 30, seed=3)
+    old, old_ids, _ = train_gru4rec(df, xe, progress=False)
+    df2 = df[~df["ItemId"].isin(set(old_ids[:5]))]
+    model, _, _ = train_gru4rec(df2, xe, progress=False, init=(old, old_ids))
+    assert all(torch.isfinite(t).all() for t in model.parameters())
+
+
 def test_warm_start_keeps_old_rows_and_grows_the_index() -> None:
     df = generate_clicks(400, 30, seed=3)
     old, old_ids, _ = train_gru4rec(df, SMALL, progress=False)
