@@ -195,6 +195,58 @@ def test_the_same_event_id_at_two_offsets_is_answered_once() -> None:
     assert again.stats["duplicate_event_ids"] == 2
 
 
+def test_an_event_id_anywhere_in_the_remembered_window_is_a_duplicate() -> None:
+    """Not only the last id applied: every id among the last ``dedup_event_ids`` of the open
+    session (first, middle and last of the window, across batches, so through the state's
+    encoding) is answered again unchanged; the oldest forgotten id and another session's id
+    are applied as new events."""
+    cfg = CoreConfig(session_gap_seconds=1e6, recent_items=100, top_k=5, dedup_event_ids=32)
+    model = tiny_serving_model()
+    store = StateStore()
+    n = 40  # e0 .. e39 applied: the window holds e8 .. e39
+    answers = {}
+    for lo in range(0, n, 10):  # four batches
+        batch = [
+            rec(click("s", f"i{j % 50}", user="u", t=T0 + j, event_id=f"e{j}"), "u", j)
+            for j in range(lo, lo + 10)
+        ]
+        for r in process_batch(batch, store, model, cfg).recommendations:
+            answers[r.click_id] = r
+    before = store.sessions["u:u"]
+    s = store.get_session("u:u")
+    assert s is not None and s.event_ids == [f"e{j}" for j in range(8, n)]
+    offset = 100
+    for j in (8, 20, 38, 39):  # the window's oldest, middle, last but one, last
+        res = process_batch(
+            [rec(click("s", f"i{j % 50}", user="u", t=T0 + n, event_id=f"e{j}"), "u", offset)],
+            store,
+            model,
+            cfg,
+        )
+        (r,) = res.recommendations
+        assert r.duplicate, f"e{j} (an id in the window) was applied again"
+        assert res.stats["duplicate_event_ids"] == 1
+        assert store.sessions["u:u"] == before, f"e{j} changed the state"
+        offset += 1
+    # e39, the last applied, gets its original answer back (the state it left)
+    assert r.items == answers["e39"].items
+    # e7 is out of the window: applied as a new event
+    res = process_batch(
+        [rec(click("s", "i7", user="u", t=T0 + n, event_id="e7"), "u", offset)], store, model, cfg
+    )
+    assert not res.recommendations[0].duplicate
+    s = store.get_session("u:u")
+    assert s is not None and s.n_events == n + 1 and s.event_ids[-1] == "e7"
+    # the same id in the user's next session is another event
+    res = process_batch(
+        [rec(click("t", "i1", user="u", t=T0 + n + 1, event_id="e20"), "u", offset + 1)],
+        store,
+        model,
+        cfg,
+    )
+    assert not res.recommendations[0].duplicate
+
+
 def test_state_is_capped_in_bytes_dropping_the_oldest_items() -> None:
     big = "é" * 256  # 512 bytes in UTF-8
     s = SessionState("s", np.zeros(64, np.float32), "v1", None, [f"{big}{j}" for j in range(5000)])
