@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from streamrec.data.synthetic import generate_clicks
+from streamrec.serving.records import Recommendation
 from streamrec.testing import TEST_BOOTSTRAP_ENV
 from streamrec.tools.backtest import parse_every, parse_warmup
 from streamrec.tools.backtest_metrics import live_rank, make_periods
@@ -89,6 +90,79 @@ def test_live_rank_from_top_k_plus_one_equals_the_conservative_rank() -> None:
             if offline[i] <= k:
                 assert live == offline[i]
     assert border_ties > 0  # the case that needs the 21st item did occur
+
+
+def _answer(click_id: str, duplicate: bool = False) -> Recommendation:
+    return Recommendation(click_id, "recs", 0, 0, None, "s", "i", ["i"], [1.0], "v", 0.0,
+                          None, None, 0.0, duplicate, False)  # fmt: skip
+
+
+def test_lost_and_duplicate_clicks_are_counted_per_click() -> None:
+    """``lost``: produced clicks with no answer; ``duplicates``: clicks answered more than
+    once or flagged as redeliveries, each click counted once; answers to clicks that were not
+    produced (another run's) count for nothing; the first answer is the one scored."""
+    from streamrec.tools.backtest_metrics import collect_answers
+
+    sent = ["c0", "c1", "c2", "c3", "c4", "c5"]
+    answers = [
+        _answer("c0"),
+        _answer("c1"),
+        _answer("c1"),  # answered twice
+        _answer("c2", duplicate=True),  # answered once, as a redelivery
+        _answer("c3"),
+        _answer("c3", duplicate=True),  # twice, the second flagged: one duplicate click
+        _answer("c3", duplicate=True),
+        _answer("other"),  # not a click of this run
+        _answer("other"),
+    ]
+    ans = collect_answers(answers, sent)
+    assert ans.lost == 2  # c4, c5
+    assert ans.duplicates == 3  # c1, c2, c3
+    assert set(ans.first) == {"c0", "c1", "c2", "c3"}
+    assert ans.first["c3"] is answers[4]  # the first answer, not a later one
+    clean = collect_answers([_answer(c) for c in sent], sent)
+    assert (clean.lost, clean.duplicates) == (0, 0)
+    assert collect_answers([], sent).lost == len(sent)
+
+
+@pytest.mark.parametrize(
+    ("answered", "status"),
+    [
+        (["c0", "c1", "c2"], 0),
+        (["c0", "c1"], 1),  # one click lost
+        (["c0", "c1", "c2", "c2"], 1),  # one click answered twice
+        (["c0", "c1", "c2", "c1*"], 1),  # one flagged redelivery
+    ],
+)
+def test_the_backtest_command_exits_1_when_a_click_is_lost_or_duplicated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, answered: list[str], status: int
+) -> None:
+    """The command's exit status comes from the report's counts: 1 if any arm lost or
+    duplicated a click (the run itself, broker and workers, is replaced by its report)."""
+    from click.testing import CliRunner
+
+    from streamrec.cli.main import main
+    from streamrec.tools import backtest
+    from streamrec.tools.backtest_metrics import collect_answers
+
+    def run(opts: backtest.BacktestOptions) -> dict[str, Any]:
+        good = collect_answers([_answer(c) for c in ("c0", "c1", "c2")], ["c0", "c1", "c2"])
+        ours = collect_answers(
+            [_answer(c.rstrip("*"), c.endswith("*")) for c in answered], ["c0", "c1", "c2"]
+        )
+        arms = {"frozen": good, "retrained": ours}
+        return {
+            "overall": {a: {"n_scored": 3, "swaps": 0} for a in arms},
+            "lost": sum(x.lost for x in arms.values()),
+            "duplicates": sum(x.duplicates for x in arms.values()),
+        }
+
+    monkeypatch.setattr(backtest, "run_backtest", run)
+    log = tmp_path / "log.tsv"
+    log.write_text("SessionId\tItemId\tTime\ns\ti\t1\n")
+    out = CliRunner().invoke(main, ["backtest", str(log), "--out", str(tmp_path / "bt")])
+    assert out.exit_code == status, out.output
+    assert ("lost 1," in out.output) == (answered == ["c0", "c1"])
 
 
 def test_a_log_without_sessions_is_sessionized_as_the_trainer_does(tmp_path: Path) -> None:
