@@ -113,3 +113,12 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def trained_hrnn(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A checkpoint of a small HRNN trained for a second on a synthetic user log
+    (``tests/streamrec/hier_stream.py``): its user path changes the scores."""
+    from hier_stream import train_small_hrnn  # tests/streamrec is on sys.path for its tests
+
+    return train_small_hrnn(tmp_path_factory.mktemp("hrnn") / "ckpt")

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 from confluent_kafka import Producer
+from hier_stream import hier_log, hier_reference, user_path_changes_answers
 
 from streamrec.kafka.clients import committed_offsets, read_topic
 from streamrec.kafka.embedded import EmbeddedBroker
@@ -598,72 +599,24 @@ def test_hot_swap_reencodes_live_sessions(service: Service) -> None:
 # HRNN and p-RNN through the broker: user ids, explicit session ends, a SIGKILL mid-stream
 
 
-def _hier_checkpoint(kind: str, path: Path) -> Path:
+def _hier_checkpoint(kind: str, svc: Service, request: pytest.FixtureRequest) -> Path:
+    """HRNN: the trained one of the session; p-RNN: an untrained one (no user state)."""
     import torch
 
     from streamrec.model.checkpoint import save_checkpoint
+    from streamrec.model.prnn import PRNN
 
-    torch.manual_seed(11)
-    model: torch.nn.Module
     if kind == "hrnn":
-        from streamrec.model.hrnn import HRNN
-
-        model = HRNN(N_ITEMS, layers=[16], user_layers=[8], variant="all")
-    else:
-        from streamrec.model.prnn import PRNN
-
-        model = PRNN(
-            N_ITEMS, [5], id_hidden=12, feature_hidden=6, feature_values=[torch.rand(N_ITEMS, 5)]
-        )
-    return save_checkpoint(path, model.eval(), kind, [str(j) for j in range(N_ITEMS)]).path
-
-
-def _hier_log() -> tuple[Any, Any, list[tuple[str, bytes]]]:
-    """Train/test split (each user's last session held out) and the stream a producer sends:
-    every click keyed by its user in event-time order, every other session closed by an
-    explicit ``session_end``, the others by the next session's id (or the gap)."""
-    from streamrec.data.synthetic import generate_clicks
-    from trainer.data import split_last_session_out
-
-    df = generate_clicks(n_sessions=60, n_items=N_ITEMS, n_users=12, seed=3)
-    train, test = split_last_session_out(df)
-    values: list[tuple[str, bytes]] = []
-    ordered = df.sort_values(["Time", "SessionId"], kind="stable").reset_index(drop=True)
-    last = ordered.groupby("SessionId")["Time"].transform("max")
-    n_session = 0
-    for row, t_last in zip(ordered.itertuples(), last, strict=True):
-        values.append((row.UserId, click(row.SessionId, row.ItemId, user=row.UserId, t=row.Time)))
-        if row.Time == t_last and (n_session := n_session + 1) % 2 == 0:
-            end = click(row.SessionId, None, user=row.UserId, t=row.Time, type="session_end")
-            values.append((row.UserId, end))
-    return train, test, values
-
-
-def _hier_reference(model: ServingModel, values: list[tuple[str, bytes]], gap: float) -> list[Any]:
-    """Top-20 after every click, by the model's step API one click at a time: each user's
-    sessions in order, the user state advanced (end_session) whenever a session ends."""
-    users: dict[str, Any] = {}
-    open_: dict[str, tuple[str, Any, float]] = {}
-    out: list[Any] = []
-    for user, value in values:
-        ev = json.loads(value)
-        u = users.setdefault(user, model.initial_user_states(1))
-        cur = open_.get(user)
-        ended = cur is not None and (
-            ev["type"] == "session_end"
-            or cur[0] != ev["session_id"]
-            or ev["timestamp"] - cur[2] > gap
-        )
-        if ended and cur is not None:
-            users[user] = u = model.end_session(u, cur[1])
-            del open_[user]
-        if ev["type"] == "session_end":
-            continue
-        state = open_[user][1] if user in open_ else model.initial_states(u, 1)
-        o = model.step(model.rows([ev["item_id"]]), state, u if model.user_state_dim else None, 20)
-        open_[user] = (ev["session_id"], o.states, ev["timestamp"])
-        out.append((model.ids(o.top_rows[0]).tolist(), o.top_scores[0].tolist()))
-    return out
+        trained = Path(request.getfixturevalue("trained_hrnn"))
+        served = ServingModel.from_checkpoint(trained, "cpu", top_k=20)
+        assert user_path_changes_answers(served, hier_log()[2]) > 0.5  # the user path matters
+        return trained
+    path = svc.tmp / kind
+    torch.manual_seed(11)
+    model = PRNN(
+        N_ITEMS, [5], id_hidden=12, feature_hidden=6, feature_values=[torch.rand(N_ITEMS, 5)]
+    )
+    return save_checkpoint(path, model.eval(), "prnn", [str(j) for j in range(N_ITEMS)]).path
 
 
 def _rewind_group(svc: Service) -> None:
@@ -694,14 +647,18 @@ def _rewind_group(svc: Service) -> None:
 
 @pytest.mark.parametrize("kind", ["hrnn", "prnn"])
 @pytest.mark.parametrize("isolated_service", ENGINES, indirect=True)
-def test_hier_models_served_with_kill9_and_redelivery(isolated_service: Service, kind: str) -> None:
+def test_hier_models_served_with_kill9_and_redelivery(
+    isolated_service: Service, kind: str, request: pytest.FixtureRequest
+) -> None:
+    """HRNN: a trained one, whose user state changes the answers (an untrained HRNN's user
+    path is zero: no bug in the user state could show)."""
     from trainer.hier import evaluate_users
 
     svc = isolated_service
-    svc.ckpt = _hier_checkpoint(kind, svc.tmp / kind)
+    train, test, values = hier_log()
+    svc.ckpt = _hier_checkpoint(kind, svc, request)
     model = ServingModel.from_checkpoint(svc.ckpt, "cpu", top_k=20)
     assert (model.user_state_dim > 0) == (kind == "hrnn")
-    train, test, values = _hier_log()
     gap = 1800.0
     svc.settings["state.session_gap_seconds"] = gap
     svc.settings["model.top_k"] = 20
@@ -745,7 +702,7 @@ def test_hier_models_served_with_kill9_and_redelivery(isolated_service: Service,
     # the reference: top-20 after each click in stream order
     click_events = [e for _, v in values if (e := json.loads(v))["type"] == "click"]
     index = {(e["session_id"], e["timestamp"], e["item_id"]): n for n, e in enumerate(click_events)}
-    ref = _hier_reference(model, values, gap)
+    ref = hier_reference(model, values, gap)
 
     def ref_index(answer: dict[str, Any]) -> int:
         return index[(answer["session_id"], time_of[answer["click_id"]], answer["item_id"])]
