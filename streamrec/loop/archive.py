@@ -9,10 +9,11 @@ are skipped but their offsets still belong to the range. A range is archived whe
 its files are there: :func:`list_archive` (the trainer, the archiver's resume) lists complete
 ranges only, and the archiver removes an incomplete one (a crash between two of its renames)
 before it archives that partition again. A file is written under a temporary name, fsynced,
-renamed, and the directory fsynced (:meth:`Storage.write_atomic`); temporary files are never
-listed. The archiver that fills it (``streamrec.loop.archiver``) commits a range only after
-its last rename; the trainer reads the files through :func:`list_archive` and
-:class:`Storage`. No Kafka here.
+renamed, and the directory fsynced (:meth:`Storage.write_atomic`, each step a method of
+:mod:`streamrec.loop.files`, which tests make fail); temporary files are never listed. The
+archiver that fills it (``streamrec.loop.archiver``) commits a range only after its last
+rename; the trainer reads the files through :func:`list_archive` and :class:`Storage`. No
+Kafka here.
 
 Storage: a local directory, or an fsspec URL (``s3://``, ``gs://``, ``hdfs://``, ...) where
 the matching fsspec implementation (s3fs, gcsfs, pyarrow's HDFS) is installed; ``memory://``
@@ -34,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from streamrec.errors import StreamrecError
+from streamrec.loop.files import Files, FsspecFiles
 
 SCHEMA = pa.schema(
     [
@@ -55,9 +57,13 @@ class ArchiveError(StreamrecError, RuntimeError):
 
 
 class Storage:
-    """Where the files go: a local directory (fsync'd) or an fsspec filesystem."""
+    """Where the files go: a local directory (fsync'd) or an fsspec filesystem.
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    ``files``: the steps of a write (:class:`streamrec.loop.files.Files`; by default the
+    local filesystem's or the fsspec filesystem's); tests hand in one whose steps fail.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], files: Files | None = None) -> None:
         root = str(root)
         self.url = root
         self.fs: Any = None
@@ -74,6 +80,7 @@ class Storage:
         else:
             self.root = root.removeprefix("file://")
             Path(self.root).mkdir(parents=True, exist_ok=True)
+        self.files = files or (Files() if self.fs is None else FsspecFiles(self.fs))
 
     def join(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
@@ -87,37 +94,19 @@ class Storage:
         return [p.removeprefix(base) for p in self.fs.find(self.root)]
 
     def write_atomic(self, rel: str, table: pa.Table) -> int:
-        """Temp name, fsync, rename, fsync of the directory; returns the bytes written."""
+        """Temp name, fsync, rename, fsync of the directory (:meth:`Files.write_atomic`);
+        returns the bytes written."""
         final = self.join(rel)
         parent, name = final.rsplit("/", 1)
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
         tmp = f"{parent}/{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{name}"
-        if self.fs is None:
-            Path(parent).mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
-                pq.write_table(table, f)
-                f.flush()
-                os.fsync(f.fileno())
-                size = f.tell()
-            os.replace(tmp, final)
-            fd = os.open(parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            return int(size)
-        else:
-            self.fs.makedirs(parent, exist_ok=True)
-            with self.fs.open(tmp, "wb") as f:
-                pq.write_table(table, f)
-                size = f.tell()
-            self.fs.mv(tmp, final)
-        return int(size)
+        data = sink.getvalue().to_pybytes()
+        self.files.write_atomic(final, data, tmp)
+        return len(data)
 
     def remove(self, rel: str) -> None:
-        if self.fs is None:
-            Path(self.join(rel)).unlink(missing_ok=True)
-        else:
-            self.fs.rm(self.join(rel))
+        self.files.remove(self.join(rel))
 
     def open(self, rel: str) -> Any:
         return open(self.join(rel), "rb") if self.fs is None else self.fs.open(self.join(rel))

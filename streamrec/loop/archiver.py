@@ -70,15 +70,17 @@ class Archiver:
 
     ``flush_events`` / ``flush_interval_s`` bound a range's rows and age; a click of an
     event hour the range does not hold yet, when it holds ``max_open_hours`` already, starts
-    a new range. ``on_flush`` (tests) is called after each file's rename, so raising there
-    crashes between renames or between the last rename and the commit.
+    a new range. ``directory``: a path or URL, or a :class:`Storage` (tests hand in one
+    whose write steps fail, :mod:`streamrec.loop.files`). ``on_flush`` (tests) is called
+    after each file's rename, so raising there crashes between renames or between the last
+    rename and the commit.
     """
 
     def __init__(
         self,
         client_config: Mapping[str, Any],
         topic: str,
-        directory: str,
+        directory: str | Storage,
         *,
         group: str = "streamrec-archiver",
         flush_events: int = 50_000,
@@ -89,7 +91,7 @@ class Archiver:
     ) -> None:
         if max_open_hours < 1:
             raise ValueError(f"max_open_hours must be at least 1, not {max_open_hours}")
-        self.storage = Storage(directory)
+        self.storage = directory if isinstance(directory, Storage) else Storage(directory)
         self.client_config = client_config
         self.group = group
         self.metrics = metrics or ArchiverMetrics()

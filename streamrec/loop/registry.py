@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from streamrec.errors import StreamrecError
+from streamrec.loop.files import Files
 from streamrec.model.checkpoint import (
     META,
     CheckpointError,
@@ -39,6 +40,7 @@ from streamrec.model.checkpoint import (
 
 VERSIONS = "versions"
 POINTER = "CURRENT"
+TMP_POINTER = f".{POINTER}.tmp"
 LOG = "retrain-log.jsonl"
 DEFAULT_KEEP = 5
 #: what a version may be called: letters, digits and ``._-``, not starting with a dot (the
@@ -82,12 +84,9 @@ def require_registry(path: str | os.PathLike[str]) -> Path:
     )
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+#: The steps of the registry's writes (the pointer's atomic replacement, a version's rename):
+#: a test sets its own here to fail a step or to read the registry in the middle of one.
+files = Files()
 
 
 def check_version(name: str, where: str) -> str:
@@ -144,13 +143,9 @@ def resolve(models: str | os.PathLike[str]) -> Path | None:
 def _set_pointer(models: Path, version: str) -> None:
     if (models / POINTER).is_dir():
         raise RegistryError(f"{models / POINTER} is a directory: remove it, then publish again")
-    tmp = models / f".{POINTER}.tmp"
-    with open(tmp, "w") as f:
-        f.write(version + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, models / POINTER)  # atomic: readers see the old or the new name
-    _fsync_dir(models)
+    # a temporary file renamed over the pointer: readers see the old or the new name, never
+    # an empty or half-written one, and a crash leaves the old one
+    files.write_atomic(str(models / POINTER), (version + "\n").encode(), str(models / TMP_POINTER))
 
 
 def staging_dir(models: str | os.PathLike[str], name: str) -> Path:
@@ -167,8 +162,8 @@ def add_version(models: str | os.PathLike[str], checkpoint: CheckpointRecord) ->
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():
         raise RegistryError(f"{models}: version {checkpoint.version} exists already")
-    os.replace(checkpoint.path, target)
-    _fsync_dir(target.parent)
+    files.rename(str(checkpoint.path), str(target))
+    files.sync_dir(str(target.parent))
     return checkpoint.version
 
 

@@ -17,8 +17,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from confluent_kafka import Producer
+from faulty_files import FaultyFiles, InjectedFault
 
-from streamrec.kafka.clients import TopicSpec, ensure_topics, read_topic
+from streamrec.kafka.clients import TopicSpec, committed_offsets, ensure_topics, read_topic
 from streamrec.loop.archive import TMP_PREFIX, Storage, list_archive
 from streamrec.loop.archiver import Archiver
 from streamrec.serving.events import ClickEvent, decode
@@ -137,11 +138,56 @@ def test_crash_between_rename_and_commit_is_not_written_twice(
         a.run(max_s=120)
     written = archived_rows(tmp_path / "archive")
     assert len(written) == 50  # one file renamed, its offsets never committed
-    b = Archiver(conf, topic, arch, group=topic, flush_events=50)
+    b = Archiver(conf, topic, arch, group=topic, flush_events=30)  # cut elsewhere (see above)
     b.run(until_caught_up=True, idle_s=1.5, max_s=120)
     rows = archived_rows(tmp_path / "archive")
     assert len(rows) == len(set(rows)) == 600
     assert set(rows) == valid_clicks(conf, topic)
+
+
+@pytest.mark.parametrize(
+    ("step", "after"),
+    [("write", False), ("sync", False), ("rename", False), ("sync_dir", True)],
+    ids=["write-fails", "fsync-fails", "rename-fails", "crash-between-rename-and-commit"],
+)
+def test_a_failure_at_any_step_of_a_file_archives_each_click_once(
+    kafka_bootstrap: str,
+    unique_name: Callable[[str], str],
+    tmp_path: Path,
+    step: str,
+    after: bool,
+) -> None:
+    """The archiver's third file fails at one step (a full disk, a failed fsync or rename, or
+    a crash after the rename and before the commit), driven through the storage's write steps
+    (tests/streamrec/faulty_files.py), not by timing a kill. Nothing it committed is missing
+    from the archive; a restart archives every valid click exactly once, and no temporary file
+    is left."""
+    conf = {"bootstrap.servers": kafka_bootstrap}
+    topic = unique_name("clicks")
+    ensure_topics(conf, [TopicSpec(topic, PARTITIONS)])
+    produce(conf, topic, 0, 600, bad_every=23)
+    want = valid_clicks(conf, topic)
+    arch = tmp_path / "archive"
+    files = FaultyFiles(step, nth=3, after=after)
+    a = Archiver(conf, topic, Storage(arch, files=files), group=topic, flush_events=40)
+    with pytest.raises(InjectedFault):
+        a.run(until_caught_up=True, idle_s=1.0, max_s=120)
+    assert files.failed and files.steps().count("rename") >= 2
+    archived = set(archived_rows(arch))
+    committed = committed_offsets(conf, topic, topic)
+    for p, c in enumerate(committed):  # never a committed valid click that is not archived
+        missing = {(q, o) for q, o in want if q == p and o < c} - archived
+        assert not missing, f"partition {p}: committed {c}, clicks lost: {sorted(missing)[:5]}"
+    if after:  # the file of the crash is there, its offsets not committed
+        ends = {p: max(o for q, o in archived if q == p) for p, _ in archived}
+        assert any(end >= committed[p] for p, end in ends.items())
+    # files cut elsewhere than before: a range written again would not replace its old file
+    b = Archiver(conf, topic, str(arch), group=topic, flush_events=25)
+    b.run(until_caught_up=True, idle_s=1.0, max_s=120)
+    rows = archived_rows(arch)
+    assert len(rows) == len(set(rows)), "a click archived twice"
+    assert set(rows) == want, "a click missing, or a dead letter archived"
+    assert not [f for f in Storage(arch).list_files() if TMP_PREFIX in f]
 
 
 def test_two_archivers_share_the_partitions(
