@@ -1,0 +1,113 @@
+"""The score of ``make mutation`` (mutmut's results in ``mutants/``), by module, and its
+survivors: each with the line it changed, marked NEW unless ``bench/results/mutation-triage.tsv``
+already triages it (so a run after new code shows what is left to look at).
+
+    python tests/mutmut_summary.py [--survivors FILE]
+
+Score: killed (a test failed, or the mutant ran out of time) over the mutants that were run
+(``no tests``: no unit test reaches the function: counted apart, and as not killed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import difflib
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MUTANTS = ROOT / "mutants"
+TRIAGE = ROOT / "bench" / "results" / "mutation-triage.tsv"
+KILLED = {1: "killed", 3: "killed", 36: "timeout", 24: "timeout", -24: "timeout", 152: "timeout",
+          255: "timeout", -9: "killed", -11: "killed"}  # fmt: skip
+STATUS = {0: "survived", 5: "no tests", 33: "no tests", None: "not checked", 37: "type check"}
+
+
+def status(code: int | None) -> str:
+    return KILLED.get(code, STATUS.get(code, "suspicious")) if code is not None else "not checked"
+
+
+def mutant_change(source: list[str], spans: dict[str, list[int]], mangled: str) -> str:
+    """The lines a mutant changed: its function against the original one."""
+    base = mangled.rsplit("__mutmut_", 1)[0]
+    o0, o1 = spans[f"{base}__mutmut_orig"]
+    m0, m1 = spans[mangled]
+    orig, mut = source[o0 - 1 : o1], source[m0 - 1 : m1]
+    diff = difflib.unified_diff(orig[1:], mut[1:], n=0, lineterm="")  # def lines differ by name
+    out = [d for d in diff if d[:1] in "+-" and not d.startswith(("+++", "---"))]
+    return " / ".join(line[0] + " " + line[1:].strip() for line in out) or "(no change shown)"
+
+
+def load_results() -> list[tuple[str, str, str, str]]:
+    """(module path, mutant name, status, change) of every mutant."""
+    rows = []
+    for meta in sorted(MUTANTS.rglob("*.py.meta")):
+        rel = meta.relative_to(MUTANTS).with_suffix("")  # streamrec/serving/clock.py
+        codes = json.loads(meta.read_text())["exit_code_by_key"]
+        spans_file = meta.with_suffix(".spans")
+        spans = json.loads(spans_file.read_text())["spans"] if spans_file.exists() else {}
+        source = (MUTANTS / rel).read_text().splitlines()
+        module = str(rel.with_suffix("")).replace("/", ".") + "."
+        for name, code in codes.items():
+            mangled = name.removeprefix(module)
+            change = mutant_change(source, spans, mangled) if mangled in spans else "?"
+            rows.append((str(rel), name, status(code), change))
+    return rows
+
+
+def read_triage() -> dict[str, tuple[str, str]]:
+    if not TRIAGE.exists():
+        return {}
+    with open(TRIAGE, newline="") as f:
+        return {r["mutant"]: (r["verdict"], r["why"]) for r in csv.DictReader(f, delimiter="\t")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--survivors", type=Path, help="write every survivor with its change here")
+    args = ap.parse_args(argv)
+    if not MUTANTS.is_dir():
+        print("no mutants/ here: run `make mutation` first", file=sys.stderr)
+        return 2
+    rows = load_results()
+    triage = read_triage()
+    by_module: dict[str, Counter[str]] = {}
+    for path, _, st, _ in rows:
+        by_module.setdefault(path, Counter())[st] += 1
+    total: Counter[str] = Counter()
+    print(f"{'module':45s} {'mutants':>7s} {'killed':>7s} {'timeout':>7s} {'survived':>8s} "
+          f"{'no tests':>8s} {'other':>6s}")  # fmt: skip
+    for path, c in sorted(by_module.items()):
+        total += c
+        other = sum(c.values()) - c["killed"] - c["timeout"] - c["survived"] - c["no tests"]
+        print(f"{path:45s} {sum(c.values()):7d} {c['killed']:7d} {c['timeout']:7d} "
+              f"{c['survived']:8d} {c['no tests']:8d} {other:6d}")  # fmt: skip
+    run = sum(total.values()) - total["not checked"]
+    killed = total["killed"] + total["timeout"]
+    print(f"total: {sum(total.values())} mutants, {run} run, {killed} killed "
+          f"({killed / max(run, 1):.1%}), {total['survived']} survived, "
+          f"{total['no tests']} without a unit test")  # fmt: skip
+    open_rows = [r for r in rows if r[2] in ("survived", "no tests", "suspicious")]
+    verdicts = Counter(triage[r[1]][0] for r in open_rows if r[1] in triage)
+    new = [r for r in open_rows if r[1] not in triage]
+    equivalent = verdicts["equivalent"]
+    print(f"triaged: {sum(verdicts.values())} of {len(open_rows)} not killed "
+          f"({dict(verdicts)}); NEW: {len(new)}")  # fmt: skip
+    if run - equivalent > 0:
+        print(f"score over the non-equivalent mutants: {killed}/{run - equivalent} = "
+              f"{killed / (run - equivalent):.1%}")  # fmt: skip
+    for _, name, st, change in new:
+        print(f"NEW {st}: {name}: {change}")
+    if args.survivors:
+        with open(args.survivors, "w") as f:
+            for _, name, st, change in open_rows:
+                verdict = triage.get(name, ("NEW", ""))[0]
+                f.write(f"{name}\t{st}\t{verdict}\t{change}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
