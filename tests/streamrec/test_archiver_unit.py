@@ -15,6 +15,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 from faulty_files import FaultyFiles, InjectedFault
 
+from streamrec.kafka import clients
 from streamrec.loop.archive import TMP_PREFIX, Storage, hour_of, list_archive
 from streamrec.loop.archiver import Archiver
 from streamrec.testing import click
@@ -114,6 +115,11 @@ class StandInConsumer:
     def get_watermark_offsets(self, tp: TopicPartition, **kw: Any) -> tuple[int, int]:
         return 0, len(self.topic.logs[tp.partition])
 
+    def position(self, parts: list[TopicPartition]) -> list[TopicPartition]:
+        """The next offset to fetch per partition (the lag metric reads it)."""
+        return [TopicPartition(TOPIC, tp.partition, self.positions.get(tp.partition, -1001))
+                for tp in parts]  # fmt: skip
+
     def revoke(self) -> None:
         assert self.on_revoke is not None
         self.on_revoke(self, [TopicPartition(TOPIC, p) for p in sorted(self.positions)])
@@ -163,7 +169,9 @@ def _rows(directory: Path) -> list[tuple[int, int]]:
 
 def _archiver(topic: Topic, directory: Path | Storage, consumer: StandInConsumer,
               **kw: Any) -> Archiver:  # fmt: skip
-    a = Archiver({"bootstrap.servers": "127.0.0.1:9"}, TOPIC, directory, **kw)  # type: ignore[arg-type]
+    # the broker kind named, so that no cluster is asked (nothing listens on port 9)
+    conf = clients.with_broker({"bootstrap.servers": "127.0.0.1:9"}, "kafka")
+    a = Archiver(conf, TOPIC, directory, **kw)  # type: ignore[arg-type]
     a.consumer.close()
     a.consumer = consumer  # type: ignore[assignment]  # a stand-in for confluent's Consumer
     return a

@@ -94,7 +94,8 @@ class Broker:
 
 def _checkpoints(broker: Broker, part: RocksDBPartition) -> Checkpoints:
     parts = {0: part}
-    outputs = Outputs(load_settings(kafka={"bootstrap_servers": "127.0.0.1:9"}))
+    # the broker kind named, so that no cluster is asked (nothing listens on port 9)
+    outputs = Outputs(load_settings(kafka={"bootstrap_servers": "127.0.0.1:9", "broker": "kafka"}))
     ck = Checkpoints(broker, outputs, parts, CLICKS, CHANGELOG, Metrics())  # type: ignore[arg-type]  # a stand-in consumer
     outputs._on_delivered = ck.on_delivered
     outputs.producer = broker  # type: ignore[assignment]  # a stand-in for confluent's Producer
