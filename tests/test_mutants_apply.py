@@ -14,5 +14,5 @@ def test_each_mutant_applies_to_exactly_one_place(mutant: Mutant) -> None:
     text = (ROOT / mutant.path).read_text()
     assert text.count(mutant.old) == 1, f"{mutant.name}: its line is gone from {mutant.path}"
     for t in mutant.tests:
-        assert (ROOT / t).is_file(), t
+        assert (ROOT / t.split("::")[0]).is_file(), t  # a file, or one test in it
     assert Path(mutant.path).suffix == ".py"
