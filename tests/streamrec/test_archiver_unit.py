@@ -64,8 +64,11 @@ class StandInConsumer:
     """What the archiver uses of confluent's Consumer. ``crash_after`` consume calls raise
     (a crash mid-run); ``batch`` records per consume call."""
 
-    def __init__(self, topic: Topic, batch: int = 7, crash_after: int | None = None) -> None:
+    def __init__(
+        self, topic: Topic, batch: int = 7, crash_after: int | None = None, stall_every: int = 0
+    ) -> None:
         self.topic, self.batch, self.crash_after = topic, batch, crash_after
+        self.stall_every = stall_every  # every n-th consume call returns nothing (a slow fetch)
         self.positions: dict[int, int] = {}
         self.on_assign: Callable[..., None] | None = None
         self.on_revoke: Callable[..., None] | None = None
@@ -98,6 +101,8 @@ class StandInConsumer:
         self.calls += 1
         if self.crash_after is not None and self.calls > self.crash_after:
             raise InjectedFault("the archiver died")
+        if self.stall_every and self.calls % self.stall_every == 0:
+            return []
         out = []
         for p, pos in sorted(self.positions.items()):
             for off in range(pos, min(pos + self.batch, len(self.topic.logs[p]))):
@@ -286,3 +291,17 @@ def test_until_caught_up_waits_for_every_assigned_partition(tmp_path: Path) -> N
     assert not a._caught_up()
     a.next_offsets[0] = 30
     assert a._caught_up()
+
+
+def test_until_caught_up_reads_the_last_record_after_a_fetch_that_returned_nothing(
+    tmp_path: Path,
+) -> None:
+    """A fetch that returns nothing while records remain (the broker slow for a moment) is
+    not the end: --until-caught-up stops only when its next offset reaches the end offset,
+    so the last click is archived and committed in this run, not left to the next one."""
+    topic = Topic({0: [(b"s", click("s", f"i{j}", t=T0 + j, event_id=f"e{j}")) for j in range(6)]})
+    consumer = topic.consumer(batch=1, stall_every=2)
+    a = _archiver(topic, tmp_path, consumer, flush_events=100)
+    a.run(until_caught_up=True, idle_s=0.0, max_s=60)
+    assert set(_rows(tmp_path)) == _valid(topic) and len(_valid(topic)) == 6
+    assert topic.committed == {0: 6}
