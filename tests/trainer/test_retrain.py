@@ -349,8 +349,14 @@ def test_registry_keeps_k_rolls_back_and_cli(tmp_path: Path) -> None:
     assert registry.current_version(models) == versions[-2]
     out = run.invoke(main, ["models", "rollback", "--models", str(models), versions[0]])
     assert out.exit_code != 0 and "no version" in out.output  # pruned
+    assert f"(held: {versions[-2]}, {versions[-1]})" in out.output  # what can be rolled back to
     out = run.invoke(main, ["models", "show", "--models", str(models), "--json"])
-    assert json.loads(out.output)["version"] == versions[-2]
+    shown = json.loads(out.output)
+    assert shown["version"] == versions[-2]
+    assert shown["n_items"] == 5 and "item_ids" not in shown and shown["published"] is True
+    assert Path(shown["path"]) == models / registry.VERSIONS / versions[-2]
+    out = run.invoke(main, ["models", "show", "--models", str(models), versions[-1], "--json"])
+    assert json.loads(out.output)["published"] is False
     # a worker's holder follows the pointer, rollbacks included
     holder = ModelHolder(ServingModel.from_checkpoint(_published(models), "cpu"), watch_dir=models)
     registry.rollback(models, versions[-1])
