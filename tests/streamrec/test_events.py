@@ -96,6 +96,36 @@ def test_none_and_non_bytes_never_raise() -> None:
     assert isinstance(decode('{"session_id": "s", "item_id": "a"}'), ClickEvent)
 
 
+def test_a_missing_or_wrongly_typed_value_is_dead_lettered_with_its_reason() -> None:
+    """What an operator reads in the dead-letter record: the reason, a detail, no original."""
+    dl = decode(None, topic="t", partition=1, offset=3)
+    assert isinstance(dl, DeadLetter)
+    assert (dl.reason, dl.detail, dl.original_size, dl.offset) == (
+        "empty",
+        "message has no value",
+        0,
+        3,
+    )
+    dl = decode(123, topic="t")  # type: ignore[arg-type]  # the wrong type on purpose
+    assert isinstance(dl, DeadLetter)
+    assert (dl.reason, dl.detail, dl.original_size) == ("type", "value is int", 0)
+
+
+def test_a_str_value_is_read_as_its_utf8_bytes_undecodable_ones_included() -> None:
+    """A str whose undecodable bytes were kept as surrogates (surrogateescape) is judged on
+    those bytes: not JSON, so ``unparseable`` with the bytes kept, never a decoder error."""
+    raw = b'{"session_id": "s", "item_id": "\xff"}'
+    dl = decode(raw.decode("utf-8", "surrogateescape"))
+    assert isinstance(dl, DeadLetter) and dl.reason == "unparseable", dl
+    assert dl.original == raw
+
+
+def test_encoded_events_leave_out_absent_fields() -> None:
+    """The clicks topic's value carries only the fields an event has (no nulls)."""
+    ev = _ok({"session_id": "s", "item_id": "a"})
+    assert json.loads(encode(ev)) == {"session_id": "s", "item_id": "a", "type": "click"}
+
+
 def test_extra_fields_ignored() -> None:
     ev = _ok({"session_id": "s", "item_id": "a", "price": 3.5})
     assert ev.item_id == "a"
