@@ -73,6 +73,21 @@ def test_accumulator_add_uses_ties() -> None:
     assert out["mrr@2"] == pytest.approx((0.5 + 1 + 1) / 4)
 
 
+def test_accumulator_add_is_conservative_on_ties_by_default() -> None:
+    """The README's figures count ties against the model unless told otherwise."""
+    default, conservative = MetricAccumulator(ks=(2, 5)), MetricAccumulator(ks=(2, 5))
+    default.add(SCORES, TARGETS)
+    conservative.add_ranks(ranks(SCORES, TARGETS, "conservative"))
+    assert default.result() == conservative.result()
+    assert default.result() != _standard(SCORES, TARGETS, (2, 5))  # the ties matter here
+
+
+def _standard(scores: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...]) -> dict[str, float]:
+    acc = MetricAccumulator(ks=ks)
+    acc.add(scores, targets, "standard")
+    return acc.result()
+
+
 def test_empty_accumulator_and_bad_ks() -> None:
     out = MetricAccumulator(ks=(5,)).result()
     assert out == {"recall@5": 0.0, "mrr@5": 0.0, "n_events": 0}
