@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from streamrec.serving.events import ClickEvent, DeadLetter, decode, encode
+from streamrec.serving import events
+from streamrec.serving.events import MAX_MESSAGE_BYTES, ClickEvent, DeadLetter, decode, encode
 
 
 def _ok(d: dict) -> ClickEvent:
@@ -118,6 +119,51 @@ def test_a_str_value_is_read_as_its_utf8_bytes_undecodable_ones_included() -> No
     dl = decode(raw.decode("utf-8", "surrogateescape"))
     assert isinstance(dl, DeadLetter) and dl.reason == "unparseable", dl
     assert dl.original == raw
+
+
+DETAILS = [
+    (b"   ", "empty", "message is empty"),
+    (b"[1, 2]", "not_an_object", "list"),
+    (b"{x", "unparseable", "Expecting property name enclosed in double quotes: line 1 column 2"),
+    (b'{"item_id": 5}', "invalid", "session_id: Field required; item_id: Input should be"),
+    (b"[" * 20_000, "oversized", f"20000 > {MAX_MESSAGE_BYTES} bytes"),
+]
+
+
+@pytest.mark.parametrize(("raw", "reason", "detail"), DETAILS)
+def test_a_dead_letter_says_what_is_wrong(raw: bytes, reason: str, detail: str) -> None:
+    """The detail an operator reads: the field and the error, the parser's message, the
+    type found, the size against the limit."""
+    dl = decode(raw)
+    assert isinstance(dl, DeadLetter) and dl.reason == reason
+    assert dl.detail.startswith(detail), dl.detail
+
+
+def test_a_message_of_exactly_the_size_limit_is_judged_on_its_content() -> None:
+    head, tail = '{"session_id": "s", "item_id": "a"', "}"
+    text = head + " " * (MAX_MESSAGE_BYTES - len(head) - len(tail)) + tail
+    assert len(text.encode()) == MAX_MESSAGE_BYTES
+    assert isinstance(decode(text), ClickEvent)  # a str: the careful path
+    invalid = text.replace('"item_id"', '"itemxid"').encode()  # the fast path refuses it
+    dl = decode(invalid)
+    assert isinstance(dl, DeadLetter) and dl.reason == "invalid", dl
+
+
+def test_an_unexpected_error_while_decoding_is_a_dead_letter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Bad input never stops a worker, even input that breaks the decoder in a way nobody
+    foresaw: the record is dead-lettered as ``error`` with the exception, bytes kept."""
+
+    def broken(raw: bytes) -> object:
+        raise RuntimeError("the parser broke")
+
+    monkeypatch.setattr(events.json, "loads", broken)
+    raw = b"\xef\xbb\xbf{}"  # a BOM: the fast path refuses it, so the careful path reads it
+    dl = decode(raw, topic="t", partition=1, offset=2, key=b"k")
+    assert isinstance(dl, DeadLetter)
+    assert (dl.reason, dl.detail) == ("error", "RuntimeError: the parser broke")
+    assert dl.original == raw and (dl.topic, dl.partition, dl.offset) == ("t", 1, 2)
 
 
 def test_encoded_events_leave_out_absent_fields() -> None:
