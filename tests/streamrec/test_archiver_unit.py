@@ -305,3 +305,42 @@ def test_until_caught_up_reads_the_last_record_after_a_fetch_that_returned_nothi
     a.run(until_caught_up=True, idle_s=0.0, max_s=60)
     assert set(_rows(tmp_path)) == _valid(topic) and len(_valid(topic)) == 6
     assert topic.committed == {0: 6}
+
+
+def test_readiness_lag_and_offsets_follow_the_assignment(tmp_path: Path) -> None:
+    """Ready while it holds partitions; not ready once they are revoked or it stops. The
+    lag and the last archived offset are reported per (group, topic, partition), and a
+    revoked partition's offset gauge is dropped (its new owner reports it)."""
+    topic = Topic({0: _log(20, 0), 1: _log(20, 1)})
+    consumer = topic.consumer(batch=3)
+    a = _archiver(topic, tmp_path, consumer, flush_events=4, group="g")
+    registry = a.metrics.registry
+    assert not a.health.ready()[0]
+    seen = []
+    a.on_flush = lambda f: seen.append(a.health.ready())
+    a.run(until_caught_up=True, idle_s=0.0, max_s=60)
+    assert seen and all(ok for ok, _ in seen)  # ready while archiving
+    assert a.health.ready() == (False, "stopped")
+    for p in (0, 1):
+        lag = registry.get_sample_value(
+            "streamrec_consumer_lag", {"group": "g", "topic": TOPIC, "partition": str(p)}
+        )
+        assert lag is not None and 0 <= lag <= 20  # as of the last poll, before the last flush
+        last = registry.get_sample_value(
+            "streamrec_archiver_last_archived_offset", {"topic": TOPIC, "partition": str(p)}
+        )
+        assert last == 19
+
+    consumer = topic.consumer(batch=3)
+    b = _archiver(topic, tmp_path, consumer, group="g")
+    consumer.subscribe([TOPIC], b._on_assign, b._on_revoke)
+    consumer.consume(10, 0)  # joins: both partitions assigned, nothing new to read
+    assert b.health.ready()[0] and b.committed == {0: 20, 1: 20}
+    b.flush(0)
+    b.metrics.archived_offset.labels(TOPIC, "1").set(19)
+    consumer.revoke()
+    assert b.health.ready() == (False, "partitions revoked; waiting for the next assignment")
+    assert b.committed == {} and b.next_offsets == {} and b.buffers == {}
+    assert b.metrics.registry.get_sample_value(
+        "streamrec_archiver_last_archived_offset", {"topic": TOPIC, "partition": "1"}
+    ) is None  # fmt: skip
