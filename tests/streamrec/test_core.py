@@ -14,7 +14,7 @@ from streamrec.serving.expiry import sweep_idle
 from streamrec.serving.pipeline import process_batch
 from streamrec.serving.records import Recommendation, Record
 from streamrec.serving.state import SessionState, UserState
-from streamrec.serving.state_store import SESSIONS, StateStore
+from streamrec.serving.state_store import SESSIONS, USERS, MemoryPartition, StateStore
 from streamrec.testing import click, offline_recommendations, tiny_serving_model
 
 T0 = 1.7e9
@@ -254,6 +254,29 @@ def test_idle_sweep_closes_sessions_and_advances_users() -> None:
     cfg = CoreConfig(session_gap_seconds=100.0, user_ttl_seconds=10.0)
     assert sweep_idle(store, model, cfg, now=T0 + 1000).users_expired == 1
     assert not store.users
+
+
+def test_the_whole_sweep_counts_the_states_of_every_partition() -> None:
+    """sweep_idle adds up every partition: sessions ended, users expired, and the states left
+    (a user row that no longer decodes is not counted as left)."""
+    model = tiny_serving_model(user_dim=4)
+    store = StateStore({0: MemoryPartition(), 1: MemoryPartition()})
+    for p in (0, 1):
+        vals = [
+            click(f"idle{p}", "i1", user=f"u{p}", t=T0),
+            click(f"live{p}", "i2", t=T0 + 90),
+            click(f"live{p}x", "i3", t=T0 + 95),
+        ]
+        process_batch(recs(vals, partition=p), store, model, CFG)
+    part = store.partition(1)
+    assert part is not None
+    part.write(USERS, "u:broken", b"garbage")
+    res = sweep_idle(store, model, CFG, now=T0 + 150)
+    assert (res.sessions_ended, res.users_expired) == (2, 0)
+    assert (res.sessions_left, res.users_left) == (4, 2)
+    cfg = CoreConfig(session_gap_seconds=100.0, user_ttl_seconds=10.0)
+    res = sweep_idle(store, model, cfg, now=T0 + 1000)
+    assert (res.sessions_ended, res.users_expired, res.sessions_left) == (4, 2, 0)
 
 
 def test_corrupt_state_is_replaced_not_fatal() -> None:
