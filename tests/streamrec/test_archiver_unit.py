@@ -5,6 +5,7 @@ rules against the embedded broker: test_archive.py."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -344,3 +345,35 @@ def test_readiness_lag_and_offsets_follow_the_assignment(tmp_path: Path) -> None
     assert b.metrics.registry.get_sample_value(
         "streamrec_archiver_last_archived_offset", {"topic": TOPIC, "partition": "1"}
     ) is None  # fmt: skip
+
+
+def test_files_are_cut_by_age_and_a_stopped_run_writes_what_it_read(tmp_path: Path) -> None:
+    """flush_interval_s bounds a file's age (0: a file every other poll); a run
+    stopped from outside (the command's signal handler, no max_s) writes what it read."""
+
+    def one_partition() -> Topic:
+        return Topic(
+            {0: [(b"s", click("s", f"i{j}", t=T0 + j, event_id=f"e{j}")) for j in range(12)]}
+        )
+
+    topic = one_partition()
+    a = _archiver(topic, tmp_path / "a", topic.consumer(batch=4), flush_events=1000,
+                  flush_interval_s=0.0)  # fmt: skip
+    a.run(until_caught_up=True, idle_s=0.0, max_s=60)
+    # a poll's records are older than 0 s at the next poll (its time is taken before reading)
+    assert [(f.first, f.last) for f in list_archive(a.storage)] == [(0, 7), (8, 11)]
+
+    polls: list[int] = []
+
+    def stopped() -> bool:
+        polls.append(1)
+        return len(polls) > 5  # joined, three polls of 4 records, one empty
+
+    topic = one_partition()
+    b = _archiver(topic, tmp_path / "b", topic.consumer(batch=4), flush_events=1000,
+                  flush_interval_s=1e9)  # fmt: skip
+    before = time.monotonic()
+    stats = b.run(stopped=stopped)
+    assert [(f.first, f.last) for f in list_archive(b.storage)] == [(0, 11)]
+    assert topic.committed == {0: 12}
+    assert 0 <= stats.seconds <= time.monotonic() - before
