@@ -9,7 +9,14 @@ import time
 import pytest
 
 from streamrec.serving import events
-from streamrec.serving.events import MAX_MESSAGE_BYTES, ClickEvent, DeadLetter, decode, encode
+from streamrec.serving.events import (
+    MAX_MESSAGE_BYTES,
+    ClickEvent,
+    DeadLetter,
+    decode,
+    encode,
+    make_dead_letter,
+)
 
 
 def _ok(d: dict) -> ClickEvent:
@@ -164,6 +171,11 @@ def test_an_unexpected_error_while_decoding_is_a_dead_letter(
     assert isinstance(dl, DeadLetter)
     assert (dl.reason, dl.detail) == ("error", "RuntimeError: the parser broke")
     assert dl.original == raw and (dl.topic, dl.partition, dl.offset) == ("t", 1, 2)
+
+
+def test_a_dead_letters_detail_is_cut_at_1000_characters() -> None:
+    dl = make_dead_letter(b"x", "invalid", "d" * 5000)
+    assert dl.detail == "d" * 1000 and dl.original_size == 1
 
 
 def test_encoded_events_leave_out_absent_fields() -> None:
