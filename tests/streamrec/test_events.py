@@ -114,9 +114,14 @@ def test_a_missing_or_wrongly_typed_value_is_dead_lettered_with_its_reason() -> 
         0,
         3,
     )
-    dl = decode(123, topic="t")  # type: ignore[arg-type]  # the wrong type on purpose
+    dl = decode(123, topic="t", partition=1, offset=4)  # type: ignore[arg-type]  # on purpose
     assert isinstance(dl, DeadLetter)
     assert (dl.reason, dl.detail, dl.original_size) == ("type", "value is int", 0)
+    assert (dl.topic, dl.partition, dl.offset) == ("t", 1, 4)
+    # a str that cannot be encoded at all (a lone surrogate outside the escaped bytes)
+    dl = decode("\ud800", offset=5)
+    assert isinstance(dl, DeadLetter) and dl.reason == "error" and dl.original_size == 0
+    assert dl.offset == 5 and dl.detail.startswith("UnicodeEncodeError")
 
 
 def test_a_str_value_is_read_as_its_utf8_bytes_undecodable_ones_included() -> None:

@@ -350,6 +350,10 @@ def test_registry_keeps_k_rolls_back_and_cli(tmp_path: Path) -> None:
     out = run.invoke(main, ["models", "rollback", "--models", str(models), versions[0]])
     assert out.exit_code != 0 and "no version" in out.output  # pruned
     assert f"(held: {versions[-2]}, {versions[-1]})" in out.output  # what can be rolled back to
+    empty = tmp_path / "empty-registry"
+    (empty / registry.VERSIONS).mkdir(parents=True)
+    with pytest.raises(registry.RegistryError, match=r"\(held: none\)$"):
+        registry.rollback(empty, versions[0])
     out = run.invoke(main, ["models", "show", "--models", str(models), "--json"])
     shown = json.loads(out.output)
     assert shown["version"] == versions[-2]
