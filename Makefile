@@ -40,13 +40,14 @@ test: lint
 test-fast: install
 	$(PY) -m pytest -q -m "not broker and not slow"
 
-# Mutation testing (not in CI: about 1-2 hours on 2 cores): mutmut ([tool.mutmut] in
+# Mutation testing (not in CI: the whole scope takes hours on 2 shared cores; MUTANTS='glob ...'
+# runs the mutants whose names match, e.g. MUTANTS='streamrec.serving.events.*'): mutmut ([tool.mutmut] in
 # pyproject.toml) over the modules that carry the README's promises, each mutant against the unit
 # tests that reach its function; then the score and the survivors by module
 # (bench/results/mutation-testing.md triages them). Results are kept in mutants/: a second run
 # redoes only the functions that changed (rm -rf mutants for a fresh one).
 mutation: install
-	OMP_NUM_THREADS=1 PYTHONPATH=tests $(VENV)/bin/mutmut run --max-children 2
+	OMP_NUM_THREADS=1 PYTHONPATH=tests $(VENV)/bin/mutmut run --max-children 2 $(MUTANTS)
 	PYTHONPATH=tests $(PY) tests/mutmut_summary.py
 
 demo: install

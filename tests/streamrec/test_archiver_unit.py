@@ -177,7 +177,7 @@ def _archiver(topic: Topic, directory: Path | Storage, consumer: StandInConsumer
               **kw: Any) -> Archiver:  # fmt: skip
     # the broker kind named, so that no cluster is asked (nothing listens on port 9)
     conf = clients.with_broker({"bootstrap.servers": "127.0.0.1:9"}, "kafka")
-    a = Archiver(conf, TOPIC, directory, **kw)  # type: ignore[arg-type]
+    a = Archiver(conf, TOPIC, directory, **kw)  # type: ignore[arg-type]  # a Path as the directory
     a.consumer.close()
     a.consumer = consumer  # type: ignore[assignment]  # a stand-in for confluent's Consumer
     return a
