@@ -258,9 +258,9 @@ def test_a_revoked_partition_is_flushed_and_committed_then_forgotten(tmp_path: P
     consumer.consume(10, 0)  # joins: both partitions assigned
     for m in consumer.consume(10, 0):
         a.add(m.partition(), m.offset(), m.value(), m.key())
-    assert a.next_offsets == {0: 0, 1: 0} and set(a.buffers) == {0, 1}
+    assert a.next_offsets == {0: 0, 1: 0} and set(a.ranges) == {0, 1}
     consumer.revoke()
-    assert a.buffers == {} and a.next_offsets == {} and consumer.positions == {}
+    assert a.ranges == {} and a.next_offsets == {} and consumer.positions == {}
     assert topic.committed == {0: 3, 1: 3}
     assert set(_rows(tmp_path)) == {x for x in _valid(topic) if x[1] < 3}
 
@@ -341,7 +341,7 @@ def test_readiness_lag_and_offsets_follow_the_assignment(tmp_path: Path) -> None
     b.metrics.archived_offset.labels(TOPIC, "1").set(19)
     consumer.revoke()
     assert b.health.ready() == (False, "partitions revoked; waiting for the next assignment")
-    assert b.committed == {} and b.next_offsets == {} and b.buffers == {}
+    assert b.committed == {} and b.next_offsets == {} and b.ranges == {}
     assert b.metrics.registry.get_sample_value(
         "streamrec_archiver_last_archived_offset", {"topic": TOPIC, "partition": "1"}
     ) is None  # fmt: skip
