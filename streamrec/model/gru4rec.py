@@ -11,6 +11,19 @@ The structure follows the official PyTorch implementation (hidasib/GRU4Rec_PyTor
 * scores ``h @ Wy[items].T + By[items]`` followed by the final activation;
 * initialisation as the official code's default (compatibility) mode: every gate block
   uniform in ``±sqrt(6 / (fan_in + fan_out))``, biases zero.
+
+Session memory (``session_memory`` K > 0; not in the papers, off in a config without it): the
+state also carries the session's last K distinct items, most recent last (an item clicked again
+moves to the end), and a learnt offset is added to the score of each of them. The offset depends
+on the item's recency position (1 = the current item; positions grouped in powers of two:
+1, 2-3, 4-7, ...) and, with ``memory_gate``, on the hidden state (a linear function of the last
+layer's output per position group), so the model can learn how likely a re-click is now. A GRU
+state cannot say which items the session already showed; the offset learns from the log whether
+they come back (e-commerce: re-clicks are a quarter of all clicks) or do not (films rated once).
+Every offset weight starts at zero: at initialisation the model scores exactly as without the
+memory. The memory slots hold ``item row + 1`` as floats (exact below 2^24 items), 0 for an
+empty slot, so the all-zero initial state is an empty memory and a reset that zeroes the state
+empties it.
 """
 
 from __future__ import annotations
@@ -28,6 +41,28 @@ from streamrec.model.api import InnerProductScores, SplitStepModel
 from streamrec.model.topk import TiledTopK
 
 FINAL_ACTS = ("linear", "tanh", "elu")
+MAX_SESSION_MEMORY = 4096
+
+
+def recency_groups(k: int) -> Tensor:
+    """The position group of each of ``k`` memory slots (slot ``k - 1`` holds the most recent
+    item, recency position 1): ``floor(log2(position))``, so groups 1, 2-3, 4-7, 8-15, ..."""
+    position = torch.arange(k, 0, -1)
+    return torch.floor(torch.log2(position.to(torch.float64))).to(torch.int64)
+
+
+def push_recent(memory: Tensor, rows: Tensor) -> Tensor:
+    """``memory`` ``[B, K]`` (item row + 1 as floats, 0 empty, most recent last) after each row of
+    ``rows`` ``[B]`` is clicked: an item already there moves to the end, a new one is appended
+    and the oldest slot dropped; a row < 0 (unknown item) leaves its memory as it is."""
+    r = (rows + 1).to(memory.dtype).unsqueeze(1)
+    present = memory == r
+    # the slot the clicked item leaves (0 when it is new: then every slot moves one to the left)
+    leave = present.to(torch.uint8).argmax(dim=1, keepdim=True)
+    shifted = torch.cat([memory[:, 1:], r], dim=1)
+    slots = torch.arange(memory.shape[1], device=memory.device).unsqueeze(0)
+    new = torch.where(slots < leave, memory, shifted)
+    return torch.where((rows >= 0).unsqueeze(1), new, memory)
 
 
 @dataclass
@@ -42,6 +77,10 @@ class GRU4RecConfig:
     dropout_p_hidden: float = 0.0
     final_act: str = "linear"
     elu_param: float = 1.0
+    #: the session's last K distinct items, each with a learnt score offset (0: the paper's model)
+    session_memory: int = 0
+    #: the offsets also depend on the hidden state (a linear function per position group)
+    memory_gate: bool = False
 
     def __post_init__(self) -> None:
         self.layers = [int(x) for x in self.layers]
@@ -53,6 +92,10 @@ class GRU4RecConfig:
             )
         if self.embedding < 0:
             raise ValueError(f"embedding must be >= 0, got {self.embedding}")
+        if not 0 <= self.session_memory <= MAX_SESSION_MEMORY:
+            raise ValueError(
+                f"session_memory must be in [0, {MAX_SESSION_MEMORY}], got {self.session_memory}"
+            )
         for name in ("dropout_p_embed", "dropout_p_hidden"):
             p = getattr(self, name)
             if not 0.0 <= p < 1.0:
@@ -97,6 +140,7 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
     """Session-based GRU recommender with the serving step API of docs/architecture.md."""
 
     user_state_dim = 0
+    memory_groups: Tensor  # [K] recency group of each memory slot (a buffer, when K > 0)
 
     def __init__(self, config: GRU4RecConfig | dict[str, Any], seed: int | None = None) -> None:
         super().__init__()
@@ -106,7 +150,9 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
         c = config
         self.n_items = c.n_items
         self.layers = list(c.layers)
-        self.state_dim = sum(self.layers)
+        self.hidden_dim = sum(self.layers)
+        self.memory = c.session_memory
+        self.state_dim = self.hidden_dim + self.memory
         self.onehot = not c.constrained_embedding and c.embedding == 0
         if c.constrained_embedding:
             n_input = self.layers[-1]
@@ -123,6 +169,14 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
         self.G = nn.ModuleList(cells)
         self.Wy = nn.Parameter(torch.empty(c.n_items, self.layers[-1]))
         self.By = nn.Parameter(torch.zeros(c.n_items, 1))
+        if self.memory:
+            groups = recency_groups(self.memory)
+            # derived from the config, so not saved in checkpoints
+            self.register_buffer("memory_groups", groups, persistent=False)
+            n_groups = int(groups.max()) + 1
+            self.memory_bias = nn.Parameter(torch.zeros(n_groups))
+            if c.memory_gate:
+                self.memory_gate_weight = nn.Parameter(torch.zeros(self.layers[-1], n_groups))
         self.reset_parameters(seed)
 
     # ------------------------------------------------------------------ construction
@@ -153,6 +207,9 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
             _uniform_blocks(w, 1, gen, 0)
             self.Wy.copy_(w.to(dev))
             self.By.zero_()
+            for name in ("memory_bias", "memory_gate_weight"):
+                if hasattr(self, name):  # the memory starts silent: the paper's scores
+                    getattr(self, name).zero_()
 
     @classmethod
     def from_config(cls, config: dict[str, Any], seed: int | None = None) -> GRU4Rec:
@@ -212,7 +269,8 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
         return scores
 
     def score_items(self, output: Tensor, item_rows: Tensor | None = None) -> Tensor:
-        """Scores [B, n_items] of all items, or [B, len(item_rows)] of a subset."""
+        """Scores [B, n_items] of all items, or [B, len(item_rows)] of a subset, from the
+        last layer's output alone (no session memory: see :meth:`score_state`)."""
         if item_rows is None:
             scores = torch.addmm(self.By.view(1, -1), output, self.Wy.t())
         else:
@@ -224,8 +282,21 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
     def forward(
         self, item_rows: Tensor, hidden: list[Tensor], target_rows: Tensor | None = None
     ) -> tuple[Tensor, list[Tensor]]:
-        out, hidden = self.hidden_step(self.embed(item_rows), hidden)
-        return self.score_items(out, target_rows), hidden
+        """One event: scores of all items (or of ``target_rows``) and the new ``hidden``
+        (:meth:`split_state` layout, the session memory last when there is one)."""
+        out, new = self.hidden_step(self.embed(item_rows), hidden[: len(self.layers)])
+        if not self.memory:
+            return self.score_items(out, target_rows), new
+        memory = push_recent(hidden[-1], item_rows)
+        new.append(memory)
+        if target_rows is None:
+            scores = torch.addmm(self.By.view(1, -1), out, self.Wy.t())
+            scores = self._add_memory_offsets(scores, out, memory)
+        else:
+            w = self.Wy.index_select(0, target_rows)
+            b = self.By.index_select(0, target_rows).view(1, -1)
+            scores = torch.addmm(b, out, w.t()) + self._offsets_of_rows(out, memory, target_rows)
+        return self.final_activation(scores), new
 
     # ------------------------------------------------------------------ training forward
     def train_forward(
@@ -233,6 +304,8 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
     ) -> tuple[Tensor, list[Tensor], list[tuple[nn.Parameter, Tensor, Tensor]]]:
         """Forward for sampled training with row-sparse item matrices.
 
+        ``hidden`` is :meth:`split_state` of the state (the GRU layers, then the session memory
+        when there is one); the returned list is the new one, in the same layout.
         The needed item rows are gathered once into fresh leaf tensors so that their gradients
         arrive per gathered row (no dense ``n_items``-sized gradient); the caller hands the
         returned ``(table, rows, leaf)`` triples to the sparse optimiser after ``backward``.
@@ -251,13 +324,60 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
             x = gather(self.E if self.config.embedding else self.GE.Wx, in_rows)
             w = gather(self.Wy, out_rows)
         b = gather(self.By, out_rows).view(1, -1)
-        out, hidden = self.hidden_step(x, hidden)
-        scores = self.final_activation(torch.addmm(b, out, w.t()))
-        return scores, hidden, leaves
+        out, new = self.hidden_step(x, hidden[: len(self.layers)])
+        scores = torch.addmm(b, out, w.t())
+        if self.memory:
+            memory = push_recent(hidden[-1], in_rows)
+            scores = scores + self._offsets_of_rows(out, memory, out_rows)
+            new.append(memory)
+        return self.final_activation(scores), new, leaves
+
+    # ------------------------------------------------------------------ session memory
+    def _slot_offsets(self, output: Tensor, memory: Tensor) -> Tensor:
+        """The score offset of each memory slot ``[B, K]`` (0 for an empty slot)."""
+        per_group = self.memory_bias.unsqueeze(0)
+        if hasattr(self, "memory_gate_weight"):
+            per_group = per_group + output @ self.memory_gate_weight
+        offsets = per_group.index_select(1, self.memory_groups)
+        return offsets * (memory > 0).to(offsets.dtype)
+
+    def _offsets_of_rows(self, output: Tensor, memory: Tensor, item_rows: Tensor) -> Tensor:
+        """Offsets ``[B, len(item_rows)]`` of a few items (training: targets and negatives):
+        each item is looked up in each row's sorted memory (no ``n_items``-wide buffer)."""
+        slots = self._slot_offsets(output, memory)
+        srt, slot_of = memory.sort(dim=1)
+        q = (item_rows + 1).to(memory.dtype).unsqueeze(0).expand(memory.shape[0], -1).contiguous()
+        at = torch.searchsorted(srt, q).clamp(max=memory.shape[1] - 1)
+        hit = srt.gather(1, at) == q  # items are >= 1, never an empty slot
+        return slots.gather(1, slot_of.gather(1, at)) * hit.to(slots.dtype)
+
+    def _add_memory_offsets(self, scores: Tensor, output: Tensor, memory: Tensor) -> Tensor:
+        """``scores`` ``[B, n_items]`` plus each row's memory offsets (in place)."""
+        offsets = self._slot_offsets(output, memory).to(scores.dtype)
+        # an empty slot adds its 0 offset to item row 0
+        return scores.scatter_add_(1, (memory.long() - 1).clamp(min=0), offsets)
+
+    def memory_of(self, state: Tensor) -> Tensor:
+        """The session memory part of states ``[B, K]`` (item row + 1, 0 empty, newest last)."""
+        return state[:, self.hidden_dim :]
+
+    def score_state(self, state: Tensor) -> Tensor:
+        """Scores ``[B, n_items]`` of all items from full states (memory offsets included)."""
+        out = self.output(state)
+        if not self.memory:
+            return self.score_items(out)
+        scores = torch.addmm(self.By.view(1, -1), out, self.Wy.t())
+        return self.final_activation(self._add_memory_offsets(scores, out, self.memory_of(state)))
 
     # ------------------------------------------------------------------ step API
+    @property
+    def state_sizes(self) -> list[int]:
+        """Widths of the parts of a state: each GRU layer, then the session memory if any."""
+        return self.layers + ([self.memory] if self.memory else [])
+
     def split_state(self, state: Tensor) -> list[Tensor]:
-        return list(state.split(self.layers, dim=1))
+        """A state as :attr:`state_sizes` parts (what :meth:`train_forward` carries)."""
+        return list(state.split(self.state_sizes, dim=1))
 
     def initial_user_state(self, batch_size: int) -> Tensor | None:
         return None
@@ -268,23 +388,30 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
     def advance(self, item_rows: Tensor, state: Tensor) -> Tensor:
         """New states for one event of each of B sessions; ``item_rows < 0`` keeps a state."""
         known = item_rows >= 0
-        _, hidden = self.hidden_step(self.embed(item_rows.clamp(min=0)), self.split_state(state))
+        parts = self.split_state(state)
+        _, hidden = self.hidden_step(self.embed(item_rows.clamp(min=0)), parts[: len(self.layers)])
+        if self.memory:
+            hidden.append(push_recent(parts[-1], item_rows))
         return torch.where(known.unsqueeze(1), torch.cat(hidden, dim=1), state)
 
     def output(self, state: Tensor) -> Tensor:
         """The last GRU layer's part of a state (what the output layer reads)."""
-        return state[:, self.state_dim - self.layers[-1] :]
+        return state[:, self.hidden_dim - self.layers[-1] : self.hidden_dim]
 
     def state_scorer(
         self, dtype: torch.dtype = torch.float32, *, copy: bool = False
     ) -> Callable[[Tensor], Tensor]:
         if not copy and dtype == self.Wy.dtype:
-            return lambda state: self.score_items(self.output(state))
+            return self.score_state
         wy_t = self.Wy.detach().t().contiguous().to(dtype)
         by = self.By.detach().view(1, -1).to(dtype)
 
         def score(state: Tensor) -> Tensor:
-            return self.final_activation(torch.addmm(by, self.output(state).to(dtype), wy_t))
+            out = self.output(state)
+            scores = torch.addmm(by, out.to(dtype), wy_t)
+            if self.memory:
+                scores = self._add_memory_offsets(scores, out, self.memory_of(state))
+            return self.final_activation(scores)
 
         return score
 
@@ -319,7 +446,7 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """One event for each of B sessions; ``item_rows < 0`` leaves that row's state as is."""
         new_state = self.advance(item_rows, state)
-        return new_state, self.score_items(self.output(new_state))
+        return new_state, self.score_state(new_state)
 
     def end_session(self, user_state: Tensor | None, final_state: Tensor) -> Tensor | None:
         return user_state
