@@ -14,16 +14,16 @@ The structure follows the official PyTorch implementation (hidasib/GRU4Rec_PyTor
 
 Session memory (``session_memory`` K > 0; not in the papers, off in a config without it): the
 state also carries the session's last K distinct items, most recent last (an item clicked again
-moves to the end), and a learnt offset is added to the score of each of them. The offset depends
-on the item's recency position (1 = the current item; positions grouped in powers of two:
-1, 2-3, 4-7, ...) and, with ``memory_gate``, on the hidden state (a linear function of the last
-layer's output per position group), so the model can learn how likely a re-click is now. A GRU
-state cannot say which items the session already showed; the offset learns from the log whether
-they come back (e-commerce: re-clicks are a quarter of all clicks) or do not (films rated once).
-Every offset weight starts at zero: at initialisation the model scores exactly as without the
-memory. The memory slots hold ``item row + 1`` as floats (exact below 2^24 items), 0 for an
-empty slot, so the all-zero initial state is an empty memory and a reset that zeroes the state
-empties it.
+moves to the end), and an offset is added to the score of each of them when the model scores.
+The offset depends on the item's recency position (1 = the current item; positions grouped in
+powers of two: 1, 2-3, 4-7, ...) and, with ``memory_gate``, on the hidden state (a linear
+function of the last layer's output per position group): how likely a re-click is now. A GRU
+state cannot say which items the session already showed; the offsets say whether they come back
+(e-commerce: re-clicks are a quarter of all clicks) or do not (films rated once). They are not
+trained with the network (``train_forward`` is the paper's): ``trainer.memory_head`` fits them on
+held-out sessions, for the ranking. They start at zero: the model then scores exactly as without
+the memory. The memory slots hold ``item row + 1`` as floats (exact below 2^24 items), 0 for an
+empty slot, so the all-zero initial state is an empty memory.
 """
 
 from __future__ import annotations
@@ -289,23 +289,19 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
             return self.score_items(out, target_rows), new
         memory = push_recent(hidden[-1], item_rows)
         new.append(memory)
-        if target_rows is None:
-            scores = torch.addmm(self.By.view(1, -1), out, self.Wy.t())
-            scores = self._add_memory_offsets(scores, out, memory)
-        else:
-            w = self.Wy.index_select(0, target_rows)
-            b = self.By.index_select(0, target_rows).view(1, -1)
-            scores = torch.addmm(b, out, w.t()) + self._offsets_of_rows(out, memory, target_rows)
+        scores = torch.addmm(self.By.view(1, -1), out, self.Wy.t())
+        scores = self._add_memory_offsets(scores, out, memory)
+        if target_rows is not None:
+            scores = scores[:, target_rows]
         return self.final_activation(scores), new
 
     # ------------------------------------------------------------------ training forward
     def train_forward(
         self, in_rows: Tensor, out_rows: Tensor, hidden: list[Tensor]
     ) -> tuple[Tensor, list[Tensor], list[tuple[nn.Parameter, Tensor, Tensor]]]:
-        """Forward for sampled training with row-sparse item matrices.
+        """Forward for sampled training with row-sparse item matrices (the paper's network: the
+        session memory takes no part; ``hidden`` holds the GRU layers' states).
 
-        ``hidden`` is :meth:`split_state` of the state (the GRU layers, then the session memory
-        when there is one); the returned list is the new one, in the same layout.
         The needed item rows are gathered once into fresh leaf tensors so that their gradients
         arrive per gathered row (no dense ``n_items``-sized gradient); the caller hands the
         returned ``(table, rows, leaf)`` triples to the sparse optimiser after ``backward``.
@@ -324,36 +320,23 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
             x = gather(self.E if self.config.embedding else self.GE.Wx, in_rows)
             w = gather(self.Wy, out_rows)
         b = gather(self.By, out_rows).view(1, -1)
-        out, new = self.hidden_step(x, hidden[: len(self.layers)])
-        scores = torch.addmm(b, out, w.t())
-        if self.memory:
-            memory = push_recent(hidden[-1], in_rows)
-            scores = scores + self._offsets_of_rows(out, memory, out_rows)
-            new.append(memory)
-        return self.final_activation(scores), new, leaves
+        out, hidden = self.hidden_step(x, hidden[: len(self.layers)])
+        scores = self.final_activation(torch.addmm(b, out, w.t()))
+        return scores, hidden, leaves
 
     # ------------------------------------------------------------------ session memory
-    def _slot_offsets(self, output: Tensor, memory: Tensor) -> Tensor:
-        """The score offset of each memory slot ``[B, K]`` (0 for an empty slot)."""
+    def slot_offsets(self, output: Tensor, filled: Tensor) -> Tensor:
+        """The score offset of each memory slot ``[B, K]`` from the last layer's ``output``;
+        0 where ``filled`` (``[B, K]``, nonzero = the slot holds an item) is 0."""
         per_group = self.memory_bias.unsqueeze(0)
         if hasattr(self, "memory_gate_weight"):
             per_group = per_group + output @ self.memory_gate_weight
         offsets = per_group.index_select(1, self.memory_groups)
-        return offsets * (memory > 0).to(offsets.dtype)
-
-    def _offsets_of_rows(self, output: Tensor, memory: Tensor, item_rows: Tensor) -> Tensor:
-        """Offsets ``[B, len(item_rows)]`` of a few items (training: targets and negatives):
-        each item is looked up in each row's sorted memory (no ``n_items``-wide buffer)."""
-        slots = self._slot_offsets(output, memory)
-        srt, slot_of = memory.sort(dim=1)
-        q = (item_rows + 1).to(memory.dtype).unsqueeze(0).expand(memory.shape[0], -1).contiguous()
-        at = torch.searchsorted(srt, q).clamp(max=memory.shape[1] - 1)
-        hit = srt.gather(1, at) == q  # items are >= 1, never an empty slot
-        return slots.gather(1, slot_of.gather(1, at)) * hit.to(slots.dtype)
+        return offsets * (filled > 0).to(offsets.dtype)
 
     def _add_memory_offsets(self, scores: Tensor, output: Tensor, memory: Tensor) -> Tensor:
         """``scores`` ``[B, n_items]`` plus each row's memory offsets (in place)."""
-        offsets = self._slot_offsets(output, memory).to(scores.dtype)
+        offsets = self.slot_offsets(output, memory).to(scores.dtype)
         # an empty slot adds its 0 offset to item row 0
         return scores.scatter_add_(1, (memory.long() - 1).clamp(min=0), offsets)
 
