@@ -63,6 +63,8 @@ class BaseParams:
                 raise ParamError(f"{name}={v}: must be >= 1")
             if name == "n_epochs" and v < self.MIN_EPOCHS:
                 raise ParamError(f"{name}={v}: must be >= {self.MIN_EPOCHS}")
+            if name == "memory_holdout" and not 0.0 <= v < 1.0:
+                raise ParamError(f"{name}={v}: must be in [0, 1)")
             if name == "learning_rate" and v <= 0:
                 raise ParamError(f"learning_rate={v}: must be > 0")
             if name.startswith("dropout_p_") and not 0.0 <= v < 1.0:
@@ -131,6 +133,11 @@ class TrainParams(BaseParams):
     nesterov: bool = False
     cuda_graph: bool = False  # capture the training step as a CUDA graph (CUDA only)
     sample_cache_max_size: int = 10_000_000
+    # the session-memory head (streamrec.model.gru4rec, trainer.memory_head); session_memory=0
+    # is the paper's model (the ``*_paper`` presets)
+    session_memory: int = 64  # the session's last K distinct items get a fitted score offset
+    memory_gate: bool = True  # the offsets are also a linear function of the hidden state
+    memory_holdout: float = 0.1  # share of sessions held out of all but the last epoch (the fit)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -165,6 +172,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         learning_rate=0.05, momentum=0.4, n_sample=2048, sample_alpha=0.4, bpreg=1.95, logq=0.0,
     ),
 }  # fmt: skip
+#: the authors' model with each published file, without the session memory (the parity check)
+PRESETS.update({f"{name}_paper": {**v, "session_memory": 0} for name, v in list(PRESETS.items())})
 
 TrainParams.PRESETS = PRESETS
 

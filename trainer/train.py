@@ -16,7 +16,7 @@ import time
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,7 @@ from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
 from streamrec.model.items import build_item_index
 from trainer.batching import BatchPlan, SessionArrays, order_sessions, session_parallel_plan
 from trainer.losses import get_loss, logq_correction
+from trainer.memory_head import HeadFit, collect, fit_head, split_holdout
 from trainer.optim import IndexedAdagradM
 from trainer.presets import TrainParams, make_params
 from trainer.sampling import SampleBuffer
@@ -66,16 +67,26 @@ def train_gru4rec(
     events_per_epoch = data.events_before(n_steps)
     setup_seconds = time.perf_counter() - t_setup
 
+    head = MemoryHeadSchedule.build(model, data, p, max_steps)
     runner = StepRunner(step, use_graph=p.cuda_graph and device.type == "cuda")
     model.train()
     t0 = time.perf_counter()
+    epoch_losses = []
+    events_trained = 0
     with _ProgressBar(n_steps, p.n_epochs, log_every, data, progress) as bar:
-        epoch_losses = [
-            _run_epoch(step, runner, n_steps, events_per_epoch, bar.epoch(epoch))
-            for epoch in range(p.n_epochs)
-        ]
+        for epoch in range(p.n_epochs):
+            head.before_epoch(epoch, step)
+            n = (
+                step.data.plan.n_steps
+                if max_steps is None
+                else min(step.data.plan.n_steps, max_steps)
+            )
+            ev = step.data.events_before(n)
+            epoch_losses.append(_run_epoch(step, runner, n, ev, bar.epoch(epoch)))
+            events_trained += ev
+        head.after_training(step)
         train_seconds = time.perf_counter() - t0
-        events_per_s = events_per_epoch * p.n_epochs / max(train_seconds, 1e-9)
+        events_per_s = events_trained / max(train_seconds, 1e-9)
         bar.finish(events_per_s)  # the bar ends on the summary's figure
     model.eval()
     stats = {
@@ -91,6 +102,8 @@ def train_gru4rec(
         "params": p.to_dict(),
         "cuda_graph": runner.graph is not None,
     }
+    if head.fit is not None:
+        stats["memory_head"] = asdict(head.fit)
     if keep_optimizer:
         stats["optimizer_state"] = opt.export_state(named)
     return model, data.item_ids, stats
@@ -146,6 +159,16 @@ class TrainingData:
         item_counts = torch.as_tensor(counts, device=device)
         return cls(item_ids, sessions, plan_np, plan, keep, item_counts, cum)
 
+    def with_sessions(self, sessions: SessionArrays, batch_size: int) -> TrainingData:
+        """The same items (rows, counts) with the plan of ``sessions`` (a subset of them)."""
+        plan_np = session_parallel_plan(sessions, batch_size)
+        plan = plan_np.to(self.keep.device)
+        keep = (~plan.reset).to(torch.float32).unsqueeze(2)
+        cum = np.concatenate([[0], np.cumsum(plan_np.valid.sum(axis=1))])
+        return replace(
+            self, sessions=sessions, plan_np=plan_np, plan=plan, keep=keep, events_cum=cum
+        )
+
     def events_before(self, step: int) -> int:
         """(input, target) pairs in the plan's first ``step`` steps."""
         return int(self.events_cum[min(step, len(self.events_cum) - 1)])
@@ -167,6 +190,8 @@ def _build_model(
             dropout_p_hidden=p.dropout_p_hidden,
             final_act=p.resolved_final_act(),
             elu_param=p.elu_param if p.elu_param > 0 else 1.0,
+            session_memory=p.session_memory,
+            memory_gate=p.memory_gate,
         ),
         seed=p.seed,
     )
@@ -183,12 +208,70 @@ def _optimizer(
     """Adagrad(+momentum), item tables row-sparse, continuing ``init_optimizer`` when given."""
     sparse = model.sparse_tables()
     sparse_ids = {id(t) for t in sparse}
-    dense = [q for q in model.parameters() if id(q) not in sparse_ids]
+    # the session-memory head is fitted apart (trainer.memory_head), never by this optimiser
+    dense = [
+        q
+        for name, q in model.named_parameters()
+        if id(q) not in sparse_ids and not name.startswith("memory_")
+    ]
     opt = IndexedAdagradM(dense, sparse, p.learning_rate, p.momentum, nesterov=p.nesterov)
     named = dict(model.named_parameters())
     if init_optimizer is not None:
         opt.import_state(named, init_optimizer)
     return opt, named
+
+
+class MemoryHeadSchedule:
+    """When the session-memory head is fitted (``session_memory`` > 0, ``memory_holdout`` > 0):
+    every epoch but the last trains on the sessions not held out; then the head is fitted on
+    the held-out ones (trainer.memory_head); the last epoch trains on every session. With one
+    epoch, the head is fitted after it. Without the head: every epoch on every session."""
+
+    def __init__(
+        self,
+        model: GRU4Rec,
+        full: TrainingData,
+        kept: TrainingData | None,
+        held: SessionArrays | None,
+    ) -> None:
+        self.model, self.full, self.kept, self.held = model, full, kept, held
+        self.fit: HeadFit | None = None
+        self.n_epochs = 0
+
+    @classmethod
+    def build(
+        cls, model: GRU4Rec, data: TrainingData, p: TrainParams, max_steps: int | None
+    ) -> MemoryHeadSchedule:
+        if not model.memory or p.memory_holdout <= 0:
+            return cls(model, data, None, None)
+        kept, held = split_holdout(data.sessions, p.memory_holdout, p.seed)
+        kept_data = data.with_sessions(kept, p.batch_size)
+        if kept_data.plan_np.n_events == 0 or not (np.diff(held.offsets) >= 2).any():
+            # too little data to hold any out: the offsets stay 0 (the paper's scores)
+            return cls(model, data, None, None)
+        schedule = cls(model, data, kept_data, held)
+        schedule.n_epochs = p.n_epochs
+        return schedule
+
+    def before_epoch(self, epoch: int, step: TrainStep) -> None:
+        if self.kept is None:
+            return
+        if epoch == 0:
+            step.data = self.kept
+        elif epoch == self.n_epochs - 1:
+            self._fit()
+            step.data = self.full
+
+    def after_training(self, step: TrainStep) -> None:
+        if self.kept is not None and self.fit is None:  # one epoch: fitted after it
+            self._fit()
+        step.data = self.full
+
+    def _fit(self) -> None:
+        assert self.held is not None
+        self.model.eval()
+        self.fit = fit_head(self.model, collect(self.model, self.held))
+        self.model.train()
 
 
 class TrainStep:

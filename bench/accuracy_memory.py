@@ -1,0 +1,86 @@
+"""GRU4Rec with the session-memory head (the defaults) against the paper's model (the
+``*_paper`` presets): train on a train file, evaluate next-item on a test file (conservative
+ties, test items unknown to training and sessions left with one click dropped, as the
+official evaluation), and append one JSON line per run to a results file.
+
+    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python bench/accuracy_memory.py \
+        --data rsc15-100k --train TRAIN.tsv --test TEST.tsv --preset rsc15_xe_shared_100_best \
+        --arm defaults --param seed=1 --out bench/results/accuracy-beyond-gru4rec-runs.jsonl
+
+``--arm`` names the row (defaults, paper, or an ablation); the preset and ``--param``
+overrides say what was trained. Figures: bench/results/accuracy-beyond-gru4rec.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from procstats import machine_line  # noqa: E402
+from streamrec.data.clicklog import load_clicks  # noqa: E402
+from trainer.evaluate import evaluate_next_item  # noqa: E402
+from trainer.presets import make_params  # noqa: E402
+from trainer.train import train_gru4rec  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True, help="data set name for the record")
+    ap.add_argument("--train", type=Path, required=True)
+    ap.add_argument("--test", type=Path, required=True)
+    ap.add_argument("--preset", required=True)
+    ap.add_argument("--arm", required=True)
+    ap.add_argument("--param", action="append", default=[])
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    load0 = os.getloadavg()
+    p = make_params(a.preset, a.param)
+    train, test = load_clicks(str(a.train)), load_clicks(str(a.test))
+    model, item_ids, stats = train_gru4rec(train, p, progress=False)
+    index = {i: r for r, i in enumerate(item_ids)}
+    test = test[test.ItemId.astype(str).isin(index)]
+    test = test[test.groupby("SessionId").SessionId.transform("size") >= 2]
+    t0 = time.perf_counter()
+    metrics = evaluate_next_item(model, test, index, ties="conservative")
+    eval_seconds = time.perf_counter() - t0
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    rec = {
+        "phase": "final",
+        "data": a.data,
+        "arm": a.arm,
+        "seed": p.seed,
+        "preset": a.preset,
+        "overrides": a.param,
+        "train": str(a.train),
+        "test": str(a.test),
+        "command": "OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python bench/accuracy_memory.py "
+        + shlex.join(sys.argv[1:]),
+        "code": commit.stdout.strip(),
+        "metrics": {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()},
+        "train_seconds": round(stats["train_seconds"], 1),
+        "train_events_per_s": round(stats["train_events_per_s"]),
+        "memory_head": stats.get("memory_head"),
+        "eval_seconds": round(eval_seconds, 1),
+        "eval_events_per_s": round(metrics["n_events"] / max(eval_seconds, 1e-9)),
+        "epoch_losses": [round(x, 5) for x in stats["epoch_losses"]],
+        "machine": machine_line(load0),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    print(json.dumps(rec))
+    with a.out.open("a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+if __name__ == "__main__":
+    main()

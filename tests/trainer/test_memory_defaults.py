@@ -1,0 +1,118 @@
+"""The session-memory head as a training default: on unless switched off, off in the
+``*_paper`` presets (the authors' model, for the parity check), and live = offline with it on."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from streamrec.data.synthetic import generate_clicks
+from streamrec.model.gru4rec import GRU4Rec
+from streamrec.serving.config import CoreConfig
+from streamrec.serving.pipeline import process_batch
+from streamrec.serving.records import Record
+from streamrec.serving.served_model import ServingModel
+from streamrec.serving.state_store import StateStore
+from streamrec.testing import click
+from streamrec.tools.backtest_metrics import live_rank
+from trainer.evaluate import evaluate_next_item
+from trainer.presets import PRESETS, TrainParams, make_params
+from trainer.train import train_gru4rec
+
+TINY = {"layers": [16], "n_epochs": 3, "batch_size": 16, "n_sample": 0, "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def log() -> pd.DataFrame:
+    return generate_clicks(200, 60, 20, seed=3, span_days=28)
+
+
+@pytest.fixture(scope="module")
+def trained(log: pd.DataFrame) -> tuple[GRU4Rec, list[str], dict]:
+    torch.set_num_threads(1)
+    return train_gru4rec(log, dict(TINY, seed=5), progress=False)
+
+
+def test_the_memory_is_on_by_default_and_off_in_the_paper_presets() -> None:
+    assert TrainParams().session_memory > 0 and TrainParams().memory_holdout > 0
+    published = [name for name in PRESETS if not name.endswith("_paper")]
+    assert published
+    for name in published:
+        p, paper = make_params(name), make_params(f"{name}_paper")
+        assert p.session_memory == TrainParams().session_memory
+        assert paper.session_memory == 0
+        others = [f.name for f in fields(TrainParams) if f.name != "session_memory"]
+        assert [getattr(p, k) for k in others] == [getattr(paper, k) for k in others]
+
+
+def test_default_training_fits_the_head(trained: tuple[GRU4Rec, list[str], dict]) -> None:
+    model, _, stats = trained
+    assert model.memory == TrainParams().session_memory
+    fit = stats["memory_head"]
+    assert fit["events"] > 0
+    assert fit["reciprocal_rank_after"] > fit["reciprocal_rank_before"]
+    assert float(model.memory_bias.abs().sum()) > 0
+
+
+def test_the_paper_model_trains_as_without_the_memory(log: pd.DataFrame) -> None:
+    """session_memory=0 builds the paper's model (no memory tensors, the state is the GRU's);
+    a memory that is not fitted (memory_holdout=0) changes neither training nor scores."""
+    torch.set_num_threads(1)
+    paper, ids, stats = train_gru4rec(log, dict(TINY, session_memory=0), progress=False)
+    assert paper.memory == 0 and paper.state_dim == 16 and "memory_head" not in stats
+    assert not [n for n, _ in paper.named_parameters() if n.startswith("memory_")]
+    idle, ids2, _ = train_gru4rec(log, dict(TINY, memory_holdout=0.0), progress=False)
+    assert ids2 == ids
+    want = paper.state_dict()
+    for k, v in idle.state_dict().items():
+        if k.startswith("memory_"):
+            assert not v.any()
+        else:
+            torch.testing.assert_close(v, want[k], rtol=0, atol=0)
+    index = {i: r for r, i in enumerate(ids)}
+    assert evaluate_next_item(idle, log, index) == evaluate_next_item(paper, log, index)
+
+
+def test_live_scores_equal_trainer_evaluate_with_the_memory_on(
+    log: pd.DataFrame, trained: tuple[GRU4Rec, list[str], dict]
+) -> None:
+    """The log through the serving core (the memory in the session state) gives the same
+    Recall@k and MRR@k as trainer evaluate, and the memory changes them."""
+    model, ids, _ = trained
+    index = {i: r for r, i in enumerate(ids)}
+    offline = evaluate_next_item(model, log, index)
+    ordered = log.sort_values(["Time"], kind="stable")
+    values = [
+        click(str(s), str(i), t=float(t))
+        for s, i, t in ordered[["SessionId", "ItemId", "Time"]].itertuples(index=False)
+    ]
+    cfg = CoreConfig(session_gap_seconds=1e9, recent_items=10, recent_sessions=3, top_k=21)
+    serving = ServingModel(model, ids, "v1", device="cpu", top_k=21)
+    store, answers = StateStore(), []
+    for i in range(0, len(values), 64):
+        batch = [
+            Record(v, topic="clicks", partition=0, offset=i + j)
+            for j, v in enumerate(values[i : i + 64])
+        ]
+        answers += process_batch(batch, store, serving, cfg).recommendations
+    by_session: dict[str, list] = {}
+    for r in answers:
+        by_session.setdefault(r.session_id, []).append(r)
+    live = []
+    for recs in by_session.values():
+        for a, b in zip(recs, recs[1:]):
+            live.append(live_rank(a.items, a.scores, b.item_id, 20))
+    ranks = np.array(live)
+    assert len(ranks) == offline["n_events"]
+    for k in (1, 5, 10, 20):
+        assert (ranks <= k).mean() == pytest.approx(offline[f"recall@{k}"], abs=1e-12)
+        mrr = np.where(ranks <= k, 1.0 / ranks, 0.0).mean()
+        assert mrr == pytest.approx(offline[f"mrr@{k}"], abs=1e-12)
+    with torch.no_grad():
+        model.memory_bias.zero_()
+        model.memory_gate_weight.zero_()
+    assert evaluate_next_item(model, log, index) != offline
