@@ -1,0 +1,95 @@
+"""Serving cost of the session memory: ``ServingModel.step`` (the worker's model step: advance,
+scores, top-k, host copies) of GRU4Rec with the defaults' memory (K=64, gated, fitted-size
+offsets) beside the paper's model, same weights otherwise, sized like the yoochoose-1_64 model
+(17,319 items, 100 units). Sessions of 10 clicks with repeats, so the memories fill; the two
+models alternate round by round (the same host load for both); median per batch.
+
+    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python bench/memory_step_speed.py [--rounds 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from procstats import machine_line
+
+from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
+from streamrec.serving.served_model import ServingModel
+
+N_ITEMS, UNITS, CLICKS = 17_319, 100, 10
+
+
+def models() -> dict[str, ServingModel]:
+    paper = GRU4Rec(GRU4RecConfig(n_items=N_ITEMS, layers=[UNITS]), seed=1)
+    memory = GRU4Rec(
+        GRU4RecConfig(n_items=N_ITEMS, layers=[UNITS], session_memory=64, memory_gate=True), seed=1
+    )
+    memory.load_state_dict(paper.state_dict(), strict=False)
+    with torch.no_grad():  # offsets of a fitted head's size (their values do not change the cost)
+        memory.memory_bias.copy_(torch.linspace(1.0, -1.0, memory.memory_bias.numel()))
+        memory.memory_gate_weight.normal_(0, 0.01)
+    ids = [str(i) for i in range(N_ITEMS)]
+    return {
+        "paper": ServingModel(paper.eval(), ids, "paper", device="cpu", top_k=20),
+        "memory": ServingModel(memory.eval(), ids, "memory", device="cpu", top_k=20),
+    }
+
+
+def session_clicks(batch: int, rng: np.random.Generator) -> np.ndarray:
+    """[CLICKS, batch] item rows; a third of the clicks repeat an earlier item of the session."""
+    rows = rng.integers(0, N_ITEMS, (CLICKS, batch))
+    for t in range(1, CLICKS):
+        again = rng.random(batch) < 1 / 3
+        rows[t, again] = rows[rng.integers(0, t), np.arange(batch)][again]
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--batches", default="1,64,256")
+    ap.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    load0 = os.getloadavg()
+    ms = models()
+    rng = np.random.default_rng(0)
+    result: dict[str, dict[str, float]] = {}
+    for b in (int(x) for x in a.batches.split(",")):
+        clicks = session_clicks(b, rng)
+        times: dict[str, list[float]] = {name: [] for name in ms}
+        for r in range(a.rounds + 1):
+            for name, m in ms.items():
+                states = m.initial_states(None, b)
+                t0 = time.perf_counter()
+                for t in range(CLICKS):
+                    states = m.step(clicks[t], states, None).states
+                if r > 0:  # the first round warms up
+                    times[name].append((time.perf_counter() - t0) / CLICKS)
+        med = {name: statistics.median(v) for name, v in times.items()}
+        result[str(b)] = {
+            "paper_ms": round(med["paper"] * 1e3, 3),
+            "memory_ms": round(med["memory"] * 1e3, 3),
+            "memory_over_paper": round(med["memory"] / med["paper"], 3),
+        }
+        print(b, result[str(b)], flush=True)
+    rec = {"bench": "memory_step_speed", "results": result, "machine": machine_line(load0)}
+    print(json.dumps(rec))
+    if a.out:
+        with a.out.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+if __name__ == "__main__":
+    main()
