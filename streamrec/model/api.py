@@ -113,11 +113,11 @@ class InnerProductScores:
     The contract: the score of item ``i`` for a state is
     ``act(query_vectors(state, user)[b] . item_vectors()[i] + offset(b, i))`` where ``act`` is
     increasing (linear, tanh, ELU) and ``offset(b, i)`` is nonzero only for the rows
-    ``offset_rows(user)[b]`` (HRNN's memory of a user's items; none elsewhere). The output
-    bias is folded into the vectors (its item column against a query column of ones), so
-    ranking by the inner product ranks as the model does, except for the offset rows, which
-    a retrieval must therefore always score exactly. ``state`` is a state after the step
-    (what ``step`` scores), ``user`` the user state the step was given.
+    ``offset_rows(user, state)[b]`` (HRNN's memory of a user's items, GRU4Rec's session
+    memory). The output bias is folded into the vectors (its item column against a query
+    column of ones), so ranking by the inner product ranks as the model does, except for the
+    offset rows, which a retrieval must therefore always score exactly. ``state`` is a state
+    after the step (what ``step`` scores), ``user`` the user state the step was given.
     """
 
     def item_vectors(self) -> Tensor:
@@ -128,8 +128,9 @@ class InnerProductScores:
         """``[B, D]``: what each state multiplies the item vectors by (last column 1)."""
         raise NotImplementedError
 
-    def offset_rows(self, user_state: Tensor | None) -> Tensor | None:
-        """``[B, K]`` item rows whose score the inner product does not give (-1: none), or None."""
+    def offset_rows(self, user_state: Tensor | None, state: Tensor | None = None) -> Tensor | None:
+        """``[B, K]`` item rows whose score the inner product does not give (-1: none), or None:
+        from the user state (HRNN's memory) or the session state after the step (GRU4Rec's)."""
         return None
 
     def score_all(self, state: Tensor, user_state: Tensor | None) -> Tensor:

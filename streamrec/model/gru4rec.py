@@ -402,7 +402,11 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
         self, dtype: torch.dtype = torch.float32
     ) -> Callable[[Tensor, int], tuple[Tensor, Tensor]]:
         """``(states, k) -> (values, rows)``: the top-k of ``state_scorer(dtype, copy=True)``
-        computed tile by tile (``streamrec.model.topk.TiledTopK``: no full score matrix)."""
+        computed tile by tile (``streamrec.model.topk.TiledTopK``: no full score matrix);
+        with a session memory through the full scores (the offsets are not tiled)."""
+        if self.memory:
+            score = self.state_scorer(dtype, copy=True)
+            return lambda state, k: torch.topk(score(state), k, dim=1)
         wy_t = self.Wy.detach().t().contiguous().to(dtype)
         by = self.By.detach().view(1, -1).to(dtype).contiguous()
         tiled = TiledTopK(wy_t, by, self.final_activation)
@@ -416,12 +420,23 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
         out = self.output(state)
         return torch.cat([out, out.new_ones(out.shape[0], 1)], dim=1)
 
+    def offset_rows(self, user_state: Tensor | None, state: Tensor | None = None) -> Tensor | None:
+        """The session memory's items (-1: an empty slot): their scores carry the offsets."""
+        if not self.memory or state is None:
+            return None
+        return self.memory_of(state).long() - 1
+
     def score_all(self, state: Tensor, user_state: Tensor | None = None) -> Tensor:
-        return self.score_items(self.output(state))
+        return self.score_state(state)
 
     def score_rows(self, state: Tensor, user_state: Tensor | None, rows: Tensor) -> Tensor:
-        out = self.output(state).unsqueeze(2)
-        scores = torch.bmm(self.Wy[rows], out).squeeze(2) + self.By[rows].squeeze(2)
+        out = self.output(state)
+        scores = torch.bmm(self.Wy[rows], out.unsqueeze(2)).squeeze(2) + self.By[rows].squeeze(2)
+        if self.memory:  # each row's offset where it is in the memory (items are there once)
+            memory = self.memory_of(state)
+            hit = (rows.unsqueeze(2) + 1).to(memory.dtype) == memory.unsqueeze(1)
+            slots = self.slot_offsets(out, memory).to(scores.dtype)
+            scores = scores + (hit.to(scores.dtype) * slots.unsqueeze(1)).sum(dim=2)
         return self.final_activation(scores)
 
     def step(

@@ -375,7 +375,7 @@ class HRNN(InnerProductScores, TrainableStepModel, nn.Module):
         parts.append(out.new_ones(out.shape[0], 1))
         return torch.cat(parts, dim=1)
 
-    def offset_rows(self, user_state: Tensor | None) -> Tensor | None:
+    def offset_rows(self, user_state: Tensor | None, state: Tensor | None = None) -> Tensor | None:
         """The user's memory items (their scores carry ``memory_bias``)."""
         if not self.memory or user_state is None or not self.user_path_on:
             return None

@@ -184,7 +184,7 @@ class Retriever:
         """``[B, C]`` rows to score exactly: ``found`` (the index's answer, or a shortlist),
         the model's offset rows (HRNN's memory) and ``extra``, each once (-1: none)."""
         parts = [found]
-        offsets = self.split.offset_rows(user)
+        offsets = self.split.offset_rows(user, state)
         if offsets is not None:
             parts.append(offsets.to(found.dtype))
         if extra is not None:

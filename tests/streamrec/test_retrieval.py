@@ -357,3 +357,40 @@ def test_a_hybrid_index_proposes_the_head_and_the_graph_candidates_once(tmp_path
         kept = [r for r in g if r >= 0]
         assert len(kept) == len(set(kept))
         assert set(kept) == {r for r in w if r >= 0}
+
+
+def test_gru4rec_session_memory_in_every_retrieval() -> None:
+    """GRU4Rec's session memory (in the state): exact, tiled, bf16-shortlist and ANN retrieval
+    all carry its offsets; a large offset puts the session's items first whatever the index
+    finds, a large negative one puts them last."""
+    m = GRU4Rec({"n_items": N_ITEMS, "layers": [16], "session_memory": 8, "memory_gate": True})
+    m.eval()
+    gen = torch.Generator().manual_seed(3)
+    clicks = torch.randint(0, N_ITEMS, (5, 64), generator=gen)
+    with torch.inference_mode():
+        m.By.normal_(0.0, 0.3, generator=gen)
+        state = m.initial_state(None, 64)
+        for t in range(5):
+            state = m.advance(clicks[t], state)
+        remembered = m.offset_rows(None, state)
+        assert remembered is not None and remembered.shape == (64, 8)
+        index = AnnIndex.build(m.item_vectors(), AnnParams(candidates=20))
+        for bias, first in ((50.0, True), (-50.0, False)):
+            m.memory_bias.fill_(bias)
+            m.memory_gate_weight.normal_(0.0, 0.1, generator=gen)
+            reference = torch.topk(m.score_state(state), 20, dim=1)
+            exact = Retriever(m).topk(state, None, 20)
+            assert torch.equal(exact[1], reference.indices)
+            tiled = m.state_topk()(state, 20)
+            assert torch.equal(tiled[1], reference.indices)
+            short = Retriever(m, bf16_shortlist=True, shortlist=32).topk(state, None, 20)
+            assert torch.equal(short[1], reference.indices)
+            _, ann = Retriever(m, mode="ann", index=index, candidates=20).topk(state, None, 20)
+            rows = m.score_rows(state, None, reference.indices)
+            torch.testing.assert_close(rows, reference.values, rtol=1e-5, atol=1e-5)
+            for b in range(64):
+                mine = {r for r in remembered[b].tolist() if r >= 0}
+                if first:
+                    assert set(ann[b, : len(mine)].tolist()) == mine
+                else:  # last, if the index's candidates leave them in the answer at all
+                    assert not set(ann[b, : 20 - len(mine)].tolist()) & mine

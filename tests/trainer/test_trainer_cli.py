@@ -278,7 +278,10 @@ def test_presets_and_param_parsing() -> None:
     assert p.constrained_embedding and p.embedding == 0 and p.resolved_final_act() == "linear"
     bm = make_params("coveo_bprmax_shared_best")
     assert bm.loss == "bpr-max" and bm.bpreg == 1.85 and bm.resolved_final_act() == "elu"
-    assert len(PRESETS) == 6
+    assert len(PRESETS) == 12  # the six published files, each also as its *_paper preset
+    assert sorted(n for n in PRESETS if not n.endswith("_paper")) == sorted(
+        n.removesuffix("_paper") for n in PRESETS if n.endswith("_paper")
+    )
     q = make_params("yoochoose_xe_shared_best", ["layers=100/50", "constrained_embedding=False"])
     assert q.layers == [100, 50] and q.constrained_embedding is False and q.batch_size == 48
     bad_params = [
