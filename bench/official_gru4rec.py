@@ -30,12 +30,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from procstats import machine_line
 
 LINE = re.compile(r"Recall@(\d+): ([0-9.]+) MRR@\d+: ([0-9.]+)")
-# numpy >= 2 computes the official initial weights (float32 array times a float64 scalar) in
-# float64, which Tensor.set_ refuses; numpy 1 (the authors') kept float32: cast them back.
+# Two shims for newer libraries, neither changes a value: numpy >= 2 computes the official
+# initial weights (float32 array times a float64 scalar) in float64, which Tensor.set_ refuses
+# (numpy 1, the authors', kept float32: cast back); this torch no longer reads a pandas Series
+# in torch.tensor (logq's item counts): hand it the Series' array.
 LAUNCH = (
-    "import runpy, sys, torch; sys.path.insert(0, '.'); import gru4rec_pytorch as g; "
+    "import runpy, sys, torch, pandas as pd; sys.path.insert(0, '.'); import gru4rec_pytorch as g; "
     "f = g.GRU4RecModel._init_numpy_weights; "
     "g.GRU4RecModel._init_numpy_weights = lambda self, shape: f(self, shape).astype('float32'); "
+    "t = torch.tensor; torch.tensor = lambda d, *a, **k: "
+    "t(d.to_numpy() if isinstance(d, pd.Series) else d, *a, **k); "
     "torch.set_num_threads({threads}); torch.manual_seed({seed}); "
     "sys.argv = {argv!r}; runpy.run_path('run.py', run_name='__main__')"
 )
@@ -60,8 +64,12 @@ def main() -> None:
         threads=int(os.environ.get("OMP_NUM_THREADS", "1")), seed=a.seed, argv=argv
     )
     done = subprocess.run(
-        [sys.executable, "-c", code], cwd=a.official, capture_output=True, text=True, check=True
+        [sys.executable, "-c", code], cwd=a.official, capture_output=True, text=True
     )
+    if done.returncode != 0:
+        raise SystemExit(
+            f"the official run.py failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+        )
     metrics: dict[str, float] = {}
     for k, recall, mrr in LINE.findall(done.stdout):
         metrics[f"recall@{k}"], metrics[f"mrr@{k}"] = float(recall), float(mrr)
