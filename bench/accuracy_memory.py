@@ -26,11 +26,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from procstats import machine_line  # noqa: E402
-from streamrec.data.clicklog import load_clicks  # noqa: E402
-from trainer.evaluate import evaluate_next_item  # noqa: E402
-from trainer.presets import make_params  # noqa: E402
-from trainer.train import train_gru4rec  # noqa: E402
+from procstats import machine_line
+
+from streamrec.data.clicklog import load_clicks
+from trainer.evaluate import evaluate_next_item
+from trainer.presets import make_params
+from trainer.train import train_gru4rec
 
 
 def main() -> None:
