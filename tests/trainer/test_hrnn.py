@@ -429,7 +429,7 @@ def test_hrnn_none_trains_exactly_as_the_gru4rec_trainer():
     kw: dict[str, Any] = dict(
         n_epochs=1, batch_size=8, n_sample=16, layers=[10], seed=5, device="cpu"
     )
-    g, ids, st = train_gru4rec(df, TrainParams(**kw), progress=False)
+    g, ids, st = train_gru4rec(df, TrainParams(**kw, session_memory=0), progress=False)
     h = HRNN.from_gru4rec(GRU4Rec.from_config(g.config_dict(), seed=5), variant="none")
     idx = {i: r for r, i in enumerate(ids)}
     hs = train_hier(h, df, idx, HRNNParams(**kw))
@@ -453,7 +453,7 @@ def test_without_waiting_for_users_the_schedule_is_gru4recs(variant):
     kw: dict[str, Any] = dict(
         n_epochs=1, batch_size=8, n_sample=16, layers=[10], seed=5, device="cpu"
     )
-    g, ids, st = train_gru4rec(df, TrainParams(**kw), progress=False)
+    g, ids, st = train_gru4rec(df, TrainParams(**kw, session_memory=0), progress=False)
     idx = {i: r for r, i in enumerate(ids)}
     b = session_parallel_batches(df, idx, 8, wait_for_user=False)
     assert b.n_steps == st["n_steps_per_epoch"]
@@ -499,7 +499,7 @@ def test_staged_schedule_trains_gru4rec_first_then_only_the_user_path(variant):
     kw: dict[str, Any] = dict(
         n_epochs=1, batch_size=8, n_sample=16, layers=[10], seed=5, device="cpu", momentum=0.5
     )  # momentum: the frozen entries must not coast on the first stage's momentum
-    g, ids, st = train_gru4rec(df, TrainParams(**kw), progress=False)
+    g, ids, st = train_gru4rec(df, TrainParams(**kw, session_memory=0), progress=False)
     idx = {i: r for r, i in enumerate(ids)}
     h = HRNN.from_gru4rec(
         GRU4Rec.from_config(g.config_dict(), seed=5), variant=variant, user_layers=[4], memory=5
