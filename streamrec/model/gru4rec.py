@@ -402,15 +402,39 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
         self, dtype: torch.dtype = torch.float32
     ) -> Callable[[Tensor, int], tuple[Tensor, Tensor]]:
         """``(states, k) -> (values, rows)``: the top-k of ``state_scorer(dtype, copy=True)``
-        computed tile by tile (``streamrec.model.topk.TiledTopK``: no full score matrix);
-        with a session memory through the full scores (the offsets are not tiled)."""
-        if self.memory:
-            score = self.state_scorer(dtype, copy=True)
-            return lambda state, k: torch.topk(score(state), k, dim=1)
+        computed tile by tile (``streamrec.model.topk.TiledTopK``: no full score matrix).
+
+        With a session memory: the tiled top-(k + m) of the scores without offsets (m: the
+        most items any row remembers), less the remembered items, beside the remembered items
+        scored with their offsets; the best k of those are the exact top-k (at most m of the
+        tiled top-(k + m) are remembered, so it holds the k best items that are not)."""
         wy_t = self.Wy.detach().t().contiguous().to(dtype)
         by = self.By.detach().view(1, -1).to(dtype).contiguous()
         tiled = TiledTopK(wy_t, by, self.final_activation)
-        return lambda state, k: tiled.topk(self.output(state), k)
+        if not self.memory:
+            return lambda state, k: tiled.topk(self.output(state), k)
+
+        def topk(state: Tensor, k: int) -> tuple[Tensor, Tensor]:
+            memory, out = self.memory_of(state), self.output(state)
+            # the filled slots are the last ones (newest last): only the m columns from the
+            # first filled slot of any row on matter
+            filled = (memory > 0).any(dim=0)
+            m = self.memory - int(filled.to(torch.uint8).argmax()) if bool(filled.any()) else 0
+            values, rows = tiled.topk(out, min(k + m, self.n_items))
+            if m == 0:
+                return values[:, :k], rows[:, :k]
+            remembered = memory[:, self.memory - m :].long() - 1  # -1: an empty slot
+            known = remembered >= 0
+            r = remembered.clamp(min=0)
+            raw = torch.bmm(self.Wy[r], out.unsqueeze(2)).squeeze(2) + self.By[r].squeeze(2)
+            raw = raw + self.slot_offsets(out, memory)[:, self.memory - m :]
+            mem_scores = self.final_activation(raw).to(values.dtype).masked_fill(~known, -torch.inf)
+            again = (rows.unsqueeze(2) == remembered.unsqueeze(1)).any(dim=2)
+            values = values.masked_fill(again, -torch.inf)
+            best, pos = torch.topk(torch.cat([values, mem_scores], dim=1), k, dim=1)
+            return best, torch.cat([rows, remembered], dim=1).gather(1, pos)
+
+        return topk
 
     # ------------------------------------------------------------------ inner-product split
     def item_vectors(self) -> Tensor:
