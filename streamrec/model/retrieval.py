@@ -197,8 +197,11 @@ class Retriever:
         """What :meth:`topk` scores exactly in ``ann`` mode."""
         assert self.index is not None, "ann_candidates needs an index"
         q = self.split.query_vectors(state, user)
-        # an index in exact order (the head's exact scores) needs only the k best
-        count = k if self.index.exact_order else max(self.n_candidates, k)
+        # an index in exact order (the head's exact scores) needs only the k best, and one
+        # more for each offset row (an offset may push a row found among them down)
+        offsets = self.split.offset_rows(user, state)
+        n_offsets = 0 if offsets is None else offsets.shape[1]
+        count = k + n_offsets if self.index.exact_order else max(self.n_candidates, k)
         found = self.index.search(q, count).to(state.device)
         return self.candidates(state, user, found, extra)
 
