@@ -30,9 +30,18 @@ def require_extra(module: str, extra: str, what: str) -> None:
         ) from None
 
 
+HELP_OPTION_NAMES = ["-h", "--help"]
+
+
 class CommandGroup(click.Group):
     """A click group whose commands report a :class:`StreamrecError` as ``Error: message``
     (exit status 1) instead of a traceback."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        # click builds a command's help option once and keeps it: a command first invoked on
+        # its own (a test, another tool) would then refuse -h even under this group
+        cmd.context_settings.setdefault("help_option_names", HELP_OPTION_NAMES)
+        super().add_command(cmd, name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

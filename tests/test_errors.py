@@ -196,5 +196,9 @@ def test_both_commands_take_h_and_version(group: click.Group) -> None:
     res = runner.invoke(group, ["--version"])
     assert res.exit_code == 0 and "version 0." in res.output, res.output
     for name in group.list_commands(click.Context(group)):  # every command, one level down
+        command = group.get_command(click.Context(group), name)
+        assert command is not None
+        # invoked on its own first (as other tests do): click keeps the help option it built
+        assert runner.invoke(command, ["--help"]).exit_code == 0
         res = runner.invoke(group, [name, "-h"])
         assert res.exit_code == 0 and res.output.startswith("Usage: "), (name, res.output)
