@@ -250,6 +250,8 @@ class TopicSettings(_Group):
     recommendations: str = Field("streamrec-recommendations", min_length=1, max_length=249)
     dead_letter: str = Field("streamrec-dead-letter", min_length=1, max_length=249)
     partitions: int = Field(4, ge=1, le=1024)
+    #: The live metrics topic (None: ``<app_id>-live-metrics``), one per worker group.
+    live_metrics: str | None = Field(None, min_length=1, max_length=249)
     replication_factor: int = Field(1, ge=1, le=16)
 
 
@@ -355,6 +357,10 @@ class WorkerSettings(_Group):
     #: Native engine: seconds between checkpoints (outputs and changelog flushed, input
     #: offsets committed, state written to RocksDB). Shorter: less to redo after a crash.
     commit_interval_s: float = Field(1.0, gt=0, le=3600)
+    #: Live metrics: every click that continues a session is scored against the answer to
+    #: the session's previous click (Recall@k, MRR@k per model version and arm), exported in
+    #: /metrics and published to the live metrics topic with every checkpoint.
+    live_metrics: bool = True
 
 
 class Settings(BaseSettings):

@@ -314,6 +314,13 @@ class StateStore:
     def delete_user(self, key: str, partition: int | None = None) -> None:
         self._delete(USERS, key, partition)
 
+    def write(self, table: bytes, key: str, value: bytes | None, partition: int | None) -> None:
+        """An encoded state (None: delete it) of ``table`` (:data:`SESSIONS`, :data:`USERS`)."""
+        if value is None:
+            self._delete(table, key, partition)
+        else:
+            self._write(table, key, value, partition)
+
     def iter_sessions(self) -> Iterator[tuple[str, SessionState]]:
         """Every decodable session of every partition (inspection, tests)."""
         for p, part in self.partitions():

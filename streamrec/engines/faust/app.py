@@ -36,6 +36,7 @@ from streamrec.engines.faust import compat
 from streamrec.engines.faust.idle import IdleIndex
 from streamrec.engines.faust.tables import FaustPartition
 from streamrec.engines.faust.transport import faust_app_kwargs, streamrec_transport
+from streamrec.engines.live import LiveMetrics
 from streamrec.kafka import clients, tansu
 from streamrec.serving.expiry import end_idle_sessions, expire_idle_users
 from streamrec.serving.pipeline import process_batch
@@ -80,6 +81,10 @@ class Worker(EngineBase):
         app_kwargs = faust_app_kwargs(conf)  # refuses what aiokafka cannot apply, first
         embedded = clients.is_embedded(conf)
         self.outputs = Outputs(settings, conf=conf)
+        self.live = (
+            LiveMetrics(settings, self.metrics.registry) if self.config.live_metrics else None
+        )
+        self._live_generation: int | None = None
         self.lock = asyncio.Lock()
         t = settings.topics
         w = settings.worker
@@ -168,6 +173,9 @@ class Worker(EngineBase):
         async with self.lock:
             parts = self._partitions({r.partition for r in records})
             model = self.holder.current
+            if self.live is not None and self.app.consumer_generation_id != self._live_generation:
+                self.live.reset()  # a new assignment: read again where partitions are counted
+                self._live_generation = self.app.consumer_generation_id
             loop = asyncio.get_running_loop()
             store = StateStore(parts)
             res = await loop.run_in_executor(self.executor, self._step, records, store, model)
@@ -186,8 +194,15 @@ class Worker(EngineBase):
         Faust's ``topic.send``) and are flushed here, so a batch's events are acked (and
         their offsets later committed) only after its recommendations are on the broker.
         """
+        live = self.live
+        if live is not None:
+            live.load_watermarks({r.partition for r in records if not live.known(r.partition)})
         res = process_batch(records, store, model, self.config, clock=self.clock)
         self.outputs.publish(res)
+        if live is not None:
+            # durable before the batch's table writes reach the changelog (engines/live.py)
+            live.add(res)
+            live.publish(flush=True)
         self.outputs.flush()
         return res
 
@@ -343,6 +358,8 @@ class Worker(EngineBase):
 
         from faust.worker import Worker as FaustWorker
 
+        if self.live is not None:
+            self.live.ensure_topic()
         self.metrics.serve(self.settings.worker.metrics_port, self.settings.worker.metrics_host)
         gc.collect()
         gc.freeze()  # model, item index and imports: keep them out of every GC pass
@@ -351,3 +368,5 @@ class Worker(EngineBase):
         finally:
             self.executor.shutdown(wait=False, cancel_futures=True)
             self.outputs.producer.flush(10)
+            if self.live is not None:
+                self.live.close()

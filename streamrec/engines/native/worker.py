@@ -32,6 +32,7 @@ from typing import Any
 from confluent_kafka import Consumer, TopicPartition
 
 from streamrec.engines.common import DeliveryError, EngineBase, Outputs
+from streamrec.engines.live import LiveMetrics
 from streamrec.engines.native.checkpoint import Checkpoints
 from streamrec.engines.native.recovery import changelog_topic, recover, recovery_group
 from streamrec.engines.native.stages import Stages, to_records
@@ -79,8 +80,11 @@ class NativeWorker(EngineBase):
         self.checkpoints = Checkpoints(
             self.consumer, self.outputs, self.partitions, self.clicks, self.changelog, self.metrics
         )
+        self.live = (
+            LiveMetrics(settings, self.metrics.registry) if self.config.live_metrics else None
+        )
         self.stages = Stages(
-            self.store, self.holder, self.config, self.clock, self.outputs, self.metrics
+            self.store, self.holder, self.config, self.clock, self.outputs, self.metrics, self.live
         )
         self.sweeper = Sweeper()
         self._stopping = False
@@ -104,6 +108,8 @@ class NativeWorker(EngineBase):
                 )
             ],
         )
+        if self.live is not None:
+            self.live.ensure_topic()
         self.metrics.serve(self.settings.worker.metrics_port, self.settings.worker.metrics_host)
         gc.collect()
         gc.freeze()  # model, item index and imports: keep them out of every GC pass
@@ -190,6 +196,10 @@ class NativeWorker(EngineBase):
             self.finish_checkpoint(block=True)
         started = time.monotonic()
         self.stages.drain()  # every batch applied so far has its outputs handed to the producer
+        if self.live is not None:
+            # the counts of the clicks these states have applied are durable first
+            # (streamrec.engines.live: each click counted once)
+            self.live.publish(flush=True)
         self.checkpoints.begin(self.stages.take_offsets(), started)
 
     def finish_checkpoint(self, block: bool) -> bool:
@@ -220,6 +230,8 @@ class NativeWorker(EngineBase):
         health.busy(f"recovering the state of partitions {sorted(wanted)}")
         for p in [p for p in self.partitions if p not in wanted]:
             self.partitions.pop(p).close()
+            if self.live is not None:
+                self.live.forget(p)
         # Partitions kept across the rebalance were checkpointed at the revoke and nobody else
         # can have owned them in between (eager rebalancing): their local state is current.
         new = [RocksDBPartition(self.datadir / str(p), p) for p in wanted - set(self.partitions)]
@@ -233,6 +245,8 @@ class NativeWorker(EngineBase):
                 time.monotonic() - t0,
             )
         self.partitions.update({s.partition: s for s in new})
+        if self.live is not None:  # where the newly assigned partitions are counted up to
+            self.live.load_watermarks(s.partition for s in new)
         if assigned:  # where the group stands (one round trip per rebalance)
             for tp in consumer.committed(assigned, timeout=10):
                 self.checkpoints.committed[tp.partition] = tp.offset
@@ -260,6 +274,8 @@ class NativeWorker(EngineBase):
                 state.discard_pending()
                 state.close()
             self.stages.forget(tp.partition)
+            if self.live is not None:
+                self.live.forget(tp.partition)
 
     # ---- timers ------------------------------------------------------------------------------
     def sweep(self, budget_s: float = SWEEP_STEP_S) -> bool:
@@ -303,5 +319,7 @@ class NativeWorker(EngineBase):
                 state.close()
             self.partitions.clear()
             self.producer.flush(10)
+            if self.live is not None:
+                self.live.close()
             self.stages.close()
             self.loader_thread.shutdown(wait=False, cancel_futures=True)
