@@ -498,16 +498,21 @@ REFUSED_VERSION_REUSED = "version_reused"
 REFUSED_INVALID = "invalid"
 
 
-def find_checkpoint(watch_dir: str | os.PathLike[str] | None) -> Path | None:
-    """The checkpoint to serve from ``watch_dir``: a model registry's published version
-    (:class:`streamrec.loop.registry.RegistryError` when its pointer cannot be followed),
-    else the newest checkpoint directory in it, or itself; None when there is none yet."""
+def find_checkpoint(
+    watch_dir: str | os.PathLike[str] | None, alias: str = registry.CHAMPION
+) -> Path | None:
+    """The checkpoint to serve from ``watch_dir``: in a model registry, the version ``alias``
+    names (:class:`streamrec.loop.registry.RegistryError` when its pointer cannot be
+    followed); else (the champion only) the newest checkpoint directory in it, or itself; None
+    when there is none yet."""
     if watch_dir is None or not Path(watch_dir).is_dir():
         return None
     watch_dir = Path(watch_dir)
     if registry.is_registry(watch_dir):
         # a model registry: follow its pointer (a rollback is followed too)
-        return registry.resolve(watch_dir)
+        return registry.resolve(watch_dir, alias)
+    if alias != registry.CHAMPION:
+        return None  # a challenger comes from a registry only
     cands = [p.parent for p in watch_dir.glob("*/checkpoint.json")]
     if (watch_dir / "checkpoint.json").exists():
         cands.append(watch_dir)
@@ -522,7 +527,8 @@ class ModelHolder:
     ``current`` is read once per batch by the core, so a batch never mixes two versions.
     With ``watch_dir`` set, :meth:`maybe_reload` loads the newest checkpoint directory in it
     (``checkpoint.json`` present) whose version differs from the served one; when
-    ``watch_dir`` is a model registry (:mod:`streamrec.loop.registry`), the published version.
+    ``watch_dir`` is a model registry (:mod:`streamrec.loop.registry`), the version its
+    ``alias`` names (the champion: the published one; or the challenger).
 
     What is not loaded is counted by reason in :attr:`refusals` (and handed to
     ``on_refusal``, the worker's metric) and logged once per distinct problem: a registry
@@ -542,8 +548,10 @@ class ModelHolder:
         score_dtype: str = "float32",
         gate_ratio: float = GATE_RATIO,
         retrieval: RetrievalOptions | None = None,
+        alias: str = registry.CHAMPION,
     ) -> None:
         self._model = model
+        self.alias = alias
         self.gate_ratio = gate_ratio
         self.score_dtype = score_dtype
         self.retrieval = retrieval
@@ -625,7 +633,7 @@ class ModelHolder:
         """:func:`find_checkpoint` of the watched directory; a registry pointer that cannot
         be followed is a refusal (None: the served model stays)."""
         try:
-            return find_checkpoint(self.watch_dir)
+            return find_checkpoint(self.watch_dir, self.alias)
         except registry.RegistryError as exc:
             self._refuse(REFUSED_POINTER, str(exc))
             return None
