@@ -313,6 +313,12 @@ class ModelSettings(_Group):
     #: (data_stats.holdout_sessions), Recall@20 must reach this share of the checkpoint's
     #: own offline figure (metrics["holdout_recall@20"]).
     gate_ratio: float = Field(0.8, ge=0, le=1)
+    #: A/B: the share of keys (user id, else session id, by a stable hash) the registry's
+    #: challenger answers; 0: none (``streamrec worker --challenger-share``).
+    challenger_share: float = Field(0.0, ge=0, le=1)
+    #: Shadow: the registry's challenger scores every click too, with states of its own; only
+    #: the champion's answer is published (``streamrec worker --shadow``).
+    shadow: bool = False
     #: How the top-k is found (docs/architecture.md, "Retrieval"). ``exact``: every item is
     #: scored; ``ann``: an approximate index (usearch HNSW, built beside the checkpoint when
     #: published, else at load) proposes candidates, which are scored exactly; ``auto``: ann

@@ -35,16 +35,17 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import Consumer, Producer, TopicPartition
-from prometheus_client import CollectorRegistry, Counter
+from confluent_kafka import Producer, TopicPartition
+from prometheus_client import CollectorRegistry, Counter, Info
 
-from streamrec.engines.common import DeliveryError
-from streamrec.kafka import tansu
+from streamrec.errors import StreamrecError
+from streamrec.kafka import clients
 from streamrec.kafka.clients import TopicSpec, ensure_topics
+from streamrec.serving.arms import ArmModels
 from streamrec.serving.live import KS, LiveCounts, LiveRecord
 from streamrec.serving.records import BatchResult
 from streamrec.settings import Settings
@@ -53,6 +54,11 @@ log = logging.getLogger(__name__)
 
 #: records read back from the end of a metrics partition to find where it is counted up to
 TAIL_RECORDS = 64
+
+
+class LiveDeliveryError(StreamrecError, RuntimeError):
+    """The broker refused a live metrics record: stop without committing (the clicks are
+    consumed again and counted then)."""
 
 
 def live_metrics_topic(settings: Settings) -> str:
@@ -77,9 +83,15 @@ class _Unpublished:
 class LiveMetrics:
     """A worker's live metrics: counters in ``registry``, records to the topic."""
 
-    def __init__(self, settings: Settings, registry: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: CollectorRegistry,
+        conf: Mapping[str, Any] | None = None,
+    ) -> None:
         self.settings = settings
-        self.conf = settings.kafka.confluent_config()
+        #: the client configuration (streamrec.kafka.clients builds every client from it)
+        self.conf = dict(settings.kafka.confluent_config() if conf is None else conf)
         self.topic = live_metrics_topic(settings)
         self.app_id = settings.worker.app_id
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
@@ -102,11 +114,28 @@ class LiveMetrics:
             [*labels, "k"],
             registry=registry,
         )
+        self.arms = Info(
+            "streamrec_arms",
+            "The models served: champion and challenger versions, the challenger's share of "
+            "the keys, shadow serving",
+            registry=registry,
+        )
         self.reciprocal_rank = Counter(
             "streamrec_live_reciprocal_rank",
             "Sum of 1/rank over scored clicks with rank <= k (MRR@k = this / predictions)",
             [*labels, "k"],
             registry=registry,
+        )
+
+    def set_arms(self, models: ArmModels) -> None:
+        challenger = models.challenger
+        self.arms.info(
+            {
+                "champion": models.champion.version,
+                "challenger": challenger.version if challenger is not None else "",
+                "challenger_share": str(models.share),
+                "shadow": str(models.shadow).lower(),
+            }
         )
 
     # ---- the topic ----------------------------------------------------------------------
@@ -117,17 +146,16 @@ class LiveMetrics:
     @property
     def producer(self) -> Producer:
         if self._producer is None:
-            self._producer = Producer(
-                {
-                    **self.conf,
-                    **tansu.PRODUCER_SETTINGS,
+            self._producer = clients.producer(
+                self.conf,
+                site={
                     "acks": "all",
                     # a partition's records in order, also when one is retried
                     "max.in.flight.requests.per.connection": 1,
                     "linger.ms": 2,
                     "message.timeout.ms": 600_000,
                     "log_level": 3,
-                }
+                },
             )
         return self._producer
 
@@ -193,7 +221,7 @@ class LiveMetrics:
     def publish(self, flush: bool = True) -> int:
         """Send one record per partition with new counts; with ``flush``, wait until the
         broker has them all (a broker away: keep waiting). Returns the records sent. Raises
-        :class:`DeliveryError` if the broker refused one (nothing after it may be
+        :class:`LiveDeliveryError` if the broker refused one (nothing after it may be
         committed)."""
         sent = 0
         now = time.time()
@@ -210,7 +238,7 @@ class LiveMetrics:
                 log.warning("%d live metrics records not yet delivered; retrying", left)
             if self._errors:
                 errors, self._errors = self._errors, []
-                raise DeliveryError(f"could not deliver live metrics: {errors[:3]}")
+                raise LiveDeliveryError(f"could not deliver live metrics: {errors[:3]}")
         return sent
 
     def _produce(self, partition: int, value: bytes) -> None:
@@ -237,7 +265,7 @@ class LiveMetrics:
 
 
 def read_watermarks(
-    conf: dict[str, Any],
+    conf: Mapping[str, Any],
     topic: str,
     app_id: str,
     partitions: Iterable[int],
@@ -250,14 +278,11 @@ def read_watermarks(
     reported end (the embedded broker reports the start of the last record batch) to the
     true end."""
     wanted = set(partitions)
-    consumer = Consumer(
-        {
-            **conf,
-            "group.id": f"streamrec-live-tail-{time.monotonic_ns()}",
-            "enable.auto.commit": False,
-            "fetch.wait.max.ms": 10,
-            "log_level": 0,
-        }
+    consumer = clients.consumer(
+        conf,
+        f"streamrec-live-tail-{time.monotonic_ns()}",
+        fixed={"enable.auto.commit": False},
+        site={"fetch.wait.max.ms": 10, "log_level": 0},
     )
     found: dict[int, int] = {}
     try:

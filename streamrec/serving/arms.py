@@ -15,12 +15,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from streamrec.serving.served_model import ServingModel
-from streamrec.serving.state import ARMS
+from streamrec.serving.served_model import ModelHolder, ServingModel
+from streamrec.serving.state import ARMS, SHADOW_NS
 
 CHAMPION, CHALLENGER = ARMS
-#: prefix of the challenger's own state keys in shadow mode (``cu:<user>``, ``ca:<session>``)
-SHADOW_NS = "c"
 _SCALE = float(2**64)
 
 
@@ -75,3 +73,70 @@ class ArmModels:
         if self.arm_of_state_key(state_key) == CHALLENGER and self.challenger is not None:
             return self.challenger
         return self.champion
+
+
+#: what the pipeline and the sweep take: one model, or the arms' models
+Models = ServingModel | ArmModels
+
+
+def as_arms(models: Models) -> ArmModels:
+    return models if isinstance(models, ArmModels) else ArmModels(models)
+
+
+@dataclass
+class Swap:
+    """Models loaded and validated off the serving path, to install between batches."""
+
+    champion: ServingModel | None = None
+    challenger: ServingModel | None = None
+    #: the registry names no challenger any more (promoted or cleared): stop serving it
+    challenger_gone: bool = False
+
+    def __bool__(self) -> bool:
+        return self.champion is not None or self.challenger is not None or self.challenger_gone
+
+
+class Arms:
+    """A worker's models: the champion's holder, and the challenger's when the worker serves
+    one (``share`` of the keys, or ``shadow``), each following its registry alias."""
+
+    def __init__(
+        self,
+        champion: ModelHolder,
+        challenger: ModelHolder | None = None,
+        *,
+        share: float = 0.0,
+        shadow: bool = False,
+    ) -> None:
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"challenger share must be in [0, 1], got {share}")
+        if challenger is None and (share > 0 or shadow):
+            raise ValueError("a challenger share or shadow serving needs a challenger holder")
+        self.champion = champion
+        self.challenger = challenger
+        self.share = share
+        self.shadow = shadow
+
+    def models(self) -> ArmModels:
+        """The models of the next batch (read once per batch: a batch never mixes versions)."""
+        challenger = self.challenger.served if self.challenger is not None else None
+        return ArmModels(self.champion.current, challenger, self.share, self.shadow)
+
+    def prepare_reload(self) -> Swap:
+        """What the registry names now, loaded and validated: safe in a thread of its own
+        while batches are served (it only reads the models served)."""
+        swap = Swap(self.champion.prepare_reload())
+        if self.challenger is not None:
+            swap.challenger = self.challenger.prepare_reload()
+            swap.challenger_gone = swap.challenger is None and self.challenger.gone()
+        return swap
+
+    def install(self, swap: Swap) -> None:
+        """Install a prepared swap (between batches)."""
+        if swap.champion is not None:
+            self.champion.install(swap.champion)
+        if self.challenger is not None:
+            if swap.challenger is not None:
+                self.challenger.install(swap.challenger)
+            elif swap.challenger_gone:
+                self.challenger.clear()

@@ -58,7 +58,7 @@ from typing import cast
 
 import numpy as np
 
-from streamrec.serving.arms import CHAMPION, SHADOW_NS, ArmModels
+from streamrec.serving.arms import CHALLENGER, CHAMPION, SHADOW_NS, ArmModels, Models, as_arms
 from streamrec.serving.clock import StreamClock
 from streamrec.serving.config import DEFAULT_CONFIG, CoreConfig
 from streamrec.serving.events import ClickEvent, DeadLetter, decode, make_dead_letter
@@ -597,7 +597,7 @@ def split_arms(
     if challenger is None or not (models.shadow or models.ab):
         return [(champion, queues)]
     if models.shadow:
-        shadow = ArmRun("challenger", challenger, False, Counter())
+        shadow = ArmRun(CHALLENGER, challenger, False, Counter())
         copies = {SHADOW_NS + key: deque(q) for key, q in queues.items()}
         for key in queues:
             res.key_partitions[SHADOW_NS + key] = res.key_partitions[key]
@@ -607,7 +607,7 @@ def split_arms(
     theirs: dict[str, deque[Click]] = {}
     for key, q in queues.items():
         (mine if models.arm_of_state_key(key) == CHAMPION else theirs)[key] = q
-    return [(champion, mine), (ArmRun("challenger", challenger, True, res.stats), theirs)]
+    return [(champion, mine), (ArmRun(CHALLENGER, challenger, True, res.stats), theirs)]
 
 
 def apply_run(
@@ -647,7 +647,7 @@ def apply_run(
 def apply_batch(
     records: Sequence[Record],
     store: StateStore,
-    models: ServingModel | ArmModels,
+    models: Models,
     config: CoreConfig = DEFAULT_CONFIG,
     *,
     clock: StreamClock | None = None,
@@ -659,7 +659,7 @@ def apply_batch(
     sessions, advance, emit), encode the changed states. Nothing is stored or scored yet
     (:func:`finish_batch`). ``in_flight``: the states of batches applied and not yet stored
     (the native worker's pipeline), which this batch's writes join as batch ``seq``."""
-    arms = models if isinstance(models, ArmModels) else ArmModels(models)
+    arms = as_arms(models)
     now = time.time() if now is None else now
     res = BatchResult(model_version=arms.champion.version)
     res.stats["records"] += len(records)
@@ -729,7 +729,7 @@ def evaluate(
 def process_batch(
     records: Sequence[Record],
     store: StateStore,
-    model: ServingModel | ArmModels,
+    model: Models,
     config: CoreConfig = DEFAULT_CONFIG,
     *,
     clock: StreamClock | None = None,

@@ -34,6 +34,8 @@ _USER_MAGIC = b"U1"
 STATE_LAYOUT = 2
 USER_NS = "u:"
 ANON_NS = "a:"
+#: prefix of the states a shadow challenger keeps of its own: ``cu:<user>``, ``ca:<session>``
+SHADOW_NS = "c"
 #: Default cap on one encoded state (the producer's default message.max.bytes is 1 MB).
 MAX_STATE_BYTES = 512 * 1024
 

@@ -36,12 +36,11 @@ from streamrec.engines.faust import compat
 from streamrec.engines.faust.idle import IdleIndex
 from streamrec.engines.faust.tables import FaustPartition
 from streamrec.engines.faust.transport import faust_app_kwargs, streamrec_transport
-from streamrec.engines.live import LiveMetrics
 from streamrec.kafka import clients, tansu
+from streamrec.serving.arms import Models
 from streamrec.serving.expiry import end_idle_sessions, expire_idle_users
 from streamrec.serving.pipeline import process_batch
 from streamrec.serving.records import BatchResult, Record, SweepResult
-from streamrec.serving.served_model import ServingModel
 from streamrec.serving.state import STATE_LAYOUT
 from streamrec.serving.state_store import SESSIONS, USERS, StateStore
 
@@ -81,9 +80,6 @@ class Worker(EngineBase):
         app_kwargs = faust_app_kwargs(conf)  # refuses what aiokafka cannot apply, first
         embedded = clients.is_embedded(conf)
         self.outputs = Outputs(settings, conf=conf)
-        self.live = (
-            LiveMetrics(settings, self.metrics.registry) if self.config.live_metrics else None
-        )
         self._live_generation: int | None = None
         self.lock = asyncio.Lock()
         t = settings.topics
@@ -172,7 +168,7 @@ class Worker(EngineBase):
         ]
         async with self.lock:
             parts = self._partitions({r.partition for r in records})
-            model = self.holder.current
+            model = self.arms.models()
             if self.live is not None and self.app.consumer_generation_id != self._live_generation:
                 self.live.reset()  # a new assignment: read again where partitions are counted
                 self._live_generation = self.app.consumer_generation_id
@@ -226,7 +222,7 @@ class Worker(EngineBase):
                 # here, on the event loop, which opens and closes them)
                 rocks: tuple[Any, Any] = (self.sessions.data, self.users.data)
                 dbs = tuple({p: db for p, db in r._dbs.items() if p in actives} for r in rocks)
-                model = self.holder.current
+                model = self.arms.models()
                 t0 = time.monotonic()
                 res, more = await loop.run_in_executor(
                     self.executor, self._sweep_step, StateStore(parts), model, sorted(actives), dbs
@@ -254,7 +250,7 @@ class Worker(EngineBase):
     def _sweep_step(
         self,
         store: StateStore,
-        model: ServingModel,
+        model: Models,
         partitions: list[int],
         dbs: tuple[Mapping[int, Any], ...],
     ) -> tuple[SweepResult, bool]:
@@ -285,7 +281,7 @@ class Worker(EngineBase):
                     break
 
     def _sweep_partition(
-        self, store: StateStore, model: ServingModel, p: int, deadline: float, res: SweepResult
+        self, store: StateStore, model: Models, p: int, deadline: float, res: SweepResult
     ) -> bool:
         """Sweep partition ``p`` in chunks of :data:`SWEEP_CHUNK_KEYS` until its indexes have
         nothing idle; False if ``deadline`` came first."""
@@ -346,11 +342,11 @@ class Worker(EngineBase):
         loop = asyncio.get_running_loop()
         # loading and validating take seconds: in a thread of their own, without the lock (the
         # batches go on); only the swap itself waits for the batch in progress
-        new = await loop.run_in_executor(None, self.holder.prepare_reload)
-        if new is None:
+        swap = await loop.run_in_executor(None, self.arms.prepare_reload)
+        if not swap:
             return
         async with self.lock:  # swaps happen between batches
-            self.install_model(new)
+            self.install_swap(swap)
 
     def run(self, loglevel: str = "info") -> None:
         """Run until SIGINT/SIGTERM (Faust's worker handles the signals and shuts down)."""

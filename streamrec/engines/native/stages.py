@@ -26,12 +26,11 @@ from typing import Any
 from streamrec.engines.common import Outputs
 from streamrec.engines.live import LiveMetrics
 from streamrec.metrics import Metrics
-from streamrec.serving.arms import ArmModels
+from streamrec.serving.arms import ArmModels, Arms
 from streamrec.serving.clock import StreamClock
 from streamrec.serving.config import CoreConfig
 from streamrec.serving.pipeline import AppliedBatch, apply_batch, finish_batch
 from streamrec.serving.records import BatchResult, Record
-from streamrec.serving.served_model import ModelHolder
 from streamrec.serving.state_store import StateStore
 from streamrec.serving.writes import InFlightStates
 
@@ -78,7 +77,7 @@ class Stages:
     def __init__(
         self,
         store: StateStore,
-        holder: ModelHolder,
+        arms: Arms,
         config: CoreConfig,
         clock: StreamClock,
         outputs: Outputs,
@@ -87,7 +86,7 @@ class Stages:
     ) -> None:
         self.store = store
         self.live = live
-        self.holder = holder
+        self.arms = arms
         self.config = config
         self.clock = clock
         self.outputs = outputs
@@ -123,7 +122,7 @@ class Stages:
 
     def models(self) -> ArmModels:
         """The models of the next batch."""
-        return ArmModels(self.holder.current)
+        return self.arms.models()
 
     def finish_apply(self) -> None:
         """Wait for stage 1, note the offsets, and queue stage 2 (scoring)."""

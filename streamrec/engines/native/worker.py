@@ -32,7 +32,6 @@ from typing import Any
 from confluent_kafka import Consumer, TopicPartition
 
 from streamrec.engines.common import DeliveryError, EngineBase, Outputs
-from streamrec.engines.live import LiveMetrics
 from streamrec.engines.native.checkpoint import Checkpoints
 from streamrec.engines.native.recovery import changelog_topic, recover, recovery_group
 from streamrec.engines.native.stages import Stages, to_records
@@ -41,7 +40,7 @@ from streamrec.engines.native.sweep import SWEEP_STEP_S, Sweeper
 from streamrec.kafka import clients, tansu
 from streamrec.kafka.clients import TopicSpec, ensure_topics
 from streamrec.processes import on_stop_signal
-from streamrec.serving.served_model import ServingModel
+from streamrec.serving.arms import Swap
 from streamrec.serving.state_store import StateStore
 
 log = logging.getLogger(__name__)
@@ -80,17 +79,14 @@ class NativeWorker(EngineBase):
         self.checkpoints = Checkpoints(
             self.consumer, self.outputs, self.partitions, self.clicks, self.changelog, self.metrics
         )
-        self.live = (
-            LiveMetrics(settings, self.metrics.registry) if self.config.live_metrics else None
-        )
         self.stages = Stages(
-            self.store, self.holder, self.config, self.clock, self.outputs, self.metrics, self.live
+            self.store, self.arms, self.config, self.clock, self.outputs, self.metrics, self.live
         )
         self.sweeper = Sweeper()
         self._stopping = False
         self._failed = False
         self.loader_thread = ThreadPoolExecutor(1, thread_name_prefix="streamrec-loader")
-        self._loading: Future[ServingModel | None] | None = None
+        self._loading: Future[Swap] | None = None
 
     # ---- the loop ----------------------------------------------------------------------------
     def run(self) -> None:
@@ -284,7 +280,7 @@ class NativeWorker(EngineBase):
         self.stages.drain()
         t0 = time.monotonic()
         res, more = self.sweeper.step(
-            self.store, self.partitions, self.holder.current, self.config, self.clock, budget_s
+            self.store, self.partitions, self.arms.models(), self.config, self.clock, budget_s
         )
         self.metrics.observe_sweep(res)
         self.metrics.sweep_seconds.observe(time.monotonic() - t0)
@@ -296,16 +292,16 @@ class NativeWorker(EngineBase):
         (a GRU4Rec of 17k items: ~3 s on the dev VM), which the poll loop used to wait for."""
         loading = self._loading
         if loading is None:
-            self._loading = self.loader_thread.submit(self.holder.prepare_reload)
+            self._loading = self.loader_thread.submit(self.arms.prepare_reload)
             return
         if not loading.done():
             return
         self._loading = None
-        new = loading.result()
-        if new is None:
+        swap = loading.result()
+        if not swap:
             return
         self.stages.drain()  # swaps happen between batches
-        self.install_model(new)
+        self.install_swap(swap)
 
     # ---- shutdown ----------------------------------------------------------------------------
     def close(self) -> None:
