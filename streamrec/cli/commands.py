@@ -541,5 +541,7 @@ def archive(
 
 def register(main: click.Group) -> None:
     """Add the service commands to the `streamrec` group."""
-    for cmd in (worker, produce, tail, replay, backtest, demo, archive):
+    from streamrec.cli.quality import guard, live_report
+
+    for cmd in (worker, produce, tail, replay, backtest, demo, archive, live_report, guard):
         main.add_command(cmd)
