@@ -25,7 +25,7 @@ import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -165,7 +165,13 @@ def act(models: str | Path, verdict: Verdict) -> None:
         log.info("keeping %s: %s", verdict.new, verdict.reason)
         registry.append_alias_log(
             models,
-            {"event": KEPT, "version": verdict.new, "by": GUARD, "reason": verdict.reason},
+            {
+                "time": datetime.now(UTC).isoformat(),
+                "event": KEPT,
+                "version": verdict.new,
+                "by": GUARD,
+                "reason": verdict.reason,
+            },
         )
 
 

@@ -215,3 +215,195 @@ def test_live_metrics_equal_trainer_evaluate_across_a_sigkill(
     assert list(counts) == [("champion", version)]
     assert 0 < sum(x.n for x in before.values()) < offline["n_events"]  # killed mid-stream
     assert_equal_to_offline(counts[("champion", version)], offline)
+
+
+# ---- champion and challenger ---------------------------------------------------------------
+
+
+def assert_answered_once(recs: list[dict[str, Any]], n: int) -> None:
+    """Every click answered, and in one way only. Outputs are at-least-once (design.md): after
+    a crash a click whose state survived is answered again flagged ``duplicate``; one whose
+    state was not yet checkpointed is applied again to the same earlier state, so its answer
+    repeats the first one (same arm, version and items), which downstream drops by click id."""
+    by_click: dict[str, set[tuple[str, str, tuple[str, ...]]]] = {}
+    for r in recs:
+        if not r["duplicate"]:
+            by_click.setdefault(r["click_id"], set()).add(
+                (r["arm"], r["model_version"], tuple(r["items"]))
+            )
+    assert len({r["click_id"] for r in recs}) == len(by_click) == n
+    assert all(len(answers) == 1 for answers in by_click.values())
+
+
+def arm_registry(tmp: Path, kind: str, items: list[str]) -> tuple[Path, str, str]:
+    """A registry whose champion and challenger are two checkpoints of ``kind``."""
+    from streamrec.loop import registry
+
+    models = tmp / "models"
+    v1, v2 = (
+        registry.add_version(
+            models, read_record(make_checkpoint(kind, items, registry.staging_dir(models, s), seed))
+        )
+        for s, seed in (("a", 7), ("b", 8))
+    )
+    registry.publish(models, v1, by="test")
+    registry.set_alias(models, "challenger", v2, by="test")
+    return models, v1, v2
+
+
+def read_record(path: Path) -> Any:
+    from streamrec.model.checkpoint import read_checkpoint_record
+
+    return read_checkpoint_record(path)
+
+
+@pytest.mark.parametrize("kind", ["gru4rec", "hrnn"])
+def test_ab_two_workers_each_key_in_one_arm_across_a_restart_each_arm_as_offline(
+    live_service: LiveService, kind: str
+) -> None:
+    """Two workers, ``--challenger-share 0.3``: every answer names the arm of its key (a stable
+    hash of the user id), also after one worker is SIGKILLed and restarted; every click is
+    answered once; each arm's live figures equal ``trainer evaluate`` on that arm's clicks."""
+    from streamrec.loop import registry
+    from streamrec.serving.arms import arm_of
+
+    svc = live_service
+    df = generate_clicks(150, 60, 40, seed=5, span_days=28)
+    df = df.sort_values("Time", kind="stable").reset_index(drop=True)
+    items = sorted(df["ItemId"].astype(str).unique())
+    models, v1, v2 = arm_registry(svc.tmp, kind, items)
+    in_challenger = df["UserId"].astype(str).map(lambda u: arm_of(u, 0.3) == "challenger")
+    assert 0 < in_challenger.mean() < 1
+    offline = {}
+    parts = (("champion", v1, df[~in_challenger]), ("challenger", v2, df[in_challenger]))
+    for arm, version, part in parts:
+        path = svc.tmp / f"{arm}.tsv"
+        part.to_csv(path, sep="\t", index=False)
+        offline[(arm, version)] = trainer_evaluate(registry.resolve(models, arm) or models, path)
+    values = click_values(df)
+    half = len(values) // 2
+    share = ("--challenger-share", "0.3")
+    w0 = svc.start_worker(models, svc.tmp / "d0", *share)
+    svc.start_worker(models, svc.tmp / "d1", *share)
+    svc.produce(values[:half])
+    svc.wait_counts(lambda c: sum(x.n for x in c.values()) > 0, timeout=120)
+    svc.kill_while_producing(w0, values[half : half + 300], after_s=0.8)
+    svc.start_worker(models, svc.tmp / "d0", *share)
+    svc.produce(values[half + 300 :])
+    recs = svc.wait_answered(len(values))
+    assert_answered_once(recs, len(values))
+    for r in recs:
+        arm = arm_of(r["user_id"], 0.3)
+        assert (r["arm"], r["model_version"]) == (arm, v2 if arm == "challenger" else v1)
+    counts = svc.final_counts()
+    assert set(counts) == set(offline)
+    for key, figures in offline.items():
+        assert_equal_to_offline(counts[key], figures)
+
+
+@pytest.mark.parametrize("live_service", ["native", "faust"], indirect=True)
+def test_shadow_publishes_no_challenger_answer_and_measures_both_arms_on_every_click(
+    live_service: LiveService,
+) -> None:
+    from streamrec.loop import registry
+
+    svc = live_service
+    df, log = click_log(svc.tmp)
+    items = sorted(df["ItemId"].astype(str).unique())
+    models, v1, v2 = arm_registry(svc.tmp, "hrnn", items)
+    offline = {
+        (arm, v): trainer_evaluate(registry.resolve(models, arm) or models, log)
+        for arm, v in (("champion", v1), ("challenger", v2))
+    }
+    values = click_values(df)
+    svc.start_worker(models, svc.tmp / "d0", "--shadow")
+    svc.produce(values)
+    recs = svc.wait_answered(len(values))
+    assert len(recs) == len(values)
+    assert {(r["arm"], r["model_version"]) for r in recs} == {("champion", v1)}
+    counts = svc.final_counts()
+    assert set(counts) == set(offline)
+    for key, figures in offline.items():
+        assert_equal_to_offline(counts[key], figures)
+
+
+# ---- the rollback guard ---------------------------------------------------------------------
+
+
+def trainer_train(log: Path, out: Path) -> Path:
+    cmd = [sys.executable, "-m", "trainer", "train", "--train", str(log), "--out", str(out)]
+    for kv in ("layers=32", "n_epochs=3", "batch_size=16", "n_sample=0", "device=cpu", "seed=1"):
+        cmd += ["--param", kv]
+    done = subprocess.run(
+        [*cmd, "--model", "gru4rec", "--no-progress"], capture_output=True, text=True,
+        timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_the_guard_rolls_back_a_bad_champion_and_the_workers_serve_the_previous_again(
+    live_service: LiveService,
+) -> None:
+    """A champion trained on a log with shuffled item ids is published while a worker serves
+    a good one; ``streamrec guard`` (its own process, reading the metrics topic) rolls it back
+    once it has its predictions, the worker swaps back, and every click is answered once."""
+    import random
+
+    from streamrec.loop import registry
+    from streamrec.tools.launch import settings_env
+
+    svc = live_service
+    df = generate_clicks(600, 300, 60, seed=11, span_days=28)
+    df = df.sort_values("Time", kind="stable").reset_index(drop=True)
+    log = svc.tmp / "log.tsv"
+    df.to_csv(log, sep="\t", index=False)
+    items = sorted(df["ItemId"].astype(str).unique())
+    shuffled = dict(zip(items, random.Random(0).sample(items, len(items)), strict=True))
+    bad_log = svc.tmp / "shuffled.tsv"
+    df.assign(ItemId=df["ItemId"].astype(str).map(shuffled)).to_csv(bad_log, sep="\t", index=False)
+    models = svc.tmp / "models"
+    good, bad = (
+        registry.add_version(models, read_record(trainer_train(path, svc.tmp / name)))
+        for path, name in ((log, "good"), (bad_log, "bad"))
+    )
+    registry.publish(models, good, by="test")
+    values = click_values(df)
+    first, second = len(values) // 3, 2 * len(values) // 3
+    svc.start_worker(models, svc.tmp / "d0", **{"model.reload_interval_s": 0.5})
+    svc.produce(values[:first])
+    svc.wait_answered(first)
+    svc.final_counts()  # the good champion's figures are on the topic
+    registry.publish(models, bad, by="retrain")  # the bad one is the champion now
+    guard_log = (svc.tmp / "guard.log").open("w")
+    env = {**os.environ, **settings_env(svc.settings), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "streamrec", "guard", "--models", str(models),
+           "--topic", svc.metrics_topic, "--min-predictions", "150",
+           "--max-predictions", "3000", "--interval", "1"]  # fmt: skip
+    guard = subprocess.Popen(cmd, stdout=guard_log, stderr=subprocess.STDOUT, env=env)
+    try:
+        svc.produce(values[first:second], rate=150.0)
+        deadline = time.monotonic() + 120
+        while registry.alias_version(models) != good:
+            assert time.monotonic() < deadline, (svc.tmp / "guard.log").read_text()[-3000:]
+            time.sleep(0.5)
+    finally:
+        guard.terminate()
+        guard.wait(30)
+    change = registry.champion_changes(models)[-1]
+    assert (change["version"], change["previous"], change["by"]) == (good, bad, "guard")
+    n_bad = int(change["reason"].split(" over ")[1].split()[0])
+    assert 150 <= n_bad < 3000, change["reason"]  # judged within the configured predictions
+    # the bad one did answer some clicks; after the rollback the worker serves the good again
+    time.sleep(2.0)
+    svc.produce(values[second:])
+    recs = svc.wait_answered(len(values))
+    assert_answered_once(recs, len(values))  # nothing lost
+    by_offset = sorted(recs, key=lambda r: (r["partition"], r["offset"]))
+    assert any(r["model_version"] == bad for r in by_offset)
+    last_click = {
+        p: max(r["offset"] for r in recs if r["partition"] == p) for p in range(PARTITIONS)
+    }
+    assert all(
+        r["model_version"] == good for r in recs if r["offset"] == last_click[r["partition"]]
+    )
