@@ -182,3 +182,41 @@ def test_without_a_challenger_every_key_is_the_champions(tmp_path: Path) -> None
     assert arms.models().challenger is None and not arms.prepare_reload()
     with pytest.raises(ValueError):
         ModelHolder(None)  # the champion always has a model
+
+
+def test_live_counters_by_arm_and_version_are_the_evaluations_counts() -> None:
+    """The Prometheus counters a worker exports (streamrec_live_*_total{arm, model_version,
+    k}) add up each batch's evaluations; streamrec_arms names the versions served."""
+    from prometheus_client import CollectorRegistry
+
+    from streamrec.engines.live import LiveMetrics
+    from streamrec.settings import Settings
+
+    df, _, champion, challenger = _models(False)
+    models = ArmModels(champion, challenger, share=0.3)
+    reg = CollectorRegistry()
+    live = LiveMetrics(Settings(), reg, {"bootstrap.servers": "unused:9"})
+    live.set_arms(models)
+    store, evals = StateStore(), []
+    records = _records(df)
+    for lo in range(0, len(records), 7):
+        res = process_batch(records[lo : lo + 7], store, models, CFG)
+        live.add(res)
+        evals += res.evaluations
+    counts = tally(evals)
+    assert len(counts) == 2
+    for (arm, version), c in counts.items():
+        labels = {"arm": arm, "model_version": version}
+        assert reg.get_sample_value("streamrec_live_predictions_total", labels) == c.n > 0
+        for i, k in enumerate(KS):
+            at_k = {**labels, "k": str(k)}
+            assert reg.get_sample_value("streamrec_live_hits_total", at_k) == c.hits[i]
+            rr = reg.get_sample_value("streamrec_live_reciprocal_rank_total", at_k)
+            assert rr == pytest.approx(c.rr[i], abs=1e-9)
+    info = {
+        "champion": "champ",
+        "challenger": "chall",
+        "challenger_share": "0.3",
+        "shadow": "false",
+    }
+    assert reg.get_sample_value("streamrec_arms_info", info) == 1.0
