@@ -325,6 +325,27 @@ def test_shadow_publishes_no_challenger_answer_and_measures_both_arms_on_every_c
     assert set(counts) == set(offline)
     for key, figures in offline.items():
         assert_equal_to_offline(counts[key], figures)
+    # streamrec live-report reads the same topic: both arms, and their difference
+    from streamrec.tools.launch import settings_env
+
+    done = subprocess.run(
+        [sys.executable, "-m", "streamrec", "live-report", "--topic", svc.metrics_topic, "--json"],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, **settings_env(svc.settings)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    rows = {(r["arm"], r["model_version"]): r for r in report["arms"]}
+    for key, figures in offline.items():
+        assert rows[key]["predictions"] == figures["n_events"]
+        assert rows[key]["recall@20"]["value"] == figures["recall@20"]
+        assert (
+            rows[key]["recall@20"]["low"] <= figures["recall@20"] <= rows[key]["recall@20"]["high"]
+        )
+    diff = report["difference"]
+    assert (diff["champion"], diff["challenger"]) == (v1, v2)
+    expected = offline[("challenger", v2)]["recall@20"] - offline[("champion", v1)]["recall@20"]
+    assert diff["recall@20"]["value"] == pytest.approx(expected, abs=1e-12)
 
 
 # ---- the rollback guard ---------------------------------------------------------------------
