@@ -56,7 +56,7 @@ def test_challenger_promote_rollback_and_the_log(tmp_path: Path) -> None:
     cli("alias", "challenger", v2, "--reason", "try it")
     assert registry.alias_version(models, "challenger") == v2
     assert "[challenger]" in cli("list") and f"* {v1}" in cli("list")
-    assert json.loads(cli("show", v2))["aliases"] == ["challenger"]
+    assert json.loads(cli("show", v2, "--json"))["aliases"] == ["challenger"]
     out = run.invoke(main, ["models", "alias", "--models", str(models), "champion", "--clear"])
     assert out.exit_code != 0 and "cannot be removed" in out.output
     out = run.invoke(main, ["models", "alias", "--models", str(models), "challenger", "nope"])
