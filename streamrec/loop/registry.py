@@ -175,8 +175,11 @@ def _set_pointer(models: Path, version: str | None, alias: str = CHAMPION) -> No
         raise RegistryError(f"{models / name} is a directory: remove it, then publish again")
     # a temporary file renamed over the pointer: readers see the old or the new name, never
     # an empty or half-written one, and a crash leaves the old one
-    tmp = TMP_POINTER if name == POINTER else f".{name}.tmp"
-    files.write_atomic(str(models / name), (version + "\n").encode(), str(models / tmp))
+    if name != POINTER:
+        data = (version + "\n").encode()
+        files.write_atomic(str(models / name), data, str(models / f".{name}.tmp"))
+        return
+    files.write_atomic(str(models / POINTER), (version + "\n").encode(), str(models / TMP_POINTER))
 
 
 def staging_dir(models: str | os.PathLike[str], name: str) -> Path:
