@@ -250,6 +250,8 @@ class TopicSettings(_Group):
     recommendations: str = Field("streamrec-recommendations", min_length=1, max_length=249)
     dead_letter: str = Field("streamrec-dead-letter", min_length=1, max_length=249)
     partitions: int = Field(4, ge=1, le=1024)
+    #: The live metrics topic (None: ``<app_id>-live-metrics``), one per worker group.
+    live_metrics: str | None = Field(None, min_length=1, max_length=249)
     replication_factor: int = Field(1, ge=1, le=16)
 
 
@@ -311,6 +313,12 @@ class ModelSettings(_Group):
     #: (data_stats.holdout_sessions), Recall@20 must reach this share of the checkpoint's
     #: own offline figure (metrics["holdout_recall@20"]).
     gate_ratio: float = Field(0.8, ge=0, le=1)
+    #: A/B: the share of keys (user id, else session id, by a stable hash) the registry's
+    #: challenger answers; 0: none (``streamrec worker --challenger-share``).
+    challenger_share: float = Field(0.0, ge=0, le=1)
+    #: Shadow: the registry's challenger scores every click too, with states of its own; only
+    #: the champion's answer is published (``streamrec worker --shadow``).
+    shadow: bool = False
     #: How the top-k is found (docs/architecture.md, "Retrieval"). ``exact``: every item is
     #: scored; ``ann``: an approximate index (usearch HNSW, built beside the checkpoint when
     #: published, else at load) proposes candidates, which are scored exactly; ``auto``: ann
@@ -355,6 +363,10 @@ class WorkerSettings(_Group):
     #: Native engine: seconds between checkpoints (outputs and changelog flushed, input
     #: offsets committed, state written to RocksDB). Shorter: less to redo after a crash.
     commit_interval_s: float = Field(1.0, gt=0, le=3600)
+    #: Live metrics: every click that continues a session is scored against the answer to
+    #: the session's previous click (Recall@k, MRR@k per model version and arm), exported in
+    #: /metrics and published to the live metrics topic with every checkpoint.
+    live_metrics: bool = True
 
 
 class Settings(BaseSettings):

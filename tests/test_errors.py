@@ -167,7 +167,7 @@ def test_tail_escapes_ids_on_a_terminal_and_passes_them_through_a_pipe(
     rec = Recommendation(
         click_id="c:0:1", topic="c", partition=0, offset=1, user_id=None,
         session_id="s\x1b]0;owned\x07", item_id="i\x1b[2J", items=["a", "b\x1b[31m"],
-        scores=[1.0, 0.5], model_version="v1", event_time=1.7e9, produced_at=None,
+        scores=[1.0, 0.5], model_version="v1", arm="champion", event_time=1.7e9, produced_at=None,
         received_at=None, emitted_at=1.7e9, duplicate=False, unknown_item=False,
     )  # fmt: skip
 

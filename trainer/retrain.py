@@ -95,6 +95,9 @@ class RetrainConfig:
     #: build the ANN retrieval index into the version before publishing it (auto / always /
     #: never; auto: catalogues that ``model.retrieval=auto`` serves through an index)
     retrieval_index: str = "auto"
+    #: what a candidate that passes the gate becomes: the champion (published, the workers
+    #: serve it) or the challenger (served beside the champion: A/B or shadow)
+    publish_as: str = registry.CHAMPION
 
 
 def _now() -> str:
@@ -361,6 +364,24 @@ class _Bars:
         return lambda n: self.progress.advance(tid, n)
 
 
+def _summary(cfg: RetrainConfig, rec: dict[str, Any]) -> str:
+    """The cycle's line; a candidate published as the challenger says so."""
+    summary = registry.cycle_summary(rec)
+    version = rec["decision"]["version"]
+    if version is not None and cfg.publish_as == registry.CHALLENGER:
+        summary = summary.replace(f"published {version}", f"{version} is the challenger", 1)
+    return summary
+
+
+def _publish_as(cfg: RetrainConfig, version: str) -> list[str]:
+    """Make a version added to the registry the champion (published) or the challenger
+    (``--publish-as``); returns the versions pruned."""
+    if cfg.publish_as == registry.CHALLENGER:
+        registry.set_alias(cfg.models, registry.CHALLENGER, version, by="retrain")
+        return registry.prune(cfg.models, cfg.keep)
+    return registry.publish(cfg.models, version, cfg.keep, by="retrain")
+
+
 def run_cycle(cfg: RetrainConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """One retrain cycle; returns (and logs) its record. Raises RetrainError without data."""
     phases: dict[str, float] = {}
@@ -515,9 +536,14 @@ def run_cycle(cfg: RetrainConfig, echo: Callable[[str], None] = print) -> dict[s
         if publish_index(candidate.path, model, when=cfg.retrieval_index) is not None:
             phases["index"] = time.perf_counter() - t_index
         version = registry.add_version(cfg.models, candidate)
-        rec["pruned"] = registry.publish(cfg.models, version, cfg.keep)
+        rec["pruned"] = _publish_as(cfg, version)
     phases["publish"] = time.perf_counter() - t
-    rec["decision"] = {"published": reason is None, "version": version, "reason": reason}
+    rec["decision"] = {
+        "published": reason is None,
+        "version": version,
+        "reason": reason,
+        "as": cfg.publish_as,
+    }
     rec["seconds"] = {k: round(v, 4) for k, v in phases.items()}
     rec["train_stats"] = {
         k: stats.get(k)
@@ -525,6 +551,6 @@ def run_cycle(cfg: RetrainConfig, echo: Callable[[str], None] = print) -> dict[s
         if k in stats
     }
     registry.append_log(cfg.models, rec)
-    echo(registry.cycle_summary(rec))
+    echo(_summary(cfg, rec))
     echo("      " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
     return rec

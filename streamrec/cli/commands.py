@@ -63,6 +63,35 @@ def load_model_holder(path: Path | None, settings: Settings, wait_s: float = 0.0
     )
 
 
+def load_challenger_holder(path: Path | None, settings: Settings):
+    """The challenger's holder: the registry's challenger, loaded and checked now when one is
+    named (else none yet: the worker serves it once one is named)."""
+    from streamrec.loop import registry
+    from streamrec.serving.served_model import ModelHolder, RetrievalOptions
+
+    path = Path(path or settings.model.path or "")
+    if not registry.is_registry(path):
+        raise click.ClickException(
+            f"{path} is not a model registry: a challenger is what its CHALLENGER names "
+            "(trainer models alias --models DIR challenger VERSION)"
+        )
+    m = settings.model
+    holder = ModelHolder(
+        None,
+        watch_dir=path,
+        device=m.device,
+        top_k=m.top_k,
+        score_dtype=m.score_dtype,
+        gate_ratio=m.gate_ratio,
+        retrieval=RetrievalOptions.from_settings(m),
+        alias=registry.CHALLENGER,
+    )
+    first = holder.prepare_reload()
+    if first is not None:
+        holder.install(first)
+    return holder
+
+
 @click.command()
 @click.option("--model", "model_path", type=click.Path(path_type=Path), help="Checkpoint dir.")
 @click.option("--wait-for-model", default=0.0, help="Seconds to wait for a checkpoint to appear.")
@@ -87,6 +116,19 @@ def load_model_holder(path: Path | None, settings: Settings, wait_s: float = 0.0
     default=None,
     help="Consumer and state engine (default: worker.engine, native).",
 )
+@click.option(
+    "--challenger-share",
+    type=click.FloatRange(0.0, 1.0),
+    default=None,
+    help="A/B: the share of keys (by a stable hash of the user id, else the session id) the "
+    "registry's challenger answers (default: model.challenger_share, 0).",
+)
+@click.option(
+    "--shadow/--no-shadow",
+    default=None,
+    help="The registry's challenger scores every click too (measured, not published; "
+    "default: model.shadow).",
+)
 def worker(
     model_path: Path | None,
     wait_for_model: float,
@@ -95,12 +137,18 @@ def worker(
     threads: int | None,
     fetch_wait_ms: int | None,
     engine: str | None,
+    challenger_share: float | None,
+    shadow: bool | None,
 ) -> None:
     """Run one worker: clicks in, recommendations out (Ctrl-C stops it cleanly)."""
     settings = get_settings()
     engine = engine or settings.worker.engine
     if engine == "faust":  # before the broker and the model: say it first
         require_extra("faust", "faust", "worker.engine=faust")
+    share = settings.model.challenger_share if challenger_share is None else challenger_share
+    shadow = settings.model.shadow if shadow is None else shadow
+    if shadow and share > 0:
+        raise click.UsageError("--shadow serves the challenger every click: no share with it")
     level = (loglevel or settings.worker.log_level).upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     conf = connect(settings)  # an unreachable broker ends the command here, in one line
@@ -108,9 +156,16 @@ def worker(
 
     torch.set_num_threads(threads or settings.worker.torch_threads)
     holder = load_model_holder(model_path, settings, wait_for_model)
+    challenger = None
+    if shadow or share > 0:
+        challenger = load_challenger_holder(model_path, settings)
     m = holder.current
+    c = challenger.served if challenger is not None else None
+    mode = f"shadow, challenger {c.version if c else 'none yet'}; " if shadow else ""
+    if share > 0:
+        mode = f"challenger {c.version if c else 'none yet'} on {share:.0%} of the keys; "
     click.echo(
-        f"serving {m.name} {m.version} ({m.n_items} items) on {m.device}; "
+        f"serving {m.name} {m.version} ({m.n_items} items) on {m.device}; {mode}"
         f"clicks={settings.topics.clicks} -> {settings.topics.recommendations}",
         err=True,
     )
@@ -120,17 +175,19 @@ def worker(
 
         # Faust's worker parses sys.argv; give it only the program name.
         sys.argv = sys.argv[:1]
-        Worker(settings, holder, datadir=data_dir, fetch_max_wait_ms=fetch_wait_ms, conf=conf).run(
-            loglevel=level
-        )
+        Worker(
+            settings, holder, challenger=challenger, challenger_share=share, shadow=shadow,
+            datadir=data_dir, fetch_max_wait_ms=fetch_wait_ms, conf=conf,
+        ).run(loglevel=level)  # fmt: skip
         return
     from streamrec.engines.native.worker import NativeWorker
 
     # a DeliveryError or StateLayoutError ends the command with its message (nothing was
     # committed), as every StreamrecError does
     NativeWorker(
-        settings, holder, datadir=data_dir, fetch_max_wait_ms=fetch_wait_ms, conf=conf
-    ).run()
+        settings, holder, challenger=challenger, challenger_share=share, shadow=shadow,
+        datadir=data_dir, fetch_max_wait_ms=fetch_wait_ms, conf=conf,
+    ).run()  # fmt: skip
 
 
 def terminal_safe(text: str) -> str:
@@ -484,5 +541,7 @@ def archive(
 
 def register(main: click.Group) -> None:
     """Add the service commands to the `streamrec` group."""
-    for cmd in (worker, produce, tail, replay, backtest, demo, archive):
+    from streamrec.cli.quality import guard, live_report
+
+    for cmd in (worker, produce, tail, replay, backtest, demo, archive, live_report, guard):
         main.add_command(cmd)

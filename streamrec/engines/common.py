@@ -10,9 +10,11 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 
+from streamrec.engines.live import LiveMetrics
 from streamrec.errors import StreamrecError
 from streamrec.kafka import clients
 from streamrec.metrics import Metrics
+from streamrec.serving.arms import Arms, Swap
 from streamrec.serving.clock import StreamClock
 from streamrec.serving.config import CoreConfig
 from streamrec.serving.events import make_dead_letter
@@ -138,6 +140,9 @@ class EngineBase:
         settings: Settings,
         holder: ModelHolder,
         *,
+        challenger: ModelHolder | None = None,
+        challenger_share: float = 0.0,
+        shadow: bool = False,
         metrics: Metrics | None = None,
         datadir: Path | None = None,
         fetch_max_wait_ms: int | None = None,
@@ -146,12 +151,22 @@ class EngineBase:
         self.settings = settings
         self.conf = dict(settings.kafka.confluent_config() if conf is None else conf)
         self.holder = holder
+        #: the champion (``holder``) and the challenger, when one is served beside it
+        self.arms = Arms(holder, challenger, share=challenger_share, shadow=shadow)
         self.metrics = metrics or Metrics()
         self.config = CoreConfig.from_settings(settings)
         self.clock = StreamClock.from_config(self.config)
         self.state_dir = Path(datadir or settings.state.directory)
         self.fetch_max_wait_ms = fetch_max_wait_ms
-        holder.on_refusal = lambda reason: self.metrics.model_refusals.labels(reason).inc()
+        for h in (holder, challenger):
+            if h is not None:
+                h.on_refusal = lambda reason: self.metrics.model_refusals.labels(reason).inc()
+        #: live metrics: counters and the metrics topic (None when switched off)
+        self.live = (
+            LiveMetrics(settings, self.metrics.registry, self.conf)
+            if self.config.live_metrics
+            else None
+        )
         self._model_to_metrics()
         self._build()
 
@@ -163,10 +178,19 @@ class EngineBase:
         m = self.holder.current
         created = str(m.metadata.get("created_at", ""))
         self.metrics.set_model(m.name, m.version, str(m.device), created)
+        if self.live is not None:
+            self.live.set_arms(self.arms.models())
 
     def install_model(self, new: ServingModel) -> None:
-        """Swap in a model already loaded and validated (``ModelHolder.prepare_reload``, run
-        off the serving path); call between batches."""
-        self.holder.install(new)
+        """Swap in a champion already loaded and validated (``ModelHolder.prepare_reload``,
+        run off the serving path); call between batches."""
+        self.install_swap(Swap(new))
+
+    def install_swap(self, swap: Swap) -> None:
+        """Install what ``Arms.prepare_reload`` loaded off the serving path; call between
+        batches."""
+        self.arms.install(swap)
         self._model_to_metrics()
-        self.metrics.model_swaps.inc()
+        self.metrics.model_swaps.inc(
+            int(swap.champion is not None) + int(swap.challenger is not None)
+        )

@@ -37,6 +37,9 @@ class CoreConfig:
     #: A record without a Kafka key is a ``key_mismatch`` (the engines; the core's tests feed
     #: records without keys).
     require_key: bool = False
+    #: Score each click against the answer to its session's previous click (live metrics):
+    #: the answer's top ``streamrec.serving.live.DEPTH`` items are kept in the session state.
+    live_metrics: bool = True
 
     @classmethod
     def from_settings(cls, settings: Any) -> CoreConfig:
@@ -54,6 +57,7 @@ class CoreConfig:
             clock_window=st.clock_window,
             clock_min_events=st.clock_min_events,
             require_key=True,
+            live_metrics=settings.worker.live_metrics,
         )
 
 

@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 
+from streamrec.serving.arms import Models, as_arms
 from streamrec.serving.clock import StreamClock
 from streamrec.serving.config import DEFAULT_CONFIG, CoreConfig
 from streamrec.serving.pipeline import KeyStates, end_sessions, migrate_states
@@ -43,21 +44,37 @@ def end_idle_sessions(
     store: StateStore,
     partition: int,
     keys: Iterable[str],
-    model: ServingModel,
+    models: Models,
     config: CoreConfig,
     now_of: Now,
     batch_size: int = 256,
 ) -> int:
     """End the sessions among ``keys`` (of ``partition``) idle for longer than the gap:
-    advance (and store) their user states, delete them. Returns how many ended."""
-    idle: list[tuple[str, SessionState]] = []
+    advance (and store) their user states, each with the model of the key's arm, delete
+    them. Returns how many ended."""
+    arms = as_arms(models)
+    by_model: dict[int, tuple[ServingModel, list[tuple[str, SessionState]]]] = {}
     for key in keys:
         s = store.get_session(key, partition)
         if s is None:
             continue
         t = now_of(s.partition)
         if t is not None and t - s.last_time > config.session_gap_seconds:
-            idle.append((key, s))
+            model = arms.model_of_state_key(key)
+            by_model.setdefault(id(model), (model, []))[1].append((key, s))
+    for model, idle in by_model.values():
+        _end_idle(store, partition, idle, model, config, batch_size)
+    return sum(len(idle) for _, idle in by_model.values())
+
+
+def _end_idle(
+    store: StateStore,
+    partition: int,
+    idle: list[tuple[str, SessionState]],
+    model: ServingModel,
+    config: CoreConfig,
+    batch_size: int,
+) -> None:
     stats: Counter[str] = Counter()
     for i in range(0, len(idle), batch_size):
         chunk = idle[i : i + batch_size]
@@ -74,7 +91,6 @@ def end_idle_sessions(
             store.delete_session(key, partition)
             if k.user is not None and k.user_dirty:
                 store.put_user(key, k.user, partition, config.max_state_bytes)
-    return len(idle)
 
 
 def expire_idle_users(
@@ -103,7 +119,7 @@ def expire_idle_users(
 
 def sweep_idle(
     store: StateStore,
-    model: ServingModel,
+    model: Models,
     config: CoreConfig = DEFAULT_CONFIG,
     *,
     now: float | None = None,

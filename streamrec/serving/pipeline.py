@@ -36,6 +36,15 @@ Semantics (docs/architecture.md states them as the core's contract):
 * Unknown items leave the hidden state unchanged (row -1 in the step API), still get a
   recommendation from the unchanged state, are appended to the session's recent items (so a
   later model that knows them re-encodes them) and are reported in ``unknown_items``.
+* Arms (:mod:`streamrec.serving.arms`): with a challenger, the batch is cut into one *run*
+  per arm after decoding (A/B: each key in its arm's run; shadow: every key in both, the
+  challenger's under its own state keys), each run with its model; only published runs'
+  answers go out.
+* Live metrics (:mod:`streamrec.serving.live`): a click (not a duplicate) that continues a
+  session is scored against the answer to the session's previous click, which the session
+  state holds; each click's answer goes into its session state. Scoring comes last, so
+  states are encoded when advanced and written once the batch is scored, answers added
+  (:mod:`streamrec.serving.writes`): :func:`apply_batch` then :func:`finish_batch`.
 """
 
 from __future__ import annotations
@@ -44,18 +53,28 @@ import math
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 import numpy as np
 
+from streamrec.serving.arms import CHALLENGER, CHAMPION, SHADOW_NS, ArmModels, Models, as_arms
 from streamrec.serving.clock import StreamClock
 from streamrec.serving.config import DEFAULT_CONFIG, CoreConfig
 from streamrec.serving.events import ClickEvent, DeadLetter, decode, make_dead_letter
+from streamrec.serving.live import DEPTH, KS, Evaluation, live_rank
 from streamrec.serving.records import BatchResult, Recommendation, Record
 from streamrec.serving.served_model import ServingModel
-from streamrec.serving.state import MAX_STATE_BYTES, SessionState, UserState, state_key
-from streamrec.serving.state_store import StateStore
+from streamrec.serving.state import (
+    MAX_STATE_BYTES,
+    Answer,
+    SessionState,
+    StateDecodeError,
+    UserState,
+    state_key,
+)
+from streamrec.serving.state_store import SESSIONS, USERS, StateStore
+from streamrec.serving.writes import InFlightStates, StateWrite, write_states
 
 
 @dataclass
@@ -208,7 +227,9 @@ def decode_and_group(
         )
         res.stats[f"dead_letter:{reason}"] += 1
 
+    last = res.last_offsets
     for rec in records:
+        last[rec.partition] = rec.offset
         ev = decode(
             rec.value,
             max_bytes=config.max_message_bytes,
@@ -262,16 +283,54 @@ def load_states(
     store: StateStore,
     model: ServingModel,
     stats: Counter[str],
+    in_flight: InFlightStates | None = None,
 ) -> dict[str, KeyStates]:
-    """Phase 2: each key's states, read once from the key's partition; those made under
-    other weights re-encoded (all of the batch's at once)."""
+    """Phase 2: each key's states, read once from the key's partition (or, for a key that a
+    batch still being scored has changed, from ``in_flight``); those made under other weights
+    re-encoded (all of the batch's at once)."""
     work: dict[str, KeyStates] = {}
     for key in keys:
         p = partitions[key]
-        user = store.get_user(key, p) if key in user_keys else None
-        work[key] = KeyStates(store.get_session(key, p), user)
+        if in_flight is not None and len(in_flight):
+            sess = _in_flight_session(in_flight, store, key, p)
+            user = _in_flight_user(in_flight, store, key, p) if key in user_keys else None
+        else:
+            sess = store.get_session(key, p)
+            user = store.get_user(key, p) if key in user_keys else None
+        work[key] = KeyStates(sess, user)
     migrate_states(list(work.values()), model, stats)
     return work
+
+
+def _in_flight_session(
+    in_flight: InFlightStates, store: StateStore, key: str, partition: int
+) -> SessionState | None:
+    w = in_flight.get(SESSIONS, key, partition)
+    if w is None:
+        return store.get_session(key, partition)
+    if w.value is None:
+        return None
+    try:
+        s = SessionState.from_bytes(w.value)
+    except StateDecodeError:  # not possible for bytes this process encoded; as the store does
+        store.corrupt += 1
+        return None
+    if w.answer is not None:  # the answer the batch in flight is scoring
+        s.answer = w.answer
+    return s
+
+
+def _in_flight_user(
+    in_flight: InFlightStates, store: StateStore, key: str, partition: int
+) -> UserState | None:
+    w = in_flight.get(USERS, key, partition)
+    if w is None:
+        return store.get_user(key, partition)
+    try:
+        return None if w.value is None else UserState.from_bytes(w.value)
+    except StateDecodeError:
+        store.corrupt += 1
+        return None
 
 
 def plan_round(
@@ -330,6 +389,31 @@ class RoundStep:
     top_scores: list[list[float]] | None = None
 
 
+@dataclass
+class ArmRun:
+    """One arm's part of a batch: its model, its answers (published or not), the answers to
+    fill when scored, and the clicks to score against earlier answers (live metrics)."""
+
+    arm: str
+    model: ServingModel
+    published: bool
+    stats: Counter[str]
+    recommendations: list[Recommendation] = field(default_factory=list)
+    #: per recommendation, the answer its session state keeps (None: a duplicate's)
+    answers: list[Answer | None] = field(default_factory=list)
+    #: split step: the states of every round's clicks, scored with the whole batch
+    unscored: list[np.ndarray] = field(default_factory=list)
+    #: (partition, offset, the previous answer, the clicked item) of each click to score
+    pending: list[tuple[int, int, Answer, str]] = field(default_factory=list)
+    model_seconds: float = 0.0
+
+
+def answer_depth(config: CoreConfig) -> int:
+    """Items scored per click: the published top-k, and with live metrics at least the
+    answer kept for the next click (:data:`streamrec.serving.live.DEPTH`)."""
+    return max(config.top_k, DEPTH) if config.live_metrics else config.top_k
+
+
 def advance_round(
     clicks: Sequence[RoundClick],
     ks: Sequence[KeyStates],
@@ -362,7 +446,8 @@ def advance_round(
         new_states = model.advance(step_rows, states)
         pending.append(new_states)
         return RoundStep(new_states, unknown)
-    out = model.step(step_rows, states, users if model.user_state_dim else None, config.top_k)
+    depth = answer_depth(config)
+    out = model.step(step_rows, states, users if model.user_state_dim else None, depth)
     return RoundStep(out.states, unknown, model.ids(out.top_rows).tolist(), out.top_scores.tolist())
 
 
@@ -370,23 +455,27 @@ def emit_round(
     clicks: Sequence[RoundClick],
     ks: Sequence[KeyStates],
     step: RoundStep,
+    run: ArmRun,
     res: BatchResult,
     config: CoreConfig,
 ) -> None:
-    """Phase 3c: write the new session states into the working copies and add one
-    recommendation per click to ``res``."""
-    stats = res.stats
-    version, limit = res.model_version, config.recent_items
-    add = res.recommendations.append
-    first = len(res.recommendations)
+    """Phase 3c: write the new session states into the working copies, note each click that
+    continues a session with an answer (live metrics) and give the session its new answer,
+    and add one recommendation per click to the run."""
+    stats = run.stats
+    version, arm, limit = run.model.version, run.arm, config.recent_items
+    live = config.live_metrics
+    add, add_answer = run.recommendations.append, run.answers.append
+    first = len(run.recommendations)
     for i, rc in enumerate(clicks):
         k = ks[i]
         rec, ev, t, dup = rc.click.record, rc.click.event, rc.click.time, rc.duplicate
         unknown = step.unknown[i]
         cid = _click_id(ev, rec)
-        if unknown and not dup:
+        if unknown and not dup and run.published:
             stats["unknown_items"] += 1
             res.unknown_items.append((ev.item_id or "", cid))
+        answer = None
         if not dup:
             s = k.sess
             if s is None:
@@ -396,6 +485,8 @@ def emit_round(
                 stats["sessions_started"] += 1
             else:
                 s.hidden = step.states[i]
+                if live and s.answer is not None:  # scored once the batch is
+                    run.pending.append((rec.partition, rec.offset, s.answer, ev.item_id or ""))
             s.push_item(ev.item_id or "", limit)
             if ev.event_id is not None and config.dedup_event_ids > 0:
                 s.push_event_id(ev.event_id, config.dedup_event_ids)
@@ -403,7 +494,9 @@ def emit_round(
             s.last_time = max(s.last_time, t)
             s.n_events += 1
             s.n_unknown += int(unknown)
+            answer = s.answer = Answer(version, arm) if live else None
             k.sess_dirty = True
+        add_answer(answer)
         add(
             Recommendation(
                 cid,
@@ -416,6 +509,7 @@ def emit_round(
                 [],  # items and scores: filled in when scored
                 [],
                 version,
+                arm,
                 t,
                 rec.timestamp,
                 rec.received_at,
@@ -425,75 +519,112 @@ def emit_round(
             )
         )
     if step.top_ids is not None and step.top_scores is not None:
-        _fill_answers(res.recommendations[first:], step.top_ids, step.top_scores, stats)
+        _fill_answers(
+            run.recommendations[first:],
+            run.answers[first:],
+            step.top_ids,
+            step.top_scores,
+            config.top_k,
+            stats,
+        )
 
 
 def _fill_answers(
     recs: Sequence[Recommendation],
+    answers: Sequence[Answer | None],
     ids: Sequence[list[str]],
     scores: Sequence[list[float]],
+    top_k: int,
     stats: Counter[str],
 ) -> None:
-    """Put the top-k into the recommendations; a non-finite score never reaches the output:
-    its item is left out and counted (``nonfinite_scores``)."""
-    for r, row_ids, row_scores in zip(recs, ids, scores, strict=True):
+    """Put the top-k into the recommendations, and the top :data:`DEPTH` into the answers the
+    session states keep; a non-finite score never reaches either: its item is left out and
+    counted (``nonfinite_scores``)."""
+    for r, a, row_ids, row_scores in zip(recs, answers, ids, scores, strict=True):
         if not all(map(math.isfinite, row_scores)):
             keep = [i for i, x in enumerate(row_scores) if math.isfinite(x)]
             stats["nonfinite_scores"] += len(row_scores) - len(keep)
             stats["nonfinite_answers"] += 1
             row_ids = [row_ids[i] for i in keep]
             row_scores = [row_scores[i] for i in keep]
-        r.items = row_ids
-        r.scores = row_scores
+        if len(row_ids) > top_k:
+            r.items, r.scores = row_ids[:top_k], row_scores[:top_k]
+        else:
+            r.items, r.scores = row_ids, row_scores
+        if a is not None:
+            a.items, a.scores = row_ids[:DEPTH], row_scores[:DEPTH]
 
 
-def store_states(
+def state_writes(
     work: dict[str, KeyStates],
     partitions: Mapping[str, int],
-    store: StateStore,
     max_bytes: int = MAX_STATE_BYTES,
-) -> None:
-    """Phase 4: one write (or delete) per changed key, into the key's partition, each capped
-    at ``max_bytes``."""
+) -> list[StateWrite]:
+    """Phase 4: one write (or delete) per changed key, for its partition, each encoded and
+    capped at ``max_bytes``; a session's answer is added when the batch is scored."""
+    writes: list[StateWrite] = []
+    add = writes.append
     for key, k in work.items():
         p = partitions[key]
-        if k.sess is not None and k.sess_dirty:
-            store.put_session(key, k.sess, p, max_bytes)
-        elif k.sess is None and k.sess_deleted:
-            store.delete_session(key, p)
+        s = k.sess
+        if s is not None and k.sess_dirty:
+            answer = s.answer if s.answer is not None and s.answer.items is None else None
+            add(StateWrite(SESSIONS, key, p, s.to_bytes(max_bytes), answer))
+        elif s is None and k.sess_deleted:
+            add(StateWrite(SESSIONS, key, p, None))
         if k.user is not None and k.user_dirty:
-            store.put_user(key, k.user, p, max_bytes)
+            add(StateWrite(USERS, key, p, k.user.to_bytes(max_bytes)))
+    return writes
 
 
-def process_batch(
-    records: Sequence[Record],
+@dataclass
+class AppliedBatch:
+    """A batch whose states are advanced (:func:`apply_batch`) and not yet scored or stored
+    (:func:`finish_batch`)."""
+
+    result: BatchResult
+    runs: list[ArmRun]
+    writes: list[StateWrite]
+
+
+def split_arms(
+    queues: dict[str, deque[Click]], user_keys: set[str], models: ArmModels, res: BatchResult
+) -> list[tuple[ArmRun, dict[str, deque[Click]]]]:
+    """The runs of a batch: the champion's, and the challenger's when one is loaded (A/B: the
+    keys of its arm; shadow: every key again, under its shadow state key, unpublished)."""
+    champion = ArmRun(CHAMPION, models.champion, True, res.stats)
+    challenger = models.challenger
+    if challenger is None or not (models.shadow or models.ab):
+        return [(champion, queues)]
+    if models.shadow:
+        shadow = ArmRun(CHALLENGER, challenger, False, Counter())
+        copies = {SHADOW_NS + key: deque(q) for key, q in queues.items()}
+        for key in queues:
+            res.key_partitions[SHADOW_NS + key] = res.key_partitions[key]
+        user_keys.update([SHADOW_NS + key for key in user_keys])
+        return [(champion, queues), (shadow, copies)]
+    mine: dict[str, deque[Click]] = {}
+    theirs: dict[str, deque[Click]] = {}
+    for key, q in queues.items():
+        (mine if models.arm_of_state_key(key) == CHAMPION else theirs)[key] = q
+    return [(champion, mine), (ArmRun(CHALLENGER, challenger, True, res.stats), theirs)]
+
+
+def apply_run(
+    run: ArmRun,
+    queues: dict[str, deque[Click]],
+    user_keys: set[str],
+    res: BatchResult,
     store: StateStore,
-    model: ServingModel,
-    config: CoreConfig = DEFAULT_CONFIG,
-    *,
-    clock: StreamClock | None = None,
-    now: float | None = None,
-    score: bool = True,
-) -> BatchResult:
-    """Apply a batch of raw click records to the states and return what to publish.
-
-    Phases: decode and group -> load (and migrate) states -> rounds of (end sessions,
-    advance, emit) -> store -> score. With ``score=False`` the states are advanced and stored
-    but the recommendations are not scored yet: :func:`score_batch` does that (and may run in
-    another thread while the next batch is applied, since scoring reads no state).
-    """
-    now = time.time() if now is None else now
-    res = BatchResult(model_version=model.version)
-    stats = res.stats
-    stats["records"] += len(records)
-    queues, user_keys = decode_and_group(records, res, config, clock, now)
-    if not queues:
-        return res
-    work = load_states(queues, user_keys, res.key_partitions, store, model, stats)
-
+    config: CoreConfig,
+    in_flight: InFlightStates | None,
+) -> list[StateWrite]:
+    """Phases 2-4 for one arm's clicks: load, rounds of (end sessions, advance, emit), and
+    the state writes."""
+    stats, model = run.stats, run.model
+    work = load_states(queues, user_keys, res.key_partitions, store, model, stats, in_flight)
     # rounds: round r holds the r-th event of every key, so a key is stepped at most once
     model_s = 0.0
-    pending: list[np.ndarray] = []  # states of every round's clicks, scored at the end (split)
     while queues:
         batch = [(key, q.popleft()) for key, q in queues.items()]
         queues = {key: q for key, q in queues.items() if q}
@@ -506,28 +637,107 @@ def process_batch(
             continue
         stats["clicks"] += len(clicks)
         ks = [work[c.key] for c in clicks]
-        step = advance_round(clicks, ks, model, config, pending)
+        step = advance_round(clicks, ks, model, config, run.unscored)
         model_s += time.perf_counter() - t0
-        emit_round(clicks, ks, step, res, config)
-
-    store_states(work, res.key_partitions, store, config.max_state_bytes)
-    res.model_seconds = model_s
-    stats["recommendations"] += len(res.recommendations)
-    if pending:
-        res.unscored = np.concatenate(pending)
-    return score_batch(res, model, config) if score else res
+        emit_round(clicks, ks, step, run, res, config)
+    run.model_seconds = model_s
+    return state_writes(work, res.key_partitions, config.max_state_bytes)
 
 
-def score_batch(res: BatchResult, model: ServingModel, config: CoreConfig) -> BatchResult:
-    """Deferred scoring: one matmul + top-k for every click of the batch; stamps emitted_at."""
-    if res.unscored is not None:
-        t0 = time.perf_counter()
-        top_rows, scores = model.score(res.unscored, config.top_k)
-        ids = model.ids(top_rows)
-        res.model_seconds += time.perf_counter() - t0
-        _fill_answers(res.recommendations, ids.tolist(), scores.tolist(), res.stats)
-        res.unscored = None
+def apply_batch(
+    records: Sequence[Record],
+    store: StateStore,
+    models: Models,
+    config: CoreConfig = DEFAULT_CONFIG,
+    *,
+    clock: StreamClock | None = None,
+    now: float | None = None,
+    in_flight: InFlightStates | None = None,
+    seq: int = 0,
+) -> AppliedBatch:
+    """Phases 1-4: decode and group, then per arm: load (and migrate) states, rounds of (end
+    sessions, advance, emit), encode the changed states. Nothing is stored or scored yet
+    (:func:`finish_batch`). ``in_flight``: the states of batches applied and not yet stored
+    (the native worker's pipeline), which this batch's writes join as batch ``seq``."""
+    arms = as_arms(models)
+    now = time.time() if now is None else now
+    res = BatchResult(model_version=arms.champion.version)
+    res.stats["records"] += len(records)
+    if in_flight is not None:
+        in_flight.prune()
+    queues, user_keys = decode_and_group(records, res, config, clock, now)
+    runs: list[ArmRun] = []
+    writes: list[StateWrite] = []
+    if queues:
+        for run, run_queues in split_arms(queues, user_keys, arms, res):
+            writes += apply_run(run, run_queues, user_keys, res, store, config, in_flight)
+            runs.append(run)
+            (res.recommendations if run.published else res.shadow).extend(run.recommendations)
+            if not run.published:
+                res.stats.update({f"shadow_{k}": n for k, n in run.stats.items()})
+    res.stats["recommendations"] += len(res.recommendations)
+    if in_flight is not None:
+        in_flight.add(seq, writes)
+    return AppliedBatch(res, runs, writes)
+
+
+def finish_batch(
+    batch: AppliedBatch, store: StateStore, config: CoreConfig = DEFAULT_CONFIG
+) -> BatchResult:
+    """Phases 5-6: score (one matmul + top-k per arm for a split-step model), score each click
+    that continues a session against the previous answer (live metrics), store the batch's
+    states with their answers; stamps ``emitted_at``."""
+    res = batch.result
+    depth = answer_depth(config)
+    for run in batch.runs:
+        if run.unscored:
+            t0 = time.perf_counter()
+            top_rows, scores = run.model.score(np.concatenate(run.unscored), depth)
+            ids = run.model.ids(top_rows)
+            run.model_seconds += time.perf_counter() - t0
+            _fill_answers(
+                run.recommendations, run.answers, ids.tolist(), scores.tolist(), config.top_k,
+                run.stats,
+            )  # fmt: skip
+            run.unscored = []
+        res.model_seconds += run.model_seconds
+    for run in batch.runs:
+        res.evaluations += evaluate(run.pending, run.stats)
+    write_states(batch.writes, store, config.max_state_bytes, res.stats)
     emitted_at = time.time()
     for r in res.recommendations:
         r.emitted_at = emitted_at
     return res
+
+
+def evaluate(
+    pending: Iterable[tuple[int, int, Answer, str]], stats: Counter[str]
+) -> list[Evaluation]:
+    """Each click scored against its session's previous answer (scored by now: in this
+    batch, or in one before it): the conservative rank up to the largest cut-off."""
+    out: list[Evaluation] = []
+    k_max = KS[-1]
+    for partition, offset, prev, target in pending:
+        if prev.items is None:  # not possible: every answer is scored before a later batch
+            stats["live_unscored_answers"] += 1
+            continue
+        rank = live_rank(prev.items, prev.scores, target, k_max)
+        out.append(Evaluation(partition, offset, prev.arm, prev.version, rank))
+    return out
+
+
+def process_batch(
+    records: Sequence[Record],
+    store: StateStore,
+    model: Models,
+    config: CoreConfig = DEFAULT_CONFIG,
+    *,
+    clock: StreamClock | None = None,
+    now: float | None = None,
+) -> BatchResult:
+    """Apply a batch of raw click records to the states and return what to publish:
+    :func:`apply_batch` then :func:`finish_batch` (the native worker runs the two in
+    different threads, so that batch N is scored while batch N+1 is applied)."""
+    return finish_batch(
+        apply_batch(records, store, model, config, clock=clock, now=now), store, config
+    )

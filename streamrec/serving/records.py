@@ -15,9 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-import numpy as np
-
 from streamrec.serving.events import DeadLetter
+from streamrec.serving.live import Evaluation
 
 
 @dataclass
@@ -56,7 +55,8 @@ _json_chunks = _make_json_encoder()
 class Recommendation:
     """The answer to one click, as published on the recommendations topic.
 
-    ``items``/``scores`` are the top-k (empty until scored); ``produced_at`` is the click's
+    ``items``/``scores`` are the top-k (empty until scored); ``model_version`` and ``arm``
+    (``champion`` or ``challenger``) name the model that answered; ``produced_at`` is the click's
     Kafka timestamp, ``received_at`` when the worker read it, ``emitted_at`` when the answer
     was handed to the producer (epoch seconds). ``duplicate``: the click was applied before
     (a redelivery), answered from the unchanged state.
@@ -72,6 +72,7 @@ class Recommendation:
     items: list[str]
     scores: list[float]
     model_version: str
+    arm: str
     event_time: float
     produced_at: float | None
     received_at: float | None
@@ -93,6 +94,7 @@ class Recommendation:
             "items": self.items,
             "scores": self.scores,
             "model_version": self.model_version,
+            "arm": self.arm,
             "event_time": self.event_time,
             "produced_at": self.produced_at,
             "received_at": self.received_at,
@@ -112,14 +114,18 @@ class Recommendation:
     @classmethod
     def from_json(cls, value: bytes | str) -> Recommendation:
         """A recommendation read back from the topic. Raises ValueError on anything that is
-        not one (not JSON, not an object, a field missing or unknown)."""
+        not one (not JSON, not an object, a field missing or unknown). Records written before
+        answers named their arm read as the champion's."""
         obj = json.loads(value)
+        if isinstance(obj, dict) and obj.keys() == _FIELDS_WITHOUT_ARM:
+            obj["arm"] = "champion"
         if not isinstance(obj, dict) or obj.keys() != _FIELDS:
             raise ValueError(f"not a recommendation: {str(value)[:120]}")
         return cls(**obj)
 
 
 _FIELDS = frozenset(f.name for f in fields(Recommendation))
+_FIELDS_WITHOUT_ARM = _FIELDS - {"arm"}
 
 
 @dataclass
@@ -134,8 +140,12 @@ class BatchResult:
     #: the partition of each state key touched: that of the records of its events, where its
     #: states are read from and written to (the one rule for a key's partition)
     key_partitions: dict[str, int] = field(default_factory=dict)
-    #: hidden states of the clicks still to be scored (``process_batch(score=False)``)
-    unscored: np.ndarray | None = None
+    #: answers of the shadow arm (``--shadow``): scored and measured, never published
+    shadow: list[Recommendation] = field(default_factory=list)
+    #: clicks scored against the answer to their session's previous click (live metrics)
+    evaluations: list[Evaluation] = field(default_factory=list)
+    #: the last offset of each input partition in the batch
+    last_offsets: dict[int, int] = field(default_factory=dict)
 
     def latencies(self) -> list[float]:
         """Click-to-recommendation seconds of first answers (Kafka timestamp to emitted)."""

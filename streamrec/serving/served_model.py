@@ -498,16 +498,21 @@ REFUSED_VERSION_REUSED = "version_reused"
 REFUSED_INVALID = "invalid"
 
 
-def find_checkpoint(watch_dir: str | os.PathLike[str] | None) -> Path | None:
-    """The checkpoint to serve from ``watch_dir``: a model registry's published version
-    (:class:`streamrec.loop.registry.RegistryError` when its pointer cannot be followed),
-    else the newest checkpoint directory in it, or itself; None when there is none yet."""
+def find_checkpoint(
+    watch_dir: str | os.PathLike[str] | None, alias: str = registry.CHAMPION
+) -> Path | None:
+    """The checkpoint to serve from ``watch_dir``: in a model registry, the version ``alias``
+    names (:class:`streamrec.loop.registry.RegistryError` when its pointer cannot be
+    followed); else (the champion only) the newest checkpoint directory in it, or itself; None
+    when there is none yet."""
     if watch_dir is None or not Path(watch_dir).is_dir():
         return None
     watch_dir = Path(watch_dir)
     if registry.is_registry(watch_dir):
         # a model registry: follow its pointer (a rollback is followed too)
-        return registry.resolve(watch_dir)
+        return registry.resolve(watch_dir, alias)
+    if alias != registry.CHAMPION:
+        return None  # a challenger comes from a registry only
     cands = [p.parent for p in watch_dir.glob("*/checkpoint.json")]
     if (watch_dir / "checkpoint.json").exists():
         cands.append(watch_dir)
@@ -522,18 +527,21 @@ class ModelHolder:
     ``current`` is read once per batch by the core, so a batch never mixes two versions.
     With ``watch_dir`` set, :meth:`maybe_reload` loads the newest checkpoint directory in it
     (``checkpoint.json`` present) whose version differs from the served one; when
-    ``watch_dir`` is a model registry (:mod:`streamrec.loop.registry`), the published version.
+    ``watch_dir`` is a model registry (:mod:`streamrec.loop.registry`), the version its
+    ``alias`` names (the champion: the published one; or the challenger).
 
     What is not loaded is counted by reason in :attr:`refusals` (and handed to
     ``on_refusal``, the worker's metric) and logged once per distinct problem: a registry
     pointer that cannot be followed (:data:`REFUSED_POINTER`), a different model under the
     served version's name (:data:`REFUSED_VERSION_REUSED`), a checkpoint that does not load or
     fails validation (:data:`REFUSED_INVALID`). The served model stays meanwhile.
+    Only a challenger's holder may hold no model (none is named yet, or it was promoted or
+    cleared: :meth:`gone`, :meth:`clear`).
     """
 
     def __init__(
         self,
-        model: ServingModel,
+        model: ServingModel | None,
         *,
         watch_dir: str | os.PathLike[str] | None = None,
         device: str = "auto",
@@ -542,8 +550,12 @@ class ModelHolder:
         score_dtype: str = "float32",
         gate_ratio: float = GATE_RATIO,
         retrieval: RetrievalOptions | None = None,
+        alias: str = registry.CHAMPION,
     ) -> None:
+        if model is None and alias == registry.CHAMPION:
+            raise ValueError("the champion's holder needs a model")
         self._model = model
+        self.alias = alias
         self.gate_ratio = gate_ratio
         self.score_dtype = score_dtype
         self.retrieval = retrieval
@@ -561,7 +573,38 @@ class ModelHolder:
 
     @property
     def current(self) -> ServingModel:
+        if self._model is None:
+            raise ModelLoadError(f"no {self.alias} model is loaded")
         return self._model
+
+    @property
+    def served(self) -> ServingModel | None:
+        """The model, or None (a challenger's holder with none)."""
+        return self._model
+
+    def gone(self) -> bool:
+        """A model is held but the watched registry's alias names none any more (the
+        challenger was promoted or cleared). A pointer that cannot be read is not "none": the
+        model stays (the reload counted the refusal)."""
+        if (
+            self._model is None
+            or self.alias == registry.CHAMPION
+            or self.watch_dir is None
+            or not registry.is_registry(self.watch_dir)
+        ):
+            return False
+        try:
+            return registry.alias_version(self.watch_dir, self.alias) is None
+        except registry.RegistryError:
+            return False
+
+    def clear(self) -> None:
+        """Hold no model (a challenger's holder only)."""
+        if self.alias == registry.CHAMPION:
+            raise ValueError("the champion's holder always holds a model")
+        with self._lock:
+            old, self._model = self._model, None
+        log.info("%s %s no longer served", self.alias, old.version if old else None)
 
     def check(
         self,
@@ -584,7 +627,7 @@ class ModelHolder:
             old = self._model
             self._model = new
             self.swaps += 1
-        log.info("model swapped: %s -> %s", old.version, new.version)
+        log.info("%s swapped: %s -> %s", self.alias, old.version if old else None, new.version)
 
     def load_and_swap(self, path: str | os.PathLike[str]) -> bool:
         new = self.load_checked(path)
@@ -625,7 +668,7 @@ class ModelHolder:
         """:func:`find_checkpoint` of the watched directory; a registry pointer that cannot
         be followed is a refusal (None: the served model stays)."""
         try:
-            return find_checkpoint(self.watch_dir)
+            return find_checkpoint(self.watch_dir, self.alias)
         except registry.RegistryError as exc:
             self._refuse(REFUSED_POINTER, str(exc))
             return None
@@ -644,7 +687,11 @@ class ModelHolder:
         self._seen_refusal = message
         self._count(reason)
         log.error(
-            "model not reloaded (%s): %s; still serving %s", reason, message, self._model.version
+            "%s model not reloaded (%s): %s; still serving %s",
+            self.alias,
+            reason,
+            message,
+            self._model.version if self._model is not None else "nothing",
         )
 
     def maybe_reload(self) -> bool:
@@ -676,7 +723,7 @@ class ModelHolder:
         except CheckpointError:
             return None  # being written, or broken: try again next time
         ident = f"{path}@{record.version}@{_fingerprint(path)}"
-        if record.version == self._model.version:
+        if self._model is not None and record.version == self._model.version:
             self._check_same_model(record)
             return None
         if ident in self.rejected:
@@ -692,7 +739,7 @@ class ModelHolder:
         model under that name is a publishing error, never loaded: every answer names its
         model by version, and a swap re-encodes only the states of other versions, so the
         stored states would be read by weights that did not make them."""
-        served = self._model.record
+        served = self._model.record if self._model is not None else None
         if served is None or served.same_model(record):
             return
         self._refuse(

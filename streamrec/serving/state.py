@@ -25,7 +25,8 @@ import numpy as np
 
 from streamrec.errors import StreamrecError
 
-_SESSION_MAGIC = b"S2"  # S2 adds the recent event ids; S1 states still decode
+_SESSION_MAGIC = b"S3"  # S3 adds the last answer, S2 the recent event ids; S2, S1 still decode
+_SESSION_MAGIC_V2 = b"S2"
 _SESSION_MAGIC_V1 = b"S1"
 _USER_MAGIC = b"U1"
 #: Layout of state keys (namespaces) in stores and changelogs; stores written under an
@@ -33,6 +34,8 @@ _USER_MAGIC = b"U1"
 STATE_LAYOUT = 2
 USER_NS = "u:"
 ANON_NS = "a:"
+#: prefix of the states a shadow challenger keeps of its own: ``cu:<user>``, ``ca:<session>``
+SHADOW_NS = "c"
 #: Default cap on one encoded state (the producer's default message.max.bytes is 1 MB).
 MAX_STATE_BYTES = 512 * 1024
 
@@ -140,6 +143,83 @@ def _as_bytes(data: bytes) -> bytes:
 
 _F4 = np.dtype("<f4")
 
+#: the arms a model serves in; an answer remembers the one that made it (by index)
+ARMS = ("champion", "challenger")
+_ARM_INDEX = {a: i for i, a in enumerate(ARMS)}
+#: the answer section of an encoded session state: none, or an answer whose item ids are
+#: joined by :data:`_SEP` (one join and one decode instead of a length per id), or, when an
+#: id holds that character, length-prefixed
+_NO_ANSWER, _ANSWER_JOINED, _ANSWER_LISTED = 0, 1, 2
+_SEP = "\x1f"  # the ASCII unit separator
+_ANSWER_HDR = struct.Struct("<BBH")  # kind, arm, number of items
+
+
+@dataclass(slots=True)
+class Answer:
+    """The top of the answer to a session's last click, kept in the session state so that
+    the next click can be scored against it (live metrics, :mod:`streamrec.serving.live`).
+
+    ``version`` and ``arm`` are the model and arm that made it; ``items``/``scores`` (best
+    first, finite scores only) are None until the answer is scored (the pipeline scores a
+    batch after advancing its states)."""
+
+    version: str
+    arm: str = ARMS[0]
+    items: list[str] | None = None
+    scores: list[float] | None = None
+
+
+def encode_answer(answer: Answer | None) -> bytes:
+    """The answer section that ends an encoded session state (one byte for none, or an
+    answer not scored yet)."""
+    items, scores = (None, None) if answer is None else (answer.items, answer.scores)
+    if answer is None or items is None or scores is None:
+        return bytes((_NO_ANSWER,))
+    joined = _SEP.join(items)
+    listed = joined.count(_SEP) != max(len(items) - 1, 0)  # an id holds the separator
+    out = [_ANSWER_HDR.pack(_ANSWER_LISTED if listed else _ANSWER_JOINED,
+                            _ARM_INDEX.get(answer.arm, 0), len(items))]  # fmt: skip
+    _put_each(out, (answer.version,))
+    if listed:
+        _put_each(out, items)
+    else:
+        _put_each(out, (joined,))
+    out.append(struct.pack(f"<{len(scores)}f", *scores))
+    return b"".join(out)
+
+
+def _decode_answer(buf: bytes, pos: int) -> tuple[Answer | None, int]:
+    kind = buf[pos]
+    if kind == _NO_ANSWER:
+        return None, pos + 1
+    if kind not in (_ANSWER_JOINED, _ANSWER_LISTED):
+        raise StateDecodeError(f"unknown answer kind {kind}")
+    kind, arm, n = _ANSWER_HDR.unpack_from(buf, pos)
+    (version,), pos = _get_each(buf, pos + _ANSWER_HDR.size, 1, "")
+    items: list[str]
+    if kind == _ANSWER_LISTED:
+        items, pos = _get_strs_n(buf, pos, n)
+    else:
+        (joined,), pos = _get_strs_n(buf, pos, 1)
+        items = joined.split(_SEP) if n else []
+    if len(items) != n or arm >= len(ARMS):
+        raise StateDecodeError("answer items do not match their count")
+    scores = list(struct.unpack_from(f"<{n}f", buf, pos))
+    return Answer(version or "", ARMS[arm], items, scores), pos + 4 * n
+
+
+def _get_strs_n(buf: bytes, pos: int, n: int) -> tuple[list[str], int]:
+    """``n`` strings, none of them None."""
+    return _get_each(buf, pos, n, "")  # type: ignore[return-value]  # none="": no None comes back
+
+
+def with_answer(data: bytes, answer: Answer) -> bytes:
+    """An encoded session state that has no answer yet, with ``answer`` added (the pipeline
+    encodes a state when it advances it and adds the answer once the batch is scored)."""
+    if data[-1:] != bytes((_NO_ANSWER,)):
+        raise ValueError("the state holds an answer already")
+    return data[:-1] + encode_answer(answer)
+
 
 def _vec(x: np.ndarray | None) -> np.ndarray:
     """float32 values to write with ``.tobytes()`` (which flattens in C order, copying only
@@ -166,6 +246,8 @@ class SessionState:
     n_unknown: int = 0
     #: ids of the last events applied (bounded): a redelivery at another offset is a duplicate
     event_ids: list[str] = field(default_factory=list)
+    #: the answer to the last click applied (the click at ``offset``), for live metrics
+    answer: Answer | None = None
 
     def push_item(self, item_id: str, limit: int) -> None:
         self.recent_items.append(item_id)
@@ -179,7 +261,7 @@ class SessionState:
 
     def to_bytes(self, max_bytes: int = MAX_STATE_BYTES) -> bytes:
         """The encoded state; over ``max_bytes``, the oldest event ids and recent items are
-        dropped (from this object too) until it fits."""
+        dropped (from this object too) until it fits, then the answer."""
         data = self._encode()
         if len(data) <= max_bytes:
             return data
@@ -190,6 +272,9 @@ class SessionState:
                 excess -= 2 + len(lst[drop].encode()[:0xFFFE])
                 drop += 1
             del lst[:drop]
+        if excess > 0 and self.answer is not None:
+            excess -= len(encode_answer(self.answer)) - 1
+            self.answer = None
         if excess > 0:
             raise StateTooLarge(f"session state of {len(data)} bytes cannot fit {max_bytes}")
         return self._encode()
@@ -212,6 +297,7 @@ class SessionState:
         _put_strs(out, self.recent_items)
         _put_strs(out, self.event_ids)
         out.append(h.tobytes())
+        out.append(encode_answer(self.answer))
         return b"".join(out)
 
     @classmethod
@@ -219,27 +305,46 @@ class SessionState:
         try:
             buf = _as_bytes(data)
             magic, part, off, last, start, n, nu, dim = _SESSION_HDR.unpack_from(buf, 0)
-            if magic != _SESSION_MAGIC and magic != _SESSION_MAGIC_V1:
+            if magic not in (_SESSION_MAGIC, _SESSION_MAGIC_V2, _SESSION_MAGIC_V1):
                 raise StateDecodeError(f"not a session state (magic {magic!r})")
             pos = _SESSION_HDR.size
             (version, sid, uid), pos = _get_each(buf, pos, 3, None)
             items, pos = _get_strs(buf, pos)
             event_ids: list[str] = []
-            if magic == _SESSION_MAGIC:
+            if magic != _SESSION_MAGIC_V1:
                 event_ids, pos = _get_strs(buf, pos)
-            if len(buf) - pos != 4 * dim:
+            answer = None
+            if magic == _SESSION_MAGIC:  # the hidden state, then the answer
+                end = pos + 4 * dim
+                if len(buf) <= end:
+                    raise StateDecodeError("hidden state length mismatch")
+                answer, after = _decode_answer(buf, end)
+                if after != len(buf):
+                    raise StateDecodeError("trailing bytes after the answer")
+            elif len(buf) - pos != 4 * dim:
                 raise StateDecodeError("hidden state length mismatch")
-            hidden = np.frombuffer(buf, dtype=_F4, offset=pos).copy()
-        except (struct.error, UnicodeDecodeError) as exc:
+            hidden = np.frombuffer(buf, dtype=_F4, count=dim, offset=pos).copy()
+        except (struct.error, UnicodeDecodeError, IndexError) as exc:
             raise StateDecodeError(str(exc)) from exc
         return cls(
-            sid or "", hidden, version or "", uid, items, part, off, last, start, n, nu, event_ids
-        )
+            sid or "", hidden, version or "", uid, items, part, off, last, start, n, nu, event_ids,
+            answer,
+        )  # fmt: skip
 
     def same_as(self, other: SessionState, atol: float = 1e-5) -> bool:
-        """Equal up to float tolerance on the hidden state (for tests)."""
+        """Equal up to float tolerance on the hidden state and the answer's scores (tests)."""
         a, b = vars(self).copy(), vars(other).copy()
         ha, hb = a.pop("hidden"), b.pop("hidden")
+        aa, ab = a.pop("answer"), b.pop("answer")
+        if (aa is None) != (ab is None):
+            return False
+        if aa is not None and ab is not None:
+            if (aa.version, aa.arm, aa.items) != (ab.version, ab.arm, ab.items):
+                return False
+            if (aa.scores is None) != (ab.scores is None) or not np.allclose(
+                aa.scores or [], ab.scores or [], atol=atol
+            ):
+                return False
         return a == b and ha.shape == hb.shape and bool(np.allclose(ha, hb, atol=atol))
 
 

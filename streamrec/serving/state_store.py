@@ -28,6 +28,7 @@ from typing import Protocol
 from streamrec.serving.state import (
     ANON_NS,
     MAX_STATE_BYTES,
+    SHADOW_NS,
     USER_NS,
     SessionState,
     StateDecodeError,
@@ -40,11 +41,12 @@ log = logging.getLogger(__name__)
 #: the two tables, as the prefixes of their keys in a partition database and the changelog
 SESSIONS = b"s/"
 USERS = b"u/"
-#: the key prefixes of state layout 2: sessions of users and of anonymous keys, users
-VALID_PREFIXES = (
-    SESSIONS + USER_NS.encode(),
-    SESSIONS + ANON_NS.encode(),
-    USERS + USER_NS.encode(),
+#: the key prefixes of state layout 2: sessions of users and of anonymous keys, users; and
+#: the same for the states a shadow challenger keeps of its own (``streamrec.serving.arms``)
+VALID_PREFIXES = tuple(
+    table + arm + ns.encode()
+    for arm in (b"", SHADOW_NS.encode())
+    for table, ns in ((SESSIONS, USER_NS), (SESSIONS, ANON_NS), (USERS, USER_NS))
 )
 #: a changelog record as read back: (key, value or None for a delete, offset)
 ChangelogRecord = tuple[bytes | None, bytes | None, int]
@@ -313,6 +315,13 @@ class StateStore:
 
     def delete_user(self, key: str, partition: int | None = None) -> None:
         self._delete(USERS, key, partition)
+
+    def write(self, table: bytes, key: str, value: bytes | None, partition: int | None) -> None:
+        """An encoded state (None: delete it) of ``table`` (:data:`SESSIONS`, :data:`USERS`)."""
+        if value is None:
+            self._delete(table, key, partition)
+        else:
+            self._write(table, key, value, partition)
 
     def iter_sessions(self) -> Iterator[tuple[str, SessionState]]:
         """Every decodable session of every partition (inspection, tests)."""

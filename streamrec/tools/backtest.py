@@ -496,6 +496,25 @@ class Backtest:
         log = self.work / "retrain.log"
         return run_child(cmd, what=what, log=log, env=env, timeout=self.opts.timeout * 4)
 
+    def workers_live_figures(self, arm: Arm) -> dict[str, Any]:
+        """The arm's workers' own live metrics (streamrec.serving.live, the code the figures
+        above are computed with), per model version, over every click they answered (the
+        warm-up's included; sessions as the workers see them)."""
+        from streamrec.engines.live import default_live_metrics_topic
+        from streamrec.loop.live_report import live_totals, wait_counted
+
+        last: dict[int, int] = {}
+        for cid in self.sent_at:  # topic:partition:offset
+            _, p, o = cid.rsplit(":", 2)
+            last[int(p)] = max(last.get(int(p), -1), int(o))
+        topic = default_live_metrics_topic(f"bt-{self.run_id}-{arm.name}")
+        try:
+            records = wait_counted(self.conf, topic, last, timeout=self.opts.timeout)
+        except TimeoutError as exc:
+            self.say(f"arm {arm.name}: live metrics incomplete: {exc}")
+            return {}
+        return {version: c.result() for (_, version), c in live_totals(records).items()}
+
     def wait_swapped(self, arm: Arm, before: str | None) -> str:
         deadline = time.monotonic() + self.opts.timeout
         while True:
@@ -672,6 +691,7 @@ class Backtest:
             per, overall, s = score_arm(view, ans, self.sent_at, n_p, opts.ks)
             for p, fig in enumerate(per):
                 report["periods"][p][arm.name] = fig
+            overall["live"] = self.workers_live_figures(arm)
             overall["lost"] = ans.lost
             overall["duplicates"] = ans.duplicates
             swaps = model_swaps(s["versions"])

@@ -3,15 +3,12 @@
 Pure functions over a pandas frame and a list of answers (``Recommendation``): no Kafka, no
 model.
 
-Ranks. A live answer carries only the top-K item ids and scores, K = the largest cut-off + 1.
-The offline evaluator's *conservative* rank is the number of items scored at least as high as
-the target (the target included). When the target is in the list with a score strictly above
-the K-th (last) score, every item scored at least as high is in the list too (items outside
-it score at most the K-th score), so that count taken over the list is the exact rank. When
-the target is missing, or ties with the K-th score, its rank is at least K, i.e. beyond every
-cut-off: a miss for all k <= K - 1. So with K = max(k) + 1 the live hits and reciprocal ranks
-equal the offline ones for every cut-off, as long as the scores themselves are equal
-(the tests check it against ``trainer evaluate``).
+Ranks and counts are the workers' own live metrics code (:mod:`streamrec.serving.live`):
+:func:`~streamrec.serving.live.live_rank` reads the offline evaluator's *conservative* rank
+from a top-K answer, K = the largest cut-off + 1 (the workers publish K items in a backtest),
+and :class:`~streamrec.serving.live.LiveCounts` adds the hits and reciprocal ranks up. So the
+figures equal ``trainer evaluate``'s (the tests check it), and the workers' own live figures,
+which the report carries beside them (``live``).
 
 What is scored. The prediction made at click i (the answer to click i) is scored against the
 next click of the same session in the log (sessions as the log names them, events in time
@@ -43,9 +40,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from streamrec.serving.live import KS, LiveCounts, live_rank
 from streamrec.serving.records import Recommendation
 
-KS: tuple[int, ...] = (1, 5, 10, 20)
+__all__ = ["KS", "live_rank"]  # the workers' own, used here
 
 
 @dataclass(frozen=True)
@@ -78,27 +76,6 @@ def period_of(times: np.ndarray, periods: Sequence[Period]) -> np.ndarray:
     starts = np.array([p.start for p in periods], dtype=np.float64)
     idx = np.searchsorted(starts, times, side="right") - 1
     return idx.astype(np.int64)
-
-
-def live_rank(
-    items: Sequence[str] | None, scores: Sequence[float] | None, target: str, k_max: int
-) -> float:
-    """Conservative rank of ``target`` from a top-K answer (see the module docstring).
-
-    Returns ``math.inf`` when the rank is beyond ``k_max`` for certain.
-    """
-    if not items or scores is None:
-        return math.inf
-    try:
-        pos = list(items).index(target)
-    except ValueError:
-        return math.inf
-    s = scores[pos]
-    if len(items) > k_max and s <= scores[-1]:
-        return math.inf  # tied with (or below) the K-th score: rank >= K > k_max
-    if isinstance(s, float) and math.isnan(s):
-        return math.inf
-    return float(sum(1 for x in scores if x >= s))
 
 
 @dataclass
@@ -161,9 +138,7 @@ class Acc:
     """Accumulates the figures of one arm over one slice of clicks."""
 
     ks: tuple[int, ...]
-    n: int = 0
-    hits: dict[int, int] = field(default_factory=dict)
-    rr: dict[int, float] = field(default_factory=dict)
+    counts: LiveCounts = field(init=False)
     recommended: set[str] = field(default_factory=set)
     slots: int = 0
     new_slots: int = 0
@@ -174,21 +149,16 @@ class Acc:
     sent: list[float] = field(default_factory=list)
     emitted: list[float] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self.counts = LiveCounts(self.ks)
+
     def add_rank(self, rank: float) -> None:
-        self.n += 1
-        for k in self.ks:
-            if rank <= k:
-                self.hits[k] = self.hits.get(k, 0) + 1
-                self.rr[k] = self.rr.get(k, 0.0) + 1.0 / rank
+        self.counts.add_rank(rank)
 
     def result(self, catalogue: int) -> dict[str, Any]:
         from streamrec.tools.replay import latency_percentiles
 
-        out: dict[str, Any] = {}
-        for k in self.ks:
-            out[f"recall@{k}"] = self.hits.get(k, 0) / self.n if self.n else None
-            out[f"mrr@{k}"] = self.rr.get(k, 0.0) / self.n if self.n else None
-        out["n_scored"] = self.n
+        out: dict[str, Any] = self.counts.result()  # recall@k, mrr@k, n_scored
         out["answers"] = self.answers
         out["coverage@20"] = len(self.recommended) / catalogue if catalogue else None
         out["new_item_rec_share@20"] = self.new_slots / self.slots if self.slots else None

@@ -298,6 +298,20 @@ def _periods_table(report: Mapping[str, Any]) -> str:
     return _html_table(header, rows)
 
 
+def _live_list(report: Mapping[str, Any]) -> str:
+    """The workers' own live figures per arm and model version (every answered click)."""
+    items = []
+    for arm, fig in report.get("overall", {}).items():
+        for version, live in (fig.get("live") or {}).items():
+            r, m = live.get("recall@20"), live.get("mrr@20")
+            shown = "no predictions" if r is None else f"Recall@20 {r:.4f}, MRR@20 {m:.4f}"
+            items.append(
+                f"<li>{html.escape(str(arm))} {html.escape(str(version))}: {shown} "
+                f"({live.get('n_scored', 0):,} predictions)</li>"
+            )
+    return "".join(items) or "<li>none</li>"
+
+
 def write_html(
     out: Path, report: Mapping[str, Any], plots: Sequence[tuple[str, str]], note: str = ""
 ) -> None:
@@ -326,6 +340,9 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}} img{{max-width:1
 duplicated {report.get("duplicates")}.</p>
 {note}
 <h2>Overall</h2>{_table(report)}
+<h2>The workers' own live metrics</h2>
+<p>Every click the workers answered (warm-up included), each scored against the answer to its
+session's previous click, by the same code as the figures above.</p><ul>{_live_list(report)}</ul>
 <h2>Model swaps</h2><ul>{swaps or "<li>none</li>"}</ul>
 <h2>Retrain cycles</h2>{_retrains_table(report)}
 <h2>Per period</h2>{_periods_table(report)}

@@ -20,7 +20,6 @@ from typing import Any
 import pandas as pd
 import psutil
 import pytest
-import torch
 
 from streamrec.data.synthetic import generate_clicks
 from streamrec.model.checkpoint import load_checkpoint
@@ -28,8 +27,7 @@ from streamrec.model.gru4rec import GRU4Rec
 from streamrec.serving.records import Recommendation
 from streamrec.testing import TEST_BOOTSTRAP_ENV
 from streamrec.tools.backtest import parse_every, parse_warmup
-from streamrec.tools.backtest_metrics import live_rank, make_periods
-from trainer.metrics import ranks
+from streamrec.tools.backtest_metrics import make_periods
 
 KS = (1, 5, 10, 20)
 TINY = ["layers=16", "n_epochs=2", "batch_size=16", "n_sample=0", "device=cpu"]
@@ -71,32 +69,9 @@ def test_periods_cover_the_scored_span() -> None:
     assert [(p.start, p.end) for p in make_periods(0.0, 25.0, None)] == [(0.0, 25.0)]
 
 
-def test_live_rank_from_top_k_plus_one_equals_the_conservative_rank() -> None:
-    """Scores on a coarse grid make many ties, also at the list's border: for every cut-off
-    k <= 20 the hit and the reciprocal rank read from a top-21 answer equal the offline
-    conservative rank's (trainer.metrics.ranks)."""
-    gen = torch.Generator().manual_seed(0)
-    n_items, trials = 60, 3000
-    scores = torch.randint(0, 12, (trials, n_items), generator=gen).to(torch.float32) / 4
-    targets = torch.randint(0, n_items, (trials,), generator=gen)
-    offline = ranks(scores, targets, "conservative").tolist()
-    border_ties = 0
-    for i in range(trials):
-        top_scores, top_rows = torch.topk(scores[i], 21)
-        items = [str(r) for r in top_rows.tolist()]
-        live = live_rank(items, top_scores.tolist(), str(int(targets[i])), 20)
-        t_score = float(scores[i, targets[i]])
-        border_ties += int(t_score == float(top_scores[-1]) and str(int(targets[i])) in items)
-        for k in KS:
-            assert (live <= k) == (offline[i] <= k), (i, live, offline[i])
-            if offline[i] <= k:
-                assert live == offline[i]
-    assert border_ties > 0  # the case that needs the 21st item did occur
-
-
 def _answer(click_id: str, duplicate: bool = False) -> Recommendation:
-    return Recommendation(click_id, "recs", 0, 0, None, "s", "i", ["i"], [1.0], "v", 0.0,
-                          None, None, 0.0, duplicate, False)  # fmt: skip
+    return Recommendation(click_id, "recs", 0, 0, None, "s", "i", ["i"], [1.0], "v", "champion",
+                          0.0, None, None, 0.0, duplicate, False)  # fmt: skip
 
 
 def test_lost_and_duplicate_clicks_are_counted_per_click() -> None:
@@ -289,6 +264,10 @@ def test_replay_without_retraining_or_warmup_equals_trainer_evaluate(
                        "--warmup-until", "0", "--every", "7d", "--model", model)  # fmt: skip
     assert list(report["overall"]) == ["frozen"]
     _assert_equal_to_offline(report["overall"]["frozen"], offline)
+    # the workers' own live metrics (the same code, every answered click: no warm-up here)
+    version = json.loads((ckpt / "checkpoint.json").read_text())["version"]
+    assert list(report["overall"]["frozen"]["live"]) == [version]
+    _assert_equal_to_offline(report["overall"]["frozen"]["live"][version], offline)
     # the periods split the same clicks
     assert sum(p["events"] for p in report["periods"]) == report["events"]
     assert sum(p["frozen"]["n_scored"] for p in report["periods"]) == offline["n_events"]
@@ -304,8 +283,11 @@ def test_compare_scores_two_checkpoints_on_the_same_replay(log: Path, tmp_path: 
     b = _train(log, tmp_path / "b", "gru4rec", seed=2)
     report = _backtest(log, tmp_path / "bt", "--compare", str(a), str(b), "--every", "14d")
     assert set(report["overall"]) == {"A", "B"}
-    _assert_equal_to_offline(report["overall"]["A"], _evaluate(a, log))
-    _assert_equal_to_offline(report["overall"]["B"], _evaluate(b, log))
+    for arm, ckpt in (("A", a), ("B", b)):
+        offline = _evaluate(ckpt, log)
+        _assert_equal_to_offline(report["overall"][arm], offline)
+        (live,) = report["overall"][arm]["live"].values()
+        _assert_equal_to_offline(live, offline)
     assert report["overall"]["A"]["mrr@20"] != report["overall"]["B"]["mrr@20"]
     assert report["lost"] == 0 and report["duplicates"] == 0
 

@@ -318,6 +318,31 @@ def test_junk_item_ids_do_not_grow_the_catalogue(tmp_path: Path) -> None:
     assert registry.read_log(models)[-1]["left_out"] == left
 
 
+@pytest.mark.slow
+def test_publish_as_challenger_leaves_the_champion_serving(tmp_path: Path) -> None:
+    """``--publish-as challenger``: a candidate that passes the gate (against the champion)
+    becomes the challenger; CURRENT and the workers' champion stay."""
+    from trainer.cli import main
+
+    archive, models = tmp_path / "archive", tmp_path / "models"
+    write_archive(archive, generate_clicks(600, 40, seed=6, span_days=3))
+    cfg = RetrainConfig(str(archive), str(models), "3d", "1d", params=PARAMS, progress=False)
+    v1 = run_cycle(cfg, echo=lambda s: None)["decision"]["version"]
+    out = CliRunner().invoke(
+        main,
+        ["retrain", "--archive", str(archive), "--models", str(models), "--once",
+         "--window", "3d", "--holdout", "1d", "--tolerance", "1.0", "--no-progress",
+         "--publish-as", "challenger", *[x for kv in PARAMS for x in ("--param", kv)]],
+    )  # fmt: skip
+    assert out.exit_code == 0, out.output
+    r2 = registry.read_log(models)[-1]
+    assert r2["decision"]["published"] and r2["decision"]["as"] == "challenger"
+    assert r2["current_version"] == v1  # gated against the champion
+    assert registry.current_version(models) == v1
+    assert registry.alias_version(models, "challenger") == r2["decision"]["version"] != v1
+    assert registry.read_alias_log(models)[-1]["by"] == "retrain"
+
+
 def _published(models: Path) -> Path:
     path = registry.resolve(models)
     assert path is not None

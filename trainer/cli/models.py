@@ -1,5 +1,6 @@
-"""``trainer models list|show|rollback``: the model registry (``streamrec.loop.registry``) as
-a person reads it: a line per version, a summary of one version (``--json``: everything)."""
+"""``trainer models list|show|rollback|alias|promote``: the model registry
+(``streamrec.loop.registry``) as a person reads it: a line per version, a summary of one
+version (``--json``: everything); the champion and challenger aliases."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ CYCLE_PREFIX = "gate_"
 
 @click.group("models")
 def models_group() -> None:
-    """The model registry: list, show, rollback."""
+    """The model registry: list, show, rollback, alias, promote."""
 
 
 models_opt = click.option("--models", required=True, help="Model registry directory.")
@@ -71,6 +72,7 @@ def list_cmd(models: str, as_json: bool) -> None:
         click.echo(
             f"{'*' if v.published else ' '} {v.version}  {v.model_name:<8} "
             f"{v.n_items:>8,} items  {v.created_at[:19]}  {_figure(v.metrics)}".rstrip()
+            + (f"  [{', '.join(v.aliases)}]" if v.aliases else "")
         )
 
 
@@ -161,7 +163,35 @@ def show_cmd(models: str, version: str | None, as_json: bool) -> None:
 @models_group.command("rollback")
 @models_opt
 @click.argument("version")
-def rollback_cmd(models: str, version: str) -> None:
+@click.option("--reason", default=None, help="Why (recorded in registry-log.jsonl).")
+def rollback_cmd(models: str, version: str, reason: str | None) -> None:
     """Publish an older version again (the workers follow); the registry's log records it."""
-    record = registry.rollback(models, version)
+    record = registry.rollback(models, version, reason=reason)
     click.echo(f"published {version} (was {record['from']}); logged in {registry.LOG}", err=True)
+
+
+@models_group.command("alias")
+@models_opt
+@click.argument("alias", type=click.Choice([registry.CHAMPION, registry.CHALLENGER]))
+@click.argument("version", required=False)
+@click.option("--clear", is_flag=True, help="Remove the alias (the challenger only).")
+@click.option("--reason", default=None, help="Why (recorded in registry-log.jsonl).")
+def alias_cmd(
+    models: str, alias: str, version: str | None, clear: bool, reason: str | None
+) -> None:
+    """Point ALIAS (champion, challenger) at VERSION; the workers follow both."""
+    if clear == (version is not None):
+        raise click.UsageError("give a VERSION, or --clear")
+    registry.require_registry(models)
+    registry.set_alias(models, alias, version, by="alias", reason=reason)
+    click.echo(f"{alias}: {version or 'none'}", err=True)
+
+
+@models_group.command("promote")
+@models_opt
+@click.option("--reason", default=None, help="Why (recorded in registry-log.jsonl).")
+def promote_cmd(models: str, reason: str | None) -> None:
+    """The challenger becomes the champion (the rollback guard then watches it)."""
+    registry.require_registry(models)
+    record = registry.promote(models, reason=reason)
+    click.echo(f"champion: {record['version']} (was {record['previous']})", err=True)

@@ -66,6 +66,14 @@ from trainer.retrain_metrics import RetrainMetrics
 @click.option("--features", default=None, help="p-RNN item feature file, as trainer train")
 @click.option("--item-meta", default=None, help="p-RNN item metadata, as trainer train")
 @click.option("--schedule", default=None, help="p-RNN training schedule")
+@click.option(
+    "--publish-as",
+    type=click.Choice([registry.CHAMPION, registry.CHALLENGER]),
+    default=registry.CHAMPION,
+    show_default=True,
+    help="What a candidate that passes the gate becomes: the champion (served) or the "
+    "challenger (served beside it: streamrec worker --challenger-share / --shadow).",
+)
 @click.option("--progress/--no-progress", default=True)
 @threads_option
 @click.option(
@@ -109,6 +117,7 @@ def retrain(
     features: str | None,
     item_meta: str | None,
     schedule: str | None,
+    publish_as: str,
     progress: bool,
     retrieval_index: str,
     metrics_port: int,
@@ -125,7 +134,7 @@ def retrain(
         archive, models, window, holdout, model_name, preset, split_values(params), cold,
         tolerance, metric, keep, min_item_support, progress, None, gate_z,
         min_holdout_events, None if warm_epochs == "auto" else int(warm_epochs), variant,
-        features, item_meta, schedule, retrieval_index,
+        features, item_meta, schedule, retrieval_index, publish_as,
     )  # fmt: skip
     if once:
         try:

@@ -37,10 +37,10 @@ from streamrec.engines.faust.idle import IdleIndex
 from streamrec.engines.faust.tables import FaustPartition
 from streamrec.engines.faust.transport import faust_app_kwargs, streamrec_transport
 from streamrec.kafka import clients, tansu
+from streamrec.serving.arms import Models
 from streamrec.serving.expiry import end_idle_sessions, expire_idle_users
 from streamrec.serving.pipeline import process_batch
 from streamrec.serving.records import BatchResult, Record, SweepResult
-from streamrec.serving.served_model import ServingModel
 from streamrec.serving.state import STATE_LAYOUT
 from streamrec.serving.state_store import SESSIONS, USERS, StateStore
 
@@ -80,6 +80,7 @@ class Worker(EngineBase):
         app_kwargs = faust_app_kwargs(conf)  # refuses what aiokafka cannot apply, first
         embedded = clients.is_embedded(conf)
         self.outputs = Outputs(settings, conf=conf)
+        self._live_generation: int | None = None
         self.lock = asyncio.Lock()
         t = settings.topics
         w = settings.worker
@@ -167,7 +168,10 @@ class Worker(EngineBase):
         ]
         async with self.lock:
             parts = self._partitions({r.partition for r in records})
-            model = self.holder.current
+            model = self.arms.models()
+            if self.live is not None and self.app.consumer_generation_id != self._live_generation:
+                self.live.reset()  # a new assignment: read again where partitions are counted
+                self._live_generation = self.app.consumer_generation_id
             loop = asyncio.get_running_loop()
             store = StateStore(parts)
             res = await loop.run_in_executor(self.executor, self._step, records, store, model)
@@ -186,8 +190,15 @@ class Worker(EngineBase):
         Faust's ``topic.send``) and are flushed here, so a batch's events are acked (and
         their offsets later committed) only after its recommendations are on the broker.
         """
+        live = self.live
+        if live is not None:
+            live.load_watermarks({r.partition for r in records if not live.known(r.partition)})
         res = process_batch(records, store, model, self.config, clock=self.clock)
         self.outputs.publish(res)
+        if live is not None:
+            # durable before the batch's table writes reach the changelog (engines/live.py)
+            live.add(res)
+            live.publish(flush=True)
         self.outputs.flush()
         return res
 
@@ -211,7 +222,7 @@ class Worker(EngineBase):
                 # here, on the event loop, which opens and closes them)
                 rocks: tuple[Any, Any] = (self.sessions.data, self.users.data)
                 dbs = tuple({p: db for p, db in r._dbs.items() if p in actives} for r in rocks)
-                model = self.holder.current
+                model = self.arms.models()
                 t0 = time.monotonic()
                 res, more = await loop.run_in_executor(
                     self.executor, self._sweep_step, StateStore(parts), model, sorted(actives), dbs
@@ -239,7 +250,7 @@ class Worker(EngineBase):
     def _sweep_step(
         self,
         store: StateStore,
-        model: ServingModel,
+        model: Models,
         partitions: list[int],
         dbs: tuple[Mapping[int, Any], ...],
     ) -> tuple[SweepResult, bool]:
@@ -270,7 +281,7 @@ class Worker(EngineBase):
                     break
 
     def _sweep_partition(
-        self, store: StateStore, model: ServingModel, p: int, deadline: float, res: SweepResult
+        self, store: StateStore, model: Models, p: int, deadline: float, res: SweepResult
     ) -> bool:
         """Sweep partition ``p`` in chunks of :data:`SWEEP_CHUNK_KEYS` until its indexes have
         nothing idle; False if ``deadline`` came first."""
@@ -331,11 +342,11 @@ class Worker(EngineBase):
         loop = asyncio.get_running_loop()
         # loading and validating take seconds: in a thread of their own, without the lock (the
         # batches go on); only the swap itself waits for the batch in progress
-        new = await loop.run_in_executor(None, self.holder.prepare_reload)
-        if new is None:
+        swap = await loop.run_in_executor(None, self.arms.prepare_reload)
+        if not swap:
             return
         async with self.lock:  # swaps happen between batches
-            self.install_model(new)
+            self.install_swap(swap)
 
     def run(self, loglevel: str = "info") -> None:
         """Run until SIGINT/SIGTERM (Faust's worker handles the signals and shuts down)."""
@@ -343,6 +354,8 @@ class Worker(EngineBase):
 
         from faust.worker import Worker as FaustWorker
 
+        if self.live is not None:
+            self.live.ensure_topic()
         self.metrics.serve(self.settings.worker.metrics_port, self.settings.worker.metrics_host)
         gc.collect()
         gc.freeze()  # model, item index and imports: keep them out of every GC pass
@@ -351,3 +364,5 @@ class Worker(EngineBase):
         finally:
             self.executor.shutdown(wait=False, cancel_futures=True)
             self.outputs.producer.flush(10)
+            if self.live is not None:
+                self.live.close()

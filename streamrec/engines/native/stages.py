@@ -1,9 +1,11 @@
 """The native worker's three-stage pipeline. Batches go in order through:
 
-1. apply: :func:`streamrec.serving.pipeline.process_batch` without the scoring, in a state
-   thread; its state writes go into the partitions' pending writes;
-2. score: :func:`streamrec.serving.pipeline.score_batch` (one matmul + top-k for the batch)
-   in a scoring thread;
+1. apply: :func:`streamrec.serving.pipeline.apply_batch` (decode, advance the states, encode
+   the changed ones) in a state thread;
+2. score: :func:`streamrec.serving.pipeline.finish_batch` (one matmul + top-k per arm, the
+   live metrics, the state writes, answers included, into the partitions' pending writes)
+   in a scoring thread. Until a batch's states are stored, the next batch's apply step reads
+   them from :class:`~streamrec.serving.writes.InFlightStates`;
 3. publish: recommendations and dead letters handed to the C producer (asynchronous), in
    the caller's (the poll loop's) thread.
 
@@ -22,13 +24,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from streamrec.engines.common import Outputs
+from streamrec.engines.live import LiveMetrics
 from streamrec.metrics import Metrics
+from streamrec.serving.arms import ArmModels, Arms
 from streamrec.serving.clock import StreamClock
 from streamrec.serving.config import CoreConfig
-from streamrec.serving.pipeline import process_batch, score_batch
+from streamrec.serving.pipeline import AppliedBatch, apply_batch, finish_batch
 from streamrec.serving.records import BatchResult, Record
-from streamrec.serving.served_model import ModelHolder, ServingModel
 from streamrec.serving.state_store import StateStore
+from streamrec.serving.writes import InFlightStates
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +66,8 @@ class _InFlight:
     """A batch whose core runs in the state thread."""
 
     records: list[Record]
-    model: ServingModel  # the weights that advanced the states score them too
-    future: Future[BatchResult]
+    future: Future[AppliedBatch]  # the weights that advanced the states score them too
+    seq: int
 
 
 class Stages:
@@ -73,14 +77,16 @@ class Stages:
     def __init__(
         self,
         store: StateStore,
-        holder: ModelHolder,
+        arms: Arms,
         config: CoreConfig,
         clock: StreamClock,
         outputs: Outputs,
         metrics: Metrics,
+        live: LiveMetrics | None = None,
     ) -> None:
         self.store = store
-        self.holder = holder
+        self.live = live
+        self.arms = arms
         self.config = config
         self.clock = clock
         self.outputs = outputs
@@ -90,6 +96,8 @@ class Stages:
         self._applying: _InFlight | None = None
         self._scoring: deque[tuple[int, Future[BatchResult]]] = deque()
         self._next_offsets: dict[int, int] = {}  # input partition -> offset to commit
+        self.in_flight = InFlightStates()  # states applied and not yet stored
+        self._seq = 0  # batches applied so far
 
     @property
     def busy(self) -> bool:
@@ -99,28 +107,40 @@ class Stages:
         """Stage 1 in the state thread: apply the batch to the states (the core without the
         scoring)."""
         assert self._applying is None
-        model = self.holder.current
+        self._seq += 1
         future = self.apply_thread.submit(
-            process_batch,
+            apply_batch,
             records,
             self.store,
-            model,
+            self.models(),
             self.config,
             clock=self.clock,
-            score=False,
+            in_flight=self.in_flight,
+            seq=self._seq,
         )
-        self._applying = _InFlight(records, model, future)
+        self._applying = _InFlight(records, future, self._seq)
+
+    def models(self) -> ArmModels:
+        """The models of the next batch."""
+        return self.arms.models()
 
     def finish_apply(self) -> None:
         """Wait for stage 1, note the offsets, and queue stage 2 (scoring)."""
         batch, self._applying = self._applying, None
         if batch is None:
             return
-        res = batch.future.result()
+        applied = batch.future.result()
         for r in batch.records:  # records are in offset order per partition
             self._next_offsets[r.partition] = r.offset + 1
-        scored = self.score_thread.submit(score_batch, res, batch.model, self.config)
+        scored = self.score_thread.submit(self._finish, applied, batch.seq)
         self._scoring.append((len(batch.records), scored))
+
+    def _finish(self, applied: AppliedBatch, seq: int) -> BatchResult:
+        """Stage 2 (scoring thread): score, measure, store; then the next batches read these
+        states from the store again."""
+        res = finish_batch(applied, self.store, self.config)
+        self.in_flight.stored(seq)
+        return res
 
     def publish_scored(self, block: bool) -> None:
         """Stage 3: hand scored batches to the producer, oldest first (asynchronous; delivered
@@ -130,6 +150,8 @@ class Stages:
             n_records, future = self._scoring.popleft()
             res = future.result()
             self.outputs.publish(res)
+            if self.live is not None:
+                self.live.add(res)
             self.metrics.observe_batch(n_records, res.stats, res.latencies(), res.model_seconds)
 
     def drain(self) -> None:
@@ -137,6 +159,7 @@ class Stages:
         timers: they need every state write made and every output handed over)."""
         self.finish_apply()
         self.publish_scored(block=True)
+        self.in_flight.clear()  # every batch is stored
 
     def take_offsets(self) -> dict[int, int]:
         """The offsets to commit for the batches applied since the last call."""

@@ -15,11 +15,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from streamrec.engines.native.store import INDEX_SESSIONS, INDEX_USERS, RocksDBPartition
+from streamrec.serving.arms import Models
 from streamrec.serving.clock import StreamClock
 from streamrec.serving.config import CoreConfig
 from streamrec.serving.expiry import end_idle_sessions, expire_idle_users
 from streamrec.serving.records import SweepResult
-from streamrec.serving.served_model import ServingModel
 from streamrec.serving.state_store import StateStore
 
 #: the idle sweep's work per loop turn: chunks of candidate keys until this many seconds have
@@ -39,7 +39,7 @@ class _Step:
     """One step under way: its start, budget and what it has done so far."""
 
     store: StateStore
-    model: ServingModel
+    model: Models
     config: CoreConfig
     clock: StreamClock
     budget_s: float
@@ -63,7 +63,7 @@ class Sweeper:
         self,
         store: StateStore,
         partitions: Mapping[int, RocksDBPartition],
-        model: ServingModel,
+        model: Models,
         config: CoreConfig,
         clock: StreamClock,
         budget_s: float = SWEEP_STEP_S,

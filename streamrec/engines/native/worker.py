@@ -40,7 +40,7 @@ from streamrec.engines.native.sweep import SWEEP_STEP_S, Sweeper
 from streamrec.kafka import clients, tansu
 from streamrec.kafka.clients import TopicSpec, ensure_topics
 from streamrec.processes import on_stop_signal
-from streamrec.serving.served_model import ServingModel
+from streamrec.serving.arms import Swap
 from streamrec.serving.state_store import StateStore
 
 log = logging.getLogger(__name__)
@@ -80,13 +80,13 @@ class NativeWorker(EngineBase):
             self.consumer, self.outputs, self.partitions, self.clicks, self.changelog, self.metrics
         )
         self.stages = Stages(
-            self.store, self.holder, self.config, self.clock, self.outputs, self.metrics
+            self.store, self.arms, self.config, self.clock, self.outputs, self.metrics, self.live
         )
         self.sweeper = Sweeper()
         self._stopping = False
         self._failed = False
         self.loader_thread = ThreadPoolExecutor(1, thread_name_prefix="streamrec-loader")
-        self._loading: Future[ServingModel | None] | None = None
+        self._loading: Future[Swap] | None = None
 
     # ---- the loop ----------------------------------------------------------------------------
     def run(self) -> None:
@@ -104,6 +104,8 @@ class NativeWorker(EngineBase):
                 )
             ],
         )
+        if self.live is not None:
+            self.live.ensure_topic()
         self.metrics.serve(self.settings.worker.metrics_port, self.settings.worker.metrics_host)
         gc.collect()
         gc.freeze()  # model, item index and imports: keep them out of every GC pass
@@ -190,6 +192,10 @@ class NativeWorker(EngineBase):
             self.finish_checkpoint(block=True)
         started = time.monotonic()
         self.stages.drain()  # every batch applied so far has its outputs handed to the producer
+        if self.live is not None:
+            # the counts of the clicks these states have applied are durable first
+            # (streamrec.engines.live: each click counted once)
+            self.live.publish(flush=True)
         self.checkpoints.begin(self.stages.take_offsets(), started)
 
     def finish_checkpoint(self, block: bool) -> bool:
@@ -220,6 +226,8 @@ class NativeWorker(EngineBase):
         health.busy(f"recovering the state of partitions {sorted(wanted)}")
         for p in [p for p in self.partitions if p not in wanted]:
             self.partitions.pop(p).close()
+            if self.live is not None:
+                self.live.forget(p)
         # Partitions kept across the rebalance were checkpointed at the revoke and nobody else
         # can have owned them in between (eager rebalancing): their local state is current.
         new = [RocksDBPartition(self.datadir / str(p), p) for p in wanted - set(self.partitions)]
@@ -233,6 +241,8 @@ class NativeWorker(EngineBase):
                 time.monotonic() - t0,
             )
         self.partitions.update({s.partition: s for s in new})
+        if self.live is not None:  # where the newly assigned partitions are counted up to
+            self.live.load_watermarks(s.partition for s in new)
         if assigned:  # where the group stands (one round trip per rebalance)
             for tp in consumer.committed(assigned, timeout=10):
                 self.checkpoints.committed[tp.partition] = tp.offset
@@ -260,6 +270,8 @@ class NativeWorker(EngineBase):
                 state.discard_pending()
                 state.close()
             self.stages.forget(tp.partition)
+            if self.live is not None:
+                self.live.forget(tp.partition)
 
     # ---- timers ------------------------------------------------------------------------------
     def sweep(self, budget_s: float = SWEEP_STEP_S) -> bool:
@@ -268,7 +280,7 @@ class NativeWorker(EngineBase):
         self.stages.drain()
         t0 = time.monotonic()
         res, more = self.sweeper.step(
-            self.store, self.partitions, self.holder.current, self.config, self.clock, budget_s
+            self.store, self.partitions, self.arms.models(), self.config, self.clock, budget_s
         )
         self.metrics.observe_sweep(res)
         self.metrics.sweep_seconds.observe(time.monotonic() - t0)
@@ -280,16 +292,16 @@ class NativeWorker(EngineBase):
         (a GRU4Rec of 17k items: ~3 s on the dev VM), which the poll loop used to wait for."""
         loading = self._loading
         if loading is None:
-            self._loading = self.loader_thread.submit(self.holder.prepare_reload)
+            self._loading = self.loader_thread.submit(self.arms.prepare_reload)
             return
         if not loading.done():
             return
         self._loading = None
-        new = loading.result()
-        if new is None:
+        swap = loading.result()
+        if not swap:
             return
         self.stages.drain()  # swaps happen between batches
-        self.install_model(new)
+        self.install_swap(swap)
 
     # ---- shutdown ----------------------------------------------------------------------------
     def close(self) -> None:
@@ -303,5 +315,7 @@ class NativeWorker(EngineBase):
                 state.close()
             self.partitions.clear()
             self.producer.flush(10)
+            if self.live is not None:
+                self.live.close()
             self.stages.close()
             self.loader_thread.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,112 @@
+"""What live metrics and a second arm cost in the serving core (no broker).
+
+Times ``process_batch`` (advance, score, emit, and with live metrics the scoring of each
+click against the previous answer) plus what the engine does with a batch's evaluations
+(``LiveMetrics.add``: the Prometheus counters and the counts for the metrics topic) over an
+in-memory StateStore, with the serve bench's GRU4Rec (17,319 items x 100 units) on its
+synthetic stream, batch 256, in these modes:
+
+  live_off      one arm, live metrics switched off (worker.live_metrics=false)
+  live_on       one arm, live metrics on (the default)
+  ab_0.3        champion and challenger (same size), --challenger-share 0.3, live on
+  shadow        champion answers, the challenger scores every click too, live on
+
+The modes run in turns, ``--repeat`` rounds; each mode's figure is its best round (the
+machine is shared). Publishing to the topic is one record per partition per checkpoint
+(not timed here: it is off the per-click path).
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/live_cost.py [--events 10000] [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from prometheus_client import CollectorRegistry
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from core_overhead import T0, records
+from procstats import machine_line
+from serve_bench import make_checkpoint
+
+from streamrec.engines.live import LiveMetrics
+from streamrec.serving.arms import ArmModels
+from streamrec.serving.config import CoreConfig
+from streamrec.serving.pipeline import process_batch
+from streamrec.serving.records import Record
+from streamrec.serving.served_model import ServingModel
+from streamrec.serving.state_store import StateStore
+from streamrec.settings import Settings
+
+
+def one_pass(
+    recs: list[Record], models: ArmModels, config: CoreConfig, batch: int
+) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one pass over a fresh store."""
+    store = StateStore()
+    live = LiveMetrics(Settings(), CollectorRegistry(), {"bootstrap.servers": "unused:9"})
+    t0, c0 = time.perf_counter(), time.process_time()
+    for i in range(0, len(recs), batch):
+        res = process_batch(recs[i : i + batch], store, models, config, now=T0)
+        res.recommendation_values()
+        if config.live_metrics:
+            live.add(res)
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--events", type=int, default=10_000)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--repeat", type=int, default=5)
+    a = ap.parse_args()
+
+    torch.set_num_threads(1)
+    tmp = Path(tempfile.mkdtemp(prefix="live-cost-"))
+    ckpt = make_checkpoint(tmp / "model")
+    champion = ServingModel.from_checkpoint(ckpt, "cpu", top_k=20)
+    challenger = ServingModel.from_checkpoint(ckpt, "cpu", top_k=20)
+    challenger.version = "challenger-" + challenger.version
+    on, off = CoreConfig(), CoreConfig(live_metrics=False)
+    modes = {
+        "live_off": (ArmModels(champion), off),
+        "live_on": (ArmModels(champion), on),
+        "ab_0.3": (ArmModels(champion, challenger, share=0.3), on),
+        "shadow": (ArmModels(champion, challenger, shadow=True), on),
+    }
+    recs = records(a.events)
+    for models, config in modes.values():  # warm up every path
+        one_pass(recs[: 4 * a.batch], models, config, a.batch)
+    wall = {name: float("inf") for name in modes}
+    cpu = dict(wall)
+    for _ in range(a.repeat):
+        for name, (models, config) in modes.items():
+            w, c = one_pass(recs, models, config, a.batch)
+            wall[name], cpu[name] = min(wall[name], w), min(cpu[name], c)
+    n = len(recs)
+    print(f"# {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {machine_line()}")
+    print(f"# {n} events, batch {a.batch}, best of {a.repeat} rounds, wall and CPU time")
+    for name in modes:
+        print(
+            f"{name:9s} wall {n / wall[name]:6.0f} events/s  "
+            f"CPU {n / cpu[name]:6.0f} events/s  {cpu[name] / n * 1e6:6.1f} CPU µs/event"
+        )
+    for label, a_, b_ in (
+        ("live metrics on vs off", "live_on", "live_off"),
+        ("shadow vs one arm", "shadow", "live_on"),
+        ("A/B 0.3 vs one arm", "ab_0.3", "live_on"),
+    ):
+        print(
+            f"{label}: events/s {wall[b_] / wall[a_] - 1:+.1%} wall time, "
+            f"{cpu[b_] / cpu[a_] - 1:+.1%} CPU time"
+        )
+
+
+if __name__ == "__main__":
+    main()
