@@ -130,7 +130,7 @@ def test_core_over_partition_states_equals_the_in_memory_twin(parts) -> None:
     partition_of = {f"s{j}": j % 3 for j in range(4)}
     for off, v in enumerate(values):
         key = f"s{off % 4}"
-        records.append(Record(v, key.encode(), "c", partition_of[key], off, 1000.0 + off))
+        records.append(Record(v, key.encode(), "c", partition_of[key], off))
     twin = StateStore()
     store = StateStore(parts)
     for i in range(0, 40, 8):
@@ -255,7 +255,7 @@ def test_native_sweep_steps_are_bounded_and_cost_what_expires(tmp_path: Path) ->
         st.write(USERS, "u:old", old.to_bytes())
         st.begin_checkpoint()
         st.commit(0)
-        worker.clock = StreamClock(min_events=1)
+        worker.clock = StreamClock(min_keys=1)
         worker.clock.observe(wall, 0, wall)
         steps = 0
         # a zero budget: each step does one chunk of keys and stops (deterministic, unlike a
@@ -308,7 +308,7 @@ def test_native_sweep_step_fits_its_budget_when_keys_are_slow_and_partitions_tak
     try:
         wall = _time.time()
         h = np.zeros(16, np.float32)
-        worker.clock = StreamClock(min_events=1)
+        worker.clock = StreamClock(min_keys=1)
         for p in (0, 1):
             st = RocksDBPartition(tmp_path / f"p{p}", p)
             worker.partitions[p] = st
