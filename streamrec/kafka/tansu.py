@@ -25,6 +25,9 @@ a configuration is for (``kafka.broker``, else the cluster id the broker answers
 * Transactions are accepted but not isolated: a ``read_committed`` consumer (every consumer
   here is one) still reads the records of aborted transactions. Not worked around; on Kafka
   they are never served.
+* The ListOffsets quirk above also bounds the clicks partitions' ends: :data:`END_UNDER_REPORT`
+  (what a state's position may exceed the reported end by; the true end would need a read of
+  the live partition, which never idles under traffic).
 * A group join costs seconds: read-only tools assign partitions instead of subscribing
   (:func:`assign_all`; harmless on Kafka).
 * A leader that leaves while its group re-forms (another member left first) stays the
@@ -65,6 +68,11 @@ FAUST_APP_SETTINGS: dict[str, Any] = {
     "broker_heartbeat_interval": 1,
     "recovery_consistency_check": False,
 }
+#: records the reported end of a partition may lie below its true end: one producer batch (up
+#: to librdkafka's default batch.num.messages). Added only on the embedded broker (on Kafka the
+#: reported end is exact) to the bound a state's recorded position is checked against
+#: (``streamrec.serving.input_topic``: a forged position below it freezes nothing for long)
+END_UNDER_REPORT = 10_000
 #: producers: not idempotent (see the module docstring)
 PRODUCER_SETTINGS: dict[str, Any] = {"enable.idempotence": False}
 

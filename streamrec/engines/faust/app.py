@@ -81,6 +81,7 @@ class Worker(EngineBase):
         embedded = clients.is_embedded(conf)
         self.outputs = Outputs(settings, conf=conf)
         self.lock = asyncio.Lock()
+        self._topic_generation: int | None = None  # the consumer generation input_topic is of
         t = settings.topics
         w = settings.worker
         # Faust 0.15.3 loses inputs in two ways after a table recovery, and the embedded broker
@@ -169,6 +170,11 @@ class Worker(EngineBase):
             parts = self._partitions({r.partition for r in records})
             model = self.holder.current
             loop = asyncio.get_running_loop()
+            generation = self.app.consumer_generation_id
+            if generation != self._topic_generation:  # a new assignment: learn the topic again
+                actives = sorted(self._assigned_clicks())
+                await loop.run_in_executor(self.executor, self.learn_input_topic, actives)
+                self._topic_generation = generation
             store = StateStore(parts)
             res = await loop.run_in_executor(self.executor, self._step, records, store, model)
             self._apply(parts)
@@ -186,7 +192,9 @@ class Worker(EngineBase):
         Faust's ``topic.send``) and are flushed here, so a batch's events are acked (and
         their offsets later committed) only after its recommendations are on the broker.
         """
-        res = process_batch(records, store, model, self.config, clock=self.clock)
+        res = process_batch(
+            records, store, model, self.config, clock=self.clock, topic=self.input_topic
+        )
         self.outputs.publish(res)
         self.outputs.flush()
         return res
@@ -223,12 +231,14 @@ class Worker(EngineBase):
                 return
             await asyncio.sleep(0)
 
+    def _assigned_clicks(self) -> set[int]:
+        clicks = self.clicks.get_topic_name()
+        return {tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == clicks}
+
     def _active_partitions(self) -> set[int]:
         """The clicks partitions assigned here as actives; after a new assignment (consumer
         generation) the indexes start over, to be seeded from the local databases."""
-        clicks = self.clicks.get_topic_name()
-        assigned = self.app.assignor.assigned_actives()
-        actives = {tp.partition for tp in assigned if tp.topic == clicks}
+        actives = self._assigned_clicks()
         generation = self.app.consumer_generation_id
         if generation != self._idle_generation:
             self.idle_sessions.reset(actives)

@@ -72,7 +72,7 @@ class NativeWorker(EngineBase):
         )
         self.partitions: dict[int, RocksDBPartition] = {}
         self.store = StateStore(self.partitions)  # live: sees partitions as they come and go
-        self.outputs = Outputs(settings, on_delivered=self._on_delivered, conf=self.conf)
+        self.outputs = Outputs(settings, conf=self.conf)
         self.outputs.heartbeat = self.metrics.health.beat
         self.producer = self.outputs.producer
         self.metrics.health.set_ready(False, "waiting for partitions")
@@ -80,7 +80,14 @@ class NativeWorker(EngineBase):
             self.consumer, self.outputs, self.partitions, self.clicks, self.changelog, self.metrics
         )
         self.stages = Stages(
-            self.store, self.holder, self.config, self.clock, self.outputs, self.metrics
+            self.store,
+            self.holder,
+            self.config,
+            self.clock,
+            self.outputs,
+            self.metrics,
+            self.checkpoints.send_changelog,
+            self.input_topic,
         )
         self.sweeper = Sweeper()
         self._stopping = False
@@ -173,9 +180,6 @@ class NativeWorker(EngineBase):
         log.info("signal %d: stopping after this batch", signum)
         self._stopping = True
 
-    def _on_delivered(self, msg: Any) -> None:
-        self.checkpoints.on_delivered(msg)
-
     # ---- checkpoint (checkpoint.py) -----------------------------------------------------------
     def checkpoint(self) -> None:
         """A whole checkpoint, waiting for the broker (before a revoke, at shutdown)."""
@@ -223,15 +227,11 @@ class NativeWorker(EngineBase):
         # Partitions kept across the rebalance were checkpointed at the revoke and nobody else
         # can have owned them in between (eager rebalancing): their local state is current.
         new = [RocksDBPartition(self.datadir / str(p), p) for p in wanted - set(self.partitions)]
+        self.learn_input_topic(sorted(wanted))
         if new:
             t0 = time.monotonic()
             n = recover(self.conf, recovery_group(self.settings), self.changelog, new)
-            log.info(
-                "recovered partitions %s: %d changelog records in %.2f s",
-                sorted(s.partition for s in new),
-                n,
-                time.monotonic() - t0,
-            )
+            self._report_recovery(new, n, time.monotonic() - t0)
         self.partitions.update({s.partition: s for s in new})
         if assigned:  # where the group stands (one round trip per rebalance)
             for tp in consumer.committed(assigned, timeout=10):
@@ -239,6 +239,29 @@ class NativeWorker(EngineBase):
         self.observe_partitions()
         log.info("ready: %s partitions %s", self.clicks, sorted(self.partitions))
         health.done(True, f"{self.clicks} partitions {sorted(self.partitions)} recovered")
+
+    def _report_recovery(self, new: list[RocksDBPartition], n: int, seconds: float) -> None:
+        skipped = sum(s.tally.skipped for s in new)
+        log.info(
+            "recovered partitions %s: %d changelog records in %.2f s (%d skipped)",
+            sorted(s.partition for s in new),
+            n,
+            seconds,
+            skipped,
+        )
+        for s in new:
+            if s.tally.skipped:
+                log.warning(
+                    "changelog partition %d: skipped %d records that hold no state of this "
+                    "layout (%d of the old layout, %d without a state key; the first: %r)",
+                    s.partition,
+                    s.tally.skipped,
+                    s.tally.old_layout,
+                    s.tally.foreign,
+                    s.tally.first_skipped,
+                )
+                self.metrics.changelog_skipped.labels("old_layout").inc(s.tally.old_layout)
+                self.metrics.changelog_skipped.labels("foreign").inc(s.tally.foreign)
 
     def _on_revoke(self, consumer: Consumer, revoked: list[TopicPartition]) -> None:
         self.metrics.health.set_ready(False, "rebalancing")
