@@ -47,9 +47,13 @@ class PartitionClock:
     #: jitters by milliseconds, and the clock is used at the scale of minutes
     RESOLUTION_S = 1.0
 
-    def __init__(self, window: int = 1001, min_keys: int = 8) -> None:
+    def __init__(
+        self, window: int = 1001, min_keys: int = 8, max_skew: float = 30 * 24 * 3600.0
+    ) -> None:
         self.window = max(1, window)
         self.min_keys = min_keys
+        self.max_skew = max_skew
+        self._agree = 0  # votes within max_skew of the median (as of its last computation)
         self.slots: dict[str, int] = {}  # key -> slot; insertion order = least recent first
         self.skews = np.zeros(self.window, dtype=np.float64)
         self.accepted = np.zeros(self.window, dtype=bool)
@@ -61,10 +65,15 @@ class PartitionClock:
     def keys(self) -> int:
         return len(self.slots)
 
-    @property
-    def trusted(self) -> bool:
-        """Enough keys vote for the clock to be used (checks, sweep)."""
-        return self.votes >= self.min_keys
+    def reading(self) -> float | None:
+        """The clock's skew if it is trusted, else None. Trusted: ``min_keys`` keys vote and
+        more than two thirds of the votes agree with the median (within ``max_skew``): after
+        a restart, a few keys that came first (a burst dated 2001 from five keys) do not
+        make the clock refuse the many that follow."""
+        median = self.median_skew()
+        if median is None or self.votes < self.min_keys or 3 * self._agree <= 2 * self.votes:
+            return None
+        return median
 
     def median_skew(self) -> float | None:
         """The lower median of the votes (None: no vote)."""
@@ -74,7 +83,9 @@ class PartitionClock:
             n = len(self.slots)
             v = self.skews[:n][self.accepted[:n]]
             k = (v.size - 1) // 2
-            self._median = float(np.partition(v, k)[k])
+            median = float(np.partition(v, k)[k])
+            self._agree = int(np.count_nonzero(np.abs(v - median) <= self.max_skew))
+            self._median = median
             self._changed = 0
         return self._median
 
@@ -115,15 +126,16 @@ class PartitionClock:
         else:
             self.accepted[slot] = True
             self.votes += 1
-            if self.votes == self.min_keys:
-                self._median = None  # trusted from now on: a fresh median
+            if self.votes <= 4 * self.min_keys:
+                self._median = None  # on the way to trust: a fresh median every vote
         self.skews[slot] = skew
         self._changed += 1
 
-    def dissent(self, key: str, skew: float, max_skew: float) -> bool:
+    def dissent(self, key: str, skew: float) -> bool:
         """``key``'s latest event, refused as far from the clock: the key no longer votes.
-        Returns True if the dissenting keys that agree among themselves are now more than
-        half of the window's keys: they became the votes (the clock re-centred on them)."""
+        If the dissenting keys that agree among themselves are now more than half of the
+        window's keys, they become the votes (the clock re-centres on them); returns True if
+        ``key`` is one of them (its event is in range after all)."""
         slot = self._slot(key)
         if self.accepted[slot]:
             self.accepted[slot] = False
@@ -136,13 +148,13 @@ class PartitionClock:
         dissenting = ~self.accepted[:n]
         d = self.skews[:n][dissenting]
         centre = float(np.partition(d, (d.size - 1) // 2)[(d.size - 1) // 2])
-        agree = dissenting & (np.abs(self.skews[:n] - centre) <= max_skew)
+        agree = dissenting & (np.abs(self.skews[:n] - centre) <= self.max_skew)
         if 2 * int(agree.sum()) <= n:
             return False
         self.accepted[:n] |= agree
         self.votes += int(agree.sum())
         self._median = None
-        return True
+        return bool(agree[slot])
 
 
 class StreamClock:
@@ -185,7 +197,9 @@ class StreamClock:
     def _clock(self, partition: int) -> PartitionClock:
         c = self.partitions.get(partition)
         if c is None:
-            c = self.partitions[partition] = PartitionClock(self.window, self.min_keys)
+            c = self.partitions[partition] = PartitionClock(
+                self.window, self.min_keys, self.max_skew
+            )
         return c
 
     def check(
@@ -199,7 +213,7 @@ class StreamClock:
             return f"event time {t:.3f} is {t - ref:.0f} s ahead of its record's time"
         c = self._clock(partition)
         skew = t - arrival
-        median = c.median_skew() if c.trusted else None
+        median = c.reading()
         if median is None or abs(skew - median) <= self.max_skew:
             c.vote(key, skew)
             return None
@@ -207,10 +221,8 @@ class StreamClock:
         if recent is not None and abs(skew - recent) <= self.max_skew:
             c.vote(key, skew)
             return None
-        if c.dissent(key, skew, self.max_skew):
-            centre = c.median_skew()
-            if centre is not None and abs(skew - centre) <= self.max_skew:
-                return None  # the clock re-centred on the keys this event agrees with
+        if c.dissent(key, skew):
+            return None  # the clock re-centred on the keys this event agrees with
         return (
             f"event time {t:.3f} is {skew - median:+.0f} s away from partition {partition}'s clock"
         )
@@ -226,8 +238,7 @@ class StreamClock:
         leaves such a partition alone: after a restart, a few keys alone never decide what
         expires)."""
         c = self.partitions.get(partition)
-        if c is None or not c.trusted:
+        median = None if c is None else c.reading()
+        if median is None:
             return None
-        median = c.median_skew()
-        assert median is not None
         return (time.time() if wall is None else wall) + median
