@@ -17,7 +17,10 @@ a configuration is for (``kafka.broker``, else the cluster id the broker answers
   :func:`true_end_offsets` (native recovery) and :func:`patch_faust_highwaters` (Faust).
   High watermarks and lag are wrong there, so Faust's recovery consistency check is off,
   and the lag the workers export is raised to what they have read
-  (:func:`streamrec.kafka.clients.lag_by_partition`).
+  (:func:`streamrec.kafka.clients.lag_by_partition`). The clicks partitions' end bounds
+  (what a state's recorded position must lie below, ``streamrec.serving.input_topic``) add
+  :data:`END_UNDER_REPORT` to the reported end: the true end would need a read past it, and
+  a live partition never goes idle.
 * aiokafka cannot init an idempotent producer on it (InitProducerId v0 only), and tailing
   consumers can skip records while several producers write: producers here are not
   idempotent (:data:`PRODUCER_SETTINGS`), and outputs are checked by a fresh read from
@@ -25,9 +28,6 @@ a configuration is for (``kafka.broker``, else the cluster id the broker answers
 * Transactions are accepted but not isolated: a ``read_committed`` consumer (every consumer
   here is one) still reads the records of aborted transactions. Not worked around; on Kafka
   they are never served.
-* The ListOffsets quirk above also bounds the clicks partitions' ends: :data:`END_UNDER_REPORT`
-  (what a state's position may exceed the reported end by; the true end would need a read of
-  the live partition, which never idles under traffic).
 * A group join costs seconds: read-only tools assign partitions instead of subscribing
   (:func:`assign_all`; harmless on Kafka).
 * A leader that leaves while its group re-forms (another member left first) stays the

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -151,7 +152,7 @@ class Service:
                 last[json.loads(m.key())[2:]] = m.value()
         else:
             for m in self.read(f"{self.app_id}-state-changelog"):
-                if m.key().startswith(b"s/"):
+                if (m.key() or b"").startswith(b"s/"):
                     last[m.key()[4:].decode()] = m.value()
         return {k: SessionState.from_bytes(v) for k, v in last.items() if v}
 
@@ -164,7 +165,7 @@ class Service:
                 last[json.loads(m.key())[2:]] = m.value()
         else:
             for m in self.read(f"{self.app_id}-state-changelog"):
-                if m.key().startswith(b"u/"):
+                if (m.key() or b"").startswith(b"u/"):
                     last[m.key()[4:].decode()] = m.value()
         return {k: UserState.from_bytes(v) for k, v in last.items() if v}
 
@@ -366,6 +367,11 @@ def test_kill9_mid_stream_then_restart(isolated_service: Service, wipe: bool) ->
     check_against_offline(recs, sessions, service.ckpt)
     flagged = {r["click_id"] for r in recs if r["duplicate"]}
     assert flagged <= before.keys()  # only clicks answered before the crash come again
+    # every answer after a click's first is flagged (issue 19: the native engine answered
+    # 10 to 160 redelivered clicks again with duplicate: false, its changelog a second behind
+    # its answers)
+    unflagged = Counter(r["click_id"] for r in recs if not r["duplicate"])
+    assert not [c for c, n in unflagged.items() if n > 1]
     wait_states_equal(service)
 
 
