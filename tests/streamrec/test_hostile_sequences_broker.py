@@ -47,9 +47,15 @@ def svc(
 
 
 def user_clicks(users: list[str], n: int, tag: str, t0: float) -> list[tuple[str, bytes]]:
-    """``n`` clicks of each user (one session each), interleaved, with event ids."""
+    """``n`` clicks of each user (one session each), interleaved, with event ids (unique:
+    these tests are not about click ids)."""
     return [
-        (u, click(f"{u}-s", f"i{(j * 3 + i) % N_ITEMS}", user=u, t=t0 + j, event_id=f"{tag}{j}"))
+        (
+            u,
+            click(
+                f"{u}-s", f"i{(j * 3 + i) % N_ITEMS}", user=u, t=t0 + j, event_id=f"{tag}{j}-{u}"
+            ),
+        )
         for j in range(n)
         for i, u in enumerate(users)
     ]
