@@ -66,7 +66,8 @@ MUTANTS = [
         "a refused event keeps its key's vote, at the refused skew (dead letters move the clock)",
         "streamrec/serving/clock.py",
         "        if self.accepted[slot]:\n            self.accepted[slot] = False\n"
-        "            self.votes -= 1\n            self._changed += 1\n        self.skews[slot] = skew\n",
+        "            self.votes -= 1\n            self._changed += 1\n"
+        "        self.skews[slot] = skew\n",
         "        self.skews[slot] = skew\n        if self.accepted[slot]:\n"
         "            self._changed += 1\n            return False\n",
         ("tests/streamrec/test_hostile_sequences.py",),
