@@ -160,6 +160,8 @@ class Archiver:
                 log.warning("removing %s: its range lacks some of its %d files", f.path, f.parts)
                 self.storage.remove(f.path)
         ends = archived_end(list_archive(self.storage))
+        meta = consumer.list_topics(self.topic, timeout=10).topics[self.topic]
+        self.input_topic.partitions = len(meta.partitions)
         committed = consumer.committed(parts, timeout=10)
         for tp, c in zip(parts, committed, strict=True):
             start = max(c.offset if c.offset >= 0 else 0, ends.get(tp.partition, 0))
