@@ -36,6 +36,7 @@ REASONS = (
     "key_mismatch",  # the Kafka key is not the key the body implies (see admission.py)
     "wrong_partition",  # the key's partition under topics.partitioner is another one
     "output_too_large",  # (engines) a recommendation the broker refused as too large
+    "changelog_record",  # (native recovery) a changelog record holding no state of this layout
     "error",  # anything unexpected (a bug): never seen on the hostile corpus
 )
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from streamrec.serving.state import (
@@ -49,6 +49,9 @@ VALID_PREFIXES = (
 )
 #: a changelog record as read back: (key, value or None for a delete, offset)
 ChangelogRecord = tuple[bytes | None, bytes | None, int]
+#: skipped changelog records a recovery sends to the dead-letter topic, per partition (a
+#: flood of junk on the changelog costs counts, not memory)
+DEAD_LETTERS_PER_RECOVERY = 100
 
 
 @dataclass
@@ -56,22 +59,28 @@ class RecoveryTally:
     """What a partition's changelog recovery met: records applied, and records skipped
     because their key is no state key of this layout: ``old_layout`` (a table prefix without
     a namespace, as state layout 1 wrote them) or ``foreign`` (no key, or no table prefix:
-    not written by a streamrec worker). A bad record is skipped and counted, never the end
-    of recovery: one stray record must not cost every user's history."""
+    not written by a streamrec worker). A bad record is skipped, counted and kept for the
+    dead-letter topic (the first of them), never the end of recovery: one stray record must
+    not cost every user's history."""
 
     applied: int = 0
     old_layout: int = 0
     foreign: int = 0
     #: the first skipped key and its offset, for the log
     first_skipped: tuple[bytes | None, int] | None = None
+    #: the first :data:`DEAD_LETTERS_PER_RECOVERY` skipped records, for the dead-letter
+    #: topic (the engine sends them once recovery succeeded; the rest are only counted)
+    to_dead_letter: list[ChangelogRecord] = field(default_factory=list)
 
-    def skip(self, key: bytes | None, offset: int) -> None:
+    def skip(self, key: bytes | None, value: bytes | None, offset: int) -> None:
         if key is not None and key.startswith((SESSIONS, USERS)):
             self.old_layout += 1
         else:
             self.foreign += 1
         if self.first_skipped is None:
             self.first_skipped = (key if key is None else key[:60], offset)
+        if len(self.to_dead_letter) < DEAD_LETTERS_PER_RECOVERY:
+            self.to_dead_letter.append((key, value, offset))
 
     @property
     def skipped(self) -> int:
@@ -194,7 +203,7 @@ class MemoryPartition:
         n = 0
         for key, value, offset in records:
             if key is None or not is_state_key(key):
-                self.tally.skip(key, offset)
+                self.tally.skip(key, value, offset)
                 continue
             table = self._tables[key[: len(SESSIONS)]]
             if value is None:

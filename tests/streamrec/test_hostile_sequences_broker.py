@@ -5,6 +5,7 @@ repeats after kill -9: test_worker_e2e.py; the archiver: test_archive.py.)"""
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import time
@@ -175,7 +176,8 @@ def test_a_forged_state_on_the_changelog_freezes_nobody(svc: Service) -> None:
 def test_a_stray_record_on_the_changelog_does_not_stop_recovery(svc: Service) -> None:
     """Issue 19: one record with a non-state key on the changelog made every empty-disk
     restart fail with the layout error (whose remedy throws away every user's history). It
-    is skipped and counted; the users' states come back and their sessions go on."""
+    is skipped, counted and dead-lettered; the users' states come back and their sessions go
+    on."""
     users = [f"u{i}" for i in range(6)]
     t0 = time.time() - 300
     datadir = svc.tmp / "data"
@@ -194,6 +196,18 @@ def test_a_stray_record_on_the_changelog_does_not_stop_recovery(svc: Service) ->
     got = wait_answers(svc, "b", 12, timeout=150)
     assert w.proc.poll() is None, w.log_path.read_text()[-2000:]
     assert not any(r["duplicate"] for r in got.values())
+
+    # each stray record is a dead letter naming the changelog, its partition, offset and key
+    def strays() -> set[tuple[int, str | None, bytes]]:
+        return {
+            (d["partition"], d["key_b64"], base64.b64decode(d["original_b64"]))
+            for d in (json.loads(m.value()) for m in svc.read(svc.dead))
+            if d["reason"] == "changelog_record" and d["topic"] == _changelog(svc)
+        }
+
+    junk = base64.b64encode(b"junk").decode()
+    want = {(q, k, v) for q in range(PARTITIONS) for k, v in ((junk, b"not a state"), (None, b"x"))}
+    wait_for(lambda: strays() == want, 60, "the stray changelog records were not dead-lettered")
     wait_for(
         lambda: (
             {u: s.n_events for u, s in svc.changelog_sessions().items()} == dict.fromkeys(users, 4)

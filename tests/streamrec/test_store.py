@@ -14,6 +14,7 @@ from streamrec.serving.config import CoreConfig
 from streamrec.serving.pipeline import process_batch
 from streamrec.serving.state import SessionState, StateLayoutError, UserState
 from streamrec.serving.state_store import (
+    DEAD_LETTERS_PER_RECOVERY,
     SESSIONS,
     USERS,
     CheckpointedPartition,
@@ -183,6 +184,15 @@ def test_a_database_of_the_old_key_layout_is_refused_with_a_clear_message(
     assert (st.tally.applied, st.tally.old_layout, st.tally.foreign) == (2, 1, 2)
     assert st.get(SESSIONS, "a:x") == b"x" and st.get(USERS, "u:y") == b"w"
     assert st.changelog_offset == 4
+    # the skipped records are kept, bytes and all, for the dead-letter topic
+    assert st.tally.to_dead_letter == [(None, b"x", 1), (b"s/bob", b"y", 2), (b"junk", b"z", 3)]
+    st.close()
+    # a flood of junk is counted whole, and only the first records are kept
+    st = RocksDBPartition(tmp_path / "3", 1)
+    flood = [(b"junk%d" % j, b"v", j) for j in range(DEAD_LETTERS_PER_RECOVERY + 50)]
+    assert st.recover(flood) == 0
+    assert st.tally.foreign == DEAD_LETTERS_PER_RECOVERY + 50
+    assert st.tally.to_dead_letter == flood[:DEAD_LETTERS_PER_RECOVERY]
     st.close()
 
 

@@ -6,7 +6,8 @@ newly assigned partition replays the changelog from the offset its local databas
 (everything, after a lost disk) to the end.
 
 The changelog is input like any other: a record whose key is no state key of this layout is
-skipped and counted (``RecoveryTally``), and recovery goes on; only a changelog of the old
+skipped and counted (``RecoveryTally``; the worker dead-letters the first of them,
+``changelog_record``), and recovery goes on; only a changelog of the old
 layout and nothing else, replayed into an empty partition, is refused (a real layout-1
 store). A record's state is not checked here: its position is judged where it could do harm,
 when a click meets it (``streamrec.serving.input_topic``: incarnation and end bound).

@@ -256,7 +256,7 @@ class RocksDBPartition:
         final: dict[bytes, bytes | None] = {}
         for key, value, offset in records:
             if key is None or not is_state_key(key):
-                self.tally.skip(key, offset)
+                self.tally.skip(key, value, offset)
                 continue
             _write(batch, key, value)
             final[key] = value

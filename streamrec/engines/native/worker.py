@@ -40,6 +40,7 @@ from streamrec.engines.native.sweep import SWEEP_STEP_S, Sweeper
 from streamrec.kafka import clients, tansu
 from streamrec.kafka.clients import TopicSpec, ensure_topics
 from streamrec.processes import on_stop_signal
+from streamrec.serving.events import make_dead_letter
 from streamrec.serving.served_model import ServingModel
 from streamrec.serving.state_store import StateStore
 
@@ -262,6 +263,27 @@ class NativeWorker(EngineBase):
                 )
                 self.metrics.changelog_skipped.labels("old_layout").inc(s.tally.old_layout)
                 self.metrics.changelog_skipped.labels("foreign").inc(s.tally.foreign)
+                self._dead_letter_skipped(s)
+
+    def _dead_letter_skipped(self, state: RocksDBPartition) -> None:
+        """The skipped changelog records (the first of them) to the dead-letter topic, with
+        the changelog's partition and offset: once per recovery that reads them (a later
+        recovery from an empty disk meets them again)."""
+        dead = [
+            make_dead_letter(
+                value,
+                "changelog_record",
+                "no state key of this layout: skipped at recovery",
+                topic=self.changelog,
+                partition=state.partition,
+                offset=offset,
+                key=key,
+            )
+            for key, value, offset in state.tally.to_dead_letter
+        ]
+        for d in dead:
+            self.outputs.produce(self.settings.topics.dead_letter, d.to_bytes())
+        self.metrics.dead_letters.labels("changelog_record").inc(len(dead))
 
     def _on_revoke(self, consumer: Consumer, revoked: list[TopicPartition]) -> None:
         self.metrics.health.set_ready(False, "rebalancing")
