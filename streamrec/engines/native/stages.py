@@ -168,6 +168,7 @@ class Stages:
         producer = self.outputs.producer
         while not ticket.done:
             producer.poll(0.005)
+            self.outputs.heartbeat()  # waiting for the broker is not a hung loop
         if ticket.failed is not None:
             raise DeliveryError(
                 f"the changelog refused a batch's state ({ticket.failed}); stopping without "
