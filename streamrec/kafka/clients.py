@@ -322,7 +322,8 @@ def topic_facts(
     every topic it creates), its partition count, and an end bound per partition of
     ``partitions``: the high watermark, plus on the embedded broker what it may under-report
     (:data:`streamrec.kafka.tansu.END_UNDER_REPORT`)."""
-    desc = admin(conf).describe_topics(TopicCollection([topic]))[topic].result(timeout)
+    client = admin(conf)  # held until the answer: a dropped client cancels its requests
+    desc = client.describe_topics(TopicCollection([topic]))[topic].result(timeout)
     uuid = desc.topic_id
     topic_id = (
         ""
