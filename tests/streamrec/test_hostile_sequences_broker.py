@@ -1,7 +1,8 @@
 """Issue 19's broker cases, each through the embedded broker and real workers: a re-created
 clicks topic, a producer with another partitioner, a forged state on the changelog, a stray
-record on the changelog. (The clock sequences run in the core: test_hostile_sequences.py;
-repeats after kill -9: test_worker_e2e.py; the archiver: test_archive.py.)"""
+record on the changelog, answers given again after kill -9. (The clock sequences run in the
+core: test_hostile_sequences.py; kill -9 mid-stream: test_worker_e2e.py; the archiver:
+test_archive.py.)"""
 
 from __future__ import annotations
 
@@ -215,3 +216,34 @@ def test_a_stray_record_on_the_changelog_does_not_stop_recovery(svc: Service) ->
         60,
         "the users' sessions did not go on from their recovered states",
     )
+
+
+@pytest.mark.parametrize("wipe", [False, True], ids=["data-kept", "data-wiped"])
+def test_every_answer_given_before_a_kill_is_flagged_when_given_again(
+    svc: Service, wipe: bool
+) -> None:
+    """Issue 19: after kill -9, the native worker answered clicks it had answered before
+    with ``duplicate: false`` (10 of them over five kills with the data kept, 160 with it
+    wiped): its state reached the changelog at the checkpoint, a second after its answers.
+    With no checkpoint before the kill (a long commit interval), every click is redelivered:
+    each was answered once unflagged, and each answer after the restart is flagged."""
+    svc.settings["worker.commit_interval_s"] = 600
+    users = [f"k{i}" for i in range(6)]
+    datadir = svc.tmp / "data"
+    w = svc.start_worker(datadir)
+    svc.produce(user_clicks(users, 5, "a", time.time() - 300))
+    first = wait_answers(svc, "a", 30)
+    w.kill9()
+    if wipe:
+        shutil.rmtree(datadir)
+    svc.start_worker(datadir)
+
+    def again() -> list[dict[str, Any]]:
+        return [r for r in svc.recommendations() if r["click_id"] in first]
+
+    wait_for(lambda: len(again()) >= 60, 150, "the redelivered clicks were not all answered")
+    answers = again()
+    unflagged = [r["click_id"] for r in answers if not r["duplicate"]]
+    assert sorted(unflagged) == sorted(first)  # one first answer each, no second one
+    assert sorted(r["click_id"] for r in answers if r["duplicate"]) == sorted(first)
+    assert {u: s.n_events for u, s in svc.changelog_sessions().items()} == dict.fromkeys(users, 5)
