@@ -255,6 +255,33 @@ def test_a_new_log_carried_by_most_keys_recentres_the_clock() -> None:
     assert now is not None and abs(now - (WALL - 3 * YEAR + 82)) < 60
 
 
+def test_a_refused_event_takes_its_keys_vote_away() -> None:
+    """A dead letter does not vote, even from a key whose earlier click did: 21 keys (a
+    minority of the partition's 61) that click honestly and then send clicks 40 days old
+    would otherwise hold more than a third of the votes far from the median, and the clock
+    would no longer be trusted (its sweep stopped, any event time admitted)."""
+    clock = StreamClock.from_config(CFG)
+    process_batch(_victim_round(0, 0, WALL - 5), StateStore(), MODEL, CFG, clock=clock, now=WALL)
+    attackers = [f"turn{k}" for k in range(21)]
+
+    def clicks(t: float, offset: int, each: int = 1) -> list[Record]:
+        return [
+            Record(body(a, f"{a}-s", "i1", t + j, f"e{j}"), a.encode(), "clicks", 0,
+                   offset + j * len(attackers) + k, None, WALL)
+            for j in range(each)
+            for k, a in enumerate(attackers)
+        ]  # fmt: skip
+
+    res = process_batch(clicks(WALL - 5, 100), StateStore(), MODEL, CFG, clock=clock, now=WALL)
+    assert not res.dead_letters  # their honest clicks vote
+    res = process_batch(
+        clicks(WALL - 40 * DAY, 200, each=3), StateStore(), MODEL, CFG, clock=clock, now=WALL
+    )
+    assert len(res.dead_letters) == 63 and not res.recommendations
+    now = clock.now(0)
+    assert now is not None and abs(now - (WALL - 5)) < 60
+
+
 def test_click_ids_do_not_collide_across_users() -> None:
     """Two users sending the same event id get answers with different click ids; a consumer
     that drops repeats by click id keeps both (issue 19, README)."""
@@ -318,7 +345,9 @@ def test_a_recreated_topic_is_not_a_duplicate_source() -> None:
     process_batch(first, store, MODEL, CFG, clock=clock, now=WALL, topic=old)
     again = process_batch(first[:3], store, MODEL, CFG, clock=clock, now=WALL, topic=old)
     assert all(r.duplicate for r in again.recommendations)  # a redelivery: flagged
-    new = InputTopic(incarnation="new-id", ends={0: 5})
+    # the new topic already reaches past the old positions (many clicks since it was
+    # re-created), so the end bound alone would call them duplicates: the incarnation decides
+    new = InputTopic(incarnation="new-id", ends={0: 2000})
     returning = [
         Record(body(v, f"{v}-s", "i2", WALL - 30, f"b{j}"), v.encode(), "clicks", 0, j, None,
                WALL)
