@@ -106,6 +106,36 @@ def test_returning_users_after_the_clicks_topic_is_recreated(svc: Service) -> No
     )
 
 
+def test_a_burst_from_a_few_keys_ends_no_other_session(svc: Service) -> None:
+    """Issue 19, item 1, through a worker that sweeps every second: 6 keys sending 60 clicks
+    each at +23 h (all dead-lettered) and then at +55 min (under ``max_ahead_seconds``:
+    accepted) moved the partitions' clocks, and the sweep ended 40 of 40 victim sessions.
+    With one vote per key, a minority of a partition's keys cannot move its clock: every
+    victim's session goes on. (More sequences, in the core: test_hostile_sequences.py.)"""
+    svc.settings["state.sweep_interval_seconds"] = 1.0
+    victims = [f"v{i}" for i in range(40)]  # about 13 a partition: every clock is trusted
+    now = time.time()
+    svc.start_worker()
+    svc.produce(user_clicks(victims, 1, "a", now - 5))
+    wait_answers(svc, "a", 40)
+    attack = [
+        (m, click(f"{m}-s", "i1", user=m, t=now + ahead + j * 0.01, event_id=f"x{ahead}-{j}-{m}"))
+        for ahead in (23 * 3600, 55 * 60)
+        for j in range(60)
+        for m in (f"mallory{k}" for k in range(6))
+    ]
+    svc.produce(attack)
+    wait_answers(svc, f"x{55 * 60}-", 360)  # the +55 min clicks are accepted, and voted
+    wait_for(lambda: len(svc.read(svc.dead)) >= 360, 60, "the +23 h clicks: no dead letters")
+    dead = [json.loads(m.value()) for m in svc.read(svc.dead)]
+    assert [d["reason"] for d in dead] == ["timestamp_out_of_range"] * 360
+    time.sleep(3)  # sweeps run at the partitions' clocks
+    svc.produce(user_clicks(victims, 1, "b", now))
+    wait_answers(svc, "b", 40)
+    sessions = svc.changelog_sessions()
+    assert {v: sessions[v].n_events for v in victims} == dict.fromkeys(victims, 2)
+
+
 def _key_on_two_partitions() -> str:
     """A user id that librdkafka's and Java's partitioners put on different partitions."""
     crc, mm = partition_function("consistent_random"), partition_function("murmur2_random")
