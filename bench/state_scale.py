@@ -130,7 +130,7 @@ def main() -> None:
         model = tiny_serving_model(n_items=50, dim=DIM, user_dim=DIM)
         worker = NativeWorker(settings, ModelHolder(model))
         worker.partitions.update(states)
-        worker.clock = StreamClock(min_events=1)
+        worker.clock = StreamClock(min_keys=1)
         # nothing to expire: every partition's clock 11 days back (no session idle for a
         # gap, no user for the TTL yet)
         for p in states:

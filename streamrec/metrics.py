@@ -92,6 +92,12 @@ class Metrics:
         self.unknown_items = Counter(
             "streamrec_unknown_items", "Clicks on items the model does not know", registry=r
         )
+        self.changelog_skipped = Counter(
+            "streamrec_changelog_records_skipped",
+            "Changelog records recovery skipped: no state key of this layout",
+            ["kind"],
+            registry=r,
+        )
         self.sessions_ended = Counter(
             "streamrec_sessions_ended",
             "Sessions closed (by id, gap, end event or sweep)",

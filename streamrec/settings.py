@@ -18,6 +18,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streamrec.errors import StreamrecError
 
+#: librdkafka's keyed partitioners (streamrec.kafka.partitioners has each one)
+Partitioner = Literal[
+    "consistent_random", "consistent", "murmur2_random", "murmur2", "fnv1a_random", "fnv1a"
+]
+
 
 class SettingsError(StreamrecError, ValueError):
     """Raised when the configuration is invalid; the message names each bad setting."""
@@ -253,6 +258,11 @@ class TopicSettings(_Group):
     #: The live metrics topic (None: ``<app_id>-live-metrics``), one per worker group.
     live_metrics: str | None = Field(None, min_length=1, max_length=249)
     replication_factor: int = Field(1, ge=1, le=16)
+    #: The partitioner of the clicks' producers (librdkafka's names): a click on another
+    #: partition than its key's is dead-lettered ``wrong_partition``. ``consistent_random``:
+    #: librdkafka's default (confluent-kafka, ``streamrec produce``); ``murmur2_random``: the
+    #: Java client's; ``fnv1a_random``.
+    partitioner: Partitioner = "consistent_random"
 
 
 class StateSettings(_Group):
@@ -271,18 +281,20 @@ class StateSettings(_Group):
     #: An event time more than this ahead of the record's arrival is dead-lettered as
     #: timestamp_out_of_range (a client clock hours fast, a CreateTime in 2286).
     max_ahead_seconds: float = Field(3600.0, gt=0)
-    #: An event time whose skew (event time - arrival) is more than this away from the median
-    #: skew of its partition's recent events is dead-lettered as timestamp_out_of_range.
+    #: An event time whose skew (event time - arrival) is more than this away from its
+    #: partition's clock (the median skew of its recently active keys, one vote per key) is
+    #: dead-lettered as timestamp_out_of_range.
     max_skew_seconds: float = Field(30 * 24 * 3600.0, gt=0)
-    #: Recent events per partition whose median skew is the partition's clock.
-    clock_window: int = Field(101, ge=1, le=100_000)
-    #: Events a partition must have seen before its clock is used (checks, sweep).
-    clock_min_events: int = Field(8, ge=1, le=100_000)
+    #: Recently active keys per partition whose skews make the partition's clock (each key
+    #: votes once, with its latest accepted event): keys fewer than half of them cannot move it.
+    clock_window: int = Field(1001, ge=1, le=100_000)
+    #: Keys that must vote before a partition's clock is used (checks, sweep).
+    clock_min_keys: int = Field(8, ge=1, le=100_000)
 
     @model_validator(mode="after")
     def _check_clock(self) -> StateSettings:
-        if self.clock_min_events > self.clock_window:
-            raise ValueError("clock_min_events must not exceed clock_window")
+        if self.clock_min_keys > self.clock_window:
+            raise ValueError("clock_min_keys must not exceed clock_window")
         return self
 
     recent_sessions: int = Field(10, ge=0, le=1000)

@@ -39,11 +39,38 @@ MUTANTS = [
     Mutant(
         "dedup",
         "skip offset deduplication (a redelivered click is applied again)",
-        "streamrec/serving/pipeline.py",
-        "    return rec.offset >= 0 and pos_partition == rec.partition"
-        " and rec.offset <= pos_offset",
-        "    return False",
+        "streamrec/serving/input_topic.py",
+        "        if rec_offset < 0 or partition != rec_partition or rec_offset > offset:\n"
+        "            return False\n",
+        "        return False\n",
         ("tests/streamrec/test_core.py",),
+    ),
+    Mutant(
+        "incarnation",
+        "positions ignore the topic's incarnation (a re-created topic freezes returning users)",
+        "streamrec/serving/input_topic.py",
+        "        if incarnation and self.incarnation and incarnation != self.incarnation:",
+        "        if False:",
+        ("tests/streamrec/test_hostile_sequences.py",),
+    ),
+    Mutant(
+        "end-bound",
+        "a position beyond the partition's end is a duplicate source (a forged state freezes)",
+        "streamrec/serving/input_topic.py",
+        "        return end is None or offset < end",
+        "        return True",
+        ("tests/streamrec/test_hostile_sequences.py",),
+    ),
+    Mutant(
+        "dead-letters-vote",
+        "a refused event keeps its key's vote, at the refused skew (dead letters move the clock)",
+        "streamrec/serving/clock.py",
+        "        if self.accepted[slot]:\n            self.accepted[slot] = False\n"
+        "            self.votes -= 1\n            self._changed += 1\n"
+        "        self.skews[slot] = skew\n",
+        "        self.skews[slot] = skew\n        if self.accepted[slot]:\n"
+        "            self._changed += 1\n            return False\n",
+        ("tests/streamrec/test_hostile_sequences.py",),
     ),
     Mutant(
         "idle",

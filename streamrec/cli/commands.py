@@ -508,6 +508,7 @@ def archive(
 ) -> None:
     """Archive the clicks topic as Parquet, by event date and hour (exactly once)."""
     from streamrec.loop.archiver import Archiver
+    from streamrec.serving.config import CoreConfig
 
     settings = get_settings()
     logging.basicConfig(
@@ -524,6 +525,8 @@ def archive(
         flush_events=flush_events,
         flush_interval_s=flush_interval,
         max_open_hours=max_open_hours,
+        config=CoreConfig.from_settings(settings),
+        partitioner=settings.topics.partitioner,
     )
     click.echo(f"archiving {settings.topics.clicks} -> {directory}", err=True)
     server = archiver.metrics.serve(metrics_port, settings.worker.metrics_host)

@@ -18,6 +18,7 @@ from streamrec.serving.arms import Arms, Swap
 from streamrec.serving.clock import StreamClock
 from streamrec.serving.config import CoreConfig
 from streamrec.serving.events import make_dead_letter
+from streamrec.serving.input_topic import InputTopic
 from streamrec.serving.records import BatchResult
 from streamrec.serving.served_model import ModelHolder, ServingModel
 from streamrec.settings import Settings
@@ -37,15 +38,9 @@ class Outputs:
     :attr:`errors` for the engine to stop on (nothing is dropped silently).
     """
 
-    def __init__(
-        self,
-        settings: Settings,
-        on_delivered: Callable[[Any], None] | None = None,
-        conf: Mapping[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, settings: Settings, conf: Mapping[str, Any] | None = None) -> None:
         self.topics = settings.topics
         self.errors: list[str] = []
-        self._on_delivered = on_delivered
         #: called while :meth:`wait` waits for the broker (the engine's liveness beat)
         self.heartbeat: Callable[[], None] = lambda: None
         self.producer = clients.producer(
@@ -59,7 +54,12 @@ class Outputs:
         )
 
     def produce(
-        self, topic: str, value: bytes | None, key: bytes | None = None, partition: int = -1
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None = None,
+        partition: int = -1,
+        on_delivery: Callable[[Any, Any], None] | None = None,
     ) -> None:
         """Hand one record to the producer. A full local queue is waited out. Any other
         refusal never drops data silently: an output (recommendation, dead letter) too large
@@ -68,7 +68,11 @@ class Outputs:
         while True:
             try:
                 self.producer.produce(
-                    topic, value, key, partition=partition, on_delivery=self._on_delivery
+                    topic,
+                    value,
+                    key,
+                    partition=partition,
+                    on_delivery=on_delivery or self._on_delivery,
                 )
                 return
             except BufferError:  # local queue full: let librdkafka send, then retry
@@ -124,8 +128,6 @@ class Outputs:
     def _on_delivery(self, err: Any, msg: Any) -> None:
         if err is not None:
             self.errors.append(f"{msg.topic()}: {err}")
-        elif self._on_delivered is not None:
-            self._on_delivered(msg)
 
 
 class EngineBase:
@@ -167,12 +169,34 @@ class EngineBase:
             if self.config.live_metrics
             else None
         )
+        #: the clicks topic as the engine knows it (learnt at each assignment)
+        self.input_topic = InputTopic(partitioner=settings.topics.partitioner)
         self._model_to_metrics()
         self._build()
 
     def _build(self) -> None:
         """The engine's own consumer, state and timers."""
         raise NotImplementedError
+
+    def learn_input_topic(self, new_partitions: list[int]) -> None:
+        """What the broker says of the clicks topic now: its incarnation (a topic re-created
+        since, or a restarted embedded broker, has another: the end bounds of the old one go),
+        partition count, and the end bounds of the partitions just assigned."""
+        facts = clients.topic_facts(self.conf, self.settings.topics.clicks, new_partitions)
+        topic = self.input_topic
+        if facts.topic_id != topic.incarnation:
+            if topic.incarnation:
+                log.warning(
+                    "topic %s has a new incarnation (%s, was %s): positions of the old one are "
+                    "not duplicates",
+                    self.settings.topics.clicks,
+                    facts.topic_id,
+                    topic.incarnation,
+                )
+            topic.ends.clear()
+            topic.incarnation = facts.topic_id
+        topic.partitions = facts.partitions
+        topic.ends.update(facts.end_bounds)
 
     def _model_to_metrics(self) -> None:
         m = self.holder.current

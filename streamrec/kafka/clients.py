@@ -33,6 +33,7 @@ from confluent_kafka import (
     Consumer,
     KafkaException,
     Producer,
+    TopicCollection,
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -302,6 +303,51 @@ def _wait_for_topic(client: AdminClient, name: str, timeout: float) -> None:
 def partition_count(client_config: Mapping[str, Any], topic: str, timeout: float = 10) -> int:
     meta = admin(client_config).list_topics(topic=topic, timeout=timeout).topics[topic]
     return len(meta.partitions)
+
+
+@dataclass(frozen=True)
+class TopicFacts:
+    """What the broker says of a topic now: its id (``""`` if the broker reports none), its
+    partition count, and for the partitions asked about an offset their logs do not reach."""
+
+    topic_id: str
+    partitions: int
+    end_bounds: dict[int, int]
+
+
+def topic_facts(
+    conf: Mapping[str, Any], topic: str, partitions: Iterable[int] = (), timeout: float = 30
+) -> TopicFacts:
+    """The topic's id (Kafka's topic ids, KIP-516; the embedded broker gives a new one to
+    every topic it creates), its partition count, and an end bound per partition of
+    ``partitions``: the high watermark, plus on the embedded broker what it may under-report
+    (:data:`streamrec.kafka.tansu.END_UNDER_REPORT`)."""
+    client = admin(conf)  # held until the answer: a dropped client cancels its requests
+    desc = client.describe_topics(TopicCollection([topic]))[topic].result(timeout)
+    uuid = desc.topic_id
+    topic_id = (
+        ""
+        if uuid is None
+        or (uuid.get_most_significant_bits() == 0 and uuid.get_least_significant_bits() == 0)
+        else str(uuid)
+    )
+    bounds: dict[int, int] = {}
+    wanted = list(partitions)
+    if wanted:
+        slack = tansu.END_UNDER_REPORT if is_embedded(conf) else 0
+        reader = consumer(
+            conf,
+            f"streamrec-ends-{time.monotonic_ns()}",
+            fixed={"enable.auto.commit": False},
+            site={"log_level": 0},
+        )
+        try:
+            for p in wanted:
+                _, high = reader.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
+                bounds[p] = max(high, 0) + slack
+        finally:
+            reader.close()
+    return TopicFacts(topic_id, len(desc.partitions), bounds)
 
 
 def committed_offsets(

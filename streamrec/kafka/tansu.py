@@ -17,7 +17,10 @@ a configuration is for (``kafka.broker``, else the cluster id the broker answers
   :func:`true_end_offsets` (native recovery) and :func:`patch_faust_highwaters` (Faust).
   High watermarks and lag are wrong there, so Faust's recovery consistency check is off,
   and the lag the workers export is raised to what they have read
-  (:func:`streamrec.kafka.clients.lag_by_partition`).
+  (:func:`streamrec.kafka.clients.lag_by_partition`). The clicks partitions' end bounds
+  (what a state's recorded position must lie below, ``streamrec.serving.input_topic``) add
+  :data:`END_UNDER_REPORT` to the reported end: the true end would need a read past it, and
+  a live partition never goes idle.
 * aiokafka cannot init an idempotent producer on it (InitProducerId v0 only), and tailing
   consumers can skip records while several producers write: producers here are not
   idempotent (:data:`PRODUCER_SETTINGS`), and outputs are checked by a fresh read from
@@ -65,6 +68,11 @@ FAUST_APP_SETTINGS: dict[str, Any] = {
     "broker_heartbeat_interval": 1,
     "recovery_consistency_check": False,
 }
+#: records the reported end of a partition may lie below its true end: one producer batch (up
+#: to librdkafka's default batch.num.messages). Added only on the embedded broker (on Kafka the
+#: reported end is exact) to the bound a state's recorded position is checked against
+#: (``streamrec.serving.input_topic``: a forged position below it freezes nothing for long)
+END_UNDER_REPORT = 10_000
 #: producers: not idempotent (see the module docstring)
 PRODUCER_SETTINGS: dict[str, Any] = {"enable.idempotence": False}
 

@@ -9,8 +9,11 @@ of the committed offset and the end of its archived (complete) ranges, after rem
 files of a range left incomplete; so a crash between the renames and the commit does not
 write anything twice, a crash between two renames leaves a range that is never read and is
 archived again, and a crash before a rename leaves only a temporary file that is ignored
-(and removed at the next start). Clicks are validated by the worker's own
-:func:`streamrec.serving.events.decode`: what the worker dead-letters is not archived.
+(and removed at the next start). Each record goes through the workers' own admission
+decision (:func:`streamrec.serving.admission.admit`: decode, key, partition, event time
+against the archiver's own clock of the partition, CreateTime when the body has no time):
+what the worker dead-letters is not archived, and a click is archived with the event time
+the worker uses.
 """
 
 from __future__ import annotations
@@ -36,7 +39,12 @@ from streamrec.loop.archive import (
     list_archive,
 )
 from streamrec.metrics import ArchiverMetrics
-from streamrec.serving.events import ClickEvent, decode
+from streamrec.serving.admission import admit
+from streamrec.serving.clock import StreamClock
+from streamrec.serving.config import CoreConfig
+from streamrec.serving.events import DeadLetter
+from streamrec.serving.input_topic import InputTopic
+from streamrec.serving.records import Record
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +96,17 @@ class Archiver:
         max_open_hours: int = MAX_OPEN_HOURS,
         on_flush: Callable[[ArchiveFile], None] | None = None,
         metrics: ArchiverMetrics | None = None,
+        config: CoreConfig | None = None,
+        partitioner: str = "consistent_random",
     ) -> None:
         if max_open_hours < 1:
             raise ValueError(f"max_open_hours must be at least 1, not {max_open_hours}")
+        #: the workers' admission: their core config (keys required), a clock per partition
+        #: of the archiver's own, the topic's partitioner over its partition count (learnt
+        #: at each assignment: building an archiver asks the broker nothing)
+        self.config = config or CoreConfig(require_key=True)
+        self.clock = StreamClock.from_config(self.config)
+        self.input_topic = InputTopic(0, partitioner)
         self.storage = directory if isinstance(directory, Storage) else Storage(directory)
         self.client_config = client_config
         self.group = group
@@ -144,6 +160,8 @@ class Archiver:
                 log.warning("removing %s: its range lacks some of its %d files", f.path, f.parts)
                 self.storage.remove(f.path)
         ends = archived_end(list_archive(self.storage))
+        meta = consumer.list_topics(self.topic, timeout=10).topics[self.topic]
+        self.input_topic.partitions = len(meta.partitions)
         committed = consumer.committed(parts, timeout=10)
         for tp, c in zip(parts, committed, strict=True):
             start = max(c.offset if c.offset >= 0 else 0, ends.get(tp.partition, 0))
@@ -176,15 +194,24 @@ class Archiver:
         self.health.set_ready(False, "partitions revoked; waiting for the next assignment")
 
     # -- records ----------------------------------------------------------------------------
-    def add(self, partition: int, offset: int, value: bytes | None, key: bytes | None) -> None:
+    def add(
+        self,
+        partition: int,
+        offset: int,
+        value: bytes | None,
+        key: bytes | None,
+        timestamp: float | None = None,
+    ) -> None:
+        """One record of the topic (``timestamp``: its CreateTime, epoch seconds)."""
         self.stats.records += 1
-        ev = decode(value, topic=self.topic, partition=partition, offset=offset, key=key)
-        if not isinstance(ev, ClickEvent) or ev.type != "click":
+        rec = Record(value, key, self.topic, partition, offset, timestamp, time.time())
+        admitted = admit(rec, self.config, self.clock, self.input_topic, rec.received_at or 0.0)
+        if isinstance(admitted, DeadLetter) or admitted[0].type != "click":
             # dead-lettered by the worker (or a session end): not archived, offset covered
             self.stats.skipped += 1
             self._range(partition, offset, None).last = offset
             return
-        t = ev.timestamp if ev.timestamp is not None else time.time()
+        ev, _, t = admitted
         hour = hour_of(t)
         rng = self._range(partition, offset, hour)
         rng.last = offset
@@ -271,7 +298,9 @@ class Archiver:
                         continue
                     p, o = m.partition(), m.offset()
                     if p is not None and o is not None:
-                        self.add(p, o, m.value(), m.key())
+                        ts_type, ts_ms = m.timestamp()
+                        created = ts_ms / 1000.0 if ts_type else None  # 0: not available
+                        self.add(p, o, m.value(), m.key(), created)
                         self.next_offsets[p] = o + 1
                 if msgs:
                     last_msg = now

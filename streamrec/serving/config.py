@@ -27,13 +27,13 @@ class CoreConfig:
     dedup_event_ids: int = 32
     #: An event time more than this ahead of the record's arrival is out of range.
     max_ahead_seconds: float = 3600.0
-    #: An event time whose skew (event time - arrival time) is more than this away from the
-    #: median skew of its partition's recent events is out of range.
+    #: An event time whose skew (event time - arrival time) is more than this away from its
+    #: partition's clock (the median of its keys' skews) is out of range.
     max_skew_seconds: float = 30 * 24 * 3600.0
-    #: Recent events per partition whose skews make the clock (a median of them).
-    clock_window: int = 101
-    #: A partition's clock is trusted (for checks and the sweep) after this many events.
-    clock_min_events: int = 8
+    #: Recently active keys per partition whose skews make the clock (one vote per key).
+    clock_window: int = 1001
+    #: A partition's clock is trusted (for checks and the sweep) once this many keys vote.
+    clock_min_keys: int = 8
     #: A record without a Kafka key is a ``key_mismatch`` (the engines; the core's tests feed
     #: records without keys).
     require_key: bool = False
@@ -55,7 +55,7 @@ class CoreConfig:
             max_ahead_seconds=st.max_ahead_seconds,
             max_skew_seconds=st.max_skew_seconds,
             clock_window=st.clock_window,
-            clock_min_events=st.clock_min_events,
+            clock_min_keys=st.clock_min_keys,
             require_key=True,
             live_metrics=settings.worker.live_metrics,
         )

@@ -33,8 +33,10 @@ REASONS = (
     "not_an_object",  # JSON, but not an object
     "invalid",  # an object that is not a click (missing/wrong fields, ids too long, ...)
     "timestamp_out_of_range",  # negative, NaN/inf, overflowing, or far from the partition's
-    "key_mismatch",  # the Kafka key is not the key the body implies (see pipeline.py)
+    "key_mismatch",  # the Kafka key is not the key the body implies (see admission.py)
+    "wrong_partition",  # the key's partition under topics.partitioner is another one
     "output_too_large",  # (engines) a recommendation the broker refused as too large
+    "changelog_record",  # (native recovery) a changelog record holding no state of this layout
     "error",  # anything unexpected (a bug): never seen on the hostile corpus
 )
 

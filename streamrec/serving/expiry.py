@@ -85,7 +85,7 @@ def _end_idle(
             k = KeyStates(s, user)
             migrate_states([k], model, stats)  # re-encodes s in place
             work.append((key, k))
-            positions.append((s.partition, s.offset))
+            positions.append((s.partition, s.offset, s.incarnation))
         end_sessions(work, model, config, positions, stats)
         for key, k in work:
             store.delete_session(key, partition)

@@ -58,12 +58,14 @@ from typing import cast
 
 import numpy as np
 
+from streamrec.serving.admission import admit
 from streamrec.serving.arms import CHALLENGER, CHAMPION, SHADOW_NS, ArmModels, Models, as_arms
 from streamrec.serving.clock import StreamClock
 from streamrec.serving.config import DEFAULT_CONFIG, CoreConfig
-from streamrec.serving.events import ClickEvent, DeadLetter, decode, make_dead_letter
+from streamrec.serving.events import ClickEvent, DeadLetter
+from streamrec.serving.input_topic import UNKNOWN_TOPIC, InputTopic
 from streamrec.serving.live import DEPTH, KS, Evaluation, live_rank
-from streamrec.serving.records import BatchResult, Recommendation, Record
+from streamrec.serving.records import BatchResult, Recommendation, Record, event_click_id
 from streamrec.serving.served_model import ServingModel
 from streamrec.serving.state import (
     MAX_STATE_BYTES,
@@ -71,7 +73,6 @@ from streamrec.serving.state import (
     SessionState,
     StateDecodeError,
     UserState,
-    state_key,
 )
 from streamrec.serving.state_store import SESSIONS, USERS, StateStore
 from streamrec.serving.writes import InFlightStates, StateWrite, write_states
@@ -88,12 +89,14 @@ class KeyStates:
     user_dirty: bool = False
 
 
-def _click_id(ev: ClickEvent, rec: Record) -> str:
-    return ev.event_id or f"{rec.topic}:{rec.partition}:{rec.offset}"
+def _click_id(key: str, ev: ClickEvent, rec: Record) -> str:
+    if ev.event_id is not None:
+        return event_click_id(key, ev.event_id)
+    return f"{rec.topic}:{rec.partition}:{rec.offset}"
 
 
-def _is_dup(pos_partition: int, pos_offset: int, rec: Record) -> bool:
-    return rec.offset >= 0 and pos_partition == rec.partition and rec.offset <= pos_offset
+#: where an event was applied: (partition, offset, incarnation of the topic)
+Position = tuple[int, int, str]
 
 
 def migrate_states(ks: Sequence[KeyStates], model: ServingModel, stats: Counter[str]) -> None:
@@ -145,10 +148,11 @@ def end_sessions(
     ks: Sequence[tuple[str, KeyStates]],
     model: ServingModel,
     config: CoreConfig,
-    positions: Sequence[tuple[int, int]],
+    positions: Sequence[Position],
     stats: Counter[str],
 ) -> None:
-    """End the open session of each key: advance/record the user state, delete the session."""
+    """End the open session of each key: advance/record the user state (its position: that
+    of the event that ended the session), delete the session."""
     if not ks:
         return
     keys = [k for _, k in ks]
@@ -165,12 +169,13 @@ def end_sessions(
             k.user.context = users[i].copy()
             k.user.version = model.version
             k.user.push_session(s.recent_items, config.recent_sessions)
-            part, off = positions[i]
-            if part == k.user.partition or k.user.offset < 0:
+            part, off, incarnation = positions[i]
+            same_log = part == k.user.partition and incarnation == k.user.incarnation
+            if same_log or k.user.offset < 0:
                 k.user.offset = max(k.user.offset, off)
             else:
                 k.user.offset = off
-            k.user.partition = part
+            k.user.partition, k.user.incarnation = part, incarnation
             k.user.last_time = max(k.user.last_time, s.last_time)
             k.user_dirty = True
         del key
@@ -204,67 +209,25 @@ def decode_and_group(
     config: CoreConfig,
     clock: StreamClock | None,
     now: float,
+    topic: InputTopic = UNKNOWN_TOPIC,
 ) -> tuple[dict[str, deque[Click]], set[str]]:
-    """Phase 1: decode every record (bad ones become dead letters in ``res``), check its key
-    and event time, and queue the clicks by state key in arrival order. Also returns the
-    state keys that are users'."""
+    """Phase 1: admit every record (:func:`streamrec.serving.admission.admit`: decode, key,
+    partition, event time; the others become dead letters in ``res``) and queue the clicks by
+    state key in arrival order. Also returns the state keys that are users'."""
     queues: dict[str, deque[Click]] = {}
     user_keys: set[str] = set()  # only these have user states: no lookup for anonymous keys
     if clock is None:  # the checks still run, against this batch alone
         clock = StreamClock.from_config(config)
-
-    def reject(rec: Record, reason: str, detail: str) -> None:
-        res.dead_letters.append(
-            make_dead_letter(
-                rec.value,
-                reason,
-                detail,
-                topic=rec.topic,
-                partition=rec.partition,
-                offset=rec.offset,
-                key=rec.key,
-            )
-        )
-        res.stats[f"dead_letter:{reason}"] += 1
-
     last = res.last_offsets
     for rec in records:
         last[rec.partition] = rec.offset
-        ev = decode(
-            rec.value,
-            max_bytes=config.max_message_bytes,
-            topic=rec.topic,
-            partition=rec.partition,
-            offset=rec.offset,
-            key=rec.key,
-        )
-        if isinstance(ev, DeadLetter):
-            res.dead_letters.append(ev)
-            res.stats[f"dead_letter:{ev.reason}"] += 1
+        topic.note(rec.partition, rec.offset)
+        got = admit(rec, config, clock, topic, now)
+        if isinstance(got, DeadLetter):
+            res.dead_letters.append(got)
+            res.stats[f"dead_letter:{got.reason}"] += 1
             continue
-        body_key = ev.user_id if ev.user_id is not None else ev.session_id
-        if rec.key is None:
-            if config.require_key:
-                reject(rec, "key_mismatch", f"message has no key; the body implies {body_key!r}")
-                continue
-        elif rec.key != body_key.encode():
-            reject(rec, "key_mismatch", f"key {rec.key[:80]!r} is not the body's {body_key!r}")
-            continue
-        arrival = rec.received_at if rec.received_at is not None else now
-        if ev.timestamp is not None:
-            t = ev.timestamp
-        elif rec.timestamp is not None and rec.timestamp > 0:
-            t = rec.timestamp  # Kafka CreateTime: checked the same way
-        else:
-            t = arrival
-        if not (t == t and abs(t) < 1e15):  # a CreateTime can be anything
-            reject(rec, "timestamp_out_of_range", f"record time {t!r}")
-            continue
-        why = clock.check(rec.partition, t, arrival)
-        if why is not None:
-            reject(rec, "timestamp_out_of_range", why)
-            continue
-        key = state_key(ev.user_id, ev.session_id)
+        ev, key, t = got
         q = queues.get(key)
         if q is None:
             q = queues[key] = deque()
@@ -338,18 +301,25 @@ def plan_round(
     work: dict[str, KeyStates],
     config: CoreConfig,
     stats: Counter[str],
-) -> tuple[list[tuple[str, KeyStates]], list[tuple[int, int]], list[RoundClick]]:
+    topic: InputTopic = UNKNOWN_TOPIC,
+) -> tuple[list[tuple[str, KeyStates]], list[Position], list[RoundClick]]:
     """Phase 3a: for one round (each key at most once), the sessions to end first (with the
-    position of the event that ends each) and the clicks to step."""
+    position of the event that ends each) and the clicks to step. Whether a click was applied
+    already is :meth:`InputTopic.applied` of the state's position."""
     to_end: list[tuple[str, KeyStates]] = []
-    end_pos: list[tuple[int, int]] = []
+    end_pos: list[Position] = []
     clicks: list[RoundClick] = []
+    incarnation = topic.incarnation
+    applied = topic.applied
     for key, c in batch:
         k = work[key]
         s, u, rec, ev = k.sess, k.user, c.record, c.event
-        dup = (s is not None and _is_dup(s.partition, s.offset, rec)) or (
-            s is None and u is not None and _is_dup(u.partition, u.offset, rec)
-        )
+        if s is not None:
+            dup = applied(s.incarnation, s.partition, s.offset, rec.partition, rec.offset)
+        elif u is not None:
+            dup = applied(u.incarnation, u.partition, u.offset, rec.partition, rec.offset)
+        else:
+            dup = False
         if (
             not dup
             and s is not None
@@ -365,7 +335,7 @@ def plan_round(
                 stats["duplicates"] += 1
             elif s is not None and s.session_id == ev.session_id:
                 to_end.append((key, k))
-                end_pos.append((rec.partition, rec.offset))
+                end_pos.append((rec.partition, rec.offset, incarnation))
             continue
         if dup:
             stats["duplicates"] += 1
@@ -374,7 +344,7 @@ def plan_round(
         ):
             stats["sessions_ended_by_id" if s.session_id != ev.session_id else "gap_ends"] += 1
             to_end.append((key, k))
-            end_pos.append((rec.partition, rec.offset))
+            end_pos.append((rec.partition, rec.offset, incarnation))
         clicks.append(RoundClick(key, c, dup))
     return to_end, end_pos, clicks
 
@@ -458,8 +428,10 @@ def emit_round(
     run: ArmRun,
     res: BatchResult,
     config: CoreConfig,
+    incarnation: str = "",
 ) -> None:
-    """Phase 3c: write the new session states into the working copies, note each click that
+    """Phase 3c: write the new session states into the working copies (their position: the
+    click's, in the topic's ``incarnation``), note each click that
     continues a session with an answer (live metrics) and give the session its new answer,
     and add one recommendation per click to the run."""
     stats = run.stats
@@ -471,7 +443,7 @@ def emit_round(
         k = ks[i]
         rec, ev, t, dup = rc.click.record, rc.click.event, rc.click.time, rc.duplicate
         unknown = step.unknown[i]
-        cid = _click_id(ev, rec)
+        cid = _click_id(rc.key, ev, rec)
         if unknown and not dup and run.published:
             stats["unknown_items"] += 1
             res.unknown_items.append((ev.item_id or "", cid))
@@ -490,7 +462,7 @@ def emit_round(
             s.push_item(ev.item_id or "", limit)
             if ev.event_id is not None and config.dedup_event_ids > 0:
                 s.push_event_id(ev.event_id, config.dedup_event_ids)
-            s.partition, s.offset = rec.partition, rec.offset
+            s.partition, s.offset, s.incarnation = rec.partition, rec.offset, incarnation
             s.last_time = max(s.last_time, t)
             s.n_events += 1
             s.n_unknown += int(unknown)
@@ -618,9 +590,11 @@ def apply_run(
     store: StateStore,
     config: CoreConfig,
     in_flight: InFlightStates | None,
+    topic: InputTopic = UNKNOWN_TOPIC,
 ) -> list[StateWrite]:
     """Phases 2-4 for one arm's clicks: load, rounds of (end sessions, advance, emit), and
-    the state writes."""
+    the state writes. ``topic``: what the engine knows of the clicks topic
+    (:mod:`streamrec.serving.input_topic`)."""
     stats, model = run.stats, run.model
     work = load_states(queues, user_keys, res.key_partitions, store, model, stats, in_flight)
     # rounds: round r holds the r-th event of every key, so a key is stepped at most once
@@ -629,7 +603,7 @@ def apply_run(
         batch = [(key, q.popleft()) for key, q in queues.items()]
         queues = {key: q for key, q in queues.items() if q}
         stats["events"] += len(batch)
-        to_end, end_pos, clicks = plan_round(batch, work, config, stats)
+        to_end, end_pos, clicks = plan_round(batch, work, config, stats, topic)
         t0 = time.perf_counter()
         end_sessions(to_end, model, config, end_pos, stats)
         if not clicks:
@@ -639,7 +613,7 @@ def apply_run(
         ks = [work[c.key] for c in clicks]
         step = advance_round(clicks, ks, model, config, run.unscored)
         model_s += time.perf_counter() - t0
-        emit_round(clicks, ks, step, run, res, config)
+        emit_round(clicks, ks, step, run, res, config, topic.incarnation)
     run.model_seconds = model_s
     return state_writes(work, res.key_partitions, config.max_state_bytes)
 
@@ -654,6 +628,7 @@ def apply_batch(
     now: float | None = None,
     in_flight: InFlightStates | None = None,
     seq: int = 0,
+    topic: InputTopic = UNKNOWN_TOPIC,
 ) -> AppliedBatch:
     """Phases 1-4: decode and group, then per arm: load (and migrate) states, rounds of (end
     sessions, advance, emit), encode the changed states. Nothing is stored or scored yet
@@ -665,12 +640,12 @@ def apply_batch(
     res.stats["records"] += len(records)
     if in_flight is not None:
         in_flight.prune()
-    queues, user_keys = decode_and_group(records, res, config, clock, now)
+    queues, user_keys = decode_and_group(records, res, config, clock, now, topic)
     runs: list[ArmRun] = []
     writes: list[StateWrite] = []
     if queues:
         for run, run_queues in split_arms(queues, user_keys, arms, res):
-            writes += apply_run(run, run_queues, user_keys, res, store, config, in_flight)
+            writes += apply_run(run, run_queues, user_keys, res, store, config, in_flight, topic)
             runs.append(run)
             (res.recommendations if run.published else res.shadow).extend(run.recommendations)
             if not run.published:
@@ -734,10 +709,12 @@ def process_batch(
     *,
     clock: StreamClock | None = None,
     now: float | None = None,
+    topic: InputTopic = UNKNOWN_TOPIC,
 ) -> BatchResult:
     """Apply a batch of raw click records to the states and return what to publish:
     :func:`apply_batch` then :func:`finish_batch` (the native worker runs the two in
-    different threads, so that batch N is scored while batch N+1 is applied)."""
-    return finish_batch(
-        apply_batch(records, store, model, config, clock=clock, now=now), store, config
-    )
+    different threads, so that batch N is scored while batch N+1 is applied). ``topic`` is
+    what the engine knows of the clicks topic (incarnation, partitions and partitioner, how
+    far each partition reaches: :mod:`streamrec.serving.input_topic`)."""
+    applied = apply_batch(records, store, model, config, clock=clock, now=now, topic=topic)
+    return finish_batch(applied, store, config)

@@ -51,6 +51,15 @@ def _make_json_encoder() -> Callable[[Any, int], Sequence[str]]:
 _json_chunks = _make_json_encoder()
 
 
+def event_click_id(state_key: str, event_id: str) -> str:
+    """The ``click_id`` of a click that carries an ``event_id``: its state key (``u:<user
+    id>``, ``a:<session id>``; ``%`` and ``/`` percent-escaped), ``/``, the event id. Unique
+    per key: two users sending the same event id get two click ids (a consumer that drops
+    repeats by click id keeps both), and no key can forge another's (the first ``/`` ends
+    the key)."""
+    return state_key.replace("%", "%25").replace("/", "%2F") + "/" + event_id
+
+
 @dataclass(slots=True)
 class Recommendation:
     """The answer to one click, as published on the recommendations topic.

@@ -25,10 +25,16 @@ import numpy as np
 
 from streamrec.errors import StreamrecError
 
-_SESSION_MAGIC = b"S3"  # S3 adds the last answer, S2 the recent event ids; S2, S1 still decode
+#: S4: the hidden state, then the incarnation of the position, then the last answer.
+#: S3 (the answer, no incarnation), S2 (recent event ids) and S1 states still decode, with an
+#: unknown incarnation and, before S3, no answer
+_SESSION_MAGIC = b"S4"
+_SESSION_MAGIC_V3 = b"S3"
 _SESSION_MAGIC_V2 = b"S2"
 _SESSION_MAGIC_V1 = b"S1"
-_USER_MAGIC = b"U1"
+#: U2 adds the incarnation of the position (after the context); U1 still decodes
+_USER_MAGIC = b"U2"
+_USER_MAGIC_V1 = b"U1"
 #: Layout of state keys (namespaces) in stores and changelogs; stores written under an
 #: older layout are refused (:class:`StateLayoutError`).
 STATE_LAYOUT = 2
@@ -221,6 +227,23 @@ def with_answer(data: bytes, answer: Answer) -> bytes:
     return data[:-1] + encode_answer(answer)
 
 
+def _vector_and_tail(buf: bytes, pos: int, dim: int, has_tail: bool) -> tuple[np.ndarray, str]:
+    """The float32 vector of ``dim`` values at ``pos`` and, in the layouts that have it, the
+    incarnation string after it; the vector must end the buffer, or the string must."""
+    end = pos + 4 * dim
+    incarnation = ""
+    if has_tail:
+        (value,), tail_end = _get_each(buf, end, 1, "")
+        incarnation = value or ""
+        if tail_end != len(buf):
+            raise StateDecodeError("state length mismatch")
+    elif end != len(buf):
+        raise StateDecodeError("state vector length mismatch")
+    if end > len(buf):
+        raise StateDecodeError("state vector length mismatch")
+    return np.frombuffer(buf, dtype=_F4, count=dim, offset=pos).copy(), incarnation
+
+
 def _vec(x: np.ndarray | None) -> np.ndarray:
     """float32 values to write with ``.tobytes()`` (which flattens in C order, copying only
     where the array is not already float32 and contiguous)."""
@@ -248,6 +271,9 @@ class SessionState:
     event_ids: list[str] = field(default_factory=list)
     #: the answer to the last click applied (the click at ``offset``), for live metrics
     answer: Answer | None = None
+    #: the incarnation (topic id) of the topic ``partition``/``offset`` belong to; "" unknown
+    #: (streamrec.serving.input_topic)
+    incarnation: str = ""
 
     def push_item(self, item_id: str, limit: int) -> None:
         self.recent_items.append(item_id)
@@ -297,7 +323,8 @@ class SessionState:
         _put_strs(out, self.recent_items)
         _put_strs(out, self.event_ids)
         out.append(h.tobytes())
-        out.append(encode_answer(self.answer))
+        _put_each(out, (self.incarnation,))
+        out.append(encode_answer(self.answer))  # last: with_answer replaces its one byte
         return b"".join(out)
 
     @classmethod
@@ -305,7 +332,12 @@ class SessionState:
         try:
             buf = _as_bytes(data)
             magic, part, off, last, start, n, nu, dim = _SESSION_HDR.unpack_from(buf, 0)
-            if magic not in (_SESSION_MAGIC, _SESSION_MAGIC_V2, _SESSION_MAGIC_V1):
+            if magic not in (
+                _SESSION_MAGIC,
+                _SESSION_MAGIC_V3,
+                _SESSION_MAGIC_V2,
+                _SESSION_MAGIC_V1,
+            ):
                 raise StateDecodeError(f"not a session state (magic {magic!r})")
             pos = _SESSION_HDR.size
             (version, sid, uid), pos = _get_each(buf, pos, 3, None)
@@ -313,12 +345,15 @@ class SessionState:
             event_ids: list[str] = []
             if magic != _SESSION_MAGIC_V1:
                 event_ids, pos = _get_strs(buf, pos)
-            answer = None
-            if magic == _SESSION_MAGIC:  # the hidden state, then the answer
-                end = pos + 4 * dim
-                if len(buf) <= end:
+            answer, incarnation = None, ""
+            if magic in (_SESSION_MAGIC, _SESSION_MAGIC_V3):  # the hidden state, then ...
+                after = pos + 4 * dim
+                if len(buf) <= after:
                     raise StateDecodeError("hidden state length mismatch")
-                answer, after = _decode_answer(buf, end)
+                if magic == _SESSION_MAGIC:  # ... the incarnation, then the answer
+                    (value,), after = _get_each(buf, after, 1, "")
+                    incarnation = value or ""
+                answer, after = _decode_answer(buf, after)
                 if after != len(buf):
                     raise StateDecodeError("trailing bytes after the answer")
             elif len(buf) - pos != 4 * dim:
@@ -328,7 +363,7 @@ class SessionState:
             raise StateDecodeError(str(exc)) from exc
         return cls(
             sid or "", hidden, version or "", uid, items, part, off, last, start, n, nu, event_ids,
-            answer,
+            answer=answer, incarnation=incarnation,
         )  # fmt: skip
 
     def same_as(self, other: SessionState, atol: float = 1e-5) -> bool:
@@ -363,6 +398,8 @@ class UserState:
     partition: int = -1
     offset: int = -1
     last_time: float = 0.0
+    #: the incarnation (topic id) of the position's topic; "" unknown
+    incarnation: str = ""
 
     def push_session(self, items: list[str], limit: int) -> None:
         if limit <= 0:
@@ -403,6 +440,7 @@ class UserState:
         for s in self.sessions:
             _put_strs(out, s)
         out.append(c.tobytes())
+        _put_each(out, (self.incarnation,))
         return b"".join(out)
 
     @classmethod
@@ -410,7 +448,7 @@ class UserState:
         try:
             buf = _as_bytes(data)
             magic, part, off, last, ns, dim = _USER_HDR.unpack_from(buf, 0)
-            if magic != _USER_MAGIC:
+            if magic != _USER_MAGIC and magic != _USER_MAGIC_V1:
                 raise StateDecodeError(f"not a user state (magic {magic!r})")
             pos = _USER_HDR.size
             (version, uid), pos = _get_each(buf, pos, 2, None)
@@ -418,9 +456,7 @@ class UserState:
             for _ in range(ns):
                 s, pos = _get_strs(buf, pos)
                 sessions.append(s)
-            if len(buf) - pos != 4 * dim:
-                raise StateDecodeError("context length mismatch")
-            ctx = np.frombuffer(buf, dtype=_F4, offset=pos).copy()
+            ctx, incarnation = _vector_and_tail(buf, pos, dim, magic == _USER_MAGIC)
         except (struct.error, UnicodeDecodeError) as exc:
             raise StateDecodeError(str(exc)) from exc
-        return cls(uid or "", ctx, version or "", sessions, part, off, last)
+        return cls(uid or "", ctx, version or "", sessions, part, off, last, incarnation)

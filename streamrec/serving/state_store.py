@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from streamrec.serving.state import (
@@ -50,15 +51,57 @@ VALID_PREFIXES = tuple(
 )
 #: a changelog record as read back: (key, value or None for a delete, offset)
 ChangelogRecord = tuple[bytes | None, bytes | None, int]
+#: skipped changelog records a recovery sends to the dead-letter topic, per partition (a
+#: flood of junk on the changelog costs counts, not memory)
+DEAD_LETTERS_PER_RECOVERY = 100
 
 
-def check_changelog_key(key: bytes | None, offset: int) -> bytes:
-    """``key`` if it is a state key of this layout; otherwise the layout error (a record
-    without a key, or a key of no state namespace, was not written by this streamrec)."""
-    if key is None or not key.startswith(VALID_PREFIXES):
-        shown = key if key is None else key[:60]
-        raise layout_refused(f"changelog record at offset {offset} (key {shown!r})", "1")
-    return key
+@dataclass
+class RecoveryTally:
+    """What a partition's changelog recovery met: records applied, and records skipped
+    because their key is no state key of this layout: ``old_layout`` (a table prefix without
+    a namespace, as state layout 1 wrote them) or ``foreign`` (no key, or no table prefix:
+    not written by a streamrec worker). A bad record is skipped, counted and kept for the
+    dead-letter topic (the first of them), never the end of recovery: one stray record must
+    not cost every user's history."""
+
+    applied: int = 0
+    old_layout: int = 0
+    foreign: int = 0
+    #: the first skipped key and its offset, for the log
+    first_skipped: tuple[bytes | None, int] | None = None
+    #: the first :data:`DEAD_LETTERS_PER_RECOVERY` skipped records, for the dead-letter
+    #: topic (the engine sends them once recovery succeeded; the rest are only counted)
+    to_dead_letter: list[ChangelogRecord] = field(default_factory=list)
+
+    def skip(self, key: bytes | None, value: bytes | None, offset: int) -> None:
+        if key is not None and key.startswith((SESSIONS, USERS)):
+            self.old_layout += 1
+        else:
+            self.foreign += 1
+        if self.first_skipped is None:
+            self.first_skipped = (key if key is None else key[:60], offset)
+        if len(self.to_dead_letter) < DEAD_LETTERS_PER_RECOVERY:
+            self.to_dead_letter.append((key, value, offset))
+
+    @property
+    def skipped(self) -> int:
+        return self.old_layout + self.foreign
+
+    def check_layout(self, where: str, had_state: bool) -> None:
+        """Refuse a real layout-1 changelog: records of the old layout and not one of this
+        layout, into a partition that held no state. (A changelog with any record of this
+        layout was written by this streamrec, which never wrote the old layout beside it;
+        its odd records are skipped.)"""
+        if self.old_layout and not self.applied and not had_state:
+            assert self.first_skipped is not None
+            key, offset = self.first_skipped
+            raise layout_refused(f"{where}: changelog record at offset {offset} (key {key!r})", "1")
+
+
+def is_state_key(key: bytes | None) -> bool:
+    """Whether ``key`` is a changelog key of this layout (``s/u:``, ``s/a:``, ``u/u:``)."""
+    return key is not None and key.startswith(VALID_PREFIXES)
 
 
 class StatePartition(Protocol):
@@ -100,7 +143,13 @@ class CheckpointedPartition(StatePartition, Protocol):
         ...
 
     def recover(self, records: Iterable[ChangelogRecord]) -> int:
-        """Apply changelog records; returns how many. Refuses keys of another layout."""
+        """Apply changelog records; returns how many. Records whose key is no state key of
+        this layout are skipped and counted in :attr:`tally`."""
+        ...
+
+    @property
+    def tally(self) -> RecoveryTally:
+        """What recovery met so far (applied, skipped)."""
         ...
 
     def discard_pending(self) -> None:
@@ -125,6 +174,7 @@ class MemoryPartition:
         # (table, key) -> value: made changelog keys at the checkpoint, not at every write
         self._pending: dict[tuple[bytes, str], bytes | None] = {}
         self._changelog_offset = -1
+        self.tally = RecoveryTally()
 
     def get(self, table: bytes, key: str) -> bytes | None:
         return self._tables[table].get(key)
@@ -152,15 +202,20 @@ class MemoryPartition:
             self._changelog_offset = changelog_offset
 
     def recover(self, records: Iterable[ChangelogRecord]) -> int:
-        checked = [(check_changelog_key(k, o), v, o) for k, v, o in records]
-        for key, value, offset in checked:
+        n = 0
+        for key, value, offset in records:
+            if key is None or not is_state_key(key):
+                self.tally.skip(key, value, offset)
+                continue
             table = self._tables[key[: len(SESSIONS)]]
             if value is None:
                 table.pop(key[len(SESSIONS) :].decode(), None)
             else:
                 table[key[len(SESSIONS) :].decode()] = value
             self._changelog_offset = offset
-        return len(checked)
+            n += 1
+        self.tally.applied += n
+        return n
 
     def discard_pending(self) -> None:
         self._pending = {}

@@ -181,16 +181,22 @@ def write_log(df: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def click_messages(df: pd.DataFrame, ids: Sequence[str]) -> list[tuple[bytes, bytes, float]]:
-    """(key, JSON, time) per row, with ``event_id``: answers name their click by it."""
+def click_messages(
+    df: pd.DataFrame, event_ids: Sequence[str]
+) -> tuple[list[tuple[bytes, bytes, float]], list[str]]:
+    """(key, JSON, time) per row, with ``event_id``, and the click id each row's answer
+    carries (its key and event id: ``serving.records.event_click_id``)."""
+    from streamrec.serving.records import event_click_id
+    from streamrec.serving.state import state_key
     from streamrec.tools.replay import click_values
 
-    out = []
-    for (key, value, t), eid in zip(click_values(df), ids, strict=True):
+    out, click_ids = [], []
+    for (key, value, t), eid in zip(click_values(df), event_ids, strict=True):
         body = json.loads(value)
         body["event_id"] = eid
         out.append((key, json.dumps(body).encode(), t))
-    return out
+        click_ids.append(event_click_id(state_key(body.get("user_id"), body["session_id"]), eid))
+    return out, click_ids
 
 
 def registry_current(models: Path) -> Path | None:
@@ -545,7 +551,7 @@ class Backtest:
         t_first, t_last = float(df["Time"].iloc[0]), float(df["Time"].iloc[-1])
         t_warm = parse_warmup(opts.warmup_until, t_first, t_last)
         periods = make_periods(t_warm, t_last, opts.every)
-        self.click_ids = [f"bt{i}" for i in range(len(df))]
+        values, self.click_ids = click_messages(df, [f"bt{i}" for i in range(len(df))])
         view = LogView.build(df, self.click_ids, periods)
         n_warm = int((view.period < 0).sum())
         bounds = (
@@ -556,7 +562,6 @@ class Backtest:
             ]
             + [len(df)]
         )
-        values = click_messages(df, self.click_ids)
         retrain = opts.retrain and opts.compare is None
         self.say(
             f"log {opts.log}: {len(df):,} clicks from {_when(t_first)} to {_when(t_last)}; "

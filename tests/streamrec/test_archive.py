@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -233,11 +234,53 @@ def test_until_caught_up_with_a_partition_that_gets_nothing_new(
     arch = str(tmp_path / "archive")
     Archiver(conf, topic, arch, group=topic).run(until_caught_up=True, idle_s=1.0, max_s=120)
     p = Producer({**conf, "log_level": 0})
-    for j in range(300, 320):  # all into partition 0
-        p.produce(topic, click(f"s{j}", "i1", t=T0 + j, event_id=f"e{j}"), f"s{j}", partition=0)
+    # all into partition 0: sessions whose keys the producers' partitioner puts there (a click
+    # on another partition than its key's is dead-lettered, and so not archived)
+    sessions = [s for j in range(300, 400) if zlib.crc32((s := f"s{j}").encode()) % PARTITIONS == 0]
+    for j, sid in enumerate(sessions[:20], start=300):
+        p.produce(topic, click(sid, "i1", t=T0 + j, event_id=f"e{j}"), sid, partition=0)
     assert p.flush(30) == 0
     second = Archiver(conf, topic, arch, group=topic)
     stats = second.run(until_caught_up=True, idle_s=1.0, max_s=90)
     assert stats.seconds < 90  # stopped by being caught up, not by max_s
     rows = archived_rows(tmp_path / "archive")
     assert len(rows) == len(set(rows)) == len(valid_clicks(conf, topic)) == 320
+
+
+def test_the_archive_holds_exactly_what_the_worker_admits(
+    kafka_bootstrap: str, unique_name: Callable[[str], str], tmp_path: Path
+) -> None:
+    """Issue 19: a wrong key, no key, and times +2 h, -40 d and +23 h were dead-lettered by
+    the worker and archived anyway (the archiver only decoded), and a click without a body
+    time was archived with the archiver's wall time. The archiver now admits records with the
+    worker's own decision (serving.admission), and archives a body-less click at its
+    CreateTime, as the worker uses it."""
+    conf = {"bootstrap.servers": kafka_bootstrap}
+    topic = unique_name("clicks")
+    ensure_topics(conf, [TopicSpec(topic, PARTITIONS)])
+    now = time.time()
+    p = Producer({**conf, "log_level": 0})
+    for j in range(40):  # good clicks of 40 keys: the partitions' clocks are trusted
+        p.produce(topic, click(f"g{j}", "i1", t=now - 60, event_id=f"g{j}"), f"g{j}")
+    p.flush(30)
+    hostile = [
+        (b"mallory", click("h1", "i1", user="alice", t=now)),  # the body's key is alice
+        (None, click("h2", "i1", t=now)),  # no key
+        (b"h3", click("h3", "i1", t=now + 2 * 3600)),
+        (b"h4", click("h4", "i1", t=now - 40 * 86400)),
+        (b"h5", click("h5", "i1", t=now + 23 * 3600)),
+    ]
+    for key, value in hostile:
+        p.produce(topic, value, key)
+    created_ms = int((now - 30) * 1000)
+    p.produce(topic, b'{"session_id": "nobody", "item_id": "i2"}', b"nobody", timestamp=created_ms)
+    assert p.flush(30) == 0
+    arch = tmp_path / "archive"
+    Archiver(conf, topic, str(arch), group=topic).run(until_caught_up=True, idle_s=1.0, max_s=120)
+    storage = Storage(str(arch))
+    times: dict[str, float] = {}
+    for f in list_archive(storage):
+        t = pq.read_table(storage.join(f.path), columns=["SessionId", "Time"])
+        times.update(zip(t["SessionId"].to_pylist(), t["Time"].to_pylist(), strict=True))
+    assert set(times) == {f"g{j}" for j in range(40)} | {"nobody"}
+    assert times["nobody"] == pytest.approx(created_ms / 1000.0)

@@ -19,7 +19,7 @@ from streamrec.serving.live import KS, tally
 from streamrec.serving.pipeline import process_batch
 from streamrec.serving.records import Record
 from streamrec.serving.served_model import ModelHolder, ServingModel
-from streamrec.serving.state_store import StateStore, check_changelog_key
+from streamrec.serving.state_store import StateStore, is_state_key
 from streamrec.tools.replay import click_values
 
 CFG = CoreConfig(session_gap_seconds=3600.0, top_k=5)
@@ -156,8 +156,8 @@ def test_shadow_states_are_the_challengers_own_and_swept_with_its_model() -> Non
         "cu:u": "chall",
     }
     # the challenger's keys pass the changelog's layout check
-    assert check_changelog_key(b"s/cu:u", 0) and check_changelog_key(b"u/cu:u", 0)
-    assert check_changelog_key(b"s/ca:sess", 0)
+    assert is_state_key(b"s/cu:u") and is_state_key(b"u/cu:u")
+    assert is_state_key(b"s/ca:sess") and not is_state_key(b"s/xx:sess")
 
 
 def _tiny(seed: int, user_dim: int = 0):

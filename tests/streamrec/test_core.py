@@ -193,11 +193,24 @@ def test_bad_records_become_dead_letters_and_valid_ones_pass() -> None:
     assert len(res.recommendations) == 1 and res.recommendations[0].click_id == "clicks:0:1"
 
 
-def test_event_id_is_the_click_id_and_values_serialise() -> None:
+def test_the_click_id_is_the_key_and_event_id_and_values_serialise() -> None:
+    """A click's id names its key and its event id, so two users (or a user and an anonymous
+    session of the same name) sending the same event id get different click ids."""
     model = tiny_serving_model()
-    res = process_batch(recs([click("s", "i1", t=T0, event_id="e-1")]), StateStore(), model, CFG)
-    ((key, value),) = res.recommendation_values()
-    assert key == b"s" and json.loads(value)["click_id"] == "e-1"
+    values = [
+        click("s", "i1", t=T0, event_id="e-1"),
+        click("t", "i1", user="s", t=T0, event_id="e-1"),
+        click("s/e-1", "i1", t=T0, event_id="x"),  # cannot forge "a:s/e-1" nor "u:s/e-1"
+        click("%2F", "i1", t=T0, event_id="y"),
+    ]
+    res = process_batch(recs(values), StateStore(), model, CFG)
+    assert [json.loads(v)["click_id"] for _, v in res.recommendation_values()] == [
+        "a:s/e-1",
+        "u:s/e-1",
+        "a:s%2Fe-1/x",
+        "a:%252F/y",
+    ]
+    assert res.recommendation_values()[0][0] == b"s"
 
 
 def test_recommendation_json_is_json_dumps_of_its_fields_and_reads_back() -> None:
@@ -234,7 +247,7 @@ def test_model_swap_reencodes_old_states_from_recent_items() -> None:
 def test_idle_sweep_closes_sessions_and_advances_users() -> None:
     model = tiny_serving_model(user_dim=4)
     store = StateStore()
-    clock = StreamClock(min_events=2)
+    clock = StreamClock(min_keys=2)
     vals = [click("a", "i1", user="u", t=T0), click("s", "i2", t=T0 + 50)]
     process_batch(recs(vals), store, model, CFG, clock=clock)
     # the clock runs in event time: years behind the wall clock, a sweep at its time keeps both
@@ -302,33 +315,39 @@ def test_user_state_types(user_dim: int) -> None:
 
 def test_stream_clock_follows_event_time_not_wall_time(monkeypatch: pytest.MonkeyPatch) -> None:
     """The sweep's clock (per partition, issue 13): the arrival wall time plus the median skew
-    (event time - arrival) of the partition's recent events, so it reads event time, moves on
-    with the wall clock between events, and no single event (late or early) moves it. Wall
-    time is frozen here, so every value is exact."""
+    (event time - arrival) of the partition's keys, one vote each (issue 19), so it reads
+    event time, moves on with the wall clock between events, and no single event (late or
+    early) nor any burst of one key moves it. Wall time is frozen here, so every value is
+    exact."""
     import streamrec.serving.clock
 
     wall = [2.0e9]
     monkeypatch.setattr(streamrec.serving.clock.time, "time", lambda: wall[0])
     model = tiny_serving_model()
     store = StateStore()
-    clock = StreamClock(min_events=3)
-    vals = [click("a", "i1", t=T0), click("b", "i2", t=T0 + 50), click("b", "i3", t=T0 + 50)]
-    process_batch(recs(vals), store, model, CFG, clock=clock)
+    clock = StreamClock(min_keys=3)
+    vals = [click("a", "i1", t=T0)] + [click(k, "i2", t=T0 + 50) for k in ("b", "d", "e")]
+    process_batch(recs(vals), store, model, CFG, clock=clock, now=wall[0])
     assert clock.now(0) == T0 + 50  # the median event time, not the wall time (2e9)
     assert clock.now(1) is None  # another partition has a clock of its own, not trusted yet
     wall[0] += 30  # 30 s of wall time with no events: the clock moves on with it
     assert clock.now(0) == T0 + 80
     # one late event does not move it back (nor would one early event move it on)
-    process_batch(recs([click("c", "i3", t=T0 + 10)], start=3), store, model, CFG, clock=clock)
+    late = [click("c", "i3", t=T0 + 40)]
+    process_batch(recs(late, start=4), store, model, CFG, clock=clock, now=wall[0])
     assert clock.now(0) == T0 + 80
     # the sweep at the clock's time ends exactly the sessions idle for longer than the gap
-    wall[0] += 30  # clock: T0 + 110; a idle 110 s > 100, b 60 s, c 100 s (not more)
+    wall[0] += 30  # clock: T0 + 110; a idle 110 s > 100, b, d, e 60 s, c 70 s
     res = sweep_idle(store, model, CFG, clock=clock)
-    assert res.sessions_ended == 1 and sorted(store.sessions) == ["a:b", "a:c"]
-    # the stream moving on (most of the window; the median is refreshed every 16 events) does
-    later = [click("b", f"i{j}", t=T0 + 500) for j in range(4, 24)]
-    process_batch(recs(later, start=4), store, model, CFG, clock=clock)
-    now = clock.now(0)
-    assert now is not None and now >= T0 + 500
-    assert sweep_idle(store, model, CFG, clock=clock).sessions_ended == 1
-    assert sorted(store.sessions) == ["a:b"]
+    assert res.sessions_ended == 1 and sorted(store.sessions) == ["a:b", "a:c", "a:d", "a:e"]
+    # one key's burst, however long, is one vote: the clock stays, nothing more ends
+    burst = [click("b", f"i{j}", t=T0 + 560) for j in range(4, 24)]
+    process_batch(recs(burst, start=5), store, model, CFG, clock=clock, now=wall[0])
+    assert clock.now(0) == T0 + 110
+    assert sweep_idle(store, model, CFG, clock=clock).sessions_ended == 0
+    # the stream moving on, carried by most of the keys, does move it
+    later = [click(k, "i5", t=T0 + 560) for k in ("c", "d")]
+    process_batch(recs(later, start=25), store, model, CFG, clock=clock, now=wall[0])
+    assert clock.now(0) == T0 + 560
+    assert sweep_idle(store, model, CFG, clock=clock).sessions_ended == 1  # e, idle 510 s
+    assert sorted(store.sessions) == ["a:b", "a:c", "a:d"]

@@ -82,7 +82,7 @@ def first_answers(svc: Service, ids: set[str]) -> dict[str, dict[str, Any]]:
         recs = svc.recommendations()
         got: dict[str, dict[str, Any]] = {}
         for r in recs:
-            cid = r["click_id"]
+            cid = r["click_id"].split("/", 1)[-1]  # <state key>/<event id>: the event id
             if cid in ids and not r["duplicate"] and r["session_id"] == SESSION_OF[cid]:
                 got.setdefault(cid, r)
         if got.keys() >= ids:

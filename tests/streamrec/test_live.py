@@ -220,11 +220,14 @@ def test_session_states_of_earlier_formats_decode_without_an_answer() -> None:
     """S2 states (before answers) still decode; the next click then has nothing to be scored
     on, and its answer is kept from then on."""
     s = SessionState("s", np.ones(4, np.float32), "v", None, ["a"], 0, 3, 1.0, 1.0, 1, 0, ["e"])
-    s3 = s.to_bytes()
-    assert s3[:2] == b"S3" and s3[-1:] == b"\x00"  # no answer: one byte
-    s2 = b"S2" + s3[2:-1]
-    back = SessionState.from_bytes(s2)
-    assert back.answer is None and back.same_as(s, atol=0)
+    s4 = s.to_bytes()
+    # S4 ends with the incarnation ("": a 2-byte length) and the answer (none: one byte)
+    assert s4[:2] == b"S4" and s4[-3:] == b"\x00\x00\x00"
+    s3 = b"S3" + s4[2:-3] + b"\x00"  # S3: the answer, no incarnation
+    s2 = b"S2" + s4[2:-3]
+    for old in (s3, s2):
+        back = SessionState.from_bytes(old)
+        assert back.answer is None and back.same_as(s, atol=0)
     s.answer = Answer("v", "challenger", ["a", "b"], [2.0, 1.0])
     assert SessionState.from_bytes(s.to_bytes()).answer == s.answer
 

@@ -97,7 +97,6 @@ def _checkpoints(broker: Broker, part: RocksDBPartition) -> Checkpoints:
     # the broker kind named, so that no cluster is asked (nothing listens on port 9)
     outputs = Outputs(load_settings(kafka={"bootstrap_servers": "127.0.0.1:9", "broker": "kafka"}))
     ck = Checkpoints(broker, outputs, parts, CLICKS, CHANGELOG, Metrics())  # type: ignore[arg-type]  # a stand-in consumer
-    outputs._on_delivered = ck.on_delivered
     outputs.producer = broker  # type: ignore[assignment]  # a stand-in for confluent's Producer
     return ck
 

@@ -111,5 +111,5 @@ def test_state_bounds_in_settings() -> None:
     assert st.max_state_bytes < 1_000_000 and st.max_ahead_seconds == 3600.0
     with pytest.raises(SettingsError, match="max_state_bytes"):
         load_settings(state={"max_state_bytes": 2_000_000})
-    with pytest.raises(SettingsError, match="clock_min_events"):
-        load_settings(state={"clock_window": 4, "clock_min_events": 8})
+    with pytest.raises(SettingsError, match="clock_min_keys"):
+        load_settings(state={"clock_window": 4, "clock_min_keys": 8})

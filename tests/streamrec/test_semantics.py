@@ -15,7 +15,7 @@ from streamrec.serving.clock import StreamClock
 from streamrec.serving.config import CoreConfig
 from streamrec.serving.expiry import sweep_idle
 from streamrec.serving.pipeline import process_batch
-from streamrec.serving.records import Record
+from streamrec.serving.records import Record, event_click_id
 from streamrec.serving.state import MAX_STATE_BYTES, SessionState, UserState
 from streamrec.serving.state_store import StateStore
 from streamrec.testing import TinyStepModel, click, tiny_serving_model
@@ -114,13 +114,16 @@ def test_each_partition_keeps_its_own_clock() -> None:
 
 
 def test_a_fresh_clock_is_not_trusted_until_it_has_seen_enough_events() -> None:
-    clock = StreamClock(min_events=8)
+    clock = StreamClock(min_keys=8)
     wall = time.time()
     # the first message after a restart claims an hour ahead (within bounds)
-    assert clock.check(0, wall + 3500, wall) is None
+    assert clock.check(0, "a:first", wall + 3500, wall) is None
     assert clock.now(0) is None  # the sweep leaves the partition alone
-    for _ in range(7):
-        assert clock.check(0, wall, wall) is None
+    for _ in range(7):  # however many events one key sends, it is one vote
+        assert clock.check(0, "a:k1", wall, wall) is None
+        assert clock.now(0) is None
+    for j in range(2, 8):
+        assert clock.check(0, f"a:k{j}", wall, wall) is None
     now = clock.now(0)
     assert now is not None and abs(now - time.time()) < 5
 
@@ -229,7 +232,7 @@ def test_an_event_id_anywhere_in_the_remembered_window_is_a_duplicate() -> None:
         assert store.sessions["u:u"] == before, f"e{j} changed the state"
         offset += 1
     # e39, the last applied, gets its original answer back (the state it left)
-    assert r.items == answers["e39"].items
+    assert r.items == answers[event_click_id("u:u", "e39")].items
     # e7 is out of the window: applied as a new event
     res = process_batch(
         [rec(click("s", "i7", user="u", t=T0 + n, event_id="e7"), "u", offset)], store, model, cfg
@@ -346,16 +349,16 @@ def test_a_fast_replay_of_a_sparse_log_is_accepted_and_an_odd_time_in_it_is_not(
     """82 events over 54 days replayed in one second: the skew drifts past max_skew within
     half a window, so the window's median alone would dead-letter the later, good events
     (the kill -9 HRNN e2e test lost two clicks so). One event a year off is still refused."""
-    clock = StreamClock()  # window 101, trusted after 8, max skew 30 days
+    clock = StreamClock()  # trusted once 8 keys vote, max skew 30 days
     wall = time.time()
     day = 86400.0
-    for j in range(82):
-        assert clock.check(1, T0 + j * 0.66 * day, wall + j / 82) is None, j
+    for j in range(82):  # twelve users, as in the HRNN kill -9 test
+        assert clock.check(1, f"u:{j % 12}", T0 + j * 0.66 * day, wall + j / 82) is None, j
         if j == 40:
-            why = clock.check(1, T0 + j * 0.66 * day + 365 * day, wall + j / 82)
+            why = clock.check(1, "u:odd", T0 + j * 0.66 * day + 365 * day, wall + j / 82)
             assert why is not None and "partition 1's clock" in why
-    # two odd events in a row (a minority of the last 8) are refused as well
+    # odd events of two more keys (a minority of the last 8) are refused as well
     t = T0 + 82 * 0.66 * day
-    assert clock.check(1, t - 400 * day, wall + 1) is not None
-    assert clock.check(1, t - 400 * day, wall + 1) is not None
-    assert clock.check(1, t, wall + 1) is None
+    assert clock.check(1, "u:odd2", t - 400 * day, wall + 1) is not None
+    assert clock.check(1, "u:odd3", t - 400 * day, wall + 1) is not None
+    assert clock.check(1, "u:0", t, wall + 1) is None

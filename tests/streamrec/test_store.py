@@ -14,6 +14,7 @@ from streamrec.serving.config import CoreConfig
 from streamrec.serving.pipeline import process_batch
 from streamrec.serving.state import SessionState, StateLayoutError, UserState
 from streamrec.serving.state_store import (
+    DEAD_LETTERS_PER_RECOVERY,
     SESSIONS,
     USERS,
     CheckpointedPartition,
@@ -130,7 +131,7 @@ def test_core_over_partition_states_equals_the_in_memory_twin(parts) -> None:
     partition_of = {f"s{j}": j % 3 for j in range(4)}
     for off, v in enumerate(values):
         key = f"s{off % 4}"
-        records.append(Record(v, key.encode(), "c", partition_of[key], off, 1000.0 + off))
+        records.append(Record(v, key.encode(), "c", partition_of[key], off))
     twin = StateStore()
     store = StateStore(parts)
     for i in range(0, 40, 8):
@@ -166,15 +167,32 @@ def test_a_database_of_the_old_key_layout_is_refused_with_a_clear_message(
     db.close()
     with pytest.raises(StateLayoutError, match=r"layout 1.*app_id"):
         RocksDBPartition(tmp_path / "old", 0)
-    # a changelog of the old layout is refused during recovery, before anything is applied
+    # a changelog of the old layout (and nothing else) is refused at the end of recovery,
+    # nothing of it applied
     st = RocksDBPartition(tmp_path / "1", 1)
-    with pytest.raises(StateLayoutError, match="changelog"):
-        st.recover([(b"s/alice", b"x", 0)])
+    assert st.recover([(b"s/alice", b"x", 0)]) == 0
+    with pytest.raises(StateLayoutError, match=r"changelog record at offset 0 \(key b's/alice'\)"):
+        st.tally.check_layout("changelog", st.held_state)
     assert st.get(SESSIONS, "alice") is None and st.changelog_offset == -1
-    # so is a record without a key (no streamrec worker writes one)
-    with pytest.raises(StateLayoutError, match=r"offset 1 \(key None\)"):
-        st.recover([(b"s/a:x", b"x", 0), (None, b"x", 1)])
-    assert st.get(SESSIONS, "a:x") is None and st.changelog_offset == -1
+    st.close()
+    # one stray record (no key, another layout's key) among records of this layout is
+    # skipped and counted, and recovery goes on (issue 19: it used to end every recovery)
+    st = RocksDBPartition(tmp_path / "2", 1)
+    assert st.recover([(b"s/a:x", b"x", 0), (None, b"x", 1), (b"s/bob", b"y", 2)]) == 1
+    assert st.recover([(b"junk", b"z", 3), (b"u/u:y", b"w", 4)]) == 1
+    st.tally.check_layout("changelog", st.held_state)  # not refused
+    assert (st.tally.applied, st.tally.old_layout, st.tally.foreign) == (2, 1, 2)
+    assert st.get(SESSIONS, "a:x") == b"x" and st.get(USERS, "u:y") == b"w"
+    assert st.changelog_offset == 4
+    # the skipped records are kept, bytes and all, for the dead-letter topic
+    assert st.tally.to_dead_letter == [(None, b"x", 1), (b"s/bob", b"y", 2), (b"junk", b"z", 3)]
+    st.close()
+    # a flood of junk is counted whole, and only the first records are kept
+    st = RocksDBPartition(tmp_path / "3", 1)
+    flood = [(b"junk%d" % j, b"v", j) for j in range(DEAD_LETTERS_PER_RECOVERY + 50)]
+    assert st.recover(flood) == 0
+    assert st.tally.foreign == DEAD_LETTERS_PER_RECOVERY + 50
+    assert st.tally.to_dead_letter == flood[:DEAD_LETTERS_PER_RECOVERY]
     st.close()
 
 
@@ -255,7 +273,7 @@ def test_native_sweep_steps_are_bounded_and_cost_what_expires(tmp_path: Path) ->
         st.write(USERS, "u:old", old.to_bytes())
         st.begin_checkpoint()
         st.commit(0)
-        worker.clock = StreamClock(min_events=1)
+        worker.clock = StreamClock(min_keys=1)
         worker.clock.observe(wall, 0, wall)
         steps = 0
         # a zero budget: each step does one chunk of keys and stops (deterministic, unlike a
@@ -308,7 +326,7 @@ def test_native_sweep_step_fits_its_budget_when_keys_are_slow_and_partitions_tak
     try:
         wall = _time.time()
         h = np.zeros(16, np.float32)
-        worker.clock = StreamClock(min_events=1)
+        worker.clock = StreamClock(min_keys=1)
         for p in (0, 1):
             st = RocksDBPartition(tmp_path / f"p{p}", p)
             worker.partitions[p] = st
@@ -414,8 +432,10 @@ def test_both_checkpointed_partitions_give_the_same_changelog_and_recover_alike(
     assert copy.recover(records) == 3 and copy.changelog_offset == 2
     for table, key in ((SESSIONS, "a:s1"), (SESSIONS, "a:s2"), (USERS, "u:u1")):
         assert copy.get(table, key) == part.get(table, key)
-    with pytest.raises(StateLayoutError, match="changelog"):
-        copy.recover([(b"s/alice", b"x", 3)])
+    # a record of another layout is skipped (a copy that holds state of this layout was
+    # written by this streamrec: the record is a stray, not an old store)
+    assert copy.recover([(b"s/alice", b"x", 3)]) == 0 and copy.tally.old_layout == 1
+    copy.tally.check_layout("changelog", had_state=False)
     assert copy.changelog_offset == 2
     part.close()
     copy.close()

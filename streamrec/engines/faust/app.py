@@ -82,6 +82,7 @@ class Worker(EngineBase):
         self.outputs = Outputs(settings, conf=conf)
         self._live_generation: int | None = None
         self.lock = asyncio.Lock()
+        self._topic_generation: int | None = None  # the consumer generation input_topic is of
         t = settings.topics
         w = settings.worker
         # Faust 0.15.3 loses inputs in two ways after a table recovery, and the embedded broker
@@ -173,6 +174,11 @@ class Worker(EngineBase):
                 self.live.reset()  # a new assignment: read again where partitions are counted
                 self._live_generation = self.app.consumer_generation_id
             loop = asyncio.get_running_loop()
+            generation = self.app.consumer_generation_id
+            if generation != self._topic_generation:  # a new assignment: learn the topic again
+                actives = sorted(self._assigned_clicks())
+                await loop.run_in_executor(self.executor, self.learn_input_topic, actives)
+                self._topic_generation = generation
             store = StateStore(parts)
             res = await loop.run_in_executor(self.executor, self._step, records, store, model)
             self._apply(parts)
@@ -193,7 +199,9 @@ class Worker(EngineBase):
         live = self.live
         if live is not None:
             live.load_watermarks({r.partition for r in records if not live.known(r.partition)})
-        res = process_batch(records, store, model, self.config, clock=self.clock)
+        res = process_batch(
+            records, store, model, self.config, clock=self.clock, topic=self.input_topic
+        )
         self.outputs.publish(res)
         if live is not None:
             # durable before the batch's table writes reach the changelog (engines/live.py)
@@ -234,12 +242,14 @@ class Worker(EngineBase):
                 return
             await asyncio.sleep(0)
 
+    def _assigned_clicks(self) -> set[int]:
+        clicks = self.clicks.get_topic_name()
+        return {tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == clicks}
+
     def _active_partitions(self) -> set[int]:
         """The clicks partitions assigned here as actives; after a new assignment (consumer
         generation) the indexes start over, to be seeded from the local databases."""
-        clicks = self.clicks.get_topic_name()
-        assigned = self.app.assignor.assigned_actives()
-        actives = {tp.partition for tp in assigned if tp.topic == clicks}
+        actives = self._assigned_clicks()
         generation = self.app.consumer_generation_id
         if generation != self._idle_generation:
             self.idle_sessions.reset(actives)

@@ -1,9 +1,16 @@
-"""The native worker's checkpoint, in the order that makes a committed offset imply durable
-results:
+"""The native worker's changelog and checkpoint, in the order that makes a committed offset
+imply durable results and every published answer imply a durable state:
 
-state writes so far frozen and sent to the changelog -> everything produced until then
-(outputs and changelog) acknowledged by the broker -> input offsets committed -> the frozen
-state written to RocksDB with the changelog offset it reached.
+* each batch, once applied: its state writes sent to the changelog (:meth:`Checkpoints.
+  send_changelog`, a :class:`ChangelogTicket`); the batch's answers are published only once
+  the broker has acknowledged them (``stages.py``). So after a kill -9, every click that was
+  answered finds its state change in the changelog, and its redelivery is answered again
+  with ``duplicate: true`` (before, a checkpoint sent the changelog once a second, and the
+  answers of the last second were given again as first answers);
+* every ``commit_interval_s``: the writes so far frozen (``flushing``; what is left unsent,
+  the sweep's, is sent now) -> everything produced until then (outputs and changelog)
+  acknowledged -> input offsets committed -> the frozen state written to RocksDB with the
+  changelog offsets of the tickets it covers.
 
 In the loop the middle step does not block: processing goes on, and the checkpoint completes
 on the first loop turn that finds the producer empty (or blocks after a whole interval without
@@ -28,12 +35,39 @@ from streamrec.metrics import Metrics
 log = logging.getLogger(__name__)
 
 
+class ChangelogTicket:
+    """The changelog records of one send (a batch's state writes): how many the broker has
+    not acknowledged yet, the last offset of each changelog partition, a refusal if any."""
+
+    __slots__ = ("failed", "offsets", "pending")
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self.offsets: dict[int, int] = {}
+        self.failed: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.pending <= 0
+
+    def delivered(self, err: Any, msg: Any) -> None:
+        self.pending -= 1
+        if err is not None:
+            self.failed = str(err)
+            return
+        p, o = msg.partition(), msg.offset()
+        if o > self.offsets.get(p, -1):
+            self.offsets[p] = o
+
+
 @dataclass
 class _Checkpoint:
-    """A checkpoint begun: the input offsets it covers, and when it began (monotonic)."""
+    """A checkpoint begun: the input offsets it covers, when it began (monotonic), and the
+    changelog sends whose writes it makes durable in RocksDB."""
 
     offsets: dict[int, int]
     started: float
+    tickets: list[ChangelogTicket]
 
 
 class Checkpoints:
@@ -56,24 +90,38 @@ class Checkpoints:
         self.changelog = changelog
         self.metrics = metrics
         self.in_flight: _Checkpoint | None = None
-        self._changelog_end: dict[int, int] = {}  # changelog partition -> last offset delivered
+        self._tickets: list[ChangelogTicket] = []  # sent since the last checkpoint began
         #: input partition -> the offset last committed (what the group's lag is measured from)
         self.committed: dict[int, int] = {}
 
-    def on_delivered(self, msg: Any) -> None:
-        """The producer's delivery report of any record (changelog ones are noted)."""
-        if msg.topic() == self.changelog:
-            p = msg.partition()
-            self._changelog_end[p] = max(self._changelog_end.get(p, -1), msg.offset())
+    def send_changelog(self) -> ChangelogTicket:
+        """Send every partition's writes not yet sent to the changelog (call between batches,
+        in the loop's thread); the ticket says when the broker has them."""
+        ticket = ChangelogTicket()
+        errors = self.outputs.errors
+
+        def delivered(err: Any, msg: Any) -> None:
+            ticket.delivered(err, msg)
+            if err is not None:
+                errors.append(f"{self.changelog}: {err}")
+
+        for p, state in self.partitions.items():
+            unsent = state.take_unsent()
+            ticket.pending += len(unsent)
+            for key, value in unsent.items():
+                self.outputs.produce(self.changelog, value, key, p, on_delivery=delivered)
+        self._tickets.append(ticket)
+        return ticket
 
     def begin(self, offsets: dict[int, int], started: float) -> None:
-        """Freeze every partition's writes so far, send them to the changelog, and note the
+        """Freeze every partition's writes so far (sending what is still unsent), and note the
         input ``offsets`` they cover (the pipeline is drained: no batch is in flight)."""
         assert self.in_flight is None
-        for p, state in self.partitions.items():
-            for key, value in state.begin_checkpoint().items():
-                self.outputs.produce(self.changelog, value, key, p)
-        self.in_flight = _Checkpoint(offsets, started)
+        self.send_changelog()
+        for state in self.partitions.values():
+            state.begin_checkpoint()
+        tickets, self._tickets = self._tickets, []
+        self.in_flight = _Checkpoint(offsets, started, tickets)
 
     def finish(self, block: bool) -> bool:
         """Commit the input offsets and write the frozen states to RocksDB, once nothing
@@ -93,8 +141,12 @@ class Checkpoints:
         self.outputs.raise_errors()
         if ck.offsets:
             self._commit_offsets(ck.offsets, block)
+        ends: dict[int, int] = {}
+        for ticket in ck.tickets:  # all acknowledged: the producer was empty
+            for p, o in ticket.offsets.items():
+                ends[p] = max(ends.get(p, -1), o)
         for p, state in self.partitions.items():
-            state.commit(self._changelog_end.pop(p, None))
+            state.commit(ends.get(p))
         self.in_flight = None
         self.metrics.checkpoint_seconds.observe(time.monotonic() - ck.started)
         return True
@@ -120,5 +172,4 @@ class Checkpoints:
         """A lost partition: nothing of it is committed by this worker any more."""
         if self.in_flight is not None:
             self.in_flight.offsets.pop(partition, None)
-        self._changelog_end.pop(partition, None)
         self.committed.pop(partition, None)

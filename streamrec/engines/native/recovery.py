@@ -4,6 +4,13 @@ State follows partitions through the changelog topic ``{app_id}-state-changelog`
 partition per clicks partition, keys ``s/<key>`` and ``u/<key>``, deletes as tombstones): a
 newly assigned partition replays the changelog from the offset its local database holds
 (everything, after a lost disk) to the end.
+
+The changelog is input like any other: a record whose key is no state key of this layout is
+skipped and counted (``RecoveryTally``; the worker dead-letters the first of them,
+``changelog_record``), and recovery goes on; only a changelog of the old
+layout and nothing else, replayed into an empty partition, is refused (a real layout-1
+store). A record's state is not checked here: its position is judged where it could do harm,
+when a click meets it (``streamrec.serving.input_topic``: incarnation and end bound).
 """
 
 from __future__ import annotations
@@ -36,8 +43,20 @@ def recover(
     conf: Mapping[str, Any], group: str, changelog: str, partitions: Iterable[RocksDBPartition]
 ) -> int:
     """Replay each partition's changelog from the offset its database holds to the end;
-    returns the number of records applied. ``conf`` is the worker's client configuration."""
+    returns the number of records applied (each partition's ``tally`` has the skipped ones).
+    ``conf`` is the worker's client configuration. Raises ``StateLayoutError`` for a
+    changelog of the old layout only."""
     by_partition = {s.partition: s for s in partitions}
+    total = _replay(conf, group, changelog, by_partition)
+    for state in by_partition.values():
+        where = f"{changelog} partition {state.partition}"
+        state.tally.check_layout(where, state.held_state)
+    return total
+
+
+def _replay(
+    conf: Mapping[str, Any], group: str, changelog: str, by_partition: dict[int, RocksDBPartition]
+) -> int:
     reader = clients.consumer(
         conf,
         group,

@@ -7,7 +7,10 @@
    in a scoring thread. Until a batch's states are stored, the next batch's apply step reads
    them from :class:`~streamrec.serving.writes.InFlightStates`;
 3. publish: recommendations and dead letters handed to the C producer (asynchronous), in
-   the caller's (the poll loop's) thread.
+   the caller's (the poll loop's) thread, once the broker has acknowledged the batch's state
+   writes on the changelog (sent when it is scored and stored: ``checkpoint.ChangelogTicket``), so
+   no answer is ever published for a state change that a crash could lose: a redelivered
+   click finds it and is answered with ``duplicate: true``.
 
 The stages overlap across batches: torch releases the GIL, so batch N's scoring runs on one
 core while batch N+1 is applied and batch N-1 published on the other. Batch N+1 is applied
@@ -19,16 +22,19 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from streamrec.engines.common import Outputs
+from streamrec.engines.common import DeliveryError, Outputs
 from streamrec.engines.live import LiveMetrics
+from streamrec.engines.native.checkpoint import ChangelogTicket
 from streamrec.metrics import Metrics
 from streamrec.serving.arms import ArmModels, Arms
 from streamrec.serving.clock import StreamClock
 from streamrec.serving.config import CoreConfig
+from streamrec.serving.input_topic import InputTopic
 from streamrec.serving.pipeline import AppliedBatch, apply_batch, finish_batch
 from streamrec.serving.records import BatchResult, Record
 from streamrec.serving.state_store import StateStore
@@ -70,6 +76,15 @@ class _InFlight:
     seq: int
 
 
+@dataclass
+class _Scoring:
+    """A batch applied and being scored; the scoring stores its states and sends them to the
+    changelog (the future's ticket)."""
+
+    n_records: int
+    future: Future[tuple[BatchResult, ChangelogTicket]]
+
+
 class Stages:
     """The batches in flight through apply -> score -> publish, and the input offsets they
     have passed (what the next checkpoint commits)."""
@@ -82,11 +97,15 @@ class Stages:
         clock: StreamClock,
         outputs: Outputs,
         metrics: Metrics,
+        send_changelog: Callable[[], ChangelogTicket],
+        topic: InputTopic,
         live: LiveMetrics | None = None,
     ) -> None:
         self.store = store
         self.live = live
         self.arms = arms
+        self.send_changelog = send_changelog
+        self.topic = topic
         self.config = config
         self.clock = clock
         self.outputs = outputs
@@ -94,7 +113,7 @@ class Stages:
         self.apply_thread = ThreadPoolExecutor(1, thread_name_prefix="streamrec-apply")
         self.score_thread = ThreadPoolExecutor(1, thread_name_prefix="streamrec-score")
         self._applying: _InFlight | None = None
-        self._scoring: deque[tuple[int, Future[BatchResult]]] = deque()
+        self._scoring: deque[_Scoring] = deque()
         self._next_offsets: dict[int, int] = {}  # input partition -> offset to commit
         self.in_flight = InFlightStates()  # states applied and not yet stored
         self._seq = 0  # batches applied so far
@@ -117,6 +136,7 @@ class Stages:
             clock=self.clock,
             in_flight=self.in_flight,
             seq=self._seq,
+            topic=self.topic,
         )
         self._applying = _InFlight(records, future, self._seq)
 
@@ -125,7 +145,8 @@ class Stages:
         return self.arms.models()
 
     def finish_apply(self) -> None:
-        """Wait for stage 1, note the offsets, and queue stage 2 (scoring)."""
+        """Wait for stage 1, send its state writes to the changelog, note the offsets, and
+        queue stage 2 (scoring)."""
         batch, self._applying = self._applying, None
         if batch is None:
             return
@@ -133,26 +154,49 @@ class Stages:
         for r in batch.records:  # records are in offset order per partition
             self._next_offsets[r.partition] = r.offset + 1
         scored = self.score_thread.submit(self._finish, applied, batch.seq)
-        self._scoring.append((len(batch.records), scored))
+        self._scoring.append(_Scoring(len(batch.records), scored))
 
-    def _finish(self, applied: AppliedBatch, seq: int) -> BatchResult:
-        """Stage 2 (scoring thread): score, measure, store; then the next batches read these
-        states from the store again."""
+    def _finish(self, applied: AppliedBatch, seq: int) -> tuple[BatchResult, ChangelogTicket]:
+        """Stage 2 (scoring thread): score, measure, store, and send the batch's state writes
+        to the changelog (this thread is the only one that writes the store while batches
+        are in flight); then the next batches read these states from the store again."""
         res = finish_batch(applied, self.store, self.config)
+        ticket = self.send_changelog()
         self.in_flight.stored(seq)
-        return res
+        return res, ticket
 
     def publish_scored(self, block: bool) -> None:
         """Stage 3: hand scored batches to the producer, oldest first (asynchronous; delivered
-        before the offsets are committed, at the checkpoint). Waits for the oldest if
-        ``block`` or if two are queued (bounds the pipeline)."""
-        while self._scoring and (block or len(self._scoring) > 1 or self._scoring[0][1].done()):
-            n_records, future = self._scoring.popleft()
-            res = future.result()
+        before the offsets are committed, at the checkpoint), each once its changelog writes
+        are acknowledged. Waits for the oldest if ``block`` or if two are queued (bounds the
+        pipeline)."""
+        while self._scoring:
+            oldest = self._scoring[0]
+            ready = oldest.future.done() and oldest.future.result()[1].done
+            if not (ready or block or len(self._scoring) > 1):
+                return
+            self._scoring.popleft()
+            res, ticket = oldest.future.result()
+            self._await_changelog(ticket)
             self.outputs.publish(res)
             if self.live is not None:
                 self.live.add(res)
-            self.metrics.observe_batch(n_records, res.stats, res.latencies(), res.model_seconds)
+            self.metrics.observe_batch(
+                oldest.n_records, res.stats, res.latencies(), res.model_seconds
+            )
+
+    def _await_changelog(self, ticket: ChangelogTicket) -> None:
+        """Serve delivery reports until the broker has acknowledged ``ticket``; a refusal
+        stops the worker before the batch's answers go out (nothing committed)."""
+        producer = self.outputs.producer
+        while not ticket.done:
+            producer.poll(0.005)
+            self.outputs.heartbeat()  # waiting for the broker is not a hung loop
+        if ticket.failed is not None:
+            raise DeliveryError(
+                f"the changelog refused a batch's state ({ticket.failed}); stopping without "
+                "publishing its answers or committing"
+            )
 
     def drain(self) -> None:
         """Take every batch in flight through all stages (before checkpoints, rebalances and

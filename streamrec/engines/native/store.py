@@ -34,7 +34,8 @@ from streamrec.serving.state_store import (
     SESSIONS,
     USERS,
     ChangelogRecord,
-    check_changelog_key,
+    RecoveryTally,
+    is_state_key,
 )
 
 #: the last changelog offset whose record is in this database (absent: none)
@@ -106,6 +107,9 @@ class RocksDBPartition:
         # stop processing until the broker acknowledges.
         self.pending: dict[bytes, bytes | None] = {}  # None: delete
         self.flushing: dict[bytes, bytes | None] = {}
+        #: writes not yet sent to the changelog: every batch's are sent once it is applied,
+        #: and its answers are published only once the broker has them (checkpoint.py)
+        self.unsent: dict[bytes, bytes | None] = {}
         #: index entries examined by the sweep, deleted with the next checkpoint's writes
         #: (with the state deletes they go with, never before them)
         self.index_drops: set[bytes] = set()
@@ -128,6 +132,8 @@ class RocksDBPartition:
         elif layout != str(STATE_LAYOUT).encode():
             self.db.close()
             raise layout_refused(f"state directory {path}", layout.decode(errors="replace"))
+        self.tally = RecoveryTally()
+        self._opened_at = self.changelog_offset
         #: sessions and users in the database (writes not yet committed are not counted)
         self.counts = self._stored_counts()
 
@@ -184,7 +190,14 @@ class RocksDBPartition:
         return cast(bytes | None, self.db.get(full))
 
     def write(self, table: bytes, key: str, value: bytes | None) -> None:
-        self.pending[table + key.encode()] = value
+        full = table + key.encode()
+        self.pending[full] = value
+        self.unsent[full] = value
+
+    def take_unsent(self) -> dict[bytes, bytes | None]:
+        """The writes since the last call, for the changelog (the last value of each key)."""
+        unsent, self.unsent = self.unsent, {}
+        return unsent
 
     def keys(self, table: bytes) -> Iterator[str]:
         """State keys of ``table`` (writes not yet in the database included, deletes
@@ -209,7 +222,8 @@ class RocksDBPartition:
         return int(raw) if raw is not None else -1
 
     def begin_checkpoint(self) -> dict[bytes, bytes | None]:
-        """Freeze the writes so far as the checkpoint's (returned, to send to the changelog)."""
+        """Freeze the writes so far as the checkpoint's (returned; the native engine has sent
+        them to the changelog batch by batch already, :meth:`take_unsent`)."""
         assert not self.flushing, "the previous checkpoint has not been committed"
         self.flushing, self.pending = self.pending, {}
         self._flushing_drops |= self.index_drops
@@ -234,25 +248,35 @@ class RocksDBPartition:
 
     def recover(self, records: Iterable[ChangelogRecord]) -> int:
         """Apply (key, value or None, offset) records read from the changelog; returns how many.
-        A record without a key, or with a key of no state namespace, is refused (before
-        anything is written)."""
+        A record without a key, or with a key of no state namespace, is skipped and counted
+        (:attr:`tally`); the stored changelog offset moves only with applied records, so a
+        refused layout-1 changelog is met again at the next start."""
         batch = WriteBatch(raw_mode=True)
         n, last = 0, None
         final: dict[bytes, bytes | None] = {}
         for key, value, offset in records:
-            checked = check_changelog_key(key, offset)
-            _write(batch, checked, value)
-            final[checked] = value
+            if key is None or not is_state_key(key):
+                self.tally.skip(key, value, offset)
+                continue
+            _write(batch, key, value)
+            final[key] = value
             n, last = n + 1, offset
         if last is not None:
             self._write_counts(batch, final)
             batch.put(_CHANGELOG_OFFSET, str(last).encode())
             self.db.write(batch)
+        self.tally.applied += n
         return n
+
+    @property
+    def held_state(self) -> bool:
+        """Whether the database held changelog state when it was opened (a kept disk)."""
+        return self._opened_at >= 0
 
     def discard_pending(self) -> None:
         """Forget every write not yet in the database (the partition went elsewhere)."""
         self.pending.clear()
+        self.unsent.clear()
         self.flushing = {}
         self.index_drops = set()
         self._flushing_drops = set()

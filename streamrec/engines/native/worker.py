@@ -41,6 +41,7 @@ from streamrec.kafka import clients, tansu
 from streamrec.kafka.clients import TopicSpec, ensure_topics
 from streamrec.processes import on_stop_signal
 from streamrec.serving.arms import Swap
+from streamrec.serving.events import make_dead_letter
 from streamrec.serving.state_store import StateStore
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class NativeWorker(EngineBase):
         )
         self.partitions: dict[int, RocksDBPartition] = {}
         self.store = StateStore(self.partitions)  # live: sees partitions as they come and go
-        self.outputs = Outputs(settings, on_delivered=self._on_delivered, conf=self.conf)
+        self.outputs = Outputs(settings, conf=self.conf)
         self.outputs.heartbeat = self.metrics.health.beat
         self.producer = self.outputs.producer
         self.metrics.health.set_ready(False, "waiting for partitions")
@@ -80,7 +81,15 @@ class NativeWorker(EngineBase):
             self.consumer, self.outputs, self.partitions, self.clicks, self.changelog, self.metrics
         )
         self.stages = Stages(
-            self.store, self.arms, self.config, self.clock, self.outputs, self.metrics, self.live
+            self.store,
+            self.arms,
+            self.config,
+            self.clock,
+            self.outputs,
+            self.metrics,
+            self.checkpoints.send_changelog,
+            self.input_topic,
+            self.live,
         )
         self.sweeper = Sweeper()
         self._stopping = False
@@ -175,9 +184,6 @@ class NativeWorker(EngineBase):
         log.info("signal %d: stopping after this batch", signum)
         self._stopping = True
 
-    def _on_delivered(self, msg: Any) -> None:
-        self.checkpoints.on_delivered(msg)
-
     # ---- checkpoint (checkpoint.py) -----------------------------------------------------------
     def checkpoint(self) -> None:
         """A whole checkpoint, waiting for the broker (before a revoke, at shutdown)."""
@@ -231,15 +237,11 @@ class NativeWorker(EngineBase):
         # Partitions kept across the rebalance were checkpointed at the revoke and nobody else
         # can have owned them in between (eager rebalancing): their local state is current.
         new = [RocksDBPartition(self.datadir / str(p), p) for p in wanted - set(self.partitions)]
+        self.learn_input_topic(sorted(wanted))
         if new:
             t0 = time.monotonic()
             n = recover(self.conf, recovery_group(self.settings), self.changelog, new)
-            log.info(
-                "recovered partitions %s: %d changelog records in %.2f s",
-                sorted(s.partition for s in new),
-                n,
-                time.monotonic() - t0,
-            )
+            self._report_recovery(new, n, time.monotonic() - t0)
         self.partitions.update({s.partition: s for s in new})
         if self.live is not None:  # where the newly assigned partitions are counted up to
             self.live.load_watermarks(s.partition for s in new)
@@ -249,6 +251,50 @@ class NativeWorker(EngineBase):
         self.observe_partitions()
         log.info("ready: %s partitions %s", self.clicks, sorted(self.partitions))
         health.done(True, f"{self.clicks} partitions {sorted(self.partitions)} recovered")
+
+    def _report_recovery(self, new: list[RocksDBPartition], n: int, seconds: float) -> None:
+        skipped = sum(s.tally.skipped for s in new)
+        log.info(
+            "recovered partitions %s: %d changelog records in %.2f s (%d skipped)",
+            sorted(s.partition for s in new),
+            n,
+            seconds,
+            skipped,
+        )
+        for s in new:
+            if s.tally.skipped:
+                log.warning(
+                    "changelog partition %d: skipped %d records that hold no state of this "
+                    "layout (%d of the old layout, %d without a state key; the first: %r)",
+                    s.partition,
+                    s.tally.skipped,
+                    s.tally.old_layout,
+                    s.tally.foreign,
+                    s.tally.first_skipped,
+                )
+                self.metrics.changelog_skipped.labels("old_layout").inc(s.tally.old_layout)
+                self.metrics.changelog_skipped.labels("foreign").inc(s.tally.foreign)
+                self._dead_letter_skipped(s)
+
+    def _dead_letter_skipped(self, state: RocksDBPartition) -> None:
+        """The skipped changelog records (the first of them) to the dead-letter topic, with
+        the changelog's partition and offset: once per recovery that reads them (a later
+        recovery from an empty disk meets them again)."""
+        dead = [
+            make_dead_letter(
+                value,
+                "changelog_record",
+                "no state key of this layout: skipped at recovery",
+                topic=self.changelog,
+                partition=state.partition,
+                offset=offset,
+                key=key,
+            )
+            for key, value, offset in state.tally.to_dead_letter
+        ]
+        for d in dead:
+            self.outputs.produce(self.settings.topics.dead_letter, d.to_bytes())
+        self.metrics.dead_letters.labels("changelog_record").inc(len(dead))
 
     def _on_revoke(self, consumer: Consumer, revoked: list[TopicPartition]) -> None:
         self.metrics.health.set_ready(False, "rebalancing")
