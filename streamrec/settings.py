@@ -291,6 +291,18 @@ class StateSettings(_Group):
     #: Keys that must vote before a partition's clock is used (checks, sweep).
     clock_min_keys: int = Field(8, ge=1, le=100_000)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        # a setting of an earlier release: say what replaced it, not "extra inputs"
+        if isinstance(data, dict) and "clock_min_events" in data:
+            raise ValueError(
+                "state.clock_min_events is now state.clock_min_keys (STREAMREC_STATE__"
+                "CLOCK_MIN_KEYS): the clock counts keys, one vote each, so the old value does not "
+                "carry over"
+            )
+        return data
+
     @model_validator(mode="after")
     def _check_clock(self) -> StateSettings:
         if self.clock_min_keys > self.clock_window:

@@ -115,3 +115,9 @@ def test_settings_are_immutable() -> None:
     s: Settings = load_settings()
     with pytest.raises(ValueError):
         s.topics.partitions = 3  # type: ignore[misc]  # frozen: the assignment must raise
+
+
+def test_the_renamed_clock_setting_says_what_replaced_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAMREC_STATE__CLOCK_MIN_EVENTS", "5")
+    with pytest.raises(SettingsError, match="clock_min_keys"):
+        load_settings()
