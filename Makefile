@@ -40,14 +40,17 @@ test: lint
 test-fast: install
 	$(PY) -m pytest -q -m "not broker and not slow"
 
-# Mutation testing (not in CI: the whole scope takes hours on 2 shared cores; MUTANTS='glob ...'
-# runs the mutants whose names match, e.g. MUTANTS='streamrec.serving.events.*'): mutmut ([tool.mutmut] in
-# pyproject.toml) over the modules that carry the README's promises, each mutant against the unit
-# tests that reach its function; then the score and the survivors by module
-# (bench/results/mutation-testing.md triages them). Results are kept in mutants/: a second run
-# redoes only the functions that changed (rm -rf mutants for a fresh one).
+# Mutation testing (not in CI: the whole scope takes hours on 2 shared cores): mutmut
+# ([tool.mutmut] in pyproject.toml) over the modules that carry the README's promises, each mutant
+# against the fast unit tests that reach its function; then the score and the survivors by module
+# (bench/results/mutation-testing.md triages them). MUTANTS='glob ...' runs the mutants whose
+# names match (e.g. MUTANTS='streamrec.serving.events.*'); SAMPLE=N runs a seeded random sample
+# of N mutants per module (MODULES='streamrec.serving.pipeline ...' to pick modules), and the
+# summary gives each module's score with its 95 % interval. Results are kept in mutants/: a
+# second run redoes only the functions that changed (rm -rf mutants for a fresh one).
 mutation: install
-	OMP_NUM_THREADS=1 PYTHONPATH=tests $(VENV)/bin/mutmut run --max-children 2 $(MUTANTS)
+	OMP_NUM_THREADS=1 PYTHONPATH=tests $(PY) -m mutmut run --max-children 2 $(MUTANTS) \
+		$(if $(SAMPLE),$$(PYTHONPATH=tests $(PY) tests/mutmut_sample.py $(SAMPLE) $(MODULES)))
 	PYTHONPATH=tests $(PY) tests/mutmut_summary.py
 
 demo: install

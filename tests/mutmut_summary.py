@@ -5,7 +5,9 @@ already triages it (so a run after new code shows what is left to look at).
     python tests/mutmut_summary.py [--survivors FILE]
 
 Score: killed (a test failed, or the mutant ran out of time) over the mutants that were run
-(``no tests``: no unit test reaches the function: counted apart, and as not killed).
+(``no tests``: no unit test reaches the function: counted apart, and as not killed), less the
+ones triaged equivalent. Where only a sample of a module was run (``make mutation SAMPLE=N``),
+its score is an estimate: the Wilson 95 % interval says how far off it may be.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import csv
 import difflib
 import json
+import math
 import sys
 from collections import Counter
 from pathlib import Path
@@ -23,6 +26,7 @@ MUTANTS = ROOT / "mutants"
 TRIAGE = ROOT / "bench" / "results" / "mutation-triage.tsv"
 KILLED = {1: "killed", 3: "killed", 36: "timeout", 24: "timeout", -24: "timeout", 152: "timeout",
           255: "timeout", -9: "killed", -11: "killed"}  # fmt: skip
+NOT_KILLED = ("survived", "no tests", "suspicious")
 STATUS = {0: "survived", 5: "no tests", 33: "no tests", None: "not checked", 37: "type check"}
 
 
@@ -58,6 +62,23 @@ def load_results() -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of k successes in n draws (95 % for z = 1.96)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def score_text(killed: int, counted: int) -> str:
+    if counted == 0:
+        return "-"
+    lo, hi = wilson(killed, counted)
+    return f"{killed}/{counted} {killed / counted:.1%} [{lo:.0%}, {hi:.0%}]"
+
+
 def read_triage() -> dict[str, tuple[str, str]]:
     if not TRIAGE.exists():
         return {}
@@ -75,30 +96,36 @@ def main(argv: list[str] | None = None) -> int:
     rows = load_results()
     triage = read_triage()
     by_module: dict[str, Counter[str]] = {}
-    for path, _, st, _ in rows:
+    for path, name, st, _ in rows:
         by_module.setdefault(path, Counter())[st] += 1
+        if st in NOT_KILLED and triage.get(name, ("",))[0] == "equivalent":
+            by_module[path]["equivalent"] += 1
     total: Counter[str] = Counter()
     print(f"{'module':45s} {'mutants':>7s} {'killed':>7s} {'timeout':>7s} {'survived':>8s} "
-          f"{'no tests':>8s} {'other':>6s}")  # fmt: skip
+          f"{'no tests':>8s} {'other':>6s}  non-equivalent killed [95 % interval]")  # fmt: skip
     for path, c in sorted(by_module.items()):
         total += c
+        equivalent = c.pop("equivalent", 0)
         other = sum(c.values()) - c["killed"] - c["timeout"] - c["survived"] - c["no tests"]
+        run_here = sum(c.values()) - c["not checked"]
+        killed_here = c["killed"] + c["timeout"]
         print(f"{path:45s} {sum(c.values()):7d} {c['killed']:7d} {c['timeout']:7d} "
-              f"{c['survived']:8d} {c['no tests']:8d} {other:6d}")  # fmt: skip
+              f"{c['survived']:8d} {c['no tests']:8d} {other:6d}  "
+              f"{score_text(killed_here, run_here - equivalent)}")  # fmt: skip
+    total.pop("equivalent", 0)
     run = sum(total.values()) - total["not checked"]
     killed = total["killed"] + total["timeout"]
     print(f"total: {sum(total.values())} mutants, {run} run, {killed} killed "
           f"({killed / max(run, 1):.1%}), {total['survived']} survived, "
           f"{total['no tests']} without a unit test")  # fmt: skip
-    open_rows = [r for r in rows if r[2] in ("survived", "no tests", "suspicious")]
+    open_rows = [r for r in rows if r[2] in NOT_KILLED]
     verdicts = Counter(triage[r[1]][0] for r in open_rows if r[1] in triage)
     new = [r for r in open_rows if r[1] not in triage]
     equivalent = verdicts["equivalent"]
     print(f"triaged: {sum(verdicts.values())} of {len(open_rows)} not killed "
           f"({dict(verdicts)}); NEW: {len(new)}")  # fmt: skip
     if run - equivalent > 0:
-        print(f"score over the non-equivalent mutants: {killed}/{run - equivalent} = "
-              f"{killed / (run - equivalent):.1%}")  # fmt: skip
+        print(f"score over the non-equivalent mutants: {score_text(killed, run - equivalent)}")
     for _, name, st, change in new:
         print(f"NEW {st}: {name}: {change}")
     if args.survivors:
