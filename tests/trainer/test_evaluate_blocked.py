@@ -31,10 +31,15 @@ def _models() -> list[Any]:
         h.By.normal_(0, 0.5)
         h.Wuy.normal_(0, 0.3)
         h.memory_bias.fill_(0.4)
-    return [g.eval(), h.eval(), p.eval()]
+    # the user enters every step (variant "all"): the states too depend on the user
+    ha = HRNN(N, layers=[12], user_layers=[6], variant="all", user_to_output=True, memory=3)
+    with torch.no_grad():
+        ha.By.normal_(0, 0.5)
+        ha.G[0].weight_ih.normal_(0, 0.5)  # the user's input weights start at zero
+    return [g.eval(), h.eval(), p.eval(), ha.eval()]
 
 
-@pytest.mark.parametrize("index", [0, 1, 2], ids=["gru4rec", "hrnn", "prnn"])
+@pytest.mark.parametrize("index", [0, 1, 2, 3], ids=["gru4rec", "hrnn", "prnn", "hrnn-all"])
 def test_blocked_scoring_gives_the_dense_ranks(index: int) -> None:
     model = _models()[index]
     b = 37
@@ -44,6 +49,8 @@ def test_blocked_scoring_gives_the_dense_ranks(index: int) -> None:
     user = model.initial_user_state(b)
     if isinstance(model, HRNN):  # some remembered items, so the memory offset counts
         user[:, model.user_dim_total :] = torch.randint(0, N, (b, 3), generator=gen).float()
+        # and a user who is not the empty one, so a step that drops the user is seen
+        user[:, : model.user_dim_total] = torch.rand(b, model.user_dim_total, generator=gen) - 0.5
     state = model.initial_state(user, b)
     with torch.inference_mode():
         new_dense, scores = model.step(rows, state, user)
@@ -62,6 +69,18 @@ def test_ranks_within_a_topk_answer() -> None:
     assert ranks_in_topk(values, top, targets, "conservative", 1000.0).tolist() == [3.0, 1000.0]
     assert ranks_in_topk(values, top, targets, "standard", 1000.0).tolist() == [2.0, 1000.0]
     assert ranks_in_topk(values, top, targets, "median", 1000.0).tolist() == [2.5, 1000.0]
+
+
+@pytest.mark.parametrize("ties", ["conservative", "standard", "median"])
+def test_ranks_within_a_topk_answer_are_floats_like_the_dense_ranks(ties: str) -> None:
+    """Whatever the tie mode, the ranks are float32 as :func:`trainer.metrics.ranks` gives
+    them, and a target outside the answer gets ``worst`` exactly (not cut to an integer)."""
+    values = torch.tensor([[5.0, 4.0, 4.0, 1.0], [3.0, 2.0, 1.0, 0.0]])
+    top = torch.tensor([[7, 3, 9, 2], [1, 2, 3, 4]])
+    r = ranks_in_topk(values, top, torch.tensor([9, 8]), ties, 4.5)
+    dense = ranks(torch.tensor([[0.0, 1.0]]), torch.tensor([1]), ties)
+    assert r.dtype == dense.dtype == torch.float32
+    assert r[1].item() == 4.5
 
 
 def _sessions(n_sessions: int = 60) -> tuple[np.ndarray, np.ndarray]:

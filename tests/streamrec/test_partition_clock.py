@@ -1,0 +1,33 @@
+"""A partition's clock: the median skew of its window and of its last n events."""
+
+from __future__ import annotations
+
+import pytest
+
+from streamrec.serving.clock import PartitionClock
+
+
+@pytest.mark.parametrize(
+    ("skews", "n", "median"),
+    [
+        ([5.0, 1.0, 3.0], 3, 3.0),  # odd: the middle one
+        ([1.0, 2.0, 3.0, 10.0], 4, 2.5),  # even: the mean of the two middle ones
+        ([1.0, 3.0], 2, 2.0),
+        ([7.0, 1.0, 2.0, 3.0, 10.0, 20.0, 30.0], 6, 6.5),  # only the last n count
+        ([100.0, 1.0, 2.0, 3.0, 10.0], 4, 2.5),
+    ],
+)
+def test_recent_median_is_the_median_of_the_last_n_skews(
+    skews: list[float], n: int, median: float
+) -> None:
+    clock = PartitionClock(window=101)
+    for s in skews:
+        clock.push(s)
+    assert clock.recent_median(n) == median
+
+
+def test_median_skew_of_an_even_window_is_the_mean_of_its_two_middle_skews() -> None:
+    clock = PartitionClock(window=4)
+    for s in [50.0, 1.0, 2.0, 3.0, 10.0]:  # the first one falls out of the window
+        clock.push(s)
+    assert clock.median_skew() == 2.5
