@@ -35,7 +35,9 @@ def _models() -> list[Any]:
     ha = HRNN(N, layers=[12], user_layers=[6], variant="all", user_to_output=True, memory=3)
     with torch.no_grad():
         ha.By.normal_(0, 0.5)
-        ha.G[0].weight_ih.normal_(0, 0.5)  # the user's input weights start at zero
+        first = ha.G[0]
+        assert isinstance(first, torch.nn.GRUCell)
+        first.weight_ih.normal_(0, 0.5)  # its weights of the user's input start at zero
     return [g.eval(), h.eval(), p.eval(), ha.eval()]
 
 
