@@ -169,8 +169,9 @@ def test_edited_json_rejected(ckpt: tuple[Path, GRU4Rec], edit, match: str) -> N
     meta = json.loads((path / "checkpoint.json").read_text())
     edit(meta)
     (path / "checkpoint.json").write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match=match):
+    with pytest.raises(CheckpointError, match=match) as refused:
         load_checkpoint(path)
+    assert str(path) in str(refused.value)  # which checkpoint, for the operator
 
 
 def test_missing_files(ckpt: tuple[Path, GRU4Rec], tmp_path: Path) -> None:
@@ -285,8 +286,9 @@ def test_a_config_claiming_more_than_the_tensors_hold_is_refused_before_it_is_bu
     meta = json.loads((path / "checkpoint.json").read_text())
     meta["model_config"]["n_items"] = 2_000_000
     (path / "checkpoint.json").write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match=r"asks for more than \d+ MB .*2000000"):
+    with pytest.raises(CheckpointError, match=r"asks for more than \d+ MB .*2000000") as refused:
         load_checkpoint(path)
+    assert str(path) in str(refused.value)
 
 
 @pytest.mark.parametrize("name", ["gru4rec", "gru4rec-onehot", "hrnn", "prnn"])
