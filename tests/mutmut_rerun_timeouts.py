@@ -8,6 +8,10 @@ and mutmut calls the hang a timeout. A fresh process has no such state: there a 
 fail (killed), pass (survived), or run past the limit (a real timeout).
 
     python tests/mutmut_rerun_timeouts.py [--limit SECONDS] [--unrun] [MUTANT_GLOB ...]
+    python tests/mutmut_rerun_timeouts.py --again --tests TEST_ID ... -- MUTANT ...
+
+``--again`` reruns the named mutants whatever their verdict, with ``--tests`` added to the ones
+mutmut's stats saw reach them (a test written after the stats run, copied into ``mutants/``).
 """
 
 from __future__ import annotations
@@ -46,13 +50,15 @@ def pytest_exit(mutant: str, tests: list[str], limit: float, extra: list[str]) -
     return done.returncode
 
 
-def run_one(mutant: str, limit: float, extra: list[str]) -> int:
+def run_one(
+    mutant: str, limit: float, extra: list[str], more_tests: list[str] | None = None
+) -> int:
     """mutmut's exit code for the mutant: 1 killed, 0 survived, 36 timeout, 33 no tests.
 
     In a new process the test modules are collected with the mutant on, so a mutant that
     breaks a module's set-up is an error of collection (2) or of usage (4: its tests were
     not found): killed when the same tests pass with no mutant; otherwise reported as is."""
-    tests = tests_of(mutant)
+    tests = tests_of(mutant) + (more_tests or [])
     if not tests:
         return 33
     code = pytest_exit(mutant, tests, limit, extra)
@@ -65,6 +71,10 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--limit", type=float, default=300.0, help="seconds per mutant")
     ap.add_argument("--unrun", action="store_true", help="also the mutants not run yet")
+    ap.add_argument(
+        "--again", action="store_true", help="rerun these mutants whatever their verdict"
+    )
+    ap.add_argument("--tests", nargs="*", default=[], help="tests to add to the stats' ones")
     ap.add_argument("globs", nargs="*", default=["*"])
     args = ap.parse_args()
     extra = ["-p", "no:cacheprovider", "-p", "mutmut_compat"]
@@ -72,10 +82,10 @@ def main() -> int:
         data = json.loads(meta.read_text())
         codes = data["exit_code_by_key"]
         for name, code in sorted(codes.items()):
-            wanted = code in TIMEOUT_CODES or (args.unrun and code is None)
+            wanted = args.again or code in TIMEOUT_CODES or (args.unrun and code is None)
             if not wanted or not any(fnmatch.fnmatch(name, g) for g in args.globs):
                 continue
-            codes[name] = run_one(name, args.limit, extra)
+            codes[name] = run_one(name, args.limit, extra, args.tests)
             print(f"{name}: {'timeout' if codes[name] == 36 else codes[name]}", flush=True)
             meta.write_text(json.dumps(data, indent=4))
     return 0
