@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,16 @@ def test_round_trip_identical_scores(ckpt: tuple[Path, GRU4Rec]) -> None:
     assert torch.equal(_scores(c.model), _scores(m))
     rec = read_checkpoint_record(path)
     assert rec.version == c.version and rec.model_config == m.config_dict()
+
+
+def test_the_version_is_the_utc_creation_time_then_the_tensors_hash(
+    ckpt: tuple[Path, GRU4Rec],
+) -> None:
+    """Versions sort by creation time (the registry's order), and name their tensors."""
+    rec = read_checkpoint_record(ckpt[0])
+    created = datetime.fromisoformat(rec.created_at)
+    assert created.utcoffset() is not None and not created.utcoffset()
+    assert rec.version == f"{created:%Y%m%dT%H%M%SZ}-{rec.tensor_sha256[:12]}"
 
 
 def test_overwrite_is_atomic_rename(ckpt: tuple[Path, GRU4Rec], tmp_path: Path) -> None:

@@ -31,6 +31,12 @@ def test_chance_and_numbers_come_first_and_without_a_reference_that_is_all() -> 
     assert gate(0.03, None, chance=0.02).lower is None  # nothing compared
 
 
+def test_a_candidate_exactly_at_chance_is_no_better_than_chance() -> None:
+    d = gate(0.02, None, chance=0.02)
+    assert not d.passed and d.reason == "candidate 0.0200 is no better than chance (0.0200)"
+    assert gate(math.inf).reason == "candidate is not a number"  # the default name
+
+
 def test_too_few_predictions_decide_nothing() -> None:
     d = gate(0.9, 0.5, n=40, min_n=100)
     assert not d.passed and d.reason is not None and "fewer than 100" in d.reason
