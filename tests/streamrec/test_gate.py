@@ -31,10 +31,12 @@ def test_chance_and_numbers_come_first_and_without_a_reference_that_is_all() -> 
     assert gate(0.03, None, chance=0.02).lower is None  # nothing compared
 
 
-def test_a_candidate_exactly_at_chance_is_no_better_than_chance() -> None:
+def test_a_candidate_exactly_at_chance_is_no_better_than_chance_and_reasons_name_both() -> None:
     d = gate(0.02, None, chance=0.02)
     assert not d.passed and d.reason == "candidate 0.0200 is no better than chance (0.0200)"
-    assert gate(math.inf).reason == "candidate is not a number"  # the default name
+    assert gate(math.inf).reason == "candidate is not a number"  # the default names
+    worse = gate(0.1, 0.5).reason
+    assert worse is not None and worse.startswith("candidate 0.1000 vs reference 0.5000: ")
 
 
 def test_too_few_predictions_decide_nothing() -> None:
