@@ -39,6 +39,11 @@ def test_a_candidate_exactly_at_chance_is_no_better_than_chance_and_reasons_name
     assert worse is not None and worse.startswith("candidate 0.1000 vs reference 0.5000: ")
 
 
+def test_a_refusal_after_a_comparison_carries_its_bound_and_margin() -> None:
+    d = gate(0.1, 0.5, tolerance=0.1)
+    assert not d.passed and d.lower == pytest.approx(-0.4) and d.margin == pytest.approx(-0.05)
+
+
 def test_too_few_predictions_decide_nothing() -> None:
     d = gate(0.9, 0.5, n=40, min_n=100)
     assert not d.passed and d.reason is not None and "fewer than 100" in d.reason

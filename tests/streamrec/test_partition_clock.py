@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from streamrec.serving.clock import PartitionClock
+from streamrec.serving.clock import PartitionClock, StreamClock
 
 
 @pytest.mark.parametrize(
@@ -31,3 +31,10 @@ def test_median_skew_of_an_even_window_is_the_mean_of_its_two_middle_skews() -> 
     for s in [50.0, 1.0, 2.0, 3.0, 10.0]:  # the first one falls out of the window
         clock.push(s)
     assert clock.median_skew() == 2.5
+
+
+def test_each_partition_clock_of_a_stream_clock_keeps_the_stream_clocks_window() -> None:
+    clock = StreamClock(window=5, min_events=100)  # never trusted: every event is observed
+    for i in range(8):
+        assert clock.check(partition=3, t=1000.0 + i, arrival=1000.0) is None
+    assert list(clock.partitions[3].skews) == [3.0, 4.0, 5.0, 6.0, 7.0]
