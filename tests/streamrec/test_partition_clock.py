@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from streamrec.serving.clock import PartitionClock, StreamClock
+from streamrec.serving.config import CoreConfig
 
 
 @pytest.mark.parametrize(
@@ -38,3 +39,19 @@ def test_each_partition_clock_of_a_stream_clock_keeps_the_stream_clocks_window()
     for i in range(8):
         assert clock.check(partition=3, t=1000.0 + i, arrival=1000.0) is None
     assert list(clock.partitions[3].skews) == [3.0, 4.0, 5.0, 6.0, 7.0]
+
+
+def test_a_stream_clock_from_config_takes_each_knob() -> None:
+    config = CoreConfig(
+        clock_window=7, clock_min_events=3, max_ahead_seconds=60.0, max_skew_seconds=120.0
+    )
+    clock = StreamClock.from_config(config)
+    assert (clock.window, clock.min_events, clock.max_ahead, clock.max_skew) == (7, 3, 60.0, 120.0)
+
+
+def test_an_event_far_from_its_partitions_clock_says_how_far() -> None:
+    clock = StreamClock(min_events=3, max_skew_seconds=1000.0)
+    for _ in range(3):
+        assert clock.check(partition=2, t=1100.0, arrival=1000.0) is None  # skew +100 s
+    why = clock.check(partition=2, t=1000.0 - 5000.0, arrival=1000.0)  # skew -5000 s
+    assert why == "event time -4000.000 is -5100 s away from partition 2's clock"
