@@ -148,6 +148,14 @@ def test_kafka_key_must_match_the_body() -> None:
     assert [d.reason for d in res.dead_letters] == ["key_mismatch"]
 
 
+def test_a_mismatched_key_is_quoted_up_to_80_bytes() -> None:
+    model = tiny_serving_model(user_dim=4)
+    res = process_batch([rec(click("b", "i2", user="alice", t=T0), "m" * 200, 0)],
+                        StateStore(), model, CFG)  # fmt: skip
+    [dead] = res.dead_letters
+    assert dead.detail.startswith(f"key {b'm' * 80!r} is not the body's ")
+
+
 def test_users_and_anonymous_sessions_never_share_a_key() -> None:
     model = tiny_serving_model(user_dim=4)
     store = StateStore()
