@@ -12,7 +12,7 @@ import torch
 from streamrec.model import HRNN, PRNN, GRU4Rec
 from streamrec.model.ann import AnnIndex, AnnParams
 from streamrec.model.retrieval import Retriever
-from trainer.evaluate import evaluate_sessions, ranks_in_topk, step_ranks
+from trainer.evaluate import evaluate_sessions, model_device, ranks_in_topk, step_ranks
 from trainer.metrics import MetricAccumulator, ranks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -114,3 +114,11 @@ def test_evaluation_through_ann_retrieval_costs_little_on_a_small_catalogue() ->
                             retriever=ann).result()  # fmt: skip
     assert got["n_events"] == dense["n_events"]
     assert got["recall@20"] == pytest.approx(dense["recall@20"], abs=0.02)
+
+
+def test_the_device_of_a_step_model_that_is_not_a_module_is_its_device_attribute() -> None:
+    class Baseline:
+        device = "meta"  # any device but the CPU default
+
+    assert model_device(Baseline()) == torch.device("meta")
+    assert model_device(object()) == torch.device("cpu")
