@@ -26,8 +26,13 @@ from streamrec.model.successors import (
     load_table,
     publish_table,
 )
+from streamrec.serving.config import CoreConfig
+from streamrec.serving.pipeline import process_batch
+from streamrec.serving.records import Record
 from streamrec.serving.served_model import RetrievalOptions, ServingModel
+from streamrec.serving.state_store import StateStore
 from streamrec.settings import Settings
+from streamrec.testing import click
 from trainer.evaluate import step_ranks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -77,6 +82,7 @@ def _ckpt(path: Path, seed: int = 0) -> Path:
     return save_checkpoint(path, m, "gru4rec", [f"i{i}" for i in range(N)]).path
 
 
+HEAD_ONLY = RetrievalOptions("ann", AnnParams(kind="head", head_items=HEAD))
 OPTS = RetrievalOptions("ann", AnnParams(kind="head+successors", head_items=HEAD, successors=WIDTH))
 
 
@@ -150,6 +156,33 @@ def _vectors(ckpt: Path) -> torch.Tensor:
     served = ServingModel.from_checkpoint(ckpt, "cpu", 20)
     assert isinstance(served.model, GRU4Rec)
     return served.model.item_vectors()
+
+
+def test_the_workers_deferred_scoring_passes_the_clicked_items(tmp_path: Path) -> None:
+    """``process_batch`` (a split-step model: advanced per round, scored per batch) answers
+    with the clicked items' successors, as one ``step`` of each click does."""
+    ckpt = _ckpt(tmp_path / "m")
+    rows, offsets = _sessions()
+    publish_table(ckpt, _vectors(ckpt), rows, offsets, WIDTH)
+    served = ServingModel.from_checkpoint(ckpt, "cpu", 20, retrieval=OPTS)
+    assert served.split
+    assert served.retriever is not None and served.retriever.successors is not None
+    table = served.retriever.successors.table
+    clicked = np.random.default_rng(4).choice(
+        np.flatnonzero(table[:, 0].numpy() >= 0), 200, replace=False
+    )
+    records = [
+        Record(click(f"s{j}", f"i{x}"), f"s{j}".encode(), "c", 0, j, 1000.0 + j)
+        for j, x in enumerate(clicked.tolist())
+    ]
+    res = process_batch(records, StateStore(), served, CoreConfig())
+    got = [r.items for r in res.recommendations]
+    want = served.step(clicked, served.initial_states(None, len(clicked)), None).top_rows
+    assert got == [served.ids(w).tolist() for w in want]
+    # and they are not the head's alone (the test would not see a dropped row otherwise)
+    head_only = ServingModel.from_checkpoint(ckpt, "cpu", 20, retrieval=HEAD_ONLY)
+    alone = head_only.step(clicked, head_only.initial_states(None, len(clicked)), None).top_rows
+    assert not np.array_equal(alone, want)
 
 
 def test_a_table_that_does_not_match_is_not_served_and_is_rebuilt(
