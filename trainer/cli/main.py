@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -302,28 +301,12 @@ def _publish_index(out: Path, model: Any, when: str) -> bool:
     return index is not None
 
 
-def _successor_table(
-    ckpt_dir: Path, model: Any, item_ids: Any, train_df: pd.DataFrame, width: int | None = None
-) -> Any:
-    """The successor table beside a checkpoint (``ann_index=head+successors``): the saved
-    one if it belongs to these weights and its hash matches, else built from ``train_df``
-    and saved (:func:`streamrec.model.successors.publish_table`)."""
-    from streamrec.model.successors import DEFAULT_WIDTH, publish_table
-    from trainer.batching import session_arrays
-
-    index = (
-        item_ids if isinstance(item_ids, Mapping) else {str(i): r for r, i in enumerate(item_ids)}
-    )
-    known = train_df[train_df["ItemId"].astype(str).isin(index)]
-    rows, offsets, _ = session_arrays(known, index)
-    with torch.inference_mode():
-        return publish_table(ckpt_dir, model.item_vectors(), rows, offsets, width or DEFAULT_WIDTH)
-
-
 def _publish_successors(out: Path, model: Any, item_ids: Any, train_df: pd.DataFrame) -> None:
     """The successor table beside a new checkpoint whose index was published."""
+    from trainer.successors import publish_successors
+
     t0 = time.perf_counter()
-    table = _successor_table(out, model, item_ids, train_df)
+    table = publish_successors(out, model, item_ids, train_df)
     click.echo(
         f"successor table: {table.n_items:,} items x {table.width}, "
         f"built in {time.perf_counter() - t0:.1f} s",
@@ -342,7 +325,9 @@ def _evaluate_successors(ck: Any, ckpt_dir: Path, train_df: Any, params: Any) ->
     except SuccessorTableError as exc:
         if train_df is None:
             raise click.ClickException(f"{exc}; pass --train to build it") from None
-    return _successor_table(ckpt_dir, ck.model, ck.item_index, train_df, params.successors)
+    from trainer.successors import publish_successors
+
+    return publish_successors(ckpt_dir, ck.model, ck.item_index, train_df, params.successors)
 
 
 def _retriever(
