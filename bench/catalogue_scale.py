@@ -8,6 +8,9 @@ it: ``ServingModel.advance`` + ``score``):
 * ``exact-bf16``: every item scored in bfloat16, a shortlist re-scored in float32 and kept
   where the rounding bound proves it (else float32): the float32 answer, faster;
 * ``ann``: the HNSW index's candidates re-ranked exactly (index build seconds and bytes);
+  ``--head-items``, ``--hybrid-head-items``: the head and head+hnsw indexes;
+  ``--successor-heads`` (with ``--successors-from`` the model's training log): the head and
+  each clicked item's training-log successors (``model.ann_index=head+successors``);
 
 and the mean top-20 overlap of each with ``exact-fp32``; beside them, the matrix product alone
 and ``torch.topk`` over all scores (the issue's reference). ``--e2e`` adds the end-to-end
