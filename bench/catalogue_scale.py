@@ -8,6 +8,9 @@ it: ``ServingModel.advance`` + ``score``):
 * ``exact-bf16``: every item scored in bfloat16, a shortlist re-scored in float32 and kept
   where the rounding bound proves it (else float32): the float32 answer, faster;
 * ``ann``: the HNSW index's candidates re-ranked exactly (index build seconds and bytes);
+  ``--head-items``, ``--hybrid-head-items``: the head and head+hnsw indexes;
+  ``--successor-heads`` (with ``--successors-from`` the model's training log): the head and
+  each clicked item's training-log successors (``model.ann_index=head+successors``);
 
 and the mean top-20 overlap of each with ``exact-fp32``; beside them, the matrix product alone
 and ``torch.topk`` over all scores (the issue's reference). ``--e2e`` adds the end-to-end
@@ -128,8 +131,9 @@ def time_step(
             for i, rows in enumerate(clicks):
                 if i % 5 == 0:
                     state = model.initial_state(None, len(rows))
-                state = model.advance(torch.from_numpy(rows).to(state.device), state)
-                top = topk(state)
+                clicked = torch.from_numpy(rows).to(state.device)
+                state = model.advance(clicked, state)
+                top = topk(state, clicked)
                 if state.device.type == "cuda":
                     torch.cuda.synchronize()
                 if len(answers) < len(clicks):
@@ -204,17 +208,17 @@ def measure_size(
         print(json.dumps(r), file=sys.stderr, flush=True)
 
     exact = Retriever(model, lambda s, u: full(s), exact_topk=model.state_topk())
-    rate, truth = time_step(model, lambda s: exact.topk(s, None, K)[1], clicks, args.seconds)
+    rate, truth = time_step(model, lambda s, c: exact.topk(s, None, K)[1], clicks, args.seconds)
     row("exact-fp32", rate, 1.0)
     # bf16 scores (model.score_dtype=bfloat16): faster, near-ties may swap
     full16 = model.state_scorer(torch.bfloat16, copy=True)
     bf16 = Retriever(model, lambda s, u: full16(s), exact_topk=model.state_topk(torch.bfloat16))
-    rate, got = time_step(model, lambda s: bf16.topk(s, None, K)[1], clicks, args.seconds)
+    rate, got = time_step(model, lambda s, c: bf16.topk(s, None, K)[1], clicks, args.seconds)
     row("exact-bf16", rate, overlap(got, truth))
     # bf16 scores, a float32 re-scored shortlist kept where proven (model.bf16_shortlist)
     proven = Retriever(model, lambda s, u: full(s), bf16_shortlist=True,
                        exact_topk=model.state_topk())  # fmt: skip
-    rate, got = time_step(model, lambda s: proven.topk(s, None, K)[1], clicks, args.seconds)
+    rate, got = time_step(model, lambda s, c: proven.topk(s, None, K)[1], clicks, args.seconds)
     shortlist = {"events_per_s": round(rate, 1), "top20_overlap": round(overlap(got, truth), 4),
                  "fallback_rows": proven.shortlist_fallbacks}  # fmt: skip
     params = AnnParams(
@@ -230,10 +234,12 @@ def measure_size(
                 hidx = AnnIndex.build(model.item_vectors(), hp)
             heads = Retriever(model, lambda s, u: full(s), mode="ann", index=hidx,
                               candidates=params.candidates)  # fmt: skip
-            rate, got = time_step(model, lambda s, r=heads: r.topk(s, None, K)[1], clicks,
+            rate, got = time_step(model, lambda s, c, r=heads: r.topk(s, None, K)[1], clicks,
                                   args.seconds)  # fmt: skip
             row("ann", rate, overlap(got, truth), build_seconds=hidx.meta["build_seconds"],
                 index_bytes=hidx.nbytes, index="head", head_items=head, dtype=dtype)  # fmt: skip
+    if args.successor_heads:
+        _successor_rows(model, ckpt, clicks, truth, full, params, args, row)
     if not args.expansion_search:
         return rows, {}
     rss0 = rss_mb()
@@ -248,7 +254,9 @@ def measure_size(
         ann = Retriever(
             model, lambda s, u: full(s), mode="ann", index=index, candidates=params.candidates
         )
-        rate, got = time_step(model, lambda s, r=ann: r.topk(s, None, K)[1], clicks, args.seconds)
+        rate, got = time_step(
+            model, lambda s, c, r=ann: r.topk(s, None, K)[1], clicks, args.seconds
+        )
         row(
             "ann",
             rate,
@@ -268,7 +276,7 @@ def measure_size(
             hybrid.set_expansion_search(ef)
             hr = Retriever(model, lambda s, u: full(s), mode="ann", index=hybrid,
                            candidates=params.candidates)  # fmt: skip
-            rate, got = time_step(model, lambda s, r=hr: r.topk(s, None, K)[1], clicks,
+            rate, got = time_step(model, lambda s, c, r=hr: r.topk(s, None, K)[1], clicks,
                                   args.seconds)  # fmt: skip
             row("ann", rate, overlap(got, truth), build_seconds=index.meta["build_seconds"],
                 index_bytes=hybrid.nbytes, index="head+hnsw", head_items=head,
@@ -282,6 +290,46 @@ def measure_size(
     if args.save_index:
         index.save(args.save_index)
     return rows, reference
+
+
+def _successor_rows(
+    model: GRU4Rec,
+    ckpt: str | None,
+    clicks: list[np.ndarray],
+    truth: list[torch.Tensor],
+    full: Any,
+    params: AnnParams,
+    args: argparse.Namespace,
+    row: Any,
+) -> None:
+    """``head+successors`` rows: the head and each clicked item's successors in the
+    ``--successors-from`` log (the table published beside ``ckpt``, built there if missing)."""
+    from streamrec.data.clicklog import load_clicks
+    from streamrec.model.checkpoint import read_checkpoint_record
+    from streamrec.model.successors import publish_table
+    from trainer.batching import session_arrays
+
+    if not (ckpt and args.successors_from):
+        raise SystemExit("--successor-heads needs --model N=CKPT and --successors-from LOG")
+    ids = {str(i): r for r, i in enumerate(read_checkpoint_record(ckpt).item_ids)}
+    df = load_clicks(args.successors_from)
+    df = df[df.ItemId.astype(str).isin(ids)]
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        item_rows, offsets, _ = session_arrays(df, ids)
+        vectors = model.item_vectors()
+        table = publish_table(ckpt, vectors, item_rows, offsets, args.successors)
+    table_s = time.perf_counter() - t0
+    for head in args.successor_heads:
+        hp = replace(params, kind="head+successors", head_items=head, successors=args.successors)
+        with torch.inference_mode():
+            hidx = AnnIndex.build(vectors, hp)
+        ret = Retriever(model, lambda s, u: full(s), mode="ann", index=hidx, successors=table)
+        rate, got = time_step(model, lambda s, c, r=ret: r.topk(s, None, K, clicked=c)[1],
+                              clicks, args.seconds)  # fmt: skip
+        row("ann", rate, overlap(got, truth), build_seconds=round(table_s, 1),
+            index_bytes=hidx.nbytes + table.table.numel() * 8, index="head+successors",
+            head_items=head, successors=args.successors)  # fmt: skip
 
 
 def main() -> None:
@@ -306,6 +354,15 @@ def main() -> None:
     )
     ap.add_argument("--hybrid-head-items", type=int, nargs="*", default=[],
                     help="head sizes of head+hnsw rows (with each --expansion-search)")  # fmt: skip
+    ap.add_argument(
+        "--successor-heads",
+        type=int,
+        nargs="*",
+        default=[],
+        help="head sizes of head+successors rows (with --successors-from)",
+    )
+    ap.add_argument("--successors", type=int, default=AnnParams.successors)
+    ap.add_argument("--successors-from", default=None, help="the training log of --model")
     ap.add_argument("--skip-reference", action="store_true", help="no addmm/torch.topk rates")
     ap.add_argument("--clicks", default=None, help="a log whose sessions drive a --model")
     ap.add_argument(

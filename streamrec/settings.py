@@ -357,9 +357,12 @@ class ModelSettings(_Group):
     ann_expansion_add: int = Field(128, ge=1, le=100_000)
     #: ann: ``hnsw`` (the graph), ``head``: exact scores over the ``ann_head_items`` items
     #: with the largest vectors, no graph, or ``head+hnsw``: the candidates of both
-    #: (bench/results/catalogue-scale.md compares them at 1M items)
-    ann_index: Literal["hnsw", "head", "head+hnsw"] = "hnsw"
+    #: (bench/results/catalogue-scale.md compares them at 1M items); ``head+successors``: the
+    #: head, and the clicked item's ``ann_successors`` most frequent next items in the
+    #: training log (a table published beside the checkpoint; not used if its hash differs)
+    ann_index: Literal["hnsw", "head", "head+hnsw", "head+successors"] = "hnsw"
     ann_head_items: int = Field(130_000, ge=1)
+    ann_successors: int = Field(20, ge=1, le=1_000)
     #: exact retrieval: scores in bf16, a shortlist re-scored in float32 and kept where a
     #: rounding bound proves it (else float32): the float32 top-k items, faster on CPUs with
     #: bf16 dot products (bench/results/catalogue-scale.md)

@@ -89,7 +89,8 @@ def step_ranks(
         return new, ranks(scores, targets, ties)
     new = advance(model, rows, state, user)
     if retriever is not None:
-        values, top = retriever.topk(new, user, min(k, n_items))
+        # ``rows``: the clicked items, whose successors a successor table adds (as served)
+        values, top = retriever.topk(new, user, min(k, n_items), clicked=rows)
         return new, ranks_in_topk(values, top, targets, ties, float(n_items))
     assert isinstance(model, InnerProductScores)
     block = max(1, score_bytes // (4 * n_items))

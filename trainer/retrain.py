@@ -34,7 +34,7 @@ import torch
 from streamrec.data.clicklog import DAY, DataError
 from streamrec.errors import StreamrecError
 from streamrec.loop import registry
-from streamrec.model.api import RegisteredModel, StepModel
+from streamrec.model.api import InnerProductScores, RegisteredModel, StepModel
 from streamrec.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from streamrec.model.gate import HOLDOUT_KEY, gate
 from streamrec.model.gru4rec import GRU4Rec
@@ -46,6 +46,7 @@ from trainer.hier.params import HierParams, HRNNParams, PRNNParams, parse_hier_p
 from trainer.holdout import gate_figures
 from trainer.jobs import TrainJob
 from trainer.models import TRAINERS, evaluator_for
+from trainer.successors import publish_successors
 from trainer.warmstart import FeatureMismatch, grow_gru4rec, train_hier_warm, warm_epochs
 
 __all__ = ["RetrainConfig", "RetrainError", "grow_gru4rec", "run_cycle"]
@@ -382,6 +383,18 @@ def _publish_as(cfg: RetrainConfig, version: str) -> list[str]:
     return registry.publish(cfg.models, version, cfg.keep, by="retrain")
 
 
+def _publish_retrieval(
+    path: Path, model: object, item_ids: list[str], train: pd.DataFrame, when: str
+) -> bool:
+    """The ANN index and the window's successor table (``ann_index=head+successors``)
+    beside a staged version; whether they were built."""
+    if publish_index(path, model, when=when) is None:
+        return False
+    if isinstance(model, InnerProductScores):
+        publish_successors(path, model, item_ids, train)
+    return True
+
+
 def run_cycle(cfg: RetrainConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """One retrain cycle; returns (and logs) its record. Raises RetrainError without data."""
     phases: dict[str, float] = {}
@@ -533,7 +546,7 @@ def run_cycle(cfg: RetrainConfig, echo: Callable[[str], None] = print) -> dict[s
             save_file(tr.optimizer_state, str(staging / OPTIMIZER_FILE))
         # the ANN index beside the weights before the version is visible: workers load it
         t_index = time.perf_counter()
-        if publish_index(candidate.path, model, when=cfg.retrieval_index) is not None:
+        if _publish_retrieval(candidate.path, model, item_ids, train, cfg.retrieval_index):
             phases["index"] = time.perf_counter() - t_index
         version = registry.add_version(cfg.models, candidate)
         rec["pruned"] = _publish_as(cfg, version)

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 INDEX_FILE = "retrieval.usearch"
 META_FILE = "retrieval.json"
 METRICS = ("auto", "ip", "l2-augmented")
-INDEX_KINDS = ("hnsw", "head", "head+hnsw")
+INDEX_KINDS = ("hnsw", "head", "head+hnsw", "head+successors")
 LIBRARY = "usearch"
 
 
@@ -66,13 +66,16 @@ class AnnParams:
     metric: str = "auto"
     #: ``hnsw``: the usearch graph above; ``head``: no graph, the exact scores of the
     #: ``head_items`` items with the largest vectors (:class:`HeadIndex`); ``head+hnsw``: the
-    #: candidates of both (:class:`HybridIndex`)
+    #: candidates of both (:class:`HybridIndex`); ``head+successors``: the head, and the
+    #: retriever adds the clicked item's successors (:mod:`streamrec.model.successors`)
     kind: str = "hnsw"
     #: ``head``: how many items (by vector norm) are scored exactly
     head_items: int = 130_000
     #: ``head``: ``f32`` (the exact order within the head) or ``bf16`` (a shortlist of
     #: ``candidates`` re-ranked in float32; no faster at 1M items on this machine)
     head_dtype: str = "f32"
+    #: ``head+successors``: successors of the clicked item scored with the head's answer
+    successors: int = 20
 
     def build_key(self) -> dict[str, Any]:
         """What an index file must have been built with to be reused (search-time settings
@@ -132,7 +135,7 @@ class AnnIndex:
         """Build over ``vectors`` ``[n_items, D]`` (row i = item row i)."""
         if params.metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, not {params.metric!r}")
-        if params.kind == "head":
+        if params.kind in ("head", "head+successors"):
             return HeadIndex.build_head(vectors, params)
         if params.kind == "head+hnsw":
             graph = AnnIndex.build(vectors, replace(params, kind="hnsw"), threads=threads)
@@ -396,7 +399,7 @@ def load_or_build(
     """The saved index of these vectors, else a new one (saved into ``directory`` when it is
     writable and ``save``; a read-only checkpoint directory only costs the rebuild). A
     ``head`` index is always built (it is a sort of the norms)."""
-    if params.kind == "head":
+    if params.kind in ("head", "head+successors"):
         return AnnIndex.build(vectors, params, threads=threads)
     if params.kind == "head+hnsw":
         graph = load_or_build(

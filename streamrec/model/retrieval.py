@@ -10,8 +10,9 @@
 * ``ann``: an approximate maximum-inner-product index (:mod:`streamrec.model.ann`) proposes
   candidates for each state; the items a retrieval must never miss are added to them (the
   model's offset rows, e.g. HRNN's memory of the user's items, and the caller's
-  ``extra_rows``: a filter or boost list); the model scores the candidates exactly
-  (``score_rows``) and the best k are the answer.
+  ``extra_rows``: a filter or boost list; with a successor table, the clicked item and its most
+  frequent successors in the training log, :mod:`streamrec.model.successors`); the model
+  scores the candidates exactly (``score_rows``) and the best k are the answer.
 * ``auto``: :func:`choose_retrieval`: ``ann`` on a CPU from :data:`AUTO_ANN_MIN_ITEMS` items
   for a model with an inner-product split, ``exact`` otherwise (a GPU scores a million items
   faster than an index answers).
@@ -29,6 +30,7 @@ from torch import Tensor
 
 from streamrec.model.ann import AnnIndex, AnnParams, load_or_build
 from streamrec.model.api import InnerProductScores
+from streamrec.model.successors import SuccessorTable
 from streamrec.model.topk import TiledTopK, bf16_left_out_bound, blocked_topk
 
 RETRIEVAL_MODES = ("exact", "ann", "auto")
@@ -99,7 +101,8 @@ class Retriever:
     """The top-k of a model's scores for batches of states (see the module docstring).
 
     ``full_scores(state, user)``: every item's scores, float32 (default: the model's
-    ``score_all``; the worker passes its faster frozen-weight scorer).
+    ``score_all``; the worker passes its faster frozen-weight scorer). ``successors`` (ann
+    mode): the clicked items' successors are scored with the index's candidates.
     """
 
     def __init__(
@@ -114,6 +117,7 @@ class Retriever:
         shortlist: int = 32,
         chunk: int | None = None,
         exact_topk: ExactTopK | None = None,
+        successors: SuccessorTable | None = None,
     ) -> None:
         if mode not in ("exact", "ann"):
             raise ValueError(f"mode must be exact or ann (choose_retrieval), not {mode!r}")
@@ -130,6 +134,7 @@ class Retriever:
         self.exact_topk = exact_topk
         self.mode = mode
         self.index = index
+        self.successors = successors
         self.n_candidates = int(candidates)
         self.shortlist = int(shortlist)
         self.chunk = chunk
@@ -149,14 +154,28 @@ class Retriever:
         return cast(InnerProductScores, self.model)
 
     def topk(
-        self, state: Tensor, user_state: Tensor | None, k: int, extra_rows: Tensor | None = None
+        self,
+        state: Tensor,
+        user_state: Tensor | None,
+        k: int,
+        extra_rows: Tensor | None = None,
+        clicked: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """(scores, item rows) ``[B, k]``, best first, of the states after a step.
 
         ``extra_rows`` (``[E]`` or ``[B, E]``, -1 ignored): items that must be scored exactly
-        whatever the index says (every item is, in exact mode).
+        whatever the index says (every item is, in exact mode). ``clicked`` (``[B]``, -1: an
+        unknown item): the row each state last stepped on; with a successor table, that item
+        and its successors are scored too (ann mode).
         """
         b = state.shape[0]
+        if self.mode == "ann" and self.successors is not None and clicked is not None:
+            follow = self.successors.candidates(clicked.to(state.device))
+            if extra_rows is not None:
+                given = extra_rows.to(follow.dtype)
+                given = given.expand(b, -1) if given.dim() == 1 else given
+                follow = torch.cat([given, follow], dim=1)
+            extra_rows = follow
         chunk = self.chunk or (CPU_CHUNK if state.device.type == "cpu" else max(b, 1))
         parts = []
         for lo in range(0, max(b, 1), chunk):  # one (empty) part for no rows

@@ -373,6 +373,8 @@ class ArmRun:
     answers: list[Answer | None] = field(default_factory=list)
     #: split step: the states of every round's clicks, scored with the whole batch
     unscored: list[np.ndarray] = field(default_factory=list)
+    #: the item row each of them stepped on (-1: unknown), for the successor candidates
+    unscored_rows: list[np.ndarray] = field(default_factory=list)
     #: (partition, offset, the previous answer, the clicked item) of each click to score
     pending: list[tuple[int, int, Answer, str]] = field(default_factory=list)
     model_seconds: float = 0.0
@@ -390,6 +392,7 @@ def advance_round(
     model: ServingModel,
     config: CoreConfig,
     pending: list[np.ndarray],
+    pending_rows: list[np.ndarray] | None = None,
 ) -> RoundStep:
     """Phase 3b: one model step for the round's clicks. A split-step model only advances
     here (its states are queued in ``pending`` and scored with the whole batch); others
@@ -415,6 +418,8 @@ def advance_round(
     if model.split:
         new_states = model.advance(step_rows, states)
         pending.append(new_states)
+        if pending_rows is not None:  # the clicked rows, for the successor candidates
+            pending_rows.append(rows)
         return RoundStep(new_states, unknown)
     depth = answer_depth(config)
     out = model.step(step_rows, states, users if model.user_state_dim else None, depth)
@@ -611,7 +616,7 @@ def apply_run(
             continue
         stats["clicks"] += len(clicks)
         ks = [work[c.key] for c in clicks]
-        step = advance_round(clicks, ks, model, config, run.unscored)
+        step = advance_round(clicks, ks, model, config, run.unscored, run.unscored_rows)
         model_s += time.perf_counter() - t0
         emit_round(clicks, ks, step, run, res, config, topic.incarnation)
     run.model_seconds = model_s
@@ -667,14 +672,15 @@ def finish_batch(
     for run in batch.runs:
         if run.unscored:
             t0 = time.perf_counter()
-            top_rows, scores = run.model.score(np.concatenate(run.unscored), depth)
+            clicked = np.concatenate(run.unscored_rows) if run.unscored_rows else None
+            top_rows, scores = run.model.score(np.concatenate(run.unscored), depth, clicked)
             ids = run.model.ids(top_rows)
             run.model_seconds += time.perf_counter() - t0
             _fill_answers(
                 run.recommendations, run.answers, ids.tolist(), scores.tolist(), config.top_k,
                 run.stats,
             )  # fmt: skip
-            run.unscored = []
+            run.unscored, run.unscored_rows = [], []
         res.model_seconds += run.model_seconds
     for run in batch.runs:
         res.evaluations += evaluate(run.pending, run.stats)

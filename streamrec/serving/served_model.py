@@ -33,6 +33,7 @@ from streamrec.model.checkpoint import (
 from streamrec.model.device import resolve_device
 from streamrec.model.gate import GATE_RATIO, HOLDOUT_KEY, HOLDOUT_METRIC, gate, holdout_recall
 from streamrec.model.retrieval import Retriever, choose_retrieval
+from streamrec.model.successors import SuccessorTable, SuccessorTableError, load_table
 from streamrec.model.topk import BLOCK_TOPK_MIN_ITEMS
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,23 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return False
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def _successor_table(
+    index_dir: str | os.PathLike[str] | None, model: InnerProductScores, width: int
+) -> SuccessorTable | None:
+    """The successor table published beside the weights; None (with a warning: the head
+    alone answers, with less recall) when it is missing or does not match them. A worker
+    cannot rebuild it: that needs the training log."""
+    if index_dir is None:
+        log.warning("ann_index=head+successors: no checkpoint directory, no successor table")
+        return None
+    try:
+        with torch.inference_mode():
+            return load_table(index_dir, model.item_vectors(), width)
+    except SuccessorTableError as exc:
+        log.warning("successor table not used (the head alone answers): %s", exc)
+        return None
 
 
 def _fingerprint(path: Path) -> str:
@@ -99,6 +117,7 @@ class RetrievalOptions:
             candidates=m.ann_candidates,
             kind=m.ann_index,
             head_items=m.ann_head_items,
+            successors=m.ann_successors,
         )
         return cls(m.retrieval, ann, m.bf16_shortlist)
 
@@ -206,9 +225,12 @@ class ServingModel:
         if shortlist and self.device.type == "cpu" and not cpu_has_bf16():
             log.warning("model.bf16_shortlist: this CPU has no bfloat16 instructions; not used")
             shortlist = False
+        successors = None
+        if mode == "ann" and ann.kind == "head+successors":
+            successors = _successor_table(index_dir, model, ann.successors)
         return Retriever(
             model, full, mode=mode, index=index, candidates=opts.ann.candidates,
-            bf16_shortlist=shortlist, exact_topk=exact_topk,
+            bf16_shortlist=shortlist, exact_topk=exact_topk, successors=successors,
         )  # fmt: skip
 
     # ---- loading ------------------------------------------------------------------------
@@ -308,7 +330,7 @@ class ServingModel:
             st, us = self._tensor(states), self._t(users)
             if self.retriever is not None:  # advance, then the retrieval's top-k
                 new = self._advance_t(r, st, us)
-                top_s, top_i = self.retriever.topk(new, us, k)
+                top_s, top_i = self.retriever.topk(new, us, k, clicked=r)
             else:
                 new, scores = self.model.step(r, st, us)
                 top_s, top_i = torch.topk(scores, k, dim=1)
@@ -347,13 +369,17 @@ class ServingModel:
             new = self._advance_t(r, self._tensor(states), self._t(users))
             return self._np(new, len(rows))
 
-    def score(self, states: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (rows, scores) of states made by :meth:`advance`, as ``step`` would give."""
+    def score(
+        self, states: np.ndarray, k: int | None = None, clicked: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (rows, scores) of states made by :meth:`advance`, as ``step`` would give
+        (``clicked``: the rows they stepped on, -1 for none, for the successor table)."""
         k = self.top_k if k is None else min(k, self.n_items)
         assert self.split and self.retriever is not None, "score() needs a split-step model"
         with torch.inference_mode():
             # on CPU the retrieval scores rows in chunks: each chunk's scores stay in cache
-            top_s, top_i = self.retriever.topk(self._tensor(states), None, k)
+            c = None if clicked is None else torch.from_numpy(np.asarray(clicked, np.int64))
+            top_s, top_i = self.retriever.topk(self._tensor(states), None, k, clicked=c)
             return top_i.cpu().numpy(), top_s.float().cpu().numpy()
 
     def encode_user(self, sessions: Sequence[Sequence[str]]) -> np.ndarray:

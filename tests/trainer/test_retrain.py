@@ -20,6 +20,7 @@ from streamrec.data.clicklog import DataError
 from streamrec.data.synthetic import generate_clicks
 from streamrec.loop import registry
 from streamrec.loop.archive import SCHEMA, Storage, file_name, hour_of, list_archive
+from streamrec.model.api import InnerProductScores
 from streamrec.model.checkpoint import CheckpointRecord, load_checkpoint, save_checkpoint
 from streamrec.model.gate import gate
 from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
@@ -851,3 +852,22 @@ def test_hier_warm_start_continues_the_optimiser_state(name: str) -> None:
     fresh = train_hier(copy.deepcopy(model), df, index, one)
     cont = train_hier(copy.deepcopy(model), df, index, one, init_optimizer=state)
     assert cont["epoch_losses"][0] < fresh["epoch_losses"][0]
+
+
+def test_a_published_version_carries_the_windows_successor_table(tmp_path: Path) -> None:
+    """retrieval_index=always: the index and the successor table of the training window are
+    beside the version before it is visible (ann_index=head+successors serves from them)."""
+    from streamrec.model.successors import load_table
+
+    archive, models = tmp_path / "archive", tmp_path / "models"
+    write_archive(archive, generate_clicks(600, 60, seed=8, span_days=3))
+    cfg = RetrainConfig(str(archive), str(models), "3d", "1d", params=PARAMS, progress=False,
+                        retrieval_index="always")  # fmt: skip
+    assert run_cycle(cfg, echo=lambda s: None)["decision"]["published"]
+    path = _published(models)
+    served = ServingModel.from_checkpoint(path, "cpu")
+    model = served.model
+    assert isinstance(model, InnerProductScores)
+    with torch.inference_mode():
+        table = load_table(path, model.item_vectors(), 20)
+    assert int((table.table[:, 0] >= 0).sum()) > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -173,6 +174,48 @@ def test_evaluate_through_retrieval(trained: Path, files: tuple[Path, Path]) -> 
         h = json.loads(res.output[res.output.index("{") :])
         assert h["index_params"]["kind"] == "head"
         assert (h["recall@20"] == pytest.approx(got["all"]["recall@20"], abs=1e-12)) is same
+
+
+def test_evaluate_through_head_and_successors(
+    trained: Path, files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """--ann-index head+successors scores the clicked item's successors in the training log
+    with the head: the table beside the checkpoint, built from --train (as ``trainer train``
+    publishes it) when missing or when its hash does not match; without --train, an error."""
+    from streamrec.model.api import InnerProductScores
+    from streamrec.model.checkpoint import load_checkpoint
+    from streamrec.model.successors import TABLE_FILE, SuccessorTable, load_table
+    from trainer.batching import session_arrays
+
+    train, test = files
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained, ckpt)
+    base = ["evaluate", "--model", str(ckpt), "--test", str(test), "--k", "20", "--json",
+            "--retrieval", "ann", "--ann-index", "head+successors", "--head-items", "25",
+            "--successors", "4"]  # fmt: skip
+    res = CliRunner().invoke(main, base)
+    assert res.exit_code != 0 and "--train" in res.output
+    ck = load_checkpoint(ckpt, "cpu")
+    rows, offsets, _ = session_arrays(pd.read_csv(train, sep="\t"), ck.item_index)
+    assert isinstance(ck.model, InnerProductScores)
+    with torch.inference_mode():
+        v = ck.model.item_vectors()
+    want = SuccessorTable.build(rows, offsets, len(v), 4, "")
+    for damage in (False, True):
+        if damage:  # contents no longer match their hash: rebuilt, not used
+            (ckpt / TABLE_FILE).write_bytes(b"not a table")
+        res = CliRunner().invoke(main, [*base, "--train", str(train)])
+        assert res.exit_code == 0, res.output
+        got = json.loads(res.output[res.output.index("{") :])
+        assert got["successors"] == 4 and got["index_params"]["kind"] == "head+successors"
+        assert torch.equal(load_table(ckpt, v, 4).table, want.table)
+    # trainer train publishes the table beside the index
+    out = tmp_path / "published"
+    args = ["train", "--train", str(train), "--preset", "yoochoose_xe_shared_best", "--param",
+            *FAST, "--out", str(out), "--no-progress", "--retrieval-index", "always"]  # fmt: skip
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert (out / TABLE_FILE).is_file() and "successor table" in res.output
 
 
 @pytest.mark.parametrize("ties", ["standard", "median"])

@@ -177,7 +177,8 @@ def train(
         metrics=json_safe(metrics),
     ).path
     write_json(out / "metrics.json", {"model": outcome.model_name, **metrics, "ties": ties})
-    _publish_index(out, outcome.model, retrieval_index)
+    if _publish_index(out, outcome.model, retrieval_index):
+        _publish_successors(out, outcome.model, outcome.item_ids, train_df)
     if test_df is not None:
         print_metrics(metrics, f"{outcome.model_name} on {test_path} (ties={ties})", cut)
     device = outcome.stats.get("device", "cuda" if torch.cuda.is_available() else "cpu")
@@ -209,10 +210,17 @@ def train(
 )
 @click.option(
     "--ann-index",
-    type=click.Choice(["hnsw", "head", "head+hnsw"]),
+    type=click.Choice(["hnsw", "head", "head+hnsw", "head+successors"]),
     default="hnsw",
     show_default=True,
-    help="with --retrieval ann: the index (model.ann_index)",
+    help="with --retrieval ann: the index (model.ann_index; head+successors: the table beside "
+    "the checkpoint, built from --train and saved there when missing or stale)",
+)
+@click.option(
+    "--successors",
+    type=click.IntRange(min=1),
+    default=None,
+    help="with --ann-index head+successors: successors per item (model.ann_successors)",
 )
 @click.option(
     "--head-items",
@@ -233,6 +241,7 @@ def evaluate(
     retrieval: str,
     ann_index: str,
     head_items: int | None,
+    successors: int | None,
     column_map: tuple[str, ...],
     fmt: str | None,
     session_gap: float | None,
@@ -258,7 +267,12 @@ def evaluate(
         params = AnnParams(kind=ann_index)
         if head_items is not None:
             params = replace(params, head_items=head_items)
+        if successors is not None:
+            params = replace(params, successors=successors)
         retriever, extra = _retriever(ck.model, Path(model_dir), retrieval, dev, params)
+        if retriever.mode == "ann" and params.kind == "head+successors":
+            retriever.successors = _evaluate_successors(ck, Path(model_dir), train_df, params)
+            extra["successors"] = params.successors
     t0 = time.perf_counter()
     try:
         metrics = evaluator_for(ck.model_name)(
@@ -273,8 +287,8 @@ def evaluate(
         print_metrics(dict(metrics), f"{ck.model_name} {ck.version} (ties={ties})", cut)
 
 
-def _publish_index(out: Path, model: Any, when: str) -> None:
-    """The ANN index beside a new checkpoint (``--retrieval-index``)."""
+def _publish_index(out: Path, model: Any, when: str) -> bool:
+    """The ANN index beside a new checkpoint (``--retrieval-index``); whether one was built."""
     from streamrec.model.retrieval import publish_index
 
     index = publish_index(out, model, when=when)
@@ -284,6 +298,36 @@ def _publish_index(out: Path, model: Any, when: str) -> None:
             f"built in {index.meta['build_seconds']:.1f} s",
             err=True,
         )
+    return index is not None
+
+
+def _publish_successors(out: Path, model: Any, item_ids: Any, train_df: pd.DataFrame) -> None:
+    """The successor table beside a new checkpoint whose index was published."""
+    from trainer.successors import publish_successors
+
+    t0 = time.perf_counter()
+    table = publish_successors(out, model, item_ids, train_df)
+    click.echo(
+        f"successor table: {table.n_items:,} items x {table.width}, "
+        f"built in {time.perf_counter() - t0:.1f} s",
+        err=True,
+    )
+
+
+def _evaluate_successors(ck: Any, ckpt_dir: Path, train_df: Any, params: Any) -> Any:
+    """The successor table ``trainer evaluate`` scores with: the one the worker would load,
+    else (with --train) one built and saved the way ``trainer train`` publishes it."""
+    from streamrec.model.successors import SuccessorTableError, load_table
+
+    try:
+        with torch.inference_mode():
+            return load_table(ckpt_dir, ck.model.item_vectors(), params.successors)
+    except SuccessorTableError as exc:
+        if train_df is None:
+            raise click.ClickException(f"{exc}; pass --train to build it") from None
+    from trainer.successors import publish_successors
+
+    return publish_successors(ckpt_dir, ck.model, ck.item_index, train_df, params.successors)
 
 
 def _retriever(
