@@ -172,7 +172,7 @@ def test_the_workers_deferred_scoring_passes_the_clicked_items(tmp_path: Path) -
         np.flatnonzero(table[:, 0].numpy() >= 0), 200, replace=False
     )
     records = [
-        Record(click(f"s{j}", f"i{x}"), f"s{j}".encode(), "c", 0, j, 1000.0 + j)
+        Record(click(f"s{j}", f"i{x}"), f"s{j}".encode(), "c", 0, j, None)
         for j, x in enumerate(clicked.tolist())
     ]
     res = process_batch(records, StateStore(), served, CoreConfig())
