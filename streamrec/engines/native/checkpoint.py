@@ -21,6 +21,7 @@ committed offset; the offsets kept in each state recognise the ones already appl
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,19 +40,23 @@ class ChangelogTicket:
     """The changelog records of one send (a batch's state writes): how many the broker has
     not acknowledged yet, the last offset of each changelog partition, a refusal if any."""
 
-    __slots__ = ("failed", "offsets", "pending")
+    __slots__ = ("_lock", "failed", "offsets", "pending")
 
     def __init__(self) -> None:
         self.pending = 0
         self.offsets: dict[int, int] = {}
         self.failed: str | None = None
+        # reports are served by whichever thread polls the producer (the loop's, or the
+        # scoring thread's while it waits out a full queue)
+        self._lock = threading.Lock()
 
     @property
     def done(self) -> bool:
         return self.pending <= 0
 
     def delivered(self, err: Any, msg: Any) -> None:
-        self.pending -= 1
+        with self._lock:
+            self.pending -= 1
         if err is not None:
             self.failed = str(err)
             return
@@ -95,8 +100,9 @@ class Checkpoints:
         self.committed: dict[int, int] = {}
 
     def send_changelog(self) -> ChangelogTicket:
-        """Send every partition's writes not yet sent to the changelog (call between batches,
-        in the loop's thread); the ticket says when the broker has them."""
+        """Send every partition's writes not yet sent to the changelog (by the scoring stage
+        after it stored a batch, or by the loop's thread with the pipeline drained); the
+        ticket says when the broker has them."""
         ticket = ChangelogTicket()
         errors = self.outputs.errors
 
@@ -105,9 +111,11 @@ class Checkpoints:
             if err is not None:
                 errors.append(f"{self.changelog}: {err}")
 
-        for p, state in self.partitions.items():
-            unsent = state.take_unsent()
-            ticket.pending += len(unsent)
+        writes = [(p, state.take_unsent()) for p, state in self.partitions.items()]
+        # the whole count before the first record goes: a report served meanwhile by the
+        # loop's thread must not find the ticket done half-way
+        ticket.pending = sum(len(unsent) for _, unsent in writes)
+        for p, unsent in writes:
             for key, value in unsent.items():
                 self.outputs.produce(self.changelog, value, key, p, on_delivery=delivered)
         self._tickets.append(ticket)

@@ -161,6 +161,12 @@ class Stages:
         to the changelog (this thread is the only one that writes the store while batches
         are in flight); then the next batches read these states from the store again."""
         res = finish_batch(applied, self.store, self.config)
+        if self.live is not None:
+            # the batch's live counts are durable before its states are (the changelog): a
+            # click whose state survives a kill -9 is a duplicate after it, never counted
+            # again, so its count must not be lost (streamrec.engines.live: counted once)
+            self.live.add(res)
+            self.live.publish(flush=True)
         ticket = self.send_changelog()
         self.in_flight.stored(seq)
         return res, ticket
@@ -179,8 +185,6 @@ class Stages:
             res, ticket = oldest.future.result()
             self._await_changelog(ticket)
             self.outputs.publish(res)
-            if self.live is not None:
-                self.live.add(res)
             self.metrics.observe_batch(
                 oldest.n_records, res.stats, res.latencies(), res.model_seconds
             )
