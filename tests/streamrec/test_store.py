@@ -96,6 +96,7 @@ def test_the_store_writes_each_key_into_its_own_partition_only(parts) -> None:
     # a key is read from the partition it is asked in, never looked for elsewhere
     got = store.get_session("k2", 2)
     assert got is not None and got.same_as(s2) and store.get_session("k2", 1) is None
+    assert store.has_session("k2", 2) and not store.has_session("k2", 1)
     store.delete_session("k2", 2)
     assert not store.has_session("k2", 2)
     assert parts[2].pending == {b"s/k2": None}
