@@ -189,3 +189,16 @@ def test_a_failed_offset_commit_is_not_fatal_and_the_state_is_still_written(
     assert broker.commits == [{0: 10}] and ck.in_flight is None
     part.close()
     assert _durable(tmp_path / "0") == (b"1", b"2", 1)
+
+
+def test_a_lost_partition_is_forgotten_by_the_checkpoint_begun_and_the_committed_offsets(
+    tmp_path: Path,
+) -> None:
+    broker = Broker()
+    ck, part = _first_checkpoint(tmp_path, broker)
+    assert ck.committed == {0: 10}
+    ck.begin({0: 20}, 0.0)
+    ck.forget(0)
+    assert ck.committed == {}
+    assert ck.in_flight is not None and ck.in_flight.offsets == {}
+    part.close()
