@@ -75,7 +75,7 @@ class _Reader:
 
 @pytest.fixture
 def reader(monkeypatch: pytest.MonkeyPatch) -> _Reader:
-    log = {
+    log: dict[int, list[tuple[bytes | None, bytes | None]]] = {
         0: [(SESSIONS + b"a:s1", b"1"), (USERS + b"u:1", b"2"), (SESSIONS + b"a:s1", None)],
         1: [(SESSIONS + b"a:s2", b"3"), (b"not-a-state-key", b"x"), (SESSIONS + b"a:s3", b"4")],
         2: [],
