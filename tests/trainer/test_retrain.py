@@ -394,9 +394,9 @@ def test_registry_keeps_k_rolls_back_and_cli(tmp_path: Path) -> None:
     assert list_archive(Storage(str(tmp_path / "empty"))) == []
     # every rollback is in the registry's log; the cycles are read apart from them
     log = registry.read_log(models)
-    assert [(r["event"], r["from"], r["to"]) for r in log] == [
-        ("rollback", versions[-1], versions[-2]),
-        ("rollback", versions[-2], versions[-1]),
+    assert [(r["event"], r["from"], r["to"], r["by"]) for r in log] == [
+        ("rollback", versions[-1], versions[-2], "rollback"),  # who: the default of both
+        ("rollback", versions[-2], versions[-1], "rollback"),
     ]
     assert registry.read_cycles(models) == []
 
