@@ -38,3 +38,11 @@ def test_an_undated_click_takes_any_positive_createtime_else_its_arrival() -> No
         got = _admit(Record(UNDATED, b"s1", "clicks", 0, 0, timestamp=created))
         assert not isinstance(got, DeadLetter), (created, got)
         assert got[2] == want, created
+
+
+def test_the_configured_message_size_bounds_what_is_admitted() -> None:
+    small = CoreConfig(max_message_bytes=len(UNDATED) - 1)
+    dl = admit(Record(UNDATED, b"s1", "clicks", 0, 0), small, StreamClock(), None, NOW)
+    assert isinstance(dl, DeadLetter) and dl.reason == "oversized"
+    fits = CoreConfig(max_message_bytes=len(UNDATED))
+    assert not isinstance(admit(Record(UNDATED, b"s1"), fits, StreamClock(), None, NOW), DeadLetter)
