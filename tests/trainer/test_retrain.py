@@ -167,6 +167,9 @@ def test_grow_model_keeps_every_old_tensor_bit_equal(name: str) -> None:
     assert torch.equal(s_old, s_new) and torch.equal(sc_old, sc_new[:, :20])
     with pytest.raises(ValueError, match="only grows"):
         grow_model(old, 10)
+    # the new rows come from the seed: the same seed grows the same model
+    again: Any = grow_model(old, 27, seed=3)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in new.state_dict().items())
 
 
 def test_warm_epochs_are_the_new_events_share() -> None:
@@ -777,7 +780,7 @@ def test_prnn_feature_rows_of_new_items_and_a_changed_feature_file() -> None:
     new_feature_rows(grown, index, 20, build([3, 4]))
     assert torch.equal(grown.feat_0[:20], snap)  # old rows as they were
     assert bool((grown.feat_0[20:] == 7.0).all()) and bool((grown.feat_1[20:] == 7.0).all())
-    with pytest.raises(FeatureMismatch, match="--cold"):
+    with pytest.raises(FeatureMismatch, match=r"\(feature files changed\?\): use --cold$"):
         new_feature_rows(grown, index, 20, build([3, 5]))
 
 
