@@ -227,7 +227,7 @@ def test_a_burst_on_a_fresh_clock_cannot_make_it_refuse_other_keys() -> None:
     honest = _victim_round(0, 100, WALL - 5)[:10]
     res = process_batch(honest, StateStore(), MODEL, CFG, clock=clock, now=WALL)
     assert not res.dead_letters and len(res.recommendations) == 10
-    now = clock.now(0)
+    now = clock.now(0, wall=WALL)  # measured at the records' arrival, not at import + run time
     assert now is not None and abs(now - (WALL - 5)) < 60
     # and now the attacker's next click is out of range (its key dissents, alone)
     again = [Record(body("old", "old-s", "i1", T2001 + 61), b"old", "clicks", 0, 200, None, WALL)]
