@@ -451,7 +451,9 @@ def backtest(
             f"  (n={fig.get('n_scored', 0):,}, swaps {fig.get('swaps', 0)})"
         )
     html = out_dir / "report.html"
-    click.echo(f"lost {report['lost']}, duplicated {report['duplicates']}; report: {html}")
+    dead = ", ".join(f"{n:,} {reason}" for reason, n in report.get("dead_letters", {}).items())
+    lost = f"lost {report['lost']}" + (f" (dead-lettered: {dead})" if dead else "")
+    click.echo(f"{lost}, duplicated {report['duplicates']}; report: {html}")
     if report["lost"] or report["duplicates"]:
         sys.exit(1)
 

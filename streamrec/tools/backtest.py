@@ -156,6 +156,7 @@ class Arm:
     worker: Any = None
     metrics_port: int = 0
     recs_topic: str = ""
+    dead_topic: str = ""
     versions: list[str] = field(default_factory=list)
 
 
@@ -234,11 +235,16 @@ def train_initial(opts: BacktestOptions, warm: pd.DataFrame, work: Path) -> Path
 
 
 class _AnswerReader:
-    """The click ids answered on a recommendations topic, read as they arrive."""
+    """The click ids settled on a topic, read as they arrive: answered (a recommendations
+    topic, :func:`_click_id`) or dead-lettered (a dead-letter topic, :func:`_dead_click_id`:
+    never answered, so not waited for)."""
 
-    def __init__(self, conf: dict[str, Any], topic: str) -> None:
+    def __init__(
+        self, conf: dict[str, Any], topic: str, parse: Callable[[bytes], str | None]
+    ) -> None:
         self.conf = conf
         self.topic = topic
+        self.parse = parse
         self.seen: set[str] = set()
         self._consumer: Any = None
         self._open()
@@ -265,7 +271,7 @@ class _AnswerReader:
             batch = self._consumer.consume(num_messages=10_000, timeout=0.1)
             for msg in batch:
                 if msg.error() is None:
-                    self.seen.add(_click_id(msg.value()))
+                    self._add(msg.value())
             if not batch and len(self.seen) > before:
                 break
         return len(self.seen) > before
@@ -275,9 +281,14 @@ class _AnswerReader:
         from streamrec.kafka.clients import read_topic
 
         for msg in read_topic(self.conf, self.topic, idle_timeout=1.0):
-            self.seen.add(_click_id(msg.value()))
+            self._add(msg.value())
         self.close()
         self._open()
+
+    def _add(self, value: bytes) -> None:
+        click_id = self.parse(value)
+        if click_id is not None:
+            self.seen.add(click_id)
 
     def close(self) -> None:
         if self._consumer is not None:
@@ -287,6 +298,19 @@ class _AnswerReader:
 
 def _click_id(value: bytes) -> str:
     return Recommendation.from_json(value).click_id
+
+
+def _dead_click_id(value: bytes) -> str | None:
+    """The click id of a dead-lettered click of the replay (None: not one of its clicks)."""
+    from streamrec.serving.events import DeadLetter
+    from streamrec.serving.records import event_click_id
+    from streamrec.serving.state import state_key
+
+    try:
+        body = json.loads(DeadLetter.model_validate_json(value).original)
+        return event_click_id(state_key(body.get("user_id"), body["session_id"]), body["event_id"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 class Backtest:
@@ -306,7 +330,7 @@ class Backtest:
         self._task: Any = None
         self._t0 = 0.0
         self.n_published = 0
-        self._readers: dict[str, _AnswerReader] = {}
+        self._readers: dict[str, tuple[_AnswerReader, _AnswerReader]] = {}
         self.df = pd.DataFrame()
         self.series: dict[str, Any] = {}
 
@@ -337,7 +361,7 @@ class Backtest:
         from streamrec.tools.launch import WorkerProcess
 
         arm.recs_topic = f"bt-{self.run_id}-{arm.name}-recs"
-        dead = f"bt-{self.run_id}-{arm.name}-dead"
+        arm.dead_topic = dead = f"bt-{self.run_id}-{arm.name}-dead"
         ensure_topics(
             self.conf, [TopicSpec(t, self.opts.partitions) for t in (arm.recs_topic, dead)]
         )
@@ -401,24 +425,31 @@ class Backtest:
         self.n_published += len(values)
 
     def wait_answered(self, upto: int, t_upto: float) -> None:
-        """Until every arm answered the first ``upto`` clicks.
+        """Until every arm answered or dead-lettered the first ``upto`` clicks.
 
-        Each arm's recommendations are read incrementally (a consumer assigned to every
-        partition, no group); a tailing read can skip records on the embedded broker, so when
-        it stalls short of the target a fresh read from offset 0 decides (and restarts it).
+        Each arm's recommendations and dead letters are read incrementally (consumers
+        assigned to every partition, no group); a tailing read can skip records on the
+        embedded broker, so when it stalls short of the target a fresh read from offset 0
+        decides (and restarts it). A dead-lettered click is never answered: it counts as
+        lost in the report, with its reason, instead of stalling the run.
         """
         want = set(self.click_ids[:upto])
         deadline = time.monotonic() + self.opts.timeout
         for arm in self.arms:
-            reader = self._readers.get(arm.name)
-            if reader is None:
-                reader = self._readers[arm.name] = _AnswerReader(self.conf, arm.recs_topic)
-                self._stack.callback(reader.close)
+            readers = self._readers.get(arm.name)
+            if readers is None:
+                readers = self._readers[arm.name] = (
+                    _AnswerReader(self.conf, arm.recs_topic, _click_id),
+                    _AnswerReader(self.conf, arm.dead_topic, _dead_click_id),
+                )
+                for reader in readers:
+                    self._stack.callback(reader.close)
+            answers, dead = readers
             last_new = time.monotonic()
             while True:
-                if reader.poll(0.5):
+                if answers.poll(0.5) | dead.poll(0.05):
                     last_new = time.monotonic()
-                missing = len(want - reader.seen)
+                missing = len(want - answers.seen - dead.seen)
                 if self._progress is not None and self._task is not None:
                     self._progress.update(
                         self._task, description=f"{arm.name}: {missing:,} clicks to go"
@@ -426,9 +457,10 @@ class Backtest:
                 if missing == 0:
                     break
                 if time.monotonic() - last_new > 3.0:
-                    reader.reread()
+                    answers.reread()
+                    dead.reread()
                     last_new = time.monotonic()
-                    if not want - reader.seen:
+                    if not want - answers.seen - dead.seen:
                         break
                 if not arm.worker.alive():
                     raise BacktestError(f"worker {arm.name} exited:\n{arm.worker.log_tail()}")
@@ -678,6 +710,7 @@ class Backtest:
             "retrainer": opts.retrainer if any(a.retrain for a in self.arms) else None,
             "retrains": self.retrains,
             "lost": 0,
+            "dead_letters": {},
             "duplicates": 0,
             "seconds": seconds,
             "ks": list(opts.ks),
@@ -698,12 +731,15 @@ class Backtest:
                 report["periods"][p][arm.name] = fig
             overall["live"] = self.workers_live_figures(arm)
             overall["lost"] = ans.lost
+            overall["dead_letters"] = self.dead_letter_reasons(arm)
             overall["duplicates"] = ans.duplicates
             swaps = model_swaps(s["versions"])
             overall["swaps"] = len(swaps)
             report["overall"][arm.name] = overall
             report["swaps"] += [{"arm": arm.name, **sw} for sw in swaps]
             report["lost"] += ans.lost
+            for reason, n in overall["dead_letters"].items():
+                report["dead_letters"][reason] = report["dead_letters"].get(reason, 0) + n
             report["duplicates"] += ans.duplicates
             series[arm.name] = s
         self.series = series
@@ -712,6 +748,19 @@ class Backtest:
             name: plot_series(s["latencies_ms"], s["emitted"], t0) for name, s in series.items()
         }
         return report
+
+    def dead_letter_reasons(self, arm: Arm) -> dict[str, int]:
+        """How many of the replay's clicks the arm's worker dead-lettered, by reason (they are
+        among the ``lost``: a valid log line refused, e.g. a time far from the clock)."""
+        from streamrec.kafka.clients import read_topic
+        from streamrec.serving.events import DeadLetter
+
+        ours, reasons = set(self.click_ids), dict[str, int]()
+        for msg in read_topic(self.conf, arm.dead_topic, idle_timeout=1.0):
+            if _dead_click_id(msg.value()) in ours:
+                reason = DeadLetter.model_validate_json(msg.value()).reason
+                reasons[reason] = reasons.get(reason, 0) + 1
+        return reasons
 
 
 def run_backtest(opts: BacktestOptions) -> dict[str, Any]:

@@ -336,7 +336,7 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}} img{{max-width:1
 <p><code>{html.escape(str(report.get("command", "")))}</code></p>
 <p>log {html.escape(str(report.get("log")))}: {report.get("events", 0):,} clicks,
 {report.get("warmup_events", 0):,} of them warm-up (not scored{until}),
-{len(report.get("periods", []))} period(s); lost {report.get("lost")},
+{len(report.get("periods", []))} period(s); lost {report.get("lost")}{_dead_letters(report)},
 duplicated {report.get("duplicates")}.</p>
 {note}
 <h2>Overall</h2>{_table(report)}
@@ -351,6 +351,12 @@ session's previous click, by the same code as the figures above.</p><ul>{_live_l
 </body></html>
 """
     (out / "report.html").write_text(page)
+
+
+def _dead_letters(report: Mapping[str, Any]) -> str:
+    dead = report.get("dead_letters") or {}
+    parts = ", ".join(f"{n:,} {html.escape(str(reason))}" for reason, n in dead.items())
+    return f" (dead-lettered: {parts})" if parts else ""
 
 
 def write_report(out: Path, report: Mapping[str, Any]) -> None:

@@ -464,3 +464,29 @@ def test_a_1997_log_is_backtested_end_to_end_with_nothing_lost(tmp_path: Path) -
     last = report["periods"][len(cycles) - 2]
     assert archived == int((df["Time"] < last["end"]).sum())
     assert all(c["events"]["train"] > 0 for c in cycles)
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_a_dead_lettered_click_is_reported_lost_with_its_reason_not_waited_for(
+    log: Path, tmp_path: Path
+) -> None:
+    """A log line the worker refuses (dated after its own arrival) is never answered: the
+    run does not wait ``--timeout`` for it (the whole run has half that here), it counts as
+    lost with its reason, and the exit status says something was lost."""
+    df = pd.read_csv(log, sep="\t", dtype=str)
+    odd = df.iloc[[5]].assign(SessionId="odd", Time=str(time.time() + 2 * 365 * 86400))
+    bad_log = tmp_path / "log.tsv"
+    pd.concat([df, odd]).to_csv(bad_log, sep="\t", index=False)
+    ckpt = _train(log, tmp_path / "m", "gru4rec")
+    out = tmp_path / "bt"
+    done = subprocess.run(
+        [*_py(), "streamrec", "backtest", str(bad_log), "--out", str(out), "--no-progress",
+         *_broker_args(), "--init", str(ckpt), "--no-retrain", "--warmup-until", "0"],
+        capture_output=True, text=True, env=_env(), timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr[-4000:]
+    assert "lost 1 (dead-lettered: 1 timestamp_out_of_range)" in done.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["lost"] == 1 and report["dead_letters"] == {"timestamp_out_of_range": 1}
+    assert report["overall"]["frozen"]["n_scored"] == _evaluate(ckpt, log)["n_events"]

@@ -370,3 +370,24 @@ def test_a_fast_replay_of_a_sparse_log_is_accepted_and_an_odd_time_in_it_is_not(
     assert clock.check(1, "u:odd2", t - 400 * day, wall + 1) is not None
     assert clock.check(1, "u:odd3", t - 400 * day, wall + 1) is not None
     assert clock.check(1, "u:0", t, wall + 1) is None
+
+
+def test_a_sparse_log_with_few_keys_accepts_a_click_weeks_after_the_median_key() -> None:
+    """Ten keys over a month (the backtest's tiny log has this shape): the median key was last
+    heard 32 days before a click that comes 6 days after the previous one. It is in range
+    (near the newest key that agrees with the clock); a key cannot ratchet that reference
+    forward: a click 30 days past its own accepted one, 62 days ahead of the clock, is
+    refused, and neither moves the clock."""
+    clock = StreamClock()
+    wall = time.time()
+    day = 86400.0
+    latest = [0, 1, 2, 3, 4, 5, 12, 20, 28, 30]  # each key's last click (days after T0)
+    for j, d in enumerate(latest):
+        assert clock.check(0, f"u:{j}", T0 + d * day, wall) is None
+    assert clock.now(0, wall) == pytest.approx(T0 + 4 * day, abs=1)  # the lower median
+    assert clock.check(0, "u:new", T0 + 36 * day, wall) is None  # 32 days ahead of it
+    why = clock.check(0, "u:new", T0 + 66 * day, wall)  # 30 days after its own click
+    assert why is not None and "partition 0's clock" in why
+    assert clock.check(0, "u:odd", T0 + 365 * day, wall) is not None
+    now = clock.now(0, wall)  # one more vote: the median moves by one rank at most
+    assert now is not None and T0 + 4 * day - 1 <= now <= T0 + 5 * day + 1
