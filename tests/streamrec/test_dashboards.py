@@ -20,6 +20,7 @@ from confluent_kafka import Producer
 
 from streamrec.data.synthetic import generate_clicks
 from streamrec.kafka.embedded import free_port
+from streamrec.loop.registry import current_version
 from streamrec.testing import click, worker_topics
 from streamrec.tools.launch import WorkerProcess, settings_env
 
@@ -83,6 +84,15 @@ def _names(port: int) -> set[str]:
     }
 
 
+def _value(port: int, name: str) -> float:
+    """The value of one unlabelled sample on an exporter's page (0 when absent)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as f:
+        for line in f.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return 0.0
+
+
 def _wait(what: str, check: Callable[[], bool], timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -120,15 +130,19 @@ def test_every_metric_the_dashboard_and_rules_query_is_exported(
             producer.produce(topics.clicks, key=str(s), value=click(str(s), str(item), t=t))
         producer.produce(topics.clicks, key=b"k", value=b"not json")  # a dead letter
         assert producer.flush(30) == 0
+        # The retrainer's first cycle reads the archive at once and the next comes an hour
+        # later: start it only when the archiver has written every click.
+        _wait(
+            "the archiver to write the clicks",
+            lambda: _value(ports["archiver"], "streamrec_archiver_archived_total") >= len(df),
+        )
         spawn("retrain.log", "-m", "trainer", "retrain", "--archive", str(archive),
               "--models", str(models), "--every", "1h", "--window", "30d", "--holdout", "6h",
               "--param", "layers=16", "n_epochs=2", "batch_size=32", "n_sample=0",
               "--tolerance", "1.0", "--min-holdout-events", "0", "--no-progress",
               "--metrics-port", str(ports["retrainer"]))  # fmt: skip
-        _wait(
-            "a published version",
-            lambda: "streamrec_retrain_published_info" in _names(ports["retrainer"]),
-        )
+        # The Info metric is exported (empty) before any publication: wait for the registry.
+        _wait("a published version", lambda: current_version(models) is not None)
         worker = WorkerProcess(
             models,
             settings={**topics.settings(), "worker.metrics_port": ports["worker"]},
