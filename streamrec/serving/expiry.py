@@ -33,9 +33,12 @@ Now = Callable[[int], float | None]
 
 
 def clock_reader(clock: StreamClock | None, now: float | None = None) -> Now:
-    """What the sweep asks for a partition's time: its clock's, else the fixed ``now``."""
+    """What the sweep asks for a partition's time: its clock's (read at wall time ``now``
+    when given, else at the current time), else the fixed ``now``."""
     if clock is not None:
-        return clock.now
+        if now is None:
+            return clock.now
+        return lambda partition: clock.now(partition, wall=now)
     fixed = time.time() if now is None else now
     return lambda _partition: fixed
 

@@ -391,3 +391,14 @@ def test_a_sparse_log_with_few_keys_accepts_a_click_weeks_after_the_median_key()
     assert clock.check(0, "u:odd", T0 + 365 * day, wall) is not None
     now = clock.now(0, wall)  # one more vote: the median moves by one rank at most
     assert now is not None and T0 + 4 * day - 1 <= now <= T0 + 5 * day + 1
+
+
+def test_the_sweep_reads_each_clock_at_the_wall_time_it_is_given() -> None:
+    """``sweep_idle(clock=..., now=wall)`` reads the partition clocks at ``wall``: the same
+    sessions are idle or not however long after the clicks the sweep runs."""
+    model = tiny_serving_model()
+    store, clock = StateStore(), StreamClock()
+    wall = time.time() - 3600  # the clicks arrived an hour ago
+    n = live_sessions(store, 20, wall, clock)
+    assert sweep_idle(store, model, CFG, clock=clock, now=wall).sessions_ended == 0
+    assert sweep_idle(store, model, CFG, clock=clock, now=wall + 200).sessions_ended == n
