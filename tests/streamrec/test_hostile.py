@@ -299,7 +299,7 @@ def run(hostile: Case | None) -> tuple[list[Recommendation], Any, StateStore, An
         rec = _record(hostile.value, hostile.key, 31, hostile.create_time)
         res = process_batch([rec], store, model, CFG, clock=clock, now=WALL)
     answers += process_batch([GOOD2], store, model, CFG, clock=clock, now=WALL).recommendations
-    swept = sweep_idle(store, model, CFG, clock=clock)
+    swept = sweep_idle(store, model, CFG, clock=clock, now=WALL)  # at arrival, not run time
     return answers, res, store, swept
 
 
