@@ -281,7 +281,7 @@ class StateSettings(_Group):
     #: An event time more than this ahead of the record's arrival is dead-lettered as
     #: timestamp_out_of_range (a client clock hours fast, a CreateTime in 2286).
     max_ahead_seconds: float = Field(3600.0, gt=0)
-    #: An event time whose skew (event time - arrival) is more than this away from its
+    #: An event time whose skew (event time - arrival) is more than this behind its
     #: partition's clock (the median skew of its recently active keys, one vote per key) is
     #: dead-lettered as timestamp_out_of_range.
     max_skew_seconds: float = Field(30 * 24 * 3600.0, gt=0)

@@ -54,7 +54,6 @@ class PartitionClock:
         self.min_keys = min_keys
         self.max_skew = max_skew
         self._agree = 0  # votes within max_skew of the median (as of its last computation)
-        self._newest_agreeing: float | None = None  # the largest of those votes
         self.slots: dict[str, int] = {}  # key -> slot; insertion order = least recent first
         self.skews = np.zeros(self.window, dtype=np.float64)
         self.accepted = np.zeros(self.window, dtype=bool)
@@ -85,17 +84,10 @@ class PartitionClock:
             v = self.skews[:n][self.accepted[:n]]
             k = (v.size - 1) // 2
             median = float(np.partition(v, k)[k])
-            agreeing = v[np.abs(v - median) <= self.max_skew]
-            self._agree = int(agreeing.size)
-            self._newest_agreeing = float(agreeing.max())
+            self._agree = int(np.count_nonzero(np.abs(v - median) <= self.max_skew))
             self._median = median
             self._changed = 0
         return self._median
-
-    def newest_agreeing(self) -> float | None:
-        """The largest vote within ``max_skew`` of the median (None: no vote). A key can
-        raise it to at most the median plus ``max_skew``, so it cannot be ratcheted."""
-        return None if self.median_skew() is None else self._newest_agreeing
 
     def recent_median(self, n: int) -> float | None:
         """Lower median of the votes of the ``n`` keys that voted most recently (fresh, not
@@ -171,15 +163,13 @@ class StreamClock:
     :meth:`check` decides whether an event time is in range for its partition: not more than
     ``max_ahead_seconds`` ahead of its reference (its arrival, or its record's CreateTime if
     that is earlier: a client clock hours fast, a CreateTime in 2286), and, once the
-    partition's clock is trusted (``min_keys`` keys vote), with a skew within
-    ``max_skew_seconds`` of the clock's skew, or of the lower median of the ``min_keys``
-    keys that voted last. The second reference follows a fast replay of a sparse log, whose
-    skew drifts by days per event (the median of the window's keys lags behind it); a single
-    odd key, or any minority of the last ``min_keys`` voting keys, moves neither. The third
-    follows a sparse log with few keys, where even the last ``min_keys`` keys were heard weeks
-    apart: an event ahead of the clock is in range within ``max_skew_seconds`` of the newest
-    vote that agrees with the clock (a vote at most ``max_skew_seconds`` ahead of it, so no
-    key can ratchet it forward: a year ahead stays refused). An event
+    partition's clock is trusted (``min_keys`` keys vote), not more than ``max_skew_seconds``
+    *behind* the clock's skew, or behind the lower median of the ``min_keys`` keys that
+    voted last (which follows a fast replay of a sparse log, whose skew drifts by days per
+    event). An event ahead of the clock but not of its record is in range: it is one vote
+    and cannot move the clock, and in a replay the keys still active run weeks or months
+    ahead of the median key, last heard long ago (a live stream's clock reads about the wall
+    clock, so there ahead of the clock is ahead of the record). An event
     refused as far from the clock is its key's dissent (see :class:`PartitionClock`); one
     refused as ahead of its arrival neither votes nor dissents.
     """
@@ -226,17 +216,13 @@ class StreamClock:
         c = self._clock(partition)
         skew = t - arrival
         median = c.reading()
-        if median is None or abs(skew - median) <= self.max_skew:
+        # ahead of the clock is in range (its record's time bounds it, above): in a replay the
+        # few keys still active run weeks ahead of keys last heard long ago
+        if median is None or skew - median >= -self.max_skew:
             c.vote(key, skew)
             return None
         recent = c.recent_median(self.min_keys)
-        if recent is not None and abs(skew - recent) <= self.max_skew:
-            c.vote(key, skew)
-            return None
-        newest = c.newest_agreeing()
-        if skew > median and newest is not None and skew - newest <= self.max_skew:
-            # ahead of the clock but near the latest event of a key that agrees with it: a
-            # sparse log's next click, weeks after the median key was last heard
+        if recent is not None and skew - recent >= -self.max_skew:
             c.vote(key, skew)
             return None
         if c.dissent(key, skew):

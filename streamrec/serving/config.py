@@ -27,7 +27,7 @@ class CoreConfig:
     dedup_event_ids: int = 32
     #: An event time more than this ahead of the record's arrival is out of range.
     max_ahead_seconds: float = 3600.0
-    #: An event time whose skew (event time - arrival time) is more than this away from its
+    #: An event time whose skew (event time - arrival time) is more than this behind its
     #: partition's clock (the median of its keys' skews) is out of range.
     max_skew_seconds: float = 30 * 24 * 3600.0
     #: Recently active keys per partition whose skews make the clock (one vote per key).
