@@ -102,11 +102,17 @@ class TiledTopK:
             bufs = self._local.bufs = (scores, maxima)
         return bufs[0][:rows], bufs[1][:rows]
 
-    def topk(self, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """(values, item rows) ``[B, k]`` for the rows of ``x`` ``[B, D]``."""
+    def topk(
+        self, x: Tensor, k: int, add: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(values, item rows) ``[B, k]`` for the rows of ``x`` ``[B, D]``.
+
+        ``add`` (``cols`` ``[B, M]`` item rows, ``values`` ``[B, M]``): added to those scores
+        before the top-k, as ``scores.scatter_add_(1, cols, values)`` on the full score matrix
+        (a session memory's offsets; a row's cols distinct, or repeated with value 0)."""
         b, n, blk = x.shape[0], self.n, self.block
         if b == 0 or n < BLOCK_TOPK_MIN_ITEMS or k * blk >= n or x.device.type != "cpu":
-            return self._plain(x, k)
+            return self._plain(x, k, add)
         x = x.to(self.weight_t.dtype)
         scores, maxima = self._buffers(b)
         full = n - n % blk
@@ -118,6 +124,8 @@ class TiledTopK:
             if m1 > c0:
                 torch.amax(out[:, : m1 - c0].view(b, -1, blk), dim=2,
                            out=maxima[:, c0 // blk : m1 // blk])  # fmt: skip
+        if add is not None:
+            self._add_to_scores(scores, maxima, *add)
         _, best = torch.topk(maxima, k, dim=1)
         cols = (best.unsqueeze(2) * blk + torch.arange(blk)).view(b, -1)
         if full < n:
@@ -126,7 +134,22 @@ class TiledTopK:
         rows = cols.gather(1, pos)
         return (values if self.act is None else self.act(values)), rows
 
-    def _plain(self, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    def _add_to_scores(self, scores: Tensor, maxima: Tensor, cols: Tensor, values: Tensor) -> None:
+        """``scores[i, cols[i]] += values[i]``, and the maxima of the blocks those items are in
+        taken again (an offset may lower a block's best score as well as raise it). A column
+        in the ragged tail (always looked at, no maximum) recomputes the last full block's
+        maximum instead, which leaves it as it is."""
+        b, blk = scores.shape[0], self.block
+        scores.scatter_add_(1, cols, values.to(scores.dtype))
+        blocks = (cols // blk).clamp(max=maxima.shape[1] - 1)
+        span = (blocks.unsqueeze(2) * blk + torch.arange(blk, device=cols.device)).view(b, -1)
+        maxima.scatter_(1, blocks, scores.gather(1, span).view(b, -1, blk).amax(dim=2))
+
+    def _plain(
+        self, x: Tensor, k: int, add: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
         s = torch.addmm(self.bias, x.to(self.weight_t.dtype), self.weight_t)
+        if add is not None:
+            s.scatter_add_(1, add[0], add[1].to(s.dtype))
         values, rows = torch.topk(s, min(k, self.n), dim=1)
         return (values if self.act is None else self.act(values)), rows
