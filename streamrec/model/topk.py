@@ -116,16 +116,18 @@ class TiledTopK:
         x = x.to(self.weight_t.dtype)
         scores, maxima = self._buffers(b)
         full = n - n % blk
-        for c0 in range(0, n, self.tile):
+        per_tile = None if add is None else self._per_tile(*add)
+        for t, c0 in enumerate(range(0, n, self.tile)):
             c1 = min(n, c0 + self.tile)
             out = scores[:, c0:c1]
             torch.addmm(self.bias[:, c0:c1], x, self.weight_t[:, c0:c1], out=out)
+            if per_tile is not None:  # while the tile is in cache, before its block maxima
+                local, values = per_tile
+                out.scatter_add_(1, local.clamp(max=c1 - c0 - 1), values[t])
             m1 = min(c1, full)
             if m1 > c0:
                 torch.amax(out[:, : m1 - c0].view(b, -1, blk), dim=2,
                            out=maxima[:, c0 // blk : m1 // blk])  # fmt: skip
-        if add is not None:
-            self._add_to_scores(scores, maxima, *add)
         _, best = torch.topk(maxima, k, dim=1)
         cols = (best.unsqueeze(2) * blk + torch.arange(blk)).view(b, -1)
         if full < n:
@@ -134,16 +136,15 @@ class TiledTopK:
         rows = cols.gather(1, pos)
         return (values if self.act is None else self.act(values)), rows
 
-    def _add_to_scores(self, scores: Tensor, maxima: Tensor, cols: Tensor, values: Tensor) -> None:
-        """``scores[i, cols[i]] += values[i]``, and the maxima of the blocks those items are in
-        taken again (an offset may lower a block's best score as well as raise it). A column
-        in the ragged tail (always looked at, no maximum) recomputes the last full block's
-        maximum instead, which leaves it as it is."""
-        b, blk = scores.shape[0], self.block
-        scores.scatter_add_(1, cols, values.to(scores.dtype))
-        blocks = (cols // blk).clamp(max=maxima.shape[1] - 1)
-        span = (blocks.unsqueeze(2) * blk + torch.arange(blk, device=cols.device)).view(b, -1)
-        maxima.scatter_(1, blocks, scores.gather(1, span).view(b, -1, blk).amax(dim=2))
+    def _per_tile(self, cols: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """``add`` as one scatter per tile: each column's place in its tile ``[B, M]``, and the
+        values ``[tiles, B, M]`` with 0 in every tile but the column's own (adding 0 leaves a
+        score as it is, so every tile can take the same places)."""
+        n_tiles = -(-self.n // self.tile)
+        tiles = torch.arange(n_tiles, device=cols.device).view(-1, 1, 1)
+        mine = (cols // self.tile).unsqueeze(0) == tiles
+        zero = torch.zeros((), dtype=self.weight_t.dtype)
+        return cols % self.tile, torch.where(mine, values.to(self.weight_t.dtype), zero)
 
     def _plain(
         self, x: Tensor, k: int, add: tuple[Tensor, Tensor] | None = None
