@@ -91,6 +91,9 @@ class TiledTopK:
         self.tile = tile
         self.block = block
         self.n = weight_t.shape[1]
+        #: [tiles, 1, 1] tile numbers, and the last tile's width (for ``add``)
+        self._tile_ids = torch.arange(-(-self.n // tile)).view(-1, 1, 1)
+        self._last_width = self.n - (self._tile_ids.shape[0] - 1) * tile
         self._local = threading.local()
 
     def _buffers(self, rows: int) -> tuple[Tensor, Tensor]:
@@ -122,8 +125,8 @@ class TiledTopK:
             out = scores[:, c0:c1]
             torch.addmm(self.bias[:, c0:c1], x, self.weight_t[:, c0:c1], out=out)
             if per_tile is not None:  # while the tile is in cache, before its block maxima
-                local, values = per_tile
-                out.scatter_add_(1, local.clamp(max=c1 - c0 - 1), values[t])
+                local, last, values = per_tile
+                out.scatter_add_(1, local if c1 - c0 == self.tile else last, values[t])
             m1 = min(c1, full)
             if m1 > c0:
                 torch.amax(out[:, : m1 - c0].view(b, -1, blk), dim=2,
@@ -136,15 +139,15 @@ class TiledTopK:
         rows = cols.gather(1, pos)
         return (values if self.act is None else self.act(values)), rows
 
-    def _per_tile(self, cols: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-        """``add`` as one scatter per tile: each column's place in its tile ``[B, M]``, and the
-        values ``[tiles, B, M]`` with 0 in every tile but the column's own (adding 0 leaves a
-        score as it is, so every tile can take the same places)."""
-        n_tiles = -(-self.n // self.tile)
-        tiles = torch.arange(n_tiles, device=cols.device).view(-1, 1, 1)
-        mine = (cols // self.tile).unsqueeze(0) == tiles
-        zero = torch.zeros((), dtype=self.weight_t.dtype)
-        return cols % self.tile, torch.where(mine, values.to(self.weight_t.dtype), zero)
+    def _per_tile(self, cols: Tensor, values: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+        """``add`` as one scatter per tile: each column's place in its tile ``[B, M]`` (and in
+        the last, narrower tile: clamped into it), and per tile the values ``[B, M]``, 0 but in
+        the column's own tile (adding 0 leaves a score as it is, so every tile can take the
+        same places)."""
+        local = cols % self.tile
+        mine = (cols // self.tile).unsqueeze(0) == self._tile_ids
+        per_tile = torch.where(mine, values.to(self.weight_t.dtype), 0.0)
+        return local, local.clamp(max=self._last_width - 1), per_tile.unbind(0)
 
     def _plain(
         self, x: Tensor, k: int, add: tuple[Tensor, Tensor] | None = None
