@@ -125,8 +125,8 @@ class TiledTopK:
             out = scores[:, c0:c1]
             torch.addmm(self.bias[:, c0:c1], x, self.weight_t[:, c0:c1], out=out)
             if per_tile is not None:  # while the tile is in cache, before its block maxima
-                local, last, values = per_tile
-                out.scatter_add_(1, local if c1 - c0 == self.tile else last, values[t])
+                local, last, tile_values = per_tile
+                out.scatter_add_(1, local if c1 - c0 == self.tile else last, tile_values[t])
             m1 = min(c1, full)
             if m1 > c0:
                 torch.amax(out[:, : m1 - c0].view(b, -1, blk), dim=2,
