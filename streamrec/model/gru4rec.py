@@ -329,11 +329,15 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
         """The score offset of each memory slot ``[B, K]`` from the last layer's ``output``;
         0 where ``filled`` (``[B, K]``, nonzero = the slot holds an item) is 0. With
         ``first_slot``: the slots from that one on (``filled`` holds only those)."""
+        offsets = self._slot_offsets_unmasked(output, first_slot)
+        return offsets * (filled > 0).to(offsets.dtype)
+
+    def _slot_offsets_unmasked(self, output: Tensor, first_slot: int = 0) -> Tensor:
+        """:meth:`slot_offsets` whether a slot holds an item or not."""
         per_group = self.memory_bias.unsqueeze(0)
         if hasattr(self, "memory_gate_weight"):
             per_group = per_group + output @ self.memory_gate_weight
-        offsets = per_group.index_select(1, self.memory_groups[first_slot:])
-        return offsets * (filled > 0).to(offsets.dtype)
+        return per_group.index_select(1, self.memory_groups[first_slot:])
 
     def _add_memory_offsets(self, scores: Tensor, output: Tensor, memory: Tensor) -> Tensor:
         """``scores`` ``[B, n_items]`` plus each row's memory offsets (in place)."""
@@ -420,10 +424,9 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
             m = self.memory - int(filled.to(torch.uint8).argmax()) if bool(filled.any()) else 0
             if m == 0:
                 return tiled.topk(out, k)
-            memory = memory[:, self.memory - m :]
-            offsets = self.slot_offsets(out, memory, first_slot=self.memory - m)
-            # an empty slot adds its 0 offset to item row 0 (as in _add_memory_offsets)
-            cols = (memory.long() - 1).clamp(min=0)
+            offsets = self._slot_offsets_unmasked(out, self.memory - m)
+            # an empty slot (0) is item row -1: the tiled top-k adds nothing for it
+            cols = memory[:, self.memory - m :].long() - 1
             return tiled.topk(out, k, add=(cols, offsets))
 
         return topk

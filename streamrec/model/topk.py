@@ -112,7 +112,7 @@ class TiledTopK:
 
         ``add`` (``cols`` ``[B, M]`` item rows, ``values`` ``[B, M]``): added to those scores
         before the top-k, as ``scores.scatter_add_(1, cols, values)`` on the full score matrix
-        (a session memory's offsets; a row's cols distinct, or repeated with value 0)."""
+        (a session memory's offsets; a row's cols distinct); a col < 0 adds nothing."""
         b, n, blk = x.shape[0], self.n, self.block
         if b == 0 or n < BLOCK_TOPK_MIN_ITEMS or k * blk >= n or x.device.type != "cpu":
             return self._plain(x, k, add)
@@ -143,7 +143,7 @@ class TiledTopK:
         """``add`` as one scatter per tile: each column's place in its tile ``[B, M]`` (and in
         the last, narrower tile: clamped into it), and per tile the values ``[B, M]``, 0 but in
         the column's own tile (adding 0 leaves a score as it is, so every tile can take the
-        same places)."""
+        same places). A col < 0 is in no tile: its values are 0 everywhere."""
         local = cols % self.tile
         mine = (cols // self.tile).unsqueeze(0) == self._tile_ids
         per_tile = torch.where(mine, values.to(self.weight_t.dtype), 0.0)
@@ -154,6 +154,8 @@ class TiledTopK:
     ) -> tuple[Tensor, Tensor]:
         s = torch.addmm(self.bias, x.to(self.weight_t.dtype), self.weight_t)
         if add is not None:
-            s.scatter_add_(1, add[0], add[1].to(s.dtype))
+            cols, values = add
+            values = torch.where(cols >= 0, values.to(s.dtype), 0.0)
+            s.scatter_add_(1, cols.clamp(min=0), values)
         values, rows = torch.topk(s, min(k, self.n), dim=1)
         return (values if self.act is None else self.act(values)), rows
