@@ -23,6 +23,8 @@ from torch import Tensor
 BLOCK_TOPK_MIN_ITEMS = 4096
 #: items per block
 BLOCK = 64
+#: rows :class:`TiledTopK` scores at a time on CPU (a tile of their scores stays in cache)
+ROWS_PER_PASS = 64
 #: a bound on |bf16 score - fp32 score| per unit of ``|query| * max |item vector|``: inputs
 #: rounded to bf16 (2 x 2^-8 relative on each product), the bf16 output (2^-8), both
 #: float32 accumulations (~100 x 2^-24 each): 0.0118 in all, rounded up to 2^-6
@@ -108,12 +110,21 @@ class TiledTopK:
     def topk(
         self, x: Tensor, k: int, add: tuple[Tensor, Tensor] | None = None
     ) -> tuple[Tensor, Tensor]:
-        """(values, item rows) ``[B, k]`` for the rows of ``x`` ``[B, D]``.
+        """(values, item rows) ``[B, k]`` for the rows of ``x`` ``[B, D]`` (on CPU, in passes of
+        :data:`ROWS_PER_PASS` rows).
 
         ``add`` (``cols`` ``[B, M]`` item rows, ``values`` ``[B, M]``): added to those scores
         before the top-k, as ``scores.scatter_add_(1, cols, values)`` on the full score matrix
         (a session memory's offsets; a row's cols distinct); a col < 0 adds nothing."""
         b, n, blk = x.shape[0], self.n, self.block
+        if b > ROWS_PER_PASS and x.device.type == "cpu":  # the same passes as one call each
+            parts = [
+                self.topk(x[lo : lo + ROWS_PER_PASS], k,
+                          None if add is None else (add[0][lo : lo + ROWS_PER_PASS],
+                                                    add[1][lo : lo + ROWS_PER_PASS]))
+                for lo in range(0, b, ROWS_PER_PASS)
+            ]  # fmt: skip
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         if b == 0 or n < BLOCK_TOPK_MIN_ITEMS or k * blk >= n or x.device.type != "cpu":
             return self._plain(x, k, add)
         x = x.to(self.weight_t.dtype)

@@ -399,15 +399,15 @@ def test_gru4rec_session_memory_in_every_retrieval() -> None:
 @pytest.mark.parametrize("n", [4096, 5000])
 def test_tiled_topk_with_a_session_memory_is_the_full_answer(n: int) -> None:
     """Over a tiled catalogue (>= 4096 items) the memory's offsets go into the tiled score
-    matrix before its block maxima are used: the top-k is that of ``state_scorer`` to the bit,
-    with offsets that lower a block's best item (its maximum must be taken again), raise an
-    item from a weak block, or fall on the ragged tail (items 4992-4999 of 5000); rows
-    remember 0 to 8 items."""
+    matrix before its block maxima are taken: the top-k is that of ``state_scorer`` to the bit,
+    with offsets that lower a block's best item, raise an item from a weak block, or fall on
+    the ragged tail (items 4992-4999 of 5000); rows remember 0 to 8 items (empty slots), in
+    two passes of rows."""
     k, slots = 21, 8
     m = GRU4Rec({"n_items": n, "layers": [16], "session_memory": slots, "memory_gate": True})
     m.eval()
     gen = torch.Generator().manual_seed(n)
-    b = 40
+    b = 100  # two passes of ROWS_PER_PASS rows
     with torch.inference_mode():
         m.By.normal_(0.0, 0.3, generator=gen)
         hidden = torch.randn(b, 16, generator=gen).tanh()
