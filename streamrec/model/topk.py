@@ -93,9 +93,9 @@ class TiledTopK:
         self.tile = tile
         self.block = block
         self.n = weight_t.shape[1]
-        #: [tiles, 1, 1] tile numbers, and the last tile's width (for ``add``)
-        self._tile_ids = torch.arange(-(-self.n // tile)).view(-1, 1, 1)
-        self._last_width = self.n - (self._tile_ids.shape[0] - 1) * tile
+        #: tiles, and the last tile's width (for ``add``)
+        self._n_tiles = -(-self.n // tile)
+        self._last_width = self.n - (self._n_tiles - 1) * tile
         self._local = threading.local()
 
     def _buffers(self, rows: int) -> tuple[Tensor, Tensor]:
@@ -154,10 +154,11 @@ class TiledTopK:
         """``add`` as one scatter per tile: each column's place in its tile ``[B, M]`` (and in
         the last, narrower tile: clamped into it), and per tile the values ``[B, M]``, 0 but in
         the column's own tile (adding 0 leaves a score as it is, so every tile can take the
-        same places). A col < 0 is in no tile: its values are 0 everywhere."""
+        same places). A col < 0 goes to a tile past the last: its values are 0 everywhere."""
         local = cols % self.tile
-        mine = (cols // self.tile).unsqueeze(0) == self._tile_ids
-        per_tile = torch.where(mine, values.to(self.weight_t.dtype), 0.0)
+        tile = (cols // self.tile) % (self._n_tiles + 1)  # -1 // tile = -1: the extra tile
+        per_tile = torch.zeros((self._n_tiles + 1, *cols.shape), dtype=self.weight_t.dtype)
+        per_tile.scatter_(0, tile.unsqueeze(0), values.to(per_tile.dtype).unsqueeze(0))
         return local, local.clamp(max=self._last_width - 1), per_tile.unbind(0)
 
     def _plain(
