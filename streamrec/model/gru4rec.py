@@ -333,11 +333,12 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
         return offsets * (filled > 0).to(offsets.dtype)
 
     def _slot_offsets_unmasked(self, output: Tensor, first_slot: int = 0) -> Tensor:
-        """:meth:`slot_offsets` whether a slot holds an item or not."""
+        """:meth:`slot_offsets` ``[B, K - first_slot]`` whether a slot holds an item or not."""
         per_group = self.memory_bias.unsqueeze(0)
         if hasattr(self, "memory_gate_weight"):
             per_group = per_group + output @ self.memory_gate_weight
-        return per_group.index_select(1, self.memory_groups[first_slot:])
+        offsets = per_group.index_select(1, self.memory_groups[first_slot:])
+        return offsets.expand(output.shape[0], -1)  # without a gate: one row for all
 
     def _add_memory_offsets(self, scores: Tensor, output: Tensor, memory: Tensor) -> Tensor:
         """``scores`` ``[B, n_items]`` plus each row's memory offsets (in place)."""

@@ -396,15 +396,15 @@ def test_gru4rec_session_memory_in_every_retrieval() -> None:
                     assert not set(ann[b, : 20 - len(mine)].tolist()) & mine
 
 
-@pytest.mark.parametrize("n", [4096, 5000])
-def test_tiled_topk_with_a_session_memory_is_the_full_answer(n: int) -> None:
+@pytest.mark.parametrize(("n", "gate"), [(4096, True), (5000, True), (5000, False)])
+def test_tiled_topk_with_a_session_memory_is_the_full_answer(n: int, gate: bool) -> None:
     """Over a tiled catalogue (>= 4096 items) the memory's offsets go into the tiled score
     matrix before its block maxima are taken: the top-k is that of ``state_scorer`` to the bit,
     with offsets that lower a block's best item, raise an item from a weak block, or fall on
     the ragged tail (items 4992-4999 of 5000); rows remember 0 to 8 items (empty slots), in
     two passes of rows."""
     k, slots = 21, 8
-    m = GRU4Rec({"n_items": n, "layers": [16], "session_memory": slots, "memory_gate": True})
+    m = GRU4Rec({"n_items": n, "layers": [16], "session_memory": slots, "memory_gate": gate})
     m.eval()
     gen = torch.Generator().manual_seed(n)
     b = 100  # two passes of ROWS_PER_PASS rows
@@ -425,7 +425,8 @@ def test_tiled_topk_with_a_session_memory_is_the_full_answer(n: int) -> None:
         states = torch.cat([hidden, memory], dim=1)
         for bias in (-5.0, 5.0):
             m.memory_bias.fill_(bias)
-            m.memory_gate_weight.normal_(0.0, 0.5, generator=gen)
+            if gate:
+                m.memory_gate_weight.normal_(0.0, 0.5, generator=gen)
             for dtype in (torch.float32, torch.bfloat16):
                 values, rows = m.state_topk(dtype)(states, k)
                 scores = m.state_scorer(dtype, copy=True)(states)
