@@ -325,15 +325,15 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
         return scores, hidden, leaves
 
     # ------------------------------------------------------------------ session memory
-    def slot_offsets(self, output: Tensor, filled: Tensor, first_slot: int = 0) -> Tensor:
+    def slot_offsets(self, output: Tensor, filled: Tensor) -> Tensor:
         """The score offset of each memory slot ``[B, K]`` from the last layer's ``output``;
-        0 where ``filled`` (``[B, K]``, nonzero = the slot holds an item) is 0. With
-        ``first_slot``: the slots from that one on (``filled`` holds only those)."""
-        offsets = self._slot_offsets_unmasked(output, first_slot)
+        0 where ``filled`` (``[B, K]``, nonzero = the slot holds an item) is 0."""
+        offsets = self._slot_offsets_unmasked(output)
         return offsets * (filled > 0).to(offsets.dtype)
 
     def _slot_offsets_unmasked(self, output: Tensor, first_slot: int = 0) -> Tensor:
-        """:meth:`slot_offsets` ``[B, K - first_slot]`` whether a slot holds an item or not."""
+        """:meth:`slot_offsets` of the slots from ``first_slot`` on ``[B, K - first_slot]``,
+        whether a slot holds an item or not."""
         per_group = self.memory_bias.unsqueeze(0)
         if hasattr(self, "memory_gate_weight"):
             per_group = per_group + output @ self.memory_gate_weight
