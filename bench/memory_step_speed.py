@@ -1,8 +1,11 @@
 """Serving cost of the session memory: ``ServingModel.step`` (the worker's model step: advance,
 scores, top-k, host copies) of GRU4Rec with the defaults' memory (K=64, gated, fitted-size
 offsets) beside the paper's model, same weights otherwise, sized like the yoochoose-1_64 model
-(17,319 items, 100 units). Sessions of 10 clicks with repeats, so the memories fill; the two
-models alternate round by round (the same host load for both); median per batch.
+(17,319 items, 100 units). Sessions of 10 clicks (``--clicks``; from 64 on, full memories)
+with repeats, so the memories fill; the two models alternate round by round (the same host
+load for both). Per batch size: the median wall time per step, and the best (least) CPU time
+per step of the process over the rounds (``time.process_time``, one thread: what the step
+costs, less what other processes take from it on a shared host).
 
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python bench/memory_step_speed.py [--rounds 15]
 """
@@ -46,10 +49,10 @@ def models() -> dict[str, ServingModel]:
     }
 
 
-def session_clicks(batch: int, rng: np.random.Generator) -> np.ndarray:
-    """[CLICKS, batch] item rows; a third of the clicks repeat an earlier item of the session."""
-    rows = rng.integers(0, N_ITEMS, (CLICKS, batch))
-    for t in range(1, CLICKS):
+def session_clicks(batch: int, rng: np.random.Generator, clicks: int = CLICKS) -> np.ndarray:
+    """[clicks, batch] item rows; a third of the clicks repeat an earlier item of the session."""
+    rows = rng.integers(0, N_ITEMS, (clicks, batch))
+    for t in range(1, clicks):
         again = rng.random(batch) < 1 / 3
         rows[t, again] = rows[rng.integers(0, t), np.arange(batch)][again]
     return rows
@@ -59,7 +62,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--batches", default="1,64,256")
+    ap.add_argument("--clicks", type=int, default=CLICKS, help="clicks per session (K = 64)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--code", default="", help="what code ran (recorded with the results)")
     a = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     load0 = os.getloadavg()
@@ -67,24 +72,31 @@ def main() -> None:
     rng = np.random.default_rng(0)
     result: dict[str, dict[str, float]] = {}
     for b in (int(x) for x in a.batches.split(",")):
-        clicks = session_clicks(b, rng)
+        clicks = session_clicks(b, rng, a.clicks)
         times: dict[str, list[float]] = {name: [] for name in ms}
+        cpu: dict[str, list[float]] = {name: [] for name in ms}
         for r in range(a.rounds + 1):
             for name, m in ms.items():
                 states = m.initial_states(None, b)
-                t0 = time.perf_counter()
-                for t in range(CLICKS):
+                t0, c0 = time.perf_counter(), time.process_time()
+                for t in range(a.clicks):
                     states = m.step(clicks[t], states, None).states
                 if r > 0:  # the first round warms up
-                    times[name].append((time.perf_counter() - t0) / CLICKS)
+                    times[name].append((time.perf_counter() - t0) / a.clicks)
+                    cpu[name].append((time.process_time() - c0) / a.clicks)
         med = {name: statistics.median(v) for name, v in times.items()}
+        least = {name: min(v) for name, v in cpu.items()}
         result[str(b)] = {
             "paper_ms": round(med["paper"] * 1e3, 3),
             "memory_ms": round(med["memory"] * 1e3, 3),
             "memory_over_paper": round(med["memory"] / med["paper"], 3),
+            "paper_cpu_best_ms": round(least["paper"] * 1e3, 3),
+            "memory_cpu_best_ms": round(least["memory"] * 1e3, 3),
+            "cpu_best_memory_over_paper": round(least["memory"] / least["paper"], 3),
         }
         print(b, result[str(b)], flush=True)
-    rec = {"bench": "memory_step_speed", "results": result, "machine": machine_line(load0)}
+    rec = {"bench": "memory_step_speed", "code": a.code, "clicks": a.clicks, "results": result,
+           "machine": machine_line(load0)}  # fmt: skip
     print(json.dumps(rec))
     if a.out:
         with a.out.open("a") as f:

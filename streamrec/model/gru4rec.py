@@ -328,11 +328,17 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
     def slot_offsets(self, output: Tensor, filled: Tensor) -> Tensor:
         """The score offset of each memory slot ``[B, K]`` from the last layer's ``output``;
         0 where ``filled`` (``[B, K]``, nonzero = the slot holds an item) is 0."""
+        offsets = self._slot_offsets_unmasked(output)
+        return offsets * (filled > 0).to(offsets.dtype)
+
+    def _slot_offsets_unmasked(self, output: Tensor, first_slot: int = 0) -> Tensor:
+        """:meth:`slot_offsets` of the slots from ``first_slot`` on ``[B, K - first_slot]``,
+        whether a slot holds an item or not."""
         per_group = self.memory_bias.unsqueeze(0)
         if hasattr(self, "memory_gate_weight"):
             per_group = per_group + output @ self.memory_gate_weight
-        offsets = per_group.index_select(1, self.memory_groups)
-        return offsets * (filled > 0).to(offsets.dtype)
+        offsets = per_group.index_select(1, self.memory_groups[first_slot:])
+        return offsets.expand(output.shape[0], -1)  # without a gate: one row for all
 
     def _add_memory_offsets(self, scores: Tensor, output: Tensor, memory: Tensor) -> Tensor:
         """``scores`` ``[B, n_items]`` plus each row's memory offsets (in place)."""
@@ -404,10 +410,9 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
         """``(states, k) -> (values, rows)``: the top-k of ``state_scorer(dtype, copy=True)``
         computed tile by tile (``streamrec.model.topk.TiledTopK``: no full score matrix).
 
-        With a session memory: the tiled top-(k + m) of the scores without offsets (m: the
-        most items any row remembers), less the remembered items, beside the remembered items
-        scored with their offsets; the best k of those are the exact top-k (at most m of the
-        tiled top-(k + m) are remembered, so it holds the k best items that are not)."""
+        With a session memory, the offsets are added to the tiled score matrix before its
+        top-k (the same ``scatter_add_`` as :meth:`state_scorer`'s on the same scores), over
+        the m slot columns that are filled in some row (the filled slots are the last ones)."""
         wy_t = self.Wy.detach().t().contiguous().to(dtype)
         by = self.By.detach().view(1, -1).to(dtype).contiguous()
         tiled = TiledTopK(wy_t, by, self.final_activation)
@@ -416,23 +421,14 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
 
         def topk(state: Tensor, k: int) -> tuple[Tensor, Tensor]:
             memory, out = self.memory_of(state), self.output(state)
-            # the filled slots are the last ones (newest last): only the m columns from the
-            # first filled slot of any row on matter
             filled = (memory > 0).any(dim=0)
             m = self.memory - int(filled.to(torch.uint8).argmax()) if bool(filled.any()) else 0
-            values, rows = tiled.topk(out, min(k + m, self.n_items))
             if m == 0:
-                return values[:, :k], rows[:, :k]
-            remembered = memory[:, self.memory - m :].long() - 1  # -1: an empty slot
-            known = remembered >= 0
-            r = remembered.clamp(min=0)
-            raw = torch.bmm(self.Wy[r], out.unsqueeze(2)).squeeze(2) + self.By[r].squeeze(2)
-            raw = raw + self.slot_offsets(out, memory)[:, self.memory - m :]
-            mem_scores = self.final_activation(raw).to(values.dtype).masked_fill(~known, -torch.inf)
-            again = (rows.unsqueeze(2) == remembered.unsqueeze(1)).any(dim=2)
-            values = values.masked_fill(again, -torch.inf)
-            best, pos = torch.topk(torch.cat([values, mem_scores], dim=1), k, dim=1)
-            return best, torch.cat([rows, remembered], dim=1).gather(1, pos)
+                return tiled.topk(out, k)
+            offsets = self._slot_offsets_unmasked(out, self.memory - m)
+            # an empty slot (0) is item row -1: the tiled top-k adds nothing for it
+            cols = memory[:, self.memory - m :].long() - 1
+            return tiled.topk(out, k, add=(cols, offsets))
 
         return topk
 

@@ -31,14 +31,14 @@ from torch import Tensor
 from streamrec.model.ann import AnnIndex, AnnParams, load_or_build
 from streamrec.model.api import InnerProductScores
 from streamrec.model.successors import SuccessorTable
-from streamrec.model.topk import TiledTopK, bf16_left_out_bound, blocked_topk
+from streamrec.model.topk import ROWS_PER_PASS, TiledTopK, bf16_left_out_bound, blocked_topk
 
 RETRIEVAL_MODES = ("exact", "ann", "auto")
 #: ``auto`` uses the index on CPU from this many items: at 100,000 it was no faster than exact
 #: scoring, at 1,000,000 4x faster (at 0.87 top-20 overlap); bench/results/catalogue-scale.md
 AUTO_ANN_MIN_ITEMS = 500_000
 #: states scored at a time on CPU (their scores stay in cache for the top-k)
-CPU_CHUNK = 64
+CPU_CHUNK = ROWS_PER_PASS
 
 FullScores = Callable[[Tensor, Tensor | None], Tensor]
 ExactTopK = Callable[[Tensor, int], tuple[Tensor, Tensor]]
@@ -130,7 +130,8 @@ class Retriever:
             full_scores = model.score_all
         self.full_scores: FullScores = full_scores
         #: the exact top-k of states without user states, where the model has a faster one
-        #: than ``full_scores`` + blocked_topk (GRU4Rec's ``state_topk``)
+        #: than ``full_scores`` + blocked_topk (GRU4Rec's ``state_topk``); given whole
+        #: batches (it scores CPU_CHUNK rows at a time itself)
         self.exact_topk = exact_topk
         self.mode = mode
         self.index = index
@@ -169,6 +170,9 @@ class Retriever:
         and its successors are scored too (ann mode).
         """
         b = state.shape[0]
+        if self._whole_batch_topk(user_state):
+            assert self.exact_topk is not None
+            return self.exact_topk(state, k)
         if self.mode == "ann" and self.successors is not None and clicked is not None:
             follow = self.successors.candidates(clicked.to(state.device))
             if extra_rows is not None:
@@ -185,6 +189,13 @@ class Retriever:
             ex = None if ex is None else ex[: len(st)] if ex.dim() == 2 else ex
             parts.append(self._topk_chunk(st, us, k, ex))
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _whole_batch_topk(self, user_state: Tensor | None) -> bool:
+        """Whether ``exact_topk`` takes the whole batch: it takes the rows in passes of
+        CPU_CHUNK itself (``TiledTopK``), and what it needs of every row (a session memory's
+        offsets) in one go."""
+        exact = self.mode == "exact" and self._bf16 is None and self.exact_topk is not None
+        return exact and user_state is None and self.chunk is None
 
     def _topk_chunk(
         self, state: Tensor, user: Tensor | None, k: int, extra: Tensor | None

@@ -23,6 +23,8 @@ from torch import Tensor
 BLOCK_TOPK_MIN_ITEMS = 4096
 #: items per block
 BLOCK = 64
+#: rows :class:`TiledTopK` scores at a time on CPU (a tile of their scores stays in cache)
+ROWS_PER_PASS = 64
 #: a bound on |bf16 score - fp32 score| per unit of ``|query| * max |item vector|``: inputs
 #: rounded to bf16 (2 x 2^-8 relative on each product), the bf16 output (2^-8), both
 #: float32 accumulations (~100 x 2^-24 each): 0.0118 in all, rounded up to 2^-6
@@ -91,6 +93,9 @@ class TiledTopK:
         self.tile = tile
         self.block = block
         self.n = weight_t.shape[1]
+        #: tiles, and the last tile's width (for ``add``)
+        self._n_tiles = -(-self.n // tile)
+        self._last_width = self.n - (self._n_tiles - 1) * tile
         self._local = threading.local()
 
     def _buffers(self, rows: int) -> tuple[Tensor, Tensor]:
@@ -102,18 +107,37 @@ class TiledTopK:
             bufs = self._local.bufs = (scores, maxima)
         return bufs[0][:rows], bufs[1][:rows]
 
-    def topk(self, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """(values, item rows) ``[B, k]`` for the rows of ``x`` ``[B, D]``."""
+    def topk(
+        self, x: Tensor, k: int, add: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(values, item rows) ``[B, k]`` for the rows of ``x`` ``[B, D]`` (on CPU, in passes of
+        :data:`ROWS_PER_PASS` rows).
+
+        ``add`` (``cols`` ``[B, M]`` item rows, ``values`` ``[B, M]``): added to those scores
+        before the top-k, as ``scores.scatter_add_(1, cols, values)`` on the full score matrix
+        (a session memory's offsets; a row's cols distinct); a col < 0 adds nothing."""
         b, n, blk = x.shape[0], self.n, self.block
+        if b > ROWS_PER_PASS and x.device.type == "cpu":  # the same passes as one call each
+            parts = [
+                self.topk(x[lo : lo + ROWS_PER_PASS], k,
+                          None if add is None else (add[0][lo : lo + ROWS_PER_PASS],
+                                                    add[1][lo : lo + ROWS_PER_PASS]))
+                for lo in range(0, b, ROWS_PER_PASS)
+            ]  # fmt: skip
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         if b == 0 or n < BLOCK_TOPK_MIN_ITEMS or k * blk >= n or x.device.type != "cpu":
-            return self._plain(x, k)
+            return self._plain(x, k, add)
         x = x.to(self.weight_t.dtype)
         scores, maxima = self._buffers(b)
         full = n - n % blk
-        for c0 in range(0, n, self.tile):
+        per_tile = None if add is None else self._per_tile(*add)
+        for t, c0 in enumerate(range(0, n, self.tile)):
             c1 = min(n, c0 + self.tile)
             out = scores[:, c0:c1]
             torch.addmm(self.bias[:, c0:c1], x, self.weight_t[:, c0:c1], out=out)
+            if per_tile is not None:  # while the tile is in cache, before its block maxima
+                local, last, tile_values = per_tile
+                out.scatter_add_(1, local if c1 - c0 == self.tile else last, tile_values[t])
             m1 = min(c1, full)
             if m1 > c0:
                 torch.amax(out[:, : m1 - c0].view(b, -1, blk), dim=2,
@@ -126,7 +150,24 @@ class TiledTopK:
         rows = cols.gather(1, pos)
         return (values if self.act is None else self.act(values)), rows
 
-    def _plain(self, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    def _per_tile(self, cols: Tensor, values: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+        """``add`` as one scatter per tile: each column's place in its tile ``[B, M]`` (and in
+        the last, narrower tile: clamped into it), and per tile the values ``[B, M]``, 0 but in
+        the column's own tile (adding 0 leaves a score as it is, so every tile can take the
+        same places). A col < 0 goes to a tile past the last: its values are 0 everywhere."""
+        local = cols % self.tile
+        tile = (cols // self.tile) % (self._n_tiles + 1)  # -1 // tile = -1: the extra tile
+        per_tile = torch.zeros((self._n_tiles + 1, *cols.shape), dtype=self.weight_t.dtype)
+        per_tile.scatter_(0, tile.unsqueeze(0), values.to(per_tile.dtype).unsqueeze(0))
+        return local, local.clamp(max=self._last_width - 1), per_tile.unbind(0)
+
+    def _plain(
+        self, x: Tensor, k: int, add: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
         s = torch.addmm(self.bias, x.to(self.weight_t.dtype), self.weight_t)
+        if add is not None:
+            cols, values = add
+            values = torch.where(cols >= 0, values.to(s.dtype), 0.0)
+            s.scatter_add_(1, cols.clamp(min=0), values)
         values, rows = torch.topk(s, min(k, self.n), dim=1)
         return (values if self.act is None else self.act(values)), rows

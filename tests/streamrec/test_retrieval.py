@@ -394,3 +394,47 @@ def test_gru4rec_session_memory_in_every_retrieval() -> None:
                     assert set(ann[b, : len(mine)].tolist()) == mine
                 else:  # last, if the index's candidates leave them in the answer at all
                     assert not set(ann[b, : 20 - len(mine)].tolist()) & mine
+
+
+@pytest.mark.parametrize(("n", "gate"), [(4096, True), (5000, True), (5000, False)])
+def test_tiled_topk_with_a_session_memory_is_the_full_answer(n: int, gate: bool) -> None:
+    """Over a tiled catalogue (>= 4096 items) the memory's offsets go into the tiled score
+    matrix before its block maxima are taken: the top-k is that of ``state_scorer`` to the bit,
+    with offsets that lower a block's best item, raise an item from a weak block, or fall on
+    the ragged tail (items 4992-4999 of 5000); rows remember 0 to 8 items (empty slots), in
+    two passes of rows."""
+    k, slots = 21, 8
+    m = GRU4Rec({"n_items": n, "layers": [16], "session_memory": slots, "memory_gate": gate})
+    m.eval()
+    gen = torch.Generator().manual_seed(n)
+    b = 100  # two passes of ROWS_PER_PASS rows
+    with torch.inference_mode():
+        m.By.normal_(0.0, 0.3, generator=gen)
+        hidden = torch.randn(b, 16, generator=gen).tanh()
+        plain = m.score_items(hidden)
+        best = torch.topk(plain, 4, dim=1).indices  # each row's best items
+        weak = torch.topk(-plain, 2, dim=1).indices  # and worst ones
+        tail = torch.randint(n - n % 64 if n % 64 else n - 8, n, (b, 2), generator=gen)
+        items = torch.cat([weak, tail, best], dim=1)  # the best are the most recent
+        memory = torch.zeros(b, slots)
+        for row in range(b):
+            filled = row % (slots + 1)  # 0 (an empty memory) to all 8 slots
+            mine = list(dict.fromkeys(items[row].tolist()))[-filled:] if filled else []
+            if mine:
+                memory[row, slots - len(mine) :] = torch.tensor(mine, dtype=torch.float32) + 1
+        states = torch.cat([hidden, memory], dim=1)
+        for bias in (-5.0, 5.0):
+            m.memory_bias.fill_(bias)
+            if gate:
+                m.memory_gate_weight.normal_(0.0, 0.5, generator=gen)
+            for dtype in (torch.float32, torch.bfloat16):
+                values, rows = m.state_topk(dtype)(states, k)
+                scores = m.state_scorer(dtype, copy=True)(states)
+                assert torch.equal(values, torch.topk(scores, k, dim=1).values)
+                assert torch.equal(scores.gather(1, rows), values)
+            # the scores of every path are the model's own (score_state)
+            frozen = m.state_scorer(torch.float32, copy=True)
+            assert torch.equal(frozen(states), m.score_state(states))
+        # an empty memory in every row: the paper's top-k
+        values, _ = m.state_topk()(torch.cat([hidden, torch.zeros(b, slots)], dim=1), k)
+        assert torch.equal(values, torch.topk(plain, k, dim=1).values)
