@@ -73,6 +73,20 @@ MUTANTS = [
         ("tests/streamrec/test_hostile_sequences.py",),
     ),
     Mutant(
+        "ahead-refused",
+        "an event far ahead of its partition's clock is refused (a replay's active keys lost)",
+        "streamrec/serving/clock.py",
+        "        if median is None or skew - median >= -self.max_skew:\n"
+        "            c.vote(key, skew)\n            return None\n"
+        "        recent = c.recent_median(self.min_keys)\n"
+        "        if recent is not None and skew - recent >= -self.max_skew:",
+        "        if median is None or abs(skew - median) <= self.max_skew:\n"
+        "            c.vote(key, skew)\n            return None\n"
+        "        recent = c.recent_median(self.min_keys)\n"
+        "        if recent is not None and abs(skew - recent) <= self.max_skew:",
+        ("tests/streamrec/test_semantics.py",),
+    ),
+    Mutant(
         "idle",
         "never end idle sessions",
         "streamrec/serving/expiry.py",
