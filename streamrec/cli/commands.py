@@ -12,6 +12,7 @@ import sys
 import time
 import unicodedata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -20,12 +21,14 @@ from streamrec.kafka.clients import connect, ensure_service_topics
 from streamrec.processes import stop_signals
 from streamrec.settings import Settings, get_settings
 
+if TYPE_CHECKING:
+    from streamrec.serving.served_model import ModelHolder, ServingModel
+
 
 def load_model_holder(path: Path | None, settings: Settings, wait_s: float = 0.0):
     """A ModelHolder for a checkpoint directory, or a directory of checkpoints (newest wins)."""
     from streamrec.loop.registry import RegistryError
     from streamrec.serving.served_model import (
-        ModelHolder,
         RetrievalOptions,
         ServingModel,
         find_checkpoint,
@@ -52,14 +55,27 @@ def load_model_holder(path: Path | None, settings: Settings, wait_s: float = 0.0
         ckpt, m.device, m.top_k, m.score_dtype, retrieval=RetrievalOptions.from_settings(m)
     )
     model.validate()
+    return _holder(model, path, settings)
+
+
+def _holder(
+    model: ServingModel | None, watch_dir: Path, settings: Settings, alias: str = ""
+) -> ModelHolder:
+    """A ModelHolder watching ``watch_dir`` with the model settings, following the registry
+    alias ``alias`` (default: the champion)."""
+    from streamrec.loop.registry import CHAMPION
+    from streamrec.serving.served_model import ModelHolder, RetrievalOptions
+
+    m = settings.model
     return ModelHolder(
         model,
-        watch_dir=path,
+        watch_dir=watch_dir,
         device=m.device,
         top_k=m.top_k,
         score_dtype=m.score_dtype,
         gate_ratio=m.gate_ratio,
         retrieval=RetrievalOptions.from_settings(m),
+        alias=alias or CHAMPION,
     )
 
 
@@ -67,7 +83,6 @@ def load_challenger_holder(path: Path | None, settings: Settings):
     """The challenger's holder: the registry's challenger, loaded and checked now when one is
     named (else none yet: the worker serves it once one is named)."""
     from streamrec.loop import registry
-    from streamrec.serving.served_model import ModelHolder, RetrievalOptions
 
     path = Path(path or settings.model.path or "")
     if not registry.is_registry(path):
@@ -75,17 +90,7 @@ def load_challenger_holder(path: Path | None, settings: Settings):
             f"{path} is not a model registry: a challenger is what its CHALLENGER names "
             "(trainer models alias --models DIR challenger VERSION)"
         )
-    m = settings.model
-    holder = ModelHolder(
-        None,
-        watch_dir=path,
-        device=m.device,
-        top_k=m.top_k,
-        score_dtype=m.score_dtype,
-        gate_ratio=m.gate_ratio,
-        retrieval=RetrievalOptions.from_settings(m),
-        alias=registry.CHALLENGER,
-    )
+    holder = _holder(None, path, settings, alias=registry.CHALLENGER)
     first = holder.prepare_reload()
     if first is not None:
         holder.install(first)
