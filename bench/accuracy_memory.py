@@ -14,7 +14,6 @@ overrides say what was trained. Figures: bench/results/accuracy-beyond-gru4rec.m
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import subprocess
@@ -26,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from procstats import machine_line
+from procstats import append_run
 
 from streamrec.data.clicklog import load_clicks
 from trainer.evaluate import evaluate_next_item
@@ -75,12 +74,8 @@ def main() -> None:
         "eval_seconds": round(eval_seconds, 1),
         "eval_events_per_s": round(metrics["n_events"] / max(eval_seconds, 1e-9)),
         "epoch_losses": [round(x, 5) for x in stats["epoch_losses"]],
-        "machine": machine_line(load0),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    print(json.dumps(rec))
-    with a.out.open("a") as f:
-        f.write(json.dumps(rec) + "\n")
+    append_run(a.out, rec, load0)
 
 
 if __name__ == "__main__":

@@ -16,18 +16,16 @@ The official code seeds numpy (weights) itself but not torch (negative samples, 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from procstats import machine_line
+from procstats import append_run
 
 LINE = re.compile(r"Recall@(\d+): ([0-9.]+) MRR@\d+: ([0-9.]+)")
 # Two shims for newer libraries, neither changes a value: numpy >= 2 computes the official
@@ -94,12 +92,8 @@ def main() -> None:
         "metrics": metrics,
         "train_seconds": float(train_s.group(1)) if train_s else None,
         "eval_seconds": float(eval_s.group(1)) if eval_s else None,
-        "machine": machine_line(load0),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    print(json.dumps(rec))
-    with a.out.open("a") as f:
-        f.write(json.dumps(rec) + "\n")
+    append_run(a.out, rec, load0)
 
 
 if __name__ == "__main__":

@@ -49,3 +49,20 @@ def machine_line(
         f"{torch.__version__}. Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
         f"Load average (1/5/15 min) {load}"
     )
+
+
+def append_run(
+    path: os.PathLike[str] | str, record: dict[str, object], load_start: tuple[float, float, float]
+) -> None:
+    """Add the machine line and the date to ``record``, print it, and append it to the JSON
+    Lines file ``path``: one run, one line."""
+    import json
+
+    record = {
+        **record,
+        "machine": machine_line(load_start),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    print(json.dumps(record))
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
