@@ -12,8 +12,11 @@ synthetic stream, batch 256, in these modes:
   shadow        champion answers, the challenger scores every click too, live on
 
 The modes run in turns, ``--repeat`` rounds; each mode's figure is its best round (the
-machine is shared). Publishing to the topic is one record per partition per checkpoint
-(not timed here: it is off the per-click path).
+machine is shared). As in both workers, the model and imports are frozen out of the garbage
+collector once loaded (``gc.freeze()``; ``--no-freeze``: not, as in the first runs): else a
+full collection walks them, a few times per pass, at ~10 µs per event, and the mode that
+allocates more pays it more often. Publishing to the topic is one record per partition per
+checkpoint (not timed here: it is off the per-click path).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/live_cost.py [--events 10000] [--repeat 5]
 """
@@ -21,6 +24,7 @@ machine is shared). Publishing to the topic is one record per partition per chec
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import tempfile
 import time
@@ -51,6 +55,7 @@ def one_pass(
     """(wall seconds, CPU seconds of this process) of one pass over a fresh store."""
     store = StateStore()
     live = LiveMetrics(Settings(), CollectorRegistry(), {"bootstrap.servers": "unused:9"})
+    gc.collect()  # every pass starts from the same heap (the last pass's store is garbage)
     t0, c0 = time.perf_counter(), time.process_time()
     for i in range(0, len(recs), batch):
         res = process_batch(recs[i : i + batch], store, models, config, now=T0)
@@ -65,6 +70,12 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=10_000)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument(
+        "--no-freeze",
+        action="store_true",
+        help="leave the model and imports in every GC pass (the workers gc.freeze() them; "
+        "the first runs of this bench did not)",
+    )
     a = ap.parse_args()
 
     torch.set_num_threads(1)
@@ -83,6 +94,9 @@ def main() -> None:
     recs = records(a.events)
     for models, config in modes.values():  # warm up every path
         one_pass(recs[: 4 * a.batch], models, config, a.batch)
+    if not a.no_freeze:  # as both workers do once loaded (engines/native/worker.py)
+        gc.collect()
+        gc.freeze()
     wall = {name: float("inf") for name in modes}
     cpu = dict(wall)
     for _ in range(a.repeat):
@@ -91,7 +105,10 @@ def main() -> None:
             wall[name], cpu[name] = min(wall[name], w), min(cpu[name], c)
     n = len(recs)
     print(f"# {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {machine_line()}")
-    print(f"# {n} events, batch {a.batch}, best of {a.repeat} rounds, wall and CPU time")
+    print(
+        f"# {n} events, batch {a.batch}, best of {a.repeat} rounds, wall and CPU time, "
+        f"gc.freeze() {'no' if a.no_freeze else 'yes'}"
+    )
     for name in modes:
         print(
             f"{name:9s} wall {n / wall[name]:6.0f} events/s  "
