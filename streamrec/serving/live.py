@@ -105,6 +105,22 @@ class LiveCounts:
                 self.rr[i] += inv
                 self.rr2[i] += inv * inv
 
+    def add_ranks(self, ranks: Iterable[float]) -> None:
+        """:meth:`add_rank` of each of ``ranks``, in order (the same sums, fewer calls)."""
+        ks, hits, rr, rr2 = self.ks, self.hits, self.rr, self.rr2
+        top, n = ks[-1], 0
+        for rank in ranks:
+            n += 1
+            if rank > top:
+                continue
+            inv = 1.0 / rank
+            for i, k in enumerate(ks):
+                if rank <= k:
+                    hits[i] += 1
+                    rr[i] += inv
+                    rr2[i] += inv * inv
+        self.n += n
+
     def add(self, other: LiveCounts) -> None:
         if other.ks != self.ks:
             raise ValueError(f"cut-offs differ: {other.ks} and {self.ks}")

@@ -330,10 +330,11 @@ def encode_answer(answer: Answer | None) -> bytes:
     ids = joined.encode()
     if len(ids) > 0xFFFE:
         ids = ids[:0xFFFE]  # (as every string of a state is capped)
+    version = _VERSION_BLOCKS.get(answer.version) or _version_block(answer.version)
     return b"".join(
         (
             _ANSWER_HDR.pack(_ANSWER_JOINED, _ARM_INDEX.get(answer.arm, 0), n),
-            _version_block(answer.version),
+            version,
             _LEN.pack(len(ids)),
             ids,
             packed,
