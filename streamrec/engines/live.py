@@ -188,23 +188,36 @@ class LiveMetrics:
     def add(self, res: BatchResult) -> None:
         """Count a published batch's evaluations (those at or below a partition's watermark
         were counted before: skipped) and note how far each partition has come."""
-        per_key: dict[tuple[str, str], LiveCounts] = {}
-        for e in res.evaluations:
-            mark = self.watermarks.get(e.partition, -1)
-            if e.offset <= mark:
+        # the ranks by (partition, arm, version) and by (arm, version), each in the batch's
+        # order: the counts get them one list at a time, and their sums are those of adding
+        # them one by one
+        by_partition: dict[tuple[int, str, str], list[float]] = {}
+        by_key: dict[tuple[str, str], list[float]] = {}
+        watermarks = self.watermarks
+        for partition, offset, arm, version, rank in res.evaluations:
+            if offset <= watermarks.get(partition, -1):
                 continue
-            u = self._unpublished_of(e.partition)
-            c = u.counts.get((e.arm, e.version))
+            ranks = by_partition.get((partition, arm, version))
+            if ranks is None:
+                ranks = by_partition[(partition, arm, version)] = []
+            ranks.append(rank)
+            ranks = by_key.get((arm, version))
+            if ranks is None:
+                ranks = by_key[(arm, version)] = []
+            ranks.append(rank)
+        for (partition, arm, version), ranks in by_partition.items():
+            u = self._unpublished_of(partition)
+            c = u.counts.get((arm, version))
             if c is None:
-                c = u.counts[(e.arm, e.version)] = LiveCounts()
-            c.add_rank(e.rank)
-            total = per_key.get((e.arm, e.version))
-            if total is None:
-                total = per_key[(e.arm, e.version)] = LiveCounts()
-            total.add_rank(e.rank)
+                c = u.counts[(arm, version)] = LiveCounts()
+            c.add_ranks(ranks)
         for p, offset in res.last_offsets.items():
             u = self._unpublished_of(p)
             u.through = max(u.through, offset)
+        per_key: dict[tuple[str, str], LiveCounts] = {}
+        for key, ranks in by_key.items():
+            per_key[key] = LiveCounts()
+            per_key[key].add_ranks(ranks)
         for (arm, version), c in per_key.items():
             self.predictions.labels(arm, version).inc(c.n)
             for i, k in enumerate(KS):

@@ -64,7 +64,7 @@ from streamrec.serving.clock import StreamClock
 from streamrec.serving.config import DEFAULT_CONFIG, CoreConfig
 from streamrec.serving.events import ClickEvent, DeadLetter
 from streamrec.serving.input_topic import UNKNOWN_TOPIC, InputTopic
-from streamrec.serving.live import DEPTH, KS, Evaluation, live_rank
+from streamrec.serving.live import DEPTH, KS, Evaluation, rank_at
 from streamrec.serving.records import BatchResult, Recommendation, Record, event_click_id
 from streamrec.serving.served_model import ServingModel
 from streamrec.serving.state import (
@@ -357,6 +357,7 @@ class RoundStep:
     unknown: list[bool]  # the clicked item is not in the model
     top_ids: list[list[str]] | None = None  # None: scored later, with the whole batch
     top_scores: list[list[float]] | None = None
+    top_packed: bytes = b""  # the answers' scores as float32 bytes (_packed_scores)
 
 
 @dataclass
@@ -423,7 +424,9 @@ def advance_round(
         return RoundStep(new_states, unknown)
     depth = answer_depth(config)
     out = model.step(step_rows, states, users if model.user_state_dim else None, depth)
-    return RoundStep(out.states, unknown, model.ids(out.top_rows).tolist(), out.top_scores.tolist())
+    scores = out.top_scores
+    packed = _packed_scores(scores) if config.live_metrics else b""
+    return RoundStep(out.states, unknown, model.ids(out.top_rows).tolist(), scores.tolist(), packed)
 
 
 def emit_round(
@@ -503,7 +506,14 @@ def emit_round(
             step.top_scores,
             config.top_k,
             stats,
+            step.top_packed,
         )
+
+
+def _packed_scores(scores: np.ndarray) -> bytes:
+    """The first :data:`DEPTH` scores of each row as little-endian float32 bytes, the form
+    a session state stores them in: one conversion per batch, not one per answer."""
+    return np.ascontiguousarray(scores[:, :DEPTH], dtype="<f4").tobytes()
 
 
 def _fill_answers(
@@ -513,12 +523,19 @@ def _fill_answers(
     scores: Sequence[list[float]],
     top_k: int,
     stats: Counter[str],
+    packed: bytes = b"",
 ) -> None:
     """Put the top-k into the recommendations, and the top :data:`DEPTH` into the answers the
     session states keep; a non-finite score never reaches either: its item is left out and
-    counted (``nonfinite_scores``)."""
+    counted (``nonfinite_scores``). ``packed``: the rows' scores as :func:`_packed_scores`
+    gives them (b"": none)."""
+    width = len(packed) // len(ids) if packed else 0
+    at = -width
     for r, a, row_ids, row_scores in zip(recs, answers, ids, scores, strict=True):
+        at += width
+        row_packed: bytes | None = packed[at : at + width] if width else None
         if not all(map(math.isfinite, row_scores)):
+            row_packed = None
             keep = [i for i, x in enumerate(row_scores) if math.isfinite(x)]
             stats["nonfinite_scores"] += len(row_scores) - len(keep)
             stats["nonfinite_answers"] += 1
@@ -528,8 +545,12 @@ def _fill_answers(
             r.items, r.scores = row_ids[:top_k], row_scores[:top_k]
         else:
             r.items, r.scores = row_ids, row_scores
-        if a is not None:
-            a.items, a.scores = row_ids[:DEPTH], row_scores[:DEPTH]
+        if a is None:
+            continue
+        if len(row_ids) > DEPTH:
+            a.fill(row_ids[:DEPTH], row_scores[:DEPTH], row_packed)
+        else:  # (shared with the recommendation when it has them all: neither is changed)
+            a.fill(row_ids, row_scores, row_packed)
 
 
 def state_writes(
@@ -545,7 +566,7 @@ def state_writes(
         p = partitions[key]
         s = k.sess
         if s is not None and k.sess_dirty:
-            answer = s.answer if s.answer is not None and s.answer.items is None else None
+            answer = s.answer if s.answer is not None and not s.answer.scored else None
             add(StateWrite(SESSIONS, key, p, s.to_bytes(max_bytes), answer))
         elif s is None and k.sess_deleted:
             add(StateWrite(SESSIONS, key, p, None))
@@ -676,9 +697,10 @@ def finish_batch(
             top_rows, scores = run.model.score(np.concatenate(run.unscored), depth, clicked)
             ids = run.model.ids(top_rows)
             run.model_seconds += time.perf_counter() - t0
+            packed = _packed_scores(scores) if config.live_metrics else b""
             _fill_answers(
                 run.recommendations, run.answers, ids.tolist(), scores.tolist(), config.top_k,
-                run.stats,
+                run.stats, packed,
             )  # fmt: skip
             run.unscored, run.unscored_rows = [], []
         res.model_seconds += run.model_seconds
@@ -698,11 +720,15 @@ def evaluate(
     batch, or in one before it): the conservative rank up to the largest cut-off."""
     out: list[Evaluation] = []
     k_max = KS[-1]
+    inf = math.inf
     for partition, offset, prev, target in pending:
-        if prev.items is None:  # not possible: every answer is scored before a later batch
+        if not prev.scored:  # not possible: every answer is scored before a later batch
             stats["live_unscored_answers"] += 1
             continue
-        rank = live_rank(prev.items, prev.scores, target, k_max)
+        # (live_rank, without splitting a stored answer's ids: most targets are not there)
+        pos = prev.position(target)
+        scores = prev.scores if pos >= 0 else None
+        rank = inf if scores is None else rank_at(pos, scores, prev.n_items, k_max)
         out.append(Evaluation(partition, offset, prev.arm, prev.version, rank))
     return out
 

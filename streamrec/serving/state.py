@@ -158,58 +158,242 @@ _ARM_INDEX = {a: i for i, a in enumerate(ARMS)}
 _NO_ANSWER, _ANSWER_JOINED, _ANSWER_LISTED = 0, 1, 2
 _SEP = "\x1f"  # the ASCII unit separator
 _ANSWER_HDR = struct.Struct("<BBH")  # kind, arm, number of items
+_ANSWER_HDR_VERSION = struct.Struct("<BBHH")  # the same, and the version's length after it
+_NO_ANSWER_SECTION = bytes((_NO_ANSWER,))
 
 
-@dataclass(slots=True)
 class Answer:
     """The top of the answer to a session's last click, kept in the session state so that
     the next click can be scored against it (live metrics, :mod:`streamrec.serving.live`).
 
     ``version`` and ``arm`` are the model and arm that made it; ``items``/``scores`` (best
     first, finite scores only) are None until the answer is scored (the pipeline scores a
-    batch after advancing its states)."""
+    batch after advancing its states: :meth:`fill`).
 
-    version: str
-    arm: str = ARMS[0]
-    items: list[str] | None = None
-    scores: list[float] | None = None
+    An answer read from a state is decoded lazily: its ids stay one joined string and its
+    scores the stored float32 bytes until ``items``/``scores`` are asked for. Scoring the
+    next click needs neither (:meth:`position` finds the clicked id as a whole token of the
+    joined string, and only a hit unpacks the scores), and the state written after that click
+    holds the new answer: most stored answers are never split nor unpacked."""
+
+    __slots__ = ("_items", "_joined", "_n", "_packed", "_scores", "arm", "version")
+
+    def __init__(
+        self,
+        version: str,
+        arm: str = ARMS[0],
+        items: list[str] | None = None,
+        scores: list[float] | None = None,
+    ) -> None:
+        self.version = version
+        self.arm = arm
+        self._items = items
+        self._scores = scores
+        #: an answer read from a state, not split yet: its ids joined by _SEP (n of them)
+        self._joined: str | None = None
+        self._n = 0
+        #: the scores as little-endian float32 bytes, where known (read, or given to fill)
+        self._packed: bytes | None = None
+
+    @property
+    def scored(self) -> bool:
+        """Whether the answer has its items (one read from a state always has)."""
+        return self._items is not None or self._joined is not None
+
+    @property
+    def n_items(self) -> int:
+        """How many items the answer has (0: none, or not scored)."""
+        return self._n if self._joined is not None else len(self._items or ())
+
+    @property
+    def items(self) -> list[str] | None:
+        if self._items is None and self._joined is not None:
+            self._items = self._joined.split(_SEP) if self._n else []
+        return self._items
+
+    @items.setter
+    def items(self, items: list[str] | None) -> None:
+        self._as_lists()
+        self._items = items
+
+    @property
+    def scores(self) -> list[float] | None:
+        if self._scores is None and self._packed is not None:
+            self._scores = list(_floats(self._n).unpack(self._packed))
+        return self._scores
+
+    @scores.setter
+    def scores(self, scores: list[float] | None) -> None:
+        self._as_lists()
+        self._scores = scores
+
+    def fill(self, items: list[str], scores: list[float], packed: bytes | None = None) -> None:
+        """The answer scored: its items and their scores, best first; ``packed``: the same
+        scores as little-endian float32 bytes, where the caller has them (the pipeline
+        converts a batch's scores at once instead of packing each answer's)."""
+        self._items, self._scores, self._joined, self._packed = items, scores, None, packed
+
+    def _as_lists(self) -> None:
+        """Items and scores as lists only (before either is replaced)."""
+        self._items, self._scores = self.items, self.scores
+        self._joined = self._packed = None
+
+    def position(self, target: str) -> int:
+        """Where ``target`` is among the items (-1: not there, or not scored). An answer read
+        from a state is searched for ``target`` as a whole id of its joined ids (no id of a
+        joined answer holds the separator), not split."""
+        joined = self._joined
+        if joined is None:
+            items = self._items
+            if not items:
+                return -1
+            try:
+                return items.index(target)
+            except ValueError:
+                return -1
+        if not self._n or _SEP in target:  # (such a target could match across two ids)
+            return -1
+        find, size, end_all = joined.find, len(target), len(joined)
+        at = find(target)
+        while at >= 0:
+            end = at + size
+            if (at == 0 or joined[at - 1] == _SEP) and (end == end_all or joined[end] == _SEP):
+                return joined.count(_SEP, 0, at)
+            at = find(target, at + 1)
+        return -1
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Answer):
+            return NotImplemented
+        return (self.version, self.arm, self.items, self.scores) == (
+            other.version,
+            other.arm,
+            other.items,
+            other.scores,
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, compared by value
+
+    def __repr__(self) -> str:
+        return (
+            f"Answer(version={self.version!r}, arm={self.arm!r}, items={self.items!r}, "
+            f"scores={self.scores!r})"
+        )
+
+
+_FLOATS: dict[int, struct.Struct] = {}
+
+
+def _floats(n: int) -> struct.Struct:
+    """The layout of ``n`` little-endian float32 values."""
+    layout = _FLOATS.get(n)
+    if layout is None:
+        layout = _FLOATS[n] = struct.Struct(f"<{n}f")
+    return layout
+
+
+_VERSION_BLOCKS: dict[str, bytes] = {}
+
+
+def _version_block(version: str) -> bytes:
+    """An answer's version as encoded (a handful of versions is live at a time)."""
+    block = _VERSION_BLOCKS.get(version)
+    if block is None:
+        if len(_VERSION_BLOCKS) >= 64:
+            _VERSION_BLOCKS.clear()
+        out: list[bytes] = []
+        _put_each(out, (version,))
+        block = _VERSION_BLOCKS[version] = b"".join(out)
+    return block
 
 
 def encode_answer(answer: Answer | None) -> bytes:
     """The answer section that ends an encoded session state (one byte for none, or an
-    answer not scored yet)."""
-    items, scores = (None, None) if answer is None else (answer.items, answer.scores)
-    if answer is None or items is None or scores is None:
-        return bytes((_NO_ANSWER,))
-    joined = _SEP.join(items)
-    listed = joined.count(_SEP) != max(len(items) - 1, 0)  # an id holds the separator
-    out = [_ANSWER_HDR.pack(_ANSWER_LISTED if listed else _ANSWER_JOINED,
-                            _ARM_INDEX.get(answer.arm, 0), len(items))]  # fmt: skip
-    _put_each(out, (answer.version,))
-    if listed:
-        _put_each(out, items)
+    answer not scored yet). An answer read from a state is written back from its joined ids
+    and packed scores, as it was read."""
+    if answer is None:
+        return _NO_ANSWER_SECTION
+    joined, packed = answer._joined, answer._packed
+    if joined is None:
+        items, scores = answer._items, answer._scores
+        if items is None or scores is None:
+            return _NO_ANSWER_SECTION
+        n = len(items)
+        joined = _SEP.join(items)
+        if joined.count(_SEP) != max(n - 1, 0):  # an id holds the separator
+            return _encode_listed(answer, items, scores)
+        if packed is None:
+            packed = _floats(len(scores)).pack(*scores)
     else:
-        _put_each(out, (joined,))
-    out.append(struct.pack(f"<{len(scores)}f", *scores))
+        n = answer._n
+        assert packed is not None  # read with its ids
+    ids = joined.encode()
+    if len(ids) > 0xFFFE:
+        ids = ids[:0xFFFE]  # (as every string of a state is capped)
+    version = _VERSION_BLOCKS.get(answer.version) or _version_block(answer.version)
+    return b"".join(
+        (
+            _ANSWER_HDR.pack(_ANSWER_JOINED, _ARM_INDEX.get(answer.arm, 0), n),
+            version,
+            _LEN.pack(len(ids)),
+            ids,
+            packed,
+        )
+    )
+
+
+def _encode_listed(answer: Answer, items: list[str], scores: list[float]) -> bytes:
+    """An answer with an id that holds the separator: each id length-prefixed."""
+    out = [_ANSWER_HDR.pack(_ANSWER_LISTED, _ARM_INDEX.get(answer.arm, 0), len(items))]
+    out.append(_version_block(answer.version))
+    _put_each(out, items)
+    out.append(_floats(len(scores)).pack(*scores))
     return b"".join(out)
 
 
 def _decode_answer(buf: bytes, pos: int) -> tuple[Answer | None, int]:
+    """The answer section at ``pos``, checked as strictly as when it was split at once
+    (counts, lengths, UTF-8); a joined one is kept joined, its scores packed
+    (:class:`Answer`)."""
     kind = buf[pos]
     if kind == _NO_ANSWER:
         return None, pos + 1
-    if kind not in (_ANSWER_JOINED, _ANSWER_LISTED):
-        raise StateDecodeError(f"unknown answer kind {kind}")
-    kind, arm, n = _ANSWER_HDR.unpack_from(buf, pos)
-    (version,), pos = _get_each(buf, pos + _ANSWER_HDR.size, 1, "")
-    items: list[str]
-    if kind == _ANSWER_LISTED:
-        items, pos = _get_strs_n(buf, pos, n)
-    else:
-        (joined,), pos = _get_strs_n(buf, pos, 1)
-        items = joined.split(_SEP) if n else []
-    if len(items) != n or arm >= len(ARMS):
+    if kind != _ANSWER_JOINED:
+        return _decode_listed(buf, pos)
+    _, arm, n, m = _ANSWER_HDR_VERSION.unpack_from(buf, pos)
+    if arm >= len(ARMS):
+        raise StateDecodeError("answer of an unknown arm")
+    pos += _ANSWER_HDR_VERSION.size
+    version = ""
+    if m != 0xFFFF:  # (0xFFFF: a None version, read as "")
+        version = buf[pos : pos + m].decode()
+        pos += m
+    (m,) = _LEN.unpack_from(buf, pos)
+    pos += 2
+    joined = ""
+    if m != 0xFFFF:
+        joined = buf[pos : pos + m].decode()
+        pos += m
+    if n and joined.count(_SEP) != n - 1:
         raise StateDecodeError("answer items do not match their count")
+    end = pos + 4 * n
+    if end > len(buf):
+        raise StateDecodeError("answer scores cut short")
+    answer = Answer.__new__(Answer)  # (no __init__: every field is set here)
+    answer.version, answer.arm, answer._items, answer._scores = version, ARMS[arm], None, None
+    # (a count of 0 reads back no items, whatever the joined string: as when it was split)
+    answer._joined, answer._n, answer._packed = joined if n else "", n, buf[pos:end]
+    return answer, end
+
+
+def _decode_listed(buf: bytes, pos: int) -> tuple[Answer, int]:
+    kind, arm, n = _ANSWER_HDR.unpack_from(buf, pos)
+    if kind != _ANSWER_LISTED:
+        raise StateDecodeError(f"unknown answer kind {kind}")
+    if arm >= len(ARMS):
+        raise StateDecodeError("answer of an unknown arm")
+    (version,), pos = _get_each(buf, pos + _ANSWER_HDR.size, 1, "")
+    items, pos = _get_strs_n(buf, pos, n)
     scores = list(struct.unpack_from(f"<{n}f", buf, pos))
     return Answer(version or "", ARMS[arm], items, scores), pos + 4 * n
 

@@ -40,7 +40,7 @@ def write_states(
     ``live_answers_dropped``, when the state would pass ``max_bytes`` with it)."""
     for w in writes:
         value = w.value
-        if value is not None and w.answer is not None and w.answer.items is not None:
+        if value is not None and w.answer is not None and w.answer.scored:
             full = with_answer(value, w.answer)
             if len(full) <= max_bytes:
                 value = full
