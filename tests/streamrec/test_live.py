@@ -100,7 +100,7 @@ def test_worker_counts_are_the_uncounted_evaluations_added_in_order() -> None:
         res.last_offsets = {e.partition: e.offset for e in batch}
         live.add(res)
     sent: list[LiveRecord] = []
-    live._produce = lambda p, value: sent.append(LiveRecord.from_json(value))  # type: ignore[method-assign]
+    live._produce = lambda partition, value: sent.append(LiveRecord.from_json(value))  # type: ignore[method-assign]
     live.publish(flush=False)
     assert sorted(r.partition for r in sent) == [0, 1]
     for rec in sent:
