@@ -100,6 +100,7 @@ def test_worker_counts_are_the_uncounted_evaluations_added_in_order() -> None:
         res.last_offsets = {e.partition: e.offset for e in batch}
         live.add(res)
     sent: list[LiveRecord] = []
+    # a stub producer in place of the Kafka one (mypy: a method assigned on an instance)
     live._produce = lambda partition, value: sent.append(LiveRecord.from_json(value))  # type: ignore[method-assign]
     live.publish(flush=False)
     assert sorted(r.partition for r in sent) == [0, 1]
