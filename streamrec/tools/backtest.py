@@ -29,7 +29,8 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, KeysView, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,8 +188,6 @@ def click_messages(
 ) -> tuple[list[tuple[bytes, bytes, float]], list[str]]:
     """(key, JSON, time) per row, with ``event_id``, and the click id each row's answer
     carries (its key and event id: ``serving.records.event_click_id``)."""
-    from streamrec.serving.records import event_click_id
-    from streamrec.serving.state import state_key
     from streamrec.tools.replay import click_values
 
     out, click_ids = [], []
@@ -196,8 +195,17 @@ def click_messages(
         body = json.loads(value)
         body["event_id"] = eid
         out.append((key, json.dumps(body).encode(), t))
-        click_ids.append(event_click_id(state_key(body.get("user_id"), body["session_id"]), eid))
+        click_ids.append(body_click_id(body))
     return out, click_ids
+
+
+def body_click_id(body: dict[str, Any]) -> str:
+    """The click id the workers give a click body of the replay (its state key and event id:
+    ``serving.records.event_click_id``); KeyError without a session or event id."""
+    from streamrec.serving.records import event_click_id
+    from streamrec.serving.state import state_key
+
+    return event_click_id(state_key(body.get("user_id"), body["session_id"]), body["event_id"])
 
 
 def registry_current(models: Path) -> Path | None:
@@ -235,17 +243,17 @@ def train_initial(opts: BacktestOptions, warm: pd.DataFrame, work: Path) -> Path
 
 
 class _AnswerReader:
-    """The click ids settled on a topic, read as they arrive: answered (a recommendations
-    topic, :func:`_click_id`) or dead-lettered (a dead-letter topic, :func:`_dead_click_id`:
-    never answered, so not waited for)."""
+    """The click ids settled on a topic, read as they arrive, each with how it was settled:
+    answered (a recommendations topic, :func:`_click_id`) or dead-lettered with a reason (a
+    dead-letter topic, :func:`_dead_click_id`: never answered, so not waited for)."""
 
     def __init__(
-        self, conf: dict[str, Any], topic: str, parse: Callable[[bytes], str | None]
+        self, conf: dict[str, Any], topic: str, parse: Callable[[bytes], tuple[str, str] | None]
     ) -> None:
         self.conf = conf
         self.topic = topic
         self.parse = parse
-        self.seen: set[str] = set()
+        self.settled: dict[str, str] = {}  # click id -> "answered" or the dead letter's reason
         self._consumer: Any = None
         self._open()
 
@@ -263,18 +271,22 @@ class _AnswerReader:
         n = clients.partition_count(self.conf, self.topic)
         self._consumer.assign([TopicPartition(self.topic, p, 0) for p in range(n)])
 
+    @property
+    def seen(self) -> KeysView[str]:
+        return self.settled.keys()
+
     def poll(self, seconds: float) -> bool:
         """Read for up to ``seconds``; True when something new arrived."""
-        before = len(self.seen)
+        before = len(self.settled)
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             batch = self._consumer.consume(num_messages=10_000, timeout=0.1)
             for msg in batch:
                 if msg.error() is None:
                     self._add(msg.value())
-            if not batch and len(self.seen) > before:
+            if not batch and len(self.settled) > before:
                 break
-        return len(self.seen) > before
+        return len(self.settled) > before
 
     def reread(self) -> None:
         """A fresh read from offset 0 (what the broker holds), then tail from there again."""
@@ -286,9 +298,10 @@ class _AnswerReader:
         self._open()
 
     def _add(self, value: bytes) -> None:
-        click_id = self.parse(value)
-        if click_id is not None:
-            self.seen.add(click_id)
+        parsed = self.parse(value)
+        if parsed is not None:
+            click_id, how = parsed
+            self.settled[click_id] = how
 
     def close(self) -> None:
         if self._consumer is not None:
@@ -296,19 +309,18 @@ class _AnswerReader:
             self._consumer = None
 
 
-def _click_id(value: bytes) -> str:
-    return Recommendation.from_json(value).click_id
+def _click_id(value: bytes) -> tuple[str, str]:
+    return Recommendation.from_json(value).click_id, "answered"
 
 
-def _dead_click_id(value: bytes) -> str | None:
-    """The click id of a dead-lettered click of the replay (None: not one of its clicks)."""
+def _dead_click_id(value: bytes) -> tuple[str, str] | None:
+    """The click id of a dead-lettered click of the replay and the dead letter's reason
+    (None: not one of its clicks)."""
     from streamrec.serving.events import DeadLetter
-    from streamrec.serving.records import event_click_id
-    from streamrec.serving.state import state_key
 
     try:
-        body = json.loads(DeadLetter.model_validate_json(value).original)
-        return event_click_id(state_key(body.get("user_id"), body["session_id"]), body["event_id"])
+        dead = DeadLetter.model_validate_json(value)
+        return body_click_id(json.loads(dead.original)), dead.reason
     except (ValueError, KeyError, TypeError):
         return None
 
@@ -751,16 +763,13 @@ class Backtest:
 
     def dead_letter_reasons(self, arm: Arm) -> dict[str, int]:
         """How many of the replay's clicks the arm's worker dead-lettered, by reason (they are
-        among the ``lost``: a valid log line refused, e.g. a time far from the clock)."""
-        from streamrec.kafka.clients import read_topic
-        from streamrec.serving.events import DeadLetter
-
-        ours, reasons = set(self.click_ids), dict[str, int]()
-        for msg in read_topic(self.conf, arm.dead_topic, idle_timeout=1.0):
-            if _dead_click_id(msg.value()) in ours:
-                reason = DeadLetter.model_validate_json(msg.value()).reason
-                reasons[reason] = reasons.get(reason, 0) + 1
-        return reasons
+        among the ``lost``: a valid log line refused, e.g. a time far from the clock), as the
+        waits for its answers read them."""
+        readers = self._readers.get(arm.name)
+        if readers is None:  # never waited: nothing was sent
+            return {}
+        ours, dead = set(self.click_ids), readers[1].settled
+        return dict(Counter(reason for click, reason in dead.items() if click in ours))
 
 
 def run_backtest(opts: BacktestOptions) -> dict[str, Any]:
