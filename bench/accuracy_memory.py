@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--arm", required=True)
     ap.add_argument("--param", action="append", default=[])
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--phase", default="final", help="final (a test split) or choice (validation)")
     a = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     load0 = os.getloadavg()
@@ -56,7 +57,7 @@ def main() -> None:
     eval_seconds = time.perf_counter() - t0
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     rec = {
-        "phase": "final",
+        "phase": a.phase,
         "data": a.data,
         "arm": a.arm,
         "seed": p.seed,

@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, required=True)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--phase", default="final", help="final (a test split) or choice (validation)")
     a = ap.parse_args()
     load0 = os.getloadavg()
     argv = ["run.py", str(a.train.resolve()), "-pf", f"paramfiles/{a.paramfile}.py",
@@ -79,7 +80,7 @@ def main() -> None:
         text=True,
     ).stdout.strip()
     rec = {
-        "phase": "final",
+        "phase": a.phase,
         "data": a.data,
         "arm": "official",
         "seed": a.seed,

@@ -1,0 +1,341 @@
+"""The whole evidence matrix of bench/results/accuracy-beyond-gru4rec.md in one place: the data
+splits, which runs are still missing, running them (several at once where cores or a GPU
+allow), and the table of means.
+
+    # 1. the splits, from the shared data sets (the repository never holds them)
+    PYTHONPATH=. .venv/bin/python bench/accuracy_matrix.py splits \
+        --shared ../shared/data --out /tmp/splits
+    # 2. what is missing from the runs file (commands, one per line)
+    PYTHONPATH=. .venv/bin/python bench/accuracy_matrix.py plan --splits /tmp/splits \
+        --official /tmp/official
+    # 3. run the missing cells, N at a time (each with OMP_NUM_THREADS=1; --device cuda on a GPU)
+    PYTHONPATH=. .venv/bin/python bench/accuracy_matrix.py run --splits /tmp/splits \
+        --official /tmp/official --jobs 2 [--data yoochoose-1_64] [--seeds 1]
+    # 4. means per data set and arm, and the goal's ratio against the authors' code
+    PYTHONPATH=. .venv/bin/python bench/accuracy_matrix.py table
+
+A cell is one (phase, data set, arm, seed): the authors' code with its parameter file
+(``official``, bench/official_gru4rec.py), the project's parity preset (``paper``), the
+defaults (``defaults``) and, at seed 1, one ablation per part of the mechanism
+(bench/accuracy_memory.py). The authors publish no parameter file for the ML-1M sessions: the
+file their code does best with on the ML-1M validation split (seed 1, phase ``choice``) is
+taken as its best published file there, for every arm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+RUNS = Path(__file__).parent / "results" / "accuracy-beyond-gru4rec-runs.jsonl"
+SEEDS = (1, 2, 3)
+#: the authors' published parameter files (paramfiles/ of their repository)
+PARAMFILES = (
+    "yoochoose_xe_shared_best",
+    "rsc15_xe_shared_100_best",
+    "rees46_xe_shared_best",
+    "coveo_bprmax_shared_best",
+    "diginetica_bprmax_shared_best",
+    "retailrocket_bprmax_shared_best",
+)
+#: one ablation per part of the mechanism (seed 1): the gate, the memory's size
+ABLATIONS = {"ablation-no-gate": ["memory_gate=0"], "ablation-k16": ["session_memory=16"]}
+ML1M = "ml1m-sessions"
+
+
+@dataclass(frozen=True)
+class DataSet:
+    name: str
+    train: str  # file names in the splits folder
+    test: str
+    valid: tuple[str, str]  # (train, validation)
+    paramfile: str | None  # None: chosen on the validation split
+
+
+DATA_SETS = {
+    d.name: d
+    for d in (
+        DataSet(
+            "yoochoose-1_64",
+            "yoochoose_train.tsv",
+            "yoochoose_test.tsv",
+            ("yoochoose_train_tr.tsv", "yoochoose_train_valid.tsv"),
+            "yoochoose_xe_shared_best",
+        ),
+        DataSet(
+            "rsc15-100k",
+            "rsc15_train_full.tsv",
+            "rsc15_test.tsv",
+            ("rsc15_train_tr.tsv", "rsc15_train_valid.tsv"),
+            "rsc15_xe_shared_100_best",
+        ),
+        DataSet(
+            ML1M,
+            "ml1m_train_full.tsv",
+            "ml1m_test.tsv",
+            ("ml1m_train_tr.tsv", "ml1m_train_valid.tsv"),
+            None,
+        ),
+    )
+}
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def _save(df: pd.DataFrame, path: Path) -> None:
+    df = df[["SessionId", "ItemId", "Time"]].astype({"SessionId": "int64"})
+    df.sort_values(["SessionId", "Time"], kind="stable").to_csv(path, sep="\t", index=False)
+    print(f"{path}: {len(df):,} events, {df.SessionId.nunique():,} sessions", file=sys.stderr)
+
+
+def write_splits(shared: Path, out: Path) -> None:
+    """Every file the matrix reads, from the shared data sets:
+
+    * rsc15-100k: its four files as they are;
+    * yoochoose 1/64: train and test as they are; validation = the sessions of train whose
+      first event is among the last 12.5% of train's session start times (items seen in the
+      rest, sessions of 2 or more);
+    * ML-1M sessions: each user's ratings split at 30-minute gaps (``sessionize``), consecutive
+      repeats removed, items with 5 or more events, sessions of 2 or more (``preprocess``);
+      test = the sessions starting on or after 2001-01-01, validation = those of the rest
+      starting on or after 2000-12-01 (``split_by_time``).
+    """
+    from streamrec.data.clicklog import sessionize
+    from trainer.data import preprocess, split_by_time
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("train_full", "test", "train_tr", "train_valid"):
+        raw = gzip.decompress((shared / "rsc15-100k" / f"{name}.tsv.gz").read_bytes())
+        (out / f"rsc15_{name}.tsv").write_bytes(raw)
+    y = pd.read_csv(shared / "yoochoose-1_64" / "train.tsv.gz", sep="\t", dtype={"ItemId": str})
+    _save(y, out / "yoochoose_train.tsv")
+    yt = pd.read_csv(shared / "yoochoose-1_64" / "test.tsv.gz", sep="\t", dtype={"ItemId": str})
+    _save(yt, out / "yoochoose_test.tsv")
+    start = y.groupby("SessionId").Time.transform("min")
+    cut = np.quantile(y.groupby("SessionId").Time.min(), 1 - 0.125)
+    y_tr, y_va = y[start < cut], y[start >= cut]
+    y_va = y_va[y_va.ItemId.isin(set(y_tr.ItemId))]
+    y_va = y_va[y_va.groupby("SessionId").SessionId.transform("size") >= 2]
+    _save(y_tr, out / "yoochoose_train_tr.tsv")
+    _save(y_va, out / "yoochoose_train_valid.tsv")
+
+    r = pd.read_csv(
+        shared / "movielens-1m" / "ratings.tsv.gz", sep="\t", dtype={"UserId": str, "ItemId": str}
+    )
+    s = preprocess(sessionize(r[["UserId", "ItemId", "Time"]].astype({"Time": float}), 1800))
+    codes, _ = pd.factorize(s.SessionId)
+    s = s.assign(SessionId=codes + 1)
+    train, test = split_by_time(s, _days_from(s, "2001-01-01"))
+    _save(train, out / "ml1m_train_full.tsv")
+    _save(test, out / "ml1m_test.tsv")
+    tr, va = split_by_time(train, _days_from(train, "2000-12-01"))
+    _save(tr, out / "ml1m_train_tr.tsv")
+    _save(va, out / "ml1m_train_valid.tsv")
+
+
+def _days_from(df: pd.DataFrame, date: str) -> float:
+    return float((df.Time.max() - pd.Timestamp(date).timestamp()) / 86400)
+
+
+# ----------------------------------------------------------------------------- cells
+
+
+@dataclass(frozen=True)
+class Cell:
+    phase: str  # "final" (test split) or "choice" (validation split, the ML-1M file)
+    data: str
+    arm: str
+    seed: int
+    preset: str  # the authors' parameter file, or the project's preset
+
+    def key(self) -> tuple[str, str, str, int]:
+        return self.phase, self.data, self.arm, self.seed
+
+
+def read_runs(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _key(run: dict[str, Any]) -> tuple[str, str, str, int]:
+    return run.get("phase", ""), run.get("data", ""), run.get("arm", ""), int(run.get("seed", 0))
+
+
+def chosen_paramfile(runs: Iterable[dict[str, Any]]) -> str | None:
+    """The authors' file with the best MRR@20 on the ML-1M validation split (None until every
+    file has its run)."""
+    got = {
+        r["preset"]: r["metrics"]["mrr@20"]
+        for r in runs
+        if r.get("phase") == "choice" and r.get("data") == f"{ML1M}-valid"
+    }
+    if set(got) != set(PARAMFILES):
+        return None
+    return max(PARAMFILES, key=lambda f: got[f])
+
+
+def wanted(
+    runs: list[dict[str, Any]], data: Iterable[str], seeds: Iterable[int] = SEEDS
+) -> list[Cell]:
+    """The cells of ``data`` at ``seeds`` (ablations at seed 1 only) that the runs lack, in
+    the order to run them: the ML-1M choice first (its test cells wait for it), then seed by
+    seed, so that a partial matrix is complete per seed."""
+    done = {_key(r) for r in runs}
+    cells: list[Cell] = []
+    for name in data:
+        ds = DATA_SETS[name]
+        paramfile = ds.paramfile
+        if paramfile is None:
+            cells += [Cell("choice", f"{name}-valid", "official", 1, f) for f in PARAMFILES]
+            paramfile = chosen_paramfile(runs)
+            if paramfile is None:
+                continue
+        for seed in seeds:
+            cells += [
+                Cell("final", name, "official", seed, paramfile),
+                Cell("final", name, "defaults", seed, paramfile),
+                Cell("final", name, "paper", seed, f"{paramfile}_paper"),
+            ]
+            if seed == 1:
+                cells += [Cell("final", name, arm, 1, paramfile) for arm in ABLATIONS]
+    # a choice cell is done whatever its arm's file, so match it by file too
+    chosen = {(r.get("data"), r.get("preset")) for r in runs if r.get("phase") == "choice"}
+    return [
+        c
+        for c in cells
+        if c.key() not in done and not (c.phase == "choice" and (c.data, c.preset) in chosen)
+    ]
+
+
+def command(cell: Cell, splits: Path, official: Path, out: Path, device: str) -> list[str]:
+    """The command line of one cell (the two bench scripts record it with their figures)."""
+    ds = DATA_SETS[cell.data.removesuffix("-valid")]
+    train, test = ds.valid if cell.phase == "choice" else (ds.train, ds.test)
+    common = ["--data", cell.data, "--train", str(splits / train), "--test", str(splits / test)]
+    common += ["--phase", cell.phase, "--out", str(out)]
+    if cell.arm == "official":
+        script = ["bench/official_gru4rec.py", "--official", str(official)]
+        args = ["--paramfile", cell.preset, "--seed", str(cell.seed), "--device", device]
+    else:
+        script = ["bench/accuracy_memory.py", "--preset", cell.preset, "--arm", cell.arm]
+        params = [f"seed={cell.seed}", *([f"device={device}"] if device != "cpu" else [])]
+        params += ABLATIONS.get(cell.arm, [])
+        args = [x for kv in params for x in ("--param", kv)]
+    return [sys.executable, *script, *common, *args]
+
+
+def run_cells(cells: list[Cell], cmds: list[list[str]], jobs: int) -> int:
+    """Run ``cmds`` ``jobs`` at a time (one thread each); the number that failed."""
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": "."}
+
+    def one(i: int) -> int:
+        print(f"start {cells[i]}", file=sys.stderr, flush=True)
+        done = subprocess.run(cmds[i], env={**os.environ, **env}, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"FAILED {cells[i]}:\n{done.stderr[-3000:]}", file=sys.stderr, flush=True)
+        else:
+            print(f"done {cells[i]}", file=sys.stderr, flush=True)
+        return done.returncode
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return sum(rc != 0 for rc in pool.map(one, range(len(cells))))
+
+
+# ----------------------------------------------------------------------------- table
+
+
+def table(runs: list[dict[str, Any]]) -> str:
+    """Markdown: per data set and arm, the seeds run and the mean Recall@20 / MRR@20 of the
+    test runs; the ratio of the defaults' means to the authors' code where both have the same
+    seeds (the goal: MRR@20 at least 1.02x, Recall@20 at least 1.00x)."""
+    final = [r for r in runs if r.get("phase") == "final"]
+    rows = [
+        "| data set | arm | seeds | Recall@20 | MRR@20 | vs official (R / MRR) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in DATA_SETS:
+        by_arm: dict[str, dict[int, dict[str, float]]] = {}
+        for r in final:
+            if r["data"] == name:
+                by_arm.setdefault(r["arm"], {})[int(r["seed"])] = r["metrics"]
+        official = by_arm.get("official", {})
+        for arm, seeds in sorted(by_arm.items(), key=lambda kv: _arm_order(kv[0])):
+            recall = statistics.fmean(m["recall@20"] for m in seeds.values())
+            mrr = statistics.fmean(m["mrr@20"] for m in seeds.values())
+            versus = ""
+            if arm != "official" and seeds and set(seeds) <= set(official):
+                o_recall = statistics.fmean(official[s]["recall@20"] for s in seeds)
+                o_mrr = statistics.fmean(official[s]["mrr@20"] for s in seeds)
+                versus = f"{recall / o_recall:.3f} / {mrr / o_mrr:.3f}"
+            seed_list = ",".join(map(str, sorted(seeds)))
+            rows.append(f"| {name} | {arm} | {seed_list} | {recall:.4f} | {mrr:.4f} | {versus} |")
+    return "\n".join(rows)
+
+
+def _arm_order(arm: str) -> tuple[int, str]:
+    return ({"official": 0, "paper": 1, "defaults": 2}.get(arm, 3), arm)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="what", required=True)
+    sp = sub.add_parser("splits", help="write the split files")
+    sp.add_argument("--shared", type=Path, required=True, help="the shared data folder")
+    sp.add_argument("--out", type=Path, required=True)
+    for name in ("plan", "run"):
+        p = sub.add_parser(name, help=f"{name} the missing cells")
+        p.add_argument("--splits", type=Path, required=True)
+        p.add_argument("--official", type=Path, required=True, help="the authors' code")
+        p.add_argument("--data", action="append", choices=sorted(DATA_SETS))
+        p.add_argument("--seeds", default="1,2,3")
+        p.add_argument("--device", default="cpu", help="cpu or cuda")
+        p.add_argument("--runs", type=Path, default=RUNS)
+        if name == "run":
+            p.add_argument("--jobs", type=int, default=1)
+    tp = sub.add_parser("table", help="means per data set and arm")
+    tp.add_argument("--runs", type=Path, default=RUNS)
+    a = ap.parse_args()
+    if a.what == "splits":
+        write_splits(a.shared, a.out)
+        return
+    runs = read_runs(a.runs)
+    if a.what == "table":
+        print(table(runs))
+        return
+    seeds = [int(s) for s in a.seeds.split(",")]
+    cells = wanted(runs, a.data or list(DATA_SETS), seeds)
+    cmds = [command(c, a.splits, a.official, a.runs, a.device) for c in cells]
+    if a.what == "plan":
+        for cmd in cmds:
+            print("OMP_NUM_THREADS=1 PYTHONPATH=. " + shlex.join(cmd))
+        return
+    was_chosen = chosen_paramfile(runs)
+    failed = run_cells(cells, cmds, a.jobs)
+    if was_chosen is None and chosen_paramfile(read_runs(a.runs)) is not None:
+        print("the ML-1M file is chosen now: run again for its test cells", file=sys.stderr)
+    raise SystemExit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""bench/accuracy_matrix.py: which runs the accuracy evidence still lacks, and its table."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from trainer.presets import make_params
+
+_PATH = Path(__file__).resolve().parents[1] / "bench" / "accuracy_matrix.py"
+_spec = importlib.util.spec_from_file_location("accuracy_matrix", _PATH)
+assert _spec is not None and _spec.loader is not None
+matrix = importlib.util.module_from_spec(_spec)
+sys.modules["accuracy_matrix"] = matrix
+_spec.loader.exec_module(matrix)
+
+
+def run(
+    phase: str, data: str, arm: str, seed: int, preset: str, mrr: float, recall: float = 0.5
+) -> dict[str, Any]:
+    return {
+        "phase": phase,
+        "data": data,
+        "arm": arm,
+        "seed": seed,
+        "preset": preset,
+        "metrics": {"mrr@20": mrr, "recall@20": recall},
+    }
+
+
+def choices(best: str) -> list[dict[str, Any]]:
+    return [
+        run("choice", "ml1m-sessions-valid", "official", 1, f, 0.3 if f == best else 0.1)
+        for f in matrix.PARAMFILES
+    ]
+
+
+def test_every_arm_trains_with_a_preset_the_trainer_knows() -> None:
+    for paramfile in matrix.PARAMFILES:
+        paper = make_params(f"{paramfile}_paper", [])
+        assert paper.session_memory == 0
+        assert make_params(paramfile, []).session_memory > 0
+        for overrides in matrix.ABLATIONS.values():
+            make_params(paramfile, overrides)
+
+
+def test_the_ml1m_file_is_the_one_the_authors_code_does_best_with_once_all_ran() -> None:
+    runs = choices("coveo_bprmax_shared_best")
+    assert matrix.chosen_paramfile(runs[:-1]) is None
+    assert matrix.chosen_paramfile(runs) == "coveo_bprmax_shared_best"
+
+
+def test_the_ml1m_test_cells_wait_for_the_choice_and_then_use_the_chosen_file() -> None:
+    before = matrix.wanted([], ["ml1m-sessions"])
+    assert {c.phase for c in before} == {"choice"}
+    assert sorted(c.preset for c in before) == sorted(matrix.PARAMFILES)
+
+    after = matrix.wanted(choices("diginetica_bprmax_shared_best"), ["ml1m-sessions"])
+    assert {c.phase for c in after} == {"final"}
+    by_arm = {(c.arm, c.seed): c.preset for c in after}
+    assert by_arm[("official", 2)] == "diginetica_bprmax_shared_best"
+    assert by_arm[("paper", 3)] == "diginetica_bprmax_shared_best_paper"
+    assert by_arm[("defaults", 1)] == "diginetica_bprmax_shared_best"
+    # three arms at three seeds, and each ablation at seed 1
+    assert len(after) == 9 + len(matrix.ABLATIONS)
+    assert {c.seed for c in after if c.arm in matrix.ABLATIONS} == {1}
+
+
+def test_a_cell_with_a_run_is_not_planned_again() -> None:
+    done = [run("final", "rsc15-100k", "official", 1, "rsc15_xe_shared_100_best", 0.3)]
+    cells = matrix.wanted(done, ["rsc15-100k"], seeds=[1])
+    assert ("official", 1) not in {(c.arm, c.seed) for c in cells}
+    assert ("defaults", 1) in {(c.arm, c.seed) for c in cells}
+
+
+def test_an_ablation_runs_the_defaults_with_its_part_switched_off(tmp_path: Path) -> None:
+    cell = matrix.Cell("final", "yoochoose-1_64", "ablation-no-gate", 1, "yoochoose_xe_shared_best")
+    cmd = matrix.command(cell, tmp_path, tmp_path / "official", tmp_path / "runs.jsonl", "cpu")
+    assert "bench/accuracy_memory.py" in cmd
+    assert cmd[cmd.index("--preset") + 1] == "yoochoose_xe_shared_best"
+    params = [cmd[i + 1] for i, x in enumerate(cmd) if x == "--param"]
+    assert params == ["seed=1", *matrix.ABLATIONS["ablation-no-gate"]]
+    assert cmd[cmd.index("--train") + 1] == str(tmp_path / "yoochoose_train.tsv")
+    choice = matrix.Cell("choice", "ml1m-sessions-valid", "official", 1, "rees46_xe_shared_best")
+    cmd = matrix.command(choice, tmp_path, tmp_path / "official", tmp_path / "r.jsonl", "cuda")
+    assert cmd[cmd.index("--test") + 1] == str(tmp_path / "ml1m_train_valid.tsv")
+    assert cmd[cmd.index("--device") + 1] == "cuda"
+
+
+@pytest.mark.parametrize("defaults_seeds", [[1, 2, 3], [1]])
+def test_the_table_compares_the_defaults_with_the_official_runs_of_the_same_seeds(
+    defaults_seeds: list[int],
+) -> None:
+    runs = [run("final", "rsc15-100k", "official", s, "f", 0.1 * s, 0.5) for s in (1, 2, 3)]
+    runs += [
+        run("final", "rsc15-100k", "defaults", s, "f", 0.1 * s * 1.05, 0.5) for s in defaults_seeds
+    ]
+    runs += [run("choice", "ml1m-sessions-valid", "official", 1, "f", 0.9)]
+    rows = matrix.table(runs).splitlines()
+    defaults = next(r for r in rows if "| defaults |" in r)
+    assert defaults.endswith("| 1.000 / 1.050 |")
+    assert "ml1m" not in matrix.table(runs)
