@@ -28,6 +28,7 @@ import argparse
 import gzip
 import json
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -290,6 +291,30 @@ def table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+def runs_table(runs: list[dict[str, Any]]) -> str:
+    """Markdown: one row per test run, in data set, seed and arm order."""
+    rows = [
+        "| data | arm | seed | Recall@20 | MRR@20 | Recall@10 | MRR@10 | Recall@5 | MRR@5 "
+        "| train s | head fit s | load avg start/end (1 min) | date (UTC) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = list(DATA_SETS)
+    final = [r for r in runs if r.get("phase") == "final" and r.get("data") in DATA_SETS]
+    final.sort(key=lambda r: (order.index(r["data"]), int(r["seed"]), _arm_order(r["arm"])))
+    for r in final:
+        m = r["metrics"]
+        figures = " | ".join(f"{m[f'{x}@{k}']:.4f}" for k in (20, 10, 5) for x in ("recall", "mrr"))
+        head = r.get("memory_head")
+        load = re.search(r"at start ([0-9.]+)/.*at end ([0-9.]+)/", r.get("machine", ""))
+        rows.append(
+            f"| {r['data']} | {r['arm']} | {r['seed']} | {figures} | {r.get('train_seconds')} "
+            f"| {round(head['seconds'], 1) if head else '-'} "
+            f"| {f'{load.group(1)} / {load.group(2)}' if load else '-'} "
+            f"| {r.get('date', '')[:16].replace('T', ' ')} |"
+        )
+    return "\n".join(rows)
+
+
 def _arm_order(arm: str) -> tuple[int, str]:
     return ({"official": 0, "paper": 1, "defaults": 2}.get(arm, 3), arm)
 
@@ -321,7 +346,7 @@ def main() -> None:
         return
     runs = read_runs(a.runs)
     if a.what == "table":
-        print(table(runs))
+        print(runs_table(runs), table(runs), sep="\n\n")
         return
     seeds = [int(s) for s in a.seeds.split(",")]
     cells = wanted(runs, a.data or list(DATA_SETS), seeds)

@@ -104,3 +104,19 @@ def test_the_table_compares_the_defaults_with_the_official_runs_of_the_same_seed
     defaults = next(r for r in rows if "| defaults |" in r)
     assert defaults.endswith("| 1.000 / 1.050 |")
     assert "ml1m" not in matrix.table(runs)
+
+
+def test_the_runs_table_has_one_row_per_test_run_with_its_load_and_head_fit() -> None:
+    metrics = {f"{x}@{k}": 0.25 for k in (5, 10, 20) for x in ("recall", "mrr")}
+    base = {"data": "rsc15-100k", "seed": 1, "metrics": metrics, "train_seconds": 9.5}
+    machine = "Load average (1/5/15 min) at start 5.6/5.5/4.8, at end 4.6/5.2/4.9"
+    runs = [
+        {**base, "phase": "final", "arm": "defaults", "machine": machine,
+         "memory_head": {"seconds": 12.34}, "date": "2026-12-07T09:59:22Z"},
+        {**base, "phase": "final", "arm": "official"},
+        {**base, "phase": "exploration", "arm": "prototype"},
+    ]  # fmt: skip
+    rows = matrix.runs_table(runs).splitlines()[2:]
+    assert len(rows) == 2
+    assert rows[0].startswith("| rsc15-100k | official | 1 | 0.2500 |")
+    assert rows[1].endswith("| 9.5 | 12.3 | 5.6 / 4.6 | 2026-12-07 09:59 |")
