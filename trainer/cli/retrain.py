@@ -163,18 +163,35 @@ def _period(every: str) -> float:
     return period
 
 
+#: a new deployment's retrainer usually starts before the archive holds enough clicks: until
+#: a cycle has run, a skipped cycle is tried again after this, doubling up to the period
+FIRST_RETRY_SECONDS = 30.0
+
+
+def next_wait(period: float, ran_once: bool, skips_in_a_row: int) -> float:
+    """Seconds from the start of a cycle to the start of the next one: the period, but before
+    any cycle has run, ``FIRST_RETRY_SECONDS`` after the first skip, doubling per skip."""
+    if ran_once or skips_in_a_row == 0:
+        return period
+    return min(period, FIRST_RETRY_SECONDS * 2 ** (skips_in_a_row - 1))
+
+
 def _run_every(cfg: RetrainConfig, period: float, metrics: RetrainMetrics) -> None:
     """A cycle every ``period`` seconds, forever; a cycle that fails is reported, and the
-    next one runs on time. Liveness: busy during a cycle, a beat every second between them;
-    ready once a cycle has ended without an unexpected error."""
+    next one runs on time (:func:`next_wait`: sooner while none has run for lack of data).
+    Liveness: busy during a cycle, a beat every second between them; ready once a cycle has
+    ended without an unexpected error."""
     health = metrics.health
+    ran_once, skips = False, 0
     while True:
         start = time.monotonic()
         health.busy("a retrain cycle is running")
         try:
             metrics.observe_cycle(run_cycle(cfg, _echo), cfg.metric)
             health.done(True, "last cycle ended")
+            ran_once = True
         except RetrainError as e:  # unattended: say why, try again next period
+            skips += 1
             _echo(f"cycle skipped: {e}")
             metrics.observe_skipped()
             health.done(True, f"last cycle skipped: {e}")
@@ -182,6 +199,9 @@ def _run_every(cfg: RetrainConfig, period: float, metrics: RetrainMetrics) -> No
             _echo(f"cycle failed: {type(e).__name__}: {e}")
             metrics.observe_failed()
             health.done(False, f"last cycle failed: {type(e).__name__}: {e}")
-        while (left := period - (time.monotonic() - start)) > 0:
+        wait = next_wait(period, ran_once, skips)
+        if wait < period:
+            _echo(f"no cycle has run yet: the next one in {wait:.0f} s")
+        while (left := wait - (time.monotonic() - start)) > 0:
             time.sleep(min(1.0, left))
             health.beat()
