@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from streamrec.model.api import InnerProductScores, SplitStepModel
-from streamrec.model.topk import TiledTopK
+from streamrec.model.topk import WHOLE_ROWS_MAX, TiledTopK
 
 FINAL_ACTS = ("linear", "tanh", "elu")
 MAX_SESSION_MEMORY = 4096
@@ -55,14 +55,20 @@ def push_recent(memory: Tensor, rows: Tensor) -> Tensor:
     """``memory`` ``[B, K]`` (item row + 1 as floats, 0 empty, most recent last) after each row of
     ``rows`` ``[B]`` is clicked: an item already there moves to the end, a new one is appended
     and the oldest slot dropped; a row < 0 (unknown item) leaves its memory as it is."""
-    r = (rows + 1).to(memory.dtype).unsqueeze(1)
-    present = memory == r
-    # the slot the clicked item leaves (0 when it is new: then every slot moves one to the left)
-    leave = present.to(torch.uint8).argmax(dim=1, keepdim=True)
-    shifted = torch.cat([memory[:, 1:], r], dim=1)
     slots = torch.arange(memory.shape[1], device=memory.device).unsqueeze(0)
-    new = torch.where(slots < leave, memory, shifted)
-    return torch.where((rows >= 0).unsqueeze(1), new, memory)
+    return torch.where((rows >= 0).unsqueeze(1), _pushed(memory, rows, slots), memory)
+
+
+def _pushed(memory: Tensor, rows: Tensor, slots: Tensor) -> Tensor:
+    """:func:`push_recent` where ``rows`` >= 0 (what a row < 0 gets is not defined: the caller
+    keeps its old state); ``slots`` is ``arange(K)`` ``[1, K]``. One gather (a few tensor
+    operations: a batch-1 step is mostly their fixed cost)."""
+    r = (rows + 1).to(memory.dtype).unsqueeze(1)
+    # the slot the clicked item leaves (0 when it is new: then every slot moves one to the left)
+    leave = (memory == r).to(torch.uint8).argmax(dim=1, keepdim=True)
+    # slot j keeps its item before the one that leaves and takes its right neighbour's from
+    # there on; the last takes the clicked item (column K)
+    return torch.cat([memory, r], dim=1).gather(1, slots + (slots >= leave))
 
 
 @dataclass
@@ -141,6 +147,7 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
 
     user_state_dim = 0
     memory_groups: Tensor  # [K] recency group of each memory slot (a buffer, when K > 0)
+    memory_slots: Tensor  # [1, K] arange(K) (a buffer, when K > 0)
 
     def __init__(self, config: GRU4RecConfig | dict[str, Any], seed: int | None = None) -> None:
         super().__init__()
@@ -173,6 +180,8 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
             groups = recency_groups(self.memory)
             # derived from the config, so not saved in checkpoints
             self.register_buffer("memory_groups", groups, persistent=False)
+            slots = torch.arange(self.memory).unsqueeze(0)
+            self.register_buffer("memory_slots", slots, persistent=False)
             n_groups = int(groups.max()) + 1
             self.memory_bias = nn.Parameter(torch.zeros(n_groups))
             if c.memory_gate:
@@ -337,7 +346,10 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
         per_group = self.memory_bias.unsqueeze(0)
         if hasattr(self, "memory_gate_weight"):
             per_group = per_group + output @ self.memory_gate_weight
-        offsets = per_group.index_select(1, self.memory_groups[first_slot:])
+        groups = self.memory_groups[first_slot:] if first_slot else self.memory_groups
+        offsets = per_group.index_select(1, groups)
+        if offsets.shape[0] == output.shape[0]:
+            return offsets
         return offsets.expand(output.shape[0], -1)  # without a gate: one row for all
 
     def _add_memory_offsets(self, scores: Tensor, output: Tensor, memory: Tensor) -> Tensor:
@@ -379,8 +391,8 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
         known = item_rows >= 0
         parts = self.split_state(state)
         _, hidden = self.hidden_step(self.embed(item_rows.clamp(min=0)), parts[: len(self.layers)])
-        if self.memory:
-            hidden.append(push_recent(parts[-1], item_rows))
+        if self.memory:  # unknown rows keep their whole state below
+            hidden.append(_pushed(parts[-1], item_rows, self.memory_slots))
         return torch.where(known.unsqueeze(1), torch.cat(hidden, dim=1), state)
 
     def output(self, state: Tensor) -> Tensor:
@@ -421,14 +433,16 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
 
         def topk(state: Tensor, k: int) -> tuple[Tensor, Tensor]:
             memory, out = self.memory_of(state), self.output(state)
+            if state.shape[0] <= WHOLE_ROWS_MAX:  # every slot, no host sync: few operations
+                # an empty slot (0) adds nothing in the tiled top-k
+                return tiled.topk(out, k, add=(memory.long(), self._slot_offsets_unmasked(out)))
             filled = (memory > 0).any(dim=0)
             m = self.memory - int(filled.to(torch.uint8).argmax()) if bool(filled.any()) else 0
             if m == 0:
                 return tiled.topk(out, k)
             offsets = self._slot_offsets_unmasked(out, self.memory - m)
-            # an empty slot (0) is item row -1: the tiled top-k adds nothing for it
-            cols = memory[:, self.memory - m :].long() - 1
-            return tiled.topk(out, k, add=(cols, offsets))
+            # an empty slot (0) adds nothing in the tiled top-k
+            return tiled.topk(out, k, add=(memory[:, self.memory - m :].long(), offsets))
 
         return topk
 
