@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from streamrec.model.api import InnerProductScores, SplitStepModel
-from streamrec.model.topk import WHOLE_ROWS_MAX, TiledTopK
+from streamrec.model.topk import TiledTopK
 
 FINAL_ACTS = ("linear", "tanh", "elu")
 MAX_SESSION_MEMORY = 4096
@@ -61,14 +61,15 @@ def push_recent(memory: Tensor, rows: Tensor) -> Tensor:
 
 def _pushed(memory: Tensor, rows: Tensor, slots: Tensor) -> Tensor:
     """:func:`push_recent` where ``rows`` >= 0 (what a row < 0 gets is not defined: the caller
-    keeps its old state); ``slots`` is ``arange(K)`` ``[1, K]``. One gather (a few tensor
-    operations: a batch-1 step is mostly their fixed cost)."""
+    keeps its old state); ``slots`` is ``arange(K)`` ``[1, K]``. One gather: a batch-1 step is
+    mostly the fixed cost of each tensor operation."""
     r = (rows + 1).to(memory.dtype).unsqueeze(1)
     # the slot the clicked item leaves (0 when it is new: then every slot moves one to the left)
-    leave = (memory == r).to(torch.uint8).argmax(dim=1, keepdim=True)
-    # slot j keeps its item before the one that leaves and takes its right neighbour's from
-    # there on; the last takes the clicked item (column K)
-    return torch.cat([memory, r], dim=1).gather(1, slots + (slots >= leave))
+    leave = (memory == r).view(torch.uint8).argmax(dim=1, keepdim=True)
+    # each slot takes the column of [memory, clicked item] of its own item before that slot,
+    # its right neighbour's from there on (the last slot: the clicked item, column K)
+    take = torch.where(slots >= leave, slots + 1, slots)
+    return torch.cat([memory, r], dim=1).gather(1, take)
 
 
 @dataclass
@@ -424,7 +425,9 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
 
         With a session memory, the offsets are added to the tiled score matrix before its
         top-k (the same ``scatter_add_`` as :meth:`state_scorer`'s on the same scores), over
-        the m slot columns that are filled in some row (the filled slots are the last ones)."""
+        the m slot columns that are filled in some row (the filled slots are the last ones);
+        for a few rows (``TiledTopK.whole_rows``) over all K, without reading m back (each
+        tensor operation's fixed cost is most of a one-row step)."""
         wy_t = self.Wy.detach().t().contiguous().to(dtype)
         by = self.By.detach().view(1, -1).to(dtype).contiguous()
         tiled = TiledTopK(wy_t, by, self.final_activation)
@@ -433,7 +436,7 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
 
         def topk(state: Tensor, k: int) -> tuple[Tensor, Tensor]:
             memory, out = self.memory_of(state), self.output(state)
-            if state.shape[0] <= WHOLE_ROWS_MAX:  # every slot, no host sync: few operations
+            if tiled.whole_rows(state.shape[0]):  # every slot, no host sync: fewer operations
                 # an empty slot (0) adds nothing in the tiled top-k
                 return tiled.topk(out, k, add=(memory.long(), self._slot_offsets_unmasked(out)))
             filled = (memory > 0).any(dim=0)

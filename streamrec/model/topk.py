@@ -102,6 +102,11 @@ class TiledTopK:
         self._last_width = self.n - (self._n_tiles - 1) * tile
         self._local = threading.local()
 
+    def whole_rows(self, rows: int) -> bool:
+        """Whether a call with ``rows`` rows takes whole score rows at once (a slot 0 in
+        ``add`` is then as cheap as any other: a caller need not leave empty slots out)."""
+        return rows <= WHOLE_ROWS_MAX
+
     def _buffers(self, rows: int) -> tuple[Tensor, Tensor]:
         bufs = getattr(self._local, "bufs", None)
         if bufs is None or bufs[0].shape[0] < rows:
@@ -134,7 +139,7 @@ class TiledTopK:
             return self._plain(x, k, add)
         x = x.to(self.weight_t.dtype)
         full = n - n % blk
-        if b <= WHOLE_ROWS_MAX:
+        if self.whole_rows(b):
             scores, maxima = self._whole_rows(x, add)
         else:
             scores, maxima = self._buffers(b)
