@@ -61,15 +61,21 @@ def push_recent(memory: Tensor, rows: Tensor) -> Tensor:
 
 def _pushed(memory: Tensor, rows: Tensor, slots: Tensor) -> Tensor:
     """:func:`push_recent` where ``rows`` >= 0 (what a row < 0 gets is not defined: the caller
-    keeps its old state); ``slots`` is ``arange(K)`` ``[1, K]``. One gather: a batch-1 step is
-    mostly the fixed cost of each tensor operation."""
+    keeps its old state); ``slots`` is ``arange(K)`` ``[1, K]``. Seven tensor operations: a
+    batch-1 step is mostly the fixed cost of each."""
     r = (rows + 1).to(memory.dtype).unsqueeze(1)
     # the slot the clicked item leaves (0 when it is new: then every slot moves one to the left)
     leave = (memory == r).view(torch.uint8).argmax(dim=1, keepdim=True)
-    # each slot takes the column of [memory, clicked item] of its own item before that slot,
-    # its right neighbour's from there on (the last slot: the clicked item, column K)
-    take = torch.where(slots >= leave, slots + 1, slots)
-    return torch.cat([memory, r], dim=1).gather(1, take)
+    return torch.where(slots < leave, memory, torch.cat([memory[:, 1:], r], dim=1))
+
+
+def group_offsets(bias: Tensor, gate: Tensor | None, groups: Tensor, output: Tensor) -> Tensor:
+    """The score offsets ``[B, len(groups)]`` of memory slots in recency ``groups``: the
+    group's ``bias`` ``[G]``, plus (``gate`` ``[H, G]``) a linear function of the last layer's
+    ``output`` ``[B, H]``."""
+    if gate is None:  # one row for all
+        return bias.index_select(0, groups).expand(output.shape[0], -1)
+    return (bias + torch.mm(output, gate)).index_select(1, groups)
 
 
 @dataclass
@@ -344,14 +350,9 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
     def _slot_offsets_unmasked(self, output: Tensor, first_slot: int = 0) -> Tensor:
         """:meth:`slot_offsets` of the slots from ``first_slot`` on ``[B, K - first_slot]``,
         whether a slot holds an item or not."""
-        per_group = self.memory_bias.unsqueeze(0)
-        if hasattr(self, "memory_gate_weight"):
-            per_group = per_group + output @ self.memory_gate_weight
         groups = self.memory_groups[first_slot:] if first_slot else self.memory_groups
-        offsets = per_group.index_select(1, groups)
-        if offsets.shape[0] == output.shape[0]:
-            return offsets
-        return offsets.expand(output.shape[0], -1)  # without a gate: one row for all
+        gate = getattr(self, "memory_gate_weight", None)
+        return group_offsets(self.memory_bias, gate, groups, output)
 
     def _add_memory_offsets(self, scores: Tensor, output: Tensor, memory: Tensor) -> Tensor:
         """``scores`` ``[B, n_items]`` plus each row's memory offsets (in place)."""
@@ -434,11 +435,16 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
         if not self.memory:
             return lambda state, k: tiled.topk(self.output(state), k)
 
+        # the offsets' tensors, looked up once (views: they follow the parameters)
+        bias, groups = self.memory_bias.detach(), self.memory_groups
+        gate = self.memory_gate_weight.detach() if hasattr(self, "memory_gate_weight") else None
+
         def topk(state: Tensor, k: int) -> tuple[Tensor, Tensor]:
             memory, out = self.memory_of(state), self.output(state)
             if tiled.whole_rows(state.shape[0]):  # every slot, no host sync: fewer operations
                 # an empty slot (0) adds nothing in the tiled top-k
-                return tiled.topk(out, k, add=(memory.long(), self._slot_offsets_unmasked(out)))
+                offsets = group_offsets(bias, gate, groups, out)
+                return tiled.topk(out, k, add=(memory.long(), offsets))
             filled = (memory > 0).any(dim=0)
             m = self.memory - int(filled.to(torch.uint8).argmax()) if bool(filled.any()) else 0
             if m == 0:
