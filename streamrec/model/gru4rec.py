@@ -56,17 +56,17 @@ def push_recent(memory: Tensor, rows: Tensor) -> Tensor:
     ``rows`` ``[B]`` is clicked: an item already there moves to the end, a new one is appended
     and the oldest slot dropped; a row < 0 (unknown item) leaves its memory as it is."""
     slots = torch.arange(memory.shape[1], device=memory.device).unsqueeze(0)
-    return torch.where((rows >= 0).unsqueeze(1), _pushed(memory, rows, slots), memory)
+    clicked = (rows + 1).to(memory.dtype).unsqueeze(1)
+    return torch.where((rows >= 0).unsqueeze(1), _pushed(memory, clicked, slots), memory)
 
 
-def _pushed(memory: Tensor, rows: Tensor, slots: Tensor) -> Tensor:
-    """:func:`push_recent` where ``rows`` >= 0 (what a row < 0 gets is not defined: the caller
-    keeps its old state); ``slots`` is ``arange(K)`` ``[1, K]``. Seven tensor operations: a
-    batch-1 step is mostly the fixed cost of each."""
-    r = (rows + 1).to(memory.dtype).unsqueeze(1)
+def _pushed(memory: Tensor, clicked: Tensor, slots: Tensor) -> Tensor:
+    """:func:`push_recent` of ``clicked`` ``[B, 1]`` (item row + 1, as the memory holds it);
+    ``slots`` is ``arange(K)`` ``[1, K]``. Few tensor operations: a batch-1 step is mostly the
+    fixed cost of each."""
     # the slot the clicked item leaves (0 when it is new: then every slot moves one to the left)
-    leave = (memory == r).view(torch.uint8).argmax(dim=1, keepdim=True)
-    return torch.where(slots < leave, memory, torch.cat([memory[:, 1:], r], dim=1))
+    leave = (memory == clicked).view(torch.uint8).argmax(dim=1, keepdim=True)
+    return torch.where(slots < leave, memory, torch.cat([memory[:, 1:], clicked], dim=1))
 
 
 def group_offsets(bias: Tensor, gate: Tensor | None, groups: Tensor, output: Tensor) -> Tensor:
@@ -155,6 +155,7 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
     user_state_dim = 0
     memory_groups: Tensor  # [K] recency group of each memory slot (a buffer, when K > 0)
     memory_slots: Tensor  # [1, K] arange(K) (a buffer, when K > 0)
+    memory_held: Tensor  # [n_items] item row + 1 (a buffer, when K > 0)
 
     def __init__(self, config: GRU4RecConfig | dict[str, Any], seed: int | None = None) -> None:
         super().__init__()
@@ -189,6 +190,9 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
             self.register_buffer("memory_groups", groups, persistent=False)
             slots = torch.arange(self.memory).unsqueeze(0)
             self.register_buffer("memory_slots", slots, persistent=False)
+            # item row + 1 as the memory holds it, by row: one lookup per step, not two casts
+            held = torch.arange(1, c.n_items + 1, dtype=self.Wy.dtype)
+            self.register_buffer("memory_held", held, persistent=False)
             n_groups = int(groups.max()) + 1
             self.memory_bias = nn.Parameter(torch.zeros(n_groups))
             if c.memory_gate:
@@ -392,9 +396,11 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
         """New states for one event of each of B sessions; ``item_rows < 0`` keeps a state."""
         known = item_rows >= 0
         parts = self.split_state(state)
-        _, hidden = self.hidden_step(self.embed(item_rows.clamp(min=0)), parts[: len(self.layers)])
+        rows = item_rows.clamp(min=0)
+        _, hidden = self.hidden_step(self.embed(rows), parts[: len(self.layers)])
         if self.memory:  # unknown rows keep their whole state below
-            hidden.append(_pushed(parts[-1], item_rows, self.memory_slots))
+            clicked = self.memory_held.index_select(0, rows).unsqueeze(1)
+            hidden.append(_pushed(parts[-1], clicked, self.memory_slots))
         return torch.where(known.unsqueeze(1), torch.cat(hidden, dim=1), state)
 
     def output(self, state: Tensor) -> Tensor:
