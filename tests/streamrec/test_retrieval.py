@@ -447,9 +447,10 @@ def test_a_few_rows_take_whole_score_rows_with_the_tiled_answer(
     """Up to ``WHOLE_ROWS_MAX`` rows the tiled top-k writes every tile first, then adds the
     memory's offsets in one scatter (every slot: an empty one into a spare column) and takes
     all block maxima at once: the same rows and values, to the bit, as the tile-by-tile pass
-    at the same batch size (and the full score matrix's up to its last bit), with ties (a good item's copy in its
-    own block, in another tile, on the ragged tail; a remembered copy whose offset is 0),
-    memories from empty to full, rows whose offsets move items across blocks."""
+    at the same batch size (and the full score matrix's up to its last bit), with ties (a
+    good item's copy in its own block, in another tile, on the ragged tail; a remembered copy
+    whose offset is 0), memories from empty to full, rows whose offsets move items across
+    blocks."""
     import streamrec.model.topk as topk_module
 
     k, slots, b = 21, 8, 27
@@ -461,7 +462,8 @@ def test_a_few_rows_take_whole_score_rows_with_the_tiled_answer(
         hidden = torch.randn(b, 16, generator=gen).tanh()
         best = torch.topk(m.score_items(hidden), 4, dim=1).indices
         weak = torch.topk(-m.score_items(hidden), 2, dim=1).indices
-        for row, dst in enumerate((best[0, 0] ^ 1, (best[1, 0] + 2048) % n, n - 1)):
+        top = [int(best[row, 0]) for row in range(3)]
+        for row, dst in enumerate((top[0] ^ 1, (top[1] + 2048) % n, n - 1)):
             m.Wy[dst] = m.Wy[best[row, 0]]  # an item scored as a row's best: a tie
             m.By[dst] = m.By[best[row, 0]]
         # slot groups 3 2 2 2 2 1 1 0: the newest item's offset is 0 (its tie stays)

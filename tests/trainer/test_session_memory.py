@@ -91,7 +91,7 @@ def test_the_memory_of_a_step_is_the_definitions_for_every_click() -> None:
             pushed = push_recent(m.memory_of(state), clicks[t])
             for b, row in enumerate(clicks[t].tolist()):
                 if row >= 0:
-                    lists[b] = [x for x in lists[b] if x != row][-(k - 1) :] + [row]
+                    lists[b] = [*[x for x in lists[b] if x != row][-(k - 1) :], row]
                 want = [-1] * (k - len(lists[b])) + lists[b]
                 assert [int(x) - 1 for x in m.memory_of(new)[b]] == want
                 assert [int(x) - 1 for x in pushed[b]] == want
