@@ -8,11 +8,16 @@ per step of the process over the rounds (``time.process_time``, one thread: what
 costs, less what other processes take from it on a shared host).
 
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python bench/memory_step_speed.py [--rounds 15]
+
+``--digest``: instead of timing, the SHA-256 of every answer of each model (states, top rows,
+top scores; batches 1-256, 10- and 80-click sessions, an unknown item now and then): the same
+in two code versions = the same answers to the bit.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -34,6 +39,7 @@ N_ITEMS, UNITS, CLICKS = 17_319, 100, 10
 
 
 def models() -> dict[str, ServingModel]:
+    torch.manual_seed(0)  # the gate's weights below: the same models in every run
     paper = GRU4Rec(GRU4RecConfig(n_items=N_ITEMS, layers=[UNITS]), seed=1)
     memory = GRU4Rec(
         GRU4RecConfig(n_items=N_ITEMS, layers=[UNITS], session_memory=64, memory_gate=True), seed=1
@@ -58,6 +64,27 @@ def session_clicks(batch: int, rng: np.random.Generator, clicks: int = CLICKS) -
     return rows
 
 
+def answers_digest(ms: dict[str, ServingModel]) -> dict[str, str]:
+    """SHA-256 of each model's step answers over batch sizes on both sides of the whole-row
+    limit and of a pass of 64 rows, short and full memories, a few unknown items (row -1)."""
+    out = {}
+    for name, m in ms.items():
+        h = hashlib.sha256()
+        for b in (1, 2, 3, 5, 8, 9, 16, 64, 65, 256):
+            for n_clicks in (10, 80):
+                rng = np.random.default_rng(b * 1000 + n_clicks)
+                clicks = session_clicks(b, rng, n_clicks)
+                clicks[rng.random(clicks.shape) < 0.05] = -1
+                states = m.initial_states(None, b)
+                for t in range(n_clicks):
+                    step = m.step(clicks[t], states, None)
+                    states = step.states
+                    for a in (step.states, step.top_rows, step.top_scores):
+                        h.update(np.ascontiguousarray(a).tobytes())
+        out[name] = h.hexdigest()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=15)
@@ -65,10 +92,14 @@ def main() -> None:
     ap.add_argument("--clicks", type=int, default=CLICKS, help="clicks per session (K = 64)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--code", default="", help="what code ran (recorded with the results)")
+    ap.add_argument("--digest", action="store_true", help="print the answers' digests only")
     a = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     load0 = os.getloadavg()
     ms = models()
+    if a.digest:
+        print(json.dumps(answers_digest(ms)))
+        return
     rng = np.random.default_rng(0)
     result: dict[str, dict[str, float]] = {}
     for b in (int(x) for x in a.batches.split(",")):

@@ -55,14 +55,27 @@ def push_recent(memory: Tensor, rows: Tensor) -> Tensor:
     """``memory`` ``[B, K]`` (item row + 1 as floats, 0 empty, most recent last) after each row of
     ``rows`` ``[B]`` is clicked: an item already there moves to the end, a new one is appended
     and the oldest slot dropped; a row < 0 (unknown item) leaves its memory as it is."""
-    r = (rows + 1).to(memory.dtype).unsqueeze(1)
-    present = memory == r
-    # the slot the clicked item leaves (0 when it is new: then every slot moves one to the left)
-    leave = present.to(torch.uint8).argmax(dim=1, keepdim=True)
-    shifted = torch.cat([memory[:, 1:], r], dim=1)
     slots = torch.arange(memory.shape[1], device=memory.device).unsqueeze(0)
-    new = torch.where(slots < leave, memory, shifted)
-    return torch.where((rows >= 0).unsqueeze(1), new, memory)
+    clicked = (rows + 1).to(memory.dtype).unsqueeze(1)
+    return torch.where((rows >= 0).unsqueeze(1), _pushed(memory, clicked, slots), memory)
+
+
+def _pushed(memory: Tensor, clicked: Tensor, slots: Tensor) -> Tensor:
+    """:func:`push_recent` of ``clicked`` ``[B, 1]`` (item row + 1, as the memory holds it);
+    ``slots`` is ``arange(K)`` ``[1, K]``. Few tensor operations: a batch-1 step is mostly the
+    fixed cost of each."""
+    # the slot the clicked item leaves (0 when it is new: then every slot moves one to the left)
+    leave = (memory == clicked).view(torch.uint8).argmax(dim=1, keepdim=True)
+    return torch.where(slots < leave, memory, torch.cat([memory[:, 1:], clicked], dim=1))
+
+
+def group_offsets(bias: Tensor, gate: Tensor | None, groups: Tensor, output: Tensor) -> Tensor:
+    """The score offsets ``[B, len(groups)]`` of memory slots in recency ``groups``: the
+    group's ``bias`` ``[G]``, plus (``gate`` ``[H, G]``) a linear function of the last layer's
+    ``output`` ``[B, H]``."""
+    if gate is None:  # one row for all
+        return bias.index_select(0, groups).expand(output.shape[0], -1)
+    return (bias + torch.mm(output, gate)).index_select(1, groups)
 
 
 @dataclass
@@ -141,6 +154,8 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
 
     user_state_dim = 0
     memory_groups: Tensor  # [K] recency group of each memory slot (a buffer, when K > 0)
+    memory_slots: Tensor  # [1, K] arange(K) (a buffer, when K > 0)
+    memory_held: Tensor  # [n_items] item row + 1 (a buffer, when K > 0)
 
     def __init__(self, config: GRU4RecConfig | dict[str, Any], seed: int | None = None) -> None:
         super().__init__()
@@ -173,6 +188,11 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
             groups = recency_groups(self.memory)
             # derived from the config, so not saved in checkpoints
             self.register_buffer("memory_groups", groups, persistent=False)
+            slots = torch.arange(self.memory).unsqueeze(0)
+            self.register_buffer("memory_slots", slots, persistent=False)
+            # item row + 1 as the memory holds it, by row: one lookup per step, not two casts
+            held = torch.arange(1, c.n_items + 1, dtype=self.Wy.dtype)
+            self.register_buffer("memory_held", held, persistent=False)
             n_groups = int(groups.max()) + 1
             self.memory_bias = nn.Parameter(torch.zeros(n_groups))
             if c.memory_gate:
@@ -334,11 +354,9 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
     def _slot_offsets_unmasked(self, output: Tensor, first_slot: int = 0) -> Tensor:
         """:meth:`slot_offsets` of the slots from ``first_slot`` on ``[B, K - first_slot]``,
         whether a slot holds an item or not."""
-        per_group = self.memory_bias.unsqueeze(0)
-        if hasattr(self, "memory_gate_weight"):
-            per_group = per_group + output @ self.memory_gate_weight
-        offsets = per_group.index_select(1, self.memory_groups[first_slot:])
-        return offsets.expand(output.shape[0], -1)  # without a gate: one row for all
+        groups = self.memory_groups[first_slot:] if first_slot else self.memory_groups
+        gate = getattr(self, "memory_gate_weight", None)
+        return group_offsets(self.memory_bias, gate, groups, output)
 
     def _add_memory_offsets(self, scores: Tensor, output: Tensor, memory: Tensor) -> Tensor:
         """``scores`` ``[B, n_items]`` plus each row's memory offsets (in place)."""
@@ -378,9 +396,11 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
         """New states for one event of each of B sessions; ``item_rows < 0`` keeps a state."""
         known = item_rows >= 0
         parts = self.split_state(state)
-        _, hidden = self.hidden_step(self.embed(item_rows.clamp(min=0)), parts[: len(self.layers)])
-        if self.memory:
-            hidden.append(push_recent(parts[-1], item_rows))
+        rows = item_rows.clamp(min=0)
+        _, hidden = self.hidden_step(self.embed(rows), parts[: len(self.layers)])
+        if self.memory:  # unknown rows keep their whole state below
+            clicked = self.memory_held.index_select(0, rows).unsqueeze(1)
+            hidden.append(_pushed(parts[-1], clicked, self.memory_slots))
         return torch.where(known.unsqueeze(1), torch.cat(hidden, dim=1), state)
 
     def output(self, state: Tensor) -> Tensor:
@@ -412,23 +432,32 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
 
         With a session memory, the offsets are added to the tiled score matrix before its
         top-k (the same ``scatter_add_`` as :meth:`state_scorer`'s on the same scores), over
-        the m slot columns that are filled in some row (the filled slots are the last ones)."""
+        the m slot columns that are filled in some row (the filled slots are the last ones);
+        for a few rows (``TiledTopK.whole_rows``) over all K, without reading m back (each
+        tensor operation's fixed cost is most of a one-row step)."""
         wy_t = self.Wy.detach().t().contiguous().to(dtype)
         by = self.By.detach().view(1, -1).to(dtype).contiguous()
         tiled = TiledTopK(wy_t, by, self.final_activation)
         if not self.memory:
             return lambda state, k: tiled.topk(self.output(state), k)
 
+        # the offsets' tensors, looked up once (views: they follow the parameters)
+        bias, groups = self.memory_bias.detach(), self.memory_groups
+        gate = self.memory_gate_weight.detach() if hasattr(self, "memory_gate_weight") else None
+
         def topk(state: Tensor, k: int) -> tuple[Tensor, Tensor]:
             memory, out = self.memory_of(state), self.output(state)
+            if tiled.whole_rows(state.shape[0]):  # every slot, no host sync: fewer operations
+                # an empty slot (0) adds nothing in the tiled top-k
+                offsets = group_offsets(bias, gate, groups, out)
+                return tiled.topk(out, k, add=(memory.long(), offsets))
             filled = (memory > 0).any(dim=0)
             m = self.memory - int(filled.to(torch.uint8).argmax()) if bool(filled.any()) else 0
             if m == 0:
                 return tiled.topk(out, k)
             offsets = self._slot_offsets_unmasked(out, self.memory - m)
-            # an empty slot (0) is item row -1: the tiled top-k adds nothing for it
-            cols = memory[:, self.memory - m :].long() - 1
-            return tiled.topk(out, k, add=(cols, offsets))
+            # an empty slot (0) adds nothing in the tiled top-k
+            return tiled.topk(out, k, add=(memory[:, self.memory - m :].long(), offsets))
 
         return topk
 

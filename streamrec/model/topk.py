@@ -25,6 +25,10 @@ BLOCK_TOPK_MIN_ITEMS = 4096
 BLOCK = 64
 #: rows :class:`TiledTopK` scores at a time on CPU (a tile of their scores stays in cache)
 ROWS_PER_PASS = 64
+#: rows up to which :class:`TiledTopK` writes every tile first and then takes all block maxima
+#: (and adds ``add``) over whole rows at once: a few rows of scores stay in cache, and a
+#: dozen fewer tensor operations per call is a fifth of a one-row step
+WHOLE_ROWS_MAX = 8
 #: a bound on |bf16 score - fp32 score| per unit of ``|query| * max |item vector|``: inputs
 #: rounded to bf16 (2 x 2^-8 relative on each product), the bf16 output (2^-8), both
 #: float32 accumulations (~100 x 2^-24 each): 0.0118 in all, rounded up to 2^-6
@@ -98,6 +102,11 @@ class TiledTopK:
         self._last_width = self.n - (self._n_tiles - 1) * tile
         self._local = threading.local()
 
+    def whole_rows(self, rows: int) -> bool:
+        """Whether a call with ``rows`` rows takes whole score rows at once (a slot 0 in
+        ``add`` is then as cheap as any other: a caller need not leave empty slots out)."""
+        return rows <= WHOLE_ROWS_MAX
+
     def _buffers(self, rows: int) -> tuple[Tensor, Tensor]:
         bufs = getattr(self._local, "bufs", None)
         if bufs is None or bufs[0].shape[0] < rows:
@@ -113,9 +122,10 @@ class TiledTopK:
         """(values, item rows) ``[B, k]`` for the rows of ``x`` ``[B, D]`` (on CPU, in passes of
         :data:`ROWS_PER_PASS` rows).
 
-        ``add`` (``cols`` ``[B, M]`` item rows, ``values`` ``[B, M]``): added to those scores
-        before the top-k, as ``scores.scatter_add_(1, cols, values)`` on the full score matrix
-        (a session memory's offsets; a row's cols distinct); a col < 0 adds nothing."""
+        ``add`` (``slots`` ``[B, M]``: item row + 1, 0 for none, as a session memory holds
+        them; ``values`` ``[B, M]``): added to those items' scores before the top-k, as
+        ``scores.scatter_add_(1, slots - 1, values)`` on the full score matrix (a session
+        memory's offsets; a row's items distinct); a slot 0 adds nothing."""
         b, n, blk = x.shape[0], self.n, self.block
         if b > ROWS_PER_PASS and x.device.type == "cpu":  # the same passes as one call each
             parts = [
@@ -128,20 +138,23 @@ class TiledTopK:
         if b == 0 or n < BLOCK_TOPK_MIN_ITEMS or k * blk >= n or x.device.type != "cpu":
             return self._plain(x, k, add)
         x = x.to(self.weight_t.dtype)
-        scores, maxima = self._buffers(b)
         full = n - n % blk
-        per_tile = None if add is None else self._per_tile(*add)
-        for t, c0 in enumerate(range(0, n, self.tile)):
-            c1 = min(n, c0 + self.tile)
-            out = scores[:, c0:c1]
-            torch.addmm(self.bias[:, c0:c1], x, self.weight_t[:, c0:c1], out=out)
-            if per_tile is not None:  # while the tile is in cache, before its block maxima
-                local, last, tile_values = per_tile
-                out.scatter_add_(1, local if c1 - c0 == self.tile else last, tile_values[t])
-            m1 = min(c1, full)
-            if m1 > c0:
-                torch.amax(out[:, : m1 - c0].view(b, -1, blk), dim=2,
-                           out=maxima[:, c0 // blk : m1 // blk])  # fmt: skip
+        if self.whole_rows(b):
+            scores, maxima = self._whole_rows(x, add)
+        else:
+            scores, maxima = self._buffers(b)
+            per_tile = None if add is None else self._per_tile(add[0] - 1, add[1])
+            for t, c0 in enumerate(range(0, n, self.tile)):
+                c1 = min(n, c0 + self.tile)
+                out = scores[:, c0:c1]
+                torch.addmm(self.bias[:, c0:c1], x, self.weight_t[:, c0:c1], out=out)
+                if per_tile is not None:  # while the tile is in cache, before its block maxima
+                    local, last, tile_values = per_tile
+                    out.scatter_add_(1, local if c1 - c0 == self.tile else last, tile_values[t])
+                m1 = min(c1, full)
+                if m1 > c0:
+                    torch.amax(out[:, : m1 - c0].view(b, -1, blk), dim=2,
+                               out=maxima[:, c0 // blk : m1 // blk])  # fmt: skip
         _, best = torch.topk(maxima, k, dim=1)
         cols = (best.unsqueeze(2) * blk + torch.arange(blk)).view(b, -1)
         if full < n:
@@ -149,6 +162,32 @@ class TiledTopK:
         values, pos = torch.topk(scores.gather(1, cols), k, dim=1)
         rows = cols.gather(1, pos)
         return (values if self.act is None else self.act(values)), rows
+
+    def _whole_rows(self, x: Tensor, add: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+        """The scores ``[b, n]`` and block maxima of a few rows (at most
+        :data:`WHOLE_ROWS_MAX`): the same ``addmm`` per tile as the tiled pass, then ``add`` in
+        one ``scatter_add_`` and the maxima of all blocks in one ``amax``. The scores are a view
+        of a buffer whose column 0 is spare: a slot of ``add`` is the column (0 adds to it,
+        and no top-k reads it); item columns start 64-byte aligned."""
+        b, n, blk = x.shape[0], self.n, self.block
+        bufs = getattr(self._local, "rows", None)
+        if bufs is None:
+            width = -(-(n + 16) // 16) * 16  # the spare column at 15, items from 16 on
+            spare = torch.empty(WHOLE_ROWS_MAX, width, dtype=self.weight_t.dtype)[:, 15 : 16 + n]
+            maxima = torch.empty(WHOLE_ROWS_MAX, n // blk, dtype=self.weight_t.dtype)
+            bufs = self._local.rows = (spare, maxima)
+        spare, maxima = bufs[0][:b], bufs[1][:b]
+        scores = spare[:, 1:]
+        for c0 in range(0, n, self.tile):
+            c1 = min(n, c0 + self.tile)
+            torch.addmm(self.bias[:, c0:c1], x, self.weight_t[:, c0:c1], out=scores[:, c0:c1])
+        if add is not None:
+            slots, values = add
+            spare.scatter_add_(1, slots, values if values.dtype == spare.dtype
+                               else values.to(spare.dtype))  # fmt: skip
+        full = n - n % blk
+        torch.amax(scores[:, :full].view(b, -1, blk), dim=2, out=maxima)
+        return scores, maxima
 
     def _per_tile(self, cols: Tensor, values: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
         """``add`` as one scatter per tile: each column's place in its tile ``[B, M]`` (and in
@@ -166,8 +205,8 @@ class TiledTopK:
     ) -> tuple[Tensor, Tensor]:
         s = torch.addmm(self.bias, x.to(self.weight_t.dtype), self.weight_t)
         if add is not None:
-            cols, values = add
-            values = torch.where(cols >= 0, values.to(s.dtype), 0.0)
-            s.scatter_add_(1, cols.clamp(min=0), values)
+            slots, values = add
+            values = torch.where(slots > 0, values.to(s.dtype), 0.0)
+            s.scatter_add_(1, (slots - 1).clamp(min=0), values)
         values, rows = torch.topk(s, min(k, self.n), dim=1)
         return (values if self.act is None else self.act(values)), rows

@@ -438,3 +438,62 @@ def test_tiled_topk_with_a_session_memory_is_the_full_answer(n: int, gate: bool)
         # an empty memory in every row: the paper's top-k
         values, _ = m.state_topk()(torch.cat([hidden, torch.zeros(b, slots)], dim=1), k)
         assert torch.equal(values, torch.topk(plain, k, dim=1).values)
+
+
+@pytest.mark.parametrize("n", [4096, 5000])
+def test_a_few_rows_take_whole_score_rows_with_the_tiled_answer(
+    n: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Up to ``WHOLE_ROWS_MAX`` rows the tiled top-k writes every tile first, then adds the
+    memory's offsets in one scatter (every slot: an empty one into a spare column) and takes
+    all block maxima at once: the same rows and values, to the bit, as the tile-by-tile pass
+    at the same batch size (and the full score matrix's up to its last bit), with ties (a
+    good item's copy in its own block, in another tile, on the ragged tail; a remembered copy
+    whose offset is 0), memories from empty to full, rows whose offsets move items across
+    blocks."""
+    import streamrec.model.topk as topk_module
+
+    k, slots, b = 21, 8, 27
+    m = GRU4Rec({"n_items": n, "layers": [16], "session_memory": slots, "memory_gate": True})
+    m.eval()
+    gen = torch.Generator().manual_seed(n + 1)
+    with torch.inference_mode():
+        m.By.normal_(0.0, 0.3, generator=gen)
+        hidden = torch.randn(b, 16, generator=gen).tanh()
+        best = torch.topk(m.score_items(hidden), 4, dim=1).indices
+        weak = torch.topk(-m.score_items(hidden), 2, dim=1).indices
+        top = [int(best[row, 0]) for row in range(3)]
+        for row, dst in enumerate((top[0] ^ 1, (top[1] + 2048) % n, n - 1)):
+            m.Wy[dst] = m.Wy[best[row, 0]]  # an item scored as a row's best: a tie
+            m.By[dst] = m.By[best[row, 0]]
+        # slot groups 3 2 2 2 2 1 1 0: the newest item's offset is 0 (its tie stays)
+        m.memory_bias.copy_(torch.tensor([0.0, 1.5, -4.0, 3.0]))
+        m.memory_gate_weight.normal_(0.0, 0.5, generator=gen)
+        m.memory_gate_weight[:, 0] = 0.0
+        items = torch.cat([weak, best[:, 1:], best[:, :1]], dim=1)  # a row's best the newest
+        memory = torch.zeros(b, slots)
+        for row in range(b):
+            filled = (row + 1) % (slots + 1)  # 1 to 8 slots, and empty memories
+            mine = list(dict.fromkeys(items[row].tolist()))[-filled:] if filled else []
+            if mine:
+                memory[row, slots - len(mine) :] = torch.tensor(mine, dtype=torch.float32) + 1
+        states = torch.cat([hidden, memory], dim=1)
+        for dtype in (torch.float32, torch.bfloat16):
+            topk = m.state_topk(dtype)
+            scores = m.state_scorer(dtype, copy=True)(states)
+            for size in (1, 3, topk_module.WHOLE_ROWS_MAX):
+                parts = [states[lo : lo + size] for lo in range(0, b, size)]
+                assert all(len(p) <= topk_module.WHOLE_ROWS_MAX for p in parts)
+                whole = [topk(p, k) for p in parts]
+                with monkeypatch.context() as patch:
+                    patch.setattr(topk_module, "WHOLE_ROWS_MAX", 0)  # tile by tile
+                    tiled = [topk(p, k) for p in parts]
+                for (wv, wr), (tv, tr) in zip(whole, tiled, strict=True):
+                    assert torch.equal(wv, tv) and torch.equal(wr, tr)
+                # the full matrix's addmm may differ from a tile's in the last bit (one row)
+                values = torch.cat([v for v, _ in whole])
+                torch.testing.assert_close(values, torch.topk(scores, k, dim=1).values)
+                rows = torch.cat([r for _, r in whole])
+                torch.testing.assert_close(scores.gather(1, rows), values)
+            ties = values[:, 1:] == values[:, :-1]
+            assert bool(ties[:3].any(dim=1).all())  # the planted copies tie in the answers

@@ -74,6 +74,33 @@ def test_push_recent_moves_a_repeat_to_the_end_and_drops_the_oldest() -> None:
     torch.testing.assert_close(push_recent(memory, torch.tensor([-1])), memory, rtol=0, atol=0)
 
 
+def test_the_memory_of_a_step_is_the_definitions_for_every_click() -> None:
+    """``advance`` (the serving step's memory, a gather) and ``push_recent``: the last K
+    distinct items, newest last, against a list kept by hand; random sessions of a small
+    catalogue (many repeats, full memories) and unknown items (row < 0: the state stays)."""
+    k, n = 6, 9
+    m = _memory_model(dict(n_items=n, layers=[8]), k=k, gate=True)
+    gen = torch.Generator().manual_seed(5)
+    clicks = torch.randint(-1, n, (40, 16), generator=gen)
+    clicks[clicks.eq(-1) & (torch.rand(clicks.shape, generator=gen) < 0.5)] = -3
+    lists: list[list[int]] = [[] for _ in range(16)]
+    with torch.inference_mode():
+        state = m.initial_state(None, 16)
+        for t in range(clicks.shape[0]):
+            new = m.advance(clicks[t], state)
+            pushed = push_recent(m.memory_of(state), clicks[t])
+            for b, row in enumerate(clicks[t].tolist()):
+                if row >= 0:
+                    lists[b] = [*[x for x in lists[b] if x != row][-(k - 1) :], row]
+                want = [-1] * (k - len(lists[b])) + lists[b]
+                assert [int(x) - 1 for x in m.memory_of(new)[b]] == want
+                assert [int(x) - 1 for x in pushed[b]] == want
+                if row < 0:
+                    assert torch.equal(new[b], state[b])
+            state = new
+    assert min(len(x) for x in lists) == k  # every memory filled, then shifted
+
+
 @pytest.mark.parametrize("gate", [False, True])
 @pytest.mark.parametrize("base", BASES)
 def test_step_adds_the_offset_of_each_remembered_item(base: dict[str, Any], gate: bool) -> None:
