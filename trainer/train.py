@@ -84,7 +84,14 @@ def train_gru4rec(
             ev = step.data.events_before(n)
             epoch_losses.append(_run_epoch(step, runner, n, ev, bar.epoch(epoch)))
             events_trained += ev
-        head.after_training(step)
+        held = head.after_training(step)
+        if held is not None:  # one epoch: the held-out sessions, once, after the head's fit
+            step.data = held
+            n = held.plan.n_steps if max_steps is None else min(held.plan.n_steps, max_steps)
+            ev = held.events_before(n)
+            _run_epoch(step, runner, n, ev, _EpochBar(bar, p.n_epochs - 1, silent=True))
+            events_trained += ev
+            step.data = data
         train_seconds = time.perf_counter() - t0
         events_per_s = events_trained / max(train_seconds, 1e-9)
         bar.finish(events_per_s)  # the bar ends on the summary's figure
@@ -95,6 +102,7 @@ def train_gru4rec(
         "n_sessions": len(data.sessions.session_ids),
         "n_events_per_epoch": events_per_epoch,
         "n_steps_per_epoch": n_steps,
+        "events_trained": events_trained,
         "epoch_losses": epoch_losses,
         "setup_seconds": setup_seconds,
         "train_seconds": train_seconds,
@@ -225,7 +233,9 @@ class MemoryHeadSchedule:
     """When the session-memory head is fitted (``session_memory`` > 0, ``memory_holdout`` > 0):
     every epoch but the last trains on the sessions not held out; then the head is fitted on
     the held-out ones (trainer.memory_head); the last epoch trains on every session. With one
-    epoch, the head is fitted after it. Without the head: every epoch on every session."""
+    epoch (a warm-start retrain's usual count), the head is fitted after it and the held-out
+    sessions are then trained on once, so that every session is still learnt. Without the
+    head: every epoch on every session."""
 
     def __init__(
         self,
@@ -237,6 +247,7 @@ class MemoryHeadSchedule:
         self.model, self.full, self.kept, self.held = model, full, kept, held
         self.fit: HeadFit | None = None
         self.n_epochs = 0
+        self.batch_size = 0
 
     @classmethod
     def build(
@@ -250,7 +261,7 @@ class MemoryHeadSchedule:
             # too little data to hold any out: the offsets stay 0 (the paper's scores)
             return cls(model, data, None, None)
         schedule = cls(model, data, kept_data, held)
-        schedule.n_epochs = p.n_epochs
+        schedule.n_epochs, schedule.batch_size = p.n_epochs, p.batch_size
         return schedule
 
     def before_epoch(self, epoch: int, step: TrainStep) -> None:
@@ -262,10 +273,16 @@ class MemoryHeadSchedule:
             self._fit()
             step.data = self.full
 
-    def after_training(self, step: TrainStep) -> None:
-        if self.kept is not None and self.fit is None:  # one epoch: fitted after it
-            self._fit()
+    def after_training(self, step: TrainStep) -> TrainingData | None:
+        """After the epochs: with one epoch, fit the head and return the held-out sessions
+        (the caller trains on them once); else None."""
         step.data = self.full
+        if self.kept is None or self.fit is not None:
+            return None
+        self._fit()
+        assert self.held is not None
+        held = self.full.with_sessions(self.held, self.batch_size)
+        return held if held.plan_np.n_events > 0 else None
 
     def _fit(self) -> None:
         assert self.held is not None
@@ -462,13 +479,13 @@ class _ProgressBar:
 
 
 class _EpochBar:
-    def __init__(self, owner: _ProgressBar, epoch: int) -> None:
-        self.owner, self.epoch = owner, epoch
+    def __init__(self, owner: _ProgressBar, epoch: int, *, silent: bool = False) -> None:
+        self.owner, self.epoch, self.silent = owner, epoch, silent
         self.last_step = 0
 
     def after_step(self, t: int, step: TrainStep) -> None:
         o = self.owner
-        if o.bar is None or ((t + 1) % o.log_every != 0 and t + 1 != o.n_steps):
+        if self.silent or o.bar is None or ((t + 1) % o.log_every != 0 and t + 1 != o.n_steps):
             return
         done = self.epoch * o.data.events_before(o.n_steps) + o.data.events_before(t + 1)
         o.bar.update(

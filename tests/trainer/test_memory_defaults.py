@@ -63,6 +63,45 @@ def test_default_training_fits_the_head(trained: tuple[GRU4Rec, list[str], dict]
     assert float(model.memory_bias.detach().abs().sum()) > 0
 
 
+@pytest.mark.parametrize("n_epochs", [1, 3])
+def test_every_session_is_trained_on_and_the_held_out_ones_only_after_the_fit(
+    log: pd.DataFrame, n_epochs: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The head is fitted on sessions the network has not seen; then they are trained on too:
+    in the last epoch, or with one epoch (a warm-start retrain) in a pass of their own."""
+    import trainer.train as train_module
+
+    passes: list[set[object]] = []
+    fits: list[int] = []
+    run_epoch, fit = train_module._run_epoch, train_module.MemoryHeadSchedule._fit
+
+    def spy_epoch(step: train_module.TrainStep, *args: object) -> float:
+        passes.append(set(step.data.sessions.session_ids.tolist()))
+        return run_epoch(step, *args)  # type: ignore[arg-type]  # the spy passes them through
+
+    def spy_fit(self: train_module.MemoryHeadSchedule) -> None:
+        fits.append(len(passes))
+        fit(self)
+
+    monkeypatch.setattr(train_module, "_run_epoch", spy_epoch)
+    monkeypatch.setattr(train_module.MemoryHeadSchedule, "_fit", spy_fit)
+    torch.set_num_threads(1)
+    _, _, stats = train_gru4rec(log, dict(TINY, n_epochs=n_epochs, seed=5), progress=False)
+    every = set().union(*passes)
+    held = every - passes[0]
+    assert held and len(held) < len(every) / 4  # memory_holdout = 0.1
+    assert fits == [max(1, n_epochs - 1)]  # once, after the epochs without the held-out ones
+    if n_epochs == 1:
+        assert passes == [every - held, held]
+    else:
+        assert passes[:-1] == [every - held] * (n_epochs - 1) and passes[-1] == every
+    per_epoch, trained = stats["n_events_per_epoch"], stats["events_trained"]
+    if n_epochs == 1:
+        assert trained == per_epoch
+    else:
+        assert per_epoch * (n_epochs - 1) < trained < per_epoch * n_epochs
+
+
 def test_the_paper_model_trains_as_without_the_memory(log: pd.DataFrame) -> None:
     """session_memory=0 builds the paper's model (no memory tensors, the state is the GRU's);
     a memory that is not fitted (memory_holdout=0) changes neither training nor scores."""
