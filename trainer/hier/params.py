@@ -29,6 +29,12 @@ class HierParams(BaseParams):
     # session batching only: a user's next session waits until their previous one has ended
     # (False: GRU4Rec's schedule exactly, sessions of one user may overlap in training)
     wait_for_user: bool = True
+    # GRU4Rec's session memory on the session part (streamrec.model.session_memory), fitted on
+    # held-out sessions (trainer.hier.memory); 0: the papers' models. Opt-in: no measurement
+    # supports it here yet (bench/results/accuracy-beyond-gru4rec.md)
+    session_memory: int = 0  # the session's last K distinct items get a fitted score offset
+    memory_gate: bool = True  # the offsets are also a linear function of the hidden state
+    memory_holdout: float = 0.1  # share of sessions held out of all but the last epoch (the fit)
 
     CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {
         **BaseParams.CHOICES,
@@ -89,7 +95,7 @@ class HRNNParams(HierParams):
             constrained_embedding=False, batch_size=50, learning_rate=0.1, momentum=0.0,
             n_epochs=10, n_sample=0, dropout_p_hidden=0.1, dropout_p_user=0.0,
             dropout_p_init=0.0, dropout_p_embed=0.0, user_to_output=False,
-            memory=0, schedule="joint", batching="user",
+            memory=0, session_memory=0, schedule="joint", batching="user",
         ),
     }  # fmt: skip
 
@@ -108,6 +114,8 @@ class HRNNParams(HierParams):
             "dropout_p_user": self.dropout_p_user,
             "dropout_p_init": self.dropout_p_init,
             "memory": self.memory,
+            "session_memory": self.session_memory,
+            "memory_gate": self.memory_gate,
         }
 
 
