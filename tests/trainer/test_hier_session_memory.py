@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -23,10 +24,12 @@ from trainer.warmstart import train_hier_warm
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 N_ITEMS = 30
-OPTS = dict(layers=[12], user_layers=[6], variant="all", user_to_output=True, memory=5)
+OPTS: dict[str, Any] = dict(
+    layers=[12], user_layers=[6], variant="all", user_to_output=True, memory=5
+)
 
 
-def _hrnn(session_memory: int, seed: int = 3, **kw: object) -> HRNN:
+def _hrnn(session_memory: int, seed: int = 3, **kw: Any) -> HRNN:
     torch.manual_seed(seed)
     return HRNN(N_ITEMS, **{**OPTS, **kw}, session_memory=session_memory, memory_gate=True)
 
