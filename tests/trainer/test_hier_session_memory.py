@@ -1,5 +1,5 @@
-"""GRU4Rec's session memory on HRNN's session part (``session_memory`` > 0): the scores, the
-state, the fit on held-out sessions in ``trainer.hier``, checkpoints, warm starts."""
+"""GRU4Rec's session memory on HRNN's session part and on p-RNN (``session_memory`` > 0): the
+scores, the state, the fit on held-out sessions in ``trainer.hier``, checkpoints, warm starts."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from streamrec.model.checkpoint import load_checkpoint, save_checkpoint
 from streamrec.model.gru4rec import GRU4Rec
 from streamrec.model.hrnn import HRNN
 from streamrec.model.items import build_item_index
+from streamrec.model.prnn import PRNN
 from trainer.data import split_last_session_out
-from trainer.hier import HRNNParams, evaluate_users, train_hier
+from trainer.hier import HRNNParams, PRNNParams, evaluate_users, train_hier
 from trainer.hier.memory import HierMemoryHead, collect_held_out, held_out_sessions
 from trainer.warmstart import train_hier_warm
 
@@ -282,3 +283,77 @@ def test_the_papers_hrnn_has_no_session_memory() -> None:
     assert HRNNParams.make("hrnn_paper_small").session_memory == 0
     assert HRNNParams.make("yoochoose_xe_shared_best_paper", ["session_memory=8"]).session_memory
     assert HRNNParams.make("yoochoose_xe_shared_best_paper").session_memory == 0
+
+
+# ---------------------------------------------------------------------------------- p-RNN
+
+
+def _prnn(session_memory: int, seed: int = 3) -> PRNN:
+    torch.manual_seed(seed)
+    feats = [torch.rand(N_ITEMS, 4, generator=torch.Generator().manual_seed(1))]
+    return PRNN(N_ITEMS, [4], arch="parallel", id_hidden=8, feature_hidden=6,
+                feature_values=feats, session_memory=session_memory,
+                memory_gate=True).eval()  # fmt: skip
+
+
+def test_prnn_with_a_silent_session_memory_scores_as_without() -> None:
+    with_mem, without = _prnn(6), _prnn(0)
+    assert with_mem.state_dim == without.state_dim + 6
+    s_a, s_b = with_mem.initial_state(None, 4), without.initial_state(None, 4)
+    with torch.no_grad():
+        for r in _rows():
+            s_a, a = with_mem.step(r, s_a)
+            s_b, b = without.step(r, s_b)
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+            torch.testing.assert_close(s_a[:, : without.state_dim], s_b, rtol=0, atol=0)
+
+
+def test_prnn_offsets_enter_every_scoring_path_alike() -> None:
+    m = _prnn(6)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in m.session_memory_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    memory = m.session_memory()
+    assert memory is not None
+    state = m.initial_state(None, 4)
+    with torch.no_grad():
+        for r in _rows():
+            state, scores = m.step(r, state)
+            out, slots = m.output(state), m.memory_of(state)
+            want = m.score_items(out).clone()
+            offsets = memory.slot_offsets(out, slots)
+            for b in range(4):
+                for k in range(slots.shape[1]):
+                    if slots[b, k] > 0:
+                        want[b, int(slots[b, k]) - 1] += offsets[b, k]
+            torch.testing.assert_close(scores, want)
+            every = torch.arange(N_ITEMS).expand(4, -1)
+            torch.testing.assert_close(m.score_rows(state, None, every), scores)
+            inner = m.query_vectors(state) @ m.item_vectors().T
+            off = m.offset_rows(None, state)
+            assert off is not None
+            differs = (scores - inner).abs() > 1e-5
+            for b in range(4):
+                assert set(differs[b].nonzero().squeeze(1).tolist()) <= set(off[b].tolist())
+
+
+def test_prnn_training_fits_the_head_and_a_checkpoint_keeps_it(
+    log: tuple[pd.DataFrame, pd.DataFrame], tmp_path: Path
+) -> None:
+    train, test = log
+    ids, index = build_item_index(train["ItemId"])
+    p = PRNNParams(n_epochs=2, batch_size=8, n_sample=0, device="cpu", session_memory=6,
+                   memory_holdout=0.2)  # fmt: skip
+    torch.manual_seed(5)
+    m = PRNN(len(ids), arch="id", id_hidden=12, session_memory=6, memory_gate=True)
+    lines: list[str] = []
+    stats = train_hier(m, train, index, p, log=lines.append)
+    events = [int(line.split()[-1]) for line in lines if " events " in line]
+    assert events[0] < events[1]  # the first epoch without the held-out sessions
+    fit = stats["memory_head"]
+    assert fit["events"] > 0 and fit["reciprocal_rank_after"] > fit["reciprocal_rank_before"]
+    save_checkpoint(tmp_path / "p", m, "prnn", ids)
+    back = load_checkpoint(tmp_path / "p").model
+    assert isinstance(back, PRNN) and back.session_slots == 6
+    assert evaluate_users(back, train, test, index) == evaluate_users(m, train, test, index)
