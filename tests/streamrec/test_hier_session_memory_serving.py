@@ -1,6 +1,6 @@
-"""An HRNN with a fitted session memory through the core (no Kafka): the live answers rank the
-held-out last sessions as ``trainer evaluate`` (per user) does, and ANN retrieval keeps the
-session memory's offsets."""
+"""An HRNN and a p-RNN with a fitted session memory through the core (no Kafka): the live
+answers rank the held-out last sessions as ``trainer evaluate`` (per user) does, and ANN
+retrieval keeps the session memory's offsets."""
 
 from __future__ import annotations
 
@@ -17,32 +17,42 @@ from hier_stream import N_ITEMS, hier_log
 from streamrec.model.ann import AnnParams
 from streamrec.model.checkpoint import save_checkpoint
 from streamrec.model.hrnn import HRNN
+from streamrec.model.prnn import PRNN
 from streamrec.serving.config import CoreConfig
 from streamrec.serving.pipeline import process_batch
 from streamrec.serving.records import Record
 from streamrec.serving.served_model import RetrievalOptions, ServingModel
 from streamrec.serving.state_store import StateStore
-from trainer.hier import HRNNParams, evaluate_users, train_hier
+from trainer.hier import HRNNParams, PRNNParams, evaluate_users, train_hier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CFG = CoreConfig(session_gap_seconds=1800.0, top_k=20, recent_items=50, recent_sessions=10)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, HRNN]:
-    """A small HRNN (user path, user memory, session memory) trained with the head fitted."""
+@pytest.fixture(scope="module", params=["hrnn", "prnn"])
+def trained(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, HRNN | PRNN]:
+    """A small HRNN (user path, user memory, session memory) or p-RNN (id subnet, session
+    memory) trained with the head fitted."""
     torch.set_num_threads(1)
     train, _, _ = hier_log()
     ids = [str(j) for j in range(N_ITEMS)]
-    p = HRNNParams(n_epochs=2, batch_size=8, device="cpu", session_memory=8,
-                   memory_holdout=0.3)  # fmt: skip
+    options = dict(n_epochs=2, batch_size=8, device="cpu", session_memory=8, memory_holdout=0.3)
     torch.manual_seed(11)
-    model = HRNN(N_ITEMS, variant="all", **p.model_options())
+    model: HRNN | PRNN
+    if request.param == "hrnn":
+        p: HRNNParams | PRNNParams = HRNNParams(**options)  # type: ignore[arg-type]
+        assert isinstance(p, HRNNParams)
+        model = HRNN(N_ITEMS, variant="all", **p.model_options())
+    else:
+        p = PRNNParams(**options)  # type: ignore[arg-type]
+        model = PRNN(N_ITEMS, arch="id", id_hidden=16, session_memory=8, memory_gate=True)
     stats = train_hier(model, train, {i: j for j, i in enumerate(ids)}, p)
     assert stats["memory_head"]["events"] > 0
-    path = save_checkpoint(tmp_path_factory.mktemp("hrnn") / "ckpt", model.eval(), "hrnn", ids)
-    return path.path, model
+    folder = tmp_path_factory.mktemp(request.param) / "ckpt"
+    return save_checkpoint(folder, model.eval(), request.param, ids).path, model
 
 
 def _live_ranks(model: ServingModel, values: list[tuple[str, bytes]], test_ids: set[str]) -> list:
@@ -71,7 +81,7 @@ def _live_ranks(model: ServingModel, values: list[tuple[str, bytes]], test_ids: 
 
 
 def test_live_scores_equal_trainer_evaluate_with_the_session_memory(
-    trained: tuple[Path, HRNN],
+    trained: tuple[Path, HRNN | PRNN],
 ) -> None:
     """The stream through the core (the session memory in the session state, each user's
     state carried across sessions) gives the per-user evaluation's Recall@20 and MRR@20 on
