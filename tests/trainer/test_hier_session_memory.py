@@ -279,9 +279,9 @@ def test_a_checkpoint_config_without_the_session_memory_loads() -> None:
 
 
 def test_the_papers_hrnn_has_no_session_memory() -> None:
-    """On by default for HRNN (measured on a validation split), off in the papers' presets."""
-    assert HRNNParams().session_memory == 64 and HRNNParams().memory_holdout > 0
-    assert PRNNParams().session_memory == 0  # p-RNN: opt-in
+    """On by default (measured on a validation split), off in the papers' presets."""
+    for cls in (HRNNParams, PRNNParams):
+        assert cls().session_memory == 64 and cls().memory_holdout > 0 and cls().memory_gate
     assert HRNNParams.make("hrnn_paper_small").session_memory == 0
     assert HRNNParams.make("yoochoose_xe_shared_best_paper", ["session_memory=8"]).session_memory
     assert HRNNParams.make("yoochoose_xe_shared_best_paper").session_memory == 0
