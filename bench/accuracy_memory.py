@@ -75,7 +75,6 @@ def main() -> None:
     ap.add_argument("--item-meta", default=None, help="p-RNN item metadata file")
     ap.add_argument("--preset", default=None)
     ap.add_argument("--arm", required=True)
-    ap.add_argument("--phase", default="final", help="final (test split) or validation")
     ap.add_argument("--param", action="append", default=[])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--phase", default="final", help="final (a test split) or choice (validation)")
