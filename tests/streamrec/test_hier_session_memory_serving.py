@@ -8,6 +8,7 @@ import copy
 import json
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -39,15 +40,17 @@ def trained(
     torch.set_num_threads(1)
     train, _, _ = hier_log()
     ids = [str(j) for j in range(N_ITEMS)]
-    options = dict(n_epochs=2, batch_size=8, device="cpu", session_memory=8, memory_holdout=0.3)
+    options: dict[str, Any] = dict(
+        n_epochs=2, batch_size=8, device="cpu", session_memory=8, memory_holdout=0.3
+    )
     torch.manual_seed(11)
     model: HRNN | PRNN
     if request.param == "hrnn":
-        p: HRNNParams | PRNNParams = HRNNParams(**options)  # type: ignore[arg-type]
+        p: HRNNParams | PRNNParams = HRNNParams(**options)
         assert isinstance(p, HRNNParams)
         model = HRNN(N_ITEMS, variant="all", **p.model_options())
     else:
-        p = PRNNParams(**options)  # type: ignore[arg-type]
+        p = PRNNParams(**options)
         model = PRNN(N_ITEMS, arch="id", id_hidden=16, session_memory=8, memory_gate=True)
     stats = train_hier(model, train, {i: j for j, i in enumerate(ids)}, p)
     assert stats["memory_head"]["events"] > 0

@@ -150,15 +150,15 @@ def log() -> tuple[pd.DataFrame, pd.DataFrame]:
     return split_last_session_out(generate_clicks(150, N_ITEMS, 15, seed=4))
 
 
-PARAMS = dict(n_epochs=2, batch_size=8, n_sample=0, device="cpu", session_memory=6)
+PARAMS: dict[str, Any] = dict(n_epochs=2, batch_size=8, n_sample=0, device="cpu", session_memory=6)
 
 
 def _train(
-    train: pd.DataFrame, log: list[str] | None = None, **kw: object
+    train: pd.DataFrame, log: list[str] | None = None, **kw: Any
 ) -> tuple[HRNN, dict[str, int], dict]:
     ids, index = build_item_index(train["ItemId"])
     torch.manual_seed(5)
-    p = HRNNParams(**{**PARAMS, **kw})  # type: ignore[arg-type]
+    p = HRNNParams(**{**PARAMS, **kw})
     m = HRNN(len(ids), variant="init", **p.model_options())
     return m, index, train_hier(m, train, index, p, log=None if log is None else log.append)
 
@@ -263,7 +263,7 @@ def test_checkpoint_and_warm_start_keep_the_session_memory(
     back = load_checkpoint(tmp_path / "m").model
     assert isinstance(back, HRNN) and back.session_slots == 6
     assert evaluate_users(back, train, test, index) == evaluate_users(model, train, test, index)
-    p = HRNNParams(**{**PARAMS, "n_epochs": 2})  # type: ignore[arg-type]
+    p = HRNNParams(**{**PARAMS, "n_epochs": 2})
     warm, _, stats, _ = train_hier_warm("hrnn", copy.deepcopy(model), ids, train, p)
     assert isinstance(warm, HRNN) and warm.session_slots == 6
     assert stats["memory_head"]["events"] > 0
