@@ -9,6 +9,10 @@ official evaluation), and append one JSON line per run to a results file.
 
 ``--arm`` names the row (defaults, paper, or an ablation); the preset and ``--param``
 overrides say what was trained. Figures: bench/results/accuracy-beyond-gru4rec.md.
+
+``--model hrnn|prnn`` trains HRNN / p-RNN as ``trainer train --model ...`` does (data with a
+``UserId``; ``--variant``, ``--item-meta`` as there; ``--preset`` optional) and evaluates per
+user (``trainer.hier.evaluate_users``: the training sessions warm the user state).
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -29,8 +35,34 @@ from procstats import append_run
 
 from streamrec.data.clicklog import load_clicks
 from trainer.evaluate import evaluate_next_item
+from trainer.hier import evaluate_users, train_hrnn_job, train_prnn_job
+from trainer.jobs import TrainJob
 from trainer.presets import make_params
 from trainer.train import train_gru4rec
+
+KS = (1, 5, 10, 20)
+
+
+def train_and_evaluate(
+    a: argparse.Namespace, train: pd.DataFrame, test: pd.DataFrame
+) -> tuple[dict[str, float], dict[str, Any], int, float]:
+    """(metrics, training stats, seed, evaluation seconds) of the run ``a`` asks for."""
+    if a.model == "gru4rec":
+        p = make_params(a.preset, a.param)
+        model, item_ids, stats = train_gru4rec(train, p, progress=False)
+        index = {i: r for r, i in enumerate(item_ids)}
+        test = test[test.ItemId.astype(str).isin(index)]
+        test = test[test.groupby("SessionId").SessionId.transform("size") >= 2]
+        t0 = time.perf_counter()
+        metrics = evaluate_next_item(model, test, index, ties="conservative")
+        return metrics, stats, p.seed, time.perf_counter() - t0
+    options = {"--variant": a.variant, "--item-meta": a.item_meta}
+    job = TrainJob(train, a.preset, a.param, options, progress=False)
+    out = (train_hrnn_job if a.model == "hrnn" else train_prnn_job)(job)
+    index = {i: r for r, i in enumerate(out.item_ids)}
+    t0 = time.perf_counter()
+    metrics = evaluate_users(out.model, train, test, index, ks=KS, ties="conservative")
+    return metrics, out.stats, int(out.train_params["seed"]), time.perf_counter() - t0
 
 
 def main() -> None:
@@ -38,7 +70,10 @@ def main() -> None:
     ap.add_argument("--data", required=True, help="data set name for the record")
     ap.add_argument("--train", type=Path, required=True)
     ap.add_argument("--test", type=Path, required=True)
-    ap.add_argument("--preset", required=True)
+    ap.add_argument("--model", choices=("gru4rec", "hrnn", "prnn"), default="gru4rec")
+    ap.add_argument("--variant", default=None, help="HRNN variant (init, all)")
+    ap.add_argument("--item-meta", default=None, help="p-RNN item metadata file")
+    ap.add_argument("--preset", default=None)
     ap.add_argument("--arm", required=True)
     ap.add_argument("--param", action="append", default=[])
     ap.add_argument("--out", type=Path, required=True)
@@ -46,21 +81,17 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     load0 = os.getloadavg()
-    p = make_params(a.preset, a.param)
+    if a.model == "gru4rec" and a.preset is None:
+        ap.error("--preset is required for gru4rec")
     train, test = load_clicks(str(a.train)), load_clicks(str(a.test))
-    model, item_ids, stats = train_gru4rec(train, p, progress=False)
-    index = {i: r for r, i in enumerate(item_ids)}
-    test = test[test.ItemId.astype(str).isin(index)]
-    test = test[test.groupby("SessionId").SessionId.transform("size") >= 2]
-    t0 = time.perf_counter()
-    metrics = evaluate_next_item(model, test, index, ties="conservative")
-    eval_seconds = time.perf_counter() - t0
+    metrics, stats, seed, eval_seconds = train_and_evaluate(a, train, test)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     rec = {
         "phase": a.phase,
         "data": a.data,
+        "model": a.model,
         "arm": a.arm,
-        "seed": p.seed,
+        "seed": seed,
         "preset": a.preset,
         "overrides": a.param,
         "train": str(a.train),

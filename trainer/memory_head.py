@@ -1,6 +1,7 @@
-"""Fitting GRU4Rec's session-memory head on sessions the network has not trained on.
+"""Fitting a session-memory head on sessions the network has not trained on.
 
-The head (``streamrec.model.gru4rec``, ``session_memory``) adds a learnt offset to the score of
+The head (``streamrec.model.session_memory``: GRU4Rec's ``session_memory``, HRNN's and p-RNN's
+too) adds a learnt offset to the score of
 each of the session's last K distinct items, by recency group and, with ``memory_gate``, as a
 linear function of the hidden state. Two findings decide how it is fitted (measured in
 ``bench/results/accuracy-beyond-gru4rec.md``):
@@ -18,18 +19,25 @@ linear function of the hidden state. Two findings decide how it is fitted (measu
   ``1 + sum_j sigmoid((s_j - s_target) / tau)`` over the session's memory items and the
   ``top`` best other items, and the mean of its inverse is maximised (Adam, a few hundred
   full-batch steps over the held-out predictions; L2 on the gate weights).
+
+Any model with a session memory can be fitted: :class:`MemoryHeadModel` is what the fit needs.
+:func:`collect` runs session-only models (GRU4Rec: ``advance``) over held-out sessions; models
+whose sessions start from a user state collect their predictions themselves
+(``trainer.hier.memory``) and hand them to :class:`HeadCollector`.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from streamrec.model.gru4rec import GRU4Rec
+from streamrec.model.session_memory import SessionMemory
 from trainer.batching import SessionArrays
 
 #: defaults of the fit (the same for every data set; chosen on validation splits, see the module
@@ -64,6 +72,39 @@ def _subset(s: SessionArrays, idx: np.ndarray) -> SessionArrays:
     return SessionArrays(s.items[starts + within], offsets, s.session_ids[idx])
 
 
+class MemoryHeadModel(Protocol):
+    """What the fit needs of a model (GRU4Rec, HRNN, p-RNN with a session memory)."""
+
+    def session_memory(self) -> SessionMemory | None:
+        """The rule over the model's offsets (None: no session memory)."""
+        ...
+
+    def memory_head_inputs(
+        self, state: Tensor, user_state: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """For states after a step: the gate's input ``[B, H]``, the memory's item rows
+        ``[B, K]`` (-1 empty) and the scores of every item ``[B, n]`` before the memory's
+        offsets and the final activation (everything else the model adds included)."""
+        ...
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
+
+
+class SessionModel(MemoryHeadModel, Protocol):
+    """A session-only model :func:`collect` can run (GRU4Rec)."""
+
+    def initial_state(self, user_state: Tensor | None, batch_size: int) -> Tensor: ...
+    def advance(self, item_rows: Tensor, state: Tensor) -> Tensor: ...
+
+
+def memory_rule(model: MemoryHeadModel) -> SessionMemory:
+    """The model's session memory; ``ValueError`` when it has none."""
+    memory = model.session_memory()
+    if memory is None:
+        raise ValueError("the model has no session memory (session_memory=0)")
+    return memory
+
+
 @dataclass
 class HeadData:
     """One row per held-out prediction (everything the offsets act on)."""
@@ -79,21 +120,52 @@ class HeadData:
         return int(self.output.shape[0])
 
 
+@dataclass
+class HeadCollector:
+    """Accumulates held-out predictions into :class:`HeadData`, step by step."""
+
+    top: int = TOP
+    n: int = 0
+    parts: list[list[Tensor]] = field(default_factory=lambda: [[] for _ in range(6)])
+
+    @torch.no_grad()
+    def add(self, output: Tensor, rows: Tensor, raw: Tensor, targets: Tensor) -> None:
+        """One step's predictions: ``memory_head_inputs``' three parts and the next items
+        ``[B]`` (every row a prediction)."""
+        filled = rows >= 0
+        mem_scores = raw.gather(1, rows.clamp(min=0)) * filled
+        hit = (rows == targets.unsqueeze(1)) & filled
+        minus_one = torch.full_like(targets, -1)
+        slot = torch.where(hit.any(1), hit.to(torch.uint8).argmax(1), minus_one)
+        others = raw.scatter(1, rows.clamp(min=0), torch.where(filled, -torch.inf, mem_scores))
+        k = min(self.top, others.shape[1])
+        target_score = raw.gather(1, targets.unsqueeze(1)).squeeze(1)
+        top_other = torch.topk(others, k, dim=1).values
+        values = (output, mem_scores, filled, slot, target_score, top_other)
+        for part, v in zip(self.parts, values, strict=True):
+            part.append(v)
+        self.n += int(targets.shape[0])
+
+    def data(self) -> HeadData:
+        if self.n == 0:
+            raise ValueError("no held-out session with 2 or more events to fit the memory head on")
+        return HeadData(*(torch.cat(p) for p in self.parts))
+
+
 @torch.no_grad()
 def collect(
-    model: GRU4Rec, sessions: SessionArrays, top: int = TOP, max_events: int = MAX_EVENTS
+    model: SessionModel, sessions: SessionArrays, top: int = TOP, max_events: int = MAX_EVENTS
 ) -> HeadData:
     """Run ``model`` over ``sessions`` (each from its initial state) and keep, for every next
     item to predict, what :func:`fit_head` needs. Raw scores: the offsets act before the final
     activation. At most about ``max_events`` predictions (whole chunks of sessions)."""
-    dev = model.Wy.device
+    dev = memory_rule(model).bias.device
     lengths = np.diff(sessions.offsets)
     order = np.argsort(-lengths, kind="stable")
     order = order[lengths[order] >= 2]
-    parts: list[list[Tensor]] = [[] for _ in range(6)]
-    n = 0
+    acc = HeadCollector(top)
     for c0 in range(0, len(order), CHUNK):
-        if n >= max_events:
+        if acc.n >= max_events:
             break
         chunk = order[c0 : c0 + CHUNK]
         lens = lengths[chunk]
@@ -105,31 +177,13 @@ def collect(
             x = torch.from_numpy(sessions.items[starts[:live] + t]).to(dev)
             y = torch.from_numpy(sessions.items[starts[:live] + t + 1]).to(dev)
             state = model.advance(x, state)
-            out = model.output(state)
-            rows = model.memory_of(state).long() - 1
-            filled = rows >= 0
-            raw = torch.addmm(model.By.view(1, -1), out, model.Wy.t())
-            mem_scores = raw.gather(1, rows.clamp(min=0)) * filled
-            hit = (rows == y.unsqueeze(1)) & filled
-            slot = torch.where(hit.any(1), hit.to(torch.uint8).argmax(1), torch.full_like(y, -1))
-            others = raw.scatter(1, rows.clamp(min=0), torch.where(filled, -torch.inf, mem_scores))
-            k = min(top, others.shape[1])
-            for part, v in zip(
-                parts,
-                (out, mem_scores, filled, slot, raw.gather(1, y.unsqueeze(1)).squeeze(1),
-                 torch.topk(others, k, dim=1).values),
-                strict=True,
-            ):  # fmt: skip
-                part.append(v)
-            n += live
-    if n == 0:
-        raise ValueError("no held-out session with 2 or more events to fit the memory head on")
-    return HeadData(*(torch.cat(p) for p in parts))
+            acc.add(*model.memory_head_inputs(state), y)
+    return acc.data()
 
 
-def smooth_reciprocal_rank(model: GRU4Rec, data: HeadData, tau: float) -> Tensor:
+def smooth_reciprocal_rank(model: MemoryHeadModel, data: HeadData, tau: float) -> Tensor:
     """Mean of ``1 / (1 + sum_j sigmoid((s_j - s_target) / tau))`` under the current offsets."""
-    offsets = model.slot_offsets(data.output, data.filled)
+    offsets = memory_rule(model).slot_offsets(data.output, data.filled)
     remembered = data.target_slot >= 0
     own = offsets.gather(1, data.target_slot.clamp(min=0).unsqueeze(1)).squeeze(1)
     target = data.target_score + torch.where(remembered, own, torch.zeros_like(own))
@@ -149,7 +203,7 @@ class HeadFit:
 
 
 def fit_head(
-    model: GRU4Rec,
+    model: MemoryHeadModel,
     data: HeadData,
     *,
     tau: float = TAU,
@@ -160,23 +214,24 @@ def fit_head(
     """Set the model's memory offsets to maximise the smooth reciprocal rank on ``data``
     (full batch, Adam, from zero); the rest of the model is not changed."""
     t0 = time.perf_counter()
-    params = [p for name, p in model.named_parameters() if name.startswith("memory_")]
-    if not params:
-        raise ValueError("the model has no session memory (session_memory=0)")
-    others = [p for name, p in model.named_parameters() if not name.startswith("memory_")]
+    memory = memory_rule(model)
+    params = memory.parameters()
+    fitted = {id(p) for p in params}
+    others = [p for p in model.parameters() if id(p) not in fitted]
     frozen = [p.requires_grad for p in others]
     for p in others:
         p.requires_grad_(False)
     try:
         with torch.no_grad():
-            for p in params:
-                p.zero_()
+            for q in params:
+                q.zero_()
             before = float(smooth_reciprocal_rank(model, data, tau))
         opt = torch.optim.Adam(params, lr=learning_rate)
         for _ in range(steps):
             loss = -smooth_reciprocal_rank(model, data, tau)
-            if hasattr(model, "memory_gate_weight"):
-                loss = loss + l2 * model.memory_gate_weight.pow(2).sum()
+            penalty = memory.penalty()
+            if penalty is not None:
+                loss = loss + l2 * penalty
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -185,6 +240,6 @@ def fit_head(
     finally:
         for p, was in zip(others, frozen, strict=True):
             p.requires_grad_(was)
-        for p in params:
-            p.grad = None
+        for q in params:
+            q.grad = None
     return HeadFit(len(data), time.perf_counter() - t0, before, after)

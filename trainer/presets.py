@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Self
 
 from streamrec.errors import StreamrecError
+from streamrec.model.session_memory import MAX_SESSION_MEMORY
 from trainer.losses import LOSSES
 
 
@@ -65,6 +66,8 @@ class BaseParams:
                 raise ParamError(f"{name}={v}: must be >= {self.MIN_EPOCHS}")
             if name == "memory_holdout" and not 0.0 <= v < 1.0:
                 raise ParamError(f"{name}={v}: must be in [0, 1)")
+            if name == "session_memory" and v > MAX_SESSION_MEMORY:
+                raise ParamError(f"{name}={v}: must be <= {MAX_SESSION_MEMORY}")
             if name == "learning_rate" and v <= 0:
                 raise ParamError(f"learning_rate={v}: must be > 0")
             if name.startswith("dropout_p_") and not 0.0 <= v < 1.0:
@@ -133,8 +136,8 @@ class TrainParams(BaseParams):
     nesterov: bool = False
     cuda_graph: bool = False  # capture the training step as a CUDA graph (CUDA only)
     sample_cache_max_size: int = 10_000_000
-    # the session-memory head (streamrec.model.gru4rec, trainer.memory_head); session_memory=0
-    # is the paper's model (the ``*_paper`` presets)
+    # the session-memory head (streamrec.model.session_memory, trainer.memory_head);
+    # session_memory=0 is the paper's model (the ``*_paper`` presets)
     session_memory: int = 64  # the session's last K distinct items get a fitted score offset
     memory_gate: bool = True  # the offsets are also a linear function of the hidden state
     memory_holdout: float = 0.1  # share of sessions held out of all but the last epoch (the fit)

@@ -12,10 +12,13 @@ attributes. ``TrainableModule`` is how the trainer types such a model.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Protocol, Self, cast
+from typing import TYPE_CHECKING, Any, Protocol, Self, cast
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from streamrec.model.session_memory import SessionMemory
 
 #: an item table's rows gathered into a leaf for one training step: ``(table, rows, leaf)``;
 #: the leaf's gradient is the table's row-sparse gradient (``trainer.optim.IndexedAdagradM``)
@@ -152,10 +155,13 @@ class TrainableStepModel:
 
     ``forward_step`` is the step without scoring and ``score_items`` scores chosen item rows
     (a target and sampled negatives) from its output; ``step`` must equal the two in turn
-    (scoring every item). The other methods have defaults a model overrides where it has
+    (scoring every item), plus the session memory's offsets where the model has one
+    (``session_memory``: not trained with the network, fitted apart by ``trainer.memory_head``
+    on ``memory_head_inputs``). The other methods have defaults a model overrides where it has
     the part: ``train_step`` with row-sparse item tables (HRNN; default: ``forward_step`` then
-    ``score_items``, every gradient dense), and the parameter groups of a staged schedule
-    (``param_groups``; default none: the model always trains as a whole).
+    ``score_items``, every gradient dense), the parameter groups of a staged schedule
+    (``param_groups``; default none: the model always trains as a whole), the session memory
+    (default none).
     """
 
     def forward_step(
@@ -193,6 +199,21 @@ class TrainableStepModel:
     def set_active(self, names: Sequence[str] | None) -> None:
         """Only the parts ``names`` (None: all) take part in the step (no-op by default)."""
 
+    def session_memory(self) -> SessionMemory | None:
+        """The session memory's rule over the model's offsets (None: no session memory)."""
+        return None
+
+    def session_memory_parameters(self) -> list[Tensor]:
+        """The session memory's offsets: fitted apart, never by the training optimiser."""
+        memory = self.session_memory()
+        return [] if memory is None else memory.parameters()
+
+    def memory_head_inputs(
+        self, state: Tensor, user_state: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """What ``trainer.memory_head`` fits on (see its ``MemoryHeadModel``)."""
+        raise NotImplementedError
+
 
 class TrainableModule(StepModule, Protocol):
     """How the trainer types a :class:`TrainableStepModel` ``torch.nn.Module`` (Python has no
@@ -216,6 +237,11 @@ class TrainableModule(StepModule, Protocol):
     def param_groups(self) -> dict[str, list[Tensor]]: ...
     def grad_masks(self, groups: Sequence[str]) -> list[tuple[Tensor, Tensor]]: ...
     def set_active(self, names: Sequence[str] | None) -> None: ...
+    def session_memory(self) -> SessionMemory | None: ...
+    def session_memory_parameters(self) -> list[Tensor]: ...
+    def memory_head_inputs(
+        self, state: Tensor, user_state: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]: ...
 
 
 def as_trainable(model: object) -> TrainableModule:

@@ -13,17 +13,10 @@ The structure follows the official PyTorch implementation (hidasib/GRU4Rec_PyTor
   uniform in ``±sqrt(6 / (fan_in + fan_out))``, biases zero.
 
 Session memory (``session_memory`` K > 0; not in the papers, off in a config without it): the
-state also carries the session's last K distinct items, most recent last (an item clicked again
-moves to the end), and an offset is added to the score of each of them when the model scores.
-The offset depends on the item's recency position (1 = the current item; positions grouped in
-powers of two: 1, 2-3, 4-7, ...) and, with ``memory_gate``, on the hidden state (a linear
-function of the last layer's output per position group): how likely a re-click is now. A GRU
-state cannot say which items the session already showed; the offsets say whether they come back
-(e-commerce: re-clicks are a quarter of all clicks) or do not (films rated once). They are not
-trained with the network (``train_forward`` is the paper's): ``trainer.memory_head`` fits them on
-held-out sessions, for the ranking. They start at zero: the model then scores exactly as without
-the memory. The memory slots hold ``item row + 1`` as floats (exact below 2^24 items), 0 for an
-empty slot, so the all-zero initial state is an empty memory.
+state also carries the session's last K distinct items and a learnt offset is added to their
+scores (``memory_gate``: as a linear function of the last layer's output); the rule, shared with
+HRNN and p-RNN, is ``streamrec.model.session_memory``. ``train_forward`` is the paper's network:
+``trainer.memory_head`` fits the offsets on held-out sessions.
 """
 
 from __future__ import annotations
@@ -38,44 +31,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from streamrec.model.api import InnerProductScores, SplitStepModel
+from streamrec.model.session_memory import (
+    MAX_SESSION_MEMORY,
+    SessionMemory,
+    add_session_memory,
+    check_size,
+    push_recent,
+    pushed,
+    recency_groups,
+    session_memory_of,
+)
 from streamrec.model.topk import TiledTopK
 
+# the rule's parts, where GRU4Rec's callers have always found them
+__all__ = ["MAX_SESSION_MEMORY", "GRU4Rec", "GRU4RecConfig", "push_recent", "recency_groups"]
+
 FINAL_ACTS = ("linear", "tanh", "elu")
-MAX_SESSION_MEMORY = 4096
-
-
-def recency_groups(k: int) -> Tensor:
-    """The position group of each of ``k`` memory slots (slot ``k - 1`` holds the most recent
-    item, recency position 1): ``floor(log2(position))``, so groups 1, 2-3, 4-7, 8-15, ..."""
-    position = torch.arange(k, 0, -1)
-    return torch.floor(torch.log2(position.to(torch.float64))).to(torch.int64)
-
-
-def push_recent(memory: Tensor, rows: Tensor) -> Tensor:
-    """``memory`` ``[B, K]`` (item row + 1 as floats, 0 empty, most recent last) after each row of
-    ``rows`` ``[B]`` is clicked: an item already there moves to the end, a new one is appended
-    and the oldest slot dropped; a row < 0 (unknown item) leaves its memory as it is."""
-    slots = torch.arange(memory.shape[1], device=memory.device).unsqueeze(0)
-    clicked = (rows + 1).to(memory.dtype).unsqueeze(1)
-    return torch.where((rows >= 0).unsqueeze(1), _pushed(memory, clicked, slots), memory)
-
-
-def _pushed(memory: Tensor, clicked: Tensor, slots: Tensor) -> Tensor:
-    """:func:`push_recent` of ``clicked`` ``[B, 1]`` (item row + 1, as the memory holds it);
-    ``slots`` is ``arange(K)`` ``[1, K]``. Few tensor operations: a batch-1 step is mostly the
-    fixed cost of each."""
-    # the slot the clicked item leaves (0 when it is new: then every slot moves one to the left)
-    leave = (memory == clicked).view(torch.uint8).argmax(dim=1, keepdim=True)
-    return torch.where(slots < leave, memory, torch.cat([memory[:, 1:], clicked], dim=1))
-
-
-def group_offsets(bias: Tensor, gate: Tensor | None, groups: Tensor, output: Tensor) -> Tensor:
-    """The score offsets ``[B, len(groups)]`` of memory slots in recency ``groups``: the
-    group's ``bias`` ``[G]``, plus (``gate`` ``[H, G]``) a linear function of the last layer's
-    ``output`` ``[B, H]``."""
-    if gate is None:  # one row for all
-        return bias.index_select(0, groups).expand(output.shape[0], -1)
-    return (bias + torch.mm(output, gate)).index_select(1, groups)
 
 
 @dataclass
@@ -105,10 +76,7 @@ class GRU4RecConfig:
             )
         if self.embedding < 0:
             raise ValueError(f"embedding must be >= 0, got {self.embedding}")
-        if not 0 <= self.session_memory <= MAX_SESSION_MEMORY:
-            raise ValueError(
-                f"session_memory must be in [0, {MAX_SESSION_MEMORY}], got {self.session_memory}"
-            )
+        check_size(self.session_memory)
         for name in ("dropout_p_embed", "dropout_p_hidden"):
             p = getattr(self, name)
             if not 0.0 <= p < 1.0:
@@ -153,9 +121,13 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
     """Session-based GRU recommender with the serving step API of docs/architecture.md."""
 
     user_state_dim = 0
-    memory_groups: Tensor  # [K] recency group of each memory slot (a buffer, when K > 0)
-    memory_slots: Tensor  # [1, K] arange(K) (a buffer, when K > 0)
-    memory_held: Tensor  # [n_items] item row + 1 (a buffer, when K > 0)
+    # the session memory's tensors (when K > 0; memory_gate_weight with memory_gate), see
+    # streamrec.model.session_memory.add_session_memory
+    memory_groups: Tensor  # [K] recency group of each memory slot (a buffer)
+    memory_slots: Tensor  # [1, K] arange(K) (a buffer)
+    memory_held: Tensor  # [n_items] item row + 1 (a buffer)
+    memory_bias: nn.Parameter
+    memory_gate_weight: nn.Parameter
 
     def __init__(self, config: GRU4RecConfig | dict[str, Any], seed: int | None = None) -> None:
         super().__init__()
@@ -184,19 +156,9 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
         self.G = nn.ModuleList(cells)
         self.Wy = nn.Parameter(torch.empty(c.n_items, self.layers[-1]))
         self.By = nn.Parameter(torch.zeros(c.n_items, 1))
-        if self.memory:
-            groups = recency_groups(self.memory)
-            # derived from the config, so not saved in checkpoints
-            self.register_buffer("memory_groups", groups, persistent=False)
-            slots = torch.arange(self.memory).unsqueeze(0)
-            self.register_buffer("memory_slots", slots, persistent=False)
-            # item row + 1 as the memory holds it, by row: one lookup per step, not two casts
-            held = torch.arange(1, c.n_items + 1, dtype=self.Wy.dtype)
-            self.register_buffer("memory_held", held, persistent=False)
-            n_groups = int(groups.max()) + 1
-            self.memory_bias = nn.Parameter(torch.zeros(n_groups))
-            if c.memory_gate:
-                self.memory_gate_weight = nn.Parameter(torch.zeros(self.layers[-1], n_groups))
+        if self.memory:  # memory_groups, memory_bias, memory_gate_weight (checkpoint names)
+            gate = self.layers[-1] if c.memory_gate else 0
+            add_session_memory(self, self.memory, gate, "memory_", c.n_items)
         self.reset_parameters(seed)
 
     # ------------------------------------------------------------------ construction
@@ -310,7 +272,7 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
         memory = push_recent(hidden[-1], item_rows)
         new.append(memory)
         scores = torch.addmm(self.By.view(1, -1), out, self.Wy.t())
-        scores = self._add_memory_offsets(scores, out, memory)
+        scores = self._memory().add_to_scores(scores, out, memory)
         if target_rows is not None:
             scores = scores[:, target_rows]
         return self.final_activation(scores), new
@@ -345,24 +307,29 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
         return scores, hidden, leaves
 
     # ------------------------------------------------------------------ session memory
+    def session_memory(self) -> SessionMemory | None:
+        """The session memory's rule over this model's offsets (None: ``session_memory=0``)."""
+        return session_memory_of(self, "memory_") if self.memory else None
+
+    def _memory(self) -> SessionMemory:
+        sm = self.session_memory()
+        assert sm is not None  # called only where self.memory > 0
+        return sm
+
     def slot_offsets(self, output: Tensor, filled: Tensor) -> Tensor:
         """The score offset of each memory slot ``[B, K]`` from the last layer's ``output``;
         0 where ``filled`` (``[B, K]``, nonzero = the slot holds an item) is 0."""
-        offsets = self._slot_offsets_unmasked(output)
-        return offsets * (filled > 0).to(offsets.dtype)
+        return self._memory().slot_offsets(output, filled)
 
-    def _slot_offsets_unmasked(self, output: Tensor, first_slot: int = 0) -> Tensor:
-        """:meth:`slot_offsets` of the slots from ``first_slot`` on ``[B, K - first_slot]``,
-        whether a slot holds an item or not."""
-        groups = self.memory_groups[first_slot:] if first_slot else self.memory_groups
-        gate = getattr(self, "memory_gate_weight", None)
-        return group_offsets(self.memory_bias, gate, groups, output)
-
-    def _add_memory_offsets(self, scores: Tensor, output: Tensor, memory: Tensor) -> Tensor:
-        """``scores`` ``[B, n_items]`` plus each row's memory offsets (in place)."""
-        offsets = self.slot_offsets(output, memory).to(scores.dtype)
-        # an empty slot adds its 0 offset to item row 0
-        return scores.scatter_add_(1, (memory.long() - 1).clamp(min=0), offsets)
+    def memory_head_inputs(
+        self, state: Tensor, user_state: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """What ``trainer.memory_head`` fits on, for states after a step: the gate's input (the
+        last layer's output), the memory's item rows (-1 empty) and the scores of every item
+        before the offsets and the final activation."""
+        out = self.output(state)
+        raw = torch.addmm(self.By.view(1, -1), out, self.Wy.t())
+        return out, SessionMemory.rows(self.memory_of(state)), raw
 
     def memory_of(self, state: Tensor) -> Tensor:
         """The session memory part of states ``[B, K]`` (item row + 1, 0 empty, newest last)."""
@@ -374,7 +341,8 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
         if not self.memory:
             return self.score_items(out)
         scores = torch.addmm(self.By.view(1, -1), out, self.Wy.t())
-        return self.final_activation(self._add_memory_offsets(scores, out, self.memory_of(state)))
+        scores = self._memory().add_to_scores(scores, out, self.memory_of(state))
+        return self.final_activation(scores)
 
     # ------------------------------------------------------------------ step API
     @property
@@ -400,7 +368,7 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
         _, hidden = self.hidden_step(self.embed(rows), parts[: len(self.layers)])
         if self.memory:  # unknown rows keep their whole state below
             clicked = self.memory_held.index_select(0, rows).unsqueeze(1)
-            hidden.append(_pushed(parts[-1], clicked, self.memory_slots))
+            hidden.append(pushed(parts[-1], clicked, self.memory_slots))
         return torch.where(known.unsqueeze(1), torch.cat(hidden, dim=1), state)
 
     def output(self, state: Tensor) -> Tensor:
@@ -419,7 +387,7 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
             out = self.output(state)
             scores = torch.addmm(by, out.to(dtype), wy_t)
             if self.memory:
-                scores = self._add_memory_offsets(scores, out, self.memory_of(state))
+                scores = self._memory().add_to_scores(scores, out, self.memory_of(state))
             return self.final_activation(scores)
 
         return score
@@ -441,23 +409,14 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
         if not self.memory:
             return lambda state, k: tiled.topk(self.output(state), k)
 
-        # the offsets' tensors, looked up once (views: they follow the parameters)
-        bias, groups = self.memory_bias.detach(), self.memory_groups
-        gate = self.memory_gate_weight.detach() if hasattr(self, "memory_gate_weight") else None
+        memory = self._memory().detached()  # looked up once (views: they follow the parameters)
 
         def topk(state: Tensor, k: int) -> tuple[Tensor, Tensor]:
-            memory, out = self.memory_of(state), self.output(state)
+            out = self.output(state)
             if tiled.whole_rows(state.shape[0]):  # every slot, no host sync: fewer operations
-                # an empty slot (0) adds nothing in the tiled top-k
-                offsets = group_offsets(bias, gate, groups, out)
-                return tiled.topk(out, k, add=(memory.long(), offsets))
-            filled = (memory > 0).any(dim=0)
-            m = self.memory - int(filled.to(torch.uint8).argmax()) if bool(filled.any()) else 0
-            if m == 0:
-                return tiled.topk(out, k)
-            offsets = self._slot_offsets_unmasked(out, self.memory - m)
-            # an empty slot (0) adds nothing in the tiled top-k
-            return tiled.topk(out, k, add=(memory[:, self.memory - m :].long(), offsets))
+                return tiled.topk(out, k, add=memory.whole_add(out, self.memory_of(state)))
+            add = memory.tiled_add(out, self.memory_of(state))
+            return tiled.topk(out, k) if add is None else tiled.topk(out, k, add=add)
 
         return topk
 
@@ -473,7 +432,7 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
         """The session memory's items (-1: an empty slot): their scores carry the offsets."""
         if not self.memory or state is None:
             return None
-        return self.memory_of(state).long() - 1
+        return SessionMemory.rows(self.memory_of(state))
 
     def score_all(self, state: Tensor, user_state: Tensor | None = None) -> Tensor:
         return self.score_state(state)
@@ -481,11 +440,8 @@ class GRU4Rec(SplitStepModel, InnerProductScores, nn.Module):
     def score_rows(self, state: Tensor, user_state: Tensor | None, rows: Tensor) -> Tensor:
         out = self.output(state)
         scores = torch.bmm(self.Wy[rows], out.unsqueeze(2)).squeeze(2) + self.By[rows].squeeze(2)
-        if self.memory:  # each row's offset where it is in the memory (items are there once)
-            memory = self.memory_of(state)
-            hit = (rows.unsqueeze(2) + 1).to(memory.dtype) == memory.unsqueeze(1)
-            slots = self.slot_offsets(out, memory).to(scores.dtype)
-            scores = scores + (hit.to(scores.dtype) * slots.unsqueeze(1)).sum(dim=2)
+        if self.memory:  # each row's offset where it is in the memory
+            scores = self._memory().add_to_rows(scores, rows, out, self.memory_of(state))
         return self.final_activation(scores)
 
     def step(

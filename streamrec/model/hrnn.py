@@ -37,9 +37,17 @@ from the learnt initialisation of an empty (zero) user state, ``tanh(b_init)`` (
 starts it from zeros), and every GRU layer of a new session is initialised (layer 0 from the user
 state, deeper layers from zeros, as GRU4Rec resets them).
 
-The session state is the concatenation of all session layers, the user state that of all user
-layers (each followed by its item memory when ``memory`` > 0), both ``[B, dim]`` tensors, so the
-live service stores them as flat vectors.
+Option ``session_memory`` (K > 0; not in the paper): GRU4Rec's session memory on the session
+part (``streamrec.model.session_memory``): the current session's last K distinct items, each with
+a score offset by recency group (``memory_gate``: also a linear function of the top session
+layer's output), fitted after training on held-out sessions (``trainer.memory_head``), zero
+until then. The slots come last in the session state (item row + 1, 0 empty). It is another
+thing than ``memory``: that one is about the items of the user's earlier sessions.
+
+The session state is the concatenation of all session layers (then the session's items for the
+user memory when ``memory`` > 0, then the session memory when ``session_memory`` > 0), the user
+state that of all user layers (then the user's item memory when ``memory`` > 0), both
+``[B, dim]`` tensors, so the live service stores them as flat vectors.
 """
 
 from __future__ import annotations
@@ -52,6 +60,13 @@ from torch import Tensor, nn
 
 from streamrec.model.api import InnerProductScores, TrainableStepModel
 from streamrec.model.gru4rec import _uniform_blocks
+from streamrec.model.session_memory import (
+    SessionMemory,
+    add_session_memory,
+    check_size,
+    push_recent,
+    session_memory_of,
+)
 
 VARIANTS = ("init", "all", "none")
 
@@ -108,6 +123,11 @@ def _run_stack(
 class HRNN(InnerProductScores, TrainableStepModel, nn.Module):
     """Session GRU + user GRU with the streamrec step API (see docs/architecture.md)."""
 
+    # the session memory's tensors (session_memory > 0), see add_session_memory
+    session_memory_groups: Tensor
+    session_memory_bias: nn.Parameter
+    session_memory_gate_weight: nn.Parameter
+
     def __init__(
         self,
         n_items: int,
@@ -124,6 +144,8 @@ class HRNN(InnerProductScores, TrainableStepModel, nn.Module):
         dropout_p_user: float = 0.0,
         dropout_p_init: float = 0.0,
         memory: int = 0,
+        session_memory: int = 0,
+        memory_gate: bool = False,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -139,6 +161,8 @@ class HRNN(InnerProductScores, TrainableStepModel, nn.Module):
         self.memory = int(memory) if variant != "none" else 0
         if self.memory < 0:
             raise ValueError(f"memory must be >= 0, got {memory}")
+        self.session_slots = check_size(int(session_memory))
+        self.memory_gate = bool(memory_gate)
         self.dropout_p_embed = float(dropout_p_embed)
         self.dropout_p_hidden = float(dropout_p_hidden)
         self.dropout_p_user = float(dropout_p_user)
@@ -175,6 +199,9 @@ class HRNN(InnerProductScores, TrainableStepModel, nn.Module):
             self.Wuy = nn.Parameter(torch.empty(self.n_items, self.user_layers[-1]))
         if self.memory:
             self.memory_bias = nn.Parameter(torch.zeros(1))
+        if self.session_slots:
+            gate = self.layers[-1] if self.memory_gate else 0
+            add_session_memory(self, self.session_slots, gate, "session_memory_")
         # off while a staged schedule trains the session network alone (set_active)
         self.user_path_on = True
         self.reset_parameters()
@@ -206,6 +233,8 @@ class HRNN(InnerProductScores, TrainableStepModel, nn.Module):
                 self.Wuy.zero_()
             if self.memory:
                 self.memory_bias.zero_()
+            for head in self.session_memory_parameters():  # silent until fitted
+                head.zero_()
 
     @staticmethod
     def _cell(cells: nn.ModuleList, i: int) -> nn.GRUCell:
@@ -220,7 +249,7 @@ class HRNN(InnerProductScores, TrainableStepModel, nn.Module):
 
     @property
     def state_dim(self) -> int:
-        return self.hidden_dim + self.memory
+        return self.hidden_dim + self.memory + self.session_slots
 
     @property
     def user_state_dim(self) -> int:
@@ -247,6 +276,8 @@ class HRNN(InnerProductScores, TrainableStepModel, nn.Module):
             "dropout_p_user": self.dropout_p_user,
             "dropout_p_init": self.dropout_p_init,
             "memory": self.memory,
+            "session_memory": self.session_slots,
+            "memory_gate": self.memory_gate,
         }
 
     @classmethod
@@ -281,6 +312,8 @@ class HRNN(InnerProductScores, TrainableStepModel, nn.Module):
             state = torch.cat([s0, state[:, self.layers[0] :]], dim=1)
         if self.memory:
             state = torch.cat([state, self._empty_memory(batch_size)], dim=1)
+        if self.session_slots:  # an empty session memory: zeros
+            state = torch.cat([state, state.new_zeros(batch_size, self.session_slots)], dim=1)
         return state
 
     def end_session(self, user_state: Tensor | None, final_state: Tensor) -> Tensor:
@@ -297,7 +330,7 @@ class HRNN(InnerProductScores, TrainableStepModel, nn.Module):
         )
         if self.memory:
             h = self.hidden_dim
-            out.append(merge_distinct(user_state[:, d:], final_state[:, h:]))
+            out.append(merge_distinct(user_state[:, d:], final_state[:, h : h + self.memory]))
         return torch.cat(out, dim=1)
 
     # ---------------------------------------------------------- session level
@@ -320,9 +353,12 @@ class HRNN(InnerProductScores, TrainableStepModel, nn.Module):
     def _advance(self, item_rows: Tensor, x: Tensor, state: Tensor, user: Tensor | None) -> Tensor:
         """New session state from the embedded input ``x``; rows < 0 keep their state."""
         h = self.hidden_dim
-        new = self.hidden_step(x, state[:, :h], user)
+        parts = [self.hidden_step(x, state[:, :h], user)]
         if self.memory:
-            new = torch.cat([new, push_distinct(state[:, h:], item_rows)], dim=1)
+            parts.append(push_distinct(state[:, h : h + self.memory], item_rows))
+        if self.session_slots:
+            parts.append(push_recent(self.memory_of(state), item_rows))
+        new = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         return torch.where((item_rows >= 0).unsqueeze(1), new, state)
 
     def _memory_offset(self, user_state: Tensor | None, item_rows: Tensor | None) -> Tensor | None:
@@ -347,7 +383,15 @@ class HRNN(InnerProductScores, TrainableStepModel, nn.Module):
     def score_items(
         self, output: Tensor, user_state: Tensor | None = None, item_rows: Tensor | None = None
     ) -> Tensor:
-        """Scores ``[B, n]`` of all items, or of ``item_rows`` (e.g. targets + negative samples)."""
+        """Scores ``[B, n]`` of all items, or of ``item_rows`` (e.g. targets + negative
+        samples), from the output alone (the network trained: no session memory, see
+        :meth:`score_all`)."""
+        return self.final_activation(self._raw_scores(output, user_state, item_rows))
+
+    def _raw_scores(
+        self, output: Tensor, user_state: Tensor | None, item_rows: Tensor | None
+    ) -> Tensor:
+        """:meth:`score_items` before the final activation."""
         w: Tensor = self.Wy
         b: Tensor = self.By
         if item_rows is not None:
@@ -360,6 +404,37 @@ class HRNN(InnerProductScores, TrainableStepModel, nn.Module):
         offset = self._memory_offset(user_state, item_rows)
         if offset is not None:
             scores = scores + offset
+        return scores
+
+    # ------------------------------------------------------ session memory
+    def session_memory(self) -> SessionMemory | None:
+        """The session memory's rule over this model's offsets (None: ``session_memory=0``)."""
+        return session_memory_of(self, "session_memory_") if self.session_slots else None
+
+    def memory_of(self, state: Tensor) -> Tensor:
+        """The session memory part of states ``[B, K]`` (item row + 1, 0 empty, newest last)."""
+        return state[:, self.hidden_dim + self.memory :]
+
+    def memory_head_inputs(
+        self, state: Tensor, user_state: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """What ``trainer.memory_head`` fits on (states after a step, the user states they were
+        given): the top layer's output, the session memory's rows (-1 empty) and the scores of
+        every item before the session memory's offsets and the final activation."""
+        out = self.output(state)
+        raw = self._raw_scores(out, user_state, None)
+        return out, SessionMemory.rows(self.memory_of(state)), raw
+
+    def score_all(self, state: Tensor, user_state: Tensor | None) -> Tensor:
+        """Scores ``[B, n_items]`` of every item from states after a step (what ``step``
+        returns): :meth:`score_items` plus the session memory's offsets."""
+        out = self.output(state)
+        memory = self.session_memory()
+        if memory is None:
+            return self.score_items(out, user_state)
+        scores = memory.add_to_scores(
+            self._raw_scores(out, user_state, None), out, self.memory_of(state)
+        )
         return self.final_activation(scores)
 
     # ------------------------------------------------------ inner-product split
@@ -376,13 +451,16 @@ class HRNN(InnerProductScores, TrainableStepModel, nn.Module):
         return torch.cat(parts, dim=1)
 
     def offset_rows(self, user_state: Tensor | None, state: Tensor | None = None) -> Tensor | None:
-        """The user's memory items (their scores carry ``memory_bias``)."""
-        if not self.memory or user_state is None or not self.user_path_on:
+        """The user's memory items (their scores carry ``memory_bias``), then the session
+        memory's (their scores carry its offsets); -1: an empty slot."""
+        parts = []
+        if self.memory and user_state is not None and self.user_path_on:
+            parts.append(user_state[:, self.user_dim_total :].long())  # empty slots are -1
+        if self.session_slots and state is not None:
+            parts.append(SessionMemory.rows(self.memory_of(state)))
+        if not parts:
             return None
-        return user_state[:, self.user_dim_total :].long()  # empty slots are -1
-
-    def score_all(self, state: Tensor, user_state: Tensor | None) -> Tensor:
-        return self.score_items(self.output(state), user_state)
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
     def score_rows(self, state: Tensor, user_state: Tensor | None, rows: Tensor) -> Tensor:
         out = self.output(state)
@@ -393,14 +471,21 @@ class HRNN(InnerProductScores, TrainableStepModel, nn.Module):
         offset = self._memory_offset(user_state, rows)
         if offset is not None:
             scores = scores + offset
+        memory = self.session_memory()
+        if memory is not None:
+            scores = memory.add_to_rows(scores, rows, out, self.memory_of(state))
         return self.final_activation(scores)
 
     @classmethod
     def from_gru4rec(cls, g: nn.Module, **kwargs: Any) -> HRNN:
         """An HRNN whose session part carries the weights of GRU4Rec ``g`` (user path fresh).
 
-        With ``variant="none"`` the result scores exactly as ``g``. One-hot-input GRU4Rec models
-        (``embedding=0``, not constrained) have no factorised table to copy and are refused.
+        With ``variant="none"`` the result scores exactly as ``g``. ``g``'s session memory comes
+        along (its size, gate and fitted offsets; ``session_memory``/``memory_gate`` in
+        ``kwargs`` override the first two, and offsets of another shape start at zero).
+        One-hot-input GRU4Rec
+        models (``embedding=0``, not constrained) have no factorised table to copy and are
+        refused.
         """
         c = g.config_dict()  # type: ignore[operator]  # nn.Module attributes read as Tensor | Module
         if not c["constrained_embedding"] and not c["embedding"]:
@@ -414,10 +499,16 @@ class HRNN(InnerProductScores, TrainableStepModel, nn.Module):
             elu_param=c["elu_param"],
             dropout_p_embed=c["dropout_p_embed"],
             dropout_p_hidden=c["dropout_p_hidden"],
-            **kwargs,
+            **{
+                "session_memory": c.get("session_memory", 0),
+                "memory_gate": c.get("memory_gate", False),
+                **kwargs,
+            },
         )
         with torch.no_grad():
             src = dict(g.named_parameters())
+            # GRU4Rec's session memory is HRNN's session_memory_*, not the user memory_bias
+            src = {("session_" + n if n.startswith("memory_") else n): t for n, t in src.items()}
             for name, p in m.named_parameters():
                 if name in src and src[name].shape == p.shape and not name.startswith("G.0."):
                     p.copy_(src[name])
@@ -439,10 +530,13 @@ class HRNN(InnerProductScores, TrainableStepModel, nn.Module):
         network: session GRU, item tables, output) and ``user`` (user GRU, ``W_init``,
         ``Wuy``, ``memory_bias``; and, in ``all``, the user columns of the first session layer,
         see :meth:`grad_masks`)."""
+        head = {id(p) for p in self.session_memory_parameters()}  # fitted apart, never here
         if self.variant == "none":  # no user path: one part, so every schedule is joint
-            return {"session": list(self.parameters())}
+            return {"session": [p for p in self.parameters() if id(p) not in head]}
         groups: dict[str, list[Tensor]] = {"session": [], "user": []}
         for name, p in self.named_parameters():
+            if id(p) in head:
+                continue
             user = name.startswith(("U.", "W_init.", "Wuy", "memory_bias"))
             groups["user" if user else "session"].append(p)
         return groups
@@ -521,5 +615,5 @@ class HRNN(InnerProductScores, TrainableStepModel, nn.Module):
         self, item_rows: Tensor, state: Tensor, user_state: Tensor | None
     ) -> tuple[Tensor, Tensor]:
         """The step API: (new_state, scores over all items)."""
-        new, out = self.forward_step(item_rows, state, user_state)
-        return new, self.score_items(out, user_state)
+        new, _ = self.forward_step(item_rows, state, user_state)
+        return new, self.score_all(new, user_state)

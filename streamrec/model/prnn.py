@@ -15,6 +15,12 @@ Architectures (``arch``):
 - ``feature``: the feature subnets only;
 - ``parallel``: id subnet + feature subnets;
 - ``concat``: the naive baseline, one GRU over ``[embedding(item); features(item)...]``.
+
+Option ``session_memory`` (K > 0; not in the paper): GRU4Rec's session memory
+(``streamrec.model.session_memory``): the session's last K distinct items, each with a score
+offset by recency group (``memory_gate``: also a linear function of the subnets' concatenated
+states), fitted after training on held-out sessions (``trainer.memory_head``), zero until then.
+The slots come after the subnets' states in the session state (item row + 1, 0 empty).
 """
 
 from __future__ import annotations
@@ -27,6 +33,13 @@ from torch import Tensor, nn
 
 from streamrec.model.api import InnerProductScores, TrainableStepModel
 from streamrec.model.hrnn import _init_uniform
+from streamrec.model.session_memory import (
+    SessionMemory,
+    add_session_memory,
+    check_size,
+    push_recent,
+    session_memory_of,
+)
 
 ARCHS = ("id", "feature", "parallel", "concat")
 
@@ -37,6 +50,10 @@ class PRNN(InnerProductScores, TrainableStepModel, nn.Module):
     # buffers (register_buffer), declared for the type checker
     w: Tensor
     active: Tensor
+    # the session memory's tensors (session_memory > 0), see add_session_memory
+    session_memory_groups: Tensor
+    session_memory_bias: nn.Parameter
+    session_memory_gate_weight: nn.Parameter
 
     def __init__(
         self,
@@ -53,6 +70,8 @@ class PRNN(InnerProductScores, TrainableStepModel, nn.Module):
         feature_values: Sequence[Tensor] | None = None,
         final_act: str = "linear",
         elu_param: float = 1.0,
+        session_memory: int = 0,
+        memory_gate: bool = False,
     ) -> None:
         super().__init__()
         if arch not in ARCHS:
@@ -120,11 +139,17 @@ class PRNN(InnerProductScores, TrainableStepModel, nn.Module):
             {k: nn.Embedding(self.n_items, h) for k, h in zip(self.subnets, sizes, strict=True)}
         )
         self.By = nn.Embedding(self.n_items, 1)
+        self.session_slots = check_size(int(session_memory))
+        self.memory_gate = bool(memory_gate)
+        if self.session_slots:
+            gate = sum(sizes) if self.memory_gate else 0
+            add_session_memory(self, self.session_slots, gate, "session_memory_")
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         for name, p in self.named_parameters():
-            if name.endswith("bias") or name == "By.weight":
+            # the session memory starts silent: the paper's scores
+            if name.endswith("bias") or name == "By.weight" or name.startswith("session_memory_"):
                 nn.init.zeros_(p)
             else:
                 _init_uniform(p)
@@ -144,8 +169,13 @@ class PRNN(InnerProductScores, TrainableStepModel, nn.Module):
 
     # ------------------------------------------------------------- contract
     @property
-    def state_dim(self) -> int:
+    def hidden_dim(self) -> int:
+        """Width of the subnets' states (the session state without the session memory)."""
         return sum(self.sizes)
+
+    @property
+    def state_dim(self) -> int:
+        return self.hidden_dim + self.session_slots
 
     @property
     def user_state_dim(self) -> int:
@@ -169,6 +199,8 @@ class PRNN(InnerProductScores, TrainableStepModel, nn.Module):
             "dropout_p_hidden": self.dropout_p_hidden,
             "final_act": self.final_act,
             "elu_param": self.elu_param,
+            "session_memory": self.session_slots,
+            "memory_gate": self.memory_gate,
         }
 
     @classmethod
@@ -226,12 +258,15 @@ class PRNN(InnerProductScores, TrainableStepModel, nn.Module):
         return xs
 
     def split_state(self, state: Tensor) -> dict[str, Tensor]:
-        return dict(zip(self.subnets, state.split(self.sizes, dim=1), strict=True))
+        """The subnets' parts of states (or of outputs)."""
+        parts = state[:, : self.hidden_dim].split(self.sizes, dim=1)
+        return dict(zip(self.subnets, parts, strict=True))
 
     def forward_step(
         self, item_rows: Tensor, state: Tensor, user_state: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """(new_state, output); rows < 0 keep their state. Output = the new state."""
+        """(new_state, output); rows < 0 keep their state. Output = the new subnets' states (the
+        new state without its session memory)."""
         known = item_rows >= 0
         xs = self._inputs(item_rows.clamp(min=0))
         hs = self.split_state(state)
@@ -239,14 +274,25 @@ class PRNN(InnerProductScores, TrainableStepModel, nn.Module):
         for k in self.subnets:
             h = self.G[k](xs[k], hs[k])
             new.append(nn.functional.dropout(h, self.dropout_p_hidden, self.training))
+        if self.session_slots:
+            new.append(push_recent(self.memory_of(state), item_rows))
         out = torch.cat(new, 1) if len(new) > 1 else new[0]
         out = torch.where(known.unsqueeze(1), out, state)
-        return out, out
+        return out, self.output(out)
+
+    def output(self, state: Tensor) -> Tensor:
+        """What the output layer reads: the subnets' states."""
+        return state[:, : self.hidden_dim] if self.session_slots else state
 
     def score_items(
         self, output: Tensor, user_state: Tensor | None = None, item_rows: Tensor | None = None
     ) -> Tensor:
-        """Scores of all items (or of ``item_rows``) from the concatenated hidden states."""
+        """Scores of all items (or of ``item_rows``) from the concatenated hidden states (the
+        network trained: no session memory, see :meth:`score_all`)."""
+        return self.final_activation(self._raw_scores(output, item_rows))
+
+    def _raw_scores(self, output: Tensor, item_rows: Tensor | None) -> Tensor:
+        """:meth:`score_items` before the final activation."""
         hs = self.split_state(output)
         b = self.By.weight if item_rows is None else self.By(item_rows)
         scores = b.T.expand(output.shape[0], -1)
@@ -255,7 +301,24 @@ class PRNN(InnerProductScores, TrainableStepModel, nn.Module):
             assert isinstance(wy, nn.Embedding)  # self.Wy holds embeddings only
             w = wy.weight if item_rows is None else wy(item_rows)
             scores = scores + (self.w[j] * self.active[j]) * (hs[k] @ w.T)
-        return self.final_activation(scores)
+        return scores
+
+    # ------------------------------------------------------------- session memory
+    def session_memory(self) -> SessionMemory | None:
+        """The session memory's rule over this model's offsets (None: ``session_memory=0``)."""
+        return session_memory_of(self, "session_memory_") if self.session_slots else None
+
+    def memory_of(self, state: Tensor) -> Tensor:
+        """The session memory part of states ``[B, K]`` (item row + 1, 0 empty, newest last)."""
+        return state[:, self.hidden_dim :]
+
+    def memory_head_inputs(
+        self, state: Tensor, user_state: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """What ``trainer.memory_head`` fits on: the subnets' states, the session memory's
+        rows (-1 empty), every item's scores before the offsets and the final activation."""
+        out = self.output(state)
+        return out, SessionMemory.rows(self.memory_of(state)), self._raw_scores(out, None)
 
     # ------------------------------------------------------------- inner-product split
     def _out_table(self, k: str) -> Tensor:
@@ -272,8 +335,20 @@ class PRNN(InnerProductScores, TrainableStepModel, nn.Module):
         parts = [(self.w[j] * self.active[j]) * hs[k] for j, k in enumerate(self.subnets)]
         return torch.cat([*parts, state.new_ones(state.shape[0], 1)], dim=1)
 
+    def offset_rows(self, user_state: Tensor | None, state: Tensor | None = None) -> Tensor | None:
+        """The session memory's items (-1: an empty slot): their scores carry its offsets."""
+        if not self.session_slots or state is None:
+            return None
+        return SessionMemory.rows(self.memory_of(state))
+
     def score_all(self, state: Tensor, user_state: Tensor | None = None) -> Tensor:
-        return self.score_items(state)
+        """Scores of every item from states after a step (what ``step`` returns)."""
+        memory = self.session_memory()
+        if memory is None:
+            return self.score_items(state)
+        out = self.output(state)
+        scores = memory.add_to_scores(self._raw_scores(out, None), out, self.memory_of(state))
+        return self.final_activation(scores)
 
     def score_rows(self, state: Tensor, user_state: Tensor | None, rows: Tensor) -> Tensor:
         hs = self.split_state(state)
@@ -281,6 +356,9 @@ class PRNN(InnerProductScores, TrainableStepModel, nn.Module):
         for j, k in enumerate(self.subnets):
             dots = torch.bmm(self._out_table(k)[rows], hs[k].unsqueeze(2)).squeeze(2)
             scores = scores + (self.w[j] * self.active[j]) * dots
+        memory = self.session_memory()
+        if memory is not None:
+            scores = memory.add_to_rows(scores, rows, self.output(state), self.memory_of(state))
         return self.final_activation(scores)
 
     def final_activation(self, scores: Tensor) -> Tensor:
@@ -293,5 +371,5 @@ class PRNN(InnerProductScores, TrainableStepModel, nn.Module):
     def step(
         self, item_rows: Tensor, state: Tensor, user_state: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        new, out = self.forward_step(item_rows, state, user_state)
-        return new, self.score_items(out)
+        new, _ = self.forward_step(item_rows, state, user_state)
+        return new, self.score_all(new)

@@ -37,7 +37,8 @@ def test_every_model_shares_the_base_fields_and_defaults():
             assert getattr(p, k) == base[k], (cls.__name__, k)
     # HRNN and GRU4Rec at their defaults differ only by the user path
     g, h = TrainParams(), HRNNParams()
-    for k in ("layers", "embedding", "constrained_embedding", "dropout_p_embed"):
+    for k in ("layers", "embedding", "constrained_embedding", "dropout_p_embed",
+              "session_memory", "memory_gate", "memory_holdout"):  # fmt: skip
         assert getattr(g, k) == getattr(h, k), k
     assert g.resolved_final_act() == h.resolved_final_act()
 

@@ -9,6 +9,7 @@ Modules, in the order a training run uses them:
 - ``schedules``: which parameter groups train in which epoch (joint, staged, by subnet).
 - ``chain``: how each session's user state is made from the user's previous session.
 - ``loop``: ``train_hier``, the training loop.
+- ``memory``: the session memory's held-out sessions and the fit of its offsets on them.
 - ``evaluate``: per-user evaluation, POP in the step API.
 - ``jobs``: ``trainer train --model hrnn|prnn``.
 

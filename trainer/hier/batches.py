@@ -57,11 +57,13 @@ class UserParallelBatches:
         return np.asarray(self.session_start.any(axis=1))
 
 
-def _ordered_events(df: pd.DataFrame) -> pd.DataFrame:
+def _ordered_events(df: pd.DataFrame, mark: np.ndarray | None = None) -> pd.DataFrame:
     """Events sorted user by user (users by first event time, then id), sessions by their
-    first event time then SessionId (test sessions of ``_eval`` last), events by Time (stable)."""
+    first event time then SessionId (test sessions of ``_eval`` last), events by Time (stable).
+    ``_mark``: ``mark`` (one flag per row of ``df``, no effect on the order), else ``_flag``."""
     d = df[["UserId", "SessionId", "ItemId", "Time"]].copy()
     d["_flag"] = df[EVAL].to_numpy(dtype=bool) if EVAL in df.columns else False
+    d["_mark"] = d["_flag"] if mark is None else np.asarray(mark, dtype=bool)
     d["_pos"] = np.arange(len(d))
     d["_sstart"] = d.groupby("SessionId", sort=False)["Time"].transform("min")
     d["_ustart"] = d.groupby("UserId", sort=False)["Time"].transform("min")
@@ -76,8 +78,12 @@ def user_parallel_batches(
     batch_size: int,
     shuffle_users: bool = False,
     seed: int = 0,
+    mark: np.ndarray | None = None,
 ) -> UserParallelBatches:
     """User-parallel mini-batch index arrays (see :class:`UserParallelBatches`).
+
+    ``flag`` marks the events of ``_eval`` sessions (ordered last in each user's history), or,
+    with ``mark`` (one flag per row of ``df``), those events in their place in time.
 
     A slot that finishes its user takes the next user in order (by first event time, or
     shuffled with ``seed``); when no user is left the slot idles until the longest one ends.
@@ -86,11 +92,11 @@ def user_parallel_batches(
         raise ValueError("user-parallel batches need a UserId column")
     if len(df) == 0:
         raise ValueError("no events")
-    d = _ordered_events(df)
+    d = _ordered_events(df, mark)
     user = d["UserId"].astype(str).to_numpy()
     sess = d["SessionId"].astype(str).to_numpy()
     rows = np.fromiter((item_index.get(str(i), -1) for i in d["ItemId"]), np.int64, len(d))
-    flag = d["_flag"].to_numpy(dtype=bool)
+    flag = d["_mark"].to_numpy(dtype=bool)
     n = len(d)
     new_user = np.ones(n, dtype=bool)
     new_user[1:] = user[1:] != user[:-1]

@@ -93,6 +93,8 @@ def train_prnn_job(job: TrainJob) -> TrainOutcome:
         feature_values=[torch.from_numpy(f.values) for f in feats],
         final_act=p.resolved_final_act(),
         elu_param=p.resolved_elu_param(),
+        session_memory=p.session_memory,
+        memory_gate=p.memory_gate,
     )
     log = (lambda s: print(s, flush=True)) if job.progress else None
     stats = train_hier(model, job.train_df, index, p, log=log)

@@ -3,11 +3,13 @@
 Every epoch of the schedule's plan (``trainer.hier.schedules``) runs one pass over the
 batches (``trainer.hier.batches``): user-parallel (:func:`run_user_epoch`) or time-ordered
 session-parallel with the user chain (:func:`run_session_epoch`, ``trainer.hier.chain``).
-Each step is :meth:`StepTrainer.step`: advance the slots by one event, score the targets and
-sampled negatives, one optimiser step. Truncated BPTT of one step, as GRU4Rec: states are
-detached after every step. Reused from the GRU4Rec trainer: losses (``trainer.losses``),
-popularity^alpha negative samples (``trainer.sampling``), Adagrad(+momentum) with row-sparse
-item tables (``trainer.optim``).
+With a session memory (``session_memory`` > 0) a share of the sessions is held out of every
+epoch but the last and the memory's offsets are fitted on them (``trainer.hier.memory``); the
+loop's optimiser never trains them. Each step is :meth:`StepTrainer.step`: advance the slots
+by one event, score the targets and sampled negatives, one optimiser step. Truncated BPTT of one
+step, as GRU4Rec: states are detached after every step. Reused from the GRU4Rec trainer: losses
+(``trainer.losses``), popularity^alpha negative samples (``trainer.sampling``), Adagrad
+(+momentum) with row-sparse item tables (``trainer.optim``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from trainer.hier.batches import (
     user_parallel_batches,
 )
 from trainer.hier.chain import UserChain
+from trainer.hier.memory import HierMemoryHead
 from trainer.hier.params import HierParams
 from trainer.hier.schedules import schedule_plan, set_trainable, start_stage
 from trainer.losses import get_loss, logq_correction
@@ -64,11 +67,12 @@ def train_hier(
     loss_fn = get_loss(p.loss, p.bpreg)
     opt, named = _optimizer(model, p, init_optimizer)
     counts = _item_counts(train_df, item_index, int(model.n_items))
-    batches = _batches(train_df, item_index, p, epoch=0)
+    plan = schedule_plan(model, p.schedule, p.n_epochs)
+    head = HierMemoryHead.build(model, train_df, p.memory_holdout, p.seed, len(plan))
+    batches = _batches(head.frame(0), item_index, p, epoch=0)
     trainer = StepTrainer(
         opt, loss_fn, _sampler(counts, p, dev, batches.n_steps), counts.clamp(min=1.0).to(dev), p
     )
-    plan = schedule_plan(model, p.schedule, p.n_epochs)
     groups = list(model.param_groups())
     if log and len(plan) != p.n_epochs:  # n_epochs per stage or subnet: say why there are more
         log(f"schedule {p.schedule}: n_epochs={p.n_epochs} per stage or subnet, {len(plan)} in all")
@@ -79,8 +83,13 @@ def train_hier(
     if isinstance(batches, SessionParallelBatches) and int(model.user_state_dim) > 0:
         chain = UserChain.make(model, batches, dev)
     for epoch, stage in enumerate(plan):
-        if p.shuffle_users and epoch > 0:  # a new order of users every epoch
-            batches = _batches(train_df, item_index, p, epoch)
+        if head.due(epoch):  # the head, then the last epoch on every session
+            head.fit_now(model, item_index)
+            batches = _batches(head.frame(epoch), item_index, p, epoch)
+            if chain is not None and isinstance(batches, SessionParallelBatches):
+                chain = UserChain.make(model, batches, dev)
+        elif p.shuffle_users and epoch > 0:  # a new order of users every epoch
+            batches = _batches(head.frame(epoch), item_index, p, epoch)
         model.set_active(stage.active)
         trainer.interleave = groups if stage.interleave else None
         if not stage.interleave:
@@ -95,6 +104,7 @@ def train_hier(
             log(f"{stage.label} loss {epoch_losses[-1]:.4f} events {n_ev}")
         if on_epoch_end is not None:
             on_epoch_end(epoch, model)
+    head.after_training(model, item_index)
     set_trainable(model, None)
     model.set_active(None)
     secs = time.perf_counter() - t_start
@@ -108,6 +118,8 @@ def train_hier(
         "params": asdict(p),
         "n_steps_per_epoch": batches.n_steps,
     }
+    if head.fit is not None:
+        stats["memory_head"] = asdict(head.fit)
     if keep_optimizer:
         stats["optimizer_state"] = opt.export_state(named)
     return stats
@@ -117,10 +129,11 @@ def _optimizer(
     model: TrainableModule, p: HierParams, init_optimizer: dict[str, Tensor] | None
 ) -> tuple[IndexedAdagradM, dict[str, nn.Parameter]]:
     """Adagrad(+momentum), item tables row-sparse where the model has them (HRNN: only the
-    touched rows are updated), continuing ``init_optimizer`` when given."""
+    touched rows are updated), continuing ``init_optimizer`` when given. The session memory's
+    offsets are not in it: they are fitted apart (``trainer.hier.memory``)."""
     sparse = model.sparse_tables()
-    sparse_ids = {id(t) for t in sparse}
-    dense = [q for q in model.parameters() if id(q) not in sparse_ids]
+    apart = {id(t) for t in sparse} | {id(t) for t in model.session_memory_parameters()}
+    dense = [q for q in model.parameters() if id(q) not in apart]
     opt = IndexedAdagradM(dense, sparse, lr=p.learning_rate, momentum=p.momentum)
     named = dict(model.named_parameters())
     if init_optimizer is not None:
