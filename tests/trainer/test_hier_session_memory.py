@@ -359,3 +359,35 @@ def test_prnn_training_fits_the_head_and_a_checkpoint_keeps_it(
     back = load_checkpoint(tmp_path / "p").model
     assert isinstance(back, PRNN) and back.session_slots == 6
     assert evaluate_users(back, train, test, index) == evaluate_users(m, train, test, index)
+
+
+@pytest.mark.parametrize("model_name", ["prnn", "hrnn"])
+def test_a_one_epoch_run_trains_the_held_out_sessions_after_the_fit(
+    log: tuple[pd.DataFrame, pd.DataFrame], model_name: str
+) -> None:
+    """With one epoch in the plan (a warm-start retrain), the head is fitted on sessions the
+    model has not seen, then those sessions are trained on too: every event once."""
+    train, _ = log
+    ids, index = build_item_index(train["ItemId"])
+
+    def run(holdout: float) -> tuple[list[int], dict]:
+        torch.manual_seed(5)
+        if model_name == "prnn":
+            m: PRNN | HRNN = PRNN(len(ids), arch="id", id_hidden=12, session_memory=6)
+            p: PRNNParams | HRNNParams = PRNNParams(
+                n_epochs=1, batch_size=8, n_sample=0, device="cpu", memory_holdout=holdout
+            )
+        else:
+            p = HRNNParams(**{**PARAMS, "schedule": "joint", "n_epochs": 1,
+                              "memory_holdout": holdout})  # fmt: skip
+            m = HRNN(len(ids), variant="init", **p.model_options())
+        lines: list[str] = []
+        stats = train_hier(m, train, index, p, log=lines.append)
+        return [int(line.split()[-1]) for line in lines if " events " in line], stats
+
+    whole, _ = run(0.0)
+    split, stats = run(0.3)
+    assert len(whole) == 1 and len(split) == 2
+    kept, held = split
+    assert 0 < held < kept and kept + held == whole[0] == stats["train_events"]
+    assert stats["memory_head"]["events"] > 0

@@ -4,7 +4,8 @@ Every epoch of the schedule's plan (``trainer.hier.schedules``) runs one pass ov
 batches (``trainer.hier.batches``): user-parallel (:func:`run_user_epoch`) or time-ordered
 session-parallel with the user chain (:func:`run_session_epoch`, ``trainer.hier.chain``).
 With a session memory (``session_memory`` > 0) a share of the sessions is held out of every
-epoch but the last and the memory's offsets are fitted on them (``trainer.hier.memory``); the
+epoch but the last and the memory's offsets are fitted on them (``trainer.hier.memory``; with
+one epoch, the held-out sessions are trained on once after the fit); the
 loop's optimiser never trains them. Each step is :meth:`StepTrainer.step`: advance the slots
 by one event, score the targets and sampled negatives, one optimiser step. Truncated BPTT of one
 step, as GRU4Rec: states are detached after every step. Reused from the GRU4Rec trainer: losses
@@ -36,7 +37,7 @@ from trainer.hier.batches import (
 from trainer.hier.chain import UserChain
 from trainer.hier.memory import HierMemoryHead
 from trainer.hier.params import HierParams
-from trainer.hier.schedules import schedule_plan, set_trainable, start_stage
+from trainer.hier.schedules import Stage, schedule_plan, set_trainable, start_stage
 from trainer.losses import get_loss, logq_correction
 from trainer.optim import IndexedAdagradM
 from trainer.sampling import SampleBuffer
@@ -82,29 +83,39 @@ def train_hier(
     chain = None
     if isinstance(batches, SessionParallelBatches) and int(model.user_state_dim) > 0:
         chain = UserChain.make(model, batches, dev)
-    for epoch, stage in enumerate(plan):
-        if head.due(epoch):  # the head, then the last epoch on every session
-            head.fit_now(model, item_index)
-            batches = _batches(head.frame(epoch), item_index, p, epoch)
-            if chain is not None and isinstance(batches, SessionParallelBatches):
-                chain = UserChain.make(model, batches, dev)
-        elif p.shuffle_users and epoch > 0:  # a new order of users every epoch
-            batches = _batches(head.frame(epoch), item_index, p, epoch)
+
+    def run_epoch(stage: Stage) -> tuple[float, int]:
         model.set_active(stage.active)
         trainer.interleave = groups if stage.interleave else None
         if not stage.interleave:
             trainer.grad_masks = start_stage(model, stage.train, opt)
         if isinstance(batches, UserParallelBatches):
-            loss_sum, n_ev = run_user_epoch(model, batches, trainer, dev)
-        else:
-            loss_sum, n_ev = run_session_epoch(model, batches, trainer, dev, chain)
+            return run_user_epoch(model, batches, trainer, dev)
+        return run_session_epoch(model, batches, trainer, dev, chain)
+
+    for epoch, stage in enumerate(plan):
+        if head.due(epoch):  # the head, then the last epoch on every session
+            head.fit_now(model, item_index)
+            batches = _batches(head.frame(epoch), item_index, p, epoch)
+            chain = _rechain(chain, model, batches, dev)
+        elif p.shuffle_users and epoch > 0:  # a new order of users every epoch
+            batches = _batches(head.frame(epoch), item_index, p, epoch)
+        loss_sum, n_ev = run_epoch(stage)
         n_trained += n_ev
         epoch_losses.append(loss_sum / max(n_ev, 1))
         if log:
             log(f"{stage.label} loss {epoch_losses[-1]:.4f} events {n_ev}")
         if on_epoch_end is not None:
             on_epoch_end(epoch, model)
-    head.after_training(model, item_index)
+    held = head.after_training(model, item_index)
+    if held is not None:  # a one-epoch plan: the held-out sessions, once, after the head's fit
+        batches = _batches(held, item_index, p, len(plan))
+        chain = _rechain(chain, model, batches, dev)
+        loss_sum, n_ev = run_epoch(plan[-1])
+        n_trained += n_ev
+        if log:
+            log(f"{plan[-1].label} (held-out sessions) loss {loss_sum / max(n_ev, 1):.4f} "
+                f"events {n_ev}")  # fmt: skip
     set_trainable(model, None)
     model.set_active(None)
     secs = time.perf_counter() - t_start
@@ -123,6 +134,15 @@ def train_hier(
     if keep_optimizer:
         stats["optimizer_state"] = opt.export_state(named)
     return stats
+
+
+def _rechain(
+    chain: UserChain | None, model: TrainableModule, batches: object, dev: torch.device
+) -> UserChain | None:
+    """The user chain of new session-parallel ``batches`` (None: the loop runs without one)."""
+    if chain is None or not isinstance(batches, SessionParallelBatches):
+        return chain
+    return UserChain.make(model, batches, dev)
 
 
 def _optimizer(

@@ -3,7 +3,8 @@
 As GRU4Rec's (``trainer.train.MemoryHeadSchedule``): a seeded share of the training sessions
 (``memory_holdout``) is left out of every epoch of the schedule's plan but the last; then the
 head is fitted on them (``trainer.memory_head.fit_head``) and the last epoch trains on every
-session. With one epoch in the plan the head is fitted after it.
+session. With one epoch in the plan the head is fitted after it, then the held-out sessions are
+trained on once.
 
 The held-out predictions are the ones the live service and the per-user evaluation make: a
 held-out session starts from the user state made from *all* of its user's earlier sessions
@@ -133,7 +134,15 @@ class HierMemoryHead:
         finally:
             model.train(was)
 
-    def after_training(self, model: TrainableModule, item_index: Mapping[str, int]) -> None:
-        """With one epoch in the plan, the head is fitted after it."""
-        if self.kept is not None and self.fit is None:
-            self.fit_now(model, item_index)
+    def after_training(
+        self, model: TrainableModule, item_index: Mapping[str, int]
+    ) -> pd.DataFrame | None:
+        """With one epoch in the plan, the head is fitted after it, and the held-out sessions
+        are returned: the loop trains on them once (a one-epoch warm-start retrain still
+        learns every session; a user's held-out sessions then run as their own history).
+        Otherwise None."""
+        if self.kept is None or self.fit is not None:
+            return None
+        self.fit_now(model, item_index)
+        assert self.held is not None
+        return self.full[self.held]
