@@ -17,6 +17,7 @@ from streamrec.model.gru4rec import GRU4Rec
 from streamrec.model.hrnn import HRNN
 from streamrec.model.items import build_item_index
 from streamrec.model.prnn import PRNN
+from streamrec.model.session_memory import SessionMemory
 from trainer.data import split_last_session_out
 from trainer.hier import HRNNParams, PRNNParams, evaluate_users, train_hier
 from trainer.hier.memory import HierMemoryHead, collect_held_out, held_out_sessions
@@ -71,6 +72,19 @@ def _rows(seed: int = 0) -> torch.Tensor:
     return rows
 
 
+def _offsets_by_hand(
+    paper: torch.Tensor, memory: SessionMemory, out: torch.Tensor, slots: torch.Tensor
+) -> torch.Tensor:
+    """``paper`` scores plus each filled slot's offset on its item, one slot at a time."""
+    want = paper.clone()
+    offsets = memory.slot_offsets(out, slots)
+    for b in range(slots.shape[0]):
+        for k in range(slots.shape[1]):
+            if slots[b, k] > 0:
+                want[b, int(slots[b, k]) - 1] += offsets[b, k]
+    return want
+
+
 def test_a_silent_session_memory_scores_and_folds_as_without() -> None:
     """Offsets at zero: the same scores, and the same user states (the user memory folds the
     session's items, not the session memory's slots, at end_session)."""
@@ -106,13 +120,7 @@ def test_the_offsets_enter_every_scoring_path_alike() -> None:
             paper = m.score_items(out, user)
             slots = m.memory_of(state)
             assert (slots > 0).any()
-            want = paper.clone()
-            offsets = memory.slot_offsets(out, slots)
-            for b in range(4):
-                for k in range(slots.shape[1]):
-                    if slots[b, k] > 0:
-                        want[b, int(slots[b, k]) - 1] += offsets[b, k]
-            torch.testing.assert_close(scores, want)
+            torch.testing.assert_close(scores, _offsets_by_hand(paper, memory, out, slots))
             every = torch.arange(N_ITEMS).expand(4, -1)
             torch.testing.assert_close(m.score_rows(state, user, every), scores)
             inner = m.query_vectors(state, user) @ m.item_vectors().T
@@ -323,12 +331,7 @@ def test_prnn_offsets_enter_every_scoring_path_alike() -> None:
         for r in _rows():
             state, scores = m.step(r, state)
             out, slots = m.output(state), m.memory_of(state)
-            want = m.score_items(out).clone()
-            offsets = memory.slot_offsets(out, slots)
-            for b in range(4):
-                for k in range(slots.shape[1]):
-                    if slots[b, k] > 0:
-                        want[b, int(slots[b, k]) - 1] += offsets[b, k]
+            want = _offsets_by_hand(m.score_items(out), memory, out, slots)
             torch.testing.assert_close(scores, want)
             every = torch.arange(N_ITEMS).expand(4, -1)
             torch.testing.assert_close(m.score_rows(state, None, every), scores)
