@@ -2,7 +2,8 @@
 session's ``UserId`` kept (HRNN and p-RNN need it): 1,000 users drawn with seed 0, sessions at
 30-minute gaps, the project's preprocessing, training up to 2001-01-01 and, inside it, the
 validation split at 2000-12-01 (the sessions of ``ml1k_train_tr`` / ``ml1k_train_valid``,
-plus the user column).
+plus the user column). The test split is the same users' sessions from 2001-01-01, trained on
+everything before (``ml1k_users_train_full`` / ``ml1k_users_test``).
 
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python bench/ml1k_users.py \\
         --ratings /work/shared/data/movielens-1m/ratings.tsv.gz --out-dir /tmp/ml1k
@@ -41,12 +42,14 @@ def main() -> None:
     s = preprocess(sessionize(r, 1800))
     codes, _ = pd.factorize(s.SessionId)
     s = s.assign(SessionId=codes + 1)
-    train, _ = split_by_time(s, (s.Time.max() - pd.Timestamp("2001-01-01").timestamp()) / 86400)
+    train, test = split_by_time(s, (s.Time.max() - pd.Timestamp("2001-01-01").timestamp()) / 86400)
     cut = pd.Timestamp("2000-12-01").timestamp()
     tr, valid = split_by_time(train, (train.Time.max() - cut) / 86400)
     a.out_dir.mkdir(parents=True, exist_ok=True)
     save(tr, a.out_dir / "ml1k_users_train_tr.tsv")
     save(valid, a.out_dir / "ml1k_users_train_valid.tsv")
+    save(train, a.out_dir / "ml1k_users_train_full.tsv")
+    save(test, a.out_dir / "ml1k_users_test.tsv")
 
 
 if __name__ == "__main__":
