@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from procstats import machine_line
+from procstats import append_run
 
 from streamrec.model.gru4rec import GRU4Rec, GRU4RecConfig
 from streamrec.serving.served_model import ServingModel
@@ -126,12 +126,8 @@ def main() -> None:
             "cpu_best_memory_over_paper": round(least["memory"] / least["paper"], 3),
         }
         print(b, result[str(b)], flush=True)
-    rec = {"bench": "memory_step_speed", "code": a.code, "clicks": a.clicks, "results": result,
-           "machine": machine_line(load0)}  # fmt: skip
-    print(json.dumps(rec))
-    if a.out:
-        with a.out.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
+    rec = {"bench": "memory_step_speed", "code": a.code, "clicks": a.clicks, "results": result}
+    append_run(a.out, rec, load0)
 
 
 if __name__ == "__main__":

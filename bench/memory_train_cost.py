@@ -12,7 +12,6 @@ shared host) and wall seconds; the defaults' CPU over the paper's, per round and
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -23,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from procstats import machine_line
+from procstats import append_run
 
 from streamrec.data.clicklog import load_clicks
 from trainer.presets import make_params
@@ -77,12 +76,8 @@ def main() -> None:
         "runs": runs,
         "cpu_defaults_over_paper": ratios,
         "median_ratio": statistics.median(ratios),
-        "machine": machine_line(load0),
     }
-    print(json.dumps(rec))
-    if a.out:
-        with a.out.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
+    append_run(a.out, rec, load0)
 
 
 if __name__ == "__main__":

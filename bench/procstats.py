@@ -52,10 +52,12 @@ def machine_line(
 
 
 def append_run(
-    path: os.PathLike[str] | str, record: dict[str, object], load_start: tuple[float, float, float]
+    path: os.PathLike[str] | str | None,
+    record: dict[str, object],
+    load_start: tuple[float, float, float],
 ) -> None:
     """Add the machine line and the date to ``record``, print it, and append it to the JSON
-    Lines file ``path``: one run, one line."""
+    Lines file ``path`` (when one is given): one run, one line."""
     import json
 
     record = {
@@ -64,5 +66,7 @@ def append_run(
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     print(json.dumps(record))
+    if path is None:
+        return
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
