@@ -190,15 +190,21 @@ def test_live_figures_equal_the_offline_evaluator_gru4rec(overlap: bool) -> None
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlapped"])
 def test_live_figures_equal_the_offline_evaluator_hrnn(overlap: bool) -> None:
-    """HRNN (no split step: answers scored as states advance), user states across sessions:
-    the same figures as ``trainer evaluate``'s per-user evaluator on the same log."""
+    """HRNN (no split step: answers scored as states advance), user states across sessions,
+    a session memory with its offsets and gate set (not silent): the same figures as
+    ``trainer evaluate``'s per-user evaluator on the same log."""
     from streamrec.model.hrnn import HRNN
     from trainer.hier.evaluate import evaluate_users_job
 
     df = _log(users=True)
     items = sorted(df["ItemId"].astype(str).unique())
     torch.manual_seed(4)
-    net = HRNN(len(items), layers=[16], user_layers=[8])
+    net = HRNN(len(items), layers=[16], user_layers=[8], session_memory=8, memory_gate=True)
+    memory = net.session_memory()
+    assert memory is not None and memory.gate_weight is not None
+    with torch.no_grad():
+        memory.bias.copy_(torch.randn_like(memory.bias))
+        memory.gate_weight.copy_(torch.randn_like(memory.gate_weight))
     net.eval()
     model = ServingModel(net, items, "h1", top_k=5)
     evals, _ = _replay(_records(df), model, batch=5, overlap=overlap)
