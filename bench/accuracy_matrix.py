@@ -20,6 +20,11 @@ defaults (``defaults``) and, at seed 1, one ablation per part of the mechanism
 (bench/accuracy_memory.py). The authors publish no parameter file for the ML-1M sessions: the
 file their code does best with on the ML-1M validation split (seed 1, phase ``choice``) is
 taken as its best published file there, for every arm.
+
+HRNN and p-RNN (data ``ml1k-test``: the ML-1M 1k-user split with user ids of
+bench/ml1k_users.py, test sessions from 2001-01-01) have no authors' code to run here: their
+cells are each model at its defaults (``hrnn-defaults``, the session memory on) and without the
+session memory (``hrnn-no-session-memory``: ``session_memory=0``), per seed.
 """
 
 from __future__ import annotations
@@ -58,6 +63,12 @@ PARAMFILES = (
 #: one ablation per part of the mechanism (seed 1): the gate, the memory's size
 ABLATIONS = {"ablation-no-gate": ["memory_gate=0"], "ablation-k16": ["session_memory=16"]}
 ML1M = "ml1m-sessions"
+#: HRNN / p-RNN: the 1k-user ML-1M test split (files of bench/ml1k_users.py), its models, and
+#: p-RNN's item features (ML-1M's items.tsv.gz, copied into the splits folder)
+HIER = "ml1k-test"
+HIER_FILES = ("ml1k_users_train_full.tsv", "ml1k_users_test.tsv")
+HIER_MODELS = ("hrnn", "prnn")
+ITEM_META = "ml1m_items.tsv.gz"
 
 
 @dataclass(frozen=True)
@@ -116,7 +127,8 @@ def write_splits(shared: Path, out: Path) -> None:
     * ML-1M sessions: each user's ratings split at 30-minute gaps (``sessionize``), consecutive
       repeats removed, items with 5 or more events, sessions of 2 or more (``preprocess``);
       test = the sessions starting on or after 2001-01-01, validation = those of the rest
-      starting on or after 2000-12-01 (``split_by_time``).
+      starting on or after 2000-12-01 (``split_by_time``);
+    * the ML-1M 1k-user split with user ids (bench/ml1k_users.py) and ML-1M's item features.
     """
     from streamrec.data.clicklog import sessionize
     from trainer.data import preprocess, split_by_time
@@ -150,6 +162,12 @@ def write_splits(shared: Path, out: Path) -> None:
     _save(tr, out / "ml1m_train_tr.tsv")
     _save(va, out / "ml1m_train_valid.tsv")
 
+    from ml1k_users import ml1k_user_splits, save  # bench/, beside this script
+
+    for name, df in ml1k_user_splits(shared / "movielens-1m" / "ratings.tsv.gz").items():
+        save(df, out / name)
+    (out / ITEM_META).write_bytes((shared / "movielens-1m" / "items.tsv.gz").read_bytes())
+
 
 def _days_from(df: pd.DataFrame, date: str) -> float:
     return float((df.Time.max() - pd.Timestamp(date).timestamp()) / 86400)
@@ -164,7 +182,8 @@ class Cell:
     data: str
     arm: str
     seed: int
-    preset: str  # the authors' parameter file, or the project's preset
+    preset: str  # the authors' parameter file, or the project's preset ("" for HRNN, p-RNN)
+    model: str = "gru4rec"
 
     def key(self) -> tuple[str, str, str, int]:
         return self.phase, self.data, self.arm, self.seed
@@ -202,6 +221,14 @@ def wanted(
     done = {_key(r) for r in runs}
     cells: list[Cell] = []
     for name in data:
+        if name == HIER:
+            cells += [
+                Cell("final", HIER, f"{model}-{arm}", seed, "", model)
+                for seed in seeds
+                for model in HIER_MODELS
+                for arm in ("defaults", "no-session-memory")
+            ]
+            continue
         ds = DATA_SETS[name]
         paramfile = ds.paramfile
         if paramfile is None:
@@ -228,6 +255,8 @@ def wanted(
 
 def command(cell: Cell, splits: Path, official: Path, out: Path, device: str) -> list[str]:
     """The command line of one cell (the two bench scripts record it with their figures)."""
+    if cell.model != "gru4rec":
+        return _hier_command(cell, splits, out, device)
     ds = DATA_SETS[cell.data.removesuffix("-valid")]
     train, test = ds.valid if cell.phase == "choice" else (ds.train, ds.test)
     common = ["--data", cell.data, "--train", str(splits / train), "--test", str(splits / test)]
@@ -241,6 +270,24 @@ def command(cell: Cell, splits: Path, official: Path, out: Path, device: str) ->
         params += ABLATIONS.get(cell.arm, [])
         args = [x for kv in params for x in ("--param", kv)]
     return [sys.executable, *script, *common, *args]
+
+
+def _hier_command(cell: Cell, splits: Path, out: Path, device: str) -> list[str]:
+    args = ["bench/accuracy_memory.py", "--model", cell.model]
+    if cell.model == "prnn":
+        args += ["--item-meta", str(splits / ITEM_META)]
+    args += ["--data", cell.data, "--train", str(splits / HIER_FILES[0])]
+    args += ["--test", str(splits / HIER_FILES[1]), "--phase", cell.phase, "--out", str(out)]
+    params = [f"seed={cell.seed}", *([f"device={device}"] if device != "cpu" else [])]
+    if cell.arm.endswith("-no-session-memory"):
+        params.append("session_memory=0")
+    return [
+        sys.executable,
+        *args,
+        "--arm",
+        cell.arm,
+        *[x for kv in params for x in ("--param", kv)],
+    ]
 
 
 def run_cells(cells: list[Cell], cmds: list[list[str]], jobs: int) -> int:
@@ -291,6 +338,35 @@ def table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+def hier_table(runs: list[dict[str, Any]]) -> str:
+    """Markdown: HRNN and p-RNN on the 1k-user test split, per model and arm, the seeds run and
+    the mean Recall@20 / MRR@20; the defaults' ratio to the same model without the session
+    memory at the same seeds."""
+    final = [r for r in runs if r.get("phase") == "final" and r.get("data") == HIER]
+    rows = [
+        "| model | arm | seeds | Recall@20 | MRR@20 | vs no session memory (R / MRR) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model in HIER_MODELS:
+        by_arm: dict[str, dict[int, dict[str, float]]] = {}
+        for r in final:
+            if r["arm"].startswith(f"{model}-"):
+                by_arm.setdefault(r["arm"], {})[int(r["seed"])] = r["metrics"]
+        base = by_arm.get(f"{model}-no-session-memory", {})
+        for arm in sorted(by_arm, key=lambda a: not a.endswith("-no-session-memory")):
+            seeds = by_arm[arm]
+            recall = statistics.fmean(m["recall@20"] for m in seeds.values())
+            mrr = statistics.fmean(m["mrr@20"] for m in seeds.values())
+            versus = ""
+            if not arm.endswith("-no-session-memory") and set(seeds) <= set(base):
+                b_recall = statistics.fmean(base[s]["recall@20"] for s in seeds)
+                b_mrr = statistics.fmean(base[s]["mrr@20"] for s in seeds)
+                versus = f"{recall / b_recall:.3f} / {mrr / b_mrr:.3f}"
+            seed_list = ",".join(map(str, sorted(seeds)))
+            rows.append(f"| {model} | {arm} | {seed_list} | {recall:.4f} | {mrr:.4f} | {versus} |")
+    return "\n".join(rows)
+
+
 def runs_table(runs: list[dict[str, Any]]) -> str:
     """Markdown: one row per test run, in data set, seed and arm order."""
     rows = [
@@ -298,8 +374,8 @@ def runs_table(runs: list[dict[str, Any]]) -> str:
         "| train s | head fit s | load avg start/end (1 min) | date (UTC) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    order = list(DATA_SETS)
-    final = [r for r in runs if r.get("phase") == "final" and r.get("data") in DATA_SETS]
+    order = [*DATA_SETS, HIER]
+    final = [r for r in runs if r.get("phase") == "final" and r.get("data") in order]
     final.sort(key=lambda r: (order.index(r["data"]), int(r["seed"]), _arm_order(r["arm"])))
     for r in final:
         m = r["metrics"]
@@ -332,7 +408,7 @@ def main() -> None:
         p = sub.add_parser(name, help=f"{name} the missing cells")
         p.add_argument("--splits", type=Path, required=True)
         p.add_argument("--official", type=Path, required=True, help="the authors' code")
-        p.add_argument("--data", action="append", choices=sorted(DATA_SETS))
+        p.add_argument("--data", action="append", choices=sorted([*DATA_SETS, HIER]))
         p.add_argument("--seeds", default="1,2,3")
         p.add_argument("--device", default="cpu", help="cpu or cuda")
         p.add_argument("--runs", type=Path, default=RUNS)
@@ -346,10 +422,10 @@ def main() -> None:
         return
     runs = read_runs(a.runs)
     if a.what == "table":
-        print(runs_table(runs), table(runs), sep="\n\n")
+        print(runs_table(runs), table(runs), hier_table(runs), sep="\n\n")
         return
     seeds = [int(s) for s in a.seeds.split(",")]
-    cells = wanted(runs, a.data or list(DATA_SETS), seeds)
+    cells = wanted(runs, a.data or [*DATA_SETS, HIER], seeds)
     cmds = [command(c, a.splits, a.official, a.runs, a.device) for c in cells]
     if a.what == "plan":
         for cmd in cmds:

@@ -31,12 +31,9 @@ def save(df: pd.DataFrame, path: Path) -> None:
     print(path, len(df), "events", df.SessionId.nunique(), "sessions", df.UserId.nunique(), "users")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ratings", type=Path, required=True)
-    ap.add_argument("--out-dir", type=Path, required=True)
-    a = ap.parse_args()
-    r = pd.read_csv(a.ratings, sep="\t", dtype={"UserId": str, "ItemId": str})
+def ml1k_user_splits(ratings: Path) -> dict[str, pd.DataFrame]:
+    """The four files of the module docstring, by name, from ML-1M's ``ratings.tsv.gz``."""
+    r = pd.read_csv(ratings, sep="\t", dtype={"UserId": str, "ItemId": str})
     pick = np.random.default_rng(0).choice(np.sort(r.UserId.unique()), 1000, replace=False)
     r = r[r.UserId.isin(pick)][["UserId", "ItemId", "Time"]].astype({"Time": float})
     s = preprocess(sessionize(r, 1800))
@@ -45,11 +42,22 @@ def main() -> None:
     train, test = split_by_time(s, (s.Time.max() - pd.Timestamp("2001-01-01").timestamp()) / 86400)
     cut = pd.Timestamp("2000-12-01").timestamp()
     tr, valid = split_by_time(train, (train.Time.max() - cut) / 86400)
+    return {
+        "ml1k_users_train_tr.tsv": tr,
+        "ml1k_users_train_valid.tsv": valid,
+        "ml1k_users_train_full.tsv": train,
+        "ml1k_users_test.tsv": test,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ratings", type=Path, required=True)
+    ap.add_argument("--out-dir", type=Path, required=True)
+    a = ap.parse_args()
     a.out_dir.mkdir(parents=True, exist_ok=True)
-    save(tr, a.out_dir / "ml1k_users_train_tr.tsv")
-    save(valid, a.out_dir / "ml1k_users_train_valid.tsv")
-    save(train, a.out_dir / "ml1k_users_train_full.tsv")
-    save(test, a.out_dir / "ml1k_users_test.tsv")
+    for name, df in ml1k_user_splits(a.ratings).items():
+        save(df, a.out_dir / name)
 
 
 if __name__ == "__main__":

@@ -120,3 +120,40 @@ def test_the_runs_table_has_one_row_per_test_run_with_its_load_and_head_fit() ->
     assert len(rows) == 2
     assert rows[0].startswith("| rsc15-100k | official | 1 | 0.2500 |")
     assert rows[1].endswith("| 9.5 | 12.3 | 5.6 / 4.6 | 2026-12-07 09:59 |")
+
+
+def test_hrnn_and_prnn_run_at_their_defaults_and_without_the_session_memory(
+    tmp_path: Path,
+) -> None:
+    done = [run("final", matrix.HIER, "hrnn-defaults", 2, "", 0.1)]
+    cells = matrix.wanted(done, [matrix.HIER], seeds=[1, 2])
+    assert {(c.model, c.arm, c.seed) for c in cells} == {
+        (m, f"{m}-{arm}", s)
+        for m in ("hrnn", "prnn")
+        for arm in ("defaults", "no-session-memory")
+        for s in (1, 2)
+    } - {("hrnn", "hrnn-defaults", 2)}
+    cmds = {
+        c.arm: matrix.command(c, tmp_path, tmp_path / "o", tmp_path / "r.jsonl", "cuda")
+        for c in cells
+        if c.seed == 1
+    }
+    for arm, cmd in cmds.items():
+        params = [cmd[i + 1] for i, x in enumerate(cmd) if x == "--param"]
+        off = ["session_memory=0"] if arm.endswith("no-session-memory") else []
+        assert params == ["seed=1", "device=cuda", *off]
+        assert cmd[cmd.index("--model") + 1] == arm.split("-")[0]
+        assert cmd[cmd.index("--test") + 1] == str(tmp_path / "ml1k_users_test.tsv")
+        assert ("--item-meta" in cmd) == arm.startswith("prnn")
+        assert cmd[cmd.index("--arm") + 1] == arm
+
+
+def test_the_hrnn_table_compares_the_defaults_without_the_memory_at_the_same_seeds() -> None:
+    runs = [run("final", matrix.HIER, "hrnn-no-session-memory", s, "", 0.1 * s) for s in (1, 2)]
+    runs += [run("final", matrix.HIER, "hrnn-defaults", 1, "", 0.1 * 1.08)]
+    runs += [run("final", matrix.HIER, "prnn-defaults", 1, "", 0.2)]  # no baseline yet
+    rows = matrix.hier_table(runs).splitlines()[2:]
+    assert rows[0].startswith("| hrnn | hrnn-no-session-memory | 1,2 | 0.5000 | 0.1500 |")
+    assert rows[1] == "| hrnn | hrnn-defaults | 1 | 0.5000 | 0.1080 | 1.000 / 1.080 |"
+    assert rows[2] == "| prnn | prnn-defaults | 1 | 0.5000 | 0.2000 |  |"
+    assert "ml1k" not in matrix.table(runs)
