@@ -22,7 +22,9 @@ import psutil
 import pytest
 
 from streamrec.data.synthetic import generate_clicks
+from streamrec.model.api import TrainableStepModel
 from streamrec.model.checkpoint import load_checkpoint
+from streamrec.model.gru4rec import GRU4Rec
 from streamrec.serving.records import Recommendation
 from streamrec.testing import TEST_BOOTSTRAP_ENV
 from streamrec.tools.backtest import parse_every, parse_warmup
@@ -255,7 +257,9 @@ def test_replay_without_retraining_or_warmup_equals_trainer_evaluate(
 ) -> None:
     ckpt = _train(log, tmp_path / "m", model)
     # the defaults of both: the session memory in the state, its head fitted (not silent)
-    memory = load_checkpoint(ckpt).model.session_memory()
+    trained = load_checkpoint(ckpt).model
+    assert isinstance(trained, (GRU4Rec, TrainableStepModel))
+    memory = trained.session_memory()
     assert memory is not None and memory.size > 0
     assert float(memory.bias.detach().abs().sum()) > 0
     offline = _evaluate(ckpt, log)
