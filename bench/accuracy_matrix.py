@@ -12,7 +12,8 @@ allow), and the table of means.
     PYTHONPATH=. .venv/bin/python bench/accuracy_matrix.py run --splits /tmp/splits \
         --official /tmp/official --jobs 2 [--data yoochoose-1_64] [--seeds 1]
     # 4. means per data set and arm, and the goal's ratio against the authors' code
-    PYTHONPATH=. .venv/bin/python bench/accuracy_matrix.py table
+    #    (--write: into the results file's tables)
+    PYTHONPATH=. .venv/bin/python bench/accuracy_matrix.py table [--write]
 
 A cell is one (phase, data set, arm, seed): the authors' code with its parameter file
 (``official``, bench/official_gru4rec.py), the project's parity preset (``paper``), the
@@ -391,6 +392,32 @@ def runs_table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+#: the tables of the results file, each between ``<!-- name -->`` and ``<!-- /name -->``
+TABLES = {"final-table": runs_table, "means-table": table, "hier-table": hier_table}
+RESULTS = Path(__file__).parent / "results" / "accuracy-beyond-gru4rec.md"
+
+
+def _block(name: str) -> re.Pattern[str]:
+    return re.compile(rf"<!-- {name} -->\n(.*?)\n?<!-- /{name} -->", re.DOTALL)
+
+
+def tables_in(text: str) -> dict[str, str]:
+    """The results file's tables by name, as they stand in ``text``."""
+    found = {name: _block(name).search(text) for name in TABLES}
+    return {name: m.group(1) for name, m in found.items() if m}
+
+
+def with_tables(text: str, runs: list[dict[str, Any]]) -> str:
+    """``text`` with each table made again from ``runs``."""
+    for name, make in TABLES.items():
+        found = _block(name).search(text)
+        if not found:
+            raise ValueError(f"the results file has no <!-- {name} --> block")
+        block = f"<!-- {name} -->\n{make(runs)}\n<!-- /{name} -->"
+        text = text[: found.start()] + block + text[found.end() :]
+    return text
+
+
 def _arm_order(arm: str) -> tuple[int, str]:
     return ({"official": 0, "paper": 1, "defaults": 2}.get(arm, 3), arm)
 
@@ -416,13 +443,19 @@ def main() -> None:
             p.add_argument("--jobs", type=int, default=1)
     tp = sub.add_parser("table", help="means per data set and arm")
     tp.add_argument("--runs", type=Path, default=RUNS)
+    tp.add_argument(
+        "--write", type=Path, nargs="?", const=RESULTS, help="rewrite the results file's tables"
+    )
     a = ap.parse_args()
     if a.what == "splits":
         write_splits(a.shared, a.out)
         return
     runs = read_runs(a.runs)
     if a.what == "table":
-        print(runs_table(runs), table(runs), hier_table(runs), sep="\n\n")
+        if a.write:
+            a.write.write_text(with_tables(a.write.read_text(), runs))
+        else:
+            print(runs_table(runs), table(runs), hier_table(runs), sep="\n\n")
         return
     seeds = [int(s) for s in a.seeds.split(",")]
     cells = wanted(runs, a.data or [*DATA_SETS, HIER], seeds)

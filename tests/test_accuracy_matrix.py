@@ -157,3 +157,29 @@ def test_the_hrnn_table_compares_the_defaults_without_the_memory_at_the_same_see
     assert rows[1] == "| hrnn | hrnn-defaults | 1 | 0.5000 | 0.1080 | 1.000 / 1.080 |"
     assert rows[2] == "| prnn | prnn-defaults | 1 | 0.5000 | 0.2000 |  |"
     assert "ml1k" not in matrix.table(runs)
+
+
+def test_the_results_file_holds_the_tables_its_runs_file_makes() -> None:
+    """Every figure of the three tables comes from a recorded run: the file's tables are the
+    ones ``table --write`` makes from the runs file (hand edits, or runs added without
+    writing the tables again, fail here)."""
+    runs = matrix.read_runs(matrix.RUNS)
+    found = matrix.tables_in(matrix.RESULTS.read_text())
+    assert set(found) == set(matrix.TABLES)
+    for name, make in matrix.TABLES.items():
+        assert found[name] == make(runs), name
+
+
+def test_writing_the_tables_replaces_each_block_and_nothing_else() -> None:
+    runs = [run("final", "rsc15-100k", "official", 1, "f", 0.3)]
+    runs[0]["metrics"] = {f"{x}@{k}": 0.3 for k in (5, 10, 20) for x in ("recall", "mrr")}
+    text = "intro\n<!-- final-table -->\nold\n<!-- /final-table -->\nmiddle\n"
+    text += "<!-- means-table -->\n<!-- /means-table -->\n<!-- hier-table -->\nx\ny\n"
+    text += "<!-- /hier-table -->\nend\n"
+    out = matrix.with_tables(text, runs)
+    assert out.startswith("intro\n<!-- final-table -->\n| data | arm |")
+    assert "\nmiddle\n" in out and out.endswith("<!-- /hier-table -->\nend\n")
+    assert "old" not in out and "\nx\ny\n" not in out
+    assert matrix.tables_in(out)["means-table"] == matrix.table(runs)
+    with pytest.raises(ValueError, match="hier-table"):
+        matrix.with_tables(text.replace("hier-table", "other"), runs)
