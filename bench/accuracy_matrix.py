@@ -165,7 +165,7 @@ def write_splits(shared: Path, out: Path) -> None:
 
     from ml1k_users import ml1k_user_splits, save  # bench/, beside this script
 
-    for name, df in ml1k_user_splits(shared / "movielens-1m" / "ratings.tsv.gz").items():
+    for name, df in ml1k_user_splits(r).items():
         save(df, out / name)
     (out / ITEM_META).write_bytes((shared / "movielens-1m" / "items.tsv.gz").read_bytes())
 
@@ -267,9 +267,7 @@ def command(cell: Cell, splits: Path, official: Path, out: Path, device: str) ->
         args = ["--paramfile", cell.preset, "--seed", str(cell.seed), "--device", device]
     else:
         script = ["bench/accuracy_memory.py", "--preset", cell.preset, "--arm", cell.arm]
-        params = [f"seed={cell.seed}", *([f"device={device}"] if device != "cpu" else [])]
-        params += ABLATIONS.get(cell.arm, [])
-        args = [x for kv in params for x in ("--param", kv)]
+        args = _param_args(cell.seed, device, ABLATIONS.get(cell.arm, []))
     return [sys.executable, *script, *common, *args]
 
 
@@ -279,16 +277,14 @@ def _hier_command(cell: Cell, splits: Path, out: Path, device: str) -> list[str]
         args += ["--item-meta", str(splits / ITEM_META)]
     args += ["--data", cell.data, "--train", str(splits / HIER_FILES[0])]
     args += ["--test", str(splits / HIER_FILES[1]), "--phase", cell.phase, "--out", str(out)]
-    params = [f"seed={cell.seed}", *([f"device={device}"] if device != "cpu" else [])]
-    if cell.arm.endswith("-no-session-memory"):
-        params.append("session_memory=0")
-    return [
-        sys.executable,
-        *args,
-        "--arm",
-        cell.arm,
-        *[x for kv in params for x in ("--param", kv)],
-    ]
+    off = ["session_memory=0"] if cell.arm.endswith("-no-session-memory") else []
+    return [sys.executable, *args, "--arm", cell.arm, *_param_args(cell.seed, device, off)]
+
+
+def _param_args(seed: int, device: str, extra: list[str]) -> list[str]:
+    """``--param`` options: the seed, the device where it is not the CPU, then ``extra``."""
+    params = [f"seed={seed}", *([f"device={device}"] if device != "cpu" else []), *extra]
+    return [x for kv in params for x in ("--param", kv)]
 
 
 def run_cells(cells: list[Cell], cmds: list[list[str]], jobs: int) -> int:
@@ -321,21 +317,8 @@ def table(runs: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for name in DATA_SETS:
-        by_arm: dict[str, dict[int, dict[str, float]]] = {}
-        for r in final:
-            if r["data"] == name:
-                by_arm.setdefault(r["arm"], {})[int(r["seed"])] = r["metrics"]
-        official = by_arm.get("official", {})
-        for arm, seeds in sorted(by_arm.items(), key=lambda kv: _arm_order(kv[0])):
-            recall = statistics.fmean(m["recall@20"] for m in seeds.values())
-            mrr = statistics.fmean(m["mrr@20"] for m in seeds.values())
-            versus = ""
-            if arm != "official" and seeds and set(seeds) <= set(official):
-                o_recall = statistics.fmean(official[s]["recall@20"] for s in seeds)
-                o_mrr = statistics.fmean(official[s]["mrr@20"] for s in seeds)
-                versus = f"{recall / o_recall:.3f} / {mrr / o_mrr:.3f}"
-            seed_list = ",".join(map(str, sorted(seeds)))
-            rows.append(f"| {name} | {arm} | {seed_list} | {recall:.4f} | {mrr:.4f} | {versus} |")
+        by_arm = _by_arm(r for r in final if r["data"] == name)
+        rows += _mean_rows(name, by_arm, "official")
     return "\n".join(rows)
 
 
@@ -349,23 +332,41 @@ def hier_table(runs: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for model in HIER_MODELS:
-        by_arm: dict[str, dict[int, dict[str, float]]] = {}
-        for r in final:
-            if r["arm"].startswith(f"{model}-"):
-                by_arm.setdefault(r["arm"], {})[int(r["seed"])] = r["metrics"]
-        base = by_arm.get(f"{model}-no-session-memory", {})
-        for arm in sorted(by_arm, key=lambda a: not a.endswith("-no-session-memory")):
-            seeds = by_arm[arm]
-            recall = statistics.fmean(m["recall@20"] for m in seeds.values())
-            mrr = statistics.fmean(m["mrr@20"] for m in seeds.values())
-            versus = ""
-            if not arm.endswith("-no-session-memory") and set(seeds) <= set(base):
-                b_recall = statistics.fmean(base[s]["recall@20"] for s in seeds)
-                b_mrr = statistics.fmean(base[s]["mrr@20"] for s in seeds)
-                versus = f"{recall / b_recall:.3f} / {mrr / b_mrr:.3f}"
-            seed_list = ",".join(map(str, sorted(seeds)))
-            rows.append(f"| {model} | {arm} | {seed_list} | {recall:.4f} | {mrr:.4f} | {versus} |")
+        by_arm = _by_arm(r for r in final if r["arm"].startswith(f"{model}-"))
+        rows += _mean_rows(model, by_arm, f"{model}-no-session-memory")
     return "\n".join(rows)
+
+
+def _by_arm(runs: Iterable[dict[str, Any]]) -> dict[str, dict[int, dict[str, float]]]:
+    """The runs' metrics by arm and seed."""
+    by_arm: dict[str, dict[int, dict[str, float]]] = {}
+    for r in runs:
+        by_arm.setdefault(r["arm"], {})[int(r["seed"])] = r["metrics"]
+    return by_arm
+
+
+def _mean_rows(label: str, by_arm: dict[str, dict[int, dict[str, float]]], base: str) -> list[str]:
+    """One table row per arm (``base`` first, then :func:`_arm_order`): its seeds, its mean
+    Recall@20 / MRR@20 and, where arm ``base`` has every one of its seeds, the ratio to
+    ``base``'s means at those seeds."""
+
+    def means(metrics: Iterable[dict[str, float]]) -> tuple[float, float]:
+        ms = list(metrics)
+        recall = statistics.fmean(m["recall@20"] for m in ms)
+        return recall, statistics.fmean(m["mrr@20"] for m in ms)
+
+    of_base = by_arm.get(base, {})
+    rows = []
+    for arm in sorted(by_arm, key=lambda a: (a != base, _arm_order(a))):
+        seeds = by_arm[arm]
+        recall, mrr = means(seeds.values())
+        versus = ""
+        if arm != base and set(seeds) <= set(of_base):
+            b_recall, b_mrr = means(of_base[s] for s in seeds)
+            versus = f"{recall / b_recall:.3f} / {mrr / b_mrr:.3f}"
+        seed_list = ",".join(map(str, sorted(seeds)))
+        rows.append(f"| {label} | {arm} | {seed_list} | {recall:.4f} | {mrr:.4f} | {versus} |")
+    return rows
 
 
 def runs_table(runs: list[dict[str, Any]]) -> str:

@@ -31,9 +31,9 @@ def save(df: pd.DataFrame, path: Path) -> None:
     print(path, len(df), "events", df.SessionId.nunique(), "sessions", df.UserId.nunique(), "users")
 
 
-def ml1k_user_splits(ratings: Path) -> dict[str, pd.DataFrame]:
-    """The four files of the module docstring, by name, from ML-1M's ``ratings.tsv.gz``."""
-    r = pd.read_csv(ratings, sep="\t", dtype={"UserId": str, "ItemId": str})
+def ml1k_user_splits(r: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The four files of the module docstring, by name, from ML-1M's ratings (``UserId`` and
+    ``ItemId`` read as strings)."""
     pick = np.random.default_rng(0).choice(np.sort(r.UserId.unique()), 1000, replace=False)
     r = r[r.UserId.isin(pick)][["UserId", "ItemId", "Time"]].astype({"Time": float})
     s = preprocess(sessionize(r, 1800))
@@ -56,7 +56,8 @@ def main() -> None:
     ap.add_argument("--out-dir", type=Path, required=True)
     a = ap.parse_args()
     a.out_dir.mkdir(parents=True, exist_ok=True)
-    for name, df in ml1k_user_splits(a.ratings).items():
+    ratings = pd.read_csv(a.ratings, sep="\t", dtype={"UserId": str, "ItemId": str})
+    for name, df in ml1k_user_splits(ratings).items():
         save(df, a.out_dir / name)
 
 
