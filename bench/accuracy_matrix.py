@@ -17,8 +17,8 @@ allow), and the table of means.
 
 A cell is one (phase, data set, arm, seed): the authors' code with its parameter file
 (``official``, bench/official_gru4rec.py), the project's parity preset (``paper``), the
-defaults (``defaults``) and, at seed 1, one ablation per part of the mechanism
-(bench/accuracy_memory.py). The authors publish no parameter file for the ML-1M sessions: the
+defaults (``defaults``) and one ablation per part of the mechanism (bench/accuracy_memory.py),
+each at every seed. The authors publish no parameter file for the ML-1M sessions: the
 file their code does best with on the ML-1M validation split (seed 1, phase ``choice``) is
 taken as its best published file there, for every arm.
 
@@ -61,7 +61,7 @@ PARAMFILES = (
     "diginetica_bprmax_shared_best",
     "retailrocket_bprmax_shared_best",
 )
-#: one ablation per part of the mechanism (seed 1): the gate, the memory's size
+#: one ablation per part of the mechanism: the gate, the memory's size
 ABLATIONS = {"ablation-no-gate": ["memory_gate=0"], "ablation-k16": ["session_memory=16"]}
 ML1M = "ml1m-sessions"
 #: HRNN / p-RNN: the 1k-user ML-1M test split (files of bench/ml1k_users.py), its models, and
@@ -216,9 +216,9 @@ def chosen_paramfile(runs: Iterable[dict[str, Any]]) -> str | None:
 def wanted(
     runs: list[dict[str, Any]], data: Iterable[str], seeds: Iterable[int] = SEEDS
 ) -> list[Cell]:
-    """The cells of ``data`` at ``seeds`` (ablations at seed 1 only) that the runs lack, in
-    the order to run them: the ML-1M choice first (its test cells wait for it), then seed by
-    seed, so that a partial matrix is complete per seed."""
+    """The cells of ``data`` at ``seeds`` that the runs lack, in the order to run them: the
+    ML-1M choice first (its test cells wait for it), then the goal's three arms seed by seed (a
+    partial matrix is complete per seed), then the ablations seed by seed."""
     done = {_key(r) for r in runs}
     cells: list[Cell] = []
     for name in data:
@@ -243,8 +243,7 @@ def wanted(
                 Cell("final", name, "defaults", seed, paramfile),
                 Cell("final", name, "paper", seed, f"{paramfile}_paper"),
             ]
-            if seed == 1:
-                cells += [Cell("final", name, arm, 1, paramfile) for arm in ABLATIONS]
+        cells += [Cell("final", name, arm, seed, paramfile) for seed in seeds for arm in ABLATIONS]
     # a choice cell is done whatever its arm's file, so match it by file too
     chosen = {(r.get("data"), r.get("preset")) for r in runs if r.get("phase") == "choice"}
     return [

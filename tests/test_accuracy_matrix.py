@@ -65,9 +65,14 @@ def test_the_ml1m_test_cells_wait_for_the_choice_and_then_use_the_chosen_file() 
     assert by_arm[("official", 2)] == "diginetica_bprmax_shared_best"
     assert by_arm[("paper", 3)] == "diginetica_bprmax_shared_best_paper"
     assert by_arm[("defaults", 1)] == "diginetica_bprmax_shared_best"
-    # three arms at three seeds, and each ablation at seed 1
-    assert len(after) == 9 + len(matrix.ABLATIONS)
-    assert {c.seed for c in after if c.arm in matrix.ABLATIONS} == {1}
+    # three arms and each ablation, at three seeds
+    assert len(after) == 3 * (3 + len(matrix.ABLATIONS))
+    assert {c.seed for c in after if c.arm in matrix.ABLATIONS} == {1, 2, 3}
+    # the goal's cells first, seed by seed; the ablations after them
+    is_ablation = [c.arm in matrix.ABLATIONS for c in after]
+    assert is_ablation == sorted(is_ablation)
+    goal_seeds = [c.seed for c in after if c.arm not in matrix.ABLATIONS]
+    assert goal_seeds == sorted(goal_seeds)
 
 
 def test_a_cell_with_a_run_is_not_planned_again() -> None:
