@@ -10,7 +10,8 @@ allow), and the table of means.
         --official /tmp/official
     # 3. run the missing cells, N at a time (each with OMP_NUM_THREADS=1; --device cuda on a GPU)
     PYTHONPATH=. .venv/bin/python bench/accuracy_matrix.py run --splits /tmp/splits \
-        --official /tmp/official --jobs 2 [--data yoochoose-1_64] [--seeds 1]
+        --official /tmp/official --jobs 2 [--data yoochoose-1_64] [--seeds 1] \
+        [--start-within MINUTES]   # start no cell after that (a lent machine's time)
     # 4. means per data set and arm, and the goal's ratio against the authors' code
     #    (--write: into the results file's tables)
     PYTHONPATH=. .venv/bin/python bench/accuracy_matrix.py table [--write]
@@ -39,6 +40,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -286,11 +288,19 @@ def _param_args(seed: int, device: str, extra: list[str]) -> list[str]:
     return [x for kv in params for x in ("--param", kv)]
 
 
-def run_cells(cells: list[Cell], cmds: list[list[str]], jobs: int) -> int:
-    """Run ``cmds`` ``jobs`` at a time (one thread each); the number that failed."""
+def run_cells(
+    cells: list[Cell], cmds: list[list[str]], jobs: int, start_within: float | None = None
+) -> int:
+    """Run ``cmds`` ``jobs`` at a time (one thread each); the number that failed. With
+    ``start_within`` (seconds), a cell not started by then is left for a later run (a machine
+    lent for a while: a run cut off at the end records nothing)."""
     env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": "."}
+    deadline = None if start_within is None else time.monotonic() + start_within
 
     def one(i: int) -> int:
+        if deadline is not None and time.monotonic() > deadline:
+            print(f"not started (past --start-within) {cells[i]}", file=sys.stderr, flush=True)
+            return 0
         print(f"start {cells[i]}", file=sys.stderr, flush=True)
         done = subprocess.run(cmds[i], env={**os.environ, **env}, capture_output=True, text=True)
         if done.returncode != 0:
@@ -441,6 +451,12 @@ def main() -> None:
         p.add_argument("--runs", type=Path, default=RUNS)
         if name == "run":
             p.add_argument("--jobs", type=int, default=1)
+            p.add_argument(
+                "--start-within",
+                type=float,
+                metavar="MINUTES",
+                help="start no cell after this many minutes (the rest waits for a later run)",
+            )
     tp = sub.add_parser("table", help="means per data set and arm")
     tp.add_argument("--runs", type=Path, default=RUNS)
     tp.add_argument(
@@ -465,7 +481,8 @@ def main() -> None:
             print("OMP_NUM_THREADS=1 PYTHONPATH=. " + shlex.join(cmd))
         return
     was_chosen = chosen_paramfile(runs)
-    failed = run_cells(cells, cmds, a.jobs)
+    within = None if a.start_within is None else a.start_within * 60
+    failed = run_cells(cells, cmds, a.jobs, within)
     if was_chosen is None and chosen_paramfile(read_runs(a.runs)) is not None:
         print("the ML-1M file is chosen now: run again for its test cells", file=sys.stderr)
     raise SystemExit(1 if failed else 0)

@@ -188,3 +188,19 @@ def test_writing_the_tables_replaces_each_block_and_nothing_else() -> None:
     assert matrix.tables_in(out)["means-table"] == matrix.table(runs)
     with pytest.raises(ValueError, match="hier-table"):
         matrix.with_tables(text.replace("hier-table", "other"), runs)
+
+
+def test_running_cells_counts_failures_and_starts_none_past_its_window(tmp_path: Path) -> None:
+    cells = [matrix.Cell("final", "rsc15-100k", arm, 1, "f") for arm in ("official", "paper")]
+    marks = [tmp_path / "ran-0", tmp_path / "ran-1"]
+    ok = [sys.executable, "-c", f"open({str(marks[0])!r}, 'w')"]
+    fails = [sys.executable, "-c", f"open({str(marks[1])!r}, 'w'); raise SystemExit(3)"]
+
+    assert matrix.run_cells(cells, [ok, fails], jobs=2) == 1
+    assert all(m.exists() for m in marks)
+
+    for m in marks:
+        m.unlink()
+    # a window already over: nothing starts, nothing counts as failed (a later run does them)
+    assert matrix.run_cells(cells, [ok, fails], jobs=1, start_within=-1.0) == 0
+    assert not any(m.exists() for m in marks)
