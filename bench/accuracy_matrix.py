@@ -378,6 +378,35 @@ def _mean_rows(label: str, by_arm: dict[str, dict[int, dict[str, float]]], base:
     return rows
 
 
+def choice_table(runs: list[dict[str, Any]]) -> str:
+    """Markdown: the authors' code on the ML-1M validation split with each published file
+    (seed 1), and the file the test cells take (the best MRR@20, once every file has run)."""
+    got = {
+        r["preset"]: r
+        for r in runs
+        if r.get("phase") == "choice" and r.get("data") == f"{ML1M}-valid"
+    }
+    rows = [
+        "| parameter file | Recall@20 | MRR@20 | date (UTC) |",
+        "|---|---|---|---|",
+    ]
+    for f in PARAMFILES:
+        if f in got:
+            m, date = got[f]["metrics"], got[f].get("date", "")[:16].replace("T", " ")
+            rows.append(f"| {f} | {m['recall@20']:.4f} | {m['mrr@20']:.4f} | {date} |")
+        else:
+            rows.append(f"| {f} | not run | | |")
+    chosen = chosen_paramfile(runs)
+    missing = [f for f in PARAMFILES if f not in got]
+    rows.append("")
+    rows.append(
+        f"Chosen: `{chosen}`."
+        if chosen
+        else f"Chosen: none yet (waiting for {len(missing)} of {len(PARAMFILES)} files)."
+    )
+    return "\n".join(rows)
+
+
 def runs_table(runs: list[dict[str, Any]]) -> str:
     """Markdown: one row per test run, in data set, seed and arm order."""
     rows = [
@@ -403,7 +432,12 @@ def runs_table(runs: list[dict[str, Any]]) -> str:
 
 
 #: the tables of the results file, each between ``<!-- name -->`` and ``<!-- /name -->``
-TABLES = {"final-table": runs_table, "means-table": table, "hier-table": hier_table}
+TABLES = {
+    "final-table": runs_table,
+    "means-table": table,
+    "choice-table": choice_table,
+    "hier-table": hier_table,
+}
 RESULTS = Path(__file__).parent / "results" / "accuracy-beyond-gru4rec.md"
 
 
@@ -471,7 +505,7 @@ def main() -> None:
         if a.write:
             a.write.write_text(with_tables(a.write.read_text(), runs))
         else:
-            print(runs_table(runs), table(runs), hier_table(runs), sep="\n\n")
+            print(*(make(runs) for make in TABLES.values()), sep="\n\n")
         return
     seeds = [int(s) for s in a.seeds.split(",")]
     cells = wanted(runs, a.data or [*DATA_SETS, HIER], seeds)

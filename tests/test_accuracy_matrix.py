@@ -180,10 +180,11 @@ def test_writing_the_tables_replaces_each_block_and_nothing_else() -> None:
     runs[0]["metrics"] = {f"{x}@{k}": 0.3 for k in (5, 10, 20) for x in ("recall", "mrr")}
     text = "intro\n<!-- final-table -->\nold\n<!-- /final-table -->\nmiddle\n"
     text += "<!-- means-table -->\n<!-- /means-table -->\n<!-- hier-table -->\nx\ny\n"
-    text += "<!-- /hier-table -->\nend\n"
+    text += "<!-- /hier-table -->\n<!-- choice-table -->\n"
+    text += "<!-- /choice-table -->\nend\n"
     out = matrix.with_tables(text, runs)
     assert out.startswith("intro\n<!-- final-table -->\n| data | arm |")
-    assert "\nmiddle\n" in out and out.endswith("<!-- /hier-table -->\nend\n")
+    assert "\nmiddle\n" in out and out.endswith("<!-- /choice-table -->\nend\n")
     assert "old" not in out and "\nx\ny\n" not in out
     assert matrix.tables_in(out)["means-table"] == matrix.table(runs)
     with pytest.raises(ValueError, match="hier-table"):
@@ -204,3 +205,18 @@ def test_running_cells_counts_failures_and_starts_none_past_its_window(tmp_path:
     # a window already over: nothing starts, nothing counts as failed (a later run does them)
     assert matrix.run_cells(cells, [ok, fails], jobs=1, start_within=-1.0) == 0
     assert not any(m.exists() for m in marks)
+
+
+def test_the_choice_table_shows_each_files_validation_run_and_the_file_chosen() -> None:
+    runs = choices("coveo_bprmax_shared_best")
+    table = matrix.choice_table(runs)
+    assert "| coveo_bprmax_shared_best | 0.5000 | 0.3000 |" in table
+    assert "| yoochoose_xe_shared_best | 0.5000 | 0.1000 |" in table
+    assert table.endswith("Chosen: `coveo_bprmax_shared_best`.")
+
+    partial = matrix.choice_table(runs[:4])
+    assert f"| {matrix.PARAMFILES[5]} | not run | | |" in partial
+    assert partial.endswith("Chosen: none yet (waiting for 2 of 6 files).")
+    # a test run of the same file is not a choice
+    test_run = run("final", "ml1m-sessions", "official", 1, matrix.PARAMFILES[5], 0.9)
+    assert f"| {matrix.PARAMFILES[5]} | not run" in matrix.choice_table([*runs[:4], test_run])
