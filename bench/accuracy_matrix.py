@@ -188,8 +188,9 @@ class Cell:
     preset: str  # the authors' parameter file, or the project's preset ("" for HRNN, p-RNN)
     model: str = "gru4rec"
 
-    def key(self) -> tuple[str, str, str, int]:
-        return self.phase, self.data, self.arm, self.seed
+    def key(self) -> tuple[str, str, str, int, str]:
+        """What a run of this cell records (the choice's cells differ by their file alone)."""
+        return self.phase, self.data, self.arm, self.seed, self.preset
 
 
 def read_runs(path: Path) -> list[dict[str, Any]]:
@@ -198,8 +199,10 @@ def read_runs(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _key(run: dict[str, Any]) -> tuple[str, str, str, int]:
-    return run.get("phase", ""), run.get("data", ""), run.get("arm", ""), int(run.get("seed", 0))
+def _key(run: dict[str, Any]) -> tuple[str, str, str, int, str]:
+    """:meth:`Cell.key` of the cell ``run`` is a run of (HRNN's and p-RNN's record no preset)."""
+    phase, data, arm = run.get("phase", ""), run.get("data", ""), run.get("arm", "")
+    return phase, data, arm, int(run.get("seed", 0)), run.get("preset") or ""
 
 
 def chosen_paramfile(runs: Iterable[dict[str, Any]]) -> str | None:
@@ -246,13 +249,7 @@ def wanted(
                 Cell("final", name, "paper", seed, f"{paramfile}_paper"),
             ]
         cells += [Cell("final", name, arm, seed, paramfile) for seed in seeds for arm in ABLATIONS]
-    # a choice cell is done whatever its arm's file, so match it by file too
-    chosen = {(r.get("data"), r.get("preset")) for r in runs if r.get("phase") == "choice"}
-    return [
-        c
-        for c in cells
-        if c.key() not in done and not (c.phase == "choice" and (c.data, c.preset) in chosen)
-    ]
+    return [c for c in cells if c.key() not in done]
 
 
 def command(cell: Cell, splits: Path, official: Path, out: Path, device: str) -> list[str]:

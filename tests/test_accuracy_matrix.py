@@ -75,6 +75,23 @@ def test_the_ml1m_test_cells_wait_for_the_choice_and_then_use_the_chosen_file() 
     assert goal_seeds == sorted(goal_seeds)
 
 
+def test_the_choice_plans_the_files_not_yet_run_while_some_have_run() -> None:
+    # every choice cell is (choice, ml1m-sessions-valid, official, seed 1): only the file tells
+    # them apart, so a run of one file must not count for the others
+    some = choices("yoochoose_xe_shared_best")[:3]
+    cells = matrix.wanted(some, ["ml1m-sessions"])
+    assert [c.preset for c in cells] == list(matrix.PARAMFILES[3:])
+    assert {c.phase for c in cells} == {"choice"}
+
+
+def test_hrnn_and_prnn_runs_count_for_their_cells() -> None:
+    # their runs record no preset (null), their cells none ("")
+    done = [run("final", matrix.HIER, "hrnn-defaults", 1, None, 0.1)]  # type: ignore[arg-type]
+    cells = matrix.wanted(done, [matrix.HIER], seeds=[1])
+    assert ("hrnn-defaults", 1) not in {(c.arm, c.seed) for c in cells}
+    assert len(cells) == 3
+
+
 def test_a_cell_with_a_run_is_not_planned_again() -> None:
     done = [run("final", "rsc15-100k", "official", 1, "rsc15_xe_shared_100_best", 0.3)]
     cells = matrix.wanted(done, ["rsc15-100k"], seeds=[1])
