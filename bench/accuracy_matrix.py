@@ -205,17 +205,22 @@ def _key(run: dict[str, Any]) -> tuple[str, str, str, int, str]:
     return phase, data, arm, int(run.get("seed", 0)), run.get("preset") or ""
 
 
-def chosen_paramfile(runs: Iterable[dict[str, Any]]) -> str | None:
-    """The authors' file with the best MRR@20 on the ML-1M validation split (None until every
-    file has its run)."""
-    got = {
-        r["preset"]: r["metrics"]["mrr@20"]
+def _choice_runs(runs: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The authors' code on the ML-1M validation split, by parameter file."""
+    return {
+        r["preset"]: r
         for r in runs
         if r.get("phase") == "choice" and r.get("data") == f"{ML1M}-valid"
     }
+
+
+def chosen_paramfile(runs: Iterable[dict[str, Any]]) -> str | None:
+    """The authors' file with the best MRR@20 on the ML-1M validation split (None until every
+    file has its run)."""
+    got = _choice_runs(runs)
     if set(got) != set(PARAMFILES):
         return None
-    return max(PARAMFILES, key=lambda f: got[f])
+    return max(PARAMFILES, key=lambda f: got[f]["metrics"]["mrr@20"])
 
 
 def wanted(
@@ -378,19 +383,15 @@ def _mean_rows(label: str, by_arm: dict[str, dict[int, dict[str, float]]], base:
 def choice_table(runs: list[dict[str, Any]]) -> str:
     """Markdown: the authors' code on the ML-1M validation split with each published file
     (seed 1), and the file the test cells take (the best MRR@20, once every file has run)."""
-    got = {
-        r["preset"]: r
-        for r in runs
-        if r.get("phase") == "choice" and r.get("data") == f"{ML1M}-valid"
-    }
+    got = _choice_runs(runs)
     rows = [
         "| parameter file | Recall@20 | MRR@20 | date (UTC) |",
         "|---|---|---|---|",
     ]
     for f in PARAMFILES:
         if f in got:
-            m, date = got[f]["metrics"], got[f].get("date", "")[:16].replace("T", " ")
-            rows.append(f"| {f} | {m['recall@20']:.4f} | {m['mrr@20']:.4f} | {date} |")
+            m = got[f]["metrics"]
+            rows.append(f"| {f} | {m['recall@20']:.4f} | {m['mrr@20']:.4f} | {_date(got[f])} |")
         else:
             rows.append(f"| {f} | not run | | |")
     chosen = chosen_paramfile(runs)
@@ -423,7 +424,7 @@ def runs_table(runs: list[dict[str, Any]]) -> str:
             f"| {r['data']} | {r['arm']} | {r['seed']} | {figures} | {r.get('train_seconds')} "
             f"| {round(head['seconds'], 1) if head else '-'} "
             f"| {f'{load.group(1)} / {load.group(2)}' if load else '-'} "
-            f"| {r.get('date', '')[:16].replace('T', ' ')} |"
+            f"| {_date(r)} |"
         )
     return "\n".join(rows)
 
@@ -457,6 +458,11 @@ def with_tables(text: str, runs: list[dict[str, Any]]) -> str:
         block = f"<!-- {name} -->\n{make(runs)}\n<!-- /{name} -->"
         text = text[: found.start()] + block + text[found.end() :]
     return text
+
+
+def _date(run: dict[str, Any]) -> str:
+    """A run's recorded date as the tables show it: ``YYYY-MM-DD HH:MM`` (UTC)."""
+    return str(run.get("date", ""))[:16].replace("T", " ")
 
 
 def _arm_order(arm: str) -> tuple[int, str]:

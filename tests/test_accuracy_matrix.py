@@ -20,7 +20,13 @@ _spec.loader.exec_module(matrix)
 
 
 def run(
-    phase: str, data: str, arm: str, seed: int, preset: str, mrr: float, recall: float = 0.5
+    phase: str,
+    data: str,
+    arm: str,
+    seed: int,
+    preset: str | None,
+    mrr: float,
+    recall: float = 0.5,
 ) -> dict[str, Any]:
     return {
         "phase": phase,
@@ -86,7 +92,7 @@ def test_the_choice_plans_the_files_not_yet_run_while_some_have_run() -> None:
 
 def test_hrnn_and_prnn_runs_count_for_their_cells() -> None:
     # their runs record no preset (null), their cells none ("")
-    done = [run("final", matrix.HIER, "hrnn-defaults", 1, None, 0.1)]  # type: ignore[arg-type]
+    done = [run("final", matrix.HIER, "hrnn-defaults", 1, None, 0.1)]
     cells = matrix.wanted(done, [matrix.HIER], seeds=[1])
     assert ("hrnn-defaults", 1) not in {(c.arm, c.seed) for c in cells}
     assert len(cells) == 3
